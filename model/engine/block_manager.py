@@ -1,0 +1,64 @@
+"""Paged KV cache bookkeeping: a free list of fixed-size blocks and each sequence's block table."""
+
+from collections import deque
+
+from model.engine.sequence import Sequence
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    return (num_tokens + block_size - 1) // block_size
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: deque[int] = deque(range(num_blocks))
+        self._in_use = [False] * num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self._free) / self.num_blocks
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """Extra blocks `seq` needs so that its table covers `num_tokens` tokens."""
+        return max(0, blocks_for(num_tokens, self.block_size) - len(seq.block_table))
+
+    def max_tokens_coverable(self, seq: Sequence, reserve: int = 0) -> int:
+        """Tokens `seq` could hold if it took every free block except `reserve`."""
+        return (len(seq.block_table) + max(0, len(self._free) - reserve)) * self.block_size
+
+    def can_allocate(self, seq: Sequence, num_tokens: int, reserve: int = 0) -> bool:
+        return self.blocks_needed(seq, num_tokens) <= len(self._free) - reserve
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> None:
+        """Grow seq.block_table to cover `num_tokens` tokens."""
+        needed = self.blocks_needed(seq, num_tokens)
+        if needed > len(self._free):
+            raise RuntimeError(f"out of KV blocks: {seq.request_id} needs {needed}, {len(self._free)} free")
+        for _ in range(needed):
+            block = self._free.popleft()
+            self._in_use[block] = True
+            seq.block_table.append(block)
+
+    def free(self, seq: Sequence) -> None:
+        for block in seq.block_table:
+            if not self._in_use[block]:
+                raise RuntimeError(f"double free of KV block {block} by {seq.request_id}")
+            self._in_use[block] = False
+            self._free.append(block)
+        seq.block_table = []
+
+    def slot(self, seq: Sequence, position: int) -> int:
+        """Flat KV slot of the token at `position` of `seq`."""
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

@@ -1,0 +1,64 @@
+"""EngineConfig: every knob of the generation engine, checked once at construction."""
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+
+
+@dataclass
+class EngineConfig:
+    model: str = "tiny"  # checkpoint directory or preset name
+    random_weights: bool = False
+    dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    max_num_seqs: int = 256  # sequences in one step (also the largest CUDA-graph batch)
+    max_num_batched_tokens: int = 2048  # new tokens in one step (the chunked-prefill budget)
+    block_size: int = 16  # tokens per KV block
+    num_kv_blocks: int | None = None  # None: sized from free GPU memory, or a CPU default
+    max_model_len: int | None = None  # None: min(max_position_embeddings, KV capacity)
+    enforce_eager: bool = False  # True: no CUDA graphs
+    expert_metrics: bool = True  # per-expert load and sampled MoE timing
+    moe_timing_every: int = 16  # every n-th step runs eager with CUDA events around the MoE blocks
+    gpu_memory_utilization: float = 0.9  # fraction of total GPU memory the engine may fill
+    cpu_kv_cache_bytes: int = 256 << 20  # KV cache size when num_kv_blocks is None on the CPU
+    seed: int = 0  # seeds the RNG of unseeded sampled requests
+
+    def __post_init__(self):
+        positive = dict(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                        block_size=self.block_size, moe_timing_every=self.moe_timing_every,
+                        cpu_kv_cache_bytes=self.cpu_kv_cache_bytes)
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"EngineConfig.{name} must be a positive int, got {value!r}")
+        for name in ("num_kv_blocks", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"EngineConfig.{name} must be None or a positive int, got {value!r}")
+        if not 0.05 <= self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in [0.05, 1], got {self.gpu_memory_utilization}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError as err:
+                raise ValueError(f"bad device {self.device!r}: {err}") from None
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {self.device!r} requested but CUDA is not available")
+            if device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+        return device
+
+    def resolve_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return DTYPES[self.dtype]

@@ -1,0 +1,91 @@
+"""Incremental detokenization and the stop conditions (EOS, stop token ids, stop strings, max tokens).
+
+Text is decoded over a short window of recent tokens, so each step costs O(window), and a token that ends inside a
+multi-byte character is held back until the character is complete. Text that could be the start of a stop string
+is held back too, so a stream never shows (part of) a stop string that later ends the request.
+"""
+
+from model.engine.sequence import Sequence
+
+PROMPT_CONTEXT_TOKENS = 5  # prompt tokens decoded along with the first outputs (spacing of word-piece tokenizers)
+INCOMPLETE_CHAR = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: list[str]):
+        self.tokenizer = tokenizer
+        self.token_ids = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])  # context + outputs (text tokens only)
+        self.prefix_offset = 0  # window start: decoded text of [prefix_offset:read_offset] is already in `text`
+        self.read_offset = len(self.token_ids)
+        self.stop = list(stop)
+        self.text = ""  # output text so far (cut before a stop string once one is found)
+        self.emitted = 0  # characters of `text` already handed out
+
+    def add_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        self._decode(flush=False)
+
+    def _decode(self, flush: bool) -> None:
+        if self.read_offset == len(self.token_ids):
+            return
+        done = self.tokenizer.decode(self.token_ids[self.prefix_offset : self.read_offset])
+        full = self.tokenizer.decode(self.token_ids[self.prefix_offset :])
+        if len(full) > len(done) and (flush or not full.endswith(INCOMPLETE_CHAR)):
+            self.text += full[len(done) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+
+    def find_stop_string(self, new_chars_from: int) -> str | None:
+        """Look for a stop string that ends in text[new_chars_from:]; cut the text before it."""
+        if not self.stop:
+            return None
+        longest = max(len(s) for s in self.stop)
+        start = max(0, new_chars_from - longest + 1)
+        best: tuple[int, str] | None = None
+        for s in self.stop:
+            pos = self.text.find(s, start)
+            if pos != -1 and (best is None or pos < best[0]):
+                best = (pos, s)
+        if best is None:
+            return None
+        self.text = self.text[: best[0]]
+        return best[1]
+
+    def take_new_text(self, finished: bool) -> str:
+        """Text not yet handed out; while running, withhold a tail that could begin a stop string."""
+        if finished:
+            self._decode(flush=True)
+            end = len(self.text)
+        else:
+            end = len(self.text) - self._stop_prefix_len()
+        end = max(end, self.emitted)
+        new, self.emitted = self.text[self.emitted : end], end
+        return new
+
+    def _stop_prefix_len(self) -> int:
+        """Length of the longest tail of `text` that is a proper prefix of some stop string."""
+        best = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+
+def check_stop(seq: Sequence, token_id: int, eos_token_ids: list[int], max_model_len: int) -> None:
+    """Called after `token_id` was appended to `seq`: feeds the detokenizer and sets finish/stop reason if done."""
+    params = seq.params
+    detok: IncrementalDetokenizer = seq.detokenizer
+    if not params.ignore_eos and token_id in eos_token_ids:
+        seq.finish_reason, seq.stop_reason = "stop", None
+    elif token_id in params.stop_token_ids:
+        seq.finish_reason, seq.stop_reason = "stop", token_id
+    else:
+        before = len(detok.text)
+        detok.add_token(token_id)
+        if len(detok.text) > before:
+            stop_string = detok.find_stop_string(before)
+            if stop_string is not None:
+                seq.finish_reason, seq.stop_reason = "stop", stop_string
+    if seq.finish_reason is None and (seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= max_model_len):
+        seq.finish_reason = "length"

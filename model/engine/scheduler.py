@@ -1,0 +1,175 @@
+"""Continuous batching: which sequences run in the next step, and how many new tokens each feeds.
+
+Policy, each step:
+1. Decodes first: every running sequence that needs one token, oldest first. If it needs a new KV block and none is
+   free, the newest unscheduled running sequence is preempted (by recompute) until one is — or, when the requester
+   is itself the newest, the requester is preempted.
+2. Running sequences still prefilling get a chunk of the remaining token budget (chunked prefill).
+3. Waiting sequences (preempted ones first, then by arrival) are admitted while the budget, `max_num_seqs` and the
+   free blocks (minus a small watermark that keeps room for decodes) allow; their prompt may be cut into chunks.
+   Nothing is admitted in a step that preempted.
+A sequence samples a token only in the step whose chunk reaches its last token.
+"""
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+
+from model.engine.block_manager import BlockManager
+from model.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int  # tokens fed this step, starting at seq.num_computed_tokens
+    samples: bool  # the chunk reaches the sequence's last token, so a token is sampled
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_decode(self) -> bool:
+        return bool(self.scheduled) and all(s.num_new_tokens == 1 and s.samples for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 watermark: float = 0.01):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.watermark_blocks = int(watermark * block_manager.num_blocks)
+        self.waiting: deque[Sequence] = deque()  # ordered by arrival_index
+        self.running: list[Sequence] = []
+        self.num_preemptions_total = 0
+
+    # ---- membership -------------------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self._insert_waiting(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Remove the sequence wherever it is and free its blocks. Returns it, or None if unknown/finished."""
+        for seq in self.running:
+            if seq.request_id == request_id:
+                self.finish(seq, "abort")
+                return seq
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+                return seq
+        return None
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+
+    def _insert_waiting(self, seq: Sequence) -> None:
+        keys = [s.arrival_index for s in self.waiting]
+        self.waiting.insert(bisect.bisect(keys, seq.arrival_index), seq)
+
+    # ---- one step ---------------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        scheduled_ids: set[int] = set()
+        budget = self.max_num_batched_tokens
+        bm = self.block_manager
+
+        # 1. decodes, oldest first
+        for seq in sorted(self.running, key=lambda s: s.arrival_index):
+            if budget == 0:
+                break
+            if seq.status != SequenceStatus.RUNNING or not seq.is_decoding:
+                continue
+            if not self._make_room(seq, bm.blocks_needed(seq, seq.num_tokens), scheduled_ids, out):
+                continue  # the requester itself was preempted
+            bm.allocate(seq, seq.num_tokens)
+            out.scheduled.append(ScheduledSequence(seq, 1, True))
+            scheduled_ids.add(id(seq))
+            budget -= 1
+
+        # 2. running sequences in the middle of their prefill
+        for seq in sorted(self.running, key=lambda s: s.arrival_index):
+            if budget == 0:
+                break
+            if id(seq) in scheduled_ids or seq.status != SequenceStatus.RUNNING:
+                continue
+            chunk = min(seq.num_uncomputed_tokens, budget)
+            target = seq.num_computed_tokens + chunk
+            if not self._make_room(seq, bm.blocks_needed(seq, target), scheduled_ids, out, preempt_self=False):
+                chunk = min(chunk, bm.max_tokens_coverable(seq) - seq.num_computed_tokens)
+                if chunk <= 0:
+                    continue
+            budget -= self._schedule_chunk(seq, chunk, out, scheduled_ids)
+
+        # 3. admit waiting sequences (not in a step that had to preempt: blocks are short, admitting would thrash)
+        while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            chunk = min(seq.num_uncomputed_tokens, budget,
+                        bm.max_tokens_coverable(seq, reserve=self.watermark_blocks) - seq.num_computed_tokens)
+            if chunk <= 0:
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            budget -= self._schedule_chunk(seq, chunk, out, scheduled_ids)
+        return out
+
+    def _schedule_chunk(self, seq: Sequence, chunk: int, out: SchedulerOutput, scheduled_ids: set[int]) -> int:
+        target = seq.num_computed_tokens + chunk
+        self.block_manager.allocate(seq, target)
+        out.scheduled.append(ScheduledSequence(seq, chunk, target == seq.num_tokens))
+        scheduled_ids.add(id(seq))
+        return chunk
+
+    def _make_room(self, seq: Sequence, blocks: int, scheduled_ids: set[int], out: SchedulerOutput,
+                   preempt_self: bool = True) -> bool:
+        """Preempt newer, unscheduled running sequences until `blocks` are free. False if that is not enough
+        (then `seq` itself is preempted when `preempt_self`)."""
+        bm = self.block_manager
+        while bm.num_free_blocks < blocks:
+            candidates = [s for s in self.running if id(s) not in scheduled_ids and s is not seq
+                          and s.arrival_index > seq.arrival_index]
+            if not candidates:
+                if preempt_self:
+                    self._preempt(seq, out)
+                return False
+            self._preempt(max(candidates, key=lambda s: s.arrival_index), out)
+        return True
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.reset_for_recompute()
+        self._insert_waiting(seq)
+        out.preempted.append(seq)
+        self.num_preemptions_total += 1
+
+    def update_after_step(self, out: SchedulerOutput, sampled: list[int]) -> list[Sequence]:
+        """Advance the computed counts and append the sampled tokens (in `out.scheduled` order of the samplers).
+        Returns the sequences that got a token."""
+        got_token = []
+        it = iter(sampled)
+        for s in out.scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            if s.samples:
+                s.seq.append_token(next(it))
+                got_token.append(s.seq)
+        return got_token
