@@ -1,0 +1,123 @@
+// Python bindings of the torch-free kernels: device pointers travel as integers, streams as cudaStream_t handles
+// (torch.cuda.current_stream().cuda_stream). Host twins of the device logic are exposed for CPU unit tests.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "moe/moe.h"
+#include "moe/plan_host.h"
+#include "static_batch/static_batch.h"
+#include "static_batch/task_map.h"
+
+namespace py = pybind11;
+using namespace staticmoe;
+
+namespace {
+
+template <typename P>
+P* ptr(uintptr_t address) {
+  return reinterpret_cast<P*>(address);
+}
+cudaStream_t stream_of(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+moe::Problem problem(int32_t T, int32_t k, int32_t E, int32_t H, int32_t I, int dtype) {
+  if (T < 0 || k < 1 || E < 1 || E > 1024 || H < 8 || I < 8 || H % 8 || I % 8 || (dtype != 0 && dtype != 1))
+    throw std::invalid_argument("invalid MoE problem: need T>=0, k>=1, 1<=E<=1024, H and I multiples of 8");
+  return moe::Problem{T, k, E, H, I, static_cast<moe::DType>(dtype)};
+}
+
+py::dict plan_layout(const moe::Problem& p) {
+  // Byte offsets of the plan's arrays inside the workspace, so tests can read the device plan.
+  const moe::Workspace ws = moe::carve_workspace(p, nullptr);
+  auto off = [](const void* q) { return reinterpret_cast<uintptr_t>(q); };
+  py::dict d;
+  d["expert_counts"] = off(ws.plan.expert_counts);
+  d["expert_offsets"] = off(ws.plan.expert_offsets);
+  d["expert_order"] = off(ws.plan.expert_order);
+  d["mtile_prefix"] = off(ws.plan.mtile_prefix);
+  d["slot_expert"] = off(ws.plan.slot_expert);
+  d["num_slots"] = off(ws.plan.num_slots);
+  d["sorted_rows"] = off(ws.plan.sorted_rows);
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "staticmoe CUDA kernels (sm_90a): static-batching task map, MoE plan, grouped GEMMs, combine";
+
+  // ---- static_batch: the generic framework ----------------------------------------------------------------
+  m.def("task_map_decode_host",
+        [](const std::vector<int32_t>& prefix, const std::vector<int32_t>& slot_task, int32_t v) {
+          const TileCoord c = task_map_decode_host(prefix.data(), slot_task.data(), int32_t(prefix.size()), v);
+          return py::make_tuple(c.slot, c.task, c.tile);
+        },
+        "Host twin of the warp ballot/popc decoder: (slot, task, tile) of virtual tile v, (-1,-1,-1) past the end");
+  m.def("task_map_build_device",
+        [](uintptr_t counts, int32_t n, uintptr_t prefix, uintptr_t slot_task, uintptr_t num_slots, uintptr_t s) {
+          check(build_task_map(ptr<const int32_t>(counts), n, ptr<int32_t>(prefix), ptr<int32_t>(slot_task),
+                               ptr<int32_t>(num_slots), stream_of(s)),
+                "build_task_map");
+        });
+  m.def("task_map_decode_all_device",
+        [](uintptr_t prefix, uintptr_t slot_task, uintptr_t num_slots, int32_t num_tiles, uintptr_t out,
+           uintptr_t s) {
+          check(decode_all_tiles(ptr<const int32_t>(prefix), ptr<const int32_t>(slot_task),
+                                 ptr<const int32_t>(num_slots), num_tiles, ptr<int32_t>(out), stream_of(s)),
+                "decode_all_tiles");
+        });
+  m.def("varlen_gemm_workspace_bytes", &varlen_gemm_workspace_bytes);
+  m.def("varlen_gemm_bf16", [](uintptr_t tasks, int32_t n, uintptr_t workspace, int device, uintptr_t s) {
+    check(varlen_gemm_bf16(ptr<const VarlenGemmTask>(tasks), n, ptr<void>(workspace), device, stream_of(s)),
+          "varlen_gemm_bf16");
+  });
+
+  // ---- moe -------------------------------------------------------------------------------------------------
+  m.def("moe_workspace_bytes", [](int32_t T, int32_t k, int32_t E, int32_t H, int32_t I) {
+    return moe::workspace_bytes(problem(T, k, E, H, I, 0));
+  });
+  m.def("moe_launch_config", [](int32_t T, int32_t k, int32_t E, int32_t H, int32_t I) {
+    const moe::LaunchConfig c = moe::choose_config(problem(T, k, E, H, I, 0));
+    return py::make_tuple(c.block_m, c.num_chunks);
+  });
+  m.def("moe_plan_layout", [](int32_t T, int32_t k, int32_t E, int32_t H, int32_t I) {
+    return plan_layout(problem(T, k, E, H, I, 0));
+  });
+  m.def("moe_plan_device",
+        [](uintptr_t topk_ids, int32_t T, int32_t k, int32_t E, int32_t H, int32_t I, uintptr_t workspace,
+           uintptr_t expert_load, uintptr_t s) {
+          const moe::Problem p = problem(T, k, E, H, I, 0);
+          const moe::Workspace ws = moe::carve_workspace(p, ptr<void>(workspace));
+          check(moe::build_plan(p, moe::choose_config(p), ptr<const int32_t>(topk_ids), ws.plan,
+                                ptr<int64_t>(expert_load), stream_of(s)),
+                "moe build_plan");
+        });
+  m.def("moe_plan_host", [](const std::vector<int32_t>& topk_ids, int32_t E, int32_t block_m) {
+    const moe::HostPlan p = moe::plan_host(topk_ids, E, block_m);
+    py::dict d;
+    d["expert_counts"] = p.expert_counts;
+    d["expert_offsets"] = p.expert_offsets;
+    d["expert_order"] = p.expert_order;
+    d["mtile_prefix"] = p.mtile_prefix;
+    d["slot_expert"] = p.slot_expert;
+    d["num_slots"] = p.num_slots;
+    d["sorted_rows"] = p.sorted_rows;
+    return d;
+  });
+  m.def("moe_forward",
+        [](uintptr_t x, uintptr_t w13, uintptr_t w2, uintptr_t topk_weights, uintptr_t topk_ids, uintptr_t out,
+           uintptr_t workspace, size_t workspace_size, uintptr_t expert_load, int32_t T, int32_t k, int32_t E,
+           int32_t H, int32_t I, int dtype, int device, uintptr_t s) {
+          check(moe::forward(problem(T, k, E, H, I, dtype), ptr<const void>(x), ptr<const void>(w13),
+                             ptr<const void>(w2), ptr<const float>(topk_weights), ptr<const int32_t>(topk_ids),
+                             ptr<void>(out), ptr<void>(workspace), workspace_size, ptr<int64_t>(expert_load), device,
+                             stream_of(s)),
+                "staticmoe moe_forward");
+        });
+}

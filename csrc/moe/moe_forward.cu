@@ -1,0 +1,72 @@
+// The MoE layer end to end: workspace layout, launch configuration and the four stages on the caller's stream.
+// Nothing here synchronises with the host or allocates device memory, so the layer is CUDA-graph capturable.
+#include "moe/combine.h"
+#include "moe/moe.h"
+#include "moe/sm90_gemm.h"
+
+namespace staticmoe::moe {
+namespace {
+
+size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
+constexpr int kMaxChunks = 256;
+constexpr int64_t kEntriesPerChunk = 1024;
+
+// Walks the workspace layout once; with base == nullptr it only measures.
+size_t layout(const Problem& p, const LaunchConfig& cfg, char* base, Workspace* ws) {
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    char* ptr = base ? base + off : nullptr;
+    off += align256(bytes);
+    return ptr;
+  };
+  const size_t E = p.num_experts, N = size_t(p.rows()), elem = 2;
+  Plan plan;
+  plan.expert_counts = reinterpret_cast<int32_t*>(take(4 * E));
+  plan.expert_offsets = reinterpret_cast<int32_t*>(take(4 * (E + 1)));
+  plan.chunk_offsets = reinterpret_cast<int32_t*>(take(4 * E * cfg.num_chunks));
+  plan.expert_order = reinterpret_cast<int32_t*>(take(4 * E));
+  plan.mtile_prefix = reinterpret_cast<int32_t*>(take(4 * E));
+  plan.slot_expert = reinterpret_cast<int32_t*>(take(4 * E));
+  plan.num_slots = reinterpret_cast<int32_t*>(take(4));
+  plan.sorted_rows = reinterpret_cast<int32_t*>(take(4 * N));
+  void* intermediate = take(elem * N * p.intermediate);
+  void* slot_out = take(elem * N * p.hidden);
+  if (ws) *ws = Workspace{plan, intermediate, slot_out};
+  return off;
+}
+
+}  // namespace
+
+LaunchConfig choose_config(const Problem& p) {
+  LaunchConfig cfg;
+  const int64_t rows_per_expert = p.rows() / p.num_experts;  // expected under balanced routing; shapes only
+  cfg.block_m = rows_per_expert <= 64 ? 64 : 128;
+  const int64_t chunks = (p.rows() + kEntriesPerChunk - 1) / kEntriesPerChunk;
+  cfg.num_chunks = int32_t(chunks < 1 ? 1 : (chunks > kMaxChunks ? kMaxChunks : chunks));
+  return cfg;
+}
+
+size_t workspace_bytes(const Problem& p) { return layout(p, choose_config(p), nullptr, nullptr); }
+
+Workspace carve_workspace(const Problem& p, void* base) {
+  Workspace ws;
+  layout(p, choose_config(p), static_cast<char*>(base), &ws);
+  return ws;
+}
+
+cudaError_t forward(const Problem& p, const void* x, const void* w13, const void* w2, const float* topk_weights,
+                    const int32_t* topk_ids, void* out, void* workspace, size_t workspace_size, int64_t* expert_load,
+                    int device, cudaStream_t stream) {
+  if (p.tokens == 0) return cudaSuccess;
+  if (p.num_experts < 1 || p.num_experts > 1024 || p.top_k < 1 || p.hidden % 8 || p.intermediate % 8)
+    return cudaErrorInvalidValue;
+  if (workspace_size < workspace_bytes(p)) return cudaErrorInvalidValue;
+  const LaunchConfig cfg = choose_config(p);
+  const Workspace ws = carve_workspace(p, workspace);
+  cudaError_t err = build_plan(p, cfg, topk_ids, ws.plan, expert_load, stream);
+  if (err != cudaSuccess) return err;
+  if ((err = grouped_gemms_sm90(p, cfg, x, w13, w2, topk_weights, ws, device, stream)) != cudaSuccess) return err;
+  return combine(p, ws.slot_out, topk_ids, out, stream);
+}
+
+}  // namespace staticmoe::moe

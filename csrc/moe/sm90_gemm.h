@@ -1,0 +1,11 @@
+// Launches GEMM1 (gathered x · w13ᵀ, SiLU·up epilogue) then GEMM2 (intermediate · w2ᵀ x routing weight).
+#pragma once
+#include "moe/moe.h"
+
+namespace staticmoe::moe {
+
+cudaError_t grouped_gemms_sm90(const Problem& p, const LaunchConfig& cfg, const void* x, const void* w13,
+                               const void* w2, const float* topk_weights, const Workspace& ws, int device,
+                               cudaStream_t stream);
+
+}  // namespace staticmoe::moe

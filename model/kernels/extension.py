@@ -1,0 +1,63 @@
+"""Loads the compiled `_C` extension (if it was built) and launches its kernels on torch tensors.
+
+`_C` is torch-free: it takes raw device pointers, sizes and the caller's CUDA stream. Scratch memory comes from
+torch's caching allocator, so launches allocate no device memory of their own and are CUDA-graph capturable.
+"""
+
+import functools
+
+import torch
+
+try:
+    from model.kernels import _C  # type: ignore[attr-defined]
+
+    IMPORT_ERROR: Exception | None = None
+except ImportError as err:  # built without nvcc, or not built at all
+    _C = None
+    IMPORT_ERROR = err
+
+DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
+
+
+def is_built() -> bool:
+    return _C is not None
+
+
+@functools.cache
+def available_for(device: torch.device) -> bool:
+    """The extension is built and the device is a Hopper GPU (sm_90) that our sm_90a code runs on."""
+    if _C is None or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def describe() -> str:
+    if _C is None:
+        return f"pure-torch reference (extension not built: {IMPORT_ERROR})"
+    if torch.cuda.is_available() and available_for(torch.device("cuda", torch.cuda.current_device())):
+        return "CUDA sm_90a kernels (staticmoe._C)"
+    return "pure-torch reference (extension built, no Hopper GPU)"
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def moe_workspace(T: int, k: int, E: int, H: int, I: int, device) -> torch.Tensor:
+    return torch.empty(_C.moe_workspace_bytes(T, k, E, H, I), dtype=torch.uint8, device=device)
+
+
+def fused_moe_cuda(x, w13, w2, topk_weights, topk_ids, expert_load, out=None, workspace=None):
+    """Unchecked launch (callers check first). `out`/`workspace` may be passed in, e.g. poisoned by tests."""
+    T, H = x.shape
+    E, two_i, _ = w13.shape
+    k = topk_ids.shape[1]
+    out = torch.empty_like(x) if out is None else out
+    workspace = moe_workspace(T, k, E, H, two_i // 2, x.device) if workspace is None else workspace
+    _C.moe_forward(
+        x.data_ptr(), w13.data_ptr(), w2.data_ptr(), topk_weights.data_ptr(), topk_ids.data_ptr(),
+        out.data_ptr(), workspace.data_ptr(), workspace.numel(),
+        0 if expert_load is None else expert_load.data_ptr(),
+        T, k, E, H, two_i // 2, DTYPE_CODES[x.dtype], x.device.index, _stream(x.device),
+    )
+    return out

@@ -1,0 +1,110 @@
+"""`fused_moe`: the whole MoE expert layer (plan + GEMM1 + SiLU·up + GEMM2 + weighted combine) as one custom op.
+
+On a CUDA tensor with the extension built for the device it runs our sm_90a kernels; elsewhere it runs the
+pure-torch reference. Checks happen once, here, at the boundary.
+"""
+
+import torch
+
+from model.kernels import extension
+from model.kernels.reference import fused_moe_reference
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+MAX_EXPERTS = 1024
+
+
+def check_moe_inputs(x, w13, w2, topk_weights, topk_ids, expert_load=None) -> None:
+    """Raise ValueError/TypeError naming the argument for anything the kernel cannot take."""
+    tensors = dict(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids)
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES and x.dtype != torch.float32:
+        raise TypeError(f"x must be bfloat16, float16 or float32 (reference only), got {x.dtype}")
+    for name in ("w13", "w2"):
+        if tensors[name].dtype != x.dtype:
+            raise TypeError(f"{name}.dtype {tensors[name].dtype} differs from x.dtype {x.dtype}")
+    if topk_weights.dtype != torch.float32:
+        raise TypeError(f"topk_weights must be float32, got {topk_weights.dtype}")
+    if topk_ids.dtype != torch.int32:
+        raise TypeError(f"topk_ids must be int32, got {topk_ids.dtype}")
+    if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3 or topk_weights.dim() != 2 or topk_ids.dim() != 2:
+        raise ValueError(
+            "expected x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k], topk_ids [T, k]; got "
+            f"{tuple(x.shape)}, {tuple(w13.shape)}, {tuple(w2.shape)}, {tuple(topk_weights.shape)}, "
+            f"{tuple(topk_ids.shape)}"
+        )
+    T, H = x.shape
+    E, two_i, h13 = w13.shape
+    inter = two_i // 2
+    if h13 != H or two_i % 2:
+        raise ValueError(f"w13 must be [E, 2I, H={H}], got {tuple(w13.shape)}")
+    if tuple(w2.shape) != (E, H, inter):
+        raise ValueError(f"w2 must be [E={E}, H={H}, I={inter}], got {tuple(w2.shape)}")
+    if not 1 <= E <= MAX_EXPERTS:
+        raise ValueError(f"number of experts {E} must be in [1, {MAX_EXPERTS}]")
+    if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != T:
+        raise ValueError(
+            f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} must both be [T={T}, k]"
+        )
+    if topk_ids.shape[1] < 1:
+        raise ValueError("top-k must be at least 1")
+    if H % 8 or inter % 8:
+        raise ValueError(f"hidden size H={H} and intermediate size I={inter} must be multiples of 8")
+    devices = {t.device for t in tensors.values()}
+    if expert_load is not None:
+        if expert_load.dtype != torch.int64 or tuple(expert_load.shape) != (E,):
+            raise ValueError(f"expert_load must be int64 [E={E}], got {expert_load.dtype} {tuple(expert_load.shape)}")
+        devices.add(expert_load.device)
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    for name, t in tensors.items():
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    # Range check of expert ids: on the CPU it is free; on the GPU it would need a sync, so the kernel
+    # instead skips out-of-range ids (they contribute nothing) — checked here only off the hot path.
+    if topk_ids.device.type == "cpu" and topk_ids.numel():
+        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        if lo < 0 or hi >= E:
+            raise ValueError(f"expert ids must be in [0, {E}), got values in [{lo}, {hi}]")
+
+
+def uses_cuda_kernel(x: torch.Tensor) -> bool:
+    """True when `fused_moe(x, ...)` runs our CUDA kernels rather than the pure-torch reference."""
+    return x.is_cuda and x.dtype in SUPPORTED_DTYPES and extension.available_for(x.device)
+
+
+@torch.library.custom_op("staticmoe::fused_moe", mutates_args=("expert_load",))
+def _fused_moe_op(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_load: torch.Tensor | None,
+) -> torch.Tensor:
+    if uses_cuda_kernel(x):
+        return extension.fused_moe_cuda(x, w13, w2, topk_weights, topk_ids, expert_load)
+    if expert_load is not None:
+        expert_load += torch.bincount(topk_ids.reshape(-1).long(), minlength=w13.shape[0]).to(expert_load.device)
+    return fused_moe_reference(x, w13, w2, topk_weights, topk_ids)
+
+
+@_fused_moe_op.register_fake
+def _(x, w13, w2, topk_weights, topk_ids, expert_load):
+    return torch.empty_like(x)
+
+
+def fused_moe(
+    x: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E, 2I, H]
+    w2: torch.Tensor,  # [E, H, I]
+    topk_weights: torch.Tensor,  # [T, k] float32
+    topk_ids: torch.Tensor,  # [T, k] int32
+    expert_load: torch.Tensor | None = None,  # [E] int64, tokens per expert are added to it
+) -> torch.Tensor:
+    """out[t] = Σ_s topk_weights[t, s] · w2[e] · (SiLU(w13[e, :I] · x[t]) ⊙ (w13[e, I:] · x[t])), e = topk_ids[t, s]."""
+    check_moe_inputs(x, w13, w2, topk_weights, topk_ids, expert_load)
+    if x.shape[0] == 0:
+        return x.new_empty(x.shape)
+    return _fused_moe_op(x, w13, w2, topk_weights, topk_ids, expert_load)

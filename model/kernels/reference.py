@@ -1,0 +1,39 @@
+"""Pure-torch MoE layer: the exact reference for the CUDA op and the CPU fallback.
+
+Same contract as `model.kernels.moe.fused_moe`: gather each expert's rows, SiLU(gate)·up, down-project, scale by
+the routing weight, then sum over the k slots of each token in fp32 (slot order, so the result is deterministic).
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def fused_moe_reference(
+    x: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E, 2I, H]  gate rows, then up rows
+    w2: torch.Tensor,  # [E, H, I]
+    topk_weights: torch.Tensor,  # [T, k] float32
+    topk_ids: torch.Tensor,  # [T, k] int32
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Returns out [T, H] in x.dtype. `compute_dtype` overrides the GEMM dtype (float64 for a golden reference)."""
+    T, H = x.shape
+    k = topk_ids.shape[1]
+    cdt = compute_dtype or x.dtype
+    inter = w2.shape[2]
+    per_slot = torch.zeros(T, k, H, dtype=torch.float32 if cdt != torch.float64 else torch.float64, device=x.device)
+    flat_ids = topk_ids.reshape(-1).long()  # [T*k]
+    order = torch.argsort(flat_ids, stable=True)  # (token, slot) ascending within each expert
+    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = order[start : start + n]  # flat (token*k + slot) indices
+        start += n
+        xe = x[rows // k].to(cdt)  # [n, H]
+        gate_up = xe @ w13[e].to(cdt).t()  # [n, 2I]
+        h = (F.silu(gate_up[:, :inter].float()) * gate_up[:, inter:].float()).to(cdt)  # [n, I]
+        ye = (h @ w2[e].to(cdt).t()).to(per_slot.dtype)  # [n, H]
+        per_slot.view(T * k, H)[rows] = ye * topk_weights.reshape(-1)[rows, None].to(per_slot.dtype)
+    return per_slot.sum(dim=1).to(x.dtype)  # [T, H]

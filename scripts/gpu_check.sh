@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The one script run on the lent H100 (see README "GPU runs"): builds the extension, checks the SASS, runs
+# `pytest -m gpu` and the benchmarks, writing logs under $OUT (default ./gpu-logs).
+#   bash scripts/gpu_check.sh [build] [tests] [sanitize] [bench] [bench-quick] [engine] [serve]   (default: build tests)
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu-logs}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(build tests)
+if [ -d .whl ]; then  # packages the GPU image lacks, carried as wheels
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+{ date -u +%FT%TZ; git rev-parse HEAD 2>/dev/null; nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader;
+  python3 -c 'import torch; print("torch", torch.__version__)'; } > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+status=0
+for step in "${steps[@]}"; do
+  echo "=== $step"
+  case $step in
+    build)
+      python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+      so=$(python3 -c 'from model.kernels import _C; print(_C.__file__)')
+      cuobjdump --dump-sass "$so" > "$OUT/sass.txt" 2>&1
+      echo "HGMMA: $(grep -c HGMMA "$OUT/sass.txt")  LDL/STL: $(grep -cE '\b(LDL|STL)\b' "$OUT/sass.txt")" ;;
+    tests)
+      python3 -m pytest -m gpu -q -x --maxfail=5 -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
+      status=$((status | PIPESTATUS[0])) ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        compute-sanitizer --tool $tool --error-exitcode 3 python3 -m pytest -q -p no:cacheprovider -m gpu \
+          "tests/test_kernels_gpu.py::test_odd_shapes_and_dtypes" "tests/test_kernels_gpu.py::test_plan_matches_host_twin_and_counts_load" \
+          > "$OUT/sanitize_$tool.log" 2>&1
+        echo "compute-sanitizer $tool exit $?: $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitize_$tool.log" | tail -2 | tr '\n' ' ')"
+      done ;;
+    bench) python3 benchmarks/bench_moe.py --out "$OUT" 2>&1 | tee "$OUT/bench_moe.log" | tail -60 ;;
+    bench-quick) python3 benchmarks/bench_moe.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench_moe.log" | tail -60 ;;
+    engine) python3 benchmarks/bench_engine.py --out "$OUT" 2>&1 | tee "$OUT/bench_engine.log" | tail -30 ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
+exit $status

@@ -1,0 +1,1 @@
+"""HTTP service: OpenAI-compatible API, metrics, engine thread."""
