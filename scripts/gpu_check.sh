@@ -25,7 +25,7 @@ for step in "${steps[@]}"; do
       cuobjdump --dump-sass "$so" > "$OUT/sass.txt" 2>&1
       echo "HGMMA: $(grep -c HGMMA "$OUT/sass.txt")  LDL/STL: $(grep -cE '\b(LDL|STL)\b' "$OUT/sass.txt")" ;;
     tests)
-      python3 -m pytest -m gpu -q -x --maxfail=5 -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
+      python3 -m pytest -m gpu -q --maxfail=8 -p no:cacheprovider ${TESTS:-tests} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
       status=$((status | PIPESTATUS[0])) ;;
     sanitize)
       for tool in memcheck racecheck; do

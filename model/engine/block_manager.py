@@ -10,13 +10,16 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
-        if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+    def __init__(self, num_blocks: int, block_size: int, first_block: int = 0):
+        """Manages block ids first_block .. first_block + num_blocks - 1 (lower ids are reserved by the caller)."""
+        if num_blocks < 1 or block_size < 1 or first_block < 0:
+            raise ValueError(f"need num_blocks >= 1, block_size >= 1, first_block >= 0; got "
+                             f"{num_blocks}, {block_size}, {first_block}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
-        self._in_use = [False] * num_blocks
+        self.first_block = first_block
+        self._free: deque[int] = deque(range(first_block, first_block + num_blocks))
+        self._in_use = [False] * (first_block + num_blocks)
 
     @property
     def num_free_blocks(self) -> int:
