@@ -1,0 +1,58 @@
+"""Grouped-query self-attention with fused QKV projection, optional q/k RMSNorm and clipping, rotary embeddings,
+writing to and reading from the paged KV cache."""
+
+import torch
+from torch import nn
+
+from model.config import ModelConfig
+from model.layers.linear import Linear
+from model.layers.norm import RMSNorm
+from model.layers.paged_attention import AttentionPlan
+from model.layers.rotary import RotaryEmbedding
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.qk_norm = config.qk_norm
+        self.clip_qkv = config.clip_qkv
+        self.sliding_window = config.sliding_window
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.o_bias)
+        if config.qk_norm == "per_head":
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        elif config.qk_norm == "full":
+            self.q_norm = RMSNorm(self.q_size, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.kv_size, config.rms_norm_eps)
+        self._rotary = [rotary]  # shared by all layers and owned by the model, so not registered here
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [N, H]
+        positions: torch.Tensor,  # [N]
+        plan: AttentionPlan,
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    ) -> torch.Tensor:
+        num_rows = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm == "full":  # OLMoE normalises the whole projection, before the head split
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.reshape(num_rows, self.num_heads, self.head_dim)  # [N, Hq, D]
+        k = k.reshape(num_rows, self.num_kv_heads, self.head_dim)  # [N, Hkv, D]
+        v = v.reshape(num_rows, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "per_head":  # Qwen3 normalises each head
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self._rotary[0](positions, q, k)
+        plan.write_kv(kv_cache, k, v)
+        out = plan.attend(q, kv_cache, self.scale, self.sliding_window)  # [N, Hq, D]
+        return self.o_proj(out.reshape(num_rows, self.q_size))

@@ -1,0 +1,65 @@
+"""`SparseMoeBlock`: router → softmax top-k → the fused MoE op, plus an optional sigmoid-gated shared expert.
+
+Expert weights use the layout HF transformers 5 holds in memory: gate_up_proj [E, 2I, H] (gate rows, then up
+rows) and down_proj [E, H, I], which is what `model.kernels.fused_moe` takes.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.kernels import fused_moe, softmax_topk
+from model.layers.linear import Linear
+from model.layers.mlp import GatedMLP
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(
+        self,
+        layer_idx: int,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        intermediate_size: int,
+        renormalize: bool,
+        shared_expert_intermediate_size: int = 0,
+    ):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.intermediate_size = intermediate_size
+        self.renormalize = renormalize
+        self.gate = Linear(hidden_size, num_experts)  # the router
+        self.experts = Experts(num_experts, hidden_size, intermediate_size)
+        if shared_expert_intermediate_size:
+            self.shared_expert = GatedMLP(hidden_size, shared_expert_intermediate_size)
+            self.shared_expert_gate = Linear(hidden_size, 1)
+        else:
+            self.shared_expert = None
+        # Tokens routed to each expert, accumulated on the device by the op (no host sync); read by metrics.
+        self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
+        self.count_expert_load = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, H]
+        router_logits = self.gate(x)  # [N, E]
+        topk_weights, topk_ids = softmax_topk(router_logits, self.top_k, self.renormalize)  # [N, k] f32, i32
+        out = fused_moe(
+            x, self.experts.gate_up_proj, self.experts.down_proj, topk_weights, topk_ids,
+            expert_load=self.expert_load if self.count_expert_load else None,
+        )  # [N, H]
+        if self.shared_expert is not None:
+            out = out + F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"layer={self.layer_idx}, experts={self.num_experts}, top_k={self.top_k}, "
+                f"H={self.hidden_size}, I={self.intermediate_size}")

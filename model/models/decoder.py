@@ -1,0 +1,85 @@
+"""The decoder shared by all four MoE families: pre-norm attention + (MoE | dense MLP) blocks over a paged KV
+cache. Families differ only in config fields (q/k norm, biases, shared expert, window) and checkpoint key names.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.forward_batch import ForwardBatch
+from model.layers.attention import Attention
+from model.layers.linear import Embedding, Linear
+from model.layers.mlp import GatedMLP
+from model.layers.moe import SparseMoeBlock
+from model.layers.norm import RMSNorm
+from model.layers.paged_attention import AttentionPlan
+from model.layers.rotary import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx, rotary)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.is_moe_layer(layer_idx):
+            self.mlp = SparseMoeBlock(
+                layer_idx, config.hidden_size, config.num_experts, config.top_k, config.moe_intermediate_size,
+                renormalize=config.norm_topk_prob,
+                shared_expert_intermediate_size=config.shared_expert_intermediate_size,
+            )
+        else:
+            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, plan: AttentionPlan, kv_cache: torch.Tensor):
+        h = h + self.self_attn(self.input_layernorm(h), positions, plan, kv_cache)  # [N, H]
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.rotary_emb = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_linear_factor
+        )
+        self.layers = nn.ModuleList(DecoderLayer(config, i, self.rotary_emb) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MoeCausalLM(nn.Module):
+    """forward(batch, kv_cache) -> float32 logits of the rows `batch.logits_indices` selects."""
+
+    model_type = ""
+    # (regex, replacement) applied to checkpoint keys before they are matched to parameters.
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.model_type != self.model_type:
+            raise ValueError(f"{type(self).__name__} needs model_type {self.model_type!r}, got {config.model_type!r}")
+        self.config = config
+        self.model = DecoderModel(config)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
+        """kv_cache [num_layers, 2, num_blocks, block_size, Hkv, D] -> logits [S, vocab] float32."""
+        plan = AttentionPlan.build(batch)
+        h = self.model.embed_tokens(batch.input_ids)  # [N, H]
+        for layer_idx, layer in enumerate(self.model.layers):
+            h = layer(h, batch.positions, plan, kv_cache[layer_idx])
+        h = self.model.norm(h[batch.logits_indices])  # [S, H]; the norm is per row, so only wanted rows
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, head).float()  # [S, V]
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        c = self.config
+        return (c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim)
+
+    def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
+        c = self.config
+        return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def moe_blocks(self) -> list[SparseMoeBlock]:
+        return [m for m in self.modules() if isinstance(m, SparseMoeBlock)]

@@ -1,0 +1,110 @@
+"""Tokenizers behind one interface: `encode`, `decode`, `apply_chat_template`, `eos_token_ids`, `vocab_size`, `name`.
+
+`HFTokenizer` reads a checkpoint's `tokenizer.json` with the `tokenizers` library (no transformers, no remote code)
+plus `tokenizer_config.json` and the chat template (`chat_template.jinja`, `chat_template.json` or the config's
+`chat_template` field), and behaves as transformers' fast tokenizer does: `encode` adds the special tokens of the
+tokenizer's post-processor; a rendered chat prompt is encoded without adding them (the template writes them).
+"""
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+from tokenizers import Tokenizer as _FastTokenizer
+
+from model.byte_tokenizer import ByteTokenizer
+from model.chat_template import ChatTemplateError, render_chat_template
+
+
+class TokenizerError(ValueError):
+    """Tokenizer files we cannot use; the message names the file."""
+
+
+class Tokenizer(Protocol):
+    name: str
+    vocab_size: int
+    eos_token_ids: list[int]
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]: ...
+
+
+def _token_text(value) -> str | None:
+    """tokenizer_config.json writes special tokens as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise TokenizerError(f"unreadable {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path} must hold a JSON object")
+    return data
+
+
+def _chat_template(directory: Path, config: dict) -> str | None:
+    if (path := directory / "chat_template.jinja").is_file():
+        return path.read_text(encoding="utf-8")
+    if (path := directory / "chat_template.json").is_file():
+        template = _read_json(path).get("chat_template")
+    else:
+        template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+class HFTokenizer:
+    def __init__(self, directory: str | Path, name: str | None = None, extra_eos_token_ids=()):
+        directory = Path(directory)
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise TokenizerError(f"no tokenizer.json in {directory} (only fast tokenizers are supported)")
+        try:
+            self._tok = _FastTokenizer.from_file(str(path))
+        except Exception as err:
+            raise TokenizerError(f"unreadable {path}: {err}") from err
+        config_path = directory / "tokenizer_config.json"
+        self.config = _read_json(config_path) if config_path.is_file() else {}
+        self.name = name or directory.name
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.chat_template = _chat_template(directory, self.config)
+        self.special_tokens = {
+            k: _token_text(self.config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+        }
+        eos = self._id_of(self.special_tokens["eos_token"])
+        self.eos_token_ids = list(dict.fromkeys(([eos] if eos is not None else []) + list(extra_eos_token_ids)))
+        self.bos_token_id = self._id_of(self.special_tokens["bos_token"])
+
+    def _id_of(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        if self.chat_template is None:
+            raise ChatTemplateError(f"tokenizer {self.name!r} has no chat template")
+        tokens = {k: v for k, v in self.special_tokens.items() if v is not None}
+        return render_chat_template(self.chat_template, messages, add_generation_prompt=True, **tokens)
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+
+def load_tokenizer(directory: str | Path, name: str | None = None, extra_eos_token_ids=()) -> HFTokenizer:
+    return HFTokenizer(directory, name, extra_eos_token_ids)
+
+
+__all__ = ["ByteTokenizer", "ChatTemplateError", "HFTokenizer", "Tokenizer", "TokenizerError", "load_tokenizer"]
