@@ -23,7 +23,7 @@ class EngineConfig:
     expert_metrics: bool = True  # per-expert load and sampled MoE timing
     moe_timing_every: int = 16  # every n-th step runs eager with CUDA events around the MoE blocks
     gpu_memory_utilization: float = 0.9  # fraction of total GPU memory the engine may fill
-    cpu_kv_cache_bytes: int = 256 << 20  # KV cache size when num_kv_blocks is None on the CPU
+    cpu_kv_cache_bytes: int = 64 << 20  # KV cache size when num_kv_blocks is None on the CPU
     seed: int = 0  # seeds the RNG of unseeded sampled requests
 
     def __post_init__(self):

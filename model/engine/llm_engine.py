@@ -1,0 +1,189 @@
+"""LLMEngine: requests in, tokens out, one continuous-batching step at a time.
+
+Thread model: one thread calls step() in a loop; add_request / abort_request may come from other threads. They
+queue their work under a small lock; step() drains the queue first. When no step is running they also drain it
+at once, so an abort frees its blocks immediately.
+"""
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from model.engine.block_manager import BlockManager
+from model.engine.config import EngineConfig
+from model.engine.detokenizer import IncrementalDetokenizer, check_stop
+from model.engine.model_runner import PAD_BLOCK, ModelRunner
+from model.engine.moe_stats import MoeStatsCollector, MoeStatsSnapshot
+from model.engine.sampler import Sampler
+from model.engine.sampling_params import SamplingParams
+from model.engine.scheduler import Scheduler
+from model.engine.sequence import Sequence
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None  # None | "stop" | "length" | "abort"
+    num_prompt_tokens: int
+    num_output_tokens: int
+    stop_reason: str | int | None = None  # the stop string or stop token id; None for EOS and length
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # 0-1
+    num_preemptions_total: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model=None, tokenizer=None):
+        """`model`/`tokenizer` may be passed in ready-made (tests); otherwise `config.model` is loaded."""
+        from model.kernels import extension
+        from model.loader import load_model
+
+        self.config = config
+        self.device = config.resolve_device()
+        self.dtype = config.resolve_dtype(self.device)
+        if model is None:
+            model, tokenizer = load_model(config.model, random_weights=config.random_weights, dtype=self.dtype,
+                                          device=self.device)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_config = model.config
+        self.kernel_path = extension.describe()
+        self.eos_token_ids = list(dict.fromkeys([*self.model_config.eos_token_ids,
+                                                 *getattr(tokenizer, "eos_token_ids", [])]))
+
+        self.runner = ModelRunner(model, config, self.device, self.dtype)
+        self.max_model_len = self.runner.max_model_len
+        self.block_manager = BlockManager(self.runner.num_usable_blocks, config.block_size, first_block=PAD_BLOCK + 1)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.sampler = Sampler(self.device, seed=config.seed)
+        self.moe = MoeStatsCollector(model.moe_blocks(), self.device, config.expert_metrics, config.moe_timing_every)
+
+        self.runner.write_pad_kv()
+        self.moe.set_pad_routing(self.moe.read_counts_now())
+        self.runner.capture_cuda_graphs()
+        self.moe.reset_counts()
+
+        self._step_lock = threading.Lock()  # held for a whole step
+        self._queue_lock = threading.Lock()  # guards the three fields below
+        self._pending_adds: list[Sequence] = []
+        self._pending_aborts: list[str] = []
+        self._active_ids: set[str] = set()  # added and not yet finished
+        self._abort_outputs: list[RequestOutput] = []
+        self._arrivals = 0
+
+    # ---- requests (any thread) --------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None) -> None:
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        prompt = list(prompt_token_ids)
+        if not prompt:
+            raise ValueError("the prompt must have at least one token")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token {bad!r} is not a valid id in [0, {vocab})")
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                             f"max_model_len={self.max_model_len}")
+        generator = self.sampler.new_request_generator(params.seed) if params.seed is not None else None
+        with self._queue_lock:
+            if request_id in self._active_ids:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            seq = Sequence(request_id, prompt, params, self._arrivals, generator)
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt, params.stop)
+            self._arrivals += 1
+            self._active_ids.add(request_id)
+            self._pending_adds.append(seq)
+        self._drain_if_idle()
+
+    def abort_request(self, request_id: str) -> None:
+        with self._queue_lock:
+            if request_id not in self._active_ids:
+                return
+            self._pending_aborts.append(request_id)
+        self._drain_if_idle()
+
+    def has_unfinished_requests(self) -> bool:
+        with self._queue_lock:
+            if self._pending_adds or self._pending_aborts or self._abort_outputs:
+                return True
+        return self.scheduler.has_unfinished()
+
+    def _drain_if_idle(self) -> None:
+        if self._step_lock.acquire(blocking=False):
+            try:
+                self._drain()
+            finally:
+                self._step_lock.release()
+
+    def _drain(self) -> None:
+        """Apply queued adds and aborts (caller holds the step lock)."""
+        with self._queue_lock:
+            adds, self._pending_adds = self._pending_adds, []
+            aborts, self._pending_aborts = self._pending_aborts, []
+        for seq in adds:
+            self.scheduler.add(seq)
+        for request_id in aborts:
+            seq = self.scheduler.abort(request_id)
+            if seq is not None:
+                self._release(seq)
+                self._abort_outputs.append(RequestOutput(request_id, [], "", True, "abort", seq.num_prompt_tokens,
+                                                         seq.num_output_tokens, None))
+
+    def _release(self, seq: Sequence) -> None:
+        with self._queue_lock:
+            self._active_ids.discard(seq.request_id)
+
+    # ---- the loop (engine thread) -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        with self._step_lock:
+            self._drain()
+            outputs, self._abort_outputs = self._abort_outputs, []
+            sched = self.scheduler.schedule()
+            if sched.is_empty:
+                return outputs
+            timed = self.moe.should_time()
+            self.moe.begin_step(timed)
+            logits, pad_rows = self.runner.execute(sched, force_eager=timed)
+            sampling = [s.seq for s in sched.scheduled if s.samples]
+            sampled = self.sampler(logits, [seq.params for seq in sampling], [seq.generator for seq in sampling])
+            for seq in self.scheduler.update_after_step(sched, sampled):
+                outputs.append(self._emit(seq))
+            # going idle: copy the expert counters now, so metrics are complete while no steps run
+            self.moe.end_step(sched.num_tokens, pad_rows, issue_copy=not self.scheduler.has_unfinished())
+            return outputs
+
+    def _emit(self, seq: Sequence) -> RequestOutput:
+        token = seq.token_ids[-1]
+        check_stop(seq, token, self.eos_token_ids, self.max_model_len)
+        finished = seq.finish_reason is not None
+        text = seq.detokenizer.take_new_text(finished)
+        if finished:
+            self.scheduler.finish(seq, seq.finish_reason)
+            self._release(seq)
+        return RequestOutput(seq.request_id, [token], text, finished, seq.finish_reason, seq.num_prompt_tokens,
+                             seq.num_output_tokens, seq.stop_reason)
+
+    # ---- observability (any thread) ---------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting) + len(self._pending_adds),
+                           self.block_manager.usage, self.scheduler.num_preemptions_total)
+
+    def moe_stats(self) -> MoeStatsSnapshot:
+        return self.moe.snapshot()
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.block_manager.num_blocks

@@ -1,0 +1,258 @@
+"""ModelRunner: owns the paged KV cache, turns a scheduled step into a ForwardBatch, runs the model (a captured
+CUDA graph for decode steps on the GPU, eager otherwise) and returns the logits of the rows that sample.
+
+Block 0 of the cache is reserved for padding: padded CUDA-graph rows feed token 0 at position 0 with block table
+[0, 0, ...] and context length 1, and slot 0 holds exactly that token's K/V. So a padding row computes the same
+thing at every replay (its expert routing can be subtracted from the load counters) and never touches a real
+sequence's cache.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from model.engine.block_manager import blocks_for
+from model.engine.config import EngineConfig
+from model.engine.scheduler import SchedulerOutput
+from model.forward_batch import ForwardBatch
+
+PAD_BLOCK = 0
+PAD_TOKEN = 0
+GRAPH_CONTEXT_TOKENS = 1 << 17  # largest batch × padded context a decode graph is captured for (bounds its memory)
+MIN_GRAPH_WIDTH = 8  # smallest block-table width bucket of the decode graphs
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [1 << i for i in range(max(1, max_num_seqs).bit_length()) if (1 << i) < max_num_seqs]
+    return sizes + [max_num_seqs]
+
+
+def graph_widths(max_blocks: int) -> list[int]:
+    widths = [1 << i for i in range(MIN_GRAPH_WIDTH.bit_length() - 1, max_blocks.bit_length()) if (1 << i) < max_blocks]
+    return widths + [max_blocks]
+
+
+@dataclass
+class _Graph:
+    graph: "torch.cuda.CUDAGraph"
+    batch: ForwardBatch  # views of the static input buffers
+    logits: torch.Tensor  # [b, V] static output
+
+
+def _host(values, dtype, pin: bool) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, pin_memory=pin)
+
+
+class ModelRunner:
+    def __init__(self, model, config: EngineConfig, device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.block_size = config.block_size
+        self.pin = device.type == "cuda"
+        mc = model.config
+        self.bytes_per_block = model.kv_cache_bytes_per_block(self.block_size, dtype)
+        max_len = mc.max_position_embeddings if config.max_model_len is None else config.max_model_len
+        if config.max_model_len is not None and config.max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's max_position_embeddings="
+                             f"{mc.max_position_embeddings}")
+        self.num_usable_blocks = self._decide_num_blocks(max_len)
+        capacity = self.num_usable_blocks * self.block_size
+        if config.max_model_len is not None and config.max_model_len > capacity:
+            raise ValueError(f"max_model_len={config.max_model_len} does not fit the KV cache "
+                             f"({self.num_usable_blocks} blocks × {self.block_size} = {capacity} tokens)")
+        self.max_model_len = min(max_len, capacity)
+        self.max_blocks_per_seq = blocks_for(self.max_model_len, self.block_size)
+        self.kv_cache = torch.zeros(model.kv_cache_shape(self.num_usable_blocks + 1, self.block_size),
+                                    dtype=dtype, device=device)
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.graph_batch_sizes: list[int] = []
+        self.graph_widths: list[int] = []
+
+    # ---- KV cache sizing --------------------------------------------------------------------------------------
+    def _decide_num_blocks(self, max_len: int) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        if self.device.type != "cuda":
+            return max(blocks_for(min(max_len, 8192), self.block_size), cfg.cpu_kv_cache_bytes // self.bytes_per_block)
+        free, total = self._profile_peak_free_memory(max_len)
+        budget = int(total * cfg.gpu_memory_utilization) - (total - free) - self._graph_reserve_bytes()
+        num = budget // self.bytes_per_block - 1
+        if num < 1:
+            raise RuntimeError(f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB free of "
+                               f"{total / 2**30:.1f} GiB after the weights and a {cfg.max_num_batched_tokens}-token "
+                               f"step; lower max_num_batched_tokens or raise gpu_memory_utilization")
+        return num
+
+    @torch.inference_mode()
+    def _profile_peak_free_memory(self, max_len: int) -> tuple[int, int]:
+        """Run the largest prefill step (and sampling of max_num_seqs rows) once; returns (free memory at the peak
+        of that step, total memory)."""
+        from model.engine.sampler import Sampler  # local: only the profile run needs it here
+        from model.engine.sampling_params import SamplingParams
+
+        cfg = self.config
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        tokens = cfg.max_num_batched_tokens
+        seq_len = max(1, min(max_len, tokens))
+        lens = [seq_len] * (tokens // seq_len) + ([tokens % seq_len] if tokens % seq_len else [])
+        lens = lens[: cfg.max_num_seqs]
+        tables, next_block = [], 1
+        for n in lens:
+            tables.append(list(range(next_block, next_block + blocks_for(n, self.block_size))))
+            next_block += len(tables[-1])
+        cache = torch.zeros(self.model.kv_cache_shape(next_block, self.block_size), dtype=self.dtype,
+                            device=self.device)
+        cache_bytes = cache.numel() * cache.element_size()
+        batch = self._prefill_batch([(list(range(n)), 0, table, True) for n, table in zip(lens, tables)])
+        self.model(batch, cache)
+        vocab = self.model.config.vocab_size
+        logits = torch.randn(cfg.max_num_seqs, vocab, device=self.device)
+        Sampler(self.device).sample(logits, [SamplingParams(top_p=0.9, top_k=50)] * cfg.max_num_seqs,
+                                    [None] * cfg.max_num_seqs)
+        torch.cuda.synchronize(self.device)
+        activation_peak = torch.cuda.max_memory_allocated(self.device) - before - cache_bytes
+        del cache, batch, logits
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        return free - max(0, activation_peak), total
+
+    def _graph_reserve_bytes(self) -> int:
+        if self.config.enforce_eager:
+            return 0
+        mc = self.model.config
+        gathered_kv = 4 * GRAPH_CONTEXT_TOKENS * mc.num_kv_heads * mc.head_dim * self.dtype.itemsize
+        logits = 2 * self.config.max_num_seqs * mc.vocab_size * 4
+        return gathered_kv + logits + (256 << 20)
+
+    # ---- batches ----------------------------------------------------------------------------------------------
+    def _prefill_batch(self, items) -> ForwardBatch:
+        """items: (new token ids, first position, block table, samples) per sequence."""
+        bs = self.block_size
+        input_ids, positions, slots, qsl, ctx, qlens, logits_idx = [], [], [], [0], [], [], []
+        width = max(len(table) for _, _, table, _ in items)
+        tables = []
+        for tokens, start, table, samples in items:
+            n = len(tokens)
+            input_ids += tokens
+            positions += range(start, start + n)
+            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            qsl.append(qsl[-1] + n)
+            ctx.append(start + n)
+            qlens.append(n)
+            if samples:
+                logits_idx.append(qsl[-1] - 1)
+            tables.append(table + [0] * (width - len(table)))
+        is_decode = all(q == 1 for q in qlens) and len(logits_idx) == len(items)
+        return self._to_device(input_ids, positions, slots, tables, ctx, qsl, logits_idx, is_decode, qlens)
+
+    def _to_device(self, input_ids, positions, slots, tables, ctx, qsl, logits_idx, is_decode, qlens) -> ForwardBatch:
+        dev, pin = self.device, self.pin
+
+        def put(values, dtype):
+            return _host(values, dtype, pin).to(dev, non_blocking=True)
+
+        return ForwardBatch(
+            input_ids=put(input_ids, torch.int64), positions=put(positions, torch.int64),
+            slot_mapping=put(slots, torch.int64), block_tables=put(tables, torch.int32),
+            context_lens=put(ctx, torch.int32), query_start_loc=put(qsl, torch.int32),
+            logits_indices=put(logits_idx, torch.int64), is_decode=is_decode,
+            query_lens_host=list(qlens), context_lens_host=list(ctx),
+        )
+
+    def build_batch(self, out: SchedulerOutput) -> ForwardBatch:
+        items = []
+        for s in out.scheduled:
+            seq = s.seq
+            start = seq.num_computed_tokens
+            items.append((seq.token_ids[start : start + s.num_new_tokens], start, seq.block_table, s.samples))
+        return self._prefill_batch(items)
+
+    # ---- execution --------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, force_eager: bool = False) -> tuple[torch.Tensor, int]:
+        """Returns (logits [S, V] float32 of the sampling rows in scheduled order, padded rows run)."""
+        if out.is_decode and not force_eager and self.graphs:
+            key = self._graph_key(len(out.scheduled), max(len(s.seq.block_table) for s in out.scheduled))
+            if key is not None:
+                return self._replay(self.graphs[key], out), key[0] - len(out.scheduled)
+        return self.model(self.build_batch(out), self.kv_cache), 0
+
+    def _graph_key(self, batch: int, width: int) -> tuple[int, int] | None:
+        b = next((x for x in self.graph_batch_sizes if x >= batch), None)
+        w = next((x for x in self.graph_widths if x >= width), None)
+        key = (b, w)
+        return key if key in self.graphs else None
+
+    def _replay(self, g: _Graph, out: SchedulerOutput) -> torch.Tensor:
+        b, w = g.batch.block_tables.shape
+        n = len(out.scheduled)
+        bs = self.block_size
+        ids, pos, slots, ctx, tables = [], [], [], [], []
+        for s in out.scheduled:
+            seq = s.seq
+            p = seq.num_tokens - 1
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.append(seq.block_table[p // bs] * bs + p % bs)
+            ctx.append(p + 1)
+            tables.append(seq.block_table + [PAD_BLOCK] * (w - len(seq.block_table)))
+        pad = b - n
+        ids += [PAD_TOKEN] * pad
+        pos += [0] * pad
+        slots += [-1] * pad
+        ctx += [1] * pad
+        tables += [[PAD_BLOCK] * w] * pad
+        batch = g.batch
+        batch.input_ids.copy_(_host(ids, torch.int64, self.pin), non_blocking=True)
+        batch.positions.copy_(_host(pos, torch.int64, self.pin), non_blocking=True)
+        batch.slot_mapping.copy_(_host(slots, torch.int64, self.pin), non_blocking=True)
+        batch.context_lens.copy_(_host(ctx, torch.int32, self.pin), non_blocking=True)
+        batch.block_tables.copy_(_host(tables, torch.int32, self.pin), non_blocking=True)
+        g.graph.replay()
+        return g.logits[:n]
+
+    def _pad_batch(self, b: int, w: int, write_slot: bool = False) -> ForwardBatch:
+        """b padding rows (see module doc); `write_slot` makes row 0 write its K/V to slot 0 (start-up only)."""
+        slots = [-1] * b
+        if write_slot:
+            slots[0] = PAD_BLOCK * self.block_size
+        return self._to_device([PAD_TOKEN] * b, [0] * b, slots, [[PAD_BLOCK] * w] * b, [1] * b,
+                               list(range(b + 1)), list(range(b)), True, [1] * b)
+
+    @torch.inference_mode()
+    def write_pad_kv(self) -> None:
+        """Fill slot 0 with the K/V of the padding token (one eager step of one padding row)."""
+        self.model(self._pad_batch(1, 1, write_slot=True), self.kv_cache)
+
+    @torch.inference_mode()
+    def capture_cuda_graphs(self) -> None:
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return
+        sizes = graph_batch_sizes(self.config.max_num_seqs)
+        widths = graph_widths(self.max_blocks_per_seq)
+        keys = [(b, w) for b in sizes for w in widths
+                if b * w * self.block_size <= max(GRAPH_CONTEXT_TOKENS, self.block_size * w)]
+        pool = torch.cuda.graph_pool_handle()
+        for b, w in sorted(keys, key=lambda k: k[0] * k[1], reverse=True):  # largest first: the pool fits the rest
+            batch = self._pad_batch(b, w)
+            self.model(batch, self.kv_cache)  # warm-up outside the graph (lazy inits, autotuning)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.model(batch, self.kv_cache)
+            self.graphs[(b, w)] = _Graph(graph, batch, logits)
+        torch.cuda.synchronize(self.device)
+        self.graph_batch_sizes = sizes
+        self.graph_widths = widths
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self.graphs)
+
+    def kv_cache_bytes(self) -> int:
+        return self.kv_cache.numel() * self.kv_cache.element_size()

@@ -1,0 +1,187 @@
+"""MoE metrics gathered without stalling the engine loop.
+
+- FLOPs: analytic, from the tokens each step serves (routed experts: 2·k·H·2I + 2·k·I·H per token and MoE layer;
+  shared experts counted separately as dense).
+- Timing: every `timing_every`-th step runs eager with CUDA events recorded by forward pre/post hooks around each
+  SparseMoeBlock; the events are read later with `event.query()`, never waited on. On the CPU, wall clock.
+- Expert load: each SparseMoeBlock accumulates its token counts on the device; every few steps those buffers are
+  copied device -> pinned host with non_blocking and an event, and harvested once the event has completed.
+  Padded CUDA-graph rows are counted by the op too; they all compute the same fixed pad token, whose per-layer
+  routing is measured once (`set_pad_routing`) and subtracted.
+"""
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class MoeStatsSnapshot:
+    device_name: str
+    flops_total: float  # routed-expert GEMM FLOPs served so far
+    timed: list[tuple[float, float]]  # new since the last call: (seconds in the MoE blocks of a sampled step, its FLOPs)
+    expert_tokens_total: list[list[int]]  # [MoE layer][expert], cumulative
+    window_expert_tokens: list[list[int]]  # [MoE layer][expert], over the recent window
+    layer_indices: list[int] = field(default_factory=list)  # model layer index of each row above
+    shared_expert_flops_total: float = 0.0  # dense shared-expert GEMM FLOPs served so far
+
+
+def routed_flops_per_token(block) -> int:
+    return 2 * block.top_k * block.hidden_size * 2 * block.intermediate_size + \
+        2 * block.top_k * block.intermediate_size * block.hidden_size
+
+
+def shared_flops_per_token(block) -> int:
+    shared = getattr(block, "shared_expert", None)
+    if shared is None:
+        return 0
+    inter = shared.down_proj.in_features
+    return 2 * block.hidden_size * 2 * inter + 2 * inter * block.hidden_size
+
+
+class MoeStatsCollector:
+    def __init__(self, blocks: list, device: torch.device, enabled: bool, timing_every: int,
+                 harvest_every: int = 8, window_harvests: int = 32):
+        self.blocks = blocks
+        self.device = device
+        self.enabled = enabled and bool(blocks)
+        self.timing_every = timing_every
+        self.harvest_every = harvest_every
+        self.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        self.layer_indices = [b.layer_idx for b in blocks]
+        self.num_experts = [b.num_experts for b in blocks]
+        self.routed_flops_per_token = sum(routed_flops_per_token(b) for b in blocks)
+        self.shared_flops_per_token = sum(shared_flops_per_token(b) for b in blocks)
+        self._lock = threading.Lock()  # snapshot() runs on another thread than the engine loop
+        self._flops_total = 0.0
+        self._shared_flops_total = 0.0
+        self._step = 0
+        self._timing_now = False
+        self._open_marks: list = []  # events (or perf_counter values) of the current timed step
+        self._pending_timed: deque = deque()  # (marks, flops) waiting for their events
+        self._ready_timed: list[tuple[float, float]] = []
+        self._pad_rows = 0  # padded CUDA-graph rows run so far
+        self._pad_routing = torch.zeros(len(blocks), max(self.num_experts, default=1), dtype=torch.int64)
+        self._copy_in_flight = None  # (pinned host [L, E], event, pad rows at copy time)
+        self._history: deque[torch.Tensor] = deque(maxlen=window_harvests + 1)  # corrected cumulative counts
+        for b in blocks:
+            b.count_expert_load = self.enabled
+        self._hooks = []
+        if self.enabled:
+            for i, b in enumerate(blocks):
+                self._hooks.append(b.register_forward_pre_hook(self._make_mark_hook(2 * i)))
+                self._hooks.append(b.register_forward_hook(self._make_mark_hook(2 * i + 1)))
+
+    # ---- timing -----------------------------------------------------------------------------------------------
+    def should_time(self) -> bool:
+        """Decided at the start of a step: whether this step runs eager with timing marks."""
+        return self.enabled and self._step % self.timing_every == self.timing_every - 1
+
+    def _make_mark_hook(self, slot: int):
+        def hook(module, *args):
+            if not self._timing_now:
+                return None
+            if self.device.type == "cuda":
+                event = torch.cuda.Event(enable_timing=True)
+                event.record()
+                self._open_marks.append((slot, event))
+            else:
+                self._open_marks.append((slot, time.perf_counter()))
+            return None
+        return hook
+
+    def begin_step(self, timed: bool) -> None:
+        self._timing_now = timed
+        self._open_marks = []
+
+    def end_step(self, num_tokens: int, num_pad_rows: int, issue_copy: bool = False) -> None:
+        """After the model ran on `num_tokens` real rows (+ `num_pad_rows` padding rows)."""
+        self._step += 1
+        with self._lock:
+            self._flops_total += float(num_tokens) * self.routed_flops_per_token
+            self._shared_flops_total += float(num_tokens) * self.shared_flops_per_token
+            self._pad_rows += num_pad_rows
+            if self._timing_now and self._open_marks:
+                self._pending_timed.append((self._open_marks, float(num_tokens) * self.routed_flops_per_token))
+            self._timing_now, self._open_marks = False, []
+            if self.enabled and self._copy_in_flight is None and (issue_copy or self._step % self.harvest_every == 0):
+                self._issue_copy()
+            self._poll()
+
+    def _issue_copy(self) -> None:
+        counts = torch.zeros(len(self.blocks), self._pad_routing.shape[1], dtype=torch.int64, device=self.device)
+        for i, b in enumerate(self.blocks):
+            counts[i, : b.num_experts].copy_(b.expert_load)
+        if self.device.type == "cuda":
+            host = torch.empty(counts.shape, dtype=torch.int64, pin_memory=True)
+            host.copy_(counts, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = counts, None
+        self._copy_in_flight = (host, event, self._pad_rows)
+
+    def _poll(self) -> None:
+        """Harvest whatever finished on the device (caller holds the lock). Never waits."""
+        while self._pending_timed:
+            marks, flops = self._pending_timed[0]
+            if self.device.type == "cuda" and not marks[-1][1].query():
+                break
+            self._pending_timed.popleft()
+            self._ready_timed.append((self._marks_seconds(marks), flops))
+        if self._copy_in_flight is not None:
+            host, event, pad_rows = self._copy_in_flight
+            if event is None or event.query():
+                self._copy_in_flight = None
+                self._history.append(host.clone() - pad_rows * self._pad_routing)
+
+    def _marks_seconds(self, marks) -> float:
+        starts: dict[int, object] = {}
+        total = 0.0
+        for slot, mark in marks:
+            if slot % 2 == 0:
+                starts[slot // 2] = mark
+            elif slot // 2 in starts:
+                start = starts.pop(slot // 2)
+                total += start.elapsed_time(mark) / 1e3 if self.device.type == "cuda" else mark - start
+        return total
+
+    # ---- padding correction and reset -------------------------------------------------------------------------
+    def read_counts_now(self) -> torch.Tensor:
+        """Synchronous read of the device counters (start-up only). [L, E]"""
+        out = torch.zeros_like(self._pad_routing)
+        for i, b in enumerate(self.blocks):
+            out[i, : b.num_experts] = b.expert_load.cpu()
+        return out
+
+    def set_pad_routing(self, counts_of_one_pad_row: torch.Tensor) -> None:
+        self._pad_routing = counts_of_one_pad_row.clone()
+
+    def reset_counts(self) -> None:
+        """Zero the device counters in place (CUDA graphs keep pointers to them) and the host history."""
+        for b in self.blocks:
+            b.expert_load.zero_()
+        with self._lock:
+            self._pad_rows = 0
+            self._copy_in_flight = None
+            self._history.clear()
+
+    # ---- snapshot (any thread) --------------------------------------------------------------------------------
+    def snapshot(self) -> MoeStatsSnapshot:
+        with self._lock:
+            self._poll()
+            timed, self._ready_timed = self._ready_timed, []
+            if self._history:
+                latest, oldest = self._history[-1], self._history[0]
+                total = self._per_layer(latest)
+                window = self._per_layer(latest - oldest) if len(self._history) > 1 else total
+            else:
+                total = window = [[0] * e for e in self.num_experts]
+            return MoeStatsSnapshot(self.device_name, self._flops_total, timed, total, window,
+                                    list(self.layer_indices), self._shared_flops_total)
+
+    def _per_layer(self, counts: torch.Tensor) -> list[list[int]]:
+        return [counts[i, :e].clamp(min=0).tolist() for i, e in enumerate(self.num_experts)]
