@@ -11,11 +11,11 @@ size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
 constexpr int kMaxChunks = 256;
 constexpr int64_t kEntriesPerChunk = 1024;
 
-// Walks the workspace layout once; with base == nullptr it only measures.
+// Walks the workspace layout once; with base == nullptr it measures and yields offsets.
 size_t layout(const Problem& p, const LaunchConfig& cfg, char* base, Workspace* ws) {
   size_t off = 0;
-  auto take = [&](size_t bytes) {
-    char* ptr = base ? base + off : nullptr;
+  auto take = [&](size_t bytes) {  // with base == nullptr the pointers are byte offsets
+    char* ptr = reinterpret_cast<char*>(reinterpret_cast<uintptr_t>(base) + off);
     off += align256(bytes);
     return ptr;
   };

@@ -13,30 +13,30 @@ constexpr int kTaskMapBuildThreads = 1024;
 __device__ __forceinline__ void task_map_build_block_impl(const int32_t* tile_counts, const int32_t* order,
                                                           int32_t num_tasks, int32_t* tile_prefix,
                                                           int32_t* slot_task, int32_t* num_slots) {
-  using Scan = cub::BlockScan<int2, kTaskMapBuildThreads>;
+  using Scan = cub::BlockScan<int32_t, kTaskMapBuildThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
-  __shared__ int2 carry;  // (slots so far, tiles so far)
-  if (threadIdx.x == 0) carry = make_int2(0, 0);
+  __shared__ int32_t carry_slots, carry_tiles;  // totals of the chunks before this one
+  if (threadIdx.x == 0) carry_slots = carry_tiles = 0;
   __syncthreads();
   for (int32_t base = 0; base < num_tasks; base += kTaskMapBuildThreads) {
     const int32_t i = base + threadIdx.x;
     const int32_t task = i < num_tasks ? (order ? order[i] : i) : -1;
     const int32_t tiles = task >= 0 ? tile_counts[task] : 0;
-    const int2 mine = make_int2(tiles > 0 ? 1 : 0, tiles);
-    int2 before, chunk_total;
-    Scan(scan_storage).ExclusiveScan(mine, before, make_int2(0, 0),
-                                     [](int2 a, int2 b) { return make_int2(a.x + b.x, a.y + b.y); }, chunk_total);
-    const int2 c = carry;
+    int32_t slots_before, tiles_before, chunk_slots, chunk_tiles;
+    Scan(scan_storage).ExclusiveSum(tiles > 0 ? 1 : 0, slots_before, chunk_slots);
+    __syncthreads();  // scan_storage is reused
+    Scan(scan_storage).ExclusiveSum(tiles, tiles_before, chunk_tiles);
+    const int32_t c_slots = carry_slots, c_tiles = carry_tiles;
     if (tiles > 0) {
-      const int32_t slot = c.x + before.x;
-      tile_prefix[slot] = c.y + before.y + tiles;
+      const int32_t slot = c_slots + slots_before;
+      tile_prefix[slot] = c_tiles + tiles_before + tiles;
       slot_task[slot] = task;
     }
-    __syncthreads();  // everyone has read `carry` and scan_storage before they are reused
-    if (threadIdx.x == 0) carry = make_int2(c.x + chunk_total.x, c.y + chunk_total.y);
+    __syncthreads();  // everyone has read the carries and scan_storage before they are reused
+    if (threadIdx.x == 0) carry_slots = c_slots + chunk_slots, carry_tiles = c_tiles + chunk_tiles;
     __syncthreads();
   }
-  if (threadIdx.x == 0) *num_slots = carry.x;
+  if (threadIdx.x == 0) *num_slots = carry_slots;
 }
 
 }  // namespace staticmoe
