@@ -1,0 +1,91 @@
+"""FastAPI app factory: the OpenAI-compatible routes, /health, /metrics, and the optional dashboard router."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.engine_client import EngineClient, EngineState, max_model_len
+from service.errors import error_response, install_error_handlers
+from service.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+                              ErrorResponse, ModelCard, ModelList, now)
+from service.request_guard import RequestGuard
+from service.serving import OpenAIServing
+from service.settings import ServiceSettings
+
+logger = logging.getLogger("staticmoe.service")
+
+ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 503)}
+
+
+def create_app(engine_client: EngineClient, settings: ServiceSettings) -> FastAPI:
+    """The app starts the engine thread in its lifespan (if not started yet) and stops it on shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not engine_client.started:
+            engine_client.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            engine_client.shutdown()
+
+    app = FastAPI(title="staticmoe", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible serving of Mixture-of-Experts LLMs")
+    install_error_handlers(app)
+    serving = OpenAIServing(engine_client, settings.served_model_name)
+    created = now()
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES,
+              summary="Text completion (OpenAI-compatible; stream=true answers with SSE)")
+    async def completions(body: CompletionRequest, request: Request):
+        return await serving.completions(body, request)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES,
+              summary="Chat completion with the tokenizer's chat template (stream=true answers with SSE)")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await serving.chat(body, request)
+
+    @app.get("/v1/models", response_model=ModelList, responses={401: {"model": ErrorResponse}})
+    async def models():
+        engine = engine_client.engine
+        card = ModelCard(id=settings.served_model_name, created=created,
+                         max_model_len=max_model_len(engine) if engine is not None else None)
+        return ModelList(data=[card])
+
+    @app.get("/health", responses={503: {"model": ErrorResponse}},
+             summary="200 while the model is loaded and the engine loop runs; 503 while loading, draining or failed")
+    async def health():
+        if engine_client.is_healthy():
+            return JSONResponse({"status": "ok"})
+        state = engine_client.state
+        message = {EngineState.LOADING: "the model is loading",
+                   EngineState.DRAINING: "the server is draining for shutdown",
+                   EngineState.FAILED: f"the engine failed: {engine_client.load_error or 'loop stopped'}",
+                   }.get(state, f"the engine is {state.value}")
+        return error_response(503, message, code=state.value, headers={"Retry-After": "1"})
+
+    @app.get("/metrics", summary="Prometheus metrics (text exposition format)")
+    async def metrics():
+        return Response(generate_latest(engine_client.registry), media_type=CONTENT_TYPE_LATEST)
+
+    _include_dashboard(app)
+    app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    return app
+
+
+def _include_dashboard(app: FastAPI) -> None:
+    """service/dashboard.py (a separate module) adds a throughput dashboard when present."""
+    try:
+        dashboard = importlib.import_module("service.dashboard")
+    except ModuleNotFoundError as err:
+        if err.name != "service.dashboard":
+            raise
+        return
+    app.include_router(dashboard.router)

@@ -1,0 +1,210 @@
+"""`staticmoe` console script: `staticmoe serve [flags]` and `staticmoe bench serve [flags]`.
+
+Every serve flag can also come from the environment as STATICMOE_<FLAG> (dashes → underscores, upper case; e.g.
+STATICMOE_API_KEY, STATICMOE_MAX_QUEUE, STATICMOE_RANDOM_WEIGHTS=1). A flag on the command line wins over the env.
+With no flags, `staticmoe serve` serves the built-in `tiny` model on 127.0.0.1:8000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+ENV_PREFIX = "STATICMOE_"
+TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+
+logger = logging.getLogger("staticmoe.service")
+
+
+def env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _env_bool(name: str) -> bool | None:
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    word = raw.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise SystemExit(f"staticmoe: error: {name}={raw!r} is not a boolean (use 1/0, true/false, yes/no, on/off)")
+
+
+class EnvDefaults:
+    """Adds flags whose default comes from STATICMOE_<FLAG> when set; the help text names the variable."""
+
+    def __init__(self, parser: argparse.ArgumentParser):
+        self.parser = parser
+
+    def value(self, flag: str, type_=str, default=None, help_: str = "", **kwargs) -> None:
+        name = env_name(flag)
+        raw = os.environ.get(name)
+        if raw is not None:
+            try:
+                default = type_(raw)
+            except (TypeError, ValueError) as err:
+                raise SystemExit(f"staticmoe: error: {name}={raw!r}: {err}") from None
+        self.parser.add_argument(flag, type=type_, default=default, help=f"{help_} [env {name}]", **kwargs)
+
+    def switch(self, flag: str, help_: str) -> None:
+        name = env_name(flag)
+        self.parser.add_argument(flag, action="store_true", default=bool(_env_bool(name)),
+                                 help=f"{help_} [env {name}]")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {value}")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"must be in 0..65535, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="staticmoe", description="Serve Mixture-of-Experts LLMs over HTTP.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server",
+                                description="Run the OpenAI-compatible HTTP server. Every flag can also be set "
+                                            "through the environment variable shown in brackets.")
+    f = EnvDefaults(serve)
+    f.value("--model", help_="checkpoint directory (HF layout, safetensors) to serve", metavar="DIR")
+    f.value("--preset", help_="named model shape (tiny, qwen3-30b-a3b, olmoe-1b-7b, mixtral-8x7b, "
+                              "qwen2-moe-a2.7b); all but tiny need --random-weights", metavar="NAME")
+    f.switch("--random-weights", "initialise the preset with seeded random weights instead of a checkpoint")
+    f.value("--served-model-name", help_="model id clients send and /v1/models lists (default: the preset name "
+                                         "or the --model path)", metavar="NAME")
+    f.value("--host", default="127.0.0.1", help_="address to bind")
+    f.value("--port", type_=port_number, default=8000, help_="port to bind (0 = any free port)")
+    f.value("--api-key", help_="require 'Authorization: Bearer KEY' on /v1/* (compared in constant time)",
+            metavar="KEY")
+    f.value("--max-queue", type_=non_negative_int, default=1024,
+            help_="sequences admitted beyond the running batch before new requests get 429")
+    f.value("--max-body-bytes", type_=positive_int, default=1 << 20, help_="largest request body; larger get 413")
+    f.value("--max-num-seqs", type_=positive_int, default=256, help_="sequences in one engine step")
+    f.value("--max-num-batched-tokens", type_=positive_int, default=2048, help_="new tokens in one engine step")
+    f.value("--max-model-len", type_=positive_int, help_="context length (default: the model's, capped by the "
+                                                          "KV cache)")
+    f.value("--num-kv-blocks", type_=positive_int, help_="KV-cache blocks (default: sized from free memory)")
+    f.value("--block-size", type_=positive_int, default=16, help_="tokens per KV-cache block")
+    f.value("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+            help_="weights and activations (auto: bfloat16 on CUDA, float32 on CPU)")
+    f.value("--device", default="auto", help_="auto, cpu, cuda or cuda:N")
+    f.switch("--enforce-eager", "never capture CUDA graphs")
+    f.switch("--expert-metrics", "export staticmoe_expert_tokens_total{layer,expert} even when layers x experts "
+                                 "> 8192 (default: only up to 8192 series)")
+    f.switch("--no-expert-metrics", "no per-expert load accounting at all (no expert_* metrics)")
+    f.value("--moe-peak-flops", type_=float, help_="dense bf16 peak FLOP/s of the device for "
+                                                   "staticmoe_moe_tensor_core_utilization (default: from the "
+                                                   "device name)")
+    f.value("--drain-timeout", type_=float, default=600.0, help_="seconds SIGTERM waits for in-flight requests")
+    f.value("--log-level", default="info", choices=["debug", "info", "warning", "error"], help_="log verbosity")
+
+    bench = commands.add_parser("bench", help="benchmarks against a running server (see `staticmoe bench serve "
+                                              "--help`)")
+    bench.add_argument("bench_command", choices=["serve"], help="serve: load generator against a server")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
+    return parser
+
+
+def resolve_model(args: argparse.Namespace) -> tuple[str, bool, str]:
+    """(engine model source, random_weights, served model name) from --model / --preset / --random-weights."""
+    if args.model and args.preset:
+        raise SystemExit("staticmoe: error: give either --model DIR or --preset NAME, not both")
+    if args.model:
+        if not os.path.isdir(args.model):
+            raise SystemExit(f"staticmoe: error: --model {args.model!r} is not a directory (for a named shape use "
+                             f"--preset NAME --random-weights)")
+        source, name = args.model, args.model
+    else:
+        source = name = args.preset or "tiny"
+        if source != "tiny" and not args.random_weights:
+            raise SystemExit(f"staticmoe: error: --preset {source} has no weights here; add --random-weights")
+    return source, bool(args.random_weights), args.served_model_name or name
+
+
+def expert_metrics_mode(args: argparse.Namespace) -> str:
+    if args.expert_metrics and args.no_expert_metrics:
+        raise SystemExit("staticmoe: error: --expert-metrics and --no-expert-metrics contradict each other")
+    return "on" if args.expert_metrics else "off" if args.no_expert_metrics else "auto"
+
+
+def serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import prometheus_client
+    import uvicorn
+
+    from model.engine import EngineConfig, LLMEngine
+    from service.app import create_app
+    from service.engine_client import ClientOptions, EngineClient
+    from service.server import DrainingServer
+    from service.settings import ServiceSettings
+
+    source, random_weights, served_name = resolve_model(args)
+    mode = expert_metrics_mode(args)
+    try:
+        engine_config = EngineConfig(model=source, random_weights=random_weights, dtype=args.dtype,
+                                     device=args.device, max_num_seqs=args.max_num_seqs,
+                                     max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                                     num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
+                                     enforce_eager=args.enforce_eager, expert_metrics=mode != "off")
+        settings = ServiceSettings(served_model_name=served_name, api_key=args.api_key,
+                                   max_body_bytes=args.max_body_bytes, drain_timeout_s=args.drain_timeout)
+    except ValueError as err:
+        raise SystemExit(f"staticmoe: error: {err}") from None
+    prometheus_client.disable_created_metrics()  # no *_created series (as vLLM's /metrics)
+    options = ClientOptions(model_name=served_name, max_queue=args.max_queue, max_running=args.max_num_seqs,
+                            expert_metrics=mode, moe_peak_flops=args.moe_peak_flops)
+    client = EngineClient(lambda: LLMEngine(engine_config), options)
+    app = create_app(client, settings)
+    logger.info("serving model %s (source %s, random_weights=%s) on http://%s:%d, requested device=%s dtype=%s; "
+                "it loads in the background (/health answers 503 until it is ready)", served_name, source,
+                random_weights, args.host, args.port, args.device, args.dtype)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                            timeout_graceful_shutdown=5)
+    DrainingServer(config, client, args.drain_timeout).run()
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    try:
+        loadgen = importlib.import_module("service.loadgen")
+    except ModuleNotFoundError as err:
+        if err.name != "service.loadgen":
+            raise
+        print("staticmoe: error: the load generator (service/loadgen.py) is not installed", file=sys.stderr)
+        return 2
+    result = loadgen.main(list(args.bench_args))
+    return int(result or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        argv = ["serve"]
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Prometheus metrics, prefix `staticmoe_`.
+
+Request metrics mirror vLLM's names (vllm:X -> staticmoe_X), labels (`model_name`) and histogram buckets, so vLLM
+dashboards and PromQL carry over by swapping the prefix. MoE metrics (tensor-core utilization, FLOPs, kernel time,
+per-expert load) come from `engine.moe_stats()`, which the engine fills from device-side counters without a sync.
+All updates happen on the engine thread; prometheus-client metrics are thread-safe for the scraping thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+logger = logging.getLogger("staticmoe.service")
+
+# vLLM v1 (vllm/v1/metrics/loggers.py) buckets, copied as data so dashboards built on them line up.
+TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0]
+INTER_TOKEN_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                       20.0, 40.0, 80.0]
+REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                           240.0, 480.0, 960.0, 1920.0, 7680.0]
+MOE_KERNEL_BUCKETS = [1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25,
+                      0.5, 1.0, 2.5]
+FINISH_REASONS = ("stop", "length", "abort")
+EXPERT_SERIES_AUTO_LIMIT = 8192
+
+# Dense bf16 tensor-core peak (FLOP/s, no sparsity) by device name; the first matching entry wins, so the more
+# specific names come first ("H200" before "H20", "H100 PCIe" before "H100").
+DENSE_BF16_PEAKS: list[tuple[str, float]] = [
+    ("H100 PCIE", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H800 PCIE", 756e12),
+    ("H800", 989e12),
+    ("H200", 989e12),
+    ("H20", 148e12),
+]
+
+
+def dense_bf16_peak_flops(device_name: str) -> float | None:
+    name = device_name.upper()
+    for key, peak in DENSE_BF16_PEAKS:
+        if key in name:
+            return peak
+    return None
+
+
+def build_1_2_5_buckets(max_value: int) -> list[float]:
+    """1, 2, 5, 10, 20, 50, ... up to max_value (vLLM's token-count buckets)."""
+    buckets, scale = [], 1
+    while True:
+        for mantissa in (1, 2, 5):
+            if mantissa * scale > max_value:
+                return [float(b) for b in buckets] or [1.0]
+            buckets.append(mantissa * scale)
+        scale *= 10
+
+
+@dataclass
+class MoeLayout:
+    layer_labels: list[str]          # model layer index of each MoE layer (the `layer` label)
+    experts_per_layer: list[int]
+    device_name: str
+    peak_flops: float | None        # None: unknown device, utilization stays 0
+    expert_counters: bool           # export staticmoe_expert_tokens_total{layer, expert}
+    expert_window_metrics: bool = True
+
+
+class ServiceMetrics:
+    def __init__(self, model_name: str, max_model_len: int = 32768, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.model_name = model_name
+        r, m = self.registry, ["model_name"]
+
+        def per_model(metric):
+            return metric.labels(model_name=model_name)
+
+        self.num_running = per_model(Gauge("staticmoe_num_requests_running",
+                                           "Number of requests in model execution batches.", m, registry=r))
+        self.num_waiting = per_model(Gauge("staticmoe_num_requests_waiting",
+                                           "Number of requests waiting to be processed.", m, registry=r))
+        self.kv_cache_usage = per_model(Gauge("staticmoe_kv_cache_usage_perc",
+                                              "KV-cache usage. 1 means 100 percent usage.", m, registry=r))
+        self.num_preemptions = per_model(Counter("staticmoe_num_preemptions",
+                                                 "Cumulative number of preemption from the engine.", m, registry=r))
+        self.prompt_tokens = per_model(Counter("staticmoe_prompt_tokens", "Number of prefill tokens processed.",
+                                               m, registry=r))
+        self.generation_tokens = per_model(Counter("staticmoe_generation_tokens",
+                                                   "Number of generation tokens processed.", m, registry=r))
+        success = Counter("staticmoe_request_success", "Count of successfully processed requests.",
+                          m + ["finished_reason"], registry=r)
+        self.request_success = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
+        token_buckets = build_1_2_5_buckets(max_model_len)
+        self.request_prompt_tokens = per_model(Histogram("staticmoe_request_prompt_tokens",
+                                                         "Number of prefill tokens processed.", m,
+                                                         buckets=token_buckets, registry=r))
+        self.request_generation_tokens = per_model(Histogram("staticmoe_request_generation_tokens",
+                                                             "Number of generation tokens processed.", m,
+                                                             buckets=token_buckets, registry=r))
+        self.ttft = per_model(Histogram("staticmoe_time_to_first_token_seconds",
+                                        "Histogram of time to first token in seconds.", m,
+                                        buckets=TTFT_BUCKETS, registry=r))
+        self.inter_token = per_model(Histogram("staticmoe_inter_token_latency_seconds",
+                                               "Histogram of inter-token latency in seconds.", m,
+                                               buckets=INTER_TOKEN_BUCKETS, registry=r))
+        self.e2e = per_model(Histogram("staticmoe_e2e_request_latency_seconds",
+                                       "Histogram of e2e request latency in seconds.", m,
+                                       buckets=REQUEST_LATENCY_BUCKETS, registry=r))
+        self.queue_time = per_model(Histogram("staticmoe_request_queue_time_seconds",
+                                              "Histogram of time spent in WAITING phase for request.", m,
+                                              buckets=REQUEST_LATENCY_BUCKETS, registry=r))
+        self.rejected = Counter("staticmoe_requests_rejected", "Requests refused before reaching the engine.",
+                                ["reason"], registry=r)
+
+        self.tensor_core_utilization = Gauge(
+            "staticmoe_moe_tensor_core_utilization",
+            "Achieved MoE GEMM FLOP/s over the device's dense bf16 peak, from timed sampled steps (0-1).", registry=r)
+        self.peak_flops = Gauge("staticmoe_moe_peak_flops",
+                                "Dense bf16 peak FLOP/s used as the utilization denominator (0 = unknown).",
+                                registry=r)
+        self.moe_flops = Counter("staticmoe_moe_flops", "Routed-expert GEMM FLOPs executed (analytic count).",
+                                 registry=r)
+        self.shared_expert_flops = Counter("staticmoe_moe_shared_expert_flops",
+                                           "Dense shared-expert GEMM FLOPs executed (models with shared experts).",
+                                           registry=r)
+        self.moe_kernel_seconds = Histogram("staticmoe_moe_kernel_seconds",
+                                            "MoE kernel time of one sampled engine step (all layers), seconds.",
+                                            buckets=MOE_KERNEL_BUCKETS, registry=r)
+        self._moe: MoeLayout | None = None
+        self._moe_state = _MoeCumulative()
+
+    # ---- engine-level gauges -------------------------------------------------------------------------------------
+    def update_engine_stats(self, stats) -> None:
+        self.num_running.set(stats.num_running)
+        self.num_waiting.set(stats.num_waiting)
+        self.kv_cache_usage.set(stats.kv_cache_usage)
+        preemptions = int(getattr(stats, "num_preemptions_total", 0))
+        if preemptions > self._moe_state.preemptions:
+            self.num_preemptions.inc(preemptions - self._moe_state.preemptions)
+            self._moe_state.preemptions = preemptions
+
+    # ---- MoE -------------------------------------------------------------------------------------------------------
+    def configure_moe(self, layout: MoeLayout) -> None:
+        self._moe = layout
+        self.peak_flops.set(layout.peak_flops or 0.0)
+        if layout.peak_flops is None:
+            logger.info("no dense bf16 peak known for device %r: staticmoe_moe_tensor_core_utilization stays 0 "
+                        "(set --moe-peak-flops to override)", layout.device_name)
+        r, lay = self.registry, ["layer"]
+        if layout.expert_counters:
+            tokens = Counter("staticmoe_expert_tokens", "Tokens routed to each expert (one per top-k slot).",
+                             ["layer", "expert"], registry=r)
+            self._expert_counters = [[tokens.labels(layer, str(e)) for e in range(experts)]
+                                     for layer, experts in zip(layout.layer_labels, layout.experts_per_layer)]
+        if layout.expert_window_metrics:
+            imbalance = Gauge("staticmoe_expert_load_imbalance",
+                              "Max / mean tokens per expert over the recent window (1 = balanced, 0 = no tokens).",
+                              lay, registry=r)
+            idle = Gauge("staticmoe_expert_idle", "Experts that received no token in the recent window.",
+                         lay, registry=r)
+            self._imbalance = [imbalance.labels(layer) for layer in layout.layer_labels]
+            self._idle = [idle.labels(layer) for layer in layout.layer_labels]
+            for gauge, experts in zip(self._idle, layout.experts_per_layer):
+                gauge.set(experts)
+
+    def update_moe(self, snap) -> None:
+        """Fold one MoeStatsSnapshot in: counters get the increase since the previous snapshot."""
+        layout, state = self._moe, self._moe_state
+        if snap.flops_total > state.flops_total:
+            self.moe_flops.inc(snap.flops_total - state.flops_total)
+            state.flops_total = snap.flops_total
+        shared = getattr(snap, "shared_expert_flops_total", 0.0)
+        if shared > state.shared_flops_total:
+            self.shared_expert_flops.inc(shared - state.shared_flops_total)
+            state.shared_flops_total = shared
+        if snap.timed:
+            seconds = sum(s for s, _ in snap.timed)
+            flops = sum(f for _, f in snap.timed)
+            for s, _ in snap.timed:
+                self.moe_kernel_seconds.observe(s)
+            if layout is not None and layout.peak_flops and seconds > 0:
+                self.tensor_core_utilization.set(min(1.0, flops / seconds / layout.peak_flops))
+        if layout is None:
+            return
+        if layout.expert_counters and snap.expert_tokens_total:
+            previous = state.expert_tokens or [[0] * experts for experts in layout.experts_per_layer]
+            for l, row in enumerate(snap.expert_tokens_total):
+                for e, total in enumerate(row):
+                    if total > previous[l][e]:
+                        self._expert_counters[l][e].inc(total - previous[l][e])
+            state.expert_tokens = [list(row) for row in snap.expert_tokens_total]
+        if layout.expert_window_metrics and snap.window_expert_tokens:
+            for l, row in enumerate(snap.window_expert_tokens):
+                imbalance, idle = window_balance(row)
+                self._imbalance[l].set(imbalance)
+                self._idle[l].set(idle)
+
+
+def window_balance(tokens_per_expert: list[int]) -> tuple[float, int]:
+    """(max / mean, experts with zero tokens) of one layer's window; imbalance is 0 for an empty window."""
+    total = sum(tokens_per_expert)
+    idle = sum(1 for t in tokens_per_expert if t == 0)
+    if total == 0:
+        return 0.0, idle
+    return max(tokens_per_expert) / (total / len(tokens_per_expert)), idle
+
+
+@dataclass
+class _MoeCumulative:
+    flops_total: float = 0.0
+    shared_flops_total: float = 0.0
+    preemptions: int = 0
+    expert_tokens: list[list[int]] = field(default_factory=list)
