@@ -44,6 +44,7 @@ inline TileCoord task_map_decode_host(const int32_t* tile_prefix, const int32_t*
     const int32_t below = __builtin_popcount(ballot);
     if (below < 32) {
       const int32_t slot = base + below;
+      if (slot >= num_slots) break;  // v is past the last tile
       const int32_t start = slot > 0 ? tile_prefix[slot - 1] : 0;
       return {slot, slot_task[slot], v - start};
     }
@@ -63,6 +64,7 @@ __device__ __forceinline__ TileCoord task_map_decode_warp(const TaskMap& map, in
     const int32_t below = __popc(__ballot_sync(0xffffffffu, at_or_below));
     if (below < 32) {
       const int32_t slot = base + below;
+      if (slot >= num_slots) break;  // v is past the last tile
       chunk_hint = base / 32;
       const int32_t start = slot > 0 ? __ldg(map.tile_prefix + slot - 1) : 0;
       return {slot, __ldg(map.slot_task + slot), v - start};
