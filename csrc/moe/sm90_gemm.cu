@@ -46,10 +46,10 @@ cudaError_t make_weight_map(CUtensorMap* map, const void* base, DType dtype, int
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-template <typename T, int kBlockM, int kStages, bool kGateUp>
+template <typename T, int kBlockM, int kBlockN, int kStages, bool kGateUp>
 cudaError_t launch(const CUtensorMap& map, const GemmArgs<T>& args, int device, cudaStream_t stream) {
-  auto kernel = moe_gemm_sm90_kernel<T, kBlockM, kStages, kGateUp>;
-  constexpr int kSmem = GemmSmem<kBlockM, kStages>::kBytes;
+  auto kernel = moe_gemm_sm90_kernel<T, kBlockM, kBlockN, kStages, kGateUp>;
+  constexpr int kSmem = GemmSmem<kBlockM, kBlockN, kStages>::kBytes;
   static int grid_per_device[64] = {};
   static std::mutex mu;
   int grid;
@@ -70,12 +70,28 @@ cudaError_t launch(const CUtensorMap& map, const GemmArgs<T>& args, int device, 
   return cudaGetLastError();
 }
 
+// Tile shapes by the host's rows-per-expert estimate: 128x256 tiles (48 KB a stage, 4 stages) where experts are
+// large, for 1.5x the FLOPs per byte of L2 traffic of 128x128; 64x128 tiles (24 KB, 6 stages) for decode, where
+// more, narrower tiles keep more SMs streaming weights.
+template <int kBlockM>
+constexpr int block_n() { return kBlockM == 128 ? 256 : 128; }
+
+cudaError_t weight_maps(const Problem& p, int block_m, const void* w13, const void* w2, CUtensorMap* w13_map,
+                        CUtensorMap* w2_map, int* n_tiles1, int* n_tiles2) {
+  const int bn = block_m == 128 ? block_n<128>() : block_n<64>();
+  *n_tiles1 = (p.intermediate + bn / 2 - 1) / (bn / 2);
+  *n_tiles2 = (p.hidden + bn - 1) / bn;
+  cudaError_t err = make_weight_map(w13_map, w13, p.dtype, p.hidden, p.intermediate, 2 * int64_t(p.num_experts),
+                                    bn / 2);
+  if (err != cudaSuccess) return err;
+  return make_weight_map(w2_map, w2, p.dtype, p.intermediate, p.hidden, p.num_experts, bn);
+}
+
 template <typename T, bool kGateUp>
 cudaError_t dispatch_block_m(int block_m, const CUtensorMap& map, const GemmArgs<T>& args, int device,
                              cudaStream_t stream) {
-  // Stages fill ~150-190 KB of shared memory: 5 x 32 KB for 128-row tiles, 6 x 24 KB for 64-row tiles.
-  if (block_m == 128) return launch<T, 128, 5, kGateUp>(map, args, device, stream);
-  return launch<T, 64, 6, kGateUp>(map, args, device, stream);
+  if (block_m == 128) return launch<T, 128, block_n<128>(), 4, kGateUp>(map, args, device, stream);
+  return launch<T, 64, block_n<64>(), 6, kGateUp>(map, args, device, stream);
 }
 
 template <typename T>
@@ -84,19 +100,15 @@ cudaError_t run_gemms(const Problem& p, const LaunchConfig& cfg, const T* x, con
   const Plan& plan = ws.plan;
   const TaskMap map{plan.mtile_prefix, plan.slot_expert, plan.num_slots};
   CUtensorMap w13_map, w2_map;
-  cudaError_t err = make_weight_map(&w13_map, w13, p.dtype, p.hidden, p.intermediate, 2 * int64_t(p.num_experts),
-                                    kBlockN / 2);
+  int n_tiles1, n_tiles2;
+  cudaError_t err = weight_maps(p, cfg.block_m, w13, w2, &w13_map, &w2_map, &n_tiles1, &n_tiles2);
   if (err != cudaSuccess) return err;
-  err = make_weight_map(&w2_map, w2, p.dtype, p.intermediate, p.hidden, p.num_experts, kBlockN);
-  if (err != cudaSuccess) return err;
-
   GemmArgs<T> g1{x, static_cast<T*>(ws.intermediate), topk_weights, plan.expert_counts, plan.expert_offsets,
-                 plan.sorted_rows, map, p.hidden, p.intermediate, (p.intermediate + kBlockN / 2 - 1) / (kBlockN / 2),
-                 p.top_k};
+                 plan.sorted_rows, map, p.hidden, p.intermediate, n_tiles1, p.top_k};
   if ((err = dispatch_block_m<T, true>(cfg.block_m, w13_map, g1, device, stream)) != cudaSuccess) return err;
   GemmArgs<T> g2{static_cast<const T*>(ws.intermediate), static_cast<T*>(ws.slot_out), topk_weights,
-                 plan.expert_counts, plan.expert_offsets, plan.sorted_rows, map, p.intermediate, p.hidden,
-                 (p.hidden + kBlockN - 1) / kBlockN, p.top_k};
+                 plan.expert_counts, plan.expert_offsets, plan.sorted_rows, map, p.intermediate, p.hidden, n_tiles2,
+                 p.top_k};
   return dispatch_block_m<T, false>(cfg.block_m, w2_map, g2, device, stream);
 }
 

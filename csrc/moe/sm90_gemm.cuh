@@ -3,9 +3,9 @@
 //   A (activations): rows gathered through the plan's sorted row index with 16-byte cp.async, written into shared
 //                    memory in the 128-byte swizzle that wgmma reads (TMA cannot gather rows);
 //   B (weights):     TMA tile loads (SWIZZLE_128B) completing on an mbarrier per stage;
-//   math:            wgmma m64n128k16, fp32 accumulators, one warpgroup per 64 rows of the tile;
+//   math:            wgmma m64nBNk16 (BN = 128 or 256), fp32 accumulators, one warpgroup per 64 rows of the tile;
 //   pipeline:        kStages shared-memory stages, loads kStages-2 k-steps ahead, one wgmma group in flight.
-// GEMM1 (kGateUp): B tile = 64 gate rows + the matching 64 up rows of w13[e], so each thread holds gate and up of
+// GEMM1 (kGateUp): B tile = BN/2 gate rows + the matching BN/2 up rows of w13[e], so each thread holds gate and up of
 //                  the same output column and the epilogue writes SiLU(gate)·up to the expert-sorted intermediate.
 // GEMM2:           epilogue scales by the routing weight and writes bf16 rows to slot_out[token*k + slot].
 #pragma once
@@ -20,7 +20,6 @@
 namespace staticmoe::moe {
 
 constexpr int kBlockK = 64;  // one 128-byte swizzle row of bf16/fp16
-constexpr int kBlockN = 128;
 
 template <typename T>
 struct GemmArgs {
@@ -37,7 +36,7 @@ struct GemmArgs {
   int32_t top_k;
 };
 
-template <int kBlockM, int kStages>
+template <int kBlockM, int kBlockN, int kStages>
 struct GemmSmem {
   static constexpr int kABytes = kBlockM * 128;
   static constexpr int kBBytes = kBlockN * 128;
@@ -45,12 +44,16 @@ struct GemmSmem {
   static constexpr int kBytes = kStages * kStageBytes + kStages * 8 + 1024;  // + barriers + alignment slack
 };
 
-template <typename T>
-__device__ __forceinline__ void wgmma_tile(float (&acc)[64], uint64_t da, uint64_t db, int scale_d) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    sm90::wgmma_m64n128k16_bf16(acc, da, db, scale_d);
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_tile(float (&acc)[N / 2], uint64_t da, uint64_t db, int scale_d) {
+  constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
+  if constexpr (N == 256) {
+    if constexpr (bf16) sm90::wgmma_m64n256k16_bf16(acc, da, db, scale_d);
+    else sm90::wgmma_m64n256k16_f16(acc, da, db, scale_d);
   } else {
-    sm90::wgmma_m64n128k16_f16(acc, da, db, scale_d);
+    static_assert(N == 128);
+    if constexpr (bf16) sm90::wgmma_m64n128k16_bf16(acc, da, db, scale_d);
+    else sm90::wgmma_m64n128k16_f16(acc, da, db, scale_d);
   }
 }
 
@@ -67,10 +70,10 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 
 __device__ __forceinline__ float silu(float g) { return g / (1.f + __expf(-g)); }
 
-template <typename T, int kBlockM, int kStages, bool kGateUp>
+template <typename T, int kBlockM, int kBlockN, int kStages, bool kGateUp>
 __global__ void __launch_bounds__(kBlockM * 2, 1)
     moe_gemm_sm90_kernel(const __grid_constant__ CUtensorMap weights, const GemmArgs<T> args) {
-  using Smem = GemmSmem<kBlockM, kStages>;
+  using Smem = GemmSmem<kBlockM, kBlockN, kStages>;
   constexpr int kThreads = kBlockM * 2;
   constexpr int kRowsPerThread = 4;  // kBlockM rows x 8 pieces / kThreads
   static_assert(kBlockM * 8 == kThreads * kRowsPerThread);
@@ -142,7 +145,7 @@ __global__ void __launch_bounds__(kBlockM * 2, 1)
     };
 
     // ---- main loop -----------------------------------------------------------------------------------------
-    float acc[64];
+    float acc[kBlockN / 2];
 #pragma unroll
     for (int s = 0; s < kStages - 2; ++s) {
       if (s < k_iters) load(g + s, s);
@@ -161,7 +164,7 @@ __global__ void __launch_bounds__(kBlockM * 2, 1)
       const uint64_t db = sm90::smem_desc_k128_swizzle(b_stage(s));
       sm90::wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kBlockK / 16; ++kk) wgmma_tile<T>(acc, da + 2 * kk, db + 2 * kk, kt > 0 || kk > 0);
+      for (int kk = 0; kk < kBlockK / 16; ++kk) wgmma_tile<T, kBlockN>(acc, da + 2 * kk, db + 2 * kk, kt > 0 || kk > 0);
       sm90::wgmma_commit();
       sm90::wgmma_wait<1>();
     }
@@ -178,11 +181,12 @@ __global__ void __launch_bounds__(kBlockM * 2, 1)
       if (m0 + r >= rows) continue;
       if constexpr (kGateUp) {
         T* dst = args.out + int64_t(row_base + r) * args.n_out;
+        constexpr int kUp = kBlockN / 16;  // accumulator column groups of 8: gate in [0, kUp), up in [kUp, 2 kUp)
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
+        for (int j = 0; j < kUp; ++j) {
           const int col = n_tile * (kBlockN / 2) + 8 * j + col_in;
-          const float h0 = silu(acc[j * 4 + half * 2]) * acc[(j + 8) * 4 + half * 2];
-          const float h1 = silu(acc[j * 4 + half * 2 + 1]) * acc[(j + 8) * 4 + half * 2 + 1];
+          const float h0 = silu(acc[j * 4 + half * 2]) * acc[(j + kUp) * 4 + half * 2];
+          const float h1 = silu(acc[j * 4 + half * 2 + 1]) * acc[(j + kUp) * 4 + half * 2 + 1];
           if (col < args.n_out) *reinterpret_cast<uint32_t*>(dst + col) = pack2<T>(h0, h1);
         }
       } else {
@@ -190,7 +194,7 @@ __global__ void __launch_bounds__(kBlockM * 2, 1)
         const float w = args.topk_weights[flat];
         T* dst = args.out + int64_t(flat) * args.n_out;
 #pragma unroll
-        for (int j = 0; j < 16; ++j) {
+        for (int j = 0; j < kBlockN / 8; ++j) {
           const int col = n_tile * kBlockN + 8 * j + col_in;
           if (col < args.n_out)
             *reinterpret_cast<uint32_t*>(dst + col) = pack2<T>(acc[j * 4 + half * 2] * w, acc[j * 4 + half * 2 + 1] * w);
