@@ -116,7 +116,7 @@ def decode_attention(
     visible = key_pos < lens  # [B, L]
     if sliding_window is not None:
         visible &= key_pos >= lens - sliding_window
-    visible |= key_pos == 0  # a padding sequence (length 0) still sees one key, so no row is all -inf (NaN)
+    visible |= (key_pos == 0) & (lens == 0)  # a padding sequence still sees one key: no all -inf row (NaN)
     # Grouped-query attention without repeating K/V: the query heads sharing a KV head become its query rows.
     q = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, Hkv, G, D]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], scale=scale)

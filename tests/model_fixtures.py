@@ -1,0 +1,174 @@
+"""Shared helpers for the model tests: tiny random HF transformers models of each family saved as real checkpoints,
+a small trained byte-level BPE tokenizer, and `PagedRunner`, which drives our model as an engine would."""
+
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from model.forward_batch import ForwardBatch
+
+FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+VOCAB = 320
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False, eos_token_id=None,
+               bos_token_id=None, pad_token_id=None)
+TINY_CONFIGS = {
+    # One dense layer (mlp_only_layers), per-head q/k norm, renormalised top-k.
+    "qwen3_moe": dict(model_type="qwen3_moe", head_dim=16, intermediate_size=48, moe_intermediate_size=32,
+                      num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1]),
+    # Shared expert with sigmoid gate, QKV biases, no renormalisation.
+    "qwen2_moe": dict(model_type="qwen2_moe", intermediate_size=48, moe_intermediate_size=24,
+                      shared_expert_intermediate_size=40, num_experts=6, num_experts_per_tok=3,
+                      norm_topk_prob=False, qkv_bias=True),
+    "mixtral": dict(model_type="mixtral", intermediate_size=40, num_local_experts=4, num_experts_per_tok=2),
+    # Full-width q/k norm, clipping that really clips (weights are scaled up below).
+    "olmoe": dict(model_type="olmoe", intermediate_size=32, num_experts=8, num_experts_per_tok=3,
+                  norm_topk_prob=False, clip_qkv=2.0),
+}
+
+
+def hf_config(family: str, **overrides) -> transformers.PretrainedConfig:
+    fields = {**_COMMON, **TINY_CONFIGS[family], **overrides}
+    return transformers.AutoConfig.for_model(**fields)
+
+
+@torch.no_grad()
+def make_hf_model(family: str, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
+    """A float32 HF model with every parameter random (biases and norm scales too, so none is trivially 0 or 1)."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(family, **overrides), attn_implementation="eager")
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.copy_(1.0 + 0.2 * torch.randn_like(p))
+        else:
+            p.normal_(0.0, 0.15)
+    return model.eval()
+
+
+def make_tokenizer_files(directory: Path) -> None:
+    """A byte-level BPE trained on a few sentences, saved as transformers does (tokenizer.json + config + template)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["the quick brown fox jumps over the lazy dog", "hello world, this is a tokenizer test", "über café ✓"]
+    tok.train_from_iterator(text * 5, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                                pad_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(directory)
+
+
+def save_checkpoint(model: transformers.PreTrainedModel, directory: Path, **save_kwargs) -> Path:
+    model.save_pretrained(directory, **save_kwargs)
+    make_tokenizer_files(directory)
+    return directory
+
+
+class PagedRunner:
+    """Our model driven as an engine would, with the fewest parts: each sequence owns KV blocks popped from a
+    shuffled free list (so block tables are not contiguous); prefill in chunks; decode steps optionally padded."""
+
+    def __init__(self, model, num_blocks: int = 96, block_size: int = 4, seed: int = 0):
+        param = next(model.parameters())
+        self.model = model
+        self.block_size = block_size
+        self.kv_cache = torch.zeros(model.kv_cache_shape(num_blocks, block_size), dtype=param.dtype,
+                                    device=param.device)
+        self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+        self.seqs: dict[str, dict] = {}
+
+    def step(self, new_tokens: dict[str, list[int]], pad_to: int = 0, all_logits: bool = False):
+        """Feed each sequence its new tokens; returns {seq: logits [rows, V]} (last row, or all with all_logits)."""
+        device = self.kv_cache.device
+        ids, positions, slots, tables, ctx_lens, query_lens, wanted = [], [], [], [], [], [], {}
+        for seq_id, tokens in new_tokens.items():
+            seq = self.seqs.setdefault(seq_id, {"len": 0, "blocks": []})
+            start, end = seq["len"], seq["len"] + len(tokens)
+            while len(seq["blocks"]) * self.block_size < end:
+                seq["blocks"].append(self.free.pop())
+            rows = list(range(len(ids), len(ids) + len(tokens)))
+            wanted[seq_id] = rows if all_logits else rows[-1:]
+            for pos, token in zip(range(start, end), tokens):
+                ids.append(token)
+                positions.append(pos)
+                slots.append(seq["blocks"][pos // self.block_size] * self.block_size + pos % self.block_size)
+            seq["len"] = end
+            tables.append(seq["blocks"])
+            ctx_lens.append(end)
+            query_lens.append(len(tokens))
+        is_decode = all(n == 1 for n in query_lens)
+        for _ in range(len(ids), pad_to):  # padding rows of a fixed-size decode batch
+            ids.append(0), positions.append(0), slots.append(-1), tables.append([]), ctx_lens.append(0)
+            query_lens.append(1)
+        width = max(len(t) for t in tables)
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        order = [row for rows in wanted.values() for row in rows]
+        batch = ForwardBatch(
+            input_ids=torch.tensor(ids, device=device),
+            positions=torch.tensor(positions, device=device),
+            slot_mapping=torch.tensor(slots, device=device),
+            block_tables=block_tables.to(device),
+            context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=device),
+            query_start_loc=torch.tensor([0] + list(torch.tensor(query_lens).cumsum(0)), dtype=torch.int32,
+                                         device=device),
+            logits_indices=torch.tensor(order, device=device),
+            is_decode=is_decode,
+            query_lens_host=query_lens,
+            context_lens_host=ctx_lens,
+        )
+        logits = self.model(batch, self.kv_cache)
+        out, start = {}, 0
+        for seq_id, rows in wanted.items():
+            out[seq_id] = logits[start : start + len(rows)]
+            start += len(rows)
+        return out
+
+    def greedy(self, prompt: list[int], max_new_tokens: int, chunk: int = 0, seq_id: str = "s") -> list[int]:
+        """Greedy continuation: prefill (in chunks of `chunk` tokens if set), then one decode step per token."""
+        chunk = chunk or len(prompt)
+        for start in range(0, len(prompt), chunk):
+            logits = self.step({seq_id: prompt[start : start + chunk]})[seq_id]
+        generated = [int(logits[-1].argmax())]
+        while len(generated) < max_new_tokens:
+            generated.append(int(self.step({seq_id: [generated[-1]]})[seq_id][-1].argmax()))
+        return generated
+
+
+def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                            max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@torch.no_grad()
+def hf_logits(hf_model, prompt: list[int]) -> torch.Tensor:
+    return hf_model(torch.tensor([prompt])).logits[0].float()  # [n, V]
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|."""
+    return float((actual.float() - expected.float()).abs().max() / expected.float().abs().max())
+
+
+def row_errors(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """Per row (token): max |actual - expected| / max |expected| over the whole tensor. [rows]"""
+    return (actual.float() - expected.float()).abs().amax(-1) / expected.float().abs().max()
+
+
+def assert_bf16_close(ours: torch.Tensor, hf_bf16: torch.Tensor, golden: torch.Tensor) -> None:
+    """bf16 tolerance measured against transformers' own bf16 error. A bf16 rounding difference can flip a token's
+    top-k expert choice (a discontinuity), in our run or in HF's, at different tokens; so compare the typical
+    (median) token's error, and bound the worst token loosely."""
+    ours_rows, hf_rows = row_errors(ours, golden), row_errors(hf_bf16, golden)
+    assert ours_rows.median() <= 2 * hf_rows.median() + 1e-3, (ours_rows, hf_rows)
+    assert ours_rows.max() <= max(0.25, 2 * float(hf_rows.max())), (ours_rows, hf_rows)
