@@ -67,8 +67,9 @@ class LLMEngine:
         self.sampler = Sampler(self.device, seed=config.seed)
         self.moe = MoeStatsCollector(model.moe_blocks(), self.device, config.expert_metrics, config.moe_timing_every)
 
+        self.moe.reset_counts()  # the memory-profiling step was counted
         self.runner.write_pad_kv()
-        self.moe.set_pad_routing(self.moe.read_counts_now())
+        self.moe.set_pad_routing(self.moe.read_counts_now())  # what one padding row adds to the counters
         self.runner.capture_cuda_graphs()
         self.moe.reset_counts()
 
