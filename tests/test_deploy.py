@@ -220,7 +220,7 @@ def k8s_objects() -> dict[str, dict]:
 def test_k8s_core_manifests_validate_against_kubernetes_schemas(version):
     kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="run .ci/system-deps.sh")
     version = kubernetes_validate.latest_version() if version == "latest" else version
-    core = [o for o in k8s_objects().values() if o["kind"] != "ServiceMonitor"]
+    core = [o for o in k8s_objects().values() if o["apiVersion"] != "monitoring.coreos.com/v1"]  # CRDs: below
     assert {o["kind"] for o in core} >= {"Deployment", "Service"}
     for obj in core:
         kubernetes_validate.validate(obj, version, strict=True)
@@ -239,6 +239,16 @@ def test_servicemonitor_validates_against_its_schema():
     broken["spec"]["endpoints"][0]["interval"] = "five seconds"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, schema)
+
+
+def test_prometheus_rule_carries_the_same_alerts_as_the_rule_file(tmp_path):
+    rule = k8s_objects()["PrometheusRule"]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["metadata"]["name"]
+    assert rule["spec"]["groups"] == load_yaml(ALERT_RULES)["groups"], "deploy/k8s/prometheusrule.yaml is stale"
+    extracted = tmp_path / "rules.yml"
+    extracted.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    result = run([tool("promtool"), "check", "rules", str(extracted)])
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_k8s_objects_fit_together():
