@@ -18,7 +18,7 @@ from model.forward_batch import ForwardBatch
 
 PAD_BLOCK = 0
 PAD_TOKEN = 0
-GRAPH_CONTEXT_TOKENS = 1 << 17  # largest batch × padded context a decode graph is captured for (bounds its memory)
+GRAPH_CONTEXT_TOKENS = 1 << 18  # largest batch × padded context a decode graph is captured for (bounds its memory)
 MIN_GRAPH_WIDTH = 8  # smallest block-table width bucket of the decode graphs
 
 

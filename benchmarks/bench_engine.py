@@ -1,0 +1,316 @@
+"""Offline engine benchmark (no HTTP): output tokens/s of LLMEngine against HF transformers `generate`.
+
+For each preset (random weights, bf16): prompts of `--input-len` random tokens, `--output-len` greedy tokens with
+EOS ignored, all requests of a batch submitted at once; throughput = output tokens ÷ total time (prefill included).
+The HF baseline runs `generate` (experts_implementation="grouped_mm", sdpa attention) on the *same* weights (its
+parameters are views of ours) and the same prompts. Decode step time is the median wall time of the engine steps
+in which all requests of the batch decode together; its floor is the bytes such a step must read — weights of the
+experts the batch touches (expected count from the measured per-expert load), attention/router/lm_head weights,
+the batch's KV cache — over the device copy bandwidth measured in the same run (2·bytes ÷ time of a large
+device-to-device copy). Writes bench_engine_<date>.json and .md to --out (default benchmarks/results).
+
+    python benchmarks/bench_engine.py [--presets olmoe-1b-7b qwen3-30b-a3b] [--batches 1 16 64 256]
+                                      [--hf-batches 1 16 64] [--quick] [--out DIR]
+"""
+
+import argparse
+import datetime
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from model.presets import PRESETS  # noqa: E402
+from model.weight_map import parameter_sources  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", nargs="+", default=["olmoe-1b-7b", "qwen3-30b-a3b"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 256])
+    p.add_argument("--hf-batches", nargs="+", type=int, default=[1, 16, 64])
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--decode-batches", nargs="+", type=int, default=[1, 64], help="batches whose decode step is timed")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--no-expert-metrics", action="store_true", help="serve without expert counters/timing")
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--quick", action="store_true", help="batches 1 and 64, HF at 1 only")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args()
+    if args.quick:
+        args.batches, args.hf_batches = [1, 64], [1]
+    return args
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device, nbytes=1 << 30, iters=10) -> float:
+    """Bytes moved per second (read + write) by a large device-to-device copy."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(iters):
+        dst.copy_(src)
+    sync(device)
+    return 2 * nbytes * iters / (time.perf_counter() - t)
+
+
+def make_prompts(n, length, vocab, seed=0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, length), generator=g).tolist()
+
+
+# ---- ours ---------------------------------------------------------------------------------------------------------
+def run_engine(engine, prompts, output_len, tag) -> dict:
+    """All prompts at once; returns throughput and the wall time of each step with its shape."""
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    shapes = []
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule():
+        out = schedule()
+        shapes.append((out.is_decode, len(out.scheduled)))
+        return out
+
+    engine.scheduler.schedule = recording_schedule
+    try:
+        sync(engine.device)
+        start = time.perf_counter()
+        for i, p in enumerate(prompts):
+            engine.add_request(f"{tag}-{i}", p, params)
+        steps, produced, t = [], 0, time.perf_counter()
+        while engine.has_unfinished_requests():
+            produced += sum(len(o.new_token_ids) for o in engine.step())
+            now = time.perf_counter()  # step() returns after the sampled ids reached the host
+            steps.append(now - t)
+            t = now
+        total = time.perf_counter() - start
+    finally:
+        engine.scheduler.schedule = schedule
+    decode = [dt for dt, (is_decode, n) in zip(steps, shapes) if is_decode and n == len(prompts)]
+    return dict(batch=len(prompts), output_tokens=produced, seconds=total, tok_s=produced / total,
+                steps=len(steps), decode_steps=len(decode),
+                decode_step_ms=1e3 * statistics.median(decode) if decode else None)
+
+
+def expected_experts_touched(load: list[int], top_k: int, batch: int) -> float:
+    """E[distinct experts hit by `batch` tokens] if each token picks expert e with probability k·p_e."""
+    total = sum(load)
+    if total == 0:
+        return float(len(load))
+    return sum(1.0 - max(0.0, 1.0 - top_k * c / total) ** batch for c in load)
+
+
+def decode_floor(engine, batch, context_len, bandwidth) -> dict:
+    """Bytes one decode step of `batch` sequences at `context_len` must read, and that over the bandwidth."""
+    mc, model = engine.model_config, engine.model
+    elt = engine.dtype.itemsize
+    loads = engine.moe_stats().window_expert_tokens
+    experts = dense = 0
+    for name, p in model.named_parameters():
+        if ".experts." in name:
+            continue
+        if name == "model.embed_tokens.weight":
+            dense += batch * p.shape[1] * p.element_size()  # only the batch's rows are read
+        else:
+            dense += p.numel() * p.element_size()
+    for block, load in zip(model.moe_blocks(), loads):
+        per_expert = 3 * block.hidden_size * block.intermediate_size * elt
+        experts += expected_experts_touched(load, block.top_k, batch) * per_expert
+    kv = batch * context_len * engine.runner.bytes_per_block // engine.config.block_size
+    total = experts + dense + kv
+    return dict(bytes_experts=experts, bytes_dense=dense, bytes_kv=kv, bytes_total=total,
+                floor_ms=1e3 * total / bandwidth)
+
+
+def bench_ours(preset, args, prompts, bandwidth) -> tuple[LLMEngine, dict]:
+    cfg = EngineConfig(model=preset, random_weights=True, dtype=args.dtype, device=args.device,
+                       max_num_seqs=max(args.batches), max_num_batched_tokens=args.max_num_batched_tokens,
+                       max_model_len=args.input_len + args.output_len, enforce_eager=args.enforce_eager,
+                       expert_metrics=not args.no_expert_metrics)
+    t = time.perf_counter()
+    engine = LLMEngine(cfg)
+    init_s = time.perf_counter() - t
+    run_engine(engine, prompts[:4], 8, "warmup")
+    out = dict(dtype=str(engine.dtype).removeprefix("torch."), init_seconds=init_s, num_kv_blocks=engine.num_kv_blocks, num_cuda_graphs=engine.runner.num_graphs,
+               kernel_path=engine.kernel_path, throughput={}, decode={})
+    for b in args.batches:
+        r = run_engine(engine, prompts[:b], args.output_len, f"b{b}")
+        out["throughput"][b] = r
+        print(f"  ours  batch {b:4d}: {r['tok_s']:9.1f} tok/s  ({r['seconds']:.2f} s, {r['steps']} steps, "
+              f"decode step {r['decode_step_ms'] or float('nan'):.2f} ms)", flush=True)
+        if b in args.decode_batches and r["decode_step_ms"] is not None:
+            floor = decode_floor(engine, b, args.input_len + args.output_len // 2, bandwidth)
+            floor["step_ms"] = r["decode_step_ms"]
+            floor["ratio_to_floor"] = r["decode_step_ms"] / floor["floor_ms"]
+            out["decode"][b] = floor
+            print(f"  decode batch {b}: {floor['step_ms']:.2f} ms vs floor {floor['floor_ms']:.2f} ms "
+                  f"= {floor['ratio_to_floor']:.2f}x  (experts {floor['bytes_experts'] / 1e9:.2f} GB, "
+                  f"dense {floor['bytes_dense'] / 1e9:.2f} GB, KV {floor['bytes_kv'] / 1e9:.2f} GB)", flush=True)
+    return engine, out
+
+
+# ---- HF transformers on the same weights --------------------------------------------------------------------------
+def hf_sharing_weights(engine, preset):
+    """A transformers model of the preset's config whose parameters are views of the engine's (no copy)."""
+    import transformers
+
+    hf_config = transformers.AutoConfig.for_model(**PRESETS[preset])
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(
+            hf_config, dtype=engine.dtype, attn_implementation="sdpa", experts_implementation="grouped_mm")
+    mc = engine.model_config
+    q_size, kv_size = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
+    views = {}
+    for name, param in engine.model.named_parameters():
+        for piece in parameter_sources(name, tuple(param.shape), q_size, kv_size)[0]:
+            views[piece.key] = param[piece.index] if piece.index else param
+    for name, _ in list(hf.named_parameters()):
+        if name not in views:
+            raise KeyError(f"no engine weight for HF parameter {name}")
+        module_name, _, leaf = name.rpartition(".")
+        hf.get_submodule(module_name)._parameters[leaf] = torch.nn.Parameter(views[name], requires_grad=False)
+    rotary = hf.model.rotary_emb
+    hf.model.rotary_emb = type(rotary)(config=hf.config).to(engine.device)
+    left = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise RuntimeError(f"HF tensors left on meta: {left[:5]}")
+    return hf.eval()
+
+
+@torch.inference_mode()
+def run_hf(hf, prompts, output_len, device) -> dict:
+    ids = torch.tensor(prompts, device=device)
+    mask = torch.ones_like(ids)
+    sync(device)
+    t = time.perf_counter()
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=output_len, min_new_tokens=output_len,
+                      do_sample=False, pad_token_id=0)
+    sync(device)
+    seconds = time.perf_counter() - t
+    produced = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    return dict(batch=len(prompts), output_tokens=produced, seconds=seconds, tok_s=produced / seconds)
+
+
+@torch.inference_mode()
+def first_logits_agree(engine, hf, prompt) -> float:
+    """max |ours - HF| / max |HF| of the last-position logits of one prompt: the weight sharing is right."""
+    ids = torch.tensor([prompt], device=engine.device)
+    expected = hf(ids).logits[0, -1].float()
+    runner = engine.runner
+    batch = runner._prefill_batch([(prompt, 0, list(range(1, 1 + -(-len(prompt) // runner.block_size))), True)])
+    cache = torch.zeros(engine.model.kv_cache_shape(1 + -(-len(prompt) // runner.block_size), runner.block_size),
+                        dtype=engine.dtype, device=engine.device)
+    actual = engine.model(batch, cache)[0]
+    return float((actual - expected).abs().max() / expected.abs().max())
+
+
+def bench_preset(preset, args, bandwidth) -> dict:
+    vocab = PRESETS[preset]["vocab_size"]
+    prompts = make_prompts(max(args.batches + args.hf_batches), args.input_len, vocab)
+    print(f"== {preset}", flush=True)
+    engine, ours = bench_ours(preset, args, prompts, bandwidth)
+    result = dict(ours=ours, hf={}, speedup={})
+    if not args.skip_hf:
+        engine.runner.graphs.clear()  # give HF the memory of our KV cache and graphs
+        engine.runner.kv_cache = None
+        gc.collect()
+        torch.cuda.empty_cache() if torch.device(args.device).type == "cuda" else None
+        hf = hf_sharing_weights(engine, preset)
+        result["hf_logits_rel_diff"] = first_logits_agree(engine, hf, prompts[0][:64])
+        print(f"  HF vs ours, last-position logits: max rel diff {result['hf_logits_rel_diff']:.3g}", flush=True)
+        run_hf(hf, prompts[:1], 4, args.device)  # warm-up
+        for b in args.hf_batches:
+            r = run_hf(hf, prompts[:b], args.output_len, args.device)
+            result["hf"][b] = r
+            mine = ours["throughput"].get(b)
+            if mine:
+                result["speedup"][b] = mine["tok_s"] / r["tok_s"]
+            print(f"  HF    batch {b:4d}: {r['tok_s']:9.1f} tok/s  ({r['seconds']:.2f} s)"
+                  + (f"  -> ours {result['speedup'][b]:.1f}x" if b in result["speedup"] else ""), flush=True)
+        del hf
+    del engine
+    gc.collect()
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def environment(device) -> dict:
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), commit=commit,
+                device=name, torch=torch.__version__, transformers=transformers.__version__)
+
+
+def markdown(report) -> str:
+    env, a = report["env"], report["args"]
+    lines = [f"# Engine benchmark — {env['date']}", "",
+             f"commit `{env['commit']}`, {env['device']}, torch {env['torch']}, transformers {env['transformers']}; "
+             f"input {a['input_len']}, output {a['output_len']}, greedy, EOS ignored, random weights ({report['dtype']}); "
+             f"copy bandwidth {report['copy_bandwidth_gbs']:.0f} GB/s (read+write).", ""]
+    for preset, r in report["presets"].items():
+        o = r["ours"]
+        lines += [f"## {preset}", "", f"kernel: {o['kernel_path']}; {o['num_kv_blocks']} KV blocks, "
+                  f"{o['num_cuda_graphs']} CUDA graphs, engine start-up {o['init_seconds']:.1f} s.", "",
+                  "| batch | ours tok/s | HF grouped_mm tok/s | speedup |", "|---|---|---|---|"]
+        for b, t in o["throughput"].items():
+            hf = r["hf"].get(b)
+            lines.append(f"| {b} | {t['tok_s']:.1f} | {hf['tok_s']:.1f} | {r['speedup'][b]:.1f}× |" if hf else
+                         f"| {b} | {t['tok_s']:.1f} | — | — |")
+        lines += ["", "| decode batch | step ms | floor ms | ratio | experts GB | dense GB | KV GB |",
+                  "|---|---|---|---|---|---|---|"]
+        for b, d in o["decode"].items():
+            lines.append(f"| {b} | {d['step_ms']:.2f} | {d['floor_ms']:.2f} | {d['ratio_to_floor']:.2f}× | "
+                         f"{d['bytes_experts'] / 1e9:.2f} | {d['bytes_dense'] / 1e9:.2f} | {d['bytes_kv'] / 1e9:.2f} |")
+        if "hf_logits_rel_diff" in r:
+            lines += ["", f"HF on the shared weights vs ours, last-position logits: max rel diff "
+                      f"{r['hf_logits_rel_diff']:.3g}."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main():
+    args = parse_args()
+    env = environment(args.device)
+    bandwidth = copy_bandwidth(args.device)
+    print(f"{env}\ncopy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+    report = dict(env=env, args=vars(args), copy_bandwidth_gbs=bandwidth / 1e9, presets={})
+    for preset in args.presets:
+        report["presets"][preset] = bench_preset(preset, args, bandwidth)
+    report["dtype"] = next(iter(report["presets"].values()))["ours"]["dtype"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"bench_engine_{env['date'][:10]}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote {stem}.json and .md")
+
+
+if __name__ == "__main__":
+    main()
