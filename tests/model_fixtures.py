@@ -88,6 +88,20 @@ class PagedRunner:
 
     def step(self, new_tokens: dict[str, list[int]], pad_to: int = 0, all_logits: bool = False):
         """Feed each sequence its new tokens; returns {seq: logits [rows, V]} (last row, or all with all_logits)."""
+        batch, wanted = self.prepare(new_tokens, pad_to, all_logits)
+        return self.split(self.model(batch, self.kv_cache), wanted)
+
+    @staticmethod
+    def split(logits, wanted):
+        out, start = {}, 0
+        for seq_id, rows in wanted.items():
+            out[seq_id] = logits[start : start + len(rows)]
+            start += len(rows)
+        return out
+
+    def prepare(self, new_tokens: dict[str, list[int]], pad_to: int = 0, all_logits: bool = False,
+                table_width: int = 0):
+        """The ForwardBatch of one step (blocks allocated, lengths advanced) and the rows wanted per sequence."""
         device = self.kv_cache.device
         ids, positions, slots, tables, ctx_lens, query_lens, wanted = [], [], [], [], [], [], {}
         for seq_id, tokens in new_tokens.items():
@@ -109,7 +123,7 @@ class PagedRunner:
         for _ in range(len(ids), pad_to):  # padding rows of a fixed-size decode batch
             ids.append(0), positions.append(0), slots.append(-1), tables.append([]), ctx_lens.append(0)
             query_lens.append(1)
-        width = max(len(t) for t in tables)
+        width = max(table_width, *(len(t) for t in tables))
         block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         order = [row for rows in wanted.values() for row in rows]
         batch = ForwardBatch(
@@ -125,12 +139,7 @@ class PagedRunner:
             query_lens_host=query_lens,
             context_lens_host=ctx_lens,
         )
-        logits = self.model(batch, self.kv_cache)
-        out, start = {}, 0
-        for seq_id, rows in wanted.items():
-            out[seq_id] = logits[start : start + len(rows)]
-            start += len(rows)
-        return out
+        return batch, wanted
 
     def greedy(self, prompt: list[int], max_new_tokens: int, chunk: int = 0, seq_id: str = "s") -> list[int]:
         """Greedy continuation: prefill (in chunks of `chunk` tokens if set), then one decode step per token."""
@@ -144,7 +153,9 @@ class PagedRunner:
 
 
 def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
-    out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+    device = hf_model.device
+    out = hf_model.generate(torch.tensor([prompt], device=device),
+                            attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
                             max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
                             pad_token_id=0)
     return out[0, len(prompt):].tolist()
@@ -152,7 +163,7 @@ def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
 
 @torch.no_grad()
 def hf_logits(hf_model, prompt: list[int]) -> torch.Tensor:
-    return hf_model(torch.tensor([prompt])).logits[0].float()  # [n, V]
+    return hf_model(torch.tensor([prompt], device=hf_model.device)).logits[0].float()  # [n, V]
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

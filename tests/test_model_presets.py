@@ -1,0 +1,84 @@
+"""Presets: the named real shapes match the published parameter counts, need `random_weights`, and the embedded
+`tiny` model runs on the CPU with no files at all."""
+
+import json
+
+import pytest
+import torch
+
+from model.byte_tokenizer import ByteTokenizer
+from model.loader import load_model
+from model.presets import PRESETS
+from tests.model_fixtures import PagedRunner
+
+# (total, active per token) parameters in billions, as the model cards publish them.
+PUBLISHED = {
+    "qwen3-30b-a3b": (30.5, 3.3),
+    "olmoe-1b-7b": (6.9, 1.3),
+    "mixtral-8x7b": (46.7, 12.9),
+    "qwen2-moe-a2.7b": (14.3, 2.7),
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_named_presets_have_the_published_size(name):
+    model, tokenizer = load_model(name, random_weights=True, device="meta")  # shapes only, no memory
+    c = model.config
+    total = sum(p.numel() for p in model.parameters())
+    moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_layers))
+    idle_experts = moe_layers * (c.num_experts - c.top_k) * 3 * c.hidden_size * c.moe_intermediate_size
+    published_total, published_active = PUBLISHED[name]
+    assert total / 1e9 == pytest.approx(published_total, rel=0.01)
+    assert (total - idle_experts) / 1e9 == pytest.approx(published_active, rel=0.03)
+    assert isinstance(tokenizer, ByteTokenizer) and set(c.eos_token_ids) <= set(tokenizer.eos_token_ids)
+    assert c.name == name
+
+
+def test_named_presets_need_random_weights():
+    with pytest.raises(ValueError, match="has no weights: pass random_weights=True"):
+        load_model("olmoe-1b-7b", device="meta")
+
+
+def test_tiny_runs_on_cpu_and_is_seeded():
+    model, tokenizer = load_model("tiny", dtype="auto")
+    assert next(model.parameters()).dtype == torch.float32  # "auto" on the CPU
+    assert tokenizer.vocab_size == model.config.vocab_size
+    again, _ = load_model("tiny", dtype=torch.float32)
+    other, _ = load_model("tiny", dtype=torch.float32, seed=1)
+    for (name, a), b, c in zip(model.named_parameters(), again.parameters(), other.parameters()):
+        assert torch.equal(a, b), name
+        assert name.endswith("norm.weight") or not torch.equal(a, c), name
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hello!"}])
+    out = PagedRunner(model).greedy(prompt, 12)
+    assert out == PagedRunner(again).greedy(prompt, 12) and len(out) == 12
+    assert all(0 <= t < tokenizer.vocab_size for t in out)
+    assert isinstance(tokenizer.decode(out), str)
+
+
+def test_expert_load_counts_routed_tokens():
+    """Every MoE block adds top_k per token to its device counter (padding rows included)."""
+    model, _ = load_model("tiny", dtype=torch.float32)
+    runner = PagedRunner(model)
+    runner.step({"a": list(range(10)), "b": list(range(5))})
+    runner.step({"a": [1], "b": [2]}, pad_to=4)
+    for block in model.moe_blocks():
+        assert block.expert_load.dtype == torch.int64 and block.expert_load.shape == (8,)
+        assert int(block.expert_load.sum()) == (15 + 4) * 2
+        assert (block.expert_load > 0).sum() > 1
+
+
+def test_checkpoint_directory_with_random_weights_needs_only_config(tmp_path):
+    config = dict(PRESETS["tiny"], hidden_size=32, num_hidden_layers=1)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model, tokenizer = load_model(str(tmp_path), random_weights=True, dtype=torch.float32)
+    assert model.config.hidden_size == 32 and model.config.name == tmp_path.name
+    assert isinstance(tokenizer, ByteTokenizer)
+    assert len(PagedRunner(model).greedy([1, 2, 3], 4)) == 4
+
+
+def test_dtype_names():
+    model, _ = load_model("tiny", dtype="bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.model.rotary_emb.cos_cache.dtype == torch.float32
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        load_model("tiny", dtype="int8")
