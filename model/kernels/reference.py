@@ -21,7 +21,8 @@ def fused_moe_reference(
     k = topk_ids.shape[1]
     cdt = compute_dtype or x.dtype
     inter = w2.shape[2]
-    per_slot = torch.zeros(T, k, H, dtype=torch.float32 if cdt != torch.float64 else torch.float64, device=x.device)
+    acc_dtype = torch.float64 if cdt == torch.float64 else torch.float32  # accumulation/activation precision
+    per_slot = torch.zeros(T, k, H, dtype=acc_dtype, device=x.device)
     flat_ids = topk_ids.reshape(-1).long()  # [T*k]
     order = torch.argsort(flat_ids, stable=True)  # (token, slot) ascending within each expert
     counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
@@ -33,7 +34,7 @@ def fused_moe_reference(
         start += n
         xe = x[rows // k].to(cdt)  # [n, H]
         gate_up = xe @ w13[e].to(cdt).t()  # [n, 2I]
-        h = (F.silu(gate_up[:, :inter].float()) * gate_up[:, inter:].float()).to(cdt)  # [n, I]
+        h = (F.silu(gate_up[:, :inter].to(acc_dtype)) * gate_up[:, inter:].to(acc_dtype)).to(cdt)  # [n, I]
         ye = (h @ w2[e].to(cdt).t()).to(per_slot.dtype)  # [n, H]
-        per_slot.view(T * k, H)[rows] = ye * topk_weights.reshape(-1)[rows, None].to(per_slot.dtype)
+        per_slot.view(T * k, H)[rows] = ye * topk_weights.reshape(-1)[rows, None].to(acc_dtype)
     return per_slot.sum(dim=1).to(x.dtype)  # [T, H]
