@@ -18,6 +18,7 @@ import datetime
 import gc
 import json
 import statistics
+import os
 import subprocess
 import sys
 import time
@@ -260,8 +261,8 @@ def environment(device) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    except (OSError, subprocess.CalledProcessError):  # the GPU machine's copy of the tree has no .git
+        commit = os.environ.get("STATICMOE_COMMIT", "unknown")
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
     return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), commit=commit,
                 device=name, torch=torch.__version__, transformers=transformers.__version__)

@@ -2,6 +2,7 @@
 
 import datetime
 import json
+import os
 import platform
 import re
 import subprocess
@@ -11,6 +12,9 @@ import torch
 
 
 def git_commit(repo: Path) -> str:
+    """HEAD (+ "-dirty"); on the GPU machine, whose copy of the tree has no .git, the STATICMOE_COMMIT variable."""
+    if os.environ.get("STATICMOE_COMMIT"):
+        return os.environ["STATICMOE_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
         dirty = subprocess.run(

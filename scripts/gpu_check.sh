@@ -12,7 +12,7 @@ if [ -d .whl ]; then  # packages the GPU image lacks, carried as wheels
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
-{ date -u +%FT%TZ; git rev-parse HEAD 2>/dev/null; nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader;
+{ date -u +%FT%TZ; echo "commit ${STATICMOE_COMMIT:-unknown}"; nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader;
   python3 -c 'import torch; print("torch", torch.__version__)'; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 status=0
@@ -34,9 +34,9 @@ for step in "${steps[@]}"; do
           > "$OUT/sanitize_$tool.log" 2>&1
         echo "compute-sanitizer $tool exit $?: $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitize_$tool.log" | tail -2 | tr '\n' ' ')"
       done ;;
-    bench) python3 benchmarks/bench_moe.py --out "$OUT" 2>&1 | tee "$OUT/bench_moe.log" | tail -60 ;;
-    bench-quick) python3 benchmarks/bench_moe.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench_moe.log" | tail -60 ;;
-    engine) python3 benchmarks/bench_engine.py --out "$OUT" 2>&1 | tee "$OUT/bench_engine.log" | tail -30 ;;
+    bench) python3 benchmarks/bench_moe.py --out-dir "$OUT" 2>&1 | tee "$OUT/bench_moe.log" | tail -60 ;;
+    bench-quick) python3 benchmarks/bench_moe.py --quick --out-dir "$OUT" 2>&1 | tee "$OUT/bench_moe.log" | tail -60 ;;
+    engine) python3 benchmarks/bench_engine.py ${ENGINE_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench_engine.log" | tail -30 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
