@@ -114,6 +114,8 @@ def test_bad_input_raises_a_clear_error(case):
         (torch.zeros(E + 1, dtype=torch.int64), "expert_load must be int64"),
         (torch.zeros(1, E, dtype=torch.int64), "expert_load must be int64"),
         (torch.zeros(E, dtype=torch.int64, device="meta"), "one device"),
+        # a strided view: the CUDA kernel adds counts through data_ptr() as if contiguous
+        (torch.zeros(2 * E, dtype=torch.int64)[::2], "contiguous"),
     ],
 )
 def test_bad_expert_load_raises(load, message):
