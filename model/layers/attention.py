@@ -8,11 +8,11 @@ from model.config import ModelConfig
 from model.layers.linear import Linear
 from model.layers.norm import RMSNorm
 from model.layers.paged_attention import AttentionPlan
-from model.layers.rotary import RotaryEmbedding
+from model.layers.rotary import apply_rotary
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding):
+    def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_heads
@@ -23,7 +23,6 @@ class Attention(nn.Module):
         self.scale = config.head_dim**-0.5
         self.qk_norm = config.qk_norm
         self.clip_qkv = config.clip_qkv
-        self.sliding_window = config.sliding_window
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.o_bias)
         if config.qk_norm == "per_head":
@@ -32,12 +31,11 @@ class Attention(nn.Module):
         elif config.qk_norm == "full":
             self.q_norm = RMSNorm(self.q_size, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.kv_size, config.rms_norm_eps)
-        self._rotary = [rotary]  # shared by all layers and owned by the model, so not registered here
 
     def forward(
         self,
         x: torch.Tensor,  # [N, H]
-        positions: torch.Tensor,  # [N]
+        rotary: tuple[torch.Tensor, torch.Tensor],  # cos, sin [N, 1, D]
         plan: AttentionPlan,
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
     ) -> torch.Tensor:
@@ -52,7 +50,7 @@ class Attention(nn.Module):
         v = v.reshape(num_rows, self.num_kv_heads, self.head_dim)
         if self.qk_norm == "per_head":  # Qwen3 normalises each head
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self._rotary[0](positions, q, k)
+        q, k = apply_rotary(q, k, *rotary)
         plan.write_kv(kv_cache, k, v)
-        out = plan.attend(q, kv_cache, self.scale, self.sliding_window)  # [N, Hq, D]
+        out = plan.attend(q, kv_cache, self.scale)  # [N, Hq, D]
         return self.o_proj(out.reshape(num_rows, self.q_size))

@@ -19,10 +19,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cache", angles.cos(), persistent=False)
         self.register_buffer("sin_cache", angles.sin(), persistent=False)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor  # [N], [N, Hq, D], [N, Hkv, D]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # HF casts cos/sin to the activation dtype before rotating; doing the same keeps bf16 results alike.
-        cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # [N, 1, D]
-        sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, 1, D] for `positions` [N], in the activation dtype (as HF casts them before rotating, which
+        keeps bf16 results alike). Computed once per step and shared by all layers."""
+        return self.cos_cache[positions].unsqueeze(1).to(dtype), self.sin_cache[positions].unsqueeze(1).to(dtype)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q [N, Hq, D], k [N, Hkv, D], cos/sin [N, 1, D]."""
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

@@ -18,10 +18,10 @@ from model.layers.rotary import RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding):
+    def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_idx, rotary)
+        self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.is_moe_layer(layer_idx):
             self.mlp = SparseMoeBlock(
@@ -32,8 +32,8 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, plan: AttentionPlan, kv_cache: torch.Tensor):
-        h = h + self.self_attn(self.input_layernorm(h), positions, plan, kv_cache)  # [N, H]
+    def forward(self, h: torch.Tensor, rotary, plan: AttentionPlan, kv_cache: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), rotary, plan, kv_cache)  # [N, H]
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -44,7 +44,7 @@ class DecoderModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_linear_factor
         )
-        self.layers = nn.ModuleList(DecoderLayer(config, i, self.rotary_emb) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -65,10 +65,11 @@ class MoeCausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
         """kv_cache [num_layers, 2, num_blocks, block_size, Hkv, D] -> logits [S, vocab] float32."""
-        plan = AttentionPlan.build(batch)
+        plan = AttentionPlan.build(batch, block_size=kv_cache.shape[3], sliding_window=self.config.sliding_window)
         h = self.model.embed_tokens(batch.input_ids)  # [N, H]
+        rotary = self.model.rotary_emb(batch.positions, h.dtype)  # cos, sin [N, 1, D]
         for layer_idx, layer in enumerate(self.model.layers):
-            h = layer(h, batch.positions, plan, kv_cache[layer_idx])
+            h = layer(h, rotary, plan, kv_cache[layer_idx])
         h = self.model.norm(h[batch.logits_indices])  # [S, H]; the norm is per row, so only wanted rows
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, head).float()  # [S, V]
