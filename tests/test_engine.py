@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from model.engine import EngineConfig, LLMEngine, SamplingParams
+from model.engine.model_runner import _Graph, graph_batch_sizes, graph_widths
 from model.kernels import softmax_topk
 from tests.model_fixtures import hf_greedy, make_hf_model, save_checkpoint
 
@@ -133,8 +134,7 @@ def test_abort_frees_blocks_at_once():
     params = SamplingParams(max_tokens=50, **GREEDY)
     for i in range(3):
         engine.add_request(f"a{i}", list(range(40 + i)), params)
-    engine.step()
-    engine.step()
+    early = engine.step() + engine.step() + engine.step()
     stats = engine.stats()
     assert (stats.num_running, stats.num_waiting) == (2, 1)
     usage_before = stats.kv_cache_usage
@@ -147,13 +147,34 @@ def test_abort_frees_blocks_at_once():
     outs = engine.step()
     aborted = {o.request_id: o for o in outs if o.finish_reason == "abort"}
     assert set(aborted) == {"a0", "a2"} and all(o.finished and not o.new_token_ids for o in aborted.values())
-    assert aborted["a0"].num_output_tokens == 2 and aborted["a2"].num_output_tokens == 0
+    received_a0 = sum(len(o.new_token_ids) for o in early if o.request_id == "a0")
+    assert received_a0 >= 1 and aborted["a0"].num_output_tokens == received_a0
+    assert aborted["a2"].num_output_tokens == 0
+    assert not any(o.request_id == "a0" for o in outs if o.finish_reason != "abort"), "no tokens after the abort"
     rest = run(engine, {}, arrivals={0: []})
-    assert tokens_of([o for o in outs if o.request_id == "a1"] + rest["a1"])[-1] is not None
-    assert rest["a1"][-1].finish_reason == "length"
+    a1 = [o for o in early + outs if o.request_id == "a1"] + rest["a1"]
+    assert len(tokens_of(a1)) == 50 and a1[-1].finish_reason == "length"
     engine.abort_request("a1")  # finished: no-op, no output
     assert engine.step() == [] and engine.stats().kv_cache_usage == 0.0
     engine.add_request("a0", [1, 2, 3], SamplingParams(max_tokens=2))  # ids are reusable once finished
+
+
+def test_stop_string_found_late_drops_the_extra_token(tiny, solo):
+    """Stop strings are checked while the next step runs; the token computed meanwhile must not leak out."""
+    prompt = random_prompts(1, seed=12, lengths=(25,))[0]
+    full = solo(prompt, 30)
+    tok = tiny.tokenizer
+    printable = [i for i in range(len(full)) if 32 <= full[i] < 127]
+    assert printable
+    stop = tok.decode([full[printable[0]]])
+    others = {f"b{i}": (p, SamplingParams(max_tokens=30, **GREEDY)) for i, p in enumerate(random_prompts(3, 13))}
+    outputs = run(tiny, {"s": (prompt, SamplingParams(max_tokens=30, stop=[stop], **GREEDY)), **others})
+    got = tokens_of(outputs["s"])
+    assert got == full[: printable[0] + 1] and outputs["s"][-1].num_output_tokens == len(got)
+    assert outputs["s"][-1].stop_reason == stop and stop not in text_of(outputs["s"])
+    for rid, (p, _) in others.items():
+        assert tokens_of(outputs[rid]) == solo(p, 30)
+    assert tiny.stats().kv_cache_usage == 0.0
 
 
 def test_seeded_sampling_reproduces_alone_and_batched(tiny):
@@ -289,6 +310,42 @@ def test_moe_stats_count_every_routed_token_and_time_sampled_steps():
     off = LLMEngine(EngineConfig(model="tiny", expert_metrics=False))
     run(off, {"x": ([1, 2, 3], SamplingParams(max_tokens=3))})
     assert all(sum(layer) == 0 for layer in off.moe_stats().expert_tokens_total)
+
+
+class EagerGraph:
+    """Stands in for a captured CUDA graph on the CPU: replay() recomputes the captured call on the static input
+    buffers, so the runner's padding and buffer filling are tested without a GPU."""
+
+    def __init__(self, model, batch, kv_cache, logits):
+        self.model, self.batch, self.kv_cache, self.logits = model, batch, kv_cache, logits
+
+    def replay(self):
+        self.logits.copy_(self.model(self.batch, self.kv_cache))
+
+
+def test_padded_static_decode_batches_match_solo_and_padding_is_not_counted(solo):
+    engine = LLMEngine(EngineConfig(model="tiny", max_num_seqs=8, max_num_batched_tokens=64, moe_timing_every=1000))
+    runner = engine.runner
+    sizes, widths = graph_batch_sizes(8), graph_widths(runner.max_blocks_per_seq)
+    assert sizes == [1, 2, 4, 8] and widths[0] == 8 and widths[-1] == runner.max_blocks_per_seq
+    for b in sizes:
+        for w in widths:
+            batch, int64_inputs, int32_inputs = runner._static_pad_batch(b, w)
+            logits = torch.empty(b, engine.model_config.vocab_size)
+            runner.graphs[(b, w)] = _Graph(EagerGraph(engine.model, batch, runner.kv_cache, logits), batch, logits,
+                                           int64_inputs, int32_inputs)
+    runner.graph_batch_sizes, runner.graph_widths = sizes, widths
+    replays, replay = [], runner._replay
+    runner._replay = lambda g, out: replays.append((g.batch.num_seqs, len(out.scheduled))) or replay(g, out)
+    prompts = random_prompts(7, seed=14, lengths=(3, 30, 150, 9, 64, 17, 1))
+    requests = {f"q{i}": (p, SamplingParams(max_tokens=6 + 3 * i, **GREEDY)) for i, p in enumerate(prompts)}
+    outputs = run(engine, requests, arrivals={0: ["q0", "q1", "q2"], 3: ["q3", "q4", "q5", "q6"]})
+    assert any(padded > real for padded, real in replays) and len({r for _, r in replays}) > 2, replays
+    for rid, (prompt, params) in requests.items():
+        assert tokens_of(outputs[rid]) == solo(prompt, params.max_tokens), rid
+    snap = engine.moe_stats()
+    fed = sum(len(p) + params.max_tokens - 1 for p, params in requests.values())
+    assert all(sum(layer) == fed * engine.model_config.top_k for layer in snap.expert_tokens_total)
 
 
 # ---- GPU --------------------------------------------------------------------------------------------------------

@@ -72,20 +72,33 @@ class IncrementalDetokenizer:
         return best
 
 
-def check_stop(seq: Sequence, token_id: int, eos_token_ids: list[int], max_model_len: int) -> None:
-    """Called after `token_id` was appended to `seq`: feeds the detokenizer and sets finish/stop reason if done."""
+def check_stop_token(seq: Sequence, token_id: int, eos_token_ids, max_model_len: int) -> None:
+    """The stop conditions that need only token ids (EOS, stop token ids, max_tokens, max_model_len); called right
+    after `token_id` was appended, so a finished sequence is not scheduled again."""
     params = seq.params
-    detok: IncrementalDetokenizer = seq.detokenizer
     if not params.ignore_eos and token_id in eos_token_ids:
         seq.finish_reason, seq.stop_reason = "stop", None
     elif token_id in params.stop_token_ids:
         seq.finish_reason, seq.stop_reason = "stop", token_id
-    else:
-        before = len(detok.text)
-        detok.add_token(token_id)
-        if len(detok.text) > before:
-            stop_string = detok.find_stop_string(before)
-            if stop_string is not None:
-                seq.finish_reason, seq.stop_reason = "stop", stop_string
-    if seq.finish_reason is None and (seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= max_model_len):
+    elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= max_model_len:
         seq.finish_reason = "length"
+
+
+def detokenize_and_check_stop_strings(seq: Sequence, token_id: int) -> None:
+    """Add the token's text (not for a token that stopped the sequence by id) and look for stop strings; a stop
+    string also overrides "length" when the same token completes it."""
+    if seq.finish_reason == "stop":
+        return
+    detok: IncrementalDetokenizer = seq.detokenizer
+    before = len(detok.text)
+    detok.add_token(token_id)
+    if len(detok.text) > before:
+        stop_string = detok.find_stop_string(before)
+        if stop_string is not None:
+            seq.finish_reason, seq.stop_reason = "stop", stop_string
+
+
+def check_stop(seq: Sequence, token_id: int, eos_token_ids, max_model_len: int) -> None:
+    """Both of the above, in order."""
+    check_stop_token(seq, token_id, eos_token_ids, max_model_len)
+    detokenize_and_check_stop_strings(seq, token_id)

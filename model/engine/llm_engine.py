@@ -12,7 +12,7 @@ import torch
 
 from model.engine.block_manager import BlockManager
 from model.engine.config import EngineConfig
-from model.engine.detokenizer import IncrementalDetokenizer, check_stop
+from model.engine.detokenizer import IncrementalDetokenizer, check_stop_token, detokenize_and_check_stop_strings
 from model.engine.model_runner import PAD_BLOCK, ModelRunner
 from model.engine.moe_stats import MoeStatsCollector, MoeStatsSnapshot
 from model.engine.sampler import Sampler
@@ -79,6 +79,7 @@ class LLMEngine:
         self._pending_aborts: list[str] = []
         self._active_ids: set[str] = set()  # added and not yet finished
         self._abort_outputs: list[RequestOutput] = []
+        self._pending: list[tuple[Sequence, int, int]] = []  # (sequence, token, its output count) to emit
         self._arrivals = 0
 
     # ---- requests (any thread) --------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         with self._queue_lock:
-            if self._pending_adds or self._pending_aborts or self._abort_outputs:
+            if self._pending_adds or self._pending_aborts or self._abort_outputs or self._pending:
                 return True
         return self.scheduler.has_unfinished()
 
@@ -141,7 +142,7 @@ class LLMEngine:
             if seq is not None:
                 self._release(seq)
                 self._abort_outputs.append(RequestOutput(request_id, [], "", True, "abort", seq.num_prompt_tokens,
-                                                         seq.num_output_tokens, None))
+                                                         seq.num_emitted_tokens, None))
 
     def _release(self, seq: Sequence) -> None:
         with self._queue_lock:
@@ -149,33 +150,51 @@ class LLMEngine:
 
     # ---- the loop (engine thread) -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One step. Stop conditions on token ids apply at once; detokenization and stop strings of a step's tokens
+        run during the next step's GPU work, so each step returns the outputs of the step before it (and of
+        aborts). A sequence that hits a stop string may thus compute one extra token, which is dropped."""
         with self._step_lock:
             self._drain()
             outputs, self._abort_outputs = self._abort_outputs, []
             sched = self.scheduler.schedule()
             if sched.is_empty:
+                outputs += self._emit_pending()
                 return outputs
             timed = self.moe.should_time()
             self.moe.begin_step(timed)
             logits, pad_rows = self.runner.execute(sched, force_eager=timed)
             sampling = [s.seq for s in sched.scheduled if s.samples]
-            sampled = self.sampler(logits, [seq.params for seq in sampling], [seq.generator for seq in sampling])
+            sampled_ids = self.sampler.sample(logits, [seq.params for seq in sampling],
+                                              [seq.generator for seq in sampling])  # [S] on the device
+            outputs += self._emit_pending()  # host work overlapping the device
+            sampled = sampled_ids.tolist()  # the step's one host sync
             for seq in self.scheduler.update_after_step(sched, sampled):
-                outputs.append(self._emit(seq))
+                token = seq.token_ids[-1]
+                check_stop_token(seq, token, self.eos_token_ids, self.max_model_len)
+                if seq.finish_reason is not None:
+                    self.scheduler.finish(seq, seq.finish_reason)  # frees its blocks before the next schedule
+                self._pending.append((seq, token, seq.num_output_tokens))
             # going idle: copy the expert counters now, so metrics are complete while no steps run
             self.moe.end_step(sched.num_tokens, pad_rows, issue_copy=not self.scheduler.has_unfinished())
             return outputs
 
-    def _emit(self, seq: Sequence) -> RequestOutput:
-        token = seq.token_ids[-1]
-        check_stop(seq, token, self.eos_token_ids, self.max_model_len)
-        finished = seq.finish_reason is not None
-        text = seq.detokenizer.take_new_text(finished)
-        if finished:
-            self.scheduler.finish(seq, seq.finish_reason)
-            self._release(seq)
-        return RequestOutput(seq.request_id, [token], text, finished, seq.finish_reason, seq.num_prompt_tokens,
-                             seq.num_output_tokens, seq.stop_reason)
+    def _emit_pending(self) -> list[RequestOutput]:
+        pending, self._pending = self._pending, []
+        outputs = []
+        for seq, token, num_output_tokens in pending:
+            if seq.finish_reason == "abort":
+                continue  # its final output is already out
+            detokenize_and_check_stop_strings(seq, token)
+            finished = seq.finish_reason is not None
+            if finished and not seq.is_finished:  # a stop string: leave the scheduler now
+                self.scheduler.finish(seq, seq.finish_reason)
+            seq.num_emitted_tokens = num_output_tokens
+            text = seq.detokenizer.take_new_text(finished)
+            outputs.append(RequestOutput(seq.request_id, [token], text, finished, seq.finish_reason,
+                                         seq.num_prompt_tokens, num_output_tokens, seq.stop_reason))
+            if finished:
+                self._release(seq)
+        return outputs
 
     # ---- observability (any thread) ---------------------------------------------------------------------------
     def stats(self) -> EngineStats:

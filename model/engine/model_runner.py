@@ -37,6 +37,8 @@ class _Graph:
     graph: "torch.cuda.CUDAGraph"
     batch: ForwardBatch  # views of the static input buffers
     logits: torch.Tensor  # [b, V] static output
+    int64_inputs: torch.Tensor  # [3b]: input_ids, positions, slot_mapping (the batch's tensors are views)
+    int32_inputs: torch.Tensor  # [b + b*w]: context_lens, block_tables
 
 
 def _host(values, dtype, pin: bool) -> torch.Tensor:
@@ -190,6 +192,7 @@ class ModelRunner:
         return key if key in self.graphs else None
 
     def _replay(self, g: _Graph, out: SchedulerOutput) -> torch.Tensor:
+        """Write the step's inputs into the graph's two static buffers (two host->device copies) and replay."""
         b, w = g.batch.block_tables.shape
         n = len(out.scheduled)
         bs = self.block_size
@@ -201,21 +204,29 @@ class ModelRunner:
             pos.append(p)
             slots.append(seq.block_table[p // bs] * bs + p % bs)
             ctx.append(p + 1)
-            tables.append(seq.block_table + [PAD_BLOCK] * (w - len(seq.block_table)))
+            tables += seq.block_table
+            tables += [PAD_BLOCK] * (w - len(seq.block_table))
         pad = b - n
-        ids += [PAD_TOKEN] * pad
-        pos += [0] * pad
-        slots += [-1] * pad
-        ctx += [1] * pad
-        tables += [[PAD_BLOCK] * w] * pad
-        batch = g.batch
-        batch.input_ids.copy_(_host(ids, torch.int64, self.pin), non_blocking=True)
-        batch.positions.copy_(_host(pos, torch.int64, self.pin), non_blocking=True)
-        batch.slot_mapping.copy_(_host(slots, torch.int64, self.pin), non_blocking=True)
-        batch.context_lens.copy_(_host(ctx, torch.int32, self.pin), non_blocking=True)
-        batch.block_tables.copy_(_host(tables, torch.int32, self.pin), non_blocking=True)
+        int64_values = ids + [PAD_TOKEN] * pad + pos + [0] * pad + slots + [-1] * pad
+        int32_values = ctx + [1] * pad + tables + [PAD_BLOCK] * (w * pad)
+        g.int64_inputs.copy_(_host(int64_values, torch.int64, self.pin), non_blocking=True)
+        g.int32_inputs.copy_(_host(int32_values, torch.int32, self.pin), non_blocking=True)
         g.graph.replay()
         return g.logits[:n]
+
+    def _static_pad_batch(self, b: int, w: int) -> tuple[ForwardBatch, torch.Tensor, torch.Tensor]:
+        """A decode batch of b padding rows whose inputs are views of two flat buffers (filled per replay)."""
+        dev = self.device
+        int64_inputs = torch.tensor([PAD_TOKEN] * b + [0] * b + [-1] * b, dtype=torch.int64, device=dev)
+        int32_inputs = torch.tensor([1] * b + [PAD_BLOCK] * (b * w), dtype=torch.int32, device=dev)
+        batch = ForwardBatch(
+            input_ids=int64_inputs[:b], positions=int64_inputs[b : 2 * b], slot_mapping=int64_inputs[2 * b :],
+            block_tables=int32_inputs[b:].view(b, w), context_lens=int32_inputs[:b],
+            query_start_loc=torch.arange(b + 1, dtype=torch.int32, device=dev),
+            logits_indices=torch.arange(b, dtype=torch.int64, device=dev), is_decode=True,
+            query_lens_host=[1] * b, context_lens_host=[1] * b,
+        )
+        return batch, int64_inputs, int32_inputs
 
     def _pad_batch(self, b: int, w: int, write_slot: bool = False) -> ForwardBatch:
         """b padding rows (see module doc); `write_slot` makes row 0 write its K/V to slot 0 (start-up only)."""
@@ -240,12 +251,12 @@ class ModelRunner:
                 if b * w * self.block_size <= max(GRAPH_CONTEXT_TOKENS, self.block_size * w)]
         pool = torch.cuda.graph_pool_handle()
         for b, w in sorted(keys, key=lambda k: k[0] * k[1], reverse=True):  # largest first: the pool fits the rest
-            batch = self._pad_batch(b, w)
+            batch, int64_inputs, int32_inputs = self._static_pad_batch(b, w)
             self.model(batch, self.kv_cache)  # warm-up outside the graph (lazy inits, autotuning)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 logits = self.model(batch, self.kv_cache)
-            self.graphs[(b, w)] = _Graph(graph, batch, logits)
+            self.graphs[(b, w)] = _Graph(graph, batch, logits, int64_inputs, int32_inputs)
         torch.cuda.synchronize(self.device)
         self.graph_batch_sizes = sizes
         self.graph_widths = widths

@@ -71,14 +71,17 @@ class Scheduler:
                 return seq
         for seq in self.waiting:
             if seq.request_id == request_id:
-                self.waiting.remove(seq)
-                seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+                self.finish(seq, "abort")
                 return seq
         return None
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        self.running.remove(seq)
-        self.block_manager.free(seq)
+        """Take a running or waiting sequence out for good, freeing its blocks."""
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self.block_manager.free(seq)
+        elif seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
 
     def _insert_waiting(self, seq: Sequence) -> None:
@@ -164,12 +167,16 @@ class Scheduler:
 
     def update_after_step(self, out: SchedulerOutput, sampled: list[int]) -> list[Sequence]:
         """Advance the computed counts and append the sampled tokens (in `out.scheduled` order of the samplers).
-        Returns the sequences that got a token."""
+        Sequences finished while the step ran (a stop string found meanwhile) drop theirs. Returns the sequences
+        that got a token."""
         got_token = []
         it = iter(sampled)
         for s in out.scheduled:
+            token = next(it) if s.samples else None
+            if s.seq.is_finished:
+                continue
             s.seq.num_computed_tokens += s.num_new_tokens
-            if s.samples:
-                s.seq.append_token(next(it))
+            if token is not None:
+                s.seq.append_token(token)
                 got_token.append(s.seq)
         return got_token

@@ -29,6 +29,7 @@ class Sequence:
         self.stop_reason: str | int | None = None  # the stop string or stop token id that ended it
         self.detokenizer = None  # IncrementalDetokenizer, set by the engine
         self.num_preemptions = 0
+        self.num_emitted_tokens = 0  # output tokens already handed out in RequestOutputs
 
     @property
     def num_tokens(self) -> int:
