@@ -13,6 +13,8 @@ import torch
 
 from model.engine.block_manager import blocks_for
 from model.engine.config import EngineConfig
+from model.engine.sampler import Sampler
+from model.engine.sampling_params import SamplingParams
 from model.engine.scheduler import SchedulerOutput
 from model.forward_batch import ForwardBatch
 
@@ -92,9 +94,6 @@ class ModelRunner:
     def _profile_peak_free_memory(self, max_len: int) -> tuple[int, int]:
         """Run the largest prefill step (and sampling of max_num_seqs rows) once; returns (free memory at the peak
         of that step, total memory)."""
-        from model.engine.sampler import Sampler  # local: only the profile run needs it here
-        from model.engine.sampling_params import SamplingParams
-
         cfg = self.config
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
@@ -111,9 +110,9 @@ class ModelRunner:
         cache = torch.zeros(self.model.kv_cache_shape(next_block, self.block_size), dtype=self.dtype,
                             device=self.device)
         cache_bytes = cache.numel() * cache.element_size()
-        batch = self._prefill_batch([(list(range(n)), 0, table, True) for n, table in zip(lens, tables)])
-        self.model(batch, cache)
         vocab = self.model.config.vocab_size
+        batch = self._prefill_batch([([i % vocab for i in range(n)], 0, table, True) for n, table in zip(lens, tables)])
+        self.model(batch, cache)
         logits = torch.randn(cfg.max_num_seqs, vocab, device=self.device)
         Sampler(self.device).sample(logits, [SamplingParams(top_p=0.9, top_k=50)] * cfg.max_num_seqs,
                                     [None] * cfg.max_num_seqs)

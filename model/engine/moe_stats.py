@@ -107,11 +107,12 @@ class MoeStatsCollector:
             if self._timing_now and self._open_marks:
                 self._pending_timed.append((self._open_marks, float(num_tokens) * self.routed_flops_per_token))
             self._timing_now, self._open_marks = False, []
-            if self.enabled and self._copy_in_flight is None and (issue_copy or self._step % self.harvest_every == 0):
-                self._issue_copy()
+            if self.enabled and (issue_copy or (self._copy_in_flight is None and self._step % self.harvest_every == 0)):
+                self._issue_copy(final=issue_copy)
             self._poll()
 
-    def _issue_copy(self) -> None:
+    def _issue_copy(self, final: bool = False) -> None:
+        """`final`: the engine is going idle; a snapshot may then wait for this copy (it costs the loop nothing)."""
         counts = torch.zeros(len(self.blocks), self._pad_routing.shape[1], dtype=torch.int64, device=self.device)
         for i, b in enumerate(self.blocks):
             counts[i, : b.num_experts].copy_(b.expert_load)
@@ -122,7 +123,7 @@ class MoeStatsCollector:
             event.record()
         else:
             host, event = counts, None
-        self._copy_in_flight = (host, event, self._pad_rows)
+        self._copy_in_flight = (host, event, self._pad_rows, final)
 
     def _poll(self) -> None:
         """Harvest whatever finished on the device (caller holds the lock). Never waits."""
@@ -133,7 +134,9 @@ class MoeStatsCollector:
             self._pending_timed.popleft()
             self._ready_timed.append((self._marks_seconds(marks), flops))
         if self._copy_in_flight is not None:
-            host, event, pad_rows = self._copy_in_flight
+            host, event, pad_rows, final = self._copy_in_flight
+            if event is not None and final and not event.query():
+                event.synchronize()  # only the copy itself is left to wait for
             if event is None or event.query():
                 self._copy_in_flight = None
                 self._history.append(host.clone() - pad_rows * self._pad_routing)
