@@ -66,9 +66,9 @@ class AttentionPlan:
         # real row's K/V to that row's slot (identical duplicates, so the result does not depend on order).
         # A batch with no real row at all (only warm-up) writes row 0's K/V to slot 0.
         real = slots >= 0
-        first_real = torch.argmax(real.to(torch.int32))
+        first_real = torch.argmax(real.to(torch.int32)).view(1)  # [1]
         write_rows = torch.where(real, torch.arange(slots.shape[0], device=device), first_real)
-        write_slots = torch.where(real, slots, slots[first_real].clamp(min=0))
+        write_slots = torch.where(real, slots, slots.index_select(0, first_real).clamp(min=0))
         tables = batch.block_tables.long()  # [B, max_blocks]
         num_keys = tables.shape[1] * block_size
         if batch.is_decode:
