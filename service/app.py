@@ -8,6 +8,7 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -75,6 +76,21 @@ def create_app(engine_client: EngineClient, settings: ServiceSettings) -> FastAP
     async def metrics():
         return Response(generate_latest(engine_client.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def openapi_schema() -> dict:
+        """FastAPI's schema, with `model` narrowed to the one served id (clients and fuzzers see what is valid)."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            for name in ("CompletionRequest", "ChatCompletionRequest"):
+                model_field = schema.get("components", {}).get("schemas", {}).get(name, {}) \
+                    .get("properties", {}).get("model")
+                if model_field is not None:
+                    model_field["anyOf"] = [{"type": "string", "enum": [settings.served_model_name]},
+                                            {"type": "null"}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi_schema
     _include_dashboard(app)
     app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
     return app

@@ -18,6 +18,7 @@ from service.errors import bad_request
 MAX_N = 128
 MAX_STOP_STRINGS = 16
 SEED_MAX = 2**63 - 1
+ONLY_DEFAULT = {"minimum": 0, "maximum": 0}
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
@@ -48,9 +49,10 @@ class SamplingRequest(StrictModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     user: str | None = None
-    presence_penalty: FiniteFloat = 0.0
-    frequency_penalty: FiniteFloat = 0.0
-    logit_bias: dict[str, float] | None = None
+    # Accepted for compatibility, only at their defaults (the schema says so; check_supported explains why not)
+    presence_penalty: FiniteFloat = Field(0.0, json_schema_extra=ONLY_DEFAULT)
+    frequency_penalty: FiniteFloat = Field(0.0, json_schema_extra=ONLY_DEFAULT)
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra={"maxProperties": 0})
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -76,10 +78,10 @@ class SamplingRequest(StrictModel):
 class CompletionRequest(SamplingRequest):
     prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[
         list[TokenIds], Field(min_length=1)] = Field(..., description="Text, token ids, or a batch of either")
-    echo: bool = False
-    logprobs: int | None = None
-    suffix: str | None = None
-    best_of: int | None = None
+    echo: bool = Field(False, json_schema_extra={"enum": [False]})
+    logprobs: int | None = Field(None, json_schema_extra=lambda schema: schema.update(anyOf=[{"type": "null"}]))
+    suffix: str | None = Field(None, json_schema_extra={"maxLength": 0})
+    best_of: int | None = Field(None, ge=1)
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -122,9 +124,9 @@ class ChatMessage(StrictModel):
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(..., description="At least one message")
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer OpenAI name of max_tokens")
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    tools: list[dict] | None = None
+    logprobs: bool = Field(False, json_schema_extra={"enum": [False]})
+    top_logprobs: int | None = Field(None, json_schema_extra=lambda schema: schema.update(anyOf=[{"type": "null"}]))
+    tools: list[dict] | None = Field(None, json_schema_extra={"maxItems": 0})
     tool_choice: str | dict | None = None
     response_format: dict | None = None
 

@@ -1,0 +1,134 @@
+"""`staticmoe` CLI: flags, their STATICMOE_* environment variables, model selection, the bench dispatch, and a
+server configured only through the environment."""
+
+import os
+import subprocess
+import sys
+import types
+
+import httpx
+import pytest
+
+pytest.register_assert_rewrite("tests.service_fixtures")
+from service import cli  # noqa: E402
+from tests.service_fixtures import REPO_ROOT, ServerProcess  # noqa: E402
+
+pytest_plugins = ["tests.service_fixtures"]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("STATICMOE_"):
+            monkeypatch.delenv(name)
+
+
+def parse(*argv):
+    return cli.build_parser().parse_args(["serve", *argv])
+
+
+def test_defaults_serve_tiny_on_loopback():
+    args = parse()
+    assert (args.host, args.port, args.api_key, args.max_queue) == ("127.0.0.1", 8000, None, 1024)
+    assert (args.dtype, args.device, args.enforce_eager, args.max_body_bytes) == ("auto", "auto", False, 1 << 20)
+    assert cli.resolve_model(args) == ("tiny", False, "tiny")
+    assert cli.expert_metrics_mode(args) == "auto"
+
+
+def test_every_serve_flag_names_its_environment_variable():
+    serve = cli.build_parser()._subparsers._group_actions[0].choices["serve"]
+    flags = [a for a in serve._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) >= 20
+    for action in flags:
+        long_flag = max(action.option_strings, key=len)
+        expected = "STATICMOE_" + long_flag[2:].replace("-", "_").upper()
+        assert f"[env {expected}]" in action.help, long_flag
+
+
+def test_environment_sets_defaults_and_the_command_line_wins(monkeypatch):
+    monkeypatch.setenv("STATICMOE_PORT", "9123")
+    monkeypatch.setenv("STATICMOE_API_KEY", "from-env")
+    monkeypatch.setenv("STATICMOE_MAX_QUEUE", "7")
+    monkeypatch.setenv("STATICMOE_ENFORCE_EAGER", "yes")
+    monkeypatch.setenv("STATICMOE_DTYPE", "float32")
+    monkeypatch.setenv("STATICMOE_PRESET", "olmoe-1b-7b")
+    monkeypatch.setenv("STATICMOE_RANDOM_WEIGHTS", "1")
+    args = parse("--port", "9999")
+    assert (args.port, args.api_key, args.max_queue, args.enforce_eager, args.dtype) == \
+        (9999, "from-env", 7, True, "float32")
+    assert cli.resolve_model(args) == ("olmoe-1b-7b", True, "olmoe-1b-7b")
+
+
+@pytest.mark.parametrize("name,value", [("STATICMOE_PORT", "eighty"), ("STATICMOE_MAX_QUEUE", "-1"),
+                                        ("STATICMOE_ENFORCE_EAGER", "maybe"), ("STATICMOE_MAX_NUM_SEQS", "0")])
+def test_bad_environment_values_are_refused(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_info:
+        parse()
+    assert name in str(exit_info.value)
+
+
+@pytest.mark.parametrize("argv", [["--port", "70000"], ["--max-queue", "-3"], ["--dtype", "int8"],
+                                  ["--max-body-bytes", "0"], ["--unknown-flag"]])
+def test_bad_flags_exit_with_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse(*argv)
+    assert exit_info.value.code == 2
+
+
+def test_model_selection_rules(tmp_path):
+    with pytest.raises(SystemExit, match="--random-weights"):
+        cli.resolve_model(parse("--preset", "mixtral-8x7b"))
+    with pytest.raises(SystemExit, match="not both"):
+        cli.resolve_model(parse("--preset", "tiny", "--model", str(tmp_path)))
+    with pytest.raises(SystemExit, match="not a directory"):
+        cli.resolve_model(parse("--model", str(tmp_path / "missing")))
+    assert cli.resolve_model(parse("--model", str(tmp_path))) == (str(tmp_path), False, str(tmp_path))
+    assert cli.resolve_model(parse("--preset", "tiny", "--served-model-name", "t")) == ("tiny", False, "t")
+    with pytest.raises(SystemExit, match="contradict"):
+        cli.expert_metrics_mode(parse("--expert-metrics", "--no-expert-metrics"))
+    assert cli.expert_metrics_mode(parse("--no-expert-metrics")) == "off"
+    assert cli.expert_metrics_mode(parse("--expert-metrics")) == "on"
+
+
+def test_bench_serve_hands_its_arguments_to_the_load_generator(monkeypatch):
+    calls = []
+    loadgen = types.ModuleType("service.loadgen")
+    loadgen.main = lambda argv: calls.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "service.loadgen", loadgen)
+    assert cli.main(["bench", "serve", "--concurrency", "8", "--url", "http://x"]) == 0
+    assert calls == [["--concurrency", "8", "--url", "http://x"]]
+
+
+def test_help_runs_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "service", "serve", "--help"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert "--max-body-bytes" in result.stdout and "STATICMOE_API_KEY" in result.stdout
+
+
+def test_start_up_log_names_model_device_and_kernel_path(served):
+    log = served.log_text()
+    assert "model tiny loaded" in log
+    assert "device=cpu" in log
+    assert "kernel path: pure-torch reference" in log
+
+
+def test_server_configured_only_through_the_environment():
+    server = ServerProcess(env={"STATICMOE_SERVED_MODEL_NAME": "my-moe", "STATICMOE_MAX_BODY_BYTES": "300",
+                                "STATICMOE_NO_EXPERT_METRICS": "1", "STATICMOE_API_KEY": "env-key",
+                                "STATICMOE_MAX_MODEL_LEN": "64"}, api_key="env-key")
+    try:
+        server.wait_healthy()
+        http = httpx.Client(base_url=server.base_url, headers=server.headers, timeout=30)
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["my-moe"]
+        assert http.get("/v1/models").json()["data"][0]["max_model_len"] == 64
+        assert httpx.get(server.base_url + "/v1/models").status_code == 401
+        ok = http.post("/v1/completions", json={"model": "my-moe", "prompt": "a", "max_tokens": 2})
+        assert ok.status_code == 200, ok.text
+        assert http.post("/v1/completions", json={"prompt": "a" * 400}).status_code == 413
+        metrics = httpx.get(server.base_url + "/metrics").text
+        assert "staticmoe_expert_tokens_total" not in metrics and "staticmoe_expert_idle" not in metrics
+        assert "staticmoe_moe_flops_total" in metrics
+    finally:
+        server.stop()

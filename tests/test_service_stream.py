@@ -1,0 +1,122 @@
+"""Streaming under load, clients that leave mid-request, and the SIGTERM drain, over real loopback HTTP."""
+
+import asyncio
+import json
+import signal
+import time
+
+import httpx
+import pytest
+
+pytest.register_assert_rewrite("tests.service_fixtures")
+from tests.service_fixtures import ServerProcess, metric, parse_metrics, wait_for  # noqa: E402
+
+pytest_plugins = ["tests.service_fixtures"]
+
+
+async def read_stream(http: httpx.AsyncClient, body: dict, path: str = "/v1/completions") -> dict:
+    """One SSE request: its events (parsed), raw lines, and when its first and last events arrived."""
+    events, started = [], time.monotonic()
+    first = last = None
+    async with http.stream("POST", path, json=body) as response:
+        assert response.status_code == 200, await response.aread()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        async for line in response.aiter_lines():
+            if not line:
+                continue
+            assert line.startswith("data: "), line
+            now = time.monotonic()
+            first = first or now
+            last = now
+            events.append(line[len("data: "):])
+    return {"events": events, "started": started, "first": first, "last": last}
+
+
+def test_64_concurrent_streams_all_complete_and_overlap(served):
+    max_tokens = 8
+
+    async def run():
+        limits = httpx.Limits(max_connections=80, max_keepalive_connections=80)
+        async with httpx.AsyncClient(base_url=served.base_url, headers=served.headers, timeout=120,
+                                     limits=limits) as http:
+            bodies = [{"prompt": f"stream {i}", "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+                       "temperature": 0, "stream_options": {"include_usage": True}} for i in range(64)]
+            return await asyncio.gather(*(read_stream(http, b) for b in bodies))
+
+    results = asyncio.run(run())
+    for i, result in enumerate(results):
+        assert result["events"][-1] == "[DONE]"
+        chunks = [json.loads(e) for e in result["events"][:-1]]
+        text_chunks = [c for c in chunks if c["choices"]]
+        assert text_chunks[-1]["choices"][0]["finish_reason"] == "length"
+        usage = chunks[-1]["usage"]
+        assert usage["completion_tokens"] == max_tokens
+        assert usage["prompt_tokens"] == len(f"stream {i}".encode())
+    # they ran together: every stream had started producing before the first one finished
+    first_finish = min(r["last"] for r in results)
+    assert sum(r["first"] < first_finish for r in results) >= 48
+    samples = parse_metrics(served.metrics_text())
+    assert metric(samples, "staticmoe_num_requests_running") == 0
+
+
+def test_client_disconnect_mid_stream_aborts_and_frees_kv_blocks(served):
+    before = parse_metrics(served.metrics_text())
+    long_body = {"prompt": "keep going", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=served.base_url, headers=served.headers, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json=long_body) as response:
+            lines = response.iter_lines()
+            received = [next(lines) for _ in range(6)]  # a few tokens in: blocks are allocated
+            assert any(line.startswith("data: {") for line in received)
+            mid = parse_metrics(served.metrics_text())
+            assert metric(mid, "staticmoe_kv_cache_usage_perc") > 0
+            assert metric(mid, "staticmoe_num_requests_running") == 1
+        # leaving the `with` closes the connection mid-stream
+
+    def freed():
+        now = parse_metrics(served.metrics_text())
+        aborted = metric(now, "staticmoe_request_success_total", finished_reason="abort") - \
+            metric(before, "staticmoe_request_success_total", finished_reason="abort")
+        return now if (aborted == 1 and metric(now, "staticmoe_kv_cache_usage_perc") == 0
+                       and metric(now, "staticmoe_num_requests_running") == 0) else None
+
+    after = wait_for(freed, timeout=15)
+    generated = metric(after, "staticmoe_generation_tokens_total") - metric(before, "staticmoe_generation_tokens_total")
+    assert 0 < generated < 400  # stopped early, not run to max_tokens
+
+
+def test_client_disconnect_during_non_streaming_request_aborts_it(served):
+    before = parse_metrics(served.metrics_text())
+    body = {"prompt": "slow", "max_tokens": 450, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(served.base_url + "/v1/completions", json=body, headers=served.headers, timeout=0.3)
+
+    def aborted():
+        now = parse_metrics(served.metrics_text())
+        return (metric(now, "staticmoe_request_success_total", finished_reason="abort")
+                - metric(before, "staticmoe_request_success_total", finished_reason="abort") == 1
+                and metric(now, "staticmoe_kv_cache_usage_perc") == 0)
+
+    wait_for(aborted, timeout=15)
+
+
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones():
+    server = ServerProcess(["--max-num-seqs", "4"]).wait_healthy()
+    try:
+        body = {"prompt": "drain", "max_tokens": 300, "ignore_eos": True, "stream": True}
+        with httpx.Client(base_url=server.base_url, timeout=60) as http:
+            with http.stream("POST", "/v1/completions", json=body) as response:
+                lines = response.iter_lines()
+                assert next(lines).startswith("data: {")
+                server.proc.send_signal(signal.SIGTERM)
+                refused = wait_for(lambda: (r := httpx.post(server.base_url + "/v1/completions",
+                                                            json={"prompt": "late", "max_tokens": 2})
+                                            ).status_code == 503 and r, timeout=10)
+                assert refused.json()["error"]["code"] == "shutting_down"
+                assert httpx.get(server.base_url + "/health").status_code == 503
+                rest = [line for line in lines if line]
+            assert rest[-1] == "data: [DONE]"
+            final = json.loads(rest[-2][len("data: "):])
+            assert final["choices"][0]["finish_reason"] == "length"
+        assert server.proc.wait(30) == 0  # exits on its own once drained
+    finally:
+        server.stop()
