@@ -92,11 +92,16 @@ def _token_ids(value) -> tuple[int, ...]:
     return tuple(values)
 
 
+# transformers' defaults for fields a config.json may leave out: (rms_norm_eps, rope_theta)
+_FAMILY_DEFAULTS = {"qwen3_moe": (1e-6, 10000.0), "qwen2_moe": (1e-6, 10000.0), "mixtral": (1e-5, 1000000.0),
+                    "olmoe": (1e-5, 10000.0)}
+
+
 def _rope(d: dict) -> tuple[float, float]:
     """(theta, linear factor) from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (older)."""
     params = d.get("rope_parameters") or {}
     scaling = d.get("rope_scaling") or {}
-    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    theta = params.get("rope_theta", d.get("rope_theta", _FAMILY_DEFAULTS[d["model_type"]][1]))
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if rope_type == "default":
         return float(theta), 1.0
@@ -128,7 +133,7 @@ def _common(d: dict, name: str) -> dict:
         num_kv_heads=d.get("num_key_value_heads") or heads,
         head_dim=d.get("head_dim") or hidden // heads,
         max_position_embeddings=_require(d, "max_position_embeddings"),
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=float(d.get("rms_norm_eps", _FAMILY_DEFAULTS[d["model_type"]][0])),
         rope_theta=theta,
         rope_linear_factor=linear_factor,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),

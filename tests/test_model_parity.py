@@ -90,3 +90,14 @@ def test_bfloat16_error_within_transformers_own_bf16_error(pair):
     actual = PagedRunner(ours).step({"s": PROMPT}, all_logits=True)["s"]
     assert actual.dtype == torch.float32 and next(ours.parameters()).dtype == torch.bfloat16
     assert_bf16_close(actual, hf_bf16, golden)
+
+
+def test_linear_rope_scaling_matches_hf(tmp_path):
+    hf = make_hf_model("qwen2_moe", seed=8, rope_parameters={"rope_type": "linear", "factor": 4.0,
+                                                            "rope_theta": 500.0})
+    ours, _ = load_model(str(save_checkpoint(hf, tmp_path)), dtype=torch.float32)
+    assert (ours.config.rope_theta, ours.config.rope_linear_factor) == (500.0, 4.0)
+    expected = hf_logits(hf, PROMPT)
+    assert relative_error(PagedRunner(ours).step({"s": PROMPT}, all_logits=True)["s"], expected) < 1e-4
+    no_scaling = make_hf_model("qwen2_moe", seed=8, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    assert relative_error(hf_logits(no_scaling, PROMPT), expected) > 1e-3  # the scaling really matters here
