@@ -122,7 +122,7 @@ def expected_experts_touched(load: list[int], top_k: int, batch: int) -> float:
 
 def decode_floor(engine, batch, context_len, bandwidth) -> dict:
     """Bytes one decode step of `batch` sequences at `context_len` must read, and that over the bandwidth."""
-    mc, model = engine.model_config, engine.model
+    model = engine.model
     elt = engine.dtype.itemsize
     loads = engine.moe_stats().window_expert_tokens
     experts = dense = 0

@@ -8,7 +8,6 @@ at once, so an abort frees its blocks immediately.
 import threading
 from dataclasses import dataclass
 
-import torch
 
 from model.engine.block_manager import BlockManager
 from model.engine.config import EngineConfig
