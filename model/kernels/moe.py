@@ -53,8 +53,12 @@ def check_moe_inputs(x, w13, w2, topk_weights, topk_ids, expert_load=None) -> No
         raise ValueError(f"hidden size H={H} and intermediate size I={inter} must be multiples of 8")
     devices = {t.device for t in tensors.values()}
     if expert_load is not None:
+        if not isinstance(expert_load, torch.Tensor):
+            raise TypeError(f"expert_load must be a torch.Tensor or None, got {type(expert_load).__name__}")
         if expert_load.dtype != torch.int64 or tuple(expert_load.shape) != (E,):
             raise ValueError(f"expert_load must be int64 [E={E}], got {expert_load.dtype} {tuple(expert_load.shape)}")
+        if not expert_load.is_contiguous():
+            raise ValueError("expert_load must be contiguous (the kernel adds counts through its data pointer)")
         devices.add(expert_load.device)
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
@@ -63,7 +67,7 @@ def check_moe_inputs(x, w13, w2, topk_weights, topk_ids, expert_load=None) -> No
             raise ValueError(f"{name} must be contiguous")
     # Range check of expert ids: on the CPU it is free; on the GPU it would need a sync, so the kernel
     # instead skips out-of-range ids (they contribute nothing) — checked here only off the hot path.
-    if topk_ids.device.type == "cpu" and topk_ids.numel():
+    if topk_ids.device.type == "cpu" and topk_ids.numel() and not torch.compiler.is_compiling():
         lo, hi = int(topk_ids.min()), int(topk_ids.max())
         if lo < 0 or hi >= E:
             raise ValueError(f"expert ids must be in [0, {E}), got values in [{lo}, {hi}]")
