@@ -180,8 +180,9 @@ def serve(args: argparse.Namespace) -> int:
                 random_weights, args.host, args.port, args.device, args.dtype)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=5)
-    DrainingServer(config, client, args.drain_timeout).run()
-    return 0
+    server = DrainingServer(config, client, args.drain_timeout)
+    server.run()
+    return server.exit_code
 
 
 def bench(args: argparse.Namespace) -> int:

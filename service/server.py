@@ -3,7 +3,8 @@
 Plain uvicorn closes the listening socket on SIGTERM, so new clients would see "connection refused" rather than a
 503 they can retry elsewhere; and it cancels streams after its graceful timeout. Here the first SIGTERM only flips
 the engine client into draining; the server exits once nothing is in flight (or after --drain-timeout). A second
-SIGTERM, or SIGINT (Ctrl+C), falls back to uvicorn's own quick shutdown.
+SIGTERM, or SIGINT (Ctrl+C), falls back to uvicorn's own quick shutdown. A model that fails to load ends the
+process with exit code 1 (the error is in the log) instead of a server that can only answer 503.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class DrainingServer(uvicorn.Server):
         self.engine_client = engine_client
         self.drain_timeout_s = drain_timeout_s
         self.drain_started: float | None = None
+        self.exit_code = 0
 
     def handle_exit(self, sig: int, frame) -> None:
         if sig == signal.SIGTERM and self.drain_started is None:
@@ -34,6 +36,10 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:
+        if self.engine_client.load_error is not None and not self.should_exit:
+            logger.error("the model failed to load (%s); exiting", self.engine_client.load_error)
+            self.exit_code = 1
+            self.should_exit = True
         if self.drain_started is not None and not self.should_exit:
             waited = time.monotonic() - self.drain_started
             if self.engine_client.is_drained():

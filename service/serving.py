@@ -29,14 +29,19 @@ class EventStreamResponse(StreamingResponse):
     media_type = "text/event-stream"
 
     async def __call__(self, scope, receive, send):
-        async with anyio.create_task_group() as tasks:
-            async def stream_then_stop():
-                await self.stream_response(send)
-                tasks.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tasks:
+                async def stream_then_stop():
+                    await self.stream_response(send)
+                    tasks.cancel_scope.cancel()
 
-            tasks.start_soon(stream_then_stop)
-            await self.listen_for_disconnect(receive)
-            tasks.cancel_scope.cancel()
+                tasks.start_soon(stream_then_stop)
+                await self.listen_for_disconnect(receive)
+                tasks.cancel_scope.cancel()
+        finally:
+            # cancelled while awaiting `send`, the generator sits at a yield: close it now, not at GC time
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
 
 
 def sse(payload: dict | str) -> str:

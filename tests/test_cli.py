@@ -132,3 +132,14 @@ def test_server_configured_only_through_the_environment():
         assert "staticmoe_moe_flops_total" in metrics
     finally:
         server.stop()
+
+
+def test_a_model_that_fails_to_load_ends_the_process_with_an_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "not-a-moe"}')
+    server = ServerProcess(["--model", str(tmp_path)])
+    try:
+        assert server.proc.wait(120) == 1
+        log = server.log_text()
+        assert "failed to load" in log and "not-a-moe" in log
+    finally:
+        server.stop()
