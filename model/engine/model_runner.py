@@ -7,6 +7,8 @@ thing at every replay (its expert routing can be subtracted from the load counte
 sequence's cache.
 """
 
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +19,8 @@ from model.engine.sampler import Sampler
 from model.engine.sampling_params import SamplingParams
 from model.engine.scheduler import SchedulerOutput
 from model.forward_batch import ForwardBatch
+
+logger = logging.getLogger(__name__)
 
 PAD_BLOCK = 0
 PAD_TOKEN = 0
@@ -67,6 +71,8 @@ class ModelRunner:
             raise ValueError(f"max_model_len={config.max_model_len} does not fit the KV cache "
                              f"({self.num_usable_blocks} blocks × {self.block_size} = {capacity} tokens)")
         self.max_model_len = min(max_len, capacity)
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB), max_model_len %d", self.num_usable_blocks,
+                    self.block_size, (self.num_usable_blocks + 1) * self.bytes_per_block / 2**30, self.max_model_len)
         self.max_blocks_per_seq = blocks_for(self.max_model_len, self.block_size)
         self.kv_cache = torch.zeros(model.kv_cache_shape(self.num_usable_blocks + 1, self.block_size),
                                     dtype=dtype, device=device)
@@ -249,14 +255,21 @@ class ModelRunner:
         keys = [(b, w) for b in sizes for w in widths
                 if b * w * self.block_size <= max(GRAPH_CONTEXT_TOKENS, self.block_size * w)]
         pool = torch.cuda.graph_pool_handle()
+        started = time.perf_counter()
         for b, w in sorted(keys, key=lambda k: k[0] * k[1], reverse=True):  # largest first: the pool fits the rest
             batch, int64_inputs, int32_inputs = self._static_pad_batch(b, w)
-            self.model(batch, self.kv_cache)  # warm-up outside the graph (lazy inits, autotuning)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self.model(batch, self.kv_cache)
+            try:
+                self.model(batch, self.kv_cache)  # warm-up outside the graph (lazy inits, autotuning)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self.model(batch, self.kv_cache)
+            except RuntimeError as err:
+                raise RuntimeError(f"CUDA graph capture of the decode step (batch {b}, {w} blocks) failed: {err}; "
+                                   "enforce_eager=True serves without graphs") from err
             self.graphs[(b, w)] = _Graph(graph, batch, logits, int64_inputs, int32_inputs)
         torch.cuda.synchronize(self.device)
+        logger.info("captured %d decode CUDA graphs (batch sizes %s, block-table widths %s) in %.1f s",
+                    len(self.graphs), sizes, widths, time.perf_counter() - started)
         self.graph_batch_sizes = sizes
         self.graph_widths = widths
 
