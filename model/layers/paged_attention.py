@@ -1,18 +1,29 @@
-"""Attention over a paged KV cache in pure torch (SDPA), on CPU and GPU.
+"""Attention over a paged KV cache, on CPU and GPU.
 
 A layer's cache is [2, num_blocks, block_size, Hkv, D]. `AttentionPlan` holds what every layer of one step shares
 (index tensors, masks), built once per step. Two paths:
-- decode rows (one new token per sequence): one batched SDPA call with fixed shapes and no host sync, so a decode
-  step is CUDA-graph capturable;
+- decode rows (one new token per sequence): fixed shapes and no host sync, so a decode step is CUDA-graph
+  capturable. On CUDA with Triton, one kernel reads the keys straight from the cache blocks; elsewhere (or with
+  STATICMOE_DECODE_ATTENTION=sdpa) the blocks are gathered into a dense copy for one batched SDPA call;
 - prefill chunks: one SDPA call per sequence, bounded by host-side lengths the scheduler already knows.
 """
 
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from model.forward_batch import ForwardBatch
+from model.layers import triton_decode_attention
+
+log = logging.getLogger(__name__)
+_TRITON = {"enabled": os.environ.get("STATICMOE_DECODE_ATTENTION", "triton") != "sdpa"}
+
+
+def triton_decode_enabled(device: torch.device) -> bool:
+    return device.type == "cuda" and _TRITON["enabled"] and triton_decode_attention.available()
 
 
 @dataclass
@@ -27,7 +38,22 @@ class PrefillChunk:
 class DecodeRows:
     rows: torch.Tensor | None  # [Bd] rows of the flat batch; None = every row, in sequence order
     block_tables: torch.Tensor  # [Bd, max_blocks] int64
-    mask: torch.Tensor  # [Bd, 1, 1, max_blocks * block_size] bool, the keys each query sees
+    context_lens: torch.Tensor  # [Bd]
+    num_keys: int  # max_blocks * block_size
+    sliding_window: int | None
+    mask: torch.Tensor | None = None  # [Bd, 1, 1, num_keys] bool for SDPA; built on first use, shared by layers
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        if triton_decode_enabled(q.device):
+            try:
+                return triton_decode_attention.paged_decode_attention(
+                    q, k_cache, v_cache, self.block_tables, self.context_lens, scale, self.sliding_window)
+            except Exception as err:  # a Triton build problem must not take the model down: use SDPA instead
+                _TRITON["enabled"] = False
+                log.warning("Triton decode attention failed (%r); using SDPA from now on", err)
+        if self.mask is None:
+            self.mask = _decode_mask(self.context_lens, self.num_keys, self.sliding_window)
+        return decode_attention(q, k_cache, v_cache, self.block_tables, self.mask, scale)
 
 
 def _decode_mask(context_lens: torch.Tensor, num_keys: int, sliding_window: int | None) -> torch.Tensor:
@@ -72,7 +98,7 @@ class AttentionPlan:
         tables = batch.block_tables.long()  # [B, max_blocks]
         num_keys = tables.shape[1] * block_size
         if batch.is_decode:
-            decode = DecodeRows(None, tables, _decode_mask(batch.context_lens, num_keys, sliding_window))
+            decode = DecodeRows(None, tables, batch.context_lens, num_keys, sliding_window)
             return AttentionPlan(write_slots, write_rows, decode, [])
 
         if len(batch.query_lens_host) != batch.num_seqs or len(batch.context_lens_host) != batch.num_seqs:
@@ -95,7 +121,7 @@ class AttentionPlan:
         if decode_rows:
             seqs = torch.tensor(decode_seqs, dtype=torch.int64, device=device)
             decode = DecodeRows(torch.tensor(decode_rows, dtype=torch.int64, device=device), tables[seqs],
-                                _decode_mask(batch.context_lens[seqs], num_keys, sliding_window))
+                                batch.context_lens[seqs], num_keys, sliding_window)
         return AttentionPlan(write_slots, write_rows, decode, prefill)
 
     def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -108,12 +134,10 @@ class AttentionPlan:
         """q [N, Hq, D] (this step's K/V already written) -> [N, Hq, D]."""
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         if self.decode is not None and self.decode.rows is None:
-            return decode_attention(q, k_cache, v_cache, self.decode.block_tables, self.decode.mask, scale)
+            return self.decode.attend(q, k_cache, v_cache, scale)
         out = torch.empty_like(q)
         if self.decode is not None:
-            rows = self.decode.rows
-            out[rows] = decode_attention(q[rows], k_cache, v_cache, self.decode.block_tables, self.decode.mask,
-                                         scale)
+            out[self.decode.rows] = self.decode.attend(q[self.decode.rows], k_cache, v_cache, scale)
         for chunk in self.prefill:
             out[chunk.rows] = prefill_attention(q[chunk.rows], k_cache, v_cache, chunk.blocks, chunk.context_len,
                                                 chunk.mask, scale)
