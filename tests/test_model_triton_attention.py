@@ -67,3 +67,32 @@ def test_compiled_kernel_matches_sdpa_on_gpu(dtype):
     namespace = {}
     exec(cases_script(dtype, "cuda").replace("print('ok')", ""), namespace)  # noqa: S102 (our own test code)
     torch.cuda.synchronize()
+
+
+def test_a_failing_kernel_falls_back_to_sdpa(monkeypatch, caplog):
+    """If the Triton kernel cannot be built on a machine, the step still runs (SDPA) and later steps skip Triton."""
+    from model.layers import paged_attention
+    from model.loader import load_model
+    from tests.model_fixtures import PagedRunner
+
+    model, _ = load_model("tiny", dtype=torch.float32)
+    runner = PagedRunner(model)
+    runner.step({"a": [1, 2, 3], "b": [4, 5]})
+    expected = PagedRunner.split(model(*runner.prepare({"a": [6], "b": [7]})[:1], runner.kv_cache.clone()),
+                                 {"a": [0], "b": [1]})
+    runner.seqs = {k: dict(v, len=v["len"] - 1) for k, v in runner.seqs.items()}
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setitem(paged_attention._TRITON, "enabled", True)
+    monkeypatch.setattr(paged_attention, "triton_decode_enabled", lambda device: paged_attention._TRITON["enabled"])
+    monkeypatch.setattr(paged_attention.triton_decode_attention, "paged_decode_attention", broken)
+    with caplog.at_level("WARNING"):
+        actual = runner.step({"a": [6], "b": [7]})
+    assert calls == [1] and not paged_attention._TRITON["enabled"]
+    assert "Triton decode attention failed" in caplog.text
+    for key in ("a", "b"):
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)

@@ -80,7 +80,7 @@ class MoeCausalLM(nn.Module):
 
     def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
         c = self.config
-        return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * torch.empty((), dtype=dtype).element_size()
+        return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * dtype.itemsize
 
     def moe_blocks(self) -> list[SparseMoeBlock]:
         return [m for m in self.modules() if isinstance(m, SparseMoeBlock)]
