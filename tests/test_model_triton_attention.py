@@ -14,11 +14,14 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = [  # (context lengths, block size, query heads, kv heads, head dim, sliding window)
-    ([1, 7, 33, 70, 16], 4, 8, 2, 16, None),
-    ([5, 64, 65, 130], 16, 4, 4, 64, None),
-    ([9, 40, 1, 77], 16, 16, 2, 32, 12),
-    ([3, 100], 8, 6, 3, 16, 5),
+CASES = [  # (context lengths, block size, query heads, kv heads, head dim, sliding window, key splits)
+    ([1, 7, 33, 70, 16], 4, 8, 2, 16, None, 1),
+    ([5, 64, 65, 130], 16, 4, 4, 64, None, 1),
+    ([9, 40, 1, 77], 16, 16, 2, 32, 12, 1),
+    ([3, 100], 8, 6, 3, 16, 5, 1),
+    ([1, 7, 33, 200, 16], 4, 8, 2, 16, None, 3),  # splits past a short sequence's keys see none
+    ([9, 140, 1, 77], 16, 16, 2, 32, 70, 4),  # window: the early splits see no key
+    ([300], 16, 8, 1, 64, None, 5),
 ]
 
 CHECK = """
@@ -26,7 +29,7 @@ import torch
 from model.layers.paged_attention import _decode_mask, decode_attention
 from model.layers.triton_decode_attention import paged_decode_attention
 
-def check(lens, page, heads, kv_heads, dim, window, dtype, device):
+def check(lens, page, heads, kv_heads, dim, window, dtype, device, splits=None):
     g = torch.Generator().manual_seed(sum(lens) + page)
     blocks_per_seq = [(n + page - 1) // page for n in lens]
     width = max(blocks_per_seq) + 2  # tables padded past the sequences' own blocks
@@ -42,14 +45,17 @@ def check(lens, page, heads, kv_heads, dim, window, dtype, device):
     tables = tables.to(device)
     scale = dim ** -0.5
     expected = decode_attention(q, k, v, tables, _decode_mask(lens_t, width * page, window), scale)
-    actual = paged_decode_attention(q, k, v, tables, lens_t, scale, window)
+    actual = paged_decode_attention(q, k, v, tables, lens_t, scale, window, splits)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
 """
 
 
 def cases_script(dtype: str, device: str) -> str:
-    return CHECK + "".join(f"check(*{case!r}, {dtype}, {device!r})\n" for case in CASES) + "print('ok')\n"
+    checks = [f"check(*{case[:-1]!r}, {dtype}, {device!r}, {case[-1]})\n" for case in CASES]
+    if device == "cuda":  # and the splits the kernel picks for a GPU
+        checks += [f"check(*{case[:-1]!r}, {dtype}, {device!r})\n" for case in CASES]
+    return CHECK + "".join(checks) + "print('ok')\n"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")

@@ -2,12 +2,16 @@
 
 The SDPA path first gathers every sequence's (padded) block table into a dense K/V copy, which at large batches
 moves several times the bytes of the KV cache itself; this kernel reads only the keys each query sees, once.
-One program per (sequence, KV head) holds the query heads of that group as the rows of a small matrix (padded to
-16 for `tl.dot`), loops over the keys in chunks of `BLOCK_N` with an online softmax, and writes [G, D].
+One program per (sequence, KV head, split of the keys) holds the query heads of that group as the rows of a small
+matrix (padded to 16 for `tl.dot`) and loops over its keys in chunks of `BLOCK_N` with an online softmax. With one
+split it writes [G, D] directly; small batches split the keys so the GPU fills, and a second kernel combines the
+splits' (max, sum, accumulator) triples.
 
 Used on CUDA when Triton is importable (`model.layers.paged_attention` falls back to SDPA otherwise, or if the
 kernel fails to build); with `TRITON_INTERPRET=1` it also runs on the CPU, which is how CI checks it.
 """
+
+import functools
 
 import torch
 
@@ -26,31 +30,36 @@ if triton is not None:
 
     @triton.jit
     def _paged_decode_kernel(
-        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr,
-        scale, window, table_stride, max_keys,
+        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
+        scale, window, table_stride, max_keys, split_len,
         NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+        SPLITS: tl.constexpr,
     ):
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
+        split = tl.program_id(2)
         context_len = tl.minimum(tl.load(lens_ptr + seq).to(tl.int32), max_keys)
         offs_g = tl.arange(0, GROUP_PAD)
         offs_d = tl.arange(0, HEAD_DIM)
         offs_n = tl.arange(0, BLOCK_N)
-        heads = kv_head * GROUP + offs_g  # query heads of this KV head
-        q_rows = seq.to(tl.int64) * (NUM_KV_HEADS * GROUP) + heads
-        q = tl.load(q_ptr + q_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=(offs_g < GROUP)[:, None], other=0.0)
+        q_rows = seq.to(tl.int64) * (NUM_KV_HEADS * GROUP) + kv_head * GROUP + offs_g  # this KV head's query heads
+        real_rows = (offs_g < GROUP)[:, None]
+        q = tl.load(q_ptr + q_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=real_rows, other=0.0)
 
+        # This program's keys: [lo, hi) = the visible keys (window) within its split.
+        lo = split * split_len
+        if USE_WINDOW:
+            lo = tl.maximum(lo, context_len - window)
+        hi = tl.minimum(context_len, (split + 1) * split_len)
+        first = (lo // BLOCK_N) * BLOCK_N
+        end = tl.where(lo < hi, hi, first)  # nothing visible: an empty loop, not a chunk of -inf scores
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        start = 0
-        if USE_WINDOW:
-            start = tl.maximum(context_len - window, 0)
-        first = (start // BLOCK_N) * BLOCK_N
-        for key0 in range(first, context_len, BLOCK_N):
+        for key0 in range(first, end, BLOCK_N):
             pos = key0 + offs_n  # [BLOCK_N] key positions
-            visible = (pos < context_len) & (pos >= start)
+            visible = (pos >= lo) & (pos < hi)
             block = tl.load(tables_ptr + seq.to(tl.int64) * table_stride + pos // PAGE, mask=visible, other=0)
             slot = block.to(tl.int64) * PAGE + pos % PAGE
             kv_offs = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + offs_d[None, :]
@@ -70,9 +79,47 @@ if triton is not None:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a padding row (no keys) yields zeros, not NaN
-        tl.store(out_ptr + q_rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=(offs_g < GROUP)[:, None])
+        if SPLITS == 1:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a padding row (no keys) yields zeros, not NaN
+            tl.store(out_ptr + q_rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=real_rows)
+        else:  # partial results [B * Hq, SPLITS(, D)], combined by _combine_splits_kernel
+            part = q_rows * SPLITS + split
+            tl.store(part_max_ptr + part, m_i, mask=offs_g < GROUP)
+            tl.store(part_sum_ptr + part, l_i, mask=offs_g < GROUP)
+            tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=real_rows)
+
+    @triton.jit
+    def _combine_splits_kernel(part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr,
+                               SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)  # one (sequence, query head)
+        offs_s = tl.arange(0, SPLITS_PAD)
+        offs_d = tl.arange(0, HEAD_DIM)
+        real = offs_s < SPLITS
+        m = tl.load(part_max_ptr + row * SPLITS + offs_s, mask=real, other=float("-inf"))  # [S]
+        total_max = tl.max(m, 0)
+        weight = tl.where(m > float("-inf"), tl.exp(m - total_max), 0.0)  # splits that saw no key weigh 0
+        denom = tl.sum(weight * tl.load(part_sum_ptr + row * SPLITS + offs_s, mask=real, other=0.0), 0)
+        acc = tl.load(part_acc_ptr + (row * SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                      mask=real[:, None], other=0.0)  # [S, D]
+        out = tl.sum(acc * weight[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+        tl.store(out_ptr + row * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_splits(num_seqs: int, num_kv_heads: int, max_keys: int, device: torch.device, block_n: int) -> int:
+    """Split each sequence's keys over several programs when (sequence, KV head) pairs alone cannot fill the GPU
+    (small batches): about two programs per SM, each with at least one chunk of keys. Depends only on shapes, so a
+    captured CUDA graph keeps it."""
+    if device.type != "cuda":
+        return 1
+    programs = num_seqs * num_kv_heads
+    wanted = -(-2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device()) // programs)
+    return max(1, min(wanted, -(-max_keys // block_n), 64))
 
 
 def paged_decode_attention(
@@ -83,6 +130,7 @@ def paged_decode_attention(
     context_lens: torch.Tensor,  # [B] int
     scale: float,
     sliding_window: int | None,
+    splits: int | None = None,  # None: choose_splits
 ) -> torch.Tensor:
     num_seqs, num_heads, head_dim = q.shape
     num_blocks, page, num_kv_heads, _ = k_cache.shape
@@ -92,11 +140,24 @@ def paged_decode_attention(
     q = q.contiguous()
     out = torch.empty_like(q)
     block_n = 64 if head_dim <= 128 else 32
-    _paged_decode_kernel[(num_seqs, num_kv_heads)](
-        q, k_cache, v_cache, block_tables, context_lens, out,
-        scale, sliding_window or 0, block_tables.stride(0), block_tables.shape[1] * page,
+    max_keys = block_tables.shape[1] * page
+    splits = splits or choose_splits(num_seqs, num_kv_heads, max_keys, q.device, block_n)
+    split_len = -(-max_keys // (splits * block_n)) * block_n  # a whole number of key chunks
+    if splits > 1:
+        part_max = torch.empty(num_seqs * num_heads, splits, dtype=torch.float32, device=q.device)
+        part_sum = torch.empty_like(part_max)
+        part_acc = torch.empty(num_seqs * num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
+    else:
+        part_max = part_sum = part_acc = out  # unused
+    _paged_decode_kernel[(num_seqs, num_kv_heads, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, part_max, part_sum, part_acc,
+        scale, sliding_window or 0, block_tables.stride(0), max_keys, split_len,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, PAGE=page, BLOCK_N=block_n, USE_WINDOW=sliding_window is not None,
-        IEEE=q.dtype == torch.float32, num_warps=4,
+        IEEE=q.dtype == torch.float32, SPLITS=splits, num_warps=4,
     )
+    if splits > 1:
+        _combine_splits_kernel[(num_seqs * num_heads,)](
+            part_max, part_sum, part_acc, out, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
+            HEAD_DIM=head_dim)
     return out
