@@ -60,13 +60,13 @@ cudaError_t launch(const CUtensorMap& map, const GemmArgs<T>& args, int device, 
       if (err != cudaSuccess) return err;
       int sms = 0, per_sm = 0;
       if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
-      if ((err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlockM * 2, kSmem)) != cudaSuccess)
+      if ((err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, gemm_threads<kBlockM>(), kSmem)) != cudaSuccess)
         return err;
       grid_per_device[device] = sms * (per_sm > 0 ? per_sm : 1);
     }
     grid = grid_per_device[device];
   }
-  kernel<<<grid, kBlockM * 2, kSmem, stream>>>(map, args);
+  kernel<<<grid, gemm_threads<kBlockM>(), kSmem, stream>>>(map, args);
   return cudaGetLastError();
 }
 

@@ -1,10 +1,15 @@
-// The two grouped GEMMs of the MoE layer for sm_90a. One persistent launch per GEMM: each CTA walks virtual tiles
-// v = blockIdx.x, blockIdx.x + gridDim.x, ... and decodes them through the task map into (expert, M tile, N tile).
-//   A (activations): rows gathered through the plan's sorted row index with 16-byte cp.async, written into shared
-//                    memory in the 128-byte swizzle that wgmma reads (TMA cannot gather rows);
-//   B (weights):     TMA tile loads (SWIZZLE_128B) completing on an mbarrier per stage;
-//   math:            wgmma m64nBNk16 (BN = 128 or 256), fp32 accumulators, one warpgroup per 64 rows of the tile;
-//   pipeline:        kStages shared-memory stages, loads kStages-2 k-steps ahead, one wgmma group in flight.
+// The two grouped GEMMs of the MoE layer for sm_90a. One persistent, warp-specialised launch per GEMM: each CTA
+// walks virtual tiles v = blockIdx.x, blockIdx.x + gridDim.x, ... and decodes them through the task map into
+// (expert, M tile, N tile).
+//   warpgroup 0 (producer, registers given away with setmaxnreg):
+//     A (activations): rows gathered through the plan's sorted row index with 16-byte cp.async, written into shared
+//                      memory in the 128-byte swizzle that wgmma reads (TMA cannot gather rows on sm_90);
+//     B (weights):     TMA tile loads (SWIZZLE_128B);
+//     both complete on the stage's `full` mbarrier (cp.async.mbarrier.arrive.noinc + transaction bytes).
+//   warpgroups 1.. (math, one per 64 rows of the tile): wgmma m64nBNk16 (BN = 128 or 256), fp32 accumulators, one
+//     wgmma group in flight; each stage is handed back through its `empty` mbarrier as soon as its wgmmas retire.
+//   The producer runs up to kStages k-steps ahead across tile boundaries, so the next tile's loads overlap this
+//   tile's last k-steps and its epilogue.
 // GEMM1 (kGateUp): B tile = BN/2 gate rows + the matching BN/2 up rows of w13[e], so each thread holds gate and up of
 //                  the same output column and the epilogue writes SiLU(gate)·up to the expert-sorted intermediate.
 // GEMM2:           epilogue scales by the routing weight and writes bf16 rows to slot_out[token*k + slot].
@@ -41,8 +46,38 @@ struct GemmSmem {
   static constexpr int kABytes = kBlockM * 128;
   static constexpr int kBBytes = kBlockN * 128;
   static constexpr int kStageBytes = kABytes + kBBytes;
-  static constexpr int kBytes = kStages * kStageBytes + kStages * 8 + 1024;  // + barriers + alignment slack
+  static constexpr int kBytes = kStages * kStageBytes + 2 * kStages * 8 + 1024;  // + barriers + alignment slack
 };
+
+constexpr int kProducerThreads = 128;  // one warpgroup: setmaxnreg works per warpgroup
+template <int kBlockM>
+constexpr int gemm_threads() { return kProducerThreads + 2 * kBlockM; }  // + one math warpgroup per 64 rows
+constexpr int kProducerRegs = 56;   // pointers of the gathered rows and loop state
+constexpr int kConsumerRegs = 224;  // 128 fp32 accumulators (BN = 256) + epilogue; 128*56 + 256*224 <= 64K
+constexpr int kGroupM = 16;         // M tiles per raster group: a wave of CTAs shares ~16 A panels and ~8 B panels
+
+// One tile of work, decoded the same way by the producer and every math warp.
+struct TileWork {
+  int32_t expert, rows, m0, row_base, n_tile;
+};
+
+// v / n_tiles is an M tile of the map, the remainder an N tile. Within an expert, tiles are rastered in groups of
+// kGroupM M tiles with M fastest: CTAs resident at the same time then share a few weight panels and a few
+// activation panels in L2 instead of streaming all of the expert's rows once per N tile.
+template <int kBlockM, typename T>
+__device__ __forceinline__ TileWork decode_tile(const GemmArgs<T>& args, int32_t v, int32_t num_slots,
+                                                int32_t& chunk_hint) {
+  const TileCoord tc = task_map_decode_warp(args.map, v / args.n_tiles, num_slots, chunk_hint);
+  const int32_t rows = args.expert_counts[tc.task];
+  const int32_t m_tiles = (rows + kBlockM - 1) / kBlockM;
+  const int32_t local = tc.tile * args.n_tiles + v % args.n_tiles;  // 0 .. m_tiles * n_tiles - 1
+  const int32_t group = local / (kGroupM * args.n_tiles);
+  const int32_t first_m = group * kGroupM;
+  const int32_t group_m = min(kGroupM, m_tiles - first_m);
+  const int32_t in_group = local - group * kGroupM * args.n_tiles;
+  const int32_t m0 = (first_m + in_group % group_m) * kBlockM;
+  return {tc.task, rows, m0, args.expert_offsets[tc.task] + m0, in_group / group_m};
+}
 
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_tile(float (&acc)[N / 2], uint64_t da, uint64_t db, int scale_d) {
@@ -71,137 +106,148 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 __device__ __forceinline__ float silu(float g) { return g / (1.f + __expf(-g)); }
 
 template <typename T, int kBlockM, int kBlockN, int kStages, bool kGateUp>
-__global__ void __launch_bounds__(kBlockM * 2, 1)
-    moe_gemm_sm90_kernel(const __grid_constant__ CUtensorMap weights, const GemmArgs<T> args) {
+__device__ __forceinline__ void produce(const CUtensorMap& weights, const GemmArgs<T>& args, uint8_t* smem,
+                                        uint64_t* full, uint64_t* empty, int32_t total, int32_t num_slots) {
   using Smem = GemmSmem<kBlockM, kBlockN, kStages>;
-  constexpr int kThreads = kBlockM * 2;
-  constexpr int kRowsPerThread = 4;  // kBlockM rows x 8 pieces / kThreads
-  static_assert(kBlockM * 8 == kThreads * kRowsPerThread);
-  extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  auto* full = reinterpret_cast<uint64_t*>(smem + kStages * Smem::kStageBytes);
-  auto a_stage = [&](int s) { return smem + s * Smem::kStageBytes; };
-  auto b_stage = [&](int s) { return smem + s * Smem::kStageBytes + Smem::kABytes; };
-
-  const int tid = threadIdx.x, warpgroup = tid / 128, lane = tid & 31, warp_in_group = (tid / 32) & 3;
-  if (tid == 0) {
-    sm90::prefetch_tensor_map(&weights);
-    for (int s = 0; s < kStages; ++s) sm90::mbarrier_init(&full[s], 1);
-    sm90::fence_barrier_init();
-  }
-  __syncthreads();
-
-  const int32_t num_slots = *args.map.num_slots;
-  const int32_t total = task_map_total_tiles(args.map.tile_prefix, num_slots) * args.n_tiles;
+  constexpr int kRowsPerThread = kBlockM * 8 / kProducerThreads;  // 16-byte pieces: 8 per 128-byte row
+  const int tid = threadIdx.x, piece = tid & 7;
   const int32_t k_iters = (args.k + kBlockK - 1) / kBlockK;
-  const int piece = tid & 7;  // this thread's 16-byte piece of every row it loads
   int32_t chunk_hint = 0;
-  uint32_t g = 0;  // k-steps issued by this CTA so far: stage = g % kStages, barrier parity = (g / kStages) & 1
-
+  uint32_t g = 0;  // k-steps loaded so far: stage g % kStages, pass g / kStages
   for (int32_t v = blockIdx.x; v < total; v += gridDim.x) {
-    // ---- decode: v / n_tiles is an M tile of the map; the remainder picks the N tile ------------------------
-    const TileCoord tc = task_map_decode_warp(args.map, v / args.n_tiles, num_slots, chunk_hint);
-    const int32_t expert = tc.task;
-    const int32_t rows = args.expert_counts[expert];
-    const int32_t m_tiles = (rows + kBlockM - 1) / kBlockM;
-    // The expert's tiles are numbered local = 0 .. m_tiles*n_tiles-1; M runs fastest so that CTAs running at the
-    // same time share one weight tile through L2.
-    const int32_t local = tc.tile * args.n_tiles + v % args.n_tiles;
-    const int32_t m_tile = local % m_tiles;
-    const int32_t n_tile = local / m_tiles;
-    const int32_t m0 = m_tile * kBlockM;
-    const int32_t row_base = args.expert_offsets[expert] + m0;
-
+    const TileWork w = decode_tile<kBlockM>(args, v, num_slots, chunk_hint);
     const T* src[kRowsPerThread];
-    bool row_ok[kRowsPerThread];
+    uint32_t row_ok = 0;
 #pragma unroll
     for (int i = 0; i < kRowsPerThread; ++i) {
-      const int r = tid / 8 + i * (kThreads / 8);
-      row_ok[i] = m0 + r < rows;
+      const int r = tid / 8 + i * (kProducerThreads / 8);
       int64_t src_row = 0;
-      if (row_ok[i]) src_row = kGateUp ? args.sorted_rows[row_base + r] / args.top_k : row_base + r;
+      if (w.m0 + r < w.rows) {
+        row_ok |= 1u << i;
+        src_row = kGateUp ? args.sorted_rows[w.row_base + r] / args.top_k : w.row_base + r;
+      }
       src[i] = args.a + src_row * args.k;
     }
-    auto load = [&](uint32_t step, int32_t kt) {
-      const int s = step % kStages;
+    for (int32_t kt = 0; kt < k_iters; ++kt, ++g) {
+      const int s = g % kStages;
+      sm90::mbarrier_wait(&empty[s], ((g / kStages) & 1) ^ 1);  // a fresh barrier counts as released
+      uint8_t* a_tile = smem + s * Smem::kStageBytes;
+      uint8_t* b_tile = a_tile + Smem::kABytes;
       const int32_t k0 = kt * kBlockK;
       const bool k_ok = k0 + piece * 8 < args.k;
 #pragma unroll
       for (int i = 0; i < kRowsPerThread; ++i) {
-        const int r = tid / 8 + i * (kThreads / 8);
-        const bool ok = row_ok[i] && k_ok;
-        sm90::cp_async_16(a_stage(s) + sm90::swizzle128_offset(r, piece), ok ? src[i] + k0 + piece * 8 : args.a, ok);
+        const int r = tid / 8 + i * (kProducerThreads / 8);
+        const bool ok = k_ok && (row_ok >> i & 1);
+        sm90::cp_async_16(a_tile + sm90::swizzle128_offset(r, piece), ok ? src[i] + k0 + piece * 8 : args.a, ok);
       }
       if (tid == 0) {
         sm90::mbarrier_arrive_expect_tx(&full[s], Smem::kBBytes);
         if constexpr (kGateUp) {
-          const int n0 = n_tile * (kBlockN / 2);
-          sm90::tma_load_3d(b_stage(s), &weights, &full[s], k0, n0, 2 * expert);
-          sm90::tma_load_3d(b_stage(s) + (kBlockN / 2) * 128, &weights, &full[s], k0, n0, 2 * expert + 1);
+          const int n0 = w.n_tile * (kBlockN / 2);
+          sm90::tma_load_3d(b_tile, &weights, &full[s], k0, n0, 2 * w.expert);
+          sm90::tma_load_3d(b_tile + (kBlockN / 2) * 128, &weights, &full[s], k0, n0, 2 * w.expert + 1);
         } else {
-          sm90::tma_load_3d(b_stage(s), &weights, &full[s], k0, n_tile * kBlockN, expert);
+          sm90::tma_load_3d(b_tile, &weights, &full[s], k0, w.n_tile * kBlockN, w.expert);
         }
       }
-    };
-
-    // ---- main loop -----------------------------------------------------------------------------------------
-    float acc[kBlockN / 2];
-#pragma unroll
-    for (int s = 0; s < kStages - 2; ++s) {
-      if (s < k_iters) load(g + s, s);
-      sm90::cp_async_commit();
+      sm90::cp_async_mbarrier_arrive_noinc(&full[s]);
     }
-    for (int32_t kt = 0; kt < k_iters; ++kt) {
-      const uint32_t step = g + kt;
-      const int s = step % kStages;
-      sm90::cp_async_wait<kStages - 3>();
-      sm90::fence_proxy_async_smem();
-      sm90::mbarrier_wait(&full[s], (step / kStages) & 1);
-      __syncthreads();  // A pieces of all threads landed; every warpgroup finished the wgmma of step-2
-      if (kt + kStages - 2 < k_iters) load(step + kStages - 2, kt + kStages - 2);
-      sm90::cp_async_commit();
-      const uint64_t da = sm90::smem_desc_k128_swizzle(a_stage(s) + warpgroup * 64 * 128);
-      const uint64_t db = sm90::smem_desc_k128_swizzle(b_stage(s));
+  }
+  sm90::cp_async_wait<0>();  // keep the CTA (and its shared memory) alive until every gather has landed
+}
+
+template <typename T, int kBlockM, int kBlockN, int kStages, bool kGateUp>
+__device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, uint64_t* full, uint64_t* empty,
+                                        int32_t total, int32_t num_slots) {
+  using Smem = GemmSmem<kBlockM, kBlockN, kStages>;
+  const int tid = threadIdx.x - kProducerThreads, warpgroup = tid / 128, lane = tid & 31, warp = (tid / 32) & 3;
+  const int32_t k_iters = (args.k + kBlockK - 1) / kBlockK;
+  int32_t chunk_hint = 0;
+  uint32_t g = 0;  // k-steps consumed so far, in step with the producer
+  auto release = [&](uint32_t step) {  // the wgmmas reading this stage have retired in this warp
+    if (lane == 0) sm90::mbarrier_arrive(&empty[step % kStages]);
+  };
+  for (int32_t v = blockIdx.x; v < total; v += gridDim.x) {
+    const TileWork w = decode_tile<kBlockM>(args, v, num_slots, chunk_hint);
+    float acc[kBlockN / 2];
+    for (int32_t kt = 0; kt < k_iters; ++kt, ++g) {
+      const int s = g % kStages;
+      sm90::mbarrier_wait(&full[s], (g / kStages) & 1);
+      sm90::fence_proxy_async_smem();  // the gathered A rows were written by cp.async (generic proxy)
+      uint8_t* a_tile = smem + s * Smem::kStageBytes;
+      const uint64_t da = sm90::smem_desc_k128_swizzle(a_tile + warpgroup * 64 * 128);
+      const uint64_t db = sm90::smem_desc_k128_swizzle(a_tile + Smem::kABytes);
       sm90::wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kBlockK / 16; ++kk) wgmma_tile<T, kBlockN>(acc, da + 2 * kk, db + 2 * kk, kt > 0 || kk > 0);
       sm90::wgmma_commit();
       sm90::wgmma_wait<1>();
+      if (kt > 0) release(g - 1);
     }
     sm90::wgmma_wait<0>();
     sm90::fence_accumulators(acc);
-    g += k_iters;
+    release(g - 1);
 
-    // ---- epilogue: registers -> global ------------------------------------------------------------------------
-    const int r_lo = warpgroup * 64 + warp_in_group * 16 + lane / 4;
+    // ---- epilogue: registers -> global, while the producer already loads the next tile ----------------------
+    const int r_lo = warpgroup * 64 + warp * 16 + lane / 4;
     const int col_in = 2 * (lane & 3);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int r = r_lo + half * 8;
-      if (m0 + r >= rows) continue;
+      if (w.m0 + r >= w.rows) continue;
       if constexpr (kGateUp) {
-        T* dst = args.out + int64_t(row_base + r) * args.n_out;
+        T* dst = args.out + int64_t(w.row_base + r) * args.n_out;
         constexpr int kUp = kBlockN / 16;  // accumulator column groups of 8: gate in [0, kUp), up in [kUp, 2 kUp)
 #pragma unroll
         for (int j = 0; j < kUp; ++j) {
-          const int col = n_tile * (kBlockN / 2) + 8 * j + col_in;
+          const int col = w.n_tile * (kBlockN / 2) + 8 * j + col_in;
           const float h0 = silu(acc[j * 4 + half * 2]) * acc[(j + kUp) * 4 + half * 2];
           const float h1 = silu(acc[j * 4 + half * 2 + 1]) * acc[(j + kUp) * 4 + half * 2 + 1];
           if (col < args.n_out) *reinterpret_cast<uint32_t*>(dst + col) = pack2<T>(h0, h1);
         }
       } else {
-        const int32_t flat = args.sorted_rows[row_base + r];
-        const float w = args.topk_weights[flat];
+        const int32_t flat = args.sorted_rows[w.row_base + r];
+        const float wt = args.topk_weights[flat];
         T* dst = args.out + int64_t(flat) * args.n_out;
 #pragma unroll
         for (int j = 0; j < kBlockN / 8; ++j) {
-          const int col = n_tile * kBlockN + 8 * j + col_in;
+          const int col = w.n_tile * kBlockN + 8 * j + col_in;
           if (col < args.n_out)
-            *reinterpret_cast<uint32_t*>(dst + col) = pack2<T>(acc[j * 4 + half * 2] * w, acc[j * 4 + half * 2 + 1] * w);
+            *reinterpret_cast<uint32_t*>(dst + col) =
+                pack2<T>(acc[j * 4 + half * 2] * wt, acc[j * 4 + half * 2 + 1] * wt);
         }
       }
     }
-    __syncthreads();  // the next tile's first loads overwrite stages this tile's wgmmas may still be reading
+  }
+}
+
+template <typename T, int kBlockM, int kBlockN, int kStages, bool kGateUp>
+__global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
+    moe_gemm_sm90_kernel(const __grid_constant__ CUtensorMap weights, const GemmArgs<T> args) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  auto* full = reinterpret_cast<uint64_t*>(smem + kStages * GemmSmem<kBlockM, kBlockN, kStages>::kStageBytes);
+  uint64_t* empty = full + kStages;
+  if (threadIdx.x == 0) {
+    sm90::prefetch_tensor_map(&weights);
+    for (int s = 0; s < kStages; ++s) {
+      sm90::mbarrier_init(&full[s], kProducerThreads + 1);  // one cp.async arrival per producer thread + the TMA's
+      sm90::mbarrier_init(&empty[s], (kBlockM / 64) * 4);   // one arrival per math warp
+    }
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();
+  const int32_t num_slots = *args.map.num_slots;
+  const int32_t total = task_map_total_tiles(args.map.tile_prefix, num_slots) * args.n_tiles;
+  // Only the 384-thread kernel is register-limited (168 a thread at launch); the 256-thread one already has 224.
+  constexpr bool kRebalance = gemm_threads<kBlockM>() * kConsumerRegs > 65536;
+  if (threadIdx.x < kProducerThreads) {
+    if constexpr (kRebalance) sm90::setmaxnreg_dec<kProducerRegs>();
+    produce<T, kBlockM, kBlockN, kStages, kGateUp>(weights, args, smem, full, empty, total, num_slots);
+  } else {
+    if constexpr (kRebalance) sm90::setmaxnreg_inc<kConsumerRegs>();
+    consume<T, kBlockM, kBlockN, kStages, kGateUp>(args, smem, full, empty, total, num_slots);
   }
 }
 
