@@ -1,0 +1,219 @@
+"""`staticmoe bench serve` (service/loadgen*.py) against a real loopback server running the tiny model on CPU.
+
+The shared `served` server (tests/service_fixtures.py) requires API key `test-key`; its /metrics counters give an
+independent count of the tokens the load generator says it received.
+"""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from service import loadgen
+from service.loadgen_client import LevelRun, RequestResult
+from service.loadgen_dataset import load_sharegpt, random_token_prompts
+from service.loadgen_report import distribution_ms, percentile, summarize
+from tests.service_fixtures import API_KEY, REPO_ROOT, free_port, metric, parse_metrics, served  # noqa: F401
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+LEVEL_KEYS = {"max_concurrency", "request_rate", "num_requests_sent", "completed", "failed", "not_sent", "errors",
+              "output_len_mismatches", "prompt_len_mismatches", "duration_s", "total_input_tokens",
+              "total_output_tokens", "request_throughput", "output_throughput", "total_token_throughput",
+              "ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"}
+
+
+def run_cli(tmp_path, base_url, *extra, name="run"):
+    rc = loadgen.main(["--base-url", base_url, "--model", "tiny", "--result-dir", str(tmp_path),
+                       "--result-name", name, *extra])
+    return rc, json.loads((tmp_path / f"{name}.json").read_text())
+
+
+# ---- numbers ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("data", [[3.0], [5.0, 1.0], [0.5, 9.0, 2.0, 2.0, 7.5], list(np.random.default_rng(0).
+                                                                                     exponential(3.0, 101))])
+def test_percentile_matches_numpy(data):
+    for q in (0, 1, 25, 33.3, 50, 90, 99, 100):
+        assert percentile(list(data), q) == pytest.approx(float(np.percentile(data, q)), rel=1e-12, abs=1e-12)
+
+
+def test_percentile_rejects_empty_and_out_of_range():
+    with pytest.raises(ValueError, match="empty"):
+        percentile([], 50)
+    with pytest.raises(ValueError, match=r"\[0, 100\]"):
+        percentile([1.0], 101)
+
+
+def test_distribution_in_milliseconds():
+    d = distribution_ms([0.001 * v for v in range(1, 101)])  # 1..100 ms
+    assert d["mean"] == pytest.approx(50.5)
+    assert d["p50"] == pytest.approx(50.5)
+    assert d["p90"] == pytest.approx(90.1)
+    assert d["p99"] == pytest.approx(99.01)
+    assert distribution_ms([]) == {"mean": None, "p50": None, "p90": None, "p99": None}
+
+
+def test_summary_of_known_requests():
+    # request A: ttft 0.1 s, e2e 1.1 s, 11 tokens -> TPOT 0.1 s; request B: ttft 0.3, e2e 0.5, 5 tokens -> 0.05 s
+    a = RequestResult(True, 10, 10, 11, output_tokens=11, ttft_s=0.1, latency_s=1.1, itl_s=[0.2, 0.4])
+    b = RequestResult(True, 20, 20, 5, output_tokens=5, ttft_s=0.3, latency_s=0.5, itl_s=[0.1])
+    one_token = RequestResult(True, 5, 5, 1, output_tokens=1, ttft_s=0.2, latency_s=0.2)
+    bad = RequestResult(False, 7, 7, 4, error="HTTP 401: nope")
+    s = summarize(LevelRun(4, math.inf, [a, b, one_token, bad], not_sent=2, duration_s=2.0))
+    assert set(s) == LEVEL_KEYS
+    assert (s["completed"], s["failed"], s["not_sent"], s["num_requests_sent"]) == (3, 1, 2, 4)
+    assert s["errors"] == {"HTTP 401: nope": 1}
+    assert s["total_input_tokens"] == 35 and s["total_output_tokens"] == 17
+    assert s["request_throughput"] == pytest.approx(1.5)
+    assert s["output_throughput"] == pytest.approx(8.5)
+    assert s["total_token_throughput"] == pytest.approx(26.0)
+    assert s["tpot_ms"]["mean"] == pytest.approx(75.0)  # one-token requests have no TPOT
+    assert s["ttft_ms"]["mean"] == pytest.approx(200.0)
+    assert s["itl_ms"]["mean"] == pytest.approx(700.0 / 3)  # pooled gaps
+    assert s["e2el_ms"]["p50"] == pytest.approx(500.0)
+    assert s["request_rate"] is None
+    assert s["output_len_mismatches"] == 0
+
+
+def test_random_prompts_are_token_exact_and_seeded():
+    specs = random_token_prompts(5, 37, 9, vocab_size=100, seed=3)
+    assert all(len(s.prompt) == 37 == s.prompt_len and s.output_len == 9 for s in specs)
+    assert all(0 <= t < 100 for s in specs for t in s.prompt)
+    assert specs == random_token_prompts(5, 37, 9, vocab_size=100, seed=3)
+    assert specs != random_token_prompts(5, 37, 9, vocab_size=100, seed=4)
+
+
+def sharegpt_file(tmp_path):
+    convs = [
+        {"conversations": [{"from": "human", "value": "Tell me about tensor cores."},
+                           {"from": "gpt", "value": "They multiply."}]},
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "too short prompt"}]},
+        {"conversations": [{"from": "human", "value": "Only one turn here"}]},
+        {"conversations": [{"from": "human", "value": "What is a mixture of experts?"},
+                           {"from": "gpt", "value": "Many MLPs, a router picks a few."}]},
+    ]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(convs))
+    return path, convs
+
+
+def test_sharegpt_first_exchanges_filtered_and_counted(tmp_path):
+    from model.byte_tokenizer import ByteTokenizer
+
+    path, convs = sharegpt_file(tmp_path)
+    specs = load_sharegpt(path, 10, ByteTokenizer())
+    usable = {convs[0]["conversations"][0]["value"]: convs[0]["conversations"][1]["value"],
+              convs[3]["conversations"][0]["value"]: convs[3]["conversations"][1]["value"]}
+    assert {s.prompt for s in specs} == set(usable)
+    for s in specs:  # the byte tokenizer: one token per UTF-8 byte
+        assert s.prompt_len == len(s.prompt.encode()) and s.output_len == len(usable[s.prompt].encode())
+    with pytest.raises(ValueError, match="not valid JSON"):
+        bad = tmp_path / "bad.json"
+        bad.write_text("{")
+        load_sharegpt(bad, 1, ByteTokenizer())
+
+
+# ---- against a real server -------------------------------------------------------------------------------------
+def test_sweep_counts_tokens_and_writes_json_and_plots(served, tmp_path):  # noqa: F811
+    before = parse_metrics(served.metrics_text())
+    rc, report = run_cli(tmp_path, served.base_url, "--api-key", API_KEY, "--input-len", "24", "--output-len", "8",
+                         "--sweep-concurrency", "1,4", "--num-prompts", "6", "--num-warmups", "1", name="sweep")
+    after = parse_metrics(served.metrics_text())
+    assert rc == 0
+    assert {"benchmark", "date", "base_url", "model", "dataset", "input_len", "output_len", "levels"} <= set(report)
+    assert [lv["max_concurrency"] for lv in report["levels"]] == [1, 4]
+    for lv in report["levels"]:
+        assert set(lv) == LEVEL_KEYS
+        assert (lv["completed"], lv["failed"], lv["not_sent"]) == (6, 0, 0)
+        assert lv["total_output_tokens"] == 6 * 8 and lv["output_len_mismatches"] == 0
+        assert lv["total_input_tokens"] == 6 * 24 and lv["prompt_len_mismatches"] == 0
+        for m in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+            d = lv[m]
+            assert 0 < d["p50"] <= d["p90"] <= d["p99"], (m, d)
+        assert lv["ttft_ms"]["p50"] <= lv["e2el_ms"]["p50"]
+        assert lv["output_throughput"] == pytest.approx(lv["total_output_tokens"] / lv["duration_s"])
+    # the server counted the same tokens: 2 levels x 6 requests x 8, plus the warm-up request's 8
+    served_tokens = metric(after, "staticmoe_generation_tokens_total") - metric(before, "staticmoe_generation_tokens_total")
+    assert served_tokens == 2 * 6 * 8 + 8
+    for png in ("sweep_throughput.png", "sweep_latency.png"):
+        data = (tmp_path / png).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+
+
+def test_time_limit_stops_new_requests(served, tmp_path):  # noqa: F811
+    rc, report = run_cli(tmp_path, served.base_url, "--api-key", API_KEY, "--input-len", "8", "--output-len", "8",
+                         "--max-concurrency", "1", "--num-prompts", "200", "--time-limit-s", "0.5")
+    lv = report["levels"][0]
+    assert rc == 0 and lv["failed"] == 0
+    assert lv["completed"] >= 1 and lv["not_sent"] >= 1
+    assert lv["completed"] + lv["not_sent"] == 200
+
+
+def test_poisson_arrivals_spread_requests_out(served, tmp_path):  # noqa: F811
+    # 4 arrivals at 2/s: three exponential gaps of mean 0.5 s (P(sum < 0.3 s) ~ 2%; seeded, so fixed)
+    rc, report = run_cli(tmp_path, served.base_url, "--api-key", API_KEY, "--input-len", "8", "--output-len", "4",
+                         "--request-rate", "2", "--num-prompts", "4")
+    lv = report["levels"][0]
+    assert rc == 0 and lv["completed"] == 4 and lv["request_rate"] == 2.0
+    assert lv["duration_s"] > 0.3
+
+
+def test_sharegpt_against_the_server(served, tmp_path):  # noqa: F811
+    path, _ = sharegpt_file(tmp_path)
+    rc, report = run_cli(tmp_path, served.base_url, "--api-key", API_KEY, "--dataset", "sharegpt",
+                         "--dataset-path", str(path), "--num-prompts", "2", "--max-concurrency", "2")
+    lv = report["levels"][0]
+    assert rc == 0 and lv["completed"] == 2
+    assert lv["prompt_len_mismatches"] == 0 and lv["output_len_mismatches"] == 0  # server's usage = our counts
+
+
+def test_wrong_api_key_is_counted_as_failed_requests(served, tmp_path, capsys):  # noqa: F811
+    rc, report = run_cli(tmp_path, served.base_url, "--api-key", "wrong", "--input-len", "8", "--output-len", "4",
+                         "--max-concurrency", "2", "--num-prompts", "3")
+    lv = report["levels"][0]
+    assert rc == 1
+    assert (lv["completed"], lv["failed"]) == (0, 3)
+    [(message, count)] = lv["errors"].items()
+    assert count == 3 and message.startswith("HTTP 401")
+    assert "3 failed: HTTP 401" in capsys.readouterr().err
+
+
+def test_unreachable_server_is_counted_as_failed_requests(tmp_path):
+    rc, report = run_cli(tmp_path, f"http://127.0.0.1:{free_port()}", "--input-len", "8", "--output-len", "4",
+                         "--max-concurrency", "2", "--num-prompts", "3")
+    lv = report["levels"][0]
+    assert rc == 1 and (lv["completed"], lv["failed"]) == (0, 3)
+    assert all(m.startswith("cannot connect") for m in lv["errors"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "--base-url"),
+    (["--base-url", "localhost:8000"], "must look like http://HOST:PORT"),
+    (["--base-url", "http://x", "--max-concurrency", "0"], "must be >= 1"),
+    (["--base-url", "http://x", "--sweep-concurrency", "1,x"], "comma list of integers"),
+    (["--base-url", "http://x", "--sweep-concurrency", "1,4", "--max-concurrency", "2"], "not both"),
+    (["--base-url", "http://x", "--dataset", "sharegpt"], "needs --dataset-path"),
+    (["--base-url", "http://x", "--dataset", "sharegpt", "--dataset-path", "/nonexistent.json", "--tokenizer",
+      "tiny"], "is not a file"),
+    (["--base-url", "http://x"], "need a vocabulary"),
+    (["--base-url", "http://x", "--request-rate", "-1", "--model", "tiny"], "must be > 0"),
+])
+def test_bad_arguments_give_a_clear_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        loadgen.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_model_vocabulary_is_a_clear_error(tmp_path, capsys):
+    assert loadgen.main(["--base-url", "http://127.0.0.1:1", "--model", "no-such-model"]) == 2
+    assert "give --vocab-size or --tokenizer" in capsys.readouterr().err
+
+
+def test_console_entry_point_reaches_the_load_generator():
+    result = subprocess.run([sys.executable, "-m", "service", "bench", "serve", "--sweep-concurrency", "0"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "staticmoe bench serve" in result.stderr and "positive integers" in result.stderr
