@@ -103,3 +103,19 @@ class SafetensorsCheckpoint:
                     except Exception as err:
                         raise CheckpointError(f"cannot read {key!r} from {path}: {err}") from err
                     yield key, tensor
+
+    def read_slices(self, requests: list[tuple[str, tuple[slice, ...]]]):
+        """Yield (position in `requests`, tensor) for each (key, slices), reading only those slices (safetensors
+        get_slice) and opening each file once: a rank of a parallel model reads its part of a tensor, never all."""
+        by_file: dict[Path, list[int]] = {}
+        for position, (key, _) in enumerate(requests):
+            by_file.setdefault(self.tensors[key].file, []).append(position)
+        for path, positions in by_file.items():
+            with _open(path) as f:
+                for position in positions:
+                    key, index = requests[position]
+                    try:
+                        tensor: torch.Tensor = f.get_slice(key)[index] if index else f.get_tensor(key)
+                    except Exception as err:
+                        raise CheckpointError(f"cannot read {key!r}{list(index)} from {path}: {err}") from err
+                    yield position, tensor

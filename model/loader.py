@@ -107,6 +107,20 @@ def load_model(
     `qwen2-moe-a2.7b`). Presets other than `tiny` have no weights, so they need `random_weights=True`; `tiny` is
     always random (seeded). A directory with `random_weights=True` takes only its config (and tokenizer, if any)."""
     dtype = resolve_dtype(dtype, device)
+    config, tokenizer, directory, random_weights = resolve_source(source, random_weights)
+    model = build_model(config, dtype, device)
+    if random_weights:
+        init_random_weights(model, seed)
+    else:
+        ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        load_weights(model, SafetensorsCheckpoint(directory), model.checkpoint_renames, ignorable)
+    return model, tokenizer
+
+
+def resolve_source(source: str, random_weights: bool) -> tuple[ModelConfig, Tokenizer, Path, bool]:
+    """(config, tokenizer, directory, random_weights) of a `load_model` source, checked, before any weight exists
+    (also used by model/parallel, which builds a rank's shard instead of the whole model). Presets always come
+    back with random_weights=True."""
     directory = Path(source)
     if source in PRESETS and not directory.is_dir():
         if source != TINY and not random_weights:
@@ -126,10 +140,4 @@ def load_model(
     else:
         raise FileNotFoundError(f"{source!r} is neither a checkpoint directory nor a preset "
                                 f"({', '.join(PRESETS)})")
-    model = build_model(config, dtype, device)
-    if random_weights:
-        init_random_weights(model, seed)
-    else:
-        ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
-        load_weights(model, SafetensorsCheckpoint(directory), model.checkpoint_renames, ignorable)
-    return model, tokenizer
+    return config, tokenizer, directory, random_weights

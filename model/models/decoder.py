@@ -65,14 +65,20 @@ class MoeCausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
         """kv_cache [num_layers, 2, num_blocks, block_size, Hkv, D] -> logits [S, vocab] float32."""
+        return F.linear(self.hidden_states(batch, kv_cache), self.head_weight()).float()  # [S, V]
+
+    def hidden_states(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
+        """The final-normed hidden states [S, H] of the rows `batch.logits_indices` selects (a tensor-parallel
+        model, model/parallel, applies its own vocabulary-split head to them)."""
         plan = AttentionPlan.build(batch, block_size=kv_cache.shape[3], sliding_window=self.config.sliding_window)
         h = self.model.embed_tokens(batch.input_ids)  # [N, H]
         rotary = self.model.rotary_emb(batch.positions, h.dtype)  # cos, sin [N, 1, D]
         for layer_idx, layer in enumerate(self.model.layers):
             h = layer(h, rotary, plan, kv_cache[layer_idx])
-        h = self.model.norm(h[batch.logits_indices])  # [S, H]; the norm is per row, so only wanted rows
-        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, head).float()  # [S, V]
+        return self.model.norm(h[batch.logits_indices])  # [S, H]; the norm is per row, so only wanted rows
+
+    def head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight  # [V, H]
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         c = self.config

@@ -1,0 +1,66 @@
+"""The MoE block of a parallel model: replicated router, the static-batching op on the rank's own experts, one
+all-reduce to combine.
+
+Dispatch is free: after attention's all-reduce every rank holds every token, and the router (a tiny [E, H] matrix,
+replicated) routes them identically on all ranks, since all-reduce hands every rank the same bits. Each rank runs
+`fused_moe` over all tokens with its own experts (and its columns of each expert when experts are also split); slots
+routed to other ranks are skipped. The partial outputs of all ranks (plus the shared expert's, which is
+column/row-split over all ranks) are summed by one all-reduce. docs/parallel.md compares this with all-to-all.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from model.kernels import fused_moe, softmax_topk, uses_cuda_kernel
+from model.layers.moe import Experts, SparseMoeBlock
+from model.parallel.comm import Comm
+
+
+def local_routing(topk_weights: torch.Tensor, topk_ids: torch.Tensor, start: int, count: int,
+                  kernel_skips_foreign: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing restricted to experts [start, start + count), renumbered from 0, with no host sync.
+
+    Our CUDA kernel ignores ids outside [0, E) (no rows planned, nothing combined, not counted), so foreign slots
+    become -1. The pure-torch reference (CPU, or a GPU without the extension) rejects such ids, so there foreign
+    slots go to local expert 0 with weight 0: exact (0 * finite = 0), at the cost of computing those rows."""
+    local = topk_ids - start  # [T, k] int32
+    foreign = (local < 0) | (local >= count)
+    if kernel_skips_foreign:
+        return topk_weights, local.masked_fill(foreign, -1)
+    return topk_weights.masked_fill(foreign, 0.0), local.masked_fill(foreign, 0)
+
+
+class ExpertParallelMoeBlock(SparseMoeBlock):
+    """A `SparseMoeBlock` (same attributes, so metrics and hooks work) holding experts [start, stop) and columns
+    [c0, c1) of each expert's intermediate dimension. `expert_load` stays [E]: the replicated routing is counted
+    whole on the ranks that count (rank 0), so per-expert metrics cover every expert."""
+
+    def __init__(self, block: SparseMoeBlock, experts: tuple[int, int], columns: tuple[int, int],
+                 shared_expert: torch.nn.Module | None, comm: Comm):
+        super().__init__(block.layer_idx, block.hidden_size, block.num_experts, block.top_k, block.intermediate_size,
+                         block.renormalize)
+        self.expert_start, self.num_local_experts = experts[0], experts[1] - experts[0]
+        self.experts = Experts(self.num_local_experts, block.hidden_size, columns[1] - columns[0])
+        if shared_expert is not None:
+            self.shared_expert = shared_expert  # its down projection must not reduce: summed with ours below
+            self.shared_expert_gate = block.shared_expert_gate
+        self.comm = comm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, H]
+        router_logits = self.gate(x)  # [N, E]
+        topk_weights, topk_ids = softmax_topk(router_logits, self.top_k, self.renormalize)  # [N, k] f32, i32
+        if self.count_expert_load:
+            flat = topk_ids.reshape(-1).long()
+            self.expert_load.index_add_(0, flat, torch.ones_like(flat))
+        if self.num_local_experts != self.num_experts:
+            topk_weights, topk_ids = local_routing(topk_weights, topk_ids, self.expert_start,
+                                                   self.num_local_experts, uses_cuda_kernel(x))
+        out = fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, topk_weights, topk_ids)  # [N, H]
+        if self.shared_expert is not None:
+            out = out + F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)  # gate replicated: linear
+        return self.comm.all_reduce(out)
+
+    def extra_repr(self) -> str:
+        stop = self.expert_start + self.num_local_experts
+        return (f"{super().extra_repr()}, local experts [{self.expert_start}, {stop}), "
+                f"I per rank={self.experts.down_proj.shape[2]}")
