@@ -22,11 +22,12 @@ class EagerGraph:
         self.logits.copy_(self.model(self.batch, self.kv_cache))
 
 
-def test_padded_static_decode_batches_match_solo_and_padding_is_not_counted(solo):
-    engine = LLMEngine(EngineConfig(model="tiny", max_num_seqs=8, max_num_batched_tokens=64, moe_timing_every=1000))
+def engine_with_eager_graphs(**overrides):
+    """A tiny CPU engine whose decode steps replay EagerGraph stand-ins of every (batch, width) the GPU captures."""
+    config = dict(model="tiny", max_num_seqs=8, max_num_batched_tokens=64, moe_timing_every=1000)
+    engine = LLMEngine(EngineConfig(**{**config, **overrides}))
     runner = engine.runner
-    sizes, widths = graph_batch_sizes(8), graph_widths(runner.max_blocks_per_seq)
-    assert sizes == [1, 2, 4, 8] and widths[0] == 8 and widths[-1] == runner.max_blocks_per_seq
+    sizes, widths = graph_batch_sizes(engine.config.max_num_seqs), graph_widths(runner.max_blocks_per_seq)
     for b in sizes:
         for w in widths:
             batch, int64_inputs, int32_inputs = runner._static_pad_batch(b, w)
@@ -34,6 +35,13 @@ def test_padded_static_decode_batches_match_solo_and_padding_is_not_counted(solo
             runner.graphs[(b, w)] = _Graph(EagerGraph(engine.model, batch, runner.kv_cache, logits), batch, logits,
                                            int64_inputs, int32_inputs)
     runner.graph_batch_sizes, runner.graph_widths = sizes, widths
+    return engine, sizes, widths
+
+
+def test_padded_static_decode_batches_match_solo_and_padding_is_not_counted(solo):
+    engine, sizes, widths = engine_with_eager_graphs()
+    runner = engine.runner
+    assert sizes == [1, 2, 4, 8] and widths[0] == 8 and widths[-1] == runner.max_blocks_per_seq
     replays, replay = [], runner._replay
     runner._replay = lambda g, out: replays.append((g.batch.num_seqs, len(out.scheduled))) or replay(g, out)
     prompts = random_prompts(7, seed=14, lengths=(3, 30, 150, 9, 64, 17, 1))
@@ -45,6 +53,44 @@ def test_padded_static_decode_batches_match_solo_and_padding_is_not_counted(solo
     snap = engine.moe_stats()
     fed = sum(len(p) + params.max_tokens - 1 for p, params in requests.values())
     assert all(sum(layer) == fed * engine.model_config.top_k for layer in snap.expert_tokens_total)
+
+
+def expected_static_inputs(out, b: int, w: int, block_size: int) -> tuple[list[int], list[int]]:
+    """The two input buffers of a decode replay, built from the sequences' Python block tables (padding rows: token
+    0 at position 0, slot -1, context 1, block table of pad block 0)."""
+    ids, pos, slots, ctx, tables = [], [], [], [], []
+    for s in out.scheduled:
+        seq = s.seq
+        p = seq.num_tokens - 1
+        ids.append(seq.token_ids[p]), pos.append(p), ctx.append(p + 1)
+        slots.append(seq.block_table[p // block_size] * block_size + p % block_size)
+        tables += seq.block_table + [0] * (w - len(seq.block_table))
+    pad = b - len(ids)
+    return ids + [0] * pad + pos + [0] * pad + slots + [-1] * pad, ctx + [1] * pad + tables + [0] * (w * pad)
+
+
+def test_replay_inputs_equal_those_built_from_block_tables():
+    """The staging buffers are reused and the block tables come from the block manager's rows: every replay's
+    device inputs must still equal what the sequences' own lists say, including rows that were real in a
+    larger batch before and are padding now, and rows of finished sequences reused by new ones."""
+    engine, _, _ = engine_with_eager_graphs(max_num_seqs=4, block_size=4)
+    runner, checked = engine.runner, []
+    replay = runner._replay
+
+    def replay_and_check(g, out):
+        logits = replay(g, out)
+        b, w = g.batch.block_tables.shape
+        int64_expected, int32_expected = expected_static_inputs(out, b, w, runner.block_size)
+        assert g.int64_inputs.tolist() == int64_expected
+        assert g.int32_inputs.tolist() == int32_expected
+        checked.append((b, len(out.scheduled)))
+        return logits
+
+    runner._replay = replay_and_check
+    prompts = random_prompts(9, seed=3, lengths=(3, 13, 6, 1, 22, 9))
+    requests = {f"q{i}": (p, SamplingParams(max_tokens=3 + 5 * (i % 4), **GREEDY)) for i, p in enumerate(prompts)}
+    run(engine, requests, arrivals={0: ["q0", "q1", "q2", "q3"], 4: ["q4", "q5"], 9: ["q6", "q7", "q8"]})
+    assert any(real < b for b, real in checked) and len({real for _, real in checked}) >= 3, checked
 
 
 # ---- GPU --------------------------------------------------------------------------------------------------------

@@ -61,6 +61,11 @@ def drive(sched: Scheduler, seqs: list[Sequence], arrivals: dict[int, list[Seque
         assert all(s.seq.status == SequenceStatus.RUNNING for s in out.scheduled)
         used = sum(len(s.block_table) for s in sched.running)
         assert used == bm.num_blocks - bm.num_free_blocks, "blocks leaked or double counted"
+        assert out.num_tokens == sum(s.num_new_tokens for s in out.scheduled)
+        assert out.is_decode == all(s.num_new_tokens == 1 and s.samples for s in out.scheduled)
+        arrival = [s.arrival_index for s in sched.running]
+        assert arrival == sorted(arrival), "running must stay in arrival order (decodes are scheduled oldest first)"
+        assert_tables_mirror_block_tables(bm, sched.running, sched.waiting)
         got = sched.update_after_step(out, model.run(out))
         for seq in got:
             if seq.num_output_tokens >= seq.params.max_tokens:
@@ -68,6 +73,37 @@ def drive(sched: Scheduler, seqs: list[Sequence], arrivals: dict[int, list[Seque
     else:
         raise AssertionError("did not finish")
     return history
+
+
+def assert_tables_mirror_block_tables(bm: BlockManager, holding, not_holding=()) -> None:
+    """Each sequence holding blocks owns a distinct row of bm.tables equal to its block table, zero after it."""
+    rows = [seq.block_row for seq in holding if seq.block_table]
+    assert len(set(rows)) == len(rows) and all(r >= 0 for r in rows), rows
+    for seq in holding:
+        if not seq.block_table:
+            assert seq.block_row == -1
+            continue
+        row = bm.tables[seq.block_row].tolist()
+        assert row[: len(seq.block_table)] == seq.block_table and not any(row[len(seq.block_table) :]), seq
+    assert all(seq.block_row == -1 and not seq.block_table for seq in not_holding)
+
+
+def test_block_tables_mirror_grows_and_reuses_rows():
+    bm = BlockManager(num_blocks=64, block_size=2, first_block=1, max_seqs=1, max_blocks_per_seq=1)
+    seqs = [make_seq(i, n) for i, n in enumerate([5, 1, 9])]
+    for seq in seqs:
+        bm.allocate(seq, seq.num_tokens)
+    assert bm.tables.shape[0] >= 3 and bm.tables.shape[1] >= 5, "rows and columns grow on demand"
+    assert_tables_mirror_block_tables(bm, seqs)
+    bm.allocate(seqs[1], 4)  # one more block appended to an existing row
+    assert_tables_mirror_block_tables(bm, seqs)
+    freed_row = seqs[0].block_row
+    bm.free(seqs[0])
+    assert not bm.tables[freed_row].any(), "a freed row is zeroed"
+    newcomer = make_seq(3, 2)
+    bm.allocate(newcomer, 2)
+    assert newcomer.block_row == freed_row
+    assert_tables_mirror_block_tables(bm, [newcomer, *seqs[1:]], [seqs[0]])
 
 
 def expected_tokens(seq: Sequence) -> list[int]:

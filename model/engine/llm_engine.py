@@ -61,7 +61,10 @@ class LLMEngine:
 
         self.runner = ModelRunner(model, config, self.device, self.dtype)
         self.max_model_len = self.runner.max_model_len
-        self.block_manager = BlockManager(self.runner.num_usable_blocks, config.block_size, first_block=PAD_BLOCK + 1)
+        self.block_manager = BlockManager(self.runner.num_usable_blocks, config.block_size, first_block=PAD_BLOCK + 1,
+                                          max_seqs=config.max_num_seqs,
+                                          max_blocks_per_seq=self.runner.max_blocks_per_seq)
+        self.runner.block_manager = self.block_manager
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(self.device, seed=config.seed)
         self.moe = MoeStatsCollector(model.moe_blocks(), self.device, config.expert_metrics, config.moe_timing_every)

@@ -11,9 +11,10 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from model.engine.block_manager import blocks_for
+from model.engine.block_manager import BlockManager, blocks_for
 from model.engine.config import EngineConfig
 from model.engine.sampler import Sampler
 from model.engine.sampling_params import SamplingParams
@@ -45,6 +46,30 @@ class _Graph:
     logits: torch.Tensor  # [b, V] static output
     int64_inputs: torch.Tensor  # [3b]: input_ids, positions, slot_mapping (the batch's tensors are views)
     int32_inputs: torch.Tensor  # [b + b*w]: context_lens, block_tables
+    staging: "_Staging | None" = None  # host side of the two input buffers, made at the first replay
+
+
+class _Staging:
+    """Pinned host copies of a graph's two input buffers, with numpy views of their fields. Rows at or past the
+    real batch hold the padding values; `set_padding` restores them only where the last replay had real rows."""
+
+    def __init__(self, g: _Graph, pin: bool):
+        b, w = g.batch.block_tables.shape
+        self.width = w
+        self.host_int64 = g.int64_inputs.cpu().pin_memory() if pin else g.int64_inputs.clone()  # padding values
+        self.host_int32 = g.int32_inputs.cpu().pin_memory() if pin else g.int32_inputs.clone()
+        int64_values, int32_values = self.host_int64.numpy(), self.host_int32.numpy()
+        self.ids, self.pos, self.slots = int64_values[:b], int64_values[b : 2 * b], int64_values[2 * b :]
+        self.ctx, self.tables = int32_values[:b], int32_values[b:].reshape(b, w)
+        self.row_index = np.arange(b)
+        self.num_real = 0  # real rows written by the last replay
+        self.copied = torch.cuda.Event() if pin else None  # recorded after each copy out of these buffers
+
+    def set_padding(self, n: int) -> None:
+        if n < self.num_real:
+            self.ids[n : self.num_real], self.pos[n : self.num_real], self.slots[n : self.num_real] = PAD_TOKEN, 0, -1
+            self.ctx[n : self.num_real], self.tables[n : self.num_real] = 1, PAD_BLOCK
+        self.num_real = n
 
 
 def _host(values, dtype, pin: bool) -> torch.Tensor:
@@ -77,6 +102,7 @@ class ModelRunner:
         self.kv_cache = torch.zeros(model.kv_cache_shape(self.num_usable_blocks + 1, self.block_size),
                                     dtype=dtype, device=device)
         self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.block_manager: BlockManager | None = None  # set by the engine; decode replays read its tables
         self.graph_batch_sizes: list[int] = []
         self.graph_widths: list[int] = []
 
@@ -197,25 +223,28 @@ class ModelRunner:
         return key if key in self.graphs else None
 
     def _replay(self, g: _Graph, out: SchedulerOutput) -> torch.Tensor:
-        """Write the step's inputs into the graph's two static buffers (two host->device copies) and replay."""
-        b, w = g.batch.block_tables.shape
+        """Fill the graph's pinned host staging buffers in place (block tables: one gather of the block manager's
+        rows), copy each to its static device buffer with one copy, replay."""
+        if g.staging is None:
+            g.staging = _Staging(g, self.pin)
+        st = g.staging
+        if st.copied is not None:
+            st.copied.synchronize()  # the last copy out of the staging buffers is done (it always is after a sync)
         n = len(out.scheduled)
         bs = self.block_size
-        ids, pos, slots, ctx, tables = [], [], [], [], []
-        for s in out.scheduled:
-            seq = s.seq
-            p = seq.num_tokens - 1
-            ids.append(seq.token_ids[p])
-            pos.append(p)
-            slots.append(seq.block_table[p // bs] * bs + p % bs)
-            ctx.append(p + 1)
-            tables += seq.block_table
-            tables += [PAD_BLOCK] * (w - len(seq.block_table))
-        pad = b - n
-        int64_values = ids + [PAD_TOKEN] * pad + pos + [0] * pad + slots + [-1] * pad
-        int32_values = ctx + [1] * pad + tables + [PAD_BLOCK] * (w * pad)
-        g.int64_inputs.copy_(_host(int64_values, torch.int64, self.pin), non_blocking=True)
-        g.int32_inputs.copy_(_host(int32_values, torch.int32, self.pin), non_blocking=True)
+        seqs = [s.seq for s in out.scheduled]
+        pos = st.pos[:n]
+        st.ids[:n] = [seq.token_ids[-1] for seq in seqs]
+        pos[:] = [len(seq.token_ids) - 1 for seq in seqs]
+        rows = self.block_manager.tables[[seq.block_row for seq in seqs], : st.width]  # [n, w], 0 past the end
+        st.tables[:n] = rows
+        st.slots[:n] = rows[st.row_index[:n], pos // bs] * bs + pos % bs
+        st.ctx[:n] = pos + 1
+        st.set_padding(n)
+        g.int64_inputs.copy_(st.host_int64, non_blocking=True)
+        g.int32_inputs.copy_(st.host_int32, non_blocking=True)
+        if st.copied is not None:
+            st.copied.record()
         g.graph.replay()
         return g.logits[:n]
 

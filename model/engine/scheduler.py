@@ -19,7 +19,11 @@ from model.engine.block_manager import BlockManager
 from model.engine.sequence import Sequence, SequenceStatus
 
 
-@dataclass
+def _arrival(seq: Sequence) -> int:
+    return seq.arrival_index
+
+
+@dataclass(slots=True)
 class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int  # tokens fed this step, starting at seq.num_computed_tokens
@@ -28,16 +32,20 @@ class ScheduledSequence:
 
 @dataclass
 class SchedulerOutput:
-    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    scheduled: list[ScheduledSequence] = field(default_factory=list)  # append through add()
     preempted: list[Sequence] = field(default_factory=list)
+    num_tokens: int = 0  # new tokens of the step
+    num_non_decode: int = 0  # scheduled entries that are not one sampled token
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+    def add(self, entry: ScheduledSequence) -> None:
+        self.scheduled.append(entry)
+        self.num_tokens += entry.num_new_tokens
+        if entry.num_new_tokens != 1 or not entry.samples:
+            self.num_non_decode += 1
 
     @property
     def is_decode(self) -> bool:
-        return bool(self.scheduled) and all(s.num_new_tokens == 1 and s.samples for s in self.scheduled)
+        return bool(self.scheduled) and self.num_non_decode == 0
 
     @property
     def is_empty(self) -> bool:
@@ -52,7 +60,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.watermark_blocks = int(watermark * block_manager.num_blocks)
         self.waiting: deque[Sequence] = deque()  # ordered by arrival_index
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # ordered by arrival_index
         self.num_preemptions_total = 0
 
     # ---- membership -------------------------------------------------------------------------------------------
@@ -85,8 +93,7 @@ class Scheduler:
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
 
     def _insert_waiting(self, seq: Sequence) -> None:
-        keys = [s.arrival_index for s in self.waiting]
-        self.waiting.insert(bisect.bisect(keys, seq.arrival_index), seq)
+        self.waiting.insert(bisect.bisect(self.waiting, seq.arrival_index, key=_arrival), seq)
 
     # ---- one step ---------------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -95,21 +102,25 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         bm = self.block_manager
 
-        # 1. decodes, oldest first
-        for seq in sorted(self.running, key=lambda s: s.arrival_index):
+        # 1. decodes, oldest first (`running` is kept in arrival order; iterate a copy: preemption edits it)
+        # This loop runs for every sequence at every decode step, so `is_decoding` and `blocks_needed` are inlined.
+        running, block_size = list(self.running), bm.block_size
+        for seq in running:
             if budget == 0:
                 break
-            if seq.status != SequenceStatus.RUNNING or not seq.is_decoding:
+            num_tokens = len(seq.token_ids)
+            if seq.status is not SequenceStatus.RUNNING or seq.num_computed_tokens != num_tokens - 1:
                 continue
-            if not self._make_room(seq, bm.blocks_needed(seq, seq.num_tokens), scheduled_ids, out):
-                continue  # the requester itself was preempted
-            bm.allocate(seq, seq.num_tokens)
-            out.scheduled.append(ScheduledSequence(seq, 1, True))
+            if num_tokens > len(seq.block_table) * block_size:  # a new block, once per block_size tokens
+                if not self._make_room(seq, bm.blocks_needed(seq, num_tokens), scheduled_ids, out):
+                    continue  # the requester itself was preempted
+                bm.allocate(seq, num_tokens)
+            out.add(ScheduledSequence(seq, 1, True))
             scheduled_ids.add(id(seq))
             budget -= 1
 
-        # 2. running sequences in the middle of their prefill
-        for seq in sorted(self.running, key=lambda s: s.arrival_index):
+        # 2. running sequences in the middle of their prefill (none left when every running one was scheduled)
+        for seq in running if len(out.scheduled) < len(self.running) else ():
             if budget == 0:
                 break
             if id(seq) in scheduled_ids or seq.status != SequenceStatus.RUNNING:
@@ -131,14 +142,14 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            bisect.insort(self.running, seq, key=_arrival)
             budget -= self._schedule_chunk(seq, chunk, out, scheduled_ids)
         return out
 
     def _schedule_chunk(self, seq: Sequence, chunk: int, out: SchedulerOutput, scheduled_ids: set[int]) -> int:
         target = seq.num_computed_tokens + chunk
         self.block_manager.allocate(seq, target)
-        out.scheduled.append(ScheduledSequence(seq, chunk, target == seq.num_tokens))
+        out.add(ScheduledSequence(seq, chunk, target == seq.num_tokens))
         scheduled_ids.add(id(seq))
         return chunk
 
@@ -173,10 +184,11 @@ class Scheduler:
         it = iter(sampled)
         for s in out.scheduled:
             token = next(it) if s.samples else None
-            if s.seq.is_finished:
+            seq = s.seq
+            if seq.status is SequenceStatus.FINISHED:
                 continue
-            s.seq.num_computed_tokens += s.num_new_tokens
+            seq.num_computed_tokens += s.num_new_tokens
             if token is not None:
-                s.seq.append_token(token)
-                got_token.append(s.seq)
+                seq.append_token(token)
+                got_token.append(seq)
         return got_token

@@ -25,6 +25,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.block_table: list[int] = []  # KV block ids, in token order
+        self.block_row = -1  # its row of BlockManager.tables while it holds blocks
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.stop_reason: str | int | None = None  # the stop string or stop token id that ended it
         self.detokenizer = None  # IncrementalDetokenizer, set by the engine
