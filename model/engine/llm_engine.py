@@ -41,15 +41,22 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model=None, tokenizer=None):
-        """`model`/`tokenizer` may be passed in ready-made (tests); otherwise `config.model` is loaded."""
+    def __init__(self, config: EngineConfig, model=None, tokenizer=None, parallel=None):
+        """`model`/`tokenizer` may be passed in ready-made (tests); otherwise `config.model` is loaded. `parallel`
+        (model.parallel.ParallelConfig) shards the model over that many ranks: this process is rank 0 and runs the
+        engine; the other ranks only run the model, following each step (model/parallel)."""
         from model.kernels import extension
         from model.loader import load_model
 
         self.config = config
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
-        if model is None:
+        self.workers = None  # model.parallel.launcher.WorkerGroup of a parallel model
+        if model is None and parallel is not None:
+            from model.parallel.launcher import start_parallel
+
+            model, tokenizer, self.workers = start_parallel(config, parallel, self.device)
+        elif model is None:
             model, tokenizer = load_model(config.model, random_weights=config.random_weights, dtype=self.dtype,
                                           device=self.device)
         self.model = model
@@ -74,6 +81,8 @@ class LLMEngine:
         self.moe.set_pad_routing(self.moe.read_counts_now())  # what one padding row adds to the counters
         self.runner.capture_cuda_graphs()
         self.moe.reset_counts()
+        if self.workers is not None:  # from now on every step is sent to the workers before it runs here
+            self.runner.step_listener = self.workers.send_step
 
         self._step_lock = threading.Lock()  # held for a whole step
         self._queue_lock = threading.Lock()  # guards the three fields below
@@ -120,6 +129,8 @@ class LLMEngine:
         self._drain_if_idle()
 
     def has_unfinished_requests(self) -> bool:
+        if self.workers is not None:
+            self.workers.check()  # a dead rank fails the engine loop (polled while idle too) instead of a hang
         with self._queue_lock:
             if self._pending_adds or self._pending_aborts or self._abort_outputs or self._pending:
                 return True
@@ -209,3 +220,8 @@ class LLMEngine:
     @property
     def num_kv_blocks(self) -> int:
         return self.block_manager.num_blocks
+
+    def shutdown(self) -> None:
+        """Stop the worker ranks of a parallel model (also done at interpreter exit)."""
+        if self.workers is not None:
+            self.workers.close()

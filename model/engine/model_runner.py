@@ -91,6 +91,11 @@ class ModelRunner:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's max_position_embeddings="
                              f"{mc.max_position_embeddings}")
         self.num_usable_blocks = self._decide_num_blocks(max_len)
+        if hasattr(model, "agree_on_num_blocks"):  # the ranks of a parallel model (model/parallel) take the least
+            self.num_usable_blocks = model.agree_on_num_blocks(self.num_usable_blocks)
+        # Called with (SchedulerOutput, graph key or None) before each step runs: rank 0 of a parallel model tells
+        # its workers (model/parallel) to run the same step. None on a single rank.
+        self.step_listener = None
         capacity = self.num_usable_blocks * self.block_size
         if config.max_model_len is not None and config.max_model_len > capacity:
             raise ValueError(f"max_model_len={config.max_model_len} does not fit the KV cache "
@@ -213,7 +218,11 @@ class ModelRunner:
         if out.is_decode and not force_eager and self.graphs:
             key = self._graph_key(len(out.scheduled), max(len(s.seq.block_table) for s in out.scheduled))
             if key is not None:
+                if self.step_listener is not None:
+                    self.step_listener(out, key)
                 return self._replay(self.graphs[key], out), key[0] - len(out.scheduled)
+        if self.step_listener is not None:
+            self.step_listener(out, None)
         return self.model(self.build_batch(out), self.kv_cache), 0
 
     def _graph_key(self, batch: int, width: int) -> tuple[int, int] | None:
