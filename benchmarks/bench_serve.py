@@ -79,6 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="concurrency 1 and --metrics-concurrency, HF at that "
                                                         "batch only, 15 s per level")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--replot", metavar="JSON", help="only redraw the markdown and PNGs of a report JSON")
     args = p.parse_args(argv)
     if args.quick:
         args.concurrency = sorted({1, args.metrics_concurrency})
@@ -326,8 +327,41 @@ def bench_preset(preset, args, out: Path) -> dict:
     return r
 
 
+def write_report(report: dict, args, stem: Path) -> list[Path]:
+    """JSON, markdown and (when matplotlib is there) the two PNGs of one preset."""
+    result, env = report["result"], report["env"]
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+    text = markdown(report, args)
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+    written = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    if result.get("serve") and len(result["serve"]["levels"]) > 1:
+        hf = {b: h["tok_s"] for b, h in result.get("offline", {}).get("hf", {}).items() if "tok_s" in h}
+        try:
+            written += plot_sweep(result["serve"]["levels"], stem, f"{report['preset']} ({env['device']})", hf,
+                                  "HF transformers generate, output tok/s (offline, no HTTP)")
+        except ImportError as err:
+            print(f"no plots ({err}): redraw them elsewhere with --replot {stem.with_suffix('.json')}", flush=True)
+    return written
+
+
+def replot(path: Path) -> int:
+    """Markdown and PNGs again from a report JSON (e.g. on a machine with matplotlib)."""
+    report = json.loads(path.read_text())
+    hf = report["result"].get("offline", {}).get("hf")
+    if hf:  # JSON object keys are strings; batch sizes are ints everywhere else
+        report["result"]["offline"]["hf"] = {int(b): h for b, h in hf.items()}
+    args = argparse.Namespace(**report["args"])
+    report["result"]["targets"] = targets(report["result"], args)
+    written = write_report(report, args, path.with_suffix(""))
+    print("wrote " + ", ".join(str(p) for p in written), flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        return replot(Path(args.replot))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ok = True
@@ -335,21 +369,8 @@ def main(argv=None) -> int:
         print(f"== {preset}", flush=True)
         result = bench_preset(preset, args, out)
         env = environment(args.device)  # after the servers ran: a CUDA context here would shrink their KV cache
-        report = dict(env=env, preset=preset, args={k: v for k, v in vars(args).items()}, baseline_note=BASELINE_NOTE,
-                      result=result)
-        stem = out / f"bench_serve_{env['date'][:10]}_{preset}"
-        stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
-        text = markdown(report, args)
-        stem.with_suffix(".md").write_text(text)
-        written = [stem.with_suffix(".json"), stem.with_suffix(".md")]
-        if result.get("serve") and len(result["serve"]["levels"]) > 1:
-            hf = {b: h["tok_s"] for b, h in result.get("offline", {}).get("hf", {}).items() if "tok_s" in h}
-            try:
-                written += plot_sweep(result["serve"]["levels"], stem, f"{preset} ({env['device']})", hf,
-                                      "HF transformers generate, output tok/s (offline, no HTTP)")
-            except ImportError as err:
-                print(f"  no plots: {err}", flush=True)
-        print(text)
+        report = dict(env=env, preset=preset, args=vars(args), baseline_note=BASELINE_NOTE, result=result)
+        written = write_report(report, args, out / f"bench_serve_{env['date'][:10]}_{preset}")
         print("wrote " + ", ".join(str(p) for p in written), flush=True)
         ok = ok and "error" not in result and all(t["passed"] for t in result["targets"])
     return 0 if ok else 1

@@ -88,3 +88,16 @@ def test_markdown_targets_and_plots(smoke_run):
     for suffix in ("_throughput.png", "_latency.png"):
         [png] = out.glob(f"bench_serve_*_tiny{suffix}")
         assert png.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_replot_redraws_markdown_and_plots_from_the_json(smoke_run, tmp_path):
+    from benchmarks import bench_serve
+
+    out, report, md = smoke_run
+    [json_path] = out.glob("bench_serve_*_tiny.json")
+    copy = tmp_path / json_path.name
+    copy.write_text(json_path.read_text())
+    assert bench_serve.main(["--replot", str(copy)]) == 0
+    assert copy.with_suffix(".md").read_text() == md  # same report from the stored numbers
+    for suffix in ("_throughput.png", "_latency.png"):
+        assert (tmp_path / (copy.stem + suffix)).read_bytes().startswith(PNG_MAGIC)
