@@ -109,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
             help_="weights and activations (auto: bfloat16 on CUDA, float32 on CPU)")
     f.value("--device", default="auto", help_="auto, cpu, cuda or cuda:N")
     f.switch("--enforce-eager", "never capture CUDA graphs")
+    f.value("--tensor-parallel", type_=positive_int, help_="ranks (one process and GPU each) the model is split "
+                                                          "over: attention heads, vocabulary, dense and shared-expert "
+                                                          "MLPs (default 1, or --expert-parallel)", metavar="N")
+    f.value("--expert-parallel", type_=positive_int, help_="contiguous expert ranges the routed experts are split "
+                                                          "into; divides --tensor-parallel, whose ranks share each "
+                                                          "range by splitting the experts' columns (default 1)",
+            metavar="M")
+    f.value("--collective-timeout", type_=float, default=300.0,
+            help_="seconds a collective between ranks may wait before the engine fails (a rank died or hangs)")
     f.switch("--expert-metrics", "export staticmoe_expert_tokens_total{layer,expert} even when layers x experts "
                                  "> 8192 (default: only up to 8192 series)")
     f.switch("--no-expert-metrics", "no per-expert load accounting at all (no expert_* metrics)")
@@ -147,8 +156,23 @@ def expert_metrics_mode(args: argparse.Namespace) -> str:
     return "on" if args.expert_metrics else "off" if args.no_expert_metrics else "auto"
 
 
+def parallel_config(args: argparse.Namespace):
+    """model.parallel.ParallelConfig from --tensor-parallel / --expert-parallel, or None for one rank."""
+    tp, ep = args.tensor_parallel, args.expert_parallel
+    if tp is None and ep is None:
+        return None
+    from model.parallel import ParallelConfig
+
+    try:
+        return ParallelConfig(tensor_parallel=tp or ep, expert_parallel=ep or 1,
+                              collective_timeout_s=args.collective_timeout)
+    except ValueError as err:
+        raise SystemExit(f"staticmoe: error: {err}") from None
+
+
 def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parallel = parallel_config(args)
     import prometheus_client
     import uvicorn
 
@@ -170,10 +194,17 @@ def serve(args: argparse.Namespace) -> int:
                                    max_body_bytes=args.max_body_bytes, drain_timeout_s=args.drain_timeout)
     except ValueError as err:
         raise SystemExit(f"staticmoe: error: {err}") from None
+    if parallel is not None:
+        from model.parallel.launcher import launched_by_torchrun
+        from model.parallel.worker import torchrun_worker_main
+
+        if launched_by_torchrun() and int(os.environ["RANK"]) > 0:  # torchrun rank > 0: the model only, no HTTP
+            torchrun_worker_main(engine_config, parallel)
+            return 0
     prometheus_client.disable_created_metrics()  # no *_created series (as vLLM's /metrics)
     options = ClientOptions(model_name=served_name, max_queue=args.max_queue, max_running=args.max_num_seqs,
                             expert_metrics=mode, moe_peak_flops=args.moe_peak_flops)
-    client = EngineClient(lambda: LLMEngine(engine_config), options)
+    client = EngineClient(lambda: LLMEngine(engine_config, parallel=parallel), options)
     app = create_app(client, settings)
     logger.info("serving model %s (source %s, random_weights=%s) on http://%s:%d, requested device=%s dtype=%s; "
                 "it loads in the background (/health answers 503 until it is ready)", served_name, source,
