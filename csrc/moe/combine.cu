@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common/pdl_launch.cuh"
 #include "moe/combine.h"
 
 namespace staticmoe::moe {
@@ -18,6 +19,7 @@ __device__ __forceinline__ void add8(float (&acc)[8], const uint4& v) {
 template <typename T>
 __global__ void combine_kernel(const T* slot_out, const int32_t* topk_ids, T* out, int32_t tokens, int32_t top_k,
                                int32_t hidden, int32_t num_experts) {
+  wait_for_predecessor();  // slot_out comes from GEMM2 (launched with PDL)
   const int64_t vecs_per_row = hidden / 8;
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= int64_t(tokens) * vecs_per_row) return;
@@ -40,15 +42,12 @@ cudaError_t combine(const Problem& p, const void* slot_out, const int32_t* topk_
   const int64_t threads = int64_t(p.tokens) * (p.hidden / 8);
   const int block = 256;
   const unsigned grid = unsigned((threads + block - 1) / block);
-  if (p.dtype == DType::kBF16) {
-    combine_kernel<<<grid, block, 0, stream>>>(static_cast<const __nv_bfloat16*>(slot_out), topk_ids,
-                                               static_cast<__nv_bfloat16*>(out), p.tokens, p.top_k, p.hidden,
-                                               p.num_experts);
-  } else {
-    combine_kernel<<<grid, block, 0, stream>>>(static_cast<const __half*>(slot_out), topk_ids, static_cast<__half*>(out),
-                                               p.tokens, p.top_k, p.hidden, p.num_experts);
-  }
-  return cudaGetLastError();
+  if (p.dtype == DType::kBF16)
+    return launch_with_pdl(combine_kernel<__nv_bfloat16>, grid, block, 0, stream,
+                           static_cast<const __nv_bfloat16*>(slot_out), topk_ids, static_cast<__nv_bfloat16*>(out),
+                           p.tokens, p.top_k, p.hidden, p.num_experts);
+  return launch_with_pdl(combine_kernel<__half>, grid, block, 0, stream, static_cast<const __half*>(slot_out), topk_ids,
+                         static_cast<__half*>(out), p.tokens, p.top_k, p.hidden, p.num_experts);
 }
 
 }  // namespace staticmoe::moe

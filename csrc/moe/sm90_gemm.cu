@@ -66,8 +66,7 @@ cudaError_t launch(const CUtensorMap& map, const GemmArgs<T>& args, int device, 
     }
     grid = grid_per_device[device];
   }
-  kernel<<<grid, gemm_threads<kBlockM>(), kSmem, stream>>>(map, args);
-  return cudaGetLastError();
+  return launch_with_pdl(kernel, grid, gemm_threads<kBlockM>(), kSmem, stream, map, args);
 }
 
 // Tile shapes by the host's rows-per-expert estimate: 128x256 tiles (48 KB a stage, 4 stages) where experts are

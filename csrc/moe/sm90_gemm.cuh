@@ -17,6 +17,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common/pdl_launch.cuh"
 #include "common/sm90_ptx.cuh"
 #include "common/wgmma_ops.cuh"
 #include "moe/moe.h"
@@ -54,7 +55,10 @@ template <int kBlockM>
 constexpr int gemm_threads() { return kProducerThreads + 2 * kBlockM; }  // + one math warpgroup per 64 rows
 constexpr int kProducerRegs = 56;   // pointers of the gathered rows and loop state
 constexpr int kConsumerRegs = 224;  // 128 fp32 accumulators (BN = 256) + epilogue; 128*56 + 256*224 <= 64K
-constexpr int kGroupM = 16;         // M tiles per raster group: a wave of CTAs shares ~16 A panels and ~8 B panels
+// M tiles per raster group, by measurement (benchmarks/NOTES.md v3: 1, 4, 8, 16, 64 and unbounded swept on the
+// H100): 4 is best or within 5% of best at every compute-bound point, e.g. Mixtral T=32768 610 TFLOPS against
+// 424 with 16 and 477 with M fastest over the whole expert.
+constexpr int kGroupM = 4;
 
 // One tile of work, decoded the same way by the producer and every math warp.
 struct TileWork {
@@ -238,6 +242,10 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
     sm90::fence_barrier_init();
   }
   __syncthreads();
+  // The prologue above overlaps the previous kernel's tail; the plan (or GEMM1's output) is read only after this.
+  wait_for_predecessor();
+  allow_dependents();  // fires once every CTA of this persistent grid is resident, so waiting dependents cannot
+                       // take an SM one of our CTAs still needs
   const int32_t num_slots = *args.map.num_slots;
   const int32_t total = task_map_total_tiles(args.map.tile_prefix, num_slots) * args.n_tiles;
   // Only the 384-thread kernel is register-limited (168 a thread at launch); the 256-thread one already has 224.
