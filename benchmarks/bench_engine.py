@@ -7,10 +7,16 @@ parameters are views of ours) and the same prompts. Decode step time is the medi
 in which all requests of the batch decode together; its floor is the bytes such a step must read — weights of the
 experts the batch touches (expected count from the measured per-expert load), attention/router/lm_head weights,
 the batch's KV cache — over the device copy bandwidth measured in the same run (2·bytes ÷ time of a large
-device-to-device copy). Writes bench_engine_<date>.json and .md to --out (default benchmarks/results).
+device-to-device copy). Each timed decode batch's captured CUDA graph is also replayed alone (CUDA events): the device time of the
+step, so step − replay is the host time the step adds. Writes bench_engine_<date>.json and .md to --out (default
+benchmarks/results).
+
+Bounded: the whole command stays within --time-budget seconds (default 420). Each preset gets an equal share of
+what is left; our runs stop (marked truncated) at the share's end, HF `generate` runs get `max_time` = what is
+left (at most --hf-max-seconds each) and are skipped when too little is.
 
     python benchmarks/bench_engine.py [--presets olmoe-1b-7b qwen3-30b-a3b] [--batches 1 16 64 256]
-                                      [--hf-batches 1 16 64] [--quick] [--out DIR]
+                                      [--hf-batches 1 16 64] [--time-budget 420] [--quick] [--out DIR]
 """
 
 import argparse
@@ -48,6 +54,10 @@ def parse_args():
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-expert-metrics", action="store_true", help="serve without expert counters/timing")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.93,
+                   help="0.93 leaves qwen3-30b-a3b room for 256 × 576 tokens of KV cache on an 80 GB H100")
+    p.add_argument("--time-budget", type=float, default=420.0, help="seconds for the whole command")
+    p.add_argument("--hf-max-seconds", type=float, default=60.0, help="max_time of one HF generate call")
     p.add_argument("--quick", action="store_true", help="batches 1 and 64, HF at 1 only")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args()
@@ -61,8 +71,9 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def copy_bandwidth(device, nbytes=1 << 30, iters=10) -> float:
+def copy_bandwidth(device, nbytes=None, iters=10) -> float:
     """Bytes moved per second (read + write) by a large device-to-device copy."""
+    nbytes = nbytes or (1 << 30 if torch.device(device).type == "cuda" else 1 << 24)
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -80,8 +91,9 @@ def make_prompts(n, length, vocab, seed=0) -> list[list[int]]:
 
 
 # ---- ours ---------------------------------------------------------------------------------------------------------
-def run_engine(engine, prompts, output_len, tag) -> dict:
-    """All prompts at once; returns throughput and the wall time of each step with its shape."""
+def run_engine(engine, prompts, output_len, tag, deadline: float | None = None) -> dict:
+    """All prompts at once; returns throughput and the median wall time of the steps in which every request
+    decodes. Past `deadline` (perf_counter) the requests are aborted and the result is marked truncated."""
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     shapes = []
     schedule = engine.scheduler.schedule
@@ -92,6 +104,7 @@ def run_engine(engine, prompts, output_len, tag) -> dict:
         return out
 
     engine.scheduler.schedule = recording_schedule
+    truncated = False
     try:
         sync(engine.device)
         start = time.perf_counter()
@@ -103,13 +116,37 @@ def run_engine(engine, prompts, output_len, tag) -> dict:
             now = time.perf_counter()  # step() returns after the sampled ids reached the host
             steps.append(now - t)
             t = now
+            if deadline is not None and now > deadline and not truncated:
+                truncated = True
+                for i in range(len(prompts)):
+                    engine.abort_request(f"{tag}-{i}")
         total = time.perf_counter() - start
     finally:
         engine.scheduler.schedule = schedule
     decode = [dt for dt, (is_decode, n) in zip(steps, shapes) if is_decode and n == len(prompts)]
     return dict(batch=len(prompts), output_tokens=produced, seconds=total, tok_s=produced / total,
-                steps=len(steps), decode_steps=len(decode),
+                steps=len(steps), decode_steps=len(decode), truncated=truncated,
+                max_decode_batch=max((n for is_decode, n in shapes if is_decode), default=0),
                 decode_step_ms=1e3 * statistics.median(decode) if decode else None)
+
+
+def graph_replay_ms(engine, batch: int, context_len: int, iters: int = 20) -> float | None:
+    """Device time of one replay of the decode graph that serves `batch` sequences at `context_len` (its inputs
+    are those of its last real step; the K/V it writes goes to blocks already freed). None without graphs."""
+    runner = engine.runner
+    key = runner._graph_key(batch, -(-context_len // runner.block_size)) if runner.graphs else None
+    if key is None or engine.device.type != "cuda":
+        return None
+    graph = runner.graphs[key].graph
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    engine.moe.reset_counts()  # the replays routed tokens too
+    return start.elapsed_time(end) / iters
 
 
 def expected_experts_touched(load: list[int], top_k: int, batch: int) -> float:
@@ -142,29 +179,42 @@ def decode_floor(engine, batch, context_len, bandwidth) -> dict:
                 floor_ms=1e3 * total / bandwidth)
 
 
-def bench_ours(preset, args, prompts, bandwidth) -> tuple[LLMEngine, dict]:
+def bench_ours(preset, args, prompts, bandwidth, deadline: float) -> tuple[LLMEngine, dict]:
     cfg = EngineConfig(model=preset, random_weights=True, dtype=args.dtype, device=args.device,
                        max_num_seqs=max(args.batches), max_num_batched_tokens=args.max_num_batched_tokens,
                        max_model_len=args.input_len + args.output_len, enforce_eager=args.enforce_eager,
-                       expert_metrics=not args.no_expert_metrics)
+                       expert_metrics=not args.no_expert_metrics, gpu_memory_utilization=args.gpu_memory_utilization)
     t = time.perf_counter()
     engine = LLMEngine(cfg)
     init_s = time.perf_counter() - t
-    run_engine(engine, prompts[:4], 8, "warmup")
-    out = dict(dtype=str(engine.dtype).removeprefix("torch."), init_seconds=init_s, num_kv_blocks=engine.num_kv_blocks, num_cuda_graphs=engine.runner.num_graphs,
-               kernel_path=engine.kernel_path, throughput={}, decode={})
+    run_engine(engine, prompts[:4], min(8, args.output_len), "warmup")
+    out = dict(dtype=str(engine.dtype).removeprefix("torch."), init_seconds=init_s,
+               num_kv_blocks=engine.num_kv_blocks, num_cuda_graphs=engine.runner.num_graphs,
+               kernel_path=engine.kernel_path, throughput={}, decode={}, skipped=[])
     for b in args.batches:
-        r = run_engine(engine, prompts[:b], args.output_len, f"b{b}")
+        if time.perf_counter() > deadline:
+            out["skipped"].append(b)
+            print(f"  ours  batch {b:4d}: skipped (time budget)", flush=True)
+            continue
+        r = run_engine(engine, prompts[:b], args.output_len, f"b{b}", deadline)
         out["throughput"][b] = r
         print(f"  ours  batch {b:4d}: {r['tok_s']:9.1f} tok/s  ({r['seconds']:.2f} s, {r['steps']} steps, "
-              f"decode step {r['decode_step_ms'] or float('nan'):.2f} ms)", flush=True)
+              f"decode step {r['decode_step_ms'] or float('nan'):.2f} ms, largest decode batch "
+              f"{r['max_decode_batch']}{', TRUNCATED' if r['truncated'] else ''})", flush=True)
         if b in args.decode_batches and r["decode_step_ms"] is not None:
-            floor = decode_floor(engine, b, args.input_len + args.output_len // 2, bandwidth)
+            context = args.input_len + args.output_len // 2
+            floor = decode_floor(engine, b, context, bandwidth)
             floor["step_ms"] = r["decode_step_ms"]
             floor["ratio_to_floor"] = r["decode_step_ms"] / floor["floor_ms"]
+            floor["replay_ms"] = graph_replay_ms(engine, b, args.input_len + args.output_len - 1)
+            if floor["replay_ms"] is not None:
+                floor["replay_ratio_to_floor"] = floor["replay_ms"] / floor["floor_ms"]
+                floor["host_ms"] = floor["step_ms"] - floor["replay_ms"]
             out["decode"][b] = floor
+            replay = (f"; graph replay alone {floor['replay_ms']:.2f} ms = {floor['replay_ratio_to_floor']:.2f}x, "
+                      f"host {floor['host_ms']:.2f} ms") if floor["replay_ms"] is not None else ""
             print(f"  decode batch {b}: {floor['step_ms']:.2f} ms vs floor {floor['floor_ms']:.2f} ms "
-                  f"= {floor['ratio_to_floor']:.2f}x  (experts {floor['bytes_experts'] / 1e9:.2f} GB, "
+                  f"= {floor['ratio_to_floor']:.2f}x{replay}  (experts {floor['bytes_experts'] / 1e9:.2f} GB, "
                   f"dense {floor['bytes_dense'] / 1e9:.2f} GB, KV {floor['bytes_kv'] / 1e9:.2f} GB)", flush=True)
     return engine, out
 
@@ -198,17 +248,62 @@ def hf_sharing_weights(engine, preset):
 
 
 @torch.inference_mode()
-def run_hf(hf, prompts, output_len, device) -> dict:
+def run_hf(hf, prompts, output_len, device, max_time: float | None = None) -> dict:
+    """HF `generate`, greedy, all prompts in one batch; `max_time` (s) stops it early (marked truncated)."""
     ids = torch.tensor(prompts, device=device)
     mask = torch.ones_like(ids)
     sync(device)
     t = time.perf_counter()
     out = hf.generate(ids, attention_mask=mask, max_new_tokens=output_len, min_new_tokens=output_len,
-                      do_sample=False, pad_token_id=0)
+                      do_sample=False, pad_token_id=0, max_time=max_time)
     sync(device)
     seconds = time.perf_counter() - t
     produced = (out.shape[1] - ids.shape[1]) * ids.shape[0]
-    return dict(batch=len(prompts), output_tokens=produced, seconds=seconds, tok_s=produced / seconds)
+    return dict(batch=len(prompts), output_tokens=produced, seconds=seconds, tok_s=produced / seconds,
+                truncated=out.shape[1] - ids.shape[1] < output_len)
+
+
+def release_engine_cache(engine) -> None:
+    """Give our KV cache and CUDA graphs' memory back (the weights stay: HF shares them)."""
+    engine.runner.graphs.clear()
+    engine.runner.kv_cache = None
+    gc.collect()
+    if engine.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_hf_baseline(engine, preset: str, prompts: list[list[int]], batches: list[int], output_len: int, *,
+                    deadline: float | None = None, max_seconds: float = 60.0, min_seconds: float = 5.0,
+                    check_prompt_len: int = 64, log=print) -> dict:
+    """HF transformers `generate` (experts_implementation="grouped_mm", sdpa) on the engine's own weights and
+    `prompts[:b]` for each b in `batches`. Releases the engine's KV cache and graphs first (the engine cannot
+    step afterwards). Each call gets max_time = min(max_seconds, deadline - now); a batch is skipped when less
+    than `min_seconds` is left. Returns {"hf": {b: run_hf result}, "skipped": [b...], "hf_logits_rel_diff": x}."""
+    release_engine_cache(engine)
+    hf = hf_sharing_weights(engine, preset)
+    result = dict(hf={}, skipped=[])
+    result["hf_logits_rel_diff"] = first_logits_agree(engine, hf, prompts[0][:check_prompt_len])
+    log(f"  HF vs ours, last-position logits: max rel diff {result['hf_logits_rel_diff']:.3g}")
+    run_hf(hf, prompts[:1], 4, engine.device)  # warm-up
+    for b in batches:
+        left = max_seconds if deadline is None else min(max_seconds, deadline - time.perf_counter())
+        if left < min_seconds:
+            result["skipped"].append(b)
+            log(f"  HF    batch {b:4d}: skipped (time budget)")
+            continue
+        try:
+            r = run_hf(hf, prompts[:b], output_len, engine.device, max_time=left)
+        except torch.OutOfMemoryError as err:
+            result["hf"][b] = dict(batch=b, error=f"out of memory: {str(err)[:200]}")
+            torch.cuda.empty_cache()
+            log(f"  HF    batch {b:4d}: out of memory")
+            continue
+        result["hf"][b] = r
+        log(f"  HF    batch {b:4d}: {r['tok_s']:9.1f} tok/s  ({r['seconds']:.2f} s"
+            f"{', TRUNCATED by max_time' if r['truncated'] else ''})")
+    del hf
+    gc.collect()
+    return result
 
 
 @torch.inference_mode()
@@ -224,30 +319,21 @@ def first_logits_agree(engine, hf, prompt) -> float:
     return float((actual - expected).abs().max() / expected.abs().max())
 
 
-def bench_preset(preset, args, bandwidth) -> dict:
+def bench_preset(preset, args, bandwidth, deadline: float) -> dict:
+    """Ours in the first 45% of the time until `deadline`, HF in the rest."""
     vocab = PRESETS[preset]["vocab_size"]
     prompts = make_prompts(max(args.batches + args.hf_batches), args.input_len, vocab)
-    print(f"== {preset}", flush=True)
-    engine, ours = bench_ours(preset, args, prompts, bandwidth)
+    print(f"== {preset} ({deadline - time.perf_counter():.0f} s left for it)", flush=True)
+    ours_deadline = time.perf_counter() + 0.45 * (deadline - time.perf_counter())
+    engine, ours = bench_ours(preset, args, prompts, bandwidth, deadline if args.skip_hf else ours_deadline)
     result = dict(ours=ours, hf={}, speedup={})
     if not args.skip_hf:
-        engine.runner.graphs.clear()  # give HF the memory of our KV cache and graphs
-        engine.runner.kv_cache = None
-        gc.collect()
-        torch.cuda.empty_cache() if torch.device(args.device).type == "cuda" else None
-        hf = hf_sharing_weights(engine, preset)
-        result["hf_logits_rel_diff"] = first_logits_agree(engine, hf, prompts[0][:64])
-        print(f"  HF vs ours, last-position logits: max rel diff {result['hf_logits_rel_diff']:.3g}", flush=True)
-        run_hf(hf, prompts[:1], 4, args.device)  # warm-up
-        for b in args.hf_batches:
-            r = run_hf(hf, prompts[:b], args.output_len, args.device)
-            result["hf"][b] = r
+        result.update(run_hf_baseline(engine, preset, prompts, args.hf_batches, args.output_len, deadline=deadline,
+                                      max_seconds=args.hf_max_seconds, log=lambda m: print(m, flush=True)))
+        for b, r in result["hf"].items():
             mine = ours["throughput"].get(b)
-            if mine:
+            if mine and "tok_s" in r:
                 result["speedup"][b] = mine["tok_s"] / r["tok_s"]
-            print(f"  HF    batch {b:4d}: {r['tok_s']:9.1f} tok/s  ({r['seconds']:.2f} s)"
-                  + (f"  -> ours {result['speedup'][b]:.1f}x" if b in result["speedup"] else ""), flush=True)
-        del hf
     del engine
     gc.collect()
     if torch.device(args.device).type == "cuda":
@@ -268,26 +354,38 @@ def environment(device) -> dict:
                 device=name, torch=torch.__version__, transformers=transformers.__version__)
 
 
+def _cell(value, fmt="{:.1f}", suffix=""):
+    return "—" if value is None else fmt.format(value) + suffix
+
+
 def markdown(report) -> str:
     env, a = report["env"], report["args"]
     lines = [f"# Engine benchmark — {env['date']}", "",
              f"commit `{env['commit']}`, {env['device']}, torch {env['torch']}, transformers {env['transformers']}; "
-             f"input {a['input_len']}, output {a['output_len']}, greedy, EOS ignored, random weights ({report['dtype']}); "
-             f"copy bandwidth {report['copy_bandwidth_gbs']:.0f} GB/s (read+write).", ""]
+             f"input {a['input_len']}, output {a['output_len']}, greedy, EOS ignored, random weights "
+             f"({report['dtype']}); copy bandwidth {report['copy_bandwidth_gbs']:.0f} GB/s (read+write); "
+             f"whole run {report['wall_seconds']:.0f} s (budget {a['time_budget']:.0f} s).", ""]
     for preset, r in report["presets"].items():
         o = r["ours"]
         lines += [f"## {preset}", "", f"kernel: {o['kernel_path']}; {o['num_kv_blocks']} KV blocks, "
                   f"{o['num_cuda_graphs']} CUDA graphs, engine start-up {o['init_seconds']:.1f} s.", "",
-                  "| batch | ours tok/s | HF grouped_mm tok/s | speedup |", "|---|---|---|---|"]
-        for b, t in o["throughput"].items():
-            hf = r["hf"].get(b)
-            lines.append(f"| {b} | {t['tok_s']:.1f} | {hf['tok_s']:.1f} | {r['speedup'][b]:.1f}× |" if hf else
-                         f"| {b} | {t['tok_s']:.1f} | — | — |")
-        lines += ["", "| decode batch | step ms | floor ms | ratio | experts GB | dense GB | KV GB |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| batch | ours tok/s | largest decode batch | HF grouped_mm tok/s | speedup |", "|---|---|---|---|---|"]
+        for b in sorted({*a["batches"], *([] if a["skip_hf"] else a["hf_batches"])}):
+            t, hf = o["throughput"].get(b), r["hf"].get(b)
+            ours = ("skipped (time budget)" if b in o.get("skipped", []) else
+                    _cell(t and t["tok_s"]) + (" (truncated)" if t and t.get("truncated") else ""))
+            theirs = ("skipped (time budget)" if b in r.get("skipped", []) else
+                      hf["error"] if hf and "error" in hf else
+                      _cell(hf and hf["tok_s"]) + (" (max_time)" if hf and hf.get("truncated") else ""))
+            lines.append(f"| {b} | {ours} | {t['max_decode_batch'] if t else '—'} | {theirs} | "
+                         f"{_cell(r['speedup'].get(b), suffix='×')} |")
+        lines += ["", "| decode batch | step ms | floor ms | step ÷ floor | graph replay ms | replay ÷ floor | host ms |"
+                  " experts GB | dense GB | KV GB |", "|---|---|---|---|---|---|---|---|---|---|"]
         for b, d in o["decode"].items():
             lines.append(f"| {b} | {d['step_ms']:.2f} | {d['floor_ms']:.2f} | {d['ratio_to_floor']:.2f}× | "
-                         f"{d['bytes_experts'] / 1e9:.2f} | {d['bytes_dense'] / 1e9:.2f} | {d['bytes_kv'] / 1e9:.2f} |")
+                         f"{_cell(d.get('replay_ms'), '{:.2f}')} | {_cell(d.get('replay_ratio_to_floor'), '{:.2f}', '×')} | "
+                         f"{_cell(d.get('host_ms'), '{:.2f}')} | {d['bytes_experts'] / 1e9:.2f} | "
+                         f"{d['bytes_dense'] / 1e9:.2f} | {d['bytes_kv'] / 1e9:.2f} |")
         if "hf_logits_rel_diff" in r:
             lines += ["", f"HF on the shared weights vs ours, last-position logits: max rel diff "
                       f"{r['hf_logits_rel_diff']:.3g}."]
@@ -295,21 +393,41 @@ def markdown(report) -> str:
     return "\n".join(lines)
 
 
+def summary(report) -> str:
+    """One line per preset: tok/s per batch, speedups, decode step ÷ floor."""
+    lines = []
+    for preset, r in report["presets"].items():
+        o = r["ours"]
+        tput = " ".join(f"b{b}={t['tok_s']:.0f}" for b, t in o["throughput"].items())
+        hf = " ".join(f"b{b}={h['tok_s']:.1f}" for b, h in r["hf"].items() if "tok_s" in h)
+        speed = " ".join(f"b{b}={x:.1f}x" for b, x in r["speedup"].items())
+        floor = " ".join(f"b{b}={d['ratio_to_floor']:.2f}x(replay {_cell(d.get('replay_ratio_to_floor'), '{:.2f}', 'x')})"
+                         for b, d in o["decode"].items())
+        lines.append(f"SUMMARY {preset}: ours tok/s {tput} | HF {hf or '-'} | speedup {speed or '-'} | "
+                     f"step/floor {floor or '-'}")
+    return "\n".join(lines)
+
+
 def main():
     args = parse_args()
+    started = time.perf_counter()
     env = environment(args.device)
     bandwidth = copy_bandwidth(args.device)
     print(f"{env}\ncopy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
     report = dict(env=env, args=vars(args), copy_bandwidth_gbs=bandwidth / 1e9, presets={})
-    for preset in args.presets:
-        report["presets"][preset] = bench_preset(preset, args, bandwidth)
+    end = started + args.time_budget
+    for i, preset in enumerate(args.presets):
+        share = (end - time.perf_counter()) / (len(args.presets) - i)
+        report["presets"][preset] = bench_preset(preset, args, bandwidth, time.perf_counter() + share)
     report["dtype"] = next(iter(report["presets"].values()))["ours"]["dtype"]
+    report["wall_seconds"] = time.perf_counter() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"bench_engine_{env['date'][:10]}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
     stem.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
+    print(summary(report))
     print(f"wrote {stem}.json and .md")
 
 

@@ -1,0 +1,56 @@
+"""benchmarks/bench_engine.py on the CPU with the tiny model: the whole command writes its JSON, markdown and
+summary within its time budget; a run past its deadline stops and says so; the floor's expert count is right."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks.bench_engine import expected_experts_touched, run_engine
+from model.engine import EngineConfig, LLMEngine
+from tests.engine_fixtures import one_cpu_thread  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_whole_command_on_cpu_writes_results(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_engine.py"), "--presets", "tiny", "--batches", "1", "3",
+           "--hf-batches", "1", "3", "--decode-batches", "1", "3", "--input-len", "24", "--output-len", "6",
+           "--time-budget", "100", "--out", str(tmp_path)]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert time.perf_counter() - started < 100 + 60
+    report = json.loads(next(tmp_path.glob("bench_engine_*.json")).read_text())
+    tiny = report["presets"]["tiny"]
+    for b in ("1", "3"):
+        ours = tiny["ours"]["throughput"][b]
+        assert ours["output_tokens"] == int(b) * 6 and not ours["truncated"] and ours["max_decode_batch"] == int(b)
+        hf = tiny["hf"][b]
+        assert hf["output_tokens"] == int(b) * 6 and hf["tok_s"] > 0
+        assert tiny["speedup"][b] == pytest.approx(ours["tok_s"] / hf["tok_s"])
+        decode = tiny["ours"]["decode"][b]
+        assert decode["floor_ms"] > 0 and decode["replay_ms"] is None  # no CUDA graphs on the CPU
+    assert tiny["hf_logits_rel_diff"] < 1e-4, "HF does not run on the engine's own weights"
+    assert report["wall_seconds"] <= 100
+    assert "| 3 |" in next(tmp_path.glob("bench_engine_*.md")).read_text()
+    assert "SUMMARY tiny: ours tok/s b1=" in proc.stdout
+
+
+def test_run_past_deadline_is_aborted_and_marked_truncated():
+    engine = LLMEngine(EngineConfig(model="tiny", max_num_seqs=4, max_num_batched_tokens=64))
+    prompts = [[5, 6, 7, 8]] * 3
+    result = run_engine(engine, prompts, 200, "late", deadline=time.perf_counter())
+    assert result["truncated"] and result["output_tokens"] < 3 * 200
+    assert not engine.has_unfinished_requests() and engine.block_manager.num_free_blocks == engine.num_kv_blocks
+    assert not run_engine(engine, prompts, 5, "on-time")["truncated"]
+
+
+def test_expected_experts_touched():
+    uniform = [10] * 8
+    assert expected_experts_touched(uniform, top_k=2, batch=1) == pytest.approx(2.0)  # k distinct experts
+    assert expected_experts_touched(uniform, top_k=2, batch=10_000) == pytest.approx(8.0)  # all of them
+    assert expected_experts_touched([1, 0, 0, 0], top_k=1, batch=5) == pytest.approx(1.0)  # the only loaded one
