@@ -10,6 +10,7 @@ Two groups over the same ranks:
 
 import datetime
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,9 @@ def init_process_groups(rank: int, world_size: int, device: torch.device, store:
     timeout = datetime.timedelta(seconds=collective_timeout_s)
     kwargs = dict(backend=backend_for(device), rank=rank, world_size=world_size, timeout=timeout)
     if device.type == "cuda":
+        # NVLink multicast off unless asked for: a fault in it can take a shared node's GPUs out of service
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
         torch.cuda.set_device(device)
         kwargs["device_id"] = device  # NCCL communicators are created eagerly, before the first collective
     if store is not None:
