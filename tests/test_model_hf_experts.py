@@ -157,7 +157,9 @@ def test_bf16_within_eager_error_with_routing_held_fixed(family, size, device, o
     assert op_calls and len(our_probe.ids) == len(routing.ids) > 0
     assert all(same_experts(a, b).all() for a, b in zip(our_probe.ids, routing.ids))
     ours_rows, hf_rows = row_errors(mine, golden), row_errors(hf_bf16, golden)  # [T] each
-    assert hf_rows.max() < 0.1, f"eager bf16 itself is far from float32 ({hf_rows}): the comparison is void"
+    # bf16's own error, not a tolerance: up to 0.09 at a token (wide qwen2_moe on CPU); far above it, "twice
+    # eager's error" would stop meaning anything
+    assert hf_rows.max() < 0.25, f"eager bf16 itself is far from float32 ({hf_rows}): the comparison is void"
     assert ours_rows.median() <= 2 * hf_rows.median() + 1e-3, (ours_rows, hf_rows)
     assert ours_rows.max() <= 2 * hf_rows.max() + 1e-3, (ours_rows, hf_rows)
 
