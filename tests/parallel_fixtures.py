@@ -73,13 +73,14 @@ def run_schedule(model, schedule=SCHEDULE, block_size: int = 4, num_blocks: int 
     return outputs
 
 
-def _rank_main(rank: int, world: int, port: int, target, args, results) -> None:
+def _rank_main(rank: int, world: int, port: int, target, args, results, device_type: str) -> None:
     try:
         from model.parallel.comm import init_process_groups
 
         torch.set_num_threads(1)
         store = dist.TCPStore("127.0.0.1", port, world + 1, is_master=False, timeout=datetime.timedelta(seconds=60))
-        groups = init_process_groups(rank, world, torch.device("cpu"), store, collective_timeout_s=60)
+        device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+        groups = init_process_groups(rank, world, device, store, collective_timeout_s=60)
         result = target(groups, *args)
         buffer = io.BytesIO()  # tensors as bytes: a queue would share their storage, gone once this rank exits
         torch.save(result, buffer)
@@ -89,8 +90,9 @@ def _rank_main(rank: int, world: int, port: int, target, args, results) -> None:
         results.put((rank, "error", traceback.format_exc()))
 
 
-def spawn_ranks(world: int, target, args=(), timeout: float = 90.0) -> list:
-    """Run target(groups, *args) on ranks 0..world-1 (spawned processes, gloo); returns their results by rank.
+def spawn_ranks(world: int, target, args=(), timeout: float = 90.0, device_type: str = "cpu") -> list:
+    """Run target(groups, *args) on ranks 0..world-1 (spawned processes; gloo on the CPU, NCCL with device_type
+    "cuda", rank r on GPU r); returns their results by rank.
     A rank's exception fails the call with its traceback; the whole run is bounded by `timeout`."""
     ctx = multiprocessing.get_context("spawn")
     store = dist.TCPStore("127.0.0.1", 0, world + 1, is_master=True, wait_for_workers=False,
@@ -98,7 +100,8 @@ def spawn_ranks(world: int, target, args=(), timeout: float = 90.0) -> list:
     results = ctx.Queue()
     env_threads = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
-    procs = [ctx.Process(target=_rank_main, args=(r, world, store.port, target, args, results), daemon=True)
+    procs = [ctx.Process(target=_rank_main, args=(r, world, store.port, target, args, results, device_type),
+                         daemon=True)
              for r in range(world)]
     try:
         for p in procs:
