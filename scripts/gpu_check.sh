@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The one script run on the lent H100 (see README "GPU runs"): builds the extension, checks the SASS, runs
 # `pytest -m gpu` and the benchmarks, writing logs under $OUT (default ./gpu-logs).
-#   bash scripts/gpu_check.sh [build] [tests] [sanitize] [bench] [bench-quick] [engine] [serve]   (default: build tests)
+#   bash scripts/gpu_check.sh [build] [tests] [sanitize] [bench] [bench-quick] [engine] [serve] [truth]
+#   (default: build tests). serve: benchmarks/bench_serve.py per preset (SERVE_PRESETS, SERVE_ARGS); truth: the
+#   utilization-metric check (benchmarks/utilization_truth.py, TRUTH_PRESET).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-logs}
 mkdir -p "$OUT"
@@ -42,6 +44,15 @@ for step in "${steps[@]}"; do
     bench) python3 benchmarks/bench_moe.py --out-dir "$OUT" 2>&1 | tee "$OUT/bench_moe.log" | tail -60 ;;
     bench-quick) python3 benchmarks/bench_moe.py --quick --out-dir "$OUT" 2>&1 | tee "$OUT/bench_moe.log" | tail -60 ;;
     engine) python3 benchmarks/bench_engine.py ${ENGINE_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench_engine.log" | tail -30 ;;
+    serve)  # one server per preset and process: a first preset's CUDA context would shrink the next one's KV cache
+      for p in ${SERVE_PRESETS:-olmoe-1b-7b qwen3-30b-a3b}; do
+        python3 benchmarks/bench_serve.py --presets "$p" ${SERVE_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench_serve_$p.log" | tail -40
+        status=$((status | ${PIPESTATUS[0]}))
+      done ;;
+    truth)
+      python3 benchmarks/utilization_truth.py --preset "${TRUTH_PRESET:-olmoe-1b-7b}" --out "$OUT" 2>&1 \
+        | tee "$OUT/utilization_truth.log" | tail -20
+      status=$((status | ${PIPESTATUS[0]})) ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
