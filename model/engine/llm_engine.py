@@ -75,6 +75,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(self.device, seed=config.seed)
         self.moe = MoeStatsCollector(model.moe_blocks(), self.device, config.expert_metrics, config.moe_timing_every)
+        self.runner.moe_timer = self.moe.timer  # decode graphs get fused_moe timing events (before their capture)
 
         self.moe.reset_counts()  # the memory-profiling step was counted
         self.runner.write_pad_kv()
@@ -173,9 +174,8 @@ class LLMEngine:
             if sched.is_empty:
                 outputs += self._emit_pending()
                 return outputs
-            timed = self.moe.should_time()
-            self.moe.begin_step(timed)
-            logits, pad_rows = self.runner.execute(sched, force_eager=timed)
+            self.moe.begin_step()  # a sampled step is timed as it runs (graph replay or eager), never made eager
+            logits, pad_rows = self.runner.execute(sched)
             sampling = [s.seq for s in sched.scheduled if s.samples]
             sampled_ids = self.sampler.sample(logits, [seq.params for seq in sampling],
                                               [seq.generator for seq in sampling])  # [S] on the device

@@ -96,6 +96,7 @@ class ModelRunner:
         # Called with (SchedulerOutput, graph key or None) before each step runs: rank 0 of a parallel model tells
         # its workers (model/parallel) to run the same step. None on a single rank.
         self.step_listener = None
+        self.moe_timer = None  # model/engine/moe_timer.MoeTimer: told of each graph's capture and replay
         capacity = self.num_usable_blocks * self.block_size
         if config.max_model_len is not None and config.max_model_len > capacity:
             raise ValueError(f"max_model_len={config.max_model_len} does not fit the KV cache "
@@ -220,6 +221,8 @@ class ModelRunner:
             if key is not None:
                 if self.step_listener is not None:
                     self.step_listener(out, key)
+                if self.moe_timer is not None:
+                    self.moe_timer.graph_replayed(key)
                 return self._replay(self.graphs[key], out), key[0] - len(out.scheduled)
         if self.step_listener is not None:
             self.step_listener(out, None)
@@ -299,8 +302,12 @@ class ModelRunner:
             try:
                 self.model(batch, self.kv_cache)  # warm-up outside the graph (lazy inits, autotuning)
                 graph = torch.cuda.CUDAGraph()
+                if self.moe_timer is not None:  # its fused_moe timing events become nodes of this graph
+                    self.moe_timer.begin_capture((b, w))
                 with torch.cuda.graph(graph, pool=pool):
                     logits = self.model(batch, self.kv_cache)
+                if self.moe_timer is not None:
+                    self.moe_timer.end_capture()
             except RuntimeError as err:
                 raise RuntimeError(f"CUDA graph capture of the decode step (batch {b}, {w} blocks) failed: {err}; "
                                    "enforce_eager=True serves without graphs") from err

@@ -1,9 +1,12 @@
 """MoE metrics gathered without stalling the engine loop.
 
 - FLOPs: analytic, from the tokens each step serves (routed experts: 2·k·H·2I + 2·k·I·H per token and MoE layer;
-  shared experts counted separately as dense).
-- Timing: every `timing_every`-th step runs eager with CUDA events recorded by forward pre/post hooks around each
-  SparseMoeBlock; the events are read later with `event.query()`, never waited on. On the CPU, wall clock.
+  shared experts counted separately as dense). `flops_total` counts served tokens only.
+- Timing (model/engine/moe_timer.py): every `timing_every`-th step is sampled. The routed-expert op (`fused_moe`)
+  of each MoE block is timed by events recorded right around it: event-record nodes inside the decode CUDA graphs
+  (so sampled decode steps stay graph replays), fresh events in eager steps, the wall clock on the CPU. The events
+  are read once complete, never waited on. A sample's FLOPs are those of the rows fused_moe computed, padded graph
+  rows included, since the kernel computes them too; so utilization = FLOPs ÷ seconds of the same work.
 - Expert load: each SparseMoeBlock accumulates its token counts on the device; every few steps those buffers are
   copied device -> pinned host with non_blocking and an event, and harvested once the event has completed.
   Padded CUDA-graph rows are counted by the op too; they all compute the same fixed pad token, whose per-layer
@@ -11,22 +14,28 @@
 """
 
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+
+from model.engine.moe_timer import MoeTimer
+
+MAX_READY_SAMPLES = 4096  # timed samples kept for the next snapshot
 
 
 @dataclass
 class MoeStatsSnapshot:
     device_name: str
     flops_total: float  # routed-expert GEMM FLOPs served so far
-    timed: list[tuple[float, float]]  # new since the last call: (seconds in the MoE blocks of a sampled step, its FLOPs)
+    timed: list[tuple[float, float]]  # new since the last call: (seconds in fused_moe of a sampled step, FLOPs it
+    #                                    computed there, padded CUDA-graph rows included)
     expert_tokens_total: list[list[int]]  # [MoE layer][expert], cumulative
     window_expert_tokens: list[list[int]]  # [MoE layer][expert], over the recent window
     layer_indices: list[int] = field(default_factory=list)  # model layer index of each row above
     shared_expert_flops_total: float = 0.0  # dense shared-expert GEMM FLOPs served so far
+    timed_skipped_total: int = 0  # sampled steps whose events were overwritten by a later replay before the read
+    timing_read_host_seconds_total: float = 0.0  # host time spent reading timing events (the metric's cost)
 
 
 def routed_flops_per_token(block) -> int:
@@ -59,9 +68,6 @@ class MoeStatsCollector:
         self._flops_total = 0.0
         self._shared_flops_total = 0.0
         self._step = 0
-        self._timing_now = False
-        self._open_marks: list = []  # events (or perf_counter values) of the current timed step
-        self._pending_timed: deque = deque()  # (marks, flops) waiting for their events
         self._ready_timed: list[tuple[float, float]] = []
         self._pad_rows = 0  # padded CUDA-graph rows run so far
         self._pad_routing = torch.zeros(len(blocks), max(self.num_experts, default=1), dtype=torch.int64)
@@ -69,44 +75,25 @@ class MoeStatsCollector:
         self._history: deque[torch.Tensor] = deque(maxlen=window_harvests + 1)  # corrected cumulative counts
         for b in blocks:
             b.count_expert_load = self.enabled
-        self._hooks = []
-        if self.enabled:
-            for i, b in enumerate(blocks):
-                self._hooks.append(b.register_forward_pre_hook(self._make_mark_hook(2 * i)))
-                self._hooks.append(b.register_forward_hook(self._make_mark_hook(2 * i + 1)))
+        self.timer = MoeTimer(device, self.enabled)  # the model runner reports graph captures and replays to it
+        self.timer.attach(blocks)
 
     # ---- timing -----------------------------------------------------------------------------------------------
     def should_time(self) -> bool:
-        """Decided at the start of a step: whether this step runs eager with timing marks."""
+        """Whether the coming step is sampled (its fused_moe time read). It runs as it would anyway: graph or eager."""
         return self.enabled and self._step % self.timing_every == self.timing_every - 1
 
-    def _make_mark_hook(self, slot: int):
-        def hook(module, *args):
-            if not self._timing_now:
-                return None
-            if self.device.type == "cuda":
-                event = torch.cuda.Event(enable_timing=True)
-                event.record()
-                self._open_marks.append((slot, event))
-            else:
-                self._open_marks.append((slot, time.perf_counter()))
-            return None
-        return hook
-
-    def begin_step(self, timed: bool) -> None:
-        self._timing_now = timed
-        self._open_marks = []
+    def begin_step(self) -> None:
+        self.timer.begin_step(self.should_time())
 
     def end_step(self, num_tokens: int, num_pad_rows: int, issue_copy: bool = False) -> None:
-        """After the model ran on `num_tokens` real rows (+ `num_pad_rows` padding rows)."""
+        """After the model ran on `num_tokens` real rows (+ `num_pad_rows` padding rows of a CUDA graph)."""
         self._step += 1
         with self._lock:
             self._flops_total += float(num_tokens) * self.routed_flops_per_token
             self._shared_flops_total += float(num_tokens) * self.shared_flops_per_token
             self._pad_rows += num_pad_rows
-            if self._timing_now and self._open_marks:
-                self._pending_timed.append((self._open_marks, float(num_tokens) * self.routed_flops_per_token))
-            self._timing_now, self._open_marks = False, []
+            self.timer.end_step(float(num_tokens + num_pad_rows) * self.routed_flops_per_token)
             if self.enabled and (issue_copy or (self._copy_in_flight is None and self._step % self.harvest_every == 0)):
                 self._issue_copy(final=issue_copy)
             self._poll()
@@ -127,12 +114,8 @@ class MoeStatsCollector:
 
     def _poll(self) -> None:
         """Harvest whatever finished on the device (caller holds the lock). Never waits."""
-        while self._pending_timed:
-            marks, flops = self._pending_timed[0]
-            if self.device.type == "cuda" and not marks[-1][1].query():
-                break
-            self._pending_timed.popleft()
-            self._ready_timed.append((self._marks_seconds(marks), flops))
+        self._ready_timed += self.timer.poll()
+        del self._ready_timed[:-MAX_READY_SAMPLES]  # nobody takes snapshots (offline use): keep the newest
         if self._copy_in_flight is not None:
             host, event, pad_rows, final = self._copy_in_flight
             if event is not None and final and not event.query():
@@ -140,17 +123,6 @@ class MoeStatsCollector:
             if event is None or event.query():
                 self._copy_in_flight = None
                 self._history.append(host.clone() - pad_rows * self._pad_routing)
-
-    def _marks_seconds(self, marks) -> float:
-        starts: dict[int, object] = {}
-        total = 0.0
-        for slot, mark in marks:
-            if slot % 2 == 0:
-                starts[slot // 2] = mark
-            elif slot // 2 in starts:
-                start = starts.pop(slot // 2)
-                total += start.elapsed_time(mark) / 1e3 if self.device.type == "cuda" else mark - start
-        return total
 
     # ---- padding correction and reset -------------------------------------------------------------------------
     def read_counts_now(self) -> torch.Tensor:
@@ -184,7 +156,8 @@ class MoeStatsCollector:
             else:
                 total = window = [[0] * e for e in self.num_experts]
             return MoeStatsSnapshot(self.device_name, self._flops_total, timed, total, window,
-                                    list(self.layer_indices), self._shared_flops_total)
+                                    list(self.layer_indices), self._shared_flops_total, self.timer.skipped,
+                                    self.timer.read_host_seconds)
 
     def _per_layer(self, counts: torch.Tensor) -> list[list[int]]:
         return [counts[i, :e].clamp(min=0).tolist() for i, e in enumerate(self.num_experts)]

@@ -48,14 +48,21 @@ class SparseMoeBlock(nn.Module):
         # Tokens routed to each expert, accumulated on the device by the op (no host sync); read by metrics.
         self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
         self.count_expert_load = True
+        # Set by the engine's metrics (model/engine/moe_timer.py): marks right around fused_moe, for its utilization.
+        self.moe_timer = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, H]
         router_logits = self.gate(x)  # [N, E]
         topk_weights, topk_ids = softmax_topk(router_logits, self.top_k, self.renormalize)  # [N, k] f32, i32
+        timer = self.moe_timer
+        if timer is not None:
+            timer.start()
         out = fused_moe(
             x, self.experts.gate_up_proj, self.experts.down_proj, topk_weights, topk_ids,
             expert_load=self.expert_load if self.count_expert_load else None,
         )  # [N, H]
+        if timer is not None:
+            timer.stop()
         if self.shared_expert is not None:
             out = out + F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
