@@ -78,3 +78,42 @@ def test_tiny_preset_on_four_ranks_generates_as_one():
         engine.shutdown()
     assert all(not p.is_alive() for p in engine.workers.processes.values()), "shutdown stops the workers"
     assert not torch.distributed.is_initialized()
+
+
+class _RecordReplay:
+    """Stands in for the CUDA graph on the CPU: the test compares the inputs written before a replay."""
+
+    replays = 0
+
+    def replay(self):
+        self.replays += 1
+
+
+def test_worker_fills_decode_graph_inputs_as_rank_0_does():
+    from model.engine.model_runner import _Graph
+    from model.parallel.step_channel import encode_decode_rows
+    from model.parallel.worker import replay_decode
+
+    engine = LLMEngine(engine_config("tiny"))
+    for i, n in enumerate((3, 21, 38)):
+        engine.add_request(f"s{i}", list(range(1, n + 1)), SamplingParams(max_tokens=30, **GREEDY))
+    for _ in range(8):  # prefill chunks, then decode steps
+        engine.step()
+    out = engine.scheduler.schedule()
+    assert out.is_decode and len(out.scheduled) == 3
+    runner, key = engine.runner, (4, 16)
+
+    def graph() -> _Graph:
+        batch, int64_inputs, int32_inputs = runner._static_pad_batch(*key)
+        return _Graph(_RecordReplay(), batch, torch.zeros(key[0], 1), int64_inputs, int32_inputs)
+
+    rank0 = graph()
+    runner._replay(rank0, out)  # what rank 0 writes into its graph
+    for block_manager in (runner.block_manager, None):  # the host mirror, or the sequences' lists
+        worker = runner.graphs[key] = graph()
+        replay_decode(runner, key, encode_decode_rows(out, key[1], block_manager))
+        assert worker.graph.replays == 1
+        assert torch.equal(worker.int64_inputs, rank0.int64_inputs)
+        assert torch.equal(worker.int32_inputs, rank0.int32_inputs)
+    ids, positions, slots = rank0.int64_inputs.view(3, 4).tolist()
+    assert positions[2] >= 38 and slots[2] >= 0 and slots[3] == -1  # 3 real rows, then a padding row

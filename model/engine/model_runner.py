@@ -93,7 +93,7 @@ class ModelRunner:
         self.num_usable_blocks = self._decide_num_blocks(max_len)
         if hasattr(model, "agree_on_num_blocks"):  # the ranks of a parallel model (model/parallel) take the least
             self.num_usable_blocks = model.agree_on_num_blocks(self.num_usable_blocks)
-        # Called with (SchedulerOutput, graph key or None) before each step runs: rank 0 of a parallel model tells
+        # Called with (self, SchedulerOutput, graph key or None) before each step runs: rank 0 of a parallel model tells
         # its workers (model/parallel) to run the same step. None on a single rank.
         self.step_listener = None
         self.moe_timer = None  # model/engine/moe_timer.MoeTimer: told of each graph's capture and replay
@@ -220,12 +220,12 @@ class ModelRunner:
             key = self._graph_key(len(out.scheduled), max(len(s.seq.block_table) for s in out.scheduled))
             if key is not None:
                 if self.step_listener is not None:
-                    self.step_listener(out, key)
+                    self.step_listener(self, out, key)
                 if self.moe_timer is not None:
                     self.moe_timer.graph_replayed(key)
                 return self._replay(self.graphs[key], out), key[0] - len(out.scheduled)
         if self.step_listener is not None:
-            self.step_listener(out, None)
+            self.step_listener(self, out, None)
         return self.model(self.build_batch(out), self.kv_cache), 0
 
     def _graph_key(self, batch: int, width: int) -> tuple[int, int] | None:

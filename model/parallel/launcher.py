@@ -26,7 +26,7 @@ import torch.distributed as dist
 from model.engine.config import EngineConfig
 from model.parallel.comm import ProcessGroups, init_process_groups
 from model.parallel.config import ParallelConfig
-from model.parallel.step_channel import EAGER, GRAPH, STOP, items_of, send_step
+from model.parallel.step_channel import EAGER, GRAPH, STOP, encode_decode_rows, encode_items, items_of, send
 from model.parallel.worker import prepare_rank, spawned_worker_main
 
 logger = logging.getLogger(__name__)
@@ -74,10 +74,14 @@ class WorkerGroup:
         if self.failure is not None:
             raise ParallelWorkerError(self.failure)
 
-    def send_step(self, scheduler_output, graph_key: tuple[int, int] | None) -> None:
+    def send_step(self, runner, scheduler_output, graph_key: tuple[int, int] | None) -> None:
         """ModelRunner.step_listener: tell the workers to run the step rank 0 is about to run."""
         self.check()
-        send_step(self.groups.control, GRAPH if graph_key else EAGER, items_of(scheduler_output), graph_key)
+        if graph_key is None:
+            send(self.groups.control, EAGER, encode_items(items_of(scheduler_output)))
+        else:
+            rows = encode_decode_rows(scheduler_output, graph_key[1], getattr(runner, "block_manager", None))
+            send(self.groups.control, GRAPH, rows, graph_key)
 
     def close(self, timeout: float = 10.0, graceful: bool = True) -> None:
         """Stop the workers (a STOP message, then terminate what is left) and leave the process groups."""
@@ -86,7 +90,7 @@ class WorkerGroup:
         self._closed = True
         if graceful and self.failure is None:
             try:
-                send_step(self.groups.control, STOP)
+                send(self.groups.control, STOP)
             except Exception as err:  # noqa: BLE001 - a worker already gone; terminate below
                 logger.warning("could not send STOP to the workers: %r", err)
         for process in self.processes.values():

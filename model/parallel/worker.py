@@ -12,6 +12,7 @@ import os
 import threading
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -20,7 +21,7 @@ from model.engine.model_runner import PAD_BLOCK, PAD_TOKEN, ModelRunner
 from model.parallel.comm import ProcessGroups, init_process_groups
 from model.parallel.config import ParallelConfig
 from model.parallel.loading import load_parallel_model
-from model.parallel.step_channel import GRAPH, STOP, Item, receive_step
+from model.parallel.step_channel import GRAPH, STOP, decode_items, receive, split_decode_rows
 
 logger = logging.getLogger(__name__)
 
@@ -36,23 +37,23 @@ def prepare_rank(groups: ProcessGroups, engine_config: EngineConfig, parallel: P
     return model, tokenizer, dtype
 
 
-def replay_decode(runner: ModelRunner, key: tuple[int, int], items: list[Item]) -> None:
+def replay_decode(runner: ModelRunner, key: tuple[int, int], payload: np.ndarray) -> None:
     """Fill the (b, w) decode graph's static inputs as rank 0 filled its own (padding rows included), replay."""
     g = runner.graphs[key]
     b, w = key
-    bs = runner.block_size
-    ids, pos, slots, ctx, tables = [], [], [], [], []
-    for tokens, start, table, _ in items:
-        ids.append(tokens[0])
-        pos.append(start)
-        slots.append(table[start // bs] * bs + start % bs)
-        ctx.append(start + 1)
-        tables += table + [PAD_BLOCK] * (w - len(table))
-    pad = b - len(items)
-    int64_values = ids + [PAD_TOKEN] * pad + pos + [0] * pad + slots + [-1] * pad
-    int32_values = ctx + [1] * pad + tables + [PAD_BLOCK] * (w * pad)
-    g.int64_inputs.copy_(torch.tensor(int64_values, dtype=torch.int64), non_blocking=True)
-    g.int32_inputs.copy_(torch.tensor(int32_values, dtype=torch.int32), non_blocking=True)
+    ids, pos, tables = split_decode_rows(payload, w)
+    n, bs = len(ids), runner.block_size
+    int64_values = np.empty(3 * b, dtype=np.int64)  # ids, positions, slots
+    int32_values = np.empty(b + b * w, dtype=np.int32)  # context lengths, block tables
+    int64_values[:n], int64_values[n:b] = ids, PAD_TOKEN
+    int64_values[b : b + n], int64_values[b + n : 2 * b] = pos, 0
+    int64_values[2 * b : 2 * b + n] = tables[np.arange(n), pos // bs] * bs + pos % bs
+    int64_values[2 * b + n :] = -1
+    int32_values[:n], int32_values[n:b] = pos + 1, 1
+    block_tables = int32_values[b:].reshape(b, w)
+    block_tables[:n], block_tables[n:] = tables, PAD_BLOCK
+    g.int64_inputs.copy_(torch.from_numpy(int64_values))
+    g.int32_inputs.copy_(torch.from_numpy(int32_values))
     g.graph.replay()
 
 
@@ -60,14 +61,14 @@ def follow_steps(runner: ModelRunner, groups: ProcessGroups) -> int:
     """Run rank 0's steps until it says stop; returns the number of steps run."""
     steps = 0
     while True:
-        kind, items, key = receive_step(groups.control)
+        kind, payload, key = receive(groups.control)
         if kind == STOP:
             return steps
         with torch.inference_mode():
             if kind == GRAPH:
-                replay_decode(runner, key, items)
+                replay_decode(runner, key, payload)
             else:
-                runner.model(runner._prefill_batch(items), runner.kv_cache)
+                runner.model(runner._prefill_batch(decode_items(payload)), runner.kv_cache)
         steps += 1
 
 
