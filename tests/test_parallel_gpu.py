@@ -77,3 +77,28 @@ def test_nccl_ranks_give_the_logits_of_one_rank(tmp_path):
         reference = run_schedule(load_model(case[0], dtype=torch.float32, device="cuda")[0])
         for ours, ref in zip(results[0][case], reference):
             assert float((ours - ref).abs().max() / ref.abs().max()) < 2e-5, case
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_workers_replay_decode_graphs_as_eager_steps_compute():
+    """2 NCCL ranks, bf16: decode steps replayed from CUDA graphs on every rank (inputs sent by rank 0) generate
+    exactly what the same ranks generate eagerly (same kernels, same reduction order)."""
+    prompts = [[i % 250 + 1 for i in range(n)] for n in (5, 60, 200)]
+
+    def generate(enforce_eager: bool) -> dict[str, list[int]]:
+        config = EngineConfig(model="tiny", max_num_seqs=8, max_num_batched_tokens=256, max_model_len=512,
+                              num_kv_blocks=256, enforce_eager=enforce_eager, moe_timing_every=1000)
+        engine = LLMEngine(config, parallel=ParallelConfig(2, 2, collective_timeout_s=60))
+        try:
+            assert (engine.runner.num_graphs > 0) != enforce_eager
+            for i, prompt in enumerate(prompts):
+                engine.add_request(str(i), prompt, SamplingParams(max_tokens=32, **GREEDY))
+            out: dict[str, list[int]] = {}
+            while engine.has_unfinished_requests():
+                for o in engine.step():
+                    out.setdefault(o.request_id, []).extend(o.new_token_ids)
+            return out
+        finally:
+            engine.shutdown()
+
+    assert generate(enforce_eager=False) == generate(enforce_eager=True)
