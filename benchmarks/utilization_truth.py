@@ -2,17 +2,23 @@
 """Metric truth (issues 5 and 7): is `staticmoe_moe_tensor_core_utilization` what the MoE kernels achieve?
 
 Gauge side — exactly what the service exports. The engine serves B sequences that all decode together, so every
-sampled step has T = B tokens. The (seconds, FLOPs) pairs of those steps (`engine.moe_stats().timed`; CUDA events
-around each SparseMoeBlock of an eager sampled step) go through the service's own `ServiceMetrics.update_moe`, and
-the gauge is read back from its registry (Σ FLOPs ÷ Σ seconds ÷ the device's dense bf16 peak).
+sampled decode step runs the decode CUDA graph of B rows (B is one of the graph batch sizes when it equals
+max_num_seqs or a power of two; otherwise the graph's padded row count is used throughout). The engine times only
+`fused_moe` of each MoE layer, by event-record nodes captured into that graph (model/engine/moe_timer.py); the
+(seconds, FLOPs) pairs of those steps (`engine.moe_stats().timed`) go through the service's own
+`ServiceMetrics.update_moe`, and the gauge is read back from its registry (Σ FLOPs ÷ Σ seconds ÷ the device's
+dense bf16 peak).
 
-Independent side — the kernel benchmark's method on the same work. Forward hooks copy each MoE block's input of
-one such step (after the block ran, outside the timed window). Offline, the router and top-k run untimed, then
-`fused_moe` on those exact activations and routings is timed per layer with the kernel benchmark's Timer (CUDA
-events, L2 flushed before each call, median) and summed over the layers; FLOPs come from the config
-(2·k·H·2I + 2·k·I·H per token per layer), not from the engine. Pass: gauge ÷ independent within ±10%.
-Also reported, to explain a gap: the whole block (router + top-k + fused_moe + shared expert) under the same Timer,
-and all layers' fused_moe replayed back to back in one CUDA graph (how a graph-captured decode step runs them).
+Independent side — the same work, timed the same way outside the engine. Right after one sampled step, that step
+is run again eagerly on the graph's own static inputs (untimed; it rewrites the same KV slots with the same values,
+expert counting off) with hooks copying each MoE block's input. Then the router and top-k run on those inputs, and
+`fused_moe` of each layer is captured in its own CUDA graph between two external timing events, replayed, and its
+median elapsed time summed over the layers (the reference). FLOPs come from the config (2·k·H·2I + 2·k·I·H per row
+per layer), not from the engine. Pass: gauge ÷ reference within ±10%. Also reported, to explain a gap: back-to-back
+replays of each layer's fused_moe graph (bench_timing.graph_ms), all layers in one graph, the kernel benchmark's
+Timer (eager, L2 flushed), and the whole block (router + top-k + fused_moe + shared expert) under that Timer.
+On the CPU (smoke runs) there are no graphs: sampled steps are eager and wall-clock timed, and the reference is the
+Timer.
 
     python benchmarks/utilization_truth.py --preset olmoe-1b-7b [--batch 64] [--out DIR]
 """
@@ -21,6 +27,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -58,87 +65,149 @@ def gauge_value(pairs: list[tuple[float, float]], snapshot, peak: float) -> floa
     return metrics.registry.get_sample_value("staticmoe_moe_tensor_core_utilization")
 
 
-class InputCapture:
-    """Copies each MoE block's input during the first step whose `armed` flag is set (in the forward *post*-hook,
-    registered after the engine's timing hooks, so the copy falls outside the timed window)."""
+class StepRecorder:
+    """Remembers the inputs of the step that just ran: the replayed graph's static batch, or the eager batch."""
 
-    def __init__(self, blocks):
-        self.inputs: dict[int, torch.Tensor] = {}
-        self.armed = False
-        self.handles = [b.register_forward_hook(self._hook(i)) for i, b in enumerate(blocks)]
-        self.num_blocks = len(blocks)
+    def __init__(self, runner):
+        self.runner = runner
+        self.batch, self.graph_rows = None, None
+        self._replay, self._build = runner._replay, runner.build_batch
+        runner._replay, runner.build_batch = self._on_replay, self._on_build
 
-    def _hook(self, index):
-        def hook(module, args, output):
-            if self.armed and index not in self.inputs:
-                self.inputs[index] = args[0].detach().clone()  # [B, H]
-        return hook
+    def _on_replay(self, g, out):
+        self.batch, self.graph_rows = g.batch, g.batch.input_ids.shape[0]
+        return self._replay(g, out)
 
-    @property
-    def complete(self) -> bool:
-        return len(self.inputs) == self.num_blocks
+    def _on_build(self, out):
+        self.batch = self._build(out)
+        self.graph_rows = None
+        return self.batch
 
     def remove(self):
-        for h in self.handles:
-            h.remove()
+        self.runner._replay, self.runner.build_batch = self._replay, self._build
 
 
-def serve_decode_batch(engine, prompts, output_len) -> tuple[list[tuple[float, float]], InputCapture, object]:
-    """All prompts at once, greedy, EOS ignored. Returns the timed pairs of steps in which exactly len(prompts)
-    sequences decoded, the captured MoE inputs of one such step, and the last stats snapshot."""
-    batch = len(prompts)
+@torch.inference_mode()
+def block_inputs_of(engine, batch) -> list[torch.Tensor]:
+    """Each MoE block's input [rows, H] in `batch`, by running it again eagerly (untimed, not counted). It rewrites the
+    K/V of its own slots with the same values, so the engine's state is unchanged."""
     blocks = engine.model.moe_blocks()
-    capture = InputCapture(blocks)
+    inputs: list[torch.Tensor | None] = [None] * len(blocks)
+    counting = [b.count_expert_load for b in blocks]
+    handles = [b.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0].detach().clone()))
+               for i, b in enumerate(blocks)]
+    try:
+        for b in blocks:
+            b.count_expert_load = False
+        engine.model(batch, engine.runner.kv_cache)
+    finally:
+        for b, c in zip(blocks, counting):
+            b.count_expert_load = c
+        for h in handles:
+            h.remove()
+    return inputs
+
+
+def serve_decode_batch(engine, prompts, output_len) -> dict:
+    """All prompts at once, greedy, EOS ignored. Collects the timed pairs of sampled steps in which exactly
+    len(prompts) sequences decoded, and the MoE block inputs of the first of them."""
+    batch = len(prompts)
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    engine.moe_stats()  # drop pairs of earlier work
-    state = {"decode_batch": False}
+    before = engine.moe_stats()  # also drops pairs of earlier work
+    shape = {}
     schedule = engine.scheduler.schedule
 
     def recording_schedule():
         out = schedule()
-        state["decode_batch"] = out.is_decode and len(out.scheduled) == batch
-        capture.armed = state["decode_batch"] and not capture.complete
+        shape["decode_batch"] = out.is_decode and len(out.scheduled) == batch
+        shape["decode"] = out.is_decode
         return out
 
     engine.scheduler.schedule = recording_schedule
-    pairs, snapshot = [], None
+    recorder = StepRecorder(engine.runner)
+    got = dict(pairs=[], graph_rows=set(), inputs=None, decode_steps=0, eager_decode_steps=0, snapshot=before)
     try:
         for i, p in enumerate(prompts):
             engine.add_request(f"truth-{i}", p, params)
         while engine.has_unfinished_requests():
+            shape.clear()
             engine.step()
-            # step() synced on the sampled ids, so a sampled step's events are complete and harvested now
+            if shape.get("decode"):
+                got["decode_steps"] += 1
+                got["eager_decode_steps"] += recorder.graph_rows is None
+            # step() read the sampled ids back, so a sampled step's events are complete and harvested now
             snapshot = engine.moe_stats()
-            if state["decode_batch"]:
-                pairs += snapshot.timed
-            state["decode_batch"] = capture.armed = False
+            got["snapshot"] = snapshot
+            if shape.get("decode_batch") and snapshot.timed:
+                got["pairs"] += snapshot.timed
+                got["graph_rows"].add(recorder.graph_rows)
+                if got["inputs"] is None:
+                    got["inputs"] = block_inputs_of(engine, recorder.batch)
     finally:
         engine.scheduler.schedule = schedule
-        capture.remove()
-    return pairs, capture, snapshot
+        recorder.remove()
+    after = got["snapshot"]
+    got["skipped"] = after.timed_skipped_total - before.timed_skipped_total
+    reads = after.timing_read_host_seconds_total - before.timing_read_host_seconds_total
+    got["read_host_us_per_sample"] = 1e6 * reads / max(1, len(got["pairs"]))
+    return got
+
+
+def graph_event_ms(fn, replays: int = 30) -> float:
+    """Median time of `fn` captured in a CUDA graph between two external timing events (event-record nodes), one
+    replay at a time: how the engine times fused_moe inside its decode graphs."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm up outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    start = torch.cuda.Event(enable_timing=True, external=True)
+    end = torch.cuda.Event(enable_timing=True, external=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        start.record()
+        fn()
+        end.record()
+    times = []
+    for _ in range(replays + 2):
+        graph.replay()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times[2:])
 
 
 @torch.inference_mode()
-def independent_seconds(engine, capture: InputCapture, budget_ms: float) -> dict:
-    """Per-step seconds of the captured step's MoE work, measured outside the engine three ways."""
+def independent_seconds(engine, inputs: list[torch.Tensor], budget_ms: float) -> dict:
+    """Per-step seconds of the recorded step's MoE work, measured outside the engine several ways."""
     device = engine.device
     timer = Timer(device, budget_ms)
-    blocks = engine.model.moe_blocks()
     routed = []
-    for index, block in enumerate(blocks):
-        x = capture.inputs[index]
-        weights, ids = softmax_topk(block.gate(x), block.top_k, block.renormalize)  # [B, k] f32, i32
+    for block, x in zip(engine.model.moe_blocks(), inputs):
+        weights, ids = softmax_topk(block.gate(x), block.top_k, block.renormalize)  # [T, k] f32, i32
         routed.append((block, x, weights, ids))
-    out = {
-        "fused_moe_timer": sum(timer.median_ms(lambda b=b, x=x, w=w, i=i: fused_moe(
-            x, b.experts.gate_up_proj, b.experts.down_proj, w, i)) for b, x, w, i in routed) / 1e3,
-        "block_timer": sum(timer.median_ms(lambda b=b, x=x: b(x)) for b, x, _, _ in routed) / 1e3,
-    }
+
+    def layer_call(b, x, w, i):
+        return lambda: fused_moe(x, b.experts.gate_up_proj, b.experts.down_proj, w, i)
+
+    out = {}
     if device.type == "cuda":
+        out["fused_moe_graph_events"] = sum(graph_event_ms(layer_call(*r)) for r in routed) / 1e3
+        out["fused_moe_graph_replays"] = sum(graph_ms(layer_call(*r)) for r in routed) / 1e3
+
         def all_layers():
-            for b, x, w, i in routed:
-                fused_moe(x, b.experts.gate_up_proj, b.experts.down_proj, w, i)
-        out["fused_moe_graph"] = graph_ms(all_layers) / 1e3
+            for r in routed:
+                layer_call(*r)()
+        out["fused_moe_graph_all_layers"] = graph_ms(all_layers) / 1e3
+    out["fused_moe_timer"] = sum(timer.median_ms(layer_call(*r)) for r in routed) / 1e3
+    counting = [b.count_expert_load for b, _, _, _ in routed]
+    try:
+        for b, _, _, _ in routed:
+            b.count_expert_load = False  # these calls are no served tokens
+        out["block_timer"] = sum(timer.median_ms(lambda b=b, x=x: b(x)) for b, x, _, _ in routed) / 1e3
+    finally:
+        for (b, _, _, _), c in zip(routed, counting):
+            b.count_expert_load = c
     return out
 
 
@@ -146,51 +215,70 @@ def measure_utilization(engine, prompts, output_len: int, peak_flops: float | No
                         budget_ms: float = 50.0) -> dict:
     """Gauge vs independent utilization at T = len(prompts) decode tokens per step (see the module doc)."""
     batch = len(prompts)
-    pairs, capture, snapshot = serve_decode_batch(engine, prompts, output_len)
+    got = serve_decode_batch(engine, prompts, output_len)
+    pairs, snapshot = got["pairs"], got["snapshot"]
     device_name = snapshot.device_name
     peak = peak_flops or dense_bf16_peak_flops(device_name)
     peak_source = "--peak-flops" if peak_flops else "service.metrics.DENSE_BF16_PEAKS" if peak else "nominal (CPU)"
     peak = peak or NOMINAL_CPU_PEAK
-    step_flops = batch * moe_flops_per_token(engine.model_config) * len(engine.model.moe_blocks())
-    result = dict(batch=batch, output_len=output_len, device=device_name, peak_flops=peak, peak_source=peak_source,
-                  flops_per_step=step_flops, timing_every=engine.config.moe_timing_every,
-                  gauge_steps=len(pairs))
-    if not pairs or not capture.complete:
-        result["error"] = (f"no sampled step with {batch} decoding sequences (timed pairs: {len(pairs)}, captured "
-                           f"layers: {len(capture.inputs)}): raise --output-len above "
-                           f"{2 * engine.config.moe_timing_every}")
+    rows_seen = got["graph_rows"]
+    rows = next(iter(rows_seen)) if len(rows_seen) == 1 and None not in rows_seen else batch
+    step_flops = rows * moe_flops_per_token(engine.model_config) * len(engine.model.moe_blocks())
+    result = dict(batch=batch, rows_computed=rows, graph_replayed=None not in rows_seen and bool(rows_seen),
+                  output_len=output_len, device=device_name, peak_flops=peak, peak_source=peak_source,
+                  flops_per_step=step_flops, timing_every=engine.config.moe_timing_every, gauge_steps=len(pairs),
+                  decode_steps=got["decode_steps"], eager_decode_steps=got["eager_decode_steps"],
+                  skipped_samples=got["skipped"], read_host_us_per_sample=got["read_host_us_per_sample"])
+    if not pairs or got["inputs"] is None:
+        result["error"] = (f"no sampled step with {batch} decoding sequences (timed pairs: {len(pairs)}): raise "
+                           f"--output-len above {2 * engine.config.moe_timing_every}")
         return result
-    engine_flops = [f for _, f in pairs]
-    result["engine_flops_match"] = all(abs(f - step_flops) <= 1e-9 * step_flops for f in engine_flops)
+    if len(rows_seen) > 1:
+        result["error"] = f"sampled steps ran graphs of different row counts {sorted(map(str, rows_seen))}"
+        return result
+    result["engine_flops_match"] = all(abs(f - step_flops) <= 1e-9 * step_flops for _, f in pairs)
     gauge = gauge_value(pairs, snapshot, peak)
     seconds = [s for s, _ in pairs]
     result["gauge"] = dict(utilization=gauge, seconds_per_step_mean=sum(seconds) / len(seconds),
                            per_step_utilization=[f / s / peak for s, f in pairs])
     result["independent"] = {name: dict(seconds_per_step=s, utilization=step_flops / s / peak)
-                             for name, s in independent_seconds(engine, capture, budget_ms).items()}
-    reference = result["independent"]["fused_moe_timer"]["utilization"]
+                             for name, s in independent_seconds(engine, got["inputs"], budget_ms).items()}
+    result["reference"] = "fused_moe_graph_events" if "fused_moe_graph_events" in result["independent"] \
+        else "fused_moe_timer"
+    reference = result["independent"][result["reference"]]["utilization"]
+    result["reference_utilization"] = reference
     result["ratio_gauge_to_independent"] = gauge / reference
     result["within_tolerance"] = abs(gauge / reference - 1.0) <= TOLERANCE
     return result
 
 
+METHOD_NAMES = {
+    "fused_moe_graph_events": "fused_moe per layer in its own CUDA graph, between event-record nodes (as the engine)",
+    "fused_moe_graph_replays": "fused_moe per layer in its own CUDA graph, back-to-back replays (graph_ms)",
+    "fused_moe_graph_all_layers": "fused_moe of all layers in one CUDA graph (graph_ms)",
+    "fused_moe_timer": "fused_moe per layer, kernel-benchmark Timer (eager, L2 flushed)",
+    "block_timer": "whole MoE block (router + top-k + fused_moe + shared expert), Timer",
+}
+
+
 def markdown_lines(r: dict) -> list[str]:
     if "error" in r:
         return [f"utilization truth: {r['error']}"]
-    lines = [f"Metric truth at T = {r['batch']} decode tokens per step ({r['gauge_steps']} sampled steps, peak "
-             f"{r['peak_flops'] / 1e12:.0f} TFLOP/s from {r['peak_source']}):", "",
-             "| measurement | MoE s/step | utilization | gauge ÷ this |", "|---|---|---|---|",
+    how = "graph-replayed decode steps" if r["graph_replayed"] else "eager steps (no CUDA graphs)"
+    lines = [f"Metric truth at T = {r['batch']} decode tokens per step ({r['rows_computed']} rows computed; "
+             f"{r['gauge_steps']} sampled {how}; {r['eager_decode_steps']} of {r['decode_steps']} decode steps "
+             f"eager; peak {r['peak_flops'] / 1e12:.0f} TFLOP/s from {r['peak_source']}):", "",
+             "| measurement | fused_moe s/step | utilization | gauge ÷ this |", "|---|---|---|---|",
              f"| gauge (`staticmoe_moe_tensor_core_utilization`) | {r['gauge']['seconds_per_step_mean'] * 1e3:.3f} ms "
              f"| {r['gauge']['utilization']:.4f} | 1.00 |"]
-    names = {"fused_moe_timer": "fused_moe, kernel-benchmark Timer (reference)",
-             "block_timer": "whole MoE block (router + top-k + fused_moe), Timer",
-             "fused_moe_graph": "fused_moe of all layers in one CUDA graph"}
     for key, m in r["independent"].items():
-        lines.append(f"| {names[key]} | {m['seconds_per_step'] * 1e3:.3f} ms | {m['utilization']:.4f} | "
+        name = METHOD_NAMES[key] + (" **(reference)**" if key == r["reference"] else "")
+        lines.append(f"| {name} | {m['seconds_per_step'] * 1e3:.3f} ms | {m['utilization']:.4f} | "
                      f"{r['gauge']['utilization'] / m['utilization']:.2f} |")
     verdict = "PASS" if r["within_tolerance"] else "FAIL"
     lines += ["", f"gauge ÷ reference = {r['ratio_gauge_to_independent']:.3f} → {verdict} (±{TOLERANCE:.0%}); "
-              f"engine FLOPs per step equal the config's count: {r['engine_flops_match']}."]
+              f"engine FLOPs per step equal the config's count: {r['engine_flops_match']}; host time to read one "
+              f"sample's events: {r['read_host_us_per_sample']:.0f} µs; samples skipped: {r['skipped_samples']}."]
     return lines
 
 
@@ -204,6 +292,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--peak-flops", type=float, help="override the per-device dense bf16 peak")
     p.add_argument("--budget-ms", type=float, default=50.0, help="Timer budget per layer and method")
+    p.add_argument("--timing-every", type=int, default=4, help="the engine's moe_timing_every (sampling period)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     return p.parse_args(argv)
 
@@ -213,7 +302,8 @@ def main(argv=None) -> int:
     env = environment(args.device)
     engine = LLMEngine(EngineConfig(model=args.preset, random_weights=True, device=args.device,
                                     max_num_seqs=args.batch, max_num_batched_tokens=args.max_num_batched_tokens,
-                                    max_model_len=args.input_len + args.output_len))
+                                    max_model_len=args.input_len + args.output_len,
+                                    moe_timing_every=args.timing_every))
     prompts = make_prompts(args.batch, args.input_len, engine.model_config.vocab_size)
     result = measure_utilization(engine, prompts, args.output_len, args.peak_flops, args.budget_ms)
     del engine

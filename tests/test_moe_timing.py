@@ -75,6 +75,7 @@ def engine_with_timed_graphs(**overrides):
             graph.capture()
             runner.graphs[(b, w)] = _Graph(graph, batch, graph.logits, int64_inputs, int32_inputs)
     runner.graph_batch_sizes, runner.graph_widths = sizes, widths
+    engine.moe.reset_counts()  # as the engine does after its captures
     return engine
 
 
@@ -230,6 +231,24 @@ def test_cadence_every_nth_step_and_metrics_off_records_nothing(tiny_blocks):
     run_blocks(blocks, x)
     off.end_step(num_tokens=2, num_pad_rows=0)
     assert off.snapshot().timed == []
+
+
+def test_utilization_truth_reads_graph_samples_and_its_rerun_leaves_the_counters_alone():
+    """benchmarks/utilization_truth.py on stand-in graphs: its gauge side sees graph-replayed samples of exactly the
+    decode batch, and re-running the sampled step to read the MoE inputs does not count any expert twice."""
+    from benchmarks.utilization_truth import measure_utilization
+
+    engine = engine_with_timed_graphs(moe_timing_every=2, max_num_seqs=3)
+    prompts = random_prompts(3, seed=1, lengths=(20,))
+    result = measure_utilization(engine, prompts, 12, budget_ms=1)
+    assert "error" not in result, result["error"]
+    assert result["graph_replayed"] and result["eager_decode_steps"] == 0 and result["decode_steps"] == 11
+    assert result["rows_computed"] == 3 and result["engine_flops_match"]
+    assert result["gauge_steps"] >= 5 and result["reference"] == "fused_moe_timer"  # no CUDA: the Timer
+    fed = 3 * (20 + 12 - 1)
+    k = engine.model_config.top_k
+    assert engine.moe._pad_rows == 0  # so the device counters hold exactly the served tokens
+    assert engine.moe.read_counts_now().sum(dim=1).tolist() == [fed * k] * len(engine.model.moe_blocks())
 
 
 @torch.no_grad()
