@@ -2,7 +2,8 @@
 
 Request metrics mirror vLLM's names (vllm:X -> staticmoe_X), labels (`model_name`) and histogram buckets, so vLLM
 dashboards and PromQL carry over by swapping the prefix. MoE metrics (tensor-core utilization, FLOPs, kernel time,
-per-expert load) come from `engine.moe_stats()`, which the engine fills from device-side counters without a sync.
+per-expert load) come from `engine.moe_stats()`, which the engine fills from device-side counters and timing events
+without a sync (model/engine/moe_stats.py, moe_timer.py).
 All updates happen on the engine thread; prometheus-client metrics are thread-safe for the scraping thread.
 """
 
@@ -117,17 +118,18 @@ class ServiceMetrics:
 
         self.tensor_core_utilization = Gauge(
             "staticmoe_moe_tensor_core_utilization",
-            "Achieved MoE GEMM FLOP/s over the device's dense bf16 peak, from timed sampled steps (0-1).", registry=r)
+            "Achieved routed-expert GEMM FLOP/s of fused_moe over the device's dense bf16 peak (0-1): FLOPs of the rows "
+            "it computed (CUDA-graph padding included) / its time inside the sampled steps.", registry=r)
         self.peak_flops = Gauge("staticmoe_moe_peak_flops",
                                 "Dense bf16 peak FLOP/s used as the utilization denominator (0 = unknown).",
                                 registry=r)
-        self.moe_flops = Counter("staticmoe_moe_flops", "Routed-expert GEMM FLOPs executed (analytic count).",
-                                 registry=r)
+        self.moe_flops = Counter("staticmoe_moe_flops", "Routed-expert GEMM FLOPs of the tokens served (analytic "
+                                 "count; CUDA-graph padding rows not included).", registry=r)
         self.shared_expert_flops = Counter("staticmoe_moe_shared_expert_flops",
                                            "Dense shared-expert GEMM FLOPs executed (models with shared experts).",
                                            registry=r)
         self.moe_kernel_seconds = Histogram("staticmoe_moe_kernel_seconds",
-                                            "MoE kernel time of one sampled engine step (all layers), seconds.",
+                                            "fused_moe time of one sampled engine step (all MoE layers), seconds.",
                                             buckets=MOE_KERNEL_BUCKETS, registry=r)
         self._moe: MoeLayout | None = None
         self._moe_state = _MoeCumulative()
