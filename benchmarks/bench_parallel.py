@@ -236,7 +236,8 @@ def bench_collectives(args) -> dict:
 
 # ---- report -------------------------------------------------------------------------------------------------------
 def markdown(report: dict) -> str:
-    head = f"# bench_parallel {report['kind']}: {report['device']}, {report['date']}, commit {report['commit'][:12]}\n"
+    head = (f"# bench_parallel {report['kind']}: {report['device']}, {report['date']}, "
+            f"commit {report['commit'][:12]}\n")
     if report["kind"] == "collectives":
         lines = [head, "| world | backend | T | all-reduce µs | reduce-scatter + all-gather µs | all-to-all ×2 µs |",
                  "| --- | --- | --- | --- | --- | --- |"]
