@@ -129,6 +129,9 @@ def start_parallel(engine_config: EngineConfig, parallel: ParallelConfig, device
     else:
         if device.type == "cuda" and torch.cuda.device_count() < world:
             raise ValueError(f"tensor_parallel={world} needs {world} GPUs; {torch.cuda.device_count()} visible")
+        if device.type == "cuda" and device.index not in (None, 0):
+            raise ValueError(f"rank r runs on cuda:r, so rank 0 must be cuda:0, not {device}; choose the GPUs with "
+                             f"CUDA_VISIBLE_DEVICES")
         store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
                               timeout=datetime.timedelta(seconds=parallel.start_timeout_s))
         processes = _spawn_workers(engine_config, parallel, device, store.port)
