@@ -44,6 +44,13 @@ class EventStreamResponse(StreamingResponse):
                 await self.body_iterator.aclose()
 
 
+def has_content(output) -> bool:
+    """One chunk per engine output that carries new tokens (as vLLM), even when their text is empty so far (a partial
+    UTF-8 character, or text held back while it may start a stop string): clients time tokens by chunks. Outputs
+    with no token (an abort) still send their finish_reason."""
+    return bool(output.new_token_ids) or bool(output.new_text) or output.finished
+
+
 def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -154,7 +161,7 @@ class OpenAIServing:
 
         if body.stream:
             def on_output(index, output):
-                if not output.new_text and not output.finished:
+                if not has_content(output):
                     return None
                 return chunk([{"index": index, "text": output.new_text, "logprobs": None,
                                "finish_reason": output.finish_reason if output.finished else None,
@@ -201,9 +208,9 @@ class OpenAIServing:
                                 "finish_reason": None}]) for i in range(body.n)]
 
             def on_output(index, output):
-                if not output.new_text and not output.finished:
+                if not has_content(output):
                     return None
-                delta = {"content": output.new_text} if output.new_text else {}
+                delta = {"content": output.new_text} if output.new_token_ids or output.new_text else {}
                 return chunk([{"index": index, "delta": delta, "logprobs": None,
                                "finish_reason": output.finish_reason if output.finished else None,
                                "stop_reason": output.stop_reason if output.finished else None}])

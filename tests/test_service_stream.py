@@ -59,6 +59,35 @@ def test_64_concurrent_streams_all_complete_and_overlap(served):
     assert metric(samples, "staticmoe_num_requests_running") == 0
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_every_generated_token_gets_its_own_chunk_even_without_new_text(served, path):
+    """The tiny model's byte tokens often end inside a UTF-8 character, so their text is empty until a later token
+    completes it. Clients time tokens by chunks (TTFT, ITL), so each token still gets one chunk, as in vLLM."""
+    n = 24
+    chat = path.endswith("chat/completions")
+    body = {"max_tokens": n, "ignore_eos": True, "temperature": 0, "stream_options": {"include_usage": True},
+            **({"messages": [{"role": "user", "content": "bytes"}]} if chat else {"prompt": "bytes"})}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=served.base_url, headers=served.headers, timeout=60) as http:
+            whole = (await http.post(path, json={k: v for k, v in body.items() if k != "stream_options"})).json()
+            return whole, await read_stream(http, {**body, "stream": True}, path)
+
+    whole, streamed = asyncio.run(run())
+    assert streamed["events"][-1] == "[DONE]"
+    chunks = [json.loads(e) for e in streamed["events"][:-1]]
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    if chat:
+        assert choices[0]["delta"] == {"role": "assistant", "content": ""}
+        choices = choices[1:]
+    texts = [c["delta"]["content"] if chat else c["text"] for c in choices]
+    assert len(choices) == n == chunks[-1]["usage"]["completion_tokens"]
+    assert "" in texts, "no token without text: this prompt no longer exercises held-back text"
+    assert choices[-1]["finish_reason"] == "length" and all(c["finish_reason"] is None for c in choices[:-1])
+    expected = whole["choices"][0]["message"]["content"] if chat else whole["choices"][0]["text"]
+    assert "".join(texts) == expected
+
+
 def test_client_disconnect_mid_stream_aborts_and_frees_kv_blocks(served):
     before = parse_metrics(served.metrics_text())
     long_body = {"prompt": "keep going", "max_tokens": 400, "ignore_eos": True, "stream": True}
