@@ -17,6 +17,8 @@ median elapsed time summed over the layers (the reference). FLOPs come from the 
 per layer), not from the engine. Pass: gauge ÷ reference within ±10%. Also reported, to explain a gap: back-to-back
 replays of each layer's fused_moe graph (bench_timing.graph_ms), all layers in one graph, the kernel benchmark's
 Timer (eager, L2 flushed), and the whole block (router + top-k + fused_moe + shared expert) under that Timer.
+Cost: the served B-row and 1-row decode graphs (with their event nodes) are replayed against twins captured without
+them, and the host time of reading a sample is reported.
 On the CPU (smoke runs) there are no graphs: sampled steps are eager and wall-clock timed, and the reference is the
 Timer.
 
@@ -70,17 +72,17 @@ class StepRecorder:
 
     def __init__(self, runner):
         self.runner = runner
-        self.batch, self.graph_rows = None, None
+        self.batch, self.graph_rows, self.graph = None, None, None
         self._replay, self._build = runner._replay, runner.build_batch
         runner._replay, runner.build_batch = self._on_replay, self._on_build
 
     def _on_replay(self, g, out):
-        self.batch, self.graph_rows = g.batch, g.batch.input_ids.shape[0]
+        self.batch, self.graph_rows, self.graph = g.batch, g.batch.input_ids.shape[0], g
         return self._replay(g, out)
 
     def _on_build(self, out):
         self.batch = self._build(out)
-        self.graph_rows = None
+        self.graph_rows = self.graph = None
         return self.batch
 
     def remove(self):
@@ -125,7 +127,8 @@ def serve_decode_batch(engine, prompts, output_len) -> dict:
 
     engine.scheduler.schedule = recording_schedule
     recorder = StepRecorder(engine.runner)
-    got = dict(pairs=[], graph_rows=set(), inputs=None, decode_steps=0, eager_decode_steps=0, snapshot=before)
+    got = dict(pairs=[], graph_rows=set(), inputs=None, graph=None, decode_steps=0, eager_decode_steps=0,
+               snapshot=before)
     try:
         for i, p in enumerate(prompts):
             engine.add_request(f"truth-{i}", p, params)
@@ -143,6 +146,7 @@ def serve_decode_batch(engine, prompts, output_len) -> dict:
                 got["graph_rows"].add(recorder.graph_rows)
                 if got["inputs"] is None:
                     got["inputs"] = block_inputs_of(engine, recorder.batch)
+                    got["graph"] = recorder.graph
     finally:
         engine.scheduler.schedule = schedule
         recorder.remove()
@@ -211,6 +215,42 @@ def independent_seconds(engine, inputs: list[torch.Tensor], budget_ms: float) ->
     return out
 
 
+@torch.inference_mode()
+def event_node_cost(engine, graphs: dict, replays: int = 30) -> dict:
+    """What the timing events cost a decode step: device time of a replay of each served graph (events included)
+    against a twin captured from the same static inputs with the timer detached. Replays alternate; medians. The
+    expert counters are restored afterwards (these replays serve no tokens). CUDA only."""
+    blocks = engine.model.moe_blocks()
+    loads = [b.expert_load.clone() for b in blocks]
+    out = {}
+    for name, g in graphs.items():
+        timers = [b.moe_timer for b in blocks]
+        for b in blocks:
+            b.moe_timer = None
+        try:
+            twin = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(twin):
+                engine.model(g.batch, engine.runner.kv_cache)
+        finally:
+            for b, t in zip(blocks, timers):
+                b.moe_timer = t
+        times = {"with_events": [], "without": []}
+        for _ in range(replays):
+            for key, graph in (("with_events", g.graph), ("without", twin)):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                graph.replay()
+                end.record()
+                end.synchronize()
+                times[key].append(start.elapsed_time(end))
+        with_events, without = statistics.median(times["with_events"]), statistics.median(times["without"])
+        out[name] = dict(with_events_ms=with_events, without_ms=without, overhead=with_events / without - 1.0)
+        del twin
+    for b, load in zip(blocks, loads):
+        b.expert_load.copy_(load)
+    return out
+
+
 def measure_utilization(engine, prompts, output_len: int, peak_flops: float | None = None,
                         budget_ms: float = 50.0) -> dict:
     """Gauge vs independent utilization at T = len(prompts) decode tokens per step (see the module doc)."""
@@ -249,6 +289,11 @@ def measure_utilization(engine, prompts, output_len: int, peak_flops: float | No
     result["reference_utilization"] = reference
     result["ratio_gauge_to_independent"] = gauge / reference
     result["within_tolerance"] = abs(gauge / reference - 1.0) <= TOLERANCE
+    if got["graph"] is not None and engine.device.type == "cuda":
+        g = got["graph"]
+        width = g.batch.block_tables.shape[1]
+        graphs = {f"{rows} rows": g, "1 row": engine.runner.graphs.get((1, width))}
+        result["event_nodes"] = event_node_cost(engine, {k: v for k, v in graphs.items() if v is not None})
     return result
 
 
@@ -279,6 +324,9 @@ def markdown_lines(r: dict) -> list[str]:
     lines += ["", f"gauge ÷ reference = {r['ratio_gauge_to_independent']:.3f} → {verdict} (±{TOLERANCE:.0%}); "
               f"engine FLOPs per step equal the config's count: {r['engine_flops_match']}; host time to read one "
               f"sample's events: {r['read_host_us_per_sample']:.0f} µs; samples skipped: {r['skipped_samples']}."]
+    for name, c in r.get("event_nodes", {}).items():
+        lines.append(f"Timing event nodes, decode graph of {name}: {c['with_events_ms']:.3f} ms per replay with them, "
+                     f"{c['without_ms']:.3f} ms without ({c['overhead']:+.1%}).")
     return lines
 
 
