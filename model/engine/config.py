@@ -21,7 +21,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: min(max_position_embeddings, KV capacity)
     enforce_eager: bool = False  # True: no CUDA graphs
     expert_metrics: bool = True  # per-expert load and sampled MoE timing
-    moe_timing_every: int = 16  # every n-th step runs eager with CUDA events around the MoE blocks
+    moe_timing_every: int = 16  # every n-th step's fused_moe time is read (event nodes in the decode graphs)
     gpu_memory_utilization: float = 0.9  # fraction of total GPU memory the engine may fill
     cpu_kv_cache_bytes: int = 64 << 20  # KV cache size when num_kv_blocks is None on the CPU
     seed: int = 0  # seeds the RNG of unseeded sampled requests
