@@ -344,11 +344,14 @@ def bench_preset(preset, args, bandwidth, deadline: float) -> dict:
 def environment(device) -> dict:
     import transformers
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):  # the GPU machine's copy of the tree has no .git
-        commit = os.environ.get("STATICMOE_COMMIT", "unknown")
+    # The GPU machine's copy of the tree carries no usable git history: the caller names the commit there.
+    commit = os.environ.get("STATICMOE_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                    check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
     return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), commit=commit,
                 device=name, torch=torch.__version__, transformers=transformers.__version__)
