@@ -138,7 +138,14 @@ class EngineClient:
     def is_drained(self) -> bool:
         return self._inflight == 0
 
+    def _rank_failure(self) -> str | None:
+        """Why a rank of a parallel model died; seen here even while the engine thread is stuck in a collective."""
+        workers = getattr(self.engine, "workers", None)
+        return None if workers is None else workers.failure
+
     def is_healthy(self) -> bool:
+        if self._rank_failure() is not None:
+            return False
         return (self.state == EngineState.READY and self._thread is not None and self._thread.is_alive())
 
     # ---- requests (event-loop side) -------------------------------------------------------------------------------
@@ -147,6 +154,8 @@ class EngineClient:
         with self._lock:
             if self.state == EngineState.LOADING:
                 raise ApiError(503, "The model is still loading; retry shortly", code="model_loading")
+            if self._rank_failure() is not None:
+                raise ApiError(503, "The model cannot serve: a parallel worker rank died", code="unavailable")
             if self.state != EngineState.READY:
                 raise ApiError(503, f"The server is not accepting requests ({self.state.value})",
                                code="shutting_down" if self.state == EngineState.DRAINING else "unavailable")

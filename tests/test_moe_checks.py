@@ -137,3 +137,27 @@ def test_bad_expert_load_is_not_modified_and_output_not_computed():
 def test_cpu_and_cuda_tensors_mixed_raise():
     with pytest.raises(ValueError, match="one device"):
         fused_moe(**with_(x=torch.randn(T, H, device="cuda").bfloat16()))
+
+
+def test_out_of_range_ids_are_skipped_only_when_asked():
+    """With skip_out_of_range_ids, a slot whose id is outside [0, E) contributes nothing and is not counted —
+    the same result as giving that slot weight 0 on a valid expert, with load counted by hand."""
+    g = torch.Generator().manual_seed(3)
+    T, k, E, H, I = 9, 3, 5, 16, 8
+    x = torch.randn(T, H, generator=g)
+    w13 = torch.randn(E, 2 * I, H, generator=g) * 0.2
+    w2 = torch.randn(E, H, I, generator=g) * 0.2
+    weights = torch.rand(T, k, generator=g)
+    ids = torch.randint(0, E, (T, k), generator=g, dtype=torch.int32)
+    foreign = torch.rand(T, k, generator=g) < 0.4
+    foreign[0, 0] = True
+    ids_with_foreign = ids.masked_fill(foreign, -1)
+    ids_with_foreign[1][foreign[1]] = E + 2  # past the end too
+    with pytest.raises(ValueError, match="expert ids must be in"):
+        fused_moe(x, w13, w2, weights, ids_with_foreign)
+    load = torch.zeros(E, dtype=torch.int64)
+    out = fused_moe(x, w13, w2, weights, ids_with_foreign, expert_load=load, skip_out_of_range_ids=True)
+    expected = fused_moe(x, w13, w2, weights.masked_fill(foreign, 0.0), ids.masked_fill(foreign, 0))
+    torch.testing.assert_close(out, expected)
+    kept = [int(e) for e, f in zip(ids.flatten().tolist(), foreign.flatten().tolist()) if not f]
+    assert load.tolist() == [kept.count(e) for e in range(E)]

@@ -9,7 +9,7 @@ import torch
 from model.engine import EngineConfig, LLMEngine, SamplingParams
 from model.kernels import fused_moe, softmax_topk, uses_cuda_kernel
 from model.parallel import ParallelConfig
-from model.parallel.expert_parallel import local_routing
+from model.parallel.expert_parallel import local_ids
 from tests.parallel_fixtures import parity_target, spawn_ranks
 
 pytestmark = pytest.mark.gpu
@@ -29,10 +29,9 @@ def test_kernel_skips_foreign_expert_ids_and_does_not_count_them():
     total = torch.zeros_like(full)
     for start in (0, 6, 11):  # uneven ranges: 6, 5, 5 experts
         stop = {0: 6, 6: 11, 11: 16}[start]
-        local_w, local_ids = local_routing(weights, ids, start, stop - start, kernel_skips_foreign=True)
         load = torch.zeros(stop - start, dtype=torch.int64, device=dev)
-        total += fused_moe(x, w13[start:stop].contiguous(), w2[start:stop].contiguous(), local_w, local_ids,
-                           expert_load=load).float()
+        total += fused_moe(x, w13[start:stop].contiguous(), w2[start:stop].contiguous(), weights,
+                           local_ids(ids, start, stop - start), expert_load=load, skip_out_of_range_ids=True).float()
         expected_load = torch.bincount(ids.flatten().long(), minlength=E)[start:stop]
         assert torch.equal(load, expected_load), "only the rank's own slots are counted"
     error = float((total - full).abs().max() / full.abs().max())

@@ -13,7 +13,7 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 MAX_EXPERTS = 1024
 
 
-def check_moe_inputs(x, w13, w2, topk_weights, topk_ids, expert_load=None) -> None:
+def check_moe_inputs(x, w13, w2, topk_weights, topk_ids, expert_load=None, skip_out_of_range_ids=False) -> None:
     """Raise ValueError/TypeError naming the argument for anything the kernel cannot take."""
     tensors = dict(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids)
     for name, t in tensors.items():
@@ -67,7 +67,8 @@ def check_moe_inputs(x, w13, w2, topk_weights, topk_ids, expert_load=None) -> No
             raise ValueError(f"{name} must be contiguous")
     # Range check of expert ids: on the CPU it is free; on the GPU it would need a sync, so the kernel
     # instead skips out-of-range ids (they contribute nothing) — checked here only off the hot path.
-    if topk_ids.device.type == "cpu" and topk_ids.numel() and not torch.compiler.is_compiling():
+    if (not skip_out_of_range_ids and topk_ids.device.type == "cpu" and topk_ids.numel()
+            and not torch.compiler.is_compiling()):
         lo, hi = int(topk_ids.min()), int(topk_ids.max())
         if lo < 0 or hi >= E:
             raise ValueError(f"expert ids must be in [0, {E}), got values in [{lo}, {hi}]")
@@ -89,8 +90,11 @@ def _fused_moe_op(
 ) -> torch.Tensor:
     if uses_cuda_kernel(x):
         return extension.fused_moe_cuda(x, w13, w2, topk_weights, topk_ids, expert_load)
-    if expert_load is not None:
-        expert_load += torch.bincount(topk_ids.reshape(-1).long(), minlength=w13.shape[0]).to(expert_load.device)
+    if expert_load is not None:  # ids outside [0, E) route nowhere and are not counted, as in the kernel
+        E = w13.shape[0]
+        flat = topk_ids.reshape(-1).long()
+        in_range = (flat >= 0) & (flat < E)
+        expert_load += torch.bincount(flat.masked_fill(~in_range, E), minlength=E + 1)[:E].to(expert_load.device)
     return fused_moe_reference(x, w13, w2, topk_weights, topk_ids)
 
 
@@ -106,9 +110,15 @@ def fused_moe(
     topk_weights: torch.Tensor,  # [T, k] float32
     topk_ids: torch.Tensor,  # [T, k] int32
     expert_load: torch.Tensor | None = None,  # [E] int64, tokens per expert are added to it
+    skip_out_of_range_ids: bool = False,
 ) -> torch.Tensor:
-    """out[t] = Σ_s topk_weights[t, s] · w2[e] · (SiLU(w13[e, :I] · x[t]) ⊙ (w13[e, I:] · x[t])), e = topk_ids[t, s]."""
-    check_moe_inputs(x, w13, w2, topk_weights, topk_ids, expert_load)
+    """out[t] = Σ_s topk_weights[t, s] · w2[e] · (SiLU(w13[e, :I] · x[t]) ⊙ (w13[e, I:] · x[t])), e = topk_ids[t, s].
+
+    Expert ids outside [0, E) are an error on the CPU by default. With `skip_out_of_range_ids=True` they are a
+    contract instead: such a slot routes nowhere (contributes nothing, is not counted in expert_load) — how an
+    expert-parallel rank passes the slots routed to other ranks. The CUDA kernel always skips them (checking there
+    would need a host sync)."""
+    check_moe_inputs(x, w13, w2, topk_weights, topk_ids, expert_load, skip_out_of_range_ids)
     if x.shape[0] == 0:
         return x.new_empty(x.shape)
     return _fused_moe_op(x, w13, w2, topk_weights, topk_ids, expert_load)

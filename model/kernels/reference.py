@@ -23,9 +23,11 @@ def fused_moe_reference(
     inter = w2.shape[2]
     acc_dtype = torch.float64 if cdt == torch.float64 else torch.float32  # accumulation/activation precision
     per_slot = torch.zeros(T, k, H, dtype=acc_dtype, device=x.device)
+    E = w13.shape[0]
     flat_ids = topk_ids.reshape(-1).long()  # [T*k]
-    order = torch.argsort(flat_ids, stable=True)  # (token, slot) ascending within each expert
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    flat_ids = flat_ids.masked_fill((flat_ids < 0) | (flat_ids >= E), E)  # out-of-range ids route nowhere
+    order = torch.argsort(flat_ids, stable=True)  # (token, slot) ascending within each expert; skipped slots last
+    counts = torch.bincount(flat_ids, minlength=E + 1)[:E].tolist()
     start = 0
     for e, n in enumerate(counts):
         if n == 0:

@@ -11,23 +11,16 @@ column/row-split over all ranks) are summed by one all-reduce. docs/parallel.md 
 import torch
 import torch.nn.functional as F
 
-from model.kernels import fused_moe, softmax_topk, uses_cuda_kernel
+from model.kernels import fused_moe, softmax_topk
 from model.layers.moe import Experts, SparseMoeBlock
 from model.parallel.comm import Comm
 
 
-def local_routing(topk_weights: torch.Tensor, topk_ids: torch.Tensor, start: int, count: int,
-                  kernel_skips_foreign: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routing restricted to experts [start, start + count), renumbered from 0, with no host sync.
-
-    Our CUDA kernel ignores ids outside [0, E) (no rows planned, nothing combined, not counted), so foreign slots
-    become -1. The pure-torch reference (CPU, or a GPU without the extension) rejects such ids, so there foreign
-    slots go to local expert 0 with weight 0: exact (0 * finite = 0), at the cost of computing those rows."""
+def local_ids(topk_ids: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """Expert ids renumbered for experts [start, start + count), with no host sync: slots routed to other ranks
+    become -1, which `fused_moe(..., skip_out_of_range_ids=True)` skips on both paths (kernel and reference)."""
     local = topk_ids - start  # [T, k] int32
-    foreign = (local < 0) | (local >= count)
-    if kernel_skips_foreign:
-        return topk_weights, local.masked_fill(foreign, -1)
-    return topk_weights.masked_fill(foreign, 0.0), local.masked_fill(foreign, 0)
+    return local.masked_fill((local < 0) | (local >= count), -1)
 
 
 class ExpertParallelMoeBlock(SparseMoeBlock):
@@ -53,9 +46,9 @@ class ExpertParallelMoeBlock(SparseMoeBlock):
             flat = topk_ids.reshape(-1).long()
             self.expert_load.index_add_(0, flat, torch.ones_like(flat))
         if self.num_local_experts != self.num_experts:
-            topk_weights, topk_ids = local_routing(topk_weights, topk_ids, self.expert_start,
-                                                   self.num_local_experts, uses_cuda_kernel(x))
-        out = fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, topk_weights, topk_ids)  # [N, H]
+            topk_ids = local_ids(topk_ids, self.expert_start, self.num_local_experts)
+        out = fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, topk_weights, topk_ids,
+                        skip_out_of_range_ids=True)  # [N, H]
         if self.shared_expert is not None:
             out = out + F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)  # gate replicated: linear
         return self.comm.all_reduce(out)
