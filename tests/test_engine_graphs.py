@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from model.engine import EngineConfig, LLMEngine, SamplingParams
-from model.engine.model_runner import _Graph, graph_batch_sizes, graph_widths
 from model.kernels import softmax_topk
-from tests.engine_fixtures import GREEDY, one_cpu_thread, random_prompts, run, solo, tiny, tokens_of  # noqa: F401
+from tests.engine_fixtures import (GREEDY, engine_with_stand_in_graphs, one_cpu_thread, random_prompts, run,  # noqa: F401
+                                  solo, tiny, tokens_of)
 
 
 class EagerGraph:
@@ -25,17 +25,9 @@ class EagerGraph:
 def engine_with_eager_graphs(**overrides):
     """A tiny CPU engine whose decode steps replay EagerGraph stand-ins of every (batch, width) the GPU captures."""
     config = dict(model="tiny", max_num_seqs=8, max_num_batched_tokens=64, moe_timing_every=1000)
-    engine = LLMEngine(EngineConfig(**{**config, **overrides}))
-    runner = engine.runner
-    sizes, widths = graph_batch_sizes(engine.config.max_num_seqs), graph_widths(runner.max_blocks_per_seq)
-    for b in sizes:
-        for w in widths:
-            batch, int64_inputs, int32_inputs = runner._static_pad_batch(b, w)
-            logits = torch.empty(b, engine.model_config.vocab_size)
-            runner.graphs[(b, w)] = _Graph(EagerGraph(engine.model, batch, runner.kv_cache, logits), batch, logits,
-                                           int64_inputs, int32_inputs)
-    runner.graph_batch_sizes, runner.graph_widths = sizes, widths
-    return engine, sizes, widths
+    return engine_with_stand_in_graphs(
+        lambda engine, key, batch, logits: EagerGraph(engine.model, batch, engine.runner.kv_cache, logits),
+        **{**config, **overrides})
 
 
 def test_padded_static_decode_batches_match_solo_and_padding_is_not_counted(solo):

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from model.engine import EngineConfig, LLMEngine, SamplingParams
-from model.engine.model_runner import _Graph, graph_batch_sizes, graph_widths
 from model.engine.moe_stats import MoeStatsCollector
 from model.engine.moe_timer import MoeTimer, WallClockMark, read_seconds
-from tests.engine_fixtures import GREEDY, one_cpu_thread, random_prompts, run  # noqa: F401
+from tests.engine_fixtures import GREEDY, engine_with_stand_in_graphs, one_cpu_thread, random_prompts, run  # noqa: F401
 
 
 def routed_flops_per_token(config) -> int:
@@ -64,17 +63,13 @@ class TimedStandInGraph:
 
 
 def engine_with_timed_graphs(**overrides):
+    def make_graph(engine, key, batch, logits):
+        graph = TimedStandInGraph(engine, key, batch, logits)
+        graph.capture()
+        return graph
+
     config = dict(model="tiny", max_num_seqs=4, max_num_batched_tokens=64, moe_timing_every=3)
-    engine = LLMEngine(EngineConfig(**{**config, **overrides}))
-    runner = engine.runner
-    sizes, widths = graph_batch_sizes(engine.config.max_num_seqs), graph_widths(runner.max_blocks_per_seq)
-    for b in sizes:
-        for w in widths:
-            batch, int64_inputs, int32_inputs = runner._static_pad_batch(b, w)
-            graph = TimedStandInGraph(engine, (b, w), batch, torch.empty(b, engine.model_config.vocab_size))
-            graph.capture()
-            runner.graphs[(b, w)] = _Graph(graph, batch, graph.logits, int64_inputs, int32_inputs)
-    runner.graph_batch_sizes, runner.graph_widths = sizes, widths
+    engine, _, _ = engine_with_stand_in_graphs(make_graph, **{**config, **overrides})
     engine.moe.reset_counts()  # as the engine does after its captures
     return engine
 
