@@ -5,7 +5,9 @@
 //  3. scatter: one warp per chunk writes each entry's flat index to its expert's rows, in entry order, so rows
 //              are (token, slot) ascending within each expert — a stable counting sort, deterministic.
 // With a single chunk (T*k <= 1024: decode and small batches) the three steps run in one block of one launch, as
-// the fixed cost of a small layer is mostly launches. Every kernel is launched with PDL (pdl_launch.cuh).
+// the fixed cost of a small layer is mostly launches. Every kernel is launched with PDL (pdl_launch.cuh) but none
+// triggers its dependents early: GEMM1 launched while the plan still ran was ~2x slower on large layers (H100,
+// DeepSeek-V3 T=32768, benchmarks/NOTES.md v3), so GEMM1 starts when the plan has completed.
 // Out-of-range expert ids are ignored (they route nowhere; the Python boundary rejects them on the CPU path).
 #include <cub/block/block_scan.cuh>
 
@@ -31,7 +33,6 @@ __global__ void __launch_bounds__(kCountThreads)
     plan_count_kernel(const int32_t* topk_ids, int64_t n, int32_t num_experts, int32_t* chunk_offsets) {
   extern __shared__ int32_t hist[];  // [E]
   wait_for_predecessor();  // topk_ids come from the router
-  allow_dependents();
   for (int e = threadIdx.x; e < num_experts; e += blockDim.x) hist[e] = 0;
   __syncthreads();
   const ChunkRange r = chunk_range(n, gridDim.x, blockIdx.x);
@@ -96,7 +97,6 @@ __device__ __forceinline__ void plan_experts(int32_t count, int32_t num_experts,
 __global__ void __launch_bounds__(kTaskMapBuildThreads)
     plan_scan_kernel(int32_t num_experts, int32_t chunks, int32_t block_m, Plan plan, int64_t* expert_load) {
   wait_for_predecessor();
-  allow_dependents();
   const int e = threadIdx.x;
   int32_t count = 0;
   if (e < num_experts) {
@@ -135,7 +135,6 @@ __global__ void __launch_bounds__(kTaskMapBuildThreads)
   __shared__ int32_t hist[1024];
   __shared__ int32_t next_row[1024];
   wait_for_predecessor();
-  allow_dependents();
   const int e = threadIdx.x;
   if (e < num_experts) hist[e] = 0;
   __syncthreads();
@@ -153,7 +152,6 @@ __global__ void __launch_bounds__(32)
     plan_scatter_kernel(const int32_t* topk_ids, int64_t n, int32_t num_experts, Plan plan) {
   extern __shared__ int32_t next_row[];  // [E] next free sorted row of each expert for this chunk
   wait_for_predecessor();
-  allow_dependents();
   const int c = blockIdx.x;
   for (int e = threadIdx.x; e < num_experts; e += 32)
     next_row[e] = plan.expert_offsets[e] + plan.chunk_offsets[int64_t(c) * num_experts + e];

@@ -244,8 +244,6 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
   __syncthreads();
   // The prologue above overlaps the previous kernel's tail; the plan (or GEMM1's output) is read only after this.
   wait_for_predecessor();
-  allow_dependents();  // fires once every CTA of this persistent grid is resident, so waiting dependents cannot
-                       // take an SM one of our CTAs still needs
   const int32_t num_slots = *args.map.num_slots;
   const int32_t total = task_map_total_tiles(args.map.tile_prefix, num_slots) * args.n_tiles;
   // Only the 384-thread kernel is register-limited (168 a thread at launch); the 256-thread one already has 224.
@@ -257,6 +255,10 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
     if constexpr (kRebalance) sm90::setmaxnreg_inc<kConsumerRegs>();
     consume<T, kBlockM, kBlockN, kStages, kGateUp>(args, smem, full, empty, total, num_slots);
   }
+  // The next kernel may launch once every CTA has issued its last tile: its prologue overlaps our tail only.
+  // Triggering at the start instead made large layers ~2x slower on the H100 (DeepSeek-V3 T=32768: 69 ms vs
+  // 41 ms without PDL; benchmarks/NOTES.md v3).
+  allow_dependents();
 }
 
 }  // namespace staticmoe::moe
