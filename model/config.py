@@ -149,37 +149,29 @@ def _no_sliding_window(d: dict) -> None:
         raise ConfigError(f"use_sliding_window=true is not supported for {d['model_type']}")
 
 
-def _qwen3_moe(d: dict, name: str) -> ModelConfig:
+def _qwen_moe_fields(d: dict, name: str) -> dict:
+    """Fields qwen2_moe and qwen3_moe configs spell the same way."""
     _no_sliding_window(d)
     c = _common(d, name)
-    return ModelConfig(
+    return dict(
         **c,
         num_experts=_require(d, "num_experts", "num_local_experts"),
         top_k=_require(d, "num_experts_per_tok"),
         moe_intermediate_size=_require(d, "moe_intermediate_size"),
         intermediate_size=d.get("intermediate_size") or 0,
         norm_topk_prob=bool(d.get("norm_topk_prob", False)),
-        qkv_bias=bool(d.get("attention_bias", False)),
-        o_bias=bool(d.get("attention_bias", False)),
-        qk_norm="per_head",
         dense_layers=_dense_layers(d, c["num_layers"]),
     )
+
+
+def _qwen3_moe(d: dict, name: str) -> ModelConfig:
+    bias = bool(d.get("attention_bias", False))
+    return ModelConfig(**_qwen_moe_fields(d, name), qkv_bias=bias, o_bias=bias, qk_norm="per_head")
 
 
 def _qwen2_moe(d: dict, name: str) -> ModelConfig:
-    _no_sliding_window(d)
-    c = _common(d, name)
-    return ModelConfig(
-        **c,
-        num_experts=_require(d, "num_experts", "num_local_experts"),
-        top_k=_require(d, "num_experts_per_tok"),
-        moe_intermediate_size=_require(d, "moe_intermediate_size"),
-        intermediate_size=d.get("intermediate_size") or 0,
-        norm_topk_prob=bool(d.get("norm_topk_prob", False)),
-        qkv_bias=bool(d.get("qkv_bias", True)),
-        shared_expert_intermediate_size=d.get("shared_expert_intermediate_size") or 0,
-        dense_layers=_dense_layers(d, c["num_layers"]),
-    )
+    return ModelConfig(**_qwen_moe_fields(d, name), qkv_bias=bool(d.get("qkv_bias", True)),
+                       shared_expert_intermediate_size=d.get("shared_expert_intermediate_size") or 0)
 
 
 def _mixtral(d: dict, name: str) -> ModelConfig:
