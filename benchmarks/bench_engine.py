@@ -35,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_timing import replay_ms  # noqa: E402
 from model.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from model.presets import PRESETS  # noqa: E402
 from model.weight_map import parameter_sources  # noqa: E402
@@ -139,14 +140,9 @@ def graph_replay_ms(engine, batch: int, context_len: int, iters: int = 20) -> fl
         return None
     graph = runner.graphs[key].graph
     graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    end.synchronize()
+    ms = replay_ms(graph, iters)
     engine.moe.reset_counts()  # the replays routed tokens too
-    return start.elapsed_time(end) / iters
+    return ms
 
 
 def expected_experts_touched(load: list[int], top_k: int, batch: int) -> float:

@@ -66,6 +66,11 @@ def graph_ms(fn, replays: int = 100) -> float:
         fn()
     for _ in range(3):
         graph.replay()
+    return replay_ms(graph, replays)
+
+
+def replay_ms(graph: "torch.cuda.CUDAGraph", replays: int) -> float:
+    """Mean time of one of `replays` back-to-back replays of a captured graph, from CUDA events."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(replays):
