@@ -43,6 +43,7 @@ QUICK_TOKENS = (1, 128, 4096)
 SMOKE_TOKENS, SMOKE_QUICK_TOKENS = (1, 16, 64), (1, 16)
 FIXED_COST_TOKENS = (1, 2, 4, 8, 16, 32, 64)
 TINY_DIM = 128  # H = I of the fixed-cost proxy: the op with negligible GEMMs (plan + launches + combine)
+LAYERS_IN_GRAPH = 16  # ops per graph for the in-model fixed cost (OLMoE has 16 MoE layers, Qwen3-30B-A3B 48)
 DATASHEET_TFLOPS = 989.0  # H100 SXM dense bf16
 REL_ERR_FLAG = 2e-2
 GIB = 1 << 30
@@ -125,11 +126,11 @@ class Bench:
     def log(self, msg):
         print(msg, flush=True)
 
-    def measure(self, label: str, fn, graph: bool = False, warmup: int = 1) -> float | None:
+    def measure(self, label: str, fn, graph: bool = False, warmup: int = 1, graph_calls: int = 1) -> float | None:
         """ms per call, or None (recorded in results["errors"]) when the method fails, so one failure does not
         end a long run."""
         try:
-            return graph_ms(fn) if graph else self.timer.median_ms(fn, warmup=warmup)
+            return graph_ms(fn, calls=graph_calls) if graph else self.timer.median_ms(fn, warmup=warmup)
         except Exception as err:  # noqa: BLE001 - any failure of a measured method is reported, not fatal
             self.results["errors"].append(f"{label}: {type(err).__name__}: {err}")
             self.log(f"  ERROR {label}: {type(err).__name__}: {err}")
@@ -212,16 +213,23 @@ class Bench:
             # no graphs on the CPU: eager times of the reference there, to exercise the logic
             ours = self.measure(f"ours {label}", lambda: fused_moe(x, w13, w2, tw, ids), graph=cuda)
             gmm = self.measure(f"grouped_mm {label}", lambda: grouped_mm_moe(x, w13, w2, tw, ids), graph=cuda)
-            tiny = self.measure(f"ours H=I={TINY_DIM} {label}",
-                                lambda: fused_moe(x_tiny, tiny_w13, tiny_w2, tw, ids), graph=cuda)
-            plan = None
+            tiny_fn = lambda: fused_moe(x_tiny, tiny_w13, tiny_w2, tw, ids)  # noqa: E731
+            tiny = self.measure(f"ours H=I={TINY_DIM} {label}", tiny_fn, graph=cuda)
+            # as in a model's decode graph: one op per layer, the graph's launch shared by LAYERS_IN_GRAPH ops
+            tiny_layers = self.measure(f"ours H=I={TINY_DIM} x{LAYERS_IN_GRAPH} {label}", tiny_fn, graph=cuda,
+                                       graph_calls=LAYERS_IN_GRAPH)
+            plan = plan_layers = None
             if cuda and uses_cuda_kernel(x):
                 ws = extension.moe_workspace(T, k, E, H, I, self.device)
-                plan = self.measure(f"plan {label}", lambda: extension._C.moe_plan_device(
-                    ids.data_ptr(), T, k, E, H, I, ws.data_ptr(), 0, torch.cuda.current_stream().cuda_stream),
-                    graph=True)
+                plan_fn = lambda: extension._C.moe_plan_device(  # noqa: E731
+                    ids.data_ptr(), T, k, E, H, I, ws.data_ptr(), 0, torch.cuda.current_stream().cuda_stream)
+                plan = self.measure(f"plan {label}", plan_fn, graph=True)
+                plan_layers = self.measure(f"plan x{LAYERS_IN_GRAPH} {label}", plan_fn, graph=True,
+                                           graph_calls=LAYERS_IN_GRAPH)
             us = {key: None if v is None else 1e3 * v
-                  for key, v in (("ours_us", ours), ("gmm_us", gmm), ("ours_tiny_us", tiny), ("plan_us", plan))}
+                  for key, v in (("ours_us", ours), ("gmm_us", gmm), ("ours_tiny_us", tiny),
+                                 ("ours_tiny_layers_us", tiny_layers), ("plan_us", plan),
+                                 ("plan_layers_us", plan_layers))}
             row = {"shape": name, "T": T, **us}
             self.results["fixed_cost"].append(row)
             self.log(f"  {label}: " + ", ".join(f"{key} {_num(v, '.1f')}" for key, v in us.items()))

@@ -84,7 +84,7 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("moe_launch_config", [](int32_t T, int32_t k, int32_t E, int32_t H, int32_t I) {
     const moe::LaunchConfig c = moe::choose_config(problem(T, k, E, H, I, 0));
-    return py::make_tuple(c.block_m, c.num_chunks);
+    return py::make_tuple(c.tile_rows(), c.num_chunks);  // rows per task-map tile, plan chunks
   });
   m.def("moe_plan_layout", [](int32_t T, int32_t k, int32_t E, int32_t H, int32_t I) {
     return plan_layout(problem(T, k, E, H, I, 0));

@@ -107,6 +107,25 @@ def test_odd_shapes_and_dtypes(E, k, H, I, T, dtype):
     check_against_fp32(x, w13, w2, tw.cuda(), ids.cuda())
 
 
+@pytest.mark.parametrize("routing", ["zipf", "sparse90", "balanced"])
+@pytest.mark.parametrize("E,k,H,I,T", [(8, 2, 264, 136, 4096), (5, 3, 136, 264, 1100)])
+def test_cluster_path_with_odd_and_empty_halves(E, k, H, I, T, routing):
+    """Shapes with >= 512 expected rows per expert run the 2-CTA cluster GEMMs (tile rows 256); skewed routing gives
+    experts whose last 256-row unit has an empty second half, and tiny experts whose whole unit is one part."""
+    from model.kernels import _C
+
+    assert _C.moe_launch_config(T, k, E, H, I)[0] == 256, "shape no longer selects the cluster path"
+    gen = torch.Generator().manual_seed(T + E)
+    tw, ids = make_routing(routing, T, E, k, gen)
+    counts = torch.bincount(ids.reshape(-1).long(), minlength=E)
+    if routing == "zipf":
+        assert ((counts % 256 > 0) & (counts % 256 <= 128)).any(), f"no expert with an empty half: {counts}"
+    w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) / H**0.5
+    w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) / I**0.5
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    check_against_fp32(x, w13, w2, tw.cuda(), ids.cuda())
+
+
 def test_plan_matches_host_twin_and_counts_load():
     from model.kernels import _C
 

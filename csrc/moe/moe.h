@@ -21,8 +21,11 @@ struct Problem {
 
 // Choices made on the host from shapes only (never from routing counts, which would need a sync).
 struct LaunchConfig {
-  int32_t block_m;     // rows per tile: 64 or 128
+  int32_t block_m;     // rows per CTA tile: 64 or 128
+  int32_t cluster_m;   // CTAs per cluster sharing each weight tile (1, or 2 for large experts; block_m 128 only)
   int32_t num_chunks;  // pieces the T*k routing entries are split into by the plan kernels
+  // Rows per task-map tile: the plan counts tiles of this size; a cluster splits each among its CTAs.
+  int32_t tile_rows() const { return block_m * cluster_m; }
 };
 LaunchConfig choose_config(const Problem& p);
 

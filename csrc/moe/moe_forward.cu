@@ -1,5 +1,8 @@
 // The MoE layer end to end: workspace layout, launch configuration and the four stages on the caller's stream.
 // Nothing here synchronises with the host or allocates device memory, so the layer is CUDA-graph capturable.
+#include <climits>
+#include <cstdlib>
+
 #include "moe/combine.h"
 #include "moe/moe.h"
 #include "moe/sm90_gemm.h"
@@ -10,6 +13,7 @@ namespace {
 size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
 constexpr int kMaxChunks = 256;
 constexpr int64_t kEntriesPerChunk = 1024;
+constexpr int64_t kClusterMinRows = 512;
 
 // Walks the workspace layout once; with base == nullptr it measures and yields offsets.
 size_t layout(const Problem& p, const LaunchConfig& cfg, char* base, Workspace* ws) {
@@ -35,12 +39,25 @@ size_t layout(const Problem& p, const LaunchConfig& cfg, char* base, Workspace* 
   return off;
 }
 
+// Expected rows per expert from which two CTAs share weight tiles (a lone M tile would leave its peer idle).
+// STATICMOE_CLUSTER_MIN_ROWS overrides it for tuning probes (0: never).
+int64_t cluster_min_rows() {
+  static const int64_t rows = [] {
+    const char* v = std::getenv("STATICMOE_CLUSTER_MIN_ROWS");
+    if (!v) return kClusterMinRows;
+    const int64_t r = std::atoll(v);
+    return r > 0 ? r : INT64_MAX;
+  }();
+  return rows;
+}
+
 }  // namespace
 
 LaunchConfig choose_config(const Problem& p) {
   LaunchConfig cfg;
   const int64_t rows_per_expert = p.rows() / p.num_experts;  // expected under balanced routing; shapes only
   cfg.block_m = rows_per_expert <= 64 ? 64 : 128;
+  cfg.cluster_m = cfg.block_m == 128 && rows_per_expert >= cluster_min_rows() ? 2 : 1;
   const int64_t chunks = (p.rows() + kEntriesPerChunk - 1) / kEntriesPerChunk;
   cfg.num_chunks = int32_t(chunks < 1 ? 1 : (chunks > kMaxChunks ? kMaxChunks : chunks));
   return cfg;

@@ -54,7 +54,7 @@ __device__ __forceinline__ int32_t interleaved_position(int32_t rank, int32_t n)
 // From each expert's count (thread e holds expert e's) to expert counts, offsets, load, M tiles, the execution
 // order and the task map. Called by all kTaskMapBuildThreads threads of the block; offsets also go to
 // `offsets_out` (shared memory) when it is given.
-__device__ __forceinline__ void plan_experts(int32_t count, int32_t num_experts, int32_t block_m, const Plan& plan,
+__device__ __forceinline__ void plan_experts(int32_t count, int32_t num_experts, int32_t tile_rows, const Plan& plan,
                                              int64_t* expert_load, int32_t* offsets_out) {
   __shared__ int32_t mtiles[1024];
   __shared__ int32_t order[1024];
@@ -65,7 +65,7 @@ __device__ __forceinline__ void plan_experts(int32_t count, int32_t num_experts,
   if (e < num_experts) {
     plan.expert_counts[e] = count;
     if (expert_load) expert_load[e] += count;
-    mtiles[e] = (count + block_m - 1) / block_m;
+    mtiles[e] = (count + tile_rows - 1) / tile_rows;
   }
   int32_t offset, total;
   Scan(scan_storage).ExclusiveSum(count, offset, total);
@@ -95,7 +95,7 @@ __device__ __forceinline__ void plan_experts(int32_t count, int32_t num_experts,
 }
 
 __global__ void __launch_bounds__(kTaskMapBuildThreads)
-    plan_scan_kernel(int32_t num_experts, int32_t chunks, int32_t block_m, Plan plan, int64_t* expert_load) {
+    plan_scan_kernel(int32_t num_experts, int32_t chunks, int32_t tile_rows, Plan plan, int64_t* expert_load) {
   wait_for_predecessor();
   const int e = threadIdx.x;
   int32_t count = 0;
@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kTaskMapBuildThreads)
       count += v;
     }
   }
-  plan_experts(count, num_experts, block_m, plan, expert_load, nullptr);
+  plan_experts(count, num_experts, tile_rows, plan, expert_load, nullptr);
 }
 
 // One warp writes the entries [begin, end) to their experts' sorted rows in entry order; next_row[e] is the next
@@ -130,7 +130,7 @@ __device__ __forceinline__ void scatter_entries(const int32_t* topk_ids, int64_t
 
 // The whole plan for a single chunk: histogram, plan_experts, then warp 0 scatters.
 __global__ void __launch_bounds__(kTaskMapBuildThreads)
-    plan_single_block_kernel(const int32_t* topk_ids, int64_t n, int32_t num_experts, int32_t block_m, Plan plan,
+    plan_single_block_kernel(const int32_t* topk_ids, int64_t n, int32_t num_experts, int32_t tile_rows, Plan plan,
                              int64_t* expert_load) {
   __shared__ int32_t hist[1024];
   __shared__ int32_t next_row[1024];
@@ -143,7 +143,7 @@ __global__ void __launch_bounds__(kTaskMapBuildThreads)
     if (id >= 0 && id < num_experts) atomicAdd(&hist[id], 1);
   }
   __syncthreads();
-  plan_experts(e < num_experts ? hist[e] : 0, num_experts, block_m, plan, expert_load, next_row);
+  plan_experts(e < num_experts ? hist[e] : 0, num_experts, tile_rows, plan, expert_load, next_row);
   __syncthreads();
   if (threadIdx.x < 32) scatter_entries(topk_ids, 0, n, num_experts, next_row, plan.sorted_rows);
 }
@@ -167,13 +167,13 @@ cudaError_t build_plan(const Problem& p, const LaunchConfig& cfg, const int32_t*
   const int64_t n = p.rows();
   if (cfg.num_chunks == 1)
     return launch_with_pdl(plan_single_block_kernel, 1, kTaskMapBuildThreads, 0, stream, topk_ids, n, p.num_experts,
-                           cfg.block_m, plan, expert_load);
+                           cfg.tile_rows(), plan, expert_load);
   const size_t hist_bytes = sizeof(int32_t) * p.num_experts;
   cudaError_t err = launch_with_pdl(plan_count_kernel, cfg.num_chunks, kCountThreads, hist_bytes, stream, topk_ids, n,
                                     p.num_experts, plan.chunk_offsets);
   if (err != cudaSuccess) return err;
   err = launch_with_pdl(plan_scan_kernel, 1, kTaskMapBuildThreads, 0, stream, p.num_experts, cfg.num_chunks,
-                        cfg.block_m, plan, expert_load);
+                        cfg.tile_rows(), plan, expert_load);
   if (err != cudaSuccess) return err;
   return launch_with_pdl(plan_scatter_kernel, cfg.num_chunks, 32, hist_bytes, stream, topk_ids, n, p.num_experts, plan);
 }

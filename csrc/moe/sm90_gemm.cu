@@ -2,6 +2,7 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <mutex>
 
 #include "moe/sm90_gemm.cuh"
@@ -30,7 +31,9 @@ cudaError_t encode_tiled_fn(EncodeTiled* fn) {
   return status;
 }
 
-// 3-D map {k (contiguous), rows, batch} with a {64, box_rows, 1} box in the 128-byte swizzle.
+// 3-D map {k (contiguous), rows, batch} with a {64, box_rows, 1} box in the 128-byte swizzle. A weight tile of
+// kBlockN rows is loaded as two boxes of kBlockN/2 (gate and up for w13; two halves for w2), so a cluster of two
+// CTAs can multicast one box each.
 cudaError_t make_weight_map(CUtensorMap* map, const void* base, DType dtype, int64_t k, int64_t rows, int64_t batch,
                             uint32_t box_rows) {
   EncodeTiled encode;
@@ -46,9 +49,9 @@ cudaError_t make_weight_map(CUtensorMap* map, const void* base, DType dtype, int
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-template <typename T, int kBlockM, int kBlockN, int kStages, bool kGateUp>
+template <typename T, int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp>
 cudaError_t launch(const CUtensorMap& map, const GemmArgs<T>& args, int device, cudaStream_t stream) {
-  auto kernel = moe_gemm_sm90_kernel<T, kBlockM, kBlockN, kStages, kGateUp>;
+  auto kernel = moe_gemm_sm90_kernel<T, kBlockM, kBlockN, kStages, kCluster, kGateUp>;
   constexpr int kSmem = GemmSmem<kBlockM, kBlockN, kStages>::kBytes;
   static int grid_per_device[64] = {};
   static std::mutex mu;
@@ -63,10 +66,17 @@ cudaError_t launch(const CUtensorMap& map, const GemmArgs<T>& args, int device, 
       if ((err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, gemm_threads<kBlockM>(), kSmem)) != cudaSuccess)
         return err;
       grid_per_device[device] = sms * (per_sm > 0 ? per_sm : 1);
+      if (kCluster > 1) {  // clusters live inside one GPC: fewer may fit than SMs / kCluster
+        PdlLaunch probe(dim3(grid_per_device[device] / kCluster * kCluster), gemm_threads<kBlockM>(), kSmem, stream,
+                        kCluster);
+        int clusters = 0;
+        if ((err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &probe.config)) != cudaSuccess) return err;
+        grid_per_device[device] = kCluster * (clusters > 0 ? clusters : 1);
+      }
     }
     grid = grid_per_device[device];
   }
-  return launch_with_pdl(kernel, grid, gemm_threads<kBlockM>(), kSmem, stream, map, args);
+  return launch_cluster_with_pdl(kernel, grid, gemm_threads<kBlockM>(), kSmem, kCluster, stream, map, args);
 }
 
 // Tile shapes by the host's rows-per-expert estimate: 128x256 tiles (48 KB a stage, 4 stages) where experts are
@@ -83,14 +93,23 @@ cudaError_t weight_maps(const Problem& p, int block_m, const void* w13, const vo
   cudaError_t err = make_weight_map(w13_map, w13, p.dtype, p.hidden, p.intermediate, 2 * int64_t(p.num_experts),
                                     bn / 2);
   if (err != cudaSuccess) return err;
-  return make_weight_map(w2_map, w2, p.dtype, p.intermediate, p.hidden, p.num_experts, bn);
+  return make_weight_map(w2_map, w2, p.dtype, p.intermediate, p.hidden, p.num_experts, bn / 2);
+}
+
+// Raster group size: kGroupM, or STATICMOE_RASTER_GROUP_M{1,2} (GEMM1 / GEMM2) for tuning probes; read once per
+// process by the callers' statics, never on the hot path.
+int32_t raster_group(const char* env_name) {
+  const char* v = std::getenv(env_name);
+  const int g = v ? std::atoi(v) : 0;
+  return g > 0 ? g : kGroupM;
 }
 
 template <typename T, bool kGateUp>
-cudaError_t dispatch_block_m(int block_m, const CUtensorMap& map, const GemmArgs<T>& args, int device,
-                             cudaStream_t stream) {
-  if (block_m == 128) return launch<T, 128, block_n<128>(), 4, kGateUp>(map, args, device, stream);
-  return launch<T, 64, block_n<64>(), 6, kGateUp>(map, args, device, stream);
+cudaError_t dispatch(const LaunchConfig& cfg, const CUtensorMap& map, const GemmArgs<T>& args, int device,
+                     cudaStream_t stream) {
+  if (cfg.block_m == 128 && cfg.cluster_m == 2) return launch<T, 128, block_n<128>(), 4, 2, kGateUp>(map, args, device, stream);
+  if (cfg.block_m == 128) return launch<T, 128, block_n<128>(), 4, 1, kGateUp>(map, args, device, stream);
+  return launch<T, 64, block_n<64>(), 6, 1, kGateUp>(map, args, device, stream);
 }
 
 template <typename T>
@@ -102,13 +121,15 @@ cudaError_t run_gemms(const Problem& p, const LaunchConfig& cfg, const T* x, con
   int n_tiles1, n_tiles2;
   cudaError_t err = weight_maps(p, cfg.block_m, w13, w2, &w13_map, &w2_map, &n_tiles1, &n_tiles2);
   if (err != cudaSuccess) return err;
+  static const int32_t group1 = raster_group("STATICMOE_RASTER_GROUP_M1");
+  static const int32_t group2 = raster_group("STATICMOE_RASTER_GROUP_M2");
   GemmArgs<T> g1{x, static_cast<T*>(ws.intermediate), topk_weights, plan.expert_counts, plan.expert_offsets,
-                 plan.sorted_rows, map, p.hidden, p.intermediate, n_tiles1, p.top_k};
-  if ((err = dispatch_block_m<T, true>(cfg.block_m, w13_map, g1, device, stream)) != cudaSuccess) return err;
+                 plan.sorted_rows, map, p.hidden, p.intermediate, n_tiles1, p.top_k, group1};
+  if ((err = dispatch<T, true>(cfg, w13_map, g1, device, stream)) != cudaSuccess) return err;
   GemmArgs<T> g2{static_cast<const T*>(ws.intermediate), static_cast<T*>(ws.slot_out), topk_weights,
                  plan.expert_counts, plan.expert_offsets, plan.sorted_rows, map, p.intermediate, p.hidden, n_tiles2,
-                 p.top_k};
-  return dispatch_block_m<T, false>(cfg.block_m, w2_map, g2, device, stream);
+                 p.top_k, group2};
+  return dispatch<T, false>(cfg, w2_map, g2, device, stream);
 }
 
 }  // namespace

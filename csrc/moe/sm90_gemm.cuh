@@ -10,6 +10,11 @@
 //     wgmma group in flight; each stage is handed back through its `empty` mbarrier as soon as its wgmmas retire.
 //   The producer runs up to kStages k-steps ahead across tile boundaries, so the next tile's loads overlap this
 //   tile's last k-steps and its epilogue.
+// Clusters (kCluster = 2, large experts): the two CTAs of a cluster take the two M halves of one 2·kBlockM-row
+//   unit of the same expert and N tile, so they need the same weight tile: each loads half of it by TMA multicast
+//   into both CTAs, halving the L2->SM weight traffic. A stage may then be refilled only when the consumers of
+//   both CTAs have released it: each math warp arrives on the `empty` barrier of every CTA in the cluster. A CTA
+//   whose half of the unit has no rows skips its MMAs but still takes part in the pipeline.
 // GEMM1 (kGateUp): B tile = BN/2 gate rows + the matching BN/2 up rows of w13[e], so each thread holds gate and up of
 //                  the same output column and the epilogue writes SiLU(gate)·up to the expert-sorted intermediate.
 // GEMM2:           epilogue scales by the routing weight and writes bf16 rows to slot_out[token*k + slot].
@@ -40,6 +45,7 @@ struct GemmArgs {
   int32_t n_out;          // output columns: I (GEMM1) or H (GEMM2)
   int32_t n_tiles;        // N tiles per M tile
   int32_t top_k;
+  int32_t group_m;        // M tiles per raster group (see kGroupM)
 };
 
 template <int kBlockM, int kBlockN, int kStages>
@@ -55,7 +61,7 @@ template <int kBlockM>
 constexpr int gemm_threads() { return kProducerThreads + 2 * kBlockM; }  // + one math warpgroup per 64 rows
 constexpr int kProducerRegs = 56;   // pointers of the gathered rows and loop state
 constexpr int kConsumerRegs = 224;  // 128 fp32 accumulators (BN = 256) + epilogue; 128*56 + 256*224 <= 64K
-// M tiles per raster group, by measurement (benchmarks/NOTES.md v3: 1, 4, 8, 16, 64 and unbounded swept on the
+// M tiles per raster group by default, by measurement (benchmarks/NOTES.md v3: 1, 4, 8, 16, 64 and unbounded swept on the
 // H100): 4 is best or within 5% of best at every compute-bound point, e.g. Mixtral T=32768 610 TFLOPS against
 // 424 with 16 and 477 with M fastest over the whole expert.
 constexpr int kGroupM = 4;
@@ -66,20 +72,23 @@ struct TileWork {
 };
 
 // v / n_tiles is an M tile of the map, the remainder an N tile. Within an expert, tiles are rastered in groups of
-// kGroupM M tiles with M fastest: CTAs resident at the same time then share a few weight panels and a few
+// args.group_m M tiles with M fastest: CTAs resident at the same time then share a few weight panels and a few
 // activation panels in L2 instead of streaming all of the expert's rows once per N tile.
-template <int kBlockM, typename T>
+// With clusters, the map's M tiles are units of kCluster·kBlockM rows; each CTA takes the part of its cluster rank.
+template <int kBlockM, int kCluster, typename T>
 __device__ __forceinline__ TileWork decode_tile(const GemmArgs<T>& args, int32_t v, int32_t num_slots,
                                                 int32_t& chunk_hint) {
+  constexpr int kUnitRows = kCluster * kBlockM;
   const TileCoord tc = task_map_decode_warp(args.map, v / args.n_tiles, num_slots, chunk_hint);
   const int32_t rows = args.expert_counts[tc.task];
-  const int32_t m_tiles = (rows + kBlockM - 1) / kBlockM;
+  const int32_t m_tiles = (rows + kUnitRows - 1) / kUnitRows;
   const int32_t local = tc.tile * args.n_tiles + v % args.n_tiles;  // 0 .. m_tiles * n_tiles - 1
-  const int32_t group = local / (kGroupM * args.n_tiles);
-  const int32_t first_m = group * kGroupM;
-  const int32_t group_m = min(kGroupM, m_tiles - first_m);
-  const int32_t in_group = local - group * kGroupM * args.n_tiles;
-  const int32_t m0 = (first_m + in_group % group_m) * kBlockM;
+  const int32_t group = local / (args.group_m * args.n_tiles);
+  const int32_t first_m = group * args.group_m;
+  const int32_t group_m = min(args.group_m, m_tiles - first_m);
+  const int32_t in_group = local - group * args.group_m * args.n_tiles;
+  const int32_t rank = kCluster > 1 ? int32_t(sm90::cluster_cta_rank()) : 0;  // a special register: no live value
+  const int32_t m0 = (first_m + in_group % group_m) * kUnitRows + rank * kBlockM;
   return {tc.task, rows, m0, args.expert_offsets[tc.task] + m0, in_group / group_m};
 }
 
@@ -109,17 +118,18 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 
 __device__ __forceinline__ float silu(float g) { return g / (1.f + __expf(-g)); }
 
-template <typename T, int kBlockM, int kBlockN, int kStages, bool kGateUp>
+template <typename T, int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp>
 __device__ __forceinline__ void produce(const CUtensorMap& weights, const GemmArgs<T>& args, uint8_t* smem,
-                                        uint64_t* full, uint64_t* empty, int32_t total, int32_t num_slots) {
+                                        uint64_t* full, uint64_t* empty, int32_t total, int32_t num_slots,
+                                        uint32_t cta_rank) {
   using Smem = GemmSmem<kBlockM, kBlockN, kStages>;
   constexpr int kRowsPerThread = kBlockM * 8 / kProducerThreads;  // 16-byte pieces: 8 per 128-byte row
   const int tid = threadIdx.x, piece = tid & 7;
   const int32_t k_iters = (args.k + kBlockK - 1) / kBlockK;
   int32_t chunk_hint = 0;
   uint32_t g = 0;  // k-steps loaded so far: stage g % kStages, pass g / kStages
-  for (int32_t v = blockIdx.x; v < total; v += gridDim.x) {
-    const TileWork w = decode_tile<kBlockM>(args, v, num_slots, chunk_hint);
+  for (int32_t v = blockIdx.x / kCluster; v < total; v += gridDim.x / kCluster) {
+    const TileWork w = decode_tile<kBlockM, kCluster>(args, v, num_slots, chunk_hint);
     const T* src[kRowsPerThread];
     uint32_t row_ok = 0;
 #pragma unroll
@@ -139,20 +149,28 @@ __device__ __forceinline__ void produce(const CUtensorMap& weights, const GemmAr
       uint8_t* b_tile = a_tile + Smem::kABytes;
       const int32_t k0 = kt * kBlockK;
       const bool k_ok = k0 + piece * 8 < args.k;
+      if (w.m0 < w.rows) {  // an empty cluster half needs no A (its consumers skip the MMAs)
 #pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i) {
-        const int r = tid / 8 + i * (kProducerThreads / 8);
-        const bool ok = k_ok && (row_ok >> i & 1);
-        sm90::cp_async_16(a_tile + sm90::swizzle128_offset(r, piece), ok ? src[i] + k0 + piece * 8 : args.a, ok);
+        for (int i = 0; i < kRowsPerThread; ++i) {
+          const int r = tid / 8 + i * (kProducerThreads / 8);
+          const bool ok = k_ok && (row_ok >> i & 1);
+          sm90::cp_async_16(a_tile + sm90::swizzle128_offset(r, piece), ok ? src[i] + k0 + piece * 8 : args.a, ok);
+        }
       }
       if (tid == 0) {
+        // The weight tile is two boxes of kBlockN/2 rows: GEMM1's gate and up rows of w13[e] (matrices 2e and
+        // 2e+1), GEMM2's two halves of the N tile of w2[e]. With a cluster, CTA r loads box r into both CTAs.
         sm90::mbarrier_arrive_expect_tx(&full[s], Smem::kBBytes);
-        if constexpr (kGateUp) {
-          const int n0 = w.n_tile * (kBlockN / 2);
-          sm90::tma_load_3d(b_tile, &weights, &full[s], k0, n0, 2 * w.expert);
-          sm90::tma_load_3d(b_tile + (kBlockN / 2) * 128, &weights, &full[s], k0, n0, 2 * w.expert + 1);
-        } else {
-          sm90::tma_load_3d(b_tile, &weights, &full[s], k0, w.n_tile * kBlockN, w.expert);
+        constexpr int kHalf = kBlockN / 2;
+        for (int half = 0; half < 2; ++half) {
+          if (kCluster > 1 && half != int(cta_rank)) continue;
+          const int row = kGateUp ? w.n_tile * kHalf : w.n_tile * kBlockN + half * kHalf;
+          const int matrix = kGateUp ? 2 * w.expert + half : w.expert;
+          uint8_t* dst = b_tile + half * kHalf * 128;
+          if constexpr (kCluster > 1)
+            sm90::tma_load_3d_multicast(dst, &weights, &full[s], k0, row, matrix, (1u << kCluster) - 1);
+          else
+            sm90::tma_load_3d(dst, &weights, &full[s], k0, row, matrix);
         }
       }
       sm90::cp_async_mbarrier_arrive_noinc(&full[s]);
@@ -161,7 +179,7 @@ __device__ __forceinline__ void produce(const CUtensorMap& weights, const GemmAr
   sm90::cp_async_wait<0>();  // keep the CTA (and its shared memory) alive until every gather has landed
 }
 
-template <typename T, int kBlockM, int kBlockN, int kStages, bool kGateUp>
+template <typename T, int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp>
 __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, uint64_t* full, uint64_t* empty,
                                         int32_t total, int32_t num_slots) {
   using Smem = GemmSmem<kBlockM, kBlockN, kStages>;
@@ -170,10 +188,19 @@ __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, 
   int32_t chunk_hint = 0;
   uint32_t g = 0;  // k-steps consumed so far, in step with the producer
   auto release = [&](uint32_t step) {  // the wgmmas reading this stage have retired in this warp
-    if (lane == 0) sm90::mbarrier_arrive(&empty[step % kStages]);
+    if (lane != 0) return;
+    sm90::mbarrier_arrive(&empty[step % kStages]);
+    if constexpr (kCluster > 1) sm90::mbarrier_arrive_cluster(&empty[step % kStages], sm90::cluster_cta_rank() ^ 1);
   };
-  for (int32_t v = blockIdx.x; v < total; v += gridDim.x) {
-    const TileWork w = decode_tile<kBlockM>(args, v, num_slots, chunk_hint);
+  for (int32_t v = blockIdx.x / kCluster; v < total; v += gridDim.x / kCluster) {
+    const TileWork w = decode_tile<kBlockM, kCluster>(args, v, num_slots, chunk_hint);
+    if (kCluster > 1 && w.m0 >= w.rows) {  // nothing to compute: pass the stages through for the peer's sake
+      for (int32_t kt = 0; kt < k_iters; ++kt, ++g) {
+        sm90::mbarrier_wait(&full[g % kStages], (g / kStages) & 1);
+        release(g);
+      }
+      continue;
+    }
     float acc[kBlockN / 2];
     for (int32_t kt = 0; kt < k_iters; ++kt, ++g) {
       const int s = g % kStages;
@@ -226,9 +253,10 @@ __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, 
   }
 }
 
-template <typename T, int kBlockM, int kBlockN, int kStages, bool kGateUp>
+template <typename T, int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp>
 __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
     moe_gemm_sm90_kernel(const __grid_constant__ CUtensorMap weights, const GemmArgs<T> args) {
+  static_assert(kCluster == 1 || kCluster == 2, "a cluster is one CTA or a pair (peer = rank ^ 1)");
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   auto* full = reinterpret_cast<uint64_t*>(smem + kStages * GemmSmem<kBlockM, kBlockN, kStages>::kStageBytes);
@@ -237,11 +265,13 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
     sm90::prefetch_tensor_map(&weights);
     for (int s = 0; s < kStages; ++s) {
       sm90::mbarrier_init(&full[s], kProducerThreads + 1);  // one cp.async arrival per producer thread + the TMA's
-      sm90::mbarrier_init(&empty[s], (kBlockM / 64) * 4);   // one arrival per math warp
+      sm90::mbarrier_init(&empty[s], kCluster * (kBlockM / 64) * 4);  // one arrival per math warp of the cluster
     }
     sm90::fence_barrier_init();
   }
-  __syncthreads();
+  if constexpr (kCluster > 1) sm90::cluster_sync();  // peers arrive on our barriers and multicast into our stages
+  else __syncthreads();
+  const uint32_t cta_rank = kCluster > 1 ? sm90::cluster_cta_rank() : 0;
   // The prologue above overlaps the previous kernel's tail; the plan (or GEMM1's output) is read only after this.
   wait_for_predecessor();
   const int32_t num_slots = *args.map.num_slots;
@@ -250,11 +280,13 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
   constexpr bool kRebalance = gemm_threads<kBlockM>() * kConsumerRegs > 65536;
   if (threadIdx.x < kProducerThreads) {
     if constexpr (kRebalance) sm90::setmaxnreg_dec<kProducerRegs>();
-    produce<T, kBlockM, kBlockN, kStages, kGateUp>(weights, args, smem, full, empty, total, num_slots);
+    produce<T, kBlockM, kBlockN, kStages, kCluster, kGateUp>(weights, args, smem, full, empty, total, num_slots,
+                                                              cta_rank);
   } else {
     if constexpr (kRebalance) sm90::setmaxnreg_inc<kConsumerRegs>();
-    consume<T, kBlockM, kBlockN, kStages, kGateUp>(args, smem, full, empty, total, num_slots);
+    consume<T, kBlockM, kBlockN, kStages, kCluster, kGateUp>(args, smem, full, empty, total, num_slots);
   }
+  if constexpr (kCluster > 1) sm90::cluster_sync();  // our shared memory stays alive while peers still arrive on it
   // The next kernel may launch once every CTA has issued its last tile: its prologue overlaps our tail only.
   // Triggering at the start instead made large layers ~2x slower on the H100 (DeepSeek-V3 T=32768: 69 ms vs
   // 41 ms without PDL; benchmarks/NOTES.md v3).
