@@ -20,6 +20,7 @@ from model.engine.sampler import Sampler
 from model.engine.sampling_params import SamplingParams
 from model.engine.scheduler import SchedulerOutput
 from model.forward_batch import ForwardBatch
+from model.layers import fusion
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = config.block_size
         self.pin = device.type == "cuda"
+        fusion.set_enabled(not config.enforce_eager)  # eager means no compiled code either, as in vLLM
         mc = model.config
         self.bytes_per_block = model.kv_cache_bytes_per_block(self.block_size, dtype)
         max_len = mc.max_position_embeddings if config.max_model_len is None else config.max_model_len

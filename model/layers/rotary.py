@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from model.layers.fusion import gpu_fused
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     first, second = x.chunk(2, dim=-1)
@@ -25,6 +27,7 @@ class RotaryEmbedding(nn.Module):
         return self.cos_cache[positions].unsqueeze(1).to(dtype), self.sin_cache[positions].unsqueeze(1).to(dtype)
 
 
+@gpu_fused
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """q [N, Hq, D], k [N, Hkv, D], cos/sin [N, 1, D]."""
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

@@ -33,8 +33,9 @@ class DecoderLayer(nn.Module):
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, h: torch.Tensor, rotary, plan: AttentionPlan, kv_cache: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rotary, plan, kv_cache)  # [N, H]
-        return h + self.mlp(self.post_attention_layernorm(h))
+        attn = self.self_attn(self.input_layernorm(h), rotary, plan, kv_cache)  # [N, H]
+        h, normed = self.post_attention_layernorm.add_and_norm(h, attn)
+        return h + self.mlp(normed)
 
 
 class DecoderModel(nn.Module):
