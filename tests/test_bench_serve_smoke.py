@@ -32,7 +32,7 @@ def smoke_run(tmp_path_factory):
                "--concurrency", ",".join(map(str, LEVELS)), "--metrics-concurrency", str(TRUTH_BATCH),
                "--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN), "--hf-batches", str(HF_BATCH),
                "--truth-output-len", "36", "--level-time-limit-s", "20", "--min-prompts", "4",
-               "--scrape-interval-s", "0.5", "--out", str(out)]
+               "--scrape-interval-s", "0.5", "--overhead-repeats", "1", "--out", str(out)]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "STATICMOE_COMMIT": "smoke"})
     assert result.returncode in (0, 1), result.stdout[-3000:] + result.stderr[-3000:]  # 1: CPU misses targets
@@ -54,9 +54,15 @@ def test_report_header_and_serving_levels(smoke_run):
         assert s["total_input_tokens"] == sent * INPUT_LEN
         assert s["server_metrics"]["generation_tokens"] == s["total_output_tokens"]  # the server counted the same
         assert s["server_metrics"]["scrapes"] >= 2
-    [off] = r["serve_no_metrics"]["levels"]
-    assert off["max_concurrency"] == TRUTH_BATCH and off["failed"] == 0
-    assert off["server_metrics"]["moe_timed_steps"] == 0  # no MoE timing with --no-expert-metrics
+    oh = r["overhead"]
+    assert [run["metrics"] for run in oh["runs"]] == [True, False], "one pair, metrics on first"
+    for run in oh["runs"]:
+        [lv] = run["levels"]
+        assert lv["max_concurrency"] == TRUTH_BATCH and lv["failed"] == 0
+        if not run["metrics"]:
+            assert lv["server_metrics"]["moe_timed_steps"] == 0  # no MoE timing with --no-expert-metrics
+    offs = [run["levels"][0]["output_throughput"] for run in oh["runs"] if not run["metrics"]]
+    assert oh["off_tok_s"] == offs[0] and abs(oh["overhead"] - (1 - oh["on_tok_s"] / oh["off_tok_s"])) < 1e-12
 
 
 def test_offline_engine_truth_and_hf_baseline(smoke_run):
@@ -80,7 +86,7 @@ def test_offline_engine_truth_and_hf_baseline(smoke_run):
 def test_markdown_targets_and_plots(smoke_run):
     out, report, md = smoke_run
     assert "no HTTP layer" in md and "no HTTP layer" in report["baseline_note"]
-    for heading in ("## Server (metrics on)", "## Server with --no-expert-metrics", "## Baseline: HF transformers",
+    for heading in ("## Server (metrics on)", "## Metrics overhead: fresh servers", "## Baseline: HF transformers",
                     "## Utilization metric truth", "## Targets"):
         assert heading in md
     names = [t["target"] for t in report["result"]["targets"]]
