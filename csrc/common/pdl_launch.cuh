@@ -29,6 +29,8 @@ struct PdlLaunch {
     config.attrs = attrs;
     config.numAttrs = cluster_x > 1 ? 2 : 1;
   }
+  PdlLaunch(const PdlLaunch&) = delete;  // config.attrs points into this object
+  PdlLaunch& operator=(const PdlLaunch&) = delete;
 };
 
 template <typename... KernelArgs, typename... Args>
