@@ -61,9 +61,9 @@ template <int kBlockM>
 constexpr int gemm_threads() { return kProducerThreads + 2 * kBlockM; }  // + one math warpgroup per 64 rows
 constexpr int kProducerRegs = 56;   // pointers of the gathered rows and loop state
 constexpr int kConsumerRegs = 224;  // 128 fp32 accumulators (BN = 256) + epilogue; 128*56 + 256*224 <= 64K
-// M tiles per raster group by default, by measurement (benchmarks/NOTES.md v3: 1, 4, 8, 16, 64 and unbounded swept on the
-// H100): 4 is best or within 5% of best at every compute-bound point, e.g. Mixtral T=32768 610 TFLOPS against
-// 424 with 16 and 477 with M fastest over the whole expert.
+// M tiles per raster group by default, by measurement (benchmarks/NOTES.md v3: 1, 4, 8, 16, 64 and unbounded
+// swept on the H100): 4 is best or within 5% of best at every compute-bound point, e.g. Mixtral T=32768 610 TFLOPS
+// against 424 with 16 and 477 with M fastest over the whole expert; 2 and 8 again lost to 4 in v4.
 constexpr int kGroupM = 4;
 
 // One tile of work, decoded the same way by the producer and every math warp.
