@@ -107,7 +107,8 @@ int32_t raster_group(const char* env_name) {
 template <typename T, bool kGateUp>
 cudaError_t dispatch(const LaunchConfig& cfg, const CUtensorMap& map, const GemmArgs<T>& args, int device,
                      cudaStream_t stream) {
-  if (cfg.block_m == 128 && cfg.cluster_m == 2) return launch<T, 128, block_n<128>(), 4, 2, kGateUp>(map, args, device, stream);
+  if (cfg.block_m == 128 && cfg.cluster_m == 2)
+    return launch<T, 128, block_n<128>(), 4, 2, kGateUp>(map, args, device, stream);
   if (cfg.block_m == 128) return launch<T, 128, block_n<128>(), 4, 1, kGateUp>(map, args, device, stream);
   return launch<T, 64, block_n<64>(), 6, 1, kGateUp>(map, args, device, stream);
 }
