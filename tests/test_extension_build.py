@@ -145,3 +145,22 @@ def test_invalid_problem_raises_value_error(T, k, E, H, I):
 def test_largest_valid_problem_is_accepted():
     assert _C.moe_workspace_bytes(1, 1, 1024, 8, 8) > 0
     assert _C.moe_launch_config(0, 1, 1, 8, 8)[0] in (64, 128)
+
+
+@needs_extension
+@pytest.mark.parametrize("value,tile_rows,warns", [(None, 256, False), ("0", 128, False), ("4096", 128, False),
+                                                   ("512", 256, False), ("lots", 256, True), ("-5", 256, True)])
+def test_cluster_threshold_knob(value, tile_rows, warns):
+    """STATICMOE_CLUSTER_MIN_ROWS (read once per process, so each case runs in its own): 0 turns the 2-CTA cluster
+    tiles off, a threshold above the shape's 2048 rows per expert too; nonsense is reported and ignored."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "STATICMOE_CLUSTER_MIN_ROWS"}
+    if value is not None:
+        env["STATICMOE_CLUSTER_MIN_ROWS"] = value
+    code = "from model.kernels import _C; print(_C.moe_launch_config(8192, 2, 8, 4096, 14336)[0])"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout.strip().splitlines()[-1]) == tile_rows
+    assert ("ignoring STATICMOE_CLUSTER_MIN_ROWS" in run.stderr) == warns, run.stderr

@@ -1,8 +1,8 @@
 // The MoE layer end to end: workspace layout, launch configuration and the four stages on the caller's stream.
 // Nothing here synchronises with the host or allocates device memory, so the layer is CUDA-graph capturable.
 #include <climits>
-#include <cstdlib>
 
+#include "common/env_knob.h"
 #include "moe/combine.h"
 #include "moe/moe.h"
 #include "moe/sm90_gemm.h"
@@ -43,9 +43,7 @@ size_t layout(const Problem& p, const LaunchConfig& cfg, char* base, Workspace* 
 // STATICMOE_CLUSTER_MIN_ROWS overrides it for tuning probes (0: never).
 int64_t cluster_min_rows() {
   static const int64_t rows = [] {
-    const char* v = std::getenv("STATICMOE_CLUSTER_MIN_ROWS");
-    if (!v) return kClusterMinRows;
-    const int64_t r = std::atoll(v);
+    const int64_t r = env_knob("STATICMOE_CLUSTER_MIN_ROWS", kClusterMinRows, 0);
     return r > 0 ? r : INT64_MAX;
   }();
   return rows;

@@ -2,9 +2,9 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
-#include <cstdlib>
 #include <mutex>
 
+#include "common/env_knob.h"
 #include "moe/sm90_gemm.cuh"
 #include "moe/sm90_gemm.h"
 
@@ -96,13 +96,8 @@ cudaError_t weight_maps(const Problem& p, int block_m, const void* w13, const vo
   return make_weight_map(w2_map, w2, p.dtype, p.intermediate, p.hidden, p.num_experts, bn / 2);
 }
 
-// Raster group size: kGroupM, or STATICMOE_RASTER_GROUP_M{1,2} (GEMM1 / GEMM2) for tuning probes; read once per
-// process by the callers' statics, never on the hot path.
-int32_t raster_group(const char* env_name) {
-  const char* v = std::getenv(env_name);
-  const int g = v ? std::atoi(v) : 0;
-  return g > 0 ? g : kGroupM;
-}
+// Raster group size: kGroupM, or STATICMOE_RASTER_GROUP_M{1,2} (GEMM1 / GEMM2) for tuning probes.
+int32_t raster_group(const char* env_name) { return int32_t(env_knob(env_name, kGroupM, 1)); }
 
 template <typename T, bool kGateUp>
 cudaError_t dispatch(const LaunchConfig& cfg, const CUtensorMap& map, const GemmArgs<T>& args, int device,
