@@ -1,0 +1,100 @@
+"""Where the wall time of an engine decode step goes (random-weight presets on the GPU): host time of each phase
+of LLMEngine.step, and the GPU's idle gap between one step's last kernel and the next step's first.
+
+    python scripts/probe_step_phases.py [preset ...]      (default: olmoe-1b-7b qwen3-30b-a3b)
+"""
+
+import random
+import statistics
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+from model.engine import EngineConfig, LLMEngine, SamplingParams
+
+
+def timed(obj, name, table, record_event=None):
+    original = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        if record_event is not None:
+            record_event("start")
+        t = time.perf_counter()
+        result = original(*args, **kwargs)
+        table[name].append(time.perf_counter() - t)
+        return result
+    setattr(obj, name, wrapper)
+
+
+def probe(preset: str, batches=(1, 64), input_len=512, output_len=64):
+    engine = LLMEngine(EngineConfig(model=preset, random_weights=True, max_num_seqs=max(batches),
+                                    max_model_len=input_len + output_len, max_num_batched_tokens=8192))
+    rng = random.Random(0)
+    vocab = engine.model_config.vocab_size
+    phases: dict[str, list[float]] = defaultdict(list)
+    events: list[tuple[str, torch.cuda.Event]] = []
+
+    def record(tag):
+        if not torch.cuda.is_available():  # a CPU dry run checks the phases only
+            return
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        events.append((tag, e))
+
+    timed(engine.scheduler, "schedule", phases)
+    timed(engine.runner, "execute", phases, record)
+    timed(engine.runner, "_replay", phases)
+    timed(engine.sampler, "sample", phases)
+    timed(engine, "_emit_pending", phases)
+    timed(engine.scheduler, "update_after_step", phases)
+    timed(engine.moe, "end_step", phases)
+    replay = torch.cuda.CUDAGraph.replay
+
+    def timed_replay(graph):
+        t = time.perf_counter()
+        replay(graph)
+        phases["graph.replay"].append(time.perf_counter() - t)
+    torch.cuda.CUDAGraph.replay = timed_replay
+    try:
+        for b in batches:
+            params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+            for i in range(b):
+                engine.add_request(f"{b}-{i}", [rng.randrange(vocab) for _ in range(input_len)], params)
+            walls, rows = [], []
+            while engine.has_unfinished_requests():
+                for v in phases.values():
+                    v.clear()
+                events.clear()
+                n_running = len(engine.scheduler.running)
+                t = time.perf_counter()
+                engine.step()
+                walls.append(time.perf_counter() - t)
+                record("end")
+                rows.append((n_running, dict((k, sum(v)) for k, v in phases.items()), list(events)))
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            decode = [(w, ph, ev) for w, (n, ph, ev) in zip(walls, rows)
+                      if n == b and ("graph.replay" in ph or not torch.cuda.is_available())][2:-2]
+            gaps, busy = [], []
+            for (_, _, ev), (_, _, ev_next) in zip(decode, decode[1:]) if torch.cuda.is_available() else ():
+                start, end = dict(ev)["start"], dict(ev)["end"]
+                busy.append(start.elapsed_time(end))
+                gaps.append(end.elapsed_time(dict(ev_next)["start"]))
+            med = lambda xs: 1e3 * statistics.median(xs) if xs else float("nan")  # noqa: E731
+            print(f"{preset} batch {b}: {len(decode)} decode steps, wall {med([w for w, _, _ in decode]):.3f} ms; "
+                  f"GPU from execute to step end {med(busy) / 1e3:.3f} ms, idle gap to the next step "
+                  f"{med(gaps) / 1e3:.3f} ms", flush=True)
+            for k in sorted(decode[0][1]):
+                print(f"    {k:20s} {med([ph.get(k, 0.0) for _, ph, _ in decode]):8.3f} ms", flush=True)
+    finally:
+        torch.cuda.CUDAGraph.replay = replay
+        engine.shutdown()
+    del engine
+    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    for p in sys.argv[1:] or ["olmoe-1b-7b", "qwen3-30b-a3b"]:
+        probe(p)
