@@ -12,6 +12,7 @@ from collections import defaultdict
 
 import torch
 
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # benchmarks/
 from model.engine import EngineConfig, LLMEngine, SamplingParams
 
 
@@ -63,6 +64,7 @@ def probe(preset: str, batches=(1, 64), input_len=512, output_len=64):
             for i in range(b):
                 engine.add_request(f"{b}-{i}", [rng.randrange(vocab) for _ in range(input_len)], params)
             walls, rows = [], []
+            seqs = list(engine.scheduler.waiting)
             while engine.has_unfinished_requests():
                 for v in phases.values():
                     v.clear()
@@ -86,8 +88,19 @@ def probe(preset: str, batches=(1, 64), input_len=512, output_len=64):
             print(f"{preset} batch {b}: {len(decode)} decode steps, wall {med([w for w, _, _ in decode]):.3f} ms; "
                   f"GPU from execute to step end {med(busy) / 1e3:.3f} ms, idle gap to the next step "
                   f"{med(gaps) / 1e3:.3f} ms", flush=True)
+            if busy:  # does the step's device time drift as the batch decodes?
+                q = max(1, len(busy) // 4)
+                print(f"    GPU time per step: first quarter {med(busy[:q]) / 1e3:.3f} ms, last quarter "
+                      f"{med(busy[-q:]) / 1e3:.3f} ms", flush=True)
             for k in sorted(decode[0][1]):
                 print(f"    {k:20s} {med([ph.get(k, 0.0) for _, ph, _ in decode]):8.3f} ms", flush=True)
+            last = [s.token_ids[-2] for s in seqs]  # the inputs of the last decode step
+            first = [s.token_ids[input_len] for s in seqs]  # the inputs of the first
+            print(f"    distinct input tokens: first decode step {len(set(first))}, last {len(set(last))} of {b}")
+            if torch.cuda.is_available() and engine.runner.graphs:
+                from benchmarks.bench_timing import replay_ms
+                key = engine.runner._graph_key(b, -(-(input_len + output_len - 1) // engine.runner.block_size))
+                print(f"    last step's graph replayed alone: {replay_ms(engine.runner.graphs[key].graph, 20):.3f} ms")
     finally:
         torch.cuda.CUDAGraph.replay = replay
         engine.shutdown()
