@@ -100,7 +100,18 @@ def probe(preset: str, batches=(1, 64), input_len=512, output_len=64):
             if torch.cuda.is_available() and engine.runner.graphs:
                 from benchmarks.bench_timing import replay_ms
                 key = engine.runner._graph_key(b, -(-(input_len + output_len - 1) // engine.runner.block_size))
-                print(f"    last step's graph replayed alone: {replay_ms(engine.runner.graphs[key].graph, 20):.3f} ms")
+                graph = engine.runner.graphs[key].graph
+                print(f"    last step's graph replayed alone: {replay_ms(graph, 20):.3f} ms back to back", flush=True)
+                isolated = []
+                for _ in range(20):  # the GPU idles before each replay, as after an engine step's host sync
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    torch.cuda.synchronize()
+                    start.record()
+                    graph.replay()
+                    end.record()
+                    end.synchronize()
+                    isolated.append(start.elapsed_time(end))
+                print(f"    ... and after an idle GPU each time: {statistics.median(isolated):.3f} ms", flush=True)
     finally:
         torch.cuda.CUDAGraph.replay = replay
         engine.shutdown()
