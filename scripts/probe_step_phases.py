@@ -55,7 +55,9 @@ def probe(preset: str, batches=(1, 64), input_len=512, output_len=64):
 
     def timed_replay(graph):
         t = time.perf_counter()
+        record("replay")
         replay(graph)
+        record("replayed")
         phases["graph.replay"].append(time.perf_counter() - t)
     torch.cuda.CUDAGraph.replay = timed_replay
     try:
@@ -79,10 +81,14 @@ def probe(preset: str, batches=(1, 64), input_len=512, output_len=64):
                 torch.cuda.synchronize()
             decode = [(w, ph, ev) for w, (n, ph, ev) in zip(walls, rows)
                       if n == b and ("graph.replay" in ph or not torch.cuda.is_available())][2:-2]
-            gaps, busy = [], []
+            gaps, busy, parts = [], [], defaultdict(list)
             for (_, _, ev), (_, _, ev_next) in zip(decode, decode[1:]) if torch.cuda.is_available() else ():
                 start, end = dict(ev)["start"], dict(ev)["end"]
                 busy.append(start.elapsed_time(end))
+                marks = dict(ev)
+                parts["before replay"].append(start.elapsed_time(marks["replay"]) / 1e3)
+                parts["replay"].append(marks["replay"].elapsed_time(marks["replayed"]) / 1e3)
+                parts["after replay"].append(marks["replayed"].elapsed_time(end) / 1e3)
                 gaps.append(end.elapsed_time(dict(ev_next)["start"]))
             med = lambda xs: 1e3 * statistics.median(xs) if xs else float("nan")  # noqa: E731
             print(f"{preset} batch {b}: {len(decode)} decode steps, wall {med([w for w, _, _ in decode]):.3f} ms; "
@@ -92,6 +98,8 @@ def probe(preset: str, batches=(1, 64), input_len=512, output_len=64):
                 q = max(1, len(busy) // 4)
                 print(f"    GPU time per step: first quarter {med(busy[:q]) / 1e3:.3f} ms, last quarter "
                       f"{med(busy[-q:]) / 1e3:.3f} ms", flush=True)
+            for k, v in parts.items():
+                print(f"    GPU {k:16s} {med(v):8.3f} ms", flush=True)
             for k in sorted(decode[0][1]):
                 print(f"    {k:20s} {med([ph.get(k, 0.0) for _, ph, _ in decode]):8.3f} ms", flush=True)
             last = [s.token_ids[-2] for s in seqs]  # the inputs of the last decode step
