@@ -123,14 +123,16 @@ def probe(preset: str, batches=(1, 64), input_len=512, output_len=64):
                 ids = engine.runner.graphs[key].batch.input_ids  # a view of the graph's static input buffer
                 saved, varied = ids.clone(), []
                 for _ in range(20):  # new token ids each replay (new routing), positions and tables kept
-                    ids.copy_(torch.randint(0, vocab, ids.shape, device=ids.device))
+                    with torch.inference_mode():
+                        ids.copy_(torch.randint(0, vocab, ids.shape, device=ids.device))
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     start.record()
                     graph.replay()
                     end.record()
                     end.synchronize()
                     varied.append(start.elapsed_time(end))
-                ids.copy_(saved)
+                with torch.inference_mode():
+                    ids.copy_(saved)
                 print(f"    ... with new random token ids each replay: {statistics.median(varied):.3f} ms", flush=True)
     finally:
         torch.cuda.CUDAGraph.replay = replay
