@@ -11,6 +11,8 @@ import time
 from collections import defaultdict
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # benchmarks/
 from model.engine import EngineConfig, LLMEngine, SamplingParams
@@ -27,6 +29,24 @@ def timed(obj, name, table, record_event=None):
         table[name].append(time.perf_counter() - t)
         return result
     setattr(obj, name, wrapper)
+
+
+def kernel_times(prof) -> dict[str, float]:
+    """Device µs per kernel name, summed over the profile."""
+    times: dict[str, float] = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            times[e.name[:70]] += e.device_time
+    return times
+
+
+def kernel_time_difference(engine_prof, alone_prof, top=12):
+    """Which kernels take longer in 4 engine steps than in 4 replays of the same graph alone."""
+    ours, alone = kernel_times(engine_prof), kernel_times(alone_prof)
+    print(f"    kernel time, 4 engine steps {sum(ours.values()) / 1e3:.2f} ms, 4 replays alone "
+          f"{sum(alone.values()) / 1e3:.2f} ms; largest differences (µs):", flush=True)
+    for name in sorted(ours.keys() | alone.keys(), key=lambda n: -abs(ours.get(n, 0) - alone.get(n, 0)))[:top]:
+        print(f"      {ours.get(name, 0):9.0f} {alone.get(name, 0):9.0f}  {name}", flush=True)
 
 
 def probe(preset: str, batches=(1, 64), input_len=512, output_len=64):
@@ -67,7 +87,11 @@ def probe(preset: str, batches=(1, 64), input_len=512, output_len=64):
                 engine.add_request(f"{b}-{i}", [rng.randrange(vocab) for _ in range(input_len)], params)
             walls, rows = [], []
             seqs = list(engine.scheduler.waiting)
+            prof = None
             while engine.has_unfinished_requests():
+                if torch.cuda.is_available() and b > 1 and len(walls) in (30, 34):  # kernels of 4 engine steps
+                    prof = prof or profile(activities=[ProfilerActivity.CUDA])
+                    (prof.start if len(walls) == 30 else prof.stop)()
                 for v in phases.values():
                     v.clear()
                 events.clear()
@@ -120,6 +144,11 @@ def probe(preset: str, batches=(1, 64), input_len=512, output_len=64):
                     end.synchronize()
                     isolated.append(start.elapsed_time(end))
                 print(f"    ... and after an idle GPU each time: {statistics.median(isolated):.3f} ms", flush=True)
+                with profile(activities=[ProfilerActivity.CUDA]) as alone:
+                    for _ in range(4):
+                        graph.replay()
+                    torch.cuda.synchronize()
+                kernel_time_difference(prof, alone)
                 ids = engine.runner.graphs[key].batch.input_ids  # a view of the graph's static input buffer
                 saved, varied = ids.clone(), []
                 for _ in range(20):  # new token ids each replay (new routing), positions and tables kept
