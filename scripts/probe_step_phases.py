@@ -144,11 +144,12 @@ def probe(preset: str, batches=(1, 64), input_len=512, output_len=64):
                     end.synchronize()
                     isolated.append(start.elapsed_time(end))
                 print(f"    ... and after an idle GPU each time: {statistics.median(isolated):.3f} ms", flush=True)
-                with profile(activities=[ProfilerActivity.CUDA]) as alone:
-                    for _ in range(4):
-                        graph.replay()
-                    torch.cuda.synchronize()
-                kernel_time_difference(prof, alone)
+                if prof is not None:
+                    with profile(activities=[ProfilerActivity.CUDA]) as alone:
+                        for _ in range(4):
+                            graph.replay()
+                        torch.cuda.synchronize()
+                    kernel_time_difference(prof, alone)
                 ids = engine.runner.graphs[key].batch.input_ids  # a view of the graph's static input buffer
                 saved, varied = ids.clone(), []
                 for _ in range(20):  # new token ids each replay (new routing), positions and tables kept
