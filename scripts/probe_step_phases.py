@@ -40,6 +40,19 @@ def kernel_times(prof) -> dict[str, float]:
     return times
 
 
+def kernel_table(prof, steps: int):
+    """Every kernel of the profiled engine steps: count and device µs per step, largest first."""
+    times, counts = defaultdict(float), defaultdict(int)
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            times[e.name[:90]] += e.device_time / steps
+            counts[e.name[:90]] += 1
+    print(f"    kernels per engine step: {sum(counts.values()) / steps:.0f}, {sum(times.values()):.0f} µs busy", flush=True)
+    for name in sorted(times, key=lambda n: -times[n]):
+        print(f"      {counts[name] / steps:5.0f} x {times[name] / max(1, counts[name]) * steps:7.1f} µs = "
+              f"{times[name]:7.1f} µs  {name}", flush=True)
+
+
 def kernel_time_difference(engine_prof, alone_prof, top=12):
     """Which kernels take longer in 4 engine steps than in 4 replays of the same graph alone."""
     ours, alone = kernel_times(engine_prof), kernel_times(alone_prof)
@@ -89,7 +102,7 @@ def probe(preset: str, batches=(1, 64), input_len=512, output_len=64):
             seqs = list(engine.scheduler.waiting)
             prof = None
             while engine.has_unfinished_requests():
-                if torch.cuda.is_available() and b > 1 and len(walls) in (30, 34):  # kernels of 4 engine steps
+                if torch.cuda.is_available() and len(walls) in (30, 34):  # kernels of 4 engine steps
                     prof = prof or profile(activities=[ProfilerActivity.CUDA])
                     (prof.start if len(walls) == 30 else prof.stop)()
                 for v in phases.values():
@@ -145,6 +158,7 @@ def probe(preset: str, batches=(1, 64), input_len=512, output_len=64):
                     isolated.append(start.elapsed_time(end))
                 print(f"    ... and after an idle GPU each time: {statistics.median(isolated):.3f} ms", flush=True)
                 if prof is not None:
+                    kernel_table(prof, 4)
                     with profile(activities=[ProfilerActivity.CUDA]) as alone:
                         for _ in range(4):
                             graph.replay()
