@@ -76,9 +76,9 @@ class StepRecorder:
         self._replay, self._build = runner._replay, runner.build_batch
         runner._replay, runner.build_batch = self._on_replay, self._on_build
 
-    def _on_replay(self, g, out):
+    def _on_replay(self, g, out, *args):
         self.batch, self.graph_rows, self.graph = g.batch, g.batch.input_ids.shape[0], g
-        return self._replay(g, out)
+        return self._replay(g, out, *args)
 
     def _on_build(self, out):
         self.batch = self._build(out)

@@ -1,7 +1,7 @@
 """Where the wall time of an engine decode step goes (random-weight presets on the GPU): host time of each phase
 of LLMEngine.step, and the GPU's idle gap between one step's last kernel and the next step's first.
 
-    python scripts/probe_step_phases.py [preset ...]      (default: olmoe-1b-7b qwen3-30b-a3b)
+    python scripts/probe_step_phases.py [--sync] [preset ...]      (default: olmoe-1b-7b qwen3-30b-a3b)
 """
 
 import random
@@ -62,9 +62,10 @@ def kernel_time_difference(engine_prof, alone_prof, top=12):
         print(f"      {ours.get(name, 0):9.0f} {alone.get(name, 0):9.0f}  {name}", flush=True)
 
 
-def probe(preset: str, batches=(1, 64), input_len=512, output_len=64):
+def probe(preset: str, batches=(1, 64), input_len=512, output_len=64, async_scheduling=True):
     engine = LLMEngine(EngineConfig(model=preset, random_weights=True, max_num_seqs=max(batches),
-                                    max_model_len=input_len + output_len, max_num_batched_tokens=8192))
+                                    max_model_len=input_len + output_len, max_num_batched_tokens=8192,
+                                    async_scheduling=async_scheduling))
     rng = random.Random(0)
     vocab = engine.model_config.vocab_size
     phases: dict[str, list[float]] = defaultdict(list)
@@ -82,7 +83,8 @@ def probe(preset: str, batches=(1, 64), input_len=512, output_len=64):
     timed(engine.runner, "_replay", phases)
     timed(engine.sampler, "sample", phases)
     timed(engine, "_emit_pending", phases)
-    timed(engine.scheduler, "update_after_step", phases)
+    timed(engine, "_launch", phases)
+    timed(engine, "_read_back", phases)
     timed(engine.moe, "end_step", phases)
     replay = torch.cuda.CUDAGraph.replay
 
@@ -186,5 +188,6 @@ def probe(preset: str, batches=(1, 64), input_len=512, output_len=64):
 
 
 if __name__ == "__main__":
-    for p in sys.argv[1:] or ["olmoe-1b-7b", "qwen3-30b-a3b"]:
-        probe(p)
+    names = [a for a in sys.argv[1:] if a != "--sync"]
+    for p in names or ["olmoe-1b-7b", "qwen3-30b-a3b"]:
+        probe(p, async_scheduling="--sync" not in sys.argv)

@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
             help_="weights and activations (auto: bfloat16 on CUDA, float32 on CPU)")
     f.value("--device", default="auto", help_="auto, cpu, cuda or cuda:N")
     f.switch("--enforce-eager", "never capture CUDA graphs")
+    f.switch("--no-async-scheduling", "read each step's sampled tokens back before launching the next step")
     f.value("--tensor-parallel", type_=positive_int, help_="ranks (one process and GPU each) the model is split "
                                                           "over: attention heads, vocabulary, dense and shared-expert "
                                                           "MLPs (default 1, or --expert-parallel)", metavar="N")
@@ -189,7 +190,8 @@ def serve(args: argparse.Namespace) -> int:
                                      device=args.device, max_num_seqs=args.max_num_seqs,
                                      max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                                      num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
-                                     enforce_eager=args.enforce_eager, expert_metrics=mode != "off")
+                                     enforce_eager=args.enforce_eager, expert_metrics=mode != "off",
+                                     async_scheduling=not args.no_async_scheduling)
         settings = ServiceSettings(served_model_name=served_name, api_key=args.api_key,
                                    max_body_bytes=args.max_body_bytes, drain_timeout_s=args.drain_timeout)
     except ValueError as err:

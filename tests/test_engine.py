@@ -251,6 +251,9 @@ def test_moe_stats_count_every_routed_token_and_time_sampled_steps():
     assert all(sum(layer) == 0 for layer in off.moe_stats().expert_tokens_total)
 
 
+STOP_LETTERS = list("aeionrst")  # sampled bytes hit one of them every ~30 tokens, so some requests stop on one
+
+
 def test_random_workload_with_aborts_and_preemption(solo):
     """Random arrivals, lengths, sampling params, stop strings and aborts on a small KV cache: every request ends
     exactly once, greedy ones match their solo run, and no block is left behind."""
@@ -262,7 +265,7 @@ def test_random_workload_with_aborts_and_preemption(solo):
         params = SamplingParams(max_tokens=rng.randint(1, 40), ignore_eos=kind == "greedy",
                                 temperature=0.0 if kind == "greedy" else rng.choice([0.5, 1.0]),
                                 top_p=rng.choice([1.0, 0.9]), top_k=rng.choice([-1, 20]),
-                                stop=["a", "e"] if kind == "stop" else [])
+                                stop=STOP_LETTERS if kind == "stop" else [])
         requests[f"w{i}"] = (prompt, params)
         arrivals.setdefault(rng.randint(0, 60), []).append(f"w{i}")
         if rng.random() < 0.2:
@@ -271,7 +274,7 @@ def test_random_workload_with_aborts_and_preemption(solo):
                   on_step=lambda step, e: [e.abort_request(rid) for rid in aborts.get(step, [])])
     assert engine.stats().num_preemptions_total > 0
     assert any(outs[-1].finish_reason == "abort" for outs in outputs.values())
-    assert any(outs[-1].stop_reason in ("a", "e") for outs in outputs.values())
+    assert any(outs[-1].stop_reason in STOP_LETTERS for outs in outputs.values())
     for rid, (prompt, params) in requests.items():
         outs = outputs.get(rid)
         if outs is None:  # aborted before it was added
@@ -288,3 +291,44 @@ def test_random_workload_with_aborts_and_preemption(solo):
             assert got == solo(prompt, params.max_tokens), rid
     stats = engine.stats()
     assert (stats.num_running, stats.num_waiting, stats.kv_cache_usage) == (0, 0, 0.0)
+
+
+def _outcome(outs) -> tuple:
+    last = outs[-1]
+    return tokens_of(outs), text_of(outs), last.finish_reason, last.stop_reason, last.num_output_tokens
+
+
+def test_asynchronous_scheduling_gives_the_outputs_of_synchronous_steps(solo):
+    """Launching each step before the previous one's ids are read must change no output: greedy and seeded
+    requests, stop strings, stop token ids, EOS and max_tokens, joining at different steps on a KV cache small
+    enough to preempt. Tokens sampled past a stop are dropped, and no placeholder ever leaves the engine."""
+    from model.engine.sequence import PENDING_TOKEN
+
+    rng = random.Random(21)
+    requests, arrivals = {}, {}
+    for i, prompt in enumerate(random_prompts(16, seed=22, lengths=(2, 9, 31, 70, 3, 45))):
+        kind = rng.choice(["greedy", "seeded", "stop", "eos"])
+        max_tokens = 30 if kind == "stop" else rng.randint(1, 30)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0 if kind in ("greedy", "eos") else 0.9,
+                                seed=None if kind in ("greedy", "eos") else 100 + i, ignore_eos=kind != "eos",
+                                stop=STOP_LETTERS if kind == "stop" else [],
+                                stop_token_ids=[rng.randrange(256)] if kind == "seeded" else [])
+        requests[f"r{i}"] = (prompt, params)
+        arrivals.setdefault(rng.randint(0, 25), []).append(f"r{i}")
+    results = {}
+    for mode in (False, True):
+        engine = LLMEngine(EngineConfig(model="tiny", num_kv_blocks=12, max_num_seqs=6, max_num_batched_tokens=40,
+                                        async_scheduling=mode))
+        ran_ahead = []
+        outputs = run(engine, requests, arrivals, on_step=lambda step, e: ran_ahead.append(e._in_flight is not None))
+        assert any(ran_ahead) == mode
+        assert not any(PENDING_TOKEN in o.new_token_ids for outs in outputs.values() for o in outs)
+        assert engine.stats().kv_cache_usage == 0.0 and not engine.has_unfinished_requests()
+        results[mode] = {rid: _outcome(outs) for rid, outs in outputs.items()}
+        assert engine.stats().num_preemptions_total > 0
+    assert results[True] == results[False]
+    reasons = {(r[2], r[3] in STOP_LETTERS) for r in results[True].values()}
+    assert ("stop", True) in reasons and ("length", False) in reasons  # a stop string and max_tokens were hit
+    for rid, (prompt, params) in requests.items():
+        if params.temperature == 0.0 and params.ignore_eos:
+            assert results[True][rid][0] == solo(prompt, params.max_tokens), rid

@@ -35,7 +35,7 @@ def test_padded_static_decode_batches_match_solo_and_padding_is_not_counted(solo
     runner = engine.runner
     assert sizes == [1, 2, 4, 8] and widths[0] == 8 and widths[-1] == runner.max_blocks_per_seq
     replays, replay = [], runner._replay
-    runner._replay = lambda g, out: replays.append((g.batch.num_seqs, len(out.scheduled))) or replay(g, out)
+    runner._replay = lambda g, out, *args: replays.append((g.batch.num_seqs, len(out.scheduled))) or replay(g, out, *args)
     prompts = random_prompts(7, seed=14, lengths=(3, 30, 150, 9, 64, 17, 1))
     requests = {f"q{i}": (p, SamplingParams(max_tokens=6 + 3 * i, **GREEDY)) for i, p in enumerate(prompts)}
     outputs = run(engine, requests, arrivals={0: ["q0", "q1", "q2"], 3: ["q3", "q4", "q5", "q6"]})
@@ -47,14 +47,16 @@ def test_padded_static_decode_batches_match_solo_and_padding_is_not_counted(solo
     assert all(sum(layer) == fed * engine.model_config.top_k for layer in snap.expert_tokens_total)
 
 
-def expected_static_inputs(out, b: int, w: int, block_size: int) -> tuple[list[int], list[int]]:
+def expected_static_inputs(out, b: int, w: int, block_size: int, sampled_before=None) -> tuple[list[int], list[int]]:
     """The two input buffers of a decode replay, built from the sequences' Python block tables (padding rows: token
-    0 at position 0, slot -1, context 1, block table of pad block 0)."""
+    0 at position 0, slot -1, context 1, block table of pad block 0). A last token still in flight (asynchronous
+    scheduling) is the previous step's sampled id."""
     ids, pos, slots, ctx, tables = [], [], [], [], []
     for s in out.scheduled:
         seq = s.seq
         p = seq.num_tokens - 1
-        ids.append(seq.token_ids[p]), pos.append(p), ctx.append(p + 1)
+        token = int(sampled_before[seq.pending_row]) if seq.num_pending else seq.token_ids[p]
+        ids.append(token), pos.append(p), ctx.append(p + 1)
         slots.append(seq.block_table[p // block_size] * block_size + p % block_size)
         tables += seq.block_table + [0] * (w - len(seq.block_table))
     pad = b - len(ids)
@@ -66,13 +68,14 @@ def test_replay_inputs_equal_those_built_from_block_tables():
     device inputs must still equal what the sequences' own lists say, including rows that were real in a
     larger batch before and are padding now, and rows of finished sequences reused by new ones."""
     engine, _, _ = engine_with_eager_graphs(max_num_seqs=4, block_size=4)
-    runner, checked = engine.runner, []
+    runner, checked, fed = engine.runner, [], []
     replay = runner._replay
 
-    def replay_and_check(g, out):
-        logits = replay(g, out)
+    def replay_and_check(g, out, sampled_before=None):
+        logits = replay(g, out, sampled_before)
         b, w = g.batch.block_tables.shape
-        int64_expected, int32_expected = expected_static_inputs(out, b, w, runner.block_size)
+        int64_expected, int32_expected = expected_static_inputs(out, b, w, runner.block_size, sampled_before)
+        fed.append(sum(s.seq.num_pending for s in out.scheduled))
         assert g.int64_inputs.tolist() == int64_expected
         assert g.int32_inputs.tolist() == int32_expected
         checked.append((b, len(out.scheduled)))
@@ -83,6 +86,7 @@ def test_replay_inputs_equal_those_built_from_block_tables():
     requests = {f"q{i}": (p, SamplingParams(max_tokens=3 + 5 * (i % 4), **GREEDY)) for i, p in enumerate(prompts)}
     run(engine, requests, arrivals={0: ["q0", "q1", "q2", "q3"], 4: ["q4", "q5"], 9: ["q6", "q7", "q8"]})
     assert any(real < b for b, real in checked) and len({real for _, real in checked}) >= 3, checked
+    assert any(fed), "no replay fed a token still on the device (asynchronous scheduling)"
 
 
 # ---- GPU --------------------------------------------------------------------------------------------------------
@@ -95,8 +99,8 @@ def test_cuda_graph_decode_equals_eager_decode():
     runner, checked = engine.runner, []
     replay = runner._replay
 
-    def replay_and_compare(graph, out):
-        logits = replay(graph, out).clone()  # [n, V]
+    def replay_and_compare(graph, out, *args):
+        logits = replay(graph, out, *args).clone()  # [n, V]
         eager = engine.model(graph.batch, runner.kv_cache)[: logits.shape[0]]  # rewrites the same K/V
         row_diff = (logits - eager).abs().max(dim=-1).values  # [n]
         top2 = eager.topk(2, dim=-1).values
@@ -153,3 +157,22 @@ def test_moe_stats_expert_counts_equal_recomputed_routing():
     counts = torch.tensor(graphed.moe_stats().expert_tokens_total)
     assert counts.sum(1).eq(fed * blocks[0].top_k).all(), "padding rows were counted"
     assert (counts - eager_counts).abs().sum(1).le(0.02 * fed * blocks[0].top_k).all()
+
+
+@pytest.mark.gpu
+def test_asynchronous_scheduling_on_cuda_graphs_gives_the_tokens_of_synchronous_steps():
+    """On the GPU each decode step's graph inputs take the previous step's sampled ids from the device (a slice
+    copy, or an index_copy when the batch changed) and the ids reach the host by a pinned non-blocking copy. The
+    steps are the same in both modes (greedy, EOS ignored), so every token must be the same."""
+    cfg = dict(model="olmoe-1b-7b", random_weights=True, max_num_seqs=8, max_model_len=256, num_kv_blocks=256,
+               moe_timing_every=5)  # timed steps are read back at once: both kinds of step occur
+    prompts = random_prompts(11, seed=17, lengths=(7, 30, 64, 3, 19))
+    requests = {f"a{i}": (p, SamplingParams(max_tokens=6 + 3 * i, **GREEDY)) for i, p in enumerate(prompts)}
+    arrivals = {0: list(requests)[:4], 3: list(requests)[4:8], 9: list(requests)[8:]}
+    sync = LLMEngine(EngineConfig(**cfg, async_scheduling=False))
+    expected = {rid: tokens_of(outs) for rid, outs in run(sync, requests, arrivals).items()}
+    engine = LLMEngine(EngineConfig(**cfg), model=sync.model, tokenizer=sync.tokenizer)
+    ran_ahead = []
+    got = run(engine, requests, arrivals, on_step=lambda step, e: ran_ahead.append(e._in_flight is not None))
+    assert sum(ran_ahead) > len(ran_ahead) // 2, "most steps should run ahead"
+    assert {rid: tokens_of(outs) for rid, outs in got.items()} == expected

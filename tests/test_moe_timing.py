@@ -85,9 +85,9 @@ def test_sampled_decode_steps_stay_graph_replays_and_carry_the_flops_of_the_comp
         steps.append([None, out.num_tokens, out.is_decode])
         return execute(out, *args, **kwargs)
 
-    def logged_replay(g, out):
+    def logged_replay(g, out, *args):
         steps[-1][0] = g.graph.key
-        return replay(g, out)
+        return replay(g, out, *args)
 
     runner.execute, runner._replay = logged_execute, logged_replay
     engine.moe_stats()  # nothing before the traffic
@@ -326,9 +326,9 @@ def test_gpu_engine_samples_graph_replays_without_eager_decode_steps():
         steps.append([None, out.num_tokens, out.is_decode])
         return execute(out, *args, **kwargs)
 
-    def logged_replay(g, out):
+    def logged_replay(g, out, *args):
         steps[-1][0] = g.batch.input_ids.shape[0]
-        return replay(g, out)
+        return replay(g, out, *args)
 
     runner.execute, runner._replay = logged_execute, logged_replay
     engine.moe_stats()

@@ -2,6 +2,7 @@
 one rank's, with chunked prefill, several sequences and preemption-free continuous batching; expert-load metrics
 still count every expert; a worker that dies makes the engine raise at once instead of hanging."""
 
+import dataclasses
 import os
 import signal
 import time
@@ -94,7 +95,7 @@ def test_worker_fills_decode_graph_inputs_as_rank_0_does():
     from model.parallel.step_channel import encode_decode_rows
     from model.parallel.worker import replay_decode
 
-    engine = LLMEngine(engine_config("tiny"))
+    engine = LLMEngine(dataclasses.replace(engine_config("tiny"), async_scheduling=False))  # as with workers
     for i, n in enumerate((3, 21, 38)):
         engine.add_request(f"s{i}", list(range(1, n + 1)), SamplingParams(max_tokens=30, **GREEDY))
     for _ in range(8):  # prefill chunks, then decode steps

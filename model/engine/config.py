@@ -20,6 +20,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: sized from free GPU memory, or a CPU default
     max_model_len: int | None = None  # None: min(max_position_embeddings, KV capacity)
     enforce_eager: bool = False  # True: no CUDA graphs
+    async_scheduling: bool = True  # launch each step before the previous one's sampled ids are read back
     expert_metrics: bool = True  # per-expert load and sampled MoE timing
     moe_timing_every: int = 16  # every n-th step's fused_moe time is read (event nodes in the decode graphs)
     gpu_memory_utilization: float = 0.9  # fraction of total GPU memory the engine may fill

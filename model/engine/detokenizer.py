@@ -72,15 +72,18 @@ class IncrementalDetokenizer:
         return best
 
 
-def check_stop_token(seq: Sequence, token_id: int, eos_token_ids, max_model_len: int) -> None:
+def check_stop_token(seq: Sequence, token_id: int, eos_token_ids, max_model_len: int,
+                     num_tokens: int | None = None) -> None:
     """The stop conditions that need only token ids (EOS, stop token ids, max_tokens, max_model_len); called right
-    after `token_id` was appended, so a finished sequence is not scheduled again."""
+    after `token_id` was appended, so a finished sequence is not scheduled again. `num_tokens`: the sequence's
+    length up to and including `token_id` (default: all of token_ids; less when later tokens are in flight)."""
     params = seq.params
+    num_tokens = seq.num_tokens if num_tokens is None else num_tokens
     if not params.ignore_eos and token_id in eos_token_ids:
         seq.finish_reason, seq.stop_reason = "stop", None
     elif token_id in params.stop_token_ids:
         seq.finish_reason, seq.stop_reason = "stop", token_id
-    elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= max_model_len:
+    elif num_tokens - seq.num_prompt_tokens >= params.max_tokens or num_tokens >= max_model_len:
         seq.finish_reason = "length"
 
 

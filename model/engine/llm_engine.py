@@ -3,11 +3,20 @@
 Thread model: one thread calls step() in a loop; add_request / abort_request may come from other threads. They
 queue their work under a small lock; step() drains the queue first. When no step is running they also drain it
 at once, so an abort frees its blocks immediately.
+
+Asynchronous scheduling (`EngineConfig.async_scheduling`, as in vLLM and SGLang's overlap scheduler): step N+1 is
+scheduled and launched before the token ids that step N samples are read back, so the GPU never waits for the
+host between steps. Until the read, each sampling sequence ends in a placeholder token (`Sequence.num_pending`);
+step N+1 feeds it from step N's sampled ids on the device. Stop conditions known in advance (max_tokens,
+max_model_len) are applied at launch; a sequence that samples EOS, a stop token or a stop string in step N was
+already scheduled in step N+1, whose token for it is dropped. Steps whose MoE time is sampled for the metrics,
+and steps of a model sharded over ranks (whose workers need the ids on the host), are read back at once.
 """
 
 import threading
 from dataclasses import dataclass
 
+import torch
 
 from model.engine.block_manager import BlockManager
 from model.engine.config import EngineConfig
@@ -30,6 +39,16 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     stop_reason: str | int | None = None  # the stop string or stop token id; None for EOS and length
+
+
+@dataclass
+class _LaunchedStep:
+    """A step whose work is enqueued on the device and whose sampled token ids are not read yet."""
+    pending: list[tuple[Sequence, int]]  # (sequence, index of its placeholder token) per sampled row
+    sampled_ids: torch.Tensor  # [S] on the device: the next step may feed its sequences from it
+    host_ids: torch.Tensor  # [S] host copy, complete once `copied` has (pinned, non-blocking on CUDA)
+    copied: "torch.cuda.Event | None"
+    read_at_once: bool  # read back before the next step is launched
 
 
 @dataclass
@@ -92,6 +111,8 @@ class LLMEngine:
         self._active_ids: set[str] = set()  # added and not yet finished
         self._abort_outputs: list[RequestOutput] = []
         self._pending: list[tuple[Sequence, int, int]] = []  # (sequence, token, its output count) to emit
+        self._in_flight: _LaunchedStep | None = None  # launched, its sampled ids not read yet
+        self.async_scheduling = config.async_scheduling and self.workers is None
         self._arrivals = 0
 
     # ---- requests (any thread) --------------------------------------------------------------------------------
@@ -135,6 +156,8 @@ class LLMEngine:
         with self._queue_lock:
             if self._pending_adds or self._pending_aborts or self._abort_outputs or self._pending:
                 return True
+        if self._in_flight is not None:
+            return True
         return self.scheduler.has_unfinished()
 
     def _drain_if_idle(self) -> None:
@@ -164,32 +187,67 @@ class LLMEngine:
 
     # ---- the loop (engine thread) -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One step. Stop conditions on token ids apply at once; detokenization and stop strings of a step's tokens
-        run during the next step's GPU work, so each step returns the outputs of the step before it (and of
-        aborts). A sequence that hits a stop string may thus compute one extra token, which is dropped."""
+        """One step. Stop conditions on token ids apply as soon as a step's sampled ids are read; detokenization
+        and stop strings run while the next step's work is on the device. So step() returns the outputs of an
+        earlier step (and of aborts): the step before, or with asynchronous scheduling the one before that,
+        whose ids are read while this one runs. A sequence that hits a stop string may compute one or two extra
+        tokens, which are dropped."""
         with self._step_lock:
             self._drain()
             outputs, self._abort_outputs = self._abort_outputs, []
             sched = self.scheduler.schedule()
-            if sched.is_empty:
-                outputs += self._emit_pending()
-                return outputs
-            self.moe.begin_step()  # a sampled step is timed as it runs (graph replay or eager), never made eager
-            logits, pad_rows = self.runner.execute(sched)
-            sampling = [s.seq for s in sched.scheduled if s.samples]
-            sampled_ids = self.sampler.sample(logits, [seq.params for seq in sampling],
-                                              [seq.generator for seq in sampling])  # [S] on the device
+            previous, self._in_flight = self._in_flight, None
+            launched = None if sched.is_empty else self._launch(sched, previous)
+            if previous is not None:
+                self._read_back(previous)  # its ids are ready or nearly: this step was queued behind it
             outputs += self._emit_pending()  # host work overlapping the device
-            sampled = sampled_ids.tolist()  # the step's one host sync
-            for seq in self.scheduler.update_after_step(sched, sampled):
-                token = seq.token_ids[-1]
-                check_stop_token(seq, token, self.eos_token_ids, self.max_model_len)
-                if seq.finish_reason is not None:
-                    self.scheduler.finish(seq, seq.finish_reason)  # frees its blocks before the next schedule
-                self._pending.append((seq, token, seq.num_output_tokens))
-            # going idle: copy the expert counters now, so metrics are complete while no steps run
-            self.moe.end_step(sched.num_tokens, pad_rows, issue_copy=not self.scheduler.has_unfinished())
+            if launched is not None:
+                if launched.read_at_once:
+                    self._read_back(launched)  # the step's one host sync
+                else:
+                    self._in_flight = launched
             return outputs
+
+    def _launch(self, sched, previous: _LaunchedStep | None) -> _LaunchedStep:
+        """Enqueue the step's forward pass and sampling; advance the sequences past it with placeholders."""
+        read_at_once = not self.async_scheduling or self.moe.should_time()  # timing events are read right after
+        self.moe.begin_step()  # a sampled step is timed as it runs (graph replay or eager), never made eager
+        fed_from = None if previous is None else previous.sampled_ids
+        logits, pad_rows = self.runner.execute(sched, sampled_before=fed_from)
+        sampling = [s.seq for s in sched.scheduled if s.samples]
+        sampled_ids = self.sampler.sample(logits, [seq.params for seq in sampling],
+                                          [seq.generator for seq in sampling])  # [S] on the device
+        host_ids, copied = sampled_ids, None
+        if sampled_ids.is_cuda:
+            host_ids = torch.empty(sampled_ids.shape, dtype=sampled_ids.dtype, pin_memory=True)
+            host_ids.copy_(sampled_ids, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        pending = self.scheduler.advance(sched)
+        for row, (seq, index) in enumerate(pending):
+            seq.pending_row = row
+            if index + 1 - seq.num_prompt_tokens >= seq.params.max_tokens or index + 1 >= self.max_model_len:
+                seq.final_in_flight = True  # not scheduled again: this token ends it whatever it is
+        self.moe.end_step(sched.num_tokens, pad_rows)
+        return _LaunchedStep(pending, sampled_ids, host_ids, copied, read_at_once)
+
+    def _read_back(self, step: _LaunchedStep) -> None:
+        """Wait for the step's sampled ids, put them in place of the placeholders and apply the stop conditions
+        on token ids; the tokens are emitted (detokenized) by the next _emit_pending."""
+        if step.copied is not None:
+            step.copied.synchronize()
+        got = self.scheduler.resolve(step.pending, step.host_ids.tolist())
+        if len(got) < len(step.pending):
+            self.moe.drop_tokens(len(step.pending) - len(got))
+        for seq, index in got:
+            token = seq.token_ids[index]
+            check_stop_token(seq, token, self.eos_token_ids, self.max_model_len, num_tokens=index + 1)
+            if seq.finish_reason is not None:
+                del seq.token_ids[index + 1 :]  # a placeholder for a token sampled past the end
+                self.scheduler.finish(seq, seq.finish_reason)  # frees its blocks before the next schedule
+            self._pending.append((seq, token, index + 1 - seq.num_prompt_tokens))
+        # going idle: copy the expert counters now, so metrics are complete while no steps run
+        self.moe.after_read_back(going_idle=not self.scheduler.has_unfinished())
 
     def _emit_pending(self) -> list[RequestOutput]:
         pending, self._pending = self._pending, []
@@ -200,6 +258,7 @@ class LLMEngine:
             detokenize_and_check_stop_strings(seq, token)
             finished = seq.finish_reason is not None
             if finished and not seq.is_finished:  # a stop string: leave the scheduler now
+                del seq.token_ids[seq.num_prompt_tokens + num_output_tokens :]  # tokens sampled past it
                 self.scheduler.finish(seq, seq.finish_reason)
             seq.num_emitted_tokens = num_output_tokens
             text = seq.detokenizer.take_new_text(finished)

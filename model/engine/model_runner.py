@@ -216,8 +216,11 @@ class ModelRunner:
 
     # ---- execution --------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, force_eager: bool = False) -> tuple[torch.Tensor, int]:
-        """Returns (logits [S, V] float32 of the sampling rows in scheduled order, padded rows run)."""
+    def execute(self, out: SchedulerOutput, force_eager: bool = False,
+                sampled_before: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """Returns (logits [S, V] float32 of the sampling rows in scheduled order, padded rows run).
+        `sampled_before`: the device tensor of token ids sampled by the previous step, which sequences whose last
+        token is still a placeholder (asynchronous scheduling) are fed from."""
         if out.is_decode and not force_eager and self.graphs:
             key = self._graph_key(len(out.scheduled), max(len(s.seq.block_table) for s in out.scheduled))
             if key is not None:
@@ -225,10 +228,34 @@ class ModelRunner:
                     self.step_listener(self, out, key)
                 if self.moe_timer is not None:
                     self.moe_timer.graph_replayed(key)
-                return self._replay(self.graphs[key], out), key[0] - len(out.scheduled)
+                return self._replay(self.graphs[key], out, sampled_before), key[0] - len(out.scheduled)
         if self.step_listener is not None:
             self.step_listener(self, out, None)
-        return self.model(self.build_batch(out), self.kv_cache), 0
+        batch = self.build_batch(out)
+        self._feed_sampled(batch.input_ids, out, sampled_before, decode_rows=False)
+        return self.model(batch, self.kv_cache), 0
+
+    def _feed_sampled(self, input_ids: torch.Tensor, out: SchedulerOutput, sampled: torch.Tensor | None,
+                      decode_rows: bool) -> None:
+        """Overwrite the placeholder ids of sequences whose last token is still on the device with that token:
+        input_ids[row] = sampled[seq.pending_row], on the device. `decode_rows`: one row per scheduled sequence
+        (a decode batch); else each sequence's rows start at the sum of the earlier ones' new tokens."""
+        rows, sources, row = [], [], 0
+        for s in out.scheduled:
+            if s.seq.num_pending:
+                rows.append(row)
+                sources.append(s.seq.pending_row)
+            row += 1 if decode_rows else s.num_new_tokens
+        if not rows:
+            return
+        if sampled is None:
+            raise RuntimeError("a scheduled sequence's last token is still in flight, but no sampled ids were given")
+        n = len(rows)
+        if rows == sources and rows[-1] == n - 1:  # the same sequences in the same order: one slice copy
+            input_ids[:n].copy_(sampled[:n])
+        else:
+            index = _host(rows + sources, torch.int64, self.pin).to(self.device, non_blocking=True)
+            input_ids.index_copy_(0, index[:n], sampled.index_select(0, index[n:]))
 
     def _graph_key(self, batch: int, width: int) -> tuple[int, int] | None:
         b = next((x for x in self.graph_batch_sizes if x >= batch), None)
@@ -236,7 +263,7 @@ class ModelRunner:
         key = (b, w)
         return key if key in self.graphs else None
 
-    def _replay(self, g: _Graph, out: SchedulerOutput) -> torch.Tensor:
+    def _replay(self, g: _Graph, out: SchedulerOutput, sampled_before: torch.Tensor | None = None) -> torch.Tensor:
         """Fill the graph's pinned host staging buffers in place (block tables: one gather of the block manager's
         rows), copy each to its static device buffer with one copy, replay."""
         if g.staging is None:
@@ -259,6 +286,7 @@ class ModelRunner:
         g.int32_inputs.copy_(st.host_int32, non_blocking=True)
         if st.copied is not None:
             st.copied.record()
+        self._feed_sampled(g.batch.input_ids, out, sampled_before, decode_rows=True)
         g.graph.replay()
         return g.logits[:n]
 

@@ -86,16 +86,33 @@ class MoeStatsCollector:
     def begin_step(self) -> None:
         self.timer.begin_step(self.should_time())
 
-    def end_step(self, num_tokens: int, num_pad_rows: int, issue_copy: bool = False) -> None:
-        """After the model ran on `num_tokens` real rows (+ `num_pad_rows` padding rows of a CUDA graph)."""
+    def end_step(self, num_tokens: int, num_pad_rows: int) -> None:
+        """After the model's work on `num_tokens` real rows (+ `num_pad_rows` padding rows of a CUDA graph) was
+        enqueued."""
         self._step += 1
         with self._lock:
             self._flops_total += float(num_tokens) * self.routed_flops_per_token
             self._shared_flops_total += float(num_tokens) * self.shared_flops_per_token
             self._pad_rows += num_pad_rows
             self.timer.end_step(float(num_tokens + num_pad_rows) * self.routed_flops_per_token)
-            if self.enabled and (issue_copy or (self._copy_in_flight is None and self._step % self.harvest_every == 0)):
-                self._issue_copy(final=issue_copy)
+            if self.enabled and self._copy_in_flight is None and self._step % self.harvest_every == 0:
+                self._issue_copy()
+            self._poll()
+
+    def drop_tokens(self, num_tokens: int) -> None:
+        """Rows computed for sequences that had already finished (a stop seen only after the next step was
+        launched): their tokens are dropped, so their FLOPs are not served. (The expert counters keep them: the
+        kernel did route them, and which experts they took is only known on the device.)"""
+        with self._lock:
+            self._flops_total -= float(num_tokens) * self.routed_flops_per_token
+            self._shared_flops_total -= float(num_tokens) * self.shared_flops_per_token
+
+    def after_read_back(self, going_idle: bool) -> None:
+        """After a step's sampled ids reached the host (its timing events are complete). `going_idle`: no work is
+        left, so the counters are copied now and metrics are complete while no steps run."""
+        with self._lock:
+            if self.enabled and going_idle:
+                self._issue_copy(final=True)
             self._poll()
 
     def _issue_copy(self, final: bool = False) -> None:

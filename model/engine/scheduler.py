@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from model.engine.block_manager import BlockManager
-from model.engine.sequence import Sequence, SequenceStatus
+from model.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 
 
 def _arrival(seq: Sequence) -> int:
@@ -109,7 +109,8 @@ class Scheduler:
             if budget == 0:
                 break
             num_tokens = len(seq.token_ids)
-            if seq.status is not SequenceStatus.RUNNING or seq.num_computed_tokens != num_tokens - 1:
+            if (seq.status is not SequenceStatus.RUNNING or seq.num_computed_tokens != num_tokens - 1
+                    or seq.final_in_flight):
                 continue
             if num_tokens > len(seq.block_table) * block_size:  # a new block, once per block_size tokens
                 if not self._make_room(seq, bm.blocks_needed(seq, num_tokens), scheduled_ids, out):
@@ -123,7 +124,7 @@ class Scheduler:
         for seq in running if len(out.scheduled) < len(self.running) else ():
             if budget == 0:
                 break
-            if id(seq) in scheduled_ids or seq.status != SequenceStatus.RUNNING:
+            if id(seq) in scheduled_ids or seq.status != SequenceStatus.RUNNING or seq.final_in_flight:
                 continue
             chunk = min(seq.num_uncomputed_tokens, budget)
             target = seq.num_computed_tokens + chunk
@@ -136,6 +137,8 @@ class Scheduler:
         # 3. admit waiting sequences (not in a step that had to preempt: blocks are short, admitting would thrash)
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending:
+                break  # preempted while its last token was in flight: its prompt is not known in full yet
             chunk = min(seq.num_uncomputed_tokens, budget,
                         bm.max_tokens_coverable(seq, reserve=self.watermark_blocks) - seq.num_computed_tokens)
             if chunk <= 0:
@@ -176,19 +179,32 @@ class Scheduler:
         out.preempted.append(seq)
         self.num_preemptions_total += 1
 
-    def update_after_step(self, out: SchedulerOutput, sampled: list[int]) -> list[Sequence]:
-        """Advance the computed counts and append the sampled tokens (in `out.scheduled` order of the samplers).
-        Sequences finished while the step ran (a stop string found meanwhile) drop theirs. Returns the sequences
-        that got a token."""
-        got_token = []
-        it = iter(sampled)
+    def advance(self, out: SchedulerOutput) -> list[tuple[Sequence, int]]:
+        """Once the step is launched: count its tokens as computed and append a PENDING_TOKEN placeholder to each
+        sequence that samples. Returns (sequence, index of its placeholder) in the order of the sampled rows."""
+        pending = []
         for s in out.scheduled:
-            token = next(it) if s.samples else None
             seq = s.seq
+            seq.num_computed_tokens += s.num_new_tokens
+            if s.samples:
+                seq.token_ids.append(PENDING_TOKEN)
+                seq.num_pending += 1
+                pending.append((seq, len(seq.token_ids) - 1))
+        return pending
+
+    def resolve(self, pending: list[tuple[Sequence, int]], sampled: list[int]) -> list[tuple[Sequence, int]]:
+        """Write the sampled ids over the placeholders of `advance`. Sequences finished meanwhile (a stop found
+        in an earlier token, an abort) drop theirs. Returns the (sequence, index) pairs that got a token."""
+        got = []
+        for (seq, index), token in zip(pending, sampled, strict=True):
+            seq.num_pending -= 1
             if seq.status is SequenceStatus.FINISHED:
                 continue
-            seq.num_computed_tokens += s.num_new_tokens
-            if token is not None:
-                seq.append_token(token)
-                got_token.append(seq)
-        return got_token
+            seq.token_ids[index] = token
+            got.append((seq, index))
+        return got
+
+    def update_after_step(self, out: SchedulerOutput, sampled: list[int]) -> list[Sequence]:
+        """`advance` and `resolve` at once (a step whose sampled ids are already on the host). Returns the
+        sequences that got a token."""
+        return [seq for seq, _ in self.resolve(self.advance(out), sampled)]

@@ -7,6 +7,9 @@ import torch
 from model.engine.sampling_params import SamplingParams
 
 
+PENDING_TOKEN = -1  # placeholder in token_ids for a token sampled on the device and not yet read back
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # not in the KV cache (new, or preempted and to be recomputed)
     RUNNING = "running"  # holds KV blocks; prefilling or decoding
@@ -31,6 +34,12 @@ class Sequence:
         self.detokenizer = None  # IncrementalDetokenizer, set by the engine
         self.num_preemptions = 0
         self.num_emitted_tokens = 0  # output tokens already handed out in RequestOutputs
+        # Asynchronous scheduling (model/engine/llm_engine.py): the next step may be launched before the sampled
+        # token of this one is read back. Until then token_ids ends in PENDING_TOKEN, and the next step feeds the
+        # token straight from row `pending_row` of the device tensor of sampled ids.
+        self.num_pending = 0  # PENDING_TOKEN placeholders in token_ids
+        self.pending_row = -1  # row of the latest placeholder's token in its step's sampled ids
+        self.final_in_flight = False  # its last token (max_tokens or max_model_len) is being sampled
 
     @property
     def num_tokens(self) -> int:
