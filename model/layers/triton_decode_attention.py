@@ -28,7 +28,10 @@ def available() -> bool:
 
 if triton is not None:
 
-    @triton.jit
+    # Integer arguments are not specialized (Triton would otherwise compile a variant per divisibility by 16 of,
+    # e.g., the block-table width): eager mixed steps see many widths, and each new variant cost ~1 s at the
+    # first burst of a server (scripts/probe_first_use.py).
+    @triton.jit(do_not_specialize=["window", "table_stride", "max_keys", "split_len"])
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
         scale, window, table_stride, max_keys, split_len,
@@ -113,13 +116,14 @@ def _num_sms(device_index: int) -> int:
 
 def choose_splits(num_seqs: int, num_kv_heads: int, max_keys: int, device: torch.device, block_n: int) -> int:
     """Split each sequence's keys over several programs when (sequence, KV head) pairs alone cannot fill the GPU
-    (small batches): about two programs per SM, each with at least one chunk of keys. Depends only on shapes, so a
-    captured CUDA graph keeps it."""
+    (small batches): about two programs per SM (rounded down to a power of two), each with at least one chunk of
+    keys. Depends only on shapes, so a captured CUDA graph keeps it."""
     if device.type != "cuda":
         return 1
     programs = num_seqs * num_kv_heads
     wanted = -(-2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device()) // programs)
-    return max(1, min(wanted, -(-max_keys // block_n), 64))
+    splits = max(1, min(wanted, -(-max_keys // block_n), 64))
+    return 1 << (splits.bit_length() - 1)  # a power of two: SPLITS is a compile-time constant, so few variants
 
 
 def paged_decode_attention(
