@@ -236,7 +236,8 @@ def event_node_cost(engine, graphs: dict, replays: int = 30) -> dict:
                 b.moe_timer = t
         times = {"with_events": [], "without": []}
         for _ in range(replays):
-            for key, graph in (("with_events", g.graph), ("without", twin)):
+            timed = g.timed if g.timed is not None else g.graph  # the variant sampled steps replay
+            for key, graph in (("with_events", timed), ("without", twin)):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 graph.replay()

@@ -109,6 +109,43 @@ def test_sampled_decode_steps_stay_graph_replays_and_carry_the_flops_of_the_comp
     assert snap.flops_total == sum(rows for _, rows, _ in steps) * per_token
 
 
+class PlainStandInGraph:
+    """The variant of a decode step captured without timing events: recomputes the step, records no marks."""
+
+    def __init__(self, timed: TimedStandInGraph, replays: list):
+        self.timed, self.replays = timed, replays
+
+    def replay(self):
+        t = self.timed
+        self.replays.append(t.engine.moe.timer.sampling)
+        blocks = t.engine.model.moe_blocks()
+        for block in blocks:
+            block.moe_timer = None
+        try:
+            t.logits.copy_(t.engine.model(t.batch, t.engine.runner.kv_cache))
+        finally:
+            for block in blocks:
+                block.moe_timer = t.engine.moe.timer
+
+
+def test_only_sampled_decode_steps_replay_the_graph_variant_with_timing_events():
+    """Event-record nodes slow every replay, so each decode step has a variant without them; a step sampled for
+    timing must replay the timed variant (and still be read), every other step the plain one."""
+    engine = engine_with_timed_graphs(moe_timing_every=3)
+    plain, timed = [], []
+    for g in engine.runner.graphs.values():
+        g.timed, g.graph = g.graph, PlainStandInGraph(g.graph, plain)
+        replay = g.timed.replay
+        g.timed.replay = lambda replay=replay: timed.append(engine.moe.timer.sampling) or replay()
+    prompts = random_prompts(3, seed=8, lengths=(5, 12, 2))
+    run(engine, {f"p{i}": (p, SamplingParams(max_tokens=14, **GREEDY)) for i, p in enumerate(prompts)})
+    snap = engine.moe_stats()
+    assert timed and all(timed), "sampled steps must replay the timed variant, and only they"
+    assert plain and not any(plain), "unsampled steps must replay the variant without events"
+    graph_samples = [s for s in snap.timed if s[0] > 0]
+    assert len(snap.timed) >= len(timed) and len(graph_samples) >= len(timed) and snap.timed_skipped_total == 0
+
+
 def test_graph_sample_times_only_fused_moe_of_that_graph(tiny_blocks):
     """Capture marks around each block's fused_moe; a sampled replay of that graph reads exactly those pairs."""
     blocks, config = tiny_blocks

@@ -6,8 +6,9 @@ shared expert stay outside the window. What the two calls do depends on where th
 - while a decode CUDA graph is captured (`begin_capture` .. `end_capture`): they record timing events made with
   `external=True`, which stream capture turns into event-record nodes of that graph (CUDA 12+; an event without the
   flag would become a fork/join edge instead). Every replay re-records them, so each graph owns one (start, end)
-  pair per MoE layer and a replay costs no host work for timing. Decode steps stay graph replays: timing never
-  makes a step eager.
+  pair per MoE layer and a replay costs no host work for timing. The runner captures each decode step twice, with
+  and without these nodes, and replays the timed variant only in sampled steps (`sampling`), since the nodes slow
+  every replay down. Decode steps stay graph replays: timing never makes a step eager.
 - in a sampled eager step (prefill, or decode without a graph): fresh timing events on CUDA; on the CPU, where
   `fused_moe` runs synchronously, the wall clock (`WallClockMark`).
 - otherwise: nothing.
@@ -121,6 +122,11 @@ class MoeTimer:
         if self._capture is not None:
             self.graph_pairs[self._capture_key] = self._capture
         self._capture, self._capture_key, self._open = None, None, None
+
+    @property
+    def sampling(self) -> bool:
+        """The current step is sampled: the runner replays the graph variant that records the timing events."""
+        return self._sampled
 
     def graph_replayed(self, key) -> None:
         self._replayed_key = key
