@@ -187,6 +187,8 @@ def test_limits_and_bad_requests_raise_value_error():
         LLMEngine(EngineConfig(model="tiny", max_model_len=1024, num_kv_blocks=8))
     with pytest.raises(ValueError, match="max_num_seqs"):
         EngineConfig(max_num_seqs=0)
+    with pytest.raises(ValueError, match="async_scheduling must be True or False"):
+        EngineConfig(async_scheduling="no")
     assert LLMEngine(EngineConfig(model="tiny", num_kv_blocks=8)).max_model_len == 8 * 16
 
 

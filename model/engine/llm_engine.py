@@ -188,10 +188,9 @@ class LLMEngine:
     # ---- the loop (engine thread) -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One step. Stop conditions on token ids apply as soon as a step's sampled ids are read; detokenization
-        and stop strings run while the next step's work is on the device. So step() returns the outputs of an
-        earlier step (and of aborts): the step before, or with asynchronous scheduling the one before that,
-        whose ids are read while this one runs. A sequence that hits a stop string may compute one or two extra
-        tokens, which are dropped."""
+        and stop strings run while this step's work is on the device, so step() returns the outputs of the step
+        before it (and of aborts). A stop found that late (any stop, with asynchronous scheduling; a stop string
+        otherwise) leaves the sequence scheduled in this step too: that one extra token is dropped."""
         with self._step_lock:
             self._drain()
             outputs, self._abort_outputs = self._abort_outputs, []
