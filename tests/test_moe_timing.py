@@ -49,17 +49,23 @@ class TimedStandInGraph:
         timer.end_capture()
 
     def replay(self):
-        blocks = self.engine.model.moe_blocks()
         pairs = self.engine.moe.timer.graph_pairs[self.key]
         replaying = ReRecordingTimer(pairs)
-        for block in blocks:
-            block.moe_timer = replaying
-        try:
-            self.logits.copy_(self.engine.model(self.batch, self.engine.runner.kv_cache))
-        finally:
-            for block in blocks:
-                block.moe_timer = self.engine.moe.timer
+        recompute_with_timer(self, replaying)
         assert replaying.next == 2 * len(pairs)
+
+
+def recompute_with_timer(graph: TimedStandInGraph, timer) -> None:
+    """Recompute the stand-in's captured step with `timer` in the MoE blocks (None: no marks), then restore theirs."""
+    engine = graph.engine
+    blocks = engine.model.moe_blocks()
+    for block in blocks:
+        block.moe_timer = timer
+    try:
+        graph.logits.copy_(engine.model(graph.batch, engine.runner.kv_cache))
+    finally:
+        for block in blocks:
+            block.moe_timer = engine.moe.timer
 
 
 def engine_with_timed_graphs(**overrides):
@@ -116,16 +122,8 @@ class PlainStandInGraph:
         self.timed, self.replays = timed, replays
 
     def replay(self):
-        t = self.timed
-        self.replays.append(t.engine.moe.timer.sampling)
-        blocks = t.engine.model.moe_blocks()
-        for block in blocks:
-            block.moe_timer = None
-        try:
-            t.logits.copy_(t.engine.model(t.batch, t.engine.runner.kv_cache))
-        finally:
-            for block in blocks:
-                block.moe_timer = t.engine.moe.timer
+        self.replays.append(self.timed.engine.moe.timer.sampling)
+        recompute_with_timer(self.timed, None)
 
 
 def test_only_sampled_decode_steps_replay_the_graph_variant_with_timing_events():
