@@ -4,11 +4,13 @@ The serving benchmark at concurrency 64 spends about a third of its time outside
 times those steps: wall clock, GPU time from the step's first to its last kernel, kernels launched, and the kernel
 table of one profiled step.
 
-    python scripts/probe_prefill.py [preset ...]      (default: olmoe-1b-7b)
+    python scripts/probe_prefill.py [--budget=N] [preset ...]      (default: olmoe-1b-7b, budgets 2048 and 8192)
 """
 
+import cProfile
+import io
+import pstats
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,10 +31,12 @@ def timed_steps(engine, label: str, profile_step: int | None = None):
         sched = engine.scheduler
         prefill_rows = sum(1 for s in sched.waiting) if sched.waiting else 0
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        prof = None
+        prof = host = None
         if profile_step is not None and len(walls) == profile_step:
             prof = profile(activities=[ProfilerActivity.CUDA])
             prof.start()
+            host = cProfile.Profile()  # host time of the same step (it inflates the wall clock)
+            host.enable()
         torch.cuda.synchronize()
         start.record()
         t = time.perf_counter()
@@ -40,6 +44,12 @@ def timed_steps(engine, label: str, profile_step: int | None = None):
         end.record()
         end.synchronize()
         walls.append(time.perf_counter() - t)
+        if host is not None:
+            host.disable()
+            text = io.StringIO()
+            pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(25)
+            print(f"  {label}: host profile of step {profile_step}, by own time", flush=True)
+            print("\n".join(line for line in text.getvalue().splitlines()[4:] if line.strip()), flush=True)
         gpus.append(start.elapsed_time(end) / 1e3)
         kinds.append(f"{len(sched.running)} running, {prefill_rows} waiting before")
         if prof is not None:
@@ -85,6 +95,7 @@ def probe(preset: str, budget: int, input_len=512, batch=64):
 
 
 if __name__ == "__main__":
-    for p in sys.argv[1:] or ["olmoe-1b-7b"]:
-        for budget in (2048, 8192):
+    budgets = [int(a.split("=")[1]) for a in sys.argv[1:] if a.startswith("--budget=")] or [2048, 8192]
+    for p in [a for a in sys.argv[1:] if not a.startswith("--")] or ["olmoe-1b-7b"]:
+        for budget in budgets:
             probe(p, budget)
