@@ -5,9 +5,12 @@ A layer's cache is [2, num_blocks, block_size, Hkv, D]. `AttentionPlan` holds wh
 - decode rows (one new token per sequence): fixed shapes and no host sync, so a decode step is CUDA-graph
   capturable. On CUDA with Triton, one kernel reads the keys straight from the cache blocks; elsewhere (or with
   STATICMOE_DECODE_ATTENTION=sdpa) the blocks are gathered into a dense copy for one batched SDPA call;
-- prefill chunks: one SDPA call per sequence, bounded by host-side lengths the scheduler already knows.
+- prefill chunks: on CUDA with Triton, one kernel for all chunks of the step (`triton_prefill_attention`);
+  elsewhere (or with STATICMOE_PREFILL_ATTENTION=sdpa) one SDPA call per chunk. Both use the host-side lengths
+  the scheduler already knows.
 """
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -16,22 +19,39 @@ import torch
 import torch.nn.functional as F
 
 from model.forward_batch import ForwardBatch
-from model.layers import triton_decode_attention
+from model.layers import triton_decode_attention, triton_prefill_attention
 
 log = logging.getLogger(__name__)
-_TRITON = {"enabled": os.environ.get("STATICMOE_DECODE_ATTENTION", "triton") != "sdpa"}
+_TRITON = {"enabled": os.environ.get("STATICMOE_DECODE_ATTENTION", "triton") != "sdpa",
+           "prefill": os.environ.get("STATICMOE_PREFILL_ATTENTION", "triton") != "sdpa"}
 
 
 def triton_decode_enabled(device: torch.device) -> bool:
     return device.type == "cuda" and _TRITON["enabled"] and triton_decode_attention.available()
 
 
+def triton_prefill_enabled(device: torch.device) -> bool:
+    return device.type == "cuda" and _TRITON["prefill"] and triton_prefill_attention.available()
+
+
 @dataclass
 class PrefillChunk:
     rows: slice  # its new tokens in the flat batch
-    blocks: torch.Tensor  # [ceil(context_len / block_size)] int64
+    seq: int  # its row of the step's block tables
     context_len: int  # cached + new
-    mask: torch.Tensor | None  # [n, context_len] bool; None = plain causal
+    tables: torch.Tensor  # [B, max_blocks] int64, the step's block tables
+    block_size: int
+    sliding_window: int | None
+
+    # What the per-chunk SDPA path needs; built on first use and then shared by the layers of the step.
+    @functools.cached_property
+    def blocks(self) -> torch.Tensor:  # [ceil(context_len / block_size)] int64
+        return self.tables[self.seq, : (self.context_len + self.block_size - 1) // self.block_size]
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor | None:  # [n, context_len] bool; None = plain causal
+        num_new = self.rows.stop - self.rows.start
+        return _prefill_mask(num_new, self.context_len, self.sliding_window, self.tables.device)
 
 
 @dataclass
@@ -83,6 +103,9 @@ class AttentionPlan:
     write_rows: torch.Tensor  # [N] int64, row whose K/V is written there
     decode: DecodeRows | None
     prefill: list[PrefillChunk]
+    block_tables: torch.Tensor | None = None  # [B, max_blocks] int64
+    sliding_window: int | None = None
+    _kernel_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # see _prefill_kernel_tables
 
     @staticmethod
     def build(batch: ForwardBatch, block_size: int, sliding_window: int | None = None) -> "AttentionPlan":
@@ -99,7 +122,7 @@ class AttentionPlan:
         num_keys = tables.shape[1] * block_size
         if batch.is_decode:
             decode = DecodeRows(None, tables, batch.context_lens, num_keys, sliding_window)
-            return AttentionPlan(write_slots, write_rows, decode, [])
+            return AttentionPlan(write_slots, write_rows, decode, [], tables, sliding_window)
 
         if len(batch.query_lens_host) != batch.num_seqs or len(batch.context_lens_host) != batch.num_seqs:
             raise ValueError("query_lens_host and context_lens_host need one entry per sequence")
@@ -111,9 +134,8 @@ class AttentionPlan:
                 decode_rows.append(row)
                 decode_seqs.append(seq)
             elif num_new > 1:
-                blocks = tables[seq, : (context_len + block_size - 1) // block_size]
-                mask = _prefill_mask(num_new, context_len, sliding_window, device)
-                prefill.append(PrefillChunk(slice(row, row + num_new), blocks, context_len, mask))
+                prefill.append(PrefillChunk(slice(row, row + num_new), seq, context_len, tables, block_size,
+                                            sliding_window))
             row += num_new
         if row != slots.shape[0]:
             raise ValueError(f"query_lens_host sums to {row}, but the batch has {slots.shape[0]} tokens")
@@ -122,7 +144,16 @@ class AttentionPlan:
             seqs = torch.tensor(decode_seqs, dtype=torch.int64, device=device)
             decode = DecodeRows(torch.tensor(decode_rows, dtype=torch.int64, device=device), tables[seqs],
                                 batch.context_lens[seqs], num_keys, sliding_window)
-        return AttentionPlan(write_slots, write_rows, decode, prefill)
+        return AttentionPlan(write_slots, write_rows, decode, prefill, tables, sliding_window)
+
+    def _prefill_kernel_tables(self, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Triton prefill kernel's chunk metadata and tiles, built at the first layer and kept for the rest."""
+        if self._kernel_tables is None:
+            c = self.prefill
+            self._kernel_tables = triton_prefill_attention.chunk_tables(
+                [x.rows.start for x in c], [x.rows.stop - x.rows.start for x in c], [x.context_len for x in c],
+                [x.seq for x in c], triton_prefill_attention.block_m_for(head_dim), self.block_tables.device)
+        return self._kernel_tables
 
     def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """kv_cache [2, num_blocks, block_size, Hkv, D]; k, v [N, Hkv, D]."""
@@ -138,6 +169,15 @@ class AttentionPlan:
         out = torch.empty_like(q)
         if self.decode is not None:
             out[self.decode.rows] = self.decode.attend(q[self.decode.rows], k_cache, v_cache, scale)
+        if self.prefill and triton_prefill_enabled(q.device):
+            try:
+                triton_prefill_attention.paged_prefill_attention(
+                    q.contiguous(), k_cache, v_cache, self.block_tables, *self._prefill_kernel_tables(q.shape[2]),
+                    out, scale, self.sliding_window)
+                return out
+            except Exception as err:  # as for decode: a Triton build problem falls back to SDPA
+                _TRITON["prefill"] = False
+                log.warning("Triton prefill attention failed (%r); using SDPA from now on", err)
         for chunk in self.prefill:
             out[chunk.rows] = prefill_attention(q[chunk.rows], k_cache, v_cache, chunk.blocks, chunk.context_len,
                                                 chunk.mask, scale)
