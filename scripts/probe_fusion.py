@@ -18,7 +18,7 @@ for batch_size in (1, 64):
     batch = runner._pad_batch(batch_size, 8)
     for enabled in (False, True):
         fusion.set_enabled(enabled)
-        with torch.inference_mode():
+        with torch.inference_mode(), fusion.for_graph_capture():  # compiled at every size, as in decode graphs
             for _ in range(3):
                 runner.model(batch, runner.kv_cache)
             torch.cuda.synchronize()

@@ -4,6 +4,7 @@ counts (Qwen3-30B-A3B dimensions): is the compiled code slower anywhere?"""
 import torch
 import triton.testing
 
+from model.layers import fusion
 from model.layers.norm import add_rms_norm, rms_norm
 from model.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -17,6 +18,8 @@ def us(fn):
     return 1e3 * triton.testing.do_bench(fn, warmup=20, rep=100, return_mode="median")
 
 
+fusion.set_enabled(True)
+fusion.EAGER_MIN_ROWS = 0  # the compiled kernels at every size: this probe compares them with eager ones
 for n in (1, 64, 2048, 8192):
     x = torch.randn(n, H, device="cuda", dtype=torch.bfloat16)
     q = torch.randn(n, HQ, D, device="cuda", dtype=torch.bfloat16)

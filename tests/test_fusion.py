@@ -20,6 +20,27 @@ def test_cpu_tensors_run_the_eager_function_bit_for_bit():
     assert torch.equal(summed, x + x) and torch.equal(normed, rms_norm.eager(x + x, w, 1e-6))
 
 
+class _Rows:
+    """Stands for a tensor of `n` rows on a CUDA device (the policy reads only these two attributes)."""
+    is_cuda = True
+
+    def __init__(self, n):
+        self.shape = (n, 2048)
+
+
+def test_eager_steps_use_compiled_kernels_only_for_many_rows(monkeypatch):
+    monkeypatch.setattr(fusion, "_enabled", True)
+    assert not fusion.use_compiled(_Rows(fusion.EAGER_MIN_ROWS - 1))
+    assert fusion.use_compiled(_Rows(fusion.EAGER_MIN_ROWS))
+    assert not fusion.use_compiled(torch.zeros(fusion.EAGER_MIN_ROWS, 2))  # a CPU tensor: always eager
+    with fusion.for_graph_capture():
+        assert fusion.use_compiled(_Rows(1))  # graph warm-up and capture: always compiled
+    assert not fusion.use_compiled(_Rows(1))
+    monkeypatch.setattr(fusion, "_enabled", False)
+    with fusion.for_graph_capture():
+        assert not fusion.use_compiled(_Rows(1))  # an eager engine
+
+
 def _gpu_cases(n: int):
     gen = torch.Generator(device="cuda").manual_seed(n)
     x = torch.randn(n, 2048, device="cuda", generator=gen).bfloat16()
@@ -34,8 +55,9 @@ def _gpu_cases(n: int):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [1, 7, 64, 513])
-def test_gpu_fused_ops_match_float32_reference(n):
+def test_gpu_fused_ops_match_float32_reference(n, monkeypatch):
     fusion.set_enabled(True)
+    monkeypatch.setattr(fusion, "EAGER_MIN_ROWS", 0)  # the compiled kernels at every size, not only in graphs
     x, delta, w, q, k, rope, positions = _gpu_cases(n)
     got = rms_norm(x, w, 1e-6)
     ref = rms_norm.eager(x.float(), w.float(), 1e-6)

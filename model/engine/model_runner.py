@@ -334,15 +334,16 @@ class ModelRunner:
         for b, w in sorted(keys, key=lambda k: k[0] * k[1], reverse=True):  # largest first: the pool fits the rest
             batch, int64_inputs, int32_inputs = self._static_pad_batch(b, w)
             try:
-                self.model(batch, self.kv_cache)  # warm-up outside the graph (lazy inits, autotuning)
-                graph, logits = self._capture(batch, pool)
-                timed = None
-                if self.moe_timer is not None and self.moe_timer.enabled:  # its timing events become graph nodes
-                    self.moe_timer.begin_capture((b, w))
-                    try:
-                        timed, _ = self._capture(batch, pool, into=logits)
-                    finally:
-                        self.moe_timer.end_capture()
+                with fusion.for_graph_capture():
+                    self.model(batch, self.kv_cache)  # warm-up outside the graph (lazy inits, compiling)
+                    graph, logits = self._capture(batch, pool)
+                    timed = None
+                    if self.moe_timer is not None and self.moe_timer.enabled:  # timing events become graph nodes
+                        self.moe_timer.begin_capture((b, w))
+                        try:
+                            timed, _ = self._capture(batch, pool, into=logits)
+                        finally:
+                            self.moe_timer.end_capture()
             except RuntimeError as err:
                 raise RuntimeError(f"CUDA graph capture of the decode step (batch {b}, {w} blocks) failed: {err}; "
                                    "enforce_eager=True serves without graphs") from err

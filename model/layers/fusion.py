@@ -6,7 +6,16 @@ section); fusing these chains removes about half of them. The functions are free
 passed in), so one compiled artifact serves every layer, and `dynamic=True` keeps one artifact across batch sizes.
 Elsewhere (CPU, no Triton, `STATICMOE_COMPILE=0`, or `set_enabled(False)` for eager engines) the plain eager
 function runs, with the same math.
+
+Outside CUDA-graph capture a compiled call is paid on the host every time: with dynamic shapes it cost far more
+than the few kernel launches it saves. Steps that run eagerly (prefill and mixed steps) with 60 decode rows and
+4 new prompts took 53 ms of host time for 15 ms of GPU work with the compiled functions, about 23 ms without
+(scripts/probe_prefill.py, benchmarks/NOTES.md "Prefill steps"). So an eager step uses them only from
+`EAGER_MIN_ROWS` rows on, where the step is GPU-bound and the fused kernels' saved memory passes win; decode
+graphs, warmed up and captured inside `for_graph_capture()`, always use them (the host cost is paid once).
 """
+
+import contextlib
 
 import functools
 import os
@@ -15,6 +24,8 @@ import torch
 
 ALLOWED = os.environ.get("STATICMOE_COMPILE", "1") != "0"  # STATICMOE_COMPILE=0: never compile
 _enabled = ALLOWED
+EAGER_MIN_ROWS = 4096  # outside graph capture, the compiled function runs only from this many rows on
+_capturing = False
 
 
 def set_enabled(enabled: bool) -> None:
@@ -32,14 +43,31 @@ def _can_compile() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def for_graph_capture():
+    """Compiled kernels at every size while a CUDA graph is warmed up and captured (compiling happens in the
+    warm-up, outside the capture)."""
+    global _capturing
+    _capturing = True
+    try:
+        yield
+    finally:
+        _capturing = False
+
+
+def use_compiled(x: torch.Tensor) -> bool:
+    """Whether a fused function called with first argument `x` ([rows, ...]) runs its compiled kernels."""
+    return _enabled and x.is_cuda and (_capturing or x.shape[0] >= EAGER_MIN_ROWS)
+
+
 def gpu_fused(fn):
-    """`fn` compiled into fused kernels when its first argument is a CUDA tensor; eager `fn` otherwise."""
+    """`fn` compiled into fused kernels where `use_compiled` says so; eager `fn` otherwise."""
     compiled = None
 
     @functools.wraps(fn)
     def wrapper(*args):
         nonlocal compiled
-        if not (_enabled and args[0].is_cuda):
+        if not use_compiled(args[0]):
             return fn(*args)
         if compiled is None:
             # fullgraph=False: past dynamo's recompile limit (a process running many model configs, as the tests
