@@ -172,7 +172,7 @@ def test_asynchronous_scheduling_on_cuda_graphs_gives_the_tokens_of_synchronous_
     random-weight model could then flip.)"""
     monkeypatch.setattr(fusion, "EAGER_MIN_ROWS", 0)
     cfg = dict(model="olmoe-1b-7b", random_weights=True, max_num_seqs=8, max_model_len=256, num_kv_blocks=256,
-               moe_timing_every=5)  # timed steps are read back at once: both kinds of step occur
+               moe_timing_every=5)  # the timed graph variants are replayed too
     prompts = random_prompts(11, seed=17, lengths=(7, 30, 64, 3, 19))
     requests = {f"a{i}": (p, SamplingParams(max_tokens=6 + 3 * i, **GREEDY)) for i, p in enumerate(prompts)}
     arrivals = {0: list(requests)[:4], 3: list(requests)[4:8], 9: list(requests)[8:]}

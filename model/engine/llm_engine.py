@@ -9,8 +9,9 @@ scheduled and launched before the token ids that step N samples are read back, s
 host between steps. Until the read, each sampling sequence ends in a placeholder token (`Sequence.num_pending`);
 step N+1 feeds it from step N's sampled ids on the device. Stop conditions known in advance (max_tokens,
 max_model_len) are applied at launch; a sequence that samples EOS, a stop token or a stop string in step N was
-already scheduled in step N+1, whose token for it is dropped. Steps whose MoE time is sampled for the metrics,
-and steps of a model sharded over ranks (whose workers need the ids on the host), are read back at once.
+already scheduled in step N+1, whose token for it is dropped. Steps of a model sharded over ranks (whose workers
+need the ids on the host) are read back at once. Steps whose MoE time is sampled for the metrics are not: their
+timing events are read, without waiting, once the step's ids are back (model/engine/moe_timer.py).
 """
 
 import threading
@@ -209,7 +210,7 @@ class LLMEngine:
 
     def _launch(self, sched, previous: _LaunchedStep | None) -> _LaunchedStep:
         """Enqueue the step's forward pass and sampling; advance the sequences past it with placeholders."""
-        read_at_once = not self.async_scheduling or self.moe.should_time()  # timing events are read right after
+        read_at_once = not self.async_scheduling
         self.moe.begin_step()  # a sampled step is timed as it runs (graph replay or eager), never made eager
         fed_from = None if previous is None else previous.sampled_ids
         logits, pad_rows = self.runner.execute(sched, sampled_before=fed_from)
