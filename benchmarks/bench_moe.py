@@ -200,7 +200,7 @@ class Bench:
 
     def fixed_cost(self, name, shape, w13, w2):
         """Small T: the whole op replayed from a CUDA graph; the same with H = I = 128 (GEMMs negligible, so
-        about plan + launches + combine); and the plan kernels alone."""
+        about plan + launches + combine); and the plan kernels and the combine kernel alone."""
         E, k, H, I = shape
         g = self.generator("tiny", name)
         tiny_w13 = torch.randn(E, 2 * TINY_DIM, TINY_DIM, generator=g, device=self.device, dtype=self.dtype)
@@ -218,18 +218,27 @@ class Bench:
             # as in a model's decode graph: one op per layer, the graph's launch shared by LAYERS_IN_GRAPH ops
             tiny_layers = self.measure(f"ours H=I={TINY_DIM} x{LAYERS_IN_GRAPH} {label}", tiny_fn, graph=cuda,
                                        graph_calls=LAYERS_IN_GRAPH)
-            plan = plan_layers = None
+            plan = plan_layers = combine = combine_layers = None
             if cuda and uses_cuda_kernel(x):
-                ws = extension.moe_workspace(T, k, E, H, I, self.device)
+                ws = extension.moe_workspace(T, k, E, H, I, self.device).zero_()
+                out = torch.empty_like(x)
+                stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
                 plan_fn = lambda: extension._C.moe_plan_device(  # noqa: E731
-                    ids.data_ptr(), T, k, E, H, I, ws.data_ptr(), 0, torch.cuda.current_stream().cuda_stream)
+                    ids.data_ptr(), T, k, E, H, I, ws.data_ptr(), 0, stream())
                 plan = self.measure(f"plan {label}", plan_fn, graph=True)
                 plan_layers = self.measure(f"plan x{LAYERS_IN_GRAPH} {label}", plan_fn, graph=True,
                                            graph_calls=LAYERS_IN_GRAPH)
+                dtype_code = 0 if self.dtype == torch.bfloat16 else 1
+                combine_fn = lambda: extension._C.moe_combine_device(  # noqa: E731
+                    ids.data_ptr(), T, k, E, H, I, ws.data_ptr(), out.data_ptr(), dtype_code, stream())
+                combine = self.measure(f"combine {label}", combine_fn, graph=True)
+                combine_layers = self.measure(f"combine x{LAYERS_IN_GRAPH} {label}", combine_fn, graph=True,
+                                              graph_calls=LAYERS_IN_GRAPH)
             us = {key: None if v is None else 1e3 * v
                   for key, v in (("ours_us", ours), ("gmm_us", gmm), ("ours_tiny_us", tiny),
                                  ("ours_tiny_layers_us", tiny_layers), ("plan_us", plan),
-                                 ("plan_layers_us", plan_layers))}
+                                 ("plan_layers_us", plan_layers), ("combine_us", combine),
+                                 ("combine_layers_us", combine_layers))}
             row = {"shape": name, "T": T, **us}
             self.results["fixed_cost"].append(row)
             self.log(f"  {label}: " + ", ".join(f"{key} {_num(v, '.1f')}" for key, v in us.items()))

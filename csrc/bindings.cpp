@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "moe/combine.h"
 #include "moe/moe.h"
 #include "moe/plan_host.h"
 #include "static_batch/static_batch.h"
@@ -97,6 +98,14 @@ PYBIND11_MODULE(_C, m) {
           check(moe::build_plan(p, moe::choose_config(p), ptr<const int32_t>(topk_ids), ws.plan,
                                 ptr<int64_t>(expert_load), stream_of(s)),
                 "moe build_plan");
+        });
+  m.def("moe_combine_device",  // the combine kernel alone, on a workspace's slot outputs (for its fixed cost)
+        [](uintptr_t topk_ids, int32_t T, int32_t k, int32_t E, int32_t H, int32_t I, uintptr_t workspace,
+           uintptr_t out, int dtype, uintptr_t s) {
+          const moe::Problem p = problem(T, k, E, H, I, dtype);
+          const moe::Workspace ws = moe::carve_workspace(p, ptr<void>(workspace));
+          check(moe::combine(p, ws.slot_out, ptr<const int32_t>(topk_ids), ptr<void>(out), stream_of(s)),
+                "moe combine");
         });
   m.def("moe_plan_host", [](const std::vector<int32_t>& topk_ids, int32_t E, int32_t block_m) {
     const moe::HostPlan p = moe::plan_host(topk_ids, E, block_m);

@@ -98,7 +98,8 @@ def test_moe_matches_fp32_reference(shape, T, routing, weights_cache):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("E,k,H,I,T", [(6, 6, 264, 136, 97), (1024, 6, 256, 64, 300), (3, 1, 72, 200, 1), (16, 4, 1032, 520, 2000)])
+@pytest.mark.parametrize("E,k,H,I,T", [(6, 6, 264, 136, 97), (1024, 6, 256, 64, 300), (3, 1, 72, 200, 1), (16, 4, 1032, 520, 2000),
+                                       (40, 11, 264, 136, 33)])  # k = 11: the combine reads slots in groups of 8
 def test_odd_shapes_and_dtypes(E, k, H, I, T, dtype):
     w13 = (torch.randn(E, 2 * I, H, device="cuda") / H**0.5).to(dtype)
     w2 = (torch.randn(E, H, I, device="cuda") / I**0.5).to(dtype)
