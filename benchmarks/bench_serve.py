@@ -71,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--scrape-interval-s", type=float, default=2.0)
     p.add_argument("--overhead-repeats", type=int, default=2,
                    help="metrics-overhead server pairs, in ABBA order (on, off, off, on, ...)")
+    p.add_argument("--overhead-start", choices=["on", "off"], default="on",
+                   help="metrics setting of the first overhead server (off: off, on, on, off, ...)")
     p.add_argument("--hf-batches", type=int_list, default=[1, 16, 64], help="comma list")
     p.add_argument("--hf-output-len", type=int, help="default: --output-len")
     p.add_argument("--truth-output-len", type=int, default=96, help="decode steps of the utilization truth run")
@@ -186,7 +188,9 @@ def serve_phase(preset, args, specs, levels, metrics: bool, log_dir: Path, warm_
 def overhead_phase(preset, args, specs, log_dir: Path) -> dict:
     """Output tok/s at --metrics-concurrency on fresh servers, metrics on/off in ABBA order, each warmed first."""
     mc = args.metrics_concurrency
-    order = [m for _ in range(args.overhead_repeats) for m in (True, False, False, True)][: 2 * args.overhead_repeats]
+    first = args.overhead_start == "on"
+    order = [m for _ in range(args.overhead_repeats) for m in (first, not first, not first, first)]
+    order = order[: 2 * args.overhead_repeats]
     runs = [serve_phase(preset, args, specs, [mc], metrics, log_dir, warm_concurrency=mc, tag=f"_overhead{i}")
             for i, metrics in enumerate(order)]
     mean = lambda on: statistics.fmean(r["levels"][0]["output_throughput"] for r in runs if r["metrics"] == on)  # noqa: E731
