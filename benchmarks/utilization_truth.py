@@ -43,6 +43,7 @@ from benchmarks.bench_engine import environment, make_prompts  # noqa: E402
 from benchmarks.bench_timing import Timer, graph_ms  # noqa: E402
 from model.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from model.kernels import fused_moe, softmax_topk  # noqa: E402
+from model.layers import fusion  # noqa: E402
 from service.metrics import MoeLayout, ServiceMetrics, dense_bf16_peak_flops  # noqa: E402
 
 TOLERANCE = 0.10
@@ -101,7 +102,8 @@ def block_inputs_of(engine, batch) -> list[torch.Tensor]:
     try:
         for b in blocks:
             b.count_expert_load = False
-        engine.model(batch, engine.runner.kv_cache)
+        with fusion.for_graph_capture():  # the graph's kernels, so the block inputs are those the graph computed
+            engine.model(batch, engine.runner.kv_cache)
     finally:
         for b, c in zip(blocks, counting):
             b.count_expert_load = c
@@ -229,7 +231,7 @@ def event_node_cost(engine, graphs: dict, replays: int = 30) -> dict:
             b.moe_timer = None
         try:
             twin = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(twin):
+            with fusion.for_graph_capture(), torch.cuda.graph(twin):  # the served graph's kernels, events aside
                 engine.model(g.batch, engine.runner.kv_cache)
         finally:
             for b, t in zip(blocks, timers):
