@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
             help_="sequences admitted beyond the running batch before new requests get 429")
     f.value("--max-body-bytes", type_=positive_int, default=1 << 20, help_="largest request body; larger get 413")
     f.value("--max-num-seqs", type_=positive_int, default=256, help_="sequences in one engine step")
-    f.value("--max-num-batched-tokens", type_=positive_int, default=2048, help_="new tokens in one engine step")
+    f.value("--max-num-batched-tokens", type_=positive_int,
+            help_=f"new tokens in one engine step (default: {CUDA_BATCHED_TOKENS} on CUDA, {CPU_BATCHED_TOKENS} on "
+                  f"the CPU)")
     f.value("--max-model-len", type_=positive_int, help_="context length (default: the model's, capped by the "
                                                           "KV cache)")
     f.value("--num-kv-blocks", type_=positive_int, help_="KV-cache blocks (default: sized from free memory)")
@@ -133,6 +135,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("bench_command", choices=["serve"], help="serve: load generator against a server")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     return parser
+
+
+# Chunked-prefill budget: on an H100, 8192-token steps prefilled 174k tok/s against 79k with 2048 (the fixed host
+# cost of an eager step is spread over more tokens; benchmarks/NOTES.md "Prefill steps"), as vLLM's OpenAI server
+# also defaults to 8192 on large GPUs. On the CPU a step's time grows with its tokens, so smaller steps keep
+# decoding sequences responsive.
+CUDA_BATCHED_TOKENS, CPU_BATCHED_TOKENS = 8192, 2048
+
+
+def batched_tokens(args: argparse.Namespace) -> int:
+    """--max-num-batched-tokens, or its default for the device the engine will use."""
+    if args.max_num_batched_tokens is not None:
+        return args.max_num_batched_tokens
+    import torch
+
+    on_cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
+    return CUDA_BATCHED_TOKENS if on_cuda else CPU_BATCHED_TOKENS
 
 
 def resolve_model(args: argparse.Namespace) -> tuple[str, bool, str]:
@@ -188,7 +207,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         engine_config = EngineConfig(model=source, random_weights=random_weights, dtype=args.dtype,
                                      device=args.device, max_num_seqs=args.max_num_seqs,
-                                     max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                                     max_num_batched_tokens=batched_tokens(args), block_size=args.block_size,
                                      num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
                                      enforce_eager=args.enforce_eager, expert_metrics=mode != "off",
                                      async_scheduling=not args.no_async_scheduling)

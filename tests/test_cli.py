@@ -35,6 +35,20 @@ def test_defaults_serve_tiny_on_loopback():
     assert cli.expert_metrics_mode(args) == "auto"
 
 
+def test_chunk_budget_defaults_to_the_device_and_a_given_value_wins(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.batched_tokens(parse()) == cli.CPU_BATCHED_TOKENS == 2048
+    assert cli.batched_tokens(parse("--device", "cuda:1")) == cli.CUDA_BATCHED_TOKENS == 8192
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cli.batched_tokens(parse()) == 8192
+    assert cli.batched_tokens(parse("--device", "cpu")) == 2048
+    assert cli.batched_tokens(parse("--max-num-batched-tokens", "300", "--device", "cuda")) == 300
+    with pytest.raises(SystemExit):
+        parse("--max-num-batched-tokens", "0")
+
+
 def test_every_serve_flag_names_its_environment_variable():
     serve = cli.build_parser()._subparsers._group_actions[0].choices["serve"]
     flags = [a for a in serve._actions if a.option_strings and a.dest != "help"]
