@@ -6,16 +6,11 @@ On the CPU it runs under Triton's interpreter (TRITON_INTERPRET=1, in a subproce
 before the kernel is defined); skipped where Triton is not installed. On the GPU it runs compiled, in bf16 too.
 """
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.triton_fixtures import needs_triton, run_compiled, run_interpreted
+
 CASES = [  # ((new tokens, context length) per chunk, block size, query heads, kv heads, head dim, sliding window)
     ([(5, 5), (70, 70), (2, 9)], 4, 8, 2, 16, None),
     ([(64, 64), (65, 130), (3, 200)], 16, 4, 4, 64, None),
@@ -68,21 +63,15 @@ def cases_script(dtype: str, device: str) -> str:
     return CHECK + "".join(f"check(*{case!r}, {dtype}, {device!r})\n" for case in CASES) + "print('ok')\n"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@needs_triton
 def test_interpreted_kernel_matches_sdpa_on_cpu():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [
-        str(ROOT), os.environ.get("PYTHONPATH")])))
-    run = subprocess.run([sys.executable, "-c", cases_script("torch.float32", "cpu")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+    run_interpreted(cases_script("torch.float32", "cpu"))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["torch.float32", "torch.bfloat16", "torch.float16"])
 def test_compiled_kernel_matches_sdpa_on_gpu(dtype):
-    namespace = {}
-    exec(cases_script(dtype, "cuda").replace("print('ok')", ""), namespace)  # noqa: S102 (our own test code)
-    torch.cuda.synchronize()
+    run_compiled(cases_script(dtype, "cuda"))
 
 
 def test_a_failing_kernel_falls_back_to_sdpa(monkeypatch, caplog):
