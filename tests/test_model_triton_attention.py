@@ -82,12 +82,12 @@ def test_a_failing_kernel_falls_back_to_sdpa(monkeypatch, caplog):
         calls.append(1)
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setitem(paged_attention._TRITON, "enabled", True)
-    monkeypatch.setattr(paged_attention, "triton_decode_enabled", lambda device: paged_attention._TRITON["enabled"])
+    monkeypatch.setitem(paged_attention._TRITON, "decode", True)
+    monkeypatch.setattr(paged_attention, "triton_decode_enabled", lambda device: paged_attention._TRITON["decode"])
     monkeypatch.setattr(paged_attention.triton_decode_attention, "paged_decode_attention", broken)
     with caplog.at_level("WARNING"):
         actual = runner.step({"a": [6], "b": [7]})
-    assert calls == [1] and not paged_attention._TRITON["enabled"]
+    assert calls == [1] and not paged_attention._TRITON["decode"]
     assert "Triton decode attention failed" in caplog.text
     for key in ("a", "b"):
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)

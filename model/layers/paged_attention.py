@@ -22,12 +22,12 @@ from model.forward_batch import ForwardBatch
 from model.layers import triton_decode_attention, triton_prefill_attention
 
 log = logging.getLogger(__name__)
-_TRITON = {"enabled": os.environ.get("STATICMOE_DECODE_ATTENTION", "triton") != "sdpa",
+_TRITON = {"decode": os.environ.get("STATICMOE_DECODE_ATTENTION", "triton") != "sdpa",
            "prefill": os.environ.get("STATICMOE_PREFILL_ATTENTION", "triton") != "sdpa"}
 
 
 def triton_decode_enabled(device: torch.device) -> bool:
-    return device.type == "cuda" and _TRITON["enabled"] and triton_decode_attention.available()
+    return device.type == "cuda" and _TRITON["decode"] and triton_decode_attention.available()
 
 
 def triton_prefill_enabled(device: torch.device) -> bool:
@@ -69,7 +69,7 @@ class DecodeRows:
                 return triton_decode_attention.paged_decode_attention(
                     q, k_cache, v_cache, self.block_tables, self.context_lens, scale, self.sliding_window)
             except Exception as err:  # a Triton build problem must not take the model down: use SDPA instead
-                _TRITON["enabled"] = False
+                _TRITON["decode"] = False
                 log.warning("Triton decode attention failed (%r); using SDPA from now on", err)
         if self.mask is None:
             self.mask = _decode_mask(self.context_lens, self.num_keys, self.sliding_window)
