@@ -8,7 +8,8 @@ split it writes [G, D] directly; small batches split the keys so the GPU fills, 
 splits' (max, sum, accumulator) triples.
 
 Used on CUDA when Triton is importable (`model.layers.paged_attention` falls back to SDPA otherwise, or if the
-kernel fails to build); with `TRITON_INTERPRET=1` it also runs on the CPU, which is how CI checks it.
+kernel fails to build); with `TRITON_INTERPRET=1` it also runs on the CPU, where the tests run it when Triton
+is installed (CI installs no Triton, so there only the GPU runs check it).
 """
 
 import functools

@@ -9,7 +9,8 @@ chunks of `BLOCK_N`, with an online softmax (FlashAttention-2's schedule). The q
 `num_new` positions of its sequence, so the causal mask is aligned to the bottom right, as chunked prefill needs.
 
 Used on CUDA when Triton is importable (`model.layers.paged_attention` falls back to SDPA otherwise, or if the
-kernel fails to build); with `TRITON_INTERPRET=1` it also runs on the CPU, which is how CI checks it.
+kernel fails to build); with `TRITON_INTERPRET=1` it also runs on the CPU, where the tests run it when Triton
+is installed (CI installs no Triton, so there only the GPU runs check it).
 """
 
 import torch
