@@ -49,7 +49,6 @@ class _LaunchedStep:
     sampled_ids: torch.Tensor  # [S] on the device: the next step may feed its sequences from it
     host_ids: torch.Tensor  # [S] host copy, complete once `copied` has (pinned, non-blocking on CUDA)
     copied: "torch.cuda.Event | None"
-    read_at_once: bool  # read back before the next step is launched
 
 
 @dataclass
@@ -202,7 +201,7 @@ class LLMEngine:
                 self._read_back(previous)  # its ids are ready or nearly: this step was queued behind it
             outputs += self._emit_pending()  # host work overlapping the device
             if launched is not None:
-                if launched.read_at_once:
+                if not self.async_scheduling:
                     self._read_back(launched)  # the step's one host sync
                 else:
                     self._in_flight = launched
@@ -210,7 +209,6 @@ class LLMEngine:
 
     def _launch(self, sched, previous: _LaunchedStep | None) -> _LaunchedStep:
         """Enqueue the step's forward pass and sampling; advance the sequences past it with placeholders."""
-        read_at_once = not self.async_scheduling
         self.moe.begin_step()  # a sampled step is timed as it runs (graph replay or eager), never made eager
         fed_from = None if previous is None else previous.sampled_ids
         logits, pad_rows = self.runner.execute(sched, sampled_before=fed_from)
@@ -229,7 +227,7 @@ class LLMEngine:
             if index + 1 - seq.num_prompt_tokens >= seq.params.max_tokens or index + 1 >= self.max_model_len:
                 seq.final_in_flight = True  # not scheduled again: this token ends it whatever it is
         self.moe.end_step(sched.num_tokens, pad_rows)
-        return _LaunchedStep(pending, sampled_ids, host_ids, copied, read_at_once)
+        return _LaunchedStep(pending, sampled_ids, host_ids, copied)
 
     def _read_back(self, step: _LaunchedStep) -> None:
         """Wait for the step's sampled ids, put them in place of the placeholders and apply the stop conditions
