@@ -130,9 +130,20 @@ def test_cluster_path_with_odd_and_empty_halves(E, k, H, I, T, routing):
 def test_plan_matches_host_twin_and_counts_load():
     from model.kernels import _C
 
-    for T, k, E in [(1, 8, 128), (513, 6, 1024), (4096, 8, 64), (3000, 2, 8), (40000, 8, 256)]:
+    # One-block plan (T*k <= 4096: 8, 3078 with E = 1024, exactly 4096 with out-of-range ids), chunked plan (4097,
+    # 6000, 32768, 320000 entries: more than 1024 per chunk), and an expert with >= 256 M tiles (70000 rows: the
+    # expert order's O(E) fallback).
+    for T, k, E, routing in [(1, 8, 128, "zipf"), (513, 6, 1024, "zipf"), (512, 8, 128, "poisoned"),
+                             (4097, 1, 64, "zipf"), (4096, 8, 64, "zipf"), (3000, 2, 8, "zipf"),
+                             (40000, 8, 256, "zipf"), (70000, 2, 8, "same")]:
         gen = torch.Generator().manual_seed(T + E)
-        _, ids = make_routing("zipf", T, E, k, gen)
+        _, ids = make_routing("zipf" if routing == "poisoned" else routing, T, E, k, gen)
+        if routing == "poisoned":  # routed nowhere: skipped by the plan
+            ids.view(-1)[torch.randperm(T * k, generator=gen)[:300]] = torch.tensor([-1, E, 1 << 20]).repeat(100).int()
+        tile_rows, chunks = _C.moe_launch_config(T, k, E, 64, 64)
+        assert (chunks == 1) == (T * k <= 4096), "plan path not as intended"
+        if routing == "same":
+            assert int(torch.bincount(ids.view(-1).long()).max()) >= 256 * tile_rows, "fallback not reached"
         ids_gpu = ids.cuda()
         H, I = 64, 64
         ws = extension.moe_workspace(T, k, E, H, I, "cuda").fill_(0xFF)
@@ -151,11 +162,12 @@ def test_plan_matches_host_twin_and_counts_load():
         n = host["num_slots"]
         assert read("num_slots", 1) == [n]
         for name, count in [("expert_counts", E), ("expert_offsets", E + 1), ("expert_order", E),
-                            ("sorted_rows", T * k)]:
+                            ("sorted_rows", len(host["sorted_rows"]))]:
             assert read(name, count) == host[name], name
         assert read("mtile_prefix", n) == host["mtile_prefix"]
         assert read("slot_expert", n) == host["slot_expert"]
-        expected_load = torch.bincount(ids.reshape(-1).long(), minlength=E) + 5
+        valid = ids[(ids >= 0) & (ids < E)].long()
+        expected_load = torch.bincount(valid, minlength=E) + 5
         assert torch.equal(load.cpu(), expected_load)
 
 

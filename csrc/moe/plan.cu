@@ -2,15 +2,18 @@
 //  1. count:   each chunk of the T*k routing entries histograms its expert ids (shared-memory counters);
 //  2. scan:    one block turns chunk histograms into per-chunk write offsets, expert offsets and M-tile counts,
 //              orders the experts (heavy/light interleaved) and builds the task map;
-//  3. scatter: one warp per chunk writes each entry's flat index to its expert's rows, in entry order, so rows
-//              are (token, slot) ascending within each expert — a stable counting sort, deterministic.
-// With a single chunk (T*k <= 1024: decode and small batches) the three steps run in one block of one launch, as
-// the fixed cost of a small layer is mostly launches. Every kernel is launched with PDL (pdl_launch.cuh) but none
-// triggers its dependents early: GEMM1 launched while the plan still ran was ~2x slower on large layers (H100,
-// DeepSeek-V3 T=32768, benchmarks/NOTES.md v3), so GEMM1 starts when the plan has completed.
+//  3. scatter: one block per chunk writes each entry's flat index to its expert's rows, in entry order, so rows
+//              are (token, slot) ascending within each expert — a stable counting sort, deterministic. Ranks come
+//              from a block multi-split (block_multisplit.cuh), 1024 entries per round, not a serial pass.
+// Up to kSingleBlockEntries routing entries (moe_forward.cu: decode and batches of a few hundred tokens) the three
+// steps run in one block of one launch, as the fixed cost of a small layer is mostly launches and latency chains.
+// Every kernel is launched with PDL (pdl_launch.cuh) but none triggers its dependents early: GEMM1 launched while
+// the plan still ran was ~2x slower on large layers (H100, DeepSeek-V3 T=32768, benchmarks/NOTES.md v3), so GEMM1
+// starts when the plan has completed.
 // Out-of-range expert ids are ignored (they route nowhere; the Python boundary rejects them on the CPU path).
 #include <cub/block/block_scan.cuh>
 
+#include "common/block_multisplit.cuh"
 #include "common/pdl_launch.cuh"
 #include "moe/moe.h"
 #include "static_batch/task_map_build.cuh"
@@ -19,6 +22,11 @@ namespace staticmoe::moe {
 namespace {
 
 constexpr int kCountThreads = 256;
+constexpr int kPlanThreads = kTaskMapBuildThreads;  // 1024: one thread per expert in the one-block steps
+constexpr int kMaxExperts = 1024;
+constexpr int kOrderBins = 256;  // tile counts up to this are ranked with a multi-split (tiles_rank)
+using PlanScan = cub::BlockScan<int32_t, kPlanThreads, cub::BLOCK_SCAN_WARP_SCANS>;  // small storage: 48 KB static limit
+using PlanMultisplit = BlockMultisplit<kPlanThreads>;
 
 struct ChunkRange {
   int64_t begin, end;
@@ -51,51 +59,73 @@ __device__ __forceinline__ int32_t interleaved_position(int32_t rank, int32_t n)
   return rank < (n + 1) / 2 ? 2 * rank : 2 * (n - 1 - rank) + 1;
 }
 
-// From each expert's count (thread e holds expert e's) to expert counts, offsets, load, M tiles, the execution
-// order and the task map. Called by all kTaskMapBuildThreads threads of the block; offsets also go to
-// `offsets_out` (shared memory) when it is given.
-__device__ __forceinline__ void plan_experts(int32_t count, int32_t num_experts, int32_t tile_rows, const Plan& plan,
-                                             int64_t* expert_load, int32_t* offsets_out) {
-  __shared__ int32_t mtiles[1024];
-  __shared__ int32_t order[1024];
-  __shared__ int32_t num_nonempty;
-  using Scan = cub::BlockScan<int32_t, kTaskMapBuildThreads>;
-  __shared__ typename Scan::TempStorage scan_storage;
-  const int e = threadIdx.x;
-  if (e < num_experts) {
-    plan.expert_counts[e] = count;
-    if (expert_load) expert_load[e] += count;
-    mtiles[e] = (count + tile_rows - 1) / tile_rows;
+// An expert's rank by M tiles, descending, ties by id (tiles < 0: not an expert, result meaningless). With at most
+// kOrderBins tile counts (every layer up to tens of thousands of rows per expert) a multi-split ranks the experts
+// among equals and a scan over the tile-count bins adds the experts with more tiles: O(1) per thread. A count per
+// expert over all experts (O(E) per thread, ~28 cycles an expert on the H100) is the fallback for larger ones.
+__device__ __forceinline__ int32_t tiles_rank(int32_t tiles, int32_t max_tiles, const int32_t* mtiles,
+                                              int32_t num_experts, uint8_t* warp_counts,
+                                              PlanScan::TempStorage& scan_storage) {
+  if (max_tiles < kOrderBins) {
+    __shared__ int32_t with_more_tiles[kOrderBins];  // per tile count: the experts with more tiles
+    const int32_t bins = max_tiles + 1;
+    const PlanMultisplit split{warp_counts, bins};
+    const int32_t among_equals = split.rank(tiles);
+    // Suffix sum over the bins: thread t holds bin bins-1-t, so an exclusive prefix counts the larger bins.
+    const int32_t bin = bins - 1 - int32_t(threadIdx.x);
+    int32_t larger;
+    PlanScan(scan_storage).ExclusiveSum(bin >= 0 ? split.count(bin) : 0, larger);
+    if (bin >= 0) with_more_tiles[bin] = larger;
+    __syncthreads();
+    return tiles >= 0 ? with_more_tiles[tiles] + among_equals : 0;
   }
-  int32_t offset, total;
-  Scan(scan_storage).ExclusiveSum(count, offset, total);
-  if (e < num_experts) {
-    plan.expert_offsets[e] = offset;
-    if (offsets_out) offsets_out[e] = offset;
-  }
-  if (e == 0) plan.expert_offsets[num_experts] = total;
-  if (e == 0) num_nonempty = 0;
-  __syncthreads();
-  if (e < num_experts && count > 0) atomicAdd(&num_nonempty, 1);  // a count: order-independent
-  __syncthreads();
-  // Empty experts go after the non-empty ones (the map skips them anyway).
-  if (e < num_experts) {
-    const int32_t mine = mtiles[e];
-    int32_t rank = 0;
+  int32_t rank = 0;
+  if (tiles >= 0)
     for (int j = 0; j < num_experts; ++j) {
       const int32_t t = mtiles[j];
-      rank += (t > mine) || (t == mine && j < e);
+      rank += (t > tiles) || (t == tiles && j < int(threadIdx.x));
     }
-    const int32_t n = num_nonempty;
-    order[mine > 0 ? interleaved_position(rank, n) : rank] = e;
-  }
-  __syncthreads();
-  if (e < num_experts) plan.expert_order[e] = order[e];
-  task_map_build_block_impl(mtiles, order, num_experts, plan.mtile_prefix, plan.slot_expert, plan.num_slots);
+  return rank;
 }
 
-__global__ void __launch_bounds__(kTaskMapBuildThreads)
+// From each expert's count (thread e holds expert e's) to expert counts, offsets, load, M tiles, the execution
+// order and the task map. Called by all kPlanThreads threads of the block; returns expert e's first sorted row.
+// `warp_counts` is the caller's multi-split table (kMaxExperts keys).
+__device__ __forceinline__ int32_t plan_experts(int32_t count, int32_t num_experts, int32_t tile_rows,
+                                                const Plan& plan, int64_t* expert_load, uint8_t* warp_counts) {
+  __shared__ int32_t mtiles[kMaxExperts];
+  __shared__ int32_t order[kMaxExperts];
+  __shared__ int32_t num_nonempty, max_tiles;
+  __shared__ PlanScan::TempStorage scan_storage;
+  const int e = threadIdx.x;
+  const bool is_expert = e < num_experts;
+  const int32_t tiles = (count + tile_rows - 1) / tile_rows;
+  if (is_expert) {
+    plan.expert_counts[e] = count;
+    if (expert_load) expert_load[e] += count;
+    mtiles[e] = tiles;
+  }
+  if (e == 0) num_nonempty = max_tiles = 0;
+  int32_t offset, total;
+  PlanScan(scan_storage).ExclusiveSum(count, offset, total);
+  if (is_expert) plan.expert_offsets[e] = offset;
+  if (e == 0) plan.expert_offsets[num_experts] = total;
+  __syncthreads();  // also: scan_storage may be reused
+  if (is_expert && count > 0) atomicAdd(&num_nonempty, 1);  // a count and a max: order-independent
+  if (is_expert) atomicMax(&max_tiles, tiles);
+  __syncthreads();
+  // Empty experts go after the non-empty ones (the map skips them anyway).
+  const int32_t rank = tiles_rank(is_expert ? tiles : -1, max_tiles, mtiles, num_experts, warp_counts, scan_storage);
+  if (is_expert) order[tiles > 0 ? interleaved_position(rank, num_nonempty) : rank] = e;
+  __syncthreads();
+  if (is_expert) plan.expert_order[e] = order[e];
+  task_map_build_block_impl(mtiles, order, num_experts, plan.mtile_prefix, plan.slot_expert, plan.num_slots);
+  return offset;
+}
+
+__global__ void __launch_bounds__(kPlanThreads)
     plan_scan_kernel(int32_t num_experts, int32_t chunks, int32_t tile_rows, Plan plan, int64_t* expert_load) {
+  __shared__ __align__(4) uint8_t warp_counts[PlanMultisplit::table_bytes(kMaxExperts)];
   wait_for_predecessor();
   const int e = threadIdx.x;
   int32_t count = 0;
@@ -107,57 +137,58 @@ __global__ void __launch_bounds__(kTaskMapBuildThreads)
       count += v;
     }
   }
-  plan_experts(count, num_experts, tile_rows, plan, expert_load, nullptr);
+  plan_experts(count, num_experts, tile_rows, plan, expert_load, warp_counts);
 }
 
-// One warp writes the entries [begin, end) to their experts' sorted rows in entry order; next_row[e] is the next
-// free sorted row of expert e (advanced as it goes).
+// Writes the entries [begin, end) to their experts' sorted rows in entry order (a stable counting sort), one entry
+// per thread per round of kPlanThreads. next_row[e] (shared) is expert e's next free sorted row; it advances by
+// each round's count. Called by all kPlanThreads threads.
 __device__ __forceinline__ void scatter_entries(const int32_t* topk_ids, int64_t begin, int64_t end,
-                                                int32_t num_experts, int32_t* next_row, int32_t* sorted_rows) {
-  const int lane = threadIdx.x & 31;
-  const uint32_t lanes_below = (1u << lane) - 1;
-  for (int64_t base = begin; base < end; base += 32) {
-    const int64_t i = base + lane;
-    const int32_t e = i < end ? topk_ids[i] : -1;
-    const bool valid = e >= 0 && e < num_experts;
-    const uint32_t peers = __match_any_sync(0xffffffffu, valid ? e : -1);  // lanes with the same expert
-    if (valid) sorted_rows[next_row[e] + __popc(peers & lanes_below)] = int32_t(i);
-    __syncwarp();
-    if (valid && (peers & lanes_below) == 0) next_row[e] += __popc(peers);  // lowest peer advances the cursor
-    __syncwarp();
+                                                int32_t num_experts, int32_t* next_row, uint8_t* warp_counts,
+                                                int32_t* sorted_rows) {
+  const PlanMultisplit split{warp_counts, num_experts};
+  for (int64_t base = begin; base < end; base += kPlanThreads) {
+    const int64_t i = base + threadIdx.x;
+    const int32_t id = i < end ? topk_ids[i] : -1;
+    const int32_t expert = id >= 0 && id < num_experts ? id : -1;
+    const int32_t rank = split.rank(expert);  // its leading barrier also publishes next_row
+    if (expert >= 0) sorted_rows[next_row[expert] + rank] = int32_t(i);
+    __syncthreads();  // next_row has been read
+    if (int(threadIdx.x) < num_experts) next_row[threadIdx.x] += split.count(threadIdx.x);
   }
 }
 
-// The whole plan for a single chunk: histogram, plan_experts, then warp 0 scatters.
-__global__ void __launch_bounds__(kTaskMapBuildThreads)
+// The whole plan in one block (T*k <= kSingleBlockEntries): histogram, plan_experts, scatter.
+__global__ void __launch_bounds__(kPlanThreads)
     plan_single_block_kernel(const int32_t* topk_ids, int64_t n, int32_t num_experts, int32_t tile_rows, Plan plan,
                              int64_t* expert_load) {
-  __shared__ int32_t hist[1024];
-  __shared__ int32_t next_row[1024];
+  __shared__ int32_t per_expert[kMaxExperts];  // the histogram, then each expert's next free sorted row
+  __shared__ __align__(4) uint8_t warp_counts[PlanMultisplit::table_bytes(kMaxExperts)];
   wait_for_predecessor();
   const int e = threadIdx.x;
-  if (e < num_experts) hist[e] = 0;
+  if (e < num_experts) per_expert[e] = 0;
   __syncthreads();
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     const int32_t id = topk_ids[i];
-    if (id >= 0 && id < num_experts) atomicAdd(&hist[id], 1);
+    if (id >= 0 && id < num_experts) atomicAdd(&per_expert[id], 1);
   }
   __syncthreads();
-  plan_experts(e < num_experts ? hist[e] : 0, num_experts, tile_rows, plan, expert_load, next_row);
-  __syncthreads();
-  if (threadIdx.x < 32) scatter_entries(topk_ids, 0, n, num_experts, next_row, plan.sorted_rows);
+  const int32_t offset = plan_experts(e < num_experts ? per_expert[e] : 0, num_experts, tile_rows, plan, expert_load,
+                                      warp_counts);  // its barriers order the histogram reads before this write
+  if (e < num_experts) per_expert[e] = offset;
+  scatter_entries(topk_ids, 0, n, num_experts, per_expert, warp_counts, plan.sorted_rows);
 }
 
-__global__ void __launch_bounds__(32)
+__global__ void __launch_bounds__(kPlanThreads)
     plan_scatter_kernel(const int32_t* topk_ids, int64_t n, int32_t num_experts, Plan plan) {
-  extern __shared__ int32_t next_row[];  // [E] next free sorted row of each expert for this chunk
+  __shared__ int32_t next_row[kMaxExperts];  // this chunk's next free sorted row of each expert
+  __shared__ __align__(4) uint8_t warp_counts[PlanMultisplit::table_bytes(kMaxExperts)];
   wait_for_predecessor();
   const int c = blockIdx.x;
-  for (int e = threadIdx.x; e < num_experts; e += 32)
-    next_row[e] = plan.expert_offsets[e] + plan.chunk_offsets[int64_t(c) * num_experts + e];
-  __syncwarp();
+  if (int(threadIdx.x) < num_experts)
+    next_row[threadIdx.x] = plan.expert_offsets[threadIdx.x] + plan.chunk_offsets[int64_t(c) * num_experts + threadIdx.x];
   const ChunkRange r = chunk_range(n, gridDim.x, c);
-  scatter_entries(topk_ids, r.begin, r.end, num_experts, next_row, plan.sorted_rows);
+  scatter_entries(topk_ids, r.begin, r.end, num_experts, next_row, warp_counts, plan.sorted_rows);
 }
 
 }  // namespace
@@ -166,16 +197,16 @@ cudaError_t build_plan(const Problem& p, const LaunchConfig& cfg, const int32_t*
                        int64_t* expert_load, cudaStream_t stream) {
   const int64_t n = p.rows();
   if (cfg.num_chunks == 1)
-    return launch_with_pdl(plan_single_block_kernel, 1, kTaskMapBuildThreads, 0, stream, topk_ids, n, p.num_experts,
+    return launch_with_pdl(plan_single_block_kernel, 1, kPlanThreads, 0, stream, topk_ids, n, p.num_experts,
                            cfg.tile_rows(), plan, expert_load);
   const size_t hist_bytes = sizeof(int32_t) * p.num_experts;
   cudaError_t err = launch_with_pdl(plan_count_kernel, cfg.num_chunks, kCountThreads, hist_bytes, stream, topk_ids, n,
                                     p.num_experts, plan.chunk_offsets);
   if (err != cudaSuccess) return err;
-  err = launch_with_pdl(plan_scan_kernel, 1, kTaskMapBuildThreads, 0, stream, p.num_experts, cfg.num_chunks,
+  err = launch_with_pdl(plan_scan_kernel, 1, kPlanThreads, 0, stream, p.num_experts, cfg.num_chunks,
                         cfg.tile_rows(), plan, expert_load);
   if (err != cudaSuccess) return err;
-  return launch_with_pdl(plan_scatter_kernel, cfg.num_chunks, 32, hist_bytes, stream, topk_ids, n, p.num_experts, plan);
+  return launch_with_pdl(plan_scatter_kernel, cfg.num_chunks, kPlanThreads, 0, stream, topk_ids, n, p.num_experts, plan);
 }
 
 }  // namespace staticmoe::moe
