@@ -1,19 +1,32 @@
 // Stable multi-split ranks inside one thread block: each thread holds at most one small integer key, and its rank
 // is the number of threads with the same key and a lower thread index. That is the core of a stable counting
-// sort, computed with no serial pass over the block: __match_any_sync ranks a key inside its warp, and a table of
-// per-warp key counts adds the warps before it. Counts fit a byte (a warp holds at most 32 of a key), so the table
-// is kWarps x num_keys bytes: 32 KB for 1024 threads and 1024 keys.
+// sort, computed with no serial pass over the block: ballots over the key's bits find the lanes of a warp with the
+// same key (a warp-level multi-split), and a table of per-warp key counts adds the warps before it. Counts fit a
+// byte (a warp holds at most 32 of a key), so the table is kWarps x num_keys bytes: 32 KB for 1024 threads and
+// 1024 keys, in the caller's shared memory.
 #pragma once
 #include <cstdint>
 
 namespace staticmoe {
+
+// Lanes of this warp whose key equals this lane's, for keys in [0, 2^bits): one ballot per bit. Cheaper than
+// __match_any_sync, whose cost on the H100 grows with the number of distinct keys in the warp.
+__device__ __forceinline__ uint32_t lanes_with_same_key(uint32_t key, int bits) {
+  uint32_t same = 0xffffffffu;
+  for (int b = 0; b < bits; ++b) {
+    const bool set = (key >> b) & 1u;
+    const uint32_t ones = __ballot_sync(0xffffffffu, set);
+    same &= set ? ones : ~ones;
+  }
+  return same;
+}
 
 template <int kThreads>
 struct BlockMultisplit {
   static constexpr int kWarps = kThreads / 32;
   static_assert(kThreads % 32 == 0 && kWarps <= 32, "whole warps, at most 1024 threads");
 
-  uint8_t* warp_counts;  // shared memory, kWarps * stride() bytes, 4-byte aligned
+  uint8_t* warp_counts;  // shared memory, table_bytes(num_keys) bytes, 4-byte aligned
   int32_t num_keys;
 
   // The table's bytes for `num_keys` keys (rows padded to whole 4-byte words).
@@ -26,9 +39,10 @@ struct BlockMultisplit {
     __syncthreads();  // readers of the previous call's table are done
     uint32_t* words = reinterpret_cast<uint32_t*>(warp_counts);
     for (int i = threadIdx.x; i < table_bytes(num_keys) / 4; i += kThreads) words[i] = 0;
-    __syncthreads();
-    const uint32_t peers = __match_any_sync(0xffffffffu, key);  // lanes of this warp with the same key
+    // A key that takes no part is matched as num_keys, which no real key equals.
+    const uint32_t peers = lanes_with_same_key(key >= 0 ? key : num_keys, 32 - __clz(num_keys));
     const uint32_t peers_below = peers & ((1u << lane) - 1);
+    __syncthreads();  // the table is zero
     if (key >= 0 && peers_below == 0) warp_counts[warp * stride() + key] = uint8_t(__popc(peers));
     __syncthreads();
     int32_t rank = __popc(peers_below);

@@ -28,6 +28,8 @@ struct LaunchConfig {
   int32_t tile_rows() const { return block_m * cluster_m; }
 };
 LaunchConfig choose_config(const Problem& p);
+// Up to this many T*k routing entries the plan runs in one block of one launch (num_chunks == 1; plan.cu).
+constexpr int64_t kSingleBlockPlanEntries = 4096;
 
 // The plan's outputs, carved out of one workspace buffer.
 struct Plan {

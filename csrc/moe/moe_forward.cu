@@ -13,7 +13,6 @@ namespace {
 size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
 constexpr int kMaxChunks = 256;
 constexpr int64_t kEntriesPerChunk = 1024;
-constexpr int64_t kSingleBlockEntries = 4096;  // up to this many T*k entries the plan is one block (plan.cu)
 constexpr int64_t kClusterMinRows = 512;
 
 // Walks the workspace layout once; with base == nullptr it measures and yields offsets.
@@ -57,7 +56,7 @@ LaunchConfig choose_config(const Problem& p) {
   const int64_t rows_per_expert = p.rows() / p.num_experts;  // expected under balanced routing; shapes only
   cfg.block_m = rows_per_expert <= 64 ? 64 : 128;
   cfg.cluster_m = cfg.block_m == 128 && rows_per_expert >= cluster_min_rows() ? 2 : 1;
-  const int64_t chunks = p.rows() <= kSingleBlockEntries ? 1 : (p.rows() + kEntriesPerChunk - 1) / kEntriesPerChunk;
+  const int64_t chunks = p.rows() <= kSingleBlockPlanEntries ? 1 : (p.rows() + kEntriesPerChunk - 1) / kEntriesPerChunk;
   cfg.num_chunks = int32_t(chunks < 1 ? 1 : (chunks > kMaxChunks ? kMaxChunks : chunks));
   return cfg;
 }

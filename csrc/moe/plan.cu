@@ -5,7 +5,7 @@
 //  3. scatter: one block per chunk writes each entry's flat index to its expert's rows, in entry order, so rows
 //              are (token, slot) ascending within each expert — a stable counting sort, deterministic. Ranks come
 //              from a block multi-split (block_multisplit.cuh), 1024 entries per round, not a serial pass.
-// Up to kSingleBlockEntries routing entries (moe_forward.cu: decode and batches of a few hundred tokens) the three
+// Up to kSingleBlockPlanEntries routing entries (moe.h: decode and batches of a few hundred tokens) the three
 // steps run in one block of one launch, as the fixed cost of a small layer is mostly launches and latency chains.
 // Every kernel is launched with PDL (pdl_launch.cuh) but none triggers its dependents early: GEMM1 launched while
 // the plan still ran was ~2x slower on large layers (H100, DeepSeek-V3 T=32768, benchmarks/NOTES.md v3), so GEMM1
@@ -25,8 +25,14 @@ constexpr int kCountThreads = 256;
 constexpr int kPlanThreads = kTaskMapBuildThreads;  // 1024: one thread per expert in the one-block steps
 constexpr int kMaxExperts = 1024;
 constexpr int kOrderBins = 256;  // tile counts up to this are ranked with a multi-split (tiles_rank)
-using PlanScan = cub::BlockScan<int32_t, kPlanThreads, cub::BLOCK_SCAN_WARP_SCANS>;  // small storage: 48 KB static limit
+using PlanScan = cub::BlockScan<int32_t, kPlanThreads>;  // raking: one warp does the serial part
 using PlanMultisplit = BlockMultisplit<kPlanThreads>;
+constexpr int kSingleBlockRounds = int(kSingleBlockPlanEntries / kPlanThreads);  // entries per thread, one block
+
+// The multi-split table lives in dynamic shared memory, sized by the keys it ranks: experts, or tile-count bins.
+size_t table_bytes(int32_t num_experts) {
+  return size_t(PlanMultisplit::table_bytes(num_experts > kOrderBins ? num_experts : kOrderBins));
+}
 
 struct ChunkRange {
   int64_t begin, end;
@@ -62,7 +68,7 @@ __device__ __forceinline__ int32_t interleaved_position(int32_t rank, int32_t n)
 // An expert's rank by M tiles, descending, ties by id (tiles < 0: not an expert, result meaningless). With at most
 // kOrderBins tile counts (every layer up to tens of thousands of rows per expert) a multi-split ranks the experts
 // among equals and a scan over the tile-count bins adds the experts with more tiles: O(1) per thread. A count per
-// expert over all experts (O(E) per thread, ~28 cycles an expert on the H100) is the fallback for larger ones.
+// expert over all experts (O(E) per thread, ~14 ns an expert on the H100) is the fallback for larger ones.
 __device__ __forceinline__ int32_t tiles_rank(int32_t tiles, int32_t max_tiles, const int32_t* mtiles,
                                               int32_t num_experts, uint8_t* warp_counts,
                                               PlanScan::TempStorage& scan_storage) {
@@ -90,7 +96,7 @@ __device__ __forceinline__ int32_t tiles_rank(int32_t tiles, int32_t max_tiles, 
 
 // From each expert's count (thread e holds expert e's) to expert counts, offsets, load, M tiles, the execution
 // order and the task map. Called by all kPlanThreads threads of the block; returns expert e's first sorted row.
-// `warp_counts` is the caller's multi-split table (kMaxExperts keys).
+// `warp_counts` is the caller's multi-split table (table_bytes()).
 __device__ __forceinline__ int32_t plan_experts(int32_t count, int32_t num_experts, int32_t tile_rows,
                                                 const Plan& plan, int64_t* expert_load, uint8_t* warp_counts) {
   __shared__ int32_t mtiles[kMaxExperts];
@@ -125,7 +131,7 @@ __device__ __forceinline__ int32_t plan_experts(int32_t count, int32_t num_exper
 
 __global__ void __launch_bounds__(kPlanThreads)
     plan_scan_kernel(int32_t num_experts, int32_t chunks, int32_t tile_rows, Plan plan, int64_t* expert_load) {
-  __shared__ __align__(4) uint8_t warp_counts[PlanMultisplit::table_bytes(kMaxExperts)];
+  extern __shared__ __align__(4) uint8_t warp_counts[];  // table_bytes(num_experts)
   wait_for_predecessor();
   const int e = threadIdx.x;
   int32_t count = 0;
@@ -140,55 +146,74 @@ __global__ void __launch_bounds__(kPlanThreads)
   plan_experts(count, num_experts, tile_rows, plan, expert_load, warp_counts);
 }
 
-// Writes the entries [begin, end) to their experts' sorted rows in entry order (a stable counting sort), one entry
-// per thread per round of kPlanThreads. next_row[e] (shared) is expert e's next free sorted row; it advances by
-// each round's count. Called by all kPlanThreads threads.
-__device__ __forceinline__ void scatter_entries(const int32_t* topk_ids, int64_t begin, int64_t end,
-                                                int32_t num_experts, int32_t* next_row, uint8_t* warp_counts,
-                                                int32_t* sorted_rows) {
+// One round of the stable scatter, called by all kPlanThreads threads with one entry each (expert < 0: none): the
+// entry goes to its expert's next free sorted row after the round's earlier entries of that expert, so rows stay
+// in entry order; next_row[e] (shared) then advances by the round's count of expert e.
+__device__ __forceinline__ void scatter_round(int32_t expert, int64_t entry, int32_t num_experts, int32_t* next_row,
+                                              uint8_t* warp_counts, int32_t* sorted_rows) {
   const PlanMultisplit split{warp_counts, num_experts};
-  for (int64_t base = begin; base < end; base += kPlanThreads) {
-    const int64_t i = base + threadIdx.x;
-    const int32_t id = i < end ? topk_ids[i] : -1;
-    const int32_t expert = id >= 0 && id < num_experts ? id : -1;
-    const int32_t rank = split.rank(expert);  // its leading barrier also publishes next_row
-    if (expert >= 0) sorted_rows[next_row[expert] + rank] = int32_t(i);
-    __syncthreads();  // next_row has been read
-    if (int(threadIdx.x) < num_experts) next_row[threadIdx.x] += split.count(threadIdx.x);
-  }
+  const int32_t rank = split.rank(expert);  // its leading barrier also publishes next_row
+  if (expert >= 0) sorted_rows[next_row[expert] + rank] = int32_t(entry);
+  __syncthreads();  // next_row has been read
+  if (int(threadIdx.x) < num_experts) next_row[threadIdx.x] += split.count(threadIdx.x);
 }
 
-// The whole plan in one block (T*k <= kSingleBlockEntries): histogram, plan_experts, scatter.
+__device__ __forceinline__ int32_t expert_of(const int32_t* topk_ids, int64_t i, int64_t end, int32_t num_experts) {
+  const int32_t id = i < end ? topk_ids[i] : -1;
+  return id >= 0 && id < num_experts ? id : -1;  // out-of-range ids route nowhere
+}
+
+// The whole plan in one block (T*k <= kSingleBlockPlanEntries): histogram, plan_experts, scatter. Each thread
+// keeps its (up to kSingleBlockRounds) expert ids in registers from the histogram to the scatter.
 __global__ void __launch_bounds__(kPlanThreads)
     plan_single_block_kernel(const int32_t* topk_ids, int64_t n, int32_t num_experts, int32_t tile_rows, Plan plan,
                              int64_t* expert_load) {
   __shared__ int32_t per_expert[kMaxExperts];  // the histogram, then each expert's next free sorted row
-  __shared__ __align__(4) uint8_t warp_counts[PlanMultisplit::table_bytes(kMaxExperts)];
+  extern __shared__ __align__(4) uint8_t warp_counts[];  // table_bytes(num_experts)
   wait_for_predecessor();
   const int e = threadIdx.x;
   if (e < num_experts) per_expert[e] = 0;
+  int32_t expert[kSingleBlockRounds];
+#pragma unroll
+  for (int r = 0; r < kSingleBlockRounds; ++r) expert[r] = expert_of(topk_ids, r * kPlanThreads + e, n, num_experts);
   __syncthreads();
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const int32_t id = topk_ids[i];
-    if (id >= 0 && id < num_experts) atomicAdd(&per_expert[id], 1);
-  }
+#pragma unroll
+  for (int r = 0; r < kSingleBlockRounds; ++r)
+    if (expert[r] >= 0) atomicAdd(&per_expert[expert[r]], 1);  // counts do not depend on the order of adds
   __syncthreads();
   const int32_t offset = plan_experts(e < num_experts ? per_expert[e] : 0, num_experts, tile_rows, plan, expert_load,
                                       warp_counts);  // its barriers order the histogram reads before this write
   if (e < num_experts) per_expert[e] = offset;
-  scatter_entries(topk_ids, 0, n, num_experts, per_expert, warp_counts, plan.sorted_rows);
+#pragma unroll 1  // one copy of the round's code (the kernel's code is fetched cold at each launch)
+  for (int r = 0; r * kPlanThreads < n; ++r) {  // uniform across the block: every thread takes the barriers
+    int32_t mine = expert[0];
+#pragma unroll
+    for (int j = 1; j < kSingleBlockRounds; ++j) mine = r == j ? expert[j] : mine;  // selects keep it in registers
+    scatter_round(mine, r * kPlanThreads + e, num_experts, per_expert, warp_counts, plan.sorted_rows);
+  }
 }
 
+// Chunked plan, step 3: one block per chunk, kPlanThreads entries per round.
 __global__ void __launch_bounds__(kPlanThreads)
     plan_scatter_kernel(const int32_t* topk_ids, int64_t n, int32_t num_experts, Plan plan) {
   __shared__ int32_t next_row[kMaxExperts];  // this chunk's next free sorted row of each expert
-  __shared__ __align__(4) uint8_t warp_counts[PlanMultisplit::table_bytes(kMaxExperts)];
+  extern __shared__ __align__(4) uint8_t warp_counts[];  // table_bytes(num_experts)
   wait_for_predecessor();
   const int c = blockIdx.x;
   if (int(threadIdx.x) < num_experts)
     next_row[threadIdx.x] = plan.expert_offsets[threadIdx.x] + plan.chunk_offsets[int64_t(c) * num_experts + threadIdx.x];
   const ChunkRange r = chunk_range(n, gridDim.x, c);
-  scatter_entries(topk_ids, r.begin, r.end, num_experts, next_row, warp_counts, plan.sorted_rows);
+  for (int64_t base = r.begin; base < r.end; base += kPlanThreads) {
+    const int64_t i = base + threadIdx.x;
+    scatter_round(expert_of(topk_ids, i, r.end, num_experts), i, num_experts, next_row, warp_counts, plan.sorted_rows);
+  }
+}
+
+// Static plus dynamic shared memory above 48 KB needs an opt-in (the one-block kernel: E > ~800); asked for every
+// table above the smallest.
+cudaError_t allow_shared_memory(const void* kernel, size_t dynamic_bytes) {
+  if (dynamic_bytes <= table_bytes(kOrderBins)) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dynamic_bytes));
 }
 
 }  // namespace
@@ -196,17 +221,24 @@ __global__ void __launch_bounds__(kPlanThreads)
 cudaError_t build_plan(const Problem& p, const LaunchConfig& cfg, const int32_t* topk_ids, const Plan& plan,
                        int64_t* expert_load, cudaStream_t stream) {
   const int64_t n = p.rows();
-  if (cfg.num_chunks == 1)
-    return launch_with_pdl(plan_single_block_kernel, 1, kPlanThreads, 0, stream, topk_ids, n, p.num_experts,
+  const size_t table = table_bytes(p.num_experts);
+  cudaError_t err;
+  if (cfg.num_chunks == 1) {
+    if ((err = allow_shared_memory(reinterpret_cast<const void*>(plan_single_block_kernel), table)) != cudaSuccess)
+      return err;
+    return launch_with_pdl(plan_single_block_kernel, 1, kPlanThreads, table, stream, topk_ids, n, p.num_experts,
                            cfg.tile_rows(), plan, expert_load);
+  }
+  if ((err = allow_shared_memory(reinterpret_cast<const void*>(plan_scan_kernel), table)) != cudaSuccess) return err;
   const size_t hist_bytes = sizeof(int32_t) * p.num_experts;
-  cudaError_t err = launch_with_pdl(plan_count_kernel, cfg.num_chunks, kCountThreads, hist_bytes, stream, topk_ids, n,
-                                    p.num_experts, plan.chunk_offsets);
+  err = launch_with_pdl(plan_count_kernel, cfg.num_chunks, kCountThreads, hist_bytes, stream, topk_ids, n,
+                        p.num_experts, plan.chunk_offsets);
   if (err != cudaSuccess) return err;
-  err = launch_with_pdl(plan_scan_kernel, 1, kPlanThreads, 0, stream, p.num_experts, cfg.num_chunks,
+  err = launch_with_pdl(plan_scan_kernel, 1, kPlanThreads, table, stream, p.num_experts, cfg.num_chunks,
                         cfg.tile_rows(), plan, expert_load);
   if (err != cudaSuccess) return err;
-  return launch_with_pdl(plan_scatter_kernel, cfg.num_chunks, kPlanThreads, 0, stream, topk_ids, n, p.num_experts, plan);
+  return launch_with_pdl(plan_scatter_kernel, cfg.num_chunks, kPlanThreads, table, stream, topk_ids, n, p.num_experts,
+                         plan);
 }
 
 }  // namespace staticmoe::moe

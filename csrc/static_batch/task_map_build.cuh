@@ -13,7 +13,7 @@ constexpr int kTaskMapBuildThreads = 1024;
 __device__ __forceinline__ void task_map_build_block_impl(const int32_t* tile_counts, const int32_t* order,
                                                           int32_t num_tasks, int32_t* tile_prefix,
                                                           int32_t* slot_task, int32_t* num_slots) {
-  using Scan = cub::BlockScan<int32_t, kTaskMapBuildThreads, cub::BLOCK_SCAN_WARP_SCANS>;
+  using Scan = cub::BlockScan<int32_t, kTaskMapBuildThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   __shared__ int32_t carry_slots, carry_tiles;  // totals of the chunks before this one
   if (threadIdx.x == 0) carry_slots = carry_tiles = 0;
