@@ -148,12 +148,13 @@ __global__ void __launch_bounds__(kPlanThreads)
 
 // One round of the stable scatter, called by all kPlanThreads threads with one entry each (expert < 0: none): the
 // entry goes to its expert's next free sorted row after the round's earlier entries of that expert, so rows stay
-// in entry order; next_row[e] (shared) then advances by the round's count of expert e.
-__device__ __forceinline__ void scatter_round(int32_t expert, int64_t entry, int32_t num_experts, int32_t* next_row,
-                                              uint8_t* warp_counts, int32_t* sorted_rows) {
+// in entry order; unless it is the last round, next_row[e] (shared) then advances by the round's count of expert e.
+__device__ __forceinline__ void scatter_round(int32_t expert, int64_t entry, bool last_round, int32_t num_experts,
+                                              int32_t* next_row, uint8_t* warp_counts, int32_t* sorted_rows) {
   const PlanMultisplit split{warp_counts, num_experts};
   const int32_t rank = split.rank(expert);  // its leading barrier also publishes next_row
   if (expert >= 0) sorted_rows[next_row[expert] + rank] = int32_t(entry);
+  if (last_round) return;  // uniform across the block
   __syncthreads();  // next_row has been read
   if (int(threadIdx.x) < num_experts) next_row[threadIdx.x] += split.count(threadIdx.x);
 }
@@ -189,7 +190,8 @@ __global__ void __launch_bounds__(kPlanThreads)
     int32_t mine = expert[0];
 #pragma unroll
     for (int j = 1; j < kSingleBlockRounds; ++j) mine = r == j ? expert[j] : mine;  // selects keep it in registers
-    scatter_round(mine, r * kPlanThreads + e, num_experts, per_expert, warp_counts, plan.sorted_rows);
+    scatter_round(mine, r * kPlanThreads + e, (r + 1) * kPlanThreads >= n, num_experts, per_expert, warp_counts,
+                  plan.sorted_rows);
   }
 }
 
@@ -205,7 +207,8 @@ __global__ void __launch_bounds__(kPlanThreads)
   const ChunkRange r = chunk_range(n, gridDim.x, c);
   for (int64_t base = r.begin; base < r.end; base += kPlanThreads) {
     const int64_t i = base + threadIdx.x;
-    scatter_round(expert_of(topk_ids, i, r.end, num_experts), i, num_experts, next_row, warp_counts, plan.sorted_rows);
+    scatter_round(expert_of(topk_ids, i, r.end, num_experts), i, base + kPlanThreads >= r.end, num_experts, next_row,
+                  warp_counts, plan.sorted_rows);
   }
 }
 
