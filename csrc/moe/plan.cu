@@ -7,9 +7,9 @@
 //              from a block multi-split (block_multisplit.cuh), 1024 entries per round, not a serial pass.
 // Up to kSingleBlockPlanEntries routing entries (moe.h: decode and batches of a few hundred tokens) the three
 // steps run in one block of one launch, as the fixed cost of a small layer is mostly launches and latency chains.
-// Every kernel is launched with PDL (pdl_launch.cuh) but none triggers its dependents early: GEMM1 launched while
-// the plan still ran was ~2x slower on large layers (H100, DeepSeek-V3 T=32768, benchmarks/NOTES.md v3), so GEMM1
-// starts when the plan has completed.
+// Every kernel is launched with PDL (pdl_launch.cuh). Only the one-block plan lets GEMM1 launch early (its CTAs
+// set up barriers and wait on the other SMs while the plan runs): on large layers, GEMM1 launched while the chunked
+// plan still ran was ~2x slower for its whole run (H100, DeepSeek-V3 T=32768, benchmarks/NOTES.md v3).
 // Out-of-range expert ids are ignored (they route nowhere; the Python boundary rejects them on the CPU path).
 #include <cub/block/block_scan.cuh>
 
@@ -172,6 +172,7 @@ __global__ void __launch_bounds__(kPlanThreads)
   __shared__ int32_t per_expert[kMaxExperts];  // the histogram, then each expert's next free sorted row
   extern __shared__ __align__(4) uint8_t warp_counts[];  // table_bytes(num_experts)
   wait_for_predecessor();
+  allow_dependents();  // GEMM1's prologue overlaps this plan; it reads the plan only after its own wait
   const int e = threadIdx.x;
   if (e < num_experts) per_expert[e] = 0;
   int32_t expert[kSingleBlockRounds];
