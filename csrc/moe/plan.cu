@@ -13,6 +13,8 @@
 // Out-of-range expert ids are ignored (they route nowhere; the Python boundary rejects them on the CPU path).
 #include <cub/block/block_scan.cuh>
 
+#include <mutex>
+
 #include "common/block_multisplit.cuh"
 #include "common/pdl_launch.cuh"
 #include "moe/moe.h"
@@ -186,7 +188,7 @@ __global__ void __launch_bounds__(kPlanThreads)
   const int32_t offset = plan_experts(e < num_experts ? per_expert[e] : 0, num_experts, tile_rows, plan, expert_load,
                                       warp_counts);  // its barriers order the histogram reads before this write
   if (e < num_experts) per_expert[e] = offset;
-#pragma unroll 1  // one copy of the round's code (the kernel's code is fetched cold at each launch)
+#pragma unroll 1  // one copy of the round's code, not kSingleBlockRounds
   for (int r = 0; r * kPlanThreads < n; ++r) {  // uniform across the block: every thread takes the barriers
     int32_t mine = expert[0];
 #pragma unroll
@@ -213,11 +215,23 @@ __global__ void __launch_bounds__(kPlanThreads)
   }
 }
 
-// Static plus dynamic shared memory above 48 KB needs an opt-in (the one-block kernel: E > ~800); asked for every
-// table above the smallest.
-cudaError_t allow_shared_memory(const void* kernel, size_t dynamic_bytes) {
-  if (dynamic_bytes <= table_bytes(kOrderBins)) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dynamic_bytes));
+// Static plus dynamic shared memory above 48 KB needs a per-kernel, per-device opt-in (here for E > ~800): made
+// once per device, for the largest table.
+cudaError_t allow_largest_table() {
+  constexpr int kMaxDevices = 64;
+  static std::once_flag once[kMaxDevices];
+  static cudaError_t status[kMaxDevices];
+  int device = 0;
+  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
+  if (device >= kMaxDevices) return cudaErrorInvalidDevice;
+  std::call_once(once[device], [device] {
+    const int bytes = int(table_bytes(kMaxExperts));
+    cudaError_t err = cudaFuncSetAttribute(plan_single_block_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (err == cudaSuccess)
+      err = cudaFuncSetAttribute(plan_scan_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    status[device] = err;
+  });
+  return status[device];
 }
 
 }  // namespace
@@ -226,14 +240,11 @@ cudaError_t build_plan(const Problem& p, const LaunchConfig& cfg, const int32_t*
                        int64_t* expert_load, cudaStream_t stream) {
   const int64_t n = p.rows();
   const size_t table = table_bytes(p.num_experts);
-  cudaError_t err;
-  if (cfg.num_chunks == 1) {
-    if ((err = allow_shared_memory(reinterpret_cast<const void*>(plan_single_block_kernel), table)) != cudaSuccess)
-      return err;
+  cudaError_t err = allow_largest_table();
+  if (err != cudaSuccess) return err;
+  if (cfg.num_chunks == 1)
     return launch_with_pdl(plan_single_block_kernel, 1, kPlanThreads, table, stream, topk_ids, n, p.num_experts,
                            cfg.tile_rows(), plan, expert_load);
-  }
-  if ((err = allow_shared_memory(reinterpret_cast<const void*>(plan_scan_kernel), table)) != cudaSuccess) return err;
   const size_t hist_bytes = sizeof(int32_t) * p.num_experts;
   err = launch_with_pdl(plan_count_kernel, cfg.num_chunks, kCountThreads, hist_bytes, stream, topk_ids, n,
                         p.num_experts, plan.chunk_offsets);
