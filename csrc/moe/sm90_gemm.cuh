@@ -14,8 +14,7 @@
 //   unit of the same expert and N tile, so they need the same weight tile: each loads half of it by TMA multicast
 //   into both CTAs, halving the L2->SM weight traffic. A stage may then be refilled only when the consumers of
 //   both CTAs have released it: each math warp arrives on the `empty` barrier of every CTA in the cluster. A CTA
-//   whose half of the unit has no rows skips its MMAs but still takes part in the pipeline (as does any math
-//   warpgroup whose 64 rows are all past the expert's last row).
+//   whose half of the unit has no rows skips its MMAs but still takes part in the pipeline.
 // GEMM1 (kGateUp): B tile = BN/2 gate rows + the matching BN/2 up rows of w13[e], so each thread holds gate and up of
 //                  the same output column and the epilogue writes SiLU(gate)·up to the expert-sorted intermediate.
 // GEMM2:           epilogue scales by the routing weight and writes bf16 rows to slot_out[token*k + slot].
@@ -195,10 +194,7 @@ __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, 
   };
   for (int32_t v = blockIdx.x / kCluster; v < total; v += gridDim.x / kCluster) {
     const TileWork w = decode_tile<kBlockM, kCluster>(args, v, num_slots, chunk_hint);
-    // A warpgroup whose 64 rows are all past the expert's last row (an empty cluster half, or the ragged end of an
-    // expert's last tile) has nothing to compute: it passes the stages through (the producer and the peer CTA
-    // count on its releases), and the other warpgroup has the tensor cores to itself.
-    if (w.m0 + warpgroup * 64 >= w.rows) {
+    if (kCluster > 1 && w.m0 >= w.rows) {  // nothing to compute: pass the stages through for the peer's sake
       for (int32_t kt = 0; kt < k_iters; ++kt, ++g) {
         sm90::mbarrier_wait(&full[g % kStages], (g / kStages) & 1);
         release(g);
