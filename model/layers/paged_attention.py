@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from model.forward_batch import ForwardBatch
-from model.layers import triton_decode_attention, triton_prefill_attention
+from model.layers import triton_decode_attention, triton_paged, triton_prefill_attention
 
 log = logging.getLogger(__name__)
 _TRITON = {"decode": os.environ.get("STATICMOE_DECODE_ATTENTION", "triton") != "sdpa",
@@ -27,11 +27,11 @@ _TRITON = {"decode": os.environ.get("STATICMOE_DECODE_ATTENTION", "triton") != "
 
 
 def triton_decode_enabled(device: torch.device) -> bool:
-    return device.type == "cuda" and _TRITON["decode"] and triton_decode_attention.available()
+    return device.type == "cuda" and _TRITON["decode"] and triton_paged.available()
 
 
 def triton_prefill_enabled(device: torch.device) -> bool:
-    return device.type == "cuda" and _TRITON["prefill"] and triton_prefill_attention.available()
+    return device.type == "cuda" and _TRITON["prefill"] and triton_paged.available()
 
 
 @dataclass

@@ -16,18 +16,10 @@ import functools
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs
-    triton = None
-
-
-def available() -> bool:
-    return triton is not None
-
+from model.layers.triton_paged import triton, tl
 
 if triton is not None:
+    from model.layers.triton_paged import dot, load_kv_tile, online_softmax_step
 
     # Integer arguments are not specialized (Triton would otherwise compile a variant per divisibility by 16 of,
     # e.g., the block-table width): eager mixed steps see many widths, and each new variant cost ~1 s at the
@@ -64,25 +56,11 @@ if triton is not None:
         for key0 in range(first, end, BLOCK_N):
             pos = key0 + offs_n  # [BLOCK_N] key positions
             visible = (pos >= lo) & (pos < hi)
-            block = tl.load(tables_ptr + seq.to(tl.int64) * table_stride + pos // PAGE, mask=visible, other=0)
-            slot = block.to(tl.int64) * PAGE + pos % PAGE
-            kv_offs = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + offs_d[None, :]
-            k = tl.load(k_ptr + kv_offs, mask=visible[:, None], other=0.0)  # [BLOCK_N, D]
-            if IEEE:
-                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                scores = tl.dot(q, tl.trans(k))
+            k, v = load_kv_tile(k_ptr, v_ptr, tables_ptr, seq, table_stride, pos, visible, kv_head,
+                                NUM_KV_HEADS, HEAD_DIM, PAGE)  # [BLOCK_N, D] each
+            scores = dot(q, tl.trans(k), IEEE)
             scores = tl.where(visible[None, :], scores * scale, float("-inf"))  # [G, BLOCK_N]
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(scores - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + kv_offs, mask=visible[:, None], other=0.0)  # [BLOCK_N, D]
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, scores, v, IEEE)
         if SPLITS == 1:
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a padding row (no keys) yields zeros, not NaN
             tl.store(out_ptr + q_rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty),

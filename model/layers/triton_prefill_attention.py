@@ -15,18 +15,10 @@ is installed (CI installs no Triton, so there only the GPU runs check it).
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs
-    triton = None
-
-
-def available() -> bool:
-    return triton is not None
-
+from model.layers.triton_paged import triton, tl
 
 if triton is not None:
+    from model.layers.triton_paged import dot, load_kv_tile, online_softmax_step
 
     # Integer arguments vary from step to step; specializing on them would compile a variant per value class.
     @triton.jit(do_not_specialize=["window", "table_stride", "num_chunks"])
@@ -67,29 +59,14 @@ if triton is not None:
         for key0 in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
             pos = key0 + offs_n  # [BLOCK_N] key positions
             in_range = (pos >= lo) & (pos < hi)
-            block = tl.load(tables_ptr + seq.to(tl.int64) * table_stride + pos // PAGE, mask=in_range, other=0)
-            slot = block.to(tl.int64) * PAGE + pos % PAGE
-            kv_offs = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + offs_d[None, :]
-            k = tl.load(k_ptr + kv_offs, mask=in_range[:, None], other=0.0)  # [BLOCK_N, D]
-            if IEEE:
-                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                scores = tl.dot(q, tl.trans(k))
+            k, v = load_kv_tile(k_ptr, v_ptr, tables_ptr, seq, table_stride, pos, in_range, kv_head,
+                                NUM_KV_HEADS, HEAD_DIM, PAGE)  # [BLOCK_N, D] each
+            scores = dot(q, tl.trans(k), IEEE)
             visible = in_range[None, :] & (pos[None, :] <= q_pos[:, None])
             if USE_WINDOW:
                 visible &= pos[None, :] > q_pos[:, None] - window
             scores = tl.where(visible, scores * scale, float("-inf"))  # [BLOCK_M, BLOCK_N]
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # a row with no key yet: no exp(-inf - -inf)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(scores - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + kv_offs, mask=in_range[:, None], other=0.0)  # [BLOCK_N, D]
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, scores, v, IEEE)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + q_offs, out.to(out_ptr.dtype.element_ty), mask=real[:, None])
 
