@@ -1,19 +1,23 @@
 """`fused_moe`: the whole MoE expert layer (plan + GEMM1 + SiLU·up + GEMM2 + weighted combine) as one custom op.
 
 On a CUDA tensor with the extension built for the device it runs our sm_90a kernels; elsewhere it runs the
-pure-torch reference. Checks happen once, here, at the boundary.
+pure-torch reference. Checks happen once, here, at the boundary. Weights in float8_e4m3fn (with their 128×128
+block scales) select the FP8 op, `staticmoe::fused_moe_fp8`, whose numerics `model.kernels.fp8` states.
 """
 
 import torch
 
 from model.kernels import extension
+from model.kernels.fp8 import FP8_BLOCK, FP8_DTYPE, fused_moe_fp8_reference
 from model.kernels.reference import fused_moe_reference
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 MAX_EXPERTS = 1024
 
 
-def check_moe_inputs(x, w13, w2, topk_weights, topk_ids, expert_load=None, skip_out_of_range_ids=False) -> None:
+def check_moe_inputs(
+    x, w13, w2, topk_weights, topk_ids, expert_load=None, skip_out_of_range_ids=False, *, w13_scale=None, w2_scale=None
+) -> None:
     """Raise ValueError/TypeError naming the argument for anything the kernel cannot take."""
     tensors = dict(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids)
     for name, t in tensors.items():
@@ -21,9 +25,28 @@ def check_moe_inputs(x, w13, w2, topk_weights, topk_ids, expert_load=None, skip_
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if x.dtype not in SUPPORTED_DTYPES and x.dtype != torch.float32:
         raise TypeError(f"x must be bfloat16, float16 or float32 (reference only), got {x.dtype}")
-    for name in ("w13", "w2"):
-        if tensors[name].dtype != x.dtype:
-            raise TypeError(f"{name}.dtype {tensors[name].dtype} differs from x.dtype {x.dtype}")
+    fp8 = w13.dtype == FP8_DTYPE
+    scales = dict(w13_scale=w13_scale, w2_scale=w2_scale)
+    if fp8:
+        if x.dtype not in (torch.bfloat16, torch.float32):
+            raise TypeError(f"x must be bfloat16 (or float32, reference only) with float8_e4m3fn weights, got {x.dtype}")
+        if w2.dtype != FP8_DTYPE:
+            raise TypeError(f"w2 must be float8_e4m3fn like w13, got {w2.dtype}")
+        for name, t in scales.items():
+            if t is None:
+                raise ValueError(f"{name} is required with float8_e4m3fn weights (dequantised = fp8 x {name})")
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype != torch.float32:
+                raise TypeError(f"{name} must be float32, got {t.dtype}")
+        tensors.update(scales)
+    else:
+        for name, t in scales.items():
+            if t is not None:
+                raise ValueError(f"{name} is only for float8_e4m3fn weights, but w13 is {w13.dtype}")
+        for name in ("w13", "w2"):
+            if tensors[name].dtype != x.dtype:
+                raise TypeError(f"{name}.dtype {tensors[name].dtype} differs from x.dtype {x.dtype}")
     if topk_weights.dtype != torch.float32:
         raise TypeError(f"topk_weights must be float32, got {topk_weights.dtype}")
     if topk_ids.dtype != torch.int32:
@@ -51,6 +74,18 @@ def check_moe_inputs(x, w13, w2, topk_weights, topk_ids, expert_load=None, skip_
         raise ValueError("top-k must be at least 1")
     if H % 8 or inter % 8:
         raise ValueError(f"hidden size H={H} and intermediate size I={inter} must be multiples of 8")
+    if fp8:
+        if H % FP8_BLOCK or inter % FP8_BLOCK:
+            raise ValueError(
+                f"the FP8 path needs hidden size H={H} and intermediate size I={inter} to be multiples of {FP8_BLOCK}"
+            )
+        blocks = lambda n: -(-n // FP8_BLOCK)  # noqa: E731
+        for name, want in (("w13_scale", (E, blocks(two_i), blocks(H))), ("w2_scale", (E, blocks(H), blocks(inter)))):
+            if tuple(scales[name].shape) != want:
+                raise ValueError(
+                    f"{name} must be float32 {list(want)} (one scale per 128x128 weight block), "
+                    f"got {tuple(scales[name].shape)}"
+                )
     devices = {t.device for t in tensors.values()}
     if expert_load is not None:
         if not isinstance(expert_load, torch.Tensor):
@@ -79,6 +114,14 @@ def uses_cuda_kernel(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in SUPPORTED_DTYPES and extension.available_for(x.device)
 
 
+def _count_expert_load(expert_load: torch.Tensor | None, topk_ids: torch.Tensor, E: int) -> None:
+    """The reference path's expert_load: ids outside [0, E) route nowhere and are not counted, as in the kernel."""
+    if expert_load is not None:
+        flat = topk_ids.reshape(-1).long()
+        in_range = (flat >= 0) & (flat < E)
+        expert_load += torch.bincount(flat.masked_fill(~in_range, E), minlength=E + 1)[:E].to(expert_load.device)
+
+
 @torch.library.custom_op("staticmoe::fused_moe", mutates_args=("expert_load",))
 def _fused_moe_op(
     x: torch.Tensor,
@@ -90,16 +133,34 @@ def _fused_moe_op(
 ) -> torch.Tensor:
     if uses_cuda_kernel(x):
         return extension.fused_moe_cuda(x, w13, w2, topk_weights, topk_ids, expert_load)
-    if expert_load is not None:  # ids outside [0, E) route nowhere and are not counted, as in the kernel
-        E = w13.shape[0]
-        flat = topk_ids.reshape(-1).long()
-        in_range = (flat >= 0) & (flat < E)
-        expert_load += torch.bincount(flat.masked_fill(~in_range, E), minlength=E + 1)[:E].to(expert_load.device)
+    _count_expert_load(expert_load, topk_ids, w13.shape[0])
     return fused_moe_reference(x, w13, w2, topk_weights, topk_ids)
 
 
 @_fused_moe_op.register_fake
 def _(x, w13, w2, topk_weights, topk_ids, expert_load):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("staticmoe::fused_moe_fp8", mutates_args=("expert_load",))
+def _fused_moe_fp8_op(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_load: torch.Tensor | None,
+) -> torch.Tensor:
+    if x.dtype == torch.bfloat16 and uses_cuda_kernel(x):
+        return extension.fused_moe_fp8_cuda(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, expert_load)
+    _count_expert_load(expert_load, topk_ids, w13.shape[0])
+    return fused_moe_fp8_reference(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids)
+
+
+@_fused_moe_fp8_op.register_fake
+def _(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, expert_load):
     return torch.empty_like(x)
 
 
@@ -111,14 +172,24 @@ def fused_moe(
     topk_ids: torch.Tensor,  # [T, k] int32
     expert_load: torch.Tensor | None = None,  # [E] int64, tokens per expert are added to it
     skip_out_of_range_ids: bool = False,
+    *,
+    w13_scale: torch.Tensor | None = None,  # [E, ceil(2I/128), ceil(H/128)] float32, with float8_e4m3fn w13
+    w2_scale: torch.Tensor | None = None,  # [E, ceil(H/128), ceil(I/128)] float32, with float8_e4m3fn w2
 ) -> torch.Tensor:
     """out[t] = Σ_s topk_weights[t, s] · w2[e] · (SiLU(w13[e, :I] · x[t]) ⊙ (w13[e, I:] · x[t])), e = topk_ids[t, s].
 
     Expert ids outside [0, E) are an error on the CPU by default. With `skip_out_of_range_ids=True` they are a
     contract instead: such a slot routes nowhere (contributes nothing, is not counted in expert_load) — how an
     expert-parallel rank passes the slots routed to other ranks. The CUDA kernel always skips them (checking there
-    would need a host sync)."""
-    check_moe_inputs(x, w13, w2, topk_weights, topk_ids, expert_load, skip_out_of_range_ids)
+    would need a host sync).
+
+    FP8: with w13 and w2 in float8_e4m3fn, pass their block scales (dequantised weight = fp8 × scale); x is bf16,
+    H and I multiples of 128; activations are quantised per (token, 128 columns) on the fly (`model.kernels.fp8`)."""
+    check_moe_inputs(
+        x, w13, w2, topk_weights, topk_ids, expert_load, skip_out_of_range_ids, w13_scale=w13_scale, w2_scale=w2_scale
+    )
     if x.shape[0] == 0:
         return x.new_empty(x.shape)
+    if w13.dtype == FP8_DTYPE:
+        return _fused_moe_fp8_op(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, expert_load)
     return _fused_moe_op(x, w13, w2, topk_weights, topk_ids, expert_load)
