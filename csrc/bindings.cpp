@@ -9,6 +9,7 @@
 #include "moe/combine.h"
 #include "moe/moe.h"
 #include "moe/plan_host.h"
+#include "moe/quantize.h"
 #include "static_batch/static_batch.h"
 #include "static_batch/task_map.h"
 
@@ -27,10 +28,13 @@ void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
-moe::Problem problem(int32_t T, int32_t k, int32_t E, int32_t H, int32_t I, int dtype) {
-  if (T < 0 || k < 1 || E < 1 || E > 1024 || H < 8 || I < 8 || H % 8 || I % 8 || (dtype != 0 && dtype != 1))
-    throw std::invalid_argument("invalid MoE problem: need T>=0, k>=1, 1<=E<=1024, H and I multiples of 8");
-  return moe::Problem{T, k, E, H, I, static_cast<moe::DType>(dtype)};
+moe::Problem problem(int32_t T, int32_t k, int32_t E, int32_t H, int32_t I, int dtype, bool fp8 = false) {
+  if (T < 0 || k < 1 || E < 1 || E > moe::kMaxExperts || H < 8 || I < 8 || H % 8 || I % 8 || (dtype != 0 && dtype != 1))
+    throw std::invalid_argument("invalid MoE problem: need T>=0, k>=1, 1<=E<=" + std::to_string(moe::kMaxExperts) +
+                                ", H and I multiples of 8");
+  if (fp8 && (dtype != 0 || H % moe::kFP8Block || I % moe::kFP8Block))
+    throw std::invalid_argument("invalid FP8 MoE problem: need bf16 activations, H and I multiples of 128");
+  return moe::Problem{T, k, E, H, I, static_cast<moe::DType>(dtype), fp8};
 }
 
 py::dict plan_layout(const moe::Problem& p) {
@@ -80,13 +84,18 @@ PYBIND11_MODULE(_C, m) {
   });
 
   // ---- moe -------------------------------------------------------------------------------------------------
-  m.def("moe_workspace_bytes", [](int32_t T, int32_t k, int32_t E, int32_t H, int32_t I) {
-    return moe::workspace_bytes(problem(T, k, E, H, I, 0));
-  });
-  m.def("moe_launch_config", [](int32_t T, int32_t k, int32_t E, int32_t H, int32_t I) {
-    const moe::LaunchConfig c = moe::choose_config(problem(T, k, E, H, I, 0));
-    return py::make_tuple(c.tile_rows(), c.num_chunks);  // rows per task-map tile, plan chunks
-  });
+  m.attr("MAX_EXPERTS") = moe::kMaxExperts;
+  m.def("moe_workspace_bytes",
+        [](int32_t T, int32_t k, int32_t E, int32_t H, int32_t I, bool fp8) {
+          return moe::workspace_bytes(problem(T, k, E, H, I, 0, fp8));
+        },
+        py::arg("T"), py::arg("k"), py::arg("E"), py::arg("H"), py::arg("I"), py::arg("fp8") = false);
+  m.def("moe_launch_config",
+        [](int32_t T, int32_t k, int32_t E, int32_t H, int32_t I, bool fp8) {
+          const moe::LaunchConfig c = moe::choose_config(problem(T, k, E, H, I, 0, fp8));
+          return py::make_tuple(c.tile_rows(), c.num_chunks);  // rows per task-map tile, plan chunks
+        },
+        py::arg("T"), py::arg("k"), py::arg("E"), py::arg("H"), py::arg("I"), py::arg("fp8") = false);
   m.def("moe_plan_layout", [](int32_t T, int32_t k, int32_t E, int32_t H, int32_t I) {
     return plan_layout(problem(T, k, E, H, I, 0));
   });
@@ -128,5 +137,22 @@ PYBIND11_MODULE(_C, m) {
                              ptr<void>(out), ptr<void>(workspace), workspace_size, ptr<int64_t>(expert_load), device,
                              stream_of(s)),
                 "staticmoe moe_forward");
+        });
+  m.def("moe_forward_fp8",
+        [](uintptr_t x, uintptr_t w13, uintptr_t w13_scale, uintptr_t w2, uintptr_t w2_scale, uintptr_t topk_weights,
+           uintptr_t topk_ids, uintptr_t out, uintptr_t workspace, size_t workspace_size, uintptr_t expert_load,
+           int32_t T, int32_t k, int32_t E, int32_t H, int32_t I, int device, uintptr_t s) {
+          check(moe::forward_fp8(problem(T, k, E, H, I, 0, true), ptr<const void>(x), ptr<const void>(w13),
+                                 ptr<const void>(w2), moe::WeightScales{ptr<const float>(w13_scale), ptr<const float>(w2_scale)},
+                                 ptr<const float>(topk_weights), ptr<const int32_t>(topk_ids), ptr<void>(out),
+                                 ptr<void>(workspace), workspace_size, ptr<int64_t>(expert_load), device, stream_of(s)),
+                "staticmoe moe_forward_fp8");
+        });
+  m.def("quantize_rows_fp8",  // x [rows, cols] bf16 -> e4m3 [rows, cols] + float32 scales [rows, cols/128]
+        [](uintptr_t x, int32_t rows, int32_t cols, uintptr_t q, uintptr_t scale, uintptr_t s) {
+          if (rows < 0 || cols % moe::kFP8Block) throw std::invalid_argument("cols must be a multiple of 128");
+          check(moe::quantize_rows_fp8(ptr<const __nv_bfloat16>(x), rows, cols, ptr<uint8_t>(q), ptr<float>(scale),
+                                       stream_of(s)),
+                "quantize_rows_fp8");
         });
 }

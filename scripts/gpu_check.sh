@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script run on the lent H100 (see README "GPU runs"): builds the extension, checks the SASS, runs
 # `pytest -m gpu` and the benchmarks, writing logs under $OUT (default ./gpu-logs).
-#   bash scripts/gpu_check.sh [build] [tests] [sanitize] [bench] [bench-quick] [engine] [serve] [truth]
+#   bash scripts/gpu_check.sh [build] [tests] [sanitize] [bench] [bench-quick] [bench-fp8] [engine] [serve] [truth]
 #   (default: build tests). serve: benchmarks/bench_serve.py per preset (SERVE_PRESETS, SERVE_ARGS); truth: the
 #   utilization-metric check (benchmarks/utilization_truth.py, TRUTH_PRESET).
 set -uo pipefail
@@ -25,7 +25,7 @@ for step in "${steps[@]}"; do
       python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
       so=$(python3 -c 'from model.kernels import _C; print(_C.__file__)')
       cuobjdump --dump-sass "$so" > "$OUT/sass.txt" 2>&1
-      echo "HGMMA: $(grep -c HGMMA "$OUT/sass.txt")  LDL/STL: $(grep -cE '\b(LDL|STL)\b' "$OUT/sass.txt")" ;;
+      echo "HGMMA: $(grep -c HGMMA "$OUT/sass.txt")  QGMMA (fp8): $(grep -c QGMMA "$OUT/sass.txt")  LDL/STL: $(grep -cE '\b(LDL|STL)\b' "$OUT/sass.txt")" ;;
     tests)  # one process per file: a failed test's traceback must not pin another file's GPU memory
       for f in ${TESTS:-$(grep -l "pytest.mark.gpu\|pytestmark = pytest.mark.gpu" tests/test_*.py)}; do
         python3 -m pytest -m gpu -q --maxfail=8 -p no:cacheprovider "$f" > "$OUT/pytest_$(basename "$f" .py).log" 2>&1
@@ -33,20 +33,24 @@ for step in "${steps[@]}"; do
         echo "$f: $(tail -1 "$OUT/pytest_$(basename "$f" .py).log")"
         [ $rc -ne 0 ] && [ $rc -ne 5 ] && grep -E "^(FAILED|ERROR)|^E  " "$OUT/pytest_$(basename "$f" .py).log" | head -8
       done ;;
-    sanitize)
+    sanitize)  # a subset per tool: bf16 and FP8 odd shapes (ragged tiles, clusters), the plan
       for tool in memcheck racecheck; do
         sel=("tests/test_kernels_gpu.py::test_odd_shapes_and_dtypes" "tests/test_kernels_gpu.py::test_plan_matches_host_twin_and_counts_load"
-             "tests/test_kernels_gpu.py::test_cluster_path_with_odd_and_empty_halves" -k "not 8-2-264-136-4096")
+             "tests/test_kernels_gpu.py::test_cluster_path_with_odd_and_empty_halves"
+             "tests/test_kernels_fp8_gpu.py::test_fp8_odd_shapes" "tests/test_kernels_fp8_gpu.py::test_activation_quantiser_matches_the_torch_rule_bitwise"
+             -k "not 8-2-264-136-4096 and not 1024-6-256-128")
         [ $tool = racecheck ] && sel=("tests/test_kernels_gpu.py::test_odd_shapes_and_dtypes"
              "tests/test_kernels_gpu.py::test_cluster_path_with_odd_and_empty_halves"
              "tests/test_kernels_gpu.py::test_plan_matches_host_twin_and_counts_load"
-             -k "6-6-264-136-97 or 3-1-72-200-1 or (5-3-136-264-1100 and zipf) or plan_matches")
+             "tests/test_kernels_fp8_gpu.py::test_fp8_odd_shapes"
+             -k "6-6-264-136-97 or 3-1-72-200-1 or (5-3-136-264-1100 and zipf) or plan_matches or 6-6-384-256 or 3-1-128-128 or 5-3-640-384")
         compute-sanitizer --tool $tool --error-exitcode 3 python3 -m pytest -q -p no:cacheprovider -m gpu "${sel[@]}" \
           > "$OUT/sanitize_$tool.log" 2>&1
         echo "compute-sanitizer $tool exit $?: $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitize_$tool.log" | tail -2 | tr '\n' ' ')"
       done ;;
     bench) python3 benchmarks/bench_moe.py --out-dir "$OUT" 2>&1 | tee "$OUT/bench_moe.log" | tail -60 ;;
     bench-quick) python3 benchmarks/bench_moe.py --quick --out-dir "$OUT" 2>&1 | tee "$OUT/bench_moe.log" | tail -60 ;;
+    bench-fp8) python3 benchmarks/bench_moe_fp8.py ${FP8_ARGS:-} --out-dir "$OUT" 2>&1 | tee "$OUT/bench_moe_fp8.log" | tail -70 ;;
     engine) python3 benchmarks/bench_engine.py ${ENGINE_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench_engine.log" | tail -30 ;;
     serve)  # one server per preset and process: a first preset's CUDA context would shrink the next one's KV cache
       for p in ${SERVE_PRESETS:-olmoe-1b-7b qwen3-30b-a3b}; do

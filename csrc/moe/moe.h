@@ -5,27 +5,34 @@
 #include <cstdint>
 #include <cuda_runtime_api.h>
 
+#include "moe/tile_config.h"
+
 namespace staticmoe::moe {
 
 enum class DType : int { kBF16 = 0, kFP16 = 1 };
 
+// FP8 weights (W8A8): w13/w2 in e4m3 with one float32 scale per 128x128 block (dequantised = fp8 x scale, the
+// `weight_scale_inv` of DeepSeek-V3/Qwen3-FP8 checkpoints); activations quantised on the fly per (row, 128-column
+// group) to e4m3 with scale = amax / 448. Needs H and I multiples of 128 and bf16 activations.
+constexpr int kFP8Block = 128;
+
 struct Problem {
   int32_t tokens;        // T
   int32_t top_k;         // k
-  int32_t num_experts;   // E (<= 1024)
+  int32_t num_experts;   // E (<= kMaxExperts)
   int32_t hidden;        // H
   int32_t intermediate;  // I
-  DType dtype;
+  DType dtype;           // activations and output
+  bool fp8 = false;      // weights in e4m3 with 128x128 block scales
   int64_t rows() const { return int64_t(tokens) * top_k; }  // N = T*k (token, slot) pairs
 };
 
 // Choices made on the host from shapes only (never from routing counts, which would need a sync).
 struct LaunchConfig {
-  int32_t block_m;     // rows per CTA tile: 64 or 128
-  int32_t cluster_m;   // CTAs per cluster sharing each weight tile (1, or 2 for large experts; block_m 128 only)
+  TileKind tiles;      // tile shapes (tile_config.h)
+  bool fp8;
   int32_t num_chunks;  // pieces the T*k routing entries are split into by the plan kernels
-  // Rows per task-map tile: the plan counts tiles of this size; a cluster splits each among its CTAs.
-  int32_t tile_rows() const { return block_m * cluster_m; }
+  int32_t tile_rows() const { return moe::tile_rows(fp8, tiles); }
 };
 LaunchConfig choose_config(const Problem& p);
 // Up to this many T*k routing entries the plan runs in one block of one launch (num_chunks == 1; plan.cu).
@@ -45,8 +52,18 @@ struct Plan {
 
 struct Workspace {
   Plan plan;
-  void* intermediate;  // [N, I] SiLU(gate)·up, expert-sorted rows
+  void* intermediate;  // [N, I] SiLU(gate)·up, expert-sorted rows (e4m3 with FP8 weights)
   void* slot_out;      // [N, H] routing-weighted expert outputs, indexed by flat (token, slot)
+  // FP8 only (null otherwise): x quantised once per token, and the scales of x and of the intermediate.
+  void* x_fp8;             // [T, H] e4m3
+  float* x_scale;          // [T, H/128]
+  float* intermediate_scale;  // [N, I/128]
+};
+
+// FP8 weight scales, [E, 2I/128, H/128] for w13 and [E, H/128, I/128] for w2, float32.
+struct WeightScales {
+  const float* w13;
+  const float* w2;
 };
 
 size_t workspace_bytes(const Problem& p);
@@ -60,5 +77,11 @@ cudaError_t build_plan(const Problem& p, const LaunchConfig& cfg, const int32_t*
 cudaError_t forward(const Problem& p, const void* x, const void* w13, const void* w2, const float* topk_weights,
                     const int32_t* topk_ids, void* out, void* workspace, size_t workspace_size, int64_t* expert_load,
                     int device, cudaStream_t stream);
+
+// The same layer with FP8 weights (p.fp8): x quantised per (token, 128 group), GEMM1 in e4m3 whose epilogue writes
+// SiLU(gate)·up quantised per (row, 128 group), GEMM2 in e4m3 x routing weight, combine. x and out are bf16.
+cudaError_t forward_fp8(const Problem& p, const void* x, const void* w13, const void* w2, WeightScales scales,
+                        const float* topk_weights, const int32_t* topk_ids, void* out, void* workspace,
+                        size_t workspace_size, int64_t* expert_load, int device, cudaStream_t stream);
 
 }  // namespace staticmoe::moe

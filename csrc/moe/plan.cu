@@ -25,7 +25,7 @@ namespace {
 
 constexpr int kCountThreads = 256;
 constexpr int kPlanThreads = kTaskMapBuildThreads;  // 1024: one thread per expert in the one-block steps
-constexpr int kMaxExperts = 1024;
+static_assert(kPlanThreads >= kMaxExperts, "the one-block steps hold one thread per expert");
 constexpr int kOrderBins = 256;  // tile counts up to this are ranked with a multi-split (tiles_rank)
 using PlanScan = cub::BlockScan<int32_t, kPlanThreads>;  // raking: one warp does the serial part
 using PlanMultisplit = BlockMultisplit<kPlanThreads>;

@@ -26,6 +26,7 @@
 #include "common/sm90_ptx.cuh"
 #include "common/wgmma_ops.cuh"
 #include "moe/moe.h"
+#include "moe/tile_config.h"
 #include "static_batch/task_map.h"
 
 namespace staticmoe::moe {
@@ -56,15 +57,10 @@ struct GemmSmem {
   static constexpr int kBytes = kStages * kStageBytes + 2 * kStages * 8 + 1024;  // + barriers + alignment slack
 };
 
-constexpr int kProducerThreads = 128;  // one warpgroup: setmaxnreg works per warpgroup
 template <int kBlockM>
 constexpr int gemm_threads() { return kProducerThreads + 2 * kBlockM; }  // + one math warpgroup per 64 rows
 constexpr int kProducerRegs = 56;   // pointers of the gathered rows and loop state
 constexpr int kConsumerRegs = 224;  // 128 fp32 accumulators (BN = 256) + epilogue; 128*56 + 256*224 <= 64K
-// M tiles per raster group by default, by measurement (benchmarks/NOTES.md v3: 1, 4, 8, 16, 64 and unbounded
-// swept on the H100): 4 is best or within 5% of best at every compute-bound point, e.g. Mixtral T=32768 610 TFLOPS
-// against 424 with 16 and 477 with M fastest over the whole expert; 2 and 8 again lost to 4 in v4.
-constexpr int kGroupM = 4;
 
 // One tile of work, decoded the same way by the producer and every math warp.
 struct TileWork {
@@ -75,8 +71,8 @@ struct TileWork {
 // args.group_m M tiles with M fastest: CTAs resident at the same time then share a few weight panels and a few
 // activation panels in L2 instead of streaming all of the expert's rows once per N tile.
 // With clusters, the map's M tiles are units of kCluster·kBlockM rows; each CTA takes the part of its cluster rank.
-template <int kBlockM, int kCluster, typename T>
-__device__ __forceinline__ TileWork decode_tile(const GemmArgs<T>& args, int32_t v, int32_t num_slots,
+template <int kBlockM, int kCluster, typename Args>
+__device__ __forceinline__ TileWork decode_tile(const Args& args, int32_t v, int32_t num_slots,
                                                 int32_t& chunk_hint) {
   constexpr int kUnitRows = kCluster * kBlockM;
   const TileCoord tc = task_map_decode_warp(args.map, v / args.n_tiles, num_slots, chunk_hint);

@@ -43,8 +43,8 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def moe_workspace(T: int, k: int, E: int, H: int, I: int, device) -> torch.Tensor:
-    return torch.empty(_C.moe_workspace_bytes(T, k, E, H, I), dtype=torch.uint8, device=device)
+def moe_workspace(T: int, k: int, E: int, H: int, I: int, device, fp8: bool = False) -> torch.Tensor:
+    return torch.empty(_C.moe_workspace_bytes(T, k, E, H, I, fp8), dtype=torch.uint8, device=device)
 
 
 def fused_moe_cuda(x, w13, w2, topk_weights, topk_ids, expert_load, out=None, workspace=None):
@@ -61,3 +61,28 @@ def fused_moe_cuda(x, w13, w2, topk_weights, topk_ids, expert_load, out=None, wo
         T, k, E, H, two_i // 2, DTYPE_CODES[x.dtype], x.device.index, _stream(x.device),
     )
     return out
+
+
+def fused_moe_fp8_cuda(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, expert_load, out=None, workspace=None):
+    """Unchecked launch of the FP8-weight layer (x bf16, w13/w2 e4m3 with 128x128 block scales)."""
+    T, H = x.shape
+    E, two_i, _ = w13.shape
+    k = topk_ids.shape[1]
+    out = torch.empty_like(x) if out is None else out
+    workspace = moe_workspace(T, k, E, H, two_i // 2, x.device, fp8=True) if workspace is None else workspace
+    _C.moe_forward_fp8(
+        x.data_ptr(), w13.data_ptr(), w13_scale.data_ptr(), w2.data_ptr(), w2_scale.data_ptr(),
+        topk_weights.data_ptr(), topk_ids.data_ptr(), out.data_ptr(), workspace.data_ptr(), workspace.numel(),
+        0 if expert_load is None else expert_load.data_ptr(),
+        T, k, E, H, two_i // 2, x.device.index, _stream(x.device),
+    )
+    return out
+
+
+def quantize_rows_fp8_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, K] bf16 (K a multiple of 128) -> (e4m3 [R, K], float32 scales [R, K/128]); the kernel GEMM1 reads."""
+    R, K = x.shape
+    q = torch.empty(R, K, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(R, K // 128, dtype=torch.float32, device=x.device)
+    _C.quantize_rows_fp8(x.data_ptr(), R, K, q.data_ptr(), scale.data_ptr(), _stream(x.device))
+    return q, scale

@@ -1,0 +1,277 @@
+// The two grouped GEMMs of the MoE layer with FP8 weights (e4m3, one float32 scale per 128x128 block) and e4m3
+// activations (one scale per row and 128-column group), sm_90a. Same structure as sm90_gemm.cuh — persistent CTAs
+// over the task map, a producer warpgroup gathering activation rows by cp.async and weights by TMA into a
+// multi-stage pipeline, math warpgroups handing stages back through `empty` mbarriers — with these differences:
+//   - A K step is 128 elements (one 128-byte swizzle row, exactly one scale block). Beside the A and B tiles each
+//     stage holds the scale of every A row and of each 128-row half of the B tile (4-byte cp.async, completing on
+//     the same `full` barrier).
+//   - Promotion (DeepGEMM's recipe): wgmma m64n128k32 e4m3 accumulates one K block of one 128-column half into
+//     `part`; after it retires, acc += part x a_scale[row] x b_scale[half] in fp32. WGMMA's own fp8 accumulation
+//     keeps fewer bits than fp32, so it never carries a sum across K blocks. The two halves of a 256-wide tile take
+//     turns on `part` (64 + 128 accumulator registers instead of 2 x 128); while one math warpgroup promotes, the
+//     other's wgmmas keep the tensor cores busy.
+//   - GEMM1 (kGateUp): B = 128 gate rows + the matching 128 up rows of w13[e], so a tile owns the 128 intermediate
+//     columns of one scale group: the epilogue reduces each row's amax over the 4 lanes holding it (two shuffles,
+//     no shared or global round trip) and writes SiLU(gate)·up as e4m3 plus its scale.
+//   - GEMM2: scales by the routing weight and writes bf16 rows to slot_out[token*k + slot], as the 16-bit GEMM.
+#pragma once
+#include "common/fp8_convert.cuh"
+#include "moe/sm90_gemm.cuh"
+
+namespace staticmoe::moe {
+
+struct Fp8GemmArgs {
+  const uint8_t* a;          // GEMM1: x quantised [T, H]; GEMM2: intermediate [N, I] (e4m3)
+  const float* a_scale;      // [rows of a, k / 128]
+  const float* b_scale;      // [E, b_blocks, k / 128]
+  void* out;                 // GEMM1: intermediate [N, I] e4m3; GEMM2: slot_out [N, H] bf16
+  float* out_scale;          // GEMM1: intermediate scales [N, I / 128]; GEMM2: unused
+  const float* topk_weights;
+  const int32_t* expert_counts;
+  const int32_t* expert_offsets;
+  const int32_t* sorted_rows;
+  TaskMap map;               // over M tiles of the non-empty experts
+  int32_t k;                 // reduction size, a multiple of 128: H (GEMM1) or I (GEMM2)
+  int32_t n_out;             // output columns: I (GEMM1) or H (GEMM2)
+  int32_t n_tiles;           // N tiles per M tile
+  int32_t top_k;
+  int32_t group_m;           // M tiles per raster group
+  int32_t b_blocks;          // 128-row scale blocks per expert matrix: 2I/128 (GEMM1) or H/128 (GEMM2)
+};
+
+constexpr int kFp8BlockK = 128;    // elements per K step = bytes per swizzled row = one scale block
+constexpr int kFp8ProducerRegs = 56;
+constexpr int kFp8ConsumerRegs = 224;  // 64 partial + 128 promoted accumulators + scales and epilogue
+
+template <int kBlockM, int kBlockN, int kStages>
+struct Fp8Smem {
+  static constexpr int kABytes = kBlockM * 128;
+  static constexpr int kBBytes = kBlockN * 128;
+  static constexpr int kStageBytes = kABytes + kBBytes;          // multiples of 1024: the swizzle's alignment
+  static constexpr int kScaleStride = (kBlockM + 2 + 3) / 4 * 4;  // floats per stage: A rows, then B halves
+  static constexpr int kBytes = kStages * kStageBytes + kStages * kScaleStride * 4 + 2 * kStages * 8 + 1024;
+};
+
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp>
+__device__ __forceinline__ void produce_fp8(const CUtensorMap& weights, const Fp8GemmArgs& args, uint8_t* smem,
+                                            float* scales, uint64_t* full, uint64_t* empty, int32_t total,
+                                            int32_t num_slots, uint32_t cta_rank) {
+  using Smem = Fp8Smem<kBlockM, kBlockN, kStages>;
+  constexpr int kRowsPerThread = kBlockM * 8 / kProducerThreads;  // 16-byte pieces: 8 per 128-byte row
+  constexpr int kHalves = kBlockN / 128;
+  const int tid = threadIdx.x, piece = tid & 7;
+  const int32_t k_iters = args.k / kFp8BlockK;
+  int32_t chunk_hint = 0;
+  uint32_t g = 0;  // k-steps loaded so far: stage g % kStages, pass g / kStages
+  for (int32_t v = blockIdx.x / kCluster; v < total; v += gridDim.x / kCluster) {
+    const TileWork w = decode_tile<kBlockM, kCluster>(args, v, num_slots, chunk_hint);
+    auto source_row = [&](int r) -> int64_t {  // row of `a` holding tile row r
+      return kGateUp ? args.sorted_rows[w.row_base + r] / args.top_k : w.row_base + r;
+    };
+    int32_t src_row[kRowsPerThread];  // 32-bit row indices, not pointers: the producer has 56 registers
+    uint32_t row_ok = 0;
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const int r = tid / 8 + i * (kProducerThreads / 8);
+      const bool ok = w.m0 + r < w.rows;
+      row_ok |= uint32_t(ok) << i;
+      src_row[i] = ok ? int32_t(source_row(r)) : 0;
+    }
+    // Thread r < kBlockM copies row r's scale; threads 0..kHalves-1 the B halves' scales.
+    const bool scale_row_ok = tid < kBlockM && w.m0 + tid < w.rows;
+    const float* a_scale = args.a_scale + (scale_row_ok ? source_row(tid) * k_iters : 0);
+    const float* b_scale = args.b_scale;
+    if (tid < kHalves) {
+      const int32_t block = kGateUp ? tid * (args.n_out / 128) + w.n_tile : w.n_tile * kHalves + tid;
+      b_scale += (int64_t(w.expert) * args.b_blocks + min(block, args.b_blocks - 1)) * k_iters;
+    }
+    for (int32_t kt = 0; kt < k_iters; ++kt, ++g) {
+      const int s = g % kStages;
+      sm90::mbarrier_wait(&empty[s], ((g / kStages) & 1) ^ 1);  // a fresh barrier counts as released
+      uint8_t* a_tile = smem + s * Smem::kStageBytes;
+      uint8_t* b_tile = a_tile + Smem::kABytes;
+      float* stage_scales = scales + s * Smem::kScaleStride;
+      const int32_t k0 = kt * kFp8BlockK;
+      if (w.m0 < w.rows) {  // an empty cluster half needs no A (its consumers skip the MMAs)
+#pragma unroll
+        for (int i = 0; i < kRowsPerThread; ++i) {
+          const int r = tid / 8 + i * (kProducerThreads / 8);
+          const bool ok = row_ok >> i & 1;
+          const uint8_t* src = args.a + int64_t(src_row[i]) * args.k + k0 + piece * 16;
+          sm90::cp_async_16(a_tile + sm90::swizzle128_offset(r, piece), ok ? src : args.a, ok);
+        }
+        if (tid < kBlockM) sm90::cp_async_4(stage_scales + tid, scale_row_ok ? a_scale + kt : args.a_scale, scale_row_ok);
+        if (tid < kHalves) sm90::cp_async_4(stage_scales + kBlockM + tid, b_scale + kt, true);
+      }
+      if (tid == 0) {
+        // Two boxes of 128 rows: GEMM1's gate and up rows of w13[e] (matrices 2e and 2e+1), GEMM2's halves of the
+        // N tile of w2[e] (one box when kBlockN is 128). With a cluster, CTA r loads box r into both CTAs.
+        sm90::mbarrier_arrive_expect_tx(&full[s], Smem::kBBytes);
+        for (int half = 0; half < kHalves; ++half) {
+          if (kCluster > 1 && half != int(cta_rank)) continue;
+          const int row = kGateUp ? w.n_tile * 128 : w.n_tile * kBlockN + half * 128;
+          const int matrix = kGateUp ? 2 * w.expert + half : w.expert;
+          uint8_t* dst = b_tile + half * 128 * 128;
+          if constexpr (kCluster > 1)
+            sm90::tma_load_3d_multicast(dst, &weights, &full[s], k0, row, matrix, (1u << kCluster) - 1);
+          else
+            sm90::tma_load_3d(dst, &weights, &full[s], k0, row, matrix);
+        }
+      }
+      sm90::cp_async_mbarrier_arrive_noinc(&full[s]);
+    }
+  }
+  sm90::cp_async_wait<0>();  // keep the CTA (and its shared memory) alive until every gather has landed
+}
+
+// GEMM1's epilogue for one row: h = SiLU(gate)·up over the tile's 128 columns (32 per lane of the row's quad),
+// quantised with the quad's amax; all lanes call it (the shuffles need the whole warp), `write` guards the stores.
+__device__ __forceinline__ void store_quantised_row(const float (&acc)[128], int half, bool write, uint8_t* dst,
+                                                    float* scale_dst, int lane) {
+  float h[32];
+  float amax = 0.f;
+#pragma unroll
+  for (int j = 0; j < 16; ++j)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      h[2 * j + c] = silu(acc[j * 4 + half * 2 + c]) * acc[(j + 16) * 4 + half * 2 + c];
+      amax = fmaxf(amax, fabsf(h[2 * j + c]));
+    }
+  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+  const float scale = fp8::group_scale(amax), inv = __frcp_rn(scale);
+  if (!write) return;
+#pragma unroll
+  for (int j = 0; j < 16; ++j)
+    *reinterpret_cast<uint16_t*>(dst + 8 * j + 2 * (lane & 3)) = fp8::quantize2_by_inverse(h[2 * j], h[2 * j + 1], inv);
+  if ((lane & 3) == 0) *scale_dst = scale;
+}
+
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp>
+__device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* smem, const float* scales,
+                                            uint64_t* full, uint64_t* empty, int32_t total, int32_t num_slots) {
+  using Smem = Fp8Smem<kBlockM, kBlockN, kStages>;
+  constexpr int kHalves = kBlockN / 128;
+  static_assert(!kGateUp || kHalves == 2, "GEMM1 tiles hold 128 gate and 128 up rows: one output scale group");
+  const int tid = threadIdx.x - kProducerThreads, warpgroup = tid / 128, lane = tid & 31, warp = (tid / 32) & 3;
+  const int r_lo = warpgroup * 64 + warp * 16 + lane / 4;  // this thread's rows: r_lo and r_lo + 8
+  const int32_t k_iters = args.k / kFp8BlockK;
+  int32_t chunk_hint = 0;
+  uint32_t g = 0;  // k-steps consumed so far, in step with the producer
+  auto release = [&](uint32_t step) {  // the wgmmas reading this stage have retired in this warp
+    if (lane != 0) return;
+    sm90::mbarrier_arrive(&empty[step % kStages]);
+    if constexpr (kCluster > 1) sm90::mbarrier_arrive_cluster(&empty[step % kStages], sm90::cluster_cta_rank() ^ 1);
+  };
+  for (int32_t v = blockIdx.x / kCluster; v < total; v += gridDim.x / kCluster) {
+    const TileWork w = decode_tile<kBlockM, kCluster>(args, v, num_slots, chunk_hint);
+    if (kCluster > 1 && w.m0 >= w.rows) {  // nothing to compute: pass the stages through for the peer's sake
+      for (int32_t kt = 0; kt < k_iters; ++kt, ++g) {
+        sm90::mbarrier_wait(&full[g % kStages], (g / kStages) & 1);
+        release(g);
+      }
+      continue;
+    }
+    float acc[kHalves * 64];
+#pragma unroll
+    for (int i = 0; i < kHalves * 64; ++i) acc[i] = 0.f;
+    float part[64];
+    for (int32_t kt = 0; kt < k_iters; ++kt, ++g) {
+      const int s = g % kStages;
+      sm90::mbarrier_wait(&full[s], (g / kStages) & 1);
+      sm90::fence_proxy_async_smem();  // the gathered A rows were written by cp.async (generic proxy)
+      const float* stage_scales = scales + s * Smem::kScaleStride;
+      const float a_lo = stage_scales[r_lo], a_hi = stage_scales[r_lo + 8];
+      float b[kHalves];
+#pragma unroll
+      for (int h = 0; h < kHalves; ++h) b[h] = stage_scales[kBlockM + h];
+      uint8_t* a_tile = smem + s * Smem::kStageBytes;
+      const uint64_t da = sm90::smem_desc_k128_swizzle(a_tile + warpgroup * 64 * 128);
+      const uint64_t db = sm90::smem_desc_k128_swizzle(a_tile + Smem::kABytes);
+#pragma unroll
+      for (int h = 0; h < kHalves; ++h) {
+        sm90::fence_accumulators(part);
+        sm90::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kFp8BlockK / 32; ++kk)  // 32 bytes of K per instruction: descriptor + 2
+          sm90::wgmma_m64n128k32_e4m3(part, da + 2 * kk, db + h * (128 * 128 >> 4) + 2 * kk, kk > 0);
+        sm90::wgmma_commit();
+        sm90::wgmma_wait<0>();
+        sm90::fence_accumulators(part);
+        if (h == kHalves - 1) release(g);  // every read of this stage (scales included) is done
+        const float s_lo = a_lo * b[h], s_hi = a_hi * b[h];
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          acc[h * 64 + j * 4 + 0] = fmaf(part[j * 4 + 0], s_lo, acc[h * 64 + j * 4 + 0]);
+          acc[h * 64 + j * 4 + 1] = fmaf(part[j * 4 + 1], s_lo, acc[h * 64 + j * 4 + 1]);
+          acc[h * 64 + j * 4 + 2] = fmaf(part[j * 4 + 2], s_hi, acc[h * 64 + j * 4 + 2]);
+          acc[h * 64 + j * 4 + 3] = fmaf(part[j * 4 + 3], s_hi, acc[h * 64 + j * 4 + 3]);
+        }
+      }
+    }
+
+    // ---- epilogue: registers -> global, while the producer already loads the next tile ----------------------
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = r_lo + half * 8;
+      const bool row_ok = w.m0 + r < w.rows;
+      if constexpr (kGateUp) {
+        const int64_t row = w.row_base + r;
+        uint8_t* dst = static_cast<uint8_t*>(args.out) + row * args.n_out + w.n_tile * 128;
+        store_quantised_row(acc, half, row_ok, dst, args.out_scale + row * (args.n_out / 128) + w.n_tile, lane);
+      } else {
+        if (!row_ok) continue;
+        const int32_t flat = args.sorted_rows[w.row_base + r];
+        const float wt = args.topk_weights[flat];
+        __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(args.out) + int64_t(flat) * args.n_out;
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j) {
+          const int col = w.n_tile * kBlockN + 8 * j + 2 * (lane & 3);
+          if (col < args.n_out)
+            *reinterpret_cast<uint32_t*>(dst + col) =
+                pack2<__nv_bfloat16>(acc[j * 4 + half * 2] * wt, acc[j * 4 + half * 2 + 1] * wt);
+        }
+      }
+    }
+  }
+}
+
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp>
+__global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
+    moe_gemm_fp8_sm90_kernel(const __grid_constant__ CUtensorMap weights, const Fp8GemmArgs args) {
+  static_assert(kCluster == 1 || kCluster == 2, "a cluster is one CTA or a pair (peer = rank ^ 1)");
+  static_assert(kCluster == 1 || kBlockN == 256, "each CTA of a pair multicasts one of the two 128-row boxes");
+  using Smem = Fp8Smem<kBlockM, kBlockN, kStages>;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  float* scales = reinterpret_cast<float*>(smem + kStages * Smem::kStageBytes);
+  auto* full = reinterpret_cast<uint64_t*>(scales + kStages * Smem::kScaleStride);
+  uint64_t* empty = full + kStages;
+  if (threadIdx.x == 0) {
+    sm90::prefetch_tensor_map(&weights);
+    for (int s = 0; s < kStages; ++s) {
+      sm90::mbarrier_init(&full[s], kProducerThreads + 1);  // one cp.async arrival per producer thread + the TMA's
+      sm90::mbarrier_init(&empty[s], kCluster * (kBlockM / 64) * 4);  // one arrival per math warp of the cluster
+    }
+    sm90::fence_barrier_init();
+  }
+  if constexpr (kCluster > 1) sm90::cluster_sync();  // peers arrive on our barriers and multicast into our stages
+  else __syncthreads();
+  const uint32_t cta_rank = kCluster > 1 ? sm90::cluster_cta_rank() : 0;
+  wait_for_predecessor();  // the plan, the quantised x (or GEMM1's output) are read only after this
+  const int32_t num_slots = *args.map.num_slots;
+  const int32_t total = task_map_total_tiles(args.map.tile_prefix, num_slots) * args.n_tiles;
+  constexpr bool kRebalance = gemm_threads<kBlockM>() * kFp8ConsumerRegs > 65536;
+  if (threadIdx.x < kProducerThreads) {
+    if constexpr (kRebalance) sm90::setmaxnreg_dec<kFp8ProducerRegs>();
+    produce_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp>(weights, args, smem, scales, full, empty, total,
+                                                              num_slots, cta_rank);
+  } else {
+    if constexpr (kRebalance) sm90::setmaxnreg_inc<kFp8ConsumerRegs>();
+    consume_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp>(args, smem, scales, full, empty, total, num_slots);
+  }
+  if constexpr (kCluster > 1) sm90::cluster_sync();  // our shared memory stays alive while peers still arrive on it
+  allow_dependents();  // after the last tile is issued: the next kernel's prologue overlaps our tail only
+}
+
+}  // namespace staticmoe::moe
