@@ -6,9 +6,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, "benchmarks")
-from bench_timing import graph_ms  # noqa: E402
-from moe_routing import make_routing  # noqa: E402
+from benchmarks.bench_timing import graph_ms  # noqa: E402
+from benchmarks.moe_cases import make_routing  # noqa: E402
 
 from model.kernels import extension  # noqa: E402
 

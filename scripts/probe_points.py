@@ -9,8 +9,7 @@ import torch
 import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, "benchmarks")
-from moe_routing import make_routing  # noqa: E402
+from benchmarks.moe_cases import make_routing  # noqa: E402
 
 from model.kernels import fused_moe  # noqa: E402
 
