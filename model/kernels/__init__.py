@@ -2,14 +2,13 @@
 
 from model.kernels.moe import check_moe_inputs, fused_moe, uses_cuda_kernel
 from model.kernels.reference import fused_moe_reference
-from model.kernels.routing import grouped_sigmoid_topk, softmax_topk
+from model.kernels.routing import softmax_topk
 from model.kernels.varlen_gemm import varlen_gemm
 
 __all__ = [
     "check_moe_inputs",
     "fused_moe",
     "fused_moe_reference",
-    "grouped_sigmoid_topk",
     "softmax_topk",
     "uses_cuda_kernel",
     "varlen_gemm",
