@@ -27,18 +27,16 @@ import json
 import statistics
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from model.engine import EngineConfig, LLMEngine, SamplingParams
+from model.presets import PRESETS
+from model.weight_map import parameter_sources
 
-from model.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from model.presets import PRESETS  # noqa: E402
-from model.weight_map import parameter_sources  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args():

@@ -19,24 +19,17 @@ import time
 import zlib
 from pathlib import Path
 
+import torch
+
+from benchmarks.bench_report import run_metadata, write_results
+from benchmarks.bench_timing import Timer, copy_bandwidth_gbps, dense_gemm_tflops, graph_ms
+from benchmarks.moe_baselines import grouped_mm_moe, per_expert_loop_moe
+from benchmarks.moe_cases import (EXPERT_SHAPES, experts_hit, make_routing, moe_bytes_touched, moe_flops,
+                                  relative_error)
+from model.kernels import extension, fused_moe, uses_cuda_kernel
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from benchmarks.bench_report import run_metadata, write_results  # noqa: E402
-from benchmarks.bench_timing import Timer, copy_bandwidth_gbps, dense_gemm_tflops, graph_ms  # noqa: E402
-from benchmarks.moe_baselines import grouped_mm_moe, per_expert_loop_moe  # noqa: E402
-from benchmarks.moe_routing import GRID_ROUTINGS, experts_hit, make_routing  # noqa: E402
-from model.kernels import extension, fused_moe, uses_cuda_kernel  # noqa: E402
-
-SHAPES = {  # name: (E, k, H, I)
-    "mixtral-8x7b": (8, 2, 4096, 14336),
-    "qwen3-30b-a3b": (128, 8, 2048, 768),
-    "olmoe-1b-7b": (64, 8, 2048, 1024),
-    "deepseek-v3": (256, 8, 7168, 2048),
-}
+GRID_ROUTINGS = ("balanced", "zipf", "same")
 SMOKE_SHAPES = {"tiny-8x2": (8, 2, 64, 32), "tiny-32x4": (32, 4, 32, 16)}  # CPU smoke mode
 TOKENS = (1, 16, 128, 512, 2048, 8192, 32768)
 QUICK_TOKENS = (1, 128, 4096)
@@ -51,7 +44,7 @@ GIB = 1 << 30
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="all", help=f"comma list of {', '.join(SHAPES)} (or 'all')")
+    p.add_argument("--shapes", default="all", help=f"comma list of {', '.join(EXPERT_SHAPES)} (or 'all')")
     p.add_argument("--tokens", default=None, help="comma list of T (default: 1,16,128,512,2048,8192,32768)")
     p.add_argument("--routing", default="all", choices=[*GRID_ROUTINGS, "all"])
     p.add_argument("--quick", action="store_true", help="fewer points and iterations (~90 s on an H100)")
@@ -64,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args(argv)
     smoke = args.device == "cpu"
-    table = SMOKE_SHAPES if smoke else SHAPES
+    table = SMOKE_SHAPES if smoke else EXPERT_SHAPES
     names = list(table) if args.shapes == "all" else [s.strip() for s in args.shapes.split(",")]
     if smoke:
         names = list(SMOKE_SHAPES)  # real shapes would take hours on a CPU
@@ -89,10 +82,6 @@ def parse_args(argv=None):
     return args
 
 
-def flops(T, E, k, H, I):
-    return 2 * T * k * H * 2 * I + 2 * T * k * I * H
-
-
 def point_bytes(T, k, H, I, elem):
     """Device memory a point needs beside the weights: ours (x, out, workspace) and the grouped_mm pipeline
     (permuted x, gate_up, activation, two [T*k, H] outputs) alive at once, with headroom for temporaries."""
@@ -100,10 +89,6 @@ def point_bytes(T, k, H, I, elem):
     ours = 2 * T * H * elem + n * (H + I) * elem + n * 8
     gmm = n * (3 * H + 4 * I) * elem + n * 16
     return int(1.25 * (ours + gmm))
-
-
-def relative_error(out, ref) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
 class Bench:
@@ -179,8 +164,8 @@ class Bench:
         if not self.args.no_loop:
             loop = self.measure(f"loop {label}", lambda: per_expert_loop_moe(*args), warmup=0)
         c = self.results["ceilings"]
-        tflops = flops(T, E, k, H, I) / ours / 1e9
-        touched = hit * 3 * H * I * self.elem + 2 * T * H * self.elem + T * k * 8
+        tflops = moe_flops(T, k, H, I) / ours / 1e9
+        touched = moe_bytes_touched(hit, T, k, H, I, self.elem)
         return {
             **row,
             "experts_hit": hit,
@@ -257,7 +242,7 @@ class Bench:
             label = f"scenario {name} T={T} {scenario}"
             ours = self.measure(f"ours {label}", lambda: fused_moe(x, w13, w2, tw, ids))
             gmm = self.measure(f"grouped_mm {label}", lambda: grouped_mm_moe(x, w13, w2, tw, ids))
-            f = flops(T, E, k, H, I)
+            f = moe_flops(T, k, H, I)
             pct = {key: None if v is None else 100 * f / v / 1e9 / DATASHEET_TFLOPS
                    for key, v in (("ours_pct_datasheet", ours), ("gmm_pct_datasheet", gmm))}
             row = {"shape": name, "T": T, "scenario": scenario, "experts_hit": int((counts > 0).sum()),

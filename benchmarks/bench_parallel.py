@@ -29,13 +29,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off (shared machines)
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
-from bench_engine import environment, make_prompts, run_engine  # noqa: E402
+from benchmarks.bench_engine import environment, make_prompts, run_engine  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 QWEN3_235B = dict(  # Qwen/Qwen3-235B-A22B config.json (the fields we read)
     model_type="qwen3_moe", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=94,

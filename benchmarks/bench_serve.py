@@ -36,19 +36,17 @@ from pathlib import Path
 import httpx
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from benchmarks.bench_engine import environment, hf_sharing_weights, make_prompts, run_engine, run_hf
+from benchmarks.utilization_truth import markdown_lines, measure_utilization
+from model.engine import EngineConfig, LLMEngine
+from model.presets import PRESETS
+from service.loadgen import int_list
+from service.loadgen_client import run_level
+from service.loadgen_dataset import PromptSpec, token_prompts
+from service.loadgen_report import plot_sweep, summarize, table
+from service.loadgen_scrape import MetricsScraper
 
-from benchmarks.bench_engine import environment, hf_sharing_weights, make_prompts, run_engine, run_hf  # noqa: E402
-from benchmarks.utilization_truth import markdown_lines, measure_utilization  # noqa: E402
-from model.engine import EngineConfig, LLMEngine  # noqa: E402
-from model.presets import PRESETS  # noqa: E402
-from service.loadgen import int_list  # noqa: E402
-from service.loadgen_client import run_level  # noqa: E402
-from service.loadgen_dataset import PromptSpec, token_prompts  # noqa: E402
-from service.loadgen_report import plot_sweep, summarize, table  # noqa: E402
-from service.loadgen_scrape import MetricsScraper  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BASELINE_NOTE = ("HF transformers baseline: offline `generate` (experts_implementation=grouped_mm, sdpa, greedy, "
                  "min_new_tokens = max_new_tokens) on the same weights and prompts, all requests of a batch at once; "

@@ -35,25 +35,18 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from benchmarks.bench_engine import environment, make_prompts
+from benchmarks.bench_timing import Timer, graph_ms
+from benchmarks.moe_cases import moe_flops_per_token
+from model.engine import EngineConfig, LLMEngine, SamplingParams
+from model.kernels import fused_moe, softmax_topk
+from model.layers import fusion
+from service.metrics import MoeLayout, ServiceMetrics, dense_bf16_peak_flops
 
-from benchmarks.bench_engine import environment, make_prompts  # noqa: E402
-from benchmarks.bench_timing import Timer, graph_ms  # noqa: E402
-from model.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from model.kernels import fused_moe, softmax_topk  # noqa: E402
-from model.layers import fusion  # noqa: E402
-from service.metrics import MoeLayout, ServiceMetrics, dense_bf16_peak_flops  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TOLERANCE = 0.10
 NOMINAL_CPU_PEAK = 1e12  # CPU smoke runs: any peak works, the ratio does not depend on it
-
-
-def moe_flops_per_token(config) -> float:
-    """Routed-expert GEMM FLOPs of one token in one MoE layer, from the model config alone."""
-    k, h, i = config.top_k, config.hidden_size, config.moe_intermediate_size
-    return 2.0 * k * h * 2 * i + 2.0 * k * i * h
 
 
 def gauge_value(pairs: list[tuple[float, float]], snapshot, peak: float) -> float:

@@ -137,10 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Chunked-prefill budget: on an H100, 8192-token steps prefilled 174k tok/s against 79k with 2048 (the fixed host
-# cost of an eager step is spread over more tokens; benchmarks/NOTES.md "Prefill steps"), as vLLM's OpenAI server
-# also defaults to 8192 on large GPUs. On the CPU a step's time grows with its tokens, so smaller steps keep
-# decoding sequences responsive.
+# Chunked-prefill budget per device (why these values: benchmarks/NOTES.md, "Defaults measured here").
 CUDA_BATCHED_TOKENS, CPU_BATCHED_TOKENS = 8192, 2048
 
 

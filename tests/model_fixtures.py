@@ -166,7 +166,7 @@ def hf_logits(hf_model, prompt: list[int]) -> torch.Tensor:
     return hf_model(torch.tensor([prompt], device=hf_model.device)).logits[0].float()  # [n, V]
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected|."""
     return float((actual.float() - expected.float()).abs().max() / expected.float().abs().max())
 

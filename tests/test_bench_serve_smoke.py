@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from benchmarks.utilization_truth import moe_flops_per_token
+from benchmarks.moe_cases import moe_flops_per_token
 from model.config import config_from_hf
 from model.presets import PRESETS
 from tests.service_fixtures import REPO_ROOT

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from benchmarks.moe_cases import moe_flops_per_token
 from model.engine import EngineConfig, LLMEngine, SamplingParams
 from tests.engine_fixtures import (  # noqa: F401 - fixtures
     GREEDY, one_cpu_thread, random_prompts, run, solo, text_of, tiny, tokens_of,
@@ -243,7 +244,7 @@ def test_moe_stats_count_every_routed_token_and_time_sampled_steps():
     assert len(snap.expert_tokens_total) == c.num_layers and snap.layer_indices == list(range(c.num_layers))
     for layer in snap.expert_tokens_total:
         assert len(layer) == c.num_experts and sum(layer) == fed * c.top_k
-    assert snap.flops_total == fed * c.num_layers * 6 * c.top_k * c.hidden_size * c.moe_intermediate_size
+    assert snap.flops_total == fed * c.num_layers * moe_flops_per_token(c)
     assert snap.timed and all(sec > 0 and flops > 0 for sec, flops in snap.timed)
     assert engine.moe_stats().timed == [], "timed entries are handed out once"
     for window, total in zip(snap.window_expert_tokens, snap.expert_tokens_total):

@@ -4,13 +4,10 @@ unchanged; on the GPU the compiled kernels are within a bf16 implementation's ow
 import pytest
 import torch
 
+from benchmarks.moe_cases import relative_error
 from model.layers import fusion
 from model.layers.norm import add_rms_norm, rms_norm
 from model.layers.rotary import RotaryEmbedding, apply_rotary
-
-
-def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((got.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def test_cpu_tensors_run_the_eager_function_bit_for_bit():

@@ -5,40 +5,13 @@ with new routing, and the framework's second workload (varlen batched GEMM)."""
 import pytest
 import torch
 
+from benchmarks.moe_cases import EXPERT_SHAPES, make_routing, relative_error
 from model.kernels import extension, fused_moe, fused_moe_reference
 
 pytestmark = pytest.mark.gpu
 
-SHAPES = {  # name: (E, k, H, I)
-    "mixtral-8x7b": (8, 2, 4096, 14336),
-    "qwen3-30b-a3b": (128, 8, 2048, 768),
-    "olmoe-1b-7b": (64, 8, 2048, 1024),
-    "deepseek-v3": (256, 8, 7168, 2048),
-}
 TOKENS = (1, 7, 64, 513, 4096)
-ROUTINGS = ("balanced", "zipf", "same", "sparse90")
-
-
-def make_routing(kind: str, T: int, E: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """topk_ids [T, k] int32 (distinct experts per token) and positive weights [T, k] float32."""
-    if kind == "balanced":
-        scores = torch.rand(T, E, generator=gen)
-    elif kind == "zipf":  # expert e drawn with probability ∝ 1 / (e+1)^1.2, via Gumbel top-k
-        logp = -1.2 * torch.log(torch.arange(1, E + 1, dtype=torch.float32))
-        scores = logp - torch.log(-torch.log(torch.rand(T, E, generator=gen)))
-    elif kind == "same":
-        scores = torch.zeros(T, E)
-        scores[:, torch.randperm(E, generator=gen)[:k]] = 1.0
-        scores += 1e-3 * torch.rand(T, E, generator=gen)
-    elif kind == "sparse90":  # only ~10% of experts receive tokens
-        live = torch.randperm(E, generator=gen)[: max(k, E // 10)]
-        scores = torch.full((T, E), -1.0)
-        scores[:, live] = torch.rand(T, live.numel(), generator=gen)
-    else:
-        raise ValueError(kind)
-    ids = scores.topk(k, dim=1).indices.to(torch.int32)
-    weights = torch.rand(T, k, generator=gen) + 0.1
-    return weights / weights.sum(1, keepdim=True), ids
+ROUTINGS = ("uniform", "zipf", "same", "sparse90")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +23,7 @@ def weights_cache():
         if key not in cache:
             cache.clear()
             torch.cuda.empty_cache()
-            E, k, H, I = SHAPES[name]
+            E, k, H, I = EXPERT_SHAPES[name]
             g = torch.Generator(device="cuda").manual_seed(hash(name) % 1000)
             w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) / H**0.5).to(dtype)
             w2 = (torch.randn(E, H, I, device="cuda", generator=g) / I**0.5).to(dtype)
@@ -58,10 +31,6 @@ def weights_cache():
         return cache[key]
 
     return get
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
 def run_poisoned(x, w13, w2, tw, ids, expert_load=None):
@@ -87,9 +56,9 @@ def check_against_fp32(x, w13, w2, tw, ids):
 
 @pytest.mark.parametrize("routing", ROUTINGS)
 @pytest.mark.parametrize("T", TOKENS)
-@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("shape", list(EXPERT_SHAPES))
 def test_moe_matches_fp32_reference(shape, T, routing, weights_cache):
-    E, k, H, I = SHAPES[shape]
+    E, k, H, I = EXPERT_SHAPES[shape]
     w13, w2 = weights_cache(shape)
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh data every run
     tw, ids = make_routing(routing, T, E, k, gen)
@@ -103,12 +72,12 @@ def test_moe_matches_fp32_reference(shape, T, routing, weights_cache):
 def test_odd_shapes_and_dtypes(E, k, H, I, T, dtype):
     w13 = (torch.randn(E, 2 * I, H, device="cuda") / H**0.5).to(dtype)
     w2 = (torch.randn(E, H, I, device="cuda") / I**0.5).to(dtype)
-    tw, ids = make_routing("balanced", T, E, k, torch.Generator().manual_seed(T))
+    tw, ids = make_routing("uniform", T, E, k, torch.Generator().manual_seed(T))
     x = torch.randn(T, H, device="cuda", dtype=dtype)
     check_against_fp32(x, w13, w2, tw.cuda(), ids.cuda())
 
 
-@pytest.mark.parametrize("routing", ["zipf", "sparse90", "balanced"])
+@pytest.mark.parametrize("routing", ["zipf", "sparse90", "uniform"])
 @pytest.mark.parametrize("E,k,H,I,T", [(8, 2, 264, 136, 4096), (5, 3, 136, 264, 1100)])
 def test_cluster_path_with_odd_and_empty_halves(E, k, H, I, T, routing):
     """Shapes with >= 512 expected rows per expert run the 2-CTA cluster GEMMs (tile rows 256); skewed routing gives
@@ -194,11 +163,11 @@ def test_task_map_device_decoder_matches_host_twin():
 
 
 def test_cuda_graph_replay_with_new_routing(weights_cache):
-    E, k, H, I = SHAPES["qwen3-30b-a3b"]
+    E, k, H, I = EXPERT_SHAPES["qwen3-30b-a3b"]
     w13, w2 = weights_cache("qwen3-30b-a3b")
     T = 64
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-    tw, ids = make_routing("balanced", T, E, k, torch.Generator().manual_seed(1))
+    tw, ids = make_routing("uniform", T, E, k, torch.Generator().manual_seed(1))
     tw, ids = tw.cuda(), ids.cuda()
     load = torch.zeros(E, dtype=torch.int64, device="cuda")
     s = torch.cuda.Stream()
@@ -211,7 +180,7 @@ def test_cuda_graph_replay_with_new_routing(weights_cache):
         out = fused_moe(x, w13, w2, tw, ids, expert_load=load)
     load.zero_()
     expected_load = torch.zeros(E, dtype=torch.int64)
-    for routing in ("zipf", "same", "sparse90", "balanced"):
+    for routing in ("zipf", "same", "sparse90", "uniform"):
         new_tw, new_ids = make_routing(routing, T, E, k, torch.Generator().manual_seed(len(routing)))
         tw.copy_(new_tw)
         ids.copy_(new_ids)
@@ -226,7 +195,7 @@ def test_cuda_graph_replay_with_new_routing(weights_cache):
 
 
 def test_deterministic_bitwise(weights_cache):
-    E, k, H, I = SHAPES["olmoe-1b-7b"]
+    E, k, H, I = EXPERT_SHAPES["olmoe-1b-7b"]
     w13, w2 = weights_cache("olmoe-1b-7b")
     tw, ids = make_routing("zipf", 2048, E, k, torch.Generator().manual_seed(3))
     x = torch.randn(2048, H, device="cuda", dtype=torch.bfloat16)

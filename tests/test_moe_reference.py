@@ -5,6 +5,7 @@ in test_moe_checks.py, the routing helpers in test_moe_routing.py."""
 import pytest
 import torch
 
+from benchmarks.moe_cases import relative_error
 from model.kernels import fused_moe, fused_moe_reference
 
 # Relative error (Frobenius) allowed against the float64 loop. bf16 keeps 8 bits of mantissa (eps 3.9e-3) and
@@ -40,10 +41,6 @@ def random_problem(T, E, k, H, I, dtype, seed=0, distinct=True):
     weights = torch.rand(T, k, generator=g) + 0.05
     weights = weights / weights.sum(1, keepdim=True)
     return x, w13, w2, weights, ids
-
-
-def relative_error(out, ref):
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

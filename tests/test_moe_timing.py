@@ -8,6 +8,7 @@ import statistics
 import pytest
 import torch
 
+from benchmarks.moe_cases import moe_flops_per_token
 from model.engine import EngineConfig, LLMEngine, SamplingParams
 from model.engine.moe_stats import MoeStatsCollector
 from model.engine.moe_timer import MoeTimer, WallClockMark, read_seconds
@@ -15,9 +16,8 @@ from tests.engine_fixtures import GREEDY, engine_with_stand_in_graphs, one_cpu_t
 
 
 def routed_flops_per_token(config) -> int:
-    """2·k·H·2I (gate and up) + 2·k·I·H (down) per token and MoE layer, from the model config."""
-    k, h, i = config.top_k, config.hidden_size, config.moe_intermediate_size
-    return config.num_layers * (2 * k * h * 2 * i + 2 * k * i * h)
+    """Routed-expert GEMM FLOPs of one token through every MoE layer, from the model config."""
+    return config.num_layers * moe_flops_per_token(config)
 
 
 class ReRecordingTimer:

@@ -7,6 +7,8 @@ import httpx
 import pytest
 import torch
 
+from benchmarks.moe_cases import moe_flops_per_token
+
 pytest.register_assert_rewrite("tests.service_fixtures")
 from tests.service_fixtures import metric, parse_metrics, wait_for  # noqa: E402
 
@@ -123,10 +125,8 @@ def test_metrics_after_traffic_match_an_independent_recount(served, tiny_model):
     assert delta("staticmoe_inter_token_latency_seconds_count") == sum(m - 1 for _, m in REQUESTS)
     assert delta("staticmoe_e2e_request_latency_seconds_sum") > 0
 
-    # FLOPs: 2·k·H·2I (gate+up GEMM) + 2·k·I·H (down GEMM) per token and MoE layer
     cfg = tiny_model.config
-    per_token = len(tiny_model.moe_blocks()) * (2 * cfg.top_k * cfg.hidden_size * 2 * cfg.moe_intermediate_size
-                                                + 2 * cfg.top_k * cfg.moe_intermediate_size * cfg.hidden_size)
+    per_token = len(tiny_model.moe_blocks()) * moe_flops_per_token(cfg)
     assert delta("staticmoe_moe_flops_total") == tokens_served * per_token
 
     # per-expert token counts: each served token adds top_k to its layer; which experts = the router's choice

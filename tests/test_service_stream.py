@@ -8,6 +8,8 @@ import time
 import httpx
 import pytest
 
+from benchmarks.moe_cases import moe_flops
+
 pytest.register_assert_rewrite("tests.service_fixtures")
 from tests.service_fixtures import ServerProcess, metric, parse_metrics, wait_for  # noqa: E402
 
@@ -190,7 +192,7 @@ def test_gpu_olmoe_64_streams_through_the_cuda_kernel_with_metrics_checked():
         wall = time.monotonic() - started
         assert all(r["events"][-1] == "[DONE]" for r in results)
         tokens_served = sum(len(p.encode()) + max_tokens - 1 for p in prompts)
-        per_token = layers * (2 * k * hidden * 2 * inter + 2 * k * inter * hidden)
+        per_token = layers * moe_flops(1, k, hidden, inter)
 
         def accounted():  # expert counters arrive by asynchronous device->host copies
             s = parse_metrics(server.metrics_text())

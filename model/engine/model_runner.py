@@ -49,8 +49,8 @@ class _Graph:
     int32_inputs: torch.Tensor  # [b + b*w]: context_lens, block_tables
     staging: "_Staging | None" = None  # host side of the two input buffers, made at the first replay
     # The same step captured again with the MoE timer's event-record nodes, replayed only in steps sampled for
-    # timing: event nodes cost every replay (+5.6% at batch 1, +1.7% at 64 for OLMoE), so the others skip them.
-    # It writes its logits into `logits` too. None: `graph` serves every step.
+    # timing, since event nodes slow every replay (benchmarks/NOTES.md, "Metrics overhead"). It writes its logits
+    # into `logits` too. None: `graph` serves every step.
     timed: "torch.cuda.CUDAGraph | None" = None
 
 

@@ -27,12 +27,6 @@ class Sampler:
         g.manual_seed(seed)
         return g
 
-    @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator | None]) -> list[int]:
-        """logits [B, V] (any float dtype) -> B token ids (one host sync)."""
-        return self.sample(logits, params, generators).tolist()
-
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
                generators: list[torch.Generator | None]) -> torch.Tensor:
         B, V = logits.shape

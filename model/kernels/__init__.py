@@ -9,7 +9,7 @@ from model.kernels.fp8 import (
 )
 from model.kernels.moe import check_moe_inputs, fused_moe, uses_cuda_kernel
 from model.kernels.reference import fused_moe_reference
-from model.kernels.routing import grouped_sigmoid_topk, softmax_topk
+from model.kernels.routing import softmax_topk
 from model.kernels.varlen_gemm import varlen_gemm
 
 __all__ = [
@@ -19,7 +19,6 @@ __all__ = [
     "fused_moe",
     "fused_moe_fp8_reference",
     "fused_moe_reference",
-    "grouped_sigmoid_topk",
     "quantize_fp8_blocks",
     "quantize_fp8_groups",
     "softmax_topk",

@@ -7,12 +7,10 @@ passed in), so one compiled artifact serves every layer, and `dynamic=True` keep
 Elsewhere (CPU, no Triton, `STATICMOE_COMPILE=0`, or `set_enabled(False)` for eager engines) the plain eager
 function runs, with the same math.
 
-Outside CUDA-graph capture a compiled call is paid on the host every time: with dynamic shapes it cost far more
-than the few kernel launches it saves: an eager mixed step (60 decode rows and 4 new prompts) spent 27–54 ms of
-host time launching 15 ms of GPU work with the compiled functions, 22–30 ms without (scripts/probe_prefill.py,
-benchmarks/NOTES.md "Prefill steps"). So an eager step uses them only from
-`EAGER_MIN_ROWS` rows on, where the step is GPU-bound and the fused kernels' saved memory passes win; decode
-graphs, warmed up and captured inside `for_graph_capture()`, always use them (the host cost is paid once).
+Outside CUDA-graph capture a compiled call costs more host time than the launches it saves (benchmarks/NOTES.md,
+"Prefill steps", change 2), so an eager step uses them only from `EAGER_MIN_ROWS` rows on, where the step is
+GPU-bound and the fused kernels' saved memory passes win; decode graphs, warmed up and captured inside
+`for_graph_capture()`, always use them (the host cost is paid once).
 """
 
 import contextlib

@@ -1,12 +1,21 @@
-"""Where the wall time of an engine decode step goes (random-weight presets on the GPU): host time of each phase
-of LLMEngine.step, and the GPU's idle gap between one step's last kernel and the next step's first.
+#!/usr/bin/env python
+"""Where the time of engine steps goes, for random-weight presets on the GPU (the engine sections of NOTES.md).
 
-    python scripts/probe_step_phases.py [--sync] [preset ...]      (default: olmoe-1b-7b qwen3-30b-a3b)
+`step-phases`: host time of each phase of LLMEngine.step during decode, the GPU's idle gap between one step's last
+kernel and the next step's first, the step's kernel table, and the same graph replayed alone.
+`prefill`: prefill and mixed (prefill + decode) steps: wall clock, GPU time from the step's first to its last
+kernel, the kernel table and a host profile (cProfile) of one step.
+
+    python benchmarks/profile_engine.py step-phases [--sync] [preset ...]   (default: olmoe-1b-7b qwen3-30b-a3b)
+    python benchmarks/profile_engine.py prefill [--budget N ...] [preset ...]   (default: olmoe-1b-7b, 2048 8192)
 """
 
+import argparse
+import cProfile
+import io
+import pstats
 import random
 import statistics
-import sys
 import time
 from collections import defaultdict
 
@@ -14,7 +23,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # benchmarks/
+from benchmarks.bench_timing import replay_ms
 from model.engine import EngineConfig, LLMEngine, SamplingParams
 
 
@@ -62,7 +71,8 @@ def kernel_time_difference(engine_prof, alone_prof, top=12):
         print(f"      {ours.get(name, 0):9.0f} {alone.get(name, 0):9.0f}  {name}", flush=True)
 
 
-def probe(preset: str, batches=(1, 64), input_len=512, output_len=64, async_scheduling=True):
+def step_phases(preset: str, batches=(1, 64), input_len=512, output_len=64, async_scheduling=True):
+    """Host time of each phase of LLMEngine.step and the GPU's idle gap between steps, per decode batch."""
     engine = LLMEngine(EngineConfig(model=preset, random_weights=True, max_num_seqs=max(batches),
                                     max_model_len=input_len + output_len, max_num_batched_tokens=8192,
                                     async_scheduling=async_scheduling))
@@ -145,7 +155,6 @@ def probe(preset: str, batches=(1, 64), input_len=512, output_len=64, async_sche
             first = [s.token_ids[input_len] for s in seqs]  # the inputs of the first
             print(f"    distinct input tokens: first decode step {len(set(first))}, last {len(set(last))} of {b}")
             if torch.cuda.is_available() and engine.runner.graphs:
-                from benchmarks.bench_timing import replay_ms
                 key = engine.runner._graph_key(b, -(-(input_len + output_len - 1) // engine.runner.block_size))
                 graph = engine.runner.graphs[key].graph
                 print(f"    last step's graph replayed alone: {replay_ms(graph, 20):.3f} ms back to back", flush=True)
@@ -187,7 +196,103 @@ def probe(preset: str, batches=(1, 64), input_len=512, output_len=64, async_sche
     torch.cuda.empty_cache()
 
 
+
+def timed_steps(engine, phases, label: str, profile_step: int | None = None):
+    """Runs the engine until its requests finish; prints each step's wall, GPU and host phase times, profiles
+    one step (kernels, and host functions by cProfile)."""
+    walls, gpus, kinds, host = [], [], [], []
+    while engine.has_unfinished_requests():
+        for v in phases.values():
+            v.clear()
+        sched = engine.scheduler
+        prefill_rows = sum(1 for s in sched.waiting) if sched.waiting else 0
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        prof = profiler = None
+        if profile_step is not None and len(walls) == profile_step:
+            prof = profile(activities=[ProfilerActivity.CUDA])
+            prof.start()
+            profiler = cProfile.Profile()  # host time of the same step (it inflates the wall clock)
+            profiler.enable()
+        torch.cuda.synchronize()
+        start.record()
+        t = time.perf_counter()
+        engine.step()
+        end.record()
+        end.synchronize()
+        walls.append(time.perf_counter() - t)
+        if profiler is not None:
+            profiler.disable()
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+            print(f"  {label}: host profile of step {profile_step}, by own time", flush=True)
+            print("\n".join(line for line in text.getvalue().splitlines() if line.strip()), flush=True)
+        gpus.append(start.elapsed_time(end) / 1e3)
+        kinds.append(f"{len(sched.running)} running, {prefill_rows} waiting before")
+        host.append(", ".join(f"{k} {sum(v) * 1e3:.1f}" for k, v in sorted(phases.items())))
+        if prof is not None:
+            prof.stop()
+            print(f"  {label}: profiled step {profile_step}", flush=True)
+            kernel_table(prof, 1)
+    print(f"  {label}: {len(walls)} steps, total wall {sum(walls) * 1e3:.1f} ms", flush=True)
+    for i, (w, g, k) in enumerate(zip(walls, gpus, kinds)):
+        if i < 8 or i == len(walls) - 1:
+            print(f"    step {i:3d}: wall {w * 1e3:8.2f} ms, GPU (synchronised) {g * 1e3:8.2f} ms  [{k}]; host ms: "
+                  f"{host[i]}", flush=True)
+    return walls
+
+
+def prefill(preset: str, budget: int, input_len=512, batch=64):
+    """Prefill steps (64 prompts at once) and mixed steps (60 decoding + 4 new prompts) of a chunk budget."""
+    engine = LLMEngine(EngineConfig(model=preset, random_weights=True, max_num_seqs=256,
+                                    max_model_len=input_len + 300, max_num_batched_tokens=budget))
+    phases = defaultdict(list)
+    for obj, name in ((engine.runner, "execute"), (engine.sampler, "sample"), (engine, "_read_back"),
+                      (engine.scheduler, "schedule")):
+        timed(obj, name, phases)
+    rng = random.Random(0)
+    vocab = engine.model_config.vocab_size
+    prompt = lambda: [rng.randrange(vocab) for _ in range(input_len)]  # noqa: E731
+    try:
+        print(f"{preset}, chunk budget {budget}", flush=True)
+        for rnd in range(2):  # round 0 compiles and warms; round 1 is measured and profiled
+            for i in range(batch):
+                engine.add_request(f"p{rnd}-{i}", prompt(), SamplingParams(max_tokens=1, ignore_eos=True))
+            walls = timed_steps(engine, phases, f"prefill round {rnd}, {batch} x {input_len}", 1 if rnd else None)
+        total = batch * input_len
+        print(f"  prefill: {total} tokens in {sum(walls) * 1e3:.1f} ms = {total / sum(walls):.0f} tok/s", flush=True)
+        # The serving steady state: 60 sequences decoding while 4 prompts arrive.
+        for rnd in range(2):
+            for i in range(60):
+                engine.add_request(f"d{rnd}-{i}", prompt(), SamplingParams(max_tokens=40, ignore_eos=True))
+            while len(engine.scheduler.waiting):
+                engine.step()
+            for _ in range(4):
+                engine.step()
+            for i in range(4):
+                engine.add_request(f"m{rnd}-{i}", prompt(), SamplingParams(max_tokens=2, ignore_eos=True))
+            walls = timed_steps(engine, phases, f"mixed round {rnd}: 60 decoding + 4 new prompts", 0 if rnd else None)
+    finally:
+        engine.shutdown()
+    del engine
+    torch.cuda.empty_cache()
+
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["step-phases", "prefill"])
+    p.add_argument("presets", nargs="*")
+    p.add_argument("--sync", action="store_true", help="step-phases: read each step back before the next")
+    p.add_argument("--budget", type=int, nargs="+", default=[2048, 8192], help="prefill: chunk budgets")
+    args = p.parse_args(argv)
+    if args.command == "step-phases":
+        for preset in args.presets or ["olmoe-1b-7b", "qwen3-30b-a3b"]:
+            step_phases(preset, async_scheduling=not args.sync)
+    else:
+        for preset in args.presets or ["olmoe-1b-7b"]:
+            for budget in args.budget:
+                prefill(preset, budget)
+
+
 if __name__ == "__main__":
-    names = [a for a in sys.argv[1:] if a != "--sync"]
-    for p in names or ["olmoe-1b-7b", "qwen3-30b-a3b"]:
-        probe(p, async_scheduling="--sync" not in sys.argv)
+    main()

@@ -1,0 +1,105 @@
+"""The MoE layer problems that benchmarks and tests share: real models' expert shapes, routings, and how a run is
+scored (FLOPs, bytes, relative error).
+
+Routings (topk_ids [T, k] int32, topk_weights [T, k] float32, made on the generator's device):
+- balanced: exact round-robin, every expert gets T·k/E rows;
+- uniform: k distinct experts per token drawn uniformly (counts vary around T·k/E: ragged last tiles);
+- zipf: the expert of popularity rank r drawn ∝ 1/(r+1)^1.2, k distinct per token;
+- same / best: every token on one set of k experts (each active expert's GEMM has T rows);
+- sparse90: k distinct experts per token out of a random ~10% of the experts;
+- worst: one heavy expert beside every other expert holding one or two rows (a token may then name the heavy expert
+  in several slots, which the op accepts: each slot counts once).
+Popular experts are relabelled at random, so they are not always the low ids.
+
+The service counts its FLOPs on its own (model/engine/moe_stats.py); tests/test_moe_cases.py holds the two equal.
+"""
+
+import torch
+
+EXPERT_SHAPES = {  # name: (E experts, k per token, H hidden, I expert intermediate)
+    "mixtral-8x7b": (8, 2, 4096, 14336),
+    "qwen3-30b-a3b": (128, 8, 2048, 768),
+    "olmoe-1b-7b": (64, 8, 2048, 1024),
+    "deepseek-v3": (256, 8, 7168, 2048),
+}
+ROUTINGS = ("balanced", "uniform", "zipf", "same", "best", "sparse90", "worst")
+ZIPF_EXPONENT = 1.2
+
+
+def make_ids(kind: str, T: int, E: int, k: int, gen: torch.Generator, device=None) -> torch.Tensor:
+    """topk_ids [T, k] int32 of routing `kind` (see the module docstring)."""
+    device = gen.device if device is None else device
+    labels = torch.randperm(E, generator=gen, device=device)
+    if kind in ("balanced", "uniform", "same", "best", "sparse90") and k > E:
+        raise ValueError(f"{kind} routing needs k={k} <= E={E}")
+    if kind == "balanced":
+        flat = torch.arange(T * k, device=device) % E  # consecutive slots of a token: distinct experts
+        return labels[flat].view(T, k).to(torch.int32)
+    if kind == "uniform":
+        return torch.rand(T, E, generator=gen, device=device).topk(k, dim=1).indices.to(torch.int32)
+    if kind == "zipf":  # k distinct draws without replacement, by Gumbel top-k over log-probabilities
+        logp = -ZIPF_EXPONENT * torch.log(torch.arange(1, E + 1, dtype=torch.float32, device=device))
+        u = torch.rand(T, E, generator=gen, device=device).clamp_min(1e-20)
+        ranks = (logp - torch.log(-torch.log(u))).topk(k, dim=1).indices  # [T, k]
+        return labels[ranks].to(torch.int32)
+    if kind in ("same", "best"):
+        return labels[:k].expand(T, k).contiguous().to(torch.int32)
+    if kind == "sparse90":
+        live = labels[: max(k, E // 10)]
+        picks = torch.rand(T, live.numel(), generator=gen, device=device).topk(k, dim=1).indices  # [T, k]
+        return live[picks].to(torch.int32)
+    if kind == "worst":
+        flat = torch.zeros(T * k, dtype=torch.int64, device=device)  # rank 0: the heavy expert
+        light = [e for e in range(1, E) for _ in range(1 if e % 2 else 2)]  # 1, 2, 1, 2, ... rows
+        if len(light) >= T * k:
+            raise ValueError(f"worst case needs T*k > {len(light)} rows, got {T * k}")
+        step = (T * k) // len(light) if light else 1  # spread the light rows over the tokens
+        positions = torch.arange(len(light), device=device) * step
+        flat[positions] = torch.tensor(light, device=device)
+        return labels[flat].view(T, k).to(torch.int32)
+    raise ValueError(f"unknown routing {kind!r}; choose from {ROUTINGS}")
+
+
+def make_weights(T: int, k: int, gen: torch.Generator, device=None) -> torch.Tensor:
+    """Positive routing weights [T, k] float32, each row summing to 1."""
+    w = torch.rand(T, k, generator=gen, device=gen.device if device is None else device) + 0.1
+    return w / w.sum(dim=1, keepdim=True)
+
+
+def make_routing(kind: str, T: int, E: int, k: int, gen: torch.Generator, device=None):
+    """(topk_weights [T, k] float32, topk_ids [T, k] int32)."""
+    return make_weights(T, k, gen, device), make_ids(kind, T, E, k, gen, device)
+
+
+def experts_hit(topk_ids: torch.Tensor, E: int) -> int:
+    """Distinct experts that receive at least one row (one host sync; outside timed regions)."""
+    hit = torch.zeros(E, dtype=torch.bool, device=topk_ids.device)
+    hit[topk_ids.reshape(-1).long()] = True
+    return int(hit.sum())
+
+
+def moe_flops(T: int, k: int, H: int, I: int) -> int:
+    """Routed-expert GEMM FLOPs of T tokens: 2·T·k·H·2I (gate and up) + 2·T·k·I·H (down)."""
+    return 2 * T * k * H * 2 * I + 2 * T * k * I * H
+
+
+def moe_flops_per_token(config) -> int:
+    """moe_flops of one token in one MoE layer, from a model config."""
+    return moe_flops(1, config.top_k, config.hidden_size, config.moe_intermediate_size)
+
+
+def expert_weight_bytes(H: int, I: int, elem: int) -> int:
+    """Bytes of one expert's w13 [2I, H] and w2 [H, I]."""
+    return 3 * H * I * elem
+
+
+def moe_bytes_touched(experts: int, T: int, k: int, H: int, I: int, elem: int) -> int:
+    """Least bytes a layer moves: the weights of the experts hit, x and out [T, H], ids and weights [T, k]."""
+    return experts * expert_weight_bytes(H, I, elem) + 2 * T * H * elem + T * k * 8
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ (Frobenius), in float32, or float64 when the reference is float64."""
+    dtype = torch.promote_types(ref.dtype, torch.float32)
+    ref = ref.to(dtype)
+    return ((out.to(dtype) - ref).norm() / ref.norm().clamp_min(1e-30)).item()

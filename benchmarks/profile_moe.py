@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""Profiles of the MoE op at chosen points, for questions the full benchmark (bench_moe.py) does not answer: which
+kernel of the layer a point spends its time in, what the plan alone costs, one call for Nsight Compute. Kernel
+variants selected by environment knobs (STATICMOE_CLUSTER_MIN_ROWS, STATICMOE_RASTER_GROUP_M1/2; see README "GPU
+runs") are compared by running the same points in separate processes.
+
+    python benchmarks/profile_moe.py points mixtral:32768:balanced qwen3:8192:zipf ...   # SHAPE:T:ROUTING
+    python benchmarks/profile_moe.py plan 1:8 64:256 512:64:8 ...                        # T:E[:k]
+    ncu ... python benchmarks/profile_moe.py once deepseek:32768:uniform                 # one call, nothing else
+
+SHAPE is a name (or unique prefix) of benchmarks.moe_cases.EXPERT_SHAPES, ROUTING one of its routings.
+"""
+
+import argparse
+import os
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.bench_timing import Timer, graph_ms
+from benchmarks.moe_cases import EXPERT_SHAPES, make_routing, moe_flops
+from model.kernels import extension, fused_moe
+
+PLAN_GRAPH_CALLS = 16  # plans per graph, as a model's decode graph holds one per layer
+PLAN_DIM = 128  # H = I for the plan probe: the plan does not depend on them beyond the workspace size
+
+
+def shape_of(name: str) -> tuple[str, tuple[int, int, int, int]]:
+    matches = [key for key in EXPERT_SHAPES if key.startswith(name)]
+    if len(matches) != 1:
+        raise SystemExit(f"shape {name!r} names {matches or 'nothing'}; choose from {list(EXPERT_SHAPES)}")
+    return matches[0], EXPERT_SHAPES[matches[0]]
+
+
+def kernel_label(name: str) -> str:
+    if "moe_gemm" in name:
+        return "gemm1" if "true>" in name or "Lb1E" in name else "gemm2"
+    return "combine" if "combine" in name else "plan" if "plan" in name else name[:40]
+
+
+class Weights:
+    """Random expert weights of one shape at a time (the largest take most of the GPU)."""
+
+    def __init__(self, device):
+        self.device, self.name, self.tensors = device, None, None
+
+    def of(self, name: str, E: int, H: int, I: int):
+        if name != self.name:
+            self.tensors = None
+            torch.cuda.empty_cache()
+            self.tensors = (torch.randn(E, 2 * I, H, device=self.device, dtype=torch.bfloat16) / H**0.5,
+                            torch.randn(E, H, I, device=self.device, dtype=torch.bfloat16) / I**0.5)
+            self.name = name
+        return self.tensors
+
+
+def point_inputs(point: str, weights: Weights, gen: torch.Generator):
+    shape, T, routing = point.split(":")
+    name, (E, k, H, I) = shape_of(shape)
+    T = int(T)
+    w13, w2 = weights.of(name, E, H, I)
+    tw, ids = make_routing(routing, T, E, k, gen)
+    x = torch.randn(T, H, device=gen.device, dtype=torch.bfloat16, generator=gen)
+    return f"{name} T={T} {routing}", (x, w13, w2, tw, ids), moe_flops(T, k, H, I)
+
+
+def points(args, device):
+    """Median time of the whole op (L2 flushed before each call), TFLOPS, and device ms of each kernel."""
+    knobs = " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("STATICMOE_")) or "defaults"
+    timer, weights = Timer(device, budget_ms=300.0), Weights(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for point in args.points:
+        label, inputs, flops = point_inputs(point, weights, gen)
+        ms = timer.median_ms(lambda: fused_moe(*inputs), warmup=2)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                fused_moe(*inputs)
+            torch.cuda.synchronize()
+        per_kernel: dict[str, float] = {}
+        for e in prof.key_averages():
+            if e.device_time_total > 0:
+                per_kernel[kernel_label(e.key)] = per_kernel.get(kernel_label(e.key), 0.0) + e.device_time_total / 3e3
+        print(f"[{knobs}] {label}: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOPS | "
+              + " ".join(f"{n} {v:.3f}" for n, v in sorted(per_kernel.items())), flush=True)
+
+
+def plan(args, device):
+    """The device plan alone: 20 eager launches (what ncu profiles), then µs per plan in a graph of 16 plans."""
+    for point in args.points:
+        T, E, *rest = (int(v) for v in point.split(":"))
+        k = rest[0] if rest else 8
+        gen = torch.Generator(device=device).manual_seed(T * 1000 + E)
+        _, ids = make_routing("balanced", T, E, k, gen)
+        ws = extension.moe_workspace(T, k, E, PLAN_DIM, PLAN_DIM, device).zero_()
+        launch = lambda: extension._C.moe_plan_device(  # noqa: E731
+            ids.data_ptr(), T, k, E, PLAN_DIM, PLAN_DIM, ws.data_ptr(), 0, torch.cuda.current_stream().cuda_stream)
+        for _ in range(20):
+            launch()
+        torch.cuda.synchronize()
+        us = 1e3 * graph_ms(launch, calls=PLAN_GRAPH_CALLS)
+        print(f"plan T={T} E={E} k={k}: {us:.2f} us per plan (x{PLAN_GRAPH_CALLS} graph)", flush=True)
+
+
+def once(args, device):
+    """One call per point and nothing else, so a profiler's capture holds exactly the layer's kernels."""
+    weights, gen = Weights(device), torch.Generator(device=device).manual_seed(0)
+    for point in args.points:
+        _, inputs, _ = point_inputs(point, weights, gen)
+        fused_moe(*inputs)
+        torch.cuda.synchronize()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["points", "plan", "once"])
+    p.add_argument("points", nargs="+", help="SHAPE:T:ROUTING (points, once) or T:E[:k] (plan)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_moe.py profiles the CUDA kernels: it needs a GPU")
+    {"points": points, "plan": plan, "once": once}[args.command](args, torch.device("cuda"))
+
+
+if __name__ == "__main__":
+    main()
