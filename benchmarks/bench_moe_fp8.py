@@ -22,44 +22,27 @@ import time
 import zlib
 from pathlib import Path
 
+import torch
+
+from benchmarks.bench_report import run_metadata
+from benchmarks.bench_timing import Timer, copy_bandwidth_gbps, dense_gemm_tflops, graph_ms
+from benchmarks.moe_baselines import grouped_mm_moe
+from benchmarks.moe_baselines_fp8 import RowwiseFp8Experts, promotion_error, scaled_grouped_mm_moe, scaled_mm_ceiling
+from benchmarks.moe_cases import FP8_EXPERT_SHAPES as SHAPES
+from benchmarks.moe_cases import experts_hit, make_routing, moe_flops, relative_error
+from model.kernels import extension, fused_moe
+from model.kernels.fp8 import quantize_fp8_blocks
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from benchmarks.bench_report import run_metadata  # noqa: E402
-from benchmarks.bench_timing import Timer, copy_bandwidth_gbps, dense_gemm_tflops, graph_ms  # noqa: E402
-from benchmarks.moe_baselines import grouped_mm_moe  # noqa: E402
-from benchmarks.moe_baselines_fp8 import (  # noqa: E402
-    RowwiseFp8Experts, promotion_error, scaled_grouped_mm_moe, scaled_mm_ceiling)
-from benchmarks.moe_routing import experts_hit, make_routing  # noqa: E402
-from model.kernels import extension, fused_moe  # noqa: E402
-from model.kernels.fp8 import quantize_fp8_blocks  # noqa: E402
-
-SHAPES = {  # name: (E, k, H, I)
-    "deepseek-v3": (256, 8, 7168, 2048),
-    "qwen3-30b-a3b": (128, 8, 2048, 768),
-    "qwen3-235b-a22b": (128, 8, 4096, 1536),
-    "mixtral-8x7b": (8, 2, 4096, 14336),
-}
 TOKENS = (1, 16, 64, 512, 2048, 8192, 32768)
 QUICK_TOKENS = (1, 64, 2048, 8192)
 ROUTINGS = ("balanced", "zipf")
 DECODE_MAX_T = 64
 
 
-def flops(T, k, H, I):
-    return 6 * T * k * H * I  # 2·T·k·H·2I + 2·T·k·I·H
-
-
 def fp8_weight_bytes(hit, H, I):
     """FP8 weights and their 128x128 scales of the experts hit: what a decode step must stream."""
     return hit * (3 * H * I + 4 * (2 * I // 128 * H // 128 + H // 128 * I // 128))
-
-
-def relative_error(out, ref) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
 class Fp8Bench:
@@ -130,10 +113,10 @@ class Fp8Bench:
         gmm = self.measure(f"grouped_mm {label}", lambda: grouped_mm_moe(x, w13, w2, tw, ids))
         hit = experts_hit(ids, E)
         c = self.results["ceilings"]
-        tflops = flops(T, k, H, I) / ours / 1e9
+        tflops = moe_flops(T, k, H, I) / ours / 1e9
         floor_ms = fp8_weight_bytes(hit, H, I) / (c["copy"]["gbps"] * 1e6)
         res = {**row, "experts_hit": hit, "ours_ms": ours, "bf16_ms": ours16, "sgmm_ms": sgmm, "gmm_ms": gmm,
-               "tflops": tflops, "bf16_tflops": None if ours16 is None else flops(T, k, H, I) / ours16 / 1e9,
+               "tflops": tflops, "bf16_tflops": None if ours16 is None else moe_flops(T, k, H, I) / ours16 / 1e9,
                "pct_fp8_dense": None if not c["dense_fp8"]["tflops"] else 100 * tflops / c["dense_fp8"]["tflops"],
                "pct_copy_bw": 100 * floor_ms / ours, "floor_ms": floor_ms,
                "x_bf16": None if ours16 is None else ours16 / ours, "x_sgmm": None if sgmm is None else sgmm / ours,

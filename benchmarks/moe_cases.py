@@ -22,6 +22,13 @@ EXPERT_SHAPES = {  # name: (E experts, k per token, H hidden, I expert intermedi
     "olmoe-1b-7b": (64, 8, 2048, 1024),
     "deepseek-v3": (256, 8, 7168, 2048),
 }
+# The FP8 checkpoints users serve on Hopper (DeepSeek-V3/R1, Qwen3-FP8, Mixtral quantised): issue 16's grid.
+FP8_EXPERT_SHAPES = {
+    "deepseek-v3": EXPERT_SHAPES["deepseek-v3"],
+    "qwen3-30b-a3b": EXPERT_SHAPES["qwen3-30b-a3b"],
+    "qwen3-235b-a22b": (128, 8, 4096, 1536),
+    "mixtral-8x7b": EXPERT_SHAPES["mixtral-8x7b"],
+}
 ROUTINGS = ("balanced", "uniform", "zipf", "same", "best", "sparse90", "worst")
 ZIPF_EXPONENT = 1.2
 

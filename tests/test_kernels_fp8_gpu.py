@@ -15,16 +15,12 @@ from model.kernels.fp8 import (
     quantize_fp8_blocks,
     quantize_fp8_groups,
 )
-from tests.test_kernels_gpu import ROUTINGS, make_routing, relative_error
+from benchmarks.moe_cases import FP8_EXPERT_SHAPES as SHAPES
+from benchmarks.moe_cases import make_routing, relative_error
+from tests.test_kernels_gpu import ROUTINGS
 
 pytestmark = pytest.mark.gpu
 
-SHAPES = {  # name: (E, k, H, I) — the FP8 checkpoints users serve
-    "deepseek-v3": (256, 8, 7168, 2048),
-    "qwen3-30b-a3b": (128, 8, 2048, 768),
-    "qwen3-235b-a22b": (128, 8, 4096, 1536),
-    "mixtral-8x7b": (8, 2, 4096, 14336),
-}
 TOKENS = (1, 7, 64, 513, 4096)
 
 
@@ -150,7 +146,7 @@ def test_fp8_graph_replay_with_new_routing_counts_load(fp8_weights):
         out = call()
     load.zero_()
     expected_load = torch.zeros(E, dtype=torch.int64)
-    for routing in ("zipf", "same", "sparse90", "balanced"):
+    for routing in ("zipf", "same", "sparse90", "uniform"):
         new_tw, new_ids = make_routing(routing, T, E, k, torch.Generator().manual_seed(len(routing)))
         tw.copy_(new_tw)
         ids.copy_(new_ids)
