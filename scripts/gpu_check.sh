@@ -28,7 +28,8 @@ for step in "${steps[@]}"; do
       echo "HGMMA: $(grep -c HGMMA "$OUT/sass.txt")  QGMMA (fp8): $(grep -c QGMMA "$OUT/sass.txt")  LDL/STL: $(grep -cE '\b(LDL|STL)\b' "$OUT/sass.txt")" ;;
     tests)  # one process per file: a failed test's traceback must not pin another file's GPU memory
       for f in ${TESTS:-$(grep -l "pytest.mark.gpu\|pytestmark = pytest.mark.gpu" tests/test_*.py)}; do
-        python3 -m pytest -m gpu -q --maxfail=8 -p no:cacheprovider "$f" > "$OUT/pytest_$(basename "$f" .py).log" 2>&1
+        timeout "${TEST_TIMEOUT:-900}" python3 -m pytest -m gpu -q --maxfail=8 -p no:cacheprovider ${PYTEST_ARGS:-} "$f" \
+          > "$OUT/pytest_$(basename "$f" .py).log" 2>&1
         rc=$?; status=$((status | (rc == 5 ? 0 : rc)))
         echo "$f: $(tail -1 "$OUT/pytest_$(basename "$f" .py).log")"
         [ $rc -ne 0 ] && [ $rc -ne 5 ] && grep -E "^(FAILED|ERROR)|^E  " "$OUT/pytest_$(basename "$f" .py).log" | head -8
