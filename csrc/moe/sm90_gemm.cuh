@@ -60,7 +60,8 @@ struct GemmSmem {
 template <int kBlockM>
 constexpr int gemm_threads() { return kProducerThreads + 2 * kBlockM; }  // + one math warpgroup per 64 rows
 constexpr int kProducerRegs = 56;   // pointers of the gathered rows and loop state
-constexpr int kConsumerRegs = 224;  // 128 fp32 accumulators (BN = 256) + epilogue; 128*56 + 256*224 <= 64K
+constexpr int kConsumerRegs = 224;  // 128 fp32 accumulators (FP8: 64 partial + 128 promoted) + epilogue;
+                                    // 128*56 + 256*224 <= 64K
 
 // One tile of work, decoded the same way by the producer and every math warp.
 struct TileWork {
@@ -283,9 +284,8 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
     consume<T, kBlockM, kBlockN, kStages, kCluster, kGateUp>(args, smem, full, empty, total, num_slots);
   }
   if constexpr (kCluster > 1) sm90::cluster_sync();  // our shared memory stays alive while peers still arrive on it
-  // The next kernel may launch once every CTA has issued its last tile: its prologue overlaps our tail only.
-  // Triggering at the start instead made large layers ~2x slower on the H100 (DeepSeek-V3 T=32768: 69 ms vs
-  // 41 ms without PDL; benchmarks/NOTES.md v3).
+  // The next kernel may launch once every CTA has issued its last tile, so its prologue overlaps our tail only
+  // (triggering at the start slowed large layers down; benchmarks/NOTES.md v3).
   allow_dependents();
 }
 

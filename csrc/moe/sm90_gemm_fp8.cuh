@@ -40,8 +40,6 @@ struct Fp8GemmArgs {
 };
 
 constexpr int kFp8BlockK = 128;    // elements per K step = bytes per swizzled row = one scale block
-constexpr int kFp8ProducerRegs = 56;
-constexpr int kFp8ConsumerRegs = 224;  // 64 partial + 128 promoted accumulators + scales and epilogue
 
 template <int kBlockM, int kBlockN, int kStages>
 struct Fp8Smem {
@@ -68,7 +66,7 @@ __device__ __forceinline__ void produce_fp8(const CUtensorMap& weights, const Fp
     auto source_row = [&](int r) -> int64_t {  // row of `a` holding tile row r
       return kGateUp ? args.sorted_rows[w.row_base + r] / args.top_k : w.row_base + r;
     };
-    int32_t src_row[kRowsPerThread];  // 32-bit row indices, not pointers: the producer has 56 registers
+    int32_t src_row[kRowsPerThread];  // 32-bit row indices, not pointers: the producer has kProducerRegs
     uint32_t row_ok = 0;
 #pragma unroll
     for (int i = 0; i < kRowsPerThread; ++i) {
@@ -261,13 +259,13 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
   wait_for_predecessor();  // the plan, the quantised x (or GEMM1's output) are read only after this
   const int32_t num_slots = *args.map.num_slots;
   const int32_t total = task_map_total_tiles(args.map.tile_prefix, num_slots) * args.n_tiles;
-  constexpr bool kRebalance = gemm_threads<kBlockM>() * kFp8ConsumerRegs > 65536;
+  constexpr bool kRebalance = gemm_threads<kBlockM>() * kConsumerRegs > 65536;
   if (threadIdx.x < kProducerThreads) {
-    if constexpr (kRebalance) sm90::setmaxnreg_dec<kFp8ProducerRegs>();
+    if constexpr (kRebalance) sm90::setmaxnreg_dec<kProducerRegs>();
     produce_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp>(weights, args, smem, scales, full, empty, total,
                                                               num_slots, cta_rank);
   } else {
-    if constexpr (kRebalance) sm90::setmaxnreg_inc<kFp8ConsumerRegs>();
+    if constexpr (kRebalance) sm90::setmaxnreg_inc<kConsumerRegs>();
     consume_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp>(args, smem, scales, full, empty, total, num_slots);
   }
   if constexpr (kCluster > 1) sm90::cluster_sync();  // our shared memory stays alive while peers still arrive on it
