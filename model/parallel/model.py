@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
+from model.decoder import MoeCausalLM
 from model.layers.attention import Attention
 from model.layers.linear import Linear
 from model.layers.mlp import GatedMLP
 from model.layers.moe import SparseMoeBlock
 from model.layers.rotary import RotaryEmbedding
 from model.loader import _default_dtype
-from model.models import MODEL_CLASSES, MoeCausalLM
 from model.parallel.comm import Comm
 from model.parallel.config import RankLayout
 from model.parallel.expert_parallel import ExpertParallelMoeBlock
@@ -29,7 +29,7 @@ _BUFFERS = ("cos_cache", "sin_cache", "expert_load")  # recomputed after allocat
 def meta_model(config: ModelConfig) -> MoeCausalLM:
     """The plain model with shape-only parameters: global names and shapes, no memory."""
     with torch.device("meta"):
-        return MODEL_CLASSES[config.model_type](config)
+        return MoeCausalLM(config)
 
 
 class ParallelCausalLM(nn.Module):
@@ -44,7 +44,6 @@ class ParallelCausalLM(nn.Module):
         self.layout = layout
         self.comm = comm
         self.shard_specs = specs  # parameter name (within lm) -> spec; absent = replicated
-        self.checkpoint_renames = lm.checkpoint_renames
         self._agree_min = agree_min  # callable: the minimum of an int over all ranks
 
     def spec(self, name: str) -> ShardSpec:
@@ -147,7 +146,7 @@ def build_parallel_model(config: ModelConfig, layout: RankLayout, comm: Comm, dt
                          device: torch.device | str, agree_min=None) -> ParallelCausalLM:
     """The rank's shard with uninitialised parameters on `device` (only local sizes are ever allocated)."""
     with torch.device("meta"), _default_dtype(dtype):
-        lm = MODEL_CLASSES[config.model_type](config)
+        lm = MoeCausalLM(config)
         specs = _shard(lm, config, layout, comm)
     for name, param in lm.named_parameters():
         expected = specs[name].local_shape if name in specs else tuple(param.shape)

@@ -1,5 +1,6 @@
-"""The decoder shared by all four MoE families: pre-norm attention + (MoE | dense MLP) blocks over a paged KV
-cache. Families differ only in config fields (q/k norm, biases, shared expert, window) and checkpoint key names.
+"""The decoder every MoE family runs: pre-norm attention + (MoE | dense MLP) blocks over a paged KV cache.
+Families differ only in config fields (q/k norm, biases, shared expert, window) and checkpoint key names, both
+read from their row of model/families.py.
 """
 
 import torch
@@ -52,14 +53,8 @@ class DecoderModel(nn.Module):
 class MoeCausalLM(nn.Module):
     """forward(batch, kv_cache) -> float32 logits of the rows `batch.logits_indices` selects."""
 
-    model_type = ""
-    # (regex, replacement) applied to checkpoint keys before they are matched to parameters.
-    checkpoint_renames: tuple[tuple[str, str], ...] = ()
-
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.model_type != self.model_type:
-            raise ValueError(f"{type(self).__name__} needs model_type {self.model_type!r}, got {config.model_type!r}")
         self.config = config
         self.model = DecoderModel(config)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
