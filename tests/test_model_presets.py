@@ -72,9 +72,10 @@ def test_expert_load_counts_routed_tokens():
     runner.step({"a": list(range(10)), "b": list(range(5))})
     runner.step({"a": [1], "b": [2]}, pad_to=4)
     for block in model.moe_blocks():
-        assert block.expert_load.dtype == torch.int64 and block.expert_load.shape == (8,)
-        assert int(block.expert_load.sum()) == (15 + 4) * 2
-        assert (block.expert_load > 0).sum() > 1
+        load = block.experts.expert_load
+        assert load.dtype == torch.int64 and load.shape == (8,)
+        assert int(load.sum()) == (15 + 4) * 2
+        assert (load > 0).sum() > 1
 
 
 def test_checkpoint_directory_with_random_weights_needs_only_config(tmp_path):

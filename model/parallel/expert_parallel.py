@@ -34,6 +34,8 @@ class ExpertParallelMoeBlock(SparseMoeBlock):
                          block.renormalize)
         self.expert_start, self.num_local_experts = experts[0], experts[1] - experts[0]
         self.experts = Experts(self.num_local_experts, block.hidden_size, columns[1] - columns[0])
+        self.experts.expert_load = torch.zeros(block.num_experts, dtype=torch.int64)  # every expert, see above
+        self.count_expert_load = True
         if shared_expert is not None:
             self.shared_expert = shared_expert  # its down projection must not reduce: summed with ours below
             self.shared_expert_gate = block.shared_expert_gate
@@ -44,7 +46,7 @@ class ExpertParallelMoeBlock(SparseMoeBlock):
         topk_weights, topk_ids = softmax_topk(router_logits, self.top_k, self.renormalize)  # [N, k] f32, i32
         if self.count_expert_load:
             flat = topk_ids.reshape(-1).long()
-            self.expert_load.index_add_(0, flat, torch.ones_like(flat))
+            self.experts.expert_load.index_add_(0, flat, torch.ones_like(flat))
         if self.num_local_experts != self.num_experts:
             topk_ids = local_ids(topk_ids, self.expert_start, self.num_local_experts)
         out = fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, topk_weights, topk_ids,

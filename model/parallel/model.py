@@ -160,6 +160,6 @@ def build_parallel_model(config: ModelConfig, layout: RankLayout, comm: Comm, dt
         lm.model.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
                                               config.rope_linear_factor)
     for block in lm.moe_blocks():
-        block.expert_load.zero_()
+        block.experts.expert_load.zero_()
     model = ParallelCausalLM(lm, layout, comm, specs, agree_min)
     return model.eval().requires_grad_(False)
