@@ -76,8 +76,8 @@ class StepRecorder:
         self.batch, self.graph_rows, self.graph = g.batch, g.batch.input_ids.shape[0], g
         return self._replay(g, out, *args)
 
-    def _on_build(self, out):
-        self.batch = self._build(out)
+    def _on_build(self, items):
+        self.batch = self._build(items)
         self.graph_rows = self.graph = None
         return self.batch
 

@@ -3,6 +3,8 @@ Families differ only in config fields (q/k norm, biases, shared expert, window) 
 read from their row of model/families.py.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,12 +79,12 @@ class MoeCausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight  # [V, H]
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
-        c = self.config
-        return (c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        """[layers, K|V, blocks, block_size, KV heads held here, head_dim] (a tensor-parallel rank holds fewer)."""
+        attn = self.model.layers[0].self_attn
+        return (len(self.model.layers), 2, num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
 
     def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
-        c = self.config
-        return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * dtype.itemsize
+        return math.prod(self.kv_cache_shape(1, block_size)) * dtype.itemsize
 
     def moe_blocks(self) -> list[SparseMoeBlock]:
         return [m for m in self.modules() if isinstance(m, SparseMoeBlock)]

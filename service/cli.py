@@ -209,18 +209,20 @@ def serve(args: argparse.Namespace) -> int:
                                    max_body_bytes=args.max_body_bytes, drain_timeout_s=args.drain_timeout)
     except ValueError as err:
         raise SystemExit(f"staticmoe: error: {err}") from None
+    make_engine = lambda: LLMEngine(engine_config)  # noqa: E731
     if parallel is not None:
-        from model.parallel.launcher import launched_by_torchrun
+        from model.parallel.launcher import launched_by_torchrun, parallel_engine
         from model.parallel.worker import torchrun_worker_main
 
         if launched_by_torchrun() and int(os.environ["RANK"]) > 0:  # torchrun rank > 0: the model only, no HTTP
             torchrun_worker_main(engine_config, parallel)
             return 0
+        make_engine = lambda: parallel_engine(engine_config, parallel)  # noqa: E731
     prometheus_client.disable_created_metrics()  # no *_created series (as vLLM's /metrics)
     options = ClientOptions(model_name=served_name, max_queue=args.max_queue,
                             max_running=engine_config.max_num_seqs, expert_metrics=mode,
                             moe_peak_flops=args.moe_peak_flops)
-    client = EngineClient(lambda: LLMEngine(engine_config, parallel=parallel), options)
+    client = EngineClient(make_engine, options)
     app = create_app(client, settings)
     logger.info("serving model %s (source %s, random_weights=%s) on http://%s:%d, requested device=%s dtype=%s; "
                 "it loads in the background (/health answers 503 until it is ready)", served_name, source,
