@@ -314,7 +314,7 @@ def first_logits_agree(engine, hf, prompt) -> float:
     ids = torch.tensor([prompt], device=engine.device)
     expected = hf(ids).logits[0, -1].float()
     runner = engine.runner
-    batch = runner._prefill_batch([(prompt, 0, list(range(1, 1 + -(-len(prompt) // runner.block_size))), True)])
+    batch = runner.build_batch([(prompt, 0, list(range(1, 1 + -(-len(prompt) // runner.block_size))), True)])
     cache = torch.zeros(engine.model.kv_cache_shape(1 + -(-len(prompt) // runner.block_size), runner.block_size),
                         dtype=engine.dtype, device=engine.device)
     actual = engine.model(batch, cache)[0]

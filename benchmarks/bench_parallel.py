@@ -88,15 +88,16 @@ def engine_run(args) -> dict:
     """One world size in this process (rank 0; the engine spawns the other ranks). Prints one JSON line."""
     from model.engine import EngineConfig, LLMEngine
     from model.parallel import ParallelConfig
+    from model.parallel.launcher import parallel_engine
 
     config = EngineConfig(model=args.model, random_weights=True, device=args.device, max_num_seqs=args.batch,
                           max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=0.9,
                           num_kv_blocks=None if args.device == "cuda" else 256)
-    parallel = None
-    if args.world > 1:
-        parallel = ParallelConfig(args.world, args.world if args.split == "ep" else 1)
     started = time.perf_counter()
-    engine = LLMEngine(config, parallel=parallel)
+    if args.world > 1:
+        engine = parallel_engine(config, ParallelConfig(args.world, args.world if args.split == "ep" else 1))
+    else:
+        engine = LLMEngine(config)
     startup = time.perf_counter() - started
     try:
         vocab = engine.model_config.vocab_size

@@ -26,6 +26,7 @@ Timer.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -39,6 +40,7 @@ from benchmarks.bench_engine import environment, make_prompts
 from benchmarks.bench_timing import Timer, graph_ms
 from benchmarks.moe_cases import moe_flops_per_token
 from model.engine import EngineConfig, LLMEngine, SamplingParams
+from model.engine.moe_timer import time_experts
 from model.kernels import fused_moe, softmax_topk
 from model.layers import fusion
 from service.metrics import MoeLayout, ServiceMetrics, dense_bf16_peak_flops
@@ -74,13 +76,24 @@ class StepRecorder:
         self.batch, self.graph_rows, self.graph = g.batch, g.batch.input_ids.shape[0], g
         return self._replay(g, out, *args)
 
-    def _on_build(self, out):
-        self.batch = self._build(out)
+    def _on_build(self, items):
+        self.batch = self._build(items)
         self.graph_rows = self.graph = None
         return self.batch
 
     def remove(self):
         self.runner._replay, self.runner.build_batch = self._replay, self._build
+
+
+@contextlib.contextmanager
+def uncounted(blocks):
+    """For runs that serve no tokens: the experts' token counters are put back as they were afterwards."""
+    loads = [b.experts.expert_load.clone() for b in blocks]
+    try:
+        yield
+    finally:
+        for b, load in zip(blocks, loads):
+            b.experts.expert_load.copy_(load)
 
 
 @torch.inference_mode()
@@ -89,17 +102,12 @@ def block_inputs_of(engine, batch) -> list[torch.Tensor]:
     K/V of its own slots with the same values, so the engine's state is unchanged."""
     blocks = engine.model.moe_blocks()
     inputs: list[torch.Tensor | None] = [None] * len(blocks)
-    counting = [b.count_expert_load for b in blocks]
     handles = [b.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0].detach().clone()))
                for i, b in enumerate(blocks)]
     try:
-        for b in blocks:
-            b.count_expert_load = False
-        with fusion.for_graph_capture():  # the graph's kernels, so the block inputs are those the graph computed
+        with uncounted(blocks), fusion.for_graph_capture():  # the graph's kernels: the inputs the graph computed
             engine.model(batch, engine.runner.kv_cache)
     finally:
-        for b, c in zip(blocks, counting):
-            b.count_expert_load = c
         for h in handles:
             h.remove()
     return inputs
@@ -199,14 +207,8 @@ def independent_seconds(engine, inputs: list[torch.Tensor], budget_ms: float) ->
                 layer_call(*r)()
         out["fused_moe_graph_all_layers"] = graph_ms(all_layers) / 1e3
     out["fused_moe_timer"] = sum(timer.median_ms(layer_call(*r)) for r in routed) / 1e3
-    counting = [b.count_expert_load for b, _, _, _ in routed]
-    try:
-        for b, _, _, _ in routed:
-            b.count_expert_load = False  # these calls are no served tokens
+    with uncounted([b for b, _, _, _ in routed]):  # these calls are no served tokens
         out["block_timer"] = sum(timer.median_ms(lambda b=b, x=x: b(x)) for b, x, _, _ in routed) / 1e3
-    finally:
-        for (b, _, _, _), c in zip(routed, counting):
-            b.count_expert_load = c
     return out
 
 
@@ -216,34 +218,29 @@ def event_node_cost(engine, graphs: dict, replays: int = 30) -> dict:
     against a twin captured from the same static inputs with the timer detached. Replays alternate; medians. The
     expert counters are restored afterwards (these replays serve no tokens). CUDA only."""
     blocks = engine.model.moe_blocks()
-    loads = [b.expert_load.clone() for b in blocks]
     out = {}
-    for name, g in graphs.items():
-        timers = [b.moe_timer for b in blocks]
-        for b in blocks:
-            b.moe_timer = None
-        try:
-            twin = torch.cuda.CUDAGraph()
-            with fusion.for_graph_capture(), torch.cuda.graph(twin):  # the served graph's kernels, events aside
-                engine.model(g.batch, engine.runner.kv_cache)
-        finally:
-            for b, t in zip(blocks, timers):
-                b.moe_timer = t
-        times = {"with_events": [], "without": []}
-        for _ in range(replays):
-            timed = g.timed if g.timed is not None else g.graph  # the variant sampled steps replay
-            for key, graph in (("with_events", timed), ("without", twin)):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                graph.replay()
-                end.record()
-                end.synchronize()
-                times[key].append(start.elapsed_time(end))
-        with_events, without = statistics.median(times["with_events"]), statistics.median(times["without"])
-        out[name] = dict(with_events_ms=with_events, without_ms=without, overhead=with_events / without - 1.0)
-        del twin
-    for b, load in zip(blocks, loads):
-        b.expert_load.copy_(load)
+    with uncounted(blocks):
+        for name, g in graphs.items():
+            time_experts(blocks, None)
+            try:
+                twin = torch.cuda.CUDAGraph()
+                with fusion.for_graph_capture(), torch.cuda.graph(twin):  # the served graph's kernels, events aside
+                    engine.model(g.batch, engine.runner.kv_cache)
+            finally:
+                engine.moe.timer.attach(blocks)
+            times = {"with_events": [], "without": []}
+            for _ in range(replays):
+                timed = g.timed if g.timed is not None else g.graph  # the variant sampled steps replay
+                for key, graph in (("with_events", timed), ("without", twin)):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    graph.replay()
+                    end.record()
+                    end.synchronize()
+                    times[key].append(start.elapsed_time(end))
+            with_events, without = statistics.median(times["with_events"]), statistics.median(times["without"])
+            out[name] = dict(with_events_ms=with_events, without_ms=without, overhead=with_events / without - 1.0)
+            del twin
     return out
 
 

@@ -13,30 +13,13 @@ import torch
 
 from model.byte_tokenizer import ByteTokenizer
 from model.checkpoint import CheckpointError, SafetensorsCheckpoint
-from model.config import ConfigError, ModelConfig, config_from_hf
-from model.models import MODEL_CLASSES, MoeCausalLM
+from model.config import ConfigError, ModelConfig
+from model.decoder import MoeCausalLM
+from model.dtypes import resolve_dtype
+from model.families import FAMILIES, config_from_hf
 from model.presets import PRESETS, TINY
 from model.tokenizer import Tokenizer, load_tokenizer
 from model.weight_map import load_weights
-
-DTYPES = {
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-}
-
-
-def resolve_dtype(dtype: torch.dtype | str, device: torch.device | str) -> torch.dtype:
-    """"auto" = bfloat16 on a GPU, float32 on the CPU (where bf16 matmuls are slow and fp32 is exact)."""
-    if isinstance(dtype, torch.dtype):
-        if not dtype.is_floating_point:
-            raise ValueError(f"model dtype must be floating point, got {dtype}")
-        return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def _read_json(path: Path) -> dict:
@@ -74,7 +57,7 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | 
     """The model with uninitialised parameters allocated directly on `device` in `dtype` (no float32 detour, so a
     60 GB bf16 model needs 60 GB). Buffers (rotary tables, expert counters) carry explicit dtypes."""
     with torch.device(device), _default_dtype(dtype):
-        model = MODEL_CLASSES[config.model_type](config)
+        model = MoeCausalLM(config)
     return model.eval().requires_grad_(False)
 
 
@@ -113,7 +96,8 @@ def load_model(
         init_random_weights(model, seed)
     else:
         ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
-        load_weights(model, SafetensorsCheckpoint(directory), model.checkpoint_renames, ignorable)
+        renames = FAMILIES[config.model_type].checkpoint_renames
+        load_weights(model, SafetensorsCheckpoint(directory), renames, ignorable)
     return model, tokenizer
 
 

@@ -13,7 +13,13 @@ import logging
 import os
 import sys
 
+from model.dtypes import AUTO, DTYPE_NAMES
+from model.presets import PRESETS, TINY
+
 ENV_PREFIX = "STATICMOE_"
+# Engine settings the CLI passes on only when given, so their defaults live in EngineConfig alone.
+ENGINE_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks", "block_size", "dtype",
+                "device")
 TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 logger = logging.getLogger("staticmoe.service")
@@ -87,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "through the environment variable shown in brackets.")
     f = EnvDefaults(serve)
     f.value("--model", help_="checkpoint directory (HF layout, safetensors) to serve", metavar="DIR")
-    f.value("--preset", help_="named model shape (tiny, qwen3-30b-a3b, olmoe-1b-7b, mixtral-8x7b, "
-                              "qwen2-moe-a2.7b); all but tiny need --random-weights", metavar="NAME")
+    f.value("--preset", help_=f"named model shape ({', '.join(PRESETS)}); all but {TINY} need --random-weights",
+            metavar="NAME")
     f.switch("--random-weights", "initialise the preset with seeded random weights instead of a checkpoint")
     f.value("--served-model-name", help_="model id clients send and /v1/models lists (default: the preset name "
                                          "or the --model path)", metavar="NAME")
@@ -99,17 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.value("--max-queue", type_=non_negative_int, default=1024,
             help_="sequences admitted beyond the running batch before new requests get 429")
     f.value("--max-body-bytes", type_=positive_int, default=1 << 20, help_="largest request body; larger get 413")
-    f.value("--max-num-seqs", type_=positive_int, default=256, help_="sequences in one engine step")
+    f.value("--max-num-seqs", type_=positive_int, help_="sequences in one engine step (default: the engine's)")
     f.value("--max-num-batched-tokens", type_=positive_int,
-            help_=f"new tokens in one engine step (default: {CUDA_BATCHED_TOKENS} on CUDA, {CPU_BATCHED_TOKENS} on "
-                  f"the CPU)")
+            help_="new tokens in one engine step (default: the engine's, by device)")
     f.value("--max-model-len", type_=positive_int, help_="context length (default: the model's, capped by the "
                                                           "KV cache)")
     f.value("--num-kv-blocks", type_=positive_int, help_="KV-cache blocks (default: sized from free memory)")
-    f.value("--block-size", type_=positive_int, default=16, help_="tokens per KV-cache block")
-    f.value("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-            help_="weights and activations (auto: bfloat16 on CUDA, float32 on CPU)")
-    f.value("--device", default="auto", help_="auto, cpu, cuda or cuda:N")
+    f.value("--block-size", type_=positive_int, help_="tokens per KV-cache block (default: the engine's)")
+    f.value("--dtype", choices=[AUTO, *DTYPE_NAMES],
+            help_="weights and activations (default auto: bfloat16 on CUDA, float32 on CPU)")
+    f.value("--device", help_="auto, cpu, cuda or cuda:N (default auto)")
     f.switch("--enforce-eager", "never capture CUDA graphs")
     f.switch("--no-async-scheduling", "read each step's sampled tokens back before launching the next step")
     f.value("--tensor-parallel", type_=positive_int, help_="ranks (one process and GPU each) the model is split "
@@ -137,20 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Chunked-prefill budget per device (why these values: benchmarks/NOTES.md, "Defaults measured here").
-CUDA_BATCHED_TOKENS, CPU_BATCHED_TOKENS = 8192, 2048
-
-
-def batched_tokens(args: argparse.Namespace) -> int:
-    """--max-num-batched-tokens, or its default for the device the engine will use."""
-    if args.max_num_batched_tokens is not None:
-        return args.max_num_batched_tokens
-    import torch
-
-    on_cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
-    return CUDA_BATCHED_TOKENS if on_cuda else CPU_BATCHED_TOKENS
-
-
 def resolve_model(args: argparse.Namespace) -> tuple[str, bool, str]:
     """(engine model source, random_weights, served model name) from --model / --preset / --random-weights."""
     if args.model and args.preset:
@@ -161,8 +152,8 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, bool, str]:
                              f"--preset NAME --random-weights)")
         source, name = args.model, args.model
     else:
-        source = name = args.preset or "tiny"
-        if source != "tiny" and not args.random_weights:
+        source = name = args.preset or TINY
+        if source != TINY and not args.random_weights:
             raise SystemExit(f"staticmoe: error: --preset {source} has no weights here; add --random-weights")
     return source, bool(args.random_weights), args.served_model_name or name
 
@@ -171,6 +162,17 @@ def expert_metrics_mode(args: argparse.Namespace) -> str:
     if args.expert_metrics and args.no_expert_metrics:
         raise SystemExit("staticmoe: error: --expert-metrics and --no-expert-metrics contradict each other")
     return "on" if args.expert_metrics else "off" if args.no_expert_metrics else "auto"
+
+
+def build_engine_config(args: argparse.Namespace):
+    """model.engine.EngineConfig from the model selection and the engine flags that were given."""
+    from model.engine import EngineConfig
+
+    source, random_weights, _ = resolve_model(args)
+    given = {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name) is not None}
+    return EngineConfig(model=source, random_weights=random_weights, enforce_eager=args.enforce_eager,
+                        expert_metrics=expert_metrics_mode(args) != "off",
+                        async_scheduling=not args.no_async_scheduling, **given)
 
 
 def parallel_config(args: argparse.Namespace):
@@ -193,7 +195,7 @@ def serve(args: argparse.Namespace) -> int:
     import prometheus_client
     import uvicorn
 
-    from model.engine import EngineConfig, LLMEngine
+    from model.engine import LLMEngine
     from service.app import create_app
     from service.engine_client import ClientOptions, EngineClient
     from service.server import DrainingServer
@@ -202,31 +204,29 @@ def serve(args: argparse.Namespace) -> int:
     source, random_weights, served_name = resolve_model(args)
     mode = expert_metrics_mode(args)
     try:
-        engine_config = EngineConfig(model=source, random_weights=random_weights, dtype=args.dtype,
-                                     device=args.device, max_num_seqs=args.max_num_seqs,
-                                     max_num_batched_tokens=batched_tokens(args), block_size=args.block_size,
-                                     num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
-                                     enforce_eager=args.enforce_eager, expert_metrics=mode != "off",
-                                     async_scheduling=not args.no_async_scheduling)
+        engine_config = build_engine_config(args)
         settings = ServiceSettings(served_model_name=served_name, api_key=args.api_key,
                                    max_body_bytes=args.max_body_bytes, drain_timeout_s=args.drain_timeout)
     except ValueError as err:
         raise SystemExit(f"staticmoe: error: {err}") from None
+    make_engine = lambda: LLMEngine(engine_config)  # noqa: E731
     if parallel is not None:
-        from model.parallel.launcher import launched_by_torchrun
+        from model.parallel.launcher import launched_by_torchrun, parallel_engine
         from model.parallel.worker import torchrun_worker_main
 
         if launched_by_torchrun() and int(os.environ["RANK"]) > 0:  # torchrun rank > 0: the model only, no HTTP
             torchrun_worker_main(engine_config, parallel)
             return 0
+        make_engine = lambda: parallel_engine(engine_config, parallel)  # noqa: E731
     prometheus_client.disable_created_metrics()  # no *_created series (as vLLM's /metrics)
-    options = ClientOptions(model_name=served_name, max_queue=args.max_queue, max_running=args.max_num_seqs,
-                            expert_metrics=mode, moe_peak_flops=args.moe_peak_flops)
-    client = EngineClient(lambda: LLMEngine(engine_config, parallel=parallel), options)
+    options = ClientOptions(model_name=served_name, max_queue=args.max_queue,
+                            max_running=engine_config.max_num_seqs, expert_metrics=mode,
+                            moe_peak_flops=args.moe_peak_flops)
+    client = EngineClient(make_engine, options)
     app = create_app(client, settings)
     logger.info("serving model %s (source %s, random_weights=%s) on http://%s:%d, requested device=%s dtype=%s; "
                 "it loads in the background (/health answers 503 until it is ready)", served_name, source,
-                random_weights, args.host, args.port, args.device, args.dtype)
+                random_weights, args.host, args.port, engine_config.device, engine_config.dtype)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=5)
     server = DrainingServer(config, client, args.drain_timeout)

@@ -77,6 +77,7 @@ def engine_with_stand_in_graphs(make_graph, **config):
     """A tiny CPU engine whose decode steps replay stand-ins for every (batch, width) graph the GPU would capture.
     make_graph(engine, key, batch, logits) returns the stand-in (an object with replay()). Returns
     (engine, batch sizes, widths)."""
+    from model.engine.decode_inputs import static_decode_batch
     from model.engine.model_runner import _Graph, graph_batch_sizes, graph_widths
 
     engine = LLMEngine(EngineConfig(**config))
@@ -84,7 +85,7 @@ def engine_with_stand_in_graphs(make_graph, **config):
     sizes, widths = graph_batch_sizes(engine.config.max_num_seqs), graph_widths(runner.max_blocks_per_seq)
     for b in sizes:
         for w in widths:
-            batch, int64_inputs, int32_inputs = runner._static_pad_batch(b, w)
+            batch, int64_inputs, int32_inputs = static_decode_batch(b, w, runner.device)
             logits = torch.empty(b, engine.model_config.vocab_size)
             graph = make_graph(engine, (b, w), batch, logits)
             runner.graphs[(b, w)] = _Graph(graph, batch, logits, int64_inputs, int32_inputs)

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from benchmarks.moe_cases import moe_flops_per_token
-from model.config import config_from_hf
+from model.families import config_from_hf
 from model.presets import PRESETS
 from tests.service_fixtures import REPO_ROOT
 

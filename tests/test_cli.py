@@ -28,23 +28,33 @@ def parse(*argv):
 
 
 def test_defaults_serve_tiny_on_loopback():
+    from model.engine import EngineConfig
+
     args = parse()
     assert (args.host, args.port, args.api_key, args.max_queue) == ("127.0.0.1", 8000, None, 1024)
-    assert (args.dtype, args.device, args.enforce_eager, args.max_body_bytes) == ("auto", "auto", False, 1 << 20)
+    assert (args.enforce_eager, args.max_body_bytes) == (False, 1 << 20)
     assert cli.resolve_model(args) == ("tiny", False, "tiny")
     assert cli.expert_metrics_mode(args) == "auto"
+    assert cli.build_engine_config(args) == EngineConfig(model="tiny")  # every engine default is the engine's
+    given = cli.build_engine_config(parse("--max-num-seqs", "3", "--block-size", "8", "--dtype", "float32"))
+    assert (given.max_num_seqs, given.block_size, given.dtype) == (3, 8, "float32")
 
 
 def test_chunk_budget_defaults_to_the_device_and_a_given_value_wins(monkeypatch):
     import torch
 
+    from model.engine.config import CPU_BATCHED_TOKENS, CUDA_BATCHED_TOKENS
+
+    def budget(*argv):
+        return cli.build_engine_config(parse(*argv)).max_num_batched_tokens
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cli.batched_tokens(parse()) == cli.CPU_BATCHED_TOKENS == 2048
-    assert cli.batched_tokens(parse("--device", "cuda:1")) == cli.CUDA_BATCHED_TOKENS == 8192
+    assert budget() == CPU_BATCHED_TOKENS == 2048
+    assert budget("--device", "cuda:1") == CUDA_BATCHED_TOKENS == 8192
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert cli.batched_tokens(parse()) == 8192
-    assert cli.batched_tokens(parse("--device", "cpu")) == 2048
-    assert cli.batched_tokens(parse("--max-num-batched-tokens", "300", "--device", "cuda")) == 300
+    assert budget() == 8192
+    assert budget("--device", "cpu") == 2048
+    assert budget("--max-num-batched-tokens", "300", "--device", "cuda") == 300
     with pytest.raises(SystemExit):
         parse("--max-num-batched-tokens", "0")
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from model.byte_tokenizer import ByteTokenizer
+from model.families import FAMILIES
 from model.loader import load_model
 from model.presets import PRESETS
 from tests.model_fixtures import PagedRunner
@@ -32,6 +33,15 @@ def test_named_presets_have_the_published_size(name):
     assert (total - idle_experts) / 1e9 == pytest.approx(published_active, rel=0.03)
     assert isinstance(tokenizer, ByteTokenizer) and set(c.eos_token_ids) <= set(tokenizer.eos_token_ids)
     assert c.name == name
+
+
+def test_every_family_has_a_preset_the_generic_decoder_builds():
+    by_family = {PRESETS[name]["model_type"]: name for name in PUBLISHED}
+    assert set(by_family) == set(FAMILIES)
+    for model_type, name in by_family.items():
+        model, _ = load_model(name, random_weights=True, device="meta")
+        assert model.config.model_type == model_type
+        assert len(model.moe_blocks()) == sum(model.config.is_moe_layer(i) for i in range(model.config.num_layers))
 
 
 def test_named_presets_need_random_weights():
@@ -62,9 +72,10 @@ def test_expert_load_counts_routed_tokens():
     runner.step({"a": list(range(10)), "b": list(range(5))})
     runner.step({"a": [1], "b": [2]}, pad_to=4)
     for block in model.moe_blocks():
-        assert block.expert_load.dtype == torch.int64 and block.expert_load.shape == (8,)
-        assert int(block.expert_load.sum()) == (15 + 4) * 2
-        assert (block.expert_load > 0).sum() > 1
+        load = block.experts.expert_load
+        assert load.dtype == torch.int64 and load.shape == (8,)
+        assert int(load.sum()) == (15 + 4) * 2
+        assert (load > 0).sum() > 1
 
 
 def test_checkpoint_directory_with_random_weights_needs_only_config(tmp_path):

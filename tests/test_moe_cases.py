@@ -6,7 +6,7 @@ import torch
 
 from benchmarks.moe_cases import (EXPERT_SHAPES, experts_hit, make_ids, make_routing, moe_bytes_touched, moe_flops,
                                   moe_flops_per_token, relative_error)
-from model.config import config_from_hf
+from model.families import config_from_hf
 from model.engine.moe_stats import routed_flops_per_token
 from model.layers.moe import SparseMoeBlock
 from model.presets import PRESETS

@@ -4,7 +4,8 @@ ValueError whose message names the offending argument, before any computation.""
 import pytest
 import torch
 
-from model.kernels import fused_moe
+from model.kernels import extension, fused_moe
+from model.kernels.moe import MAX_EXPERTS
 
 T, E, K, H, I = 5, 8, 2, 16, 8
 
@@ -71,10 +72,10 @@ BAD_INPUTS = {
         ValueError,
         "multiples of 8",
     ),
-    "E > 1024": (
-        with_(w13=torch.zeros(1025, 2 * I, H).bfloat16(), w2=torch.zeros(1025, H, I).bfloat16()),
+    "E > MAX_EXPERTS": (
+        with_(w13=torch.zeros(MAX_EXPERTS + 1, 2 * I, H).bfloat16(), w2=torch.zeros(MAX_EXPERTS + 1, H, I).bfloat16()),
         ValueError,
-        "number of experts 1025",
+        f"number of experts {MAX_EXPERTS + 1}",
     ),
     "E == 0": (
         with_(w13=torch.zeros(0, 2 * I, H).bfloat16(), w2=torch.zeros(0, H, I).bfloat16()),
@@ -161,3 +162,11 @@ def test_out_of_range_ids_are_skipped_only_when_asked():
     torch.testing.assert_close(out, expected)
     kept = [int(e) for e, f in zip(ids.flatten().tolist(), foreign.flatten().tolist()) if not f]
     assert load.tolist() == [kept.count(e) for e in range(E)]
+
+
+@pytest.mark.skipif(not extension.is_built(), reason="the _C extension is not built")
+def test_the_extension_takes_the_same_expert_limit():
+    """The C++ side (bindings, forward, plan) writes the limit on its own; this holds it equal to MAX_EXPERTS."""
+    assert extension._C.moe_launch_config(1, 1, MAX_EXPERTS, 64, 64)[0] > 0
+    with pytest.raises(ValueError, match="invalid MoE problem"):
+        extension._C.moe_launch_config(1, 1, MAX_EXPERTS + 1, 64, 64)

@@ -11,7 +11,7 @@ import torch
 from benchmarks.moe_cases import moe_flops_per_token
 from model.engine import EngineConfig, LLMEngine, SamplingParams
 from model.engine.moe_stats import MoeStatsCollector
-from model.engine.moe_timer import MoeTimer, WallClockMark, read_seconds
+from model.engine.moe_timer import MoeTimer, WallClockMark, marks_of, read_seconds, time_experts
 from tests.engine_fixtures import GREEDY, engine_with_stand_in_graphs, one_cpu_thread, random_prompts, run  # noqa: F401
 
 
@@ -56,16 +56,15 @@ class TimedStandInGraph:
 
 
 def recompute_with_timer(graph: TimedStandInGraph, timer) -> None:
-    """Recompute the stand-in's captured step with `timer` in the MoE blocks (None: no marks), then restore theirs."""
+    """Recompute the stand-in's captured step with `timer` around the experts ops (None: no marks), then restore the
+    engine's."""
     engine = graph.engine
     blocks = engine.model.moe_blocks()
-    for block in blocks:
-        block.moe_timer = timer
+    time_experts(blocks, timer)
     try:
         graph.logits.copy_(engine.model(graph.batch, engine.runner.kv_cache))
     finally:
-        for block in blocks:
-            block.moe_timer = engine.moe.timer
+        engine.moe.timer.attach(blocks)
 
 
 def engine_with_timed_graphs(**overrides):
@@ -255,8 +254,9 @@ def test_cadence_every_nth_step_and_metrics_off_records_nothing(tiny_blocks):
         run_blocks(blocks, x)
         collector.end_step(num_tokens=2, num_pad_rows=0)
     assert len(collector.snapshot().timed) == 3  # steps 4, 8, 12
+    assert all(marks_of(block.experts) is collector.timer for block in blocks)
     off = MoeStatsCollector(blocks, torch.device("cpu"), enabled=False, timing_every=1)
-    assert all(block.moe_timer is None for block in blocks)
+    assert all(marks_of(block.experts) is None for block in blocks)
     off.begin_step()
     run_blocks(blocks, x)
     off.end_step(num_tokens=2, num_pad_rows=0)

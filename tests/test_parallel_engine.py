@@ -12,7 +12,7 @@ import torch
 
 from model.engine import EngineConfig, LLMEngine, SamplingParams
 from model.parallel import ParallelConfig
-from model.parallel.launcher import ParallelWorkerError
+from model.parallel.launcher import ParallelWorkerError, parallel_engine
 from tests.engine_fixtures import GREEDY, one_cpu_thread, run, tokens_of  # noqa: F401
 from tests.model_fixtures import make_hf_model, save_checkpoint
 
@@ -42,7 +42,7 @@ def qwen2_checkpoint(tmp_path_factory) -> str:
 def test_greedy_generation_of_two_ranks_equals_one_and_a_dead_rank_fails_the_engine(qwen2_checkpoint):
     single = LLMEngine(engine_config(qwen2_checkpoint))
     expected = generate(single)
-    engine = LLMEngine(engine_config(qwen2_checkpoint), parallel=ParallelConfig(2, 2, collective_timeout_s=30))
+    engine = parallel_engine(engine_config(qwen2_checkpoint), ParallelConfig(2, 2, collective_timeout_s=30))
     try:
         assert generate(engine) == expected
         assert all(len(tokens) == MAX_TOKENS for tokens in expected.values())
@@ -71,10 +71,10 @@ def test_greedy_generation_of_two_ranks_equals_one_and_a_dead_rank_fails_the_eng
 
 def test_tiny_preset_on_four_ranks_generates_as_one():
     expected = generate(LLMEngine(engine_config("tiny")))
-    engine = LLMEngine(engine_config("tiny"), parallel=ParallelConfig(4, 2, collective_timeout_s=30))
+    engine = parallel_engine(engine_config("tiny"), ParallelConfig(4, 2, collective_timeout_s=30))
     try:
         assert generate(engine) == expected
-        assert engine.model.layout.experts == (0, 4) and engine.model.num_local_kv_heads == 1
+        assert engine.model.layout.experts == (0, 4) and engine.model.kv_cache_shape(1, 4)[4] == 1
     finally:
         engine.shutdown()
     assert all(not p.is_alive() for p in engine.workers.processes.values()), "shutdown stops the workers"
@@ -91,9 +91,8 @@ class _RecordReplay:
 
 
 def test_worker_fills_decode_graph_inputs_as_rank_0_does():
+    from model.engine.decode_inputs import static_decode_batch
     from model.engine.model_runner import _Graph
-    from model.parallel.step_channel import encode_decode_rows
-    from model.parallel.worker import replay_decode
 
     engine = LLMEngine(dataclasses.replace(engine_config("tiny"), async_scheduling=False))  # as with workers
     for i, n in enumerate((3, 21, 38)):
@@ -105,16 +104,19 @@ def test_worker_fills_decode_graph_inputs_as_rank_0_does():
     runner, key = engine.runner, (4, 16)
 
     def graph() -> _Graph:
-        batch, int64_inputs, int32_inputs = runner._static_pad_batch(*key)
+        batch, int64_inputs, int32_inputs = static_decode_batch(*key, runner.device)
         return _Graph(_RecordReplay(), batch, torch.zeros(key[0], 1), int64_inputs, int32_inputs)
 
-    rank0 = graph()
-    runner._replay(rank0, out)  # what rank 0 writes into its graph
-    for block_manager in (runner.block_manager, None):  # the host mirror, or the sequences' lists
-        worker = runner.graphs[key] = graph()
-        replay_decode(runner, key, encode_decode_rows(out, key[1], block_manager))
-        assert worker.graph.replays == 1
-        assert torch.equal(worker.int64_inputs, rank0.int64_inputs)
-        assert torch.equal(worker.int32_inputs, rank0.int32_inputs)
+    sent = []
+    rank0 = runner.graphs[key] = graph()
+    runner.step_listener = lambda graph_key, inputs: sent.append((graph_key, inputs.encode()))
+    runner._replay(rank0, out)  # what rank 0 writes into its graph, and sends
+    runner.step_listener = None
+    assert [k for k, _ in sent] == [key] and rank0.graph.replays == 1
+    worker = runner.graphs[key] = graph()
+    runner.replay_encoded(key, sent[0][1])
+    assert worker.graph.replays == 1
+    assert torch.equal(worker.int64_inputs, rank0.int64_inputs)
+    assert torch.equal(worker.int32_inputs, rank0.int32_inputs)
     ids, positions, slots = rank0.int64_inputs.view(3, 4).tolist()
     assert positions[2] >= 38 and slots[2] >= 0 and slots[3] == -1  # 3 real rows, then a padding row

@@ -10,6 +10,7 @@ from model.engine import EngineConfig, LLMEngine, SamplingParams
 from model.kernels import fused_moe, softmax_topk, uses_cuda_kernel
 from model.parallel import ParallelConfig
 from model.parallel.expert_parallel import local_ids
+from model.parallel.launcher import parallel_engine
 from tests.parallel_fixtures import parity_target, spawn_ranks
 
 pytestmark = pytest.mark.gpu
@@ -53,7 +54,7 @@ def test_one_rank_nccl_engine_with_graphs_generates_as_the_plain_engine():
         return out
 
     expected = generate(LLMEngine(config))
-    engine = LLMEngine(config, parallel=ParallelConfig(1, 1, collective_timeout_s=60))
+    engine = parallel_engine(config, ParallelConfig(1, 1, collective_timeout_s=60))
     try:
         assert engine.runner.num_graphs > 0, "decode steps replay CUDA graphs holding NCCL collectives"
         assert generate(engine) == expected
@@ -87,7 +88,7 @@ def test_workers_replay_decode_graphs_as_eager_steps_compute():
     def generate(enforce_eager: bool) -> dict[str, list[int]]:
         config = EngineConfig(model="tiny", max_num_seqs=8, max_num_batched_tokens=256, max_model_len=512,
                               num_kv_blocks=256, enforce_eager=enforce_eager, moe_timing_every=1000)
-        engine = LLMEngine(config, parallel=ParallelConfig(2, 2, collective_timeout_s=60))
+        engine = parallel_engine(config, ParallelConfig(2, 2, collective_timeout_s=60))
         try:
             assert (engine.runner.num_graphs > 0) != enforce_eager
             for i, prompt in enumerate(prompts):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.checkpoint import SafetensorsCheckpoint
-from model.config import config_from_hf
+from model.families import config_from_hf
 from model.loader import init_random_weights, load_model
 from model.parallel import ParallelConfig, RankLayout
 from model.parallel.config import split_evenly

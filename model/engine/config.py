@@ -1,21 +1,24 @@
-"""EngineConfig: every knob of the generation engine, checked once at construction."""
+"""EngineConfig: every knob of the generation engine and its default, checked once at construction (the CLI
+passes on only the flags it was given)."""
 
 from dataclasses import dataclass
 
 import torch
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+from model.dtypes import AUTO, check_dtype_name, resolve_dtype
+
+# Chunked-prefill budget when none is given (why these values: benchmarks/NOTES.md, "Defaults measured here").
+CUDA_BATCHED_TOKENS, CPU_BATCHED_TOKENS = 8192, 2048
 
 
 @dataclass
 class EngineConfig:
     model: str = "tiny"  # checkpoint directory or preset name
     random_weights: bool = False
-    dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
+    dtype: str = AUTO  # a model.dtypes name; "auto": bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # "auto": cuda if available, else cpu
     max_num_seqs: int = 256  # sequences in one step (also the largest CUDA-graph batch)
-    max_num_batched_tokens: int = 2048  # new tokens in one step (the chunked-prefill budget)
+    max_num_batched_tokens: int | None = None  # new tokens in one step (the chunked-prefill budget); None: by device
     block_size: int = 16  # tokens per KV block
     num_kv_blocks: int | None = None  # None: sized from free GPU memory, or a CPU default
     max_model_len: int | None = None  # None: min(max_position_embeddings, KV capacity)
@@ -28,6 +31,14 @@ class EngineConfig:
     seed: int = 0  # seeds the RNG of unseeded sampled requests
 
     def __post_init__(self):
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError as err:
+                raise ValueError(f"bad device {self.device!r}: {err}") from None
+        if self.max_num_batched_tokens is None:
+            on_cuda = torch.cuda.is_available() if self.device == "auto" else torch.device(self.device).type == "cuda"
+            self.max_num_batched_tokens = CUDA_BATCHED_TOKENS if on_cuda else CPU_BATCHED_TOKENS
         positive = dict(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                         block_size=self.block_size, moe_timing_every=self.moe_timing_every,
                         cpu_kv_cache_bytes=self.cpu_kv_cache_bytes)
@@ -43,13 +54,7 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if not 0.05 <= self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in [0.05, 1], got {self.gpu_memory_utilization}")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except RuntimeError as err:
-                raise ValueError(f"bad device {self.device!r}: {err}") from None
+        check_dtype_name(self.dtype)
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -63,6 +68,4 @@ class EngineConfig:
         return device
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return DTYPES[self.dtype]
+        return resolve_dtype(self.dtype, device)

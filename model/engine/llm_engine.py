@@ -22,7 +22,8 @@ import torch
 from model.engine.block_manager import BlockManager
 from model.engine.config import EngineConfig
 from model.engine.detokenizer import IncrementalDetokenizer, check_stop_token, detokenize_and_check_stop_strings
-from model.engine.model_runner import PAD_BLOCK, ModelRunner
+from model.engine.decode_inputs import PAD_BLOCK
+from model.engine.model_runner import ModelRunner
 from model.engine.moe_stats import MoeStatsCollector, MoeStatsSnapshot
 from model.engine.sampler import Sampler
 from model.engine.sampling_params import SamplingParams
@@ -60,22 +61,18 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model=None, tokenizer=None, parallel=None):
-        """`model`/`tokenizer` may be passed in ready-made (tests); otherwise `config.model` is loaded. `parallel`
-        (model.parallel.ParallelConfig) shards the model over that many ranks: this process is rank 0 and runs the
-        engine; the other ranks only run the model, following each step (model/parallel)."""
+    def __init__(self, config: EngineConfig, model=None, tokenizer=None, workers=None):
+        """`model`/`tokenizer` may be passed in ready-made (tests, or rank 0's shard of a parallel model); otherwise
+        `config.model` is loaded. `workers`: the other ranks of a parallel model, which follow each step
+        (`send_step`), report a dead rank (`check`) and stop (`close`); see model/parallel/launcher.py."""
         from model.kernels import extension
         from model.loader import load_model
 
         self.config = config
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
-        self.workers = None  # model.parallel.launcher.WorkerGroup of a parallel model
-        if model is None and parallel is not None:
-            from model.parallel.launcher import start_parallel
-
-            model, tokenizer, self.workers = start_parallel(config, parallel, self.device)
-        elif model is None:
+        self.workers = workers
+        if model is None:
             model, tokenizer = load_model(config.model, random_weights=config.random_weights, dtype=self.dtype,
                                           device=self.device)
         self.model = model

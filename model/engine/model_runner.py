@@ -1,21 +1,25 @@
 """ModelRunner: owns the paged KV cache, turns a scheduled step into a ForwardBatch, runs the model (a captured
 CUDA graph for decode steps on the GPU, eager otherwise) and returns the logits of the rows that sample.
 
-Block 0 of the cache is reserved for padding: padded CUDA-graph rows feed token 0 at position 0 with block table
-[0, 0, ...] and context length 1, and slot 0 holds exactly that token's K/V. So a padding row computes the same
-thing at every replay (its expert routing can be subtracted from the load counters) and never touches a real
-sequence's cache.
+Block PAD_BLOCK of the cache is reserved for padding (model/engine/decode_inputs.py): slot 0 holds exactly the
+padding token's K/V, so a padded CUDA-graph row computes the same thing at every replay (its expert routing can be
+subtracted from the load counters) and never touches a real sequence's cache.
+
+A step is described once, as what every rank of a parallel model needs to run it: eager steps as `StepItem`s (per
+sequence its new tokens, first position, block table and whether it samples), graph steps as `DecodeInputs`.
+`step_listener` receives that description before the step runs here; `run_items` and `replay_encoded` run it on
+another rank.
 """
 
 import logging
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from model.engine.block_manager import BlockManager, blocks_for
 from model.engine.config import EngineConfig
+from model.engine.decode_inputs import PAD_BLOCK, PAD_TOKEN, DecodeInputs, static_decode_batch
 from model.engine.sampler import Sampler
 from model.engine.sampling_params import SamplingParams
 from model.engine.scheduler import SchedulerOutput
@@ -24,8 +28,7 @@ from model.layers import fusion
 
 logger = logging.getLogger(__name__)
 
-PAD_BLOCK = 0
-PAD_TOKEN = 0
+StepItem = tuple[list[int], int, list[int], bool]  # (new token ids, first position, block table, samples)
 GRAPH_CONTEXT_TOKENS = 1 << 18  # largest batch × padded context a decode graph is captured for (bounds its memory)
 MIN_GRAPH_WIDTH = 8  # smallest block-table width bucket of the decode graphs
 
@@ -47,34 +50,11 @@ class _Graph:
     logits: torch.Tensor  # [b, V] static output
     int64_inputs: torch.Tensor  # [3b]: input_ids, positions, slot_mapping (the batch's tensors are views)
     int32_inputs: torch.Tensor  # [b + b*w]: context_lens, block_tables
-    staging: "_Staging | None" = None  # host side of the two input buffers, made at the first replay
+    staging: DecodeInputs | None = None  # host side of the two input buffers, made at the first replay
     # The same step captured again with the MoE timer's event-record nodes, replayed only in steps sampled for
     # timing, since event nodes slow every replay (benchmarks/NOTES.md, "Metrics overhead"). It writes its logits
     # into `logits` too. None: `graph` serves every step.
     timed: "torch.cuda.CUDAGraph | None" = None
-
-
-class _Staging:
-    """Pinned host copies of a graph's two input buffers, with numpy views of their fields. Rows at or past the
-    real batch hold the padding values; `set_padding` restores them only where the last replay had real rows."""
-
-    def __init__(self, g: _Graph, pin: bool):
-        b, w = g.batch.block_tables.shape
-        self.width = w
-        self.host_int64 = g.int64_inputs.cpu().pin_memory() if pin else g.int64_inputs.clone()  # padding values
-        self.host_int32 = g.int32_inputs.cpu().pin_memory() if pin else g.int32_inputs.clone()
-        int64_values, int32_values = self.host_int64.numpy(), self.host_int32.numpy()
-        self.ids, self.pos, self.slots = int64_values[:b], int64_values[b : 2 * b], int64_values[2 * b :]
-        self.ctx, self.tables = int32_values[:b], int32_values[b:].reshape(b, w)
-        self.row_index = np.arange(b)
-        self.num_real = 0  # real rows written by the last replay
-        self.copied = torch.cuda.Event() if pin else None  # recorded after each copy out of these buffers
-
-    def set_padding(self, n: int) -> None:
-        if n < self.num_real:
-            self.ids[n : self.num_real], self.pos[n : self.num_real], self.slots[n : self.num_real] = PAD_TOKEN, 0, -1
-            self.ctx[n : self.num_real], self.tables[n : self.num_real] = 1, PAD_BLOCK
-        self.num_real = n
 
 
 def _host(values, dtype, pin: bool) -> torch.Tensor:
@@ -99,8 +79,8 @@ class ModelRunner:
         self.num_usable_blocks = self._decide_num_blocks(max_len)
         if hasattr(model, "agree_on_num_blocks"):  # the ranks of a parallel model (model/parallel) take the least
             self.num_usable_blocks = model.agree_on_num_blocks(self.num_usable_blocks)
-        # Called with (self, SchedulerOutput, graph key or None) before each step runs: rank 0 of a parallel model tells
-        # its workers (model/parallel) to run the same step. None on a single rank.
+        # Called with (graph key, DecodeInputs) or (None, [StepItem]) before each step runs: rank 0 of a parallel
+        # model tells its workers (model/parallel) to run the same step. None on a single rank.
         self.step_listener = None
         self.moe_timer = None  # model/engine/moe_timer.MoeTimer: told of each graph's capture and replay
         capacity = self.num_usable_blocks * self.block_size
@@ -155,7 +135,7 @@ class ModelRunner:
                             device=self.device)
         cache_bytes = cache.numel() * cache.element_size()
         vocab = self.model.config.vocab_size
-        batch = self._prefill_batch([([i % vocab for i in range(n)], 0, table, True) for n, table in zip(lens, tables)])
+        batch = self.build_batch([([i % vocab for i in range(n)], 0, table, True) for n, table in zip(lens, tables)])
         self.model(batch, cache)
         logits = torch.randn(cfg.max_num_seqs, vocab, device=self.device)
         Sampler(self.device).sample(logits, [SamplingParams(top_p=0.9, top_k=50)] * cfg.max_num_seqs,
@@ -176,8 +156,7 @@ class ModelRunner:
         return gathered_kv + logits + (256 << 20)
 
     # ---- batches ----------------------------------------------------------------------------------------------
-    def _prefill_batch(self, items) -> ForwardBatch:
-        """items: (new token ids, first position, block table, samples) per sequence."""
+    def build_batch(self, items: list[StepItem]) -> ForwardBatch:
         bs = self.block_size
         input_ids, positions, slots, qsl, ctx, qlens, logits_idx = [], [], [], [0], [], [], []
         width = max(len(table) for _, _, table, _ in items)
@@ -210,13 +189,6 @@ class ModelRunner:
             query_lens_host=list(qlens), context_lens_host=list(ctx),
         )
 
-    def build_batch(self, out: SchedulerOutput) -> ForwardBatch:
-        items = []
-        for s in out.scheduled:
-            seq = s.seq
-            start = seq.num_computed_tokens
-            items.append((seq.token_ids[start : start + s.num_new_tokens], start, seq.block_table, s.samples))
-        return self._prefill_batch(items)
 
     # ---- execution --------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -228,14 +200,13 @@ class ModelRunner:
         if out.is_decode and not force_eager and self.graphs:
             key = self._graph_key(len(out.scheduled), max(len(s.seq.block_table) for s in out.scheduled))
             if key is not None:
-                if self.step_listener is not None:
-                    self.step_listener(self, out, key)
                 if self.moe_timer is not None:
                     self.moe_timer.graph_replayed(key)
                 return self._replay(self.graphs[key], out, sampled_before), key[0] - len(out.scheduled)
+        items = step_items(out)
         if self.step_listener is not None:
-            self.step_listener(self, out, None)
-        batch = self.build_batch(out)
+            self.step_listener(None, items)
+        batch = self.build_batch(items)
         self._feed_sampled(batch.input_ids, out, sampled_before, decode_rows=False)
         return self.model(batch, self.kv_cache), 0
 
@@ -267,46 +238,39 @@ class ModelRunner:
         key = (b, w)
         return key if key in self.graphs else None
 
+    def _staging(self, g: _Graph) -> DecodeInputs:
+        if g.staging is None:
+            width = g.batch.block_tables.shape[1]
+            g.staging = DecodeInputs(g.int64_inputs, g.int32_inputs, width, self.block_size, self.pin)
+        return g.staging
+
     def _replay(self, g: _Graph, out: SchedulerOutput, sampled_before: torch.Tensor | None = None) -> torch.Tensor:
         """Fill the graph's pinned host staging buffers in place (block tables: one gather of the block manager's
-        rows), copy each to its static device buffer with one copy, replay."""
-        if g.staging is None:
-            g.staging = _Staging(g, self.pin)
-        st = g.staging
-        if st.copied is not None:
-            st.copied.synchronize()  # the last copy out of the staging buffers is done (it always is after a sync)
-        n = len(out.scheduled)
-        bs = self.block_size
+        rows), tell the listener, copy each buffer to the device with one copy, replay."""
+        inputs = self._staging(g)
         seqs = [s.seq for s in out.scheduled]
-        pos = st.pos[:n]
-        st.ids[:n] = [seq.token_ids[-1] for seq in seqs]
-        pos[:] = [len(seq.token_ids) - 1 for seq in seqs]
-        rows = self.block_manager.tables[[seq.block_row for seq in seqs], : st.width]  # [n, w], 0 past the end
-        st.tables[:n] = rows
-        st.slots[:n] = rows[st.row_index[:n], pos // bs] * bs + pos % bs
-        st.ctx[:n] = pos + 1
-        st.set_padding(n)
-        g.int64_inputs.copy_(st.host_int64, non_blocking=True)
-        g.int32_inputs.copy_(st.host_int32, non_blocking=True)
-        if st.copied is not None:
-            st.copied.record()
+        inputs.fill([seq.token_ids[-1] for seq in seqs], [len(seq.token_ids) - 1 for seq in seqs],
+                    self.block_manager.tables[[seq.block_row for seq in seqs], : inputs.width])  # [n, w]
+        if self.step_listener is not None:
+            self.step_listener(tuple(g.batch.block_tables.shape), inputs)
+        inputs.copy_to_device()
         self._feed_sampled(g.batch.input_ids, out, sampled_before, decode_rows=True)
-        (g.timed if g.timed is not None and self.moe_timer.sampling else g.graph).replay()
-        return g.logits[:n]
+        timed = g.timed is not None and self.moe_timer is not None and self.moe_timer.sampling
+        (g.timed if timed else g.graph).replay()
+        return g.logits[: len(seqs)]
 
-    def _static_pad_batch(self, b: int, w: int) -> tuple[ForwardBatch, torch.Tensor, torch.Tensor]:
-        """A decode batch of b padding rows whose inputs are views of two flat buffers (filled per replay)."""
-        dev = self.device
-        int64_inputs = torch.tensor([PAD_TOKEN] * b + [0] * b + [-1] * b, dtype=torch.int64, device=dev)
-        int32_inputs = torch.tensor([1] * b + [PAD_BLOCK] * (b * w), dtype=torch.int32, device=dev)
-        batch = ForwardBatch(
-            input_ids=int64_inputs[:b], positions=int64_inputs[b : 2 * b], slot_mapping=int64_inputs[2 * b :],
-            block_tables=int32_inputs[b:].view(b, w), context_lens=int32_inputs[:b],
-            query_start_loc=torch.arange(b + 1, dtype=torch.int32, device=dev),
-            logits_indices=torch.arange(b, dtype=torch.int64, device=dev), is_decode=True,
-            query_lens_host=[1] * b, context_lens_host=[1] * b,
-        )
-        return batch, int64_inputs, int32_inputs
+    # ---- the same steps on another rank of a parallel model ---------------------------------------------------
+    @torch.inference_mode()
+    def run_items(self, items: list[StepItem]) -> None:
+        self.model(self.build_batch(items), self.kv_cache)
+
+    @torch.inference_mode()
+    def replay_encoded(self, key: tuple[int, int], encoded) -> None:
+        """Replay graph `key` on the real rows of DecodeInputs.encode() (rank 0's inputs of the same step)."""
+        inputs = self._staging(self.graphs[key])
+        inputs.fill_encoded(encoded)
+        inputs.copy_to_device()
+        self.graphs[key].graph.replay()
 
     def _pad_batch(self, b: int, w: int, write_slot: bool = False) -> ForwardBatch:
         """b padding rows (see module doc); `write_slot` makes row 0 write its K/V to slot 0 (start-up only)."""
@@ -332,7 +296,7 @@ class ModelRunner:
         pool = torch.cuda.graph_pool_handle()
         started = time.perf_counter()
         for b, w in sorted(keys, key=lambda k: k[0] * k[1], reverse=True):  # largest first: the pool fits the rest
-            batch, int64_inputs, int32_inputs = self._static_pad_batch(b, w)
+            batch, int64_inputs, int32_inputs = static_decode_batch(b, w, self.device)
             try:
                 with fusion.for_graph_capture():
                     self.model(batch, self.kv_cache)  # warm-up outside the graph (lazy inits, compiling)
@@ -370,3 +334,13 @@ class ModelRunner:
 
     def kv_cache_bytes(self) -> int:
         return self.kv_cache.numel() * self.kv_cache.element_size()
+
+
+def step_items(out: SchedulerOutput) -> list[StepItem]:
+    """What each scheduled sequence feeds the model in this step."""
+    items = []
+    for s in out.scheduled:
+        seq = s.seq
+        start = seq.num_computed_tokens
+        items.append((seq.token_ids[start : start + s.num_new_tokens], start, seq.block_table, s.samples))
+    return items

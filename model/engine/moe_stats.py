@@ -7,7 +7,8 @@
   (so sampled decode steps stay graph replays), fresh events in eager steps, the wall clock on the CPU. The events
   are read once complete, never waited on. A sample's FLOPs are those of the rows fused_moe computed, padded graph
   rows included, since the kernel computes them too; so utilization = FLOPs ÷ seconds of the same work.
-- Expert load: each SparseMoeBlock accumulates its token counts on the device; every few steps those buffers are
+- Expert load: each block's experts op accumulates its token counts on the device, in the kernel (they are free
+  there); the collector only reads them: every few steps those buffers are
   copied device -> pinned host with non_blocking and an event, and harvested once the event has completed.
   Padded CUDA-graph rows are counted by the op too; they all compute the same fixed pad token, whose per-layer
   routing is measured once (`set_pad_routing`) and subtracted.
@@ -73,8 +74,6 @@ class MoeStatsCollector:
         self._pad_routing = torch.zeros(len(blocks), max(self.num_experts, default=1), dtype=torch.int64)
         self._copy_in_flight = None  # (pinned host [L, E], event, pad rows at copy time)
         self._history: deque[torch.Tensor] = deque(maxlen=window_harvests + 1)  # corrected cumulative counts
-        for b in blocks:
-            b.count_expert_load = self.enabled
         self.timer = MoeTimer(device, self.enabled)  # the model runner reports graph captures and replays to it
         self.timer.attach(blocks)
 
@@ -119,7 +118,7 @@ class MoeStatsCollector:
         """`final`: the engine is going idle; a snapshot may then wait for this copy (it costs the loop nothing)."""
         counts = torch.zeros(len(self.blocks), self._pad_routing.shape[1], dtype=torch.int64, device=self.device)
         for i, b in enumerate(self.blocks):
-            counts[i, : b.num_experts].copy_(b.expert_load)
+            counts[i, : b.num_experts].copy_(b.experts.expert_load)
         if self.device.type == "cuda":
             host = torch.empty(counts.shape, dtype=torch.int64, pin_memory=True)
             host.copy_(counts, non_blocking=True)
@@ -146,7 +145,7 @@ class MoeStatsCollector:
         """Synchronous read of the device counters (start-up only). [L, E]"""
         out = torch.zeros_like(self._pad_routing)
         for i, b in enumerate(self.blocks):
-            out[i, : b.num_experts] = b.expert_load.cpu()
+            out[i, : b.num_experts] = b.experts.expert_load.cpu()
         return out
 
     def set_pad_routing(self, counts_of_one_pad_row: torch.Tensor) -> None:
@@ -155,7 +154,7 @@ class MoeStatsCollector:
     def reset_counts(self) -> None:
         """Zero the device counters in place (CUDA graphs keep pointers to them) and the host history."""
         for b in self.blocks:
-            b.expert_load.zero_()
+            b.experts.expert_load.zero_()
         with self._lock:
             self._pad_rows = 0
             self._copy_in_flight = None

@@ -1,8 +1,9 @@
 """Timing of the routed-expert op (`fused_moe`: plan, GEMMs, combine) of every MoE block, inside the decode CUDA
 graphs, for the tensor-core utilization metric.
 
-Each SparseMoeBlock calls `start()` / `stop()` immediately around its `fused_moe` call; the router, top-k and the
-shared expert stay outside the window. What the two calls do depends on where the block runs:
+`time_experts` wraps each MoE block's experts op (`SparseMoeBlock.experts`) from outside the model: forward hooks
+call `start()` / `stop()` immediately around it, so the router, top-k and the shared expert stay outside the window
+and the model itself knows nothing of timing. What the two calls do depends on where the block runs:
 - while a decode CUDA graph is captured (`begin_capture` .. `end_capture`): they record timing events made with
   `external=True`, which stream capture turns into event-record nodes of that graph (CUDA 12+; an event without the
   flag would become a fork/join edge instead). Every replay re-records them, so each graph owns one (start, end)
@@ -23,12 +24,33 @@ computed the same rows, so its FLOPs are the same.
 """
 
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 
 import torch
 
 MAX_PENDING = 4  # samples waiting for their events; older ones are dropped (counted in `skipped`)
+
+_marks_of = weakref.WeakKeyDictionary()  # experts op -> (its marks, their hook handles)
+
+
+def time_experts(blocks, marks) -> None:
+    """Call `marks.start()` right before and `marks.stop()` right after each block's experts op (None: neither).
+    An op has one set of marks: a later call replaces an earlier one's."""
+    for block in blocks:
+        _, handles = _marks_of.pop(block.experts, (None, ()))
+        for handle in handles:
+            handle.remove()
+        if marks is not None:
+            _marks_of[block.experts] = (marks, (
+                block.experts.register_forward_pre_hook(lambda module, args: marks.start()),
+                block.experts.register_forward_hook(lambda module, args, out: marks.stop())))
+
+
+def marks_of(experts):
+    """The marks `time_experts` put around this experts op, or None."""
+    return _marks_of.get(experts, (None, ()))[0]
 
 
 class WallClockMark:
@@ -88,10 +110,9 @@ class MoeTimer:
         self._pending: deque[_Sample] = deque()
 
     def attach(self, blocks) -> None:
-        for block in blocks:
-            block.moe_timer = self if self.enabled else None
+        time_experts(blocks, self if self.enabled else None)
 
-    # ---- called by the MoE blocks, around fused_moe ----------------------------------------------------------------
+    # ---- called around each experts op (forward hooks, see time_experts) ----------------------------------------
     def start(self) -> None:
         if self._capture is not None or self._sampled:
             self._open = self._mark()

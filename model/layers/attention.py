@@ -12,14 +12,18 @@ from model.layers.rotary import apply_rotary
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    """`num_heads` / `num_kv_heads`: the heads this module holds, all of the model's by default (a tensor-parallel
+    rank holds a slice of them, model/parallel)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, num_heads: int | None = None,
+                 num_kv_heads: int | None = None):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
+        self.num_heads = config.num_heads if num_heads is None else num_heads
+        self.num_kv_heads = config.num_kv_heads if num_kv_heads is None else num_kv_heads
         self.head_dim = config.head_dim
-        self.q_size = config.num_heads * config.head_dim
-        self.kv_size = config.num_kv_heads * config.head_dim
+        self.q_size = self.num_heads * config.head_dim
+        self.kv_size = self.num_kv_heads * config.head_dim
         self.scale = config.head_dim**-0.5
         self.qk_norm = config.qk_norm
         self.clip_qkv = config.clip_qkv

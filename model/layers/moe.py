@@ -1,7 +1,8 @@
-"""`SparseMoeBlock`: router → softmax top-k → the fused MoE op, plus an optional sigmoid-gated shared expert.
+"""`SparseMoeBlock`: router → softmax top-k → the experts op, plus an optional sigmoid-gated shared expert.
 
-Expert weights use the layout HF transformers 5 holds in memory: gate_up_proj [E, 2I, H] (gate rows, then up
-rows) and down_proj [E, H, I], which is what `model.kernels.fused_moe` takes.
+The experts op (`Experts`) is a module of its own so that transforms can wrap it from outside the model: the
+engine's metrics time it by forward hooks (model/engine/moe_timer.py). Expert weights use the layout HF transformers 5 holds in memory: gate_up_proj
+[E, 2I, H] (gate rows, then up rows) and down_proj [E, H, I], which is what `model.kernels.fused_moe` takes.
 """
 
 import torch
@@ -14,10 +15,18 @@ from model.layers.mlp import GatedMLP
 
 
 class Experts(nn.Module):
+    """forward(x [N, H], topk_weights [N, k] f32, topk_ids [N, k] i32) -> [N, H]: the fused MoE op. It adds the
+    tokens routed to each expert to `expert_load` on the device as it runs (free in the kernel; no host sync); the
+    engine's metrics read those counts."""
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        return fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids, expert_load=self.expert_load)
 
 
 class SparseMoeBlock(nn.Module):
@@ -45,24 +54,11 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert_gate = Linear(hidden_size, 1)
         else:
             self.shared_expert = None
-        # Tokens routed to each expert, accumulated on the device by the op (no host sync); read by metrics.
-        self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
-        self.count_expert_load = True
-        # Set by the engine's metrics (model/engine/moe_timer.py): marks right around fused_moe, for its utilization.
-        self.moe_timer = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, H]
         router_logits = self.gate(x)  # [N, E]
         topk_weights, topk_ids = softmax_topk(router_logits, self.top_k, self.renormalize)  # [N, k] f32, i32
-        timer = self.moe_timer
-        if timer is not None:
-            timer.start()
-        out = fused_moe(
-            x, self.experts.gate_up_proj, self.experts.down_proj, topk_weights, topk_ids,
-            expert_load=self.expert_load if self.count_expert_load else None,
-        )  # [N, H]
-        if timer is not None:
-            timer.stop()
+        out = self.experts(x, topk_weights, topk_ids)  # [N, H]
         if self.shared_expert is not None:
             out = out + F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out

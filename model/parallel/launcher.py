@@ -23,10 +23,10 @@ import threading
 import torch
 import torch.distributed as dist
 
-from model.engine.config import EngineConfig
+from model.engine import EngineConfig, LLMEngine
 from model.parallel.comm import ProcessGroups, init_process_groups
 from model.parallel.config import ParallelConfig
-from model.parallel.step_channel import EAGER, GRAPH, STOP, encode_decode_rows, encode_items, items_of, send
+from model.parallel.step_channel import EAGER, GRAPH, STOP, encode_items, send
 from model.parallel.worker import prepare_rank, spawned_worker_main
 
 logger = logging.getLogger(__name__)
@@ -74,14 +74,14 @@ class WorkerGroup:
         if self.failure is not None:
             raise ParallelWorkerError(self.failure)
 
-    def send_step(self, runner, scheduler_output, graph_key: tuple[int, int] | None) -> None:
-        """ModelRunner.step_listener: tell the workers to run the step rank 0 is about to run."""
+    def send_step(self, graph_key: tuple[int, int] | None, step) -> None:
+        """ModelRunner.step_listener: tell the workers to run the step rank 0 is about to run (its step items, or
+        the DecodeInputs of graph `graph_key`)."""
         self.check()
         if graph_key is None:
-            send(self.groups.control, EAGER, encode_items(items_of(scheduler_output)))
+            send(self.groups.control, EAGER, encode_items(step))
         else:
-            rows = encode_decode_rows(scheduler_output, graph_key[1], getattr(runner, "block_manager", None))
-            send(self.groups.control, GRAPH, rows, graph_key)
+            send(self.groups.control, GRAPH, step.encode(), graph_key)
 
     def close(self, timeout: float = 10.0, graceful: bool = True) -> None:
         """Stop the workers (a STOP message, then terminate what is left) and leave the process groups."""
@@ -116,6 +116,17 @@ def _spawn_workers(engine_config: EngineConfig, parallel: ParallelConfig, device
         logger.info("parallel worker rank %d started (pid %d)", rank, process.pid)
         processes[rank] = process
     return processes
+
+
+def parallel_engine(engine_config: EngineConfig, parallel: ParallelConfig) -> LLMEngine:
+    """The engine on rank 0 of a model sharded over `parallel.world_size` ranks, once every rank has loaded its
+    shard; the other ranks follow its steps."""
+    model, tokenizer, workers = start_parallel(engine_config, parallel, engine_config.resolve_device())
+    try:
+        return LLMEngine(engine_config, model=model, tokenizer=tokenizer, workers=workers)
+    except BaseException:
+        workers.close(timeout=1.0, graceful=False)
+        raise
 
 
 def start_parallel(engine_config: EngineConfig, parallel: ParallelConfig, device: torch.device):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from model.checkpoint import SafetensorsCheckpoint
+from model.families import FAMILIES
 from model.loader import resolve_source
 from model.parallel.comm import Comm
 from model.parallel.config import ParallelConfig, RankLayout
@@ -33,7 +34,7 @@ def load_shard(model: ParallelCausalLM, checkpoint: SafetensorsCheckpoint) -> Sh
     config = model.config
     global_model = meta_model(config)
     ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    plan = plan_loading(global_model, checkpoint, model.checkpoint_renames, ignorable)
+    plan = plan_loading(global_model, checkpoint, FAMILIES[config.model_type].checkpoint_renames, ignorable)
     names = {id(p): name for name, p in global_model.named_parameters()}
     local = dict(model.lm.named_parameters())
     for name, param in local.items():

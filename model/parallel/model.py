@@ -1,8 +1,12 @@
 """`ParallelCausalLM`: one rank's shard of a MoE model, made by transforming the plain model (built on the meta
 device, so no global weight is ever allocated), and the `ShardSpec` of every split parameter for the loader.
 
-Per decoder layer the forward has two all-reduces (attention output; MoE or dense MLP output), as a dense
-tensor-parallel transformer; plus one for the embedding and an all-gather of the vocabulary-split logits.
+The transform swaps modules and never changes a forward: attention gets the rank's heads (a smaller `Attention`)
+and a row-parallel output projection, the MoE block its shard of the experts op (`ShardedExperts`) and a forward
+hook that all-reduces its output (routed plus shared-expert partial sums), dense MLPs and the shared expert their
+columns, the embedding and LM head their vocabulary rows. Per decoder layer the forward has two all-reduces
+(attention output; MoE or dense MLP output), as a dense tensor-parallel transformer; plus one for the embedding and
+an all-gather of the vocabulary-split logits.
 """
 
 import torch
@@ -10,16 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
+from model.decoder import MoeCausalLM
 from model.layers.attention import Attention
 from model.layers.linear import Linear
 from model.layers.mlp import GatedMLP
 from model.layers.moe import SparseMoeBlock
 from model.layers.rotary import RotaryEmbedding
 from model.loader import _default_dtype
-from model.models import MODEL_CLASSES, MoeCausalLM
 from model.parallel.comm import Comm
 from model.parallel.config import RankLayout
-from model.parallel.expert_parallel import ExpertParallelMoeBlock
+from model.parallel.expert_parallel import ShardedExperts
 from model.parallel.layers import RowParallelLinear, ShardedRMSNorm, VocabParallelEmbedding
 from model.parallel.sharding import ShardSpec, replicated, split_dim, with_split
 
@@ -29,7 +33,7 @@ _BUFFERS = ("cos_cache", "sin_cache", "expert_load")  # recomputed after allocat
 def meta_model(config: ModelConfig) -> MoeCausalLM:
     """The plain model with shape-only parameters: global names and shapes, no memory."""
     with torch.device("meta"):
-        return MODEL_CLASSES[config.model_type](config)
+        return MoeCausalLM(config)
 
 
 class ParallelCausalLM(nn.Module):
@@ -44,7 +48,6 @@ class ParallelCausalLM(nn.Module):
         self.layout = layout
         self.comm = comm
         self.shard_specs = specs  # parameter name (within lm) -> spec; absent = replicated
-        self.checkpoint_renames = lm.checkpoint_renames
         self._agree_min = agree_min  # callable: the minimum of an int over all ranks
 
     def spec(self, name: str) -> ShardSpec:
@@ -56,17 +59,11 @@ class ParallelCausalLM(nn.Module):
         logits = self.comm.all_gather_columns(F.linear(h, self.lm.head_weight()))  # [S, W * rows]
         return logits[:, : self.config.vocab_size].float()
 
-    @property
-    def num_local_kv_heads(self) -> int:
-        return self.layout.kv_heads[1] - self.layout.kv_heads[0]
-
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
-        c = self.config
-        return (c.num_layers, 2, num_blocks, block_size, self.num_local_kv_heads, c.head_dim)
+        return self.lm.kv_cache_shape(num_blocks, block_size)
 
     def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
-        c = self.config
-        return c.num_layers * 2 * block_size * self.num_local_kv_heads * c.head_dim * dtype.itemsize
+        return self.lm.kv_cache_bytes_per_block(block_size, dtype)
 
     def moe_blocks(self) -> list[SparseMoeBlock]:
         return self.lm.moe_blocks()
@@ -88,14 +85,12 @@ def _columns_of_gated(mlp: GatedMLP, prefix: str, columns: tuple[int, int], comm
     specs[prefix + "down_proj.weight"] = split_dim(shapes[prefix + "down_proj.weight"], 1, [(c0, c1)])
 
 
-def _shard_attention(attn: Attention, config: ModelConfig, layout: RankLayout, comm: Comm, prefix: str,
-                     shapes: dict, specs: dict) -> None:
+def _shard_attention(layer_idx: int, config: ModelConfig, layout: RankLayout, comm: Comm, prefix: str,
+                     shapes: dict, specs: dict) -> Attention:
     d = config.head_dim
     (q0, q1), (k0, k1) = layout.q_heads, layout.kv_heads
     q_global, kv_global = config.num_heads * d, config.num_kv_heads * d
-    attn.num_heads, attn.num_kv_heads = q1 - q0, k1 - k0
-    attn.q_size, attn.kv_size = (q1 - q0) * d, (k1 - k0) * d
-    attn.qkv_proj = Linear(config.hidden_size, attn.q_size + 2 * attn.kv_size, bias=config.qkv_bias)
+    attn = Attention(config, layer_idx, num_heads=q1 - q0, num_kv_heads=k1 - k0)
     rows = [(q0 * d, q1 * d), (q_global + k0 * d, q_global + k1 * d),
             (q_global + kv_global + k0 * d, q_global + kv_global + k1 * d)]
     for kind in ("weight", "bias") if config.qkv_bias else ("weight",):
@@ -108,20 +103,21 @@ def _shard_attention(attn: Attention, config: ModelConfig, layout: RankLayout, c
         attn.k_norm = ShardedRMSNorm(attn.kv_size, kv_global, layout.kv_replicas, config.rms_norm_eps, comm)
         specs[prefix + "q_norm.weight"] = split_dim(shapes[prefix + "q_norm.weight"], 0, [(q0 * d, q1 * d)])
         specs[prefix + "k_norm.weight"] = split_dim(shapes[prefix + "k_norm.weight"], 0, [(k0 * d, k1 * d)])
+    return attn
 
 
 def _shard_moe(block: SparseMoeBlock, config: ModelConfig, layout: RankLayout, comm: Comm, prefix: str,
-               shapes: dict, specs: dict) -> ExpertParallelMoeBlock:
-    shared = block.shared_expert
-    if shared is not None:
-        _columns_of_gated(shared, prefix + "shared_expert.", layout.shared_columns, comm, False, shapes, specs)
-    sharded = ExpertParallelMoeBlock(block, layout.experts, layout.moe_columns, shared, comm)
+               shapes: dict, specs: dict) -> None:
+    if block.shared_expert is not None:  # its down projection must not reduce: summed with the experts' below
+        _columns_of_gated(block.shared_expert, prefix + "shared_expert.", layout.shared_columns, comm, False,
+                          shapes, specs)
+    block.experts = ShardedExperts(config.num_experts, config.hidden_size, layout.experts, layout.moe_columns)
+    block.register_forward_hook(lambda module, args, out: comm.all_reduce(out))  # one sum of all partial outputs
     (c0, c1), inter = layout.moe_columns, config.moe_intermediate_size
     gate_up, down = prefix + "experts.gate_up_proj", prefix + "experts.down_proj"
     specs[gate_up] = with_split(split_dim(shapes[gate_up], 0, [layout.experts]), 1,
                                 [(c0, c1), (inter + c0, inter + c1)])
     specs[down] = with_split(split_dim(shapes[down], 0, [layout.experts]), 2, [(c0, c1)])
-    return sharded
 
 
 def _shard(lm: MoeCausalLM, config: ModelConfig, layout: RankLayout, comm: Comm) -> dict[str, ShardSpec]:
@@ -135,9 +131,9 @@ def _shard(lm: MoeCausalLM, config: ModelConfig, layout: RankLayout, comm: Comm)
         specs["lm_head.weight"] = split_dim(shapes["lm_head.weight"], 0, [layout.vocab], rows)
     for i, layer in enumerate(lm.model.layers):
         prefix = f"model.layers.{i}."
-        _shard_attention(layer.self_attn, config, layout, comm, prefix + "self_attn.", shapes, specs)
+        layer.self_attn = _shard_attention(i, config, layout, comm, prefix + "self_attn.", shapes, specs)
         if isinstance(layer.mlp, SparseMoeBlock):
-            layer.mlp = _shard_moe(layer.mlp, config, layout, comm, prefix + "mlp.", shapes, specs)
+            _shard_moe(layer.mlp, config, layout, comm, prefix + "mlp.", shapes, specs)
         else:
             _columns_of_gated(layer.mlp, prefix + "mlp.", layout.dense_columns, comm, True, shapes, specs)
     return specs
@@ -147,7 +143,7 @@ def build_parallel_model(config: ModelConfig, layout: RankLayout, comm: Comm, dt
                          device: torch.device | str, agree_min=None) -> ParallelCausalLM:
     """The rank's shard with uninitialised parameters on `device` (only local sizes are ever allocated)."""
     with torch.device("meta"), _default_dtype(dtype):
-        lm = MODEL_CLASSES[config.model_type](config)
+        lm = MoeCausalLM(config)
         specs = _shard(lm, config, layout, comm)
     for name, param in lm.named_parameters():
         expected = specs[name].local_shape if name in specs else tuple(param.shape)
@@ -161,6 +157,6 @@ def build_parallel_model(config: ModelConfig, layout: RankLayout, comm: Comm, dt
         lm.model.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
                                               config.rope_linear_factor)
     for block in lm.moe_blocks():
-        block.expert_load.zero_()
+        block.experts.expert_load.zero_()
     model = ParallelCausalLM(lm, layout, comm, specs, agree_min)
     return model.eval().requires_grad_(False)

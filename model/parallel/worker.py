@@ -12,16 +12,15 @@ import os
 import threading
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from model.engine.config import EngineConfig
-from model.engine.model_runner import PAD_BLOCK, PAD_TOKEN, ModelRunner
+from model.engine.model_runner import ModelRunner
 from model.parallel.comm import ProcessGroups, init_process_groups
 from model.parallel.config import ParallelConfig
 from model.parallel.loading import load_parallel_model
-from model.parallel.step_channel import GRAPH, STOP, decode_items, receive, split_decode_rows
+from model.parallel.step_channel import GRAPH, STOP, decode_items, receive
 
 logger = logging.getLogger(__name__)
 
@@ -37,26 +36,6 @@ def prepare_rank(groups: ProcessGroups, engine_config: EngineConfig, parallel: P
     return model, tokenizer, dtype
 
 
-def replay_decode(runner: ModelRunner, key: tuple[int, int], payload: np.ndarray) -> None:
-    """Fill the (b, w) decode graph's static inputs as rank 0 filled its own (padding rows included), replay."""
-    g = runner.graphs[key]
-    b, w = key
-    ids, pos, tables = split_decode_rows(payload, w)
-    n, bs = len(ids), runner.block_size
-    int64_values = np.empty(3 * b, dtype=np.int64)  # ids, positions, slots
-    int32_values = np.empty(b + b * w, dtype=np.int32)  # context lengths, block tables
-    int64_values[:n], int64_values[n:b] = ids, PAD_TOKEN
-    int64_values[b : b + n], int64_values[b + n : 2 * b] = pos, 0
-    int64_values[2 * b : 2 * b + n] = tables[np.arange(n), pos // bs] * bs + pos % bs
-    int64_values[2 * b + n :] = -1
-    int32_values[:n], int32_values[n:b] = pos + 1, 1
-    block_tables = int32_values[b:].reshape(b, w)
-    block_tables[:n], block_tables[n:] = tables, PAD_BLOCK
-    g.int64_inputs.copy_(torch.from_numpy(int64_values))
-    g.int32_inputs.copy_(torch.from_numpy(int32_values))
-    g.graph.replay()
-
-
 def follow_steps(runner: ModelRunner, groups: ProcessGroups) -> int:
     """Run rank 0's steps until it says stop; returns the number of steps run."""
     steps = 0
@@ -64,18 +43,15 @@ def follow_steps(runner: ModelRunner, groups: ProcessGroups) -> int:
         kind, payload, key = receive(groups.control)
         if kind == STOP:
             return steps
-        with torch.inference_mode():
-            if kind == GRAPH:
-                replay_decode(runner, key, payload)
-            else:
-                runner.model(runner._prefill_batch(decode_items(payload)), runner.kv_cache)
+        if kind == GRAPH:
+            runner.replay_encoded(key, payload)
+        else:
+            runner.run_items(decode_items(payload))
         steps += 1
 
 
 def run_worker(groups: ProcessGroups, engine_config: EngineConfig, parallel: ParallelConfig) -> None:
     model, _, dtype = prepare_rank(groups, engine_config, parallel)
-    for block in model.moe_blocks():
-        block.count_expert_load = False  # rank 0 counts every expert (routing is replicated)
     runner = ModelRunner(model, engine_config, groups.device, dtype)
     runner.write_pad_kv()
     runner.capture_cuda_graphs()

@@ -1,6 +1,9 @@
-"""The decoder shared by all four MoE families: pre-norm attention + (MoE | dense MLP) blocks over a paged KV
-cache. Families differ only in config fields (q/k norm, biases, shared expert, window) and checkpoint key names.
+"""The decoder every MoE family runs: pre-norm attention + (MoE | dense MLP) blocks over a paged KV cache.
+Families differ only in config fields (q/k norm, biases, shared expert, window) and checkpoint key names, both
+read from their row of model/families.py.
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -52,14 +55,8 @@ class DecoderModel(nn.Module):
 class MoeCausalLM(nn.Module):
     """forward(batch, kv_cache) -> float32 logits of the rows `batch.logits_indices` selects."""
 
-    model_type = ""
-    # (regex, replacement) applied to checkpoint keys before they are matched to parameters.
-    checkpoint_renames: tuple[tuple[str, str], ...] = ()
-
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.model_type != self.model_type:
-            raise ValueError(f"{type(self).__name__} needs model_type {self.model_type!r}, got {config.model_type!r}")
         self.config = config
         self.model = DecoderModel(config)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
@@ -82,12 +79,12 @@ class MoeCausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight  # [V, H]
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
-        c = self.config
-        return (c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        """[layers, K|V, blocks, block_size, KV heads held here, head_dim] (a tensor-parallel rank holds fewer)."""
+        attn = self.model.layers[0].self_attn
+        return (len(self.model.layers), 2, num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
 
     def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
-        c = self.config
-        return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * dtype.itemsize
+        return math.prod(self.kv_cache_shape(1, block_size)) * dtype.itemsize
 
     def moe_blocks(self) -> list[SparseMoeBlock]:
         return [m for m in self.modules() if isinstance(m, SparseMoeBlock)]
