@@ -166,7 +166,9 @@ def test_out_of_range_ids_are_skipped_only_when_asked():
 
 @pytest.mark.skipif(not extension.is_built(), reason="the _C extension is not built")
 def test_the_extension_takes_the_same_expert_limit():
-    """The C++ side (bindings, forward, plan) writes the limit on its own; this holds it equal to MAX_EXPERTS."""
+    """C++ defines the limit once (moe::kMaxExperts, read by the bindings, forward and plan); Python keeps its own
+    copy for the pure-torch path where _C is not built. This holds the two equal and the bindings enforcing it."""
+    assert extension._C.MAX_EXPERTS == MAX_EXPERTS
     assert extension._C.moe_launch_config(1, 1, MAX_EXPERTS, 64, 64)[0] > 0
     with pytest.raises(ValueError, match="invalid MoE problem"):
         extension._C.moe_launch_config(1, 1, MAX_EXPERTS + 1, 64, 64)
