@@ -34,7 +34,10 @@ AMAX_FLOOR = 1e-10
 
 def _quantize(v: torch.Tensor, amax: torch.Tensor, expand) -> tuple[torch.Tensor, torch.Tensor]:
     """v float32, amax per group; expand(scale) broadcasts a per-group tensor against v."""
-    scale = amax.clamp_min(AMAX_FLOOR) / FP8_MAX  # float32
+    # A tensor divisor, not the Python scalar: torch turns `tensor / scalar` into a multiplication by the
+    # reciprocal on CUDA, which is not the IEEE quotient the kernels (and the CPU) compute.
+    amax = amax.clamp_min(AMAX_FLOOR)
+    scale = amax / torch.full_like(amax, FP8_MAX)  # float32
     q = (v / expand(scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
