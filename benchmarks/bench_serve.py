@@ -2,7 +2,7 @@
 """Serving benchmark (issue 7): our HTTP server under load vs HF transformers `generate` offline, on one GPU.
 
 Per preset (random weights, bf16):
-1. `python -m service serve --preset P --random-weights` on loopback; the load generator (service/loadgen_*) streams
+1. `python -m service serve --preset P --random-weights` on loopback; the load generator (service/loadgen/) streams
    /v1/completions at each concurrency (token-exact random prompts of --input-len, exactly --output-len tokens,
    greedy), max(--prompts-per-concurrency x c, --min-prompts) requests per level, no new request after
    --level-time-limit-s; /metrics is scraped during every level. The server is stopped.
@@ -44,11 +44,11 @@ from benchmarks.bench_engine import environment, hf_sharing_weights, make_prompt
 from benchmarks.utilization_truth import markdown_lines, measure_utilization  # noqa: E402
 from model.engine import EngineConfig, LLMEngine  # noqa: E402
 from model.presets import PRESETS  # noqa: E402
-from service.loadgen import int_list  # noqa: E402
-from service.loadgen_client import run_level  # noqa: E402
-from service.loadgen_dataset import PromptSpec, token_prompts  # noqa: E402
-from service.loadgen_report import plot_sweep, summarize, table  # noqa: E402
-from service.loadgen_scrape import MetricsScraper  # noqa: E402
+from service.loadgen.client import run_level  # noqa: E402
+from service.loadgen.dataset import PromptSpec, token_prompts  # noqa: E402
+from service.loadgen.main import int_list  # noqa: E402
+from service.loadgen.report import plot_sweep, summarize, table  # noqa: E402
+from service.loadgen.scrape import MetricsScraper  # noqa: E402
 
 BASELINE_NOTE = ("HF transformers baseline: offline `generate` (experts_implementation=grouped_mm, sdpa, greedy, "
                  "min_new_tokens = max_new_tokens) on the same weights and prompts, all requests of a batch at once; "

@@ -243,7 +243,7 @@ def bench(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as err:
         if err.name != "service.loadgen":
             raise
-        print("staticmoe: error: the load generator (service/loadgen.py) is not installed", file=sys.stderr)
+        print("staticmoe: error: the load generator (service/loadgen/) is not installed", file=sys.stderr)
         return 2
     result = loadgen.main(list(args.bench_args))
     return int(result or 0)
