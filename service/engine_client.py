@@ -244,11 +244,19 @@ class EngineClient:
         self._groups.add(group)
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._submit(("add", group, prompts, params, time.monotonic(), future))
-        try:
-            await asyncio.wrap_future(future)
+        added = asyncio.wrap_future(future)
+        try:  # the group can end before the engine takes the request: a hung step, the drain, the deadline
+            await asyncio.wait({added, group.ended}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
+            added.cancel()  # an add the engine has not started is skipped
             group.abort()
             raise
+        if not added.done():
+            added.cancel()
+            group.abort()
+            raise group.ended.result()
+        try:
+            added.result()
         except ValueError as err:  # the engine refused the request (e.g. beyond max_model_len)
             group.abort()
             raise ApiError(400, str(err), code="invalid_value") from None
@@ -342,6 +350,9 @@ class EngineClient:
             command = self._commands.popleft()
             if command[0] == "add":
                 _, group, prompts, params, arrival, future = command
+                if not future.set_running_or_notify_cancel():  # the handler gave up waiting (client gone)
+                    self._release(len(prompts))
+                    continue
                 added = []
                 try:
                     for index, (prompt, p) in enumerate(zip(prompts, params)):
@@ -396,7 +407,7 @@ class EngineClient:
     def _fail_all(self, error: BaseException) -> None:
         while self._commands:  # adds never applied: their handlers wait on the future
             command = self._commands.popleft()
-            if command[0] == "add" and not command[-1].done():
+            if command[0] == "add" and command[-1].set_running_or_notify_cancel():
                 command[-1].set_exception(error)
         groups = {id(g): g for g, _ in self._routes.values()}
         self._routes.clear()

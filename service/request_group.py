@@ -19,6 +19,7 @@ class RequestGroup:
         self.unfinished = set(request_ids)
         self.queue: asyncio.Queue = asyncio.Queue()
         self._abort = abort
+        self.ended: asyncio.Future = asyncio.get_running_loop().create_future()  # the error that ended it early
         self._deadline = None
         if timeout_s:
             self._deadline = asyncio.get_running_loop().call_later(timeout_s, self.fail, ApiError(
@@ -33,6 +34,8 @@ class RequestGroup:
         """End the group with `error` (on the event loop); a no-op once every choice finished."""
         if self.unfinished:
             self.queue.put_nowait(error)
+            if not self.ended.done():
+                self.ended.set_result(error)
 
     def __aiter__(self):
         return self
