@@ -205,20 +205,6 @@ class EngineClient:
         raise ApiError(503, message[0].upper() + message[1:] + ("; retry shortly" if code == "loading" else ""),
                        code=codes.get(code, "unavailable"))
 
-    def check_request_size(self, num_prompts: int, n: int) -> None:
-        """400 when the request alone needs more sequences than the server ever admits (before any tokenization)."""
-        capacity = self.capacity
-        if num_prompts * n <= capacity:
-            return
-        if num_prompts > capacity or n == 1:
-            raise ApiError(400, f"The batch of {num_prompts} prompts exceeds this server's capacity of {capacity} "
-                                f"concurrent sequences", param="prompt", code="invalid_value")
-        if num_prompts == 1:
-            raise ApiError(400, f"n={n} exceeds this server's capacity of {capacity} concurrent sequences",
-                           param="n", code="invalid_value")
-        raise ApiError(400, f"{num_prompts} prompts x n={n} = {num_prompts * n} sequences exceed this server's "
-                            f"capacity of {capacity} concurrent sequences", param="n", code="invalid_value")
-
     def _admit(self, n: int) -> None:
         capacity = self.capacity
         with self._lock:
@@ -235,8 +221,7 @@ class EngineClient:
             self._inflight -= n
 
     async def generate(self, prompts: list[list[int]], params: list) -> RequestGroup:
-        """Submit one engine request per (prompt, params) pair; raises ApiError (400/429/503) if refused."""
-        self.check_request_size(len(prompts), 1)
+        """Submit one engine request per (prompt, params) pair; raises ApiError (429/503) if refused."""
         self._admit(len(prompts))
         base = uuid.uuid4().hex
         group = RequestGroup([f"{base}-{i}" for i in range(len(prompts))], self.abort,

@@ -106,8 +106,21 @@ class OpenAIServing:
         engine = self.client.engine
         if engine is None:
             raise ApiError(503, "The model is still loading; retry shortly", code="model_loading")
-        self.client.check_request_size(num_prompts, n)
+        self._check_request_size(num_prompts, n)
         return engine
+
+    def _check_request_size(self, num_prompts: int, n: int) -> None:
+        """400 when the request alone needs more sequences than the server ever admits."""
+        capacity = self.client.capacity
+        if num_prompts * n <= capacity:
+            return
+        if num_prompts > capacity or n == 1:
+            raise bad_request(f"The batch of {num_prompts} prompts exceeds this server's capacity of {capacity} "
+                              f"concurrent sequences", "prompt")
+        if num_prompts == 1:
+            raise bad_request(f"n={n} exceeds this server's capacity of {capacity} concurrent sequences", "n")
+        raise bad_request(f"{num_prompts} prompts x n={n} = {num_prompts * n} sequences exceed this server's "
+                          f"capacity of {capacity} concurrent sequences", "n")
 
     async def _off_loop(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, fn, *args)
