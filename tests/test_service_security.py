@@ -18,7 +18,7 @@ import pytest
 
 pytest.register_assert_rewrite("tests.service_fixtures")
 from service import cli  # noqa: E402
-from tests.service_fixtures import REPO_ROOT, ServerProcess, free_port  # noqa: E402
+from tests.service_fixtures import REPO_ROOT, ServerProcess, free_port, wait_for  # noqa: E402
 
 pytest_plugins = ["tests.service_fixtures"]
 
@@ -171,13 +171,13 @@ def test_a_keep_alive_connection_gets_a_new_deadline_after_each_response(strict_
 def test_connections_beyond_the_cap_get_503():
     server = ServerProcess(["--max-connections", "4"]).wait_healthy()
     try:
+        def status():
+            return httpx.get(server.base_url + "/v1/models", timeout=20).status_code
+
         idle = [connect(server) for _ in range(4)]
-        time.sleep(0.5)  # the server has accepted them
-        refused = httpx.get(server.base_url + "/v1/models", timeout=20)
-        assert refused.status_code == 503
+        wait_for(lambda: status() == 503, timeout=10)  # once the server has accepted the four
         for sock in idle:
             sock.close()
-        time.sleep(0.5)
-        assert httpx.get(server.base_url + "/v1/models", timeout=20).status_code == 200
+        wait_for(lambda: status() == 200, timeout=10)
     finally:
         server.stop()
