@@ -249,20 +249,6 @@ def service_settings(args: argparse.Namespace, served_name: str) -> ServiceSetti
         raise SystemExit(f"staticmoe: error: {err}") from None
 
 
-def set_cpu_threads(requested: int | None, device) -> None:
-    """Runs on the engine thread. By default a CPU engine takes half the CPUs it may use: torch's default (one
-    thread per core, spinning while they wait) collapses throughput ~10x when another process wants those cores,
-    and leaves none to the HTTP side."""
-    import torch
-
-    if requested is None and device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        requested = max(1, cpus // 2)
-    if requested:
-        torch.set_num_threads(requested)
-    logger.info("torch CPU threads: %d", torch.get_num_threads())
-
-
 def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parallel = parallel_config(args)
@@ -270,6 +256,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from model.engine import EngineConfig, LLMEngine
     from service.app import create_app
+    from service.cpu_threads import set_cpu_threads
     from service.engine_client import ClientOptions, EngineClient
     from service.server import run_server
 

@@ -126,20 +126,22 @@ def test_version_prints_the_distribution_version():
 def test_cpu_threads_default_to_half_the_cpus_of_a_cpu_engine(monkeypatch):
     import torch
 
+    from service.cpu_threads import set_cpu_threads
+
     before = torch.get_num_threads()
     cpus = len(os.sched_getaffinity(0))
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        cli.set_cpu_threads(None, torch.device("cpu"))
+        set_cpu_threads(None, torch.device("cpu"))
         assert torch.get_num_threads() == max(1, cpus // 2)
-        cli.set_cpu_threads(1, torch.device("cpu"))
+        set_cpu_threads(1, torch.device("cpu"))
         assert torch.get_num_threads() == 1
         torch.set_num_threads(2)
-        cli.set_cpu_threads(None, torch.device("cuda", 0))  # a GPU engine keeps torch's choice
-        cli.set_cpu_threads(0, torch.device("cpu"))  # 0: torch's choice
+        set_cpu_threads(None, torch.device("cuda", 0))  # a GPU engine keeps torch's choice
+        set_cpu_threads(0, torch.device("cpu"))  # 0: torch's choice
         assert torch.get_num_threads() == 2
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        cli.set_cpu_threads(None, torch.device("cpu"))  # the environment's choice wins
+        set_cpu_threads(None, torch.device("cpu"))  # the environment's choice wins
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

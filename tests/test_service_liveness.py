@@ -186,7 +186,7 @@ def test_client_disconnects_log_nothing_at_error_level():
     """Before: every non-streaming disconnect logged two "unhandled error" tracebacks (InvalidStateError)."""
     server = ServerProcess(["--max-num-seqs", "4"]).wait_healthy()
     try:
-        body = {"prompt": "slow", "max_tokens": 400, "ignore_eos": True}
+        body = {"prompt": "slow", "max_tokens": 4000, "ignore_eos": True}
         for _ in range(3):
             with pytest.raises(httpx.ReadTimeout):
                 httpx.post(server.base_url + "/v1/completions", json=body, timeout=0.3)
