@@ -2,7 +2,7 @@
 """Serving benchmark (issue 7): our HTTP server under load vs HF transformers `generate` offline, on one GPU.
 
 Per preset (random weights, bf16):
-1. `python -m service serve --preset P --random-weights` on loopback; the load generator (service/loadgen_*) streams
+1. `python -m service serve --preset P --random-weights` on loopback; the load generator (service/loadgen/) streams
    /v1/completions at each concurrency (token-exact random prompts of --input-len, exactly --output-len tokens,
    greedy), max(--prompts-per-concurrency x c, --min-prompts) requests per level, no new request after
    --level-time-limit-s; /metrics is scraped during every level. The server is stopped.
@@ -40,11 +40,11 @@ from benchmarks.bench_engine import environment, hf_sharing_weights, make_prompt
 from benchmarks.utilization_truth import markdown_lines, measure_utilization
 from model.engine import EngineConfig, LLMEngine
 from model.presets import PRESETS
-from service.loadgen import int_list
-from service.loadgen_client import run_level
-from service.loadgen_dataset import PromptSpec, token_prompts
-from service.loadgen_report import plot_sweep, summarize, table
-from service.loadgen_scrape import MetricsScraper
+from service.loadgen.client import run_level
+from service.loadgen.dataset import PromptSpec, token_prompts
+from service.loadgen.main import int_list
+from service.loadgen.report import plot_sweep, summarize, table
+from service.loadgen.scrape import MetricsScraper
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,6 +6,7 @@ its vocabulary (a random-weight preset has a far larger one) decode as byte `id 
 
 import re
 
+from model.chat_encoding import encode_chat
 from model.chat_template import render_chat_template
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -44,5 +45,9 @@ class ByteTokenizer:
         out.append(pending.decode("utf-8", errors="replace"))
         return "".join(out)
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        return self.encode(render_chat_template(self.chat_template, messages, add_generation_prompt=True))
+    def apply_chat_template(self, messages: list[dict], parse_special_tokens_in_content: bool = False) -> list[int]:
+        return encode_chat(messages, list(SPECIAL_TOKENS), self.render_chat, self.encode,
+                           lambda text: list(text.encode("utf-8")), parse_special_tokens_in_content)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        return render_chat_template(self.chat_template, messages, add_generation_prompt=True)

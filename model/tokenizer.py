@@ -13,6 +13,7 @@ from typing import Protocol
 from tokenizers import Tokenizer as _FastTokenizer
 
 from model.byte_tokenizer import ByteTokenizer
+from model.chat_encoding import encode_chat
 from model.chat_template import ChatTemplateError, render_chat_template
 
 
@@ -29,7 +30,8 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]: ...
+    def apply_chat_template(self, messages: list[dict], parse_special_tokens_in_content: bool = False) -> list[int]:
+        """Special-token text inside message content is encoded as text unless asked (model/chat_encoding.py)."""
 
 
 def _token_text(value) -> str | None:
@@ -83,6 +85,7 @@ class HFTokenizer:
         eos = self._id_of(self.special_tokens["eos_token"])
         self.eos_token_ids = list(dict.fromkeys(([eos] if eos is not None else []) + list(extra_eos_token_ids)))
         self.bos_token_id = self._id_of(self.special_tokens["bos_token"])
+        self._plain: _FastTokenizer | None = None  # a copy that reads special-token text as text (made on first use)
 
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
@@ -99,8 +102,17 @@ class HFTokenizer:
         tokens = {k: v for k, v in self.special_tokens.items() if v is not None}
         return render_chat_template(self.chat_template, messages, add_generation_prompt=True, **tokens)
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+    def apply_chat_template(self, messages: list[dict], parse_special_tokens_in_content: bool = False) -> list[int]:
+        special = [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
+        return encode_chat(messages, special, self.render_chat, lambda text: self.encode(text, False),
+                           self._encode_plain, parse_special_tokens_in_content)
+
+    def _encode_plain(self, text: str) -> list[int]:
+        if self._plain is None:
+            plain = _FastTokenizer.from_str(self._tok.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain.encode(text, add_special_tokens=False).ids
 
 
 def load_tokenizer(directory: str | Path, name: str | None = None, extra_eos_token_ids=()) -> HFTokenizer:

@@ -1,4 +1,9 @@
-"""FastAPI app factory: the OpenAI-compatible routes, /health, /metrics, and the optional dashboard router."""
+"""FastAPI app factory: the OpenAI-compatible routes, /health, /ready, /metrics, and the optional dashboard router.
+
+/health (liveness; Docker's HEALTHCHECK, Kubernetes' startup and liveness probes): 200 while the engine is loaded
+and its loop makes progress; 503 while loading, draining, failed or stalled. /ready (readiness: route traffic
+here?): 200 only while a new request would be admitted, so also 503 while the queue is full.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +17,18 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.engine_client import EngineClient, EngineState, max_model_len
-from service.errors import error_response, install_error_handlers
+from service.engine_client import EngineClient
+from service.errors import ApiError, error_response, install_error_handlers
 from service.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                               ErrorResponse, ModelCard, ModelList, now)
 from service.request_guard import RequestGuard
 from service.serving import OpenAIServing
 from service.settings import ServiceSettings
+from service.version import package_version
 
 logger = logging.getLogger("staticmoe.service")
 
-ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 503)}
+ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 429, 503, 504)}
 
 
 def create_app(engine_client: EngineClient, settings: ServiceSettings) -> FastAPI:
@@ -37,11 +43,16 @@ def create_app(engine_client: EngineClient, settings: ServiceSettings) -> FastAP
         finally:
             engine_client.shutdown()
 
-    app = FastAPI(title="staticmoe", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="staticmoe", version=package_version(), lifespan=lifespan,
                   description="OpenAI-compatible serving of Mixture-of-Experts LLMs")
     install_error_handlers(app)
-    serving = OpenAIServing(engine_client, settings.served_model_name)
+    serving = OpenAIServing(engine_client, settings.served_model_name, settings.parse_special_tokens_in_content)
     created = now()
+
+    def model_card() -> ModelCard:
+        engine = engine_client.engine
+        return ModelCard(id=settings.served_model_name, created=created,
+                         max_model_len=engine.max_model_len if engine is not None else None)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES,
               summary="Text completion (OpenAI-compatible; stream=true answers with SSE)")
@@ -55,22 +66,34 @@ def create_app(engine_client: EngineClient, settings: ServiceSettings) -> FastAP
 
     @app.get("/v1/models", response_model=ModelList, responses={401: {"model": ErrorResponse}})
     async def models():
-        engine = engine_client.engine
-        card = ModelCard(id=settings.served_model_name, created=created,
-                         max_model_len=max_model_len(engine) if engine is not None else None)
-        return ModelList(data=[card])
+        return ModelList(data=[model_card()])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard,
+             responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
+    async def model(model_id: str):
+        if model_id != settings.served_model_name:
+            raise ApiError(404, f"The model '{model_id}' does not exist; this server serves "
+                                f"'{settings.served_model_name}'", param="model", code="model_not_found")
+        return model_card()
 
     @app.get("/health", responses={503: {"model": ErrorResponse}},
-             summary="200 while the model is loaded and the engine loop runs; 503 while loading, draining or failed")
+             summary="200 while the model is loaded and the engine makes progress; 503 while loading, draining, "
+                     "failed or stalled")
     async def health():
-        if engine_client.is_healthy():
+        reason = engine_client.unavailable()
+        if reason is None:
             return JSONResponse({"status": "ok"})
-        state = engine_client.state
-        message = {EngineState.LOADING: "the model is loading",
-                   EngineState.DRAINING: "the server is draining for shutdown",
-                   EngineState.FAILED: f"the engine failed: {engine_client.load_error or 'loop stopped'}",
-                   }.get(state, f"the engine is {state.value}")
-        return error_response(503, message, code=state.value, headers={"Retry-After": "1"})
+        return error_response(503, reason[1], code=reason[0], headers={"Retry-After": "1"})
+
+    @app.get("/ready", responses={503: {"model": ErrorResponse}},
+             summary="200 while a new request would be admitted; 503 as /health, and while the queue is full")
+    async def ready():
+        reason = engine_client.unavailable()
+        if reason is None and engine_client.inflight >= engine_client.capacity:
+            reason = ("queue_full", f"the request queue is full ({engine_client.inflight} sequences in flight)")
+        if reason is None:
+            return JSONResponse({"status": "ready"})
+        return error_response(503, reason[1], code=reason[0], headers={"Retry-After": "1"})
 
     @app.get("/metrics", summary="Prometheus metrics (text exposition format)")
     async def metrics():
@@ -92,7 +115,8 @@ def create_app(engine_client: EngineClient, settings: ServiceSettings) -> FastAP
 
     app.openapi = openapi_schema
     _include_dashboard(app)
-    app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
+                       read_timeout_s=settings.read_timeout_s, allowed_hosts=settings.allowed_hosts)
     return app
 
 

@@ -1,4 +1,4 @@
-"""`staticmoe` console script: `staticmoe serve [flags]` and `staticmoe bench serve [flags]`.
+"""`staticmoe` console script: `staticmoe serve [flags]`, `staticmoe bench serve [flags]`, `staticmoe --version`.
 
 Every serve flag can also come from the environment as STATICMOE_<FLAG> (dashes → underscores, upper case; e.g.
 STATICMOE_API_KEY, STATICMOE_MAX_QUEUE, STATICMOE_RANDOM_WEIGHTS=1). A flag on the command line wins over the env.
@@ -8,13 +8,14 @@ With no flags, `staticmoe serve` serves the built-in `tiny` model on 127.0.0.1:8
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 
 from model.dtypes import AUTO, DTYPE_NAMES
 from model.presets import PRESETS, TINY
+from service.settings import DEFAULT_DRAIN_TIMEOUT_S, LOOPBACK_HOSTS, ServiceSettings, is_loopback
+from service.version import package_version
 
 ENV_PREFIX = "STATICMOE_"
 # Engine settings the CLI passes on only when given, so their defaults live in EngineConfig alone.
@@ -77,6 +78,24 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"must be > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError(f"must be >= 0, got {text}")
+    return value
+
+
+def host_list(text: str) -> tuple[str, ...]:
+    return tuple(h.strip() for h in text.split(",") if h.strip())
+
+
 def port_number(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -86,6 +105,7 @@ def port_number(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="staticmoe", description="Serve Mixture-of-Experts LLMs over HTTP.")
+    parser.add_argument("--version", action="version", version=f"staticmoe {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server",
@@ -102,9 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
     f.value("--port", type_=port_number, default=8000, help_="port to bind (0 = any free port)")
     f.value("--api-key", help_="require 'Authorization: Bearer KEY' on /v1/* (compared in constant time)",
             metavar="KEY")
+    f.switch("--allow-unauthenticated", "serve without --api-key on a non-loopback --host (refused otherwise)")
+    f.value("--allowed-hosts", type_=host_list, help_="comma-separated Host header names accepted ('*' = any; "
+                                                      "default: the loopback names when --host is loopback, else "
+                                                      "any)", metavar="NAMES")
     f.value("--max-queue", type_=non_negative_int, default=1024,
             help_="sequences admitted beyond the running batch before new requests get 429")
     f.value("--max-body-bytes", type_=positive_int, default=1 << 20, help_="largest request body; larger get 413")
+    f.value("--read-timeout", type_=positive_float, default=30.0,
+            help_="seconds a client has to send a request's headers, and then its body (408 after)")
+    f.value("--max-connections", type_=positive_int, default=2048,
+            help_="open HTTP connections; a request on one more gets 503")
+    f.value("--request-timeout", type_=non_negative_float, default=600.0,
+            help_="seconds a request may take from admission to its last token (504 after; 0 = no limit)")
+    f.value("--engine-stall-timeout", type_=positive_float, default=120.0,
+            help_="seconds an engine step may run before the engine counts as hung (/health 503, requests in "
+                  "flight fail)")
+    f.switch("--parse-special-tokens-in-content", "chat: read special-token text in message content (e.g. "
+                                                   "<|im_end|>) as special tokens (default: as plain text)")
     f.value("--max-num-seqs", type_=positive_int, help_="sequences in one engine step (default: the engine's)")
     f.value("--max-num-batched-tokens", type_=positive_int,
             help_="new tokens in one engine step (default: the engine's, by device)")
@@ -115,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.value("--dtype", choices=[AUTO, *DTYPE_NAMES],
             help_="weights and activations (default auto: bfloat16 on CUDA, float32 on CPU)")
     f.value("--device", help_="auto, cpu, cuda or cuda:N (default auto)")
+    f.value("--cpu-threads", type_=non_negative_int, help_="torch CPU threads (default: half the CPUs this process "
+                                                           "may use when the engine runs on the CPU and "
+                                                           "OMP_NUM_THREADS is unset; 0 = torch's default)",
+            metavar="N")
     f.switch("--enforce-eager", "never capture CUDA graphs")
     f.switch("--no-async-scheduling", "read each step's sampled tokens back before launching the next step")
     f.value("--tensor-parallel", type_=positive_int, help_="ranks (one process and GPU each) the model is split "
@@ -132,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.value("--moe-peak-flops", type_=float, help_="dense bf16 peak FLOP/s of the device for "
                                                    "staticmoe_moe_tensor_core_utilization (default: from the "
                                                    "device name)")
-    f.value("--drain-timeout", type_=float, default=600.0, help_="seconds SIGTERM waits for in-flight requests")
+    f.value("--drain-timeout", type_=non_negative_float, default=DEFAULT_DRAIN_TIMEOUT_S,
+            help_="seconds SIGTERM waits for in-flight requests (keep it below the orchestrator's grace period)")
     f.value("--log-level", default="info", choices=["debug", "info", "warning", "error"], help_="log verbosity")
 
     bench = commands.add_parser("bench", help="benchmarks against a running server (see `staticmoe bench serve "
@@ -189,24 +229,43 @@ def parallel_config(args: argparse.Namespace):
         raise SystemExit(f"staticmoe: error: {err}") from None
 
 
+def service_settings(args: argparse.Namespace, served_name: str) -> ServiceSettings:
+    """The HTTP settings; refuses (fails closed) an open --host without an API key unless explicitly allowed."""
+    api_key = args.api_key or None
+    if api_key is None and not is_loopback(args.host) and not args.allow_unauthenticated:
+        raise SystemExit(f"staticmoe: error: --host {args.host} is reachable from other machines but no API key is "
+                         f"set: set --api-key KEY ({env_name('--api-key')}), or pass --allow-unauthenticated to "
+                         f"serve anyone who can connect")
+    allowed = args.allowed_hosts or (LOOPBACK_HOSTS if is_loopback(args.host) else ("*",))
+    try:
+        return ServiceSettings(served_model_name=served_name, api_key=api_key, max_body_bytes=args.max_body_bytes,
+                               drain_timeout_s=args.drain_timeout, read_timeout_s=args.read_timeout,
+                               max_connections=args.max_connections, allowed_hosts=allowed,
+                               parse_special_tokens_in_content=args.parse_special_tokens_in_content)
+    except ValueError as err:
+        raise SystemExit(f"staticmoe: error: {err}") from None
+
+
 def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parallel = parallel_config(args)
     import prometheus_client
-    import uvicorn
 
     from model.engine import LLMEngine
     from service.app import create_app
+    from service.cpu_threads import set_cpu_threads
     from service.engine_client import ClientOptions, EngineClient
-    from service.server import DrainingServer
-    from service.settings import ServiceSettings
+    from service.server import run_server
 
     source, random_weights, served_name = resolve_model(args)
+    settings = service_settings(args, served_name)
     mode = expert_metrics_mode(args)
     try:
         engine_config = build_engine_config(args)
-        settings = ServiceSettings(served_model_name=served_name, api_key=args.api_key,
-                                   max_body_bytes=args.max_body_bytes, drain_timeout_s=args.drain_timeout)
+        options = ClientOptions(model_name=served_name, max_queue=args.max_queue,
+                                max_running=engine_config.max_num_seqs, expert_metrics=mode,
+                                moe_peak_flops=args.moe_peak_flops, request_timeout_s=args.request_timeout,
+                                stall_timeout_s=args.engine_stall_timeout)
     except ValueError as err:
         raise SystemExit(f"staticmoe: error: {err}") from None
     make_engine = lambda: LLMEngine(engine_config)  # noqa: E731
@@ -219,30 +278,23 @@ def serve(args: argparse.Namespace) -> int:
             return 0
         make_engine = lambda: parallel_engine(engine_config, parallel)  # noqa: E731
     prometheus_client.disable_created_metrics()  # no *_created series (as vLLM's /metrics)
-    options = ClientOptions(model_name=served_name, max_queue=args.max_queue,
-                            max_running=engine_config.max_num_seqs, expert_metrics=mode,
-                            moe_peak_flops=args.moe_peak_flops)
-    client = EngineClient(make_engine, options)
+
+    def build_engine():
+        set_cpu_threads(args.cpu_threads, engine_config.resolve_device())
+        return make_engine()
+
+    client = EngineClient(build_engine, options)
     app = create_app(client, settings)
     logger.info("serving model %s (source %s, random_weights=%s) on http://%s:%d, requested device=%s dtype=%s; "
                 "it loads in the background (/health answers 503 until it is ready)", served_name, source,
                 random_weights, args.host, args.port, engine_config.device, engine_config.dtype)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                            timeout_graceful_shutdown=5)
-    server = DrainingServer(config, client, args.drain_timeout)
-    server.run()
-    return server.exit_code
+    return run_server(app, client, settings, args.host, args.port, args.log_level)
 
 
 def bench(args: argparse.Namespace) -> int:
-    try:
-        loadgen = importlib.import_module("service.loadgen")
-    except ModuleNotFoundError as err:
-        if err.name != "service.loadgen":
-            raise
-        print("staticmoe: error: the load generator (service/loadgen.py) is not installed", file=sys.stderr)
-        return 2
-    result = loadgen.main(list(args.bench_args))
+    from service.loadgen.main import main as loadgen_main  # imported here: the server does not need it
+
+    result = loadgen_main(list(args.bench_args))
     return int(result or 0)
 
 

@@ -20,10 +20,13 @@ ERROR_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable_error",
+    504: "timeout_error",
 }
 
 
@@ -47,14 +50,21 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
                       "param": param, "code": code}}
 
 
+class AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error message that quotes client text can always be encoded."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+    return AsciiJSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
-def error_bytes(status: int, message: str, code: str | None = None) -> bytes:
+def error_bytes(status: int, message: str, code: str | None = None, param: str | None = None) -> bytes:
     """The same body pre-encoded, for the raw ASGI middleware that answers before FastAPI runs."""
-    return json.dumps(error_body(status, message, None, code)).encode()
+    return json.dumps(error_body(status, message, param, code)).encode()
 
 
 def _describe_validation_error(err: dict) -> tuple[str, str | None, str]:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from model.engine import EngineStats, MoeStatsSnapshot
+
 logger = logging.getLogger("staticmoe.service")
 
 # vLLM v1 (vllm/v1/metrics/loggers.py) buckets, copied as data so dashboards built on them line up.
@@ -135,11 +137,11 @@ class ServiceMetrics:
         self._moe_state = _MoeCumulative()
 
     # ---- engine-level gauges -------------------------------------------------------------------------------------
-    def update_engine_stats(self, stats) -> None:
+    def update_engine_stats(self, stats: EngineStats) -> None:
         self.num_running.set(stats.num_running)
         self.num_waiting.set(stats.num_waiting)
         self.kv_cache_usage.set(stats.kv_cache_usage)
-        preemptions = int(getattr(stats, "num_preemptions_total", 0))
+        preemptions = stats.num_preemptions_total
         if preemptions > self._moe_state.preemptions:
             self.num_preemptions.inc(preemptions - self._moe_state.preemptions)
             self._moe_state.preemptions = preemptions
@@ -168,13 +170,13 @@ class ServiceMetrics:
             for gauge, experts in zip(self._idle, layout.experts_per_layer):
                 gauge.set(experts)
 
-    def update_moe(self, snap) -> None:
+    def update_moe(self, snap: MoeStatsSnapshot) -> None:
         """Fold one MoeStatsSnapshot in: counters get the increase since the previous snapshot."""
         layout, state = self._moe, self._moe_state
         if snap.flops_total > state.flops_total:
             self.moe_flops.inc(snap.flops_total - state.flops_total)
             state.flops_total = snap.flops_total
-        shared = getattr(snap, "shared_expert_flops_total", 0.0)
+        shared = snap.shared_expert_flops_total
         if shared > state.shared_flops_total:
             self.shared_expert_flops.inc(shared - state.shared_flops_total)
             state.shared_flops_total = shared

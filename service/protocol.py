@@ -3,6 +3,8 @@
 Requests are validated strictly: a JSON string where a number belongs ("max_tokens": "5") is a 400, not a silent
 coercion. Unknown fields are ignored (clients send many optional fields); known-but-unsupported features with a
 non-default value (logprobs, penalties, tools, echo) are rejected by `check_supported` with a clear message.
+Every list stops at its first bad item (`fail_fast`) and the batch of prompts is capped, so a 1 MiB body of 250,000
+bad items costs one error, not 250,000 of them built on the event loop.
 """
 
 from __future__ import annotations
@@ -15,13 +17,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.errors import bad_request
 
+# Per-request limits (fixed; docs/service.md lists them with the server's flags): they bound the work one request
+# puts on the engine thread per generated token (stop checks) and per request (n choices).
 MAX_N = 128
+MAX_PROMPTS = 2048  # prompts in one batch (prompts x n must also fit the server's capacity)
 MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
 SEED_MAX = 2**63 - 1
 ONLY_DEFAULT = {"minimum": 0, "maximum": 0}
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, fail_fast=True)]
 
 
 class StrictModel(BaseModel):
@@ -38,11 +45,13 @@ class SamplingRequest(StrictModel):
     model: str | None = Field(None, description="Served model id (see /v1/models); omitted = the served model")
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate; completions default 16, "
                                                            "chat default = the rest of the context")
-    temperature: FiniteFloat = Field(1.0, ge=0.0, description="0 = greedy")
+    temperature: FiniteFloat = Field(1.0, ge=0.0, description="0 = greedy (so is anything below 1e-5)")
     top_p: FiniteFloat = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1, description="-1 or 0 = off")
-    stop: str | list[str] | None = Field(None, description="Up to 16 strings that end generation")
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop: str | Annotated[list[str], Field(fail_fast=True)] | None = Field(None, description=f"Up to {MAX_STOP_STRINGS} strings of up to "
+                                                           f"{MAX_STOP_STRING_CHARS} characters that end generation")
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(fail_fast=True)] | None = Field(
+        None, description=f"Up to {MAX_STOP_TOKEN_IDS} token ids that end generation")
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Choice i is sampled with seed + i")
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
@@ -52,7 +61,7 @@ class SamplingRequest(StrictModel):
     # Accepted for compatibility, only at their defaults (the schema says so; check_supported explains why not)
     presence_penalty: FiniteFloat = Field(0.0, json_schema_extra=ONLY_DEFAULT)
     frequency_penalty: FiniteFloat = Field(0.0, json_schema_extra=ONLY_DEFAULT)
-    logit_bias: dict[str, float] | None = Field(None, json_schema_extra={"maxProperties": 0})
+    logit_bias: dict | None = Field(None, json_schema_extra={"maxProperties": 0})
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -60,12 +69,18 @@ class SamplingRequest(StrictModel):
             raise bad_request(f"At most {MAX_STOP_STRINGS} stop strings are allowed", "stop")
         if any(s == "" for s in stops):
             raise bad_request("Stop strings must not be empty", "stop")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in stops):
+            raise bad_request(f"Stop strings may have at most {MAX_STOP_STRING_CHARS} characters", "stop")
         return stops
 
     def include_usage_in_stream(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     def check_supported(self) -> None:
+        """Field combinations and limits pydantic does not check; called before any other work."""
+        self.stop_strings()
+        if self.stop_token_ids is not None and len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise bad_request(f"At most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed", "stop_token_ids")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -76,8 +91,9 @@ class SamplingRequest(StrictModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[
-        list[TokenIds], Field(min_length=1)] = Field(..., description="Text, token ids, or a batch of either")
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS, fail_fast=True)] | TokenIds | \
+        Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS, fail_fast=True)] = Field(
+            ..., description=f"Text, token ids, or a batch of up to {MAX_PROMPTS} of either")
     echo: bool = Field(False, json_schema_extra={"enum": [False]})
     logprobs: int | None = Field(None, json_schema_extra=lambda schema: schema.update(anyOf=[{"type": "null"}]))
     suffix: str | None = Field(None, json_schema_extra={"maxLength": 0})
@@ -110,7 +126,7 @@ class TextPart(StrictModel):
 
 class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | Annotated[list[TextPart], Field(fail_fast=True)] | None = None
     name: str | None = None
 
     def text(self) -> str:
@@ -122,11 +138,11 @@ class ChatMessage(StrictModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage] = Field(..., description="At least one message")
+    messages: Annotated[list[ChatMessage], Field(fail_fast=True)] = Field(..., description="At least one message")
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer OpenAI name of max_tokens")
     logprobs: bool = Field(False, json_schema_extra={"enum": [False]})
     top_logprobs: int | None = Field(None, json_schema_extra=lambda schema: schema.update(anyOf=[{"type": "null"}]))
-    tools: list[dict] | None = Field(None, json_schema_extra={"maxItems": 0})
+    tools: list | None = Field(None, json_schema_extra={"maxItems": 0})
     tool_choice: str | dict | None = None
     response_format: dict | None = None
 

@@ -1,39 +1,59 @@
-"""ASGI middleware in front of the app: API-key check (401) and request-body size limit (413).
+"""ASGI middleware in front of the app: the checks that need no handler, in the order they can fail.
 
-It runs before FastAPI parses anything, so an oversized or unauthenticated body is never buffered past the limit.
-The body is read here (Content-Length is checked first; chunked bodies are counted as they stream in) and then
-replayed to the app; after the replay, `receive` passes through, so the app still sees `http.disconnect`.
+1. Host allowlist (400): a browser page that points a DNS name it controls at a loopback server (DNS rebinding)
+   still sends its own name as Host. /health and /ready are exempt (probes send a pod IP).
+2. API key (401) on /v1/*.
+3. A JSON content type on every POST/PUT/PATCH (415): a web page can send text/plain or a form cross-site without
+   a CORS preflight (a "simple request"), but not application/json, so refusing the rest closes that door.
+4. Body size (413: Content-Length first, then counted while it streams in, never buffered past the limit) and
+   body deadline (408): a client that sends headers and then trickles or stops cannot hold the handler.
+5. Lone UTF-16 surrogates anywhere in the JSON (400, service/unicode_check.py).
+The body is then replayed to the app; after the replay `receive` passes through, so the app still sees
+`http.disconnect`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import time
 
 from service.errors import error_bytes
+from service.unicode_check import lone_surrogate_field, printable
 
 PROTECTED_PREFIX = "/v1/"
+PROBE_PATHS = ("/health", "/ready")
+BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
 class RequestGuard:
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, read_timeout_s: float,
+                 allowed_hosts: tuple[str, ...]):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.read_timeout_s = read_timeout_s
+        self.any_host = "*" in allowed_hosts
+        self.allowed_hosts = frozenset(allowed_hosts)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        started = time.monotonic()
         headers = dict(scope.get("headers") or [])
-        if self.api_key is not None and scope["path"].startswith(PROTECTED_PREFIX):
+        path = scope["path"]
+        if not self.any_host and path not in PROBE_PATHS and not self._host_allowed(headers.get(b"host", b"")):
+            return await _respond(send, 400, "The Host header names a host this server does not serve (see "
+                                             "--allowed-hosts)", "invalid_host", {b"connection": b"close"})
+        if self.api_key is not None and path.startswith(PROTECTED_PREFIX):
             if not self._authorized(headers.get(b"authorization", b"")):
                 return await _respond(send, 401, "Invalid or missing API key (send 'Authorization: Bearer <key>')",
                                       "invalid_api_key", {b"www-authenticate": b"Bearer"})
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["method"] not in BODY_METHODS:
             return await self.app(scope, receive, send)
-        if scope["path"].startswith(PROTECTED_PREFIX) and b"json" not in headers.get(b"content-type", b"json"):
-            # every /v1 body is JSON; `curl -d` sends a form content type by default, parse it as JSON anyway
-            scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k != b"content-type"]
-                         + [(b"content-type", b"application/json")])
+        if not _is_json(headers.get(b"content-type", b"")):
+            return await _respond(send, 415, "Request bodies must be JSON: send 'Content-Type: application/json'",
+                                  "unsupported_media_type", {b"connection": b"close"})
 
         declared = headers.get(b"content-length")
         if declared is not None:
@@ -46,8 +66,13 @@ class RequestGuard:
                                       {b"connection": b"close"})
 
         chunks, size = [], 0
+        deadline = started + self.read_timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                return await _respond(send, 408, f"The request body did not arrive within {self.read_timeout_s:g} "
+                                                 f"s (--read-timeout)", "read_timeout", {b"connection": b"close"})
             if message["type"] == "http.disconnect":
                 return  # client gave up while sending; nobody to answer
             chunk = message.get("body", b"")
@@ -59,6 +84,12 @@ class RequestGuard:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        field = lone_surrogate_field(body)
+        if field is not None:
+            where = f"'{field}'" if field else "the body"
+            return await _respond(send, 400, f"Invalid value for {where}: it holds a lone UTF-16 surrogate (an "
+                                             f"unpaired \\ud800-\\udfff), which is not Unicode text",
+                                  "invalid_unicode", param=printable(field) or None)
         replayed = False
 
         async def replay_receive():
@@ -69,6 +100,14 @@ class RequestGuard:
             return await receive()
 
         return await self.app(scope, replay_receive, send)
+
+    def _host_allowed(self, host_header: bytes) -> bool:
+        host = host_header.decode("latin-1").strip().lower()
+        if host.startswith("["):  # [v6]:port
+            name = host[: host.find("]") + 1] if "]" in host else host
+        else:
+            name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        return name in self.allowed_hosts
 
     def _authorized(self, header: bytes) -> bool:
         scheme, _, token = header.partition(b" ")
@@ -82,8 +121,14 @@ class RequestGuard:
         return f"Request body of {qualifier}{size} bytes exceeds the limit of {self.max_body_bytes} bytes"
 
 
-async def _respond(send, status: int, message: str, code: str, extra_headers: dict | None = None) -> None:
-    body = error_bytes(status, message, code)
+def _is_json(content_type: bytes) -> bool:
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+async def _respond(send, status: int, message: str, code: str, extra_headers: dict | None = None,
+                   param: str | None = None) -> None:
+    body = error_bytes(status, message, code, param)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += list((extra_headers or {}).items())
     await send({"type": "http.response.start", "status": status, "headers": headers})

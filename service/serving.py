@@ -2,11 +2,15 @@
 
 Choice index = prompt_index * n + i (OpenAI's batch convention). Choice i of a seeded request samples with
 seed + i, so the n choices differ yet the whole response is reproducible.
+
+Order of work, cheapest refusal first: field checks and limits, "is the engine taking requests", "does the request
+fit the server's capacity" (prompts x n), and only then tokenization (on the tokenizer threads) and admission.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 from typing import AsyncIterator, Callable
 
@@ -15,11 +19,15 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from model.engine import SamplingParams
-from service.engine_client import EngineClient, RequestGroup, max_model_len
+from service.engine_client import EngineClient
+from service.engine_interface import ServingEngine
 from service.errors import ApiError, bad_request
+from service.prompts import chat_prompt_ids, completion_prompt_ids
 from service.protocol import (SEED_MAX, ChatCompletionRequest, CompletionRequest, SamplingRequest, new_id, now)
+from service.request_group import RequestGroup
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
+TOKENIZER_THREADS = 2
 
 
 class EventStreamResponse(StreamingResponse):
@@ -79,9 +87,12 @@ class Choices:
 
 
 class OpenAIServing:
-    def __init__(self, client: EngineClient, served_model_name: str):
+    def __init__(self, client: EngineClient, served_model_name: str, parse_special_tokens_in_content: bool = False):
         self.client = client
         self.served_model_name = served_model_name
+        self.parse_special_tokens_in_content = parse_special_tokens_in_content
+        self.tokenizer_pool = concurrent.futures.ThreadPoolExecutor(TOKENIZER_THREADS,
+                                                                    thread_name_prefix="staticmoe-tokenize")
 
     # ---- shared request preparation -------------------------------------------------------------------------------
     def _check_model(self, body: SamplingRequest) -> None:
@@ -89,11 +100,30 @@ class OpenAIServing:
             raise ApiError(400, f"The model '{body.model}' does not exist; this server serves "
                                 f"'{self.served_model_name}'", param="model", code="model_not_found")
 
-    def _engine(self):
+    def _engine(self, num_prompts: int, n: int) -> ServingEngine:
+        """The engine, once it takes requests and this one fits the server (both checked before any work)."""
+        self.client.check_accepting()
         engine = self.client.engine
         if engine is None:
             raise ApiError(503, "The model is still loading; retry shortly", code="model_loading")
+        self._check_request_size(num_prompts, n)
         return engine
+
+    def _check_request_size(self, num_prompts: int, n: int) -> None:
+        """400 when the request alone needs more sequences than the server ever admits."""
+        capacity = self.client.capacity
+        if num_prompts * n <= capacity:
+            return
+        if num_prompts > capacity or n == 1:
+            raise bad_request(f"The batch of {num_prompts} prompts exceeds this server's capacity of {capacity} "
+                              f"concurrent sequences", "prompt")
+        if num_prompts == 1:
+            raise bad_request(f"n={n} exceeds this server's capacity of {capacity} concurrent sequences", "n")
+        raise bad_request(f"{num_prompts} prompts x n={n} = {num_prompts * n} sequences exceed this server's "
+                          f"capacity of {capacity} concurrent sequences", "n")
+
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, fn, *args)
 
     def _sampling_params(self, body: SamplingRequest, max_tokens: int) -> list[SamplingParams]:
         stops = body.stop_strings()
@@ -132,22 +162,13 @@ class OpenAIServing:
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         body.check_supported()
         self._check_model(body)
-        engine = self._engine()
-        tokenizer = engine.tokenizer
-        vocab = int(engine.model_config.vocab_size)  # ids the embedding accepts (may exceed the tokenizer's)
-        prompts: list[list[int]] = []
-        for k, prompt in enumerate(body.prompts()):
-            ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            if not ids:
-                raise bad_request("The prompt is empty (it encodes to zero tokens)", "prompt", "empty_prompt")
-            bad = [t for t in ids if t >= vocab]
-            if bad:
-                raise bad_request(f"Token id {bad[0]} in prompt {k} is outside the vocabulary (size {vocab})",
-                                  "prompt", "invalid_token_id")
-            prompts.append(ids)
+        texts = body.prompts()
+        engine = self._engine(len(texts), body.n)
+        prompts = await self._off_loop(completion_prompt_ids, engine.tokenizer, int(engine.model_config.vocab_size),
+                                       texts)
         prompt_lens = [len(p) for p in prompts]
         max_tokens = self._resolve_max_tokens(body.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, prompt_lens,
-                                              max_model_len(engine), "max_tokens")
+                                              engine.max_model_len, "max_tokens")
         group = await self._submit(prompts, self._sampling_params(body, max_tokens))
         choices = Choices(len(prompts) * body.n, prompt_lens, body.n)
         request_id, created = new_id("cmpl"), now()
@@ -182,15 +203,11 @@ class OpenAIServing:
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         body.check_supported()
         self._check_model(body)
-        engine = self._engine()
-        try:
-            prompt = list(engine.tokenizer.apply_chat_template(body.message_dicts()))
-        except Exception as err:  # a template may reject role orders ("roles must alternate")
-            raise bad_request(f"The chat template rejected the messages: {err}", "messages", "invalid_messages")
-        if not prompt:
-            raise bad_request("The messages encode to zero tokens", "messages", "empty_messages")
+        engine = self._engine(1, body.n)
+        prompt = await self._off_loop(chat_prompt_ids, engine.tokenizer, body.message_dicts(),
+                                      self.parse_special_tokens_in_content)
         max_tokens = self._resolve_max_tokens(body.requested_max_tokens(), None, [len(prompt)],
-                                              max_model_len(engine), "max_tokens")
+                                              engine.max_model_len, "max_tokens")
         group = await self._submit([prompt], self._sampling_params(body, max_tokens))
         choices = Choices(body.n, [len(prompt)], body.n)
         request_id, created = new_id("chatcmpl"), now()
@@ -242,6 +259,8 @@ class OpenAIServing:
             if not consumer.done():
                 consumer.cancel()
                 group.abort()
+            # let both finish cancelling: asking a task for its result before that raises InvalidStateError
+            await asyncio.wait({consumer, watcher})
         if consumer.cancelled():
             raise ApiError(499, "client disconnected", code="client_closed")
         consumer.result()  # re-raises an engine failure

@@ -1,10 +1,26 @@
-"""ServiceSettings: the HTTP-side knobs (the engine's own knobs live in model.engine.EngineConfig)."""
+"""ServiceSettings: the HTTP-side knobs (the engine client's live in ClientOptions, the engine's in EngineConfig).
+
+Every limit here has a `staticmoe serve` flag; docs/service.md lists them all."""
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB of JSON is far beyond any prompt that fits the context
+# Kubernetes gives a pod 120 s (deploy/k8s) between SIGTERM and SIGKILL, of which the preStop hook sleeps 5 s: a
+# drain of 90 s leaves time to end the remaining streams in-band and to shut down before the kill.
+DEFAULT_DRAIN_TIMEOUT_S = 90.0
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -12,10 +28,25 @@ class ServiceSettings:
     served_model_name: str = "tiny"
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    drain_timeout_s: float = 600.0  # SIGTERM: longest wait for in-flight requests before exiting anyway
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S  # SIGTERM: longest wait for in-flight requests
+    read_timeout_s: float = 30.0  # to receive a request's headers, and then its body
+    max_connections: int = 2048  # open HTTP connections; a request beyond gets 503
+    # Host header values accepted ("*" = any; a port is ignored). The loopback names by default, so a web page
+    # cannot reach a loopback server through a DNS name it controls (DNS rebinding).
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
+    parse_special_tokens_in_content: bool = False  # chat: `<|im_end|>` typed by a user is text unless this is set
 
     def __post_init__(self):
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
         if self.api_key is not None and not self.api_key:
             self.api_key = None  # an empty key means "no key"
+        if not self.read_timeout_s > 0:
+            raise ValueError(f"the read timeout must be > 0 s, got {self.read_timeout_s}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"the drain timeout must be >= 0 s, got {self.drain_timeout_s}")
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
+        self.allowed_hosts = tuple(h.strip().lower() for h in self.allowed_hosts if h.strip())
+        if not self.allowed_hosts:
+            raise ValueError("allowed_hosts is empty (use '*' to accept any Host header)")

@@ -34,9 +34,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """One `staticmoe serve` subprocess. Flags go on the command line; `env` adds STATICMOE_* variables."""
+    """One `staticmoe serve` subprocess. Flags go on the command line; `env` adds STATICMOE_* variables. `entry`
+    replaces `-m service serve` (e.g. `-c SCRIPT`, which gets `--port N` as its arguments)."""
 
-    def __init__(self, args: list[str] = (), env: dict[str, str] | None = None, api_key: str | None = None):
+    def __init__(self, args: list[str] = (), env: dict[str, str] | None = None, api_key: str | None = None,
+                 entry: list[str] = ("-m", "service", "serve")):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
@@ -45,7 +47,7 @@ class ServerProcess:
         full_env.update(env or {})
         full_env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
         full_env.setdefault("OMP_NUM_THREADS", "1")  # CI has 2 cores: one for the server, one for the clients
-        command = [sys.executable, "-m", "service", "serve", "--port", str(self.port), *args]
+        command = [sys.executable, *entry, "--port", str(self.port), *args]
         self.proc = subprocess.Popen(command, cwd=REPO_ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
 
     @property

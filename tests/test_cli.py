@@ -2,6 +2,7 @@
 server configured only through the environment."""
 
 import os
+import re
 import subprocess
 import sys
 import types
@@ -124,6 +125,41 @@ def test_bench_serve_hands_its_arguments_to_the_load_generator(monkeypatch):
     assert calls == [["--concurrency", "8", "--url", "http://x"]]
 
 
+def test_version_prints_the_distribution_version():
+    result = subprocess.run([sys.executable, "-m", "service", "--version"], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    version = re.search(r'^version = "(.+)"', (REPO_ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert result.stdout.strip() == f"staticmoe {version}"
+
+
+def test_cpu_threads_default_to_half_the_cpus_of_a_cpu_engine(monkeypatch):
+    import torch
+
+    from service.cpu_threads import set_cpu_threads
+
+    before = torch.get_num_threads()
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        set_cpu_threads(None, torch.device("cpu"))
+        assert torch.get_num_threads() == max(1, cpus // 2)
+        set_cpu_threads(1, torch.device("cpu"))
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        set_cpu_threads(None, torch.device("cuda", 0))  # a GPU engine keeps torch's choice
+        set_cpu_threads(0, torch.device("cpu"))  # 0: torch's choice
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        set_cpu_threads(None, torch.device("cpu"))  # the environment's choice wins
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert parse("--cpu-threads", "3").cpu_threads == 3 and parse().cpu_threads is None
+    with pytest.raises(SystemExit):
+        parse("--cpu-threads", "-1")
+
+
 def test_help_runs_as_a_module():
     result = subprocess.run([sys.executable, "-m", "service", "serve", "--help"], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=60)
@@ -133,6 +169,7 @@ def test_help_runs_as_a_module():
 
 def test_start_up_log_names_model_device_and_kernel_path(served):
     log = served.log_text()
+    assert "torch CPU threads: 1" in log  # OMP_NUM_THREADS=1 (tests/service_fixtures.py)
     assert "model tiny loaded" in log
     assert "device=cpu" in log
     assert "kernel path: pure-torch reference" in log

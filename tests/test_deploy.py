@@ -272,9 +272,9 @@ def test_k8s_objects_fit_together():
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
 
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe, path in (("startupProbe", "/health"), ("readinessProbe", "/ready"), ("livenessProbe", "/health")):
         spec = container[probe]
-        assert spec["httpGet"]["path"] == "/health" and spec["httpGet"]["port"] in port_names, probe
+        assert spec["httpGet"]["path"] == path and spec["httpGet"]["port"] in port_names, probe
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "allow >= 10 min to load a large model"
     readiness, liveness = container["readinessProbe"], container["livenessProbe"]
@@ -289,3 +289,73 @@ def test_k8s_objects_fit_together():
     final_stage = dockerfile_stages(DOCKERFILE.read_text())[-1]
     image_user = [args for instruction, args in final_stage if instruction == "USER"][-1]
     assert security["runAsNonRoot"] is True and f"{security['runAsUser']}:{security['runAsGroup']}" == image_user
+
+
+# ---- fail-closed defaults (issue 17 items 8, 10) ----------------------------------------------------------------------
+_VARIABLE = re.compile(r"\$\{(\w+)(?::([?-])([^}]*))?\}")
+
+
+def compose_value(text: str, env: dict[str, str]) -> str:
+    """docker compose's interpolation of ${VAR}, ${VAR:-default} and ${VAR:?error} (an unset or empty VAR with :?
+    stops compose with the error)."""
+    def one(match: re.Match) -> str:
+        name, kind, arg = match.groups()
+        value = env.get(name, "")
+        if kind == "?" and not value:
+            raise ValueError(f"{name}: {arg}")
+        return value or (arg if kind == "-" else "")
+
+    return _VARIABLE.sub(one, str(text))
+
+
+def all_deployments() -> list[dict]:
+    return [d for path in (K8S_DIR / "deployment.yaml", K8S_DIR / "multi-gpu" / "deployment.yaml")
+            for d in load_yaml_documents(path) if d["kind"] == "Deployment"]
+
+
+def test_compose_fails_closed_without_keys_and_keeps_monitoring_on_loopback():
+    services = load_yaml(COMPOSE_FILE)["services"]
+    env = {"STATICMOE_MODEL_DIR": "/models", "STATICMOE_API_KEY": "k", "GRAFANA_ADMIN_PASSWORD": "p"}
+    for missing in ("STATICMOE_API_KEY", "GRAFANA_ADMIN_PASSWORD"):
+        partial = {k: v for k, v in env.items() if k != missing}
+        with pytest.raises(ValueError, match=missing):
+            for service in services.values():
+                for value in (service.get("environment") or {}).values():
+                    compose_value(value, partial)
+    grafana = {k: compose_value(v, env) for k, v in services["grafana"]["environment"].items()}
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == "p"
+    assert grafana.get("GF_AUTH_ANONYMOUS_ENABLED", "false") == "false"
+    assert "GF_AUTH_ANONYMOUS_ORG_ROLE" not in grafana
+    for name in ("prometheus", "grafana", "dcgm-exporter"):
+        for port in services[name].get("ports", []):
+            assert compose_value(port, env).startswith("127.0.0.1:"), (name, port)
+
+
+def test_k8s_api_key_secret_is_required():
+    for deployment in all_deployments():
+        env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+        ref = env["STATICMOE_API_KEY"]["valueFrom"]["secretKeyRef"]
+        assert ref.get("optional", False) is False, deployment["metadata"]["name"]
+
+
+def test_drain_ends_within_the_grace_period():
+    """--drain-timeout (plus the preStop sleep and a margin to shut down) must end before the SIGKILL, so streams
+    still running get their in-band end; the default used to be 600 s against a 120 s grace."""
+    from service.cli import build_parser
+
+    default_drain = build_parser().parse_args(["serve"]).drain_timeout
+    shutdown_margin_s = 15  # ending the streams, uvicorn's graceful close, joining the engine thread
+    for deployment in all_deployments():
+        pod = deployment["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        drain = float(env.get("STATICMOE_DRAIN_TIMEOUT") or default_drain)
+        pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+        pre_stop_s = float(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0.0
+        assert pre_stop_s + drain + shutdown_margin_s <= pod["terminationGracePeriodSeconds"], \
+            deployment["metadata"]["name"]
+    staticmoe = load_yaml(COMPOSE_FILE)["services"]["staticmoe"]
+    grace = staticmoe["stop_grace_period"]
+    grace_s = float(grace[:-1]) * {"s": 1, "m": 60}[grace[-1]]
+    drain = float(staticmoe["environment"].get("STATICMOE_DRAIN_TIMEOUT") or default_drain)
+    assert drain + shutdown_margin_s <= grace_s

@@ -1,9 +1,7 @@
 """LLMEngine end to end on the CPU: continuous batching, chunked prefill, preemption, abort, seeds, stop conditions,
 limits, a stepping thread, MoE stats; greedy output against HF transformers `generate` as the reference."""
 
-import queue
 import random
-import threading
 
 import pytest
 
@@ -193,43 +191,30 @@ def test_limits_and_bad_requests_raise_value_error():
     assert LLMEngine(EngineConfig(model="tiny", num_kv_blocks=8)).max_model_len == 8 * 16
 
 
-def test_add_and_abort_from_another_thread_while_stepping(tiny, solo):
-    """The service's pattern: one thread loops on step(); requests arrive and are aborted from another."""
-    results: queue.Queue = queue.Queue()
-    stop = threading.Event()
-
-    def loop():
-        while not stop.is_set():
-            if tiny.has_unfinished_requests():
-                for out in tiny.step():
-                    results.put(out)
-            else:
-                stop.wait(0.001)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
+def test_add_and_abort_between_steps(tiny, solo):
+    """The service's pattern: its engine thread steps, and applies the requests that arrive and the aborts between
+    steps (the engine has no locks of its own; service/engine_client.py is the one concurrency layer)."""
     prompts = random_prompts(8, seed=8)
-    try:
-        for i, p in enumerate(prompts):
-            tiny.add_request(f"t{i}", p, SamplingParams(max_tokens=12, **GREEDY))
-            if i == 3:
-                tiny.abort_request("t1")
-        outputs: dict[str, list] = {}
-        finished = set()
-        while len(finished) < len(prompts):
-            out = results.get(timeout=60)
+    outputs: dict[str, list] = {}
+
+    def step():
+        for out in tiny.step():
             outputs.setdefault(out.request_id, []).append(out)
-            if out.finished:
-                finished.add(out.request_id)
-    finally:
-        stop.set()
-        thread.join(timeout=10)
+
     for i, p in enumerate(prompts):
-        last = outputs[f"t{i}"][-1]
-        if last.finish_reason == "abort":
-            assert i == 1
-            continue
-        assert tokens_of(outputs[f"t{i}"]) == solo(p, 12)
+        tiny.add_request(f"t{i}", p, SamplingParams(max_tokens=12, **GREEDY))
+        if i == 3:
+            used = tiny.stats().kv_cache_usage
+            tiny.abort_request("t1")
+            assert tiny.stats().kv_cache_usage <= used  # its blocks are free before the next step
+        step()
+    while tiny.has_unfinished_requests():
+        step()
+    assert outputs["t1"][-1].finish_reason == "abort"
+    for i, p in enumerate(prompts):
+        assert outputs[f"t{i}"][-1].finished
+        if i != 1:
+            assert tokens_of(outputs[f"t{i}"]) == solo(p, 12)
 
 
 def test_moe_stats_count_every_routed_token_and_time_sampled_steps():

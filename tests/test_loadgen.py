@@ -1,4 +1,4 @@
-"""`staticmoe bench serve` (service/loadgen*.py) against a real loopback server running the tiny model on CPU.
+"""`staticmoe bench serve` (service/loadgen/) against a real loopback server running the tiny model on CPU.
 
 The shared `served` server (tests/service_fixtures.py) requires API key `test-key`; its /metrics counters give an
 independent count of the tokens the load generator says it received.
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from service import loadgen
-from service.loadgen_client import LevelRun, RequestResult
-from service.loadgen_dataset import load_sharegpt, random_token_prompts
-from service.loadgen_report import distribution_ms, percentile, summarize
+from service.loadgen.client import LevelRun, RequestResult
+from service.loadgen.dataset import load_sharegpt, random_token_prompts
+from service.loadgen.report import distribution_ms, percentile, summarize
 from tests.service_fixtures import API_KEY, REPO_ROOT, free_port, metric, parse_metrics, served  # noqa: F401
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -70,8 +70,8 @@ def test_pod_has_shared_memory_probes_and_the_image_user():
     shm = volumes[mounts["/dev/shm"]]["emptyDir"]
     assert shm["medium"] == "Memory" and quantity_gib(shm["sizeLimit"]) >= 8
     assert volumes[mounts["/models"]]["persistentVolumeClaim"]["readOnly"] is True
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container()[probe]["httpGet"]["path"] == "/health", probe
+    for probe, path in (("startupProbe", "/health"), ("readinessProbe", "/ready"), ("livenessProbe", "/health")):
+        assert container()[probe]["httpGet"]["path"] == path, probe
     startup = container()["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 1800, "allow 30 min to load a large model"
     security = pod["securityContext"]

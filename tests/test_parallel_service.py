@@ -1,6 +1,6 @@
 """`staticmoe serve --tensor-parallel 2 --expert-parallel 2` on loopback (gloo on the CPU): a real HTTP request is
-answered as one rank answers it, /health and the expert metrics work, and killing a worker rank turns /health into
-503 within seconds (instead of a server that hangs on its next step)."""
+answered as one rank answers it, /health and the expert metrics work, and killing a worker rank ends the server with
+a non-zero exit status within seconds (instead of a server that hangs on its next step), so a restart policy acts."""
 
 import os
 import re
@@ -32,7 +32,7 @@ def expected_text() -> str:
     return text_of(outs)
 
 
-def test_two_rank_server_answers_as_one_rank_and_fails_health_when_a_rank_dies(expected_text):
+def test_two_rank_server_answers_as_one_rank_and_exits_when_a_rank_dies(expected_text):
     server = ServerProcess(["--tensor-parallel", "2", "--expert-parallel", "2", "--max-model-len", "256",
                             "--max-num-seqs", "4", "--collective-timeout", "30"])
     try:
@@ -49,13 +49,9 @@ def test_two_rank_server_answers_as_one_rank_and_fails_health_when_a_rank_dies(e
 
         os.kill(worker_pid(server), signal.SIGKILL)
         deadline = time.monotonic() + 15
-        status = 200
-        while time.monotonic() < deadline and status == 200:
+        while time.monotonic() < deadline and server.proc.poll() is None:
             time.sleep(0.2)
-            status = httpx.get(server.base_url + "/health", timeout=5).status_code
-        assert status == 503, "health still 200 15 s after a rank died"
-        refused = httpx.post(server.base_url + "/v1/completions", json=body, timeout=30)
-        assert refused.status_code == 503, refused.text
+        assert server.proc.poll() == 1, f"server still running 15 s after a rank died:\n{server.log_text()}"
         assert "rank 1" in server.log_text()
     finally:
         server.stop()

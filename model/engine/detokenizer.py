@@ -2,10 +2,12 @@
 
 Text is decoded over a short window of recent tokens, so each step costs O(window), and a token that ends inside a
 multi-byte character is held back until the character is complete. Text that could be the start of a stop string
-is held back too, so a stream never shows (part of) a stop string that later ends the request.
+is held back too, so a stream never shows (part of) a stop string that later ends the request. Stop strings are
+matched by StopStringMatcher, whose cost per new character does not grow with the text or the stop strings.
 """
 
 from model.engine.sequence import Sequence
+from model.engine.stop_strings import StopStringMatcher
 
 PROMPT_CONTEXT_TOKENS = 5  # prompt tokens decoded along with the first outputs (spacing of word-piece tokenizers)
 INCOMPLETE_CHAR = "\ufffd"
@@ -18,6 +20,7 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0  # window start: decoded text of [prefix_offset:read_offset] is already in `text`
         self.read_offset = len(self.token_ids)
         self.stop = list(stop)
+        self.matcher = StopStringMatcher(self.stop)
         self.text = ""  # output text so far (cut before a stop string once one is found)
         self.emitted = 0  # characters of `text` already handed out
 
@@ -34,21 +37,14 @@ class IncrementalDetokenizer:
             self.text += full[len(done) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
 
-    def find_stop_string(self, new_chars_from: int) -> str | None:
-        """Look for a stop string that ends in text[new_chars_from:]; cut the text before it."""
-        if not self.stop:
+    def find_stop_string(self) -> str | None:
+        """Look for a stop string in the text added since the last call; cut the text before it."""
+        found = self.matcher.feed(self.text)
+        if found is None:
             return None
-        longest = max(len(s) for s in self.stop)
-        start = max(0, new_chars_from - longest + 1)
-        best: tuple[int, str] | None = None
-        for s in self.stop:
-            pos = self.text.find(s, start)
-            if pos != -1 and (best is None or pos < best[0]):
-                best = (pos, s)
-        if best is None:
-            return None
-        self.text = self.text[: best[0]]
-        return best[1]
+        start, stop = found
+        self.text = self.text[:start]
+        return stop
 
     def take_new_text(self, finished: bool) -> str:
         """Text not yet handed out; while running, withhold a tail that could begin a stop string."""
@@ -56,20 +52,10 @@ class IncrementalDetokenizer:
             self._decode(flush=True)
             end = len(self.text)
         else:
-            end = len(self.text) - self._stop_prefix_len()
+            end = len(self.text) - self.matcher.partial_match_len()
         end = max(end, self.emitted)
         new, self.emitted = self.text[self.emitted : end], end
         return new
-
-    def _stop_prefix_len(self) -> int:
-        """Length of the longest tail of `text` that is a proper prefix of some stop string."""
-        best = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(self.text)), best, -1):
-                if self.text.endswith(s[:n]):
-                    best = n
-                    break
-        return best
 
 
 def check_stop_token(seq: Sequence, token_id: int, eos_token_ids, max_model_len: int,
@@ -81,7 +67,7 @@ def check_stop_token(seq: Sequence, token_id: int, eos_token_ids, max_model_len:
     num_tokens = seq.num_tokens if num_tokens is None else num_tokens
     if not params.ignore_eos and token_id in eos_token_ids:
         seq.finish_reason, seq.stop_reason = "stop", None
-    elif token_id in params.stop_token_ids:
+    elif token_id in params.stop_token_id_set:
         seq.finish_reason, seq.stop_reason = "stop", token_id
     elif num_tokens - seq.num_prompt_tokens >= params.max_tokens or num_tokens >= max_model_len:
         seq.finish_reason = "length"
@@ -96,7 +82,7 @@ def detokenize_and_check_stop_strings(seq: Sequence, token_id: int) -> None:
     before = len(detok.text)
     detok.add_token(token_id)
     if len(detok.text) > before:
-        stop_string = detok.find_stop_string(before)
+        stop_string = detok.find_stop_string()
         if stop_string is not None:
             seq.finish_reason, seq.stop_reason = "stop", stop_string
 

@@ -1,8 +1,8 @@
 """LLMEngine: requests in, tokens out, one continuous-batching step at a time.
 
-Thread model: one thread calls step() in a loop; add_request / abort_request may come from other threads. They
-queue their work under a small lock; step() drains the queue first. When no step is running they also drain it
-at once, so an abort frees its blocks immediately.
+Thread model: none of its own. The engine is called from one thread only (the service's engine thread,
+service/engine_client.py, owns it and queues the HTTP side's commands); add_request / abort_request act between
+steps at once, so an abort frees its blocks immediately.
 
 Asynchronous scheduling (`EngineConfig.async_scheduling`, as in vLLM and SGLang's overlap scheduler): step N+1 is
 scheduled and launched before the token ids that step N samples are read back, so the GPU never waits for the
@@ -14,7 +14,6 @@ need the ids on the host) are read back at once. Steps whose MoE time is sampled
 timing events are read, without waiting, once the step's ids are back (model/engine/moe_timer.py).
 """
 
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -101,10 +100,6 @@ class LLMEngine:
         if self.workers is not None:  # from now on every step is sent to the workers before it runs here
             self.runner.step_listener = self.workers.send_step
 
-        self._step_lock = threading.Lock()  # held for a whole step
-        self._queue_lock = threading.Lock()  # guards the three fields below
-        self._pending_adds: list[Sequence] = []
-        self._pending_aborts: list[str] = []
         self._active_ids: set[str] = set()  # added and not yet finished
         self._abort_outputs: list[RequestOutput] = []
         self._pending: list[tuple[Sequence, int, int]] = []  # (sequence, token, its output count) to emit
@@ -112,7 +107,7 @@ class LLMEngine:
         self.async_scheduling = config.async_scheduling and self.workers is None
         self._arrivals = 0
 
-    # ---- requests (any thread) --------------------------------------------------------------------------------
+    # ---- requests (between steps) -----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None) -> None:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -129,58 +124,34 @@ class LLMEngine:
         if len(prompt) + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"max_model_len={self.max_model_len}")
+        if request_id in self._active_ids:
+            raise ValueError(f"request_id {request_id!r} is already in use")
         generator = self.sampler.new_request_generator(params.seed) if params.seed is not None else None
-        with self._queue_lock:
-            if request_id in self._active_ids:
-                raise ValueError(f"request_id {request_id!r} is already in use")
-            seq = Sequence(request_id, prompt, params, self._arrivals, generator)
-            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt, params.stop)
-            self._arrivals += 1
-            self._active_ids.add(request_id)
-            self._pending_adds.append(seq)
-        self._drain_if_idle()
+        seq = Sequence(request_id, prompt, params, self._arrivals, generator)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt, params.stop)
+        self._arrivals += 1
+        self._active_ids.add(request_id)
+        self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> None:
-        with self._queue_lock:
-            if request_id not in self._active_ids:
-                return
-            self._pending_aborts.append(request_id)
-        self._drain_if_idle()
+        """Free the request's blocks now; its final output (finish_reason "abort") comes with the next step()."""
+        if request_id not in self._active_ids:
+            return
+        seq = self.scheduler.abort(request_id)
+        if seq is not None:
+            self._release(seq)
+            self._abort_outputs.append(RequestOutput(request_id, [], "", True, "abort", seq.num_prompt_tokens,
+                                                     seq.num_emitted_tokens, None))
 
     def has_unfinished_requests(self) -> bool:
         if self.workers is not None:
             self.workers.check()  # a dead rank fails the engine loop (polled while idle too) instead of a hang
-        with self._queue_lock:
-            if self._pending_adds or self._pending_aborts or self._abort_outputs or self._pending:
-                return True
-        if self._in_flight is not None:
+        if self._abort_outputs or self._pending or self._in_flight is not None:
             return True
         return self.scheduler.has_unfinished()
 
-    def _drain_if_idle(self) -> None:
-        if self._step_lock.acquire(blocking=False):
-            try:
-                self._drain()
-            finally:
-                self._step_lock.release()
-
-    def _drain(self) -> None:
-        """Apply queued adds and aborts (caller holds the step lock)."""
-        with self._queue_lock:
-            adds, self._pending_adds = self._pending_adds, []
-            aborts, self._pending_aborts = self._pending_aborts, []
-        for seq in adds:
-            self.scheduler.add(seq)
-        for request_id in aborts:
-            seq = self.scheduler.abort(request_id)
-            if seq is not None:
-                self._release(seq)
-                self._abort_outputs.append(RequestOutput(request_id, [], "", True, "abort", seq.num_prompt_tokens,
-                                                         seq.num_emitted_tokens, None))
-
     def _release(self, seq: Sequence) -> None:
-        with self._queue_lock:
-            self._active_ids.discard(seq.request_id)
+        self._active_ids.discard(seq.request_id)
 
     # ---- the loop (engine thread) -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -188,21 +159,19 @@ class LLMEngine:
         and stop strings run while this step's work is on the device, so step() returns the outputs of the step
         before it (and of aborts). A stop found that late (any stop, with asynchronous scheduling; a stop string
         otherwise) leaves the sequence scheduled in this step too: that one extra token is dropped."""
-        with self._step_lock:
-            self._drain()
-            outputs, self._abort_outputs = self._abort_outputs, []
-            sched = self.scheduler.schedule()
-            previous, self._in_flight = self._in_flight, None
-            launched = None if sched.is_empty else self._launch(sched, previous)
-            if previous is not None:
-                self._read_back(previous)  # its ids are ready or nearly: this step was queued behind it
-            outputs += self._emit_pending()  # host work overlapping the device
-            if launched is not None:
-                if not self.async_scheduling:
-                    self._read_back(launched)  # the step's one host sync
-                else:
-                    self._in_flight = launched
-            return outputs
+        outputs, self._abort_outputs = self._abort_outputs, []
+        sched = self.scheduler.schedule()
+        previous, self._in_flight = self._in_flight, None
+        launched = None if sched.is_empty else self._launch(sched, previous)
+        if previous is not None:
+            self._read_back(previous)  # its ids are ready or nearly: this step was queued behind it
+        outputs += self._emit_pending()  # host work overlapping the device
+        if launched is not None:
+            if not self.async_scheduling:
+                self._read_back(launched)  # the step's one host sync
+            else:
+                self._in_flight = launched
+        return outputs
 
     def _launch(self, sched, previous: _LaunchedStep | None) -> _LaunchedStep:
         """Enqueue the step's forward pass and sampling; advance the sequences past it with placeholders."""
@@ -263,9 +232,9 @@ class LLMEngine:
                 self._release(seq)
         return outputs
 
-    # ---- observability (any thread) ---------------------------------------------------------------------------
+    # ---- observability --------------------------------------------------------------------------------------
     def stats(self) -> EngineStats:
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting) + len(self._pending_adds),
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
                            self.block_manager.usage, self.scheduler.num_preemptions_total)
 
     def moe_stats(self) -> MoeStatsSnapshot:

@@ -2,11 +2,16 @@
 
 from dataclasses import dataclass, field
 
+# Below this a temperature counts as greedy. A tiny temperature rounds to 0 in float32, or overflows the scaled
+# logits to inf: softmax then gives NaN and token 0 is sampled forever. None this small samples differently from
+# greedy in practice (vLLM uses the same bound).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or anything below GREEDY_BELOW_TEMPERATURE) = greedy
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0 = off
     seed: int | None = None
@@ -35,10 +40,11 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                 raise ValueError(f"stop_token_ids must be non-negative ints, got {t!r}")
+        self.stop_token_id_set = frozenset(self.stop_token_ids)  # checked for every sampled token: O(1)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     @property
     def uses_top_k(self) -> bool:

@@ -19,10 +19,10 @@ import re
 import sys
 from pathlib import Path
 
-from service.loadgen_client import run_level
-from service.loadgen_dataset import (PromptSpec, load_sharegpt, model_vocab_size, random_token_prompts,
+from service.loadgen.client import run_level
+from service.loadgen.dataset import (PromptSpec, load_sharegpt, model_vocab_size, random_token_prompts,
                                      tokenizer_for)
-from service.loadgen_report import plot_sweep, summarize, table
+from service.loadgen.report import plot_sweep, summarize, table
 
 PROG = "staticmoe bench serve"
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from service.loadgen_dataset import PromptSpec
+from service.loadgen.dataset import PromptSpec
 
 COMPLETIONS_PATH = "/v1/completions"
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from service.loadgen_client import LevelRun
+from service.loadgen.client import LevelRun
 
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
 LATENCY_TITLES = {"ttft": "time to first token", "tpot": "time per output token", "itl": "inter-token latency",

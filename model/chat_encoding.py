@@ -1,0 +1,46 @@
+"""Chat prompts whose message text stays text: a special-token string typed into a message (`<|im_end|>`) is encoded
+as the characters it is, not as the control token the chat template writes, so a user cannot close their own turn
+and open a system one (role spoofing). `parse_special_tokens_in_content=True` restores the plain behaviour (the whole
+rendered prompt parsed for special tokens).
+
+How: before rendering, each special-token string in a message's content becomes a private-use placeholder; the
+rendered prompt is encoded piece by piece, the template's text with special tokens parsed, each placeholder as
+the plain text it stands for. Prompts without such strings are encoded in one piece, exactly as before.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+_OPEN, _CLOSE = "\ue000", "\ue001"  # private-use characters: the placeholder's delimiters
+_PLACEHOLDER = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
+
+
+def encode_chat(messages: list[dict], special_tokens: list[str], render: Callable[[list[dict]], str],
+                encode: Callable[[str], list[int]], encode_plain: Callable[[str], list[int]],
+                parse_special_tokens_in_content: bool = False) -> list[int]:
+    """`encode` parses special tokens, `encode_plain` does not; neither adds the tokenizer's BOS/EOS."""
+    if parse_special_tokens_in_content or not special_tokens:
+        return encode(render(messages))
+    # the delimiters themselves are escaped too, so content cannot forge a placeholder
+    pattern = re.compile("|".join(re.escape(t) for t in sorted([*special_tokens, _OPEN, _CLOSE], key=len,
+                                                                reverse=True)))
+    literals: list[str] = []
+
+    def mark(match: re.Match) -> str:
+        literals.append(match.group(0))
+        return f"{_OPEN}{len(literals) - 1}{_CLOSE}"
+
+    marked = [{**m, "content": pattern.sub(mark, m["content"])} if isinstance(m.get("content"), str) else m
+              for m in messages]
+    if not literals:
+        return encode(render(messages))
+    ids: list[int] = []
+    pieces = _PLACEHOLDER.split(render(marked))  # template text, literal index, template text, ...
+    for i, piece in enumerate(pieces):
+        if i % 2:
+            ids += encode_plain(literals[int(piece)])
+        elif piece:
+            ids += encode(piece)
+    return ids
