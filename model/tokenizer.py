@@ -96,6 +96,10 @@ class HFTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def backend_json(self) -> str:
+        """The `tokenizers` JSON of this tokenizer (the grammar engine builds its vocabulary from it)."""
+        return self._tok.to_str()
+
     def render_chat(self, messages: list[dict]) -> str:
         if self.chat_template is None:
             raise ChatTemplateError(f"tokenizer {self.name!r} has no chat template")
