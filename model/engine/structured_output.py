@@ -34,12 +34,14 @@ class GrammarError(ValueError):
 
 
 class _ByteVocabulary:
-    """The byte tokenizer (model/byte_tokenizer.py) as llguidance's TokenizerWrapper wants it: each id's bytes."""
+    """The byte tokenizer (model/byte_tokenizer.py) as llguidance's TokenizerWrapper wants it: each id's bytes.
+    Ids past its vocabulary (a random-weight preset's larger one) are unnamed special tokens no grammar allows."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, vocab_size: int):
         specials = sorted(tokenizer.special_ids.items(), key=lambda kv: kv[1])
         self.tokens = [bytes([i]) for i in range(256)] + [name.encode() for name, _ in specials]
-        self.special_token_ids = [i for _, i in specials]
+        self.special_token_ids = [i for _, i in specials] + list(range(len(self.tokens), vocab_size))
+        self.tokens += [f"<|unused_{i}|>".encode() for i in range(len(self.tokens), vocab_size)]
         self.eos_token_id = tokenizer.eos_token_ids[0]
         self.bos_token_id = None
 
@@ -56,8 +58,10 @@ def grammar_tokenizer(tokenizer, vocab_size: int, eos_token_ids: list[int]) -> L
             if hasattr(tokenizer, "backend_json"):
                 ll = LLTokenizer(tokenizer.backend_json(), n_vocab=vocab_size, eos_token=list(eos_token_ids))
             else:
-                ll = LLTokenizer(TokenizerWrapper(_ByteVocabulary(tokenizer)), n_vocab=vocab_size,
+                ll = LLTokenizer(TokenizerWrapper(_ByteVocabulary(tokenizer, vocab_size)), n_vocab=vocab_size,
                                  eos_token=list(eos_token_ids))
+            if ll.vocab_size != vocab_size:
+                raise GrammarError(f"the grammar engine sees {ll.vocab_size} tokens, the model {vocab_size}")
             cached = (vocab_size, ll)
             tokenizer._llguidance = cached
         return cached[1]
