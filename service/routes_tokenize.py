@@ -60,7 +60,11 @@ def tokenize_router(serving: OpenAIServing) -> APIRouter:
             if isinstance(body, TokenizeCompletionRequest):
                 return engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
             tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-            return chat_prompt_ids(engine.tokenizer, message_dicts(body.messages),
+            try:
+                messages = message_dicts(body.messages)
+            except ValueError:
+                raise bad_request("tool call arguments must be JSON text", "messages") from None
+            return chat_prompt_ids(engine.tokenizer, messages,
                                    serving.options.parse_special_tokens_in_content, tools,
                                    body.add_generation_prompt, body.chat_template_kwargs)
 

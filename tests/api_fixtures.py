@@ -10,7 +10,7 @@ import pytest
 from tests.service_fixtures import API_KEY, REPO_ROOT, ServerProcess
 
 TOOL_TEMPLATE = REPO_ROOT / "tests" / "templates" / "tool_chat.jinja"
-API_MAX_MODEL_LEN = 1024
+API_MAX_MODEL_LEN = 2048
 
 
 @pytest.fixture(scope="session")

@@ -89,10 +89,10 @@ class HermesToolParser:
             call = parse_call(match.group(1))
             if call is None:
                 continue  # stays in the content
-            content.append(text[last: match.start()])
+            content.append(text[last: match.start()] if not calls else text[last: match.start()].lstrip())
             calls.append(call)
             last = match.end()
-        content.append(text[last:])
+        content.append(text[last:] if not calls else text[last:].lstrip())  # whitespace after a call: a separator
         joined = "".join(content)
         return (joined if joined.strip() else None), calls
 
