@@ -48,6 +48,11 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # with a request's first output (None: 1st token)
 
 
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 indices to the device without waiting for the stream (pinned staging on CUDA)."""
+    return torch.tensor(values, dtype=torch.int64, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+
+
 @dataclass
 class _PromptRows:
     """The prompt-logprob rows a step computed: per sequence (sequence, number of rows), their results."""
@@ -243,7 +248,7 @@ class LLMEngine:
         sampling = [s.seq for s in sched.scheduled if s.samples]
         logits = fwd.logits
         if fwd.prompt_owners:
-            logits = logits.index_select(0, torch.tensor(fwd.sample_rows, dtype=torch.int64, device=logits.device))
+            logits = logits.index_select(0, _to_device(fwd.sample_rows, logits.device))
         extras = self.sampling.extras(sampling)  # grammar masks are filled here, while the forward runs
         result = self.sampler.sample(logits, [seq.params for seq in sampling], [seq.generator for seq in sampling],
                                      extras)
@@ -278,8 +283,8 @@ class LLMEngine:
             targets += seq.token_ids[position + 1 : position + 1 + count]
             ks += [seq.params.prompt_logprobs] * count
         dev = fwd.logits.device
-        logprobs = torch.log_softmax(fwd.logits.index_select(0, torch.tensor(rows, device=dev)).float(), dim=-1)
-        tensors = LogprobsTensors.compute(logprobs, torch.tensor(targets, device=dev), max(ks))
+        logprobs = torch.log_softmax(fwd.logits.index_select(0, _to_device(rows, dev)).float(), dim=-1)
+        tensors = LogprobsTensors.compute(logprobs, _to_device(targets, dev), max(ks))
         return _PromptRows([(seq, count) for seq, _, count in fwd.prompt_owners], targets, ks, tensors)
 
     def _read_back(self, step: _LaunchedStep) -> None:
@@ -300,7 +305,7 @@ class LLMEngine:
         got = self.scheduler.resolve(step.pending, sampled)
         if len(got) < len(step.pending):
             self.moe.drop_tokens(len(step.pending) - len(got))
-        rows = {id(seq): row for row, (seq, _) in enumerate(step.pending)}
+        rows = {id(seq): row for row, (seq, _) in enumerate(step.pending)} if row_logprobs is not None else None
         for seq, index in got:
             token = seq.token_ids[index]
             grammar_done = self.sampling.grammar_complete(seq, token)

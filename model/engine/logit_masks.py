@@ -19,7 +19,7 @@ def ban(logits: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
     """logits[row, token] = -inf for each (row, token)."""
     if pairs:
         index = _put(pairs, torch.int64, logits.device)  # [P, 2]
-        logits.index_put_((index[:, 0], index[:, 1]), torch.tensor(NEG_INF, device=logits.device))
+        logits.index_put_((index[:, 0], index[:, 1]), torch.full((), NEG_INF, device=logits.device))
 
 
 def allow_only(logits: torch.Tensor, rows: list[int], allowed: list[list[int]]) -> None:
@@ -30,7 +30,7 @@ def allow_only(logits: torch.Tensor, rows: list[int], allowed: list[list[int]]) 
     index = _put([*rows, *[p for pair in pairs for p in pair]], torch.int64, logits.device)
     row_index, flat = index[: len(rows)], index[len(rows):].view(-1, 2)
     blocked = torch.ones(len(rows), logits.shape[1], dtype=torch.bool, device=logits.device)  # [A, V]
-    blocked.index_put_((flat[:, 0], flat[:, 1]), torch.tensor(False, device=logits.device))
+    blocked.index_put_((flat[:, 0], flat[:, 1]), torch.zeros((), dtype=torch.bool, device=logits.device))
     logits.index_copy_(0, row_index, logits.index_select(0, row_index).masked_fill(blocked, NEG_INF))
 
 

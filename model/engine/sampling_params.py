@@ -99,6 +99,11 @@ class SamplingParams:
             if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
                 raise ValueError(f"{name} must be None or an int in [0, {MAX_LOGPROBS}], got {value!r}")
         self.stop_token_id_set = frozenset(self.stop_token_ids)  # checked for every sampled token: O(1)
+        # Read for every row of every step, so computed once: the sample depends on earlier tokens on the host
+        # (a grammar's state, a bad word's prefix), and the row has any state of model/engine/sampling_state.py.
+        self.needs_previous_tokens = self.grammar is not None or any(len(w) > 1 for w in self.bad_words_token_ids)
+        self.has_row_state = bool(self.min_tokens or self.bad_words_token_ids or self.uses_penalties
+                                  or self.grammar is not None)
 
     @property
     def greedy(self) -> bool:
@@ -115,9 +120,3 @@ class SamplingParams:
     @property
     def uses_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
-
-    @property
-    def needs_previous_tokens(self) -> bool:
-        """Its next sample depends on the tokens before it on the host (a grammar's state, a bad word's prefix),
-        so with asynchronous scheduling the previous step's ids are read back before this row is sampled."""
-        return self.grammar is not None or any(len(w) > 1 for w in self.bad_words_token_ids)

@@ -42,18 +42,20 @@ class SequenceSampling:
         matchers = []
         for row, seq in enumerate(seqs):
             p = seq.params
-            if seq.is_finished:  # stopped by a token read back after this step was launched: its sample is dropped
+            if not p.has_row_state or seq.is_finished:  # finished: by a token read back after this step's launch
                 continue
-            outputs = seq.token_ids[seq.num_prompt_tokens:]
-            if len(outputs) < p.min_tokens:
+            num_outputs = seq.num_tokens - seq.num_prompt_tokens
+            if num_outputs < p.min_tokens:
                 ids = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
                 extras.banned += [(row, t) for t in ids]
             for word in p.bad_words_token_ids:
-                if len(word) == 1 or outputs[len(outputs) - len(word) + 1:] == word[:-1]:
+                if len(word) == 1 or (num_outputs >= len(word) - 1 and
+                                      seq.token_ids[seq.num_tokens - len(word) + 1:] == word[:-1]):
                     extras.banned.append((row, word[-1]))
             if p.uses_penalties:
                 if seq.penalty_row < 0:
-                    seq.penalty_row = self.penalties.acquire(seq.prompt_token_ids, [t for t in outputs if t >= 0])
+                    outputs = [t for t in seq.token_ids[seq.num_prompt_tokens:] if t >= 0]
+                    seq.penalty_row = self.penalties.acquire(seq.prompt_token_ids, outputs)
                 if extras.penalty_rows is None:
                     extras.penalty_rows = [-1] * len(seqs)
                 extras.penalty_rows[row] = seq.penalty_row
