@@ -87,3 +87,33 @@ def test_json_object_is_not_sampled_without_the_grammar(engine):
 def test_bad_grammars_raise(engine, kind, spec):
     with pytest.raises(GrammarError):
         grammar(engine, kind, spec)
+
+
+def test_grammar_over_a_bpe_tokenizer(tmp_path):
+    """A real BPE vocabulary (multi-byte tokens, merges across JSON punctuation): walking random allowed tokens of the
+    grammar's masks always spells a valid document, and token_bytes spells the same text as decode."""
+    import random
+
+    from model.engine.structured_output import GrammarMasks
+    from model.tokenizer import HFTokenizer
+    from tests.model_fixtures import make_tokenizer_files
+
+    make_tokenizer_files(tmp_path)
+    tok = HFTokenizer(tmp_path)
+    vocab = tok.vocab_size + 13  # a model vocabulary larger than the tokenizer's: the extra ids are never allowed
+    eos = tok.eos_token_ids
+    g = compile_grammar("json_schema", SCHEMAS[2], tok, vocab, eos)
+    masks = GrammarMasks(vocab, pin=False)
+    rng = random.Random(0)
+    for _ in range(5):
+        matcher, ids = g.new_matcher(), []
+        while not matcher.is_stopped() and len(ids) < 400:
+            words = masks.fill([matcher])[0]
+            allowed = [t for t in range(vocab) if (int(words[t // 32]) >> (t % 32)) & 1]
+            assert allowed and max(allowed) < tok.vocab_size
+            token = rng.choice(allowed)
+            assert matcher.consume_token(token)
+            ids.append(token)
+        text = tok.decode([t for t in ids if t not in eos])
+        jsonschema.validate(json.loads(text), SCHEMAS[2])
+        assert b"".join(tok.token_bytes(t) for t in ids if t not in eos).decode() == text

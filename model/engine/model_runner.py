@@ -21,8 +21,9 @@ import torch
 from model.engine.block_manager import BlockManager, blocks_for
 from model.engine.config import EngineConfig
 from model.engine.decode_inputs import PAD_BLOCK, PAD_TOKEN, DecodeInputs, static_decode_batch
-from model.engine.sampler import Sampler
-from model.engine.sampling_params import SamplingParams
+from model.engine.penalties import PenaltyState
+from model.engine.sampler import Sampler, SamplingExtras
+from model.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from model.engine.scheduler import SchedulerOutput
 from model.forward_batch import ForwardBatch
 from model.layers import fusion
@@ -138,12 +139,10 @@ class ModelRunner:
         vocab = self.model.config.vocab_size
         batch = self.build_batch([([i % vocab for i in range(n)], 0, table, 1) for n, table in zip(lens, tables)])
         self.model(batch, cache)
-        logits = torch.randn(cfg.max_num_seqs, vocab, device=self.device)
-        Sampler(self.device).sample(logits, [SamplingParams(top_p=0.9, top_k=50)] * cfg.max_num_seqs,
-                                    [None] * cfg.max_num_seqs)
+        sampling_peak(self.device, cfg.max_num_seqs, vocab)
         torch.cuda.synchronize(self.device)
         activation_peak = torch.cuda.max_memory_allocated(self.device) - before - cache_bytes
-        del cache, batch, logits
+        del cache, batch
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         return free - max(0, activation_peak), total
@@ -335,6 +334,17 @@ class ModelRunner:
 
     def kv_cache_bytes(self) -> int:
         return self.kv_cache.numel() * self.kv_cache.element_size()
+
+
+def sampling_peak(device: torch.device, rows: int, vocab: int) -> None:
+    """Sample `rows` rows with the sampler's most memory-hungry features at once (top-k/p, min_p, logprobs, penalty
+    tables for every row), so the memory profile leaves room for them."""
+    logits = torch.randn(rows, vocab, device=device)
+    penalties = PenaltyState(vocab, device, rows)
+    state_rows = [penalties.acquire([], []) for _ in range(rows)]
+    params = SamplingParams(top_p=0.9, top_k=50, min_p=0.05, logprobs=MAX_LOGPROBS, frequency_penalty=0.1)
+    Sampler(device, penalties=penalties).sample(logits, [params] * rows, [None] * rows,
+                                                SamplingExtras(penalty_rows=state_rows))
 
 
 def prompt_logit_rows(seq, start: int, num_new_tokens: int) -> int:
