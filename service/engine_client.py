@@ -192,6 +192,15 @@ class EngineClient:
     def abort(self, request_ids: list[str]) -> None:
         self._submit(("abort", request_ids))
 
+    async def reset_prefix_cache(self) -> int:
+        """Forget the engine's cached prefixes, on the engine thread between steps. Returns the blocks dropped."""
+        with self._lock:
+            if self.state not in (EngineState.READY, EngineState.DRAINING):
+                raise ApiError(503, f"The engine is {self.state.value}", code=self.state.value)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._submit(("reset_prefix_cache", future))
+        return await asyncio.wrap_future(future)
+
     def _submit(self, command: tuple) -> None:
         self._commands.append(command)
         self._wake.set()
@@ -289,6 +298,13 @@ class EngineClient:
                     future.set_exception(err)
                     continue
                 future.set_result(None)
+            elif command[0] == "reset_prefix_cache":
+                future = command[1]
+                try:
+                    future.set_result(engine.reset_prefix_cache())
+                except Exception as err:  # noqa: BLE001 - reported to the caller, the loop goes on
+                    future.set_exception(err)
+                self._publish(force_moe=False)
             else:
                 for request_id in command[1]:
                     if self._routes.pop(request_id, None) is not None:
@@ -326,7 +342,7 @@ class EngineClient:
     def _fail_all(self, error: BaseException) -> None:
         while self._commands:  # adds never applied: their handlers wait on the future
             command = self._commands.popleft()
-            if command[0] == "add" and not command[-1].done():
+            if isinstance(command[-1], concurrent.futures.Future) and not command[-1].done():
                 command[-1].set_exception(error)
         groups = {id(g): g for g, _ in self._routes.values()}
         self._routes.clear()

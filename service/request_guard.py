@@ -12,6 +12,7 @@ import hmac
 from service.errors import error_bytes
 
 PROTECTED_PREFIX = "/v1/"
+ADMIN_PATHS = ("/reset_prefix_cache",)  # change server state: the API key guards them as it guards /v1/
 
 
 class RequestGuard:
@@ -24,7 +25,7 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.api_key is not None and scope["path"].startswith(PROTECTED_PREFIX):
+        if self.api_key is not None and (scope["path"].startswith(PROTECTED_PREFIX) or scope["path"] in ADMIN_PATHS):
             if not self._authorized(headers.get(b"authorization", b"")):
                 return await _respond(send, 401, "Invalid or missing API key (send 'Authorization: Bearer <key>')",
                                       "invalid_api_key", {b"www-authenticate": b"Bearer"})
