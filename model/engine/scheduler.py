@@ -199,11 +199,11 @@ class Scheduler:
         """Once the step is launched: count its tokens as computed and append a PENDING_TOKEN placeholder to each
         sequence that samples. Returns (sequence, index of its placeholder) in the order of the sampled rows."""
         pending = []
-        bm, block_size = self.block_manager, self.block_manager.block_size
+        bm, block_size, caching = self.block_manager, self.block_manager.block_size, self.block_manager.prefix_caching
         for s in out.scheduled:
             seq = s.seq
             seq.num_computed_tokens += s.num_new_tokens
-            if seq.num_computed_tokens >= (seq.num_committed_blocks + 1) * block_size:  # a block was completed
+            if caching and seq.num_computed_tokens >= (seq.num_committed_blocks + 1) * block_size:  # block completed
                 bm.commit(seq)
             if s.samples:
                 seq.token_ids.append(PENDING_TOKEN)
@@ -215,14 +215,14 @@ class Scheduler:
         """Write the sampled ids over the placeholders of `advance`. Sequences finished meanwhile (a stop found
         in an earlier token, an abort) drop theirs. Returns the (sequence, index) pairs that got a token."""
         got = []
-        bm, block_size = self.block_manager, self.block_manager.block_size
+        bm, block_size, caching = self.block_manager, self.block_manager.block_size, self.block_manager.prefix_caching
         for (seq, index), token in zip(pending, sampled, strict=True):
             seq.num_pending -= 1
             if seq.status is SequenceStatus.FINISHED:
                 continue
             seq.token_ids[index] = token
             got.append((seq, index))
-            if seq.num_computed_tokens >= (seq.num_committed_blocks + 1) * block_size:  # its token was in flight
+            if caching and seq.num_computed_tokens >= (seq.num_committed_blocks + 1) * block_size:  # was in flight
                 bm.commit(seq)
         return got
 
