@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="N")
     f.switch("--enforce-eager", "never capture CUDA graphs")
     f.switch("--no-async-scheduling", "read each step's sampled tokens back before launching the next step")
+    f.switch("--no-prefix-caching", "prefill every prompt in full instead of reusing the KV blocks of prefixes "
+                                    "seen before (automatic prefix caching is on by default)")
     f.value("--tensor-parallel", type_=positive_int, help_="ranks (one process and GPU each) the model is split "
                                                           "over: attention heads, vocabulary, dense and shared-expert "
                                                           "MLPs (default 1, or --expert-parallel)", metavar="N")
@@ -210,6 +212,8 @@ def build_engine_config(args: argparse.Namespace):
 
     source, random_weights, _ = resolve_model(args)
     given = {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name) is not None}
+    if args.no_prefix_caching:
+        given["enable_prefix_caching"] = False
     return EngineConfig(model=source, random_weights=random_weights, enforce_eager=args.enforce_eager,
                         expert_metrics=expert_metrics_mode(args) != "off",
                         async_scheduling=not args.no_async_scheduling, **given)

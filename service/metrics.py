@@ -89,6 +89,12 @@ class ServiceMetrics:
                                               "KV-cache usage. 1 means 100 percent usage.", m, registry=r))
         self.num_preemptions = per_model(Counter("staticmoe_num_preemptions",
                                                  "Cumulative number of preemption from the engine.", m, registry=r))
+        self.prefix_cache_queries = per_model(Counter("staticmoe_prefix_cache_queries",
+                                                      "Prefix cache queries, in terms of number of queried tokens.",
+                                                      m, registry=r))
+        self.prefix_cache_hits = per_model(Counter("staticmoe_prefix_cache_hits",
+                                                   "Prefix cache hits, in terms of number of cached tokens.", m,
+                                                   registry=r))
         self.prompt_tokens = per_model(Counter("staticmoe_prompt_tokens", "Number of prefill tokens processed.",
                                                m, registry=r))
         self.generation_tokens = per_model(Counter("staticmoe_generation_tokens",
@@ -141,10 +147,15 @@ class ServiceMetrics:
         self.num_running.set(stats.num_running)
         self.num_waiting.set(stats.num_waiting)
         self.kv_cache_usage.set(stats.kv_cache_usage)
-        preemptions = stats.num_preemptions_total
-        if preemptions > self._moe_state.preemptions:
-            self.num_preemptions.inc(preemptions - self._moe_state.preemptions)
-            self._moe_state.preemptions = preemptions
+        state = self._moe_state
+        for counter, name, total in (
+                (self.num_preemptions, "num_preemptions_total", stats.num_preemptions_total),
+                (self.prefix_cache_queries, "prefix_cache_queries_total", stats.prefix_cache_queries_total),
+                (self.prefix_cache_hits, "prefix_cache_hits_total", stats.prefix_cache_hits_total)):
+            seen = state.engine_totals.get(name, 0)
+            if total > seen:  # the engine's totals only grow: export the increment
+                counter.inc(total - seen)
+                state.engine_totals[name] = total
 
     # ---- MoE -------------------------------------------------------------------------------------------------------
     def configure_moe(self, layout: MoeLayout) -> None:
@@ -216,5 +227,5 @@ def window_balance(tokens_per_expert: list[int]) -> tuple[float, int]:
 class _MoeCumulative:
     flops_total: float = 0.0
     shared_flops_total: float = 0.0
-    preemptions: int = 0
+    engine_totals: dict[str, int] = field(default_factory=dict)  # EngineStats counters already exported
     expert_tokens: list[list[int]] = field(default_factory=list)

@@ -24,6 +24,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: min(max_position_embeddings, KV capacity)
     enforce_eager: bool = False  # True: no CUDA graphs
     async_scheduling: bool = True  # launch each step before the previous one's sampled ids are read back
+    enable_prefix_caching: bool = True  # share the KV blocks of repeated prompt prefixes (model/engine/block_manager.py)
     expert_metrics: bool = True  # per-expert load and sampled MoE timing
     moe_timing_every: int = 16  # every n-th step's fused_moe time is read (event nodes in the decode graphs)
     gpu_memory_utilization: float = 0.9  # fraction of total GPU memory the engine may fill
@@ -49,7 +50,7 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"EngineConfig.{name} must be None or a positive int, got {value!r}")
-        for name in ("random_weights", "enforce_eager", "async_scheduling", "expert_metrics"):
+        for name in ("random_weights", "enforce_eager", "async_scheduling", "enable_prefix_caching", "expert_metrics"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EngineConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if not 0.05 <= self.gpu_memory_utilization <= 1.0:
