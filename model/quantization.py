@@ -98,18 +98,3 @@ def quantize_parameter(module: nn.Module, name: str, value: torch.Tensor) -> Non
             param[e], scale[e] = quantize_fp8_blocks(value[e].to(param.device))
     else:
         param[:], scale[:] = quantize_fp8_blocks(value.to(param.device))
-
-
-def fp8_module_names(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if isinstance(m, (Fp8Linear, Fp8Experts))]
-
-
-def experts_precision(model: nn.Module) -> str:
-    """"fp8" when the routed experts run FP8, else their dtype name ("bfloat16", ...): what the tensor-core peak of the
-    utilization metric must be for."""
-    for module in model.modules():
-        if isinstance(module, Fp8Experts):
-            return "fp8"
-        if isinstance(module, nn.Module) and hasattr(module, "gate_up_proj") and hasattr(module, "expert_load"):
-            return str(module.gate_up_proj.dtype).removeprefix("torch.")
-    return "none"
