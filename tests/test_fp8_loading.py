@@ -180,3 +180,14 @@ def test_quantization_needs_whole_blocks():
         load_model("tiny", dtype=torch.float32, quantization="fp8")
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
         load_model("tiny", dtype=torch.float32, quantization="int4")
+
+
+def test_qwen2_57b_fits_an_80gb_gpu_only_in_fp8():
+    """Weight bytes of the shape-only (meta) model: 115 GB in bf16, under 60 GB in FP8."""
+    def weight_bytes(quantization):
+        model, _ = load_model("qwen2-57b-a14b", random_weights=True, device="meta", quantization=quantization)
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+
+    bf16, fp8 = weight_bytes("none"), weight_bytes("fp8")
+    assert bf16 == pytest.approx(114.8e9, rel=0.01)
+    assert 56e9 < fp8 < 60e9
