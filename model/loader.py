@@ -13,6 +13,7 @@ holds a high-precision copy of the model: its peak at load is the FP8 model plus
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -31,6 +32,8 @@ from model.quant_config import check_quantization
 from model.quantization import apply_fp8, online_targets, quantize_parameter, weight_of_scale
 from model.tokenizer import Tokenizer, load_tokenizer
 from model.weight_map import QuantizeAtLoad, load_weights
+
+logger = logging.getLogger(__name__)
 
 
 def _read_json(path: Path) -> dict:
@@ -161,6 +164,9 @@ def load_model(
         fp8 = {n for n, p in model.named_parameters() if p.dtype == FP8_DTYPE}
         quantize = QuantizeAtLoad(fp8, dtype, lambda name, value: quantize_parameter(model, name, value))
         load_weights(model, checkpoint, renames, ignorable, quantize)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    logger.info("FP8 (%s): %d modules in float8_e4m3fn with 128x128 block scales, weights %.2f GiB",
+                "as stored in the checkpoint" if stored else "quantised at load", len(targets), size / 2**30)
     return model, tokenizer
 
 
