@@ -342,7 +342,13 @@ def bench_preset(preset, args, bandwidth, deadline: float, quantization: str = "
     print(f"== {preset} {quantization} ({deadline - time.perf_counter():.0f} s left for it)", flush=True)
     ours_deadline = time.perf_counter() + 0.45 * (deadline - time.perf_counter())
     engine, ours = bench_ours(preset, args, prompts, bandwidth, deadline if skip_hf else ours_deadline, quantization)
-    print(f"  weights {ours['weight_gib']:.1f} GiB ({ours['experts_precision']} experts), KV cache "
+    if quantization == "fp8" and engine.device.type == "cuda":
+        from model.kernels.fp8_linear import block_scaled_mm_supported
+
+        ours["fp8_dense_linears"] = ("torch._scaled_mm 1x128 x 128x128 blocks" if
+                                     block_scaled_mm_supported(engine.device) else "dequantise-then-matmul fallback")
+    print(f"  weights {ours['weight_gib']:.1f} GiB ({ours['experts_precision']} experts"
+          f"{', dense: ' + ours['fp8_dense_linears'] if 'fp8_dense_linears' in ours else ''}), KV cache "
           f"{ours['kv_capacity_tokens']} tokens", flush=True)
     result = dict(ours=ours, hf={}, speedup={})
     if not skip_hf:

@@ -26,6 +26,7 @@ from model.dtypes import resolve_dtype
 from model.families import FAMILIES, config_from_hf
 from model.fp8_checkpoint import fp8_targets
 from model.kernels.fp8 import FP8_DTYPE
+from model.kernels.fp8_linear import block_scaled_mm_supported
 from model.layers.rotary import RotaryEmbedding
 from model.presets import PRESETS, TINY
 from model.quant_config import check_quantization
@@ -164,6 +165,9 @@ def load_model(
         fp8 = {n for n, p in model.named_parameters() if p.dtype == FP8_DTYPE}
         quantize = QuantizeAtLoad(fp8, dtype, lambda name, value: quantize_parameter(model, name, value))
         load_weights(model, checkpoint, renames, ignorable, quantize)
+    weight_device = next(model.parameters()).device
+    if weight_device.type == "cuda":  # decided now, never inside a CUDA-graph capture
+        block_scaled_mm_supported(weight_device)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     logger.info("FP8 (%s): %d modules in float8_e4m3fn with 128x128 block scales, weights %.2f GiB",
                 "as stored in the checkpoint" if stored else "quantised at load", len(targets), size / 2**30)
