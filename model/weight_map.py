@@ -152,7 +152,8 @@ def plan_loading(
             if info.shape != piece.shape:
                 raise CheckpointError(f"tensor {keys[piece.key]!r} in {info.file} has shape {info.shape}, "
                                       f"expected {piece.shape}")
-            if check_dtypes and (info.dtype == FP8_DTYPE_NAME) != stored_fp8:  # a cast would silently drop or invent block scales
+            # a cast would silently drop or invent block scales
+            if check_dtypes and (info.dtype == FP8_DTYPE_NAME) != stored_fp8:
                 raise CheckpointError(f"tensor {keys[piece.key]!r} in {info.file} is {info.dtype} but parameter "
                                       f"{name} is {str(param.dtype).removeprefix('torch.')}")
             plan.append((param, piece, keys[piece.key]))
