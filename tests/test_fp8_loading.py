@@ -191,3 +191,24 @@ def test_qwen2_57b_fits_an_80gb_gpu_only_in_fp8():
     bf16, fp8 = weight_bytes("none"), weight_bytes("fp8")
     assert bf16 == pytest.approx(114.8e9, rel=0.01)
     assert 56e9 < fp8 < 60e9
+
+
+def test_fused_3d_fp8_experts_load_like_per_expert_ones(fp8, written):
+    """transformers 5's in-memory layout, experts.gate_up_proj [E, 2I, H] + experts.gate_up_proj_scale_inv
+    [E, 2I/128, H/128] (and down_proj alike), gives the same model as the per-expert keys."""
+    directory, path = fp8
+
+    def fuse(t):
+        for layer in (0, 1):
+            p = f"model.layers.{layer}.mlp.experts"
+            for suffix in ("", "_scale_inv"):
+                key = lambda e, part: f"{p}.{e}.{part}.weight{suffix}"  # noqa: E731
+                t[f"{p}.gate_up_proj{suffix}"] = torch.stack(
+                    [torch.cat([t.pop(key(e, "gate_proj")), t.pop(key(e, "up_proj"))]) for e in range(6)])
+                t[f"{p}.down_proj{suffix}"] = torch.stack([t.pop(key(e, "down_proj")) for e in range(6)])
+    rewrite(path, fuse)
+    fused, _ = load_model(str(directory), dtype=torch.float32)
+    per_expert, _ = load_model(str(written[0]), dtype=torch.float32)
+    for (name, a), (_, b) in zip(fused.named_parameters(), per_expert.named_parameters()):
+        assert torch.equal(a.view(torch.uint8) if a.dtype == FP8_DTYPE else a,
+                           b.view(torch.uint8) if b.dtype == FP8_DTYPE else b), name
