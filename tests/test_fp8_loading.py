@@ -89,7 +89,8 @@ def test_fp8_tensor_without_quantization_config(fp8):
 def test_module_listed_as_not_converted_but_stored_fp8(fp8):
     directory, _ = fp8
     edit_config(directory, lambda c: c["quantization_config"]["modules_to_not_convert"].append("self_attn.q_proj"))
-    with pytest.raises(CheckpointError, match=rf"'{Q}' in .* is float8_e4m3fn, but quantization_config.modules_to_not_convert lists"):
+    with pytest.raises(CheckpointError, match=rf"'{Q}' in .* is float8_e4m3fn, but "
+                                              rf"quantization_config.modules_to_not_convert lists"):
         load_model(str(directory), dtype=torch.float32)
 
 
