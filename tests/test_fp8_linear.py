@@ -30,6 +30,11 @@ def test_bf16_activations_give_bf16_within_its_rounding():
     assert float((got.double() - want).abs().max() / want.abs().max()) < 2**-7
 
 
+def test_no_rows():
+    q, scale = quantize_blocks(torch.randn(256, 128))
+    assert fp8_linear(torch.empty(0, 128), q, scale).shape == (0, 256)
+
+
 def test_checks_name_the_argument():
     q, scale = quantize_blocks(torch.randn(256, 256))
     x = torch.randn(3, 256)

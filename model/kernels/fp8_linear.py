@@ -116,6 +116,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     global _fallback_logged
     if check:
         check_fp8_linear_inputs(x, weight, weight_scale, bias)
+    if x.numel() == 0:
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
     if x.is_cuda and x.dtype != torch.float32 and weight.shape[0] % 16 == 0 and block_scaled_mm_supported(x.device):
         return _scaled_mm_path(x, weight, weight_scale, bias)
     if x.is_cuda and not _fallback_logged:
