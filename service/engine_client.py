@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 
 from service.engine_interface import ServingEngine
 from service.errors import ApiError
-from service.metrics import EXPERT_SERIES_AUTO_LIMIT, MoeLayout, ServiceMetrics, dense_bf16_peak_flops
+from service.metrics import EXPERT_SERIES_AUTO_LIMIT, MoeLayout, ServiceMetrics, dense_peak_flops
 from service.request_group import RequestGroup
 from service.request_timing import RequestTiming
 
@@ -310,9 +310,11 @@ class EngineClient:
             labels = [str(i) for i in range(int(cfg.num_layers))]
             experts = [int(cfg.num_experts)] * len(labels)
         device_name = first.device_name or device_display_name(engine.device)
-        peak = self.options.moe_peak_flops or dense_bf16_peak_flops(device_name)
+        precision = getattr(first, "precision", "") or "bfloat16"
+        peak = self.options.moe_peak_flops or dense_peak_flops(device_name, precision)
         self.metrics.configure_moe(MoeLayout(
             layer_labels=labels, experts_per_layer=experts, device_name=device_name, peak_flops=peak,
+            precision=precision,
             expert_counters=mode == "on" or (mode == "auto" and sum(experts) <= EXPERT_SERIES_AUTO_LIMIT),
             expert_window_metrics=mode != "off"))
         self.metrics.update_moe(first)

@@ -43,9 +43,28 @@ DENSE_BF16_PEAKS: list[tuple[str, float]] = [
 ]
 
 
+# Dense FP8 (e4m3) tensor-core peak, twice the bf16 one: the denominator when the experts run FP8, so a dashboard
+# never divides FP8 FLOP/s by the bf16 peak.
+DENSE_FP8_PEAKS: list[tuple[str, float]] = [
+    ("H100 PCIE", 1513e12),
+    ("H100 NVL", 1671e12),
+    ("H100", 1979e12),
+    ("H800 PCIE", 1513e12),
+    ("H800", 1979e12),
+    ("H200", 1979e12),
+    ("H20", 296e12),
+]
+
+
 def dense_bf16_peak_flops(device_name: str) -> float | None:
+    return dense_peak_flops(device_name, "bfloat16")
+
+
+def dense_peak_flops(device_name: str, precision: str) -> float | None:
+    """The dense tensor-core peak of `device_name` for experts computing in `precision` ("fp8" or a 16-bit dtype
+    name), or None for an unknown device."""
     name = device_name.upper()
-    for key, peak in DENSE_BF16_PEAKS:
+    for key, peak in DENSE_FP8_PEAKS if precision == "fp8" else DENSE_BF16_PEAKS:
         if key in name:
             return peak
     return None
@@ -70,6 +89,7 @@ class MoeLayout:
     peak_flops: float | None        # None: unknown device, utilization stays 0
     expert_counters: bool           # export staticmoe_expert_tokens_total{layer, expert}
     expert_window_metrics: bool = True
+    precision: str = "bfloat16"     # what the experts compute in ("fp8", "bfloat16", ...): picks the peak
 
 
 class ServiceMetrics:
@@ -126,11 +146,15 @@ class ServiceMetrics:
 
         self.tensor_core_utilization = Gauge(
             "staticmoe_moe_tensor_core_utilization",
-            "Achieved routed-expert GEMM FLOP/s of fused_moe over the device's dense bf16 peak (0-1): FLOPs of the rows "
-            "it computed (CUDA-graph padding included) / its time inside the sampled steps.", registry=r)
+            "Achieved routed-expert GEMM FLOP/s of fused_moe over the device's dense peak in the experts' precision "
+            "(bf16, or FP8 when they run FP8; see staticmoe_moe_precision_info) (0-1): FLOPs of the rows it computed "
+            "(CUDA-graph padding included) / its time inside the sampled steps.", registry=r)
         self.peak_flops = Gauge("staticmoe_moe_peak_flops",
-                                "Dense bf16 peak FLOP/s used as the utilization denominator (0 = unknown).",
-                                registry=r)
+                                "Dense peak FLOP/s (bf16 or FP8, as the experts run) used as the utilization "
+                                "denominator (0 = unknown).", registry=r)
+        self.precision_info = Gauge("staticmoe_moe_precision_info",
+                                    "1 for the precision the routed experts compute in (fp8, bfloat16, ...).",
+                                    ["precision"], registry=r)
         self.moe_flops = Counter("staticmoe_moe_flops", "Routed-expert GEMM FLOPs of the tokens served (analytic "
                                  "count; CUDA-graph padding rows not included).", registry=r)
         self.shared_expert_flops = Counter("staticmoe_moe_shared_expert_flops",
@@ -161,9 +185,10 @@ class ServiceMetrics:
     def configure_moe(self, layout: MoeLayout) -> None:
         self._moe = layout
         self.peak_flops.set(layout.peak_flops or 0.0)
+        self.precision_info.labels(layout.precision).set(1)
         if layout.peak_flops is None:
-            logger.info("no dense bf16 peak known for device %r: staticmoe_moe_tensor_core_utilization stays 0 "
-                        "(set --moe-peak-flops to override)", layout.device_name)
+            logger.info("no dense %s peak known for device %r: staticmoe_moe_tensor_core_utilization stays 0 "
+                        "(set --moe-peak-flops to override)", layout.precision, layout.device_name)
         r, lay = self.registry, ["layer"]
         if layout.expert_counters:
             tokens = Counter("staticmoe_expert_tokens", "Tokens routed to each expert (one per top-k slot).",

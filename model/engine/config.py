@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from model.dtypes import AUTO, check_dtype_name, resolve_dtype
+from model.quant_config import check_quantization
 
 # Chunked-prefill budget when none is given (why these values: benchmarks/NOTES.md, "Defaults measured here").
 CUDA_BATCHED_TOKENS, CPU_BATCHED_TOKENS = 8192, 2048
@@ -16,6 +17,7 @@ class EngineConfig:
     model: str = "tiny"  # checkpoint directory or preset name
     random_weights: bool = False
     dtype: str = AUTO  # a model.dtypes name; "auto": bfloat16 on CUDA, float32 on CPU
+    quantization: str = "none"  # "fp8": quantise a high-precision model at load (an FP8 checkpoint is FP8 anyway)
     device: str = "auto"  # "auto": cuda if available, else cpu
     max_num_seqs: int = 256  # sequences in one step (also the largest CUDA-graph batch)
     max_num_batched_tokens: int | None = None  # new tokens in one step (the chunked-prefill budget); None: by device
@@ -56,6 +58,7 @@ class EngineConfig:
         if not 0.05 <= self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in [0.05, 1], got {self.gpu_memory_utilization}")
         check_dtype_name(self.dtype)
+        check_quantization(self.quantization)
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

@@ -75,7 +75,7 @@ class LLMEngine:
         self.workers = workers
         if model is None:
             model, tokenizer = load_model(config.model, random_weights=config.random_weights, dtype=self.dtype,
-                                          device=self.device)
+                                          device=self.device, quantization=config.quantization)
         self.model = model
         self.tokenizer = tokenizer
         self.model_config = model.config
