@@ -134,7 +134,7 @@ def test_conversations_share_a_system_prompt_and_resend_their_history():
 def test_multi_turn_reports_ttft_per_turn_and_the_server_finds_each_history(served, tmp_path):  # noqa: F811
     import httpx
 
-    assert httpx.post(served.base_url + "/reset_prefix_cache", headers=served.headers).status_code == 200
+    assert httpx.post(served.base_url + "/reset_prefix_cache", json={}, headers=served.headers).status_code == 200
     before = parse_metrics(served.metrics_text())
     rc, report = run_cli(tmp_path, served.base_url, "--api-key", API_KEY, "--dataset", "multi-turn",
                          "--num-conversations", "3", "--num-turns", "3", "--system-prompt-len", "40",

@@ -33,10 +33,10 @@ def complete(server, prompt: list[int], max_tokens: int) -> None:
 
 def test_reset_prefix_cache_needs_the_api_key(served):
     for headers in ({}, {"Authorization": "Bearer wrong"}):
-        response = httpx.post(served.base_url + RESET, headers=headers)
+        response = httpx.post(served.base_url + RESET, json={}, headers=headers)
         assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
         assert response.json()["error"]["code"] == "invalid_api_key"
-    response = httpx.post(served.base_url + RESET, headers=served.headers)
+    response = httpx.post(served.base_url + RESET, json={}, headers=served.headers)
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "ok" and body["prefix_caching"] is True and body["blocks_dropped"] >= 0
@@ -45,7 +45,7 @@ def test_reset_prefix_cache_needs_the_api_key(served):
 
 def test_counters_count_tokens_and_reset_empties_the_cache(served):
     wait_for(lambda: idle(served))
-    assert httpx.post(served.base_url + RESET, headers=served.headers).status_code == 200
+    assert httpx.post(served.base_url + RESET, json={}, headers=served.headers).status_code == 200
     rng = random.Random(22)
     prompt = [rng.randrange(32, 127) for _ in range(50)]
     queries, hits = counters(served)
@@ -53,6 +53,6 @@ def test_counters_count_tokens_and_reset_empties_the_cache(served):
     complete(served, prompt + [rng.randrange(32, 127) for _ in range(20)], 5)  # finds those 3
     assert counters(served) == (queries + 50 + 70, hits + 48)
     # the second request computed 74 tokens, 4 full blocks, 3 of them shared: 4 cached blocks in all
-    assert httpx.post(served.base_url + RESET, headers=served.headers).json()["blocks_dropped"] == 4
+    assert httpx.post(served.base_url + RESET, json={}, headers=served.headers).json()["blocks_dropped"] == 4
     complete(served, prompt, 1)
     assert counters(served) == (queries + 50 + 70 + 50, hits + 48), "nothing is found after the reset"
