@@ -27,7 +27,8 @@ class ByteTokenizer:
         self.chat_template = CHATML_TEMPLATE
         self._split = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """UTF-8 bytes (special-token text as its id); it has no BOS/EOS to add, whatever add_special_tokens."""
         ids = []
         for part in self._split.split(text):
             ids.extend([self.special_ids[part]] if part in self.special_ids else part.encode("utf-8"))
@@ -45,9 +46,22 @@ class ByteTokenizer:
         out.append(pending.decode("utf-8", errors="replace"))
         return "".join(out)
 
-    def apply_chat_template(self, messages: list[dict], parse_special_tokens_in_content: bool = False) -> list[int]:
-        return encode_chat(messages, list(SPECIAL_TOKENS), self.render_chat, self.encode,
-                           lambda text: list(text.encode("utf-8")), parse_special_tokens_in_content)
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a special token: its text)."""
+        if 256 <= token_id < self.vocab_size:
+            return SPECIAL_TOKENS[token_id - 256].encode()
+        return bytes([token_id % 256])
 
-    def render_chat(self, messages: list[dict]) -> str:
-        return render_chat_template(self.chat_template, messages, add_generation_prompt=True)
+    def apply_chat_template(self, messages: list[dict], parse_special_tokens_in_content: bool = False,
+                            tools: list[dict] | None = None, add_generation_prompt: bool = True,
+                            template_kwargs: dict | None = None) -> list[int]:
+        def render(msgs, tls):
+            return self.render_chat(msgs, tls, add_generation_prompt, template_kwargs)
+
+        return encode_chat(messages, list(SPECIAL_TOKENS), render, self.encode,
+                           lambda text: list(text.encode("utf-8")), parse_special_tokens_in_content, tools)
+
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
+                    template_kwargs: dict | None = None) -> str:
+        return render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                                    tools=tools, **(template_kwargs or {}))

@@ -17,12 +17,14 @@ _OPEN, _CLOSE = "\ue000", "\ue001"  # private-use characters: the placeholder's 
 _PLACEHOLDER = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
 
 
-def encode_chat(messages: list[dict], special_tokens: list[str], render: Callable[[list[dict]], str],
+def encode_chat(messages: list[dict], special_tokens: list[str], render: Callable[[list[dict], list | None], str],
                 encode: Callable[[str], list[int]], encode_plain: Callable[[str], list[int]],
-                parse_special_tokens_in_content: bool = False) -> list[int]:
-    """`encode` parses special tokens, `encode_plain` does not; neither adds the tokenizer's BOS/EOS."""
+                parse_special_tokens_in_content: bool = False, tools: list[dict] | None = None) -> list[int]:
+    """`render(messages, tools)` renders the template; `encode` parses special tokens, `encode_plain` does not;
+    neither adds the tokenizer's BOS/EOS. Every string the client wrote (content, tool calls, tool definitions)
+    keeps special-token text as text."""
     if parse_special_tokens_in_content or not special_tokens:
-        return encode(render(messages))
+        return encode(render(messages, tools))
     # the delimiters themselves are escaped too, so content cannot forge a placeholder
     pattern = re.compile("|".join(re.escape(t) for t in sorted([*special_tokens, _OPEN, _CLOSE], key=len,
                                                                 reverse=True)))
@@ -32,12 +34,20 @@ def encode_chat(messages: list[dict], special_tokens: list[str], render: Callabl
         literals.append(match.group(0))
         return f"{_OPEN}{len(literals) - 1}{_CLOSE}"
 
-    marked = [{**m, "content": pattern.sub(mark, m["content"])} if isinstance(m.get("content"), str) else m
-              for m in messages]
+    def marked(value, key=None):
+        if isinstance(value, str):
+            return value if key == "role" else pattern.sub(mark, value)
+        if isinstance(value, dict):
+            return {k: marked(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [marked(v) for v in value]
+        return value
+
+    marked_messages, marked_tools = marked(messages), marked(tools)
     if not literals:
-        return encode(render(messages))
+        return encode(render(messages, tools))
     ids: list[int] = []
-    pieces = _PLACEHOLDER.split(render(marked))  # template text, literal index, template text, ...
+    pieces = _PLACEHOLDER.split(render(marked_messages, marked_tools))  # template text, literal index, ...
     for i, piece in enumerate(pieces):
         if i % 2:
             ids += encode_plain(literals[int(piece)])

@@ -25,13 +25,20 @@ class Tokenizer(Protocol):
     name: str
     vocab_size: int
     eos_token_ids: list[int]
+    chat_template: str | None  # Jinja; the server's --chat-template replaces it
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
-    def apply_chat_template(self, messages: list[dict], parse_special_tokens_in_content: bool = False) -> list[int]:
-        """Special-token text inside message content is encoded as text unless asked (model/chat_encoding.py)."""
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (logprobs report them)."""
+
+    def apply_chat_template(self, messages: list[dict], parse_special_tokens_in_content: bool = False,
+                            tools: list[dict] | None = None, add_generation_prompt: bool = True,
+                            template_kwargs: dict | None = None) -> list[int]:
+        """Special-token text inside message content is encoded as text unless asked (model/chat_encoding.py);
+        `tools` and `template_kwargs` (e.g. enable_thinking) are template variables, as in transformers."""
 
 
 def _token_text(value) -> str | None:
@@ -86,6 +93,7 @@ class HFTokenizer:
         self.eos_token_ids = list(dict.fromkeys(([eos] if eos is not None else []) + list(extra_eos_token_ids)))
         self.bos_token_id = self._id_of(self.special_tokens["bos_token"])
         self._plain: _FastTokenizer | None = None  # a copy that reads special-token text as text (made on first use)
+        self._byte_table = None  # token id -> bytes (token_bytes; made on first use)
 
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
@@ -96,16 +104,40 @@ class HFTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict]) -> str:
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (byte-level and byte-fallback pieces resolved; a special token: its
+        text), from the grammar engine's copy of this vocabulary (built once, on first use)."""
+        if self._byte_table is None:
+            from llguidance import LLTokenizer
+
+            self._byte_table = LLTokenizer(self.backend_json())
+        if token_id >= self._byte_table.vocab_size:
+            return b""
+        return self._byte_table.decode_bytes([token_id])
+
+    def backend_json(self) -> str:
+        """The `tokenizers` JSON of this tokenizer (the grammar engine builds its vocabulary from it)."""
+        return self._tok.to_str()
+
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
+                    template_kwargs: dict | None = None) -> str:
         if self.chat_template is None:
             raise ChatTemplateError(f"tokenizer {self.name!r} has no chat template")
-        tokens = {k: v for k, v in self.special_tokens.items() if v is not None}
-        return render_chat_template(self.chat_template, messages, add_generation_prompt=True, **tokens)
+        variables = {k: v for k, v in self.special_tokens.items() if v is not None}
+        variables.update(template_kwargs or {})
+        return render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                                    tools=tools, **variables)
 
-    def apply_chat_template(self, messages: list[dict], parse_special_tokens_in_content: bool = False) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], parse_special_tokens_in_content: bool = False,
+                            tools: list[dict] | None = None, add_generation_prompt: bool = True,
+                            template_kwargs: dict | None = None) -> list[int]:
         special = [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
-        return encode_chat(messages, special, self.render_chat, lambda text: self.encode(text, False),
-                           self._encode_plain, parse_special_tokens_in_content)
+
+        def render(msgs, tls):
+            return self.render_chat(msgs, tls, add_generation_prompt, template_kwargs)
+
+        return encode_chat(messages, special, render, lambda text: self.encode(text, False), self._encode_plain,
+                           parse_special_tokens_in_content, tools)
 
     def _encode_plain(self, text: str) -> list[int]:
         if self._plain is None:

@@ -19,10 +19,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.engine_client import EngineClient
 from service.errors import ApiError, error_response, install_error_handlers
-from service.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-                              ErrorResponse, ModelCard, ModelList, now)
+from service.metrics_vllm import vllm_registry
+from service.protocol import CompletionRequest, ErrorResponse, ModelCard, ModelList, now
+from service.protocol_chat import ChatCompletionRequest
+from service.protocol_responses import ChatCompletionResponse, CompletionResponse
 from service.request_guard import RequestGuard
-from service.serving import OpenAIServing
+from service.routes_tokenize import tokenize_router
+from service.serving import OpenAIServing, ServingOptions
+from service.serving_chat import chat
+from service.serving_completions import completions as complete
 from service.settings import ServiceSettings
 from service.version import package_version
 
@@ -46,7 +51,12 @@ def create_app(engine_client: EngineClient, settings: ServiceSettings) -> FastAP
     app = FastAPI(title="staticmoe", version=package_version(), lifespan=lifespan,
                   description="OpenAI-compatible serving of Mixture-of-Experts LLMs")
     install_error_handlers(app)
-    serving = OpenAIServing(engine_client, settings.served_model_name, settings.parse_special_tokens_in_content)
+    serving = OpenAIServing(engine_client, ServingOptions(
+        served_model_name=settings.served_model_name,
+        parse_special_tokens_in_content=settings.parse_special_tokens_in_content,
+        ignore_unknown_fields=settings.ignore_unknown_fields, tool_call_parser=settings.tool_call_parser,
+        reasoning_parser=settings.reasoning_parser))
+    vllm_names = vllm_registry(engine_client.registry) if settings.vllm_metric_names else None
     created = now()
 
     def model_card() -> ModelCard:
@@ -57,12 +67,12 @@ def create_app(engine_client: EngineClient, settings: ServiceSettings) -> FastAP
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES,
               summary="Text completion (OpenAI-compatible; stream=true answers with SSE)")
     async def completions(body: CompletionRequest, request: Request):
-        return await serving.completions(body, request)
+        return await complete(serving, body, request)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES,
               summary="Chat completion with the tokenizer's chat template (stream=true answers with SSE)")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await serving.chat(body, request)
+        return await chat(serving, body, request)
 
     @app.get("/v1/models", response_model=ModelList, responses={401: {"model": ErrorResponse}})
     async def models():
@@ -104,7 +114,10 @@ def create_app(engine_client: EngineClient, settings: ServiceSettings) -> FastAP
 
     @app.get("/metrics", summary="Prometheus metrics (text exposition format)")
     async def metrics():
-        return Response(generate_latest(engine_client.registry), media_type=CONTENT_TYPE_LATEST)
+        text = generate_latest(engine_client.registry)
+        if vllm_names is not None:
+            text += generate_latest(vllm_names)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     def openapi_schema() -> dict:
         """FastAPI's schema, with `model` narrowed to the one served id (clients and fuzzers see what is valid)."""
@@ -121,6 +134,7 @@ def create_app(engine_client: EngineClient, settings: ServiceSettings) -> FastAP
         return app.openapi_schema
 
     app.openapi = openapi_schema
+    app.include_router(tokenize_router(serving))
     _include_dashboard(app)
     app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
                        read_timeout_s=settings.read_timeout_s, allowed_hosts=settings.allowed_hosts)

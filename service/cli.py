@@ -14,14 +14,16 @@ import sys
 
 from model.dtypes import AUTO, DTYPE_NAMES
 from model.presets import PRESETS, TINY
+from service.reasoning import REASONING_PARSERS
 from service.settings import DEFAULT_DRAIN_TIMEOUT_S, LOOPBACK_HOSTS, ServiceSettings, is_loopback
+from service.tool_parsers import PARSERS
 from service.version import package_version
 from model.quant_config import QUANTIZATIONS
 
 ENV_PREFIX = "STATICMOE_"
 # Engine settings the CLI passes on only when given, so their defaults live in EngineConfig alone.
 ENGINE_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks", "block_size", "dtype",
-                "device", "quantization")
+                "device", "quantization", "logprobs_mode")
 TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 logger = logging.getLogger("staticmoe.service")
@@ -141,6 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
                   "flight fail)")
     f.switch("--parse-special-tokens-in-content", "chat: read special-token text in message content (e.g. "
                                                    "<|im_end|>) as special tokens (default: as plain text)")
+    f.switch("--ignore-unknown-fields", "accept and ignore request fields this server does not know (logged), as "
+                                        "vLLM does (default: 400 naming the field)")
+    f.value("--tool-call-parser", default="hermes", choices=[*PARSERS, "none"],
+            help_="format of the model's tool calls, parsed into tool_calls (hermes: Qwen2.5/Qwen3 <tool_call>); "
+                  "none: requests with tools get 400")
+    f.value("--reasoning-parser", default="none", choices=[*REASONING_PARSERS, "none"],
+            help_="split the model's <think> text into reasoning_content (qwen3; default none: all is content)")
+    f.value("--chat-template", help_="Jinja chat template file replacing the tokenizer's (e.g. one that renders "
+                                     "tools)", metavar="FILE")
+    f.value("--logprobs-mode", choices=["raw_logprobs", "processed_logprobs"],
+            help_="logprobs of the model's distribution (raw, default) or of the one sampled from (after "
+                  "penalties, temperature, top-k/p and masks)")
+    f.switch("--vllm-metric-names", "/metrics also exports the request metrics under vLLM's names (vllm:...)")
     f.value("--max-num-seqs", type_=positive_int, help_="sequences in one engine step (default: the engine's)")
     f.value("--max-num-batched-tokens", type_=positive_int,
             help_="new tokens in one engine step (default: the engine's, by device)")
@@ -252,9 +267,24 @@ def service_settings(args: argparse.Namespace, served_name: str) -> ServiceSetti
         return ServiceSettings(served_model_name=served_name, api_key=api_key, max_body_bytes=args.max_body_bytes,
                                drain_timeout_s=args.drain_timeout, read_timeout_s=args.read_timeout,
                                max_connections=args.max_connections, allowed_hosts=allowed,
-                               parse_special_tokens_in_content=args.parse_special_tokens_in_content)
+                               parse_special_tokens_in_content=args.parse_special_tokens_in_content,
+                               ignore_unknown_fields=args.ignore_unknown_fields,
+                               tool_call_parser=None if args.tool_call_parser == "none" else args.tool_call_parser,
+                               reasoning_parser=None if args.reasoning_parser == "none" else args.reasoning_parser,
+                               vllm_metric_names=args.vllm_metric_names)
     except ValueError as err:
         raise SystemExit(f"staticmoe: error: {err}") from None
+
+
+def read_chat_template(path: str | None) -> str | None:
+    """--chat-template: read at start-up, so a bad path stops the server at once."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as err:
+        raise SystemExit(f"staticmoe: error: --chat-template {path!r}: {err}") from None
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -290,9 +320,14 @@ def serve(args: argparse.Namespace) -> int:
         make_engine = lambda: parallel_engine(engine_config, parallel)  # noqa: E731
     prometheus_client.disable_created_metrics()  # no *_created series (as vLLM's /metrics)
 
+    chat_template = read_chat_template(args.chat_template)
+
     def build_engine():
         set_cpu_threads(args.cpu_threads, engine_config.resolve_device())
-        return make_engine()
+        engine = make_engine()
+        if chat_template is not None:
+            engine.tokenizer.chat_template = chat_template
+        return engine
 
     client = EngineClient(build_engine, options)
     app = create_app(client, settings)

@@ -29,6 +29,7 @@ class ServingEngine(Protocol):
     tokenizer: Tokenizer
     model_config: ModelShape
     max_model_len: int
+    eos_token_ids: list[int]  # the model's and the tokenizer's (structured output allows them once complete)
     device: torch.device
     dtype: torch.dtype
     kernel_path: str  # which MoE kernel runs, for the start-up log

@@ -73,6 +73,8 @@ def _describe_validation_error(err: dict) -> tuple[str, str | None, str]:
     # pydantic names union members in the location ("str", "list[int]", "function-after[...]"): drop those
     loc = [part for part in loc if not (part[:1].isalpha() and ("[" in part or part in {"str", "int", "float",
                                                                                            "bool", "list"}))]
+    # ...and models in a union of request bodies (/tokenize: TokenizeCompletionRequest | TokenizeChatRequest)
+    loc = [part for part in loc if not (part[:1].isupper() and part.isalnum())]
     param = ".".join(loc) or None
     kind = err.get("type", "")
     if kind == "json_invalid":

@@ -1,8 +1,10 @@
-"""Request and response bodies of the OpenAI-compatible API, as OpenAI and vLLM clients send and expect them.
+"""Request bodies of the OpenAI-compatible API, as OpenAI and vLLM clients send them (chat: service/protocol_chat.py).
 
-Requests are validated strictly: a JSON string where a number belongs ("max_tokens": "5") is a 400, not a silent
-coercion. Unknown fields are ignored (clients send many optional fields); known-but-unsupported features with a
-non-default value (logprobs, penalties, tools, echo) are rejected by `check_supported` with a clear message.
+Every field is either honoured or refused: validated strictly (a JSON string where a number belongs,
+"max_tokens": "5", is a 400, not a silent coercion), and fields this server cannot honour are listed in
+`REFUSED` with the only values it accepts (their defaults); anything else there is a 400 naming the field. Fields
+nobody defined are kept by pydantic (`extra="allow"`) so that service/request_fields.py can refuse them with a 400
+naming them — or, with --ignore-unknown-fields, accept and ignore them as vLLM does. docs/service.md has the table.
 Every list stops at its first bad item (`fail_fast`) and the batch of prompts is capped, so a 1 MiB body of 250,000
 bad items costs one error, not 250,000 of them built on the event loop.
 """
@@ -11,10 +13,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from model.engine.sampling_params import LOGIT_BIAS_LIMIT, MAX_LOGPROBS
 from service.errors import bad_request
 
 # Per-request limits (fixed; docs/service.md lists them with the server's flags): they bound the work one request
@@ -24,44 +27,131 @@ MAX_PROMPTS = 2048  # prompts in one batch (prompts x n must also fit the server
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
+MAX_TOKEN_ID_LISTS = 1024  # logit_bias entries, allowed_token_ids, bad_words
 SEED_MAX = 2**63 - 1
-ONLY_DEFAULT = {"minimum": 0, "maximum": 0}
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, fail_fast=True)]
+TokenId = Annotated[int, Field(ge=0)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1, fail_fast=True)]
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    """Strict types; unknown fields are kept aside (model_extra) for service/request_fields.py to refuse."""
+
+    model_config = ConfigDict(strict=True, extra="allow", json_schema_extra={"additionalProperties": False})
 
 
 class StreamOptions(StrictModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage so far in every chunk
+
+
+class JsonSchemaFormat(StrictModel):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(StrictModel):
+    """vLLM's `structured_outputs`: exactly one constraint."""
+
+    json_: dict | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1, max_length=MAX_TOKEN_ID_LISTS, fail_fast=True)] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    # accepted at their defaults only (REFUSED_STRUCTURED)
+    structural_tag: str | None = None
+    whitespace_pattern: str | None = None
+    disable_any_whitespace: bool = False
+    disable_fallback: bool = False
+    disable_additional_properties: bool = False
+
+
+def _refused(value, allowed: tuple) -> bool:
+    return not any(value == ok and type(value) is type(ok) for ok in allowed)
+
+
+# field -> (values accepted, why anything else is refused). Values are compared with their type (False != 0).
+REFUSED: dict[str, tuple[tuple, str]] = {
+    "use_beam_search": ((False,), "beam search is not implemented"),
+    "length_penalty": ((1.0, 1), "length_penalty applies to beam search, which is not implemented"),
+    "spaces_between_special_tokens": ((True,), "special tokens are always decoded without added spaces"),
+    "priority": ((0,), "requests are scheduled first come, first served"),
+    "logits_processors": ((None,), "custom logits processors are not supported"),
+    "kv_transfer_params": ((None,), "disaggregated prefill is not supported"),
+    "vllm_xargs": ((None,), "no extension arguments are defined"),
+    "guided_decoding_backend": ((None, "auto", "guidance", "llguidance"),
+                                "structured output always uses llguidance"),
+    "guided_whitespace_pattern": ((None,), "JSON output is compact (no free whitespace)"),
+}
+REFUSED_STRUCTURED = {"structural_tag": None, "whitespace_pattern": None, "disable_any_whitespace": False,
+                      "disable_fallback": False, "disable_additional_properties": False}
 
 
 class SamplingRequest(StrictModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = Field(None, description="Served model id (see /v1/models); omitted = the served model")
-    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate; completions default 16, "
-                                                           "chat default = the rest of the context")
+    max_tokens: int | None = Field(None, ge=0, description="Tokens to generate; completions default 16, chat "
+                                                           "default = the rest of the context; 0 only with echo")
     temperature: FiniteFloat = Field(1.0, ge=0.0, description="0 = greedy (so is anything below 1e-5)")
     top_p: FiniteFloat = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1, description="-1 or 0 = off")
-    stop: str | Annotated[list[str], Field(fail_fast=True)] | None = Field(None, description=f"Up to {MAX_STOP_STRINGS} strings of up to "
-                                                           f"{MAX_STOP_STRING_CHARS} characters that end generation")
-    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(fail_fast=True)] | None = Field(
+    min_p: FiniteFloat = Field(0.0, ge=0.0, le=1.0)
+    stop: str | Annotated[list[str], Field(fail_fast=True)] | None = Field(
+        None, description=f"Up to {MAX_STOP_STRINGS} strings of up to {MAX_STOP_STRING_CHARS} characters")
+    stop_token_ids: Annotated[list[TokenId], Field(fail_fast=True)] | None = Field(
         None, description=f"Up to {MAX_STOP_TOKEN_IDS} token ids that end generation")
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Choice i is sampled with seed + i")
     n: int = Field(1, ge=1, le=MAX_N)
+    best_of: int | None = Field(None, ge=1, description="Only equal to n")
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     user: str | None = None
-    # Accepted for compatibility, only at their defaults (the schema says so; check_supported explains why not)
-    presence_penalty: FiniteFloat = Field(0.0, json_schema_extra=ONLY_DEFAULT)
-    frequency_penalty: FiniteFloat = Field(0.0, json_schema_extra=ONLY_DEFAULT)
-    logit_bias: dict | None = Field(None, json_schema_extra={"maxProperties": 0})
+    presence_penalty: FiniteFloat = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: FiniteFloat = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: FiniteFloat = Field(1.0, gt=0.0, le=100.0)
+    logit_bias: dict[str, FiniteFloat] | None = Field(None, description="token id (as a string) -> bias, clamped "
+                                                                      f"to [-{LOGIT_BIAS_LIMIT:g}, "
+                                                                      f"{LOGIT_BIAS_LIMIT:g}]")
+    min_tokens: int = Field(0, ge=0)
+    bad_words: Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_TOKEN_ID_LISTS,
+                                                                          fail_fast=True)] | None = None
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1, max_length=MAX_TOKEN_ID_LISTS * 64,
+                                                      fail_fast=True)] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, description="Keep the last k prompt tokens; -1 = the "
+                                                                         "context length")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    return_tokens_as_token_ids: bool = False
+    return_token_ids: bool = False
+    request_id: str | None = Field(None, max_length=256, description="Used in the response id")
+    cache_salt: str | None = Field(None, description="Accepted; this server has no prefix cache to isolate")
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1, fail_fast=True)] | None = None
+    guided_grammar: str | None = None
+    # accepted at the values REFUSED lists only
+    use_beam_search: bool = False
+    length_penalty: FiniteFloat = 1.0
+    spaces_between_special_tokens: bool = True
+    priority: int = 0
+    logits_processors: Any = None
+    kv_transfer_params: Any = None
+    vllm_xargs: Any = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -74,41 +164,61 @@ class SamplingRequest(StrictModel):
         return stops
 
     def include_usage_in_stream(self) -> bool:
-        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+        return bool(self.stream and self.stream_options and
+                    (self.stream_options.include_usage or self.stream_options.continuous_usage_stats))
+
+    def logit_bias_ids(self) -> dict[int, float]:
+        out = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isdigit() or len(key) > 12:
+                raise bad_request(f"logit_bias keys are token ids, got {key!r}", f"logit_bias.{key}")
+            out[int(key)] = value
+        return out
 
     def check_supported(self) -> None:
-        """Field combinations and limits pydantic does not check; called before any other work."""
+        """Field combinations, limits and refused values pydantic does not check; called before any other work."""
         self.stop_strings()
         if self.stop_token_ids is not None and len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise bad_request(f"At most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed", "stop_token_ids")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) != 0.0:
-                raise bad_request(f"{name} is not supported by this server (use 0)", name, "unsupported")
-        if self.logit_bias:
-            raise bad_request("logit_bias is not supported by this server", "logit_bias", "unsupported")
+        if self.logit_bias is not None and len(self.logit_bias) > MAX_TOKEN_ID_LISTS:
+            raise bad_request(f"At most {MAX_TOKEN_ID_LISTS} logit_bias entries are allowed", "logit_bias")
+        self.logit_bias_ids()
+        if self.best_of is not None and self.best_of != self.n:
+            raise bad_request("best_of other than n is not supported", "best_of", "unsupported")
+        if self.truncate_prompt_tokens == 0:
+            raise bad_request("truncate_prompt_tokens must be >= 1, or -1 for the context length",
+                              "truncate_prompt_tokens")
+        for name, (allowed, why) in REFUSED.items():
+            if _refused(getattr(self, name), allowed):
+                raise bad_request(f"{name} is not supported by this server ({why})", name, "unsupported")
+        if self.structured_outputs is not None:
+            for name, default in REFUSED_STRUCTURED.items():
+                if getattr(self.structured_outputs, name) != default:
+                    raise bad_request(f"structured_outputs.{name} is not supported by this server",
+                                      f"structured_outputs.{name}", "unsupported")
 
 
 class CompletionRequest(SamplingRequest):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS, fail_fast=True)] | TokenIds | \
         Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS, fail_fast=True)] = Field(
             ..., description=f"Text, token ids, or a batch of up to {MAX_PROMPTS} of either")
-    echo: bool = Field(False, json_schema_extra={"enum": [False]})
-    logprobs: int | None = Field(None, json_schema_extra=lambda schema: schema.update(anyOf=[{"type": "null"}]))
-    suffix: str | None = Field(None, json_schema_extra={"maxLength": 0})
-    best_of: int | None = Field(None, ge=1)
+    echo: bool = Field(False, description="Prepend the prompt (and, with logprobs, its logprobs) to each choice")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Alternatives per token (0 = only the "
+                                                                          "chosen token's logprob)")
+    add_special_tokens: bool = Field(True, description="Let the tokenizer add its special tokens (BOS) to text")
+    suffix: str | None = None
+    prompt_embeds: Any = None
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise bad_request("echo is not supported by this server", "echo", "unsupported")
-        if self.logprobs is not None:
-            raise bad_request("logprobs is not supported by this server", "logprobs", "unsupported")
         if self.suffix:
-            raise bad_request("suffix is not supported by this server", "suffix", "unsupported")
-        if self.best_of is not None and self.best_of != self.n:
-            raise bad_request("best_of other than n is not supported", "best_of", "unsupported")
+            raise bad_request("suffix (insertion) is not supported by this server", "suffix", "unsupported")
+        if self.prompt_embeds is not None:
+            raise bad_request("prompt_embeds are not supported by this server", "prompt_embeds", "unsupported")
+        if self.max_tokens == 0 and not self.echo:
+            raise bad_request("max_tokens must be >= 1 (0 only with echo, to score the prompt)", "max_tokens")
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts: one string or one token list per entry."""
@@ -117,105 +227,6 @@ class CompletionRequest(SamplingRequest):
         if self.prompt and isinstance(self.prompt[0], int):
             return [list(self.prompt)]
         return list(self.prompt)
-
-
-class TextPart(StrictModel):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(StrictModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | Annotated[list[TextPart], Field(fail_fast=True)] | None = None
-    name: str | None = None
-
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
-
-
-class ChatCompletionRequest(SamplingRequest):
-    messages: Annotated[list[ChatMessage], Field(fail_fast=True)] = Field(..., description="At least one message")
-    max_completion_tokens: int | None = Field(None, ge=1, description="Newer OpenAI name of max_tokens")
-    logprobs: bool = Field(False, json_schema_extra={"enum": [False]})
-    top_logprobs: int | None = Field(None, json_schema_extra=lambda schema: schema.update(anyOf=[{"type": "null"}]))
-    tools: list | None = Field(None, json_schema_extra={"maxItems": 0})
-    tool_choice: str | dict | None = None
-    response_format: dict | None = None
-
-    def check_supported(self) -> None:
-        super().check_supported()
-        if not self.messages:
-            raise bad_request("messages must contain at least one message", "messages", "empty_messages")
-        if self.logprobs or self.top_logprobs:
-            raise bad_request("logprobs is not supported by this server", "logprobs", "unsupported")
-        if self.tools:
-            raise bad_request("tools are not supported by this server", "tools", "unsupported")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise bad_request("only response_format type 'text' is supported", "response_format", "unsupported")
-        if self.max_tokens is not None and self.max_completion_tokens is not None \
-                and self.max_tokens != self.max_completion_tokens:
-            raise bad_request("max_tokens and max_completion_tokens disagree", "max_completion_tokens")
-
-    def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-    def message_dicts(self) -> list[dict]:
-        return [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                for m in self.messages]
-
-
-# ---- responses -------------------------------------------------------------------------------------------------
-
-FinishReason = Literal["stop", "length", "abort"] | None
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: None = None
-    finish_reason: FinishReason = None
-    stop_reason: str | int | None = Field(None, description="The stop string or token id that ended the choice")
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: None = None
-    finish_reason: FinishReason = None
-    stop_reason: str | int | None = None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
 
 
 class ModelCard(BaseModel):
@@ -242,8 +253,8 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def new_id(prefix: str, request_id: str | None = None) -> str:
+    return f"{prefix}-{request_id or uuid.uuid4().hex}"
 
 
 def now() -> int:

@@ -2,7 +2,7 @@
 
 1. Host allowlist (400): a browser page that points a DNS name it controls at a loopback server (DNS rebinding)
    still sends its own name as Host. /health and /ready are exempt (probes send a pod IP).
-2. API key (401) on /v1/*.
+2. API key (401) on /v1/*, /tokenize and /detokenize.
 3. A JSON content type on every POST/PUT/PATCH (415): a web page can send text/plain or a form cross-site without
    a CORS preflight (a "simple request"), but not application/json, so refusing the rest closes that door.
 4. Body size (413: Content-Length first, then counted while it streams in, never buffered past the limit) and
@@ -22,6 +22,7 @@ from service.errors import error_bytes
 from service.unicode_check import lone_surrogate_field, printable
 
 PROTECTED_PREFIX = "/v1/"
+PROTECTED_PATHS = ("/tokenize", "/detokenize")  # vLLM's utility routes run the tokenizer: as costly as /v1/*
 PROBE_PATHS = ("/health", "/ready")
 BODY_METHODS = ("POST", "PUT", "PATCH")
 ADMIN_PATHS = ("/reset_prefix_cache",)  # change server state: the API key guards them as it guards /v1/
@@ -46,7 +47,8 @@ class RequestGuard:
         if not self.any_host and path not in PROBE_PATHS and not self._host_allowed(headers.get(b"host", b"")):
             return await _respond(send, 400, "The Host header names a host this server does not serve (see "
                                              "--allowed-hosts)", "invalid_host", {b"connection": b"close"})
-        if self.api_key is not None and (path.startswith(PROTECTED_PREFIX) or path in ADMIN_PATHS):
+        if self.api_key is not None and (path.startswith(PROTECTED_PREFIX) or path in PROTECTED_PATHS
+                                         or path in ADMIN_PATHS):
             if not self._authorized(headers.get(b"authorization", b"")):
                 return await _respond(send, 401, "Invalid or missing API key (send 'Authorization: Bearer <key>')",
                                       "invalid_api_key", {b"www-authenticate": b"Bearer"})

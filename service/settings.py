@@ -7,6 +7,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from service.reasoning import REASONING_PARSERS
+from service.tool_parsers import PARSERS
+
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB of JSON is far beyond any prompt that fits the context
 # Kubernetes gives a pod 120 s (deploy/k8s) between SIGTERM and SIGKILL, of which the preStop hook sleeps 5 s: a
 # drain of 90 s leaves time to end the remaining streams in-band and to shut down before the kill.
@@ -35,6 +38,10 @@ class ServiceSettings:
     # cannot reach a loopback server through a DNS name it controls (DNS rebinding).
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
     parse_special_tokens_in_content: bool = False  # chat: `<|im_end|>` typed by a user is text unless this is set
+    ignore_unknown_fields: bool = False  # accept and ignore request fields nobody defined (vLLM); default 400
+    tool_call_parser: str | None = "hermes"  # service/tool_parsers; None: requests with tools are refused
+    reasoning_parser: str | None = None  # service/reasoning.py: "qwen3" splits <think> into reasoning_content
+    vllm_metric_names: bool = False  # /metrics also under vLLM's names (service/metrics_vllm.py)
 
     def __post_init__(self):
         if self.max_body_bytes < 1:
@@ -50,3 +57,8 @@ class ServiceSettings:
         self.allowed_hosts = tuple(h.strip().lower() for h in self.allowed_hosts if h.strip())
         if not self.allowed_hosts:
             raise ValueError("allowed_hosts is empty (use '*' to accept any Host header)")
+        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
+            raise ValueError(f"unknown tool-call parser {self.tool_call_parser!r} (known: {', '.join(PARSERS)})")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"unknown reasoning parser {self.reasoning_parser!r} "
+                             f"(known: {', '.join(REASONING_PARSERS)})")

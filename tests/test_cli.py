@@ -121,9 +121,9 @@ def test_model_selection_rules(tmp_path):
 
 def test_bench_serve_hands_its_arguments_to_the_load_generator(monkeypatch):
     calls = []
-    loadgen = types.ModuleType("service.loadgen")
+    loadgen = types.ModuleType("service.loadgen.main")  # the module `staticmoe bench` imports
     loadgen.main = lambda argv: calls.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "service.loadgen", loadgen)
+    monkeypatch.setitem(sys.modules, "service.loadgen.main", loadgen)
     assert cli.main(["bench", "serve", "--concurrency", "8", "--url", "http://x"]) == 0
     assert calls == [["--concurrency", "8", "--url", "http://x"]]
 

@@ -198,6 +198,20 @@ def test_poisson_arrivals_spread_requests_out(served, tmp_path):  # noqa: F811
     assert lv["duration_s"] > 0.3
 
 
+def test_extra_body_reaches_every_request(served, tmp_path):  # noqa: F811
+    """The same load with a feature on (the way issue 20's costs are measured): logprobs and a regex constraint
+    that holds for every generated token; an unknown field in the extra body fails every request."""
+    for extra in ('{"logprobs": 3}', '{"structured_outputs": {"regex": "[a-z ]{0,999}"}}'):
+        rc, report = run_cli(tmp_path, served.base_url, "--api-key", API_KEY, "--input-len", "8", "--output-len",
+                             "6", "--max-concurrency", "2", "--num-prompts", "2", "--extra-body", extra)
+        lv = report["levels"][0]
+        assert rc == 0 and lv["completed"] == 2 and lv["output_len_mismatches"] == 0, lv
+        assert report["extra_body"] == json.loads(extra)
+    rc, report = run_cli(tmp_path, served.base_url, "--api-key", API_KEY, "--input-len", "8", "--output-len", "4",
+                         "--num-prompts", "2", "--extra-body", '{"no_such_field": 1}')
+    assert report["levels"][0]["failed"] == 2 and "no_such_field" in str(report["levels"][0]["errors"])
+
+
 def test_sharegpt_against_the_server(served, tmp_path):  # noqa: F811
     path, _ = sharegpt_file(tmp_path)
     rc, report = run_cli(tmp_path, served.base_url, "--api-key", API_KEY, "--dataset", "sharegpt",

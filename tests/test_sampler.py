@@ -15,7 +15,7 @@ DEVICE = torch.device("cpu")
 
 def sample(logits, params, generators=None, seed=0):
     sampler = Sampler(DEVICE, seed=seed)
-    return sampler.sample(logits, params, generators or [None] * len(params)).tolist()
+    return sampler.sample(logits, params, generators or [None] * len(params)).sampled_ids.tolist()
 
 
 def test_greedy_is_argmax():
@@ -80,7 +80,7 @@ def test_seeded_rows_reproduce_regardless_of_batch():
             params = [SamplingParams(temperature=1.0)] * batch_size
             gens = [None] * batch_size
             params[batch_pos], gens[batch_pos] = p, g
-            out.append(sampler.sample(batch, params, gens)[batch_pos].item())
+            out.append(sampler.sample(batch, params, gens).sampled_ids[batch_pos].item())
         return out
 
     alone = draws(logits[0], 0, 1)
@@ -88,14 +88,14 @@ def test_seeded_rows_reproduce_regardless_of_batch():
     assert draws(logits[0], 2, 3) == alone
     assert len(set(alone)) > 3, "a flat-ish distribution should give varied tokens"
     g_other = sampler.new_request_generator(99)
-    other = [sampler.sample(logits[:1], [p], [g_other])[0].item() for _ in range(20)]
+    other = [sampler.sample(logits[:1], [p], [g_other]).sampled_ids[0].item() for _ in range(20)]
     assert other != alone
 
 
 def test_unseeded_sampling_varies():
     logits = torch.zeros(1, 1000)
     sampler = Sampler(DEVICE)
-    draws = {sampler.sample(logits, [SamplingParams()], [None])[0].item() for _ in range(20)}
+    draws = {sampler.sample(logits, [SamplingParams()], [None]).sampled_ids[0].item() for _ in range(20)}
     assert len(draws) > 10
 
 

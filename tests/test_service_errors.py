@@ -67,8 +67,8 @@ WRONG_COMPLETION_BODIES = [
     ({"prompt": "a", "model": "gpt-4"}, "model"),
     ({"prompt": "a", "stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
     ({"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),
-    ({"prompt": "a", "logprobs": 2}, "logprobs"),
-    ({"prompt": "a", "presence_penalty": 0.5}, "presence_penalty"),
+    ({"prompt": "a", "logprobs": 21}, "logprobs"),
+    ({"prompt": "a", "presence_penalty": 2.5}, "presence_penalty"),
     ({"prompt": "x" * 400, "max_tokens": 200}, "max_tokens"),  # 400 + 200 > MAX_MODEL_LEN
     ({"prompt": "x" * (MAX_MODEL_LEN + 10)}, "prompt"),
 ]
@@ -85,11 +85,11 @@ WRONG_CHAT_BODIES = [
     ({"messages": [{"content": "x"}]}, "messages.0.role"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "url": "x"}]}]}, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "url": "x"}]}]}, "messages.0.content.0.type"),
     ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -3}, "max_completion_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": MAX_MODEL_LEN}, "max_tokens"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
-    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools.0.function"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": 1}, "logprobs"),
 ]
 
 

@@ -112,10 +112,15 @@ value = st.recursive(scalar, lambda inner: st.lists(inner, max_size=4) | st.dict
                      max_leaves=8)
 COMPLETION_FIELDS = ["prompt", "model", "max_tokens", "temperature", "top_p", "top_k", "stop", "stop_token_ids",
                      "seed", "n", "stream", "stream_options", "ignore_eos", "user", "logit_bias", "echo", "logprobs",
-                     "suffix", "best_of", "presence_penalty"]
+                     "suffix", "best_of", "presence_penalty", "min_p", "repetition_penalty", "min_tokens",
+                     "bad_words", "allowed_token_ids", "truncate_prompt_tokens", "prompt_logprobs",
+                     "response_format", "response_format.json_schema", "response_format.json_schema.schema",
+                     "structured_outputs", "structured_outputs.regex", "structured_outputs.grammar",
+                     "structured_outputs.choice", "guided_json", "request_id"]
 CHAT_FIELDS = [f for f in COMPLETION_FIELDS if f not in ("prompt", "echo", "suffix", "best_of")] + [
     "messages", "messages.0", "messages.0.role", "messages.0.content", "messages.0.name", "messages.0.content.0",
-    "max_completion_tokens", "tools", "tool_choice", "response_format", "top_logprobs"]
+    "messages.0.tool_calls", "messages.0.tool_call_id", "max_completion_tokens", "tools", "tools.0",
+    "tools.0.function", "tools.0.function.parameters", "tool_choice", "top_logprobs", "chat_template_kwargs"]
 
 
 def encode(body: dict, raw_surrogates: bool) -> bytes:

@@ -10,6 +10,7 @@ from model.quant_config import check_quantization
 
 # Chunked-prefill budget when none is given (why these values: benchmarks/NOTES.md, "Defaults measured here").
 CUDA_BATCHED_TOKENS, CPU_BATCHED_TOKENS = 8192, 2048
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
 
 
 @dataclass
@@ -32,6 +33,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # fraction of total GPU memory the engine may fill
     cpu_kv_cache_bytes: int = 64 << 20  # KV cache size when num_kv_blocks is None on the CPU
     seed: int = 0  # seeds the RNG of unseeded sampled requests
+    # Which distribution logprobs report (model/engine/logprobs.py): "raw_logprobs" (the model's) or
+    # "processed_logprobs" (the one sampled from, after every sampling parameter), as vLLM's --logprobs-mode.
+    logprobs_mode: str = "raw_logprobs"
 
     def __post_init__(self):
         if self.device != "auto":
@@ -59,6 +63,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in [0.05, 1], got {self.gpu_memory_utilization}")
         check_dtype_name(self.dtype)
         check_quantization(self.quantization)
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {self.logprobs_mode!r}")
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

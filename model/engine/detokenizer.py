@@ -14,8 +14,11 @@ INCOMPLETE_CHAR = "\ufffd"
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: list[str]):
+    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: list[str], skip_special_tokens: bool = True,
+                 include_stop_str_in_output: bool = False):
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.include_stop_str_in_output = include_stop_str_in_output
         self.token_ids = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])  # context + outputs (text tokens only)
         self.prefix_offset = 0  # window start: decoded text of [prefix_offset:read_offset] is already in `text`
         self.read_offset = len(self.token_ids)
@@ -31,19 +34,21 @@ class IncrementalDetokenizer:
     def _decode(self, flush: bool) -> None:
         if self.read_offset == len(self.token_ids):
             return
-        done = self.tokenizer.decode(self.token_ids[self.prefix_offset : self.read_offset])
-        full = self.tokenizer.decode(self.token_ids[self.prefix_offset :])
+        skip = self.skip_special_tokens
+        done = self.tokenizer.decode(self.token_ids[self.prefix_offset : self.read_offset], skip_special_tokens=skip)
+        full = self.tokenizer.decode(self.token_ids[self.prefix_offset :], skip_special_tokens=skip)
         if len(full) > len(done) and (flush or not full.endswith(INCOMPLETE_CHAR)):
             self.text += full[len(done) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
 
-    def find_stop_string(self) -> str | None:
-        """Look for a stop string in the text added since the last call; cut the text before it."""
+    def find_stop_string(self, armed: bool = True) -> str | None:
+        """Look for a stop string in the text added since the last call; cut the text before it (after it with
+        include_stop_str_in_output). Not `armed` (min_tokens not reached yet): the text is scanned, nothing stops."""
         found = self.matcher.feed(self.text)
-        if found is None:
+        if found is None or not armed:
             return None
         start, stop = found
-        self.text = self.text[:start]
+        self.text = self.text[: start + len(stop) if self.include_stop_str_in_output else start]
         return stop
 
     def take_new_text(self, finished: bool) -> str:
@@ -73,16 +78,18 @@ def check_stop_token(seq: Sequence, token_id: int, eos_token_ids, max_model_len:
         seq.finish_reason = "length"
 
 
-def detokenize_and_check_stop_strings(seq: Sequence, token_id: int) -> None:
+def detokenize_and_check_stop_strings(seq: Sequence, token_id: int, num_output_tokens: int | None = None) -> None:
     """Add the token's text (not for a token that stopped the sequence by id) and look for stop strings; a stop
-    string also overrides "length" when the same token completes it."""
-    if seq.finish_reason == "stop":
+    string also overrides "length" when the same token completes it. `num_output_tokens`: the output's length up to
+    and including this token (default: all of it; less when later tokens are in flight)."""
+    if seq.finish_reason == "stop" and not seq.stopped_after_text:
         return
     detok: IncrementalDetokenizer = seq.detokenizer
     before = len(detok.text)
     detok.add_token(token_id)
     if len(detok.text) > before:
-        stop_string = detok.find_stop_string()
+        produced = seq.num_output_tokens if num_output_tokens is None else num_output_tokens
+        stop_string = detok.find_stop_string(armed=produced >= seq.params.min_tokens)
         if stop_string is not None:
             seq.finish_reason, seq.stop_reason = "stop", stop_string
 

@@ -10,7 +10,9 @@ host between steps. Until the read, each sampling sequence ends in a placeholder
 step N+1 feeds it from step N's sampled ids on the device. Stop conditions known in advance (max_tokens,
 max_model_len) are applied at launch; a sequence that samples EOS, a stop token or a stop string in step N was
 already scheduled in step N+1, whose token for it is dropped. Steps of a model sharded over ranks (whose workers
-need the ids on the host) are read back at once. Steps whose MoE time is sampled for the metrics are not: their
+need the ids on the host) are read back at once. A step with a sequence whose next sample depends on its previous
+tokens on the host (a grammar, a multi-token bad word) launches its forward pass first, then reads the previous
+step back and fills its grammar masks while the device runs the model, then samples. Steps whose MoE time is sampled for the metrics are not: their
 timing events are read, without waiting, once the step's ids are back (model/engine/moe_timer.py).
 """
 
@@ -22,12 +24,14 @@ from model.engine.block_manager import BlockManager
 from model.engine.config import EngineConfig
 from model.engine.detokenizer import IncrementalDetokenizer, check_stop_token, detokenize_and_check_stop_strings
 from model.engine.decode_inputs import PAD_BLOCK
-from model.engine.model_runner import ModelRunner
+from model.engine.logprobs import LogprobsMode, LogprobsTensors, TokenLogprobs
+from model.engine.model_runner import ModelRunner, prompt_logit_rows
 from model.engine.moe_stats import MoeStatsCollector, MoeStatsSnapshot
 from model.engine.sampler import Sampler
 from model.engine.sampling_params import SamplingParams
+from model.engine.sampling_state import SequenceSampling
 from model.engine.scheduler import Scheduler
-from model.engine.sequence import Sequence
+from model.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass
@@ -40,6 +44,22 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     stop_reason: str | int | None = None  # the stop string or stop token id; None for EOS and length
+    logprobs: list[TokenLogprobs] | None = None  # one per new token, when params.logprobs is set
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # with a request's first output (None: 1st token)
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 indices to the device without waiting for the stream (pinned staging on CUDA)."""
+    return torch.tensor(values, dtype=torch.int64, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+
+
+@dataclass
+class _PromptRows:
+    """The prompt-logprob rows a step computed: per sequence (sequence, number of rows), their results."""
+    owners: list[tuple[Sequence, int]]
+    targets: list[int]  # the prompt token each row predicts
+    ks: list[int]
+    host: LogprobsTensors
 
 
 @dataclass
@@ -49,6 +69,18 @@ class _LaunchedStep:
     sampled_ids: torch.Tensor  # [S] on the device: the next step may feed its sequences from it
     host_ids: torch.Tensor  # [S] host copy, complete once `copied` has (pinned, non-blocking on CUDA)
     copied: "torch.cuda.Event | None"
+    logprobs: LogprobsTensors | None = None  # host copies (behind `copied` too) of the sampled rows' logprobs
+    prompt: _PromptRows | None = None
+
+
+@dataclass
+class _Forward:
+    """A step's forward pass, enqueued: its logits and which rows are whose."""
+    sched: object
+    logits: torch.Tensor  # [R, V]
+    pad_rows: int
+    sample_rows: list[int]  # row of each sampling sequence, in scheduled order
+    prompt_owners: list[tuple[Sequence, int, int]]  # (sequence, first row, rows) of prompt-logprob rows
 
 
 @dataclass
@@ -92,7 +124,10 @@ class LLMEngine:
                                           model_key=f"{config.model}|{config.random_weights}|{self.dtype}".encode())
         self.runner.block_manager = self.block_manager
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.sampler = Sampler(self.device, seed=config.seed)
+        self.sampling = SequenceSampling(self.model_config.vocab_size, self.device, config.max_num_seqs,
+                                         self.eos_token_ids)
+        self.sampler = Sampler(self.device, seed=config.seed, logprobs_mode=LogprobsMode(config.logprobs_mode),
+                               penalties=self.sampling.penalties)
         self.moe = MoeStatsCollector(model.moe_blocks(), self.device, config.expert_metrics, config.moe_timing_every)
         self.runner.moe_timer = self.moe.timer  # decode graphs get fused_moe timing events (before their capture)
 
@@ -125,6 +160,12 @@ class LLMEngine:
         bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"prompt token {bad!r} is not a valid id in [0, {vocab})")
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias),
+                          ("allowed_token_ids", params.allowed_token_ids or []),
+                          ("bad_words", [t for w in params.bad_words_token_ids for t in w])):
+            bad = next((t for t in ids if t >= vocab), None)
+            if bad is not None and name != "stop_token_ids":
+                raise ValueError(f"{name}: token id {bad} is not in [0, {vocab})")
         if len(prompt) + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"max_model_len={self.max_model_len}")
@@ -132,7 +173,9 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         generator = self.sampler.new_request_generator(params.seed) if params.seed is not None else None
         seq = Sequence(request_id, prompt, params, self._arrivals, generator)
-        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt, params.stop)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt, params.stop, params.skip_special_tokens,
+                                                 params.include_stop_str_in_output)
+        self.sampling.on_add(seq)
         self._arrivals += 1
         self._active_ids.add(request_id)
         self.scheduler.add(seq)
@@ -156,6 +199,7 @@ class LLMEngine:
 
     def _release(self, seq: Sequence) -> None:
         self._active_ids.discard(seq.request_id)
+        self.sampling.release(seq)
 
     # ---- the loop (engine thread) -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -166,7 +210,14 @@ class LLMEngine:
         outputs, self._abort_outputs = self._abort_outputs, []
         sched = self.scheduler.schedule()
         previous, self._in_flight = self._in_flight, None
-        launched = None if sched.is_empty else self._launch(sched, previous)
+        launched = None
+        if not sched.is_empty:
+            forward = self._forward(sched, previous)
+            if previous is not None and any(s.samples and s.seq.params.needs_previous_tokens
+                                            for s in sched.scheduled):
+                self._read_back(previous)  # masks and bad words need those tokens; the device runs the forward
+                previous = None
+            launched = self._sample(forward)
         if previous is not None:
             self._read_back(previous)  # its ids are ready or nearly: this step was queued behind it
         outputs += self._emit_pending()  # host work overlapping the device
@@ -177,61 +228,123 @@ class LLMEngine:
                 self._in_flight = launched
         return outputs
 
-    def _launch(self, sched, previous: _LaunchedStep | None) -> _LaunchedStep:
-        """Enqueue the step's forward pass and sampling; advance the sequences past it with placeholders."""
+    def _forward(self, sched, previous: _LaunchedStep | None) -> _Forward:
+        """Enqueue the step's forward pass; note which logit rows sample and which give prompt logprobs."""
         self.moe.begin_step()  # a sampled step is timed as it runs (graph replay or eager), never made eager
         fed_from = None if previous is None else previous.sampled_ids
         logits, pad_rows = self.runner.execute(sched, sampled_before=fed_from)
+        sample_rows, prompt_owners, row = [], [], 0
+        for s in sched.scheduled:
+            seq = s.seq
+            count = prompt_logit_rows(seq, seq.num_computed_tokens, s.num_new_tokens)
+            if count:
+                prompt_owners.append((seq, row, count))
+                seq.prompt_logprob_positions = max(seq.num_computed_tokens, seq.prompt_logprob_positions) + count
+                row += count
+            if s.samples:
+                sample_rows.append(row)
+                row += 1
+        return _Forward(sched, logits, pad_rows, sample_rows, prompt_owners)
+
+    def _sample(self, fwd: _Forward) -> _LaunchedStep:
+        """Enqueue the sampling of the step's sampling rows; advance the sequences past it with placeholders."""
+        sched = fwd.sched
         sampling = [s.seq for s in sched.scheduled if s.samples]
-        sampled_ids = self.sampler.sample(logits, [seq.params for seq in sampling],
-                                          [seq.generator for seq in sampling])  # [S] on the device
-        host_ids, copied = sampled_ids, None
+        logits = fwd.logits
+        if fwd.prompt_owners:
+            logits = logits.index_select(0, _to_device(fwd.sample_rows, logits.device))
+        extras = self.sampling.extras(sampling)  # grammar masks are filled here, while the forward runs
+        result = self.sampler.sample(logits, [seq.params for seq in sampling], [seq.generator for seq in sampling],
+                                     extras)
+        sampled_ids = result.sampled_ids  # [S] on the device
+        prompt = self._prompt_logprobs(fwd) if fwd.prompt_owners else None
+        host_ids, copied, host_logprobs = sampled_ids, None, result.logprobs
         if sampled_ids.is_cuda:
             host_ids = torch.empty(sampled_ids.shape, dtype=sampled_ids.dtype, pin_memory=True)
             host_ids.copy_(sampled_ids, non_blocking=True)
+            host_logprobs = None if result.logprobs is None else result.logprobs.to_host()
+            if prompt is not None:
+                prompt.host = prompt.host.to_host()
             copied = torch.cuda.Event()
             copied.record()
         pending = self.scheduler.advance(sched)
         for row, (seq, index) in enumerate(pending):
             seq.pending_row = row
+            if seq.status is SequenceStatus.FINISHED:  # stopped by the read-back before this sample: no token
+                del seq.token_ids[index:]
+                continue
             if index + 1 - seq.num_prompt_tokens >= seq.params.max_tokens or index + 1 >= self.max_model_len:
                 seq.final_in_flight = True  # not scheduled again: this token ends it whatever it is
-        self.moe.end_step(sched.num_tokens, pad_rows)
-        return _LaunchedStep(pending, sampled_ids, host_ids, copied)
+        self.moe.end_step(sched.num_tokens, fwd.pad_rows)
+        return _LaunchedStep(pending, sampled_ids, host_ids, copied, host_logprobs, prompt)
+
+    def _prompt_logprobs(self, fwd: _Forward) -> _PromptRows:
+        """Raw logprobs of the prompt tokens predicted by the step's prompt rows, on the device."""
+        rows, targets, ks = [], [], []
+        for seq, first, count in fwd.prompt_owners:
+            position = seq.prompt_logprob_positions - count  # the first position these rows predict from
+            rows += range(first, first + count)
+            targets += seq.token_ids[position + 1 : position + 1 + count]
+            ks += [seq.params.prompt_logprobs] * count
+        dev = fwd.logits.device
+        logprobs = torch.log_softmax(fwd.logits.index_select(0, _to_device(rows, dev)).float(), dim=-1)
+        tensors = LogprobsTensors.compute(logprobs, _to_device(targets, dev), max(ks))
+        return _PromptRows([(seq, count) for seq, _, count in fwd.prompt_owners], targets, ks, tensors)
 
     def _read_back(self, step: _LaunchedStep) -> None:
         """Wait for the step's sampled ids, put them in place of the placeholders and apply the stop conditions
         on token ids; the tokens are emitted (detokenized) by the next _emit_pending."""
         if step.copied is not None:
             step.copied.synchronize()
-        got = self.scheduler.resolve(step.pending, step.host_ids.tolist())
+        sampled = step.host_ids.tolist()
+        if step.prompt is not None:
+            results = step.prompt.host.rows(step.prompt.targets, step.prompt.ks)
+            at = 0
+            for seq, count in step.prompt.owners:
+                seq.prompt_logprobs += results[at : at + count]
+                at += count
+        row_logprobs = None
+        if step.logprobs is not None:
+            row_logprobs = step.logprobs.rows(sampled, [seq.params.logprobs for seq, _ in step.pending])
+        got = self.scheduler.resolve(step.pending, sampled)
         if len(got) < len(step.pending):
             self.moe.drop_tokens(len(step.pending) - len(got))
+        rows = {id(seq): row for row, (seq, _) in enumerate(step.pending)} if row_logprobs is not None else None
         for seq, index in got:
             token = seq.token_ids[index]
+            grammar_done = self.sampling.grammar_complete(seq, token)
             check_stop_token(seq, token, self.eos_token_ids, self.max_model_len, num_tokens=index + 1)
+            if grammar_done and seq.finish_reason is None:  # complete: this token is text, then it stops
+                seq.finish_reason, seq.stop_reason, seq.stopped_after_text = "stop", None, True
             if seq.finish_reason is not None:
                 del seq.token_ids[index + 1 :]  # a placeholder for a token sampled past the end
                 self.scheduler.finish(seq, seq.finish_reason)  # frees its blocks before the next schedule
-            self._pending.append((seq, token, index + 1 - seq.num_prompt_tokens))
+            token_logprobs = None if row_logprobs is None else row_logprobs[rows[id(seq)]]
+            self._pending.append((seq, token, index + 1 - seq.num_prompt_tokens, token_logprobs))
         # going idle: copy the expert counters now, so metrics are complete while no steps run
         self.moe.after_read_back(going_idle=not self.scheduler.has_unfinished())
 
     def _emit_pending(self) -> list[RequestOutput]:
         pending, self._pending = self._pending, []
         outputs = []
-        for seq, token, num_output_tokens in pending:
+        for seq, token, num_output_tokens, token_logprobs in pending:
             if seq.finish_reason == "abort":
                 continue  # its final output is already out
-            detokenize_and_check_stop_strings(seq, token)
+            detokenize_and_check_stop_strings(seq, token, num_output_tokens)
             finished = seq.finish_reason is not None
             if finished and not seq.is_finished:  # a stop string: leave the scheduler now
                 del seq.token_ids[seq.num_prompt_tokens + num_output_tokens :]  # tokens sampled past it
                 self.scheduler.finish(seq, seq.finish_reason)
+            first = seq.num_emitted_tokens == 0
             seq.num_emitted_tokens = num_output_tokens
             text = seq.detokenizer.take_new_text(finished)
-            outputs.append(RequestOutput(seq.request_id, [token], text, finished, seq.finish_reason,
-                                         seq.num_prompt_tokens, num_output_tokens, seq.stop_reason))
+            out = RequestOutput(seq.request_id, [token], text, finished, seq.finish_reason, seq.num_prompt_tokens,
+                                num_output_tokens, seq.stop_reason)
+            if seq.params.logprobs is not None:
+                out.logprobs = [token_logprobs]
+            if first and seq.params.prompt_logprobs is not None:
+                out.prompt_logprobs, seq.prompt_logprobs = [None, *seq.prompt_logprobs], []
+            outputs.append(out)
             if finished:
                 self._release(seq)
         return outputs

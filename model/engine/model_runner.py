@@ -6,7 +6,8 @@ padding token's K/V, so a padded CUDA-graph row computes the same thing at every
 subtracted from the load counters) and never touches a real sequence's cache.
 
 A step is described once, as what every rank of a parallel model needs to run it: eager steps as `StepItem`s (per
-sequence its new tokens, first position, block table and whether it samples), graph steps as `DecodeInputs`.
+sequence its new tokens, first position, block table and how many of its last rows' logits are wanted: 1 for the
+row that samples, more for prompt logprobs), graph steps as `DecodeInputs`.
 `step_listener` receives that description before the step runs here; `run_items` and `replay_encoded` run it on
 another rank.
 """
@@ -20,15 +21,16 @@ import torch
 from model.engine.block_manager import BlockManager, blocks_for
 from model.engine.config import EngineConfig
 from model.engine.decode_inputs import PAD_BLOCK, PAD_TOKEN, DecodeInputs, static_decode_batch
-from model.engine.sampler import Sampler
-from model.engine.sampling_params import SamplingParams
+from model.engine.penalties import PenaltyState
+from model.engine.sampler import Sampler, SamplingExtras
+from model.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from model.engine.scheduler import SchedulerOutput
 from model.forward_batch import ForwardBatch
 from model.layers import fusion
 
 logger = logging.getLogger(__name__)
 
-StepItem = tuple[list[int], int, list[int], bool]  # (new token ids, first position, block table, samples)
+StepItem = tuple[list[int], int, list[int], int]  # (new token ids, first position, block table, logit rows)
 GRAPH_CONTEXT_TOKENS = 1 << 18  # largest batch × padded context a decode graph is captured for (bounds its memory)
 MIN_GRAPH_WIDTH = 8  # smallest block-table width bucket of the decode graphs
 
@@ -135,14 +137,12 @@ class ModelRunner:
                             device=self.device)
         cache_bytes = cache.numel() * cache.element_size()
         vocab = self.model.config.vocab_size
-        batch = self.build_batch([([i % vocab for i in range(n)], 0, table, True) for n, table in zip(lens, tables)])
+        batch = self.build_batch([([i % vocab for i in range(n)], 0, table, 1) for n, table in zip(lens, tables)])
         self.model(batch, cache)
-        logits = torch.randn(cfg.max_num_seqs, vocab, device=self.device)
-        Sampler(self.device).sample(logits, [SamplingParams(top_p=0.9, top_k=50)] * cfg.max_num_seqs,
-                                    [None] * cfg.max_num_seqs)
+        sampling_peak(self.device, cfg.max_num_seqs, vocab)
         torch.cuda.synchronize(self.device)
         activation_peak = torch.cuda.max_memory_allocated(self.device) - before - cache_bytes
-        del cache, batch, logits
+        del cache, batch
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         return free - max(0, activation_peak), total
@@ -161,7 +161,7 @@ class ModelRunner:
         input_ids, positions, slots, qsl, ctx, qlens, logits_idx = [], [], [], [0], [], [], []
         width = max(len(table) for _, _, table, _ in items)
         tables = []
-        for tokens, start, table, samples in items:
+        for tokens, start, table, logit_rows in items:
             n = len(tokens)
             input_ids += tokens
             positions += range(start, start + n)
@@ -169,8 +169,7 @@ class ModelRunner:
             qsl.append(qsl[-1] + n)
             ctx.append(start + n)
             qlens.append(n)
-            if samples:
-                logits_idx.append(qsl[-1] - 1)
+            logits_idx += range(qsl[-1] - logit_rows, qsl[-1])
             tables.append(table + [0] * (width - len(table)))
         is_decode = all(q == 1 for q in qlens) and len(logits_idx) == len(items)
         return self._to_device(input_ids, positions, slots, tables, ctx, qsl, logits_idx, is_decode, qlens)
@@ -194,7 +193,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, force_eager: bool = False,
                 sampled_before: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-        """Returns (logits [S, V] float32 of the sampling rows in scheduled order, padded rows run).
+        """Returns (logits [S, V] float32 of the wanted rows in scheduled order, padded rows run): per sequence its
+        prompt-logprob rows (`prompt_logit_rows`), then its sampling row.
         `sampled_before`: the device tensor of token ids sampled by the previous step, which sequences whose last
         token is still a placeholder (asynchronous scheduling) are fed from."""
         if out.is_decode and not force_eager and self.graphs:
@@ -336,11 +336,34 @@ class ModelRunner:
         return self.kv_cache.numel() * self.kv_cache.element_size()
 
 
+def sampling_peak(device: torch.device, rows: int, vocab: int) -> None:
+    """Sample `rows` rows with the sampler's most memory-hungry features at once (top-k/p, min_p, logprobs, penalty
+    tables for every row), so the memory profile leaves room for them."""
+    logits = torch.randn(rows, vocab, device=device)
+    penalties = PenaltyState(vocab, device, rows)
+    state_rows = [penalties.acquire([], []) for _ in range(rows)]
+    params = SamplingParams(top_p=0.9, top_k=50, min_p=0.05, logprobs=MAX_LOGPROBS, frequency_penalty=0.1)
+    Sampler(device, penalties=penalties).sample(logits, [params] * rows, [None] * rows,
+                                                SamplingExtras(penalty_rows=state_rows))
+
+
+def prompt_logit_rows(seq, start: int, num_new_tokens: int) -> int:
+    """Rows of a chunk [start, start + n) whose logits give prompt logprobs not computed yet: positions p with
+    seq.prompt_logprob_positions <= p < prompt length - 1 (position p predicts token p + 1). They are always the
+    chunk's last rows, or its last but the sampling row: once a sequence samples, its prompt positions are done."""
+    if seq.params.prompt_logprobs is None:
+        return 0
+    low = max(start, seq.prompt_logprob_positions)
+    high = min(start + num_new_tokens, seq.num_prompt_tokens - 1)
+    return max(0, high - low)
+
+
 def step_items(out: SchedulerOutput) -> list[StepItem]:
     """What each scheduled sequence feeds the model in this step."""
     items = []
     for s in out.scheduled:
         seq = s.seq
         start = seq.num_computed_tokens
-        items.append((seq.token_ids[start : start + s.num_new_tokens], start, seq.block_table, s.samples))
+        rows = prompt_logit_rows(seq, start, s.num_new_tokens) + int(s.samples)
+        items.append((seq.token_ids[start : start + s.num_new_tokens], start, seq.block_table, rows))
     return items

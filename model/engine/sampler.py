@@ -1,12 +1,23 @@
-"""Batched token sampling on the logits' device: greedy, temperature, top-k, top-p, per-request seeds.
+"""Batched token sampling on the logits' device, with no host synchronisation and fixed shapes.
 
-Random rows use the exponential-race trick: argmax(p / q) with q ~ Exp(1) draws from p. Seeded rows draw their q
-from their own torch.Generator, so a seeded request reproduces regardless of what it is batched with (and across
-preemption: exactly one row of noise is drawn per generated token). Only the sampled ids are copied to the host.
+Order of the logit edits (as vLLM v1): grammar bitmask, allowed_token_ids, bans (min_tokens, bad words), logit_bias,
+penalties; then greedy rows take the argmax, the others are divided by their temperature, cut by min_p, top-k and
+top-p, and drawn. Random rows use the exponential-race trick: argmax(p / q) with q ~ Exp(1) draws from p. Seeded
+rows draw their q from their own torch.Generator, so a seeded request reproduces regardless of what it is batched
+with (and across preemption: exactly one row of noise is drawn per generated token).
+
+What the host decides per step (which tokens a row bans, the grammar masks, the penalty-state rows) comes in
+`SamplingExtras`; everything is applied by batched device ops. Logprobs (model/engine/logprobs.py) are computed
+here from the same logits, before the edits (raw) or after them (processed).
 """
+
+from dataclasses import dataclass, field
 
 import torch
 
+from model.engine import logit_masks
+from model.engine.logprobs import LogprobsMode, LogprobsTensors
+from model.engine.penalties import PenaltyState
 from model.engine.sampling_params import SamplingParams
 
 
@@ -16,31 +27,96 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
     return host.to(device, non_blocking=True)
 
 
+@dataclass
+class SamplingExtras:
+    """Per-step state of the rows, decided on the host."""
+
+    banned: list[tuple[int, int]] = field(default_factory=list)  # (row, token id) set to -inf
+    penalty_rows: list[int] | None = None  # PenaltyState row per batch row (-1: none)
+    grammar_rows: list[int] = field(default_factory=list)  # rows constrained by `grammar_bitmask`
+    grammar_bitmask: torch.Tensor | None = None  # [len(grammar_rows), ceil(V / 32)] int32, host
+
+
+@dataclass
+class SamplerOutput:
+    sampled_ids: torch.Tensor  # [B] int64 on the device
+    logprobs: LogprobsTensors | None = None  # rows of the batch; None when no row asked
+
+
 class Sampler:
-    def __init__(self, device: torch.device, seed: int = 0):
+    def __init__(self, device: torch.device, seed: int = 0, logprobs_mode: LogprobsMode = LogprobsMode.RAW,
+                 penalties: PenaltyState | None = None):
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device)  # for unseeded random rows
         self.generator.manual_seed(seed)
+        self.logprobs_mode = logprobs_mode
+        self.penalties = penalties
 
     def new_request_generator(self, seed: int) -> torch.Generator:
         g = torch.Generator(device=self.device)
         g.manual_seed(seed)
         return g
 
-    def sample(self, logits: torch.Tensor, params: list[SamplingParams],
-               generators: list[torch.Generator | None]) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+               extras: SamplingExtras | None = None) -> SamplerOutput:
         B, V = logits.shape
         if B != len(params) or B != len(generators):
             raise ValueError(f"{B} logit rows but {len(params)} params and {len(generators)} generators")
         if B == 0:
-            return torch.empty(0, dtype=torch.long, device=logits.device)
+            return SamplerOutput(torch.empty(0, dtype=torch.long, device=logits.device))
+        extras = extras or SamplingExtras()
+        k_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        raw = None
+        if k_logprobs is not None and self.logprobs_mode is LogprobsMode.RAW:
+            raw = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
+        logits = self._edit(logits, params, extras)  # [B, V] float32 (a new tensor when edited)
         greedy_ids = logits.argmax(dim=-1)  # [B]
+        processed = logits
         if all(p.greedy for p in params):
-            return greedy_ids
+            sampled = greedy_ids
+        else:
+            sampled, processed = self._draw(logits, params, generators, greedy_ids)
+        self._record_penalties(extras, sampled)
+        out = SamplerOutput(sampled)
+        if k_logprobs is not None:
+            source = raw if raw is not None else torch.log_softmax(processed, dim=-1)
+            out.logprobs = LogprobsTensors.compute(source, sampled, k_logprobs)
+        return out
 
-        logits = logits.float()
+    # ---- logit edits --------------------------------------------------------------------------------------------
+    def _edit(self, logits: torch.Tensor, params: list[SamplingParams], extras: SamplingExtras) -> torch.Tensor:
+        allowed_rows = [i for i, p in enumerate(params) if p.allowed_token_ids is not None]
+        bias = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias.items()]
+        penalised = [i for i, r in enumerate(extras.penalty_rows or []) if r >= 0]
+        if not (extras.grammar_rows or allowed_rows or extras.banned or bias or penalised):
+            return logits.float()
+        logits = logits.to(torch.float32, copy=True)  # the caller's logits may be a CUDA graph's static output
+        logit_masks.apply_bitmask(logits, extras.grammar_rows, extras.grammar_bitmask)
+        logit_masks.allow_only(logits, allowed_rows, [params[i].allowed_token_ids for i in allowed_rows])
+        logit_masks.ban(logits, extras.banned)
+        logit_masks.add_bias(logits, bias)
+        if penalised:
+            batch_rows = _to_device(penalised, torch.int64, logits.device)
+            state_rows = _to_device([extras.penalty_rows[i] for i in penalised], torch.int64, logits.device)
+            self.penalties.apply(logits, batch_rows, state_rows, [params[i] for i in penalised])
+        return logits
+
+    def _record_penalties(self, extras: SamplingExtras, sampled: torch.Tensor) -> None:
+        penalised = [i for i, r in enumerate(extras.penalty_rows or []) if r >= 0]
+        if penalised:
+            batch_rows = _to_device(penalised, torch.int64, sampled.device)
+            state_rows = _to_device([extras.penalty_rows[i] for i in penalised], torch.int64, sampled.device)
+            self.penalties.record(batch_rows, state_rows, sampled)
+
+    # ---- drawing ------------------------------------------------------------------------------------------------
+    def _draw(self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+              greedy_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sampled ids [B], the final logits [B, V] the random rows were drawn from)."""
+        B = logits.shape[0]
         temps = _to_device([p.temperature if not p.greedy else 1.0 for p in params], torch.float32, logits.device)
         logits = logits / temps[:, None]  # [B, V]
+        if any(p.min_p > 0.0 for p in params):
+            logits = self._apply_min_p(logits, params)
         if any(p.uses_top_k or p.uses_top_p for p in params):
             logits = self._apply_top_k_top_p(logits, params)
         probs = torch.softmax(logits, dim=-1)  # [B, V]
@@ -54,7 +130,14 @@ class Sampler:
         sampled_ids = (probs / noise).argmax(dim=-1)  # [B]
 
         greedy_mask = _to_device([p.greedy for p in params], torch.bool, logits.device)
-        return torch.where(greedy_mask, greedy_ids, sampled_ids)
+        return torch.where(greedy_mask, greedy_ids, sampled_ids), logits
+
+    @staticmethod
+    def _apply_min_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Mask tokens whose probability is below min_p x the row's largest (after temperature)."""
+        min_p = _to_device([p.min_p for p in params], torch.float32, logits.device)[:, None]  # [B, 1]
+        probs = torch.softmax(logits, dim=-1)  # [B, V]
+        return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
 
     @staticmethod
     def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

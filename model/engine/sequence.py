@@ -37,6 +37,7 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at its first admission
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+        self.stopped_after_text = False  # its last token is text that completed its grammar (not a stop token)
         self.detokenizer = None  # IncrementalDetokenizer, set by the engine
         self.num_preemptions = 0
         self.num_emitted_tokens = 0  # output tokens already handed out in RequestOutputs
@@ -46,6 +47,13 @@ class Sequence:
         self.num_pending = 0  # PENDING_TOKEN placeholders in token_ids
         self.pending_row = -1  # row of the latest placeholder's token in its step's sampled ids
         self.final_in_flight = False  # its last token (max_tokens or max_model_len) is being sampled
+        # Sampling state (model/engine/sampling_state.py): its penalty-table row, its grammar matcher.
+        self.penalty_row = -1
+        self.matcher = None
+        # Prompt logprobs (params.prompt_logprobs): positions whose logits were requested so far (a recompute
+        # after preemption does not ask again), and the results not yet handed out.
+        self.prompt_logprob_positions = 0
+        self.prompt_logprobs: list = []
 
     @property
     def num_tokens(self) -> int:

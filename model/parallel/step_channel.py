@@ -4,8 +4,8 @@ Only rank 0 runs the scheduler and the sampler; workers only run the model. Noth
 a step adds no device sync on rank 0.
 
 - EAGER steps (prefill chunks, mixed batches, timed steps) travel as the runner's step items — per sequence its new
-  tokens, first position, block table and whether it samples — from which every rank builds the same ForwardBatch
-  with the same code (`ModelRunner.run_items`).
+  tokens, first position, block table and how many of its last rows' logits are wanted — from which every rank
+  builds the same ForwardBatch with the same code (`ModelRunner.run_items`).
 - GRAPH steps (decode, replayed from a CUDA graph) travel as `DecodeInputs.encode()` (model/engine/decode_inputs.py):
   the real rows' ids, positions and block tables that rank 0 staged for its own replay; each worker fills its own
   graph's inputs from them with the same code (`ModelRunner.replay_encoded`).
@@ -25,8 +25,8 @@ FIRST_LEN = 1024  # values in the first broadcast: the header and up to 1020 pay
 
 def encode_items(items: list[StepItem]) -> np.ndarray:
     chunks = []
-    for tokens, start, table, samples in items:
-        chunks += [(len(tokens), start, int(samples), len(table)), tokens, table]
+    for tokens, start, table, logit_rows in items:
+        chunks += [(len(tokens), start, int(logit_rows), len(table)), tokens, table]
     return np.fromiter(itertools.chain.from_iterable(chunks), dtype=np.int64)
 
 
@@ -34,9 +34,9 @@ def decode_items(values: np.ndarray) -> list[StepItem]:
     values = values.tolist()
     items, i = [], 0
     while i < len(values):
-        n, start, samples, width = values[i : i + 4]
+        n, start, logit_rows, width = values[i : i + 4]
         i += 4
-        items.append((values[i : i + n], start, values[i + n : i + n + width], bool(samples)))
+        items.append((values[i : i + n], start, values[i + n : i + n + width], logit_rows))
         i += n + width
     return items
 

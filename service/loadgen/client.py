@@ -54,10 +54,11 @@ def _error_text(status: int, body: bytes) -> str:
 
 
 async def send_completion(client: httpx.AsyncClient, url: str, headers: dict, model: str | None,
-                          spec: PromptSpec, temperature: float = 0.0) -> RequestResult:
-    """One streamed completion; every failure (connection, status, in-band error, cut stream) is a failed result."""
+                          spec: PromptSpec, temperature: float = 0.0, extra_body: dict | None = None) -> RequestResult:
+    """One streamed completion; every failure (connection, status, in-band error, cut stream) is a failed result.
+    `extra_body`: more request fields (logprobs, structured_outputs, ...) merged into every request."""
     payload = {"prompt": spec.prompt, "max_tokens": spec.output_len, "temperature": temperature, "stream": True,
-               "stream_options": {"include_usage": True}, "ignore_eos": True}
+               "stream_options": {"include_usage": True}, "ignore_eos": True, **(extra_body or {})}
     if model:
         payload["model"] = model
     result = RequestResult(False, spec.prompt_len, spec.prompt_len, spec.output_len)
@@ -113,7 +114,7 @@ async def send_completion(client: httpx.AsyncClient, url: str, headers: dict, mo
 async def run_level(base_url: str, specs: list[PromptSpec], *, model: str | None, api_key: str | None = None,
                     max_concurrency: int | None = None, request_rate: float = float("inf"),
                     time_limit_s: float | None = None, seed: int = 0, temperature: float = 0.0,
-                    request_timeout_s: float = 600.0) -> LevelRun:
+                    request_timeout_s: float = 600.0, extra_body: dict | None = None) -> LevelRun:
     """Send `specs` in order. Arrivals: all at once (rate inf) or Poisson at `request_rate`/s; at most
     `max_concurrency` in flight. After `time_limit_s` no new request starts; those in flight finish."""
     url = base_url.rstrip("/") + COMPLETIONS_PATH
@@ -133,7 +134,7 @@ async def run_level(base_url: str, specs: list[PromptSpec], *, model: str | None
             async with gate:
                 if expired():
                     return None
-                return await send_completion(client, url, headers, model, spec, temperature)
+                return await send_completion(client, url, headers, model, spec, temperature, extra_body)
 
         tasks = []
         for i, spec in enumerate(specs):

@@ -48,6 +48,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def json_object(text: str) -> dict:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 def int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -95,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="per level: no new request starts after this; those in flight finish")
     load.add_argument("--num-warmups", type=int, default=0, help="short requests sent (and not counted) first")
     load.add_argument("--temperature", type=float, default=0.0)
+    load.add_argument("--extra-body", type=json_object, metavar="JSON",
+                      help='request fields added to every request, e.g. \'{"logprobs": 5}\' or '
+                           '\'{"structured_outputs": {"regex": "[a-z ]{0,4096}"}}\' (the cost of a feature: same '
+                           'load with and without)')
     load.add_argument("--request-timeout-s", type=positive_float, default=600.0)
     out = p.add_argument_group("output")
     out.add_argument("--result-dir", default=".", help="where the JSON (and PNGs of a sweep) go")
@@ -162,7 +173,7 @@ async def run_all(args, specs: list[PromptSpec]) -> list[dict]:
         run = await run_level(args.base_url, specs[: prompts_per_level(args, concurrency)], model=args.model,
                               api_key=args.api_key, max_concurrency=concurrency, request_rate=args.request_rate,
                               time_limit_s=args.time_limit_s, seed=args.seed, temperature=args.temperature,
-                              request_timeout_s=args.request_timeout_s)
+                              request_timeout_s=args.request_timeout_s, extra_body=args.extra_body)
         summary = summarize(run)
         levels.append(summary)
         print(f"concurrency {concurrency or '∞'}: {summary['completed']} ok, {summary['failed']} failed, "
@@ -187,6 +198,7 @@ def report_header(args, specs: list[PromptSpec]) -> dict:
         "request_rate": None if math.isinf(args.request_rate) else args.request_rate,
         "time_limit_s": args.time_limit_s,
         "temperature": args.temperature,
+        "extra_body": args.extra_body,
         "seed": args.seed,
     }
 

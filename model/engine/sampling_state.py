@@ -1,0 +1,80 @@
+"""The engine's per-sequence sampling state across steps, and the per-step `SamplingExtras` it derives from it.
+
+- min_tokens: until a sequence has that many output tokens, its EOS (unless ignore_eos) and stop token ids are
+  banned. The count is known on the host at launch (placeholders of tokens in flight count).
+- bad_words: a one-token word is always banned; a longer one bans its last token after the output ends with the
+  rest of it (vLLM's definition; the output tokens must be on the host: `needs_previous_tokens`).
+- penalties: a row of model/engine/penalties.PenaltyState from the sequence's first sample to its end.
+- grammar: an llguidance matcher per sequence, advanced by each sampled token; its bitmask for the next token is
+  filled right before the sample.
+"""
+
+import logging
+
+import torch
+
+from model.engine.penalties import PenaltyState
+from model.engine.sampler import SamplingExtras
+from model.engine.sequence import Sequence
+from model.engine.structured_output import GrammarMasks
+
+logger = logging.getLogger(__name__)
+
+
+class SequenceSampling:
+    def __init__(self, vocab_size: int, device: torch.device, max_num_seqs: int, eos_token_ids: list[int]):
+        self.penalties = PenaltyState(vocab_size, device, max_num_seqs)
+        self.masks = GrammarMasks(vocab_size, pin=device.type == "cuda")
+        self.eos_token_ids = list(eos_token_ids)
+
+    def on_add(self, seq: Sequence) -> None:
+        if seq.params.grammar is not None:
+            seq.matcher = seq.params.grammar.new_matcher()
+
+    def release(self, seq: Sequence) -> None:
+        """The sequence is done (finished or aborted): its penalty row goes back to the pool."""
+        self.penalties.release(seq.penalty_row)
+        seq.penalty_row = -1
+
+    def extras(self, seqs: list[Sequence]) -> SamplingExtras:
+        """What the host decides for one sample of each of `seqs` (in batch-row order)."""
+        extras = SamplingExtras()
+        matchers = []
+        for row, seq in enumerate(seqs):
+            p = seq.params
+            if not p.has_row_state or seq.is_finished:  # finished: by a token read back after this step's launch
+                continue
+            num_outputs = seq.num_tokens - seq.num_prompt_tokens
+            if num_outputs < p.min_tokens:
+                ids = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
+                extras.banned += [(row, t) for t in ids]
+            for word in p.bad_words_token_ids:
+                if len(word) == 1 or (num_outputs >= len(word) - 1 and
+                                      seq.token_ids[seq.num_tokens - len(word) + 1:] == word[:-1]):
+                    extras.banned.append((row, word[-1]))
+            if p.uses_penalties:
+                if seq.penalty_row < 0:
+                    outputs = [t for t in seq.token_ids[seq.num_prompt_tokens:] if t >= 0]
+                    seq.penalty_row = self.penalties.acquire(seq.prompt_token_ids, outputs)
+                if extras.penalty_rows is None:
+                    extras.penalty_rows = [-1] * len(seqs)
+                extras.penalty_rows[row] = seq.penalty_row
+            if seq.matcher is not None:
+                extras.grammar_rows.append(row)
+                matchers.append(seq.matcher)
+        if matchers:
+            extras.grammar_bitmask = self.masks.fill(matchers)
+        return extras
+
+    @staticmethod
+    def grammar_complete(seq: Sequence, token: int) -> bool:
+        """Advance the sequence's grammar by `token`; True once nothing but EOS may follow (the output is
+        complete), or if the grammar broke (which the masks prevent; logged)."""
+        matcher = seq.matcher
+        if matcher is None:
+            return False
+        if not matcher.consume_token(token):
+            logger.warning("request %s: token %d rejected by its grammar (%s); stopping it", seq.request_id, token,
+                           matcher.get_error())
+            return True
+        return matcher.is_stopped()

@@ -1,0 +1,134 @@
+"""Structured output: token masks from a grammar engine (llguidance) that every sampled token must satisfy.
+
+Why llguidance: a Rust library with one abi3 wheel per platform (any CPython >= 3.10) and no Python dependencies
+(xgrammar pulls in transformers, triton and apache-tvm-ffi; outlines-core compiles a whole-vocabulary index per
+schema up front and has no context-free grammars). It reads our tokenizers directly (tokenizer.json, or the byte
+table of the byte tokenizer), supports JSON Schema, regular expressions, Lark/GBNF grammars and choices (vLLM's
+`structured_outputs` kinds), computes a mask in tens of microseconds with the GIL released, and is the "guidance"
+backend of vLLM and SGLang.
+
+Flow: the service compiles a request's grammar once (`compile_grammar`, on its tokenizer threads; a bad schema is a
+400 there) into a `Grammar` holding a matcher in its start state; each sequence gets a deep copy. The engine fills
+one bitmask row per constrained sequence just before sampling — after launching the step's forward pass, so the
+host computes masks while the device runs the model — and the sampler applies the bitmask on the device
+(model/engine/logit_masks.py). Once a grammar is complete (only EOS could follow), the sequence stops.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import llguidance
+import torch
+from llguidance import LLExecutor, LLMatcher, LLTokenizer, TokenizerWrapper
+
+# Kinds of constraint: JSON Schema (a dict), any JSON object, a regular expression, a Lark or GBNF grammar, one of a
+# list of strings.
+KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
+_COMPACT_JSON = {"whitespace_flexible": False}  # no free whitespace: random weights would fill it forever
+_lock = threading.Lock()
+
+
+class GrammarError(ValueError):
+    """The grammar or schema is invalid (the message says why)."""
+
+
+class _ByteVocabulary:
+    """The byte tokenizer (model/byte_tokenizer.py) as llguidance's TokenizerWrapper wants it: each id's bytes.
+    Ids past its vocabulary (a random-weight preset's larger one) are unnamed special tokens no grammar allows."""
+
+    def __init__(self, tokenizer, vocab_size: int):
+        specials = sorted(tokenizer.special_ids.items(), key=lambda kv: kv[1])
+        self.tokens = [bytes([i]) for i in range(256)] + [name.encode() for name, _ in specials]
+        self.special_token_ids = [i for _, i in specials] + list(range(len(self.tokens), vocab_size))
+        self.tokens += [f"<|unused_{i}|>".encode() for i in range(len(self.tokens), vocab_size)]
+        self.eos_token_id = tokenizer.eos_token_ids[0]
+        self.bos_token_id = None
+
+    def __call__(self, text: bytes | str) -> list[int]:
+        return list(text if isinstance(text, bytes) else text.encode("utf-8"))
+
+
+def grammar_tokenizer(tokenizer, vocab_size: int, eos_token_ids: list[int]) -> LLTokenizer:
+    """The tokenizer's llguidance twin over the model's vocabulary (ids past the tokenizer's are never allowed),
+    built once per tokenizer (about a second for 150k tokens) and cached on it."""
+    with _lock:
+        cached = getattr(tokenizer, "_llguidance", None)
+        if cached is None or cached[0] != vocab_size:
+            if hasattr(tokenizer, "backend_json"):
+                ll = LLTokenizer(tokenizer.backend_json(), n_vocab=vocab_size, eos_token=list(eos_token_ids))
+            else:
+                ll = LLTokenizer(TokenizerWrapper(_ByteVocabulary(tokenizer, vocab_size)), n_vocab=vocab_size,
+                                 eos_token=list(eos_token_ids))
+            if ll.vocab_size != vocab_size:
+                raise GrammarError(f"the grammar engine sees {ll.vocab_size} tokens, the model {vocab_size}")
+            cached = (vocab_size, ll)
+            tokenizer._llguidance = cached
+        return cached[1]
+
+
+def grammar_text(kind: str, spec) -> str:
+    """llguidance's grammar for a constraint of `kind` (see KINDS)."""
+    try:
+        if kind == "json_schema":
+            return LLMatcher.grammar_from_json_schema(spec, defaults=_COMPACT_JSON)
+        if kind == "json_object":
+            return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=_COMPACT_JSON)
+        if kind == "regex":
+            return LLMatcher.grammar_from_regex(spec)
+        if kind == "grammar":
+            return llguidance.grammar_from("grammar", spec)
+        if kind == "choice":
+            if not spec or not all(isinstance(s, str) and s for s in spec):
+                raise GrammarError("choice must be a non-empty list of non-empty strings")
+            return LLMatcher.grammar_from_lark("start: " + " | ".join(_lark_literal(s) for s in spec))
+    except Exception as err:  # the converters raise ValueError or their own errors on malformed text
+        raise GrammarError(str(err)) from None
+    raise GrammarError(f"unknown constraint kind {kind!r}")
+
+
+def _lark_literal(text: str) -> str:
+    import json
+
+    return json.dumps(text, ensure_ascii=False)
+
+
+class Grammar:
+    """A compiled constraint: a matcher in its start state, copied for every sequence that uses it."""
+
+    def __init__(self, text: str, tokenizer: LLTokenizer, description: str):
+        self.text = text
+        self.description = description
+        self._start = LLMatcher(tokenizer, text, log_level=0)
+        if self._start.is_error():
+            raise GrammarError(self._start.get_error())
+
+    def new_matcher(self) -> LLMatcher:
+        return self._start.deep_copy()
+
+
+def compile_grammar(kind: str, spec, tokenizer, vocab_size: int, eos_token_ids: list[int]) -> Grammar:
+    ll = grammar_tokenizer(tokenizer, vocab_size, eos_token_ids)
+    text = grammar_text(kind, spec)
+    error = LLMatcher.validate_grammar(text, ll)
+    if error:
+        raise GrammarError(error.strip())
+    return Grammar(text, ll, kind)
+
+
+class GrammarMasks:
+    """Fills the bitmasks of a step's constrained rows on llguidance's thread pool (the GIL is released)."""
+
+    def __init__(self, vocab_size: int, pin: bool):
+        self.words = (vocab_size + 31) // 32
+        self.pin = pin
+        self._executor: LLExecutor | None = None  # started on first use
+
+    def fill(self, matchers: list[LLMatcher]) -> torch.Tensor:
+        """[len(matchers), ceil(V / 32)] int32 host tensor: bit t % 32 of word t // 32 = token t allowed."""
+        if self._executor is None:
+            self._executor = LLExecutor()
+        masks = torch.empty(len(matchers), self.words, dtype=torch.int32, pin_memory=self.pin)
+        self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], masks.data_ptr(),
+                                               self.words * 4, len(matchers))
+        return masks

@@ -1,0 +1,97 @@
+"""The engine's TokenLogprobs in the response shapes clients parse: OpenAI completions (`tokens`, `token_logprobs`,
+`top_logprobs`, `text_offset`), OpenAI chat (`content: [{token, logprob, bytes, top_logprobs}]`) and vLLM's
+`prompt_logprobs` (per prompt token, None for the first, else {token id: {logprob, rank, decoded_token}}).
+
+A token's text is its bytes decoded as UTF-8; a token that is part of a multi-byte character is written
+"bytes:\\xNN..." as vLLM does, and `bytes` (chat) always carries the raw bytes. With return_tokens_as_token_ids,
+tokens are written "token_id:N". JSON has no -inf: a token no sampling could pick reports -9999.0, as vLLM.
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+
+from model.engine.logprobs import TokenLogprobs
+
+FLOOR = -9999.0
+
+
+def _finite(value: float) -> float:
+    return value if value > FLOOR else FLOOR
+
+
+class TokenTexts:
+    """Token id -> (text, bytes), cached: the same ids recur in every alternatives list."""
+
+    def __init__(self, tokenizer, as_ids: bool = False):
+        self.tokenizer = tokenizer
+        self.as_ids = as_ids
+        self._bytes = functools.lru_cache(maxsize=65536)(tokenizer.token_bytes)
+
+    def bytes(self, token_id: int) -> bytes:
+        return self._bytes(token_id)
+
+    def text(self, token_id: int) -> str:
+        if self.as_ids:
+            return f"token_id:{token_id}"
+        raw = self._bytes(token_id)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+class CompletionLogprobs:
+    """Accumulates the completions shape for one choice; `chunk` gives the part for new tokens (streaming)."""
+
+    def __init__(self, texts: TokenTexts):
+        self.texts = texts
+        self.offset = 0  # characters of the choice's text before the next token
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")  # bytes -> characters, across tokens
+        self.value = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    def add(self, entries: list[TokenLogprobs | None], prompt_ids: list[int] | None = None) -> dict:
+        """Append tokens (prompt tokens with `prompt_ids`: the first has no logprob); returns just this part."""
+        part = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for i, entry in enumerate(entries):
+            token_id = entry.token_id if entry is not None else prompt_ids[i]
+            text = self.texts.text(token_id)
+            part["tokens"].append(text)
+            part["text_offset"].append(self.offset)
+            self.offset += len(self.decoder.decode(self.texts.bytes(token_id)))
+            if entry is None:
+                part["token_logprobs"].append(None)
+                part["top_logprobs"].append(None)
+                continue
+            part["token_logprobs"].append(_finite(entry.logprob))
+            top = {self.texts.text(t): _finite(v) for t, v in entry.top}
+            top.setdefault(text, _finite(entry.logprob))
+            part["top_logprobs"].append(top)
+        for key, values in part.items():
+            self.value[key] += values
+        return part
+
+
+def chat_logprobs(entries: list[TokenLogprobs], texts: TokenTexts) -> list[dict]:
+    """OpenAI chat `logprobs.content` items."""
+    def item(token_id: int, logprob: float) -> dict:
+        return {"token": texts.text(token_id), "logprob": _finite(logprob), "bytes": list(texts.bytes(token_id))}
+
+    return [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, v) for t, v in e.top]} for e in entries]
+
+
+def prompt_logprobs(entries: list[TokenLogprobs | None], texts: TokenTexts) -> list[dict | None]:
+    """vLLM's prompt_logprobs: per prompt token None (the first) or {id: {logprob, rank, decoded_token}} holding the
+    prompt token and its top alternatives."""
+    out: list[dict | None] = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        d = {str(t): {"logprob": _finite(v), "rank": r + 1, "decoded_token": texts.text(t)}
+             for r, (t, v) in enumerate(entry.top)}
+        d.setdefault(str(entry.token_id), {"logprob": _finite(entry.logprob), "rank": entry.rank,
+                                           "decoded_token": texts.text(entry.token_id)})
+        out.append(d)
+    return out

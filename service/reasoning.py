@@ -1,0 +1,77 @@
+"""Reasoning parsers: the model's thinking -> `reasoning_content`, the rest -> `content` (`--reasoning-parser`).
+
+Qwen3 (and DeepSeek-R1 style) models think inside `<think>...</think>` at the start of their answer. The opening tag
+is either generated or already written by the chat template at the end of the prompt (thinking-only templates), so
+a parser is told whether the output starts inside the thinking. An output that never closes it is all reasoning when
+it started inside, else all content (a model asked not to think writes no tags).
+"""
+
+from __future__ import annotations
+
+from service.text_holdback import partial_marker_len
+
+THINK, END_THINK = "<think>", "</think>"
+
+
+class _Streamer:
+    def __init__(self, starts_in_think: bool):
+        self.buffer = ""
+        self.state = "start"  # start: the opening tag may still come; think; content
+        self.in_think = starts_in_think
+
+    def feed(self, text: str) -> tuple[str, str]:
+        """(new reasoning text, new content text)."""
+        self.buffer += text
+        reasoning = content = ""
+        if self.state == "start":
+            stripped = self.buffer.lstrip()
+            if THINK.startswith(stripped) and len(stripped) < len(THINK):
+                return "", ""  # maybe the opening tag: wait
+            if stripped.startswith(THINK):
+                self.buffer, self.in_think = stripped[len(THINK):], True
+            self.state = "think" if self.in_think else "content"
+        if self.state == "think":
+            at = self.buffer.find(END_THINK)
+            if at < 0:
+                keep = partial_marker_len(self.buffer, END_THINK)
+                reasoning, self.buffer = self.buffer[: len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
+                return reasoning, ""
+            reasoning, self.buffer, self.state = self.buffer[:at], self.buffer[at + len(END_THINK):], "content"
+        content, self.buffer = self.buffer, ""
+        return reasoning, content
+
+    def finish(self) -> tuple[str, str]:
+        rest, self.buffer = self.buffer, ""
+        if self.state == "start":
+            return ("", rest) if not self.in_think else (rest, "")
+        return (rest, "") if self.state == "think" else ("", rest)
+
+
+class Qwen3ReasoningParser:
+    name = "qwen3"
+
+    def parse(self, text: str, starts_in_think: bool) -> tuple[str | None, str | None]:
+        streamer = self.streamer(starts_in_think)
+        r1, c1 = streamer.feed(text)
+        r2, c2 = streamer.finish()
+        reasoning, content = r1 + r2, c1 + c2
+        return (reasoning if streamer.in_think else None), (content or None)
+
+    def streamer(self, starts_in_think: bool) -> _Streamer:
+        return _Streamer(starts_in_think)
+
+
+REASONING_PARSERS = {"qwen3": Qwen3ReasoningParser, "deepseek_r1": Qwen3ReasoningParser}
+
+
+def get_reasoning_parser(name: str):
+    try:
+        return REASONING_PARSERS[name]()
+    except KeyError:
+        raise ValueError(f"unknown reasoning parser {name!r} (known: {', '.join(REASONING_PARSERS)})") from None
+
+
+def prompt_opens_thinking(prompt_text_tail: str) -> bool:
+    """The rendered prompt ends inside an opened, unclosed <think> (the template wrote the tag)."""
+    tail = prompt_text_tail.rstrip()
+    return tail.endswith(THINK)
