@@ -12,12 +12,18 @@ its forward pass and after its sampling, so step − device time is the time the
 a step's graph on its own is not a stand-in: its attention ran 1.6× faster than in the engine, see NOTES.) Writes bench_engine_<date>.json and .md to --out (default
 benchmarks/results).
 
+FP8: `--quantization none fp8` runs every preset in both precisions in one session (FP8 = the same random weights
+quantised per 128x128 block at load); rows are named `preset` and `preset+fp8`, and a closing table gives the FP8 ÷
+bf16 ratios (tokens/s, decode step) and both KV-cache capacities in tokens. HF transformers runs on bf16 weights
+only (it would need its own FP8 copy), so FP8 rows have no HF column.
+
 Bounded: the whole command stays within --time-budget seconds (default 420). Each preset gets an equal share of
 what is left; our runs stop (marked truncated) at the share's end, HF `generate` runs get `max_time` = what is
 left (at most --hf-max-seconds each) and are skipped when too little is.
 
     python benchmarks/bench_engine.py [--presets olmoe-1b-7b qwen3-30b-a3b] [--batches 1 16 64 256]
-                                      [--hf-batches 1 16 64] [--time-budget 420] [--quick] [--out DIR]
+                                      [--hf-batches 1 16 64] [--quantization none fp8] [--time-budget 420]
+                                      [--quick] [--out DIR]
 """
 
 import argparse
@@ -34,6 +40,7 @@ import torch
 
 from model.engine import EngineConfig, LLMEngine, SamplingParams
 from model.presets import PRESETS
+from benchmarks.precision_compare import precision_table
 from model.weight_map import parameter_sources
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +57,8 @@ def parse_args():
     p.add_argument("--decode-batches", nargs="+", type=int, default=[1, 64], help="batches whose decode step is timed")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "fp8"],
+                   help="precisions to run each preset in (fp8: quantised at load)")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-async-scheduling", action="store_true", help="read each step's ids back before the next")
     p.add_argument("--no-expert-metrics", action="store_true", help="serve without expert counters/timing")
@@ -161,7 +170,6 @@ def expected_experts_touched(load: list[int], top_k: int, batch: int) -> float:
 def decode_floor(engine, batch, context_len, bandwidth) -> dict:
     """Bytes one decode step of `batch` sequences at `context_len` must read, and that over the bandwidth."""
     model = engine.model
-    elt = engine.dtype.itemsize
     loads = engine.moe_stats().window_expert_tokens
     experts = dense = 0
     for name, p in model.named_parameters():
@@ -171,8 +179,8 @@ def decode_floor(engine, batch, context_len, bandwidth) -> dict:
             dense += batch * p.shape[1] * p.element_size()  # only the batch's rows are read
         else:
             dense += p.numel() * p.element_size()
-    for block, load in zip(model.moe_blocks(), loads):
-        per_expert = 3 * block.hidden_size * block.intermediate_size * elt
+    for block, load in zip(model.moe_blocks(), loads):  # bytes of the stored weights: FP8 + block scales, or bf16
+        per_expert = sum(p.numel() * p.element_size() for p in block.experts.parameters()) / block.num_experts
         experts += expected_experts_touched(load, block.top_k, batch) * per_expert
     kv = batch * context_len * engine.runner.bytes_per_block // engine.config.block_size
     total = experts + dense + kv
@@ -180,8 +188,10 @@ def decode_floor(engine, batch, context_len, bandwidth) -> dict:
                 floor_ms=1e3 * total / bandwidth)
 
 
-def bench_ours(preset, args, prompts, bandwidth, deadline: float) -> tuple[LLMEngine, dict]:
+def bench_ours(preset, args, prompts, bandwidth, deadline: float, quantization: str = "none"
+               ) -> tuple[LLMEngine, dict]:
     cfg = EngineConfig(model=preset, random_weights=True, dtype=args.dtype, device=args.device,
+                       quantization=quantization,
                        max_num_seqs=max(args.batches), max_num_batched_tokens=args.max_num_batched_tokens,
                        max_model_len=args.input_len + args.output_len, enforce_eager=args.enforce_eager,
                        async_scheduling=not args.no_async_scheduling,
@@ -190,8 +200,11 @@ def bench_ours(preset, args, prompts, bandwidth, deadline: float) -> tuple[LLMEn
     engine = LLMEngine(cfg)
     init_s = time.perf_counter() - t
     run_engine(engine, prompts[:4], min(8, args.output_len), "warmup")
-    out = dict(dtype=str(engine.dtype).removeprefix("torch."), init_seconds=init_s,
-               num_kv_blocks=engine.num_kv_blocks, num_cuda_graphs=engine.runner.num_graphs,
+    out = dict(dtype=str(engine.dtype).removeprefix("torch."), quantization=quantization,
+               experts_precision=engine.moe_stats().precision, init_seconds=init_s,
+               weight_gib=sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 2**30,
+               num_kv_blocks=engine.num_kv_blocks, kv_capacity_tokens=engine.num_kv_blocks * engine.config.block_size,
+               num_cuda_graphs=engine.runner.num_graphs,
                kernel_path=engine.kernel_path, throughput={}, decode={}, skipped=[])
     for b in args.batches:
         if time.perf_counter() > deadline:
@@ -321,15 +334,24 @@ def first_logits_agree(engine, hf, prompt) -> float:
     return float((actual - expected).abs().max() / expected.abs().max())
 
 
-def bench_preset(preset, args, bandwidth, deadline: float) -> dict:
-    """Ours in the first 45% of the time until `deadline`, HF in the rest."""
+def bench_preset(preset, args, bandwidth, deadline: float, quantization: str = "none") -> dict:
+    """Ours in the first 45% of the time until `deadline`, HF in the rest (bf16 only)."""
     vocab = PRESETS[preset]["vocab_size"]
     prompts = make_prompts(max(args.batches + args.hf_batches), args.input_len, vocab)
-    print(f"== {preset} ({deadline - time.perf_counter():.0f} s left for it)", flush=True)
+    skip_hf = args.skip_hf or quantization != "none"
+    print(f"== {preset} {quantization} ({deadline - time.perf_counter():.0f} s left for it)", flush=True)
     ours_deadline = time.perf_counter() + 0.45 * (deadline - time.perf_counter())
-    engine, ours = bench_ours(preset, args, prompts, bandwidth, deadline if args.skip_hf else ours_deadline)
+    engine, ours = bench_ours(preset, args, prompts, bandwidth, deadline if skip_hf else ours_deadline, quantization)
+    if quantization == "fp8" and engine.device.type == "cuda":
+        from model.kernels.fp8_linear import block_scaled_mm_supported
+
+        ours["fp8_dense_linears"] = ("torch._scaled_mm 1x128 x 128x128 blocks" if
+                                     block_scaled_mm_supported(engine.device) else "dequantise-then-matmul fallback")
+    print(f"  weights {ours['weight_gib']:.1f} GiB ({ours['experts_precision']} experts"
+          f"{', dense: ' + ours['fp8_dense_linears'] if 'fp8_dense_linears' in ours else ''}), KV cache "
+          f"{ours['kv_capacity_tokens']} tokens", flush=True)
     result = dict(ours=ours, hf={}, speedup={})
-    if not args.skip_hf:
+    if not skip_hf:
         result.update(run_hf_baseline(engine, preset, prompts, args.hf_batches, args.output_len, deadline=deadline,
                                       max_seconds=args.hf_max_seconds, log=lambda m: print(m, flush=True)))
         for b, r in result["hf"].items():
@@ -372,7 +394,9 @@ def markdown(report) -> str:
              f"whole run {report['wall_seconds']:.0f} s (budget {a['time_budget']:.0f} s).", ""]
     for preset, r in report["presets"].items():
         o = r["ours"]
-        lines += [f"## {preset}", "", f"kernel: {o['kernel_path']}; {o['num_kv_blocks']} KV blocks, "
+        lines += [f"## {preset}", "", f"kernel: {o['kernel_path']}; experts in {o.get('experts_precision', '?')}, "
+                  f"weights {o.get('weight_gib', float('nan')):.1f} GiB; {o['num_kv_blocks']} KV blocks = "
+                  f"{o.get('kv_capacity_tokens', '?')} tokens of KV cache; "
                   f"{o['num_cuda_graphs']} CUDA graphs, engine start-up {o['init_seconds']:.1f} s.", "",
                   "| batch | ours tok/s | largest decode batch | HF grouped_mm tok/s | speedup |", "|---|---|---|---|---|"]
         for b in sorted({*a["batches"], *([] if a["skip_hf"] else a["hf_batches"])}):
@@ -395,6 +419,7 @@ def markdown(report) -> str:
             lines += ["", f"HF on the shared weights vs ours, last-position logits: max rel diff "
                       f"{r['hf_logits_rel_diff']:.3g}."]
         lines.append("")
+    lines += precision_table(report)
     return "\n".join(lines)
 
 
@@ -421,9 +446,11 @@ def main():
     print(f"{env}\ncopy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
     report = dict(env=env, args=vars(args), copy_bandwidth_gbs=bandwidth / 1e9, presets={})
     end = started + args.time_budget
-    for i, preset in enumerate(args.presets):
-        share = (end - time.perf_counter()) / (len(args.presets) - i)
-        report["presets"][preset] = bench_preset(preset, args, bandwidth, time.perf_counter() + share)
+    runs = [(preset, q) for preset in args.presets for q in args.quantization]
+    for i, (preset, quantization) in enumerate(runs):
+        share = (end - time.perf_counter()) / (len(runs) - i)
+        name = preset if quantization == "none" else f"{preset}+{quantization}"
+        report["presets"][name] = bench_preset(preset, args, bandwidth, time.perf_counter() + share, quantization)
     report["dtype"] = next(iter(report["presets"].values()))["ours"]["dtype"]
     report["wall_seconds"] = time.perf_counter() - started
     out = Path(args.out)

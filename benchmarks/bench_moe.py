@@ -10,6 +10,7 @@ point checks our output against the grouped_mm pipeline's (relative error; > 2e-
     python benchmarks/bench_moe.py                  # full grid on an H100 (~6 min)
     python benchmarks/bench_moe.py --quick          # ~90 s
     python benchmarks/bench_moe.py --device cpu --quick   # smoke test of the script's logic on tiny shapes
+    python benchmarks/bench_moe.py --fp8 [--quick ...]    # the FP8 grid: benchmarks/bench_moe_fp8.py, its flags
 Results: benchmarks/results/bench_moe_<date>_<device>.{json,md}.
 """
 
@@ -291,6 +292,11 @@ def format_point(r: dict) -> str:
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--fp8" in argv:  # FP8 weights: its own grid, peers and ceilings
+        from benchmarks.bench_moe_fp8 import main as fp8_main
+
+        return fp8_main([a for a in argv if a != "--fp8"])
     args = parse_args(argv)
     bench = Bench(args)
     impl = extension.describe()

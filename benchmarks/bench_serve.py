@@ -15,8 +15,14 @@ Per preset (random weights, bf16):
    has no HTTP layer: one offline `generate` call per batch, all requests at once.
 Writes bench_serve_<date>_<preset>.{json,md} and _throughput/_latency PNGs into --out.
 
+FP8: `--quantization none fp8` serves each preset in both precisions, one after the other (`serve --quantization
+fp8`: the same random weights quantised at load); FP8 reports are named `<preset>_fp8`, skip the HF baseline (it
+runs bf16 weights) and the metrics-off pairs, and the run ends with an FP8 ÷ bf16 line per preset (output tok/s and
+TTFT p50 at --metrics-concurrency, KV-cache capacity in tokens of each).
+
     python benchmarks/bench_serve.py --presets olmoe-1b-7b --out DIR      (~4 min on an H100)
     python benchmarks/bench_serve.py --presets qwen3-30b-a3b --out DIR    (~7 min)
+    python benchmarks/bench_serve.py --presets qwen3-30b-a3b --quantization none fp8 --skip-metrics-off --out DIR
     python benchmarks/bench_serve.py --presets tiny --device cpu --quick --out DIR   (CPU smoke run)
 """
 
@@ -37,6 +43,7 @@ import httpx
 import torch
 
 from benchmarks.bench_engine import environment, hf_sharing_weights, make_prompts, run_engine, run_hf
+from benchmarks.precision_compare import precision_lines
 from benchmarks.utilization_truth import markdown_lines, measure_utilization
 from model.engine import EngineConfig, LLMEngine
 from model.presets import PRESETS
@@ -77,6 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--server-arg", action="append", default=[], help="extra `serve` flag (repeatable)")
+    p.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "fp8"],
+                   help="precisions to serve each preset in (fp8: `serve --quantization fp8`)")
     p.add_argument("--startup-timeout-s", type=float, default=900.0)
     for part in ("hf", "metrics-off", "truth", "offline"):
         p.add_argument(f"--skip-{part}", action="store_true")
@@ -99,7 +108,7 @@ def prompts_for(args, concurrency: int) -> int:
 
 # ---- the server subprocess ----------------------------------------------------------------------------------------
 class Server:
-    def __init__(self, preset: str, args, log_path: Path, metrics: bool):
+    def __init__(self, preset: str, args, log_path: Path, metrics: bool, quantization: str = "none"):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -110,6 +119,7 @@ class Server:
                    "--max-num-seqs", str(top), "--max-queue", str(top),
                    "--max-model-len", str(args.input_len + args.output_len),
                    "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--log-level", "warning",
+                   "--quantization", quantization,
                    *([] if metrics else ["--no-expert-metrics"]), *args.server_arg]
         env = {k: v for k, v in os.environ.items() if not k.startswith("STATICMOE_") or k == "STATICMOE_COMMIT"}
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
@@ -169,9 +179,9 @@ async def run_levels(server: Server, preset: str, specs: list[PromptSpec], level
 
 
 def serve_phase(preset, args, specs, levels, metrics: bool, log_dir: Path, warm_concurrency: int = 8,
-                tag: str = "") -> dict:
-    name = f"server_{preset}_{'metrics' if metrics else 'no_metrics'}{tag}.log"
-    server = Server(preset, args, log_dir / name, metrics)
+                tag: str = "", quantization: str = "none") -> dict:
+    name = f"server_{preset}_{'metrics' if metrics else 'no_metrics'}{tag}_{quantization}.log"
+    server = Server(preset, args, log_dir / name, metrics, quantization)
     try:
         startup = server.wait_healthy(args.startup_timeout_s)
         print(f"  server ({'metrics on' if metrics else '--no-expert-metrics'}) healthy after {startup:.1f} s",
@@ -197,14 +207,19 @@ def overhead_phase(preset, args, specs, log_dir: Path) -> dict:
 
 
 # ---- the engine alone, and the HF baseline --------------------------------------------------------------------
-def offline_phase(preset, args, prompts) -> dict:
+def offline_phase(preset, args, prompts, quantization: str = "none") -> dict:
     out = {}
-    engine = LLMEngine(EngineConfig(model=preset, random_weights=True, device=args.device,
+    engine = LLMEngine(EngineConfig(model=preset, random_weights=True, device=args.device, quantization=quantization,
                                     max_num_seqs=max(args.metrics_concurrency, 1),
                                     max_num_batched_tokens=args.max_num_batched_tokens,
                                     max_model_len=args.input_len + max(args.output_len, args.truth_output_len,
                                                                        args.hf_output_len)))
     run_engine(engine, prompts[:4], 8, "warmup")
+    out["kv_capacity_tokens"] = engine.num_kv_blocks * engine.config.block_size  # sized as the server's (same flags)
+    out["experts_precision"] = engine.moe_stats().precision
+    out["weight_gib"] = sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 2**30
+    print(f"  {out['experts_precision']} experts, weights {out['weight_gib']:.1f} GiB, KV cache "
+          f"{out['kv_capacity_tokens']} tokens", flush=True)
     if not args.skip_offline:
         out["offline_batch1"] = run_engine(engine, prompts[:1], args.output_len, "offline-b1")
         print(f"  offline engine, batch 1: decode step {out['offline_batch1']['decode_step_ms']:.2f} ms", flush=True)
@@ -212,7 +227,7 @@ def offline_phase(preset, args, prompts) -> dict:
         truth = measure_utilization(engine, prompts[: args.metrics_concurrency], args.truth_output_len)
         out["utilization_truth"] = truth
         print("  " + "\n  ".join(markdown_lines(truth)), flush=True)
-    if not args.skip_hf:
+    if not args.skip_hf and quantization == "none":  # HF would need its own FP8 copy of the weights
         engine.runner.graphs.clear()  # HF needs the memory of our KV cache and graphs (as bench_engine does)
         engine.runner.kv_cache = None
         gc.collect()
@@ -281,7 +296,9 @@ def targets(r: dict, args) -> list[dict]:
 
 def markdown(report: dict, args) -> str:
     env, preset, r = report["env"], report["preset"], report["result"]
-    lines = [f"# Serving benchmark — {preset}, {env['device']}", "",
+    quantization = report.get("quantization", "none")
+    precision = "" if quantization == "none" else f" ({quantization}, quantised at load)"
+    lines = [f"# Serving benchmark — {preset}{precision}, {env['device']}", "",
              f"{env['date']}, commit `{env['commit']}`, torch {env['torch']}, transformers {env['transformers']}; "
              f"random weights, input {args.input_len} / output {args.output_len} tokens (token-exact prompts, "
              f"ignore_eos, greedy), streamed /v1/completions over loopback HTTP; per level "
@@ -313,6 +330,9 @@ def markdown(report: dict, args) -> str:
         lines += ["", f"Mean on {oh['on_tok_s']:.1f}, off {oh['off_tok_s']:.1f} tok/s: overhead {oh['overhead']:+.1%}.",
                   ""]
     off = r.get("offline", {})
+    if "kv_capacity_tokens" in off:
+        lines += [f"Experts in {off['experts_precision']}, weights {off['weight_gib']:.1f} GiB, KV cache "
+                  f"{off['kv_capacity_tokens']} tokens (the offline engine, sized by the server's flags).", ""]
     if off.get("hf"):
         lines += ["## Baseline: HF transformers, offline", "", BASELINE_NOTE, "",
                   "| batch | output tokens | seconds | tok/s | ours at c=batch, out tok/s |", "|---|---|---|---|---|"]
@@ -332,7 +352,7 @@ def markdown(report: dict, args) -> str:
     return "\n".join(lines)
 
 
-def bench_preset(preset, args, out: Path) -> dict:
+def bench_preset(preset, args, out: Path, quantization: str = "none") -> dict:
     levels = sorted(set(args.concurrency))
     count = max(prompts_for(args, c) for c in levels + [args.metrics_concurrency])
     prompts = make_prompts(max(count, *args.hf_batches), args.input_len, PRESETS[preset]["vocab_size"])
@@ -340,14 +360,14 @@ def bench_preset(preset, args, out: Path) -> dict:
     r, phases = {}, {}
     try:
         t = time.perf_counter()
-        r["serve"] = serve_phase(preset, args, specs, levels, True, out / "logs")
+        r["serve"] = serve_phase(preset, args, specs, levels, True, out / "logs", quantization=quantization)
         phases["serve_s"] = time.perf_counter() - t
-        if not args.skip_metrics_off:
+        if not args.skip_metrics_off and quantization == "none":
             t = time.perf_counter()
             r["overhead"] = overhead_phase(preset, args, specs, out / "logs")
             phases["overhead_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        r["offline"] = offline_phase(preset, args, prompts)
+        r["offline"] = offline_phase(preset, args, prompts, quantization)
         phases["offline_s"] = time.perf_counter() - t
     except Exception as err:  # noqa: BLE001 - keep what was measured, say what broke
         r["error"] = f"{type(err).__name__}: {err}"
@@ -394,15 +414,20 @@ def main(argv=None) -> int:
         return replot(Path(args.replot))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ok = True
+    ok, results = True, {}
     for preset in args.presets:
-        print(f"== {preset}", flush=True)
-        result = bench_preset(preset, args, out)
-        env = environment(args.device)  # after the servers ran: a CUDA context here would shrink their KV cache
-        report = dict(env=env, preset=preset, args=vars(args), baseline_note=BASELINE_NOTE, result=result)
-        written = write_report(report, args, out / f"bench_serve_{env['date'][:10]}_{preset}")
-        print("wrote " + ", ".join(str(p) for p in written), flush=True)
-        ok = ok and "error" not in result and all(t["passed"] for t in result["targets"])
+        for quantization in args.quantization:
+            name = preset if quantization == "none" else f"{preset}_{quantization}"
+            print(f"== {name}", flush=True)
+            result = results[name] = bench_preset(preset, args, out, quantization)
+            env = environment(args.device)  # after the servers ran: a CUDA context here would shrink their KV cache
+            report = dict(env=env, preset=preset, quantization=quantization, args=vars(args),
+                          baseline_note=BASELINE_NOTE, result=result)
+            written = write_report(report, args, out / f"bench_serve_{env['date'][:10]}_{name}")
+            print("wrote " + ", ".join(str(p) for p in written), flush=True)
+            ok = ok and "error" not in result and all(t["passed"] for t in result["targets"])
+    for line in precision_lines(results, args.metrics_concurrency):
+        print(line, flush=True)
     return 0 if ok else 1
 
 

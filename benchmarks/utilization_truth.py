@@ -43,7 +43,7 @@ from model.engine import EngineConfig, LLMEngine, SamplingParams
 from model.engine.moe_timer import time_experts
 from model.kernels import fused_moe, softmax_topk
 from model.layers import fusion
-from service.metrics import MoeLayout, ServiceMetrics, dense_bf16_peak_flops
+from service.metrics import MoeLayout, ServiceMetrics, dense_peak_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def gauge_value(pairs: list[tuple[float, float]], snapshot, peak: float) -> floa
     metrics.configure_moe(MoeLayout(layer_labels=[str(i) for i in range(layers)],
                                     experts_per_layer=[len(r) for r in snapshot.expert_tokens_total] or [1],
                                     device_name=snapshot.device_name, peak_flops=peak, expert_counters=False,
-                                    expert_window_metrics=False))
+                                    expert_window_metrics=False, precision=snapshot.precision or "bfloat16"))
     metrics.update_moe(dataclasses.replace(snapshot, timed=list(pairs)))
     return metrics.registry.get_sample_value("staticmoe_moe_tensor_core_utilization")
 
@@ -195,7 +195,10 @@ def independent_seconds(engine, inputs: list[torch.Tensor], budget_ms: float) ->
         routed.append((block, x, weights, ids))
 
     def layer_call(b, x, w, i):
-        return lambda: fused_moe(x, b.experts.gate_up_proj, b.experts.down_proj, w, i)
+        e = b.experts  # FP8 experts pass their block scales (model/layers/fp8.py)
+        scales = dict(w13_scale=e.gate_up_proj_scale_inv, w2_scale=e.down_proj_scale_inv) \
+            if hasattr(e, "gate_up_proj_scale_inv") else {}
+        return lambda: fused_moe(x, e.gate_up_proj, e.down_proj, w, i, **scales)
 
     out = {}
     if device.type == "cuda":
@@ -251,8 +254,10 @@ def measure_utilization(engine, prompts, output_len: int, peak_flops: float | No
     got = serve_decode_batch(engine, prompts, output_len)
     pairs, snapshot = got["pairs"], got["snapshot"]
     device_name = snapshot.device_name
-    peak = peak_flops or dense_bf16_peak_flops(device_name)
-    peak_source = "--peak-flops" if peak_flops else "service.metrics.DENSE_BF16_PEAKS" if peak else "nominal (CPU)"
+    fp8 = snapshot.precision == "fp8"
+    peak = peak_flops or dense_peak_flops(device_name, snapshot.precision)
+    table = "service.metrics.DENSE_FP8_PEAKS" if fp8 else "service.metrics.DENSE_BF16_PEAKS"
+    peak_source = "--peak-flops" if peak_flops else table if peak else "nominal (CPU)"
     peak = peak or NOMINAL_CPU_PEAK
     rows_seen = got["graph_rows"]
     rows = next(iter(rows_seen)) if len(rows_seen) == 1 and None not in rows_seen else batch

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3"}  # F8_E4M3: block-FP8 weights (model/fp8_checkpoint.py)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 

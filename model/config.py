@@ -42,6 +42,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     initializer_range: float = 0.02
     checkpoint_dtype: str | None = None  # "bfloat16", ... as the checkpoint declares it
+    quantization: object = None  # model.quant_config.Fp8CheckpointConfig of a block-FP8 checkpoint, else None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -103,6 +104,12 @@ def rope(d: dict, default_theta: float) -> tuple[float, float]:
     raise ConfigError(f"rope type {rope_type!r} is not supported (supported: default, linear)")
 
 
+def parse_quantization_config(value):
+    from model.quant_config import parse_quantization_config as parse  # it imports ConfigError from here
+
+    return parse(value)
+
+
 def common_fields(d: dict, name: str, default_rms_norm_eps: float, default_rope_theta: float) -> dict:
     """The ModelConfig fields of the decoder every family shares (attention shape, norms, rotary, vocabulary);
     the defaults are transformers' for fields a config.json may leave out."""
@@ -129,4 +136,5 @@ def common_fields(d: dict, name: str, default_rms_norm_eps: float, default_rope_
         bos_token_id=d.get("bos_token_id"),
         initializer_range=float(d.get("initializer_range", 0.02)),
         checkpoint_dtype=d.get("dtype") or d.get("torch_dtype"),
+        quantization=parse_quantization_config(d.get("quantization_config")),
     )

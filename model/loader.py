@@ -3,10 +3,17 @@
 A checkpoint directory holds config.json, *.safetensors (sharded with model.safetensors.index.json, or one file)
 and the tokenizer files. Nothing is executed from it (no remote code, no pickle). Every problem is found before
 weights are copied and raised as an error naming the file and key.
+
+FP8 (a block-FP8 checkpoint, or `quantization="fp8"`): the plain model is built on the meta device, the FP8
+transform (model/quantization.py) swaps in FP8 modules, and only then is memory allocated on `device`; FP8 weights
+are copied as stored, high-precision ones assembled per parameter and quantised as they arrive. So the device never
+holds a high-precision copy of the model: its peak at load is the FP8 model plus one parameter in high precision
+(the largest: one layer's experts) when quantising, the FP8 model alone for an FP8 checkpoint.
 """
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -17,9 +24,17 @@ from model.config import ConfigError, ModelConfig
 from model.decoder import MoeCausalLM
 from model.dtypes import resolve_dtype
 from model.families import FAMILIES, config_from_hf
+from model.fp8_checkpoint import fp8_targets
+from model.kernels.fp8 import FP8_DTYPE
+from model.kernels.fp8_linear import block_scaled_mm_supported
+from model.layers.rotary import RotaryEmbedding
 from model.presets import PRESETS, TINY
+from model.quant_config import check_quantization
+from model.quantization import apply_fp8, online_targets, quantize_parameter, weight_of_scale
 from model.tokenizer import Tokenizer, load_tokenizer
-from model.weight_map import load_weights
+from model.weight_map import QuantizeAtLoad, load_weights
+
+logger = logging.getLogger(__name__)
 
 
 def _read_json(path: Path) -> dict:
@@ -61,12 +76,36 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | 
     return model.eval().requires_grad_(False)
 
 
+def materialize(model: MoeCausalLM, device: torch.device | str) -> MoeCausalLM:
+    """A model built on the meta device (and maybe transformed) gets uninitialised memory on `device`; its buffers
+    (rotary tables, expert counters), which to_empty leaves as garbage, are made again."""
+    known = {"cos_cache", "sin_cache", "expert_load"}
+    unknown = {name.rsplit(".", 1)[-1] for name, _ in model.named_buffers()} - known
+    if unknown:
+        raise AssertionError(f"buffers {sorted(unknown)} would be left uninitialised by to_empty")
+    model.to_empty(device=device)
+    config = model.config
+    with torch.device(device):
+        model.model.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
+                                                 config.rope_linear_factor)
+    for block in model.moe_blocks():
+        block.experts.expert_load.zero_()
+    return model.eval().requires_grad_(False)
+
+
+def _high_precision_dtype(model: MoeCausalLM) -> torch.dtype:
+    return model.model.embed_tokens.weight.dtype
+
+
 @torch.no_grad()
 def init_random_weights(model: MoeCausalLM, seed: int = 0) -> None:
     """As HF initialises: normal(0, initializer_range) matrices, norm scales 1, biases 0. Drawn on the parameter's
-    device (a 30B-parameter model fills in seconds) from a generator seeded per parameter."""
+    device (a 30B-parameter model fills in seconds) from a generator seeded per parameter. An FP8 parameter gets the
+    high-precision draw of the plain model's parameter of that name, quantised (scales are not drawn), so an FP8
+    preset is exactly the quantised bf16 preset."""
     std = model.config.initializer_range
-    for index, (name, param) in enumerate(model.named_parameters()):
+    plain = [(n, p) for n, p in model.named_parameters() if weight_of_scale(n) is None]  # the plain model's order
+    for index, (name, param) in enumerate(plain):
         if param.device.type == "meta":  # shape-only model (size estimates, tests): nothing to fill
             continue
         if name.endswith("norm.weight"):
@@ -75,7 +114,11 @@ def init_random_weights(model: MoeCausalLM, seed: int = 0) -> None:
             param.zero_()
         else:
             generator = torch.Generator(device=param.device).manual_seed(seed * 100_003 + index)
-            param.normal_(0.0, std, generator=generator)
+            if param.dtype == FP8_DTYPE:
+                value = torch.empty(param.shape, dtype=_high_precision_dtype(model), device=param.device)
+                quantize_parameter(model, name, value.normal_(0.0, std, generator=generator))
+            else:
+                param.normal_(0.0, std, generator=generator)
 
 
 def load_model(
@@ -85,19 +128,49 @@ def load_model(
     dtype: torch.dtype | str = torch.bfloat16,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    quantization: str = "none",
 ) -> tuple[MoeCausalLM, Tokenizer]:
-    """`source` is a checkpoint directory or a preset (`tiny`, `qwen3-30b-a3b`, `olmoe-1b-7b`, `mixtral-8x7b`,
-    `qwen2-moe-a2.7b`). Presets other than `tiny` have no weights, so they need `random_weights=True`; `tiny` is
-    always random (seeded). A directory with `random_weights=True` takes only its config (and tokenizer, if any)."""
+    """`source` is a checkpoint directory or a preset (model/presets.py). Presets other than `tiny` have no weights,
+    so they need `random_weights=True`; `tiny` is always random (seeded). A directory with `random_weights=True`
+    takes only its config (and tokenizer, if any). A block-FP8 checkpoint is served in FP8 as stored;
+    `quantization="fp8"` quantises a high-precision checkpoint or a preset at load (model/quantization.py)."""
+    check_quantization(quantization)
     dtype = resolve_dtype(dtype, device)
     config, tokenizer, directory, random_weights = resolve_source(source, random_weights)
-    model = build_model(config, dtype, device)
-    if random_weights:
-        init_random_weights(model, seed)
+    checkpoint = None if random_weights else SafetensorsCheckpoint(directory)
+    ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    renames = FAMILIES[config.model_type].checkpoint_renames
+    with torch.device("meta"):
+        plain = MoeCausalLM(config)
+    stored = fp8_targets(plain, checkpoint, renames, ignorable) if checkpoint is not None else []
+    if quantization == "fp8" or (checkpoint is None and config.quantization is not None):
+        targets = stored or online_targets(plain)  # an FP8 checkpoint stays as stored; anything else is quantised
     else:
-        ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
-        renames = FAMILIES[config.model_type].checkpoint_renames
-        load_weights(model, SafetensorsCheckpoint(directory), renames, ignorable)
+        targets = stored
+    if not targets:
+        model = build_model(config, dtype, device)
+        if checkpoint is None:
+            init_random_weights(model, seed)
+        else:
+            load_weights(model, checkpoint, renames, ignorable)
+        return model, tokenizer
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"FP8 weights run with bfloat16 activations (float32 on the CPU), not {dtype}")
+    model = materialize(apply_fp8(build_model(config, dtype, "meta"), targets), device)
+    if checkpoint is None:
+        init_random_weights(model, seed)
+    elif stored:
+        load_weights(model, checkpoint, renames, ignorable)
+    else:
+        fp8 = {n for n, p in model.named_parameters() if p.dtype == FP8_DTYPE}
+        quantize = QuantizeAtLoad(fp8, dtype, lambda name, value: quantize_parameter(model, name, value))
+        load_weights(model, checkpoint, renames, ignorable, quantize)
+    weight_device = next(model.parameters()).device
+    if weight_device.type == "cuda":  # decided now, never inside a CUDA-graph capture
+        block_scaled_mm_supported(weight_device)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    logger.info("FP8 (%s): %d modules in float8_e4m3fn with 128x128 block scales, weights %.2f GiB",
+                "as stored in the checkpoint" if stored else "quantised at load", len(targets), size / 2**30)
     return model, tokenizer
 
 

@@ -40,6 +40,18 @@ PRESETS: dict[str, dict] = {
         use_sliding_window=False, tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151643,
         torch_dtype="bfloat16",
     ),
+    # Qwen/Qwen2-57B-A14B (context capped at 32768 here): the model that fits one 80 GB H100 only in FP8 — 57.4B
+    # parameters are 115 GB in bf16, 58 GB in FP8 (experts, attention and shared experts; embeddings stay bf16),
+    # which leaves ~15 GB for the KV cache. On a 141 GB H200 bf16 fits (with ~20 GB of KV), so there FP8 is what
+    # triples the KV cache. Its K and N are whole 128-blocks (H 3584, I 2560, shared 20480, 28 x 128-dim heads).
+    "qwen2-57b-a14b": dict(
+        model_type="qwen2_moe", vocab_size=151936, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, moe_intermediate_size=2560,
+        shared_expert_intermediate_size=20480, num_experts=64, num_experts_per_tok=8, norm_topk_prob=False,
+        decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6, rope_theta=1000000.0, qkv_bias=True,
+        use_sliding_window=False, tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151643,
+        torch_dtype="bfloat16",
+    ),
     # Small enough for CI and a laptop; Qwen3-MoE layout. Its vocabulary is the byte tokenizer's (259 ids).
     TINY: dict(
         model_type="qwen3_moe", vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -4,10 +4,15 @@ Our parameters fuse some HF tensors: qkv_proj = [q_proj; k_proj; v_proj], a dens
 [gate_proj; up_proj], and the routed experts are 3-D: gate_up_proj [E, 2I, H] and down_proj [E, H, I]. Experts load
 either from those fused 3-D tensors (as transformers 5 holds them) or from per-expert 2-D keys (as
 `save_pretrained` and the published checkpoints store them).
+
+FP8 parameters (model/layers/fp8.py) come with a block-scale parameter `<weight>_scale_inv`, filled from the
+checkpoint's scales of the same pieces (`scale_sources`: a fused piece must start and end on a 128-row block), or,
+when a high-precision checkpoint is quantised at load (`QuantizeAtLoad`), made from the assembled weight.
 """
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -54,6 +59,59 @@ def parameter_sources(name: str, shape: tuple[int, ...], q_size: int, kv_size: i
     return [whole]
 
 
+SCALE_SUFFIX = "_scale_inv"
+BLOCK = 128
+FP8_DTYPE_NAME = "F8_E4M3"  # safetensors' name of float8_e4m3fn
+
+
+def _scale_key(key: str) -> str:
+    return key + SCALE_SUFFIX  # "x.weight" -> "x.weight_scale_inv", "x.experts.gate_up_proj" -> "..._scale_inv"
+
+
+def scale_sources(weight_pieces: list[Piece], weight_shape: tuple[int, ...]) -> list[Piece]:
+    """The block-scale pieces that fill `<weight>_scale_inv` when `weight_pieces` fill the FP8 weight: same keys +
+    `_scale_inv`, row slices in 128-row blocks. Raises CheckpointError when a piece does not start and end on a
+    block boundary (its scales would share blocks with its neighbour's)."""
+    blocks = lambda n: -(-n // BLOCK)  # noqa: E731
+    pieces = []
+    for piece in weight_pieces:
+        index = []
+        for dim, part in enumerate(piece.index):
+            if isinstance(part, slice):
+                full = weight_shape[dim]
+                if part.start % BLOCK or (part.stop % BLOCK and part.stop != full):
+                    raise CheckpointError(f"tensor {piece.key!r} fills rows [{part.start}, {part.stop}) of a fused FP8 "
+                                          f"weight: block-FP8 loading needs each fused part to be a multiple of "
+                                          f"{BLOCK} rows")
+                part = slice(part.start // BLOCK, blocks(part.stop))
+            index.append(part)
+        shape = (*piece.shape[:-2], blocks(piece.shape[-2]), blocks(piece.shape[-1]))
+        pieces.append(Piece(_scale_key(piece.key), tuple(index), shape))
+    return pieces
+
+
+@dataclass
+class QuantizeAtLoad:
+    """FP8 parameters filled from high-precision checkpoint tensors: each is assembled in `dtype` on its device from
+    all of its pieces, then `quantize(name, value)` writes it and its scales; the scales are not read from the
+    checkpoint. At most a few parameters are staged at once (those whose pieces span files)."""
+    params: set[str]
+    dtype: torch.dtype
+    quantize: Callable[[str, torch.Tensor], None]
+    scales: set[str] = field(init=False)
+
+    def __post_init__(self):
+        self.scales = {name + SCALE_SUFFIX for name in self.params}
+
+
+def _alternatives(model: nn.Module, name: str, shape: tuple[int, ...], q_size: int, kv_size: int):
+    if name.endswith(SCALE_SUFFIX):
+        weight = name[: -len(SCALE_SUFFIX)]
+        weight_shape = tuple(model.get_parameter(weight).shape)
+        return [scale_sources(alt, weight_shape) for alt in parameter_sources(weight, weight_shape, q_size, kv_size)]
+    return parameter_sources(name, shape, q_size, kv_size)
+
+
 def rename_keys(keys, renames: tuple[tuple[str, str], ...]) -> dict[str, str]:
     """{our key: checkpoint key} after applying the family's (regex, replacement) renames."""
     mapping = {}
@@ -68,16 +126,21 @@ def rename_keys(keys, renames: tuple[tuple[str, str], ...]) -> dict[str, str]:
 
 
 def plan_loading(
-    model: nn.Module, checkpoint: SafetensorsCheckpoint, renames, ignorable=()
+    model: nn.Module, checkpoint: SafetensorsCheckpoint, renames, ignorable=(), made=(), check_dtypes: bool = True
 ) -> list[tuple[torch.nn.Parameter, Piece, str]]:
-    """Match every parameter to checkpoint tensors; raise CheckpointError for missing, extra or mis-shaped keys.
-    Returns (parameter, piece, original checkpoint key) triples in checkpoint order."""
+    """Match every parameter (but those in `made`, produced at load) to checkpoint tensors; raise CheckpointError
+    for missing, extra or mis-shaped keys, and (`check_dtypes`) for an FP8 tensor meant for a high-precision
+    parameter or the reverse. Returns (parameter, piece, original checkpoint key) triples in checkpoint order."""
     keys = rename_keys(checkpoint.tensors, renames)
     config = model.config
     q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    quantized_here = {name[: -len(SCALE_SUFFIX)] for name in made}
     plan, used = [], set()
     for name, param in model.named_parameters():
-        alternatives = parameter_sources(name, tuple(param.shape), q_size, kv_size)
+        if name in made:
+            continue
+        stored_fp8 = param.dtype == torch.float8_e4m3fn and name not in quantized_here
+        alternatives = _alternatives(model, name, tuple(param.shape), q_size, kv_size)
         chosen = next((alt for alt in alternatives if all(p.key in keys for p in alt)), None)
         if chosen is None:
             closest = max(alternatives, key=lambda alt: sum(p.key in keys for p in alt))
@@ -89,6 +152,10 @@ def plan_loading(
             if info.shape != piece.shape:
                 raise CheckpointError(f"tensor {keys[piece.key]!r} in {info.file} has shape {info.shape}, "
                                       f"expected {piece.shape}")
+            # a cast would silently drop or invent block scales
+            if check_dtypes and (info.dtype == FP8_DTYPE_NAME) != stored_fp8:
+                raise CheckpointError(f"tensor {keys[piece.key]!r} in {info.file} is {info.dtype} but parameter "
+                                      f"{name} is {str(param.dtype).removeprefix('torch.')}")
             plan.append((param, piece, keys[piece.key]))
             used.add(piece.key)
     extra = [k for k in keys if k not in used and k not in ignorable and not any(p.match(k) for p in IGNORED_KEYS)]
@@ -100,10 +167,28 @@ def plan_loading(
 
 
 @torch.no_grad()
-def load_weights(model: nn.Module, checkpoint: SafetensorsCheckpoint, renames=(), ignorable=()) -> None:
-    """Copy (and cast) every checkpoint tensor into its slice of the model's parameters."""
-    plan = plan_loading(model, checkpoint, renames, ignorable)
+def load_weights(model: nn.Module, checkpoint: SafetensorsCheckpoint, renames=(), ignorable=(),
+                 quantize_at_load: QuantizeAtLoad | None = None) -> None:
+    """Copy (and cast) every checkpoint tensor into its slice of the model's parameters; FP8 parameters of
+    `quantize_at_load` are assembled in high precision, then quantised."""
+    made = quantize_at_load.scales if quantize_at_load else ()
+    plan = plan_loading(model, checkpoint, renames, ignorable, made)
     targets = {original: (param, piece) for param, piece, original in plan}
+    names = {id(p): name for name, p in model.named_parameters()}
+    left = {}  # staged parameter name -> pieces still to come
+    for param, _, _ in plan:
+        if quantize_at_load and names[id(param)] in quantize_at_load.params:
+            left[names[id(param)]] = left.get(names[id(param)], 0) + 1
+    staged: dict[str, torch.Tensor] = {}
     for original, tensor in checkpoint.read(list(targets)):
         param, piece = targets[original]
-        param.data[piece.index].copy_(tensor)
+        name = names[id(param)]
+        if name not in left:
+            param.data[piece.index].copy_(tensor)
+            continue
+        if name not in staged:
+            staged[name] = torch.empty(param.shape, dtype=quantize_at_load.dtype, device=param.device)
+        staged[name][piece.index].copy_(tensor)
+        left[name] -= 1
+        if left[name] == 0:
+            quantize_at_load.quantize(name, staged.pop(name))

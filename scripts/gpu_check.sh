@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one script run on the lent H100 (see README "GPU runs"): builds the extension, checks the SASS, runs
 # `pytest -m gpu` and the benchmarks, writing logs under $OUT (default ./gpu-logs).
-#   bash scripts/gpu_check.sh [build] [tests] [sanitize] [bench] [bench-quick] [bench-fp8] [engine] [serve] [truth]
-#   (default: build tests). serve: benchmarks/bench_serve.py per preset (SERVE_PRESETS, SERVE_ARGS); truth: the
-#   utilization-metric check (benchmarks/utilization_truth.py, TRUTH_PRESET).
+#   bash scripts/gpu_check.sh [build] [tests] [sanitize] [bench] [bench-quick] [bench-fp8] [engine] [serve] [prefix]
+#   [truth] (default: build tests). serve: benchmarks/bench_serve.py per preset (SERVE_PRESETS, SERVE_ARGS); prefix:
+#   benchmarks/bench_prefix_cache.py per preset (SERVE_PRESETS, PREFIX_ARGS); truth: the utilization-metric check
+#   (benchmarks/utilization_truth.py, TRUTH_PRESET).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-logs}
 mkdir -p "$OUT"
@@ -56,6 +57,12 @@ for step in "${steps[@]}"; do
     serve)  # one server per preset and process: a first preset's CUDA context would shrink the next one's KV cache
       for p in ${SERVE_PRESETS:-olmoe-1b-7b qwen3-30b-a3b}; do
         python3 benchmarks/bench_serve.py --presets "$p" ${SERVE_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench_serve_$p.log" | tail -40
+        status=$((status | ${PIPESTATUS[0]}))
+      done ;;
+    prefix)  # caching on vs --no-prefix-caching, fresh servers in ABBA order (one process per preset, as serve)
+      for p in ${SERVE_PRESETS:-olmoe-1b-7b qwen3-30b-a3b}; do
+        python3 benchmarks/bench_prefix_cache.py --presets "$p" ${PREFIX_ARGS:-} --out "$OUT" 2>&1 \
+          | tee "$OUT/bench_prefix_cache_$p.log" | tail -40
         status=$((status | ${PIPESTATUS[0]}))
       done ;;
     truth)

@@ -105,6 +105,13 @@ def create_app(engine_client: EngineClient, settings: ServiceSettings) -> FastAP
             return JSONResponse({"status": "ready"})
         return error_response(503, reason[1], code=reason[0], headers={"Retry-After": "1"})
 
+    @app.post("/reset_prefix_cache", responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+              summary="Forget every cached prompt prefix (vLLM's admin path; needs the API key when one is set)")
+    async def reset_prefix_cache():
+        dropped = await engine_client.reset_prefix_cache()
+        enabled = bool(getattr(getattr(engine_client.engine, "config", None), "enable_prefix_caching", False))
+        return JSONResponse({"status": "ok", "prefix_caching": enabled, "blocks_dropped": dropped})
+
     @app.get("/metrics", summary="Prometheus metrics (text exposition format)")
     async def metrics():
         text = generate_latest(engine_client.registry)

@@ -18,11 +18,12 @@ from service.reasoning import REASONING_PARSERS
 from service.settings import DEFAULT_DRAIN_TIMEOUT_S, LOOPBACK_HOSTS, ServiceSettings, is_loopback
 from service.tool_parsers import PARSERS
 from service.version import package_version
+from model.quant_config import QUANTIZATIONS
 
 ENV_PREFIX = "STATICMOE_"
 # Engine settings the CLI passes on only when given, so their defaults live in EngineConfig alone.
 ENGINE_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks", "block_size", "dtype",
-                "device", "logprobs_mode")
+                "device", "quantization", "logprobs_mode")
 TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 logger = logging.getLogger("staticmoe.service")
@@ -169,8 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "may use when the engine runs on the CPU and "
                                                            "OMP_NUM_THREADS is unset; 0 = torch's default)",
             metavar="N")
+    f.value("--quantization", choices=list(QUANTIZATIONS),
+            help_="fp8: quantise the experts and linears of a bf16 checkpoint or preset to FP8 (128x128 blocks) at "
+                  "load; none (default) keeps its precision. A block-FP8 checkpoint is served in FP8 either way")
     f.switch("--enforce-eager", "never capture CUDA graphs")
     f.switch("--no-async-scheduling", "read each step's sampled tokens back before launching the next step")
+    f.switch("--no-prefix-caching", "prefill every prompt in full instead of reusing the KV blocks of prefixes "
+                                    "seen before (automatic prefix caching is on by default)")
     f.value("--tensor-parallel", type_=positive_int, help_="ranks (one process and GPU each) the model is split "
                                                           "over: attention heads, vocabulary, dense and shared-expert "
                                                           "MLPs (default 1, or --expert-parallel)", metavar="N")
@@ -183,9 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.switch("--expert-metrics", "export staticmoe_expert_tokens_total{layer,expert} even when layers x experts "
                                  "> 8192 (default: only up to 8192 series)")
     f.switch("--no-expert-metrics", "no per-expert load accounting at all (no expert_* metrics)")
-    f.value("--moe-peak-flops", type_=float, help_="dense bf16 peak FLOP/s of the device for "
-                                                   "staticmoe_moe_tensor_core_utilization (default: from the "
-                                                   "device name)")
+    f.value("--moe-peak-flops", type_=float, help_="dense peak FLOP/s of the device in the experts' precision "
+                                                   "(bf16, or FP8) for staticmoe_moe_tensor_core_utilization "
+                                                   "(default: from the device name)")
     f.value("--drain-timeout", type_=non_negative_float, default=DEFAULT_DRAIN_TIMEOUT_S,
             help_="seconds SIGTERM waits for in-flight requests (keep it below the orchestrator's grace period)")
     f.value("--log-level", default="info", choices=["debug", "info", "warning", "error"], help_="log verbosity")
@@ -225,6 +231,8 @@ def build_engine_config(args: argparse.Namespace):
 
     source, random_weights, _ = resolve_model(args)
     given = {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name) is not None}
+    if args.no_prefix_caching:
+        given["enable_prefix_caching"] = False
     return EngineConfig(model=source, random_weights=random_weights, enforce_eager=args.enforce_eager,
                         expert_metrics=expert_metrics_mode(args) != "off",
                         async_scheduling=not args.no_async_scheduling, **given)
@@ -235,6 +243,9 @@ def parallel_config(args: argparse.Namespace):
     tp, ep = args.tensor_parallel, args.expert_parallel
     if tp is None and ep is None:
         return None
+    if args.quantization == "fp8":
+        raise SystemExit("staticmoe: error: --quantization fp8 runs on one GPU only (no --tensor-parallel / "
+                         "--expert-parallel yet)")
     from model.parallel import ParallelConfig
 
     try:
@@ -327,7 +338,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from service.loadgen.main import main as loadgen_main  # imported here: the server does not need it
+    from service.loadgen import main as loadgen_main  # imported here: the server does not need it
 
     result = loadgen_main(list(args.bench_args))
     return int(result or 0)

@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 
 from service.engine_interface import ServingEngine
 from service.errors import ApiError
-from service.metrics import EXPERT_SERIES_AUTO_LIMIT, MoeLayout, ServiceMetrics, dense_bf16_peak_flops
+from service.metrics import EXPERT_SERIES_AUTO_LIMIT, MoeLayout, ServiceMetrics, dense_peak_flops
 from service.request_group import RequestGroup
 from service.request_timing import RequestTiming
 
@@ -250,6 +250,15 @@ class EngineClient:
     def abort(self, request_ids: list[str]) -> None:
         self._submit(("abort", request_ids))
 
+    async def reset_prefix_cache(self) -> int:
+        """Forget the engine's cached prefixes, on the engine thread between steps. Returns the blocks dropped."""
+        with self._lock:
+            if self.state not in (EngineState.READY, EngineState.DRAINING):
+                raise ApiError(503, f"The engine is {self.state.value}", code=self.state.value)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._submit(("reset_prefix_cache", future))
+        return await asyncio.wrap_future(future)
+
     def _submit(self, command: tuple) -> None:
         self._commands.append(command)
         self._wake.set()
@@ -301,9 +310,11 @@ class EngineClient:
             labels = [str(i) for i in range(int(cfg.num_layers))]
             experts = [int(cfg.num_experts)] * len(labels)
         device_name = first.device_name or device_display_name(engine.device)
-        peak = self.options.moe_peak_flops or dense_bf16_peak_flops(device_name)
+        precision = getattr(first, "precision", "") or "bfloat16"
+        peak = self.options.moe_peak_flops or dense_peak_flops(device_name, precision)
         self.metrics.configure_moe(MoeLayout(
             layer_labels=labels, experts_per_layer=experts, device_name=device_name, peak_flops=peak,
+            precision=precision,
             expert_counters=mode == "on" or (mode == "auto" and sum(experts) <= EXPERT_SERIES_AUTO_LIMIT),
             expert_window_metrics=mode != "off"))
         self.metrics.update_moe(first)
@@ -355,6 +366,15 @@ class EngineClient:
                     future.set_exception(err)
                     continue
                 future.set_result(None)
+            elif command[0] == "reset_prefix_cache":
+                future = command[1]
+                if not future.set_running_or_notify_cancel():  # the handler gave up waiting
+                    continue
+                try:
+                    future.set_result(engine.reset_prefix_cache())
+                except Exception as err:  # noqa: BLE001 - reported to the caller, the loop goes on
+                    future.set_exception(err)
+                self._publish(force_moe=False)
             else:
                 for request_id in command[1]:
                     if self._routes.pop(request_id, None) is not None:
@@ -390,9 +410,9 @@ class EngineClient:
             self._last_moe_publish = now
 
     def _fail_all(self, error: BaseException) -> None:
-        while self._commands:  # adds never applied: their handlers wait on the future
+        while self._commands:  # adds and resets never applied: their handlers wait on the future
             command = self._commands.popleft()
-            if command[0] == "add" and command[-1].set_running_or_notify_cancel():
+            if command[0] in ("add", "reset_prefix_cache") and command[-1].set_running_or_notify_cancel():
                 command[-1].set_exception(error)
         groups = {id(g): g for g, _ in self._routes.values()}
         self._routes.clear()

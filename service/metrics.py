@@ -43,9 +43,28 @@ DENSE_BF16_PEAKS: list[tuple[str, float]] = [
 ]
 
 
+# Dense FP8 (e4m3) tensor-core peak, twice the bf16 one: the denominator when the experts run FP8, so a dashboard
+# never divides FP8 FLOP/s by the bf16 peak.
+DENSE_FP8_PEAKS: list[tuple[str, float]] = [
+    ("H100 PCIE", 1513e12),
+    ("H100 NVL", 1671e12),
+    ("H100", 1979e12),
+    ("H800 PCIE", 1513e12),
+    ("H800", 1979e12),
+    ("H200", 1979e12),
+    ("H20", 296e12),
+]
+
+
 def dense_bf16_peak_flops(device_name: str) -> float | None:
+    return dense_peak_flops(device_name, "bfloat16")
+
+
+def dense_peak_flops(device_name: str, precision: str) -> float | None:
+    """The dense tensor-core peak of `device_name` for experts computing in `precision` ("fp8" or a 16-bit dtype
+    name), or None for an unknown device."""
     name = device_name.upper()
-    for key, peak in DENSE_BF16_PEAKS:
+    for key, peak in DENSE_FP8_PEAKS if precision == "fp8" else DENSE_BF16_PEAKS:
         if key in name:
             return peak
     return None
@@ -70,6 +89,7 @@ class MoeLayout:
     peak_flops: float | None        # None: unknown device, utilization stays 0
     expert_counters: bool           # export staticmoe_expert_tokens_total{layer, expert}
     expert_window_metrics: bool = True
+    precision: str = "bfloat16"     # what the experts compute in ("fp8", "bfloat16", ...): picks the peak
 
 
 class ServiceMetrics:
@@ -89,6 +109,12 @@ class ServiceMetrics:
                                               "KV-cache usage. 1 means 100 percent usage.", m, registry=r))
         self.num_preemptions = per_model(Counter("staticmoe_num_preemptions",
                                                  "Cumulative number of preemption from the engine.", m, registry=r))
+        self.prefix_cache_queries = per_model(Counter("staticmoe_prefix_cache_queries",
+                                                      "Prefix cache queries, in terms of number of queried tokens.",
+                                                      m, registry=r))
+        self.prefix_cache_hits = per_model(Counter("staticmoe_prefix_cache_hits",
+                                                   "Prefix cache hits, in terms of number of cached tokens.", m,
+                                                   registry=r))
         self.prompt_tokens = per_model(Counter("staticmoe_prompt_tokens", "Number of prefill tokens processed.",
                                                m, registry=r))
         self.generation_tokens = per_model(Counter("staticmoe_generation_tokens",
@@ -120,11 +146,15 @@ class ServiceMetrics:
 
         self.tensor_core_utilization = Gauge(
             "staticmoe_moe_tensor_core_utilization",
-            "Achieved routed-expert GEMM FLOP/s of fused_moe over the device's dense bf16 peak (0-1): FLOPs of the rows "
-            "it computed (CUDA-graph padding included) / its time inside the sampled steps.", registry=r)
+            "Achieved routed-expert GEMM FLOP/s of fused_moe over the device's dense peak in the experts' precision "
+            "(bf16, or FP8 when they run FP8; see staticmoe_moe_precision_info) (0-1): FLOPs of the rows it computed "
+            "(CUDA-graph padding included) / its time inside the sampled steps.", registry=r)
         self.peak_flops = Gauge("staticmoe_moe_peak_flops",
-                                "Dense bf16 peak FLOP/s used as the utilization denominator (0 = unknown).",
-                                registry=r)
+                                "Dense peak FLOP/s (bf16 or FP8, as the experts run) used as the utilization "
+                                "denominator (0 = unknown).", registry=r)
+        self.precision_info = Gauge("staticmoe_moe_precision_info",
+                                    "1 for the precision the routed experts compute in (fp8, bfloat16, ...).",
+                                    ["precision"], registry=r)
         self.moe_flops = Counter("staticmoe_moe_flops", "Routed-expert GEMM FLOPs of the tokens served (analytic "
                                  "count; CUDA-graph padding rows not included).", registry=r)
         self.shared_expert_flops = Counter("staticmoe_moe_shared_expert_flops",
@@ -141,18 +171,24 @@ class ServiceMetrics:
         self.num_running.set(stats.num_running)
         self.num_waiting.set(stats.num_waiting)
         self.kv_cache_usage.set(stats.kv_cache_usage)
-        preemptions = stats.num_preemptions_total
-        if preemptions > self._moe_state.preemptions:
-            self.num_preemptions.inc(preemptions - self._moe_state.preemptions)
-            self._moe_state.preemptions = preemptions
+        state = self._moe_state
+        for counter, name, total in (
+                (self.num_preemptions, "num_preemptions_total", stats.num_preemptions_total),
+                (self.prefix_cache_queries, "prefix_cache_queries_total", stats.prefix_cache_queries_total),
+                (self.prefix_cache_hits, "prefix_cache_hits_total", stats.prefix_cache_hits_total)):
+            seen = state.engine_totals.get(name, 0)
+            if total > seen:  # the engine's totals only grow: export the increment
+                counter.inc(total - seen)
+                state.engine_totals[name] = total
 
     # ---- MoE -------------------------------------------------------------------------------------------------------
     def configure_moe(self, layout: MoeLayout) -> None:
         self._moe = layout
         self.peak_flops.set(layout.peak_flops or 0.0)
+        self.precision_info.labels(layout.precision).set(1)
         if layout.peak_flops is None:
-            logger.info("no dense bf16 peak known for device %r: staticmoe_moe_tensor_core_utilization stays 0 "
-                        "(set --moe-peak-flops to override)", layout.device_name)
+            logger.info("no dense %s peak known for device %r: staticmoe_moe_tensor_core_utilization stays 0 "
+                        "(set --moe-peak-flops to override)", layout.precision, layout.device_name)
         r, lay = self.registry, ["layer"]
         if layout.expert_counters:
             tokens = Counter("staticmoe_expert_tokens", "Tokens routed to each expert (one per top-k slot).",
@@ -216,5 +252,5 @@ def window_balance(tokens_per_expert: list[int]) -> tuple[float, int]:
 class _MoeCumulative:
     flops_total: float = 0.0
     shared_flops_total: float = 0.0
-    preemptions: int = 0
+    engine_totals: dict[str, int] = field(default_factory=dict)  # EngineStats counters already exported
     expert_tokens: list[list[int]] = field(default_factory=list)

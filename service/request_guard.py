@@ -25,6 +25,7 @@ PROTECTED_PREFIX = "/v1/"
 PROTECTED_PATHS = ("/tokenize", "/detokenize")  # vLLM's utility routes run the tokenizer: as costly as /v1/*
 PROBE_PATHS = ("/health", "/ready")
 BODY_METHODS = ("POST", "PUT", "PATCH")
+ADMIN_PATHS = ("/reset_prefix_cache",)  # change server state: the API key guards them as it guards /v1/
 
 
 class RequestGuard:
@@ -46,7 +47,8 @@ class RequestGuard:
         if not self.any_host and path not in PROBE_PATHS and not self._host_allowed(headers.get(b"host", b"")):
             return await _respond(send, 400, "The Host header names a host this server does not serve (see "
                                              "--allowed-hosts)", "invalid_host", {b"connection": b"close"})
-        if self.api_key is not None and (path.startswith(PROTECTED_PREFIX) or path in PROTECTED_PATHS):
+        if self.api_key is not None and (path.startswith(PROTECTED_PREFIX) or path in PROTECTED_PATHS
+                                         or path in ADMIN_PATHS):
             if not self._authorized(headers.get(b"authorization", b"")):
                 return await _respond(send, 401, "Invalid or missing API key (send 'Authorization: Bearer <key>')",
                                       "invalid_api_key", {b"www-authenticate": b"Bearer"})

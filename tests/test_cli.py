@@ -39,6 +39,9 @@ def test_defaults_serve_tiny_on_loopback():
     assert cli.build_engine_config(args) == EngineConfig(model="tiny")  # every engine default is the engine's
     given = cli.build_engine_config(parse("--max-num-seqs", "3", "--block-size", "8", "--dtype", "float32"))
     assert (given.max_num_seqs, given.block_size, given.dtype) == (3, 8, "float32")
+    assert EngineConfig().enable_prefix_caching and not args.no_prefix_caching
+    assert cli.build_engine_config(parse("--no-prefix-caching")) == EngineConfig(model="tiny",
+                                                                                  enable_prefix_caching=False)
 
 
 def test_chunk_budget_defaults_to_the_device_and_a_given_value_wins(monkeypatch):

@@ -96,6 +96,7 @@ def test_grafana_dashboard_shows_what_operators_need():
         assert panels_with("histogram_quantile(0.5", "histogram_quantile(0.99", histogram + "_bucket"), histogram
     assert panels_with("staticmoe_num_requests_running", "staticmoe_num_requests_waiting"), "running/waiting"
     assert panels_with("staticmoe_kv_cache_usage_perc"), "KV usage"
+    assert panels_with("staticmoe_prefix_cache_hits_total", "staticmoe_prefix_cache_queries_total"), "hit rate"
     assert panels_with("staticmoe_moe_tensor_core_utilization", "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE"), \
         "our tensor-core utilization beside DCGM's tensor-pipe activity, in one panel"
     heatmaps = [p for p in panels_with("staticmoe_expert_tokens_total") if p["type"] == "heatmap"]

@@ -34,6 +34,7 @@ REQUIRED_SAMPLES = {
     "staticmoe_num_requests_waiting", "staticmoe_kv_cache_usage_perc", "staticmoe_request_success_total",
     "staticmoe_moe_tensor_core_utilization", "staticmoe_moe_flops_total", "staticmoe_moe_kernel_seconds_bucket",
     "staticmoe_expert_tokens_total", "staticmoe_expert_load_imbalance", "staticmoe_expert_idle",
+    "staticmoe_prefix_cache_queries_total", "staticmoe_prefix_cache_hits_total",
 }
 
 
@@ -231,6 +232,7 @@ def test_builtin_dashboard_shows_live_data_in_headless_chromium(with_traffic, tm
         wait_for(lambda: data("output-tps") > 0, timeout=30, interval=0.2)
         assert data("ttft") > 0 and data("requests-ps") >= 0
         assert data("tensor-util") >= 0, "tensor-core utilization is shown (0 on a CPU)"
+        wait_for(lambda: data("prefix-hit-rate") > 0, timeout=30, interval=0.2)  # the traffic repeats one prompt
         wait_for(lambda: data("heatmap", "data-nonzero-cells") > 0, timeout=30, interval=0.2)
         # a few more polls under load, so the screenshot shows a throughput curve, then the artifact
         polls = data("status", "data-polls")

@@ -54,3 +54,26 @@ def test_expected_experts_touched():
     assert expected_experts_touched(uniform, top_k=2, batch=1) == pytest.approx(2.0)  # k distinct experts
     assert expected_experts_touched(uniform, top_k=2, batch=10_000) == pytest.approx(8.0)  # all of them
     assert expected_experts_touched([1, 0, 0, 0], top_k=1, batch=5) == pytest.approx(1.0)  # the only loaded one
+
+
+def test_fp8_and_bf16_in_one_run_report_both_kv_capacities(tmp_path, monkeypatch):
+    """--quantization none fp8: each preset in both precisions, FP8 rows without HF, the FP8 ÷ bf16 table."""
+    from benchmarks import bench_engine
+    from model.presets import PRESETS
+
+    monkeypatch.setitem(PRESETS, "tiny256", dict(PRESETS["tiny"], hidden_size=256, moe_intermediate_size=128,
+                                                 intermediate_size=256, head_dim=64, initializer_range=0.02))
+    monkeypatch.setattr(sys, "argv", ["bench_engine.py", "--presets", "tiny256", "--quantization", "none", "fp8",
+                                      "--batches", "2", "--hf-batches", "2", "--decode-batches", "2", "--input-len",
+                                      "16", "--output-len", "4", "--time-budget", "120", "--out", str(tmp_path)])
+    bench_engine.main()
+    report = json.loads(next(tmp_path.glob("bench_engine_*.json")).read_text())
+    bf16, fp8 = report["presets"]["tiny256"], report["presets"]["tiny256+fp8"]
+    assert bf16["ours"]["experts_precision"] == "float32" and fp8["ours"]["experts_precision"] == "fp8"
+    assert fp8["hf"] == {} and bf16["hf"]["2"]["tok_s"] > 0
+    assert fp8["ours"]["weight_gib"] < bf16["ours"]["weight_gib"]
+    for r in (bf16, fp8):
+        assert r["ours"]["kv_capacity_tokens"] == r["ours"]["num_kv_blocks"] * 16
+        assert r["ours"]["throughput"]["2"]["output_tokens"] == 8
+    markdown = next(tmp_path.glob("bench_engine_*.md")).read_text()
+    assert "## FP8 against bf16" in markdown and "| tiny256 | b2 " in markdown

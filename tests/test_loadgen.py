@@ -15,6 +15,7 @@ import pytest
 from service import loadgen
 from service.loadgen.client import LevelRun, RequestResult
 from service.loadgen.dataset import load_sharegpt, random_token_prompts
+from service.loadgen.multiturn import make_conversations
 from service.loadgen.report import distribution_ms, percentile, summarize
 from tests.service_fixtures import API_KEY, REPO_ROOT, free_port, metric, parse_metrics, served  # noqa: F401
 
@@ -115,7 +116,44 @@ def test_sharegpt_first_exchanges_filtered_and_counted(tmp_path):
         load_sharegpt(bad, 1, ByteTokenizer())
 
 
+def test_conversations_share_a_system_prompt_and_resend_their_history():
+    convs = make_conversations(2, 3, system_len=10, user_len=4, output_len=5, vocab_size=50, seed=1)
+    assert convs[0].system == convs[1].system and len(convs[0].system) == 10
+    assert convs[0].users != convs[1].users and all(0 <= t < 50 for c in convs for t in c.prompt(2))
+    for conv in convs:
+        assert [len(conv.prompt(t)) for t in range(3)] == [14, 23, 32]
+        for t in range(2):  # each turn re-sends the previous prompt, then the reply stand-in and a new message
+            assert conv.prompt(t + 1) == conv.prompt(t) + conv.replies[t] + conv.users[t + 1]
+            assert len(conv.replies[t]) == 5
+    assert make_conversations(2, 3, 10, 4, 5, 50, seed=1) == convs, "seeded"
+    with pytest.raises(ValueError, match="must be >= 1"):
+        make_conversations(0, 3, 10, 4, 5, 50)
+
+
 # ---- against a real server -------------------------------------------------------------------------------------
+def test_multi_turn_reports_ttft_per_turn_and_the_server_finds_each_history(served, tmp_path):  # noqa: F811
+    import httpx
+
+    assert httpx.post(served.base_url + "/reset_prefix_cache", json={}, headers=served.headers).status_code == 200
+    before = parse_metrics(served.metrics_text())
+    rc, report = run_cli(tmp_path, served.base_url, "--api-key", API_KEY, "--dataset", "multi-turn",
+                         "--num-conversations", "3", "--num-turns", "3", "--system-prompt-len", "40",
+                         "--input-len", "8", "--output-len", "4", "--max-concurrency", "2", name="turns")
+    after = parse_metrics(served.metrics_text())
+    assert rc == 0 and (report["num_conversations"], report["num_turns"], report["system_prompt_len"]) == (3, 3, 40)
+    [lv] = report["levels"]
+    assert (lv["completed"], lv["failed"], lv["not_sent"], lv["max_concurrency"]) == (9, 0, 0, 2)
+    assert lv["output_len_mismatches"] == 0 and lv["total_output_tokens"] == 9 * 4
+    assert [(t["turn"], t["completed"], t["mean_prompt_len"]) for t in lv["turns"]] == \
+        [(1, 3, 48), (2, 3, 60), (3, 3, 72)], "the server's usage counts the resent history"
+    assert lv["ttft_ms_turn2plus"]["p50"] > 0 and all(t["ttft_ms"]["p50"] > 0 for t in lv["turns"])
+    hits = metric(after, "staticmoe_prefix_cache_hits_total") - metric(before, "staticmoe_prefix_cache_hits_total")
+    queries = (metric(after, "staticmoe_prefix_cache_queries_total")
+               - metric(before, "staticmoe_prefix_cache_queries_total"))
+    assert queries == 3 * (48 + 60 + 72)
+    assert hits >= 3 * (48 + 48), "turns 2 and 3 find the previous turn's prompt (full blocks of 16)"
+
+
 def test_sweep_counts_tokens_and_writes_json_and_plots(served, tmp_path):  # noqa: F811
     before = parse_metrics(served.metrics_text())
     rc, report = run_cli(tmp_path, served.base_url, "--api-key", API_KEY, "--input-len", "24", "--output-len", "8",
@@ -213,6 +251,10 @@ def test_unreachable_server_is_counted_as_failed_requests(tmp_path):
       "tiny"], "is not a file"),
     (["--base-url", "http://x"], "need a vocabulary"),
     (["--base-url", "http://x", "--request-rate", "-1", "--model", "tiny"], "must be > 0"),
+    (["--base-url", "http://x", "--model", "tiny", "--dataset", "multi-turn", "--sweep-concurrency", "1,2"],
+     "takes --max-concurrency"),
+    (["--base-url", "http://x", "--model", "tiny", "--dataset", "multi-turn", "--system-prompt-len", "-1"],
+     "must be >= 0"),
 ])
 def test_bad_arguments_give_a_clear_error(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

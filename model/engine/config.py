@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from model.dtypes import AUTO, check_dtype_name, resolve_dtype
+from model.quant_config import check_quantization
 
 # Chunked-prefill budget when none is given (why these values: benchmarks/NOTES.md, "Defaults measured here").
 CUDA_BATCHED_TOKENS, CPU_BATCHED_TOKENS = 8192, 2048
@@ -17,6 +18,7 @@ class EngineConfig:
     model: str = "tiny"  # checkpoint directory or preset name
     random_weights: bool = False
     dtype: str = AUTO  # a model.dtypes name; "auto": bfloat16 on CUDA, float32 on CPU
+    quantization: str = "none"  # "fp8": quantise a high-precision model at load (an FP8 checkpoint is FP8 anyway)
     device: str = "auto"  # "auto": cuda if available, else cpu
     max_num_seqs: int = 256  # sequences in one step (also the largest CUDA-graph batch)
     max_num_batched_tokens: int | None = None  # new tokens in one step (the chunked-prefill budget); None: by device
@@ -25,6 +27,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: min(max_position_embeddings, KV capacity)
     enforce_eager: bool = False  # True: no CUDA graphs
     async_scheduling: bool = True  # launch each step before the previous one's sampled ids are read back
+    enable_prefix_caching: bool = True  # share the KV blocks of repeated prompt prefixes (model/engine/block_manager.py)
     expert_metrics: bool = True  # per-expert load and sampled MoE timing
     moe_timing_every: int = 16  # every n-th step's fused_moe time is read (event nodes in the decode graphs)
     gpu_memory_utilization: float = 0.9  # fraction of total GPU memory the engine may fill
@@ -53,12 +56,13 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"EngineConfig.{name} must be None or a positive int, got {value!r}")
-        for name in ("random_weights", "enforce_eager", "async_scheduling", "expert_metrics"):
+        for name in ("random_weights", "enforce_eager", "async_scheduling", "enable_prefix_caching", "expert_metrics"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EngineConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if not 0.05 <= self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in [0.05, 1], got {self.gpu_memory_utilization}")
         check_dtype_name(self.dtype)
+        check_quantization(self.quantization)
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {self.logprobs_mode!r}")
 

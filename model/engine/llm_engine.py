@@ -89,6 +89,8 @@ class EngineStats:
     num_waiting: int
     kv_cache_usage: float  # 0-1
     num_preemptions_total: int
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache (first admissions)
+    prefix_cache_hits_total: int = 0  # of those, tokens found cached
 
 
 class LLMEngine:
@@ -105,7 +107,7 @@ class LLMEngine:
         self.workers = workers
         if model is None:
             model, tokenizer = load_model(config.model, random_weights=config.random_weights, dtype=self.dtype,
-                                          device=self.device)
+                                          device=self.device, quantization=config.quantization)
         self.model = model
         self.tokenizer = tokenizer
         self.model_config = model.config
@@ -117,7 +119,9 @@ class LLMEngine:
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_usable_blocks, config.block_size, first_block=PAD_BLOCK + 1,
                                           max_seqs=config.max_num_seqs,
-                                          max_blocks_per_seq=self.runner.max_blocks_per_seq)
+                                          max_blocks_per_seq=self.runner.max_blocks_per_seq,
+                                          prefix_caching=config.enable_prefix_caching,
+                                          model_key=f"{config.model}|{config.random_weights}|{self.dtype}".encode())
         self.runner.block_manager = self.block_manager
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampling = SequenceSampling(self.model_config.vocab_size, self.device, config.max_num_seqs,
@@ -347,8 +351,14 @@ class LLMEngine:
 
     # ---- observability --------------------------------------------------------------------------------------
     def stats(self) -> EngineStats:
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
-                           self.block_manager.usage, self.scheduler.num_preemptions_total)
+        sched = self.scheduler
+        return EngineStats(len(sched.running), len(sched.waiting), self.block_manager.usage,
+                           sched.num_preemptions_total, sched.prefix_cache_queries_total, sched.prefix_cache_hits_total)
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (vLLM's reset_prefix_cache: after new weights, or for cold-cache benchmarks).
+        Sequences keep the blocks they hold. Returns how many blocks were cached."""
+        return self.block_manager.reset_prefix_cache()
 
     def moe_stats(self) -> MoeStatsSnapshot:
         return self.moe.snapshot()

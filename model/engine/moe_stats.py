@@ -37,6 +37,15 @@ class MoeStatsSnapshot:
     shared_expert_flops_total: float = 0.0  # dense shared-expert GEMM FLOPs served so far
     timed_skipped_total: int = 0  # sampled steps whose events were overwritten by a later replay before the read
     timing_read_host_seconds_total: float = 0.0  # host time spent reading timing events (the metric's cost)
+    precision: str = ""  # what the routed experts compute in: "fp8", "bfloat16", ... ("" = unknown)
+
+
+def experts_precision(blocks: list) -> str:
+    """"fp8" when the experts hold float8_e4m3fn weights (model/layers/fp8.py), else their dtype's name."""
+    if not blocks:
+        return ""
+    weight = blocks[0].experts.gate_up_proj
+    return "fp8" if weight.dtype == torch.float8_e4m3fn else str(weight.dtype).removeprefix("torch.")
 
 
 def routed_flops_per_token(block) -> int:
@@ -62,6 +71,7 @@ class MoeStatsCollector:
         self.harvest_every = harvest_every
         self.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         self.layer_indices = [b.layer_idx for b in blocks]
+        self.precision = experts_precision(blocks)
         self.num_experts = [b.num_experts for b in blocks]
         self.routed_flops_per_token = sum(routed_flops_per_token(b) for b in blocks)
         self.shared_flops_per_token = sum(shared_flops_per_token(b) for b in blocks)
@@ -173,7 +183,7 @@ class MoeStatsCollector:
                 total = window = [[0] * e for e in self.num_experts]
             return MoeStatsSnapshot(self.device_name, self._flops_total, timed, total, window,
                                     list(self.layer_indices), self._shared_flops_total, self.timer.skipped,
-                                    self.timer.read_host_seconds)
+                                    self.timer.read_host_seconds, self.precision)
 
     def _per_layer(self, counts: torch.Tensor) -> list[list[int]]:
         return [counts[i, :e].clamp(min=0).tolist() for i, e in enumerate(self.num_experts)]

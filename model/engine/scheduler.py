@@ -7,8 +7,11 @@ Policy, each step:
 2. Running sequences still prefilling get a chunk of the remaining token budget (chunked prefill).
 3. Waiting sequences (preempted ones first, then by arrival) are admitted while the budget, `max_num_seqs` and the
    free blocks (minus a small watermark that keeps room for decodes) allow; their prompt may be cut into chunks.
-   Nothing is admitted in a step that preempted.
-A sequence samples a token only in the step whose chunk reaches its last token.
+   Nothing is admitted in a step that preempted. With prefix caching, an admitted sequence first takes the cached
+   blocks of its longest cached prefix (model/engine/block_manager.py) and its first chunk starts after them.
+A sequence samples a token only in the step whose chunk reaches its last token. Once a step is launched, the full
+blocks it completed are committed to the prefix cache (in `advance`, or in `resolve` when the block's last token
+was still in flight).
 """
 
 import bisect
@@ -62,6 +65,10 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()  # ordered by arrival_index
         self.running: list[Sequence] = []  # ordered by arrival_index
         self.num_preemptions_total = 0
+        # vLLM's prefix-cache counters, in tokens, over first admissions (a preempted sequence re-admitted is not
+        # a new query): tokens looked up, and tokens found cached
+        self.prefix_cache_queries_total = 0
+        self.prefix_cache_hits_total = 0
 
     # ---- membership -------------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -139,11 +146,20 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_pending:
                 break  # preempted while its last token was in flight: its prompt is not known in full yet
-            chunk = min(seq.num_uncomputed_tokens, budget,
-                        bm.max_tokens_coverable(seq, reserve=self.watermark_blocks) - seq.num_computed_tokens)
+            cached = bm.cached_prefix(seq)  # [] without prefix caching
+            num_cached = len(cached) * bm.block_size
+            free = bm.num_free_blocks - bm.num_reclaimed_by(cached) - self.watermark_blocks
+            chunk = min(seq.num_tokens - num_cached, budget, max(0, free) * bm.block_size)
             if chunk <= 0:
                 break
             self.waiting.popleft()
+            if cached:
+                bm.take_prefix(seq, cached)
+                seq.num_computed_tokens = num_cached
+            if bm.prefix_caching and seq.num_preemptions == 0:
+                seq.num_cached_tokens = num_cached
+                self.prefix_cache_queries_total += seq.num_tokens
+                self.prefix_cache_hits_total += num_cached
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=_arrival)
             budget -= self._schedule_chunk(seq, chunk, out, scheduled_ids)
@@ -183,9 +199,12 @@ class Scheduler:
         """Once the step is launched: count its tokens as computed and append a PENDING_TOKEN placeholder to each
         sequence that samples. Returns (sequence, index of its placeholder) in the order of the sampled rows."""
         pending = []
+        bm, block_size, caching = self.block_manager, self.block_manager.block_size, self.block_manager.prefix_caching
         for s in out.scheduled:
             seq = s.seq
             seq.num_computed_tokens += s.num_new_tokens
+            if caching and seq.num_computed_tokens >= (seq.num_committed_blocks + 1) * block_size:  # block completed
+                bm.commit(seq)
             if s.samples:
                 seq.token_ids.append(PENDING_TOKEN)
                 seq.num_pending += 1
@@ -196,12 +215,15 @@ class Scheduler:
         """Write the sampled ids over the placeholders of `advance`. Sequences finished meanwhile (a stop found
         in an earlier token, an abort) drop theirs. Returns the (sequence, index) pairs that got a token."""
         got = []
+        bm, block_size, caching = self.block_manager, self.block_manager.block_size, self.block_manager.prefix_caching
         for (seq, index), token in zip(pending, sampled, strict=True):
             seq.num_pending -= 1
             if seq.status is SequenceStatus.FINISHED:
                 continue
             seq.token_ids[index] = token
             got.append((seq, index))
+            if caching and seq.num_computed_tokens >= (seq.num_committed_blocks + 1) * block_size:  # was in flight
+                bm.commit(seq)
         return got
 
     def update_after_step(self, out: SchedulerOutput, sampled: list[int]) -> list[Sequence]:

@@ -29,6 +29,12 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.block_table: list[int] = []  # KV block ids, in token order
         self.block_row = -1  # its row of BlockManager.tables while it holds blocks
+        # Prefix caching (model/engine/prefix_hash.py): anything besides the tokens that changes their K/V or must
+        # keep requests apart (an adapter id, a tenant) goes into `cache_salt`; empty for now.
+        self.cache_salt = b""
+        self.block_hashes: list[bytes] = []  # chained hash of each full block of known tokens, in order
+        self.num_committed_blocks = 0  # leading blocks of block_table already offered to the prefix cache
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at its first admission
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.stop_reason: str | int | None = None  # the stop string or stop token id that ended it
         self.stopped_after_text = False  # its last token is text that completed its grammar (not a stop token)

@@ -7,6 +7,7 @@ from model.kernels.fp8 import (
     quantize_fp8_blocks,
     quantize_fp8_groups,
 )
+from model.kernels.fp8_linear import fp8_linear
 from model.kernels.moe import check_moe_inputs, fused_moe, uses_cuda_kernel
 from model.kernels.reference import fused_moe_reference
 from model.kernels.routing import softmax_topk
@@ -16,6 +17,7 @@ __all__ = [
     "check_moe_inputs",
     "dequantize_fp8_blocks",
     "dequantize_fp8_groups",
+    "fp8_linear",
     "fused_moe",
     "fused_moe_fp8_reference",
     "fused_moe_reference",

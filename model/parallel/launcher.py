@@ -121,6 +121,9 @@ def _spawn_workers(engine_config: EngineConfig, parallel: ParallelConfig, device
 def parallel_engine(engine_config: EngineConfig, parallel: ParallelConfig) -> LLMEngine:
     """The engine on rank 0 of a model sharded over `parallel.world_size` ranks, once every rank has loaded its
     shard; the other ranks follow its steps."""
+    if engine_config.quantization != "none":
+        raise ValueError(f"quantization={engine_config.quantization!r} runs on one GPU only (no tensor or expert "
+                         f"parallelism yet)")
     model, tokenizer, workers = start_parallel(engine_config, parallel, engine_config.resolve_device())
     try:
         return LLMEngine(engine_config, model=model, tokenizer=tokenizer, workers=workers)

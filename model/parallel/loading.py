@@ -82,6 +82,9 @@ def load_parallel_model(source: str, parallel: ParallelConfig, rank: int, comm: 
                         dtype: torch.dtype, device: torch.device, seed: int = 0, agree_min=None):
     """(rank's ParallelCausalLM, tokenizer, ShardLoadStats | None) for a `load_model` source."""
     config, tokenizer, directory, random_weights = resolve_source(source, random_weights)
+    if config.quantization is not None:
+        raise ValueError(f"{source} is a block-FP8 checkpoint: FP8 runs on one GPU only (no tensor or expert "
+                         f"parallelism yet)")
     layout = RankLayout.build(config, parallel, rank)
     model = build_parallel_model(config, layout, comm, dtype, device, agree_min)
     stats = None

@@ -6,6 +6,12 @@
 Streams /v1/completions with token-exact random prompts (or ShareGPT first exchanges) and `ignore_eos`, at a fixed
 concurrency, a sweep of concurrencies, or a Poisson request rate. Prints a table, writes JSON, and for a sweep draws
 throughput and latency PNGs. Exit status: 0 when every request succeeded, 1 when some failed, 2 for bad arguments.
+
+`--dataset multi-turn` runs conversations instead (service/loadgen/multiturn.py): a shared system prompt, then turns
+that each re-send the conversation so far, with TTFT reported per turn:
+
+    staticmoe bench serve --base-url http://127.0.0.1:8000 --model olmoe-1b-7b --dataset multi-turn \
+        --num-conversations 64 --num-turns 8 --system-prompt-len 2048 --input-len 128 --output-len 128
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 from service.loadgen.client import run_level
 from service.loadgen.dataset import (PromptSpec, load_sharegpt, model_vocab_size, random_token_prompts,
                                      tokenizer_for)
+from service.loadgen.multiturn import make_conversations, run_conversations, summarize_turns, turns_table
 from service.loadgen.report import plot_sweep, summarize, table
 
 PROG = "staticmoe bench serve"
@@ -66,11 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the vocabulary of random prompts when it is a preset")
     p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
     data = p.add_argument_group("prompts")
-    data.add_argument("--dataset", choices=["random", "sharegpt"], default="random")
+    data.add_argument("--dataset", choices=["random", "sharegpt", "multi-turn"], default="random")
     data.add_argument("--dataset-path", help="ShareGPT-format JSON file (with --dataset sharegpt)")
-    data.add_argument("--input-len", type=positive_int, default=512, help="random: prompt tokens")
+    data.add_argument("--input-len", type=positive_int, default=512,
+                      help="random: prompt tokens; multi-turn: new user tokens per turn")
     data.add_argument("--output-len", type=positive_int, default=256,
-                      help="random: tokens generated per request (exactly: ignore_eos)")
+                      help="random, multi-turn: tokens generated per request (exactly: ignore_eos)")
+    data.add_argument("--num-conversations", type=positive_int, default=64, help="multi-turn: conversations")
+    data.add_argument("--num-turns", type=positive_int, default=8, help="multi-turn: requests per conversation")
+    data.add_argument("--system-prompt-len", type=int, default=2048,
+                      help="multi-turn: tokens of the system prompt every conversation starts with")
     data.add_argument("--sharegpt-output-len", type=positive_int,
                       help="sharegpt: generate this many tokens instead of the reply's length")
     data.add_argument("--vocab-size", type=positive_int, help="random: draw ids from [0, N) (default: the "
@@ -119,8 +131,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--num-warmups must be >= 0")
     if args.temperature < 0:
         parser.error("--temperature must be >= 0")
-    if args.dataset == "random" and not (args.vocab_size or args.tokenizer or args.model):
+    if args.dataset != "sharegpt" and not (args.vocab_size or args.tokenizer or args.model):
         parser.error("random prompts need a vocabulary: give --vocab-size, --tokenizer or a preset --model")
+    if args.dataset == "multi-turn":
+        if args.sweep_concurrency or args.num_prompts or args.time_limit_s or args.request_rate != float("inf"):
+            parser.error("--dataset multi-turn takes --max-concurrency (conversations at once), not "
+                         "--sweep-concurrency, --num-prompts, --time-limit-s or --request-rate")
+        if args.system_prompt_len < 0:
+            parser.error("--system-prompt-len must be >= 0")
     if args.dataset == "sharegpt" and not (args.tokenizer or args.model):
         parser.error("ShareGPT prompts need a tokenizer to count tokens: give --tokenizer")
     return args
@@ -174,9 +192,9 @@ def report_header(args, specs: list[PromptSpec]) -> dict:
         "endpoint": "/v1/completions (stream, include_usage, ignore_eos)",
         "dataset": args.dataset,
         "dataset_path": args.dataset_path,
-        "input_len": args.input_len if args.dataset == "random" else None,
-        "output_len": args.output_len if args.dataset == "random" else args.sharegpt_output_len,
-        "mean_prompt_len": sum(s.prompt_len for s in specs) / len(specs),
+        "input_len": None if args.dataset == "sharegpt" else args.input_len,
+        "output_len": args.sharegpt_output_len if args.dataset == "sharegpt" else args.output_len,
+        "mean_prompt_len": sum(s.prompt_len for s in specs) / len(specs) if specs else None,
         "request_rate": None if math.isinf(args.request_rate) else args.request_rate,
         "time_limit_s": args.time_limit_s,
         "temperature": args.temperature,
@@ -185,16 +203,41 @@ def report_header(args, specs: list[PromptSpec]) -> dict:
     }
 
 
+def multi_turn_main(args) -> tuple[dict, list[dict]]:
+    """Runs the conversations; returns (report fields, levels) with the one level of all turns."""
+    vocab = args.vocab_size or model_vocab_size(args.tokenizer or args.model)
+    conversations = make_conversations(args.num_conversations, args.num_turns, args.system_prompt_len,
+                                       args.input_len, args.output_len, vocab, args.seed)
+    run = asyncio.run(run_conversations(args.base_url, conversations, model=args.model, api_key=args.api_key,
+                                        max_concurrency=args.max_concurrency, temperature=args.temperature,
+                                        request_timeout_s=args.request_timeout_s))
+    summary = summarize_turns(run)
+    print(turns_table(summary))
+    fields = {"num_conversations": args.num_conversations, "num_turns": args.num_turns,
+              "system_prompt_len": args.system_prompt_len}
+    return fields, [summary]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.dataset == "multi-turn":
+        try:
+            fields, levels = multi_turn_main(args)
+        except ValueError as err:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            return 2
+        return write_results(args, {**report_header(args, []), **fields}, levels)
     count = max(prompts_per_level(args, c) for c in levels_of(args))
     try:
         specs = build_prompts(args, count)
     except ValueError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
-    levels = asyncio.run(run_all(args, specs))
-    report = {**report_header(args, specs), "levels": levels}
+    return write_results(args, report_header(args, specs), asyncio.run(run_all(args, specs)))
+
+
+def write_results(args, header: dict, levels: list[dict]) -> int:
+    report = {**header, "levels": levels}
     out_dir = Path(args.result_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = args.result_name or f"serve_{re.sub(r'[^A-Za-z0-9._-]+', '_', args.model or 'model')}_" \

@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 GAUGES = ("staticmoe_moe_tensor_core_utilization", "staticmoe_num_requests_running",
           "staticmoe_num_requests_waiting", "staticmoe_kv_cache_usage_perc")
 COUNTERS = ("staticmoe_generation_tokens_total", "staticmoe_prompt_tokens_total", "staticmoe_num_preemptions_total",
-            "staticmoe_moe_flops_total", "staticmoe_moe_kernel_seconds_sum", "staticmoe_moe_kernel_seconds_count")
+            "staticmoe_moe_flops_total", "staticmoe_moe_kernel_seconds_sum", "staticmoe_moe_kernel_seconds_count",
+            "staticmoe_prefix_cache_queries_total", "staticmoe_prefix_cache_hits_total")
 
 
 def read_samples(text: str) -> dict[str, float]:
@@ -86,6 +87,8 @@ class MetricsScraper:
             "generation_tokens": increase["staticmoe_generation_tokens_total"],
             "prompt_tokens": increase["staticmoe_prompt_tokens_total"],
             "preemptions": increase["staticmoe_num_preemptions_total"],
+            "prefix_cache_queries": increase["staticmoe_prefix_cache_queries_total"],
+            "prefix_cache_hits": increase["staticmoe_prefix_cache_hits_total"],
             "moe_flops": increase["staticmoe_moe_flops_total"],
             "moe_timed_steps": kernel_steps,
             "moe_kernel_seconds_mean": (increase["staticmoe_moe_kernel_seconds_sum"] / kernel_steps

@@ -1,0 +1,104 @@
+"""What a block-FP8 checkpoint holds, checked before any weight is read: which of our modules are FP8 in it.
+
+A module is FP8 exactly when the checkpoint stores its weight(s) as float8_e4m3fn (every piece, for fused modules
+such as qkv_proj or the experts); `modules_to_not_convert` must agree. Every FP8 tensor `X` needs `X_scale_inv`
+(float32, one scale per 128x128 block: [ceil(rows/128), ceil(cols/128)], with leading dimensions for 3-D experts
+tensors), and every scale needs its FP8 tensor. Each problem is a CheckpointError naming the file and tensor.
+"""
+
+from torch import nn
+
+from model.checkpoint import CheckpointError, SafetensorsCheckpoint
+from model.layers.linear import Linear
+from model.layers.moe import Experts
+from model.quant_config import Fp8CheckpointConfig
+from model.weight_map import BLOCK, FP8_DTYPE_NAME, SCALE_SUFFIX, plan_loading, rename_keys
+
+
+def _where(checkpoint: SafetensorsCheckpoint, key: str) -> str:
+    return f"tensor {key!r} in {checkpoint.tensors[key].file}"
+
+
+def _check_scales(checkpoint: SafetensorsCheckpoint, quant: Fp8CheckpointConfig | None) -> None:
+    tensors = checkpoint.tensors
+    fp8 = [k for k, info in tensors.items() if info.dtype == FP8_DTYPE_NAME]
+    if fp8 and quant is None:
+        raise CheckpointError(f"{_where(checkpoint, fp8[0])} is float8_e4m3fn, but config.json has no "
+                              f"quantization_config (block FP8 needs quant_method \"fp8\", weight_block_size "
+                              f"[128, 128])")
+    for key in fp8:
+        info, scale_key = tensors[key], key + SCALE_SUFFIX
+        if len(info.shape) < 2:
+            raise CheckpointError(f"{_where(checkpoint, key)} is float8_e4m3fn with shape {info.shape}: only "
+                                  f"weight matrices can be FP8")
+        if scale_key not in tensors:
+            raise CheckpointError(f"{_where(checkpoint, key)} is float8_e4m3fn but the checkpoint has no "
+                                  f"{scale_key!r} (its float32 128x128 block scales)")
+        want = (*info.shape[:-2], -(-info.shape[-2] // BLOCK), -(-info.shape[-1] // BLOCK))
+        scale = tensors[scale_key]
+        if scale.dtype != "F32" or scale.shape != want:
+            raise CheckpointError(f"{_where(checkpoint, scale_key)} is {scale.dtype} {list(scale.shape)}; the scales "
+                                  f"of {key!r} {list(info.shape)} must be F32 {list(want)} (one per 128x128 block)")
+        module = key.rsplit(".", 1)[0] if key.endswith(".weight") else key
+        if quant.keeps_high_precision(module):
+            raise CheckpointError(f"{_where(checkpoint, key)} is float8_e4m3fn, but quantization_config."
+                                  f"modules_to_not_convert lists {module!r} as high precision")
+    for key in tensors:
+        if key.endswith(SCALE_SUFFIX) and tensors.get(key[: -len(SCALE_SUFFIX)], None) is None:
+            raise CheckpointError(f"{_where(checkpoint, key)} has no weight {key[: -len(SCALE_SUFFIX)]!r} to scale")
+        if key.endswith(SCALE_SUFFIX) and tensors[key[: -len(SCALE_SUFFIX)]].dtype != FP8_DTYPE_NAME:
+            raise CheckpointError(f"{_where(checkpoint, key)} scales {key[: -len(SCALE_SUFFIX)]!r}, which is "
+                                  f"{tensors[key[: -len(SCALE_SUFFIX)]].dtype}, not float8_e4m3fn")
+        if key.endswith((".input_scale", ".activation_scale")):
+            raise CheckpointError(f"{_where(checkpoint, key)} is a static activation scale: only activation_scheme "
+                                  f"\"dynamic\" is served")
+
+
+def fp8_targets(plain: nn.Module, checkpoint: SafetensorsCheckpoint, renames, ignorable=()) -> list[str]:
+    """Names of the modules of `plain` (the model before any transform, on any device) that the checkpoint stores
+    in FP8; [] for a high-precision checkpoint. Raises CheckpointError for anything we cannot serve."""
+    _check_scales(checkpoint, plain.config.quantization)
+    scales = {k for k, orig in rename_keys(checkpoint.tensors, renames).items() if orig.endswith(SCALE_SUFFIX)}
+    plan = plan_loading(plain, checkpoint, renames, {*ignorable, *scales}, check_dtypes=False)
+    owner = {id(p): (name.rpartition(".")[0], name) for name, p in plain.named_parameters()}
+    fp8_pieces: dict[str, list[tuple[str, bool]]] = {}  # module -> [(checkpoint key, stored fp8)] of its weights
+    for param, _, key in plan:
+        module_name, param_name = owner[id(param)]
+        is_fp8 = checkpoint.tensors[key].dtype == FP8_DTYPE_NAME
+        module = plain.get_submodule(module_name)
+        if param_name.endswith(".bias") or not isinstance(module, (Linear, Experts)):
+            if is_fp8:
+                raise CheckpointError(f"{_where(checkpoint, key)} is float8_e4m3fn, but {param_name} is served in "
+                                      f"high precision only (FP8 is for linear and expert weights)")
+            continue
+        fp8_pieces.setdefault(module_name, []).append((key, is_fp8))
+    targets = []
+    for module_name, pieces in fp8_pieces.items():
+        kinds = {is_fp8 for _, is_fp8 in pieces}
+        if kinds == {True, False}:
+            fp8_key = next(k for k, f in pieces if f)
+            hp_key = next(k for k, f in pieces if not f)
+            raise CheckpointError(f"{module_name} is fused from {_where(checkpoint, fp8_key)} (float8_e4m3fn) and "
+                                  f"{_where(checkpoint, hp_key)} ({checkpoint.tensors[hp_key].dtype}): its parts "
+                                  f"must share one precision")
+        if kinds == {True}:
+            if module_name == "lm_head":
+                raise CheckpointError(f"{_where(checkpoint, pieces[0][0])}: an FP8 LM head is not supported (list "
+                                      f"lm_head in modules_to_not_convert and store it in bf16)")
+            _check_divisible(plain.get_submodule(module_name), module_name, checkpoint, pieces[0][0])
+            targets.append(module_name)
+    return targets
+
+
+def _check_divisible(module: nn.Module, name: str, checkpoint: SafetensorsCheckpoint, key: str) -> None:
+    """FP8 activations are quantised per 128 columns of K, so every K (and the experts' H and I) must be whole
+    blocks."""
+    if isinstance(module, Experts):
+        hidden, inter = module.down_proj.shape[1:]
+        sizes = {"hidden size H": hidden, "expert intermediate size I": inter}
+    else:
+        sizes = {"input size K": module.in_features}
+    for what, n in sizes.items():
+        if n % BLOCK:
+            raise CheckpointError(f"{_where(checkpoint, key)}: FP8 {name} has {what} = {n}, not a multiple of "
+                                  f"{BLOCK} (activations are quantised per 128 columns)")

@@ -1,0 +1,128 @@
+"""`fp8_linear`: y = x · Wᵀ (+ bias) with W in float8_e4m3fn and one float32 scale per 128x128 block (dequantised W =
+fp8 × scale), activations quantised on the fly per (row, 128 columns): the numerics of `model.kernels.fp8`, so a
+dense FP8 linear and the FP8 experts of a checkpoint compute the same way.
+
+Paths, chosen per call from shapes and device only (no host sync, CUDA-graph capturable):
+- **block `torch._scaled_mm`** (CUDA, sm_90, cuBLAS >= 12.9, N a multiple of 16): the DeepSeek recipe, 1x128 activation
+  scales (M-major, as cuBLAS wants them) x 128x128 weight scales, each K block's partial sum scaled and promoted in
+  float32. Whether this torch build takes the recipe is probed once per device (`block_scaled_mm_supported`).
+- **reference** (the CPU, or a GPU where the probe failed): x quantised and dequantised, W dequantised, one matmul in
+  float32. On a GPU the dequantised W exists only for the duration of the call (one layer at a time), never stored;
+  it is slower than the block GEMM, and the log says once per process that this fallback runs.
+"""
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from model.kernels import extension
+from model.kernels.fp8 import FP8_BLOCK, FP8_DTYPE, dequantize_fp8_blocks, dequantize_fp8_groups, quantize_fp8_groups
+
+logger = logging.getLogger(__name__)
+
+
+def check_fp8_linear_inputs(x, weight, weight_scale, bias=None) -> None:
+    """Raise TypeError/ValueError naming the argument for anything `fp8_linear` cannot take."""
+    if weight.dtype != FP8_DTYPE:
+        raise TypeError(f"weight must be float8_e4m3fn, got {weight.dtype}")
+    if weight_scale.dtype != torch.float32:
+        raise TypeError(f"weight_scale must be float32, got {weight_scale.dtype}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x [..., K] and weight [N, K] do not match: {tuple(x.shape)} and {tuple(weight.shape)}")
+    N, K = weight.shape
+    if K % FP8_BLOCK:
+        raise ValueError(f"an FP8 linear needs its input size K={K} to be a multiple of {FP8_BLOCK} (activations "
+                         f"are quantised per 128 columns)")
+    want = (-(-N // FP8_BLOCK), K // FP8_BLOCK)
+    if tuple(weight_scale.shape) != want:
+        raise ValueError(f"weight_scale must be float32 {list(want)} (one scale per 128x128 block of weight "
+                         f"[{N}, {K}]), got {tuple(weight_scale.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
+    if len({t.device for t in (x, weight, weight_scale)}) != 1:
+        raise ValueError("x, weight and weight_scale must be on one device")
+
+
+def fp8_linear_reference(x, weight, weight_scale, bias=None) -> torch.Tensor:
+    """Dequantise-then-matmul in float32 with the activation quantisation of the kernels; out in x.dtype."""
+    xd = dequantize_fp8_groups(*quantize_fp8_groups(x))  # [..., K] float32
+    out = F.linear(xd, dequantize_fp8_blocks(weight, weight_scale))
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+@functools.cache
+def block_scaled_mm_supported(device: torch.device) -> bool:
+    """One small block-recipe `torch._scaled_mm` on `device`, compared with the reference: True if it runs and agrees.
+    Called outside CUDA-graph capture (at model load, `model.quantization`), so its result is cached before any
+    capture; a False is logged with the reason."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return False
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(17, 256, generator=gen, device=device).to(torch.bfloat16)
+    w = torch.randn(256, 256, generator=gen, device=device)
+    from model.kernels.fp8 import quantize_fp8_blocks
+
+    q, s = quantize_fp8_blocks(w)
+    try:
+        got = _scaled_mm_path(x, q, s, None).float()
+        torch.cuda.synchronize(device)
+    except (RuntimeError, NotImplementedError, ValueError) as err:
+        logger.warning("FP8 dense linears run the dequantise-then-matmul fallback on %s: torch._scaled_mm refused "
+                       "the 1x128 x 128x128 block recipe (%s)", torch.cuda.get_device_name(device),
+                       str(err).splitlines()[0][:200])
+        return False
+    want = fp8_linear_reference(x.float(), q, s)
+    err = float((got - want).abs().max() / want.abs().max())
+    if err > 2e-2:  # bf16 output rounding is ~4e-3; anything far above is a wrong layout, not rounding
+        logger.warning("FP8 dense linears run the dequantise-then-matmul fallback: block torch._scaled_mm disagrees "
+                       "with the reference (max rel err %.3g)", err)
+        return False
+    return True
+
+
+def _quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if x2.dtype == torch.bfloat16 and extension.available_for(x2.device):
+        return extension.quantize_rows_fp8_cuda(x2)  # one launch; bit-identical to quantize_fp8_groups
+    return quantize_fp8_groups(x2)
+
+
+def _scaled_mm_path(x, weight, weight_scale, bias) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [M, K]
+    xq, xs = _quantize_rows(x2)  # [M, K] e4m3, [M, K/128]
+    out = torch._scaled_mm(
+        xq,
+        weight.t(),  # [K, N] column-major: the stored [N, K] row-major weight, no copy
+        xs.t().contiguous().t(),  # 1x128 scales M-major: stride (1, M)
+        weight_scale.t(),  # [K/128, N/128] whose transpose is the stored row-major block grid
+        out_dtype=torch.bfloat16 if x.dtype == torch.float32 else x.dtype,
+    )  # [M, N]
+    if bias is not None:
+        out = out + bias
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+_fallback_logged = False
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None = None, *, check: bool = True) -> torch.Tensor:
+    """x [..., K] -> [..., N] in x.dtype; weight [N, K] e4m3, weight_scale [ceil(N/128), K/128] float32."""
+    global _fallback_logged
+    if check:
+        check_fp8_linear_inputs(x, weight, weight_scale, bias)
+    if x.numel() == 0:
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+    if x.is_cuda and x.dtype != torch.float32 and weight.shape[0] % 16 == 0 and block_scaled_mm_supported(x.device):
+        return _scaled_mm_path(x, weight, weight_scale, bias)
+    if x.is_cuda and not _fallback_logged:
+        _fallback_logged = True
+        logger.warning("an FP8 linear [%d, %d] runs the dequantise-then-matmul fallback on the GPU (slower; the "
+                       "block torch._scaled_mm path needs sm_90, cuBLAS >= 12.9 and N a multiple of 16)",
+                       *weight.shape)
+    return fp8_linear_reference(x, weight, weight_scale, bias)

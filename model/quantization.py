@@ -1,0 +1,100 @@
+"""FP8 as a transform of the plain model (gpt-fast's way): `apply_fp8(model, targets)` swaps the named `Linear` and
+`Experts` modules for their FP8 twins (model/layers/fp8.py); the decoder itself has no FP8 branch.
+
+- On the meta device (how the loader uses it) the twins are empty, to be filled from a block-FP8 checkpoint or by
+  `quantize_parameter` as high-precision weights arrive one parameter at a time; so no full-precision copy of the
+  model ever exists on the device.
+- On a model with weights (tests, tools) each target's weights are quantised into its twin on the spot.
+
+What `--quantization fp8` quantises (`online_targets`): the routed experts, attention projections, dense MLPs and
+shared experts — every GEMM whose weights a decode step streams. The router, the shared-expert gate (tiny, and the
+routing decision is sensitive), embeddings and the LM head stay in high precision, as DeepSeek-V3 and Qwen3-FP8 ship
+them. Quantisation is per 128x128 block (`model.kernels.fp8.quantize_fp8_blocks`, the checkpoints' format).
+"""
+
+import torch
+from torch import nn
+
+from model.kernels.fp8 import FP8_BLOCK, FP8_DTYPE, quantize_fp8_blocks
+from model.kernels.fp8_linear import block_scaled_mm_supported
+from model.layers.fp8 import Fp8Experts, Fp8Linear
+from model.layers.linear import Linear
+from model.layers.moe import Experts
+
+SCALE_SUFFIX = "_scale_inv"
+HIGH_PRECISION_LINEARS = ("gate", "shared_expert_gate", "lm_head")  # last name component of linears kept as they are
+
+
+def scale_name(param_name: str) -> str:
+    """The scale parameter of an FP8 weight: `x.weight` -> `x.weight_scale_inv`, `x.experts.gate_up_proj` ->
+    `x.experts.gate_up_proj_scale_inv` (the checkpoints' names)."""
+    return param_name + SCALE_SUFFIX
+
+
+def weight_of_scale(param_name: str) -> str | None:
+    return param_name[: -len(SCALE_SUFFIX)] if param_name.endswith(SCALE_SUFFIX) else None
+
+
+def online_targets(model: nn.Module) -> list[str]:
+    """Module names `--quantization fp8` makes FP8, after checking each can be (its K a multiple of 128)."""
+    targets = []
+    for name, module in model.named_modules():
+        if isinstance(module, Experts):
+            hidden, inter = module.down_proj.shape[1:]
+            if hidden % FP8_BLOCK or inter % FP8_BLOCK:
+                raise ValueError(f"--quantization fp8 needs hidden_size ({hidden}) and the experts' intermediate size "
+                                 f"({inter}) to be multiples of {FP8_BLOCK}; {name} has neither fit")
+            targets.append(name)
+        elif isinstance(module, Linear) and name.rsplit(".", 1)[-1] not in HIGH_PRECISION_LINEARS:
+            if module.in_features % FP8_BLOCK:
+                raise ValueError(f"--quantization fp8 needs every quantised linear's input size to be a multiple of "
+                                 f"{FP8_BLOCK}; {name} takes {module.in_features}")
+            targets.append(name)
+    return targets
+
+
+def _twin(module: nn.Module) -> nn.Module:
+    if isinstance(module, Linear):
+        bias = module.bias
+        return Fp8Linear(module.in_features, module.out_features, bias is not None,
+                         None if bias is None else bias.dtype)
+    if isinstance(module, Experts):
+        E, H, inter = module.down_proj.shape
+        return Fp8Experts(E, H, inter)
+    raise TypeError(f"{type(module).__name__} has no FP8 form (only Linear and Experts do)")
+
+
+@torch.no_grad()
+def apply_fp8(model: nn.Module, targets: list[str]) -> nn.Module:
+    """Swap each target module for its FP8 twin, on the device its weights are on; returns `model`."""
+    for name in targets:
+        old = model.get_submodule(name)
+        device = next(old.parameters()).device
+        with torch.device(device):
+            new = _twin(old)
+        if device.type != "meta":
+            for param_name, param in old.named_parameters(recurse=False):
+                if param_name == "bias":
+                    new.bias.copy_(param)
+                else:
+                    quantize_parameter(new, param_name, param)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, new)
+        if device.type == "cuda":
+            block_scaled_mm_supported(device)  # probed now, outside any CUDA-graph capture
+    return model
+
+
+@torch.no_grad()
+def quantize_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Quantise `value` (the whole high-precision weight of FP8 parameter `name` of `module`) into that parameter
+    and its block scales. A 3-D experts weight goes one expert at a time, so the float32 temporaries stay small."""
+    param, scale = module.get_parameter(name), module.get_parameter(scale_name(name))
+    if param.dtype != FP8_DTYPE or tuple(value.shape) != tuple(param.shape):
+        raise ValueError(f"{name}: cannot quantise a {tuple(value.shape)} tensor into {param.dtype} "
+                         f"{tuple(param.shape)}")
+    if value.dim() == 3:
+        for e in range(value.shape[0]):
+            param[e], scale[e] = quantize_fp8_blocks(value[e].to(param.device))
+    else:
+        param[:], scale[:] = quantize_fp8_blocks(value.to(param.device))

@@ -1,0 +1,128 @@
+"""Multi-turn load for the load generator: conversations that share a system prompt and grow turn by turn, the
+traffic automatic prefix caching exists for.
+
+Conversation c, turn t (t = 0 .. T-1) sends the token-id prompt
+    system + user[c][0] + reply[c][0] + ... + user[c][t-1] + reply[c][t-1] + user[c][t]
+and asks for exactly `output_len` tokens (ignore_eos). `reply[c][t]` is drawn by the client, `output_len` ids long:
+a random-weight model's answer cannot be turned back into the same ids through its text, so the history carries a
+stand-in of the same length. Each turn therefore re-sends the previous turn's prompt exactly (which a prefix cache
+holds) followed by `output_len + user_len` new tokens; all conversations share the `system_len` tokens in front.
+Turns of one conversation run one after the other; up to `max_concurrency` conversations run at once. A failed
+turn ends its conversation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from service.loadgen.client import COMPLETIONS_PATH, LevelRun, RequestResult, send_completion
+from service.loadgen.dataset import PromptSpec
+from service.loadgen.report import distribution_ms, summarize
+
+
+@dataclass(frozen=True)
+class Conversation:
+    system: list[int]
+    users: list[list[int]]  # per turn
+    replies: list[list[int]]  # per turn, the history's stand-in for the answer
+    output_len: int
+
+    def prompt(self, turn: int) -> list[int]:
+        tokens = list(self.system)
+        for t in range(turn):
+            tokens += self.users[t] + self.replies[t]
+        return tokens + self.users[turn]
+
+    @property
+    def num_turns(self) -> int:
+        return len(self.users)
+
+
+def make_conversations(num_conversations: int, num_turns: int, system_len: int, user_len: int, output_len: int,
+                       vocab_size: int, seed: int = 0) -> list[Conversation]:
+    if min(num_conversations, num_turns, user_len, output_len, vocab_size) < 1 or system_len < 0:
+        raise ValueError(f"conversations, turns, user_len, output_len and vocab_size must be >= 1 and system_len "
+                         f">= 0; got {num_conversations}, {num_turns}, {user_len}, {output_len}, {vocab_size}, "
+                         f"{system_len}")
+    rng = random.Random(seed)
+
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(vocab_size) for _ in range(n)]
+
+    system = ids(system_len)
+    return [Conversation(system, [ids(user_len) for _ in range(num_turns)], [ids(output_len) for _ in range(num_turns)],
+                         output_len) for _ in range(num_conversations)]
+
+
+def max_prompt_len(conversations: list[Conversation]) -> int:
+    return max(len(c.prompt(c.num_turns - 1)) for c in conversations)
+
+
+@dataclass
+class MultiTurnRun:
+    results: list[tuple[int, RequestResult]]  # (turn, result) for every turn sent
+    not_sent: int  # turns skipped because an earlier turn of their conversation failed
+    duration_s: float
+    max_concurrency: int | None
+
+
+async def run_conversations(base_url: str, conversations: list[Conversation], *, model: str | None,
+                            api_key: str | None = None, max_concurrency: int | None = None,
+                            temperature: float = 0.0, request_timeout_s: float = 600.0) -> MultiTurnRun:
+    url = base_url.rstrip("/") + COMPLETIONS_PATH
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limit = max_concurrency or len(conversations)
+    gate = asyncio.Semaphore(limit)
+    results: list[tuple[int, RequestResult]] = []
+    skipped = 0
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(request_timeout_s, connect=10.0),
+                                 limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit)) as client:
+        async def converse(conv: Conversation) -> None:
+            nonlocal skipped
+            async with gate:
+                for turn in range(conv.num_turns):
+                    prompt = conv.prompt(turn)
+                    result = await send_completion(client, url, headers, model,
+                                                   PromptSpec(prompt, len(prompt), conv.output_len), temperature)
+                    results.append((turn, result))
+                    if not result.ok:
+                        skipped += conv.num_turns - turn - 1
+                        return
+
+        start = time.perf_counter()
+        await asyncio.gather(*(converse(c) for c in conversations))
+        duration = time.perf_counter() - start
+    return MultiTurnRun(results, skipped, duration, max_concurrency)
+
+
+def summarize_turns(run: MultiTurnRun) -> dict:
+    """The level summary of every turn together (report.summarize), plus TTFT per turn (numbered from 1)
+    and over turns >= 2, the turns whose history a prefix cache can hold."""
+    summary = summarize(LevelRun(run.max_concurrency, float("inf"), [r for _, r in run.results], run.not_sent,
+                                 run.duration_s))
+    turns = sorted({t for t, _ in run.results})
+    ok = [(t, r) for t, r in run.results if r.ok]
+    summary["turns"] = [{"turn": t + 1, "completed": sum(1 for u, _ in ok if u == t),
+                         "mean_prompt_len": _mean([r.prompt_len for u, r in ok if u == t]),
+                         "ttft_ms": distribution_ms([r.ttft_s for u, r in ok if u == t])} for t in turns]
+    summary["ttft_ms_turn2plus"] = distribution_ms([r.ttft_s for t, r in ok if t >= 1])
+    return summary
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def turns_table(summary: dict) -> str:
+    lines = ["| turn | completed | mean prompt tokens | TTFT ms mean/p50/p99 |", "|---|---|---|---|"]
+    for row in summary["turns"]:
+        ttft, prompt = row["ttft_ms"], row["mean_prompt_len"]
+        lines.append(f"| {row['turn']} | {row['completed']} | {'—' if prompt is None else f'{prompt:.0f}'} | "
+                     + "/".join("—" if ttft[k] is None else f"{ttft[k]:.1f}" for k in ("mean", "p50", "p99")) + " |")
+    return "\n".join(lines)
