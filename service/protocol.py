@@ -135,7 +135,8 @@ class SamplingRequest(StrictModel):
     return_tokens_as_token_ids: bool = False
     return_token_ids: bool = False
     request_id: str | None = Field(None, max_length=256, description="Used in the response id")
-    cache_salt: str | None = Field(None, description="Accepted; this server has no prefix cache to isolate")
+    cache_salt: str | None = Field(None, max_length=256, description="Only requests with the same salt share "
+                                                                    "prefix-cache blocks")
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     guided_json: dict | str | None = None

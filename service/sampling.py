@@ -49,7 +49,7 @@ def sampling_params(body: SamplingRequest, max_tokens: int, *, logprobs: int | N
             frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty, logit_bias=bias,
             allowed_token_ids=body.allowed_token_ids, bad_words_token_ids=bad_words,
             skip_special_tokens=body.skip_special_tokens, include_stop_str_in_output=body.include_stop_str_in_output,
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs, grammar=grammar))
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, grammar=grammar, cache_salt=body.cache_salt))
     return params
 
 

@@ -75,3 +75,21 @@ def test_logprobs_survive_preemption(reference):
     assert engine.scheduler.num_preemptions_total > 0, "the cache was meant to force preemptions"
     for rid, (prompt, _) in requests.items():
         check(reference, prompt, outs[rid], 2, 1)
+
+
+def test_prompt_logprobs_and_cache_salt_with_prefix_caching(reference):
+    """A prompt already in the prefix cache still gets every prompt logprob (it takes no cached blocks); a
+    different cache_salt never shares blocks, the same salt does."""
+    engine = LLMEngine(EngineConfig(model="tiny", max_num_seqs=4, max_num_batched_tokens=64,
+                                    enable_prefix_caching=True))
+    prompt = random_prompts(1, seed=9, lengths=(70,))[0]
+    greedy = dict(max_tokens=3, temperature=0.0, ignore_eos=True)
+    run(engine, {"warm": (prompt, SamplingParams(**greedy))})
+    hits = engine.scheduler.prefix_cache_hits_total
+    outs = run(engine, {"scored": (prompt, SamplingParams(logprobs=1, prompt_logprobs=2, **greedy))})
+    assert engine.scheduler.prefix_cache_hits_total == hits
+    check(reference, prompt, outs["scored"], 1, 2)
+    run(engine, {"salted": (prompt, SamplingParams(cache_salt="tenant-a", **greedy))})
+    assert engine.scheduler.prefix_cache_hits_total == hits, "another salt must not share the unsalted blocks"
+    run(engine, {"salted-again": (prompt, SamplingParams(cache_salt="tenant-a", **greedy))})
+    assert engine.scheduler.prefix_cache_hits_total > hits, "the same salt shares"

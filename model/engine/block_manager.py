@@ -117,7 +117,7 @@ class BlockManager:
     # ---- prefix cache ---------------------------------------------------------------------------------------------
     def cached_prefix(self, seq: Sequence) -> list[int]:
         """Committed blocks holding seq's leading full blocks, longest match first; never its last token."""
-        if not self.prefix_caching:
+        if not self.prefix_caching or seq.wants_prompt_logits:  # every prompt position must be computed
             return []
         limit = (seq.num_tokens - 1) // self.block_size
         extend_block_hashes(seq, self.model_key, self.block_size, limit)

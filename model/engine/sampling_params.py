@@ -50,6 +50,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
     # A compiled grammar (model.engine.structured_output.Grammar) every output must match, or None.
     grammar: Any = None
+    cache_salt: str | None = None  # only requests with the same salt share prefix-cache blocks (vLLM's field)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -94,6 +95,8 @@ class SamplingParams:
         self.bad_words_token_ids = [list(w) for w in self.bad_words_token_ids or []]
         if any(not w or any(not _is_int(t) or t < 0 for t in w) for w in self.bad_words_token_ids):
             raise ValueError("bad_words_token_ids must be non-empty lists of token ids")
+        if self.cache_salt is not None and not isinstance(self.cache_salt, str):
+            raise ValueError(f"cache_salt must be a string or None, got {self.cache_salt!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):

@@ -30,8 +30,8 @@ class Sequence:
         self.block_table: list[int] = []  # KV block ids, in token order
         self.block_row = -1  # its row of BlockManager.tables while it holds blocks
         # Prefix caching (model/engine/prefix_hash.py): anything besides the tokens that changes their K/V or must
-        # keep requests apart (an adapter id, a tenant) goes into `cache_salt`; empty for now.
-        self.cache_salt = b""
+        # keep requests apart (an adapter id, a tenant) goes into `cache_salt`: the request's own (vLLM's field).
+        self.cache_salt = (params.cache_salt or "").encode("utf-8")
         self.block_hashes: list[bytes] = []  # chained hash of each full block of known tokens, in order
         self.num_committed_blocks = 0  # leading blocks of block_table already offered to the prefix cache
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at its first admission
@@ -54,6 +54,11 @@ class Sequence:
         # after preemption does not ask again), and the results not yet handed out.
         self.prompt_logprob_positions = 0
         self.prompt_logprobs: list = []
+
+    @property
+    def wants_prompt_logits(self) -> bool:
+        """Prompt logprobs not all computed yet: its prompt positions cannot come from the prefix cache (as vLLM)."""
+        return self.params.prompt_logprobs is not None and self.prompt_logprob_positions < self.num_prompt_tokens - 1
 
     @property
     def num_tokens(self) -> int:
