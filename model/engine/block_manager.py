@@ -120,6 +120,8 @@ class BlockManager:
         if not self.prefix_caching:
             return []
         limit = (seq.num_tokens - 1) // self.block_size
+        if seq.params.prompt_logprobs is not None:  # cached positions yield no logits: skip only those already given
+            limit = min(limit, seq.prompt_logprob_positions // self.block_size)
         extend_block_hashes(seq, self.model_key, self.block_size, limit)
         blocks = []
         for h in seq.block_hashes[:limit]:
