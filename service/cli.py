@@ -338,7 +338,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from service.loadgen import main as loadgen_main  # imported here: the server does not need it
+    from service.loadgen.main import main as loadgen_main  # imported here: the server does not need it
 
     result = loadgen_main(list(args.bench_args))
     return int(result or 0)

@@ -117,9 +117,11 @@ class BlockManager:
     # ---- prefix cache ---------------------------------------------------------------------------------------------
     def cached_prefix(self, seq: Sequence) -> list[int]:
         """Committed blocks holding seq's leading full blocks, longest match first; never its last token."""
-        if not self.prefix_caching or seq.wants_prompt_logits:  # every prompt position must be computed
+        if not self.prefix_caching:
             return []
         limit = (seq.num_tokens - 1) // self.block_size
+        if seq.params.prompt_logprobs is not None:  # cached positions yield no logits: skip only those already given
+            limit = min(limit, seq.prompt_logprob_positions // self.block_size)
         extend_block_hashes(seq, self.model_key, self.block_size, limit)
         blocks = []
         for h in seq.block_hashes[:limit]:

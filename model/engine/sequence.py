@@ -56,11 +56,6 @@ class Sequence:
         self.prompt_logprobs: list = []
 
     @property
-    def wants_prompt_logits(self) -> bool:
-        """Prompt logprobs not all computed yet: its prompt positions cannot come from the prefix cache (as vLLM)."""
-        return self.params.prompt_logprobs is not None and self.prompt_logprob_positions < self.num_prompt_tokens - 1
-
-    @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
