@@ -171,8 +171,9 @@ def test_drain_timeout_ends_running_streams_in_band_then_exits():
         lines = []
         with httpx.stream("POST", server.base_url + "/v1/completions", json=body, timeout=60) as response:
             for line in response.iter_lines():
-                if line:
-                    lines.append(line)
+                if not line:
+                    continue  # (a blank SSE separator must not send a second SIGTERM: that one stops at once)
+                lines.append(line)
                 if len(lines) == 3:
                     server.proc.send_signal(signal.SIGTERM)
         error = in_band_error(lines)
