@@ -90,6 +90,17 @@ class Usage:
                 "total_tokens": self.prompt_tokens + completion}
 
 
+def stream_chunk(body, usage: Usage, request_id: str, object_name: str, created: int, model: str,
+                 choice_list: list[dict], with_usage: bool = False) -> dict:
+    """One streamed chunk of either endpoint; `usage` rides on the last chunk, or on every chunk that carries
+    choices when the client asked for continuous usage stats."""
+    out = {"id": request_id, "object": object_name, "created": created, "model": model, "choices": choice_list}
+    if body.include_usage_in_stream():
+        continuous = body.stream_options.continuous_usage_stats
+        out["usage"] = usage.as_dict() if with_usage or (continuous and choice_list) else None
+    return out
+
+
 class OpenAIServing:
     def __init__(self, client: EngineClient, options: ServingOptions):
         self.client = client

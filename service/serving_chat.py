@@ -18,7 +18,7 @@ from service.protocol import new_id, now
 from service.protocol_chat import ChatCompletionRequest, NamedToolChoice
 from service.reasoning import get_reasoning_parser, prompt_opens_thinking
 from service.sampling import bad_words_token_ids, check_token_ids, sampling_params, truncate_prompt
-from service.serving import EventStreamResponse, OpenAIServing, Usage, has_content
+from service.serving import EventStreamResponse, OpenAIServing, Usage, has_content, stream_chunk
 from service.structured_request import compile_constraint, requested_constraint
 from service.tool_parsers import get_tool_parser
 
@@ -124,12 +124,8 @@ async def chat(serving: OpenAIServing, body: ChatCompletionRequest, request: Req
     request_id, created = new_id("chatcmpl", body.request_id), now()
 
     def chunk(choice_list: list[dict], with_usage: bool = False) -> dict:
-        out = {"id": request_id, "object": "chat.completion.chunk", "created": created,
-               "model": serving.served_model_name, "choices": choice_list}
-        if body.include_usage_in_stream():
-            continuous = body.stream_options.continuous_usage_stats
-            out["usage"] = usage.as_dict() if with_usage or (continuous and choice_list) else None
-        return out
+        return stream_chunk(body, usage, request_id, "chat.completion.chunk", created, serving.served_model_name, choice_list,
+                            with_usage)
 
     if body.stream:
         def first_chunks():

@@ -14,7 +14,7 @@ from service.logprobs_format import CompletionLogprobs, TokenTexts, prompt_logpr
 from service.prompts import completion_prompt_ids
 from service.protocol import CompletionRequest, new_id, now
 from service.sampling import bad_words_token_ids, check_token_ids, sampling_params, truncate_prompt
-from service.serving import EventStreamResponse, OpenAIServing, Usage, has_content
+from service.serving import EventStreamResponse, OpenAIServing, Usage, has_content, stream_chunk
 from service.structured_request import compile_constraint, requested_constraint
 
 DEFAULT_MAX_TOKENS = 16
@@ -99,12 +99,8 @@ async def completions(serving: OpenAIServing, body: CompletionRequest, request: 
     request_id, created = new_id("cmpl", body.request_id), now()
 
     def chunk(choice_list: list[dict], with_usage: bool = False) -> dict:
-        out = {"id": request_id, "object": "text_completion", "created": created,
-               "model": serving.served_model_name, "choices": choice_list}
-        if body.include_usage_in_stream():
-            continuous = body.stream_options.continuous_usage_stats
-            out["usage"] = usage.as_dict() if with_usage or (continuous and choice_list) else None
-        return out
+        return stream_chunk(body, usage, request_id, "text_completion", created, serving.served_model_name, choice_list,
+                            with_usage)
 
     def extras(choice: _Choice) -> dict:
         out = {}
