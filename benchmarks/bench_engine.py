@@ -343,10 +343,11 @@ def bench_preset(preset, args, bandwidth, deadline: float, quantization: str = "
     ours_deadline = time.perf_counter() + 0.45 * (deadline - time.perf_counter())
     engine, ours = bench_ours(preset, args, prompts, bandwidth, deadline if skip_hf else ours_deadline, quantization)
     if quantization == "fp8" and engine.device.type == "cuda":
-        from model.kernels.fp8_linear import block_scaled_mm_supported
+        from model.kernels.fp8_linear import dense_fp8_path
 
-        ours["fp8_dense_linears"] = ("torch._scaled_mm 1x128 x 128x128 blocks" if
-                                     block_scaled_mm_supported(engine.device) else "dequantise-then-matmul fallback")
+        ours["fp8_dense_linears"] = {"scaled_mm": "torch._scaled_mm 1x128 x 128x128 blocks",
+                                     "triton": "Triton block-scaled GEMM (model/kernels/triton_fp8_gemm.py)",
+                                     "reference": "dequantise-then-matmul fallback"}[dense_fp8_path(engine.device)]
     print(f"  weights {ours['weight_gib']:.1f} GiB ({ours['experts_precision']} experts"
           f"{', dense: ' + ours['fp8_dense_linears'] if 'fp8_dense_linears' in ours else ''}), KV cache "
           f"{ours['kv_capacity_tokens']} tokens", flush=True)

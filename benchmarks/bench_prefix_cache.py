@@ -61,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--server-arg", action="append", default=[], help="extra `serve` flag (repeatable)")
     p.add_argument("--startup-timeout-s", type=float, default=900.0)
+    p.add_argument("--start-spread-s", type=float, default=0.0,
+                   help="conversations start at seeded uniform random times in [0, S); 0: all at once, in step")
     p.add_argument("--quick", action="store_true", help="a small shape of everything, one pair (CPU smoke run)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
@@ -89,7 +91,8 @@ async def measure(server: Server, preset: str, args, warm: list[PromptSpec], spe
     no_reuse = summarize(run)
     no_reuse["server_metrics"] = scraper.summary()
     async with MetricsScraper(server.base_url, args.scrape_interval_s) as scraper:
-        conv_run = await run_conversations(server.base_url, conversations, model=preset)
+        conv_run = await run_conversations(server.base_url, conversations, model=preset,
+                                           start_spread_s=args.start_spread_s)
     multi = summarize_turns(conv_run)
     multi["server_metrics"] = scraper.summary()
     multi["ttft_s_turn2plus"] = [r.ttft_s for t, r in conv_run.results if t >= 1 and r.ok]  # pooled later
@@ -109,6 +112,7 @@ def run_server(preset, args, caching: bool, index: int, inputs, log_dir: Path) -
     print(f"  server {index + 1} (caching {'on' if caching else 'off'}, up in {startup:.0f} s): no reuse "
           f"{nr['output_throughput']:.1f} out tok/s; multi-turn TTFT p50 turn 1 "
           f"{mt['turns'][0]['ttft_ms']['p50'] or 0:.0f} ms, turns >= 2 {mt['ttft_ms_turn2plus']['p50'] or 0:.0f} ms, "
+          f"server-side TTFT mean {1e3 * (mt['server_metrics'].get('server_ttft_mean_s') or 0):.0f} ms, "
           f"hit rate {hit_rate(mt['server_metrics']):.1%}; failed {nr['failed'] + mt['failed']}", flush=True)
     return dict(caching=caching, command=" ".join(server.command[1:]), startup_s=startup, **result)
 
@@ -151,7 +155,9 @@ def compare(runs: list[dict]) -> dict:
                                                              for r in mine),
                          no_reuse_tok_s=statistics.fmean(r["no_reuse"]["output_throughput"] for r in mine),
                          multi_turn_tok_s=statistics.fmean(r["multi_turn"]["output_throughput"] for r in mine),
-                         hit_rate=statistics.fmean(hit_rate(r["multi_turn"]["server_metrics"]) for r in mine))
+                         hit_rate=statistics.fmean(hit_rate(r["multi_turn"]["server_metrics"]) for r in mine),
+                         server_ttft_ms_mean=1e3 * statistics.fmean(
+                             r["multi_turn"]["server_metrics"].get("server_ttft_mean_s") or 0 for r in mine))
     return out
 
 
@@ -179,20 +185,23 @@ def markdown(report: dict) -> str:
     lines = [f"# Prefix-caching benchmark — {report['preset']}, {env['device']}", "",
              f"{env['date']}, commit `{env['commit']}`, torch {env['torch']}; random weights. Multi-turn: "
              f"{a['conversations']} conversations × {a['turns']} turns, shared system prompt {a['system_prompt_len']} "
-             f"tokens, {a['user_len']} new user tokens and {a['turn_output_len']} output tokens per turn, all "
-             f"conversations at once. No reuse: random {a['input_len']}-token prompts, {a['output_len']} output tokens, "
+             f"tokens, {a['user_len']} new user tokens and {a['turn_output_len']} output tokens per turn, "
+             + ("all conversations at once" if not a.get("start_spread_s") else
+                f"conversations starting at random times within {a['start_spread_s']:g} s")
+             + f". No reuse: random {a['input_len']}-token prompts, {a['output_len']} output tokens, "
              f"concurrency {a['concurrency']}, {a['prompts_per_level']} requests. Fresh servers in the order "
              f"{', '.join(r['order'])}.", ""]
     if "error" in r:
         lines += [f"**run failed:** {r['error']}", ""]
     if r["compare"]:
         lines += ["| caching | servers | TTFT p50 turn 1 ms | TTFT ms turns ≥ 2 mean/p50/p99 | hit rate (server) | "
-                  "multi-turn out tok/s | no-reuse out tok/s |", "|---|---|---|---|---|---|---|"]
+                  "server TTFT mean ms (all turns) | multi-turn out tok/s | no-reuse out tok/s |", "|---|---|---|---|---|---|---|---|"]
         for name, c in r["compare"].items():
             d = c["ttft_ms_turn2plus"]
             lines.append(f"| {name} | {c['servers']} | {c['ttft_ms_turn1_p50']:.0f} | "
                          + "/".join("—" if d[k] is None else f"{d[k]:.0f}" for k in ("mean", "p50", "p99"))
-                         + f" | {c['hit_rate']:.1%} | {c['multi_turn_tok_s']:.1f} | {c['no_reuse_tok_s']:.1f} |")
+                         + f" | {c['hit_rate']:.1%} | {c.get('server_ttft_ms_mean', 0):.0f} | {c['multi_turn_tok_s']:.1f} | "
+                           f"{c['no_reuse_tok_s']:.1f} |")
         lines.append("")
     for i, run in enumerate(r["runs"]):
         lines += [f"## Server {i + 1}: caching {'on' if run['caching'] else 'off'}", "", "No reuse:", "",

@@ -1,5 +1,5 @@
-"""FP8 serving on a Hopper GPU (pytest -m gpu): the dense FP8 linear's block `torch._scaled_mm` path against its
-reference at real shapes, our FP8 model (experts on the CUDA kernel) against the same model on the CPU reference,
+"""FP8 serving on a Hopper GPU (pytest -m gpu): the dense FP8 linear's fast path (block `torch._scaled_mm`, or our
+Triton kernel where cuBLAS refuses the recipe) against its reference at real shapes, our FP8 model (experts on the CUDA kernel) against the same model on the CPU reference,
 greedy tokens over HTTP identical between a CPU server and a GPU server of one block-FP8 checkpoint, and the peak
 device memory of loading a 30B model in FP8.
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from model.kernels.fp8 import FP8_DTYPE, quantize_fp8_blocks
-from model.kernels.fp8_linear import block_scaled_mm_supported, fp8_linear, fp8_linear_reference
+from model.kernels.fp8_linear import dense_fp8_path, fp8_linear, fp8_linear_reference
 from model.loader import load_model
 from tests.fp8_fixtures import write_fp8_checkpoint
 from tests.model_fixtures import PagedRunner, row_errors
@@ -24,7 +24,8 @@ pytestmark = pytest.mark.gpu
 
 PROMPTS = [[5, 77, 203, 19, 150, 8], [42, 42, 7, 260, 99, 31, 4], [300, 1, 2, 3]]
 # (K, N) of Qwen3-30B-A3B's dense linears: qkv_proj, o_proj; and Qwen2-57B-A14B's shared expert gate_up / down
-LINEAR_SHAPES = [(2048, 5120), (4096, 2048), (3584, 40960), (20480, 3584)]
+# (256, 200): N not a multiple of 128 (a ragged last weight-scale row, tiles cut by the column mask)
+LINEAR_SHAPES = [(2048, 5120), (4096, 2048), (3584, 40960), (20480, 3584), (256, 200)]
 
 
 def timed_ms(fn, iters=50) -> float:
@@ -39,9 +40,11 @@ def timed_ms(fn, iters=50) -> float:
 
 @pytest.mark.parametrize("K, N", LINEAR_SHAPES)
 @pytest.mark.parametrize("M", [1, 7, 64, 513])
-def test_fp8_linear_block_scaled_mm_matches_reference(M, K, N):
+def test_fp8_linear_fast_path_matches_reference(M, K, N):
     device = torch.device("cuda", torch.cuda.current_device())
-    print(f"block torch._scaled_mm supported: {block_scaled_mm_supported(device)}")
+    path = dense_fp8_path(device)
+    print(f"dense FP8 path: {path}")
+    assert path != "reference", "FP8 dense linears would dequantise the weight at every call"
     gen = torch.Generator(device="cuda").manual_seed(M * 7 + K)
     x = torch.randn(M, K, device="cuda", generator=gen).to(torch.bfloat16)
     w, s = quantize_fp8_blocks(torch.randn(N, K, device="cuda", generator=gen) / K**0.5)

@@ -6,7 +6,9 @@ Paths, chosen per call from shapes and device only (no host sync, CUDA-graph cap
 - **block `torch._scaled_mm`** (CUDA, sm_90, cuBLAS >= 12.9, N a multiple of 16): the DeepSeek recipe, 1x128 activation
   scales (M-major, as cuBLAS wants them) x 128x128 weight scales, each K block's partial sum scaled and promoted in
   float32. Whether this torch build takes the recipe is probed once per device (`block_scaled_mm_supported`).
-- **reference** (the CPU, or a GPU where the probe failed): x quantised and dequantised, W dequantised, one matmul in
+- **Triton** (CUDA, where the probe failed: the torch 2.11 / CUDA 13 build refuses the recipe on the H100):
+  `model.kernels.triton_fp8_gemm`, the same numerics in our own kernel.
+- **reference** (the CPU, or a GPU without Triton): x quantised and dequantised, W dequantised, one matmul in
   float32. On a GPU the dequantised W exists only for the duration of the call (one layer at a time), never stored;
   it is slower than the block GEMM, and the log says once per process that this fallback runs.
 """
@@ -17,7 +19,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from model.kernels import extension
+from model.kernels import extension, triton_fp8_gemm
 from model.kernels.fp8 import FP8_BLOCK, FP8_DTYPE, dequantize_fp8_blocks, dequantize_fp8_groups, quantize_fp8_groups
 
 logger = logging.getLogger(__name__)
@@ -107,6 +109,22 @@ def _scaled_mm_path(x, weight, weight_scale, bias) -> torch.Tensor:
     return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
+def dense_fp8_path(device: torch.device) -> str:
+    """Which path `fp8_linear` takes for bf16 activations on `device`: "scaled_mm", "triton" or "reference"."""
+    if device.type == "cuda" and block_scaled_mm_supported(device):
+        return "scaled_mm"
+    if device.type == "cuda" and triton_fp8_gemm.available():
+        return "triton"
+    return "reference"
+
+
+def _triton_path(x, weight, weight_scale, bias) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [M, K]
+    xq, xs = _quantize_rows(x2)  # [M, K] e4m3, [M, K/128] row-major
+    out = triton_fp8_gemm.fp8_block_gemm(xq, xs, weight, weight_scale, bias, x.dtype)  # [M, N]
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
 _fallback_logged = False
 
 
@@ -120,9 +138,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         return x.new_empty(*x.shape[:-1], weight.shape[0])
     if x.is_cuda and x.dtype != torch.float32 and weight.shape[0] % 16 == 0 and block_scaled_mm_supported(x.device):
         return _scaled_mm_path(x, weight, weight_scale, bias)
+    if x.is_cuda and triton_fp8_gemm.available():
+        return _triton_path(x, weight, weight_scale, bias)
     if x.is_cuda and not _fallback_logged:
         _fallback_logged = True
-        logger.warning("an FP8 linear [%d, %d] runs the dequantise-then-matmul fallback on the GPU (slower; the "
-                       "block torch._scaled_mm path needs sm_90, cuBLAS >= 12.9 and N a multiple of 16)",
-                       *weight.shape)
+        logger.warning("an FP8 linear [%d, %d] runs the dequantise-then-matmul fallback on the GPU (slower: no "
+                       "block torch._scaled_mm and no Triton here)", *weight.shape)
     return fp8_linear_reference(x, weight, weight_scale, bias)

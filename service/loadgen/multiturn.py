@@ -73,7 +73,15 @@ class MultiTurnRun:
 
 async def run_conversations(base_url: str, conversations: list[Conversation], *, model: str | None,
                             api_key: str | None = None, max_concurrency: int | None = None,
-                            temperature: float = 0.0, request_timeout_s: float = 600.0) -> MultiTurnRun:
+                            temperature: float = 0.0, request_timeout_s: float = 600.0,
+                            start_spread_s: float = 0.0, seed: int = 0) -> MultiTurnRun:
+    """Every conversation sends its turns one after another (the next once the previous answer is complete).
+    start_spread_s > 0: each conversation starts after its own uniform random delay in [0, start_spread_s) (seeded,
+    so two servers see the same arrivals); 0: all start at once and, with equal lengths, stay in step."""
+    if start_spread_s < 0:
+        raise ValueError(f"start_spread_s must be >= 0, got {start_spread_s}")
+    rng = random.Random(seed)
+    delays = [rng.uniform(0.0, start_spread_s) for _ in conversations]
     url = base_url.rstrip("/") + COMPLETIONS_PATH
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limit = max_concurrency or len(conversations)
@@ -83,8 +91,9 @@ async def run_conversations(base_url: str, conversations: list[Conversation], *,
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(request_timeout_s, connect=10.0),
                                  limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit)) as client:
-        async def converse(conv: Conversation) -> None:
+        async def converse(conv: Conversation, delay: float) -> None:
             nonlocal skipped
+            await asyncio.sleep(delay)
             async with gate:
                 for turn in range(conv.num_turns):
                     prompt = conv.prompt(turn)
@@ -96,7 +105,7 @@ async def run_conversations(base_url: str, conversations: list[Conversation], *,
                         return
 
         start = time.perf_counter()
-        await asyncio.gather(*(converse(c) for c in conversations))
+        await asyncio.gather(*(converse(c, d) for c, d in zip(conversations, delays)))
         duration = time.perf_counter() - start
     return MultiTurnRun(results, skipped, duration, max_concurrency)
 

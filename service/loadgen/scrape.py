@@ -18,7 +18,11 @@ GAUGES = ("staticmoe_moe_tensor_core_utilization", "staticmoe_num_requests_runni
           "staticmoe_num_requests_waiting", "staticmoe_kv_cache_usage_perc")
 COUNTERS = ("staticmoe_generation_tokens_total", "staticmoe_prompt_tokens_total", "staticmoe_num_preemptions_total",
             "staticmoe_moe_flops_total", "staticmoe_moe_kernel_seconds_sum", "staticmoe_moe_kernel_seconds_count",
-            "staticmoe_prefix_cache_queries_total", "staticmoe_prefix_cache_hits_total")
+            "staticmoe_prefix_cache_queries_total", "staticmoe_prefix_cache_hits_total",
+            # the server's own request timing (histogram sums and counts): with the client's TTFT, they tell server
+            # latency from the load generator's own (one Python process parsing every stream)
+            "staticmoe_time_to_first_token_seconds_sum", "staticmoe_time_to_first_token_seconds_count",
+            "staticmoe_request_queue_time_seconds_sum", "staticmoe_request_queue_time_seconds_count")
 
 
 def read_samples(text: str) -> dict[str, float]:
@@ -90,6 +94,8 @@ class MetricsScraper:
             "prefix_cache_queries": increase["staticmoe_prefix_cache_queries_total"],
             "prefix_cache_hits": increase["staticmoe_prefix_cache_hits_total"],
             "moe_flops": increase["staticmoe_moe_flops_total"],
+            "server_ttft_mean_s": _mean_of(increase, "staticmoe_time_to_first_token_seconds"),
+            "server_queue_time_mean_s": _mean_of(increase, "staticmoe_request_queue_time_seconds"),
             "moe_timed_steps": kernel_steps,
             "moe_kernel_seconds_mean": (increase["staticmoe_moe_kernel_seconds_sum"] / kernel_steps
                                         if kernel_steps else None),
@@ -99,3 +105,8 @@ class MetricsScraper:
             "waiting_max": max(s.get("staticmoe_num_requests_waiting", 0.0) for s in during),
             "kv_cache_usage_max": max(s.get("staticmoe_kv_cache_usage_perc", 0.0) for s in during),
         }
+
+
+def _mean_of(increase: dict[str, float], histogram: str) -> float | None:
+    count = increase[histogram + "_count"]
+    return increase[histogram + "_sum"] / count if count else None
