@@ -37,6 +37,7 @@ import httpx
 from model.presets import PRESETS
 from service.loadgen.client import run_level
 from service.loadgen.dataset import random_token_prompts
+from service.loadgen.processes import default_client_processes
 from service.loadgen.report import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="qwen3-30b-a3b", choices=list(PRESETS))
     p.add_argument("--device", default="cuda")
     p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--client-processes", type=int, default=default_client_processes(),
+                   help="load-generator processes the requests are split over (service/loadgen/processes.py)")
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--level-time-limit-s", type=float, default=25.0)
@@ -128,14 +131,15 @@ async def measure(args, base: str, vocab_size: int) -> dict:
 
     async def level(name: str, extra: dict | None) -> None:
         run = await run_level(base, specs, model=args.preset, max_concurrency=c, extra_body=extra,
-                              time_limit_s=args.level_time_limit_s)
+                              time_limit_s=args.level_time_limit_s, processes=args.client_processes)
         summary = summarize(run)
         runs.setdefault(name, []).append(summary)
         print(f"  {name:17s} {summary['output_throughput']:9.1f} out tok/s  TPOT p50 "
               f"{summary['tpot_ms']['p50'] or 0:6.2f} ms  ok {summary['completed']} failed {summary['failed']}",
               flush=True)
 
-    await run_level(base, specs[:c], model=args.preset, max_concurrency=c)  # warm-up, untimed
+    await run_level(base, specs[:c], model=args.preset, max_concurrency=c,
+                    processes=args.client_processes)  # warm-up (and client processes started), untimed
     for name in args.features:  # builds the grammar engine's vocabulary (~1 s once) outside the timed levels
         await run_level(base, specs[:1], model=args.preset, extra_body=features(args.output_len)[name])
     for name in args.features:

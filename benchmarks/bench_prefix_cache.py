@@ -32,6 +32,7 @@ from service.loadgen.client import run_level
 from service.loadgen.dataset import PromptSpec, token_prompts
 from service.loadgen.multiturn import make_conversations, max_prompt_len, run_conversations, summarize_turns, \
     turns_table
+from service.loadgen.processes import default_client_processes
 from service.loadgen.report import distribution_ms, summarize, table
 from service.loadgen.scrape import MetricsScraper
 
@@ -61,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--server-arg", action="append", default=[], help="extra `serve` flag (repeatable)")
     p.add_argument("--startup-timeout-s", type=float, default=900.0)
+    p.add_argument("--client-processes", type=int, default=default_client_processes(),
+                   help="load-generator processes the requests are split over (service/loadgen/processes.py)")
     p.add_argument("--start-spread-s", type=float, default=0.0,
                    help="conversations start at seeded uniform random times in [0, S); 0: all at once, in step")
     p.add_argument("--quick", action="store_true", help="a small shape of everything, one pair (CPU smoke run)")
@@ -84,15 +87,16 @@ def server_config(args, conversations, caching: bool) -> argparse.Namespace:
 
 async def measure(server: Server, preset: str, args, warm: list[PromptSpec], specs: list[PromptSpec],
                   conversations) -> dict:
-    await run_level(server.base_url, warm, model=preset, max_concurrency=args.concurrency)
+    await run_level(server.base_url, warm, model=preset, max_concurrency=args.concurrency,
+                    processes=args.client_processes)  # also starts the client processes, untimed
     async with MetricsScraper(server.base_url, args.scrape_interval_s) as scraper:
         run = await run_level(server.base_url, specs, model=preset, max_concurrency=args.concurrency,
-                              time_limit_s=args.level_time_limit_s)
+                              time_limit_s=args.level_time_limit_s, processes=args.client_processes)
     no_reuse = summarize(run)
     no_reuse["server_metrics"] = scraper.summary()
     async with MetricsScraper(server.base_url, args.scrape_interval_s) as scraper:
         conv_run = await run_conversations(server.base_url, conversations, model=preset,
-                                           start_spread_s=args.start_spread_s)
+                                           start_spread_s=args.start_spread_s, processes=args.client_processes)
     multi = summarize_turns(conv_run)
     multi["server_metrics"] = scraper.summary()
     multi["ttft_s_turn2plus"] = [r.ttft_s for t, r in conv_run.results if t >= 1 and r.ok]  # pooled later

@@ -50,6 +50,7 @@ from model.presets import PRESETS
 from service.loadgen.client import run_level
 from service.loadgen.dataset import PromptSpec, token_prompts
 from service.loadgen.main import int_list
+from service.loadgen.processes import default_client_processes
 from service.loadgen.report import plot_sweep, summarize, table
 from service.loadgen.scrape import MetricsScraper
 
@@ -66,6 +67,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--presets", nargs="+", default=["olmoe-1b-7b", "qwen3-30b-a3b"], choices=list(PRESETS))
     p.add_argument("--concurrency", type=int_list, default=[1, 16, 64, 256], help="comma list")
+    p.add_argument("--client-processes", type=int, default=default_client_processes(),
+                   help="load-generator processes the requests are split over (service/loadgen/processes.py)")
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--prompts-per-concurrency", type=float, default=2.0)
@@ -160,12 +163,13 @@ class Server:
 async def run_levels(server: Server, preset: str, specs: list[PromptSpec], levels: list[int], args,
                      warm_concurrency: int = 8) -> list[dict]:
     warm = [PromptSpec(s.prompt, s.prompt_len, 16) for s in specs[:warm_concurrency]]  # untimed
-    await run_level(server.base_url, warm, model=preset, max_concurrency=warm_concurrency)
+    await run_level(server.base_url, warm, model=preset, max_concurrency=warm_concurrency,
+                    processes=args.client_processes)  # also starts the client processes, untimed
     out = []
     for c in levels:
         async with MetricsScraper(server.base_url, args.scrape_interval_s) as scraper:
             run = await run_level(server.base_url, specs[: prompts_for(args, c)], model=preset, max_concurrency=c,
-                                  time_limit_s=args.level_time_limit_s)
+                                  time_limit_s=args.level_time_limit_s, processes=args.client_processes)
         summary = summarize(run)
         summary["server_metrics"] = scraper.summary()
         out.append(summary)

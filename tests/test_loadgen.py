@@ -273,3 +273,29 @@ def test_console_entry_point_reaches_the_load_generator():
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "staticmoe bench serve" in result.stderr and "positive integers" in result.stderr
+
+
+def test_requests_split_over_client_processes_are_all_counted(served, tmp_path):  # noqa: F811
+    """--client-processes 2: the level's requests, concurrency and turns are shared by two spawned client processes
+    and merged into one report; the server counts exactly the tokens the merged report claims."""
+    before = parse_metrics(served.metrics_text())
+    rc, report = run_cli(tmp_path, served.base_url, "--api-key", API_KEY, "--input-len", "16", "--output-len", "5",
+                         "--max-concurrency", "3", "--num-prompts", "7", "--client-processes", "2", name="split")
+    mid = parse_metrics(served.metrics_text())
+    [lv] = report["levels"]
+    assert rc == 0 and (lv["completed"], lv["failed"], lv["not_sent"]) == (7, 0, 0)
+    assert lv["total_output_tokens"] == 7 * 5 and lv["output_len_mismatches"] == 0
+    assert metric(mid, "staticmoe_generation_tokens_total") - metric(before, "staticmoe_generation_tokens_total") == 35
+    rc, report = run_cli(tmp_path, served.base_url, "--api-key", API_KEY, "--dataset", "multi-turn",
+                         "--num-conversations", "3", "--num-turns", "2", "--system-prompt-len", "16",
+                         "--input-len", "8", "--output-len", "3", "--client-processes", "2", name="split_turns")
+    [lv] = report["levels"]
+    assert rc == 0 and (lv["completed"], lv["failed"]) == (6, 0)
+    assert [(t["turn"], t["completed"]) for t in lv["turns"]] == [(1, 3), (2, 3)]
+    assert 0 < lv["duration_s"] < 60
+
+
+def test_shard_counts_cover_the_total():
+    from service.loadgen.processes import shard_counts
+
+    assert shard_counts(7, 3) == [3, 2, 2] and shard_counts(2, 4) == [1, 1, 0, 0] and sum(shard_counts(64, 5)) == 64

@@ -114,9 +114,16 @@ async def send_completion(client: httpx.AsyncClient, url: str, headers: dict, mo
 async def run_level(base_url: str, specs: list[PromptSpec], *, model: str | None, api_key: str | None = None,
                     max_concurrency: int | None = None, request_rate: float = float("inf"),
                     time_limit_s: float | None = None, seed: int = 0, temperature: float = 0.0,
-                    request_timeout_s: float = 600.0, extra_body: dict | None = None) -> LevelRun:
+                    request_timeout_s: float = 600.0, extra_body: dict | None = None, processes: int = 1) -> LevelRun:
     """Send `specs` in order. Arrivals: all at once (rate inf) or Poisson at `request_rate`/s; at most
-    `max_concurrency` in flight. After `time_limit_s` no new request starts; those in flight finish."""
+    `max_concurrency` in flight. After `time_limit_s` no new request starts; those in flight finish.
+    processes > 1: the specs, the concurrency and the rate are split over that many client processes
+    (service/loadgen/processes.py says why); the results are merged into one level."""
+    if processes > 1:
+        return await _run_level_sharded(base_url, specs, processes, model=model, api_key=api_key,
+                                        max_concurrency=max_concurrency, request_rate=request_rate,
+                                        time_limit_s=time_limit_s, seed=seed, temperature=temperature,
+                                        request_timeout_s=request_timeout_s, extra_body=extra_body)
     url = base_url.rstrip("/") + COMPLETIONS_PATH
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limit = max_concurrency or len(specs)
@@ -147,3 +154,16 @@ async def run_level(base_url: str, specs: list[PromptSpec], *, model: str | None
     duration = time.perf_counter() - start
     results = [r for r in outcomes if r is not None]
     return LevelRun(max_concurrency, request_rate, results, len(specs) - len(results), duration)
+
+
+async def _run_level_sharded(base_url: str, specs: list[PromptSpec], processes: int, *, max_concurrency,
+                             request_rate: float, seed: int, **common) -> LevelRun:
+    from service.loadgen.processes import run_sharded, shard_counts
+
+    limit = max_concurrency or len(specs)
+    parts = max(1, min(processes, limit, len(specs)))
+    shards = [dict(base_url=base_url, specs=specs[i::parts], max_concurrency=c, request_rate=request_rate / parts,
+                   seed=seed + i, **common) for i, c in enumerate(shard_counts(limit, parts))]
+    runs, duration = await run_sharded(run_level, shards)
+    results = [r for run in runs for r in run.results]
+    return LevelRun(max_concurrency, request_rate, results, sum(run.not_sent for run in runs), duration)

@@ -29,6 +29,7 @@ from service.loadgen.client import run_level
 from service.loadgen.dataset import (PromptSpec, load_sharegpt, model_vocab_size, random_token_prompts,
                                      tokenizer_for)
 from service.loadgen.multiturn import make_conversations, run_conversations, summarize_turns, turns_table
+from service.loadgen.processes import default_client_processes
 from service.loadgen.report import plot_sweep, summarize, table
 
 PROG = "staticmoe bench serve"
@@ -107,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                            '\'{"structured_outputs": {"regex": "[a-z ]{0,4096}"}}\' (the cost of a feature: same '
                            'load with and without)')
     load.add_argument("--request-timeout-s", type=positive_float, default=600.0)
+    load.add_argument("--client-processes", type=positive_int, default=default_client_processes(),
+                      help="client processes the requests are split over (default: a quarter of the cores, 1-8): "
+                           "one process parsing every stream of a high concurrency adds its own delay to TTFT")
     out = p.add_argument_group("output")
     out.add_argument("--result-dir", default=".", help="where the JSON (and PNGs of a sweep) go")
     out.add_argument("--result-name", help="file stem (default: serve_<model>_<UTC time>)")
@@ -173,7 +177,8 @@ async def run_all(args, specs: list[PromptSpec]) -> list[dict]:
         run = await run_level(args.base_url, specs[: prompts_per_level(args, concurrency)], model=args.model,
                               api_key=args.api_key, max_concurrency=concurrency, request_rate=args.request_rate,
                               time_limit_s=args.time_limit_s, seed=args.seed, temperature=args.temperature,
-                              request_timeout_s=args.request_timeout_s, extra_body=args.extra_body)
+                              request_timeout_s=args.request_timeout_s, extra_body=args.extra_body,
+                              processes=args.client_processes)
         summary = summarize(run)
         levels.append(summary)
         print(f"concurrency {concurrency or '∞'}: {summary['completed']} ok, {summary['failed']} failed, "
@@ -210,7 +215,8 @@ def multi_turn_main(args) -> tuple[dict, list[dict]]:
                                        args.input_len, args.output_len, vocab, args.seed)
     run = asyncio.run(run_conversations(args.base_url, conversations, model=args.model, api_key=args.api_key,
                                         max_concurrency=args.max_concurrency, temperature=args.temperature,
-                                        request_timeout_s=args.request_timeout_s))
+                                        request_timeout_s=args.request_timeout_s,
+                                        processes=args.client_processes))
     summary = summarize_turns(run)
     print(turns_table(summary))
     fields = {"num_conversations": args.num_conversations, "num_turns": args.num_turns,

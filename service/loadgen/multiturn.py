@@ -74,14 +74,34 @@ class MultiTurnRun:
 async def run_conversations(base_url: str, conversations: list[Conversation], *, model: str | None,
                             api_key: str | None = None, max_concurrency: int | None = None,
                             temperature: float = 0.0, request_timeout_s: float = 600.0,
-                            start_spread_s: float = 0.0, seed: int = 0) -> MultiTurnRun:
+                            start_spread_s: float = 0.0, seed: int = 0, processes: int = 1) -> MultiTurnRun:
     """Every conversation sends its turns one after another (the next once the previous answer is complete).
     start_spread_s > 0: each conversation starts after its own uniform random delay in [0, start_spread_s) (seeded,
-    so two servers see the same arrivals); 0: all start at once and, with equal lengths, stay in step."""
+    so two servers see the same arrivals); 0: all start at once and, with equal lengths, stay in step.
+    processes > 1: the conversations are split over that many client processes (service/loadgen/processes.py)."""
     if start_spread_s < 0:
         raise ValueError(f"start_spread_s must be >= 0, got {start_spread_s}")
     rng = random.Random(seed)
     delays = [rng.uniform(0.0, start_spread_s) for _ in conversations]
+    parts = max(1, min(processes, len(conversations), max_concurrency or len(conversations)))
+    if parts > 1:
+        from service.loadgen.processes import run_sharded, shard_counts
+
+        limits = shard_counts(max_concurrency, parts) if max_concurrency else [None] * parts
+        runs, duration = await run_sharded(_run_with_delays, [
+            dict(base_url=base_url, conversations=conversations[i::parts], delays=delays[i::parts], model=model,
+                 api_key=api_key, max_concurrency=limits[i], temperature=temperature,
+                 request_timeout_s=request_timeout_s) for i in range(parts)])
+        return MultiTurnRun([r for run in runs for r in run.results], sum(run.not_sent for run in runs), duration,
+                            max_concurrency)
+    return await _run_with_delays(base_url, conversations, delays, model=model, api_key=api_key,
+                                  max_concurrency=max_concurrency, temperature=temperature,
+                                  request_timeout_s=request_timeout_s)
+
+
+async def _run_with_delays(base_url: str, conversations: list[Conversation], delays: list[float], *,
+                           model: str | None, api_key: str | None, max_concurrency: int | None,
+                           temperature: float, request_timeout_s: float) -> MultiTurnRun:
     url = base_url.rstrip("/") + COMPLETIONS_PATH
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limit = max_concurrency or len(conversations)
