@@ -9,8 +9,9 @@ BLAKE2b, not Python's `hash()`: the built-in tuple hash is cheap to collide on p
 one client's cached K/V to another's prompt. 128 bits keep accidental collisions out of reach.
 """
 
+import array
 import hashlib
-import struct
+import sys
 
 from model.engine.sequence import PENDING_TOKEN, Sequence
 
@@ -27,18 +28,34 @@ def root_hash(model_key: bytes, cache_salt: bytes = b"") -> bytes:
     return h.digest()
 
 
+def _token_bytes(tokens: list[int]) -> bytes:
+    """Tokens as little-endian int64: the bytes a block's hash covers."""
+    packed = array.array("q", tokens)
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return packed.tobytes()
+
+
 def block_hash(parent: bytes, tokens: list[int]) -> bytes:
-    return hashlib.blake2b(parent + struct.pack(f"<{len(tokens)}q", *tokens), digest_size=DIGEST_BYTES).digest()
+    return hashlib.blake2b(parent + _token_bytes(tokens), digest_size=DIGEST_BYTES).digest()
 
 
 def extend_block_hashes(seq: Sequence, model_key: bytes, block_size: int, num_blocks: int) -> None:
     """Grow seq.block_hashes towards `num_blocks` entries, one per full block whose tokens are all known (a
-    PENDING_TOKEN placeholder ends the walk). Computed once per block: a sequence's tokens only grow."""
+    PENDING_TOKEN placeholder ends the walk). Computed once per block: a sequence's tokens only grow. The tokens
+    to hash are packed once and sliced per block (half the time of packing block by block: a burst of 64
+    prompts of 4k tokens is hashed on the engine thread, between steps)."""
     hashes, tokens = seq.block_hashes, seq.token_ids
-    while len(hashes) < num_blocks:
-        start = len(hashes) * block_size
-        block = tokens[start : start + block_size]
-        if len(block) < block_size or PENDING_TOKEN in block:
-            return
-        parent = hashes[-1] if hashes else root_hash(model_key, seq.cache_salt)
-        hashes.append(block_hash(parent, block))
+    first = len(hashes)
+    end = min(num_blocks, len(tokens) // block_size)
+    if end <= first:
+        return
+    span = tokens[first * block_size : end * block_size]
+    if PENDING_TOKEN in span:
+        end = first + span.index(PENDING_TOKEN) // block_size
+        span = span[: (end - first) * block_size]
+    data, width = _token_bytes(span), 8 * block_size
+    parent = hashes[-1] if hashes else root_hash(model_key, seq.cache_salt)
+    for i in range(end - first):
+        parent = hashlib.blake2b(parent + data[i * width : (i + 1) * width], digest_size=DIGEST_BYTES).digest()
+        hashes.append(parent)
