@@ -180,6 +180,9 @@ def test_limits_and_bad_requests_raise_value_error():
         engine.add_request("empty", [], SamplingParams())
     with pytest.raises(ValueError, match="not a valid id"):
         engine.add_request("bad", [1, 100_000], SamplingParams())
+    for bad in (-1, True, 2.0, "3"):  # bool is an int subclass, but not a token id
+        with pytest.raises(ValueError, match=f"prompt token {bad!r} is not a valid id"):
+            engine.add_request("bad", [1, bad, 2], SamplingParams())
     with pytest.raises(ValueError, match="max_position_embeddings"):
         LLMEngine(EngineConfig(model="tiny", max_model_len=1 << 20))
     with pytest.raises(ValueError, match="does not fit the KV cache"):

@@ -157,8 +157,10 @@ class LLMEngine:
         if not prompt:
             raise ValueError("the prompt must have at least one token")
         vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
+        # in C over the list (set/min/max): the per-token Python check cost ~3 µs a token on the engine thread, 0.2 s
+        # for a burst of 64 prompts of 3k tokens; a failure is found again token by token for the message
+        if set(map(type, prompt)) != {int} or min(prompt) < 0 or max(prompt) >= vocab:
+            bad = next(t for t in prompt if type(t) is not int or not 0 <= t < vocab)
             raise ValueError(f"prompt token {bad!r} is not a valid id in [0, {vocab})")
         for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias),
                           ("allowed_token_ids", params.allowed_token_ids or []),
