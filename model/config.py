@@ -67,6 +67,7 @@ class ModelConfig:
     rope_theta: float
     rope_linear_factor: float = 1.0  # positions are divided by this ("linear" rope scaling)
     rope_yarn: YarnScaling | None = None  # "yarn" rope scaling
+    partial_rotary_factor: float = 1.0  # the first head_dim * factor channels of q/k rotate, the rest pass (GLM-4.5)
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
@@ -83,6 +84,7 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0  # the routed experts' weights are multiplied by it
     sliding_window: int | None = None
     dense_layers: tuple[int, ...] = ()  # layers with a dense MLP instead of the MoE block
+    mtp_layers: int = 0  # multi-token-prediction layers stored after the decoder's (num_nextn_predict_layers); unused
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     initializer_range: float = 0.02
@@ -104,6 +106,11 @@ class ModelConfig:
             raise ConfigError(f"num_experts_per_tok={self.top_k} exceeds the number of experts {self.num_experts}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2 or self.rotary_dim == 0:
+            raise ConfigError(f"partial_rotary_factor={self.partial_rotary_factor} must give an even, non-zero number "
+                              f"of rotary channels of head_dim={self.head_dim}")
+        if not isinstance(self.mtp_layers, int) or self.mtp_layers < 0:
+            raise ConfigError(f"num_nextn_predict_layers must be a non-negative integer, got {self.mtp_layers!r}")
         if self.qk_norm not in ("none", "per_head", "full"):
             raise ConfigError(f"qk_norm must be none/per_head/full, got {self.qk_norm!r}")
         if self.dense_layers and self.intermediate_size <= 0:
@@ -112,6 +119,11 @@ class ModelConfig:
         for name in ("hidden_size", "moe_intermediate_size"):
             if getattr(self, name) % 8:  # the fused MoE op reads rows in 16-byte vectors
                 raise ConfigError(f"{name}={getattr(self, name)} must be a multiple of 8")
+
+    @property
+    def rotary_dim(self) -> int:
+        """The rotated channels of each q/k head, as transformers computes them: int(head_dim * factor)."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def grouped_routing(self) -> bool:
