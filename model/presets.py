@@ -55,7 +55,8 @@ PRESETS: dict[str, dict] = {
     # zai-org/GLM-4.5-Air (106B total, 12B active without the embeddings; its MTP layer is not part of the preset):
     # 213 GB in bf16, so on one GPU only in FP8 (`--quantization fp8`): ~108 GB of weights on a 141 GB H200 (the
     # first layer's dense down projection, K = 10944 = 85.5 x 128, stays bf16), the rest (roughly 30 GB after
-    # activations; not measured) for the KV cache at 188 KB per token (46 layers x 8 KV heads x 128 x K|V x bf16). An 80 GB H100 holds it in neither precision.
+    # activations; not measured) for the KV cache at 188 KB per token (46 layers x 8 KV heads x 128 x K|V x bf16).
+    # An 80 GB H100 holds it in neither precision.
     "glm-4.5-air": dict(
         model_type="glm4_moe", vocab_size=151552, hidden_size=4096, intermediate_size=10944, num_hidden_layers=46,
         num_attention_heads=96, num_key_value_heads=8, head_dim=128, partial_rotary_factor=0.5,
