@@ -231,3 +231,15 @@ def test_fused_3d_fp8_experts_load_like_per_expert_ones(fp8, written):
     for (name, a), (_, b) in zip(fused.named_parameters(), per_expert.named_parameters()):
         assert torch.equal(a.view(torch.uint8) if a.dtype == FP8_DTYPE else a,
                            b.view(torch.uint8) if b.dtype == FP8_DTYPE else b), name
+
+
+def test_fp8_router_with_a_correction_bias_is_refused(tmp_path, monkeypatch):
+    """GLM-4.5 / DeepSeek-V3 routers choose experts by float32 scores plus a bias: an FP8 one is refused, naming
+    the tensor (their published FP8 checkpoints keep the router in bf16)."""
+    import tests.fp8_fixtures as fixtures
+
+    monkeypatch.setitem(fixtures.NOT_CONVERTED, "glm4_moe", ["lm_head"])  # the router quantised too
+    directory, _ = write_fp8_checkpoint("glm4_moe", tmp_path)
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.mlp\.gate\.weight' .* is float8_e4m3fn, but a "
+                                              r"router with e_score_correction_bias is served in high precision"):
+        load_model(str(directory), dtype=torch.float32)
