@@ -237,6 +237,12 @@ def common_fields(d: dict, name: str, default_rms_norm_eps: float, default_rope_
     heads = require(d, "num_attention_heads")
     if d.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act={d['hidden_act']!r} is not supported (only silu)")
+    rope_fields = rope(d, default_rope_theta)
+    max_positions = require(d, "max_position_embeddings")
+    # YaRN's context is original x factor, as vLLM takes it (Qwen3's model cards add factor 4 over 32768 and leave
+    # max_position_embeddings at 40960)
+    if (yarn := rope_fields.get("rope_yarn")) is not None:
+        max_positions = max(max_positions, int(yarn.original_max_position_embeddings * yarn.factor))
     return dict(
         model_type=d["model_type"],
         name=name,
@@ -246,9 +252,9 @@ def common_fields(d: dict, name: str, default_rms_norm_eps: float, default_rope_
         num_heads=heads,
         num_kv_heads=d.get("num_key_value_heads") or heads,
         head_dim=d.get("head_dim") or hidden // heads,
-        max_position_embeddings=require(d, "max_position_embeddings"),
+        max_position_embeddings=max_positions,
         rms_norm_eps=float(d.get("rms_norm_eps", default_rms_norm_eps)),
-        **rope(d, default_rope_theta),
+        **rope_fields,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         eos_token_ids=token_ids(d.get("eos_token_id")),
         bos_token_id=d.get("bos_token_id"),
