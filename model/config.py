@@ -4,11 +4,47 @@ raises `ConfigError` naming the field.
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 
 class ConfigError(ValueError):
     """A config.json we cannot run; the message names the field."""
+
+
+@dataclass(frozen=True)
+class YarnScaling:
+    """HF rope type "yarn" (arXiv 2309.00071), the fields as transformers reads them; model/layers/rotary.py turns
+    them into frequencies. DeepSeek sets mscale / mscale_all_dim; Qwen3 and gpt-oss leave attention_factor to be
+    derived from factor; gpt-oss sets truncate=false."""
+
+    factor: float  # context extension ratio (positions interpolated by it in the low-frequency dimensions)
+    original_max_position_embeddings: int  # the pretraining context; the ramp's bounds are measured against it
+    beta_fast: float = 32.0  # dimensions rotating more than beta_fast times over the original context extrapolate
+    beta_slow: float = 1.0  # ... less than beta_slow times interpolate; a linear ramp between
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None  # cos/sin scale; None derives it from factor (and mscale/mscale_all_dim)
+    truncate: bool = True  # round the ramp bounds outward to whole dimensions
+
+    @staticmethod
+    def magnitude_scale(factor: float, mscale: float = 1.0) -> float:
+        """YaRN's attention temperature, 0.1·mscale·ln(factor) + 1 (1 for factor <= 1)."""
+        return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+    def cos_sin_scale(self) -> float:
+        """What cos and sin are multiplied by (transformers' `attention_factor`)."""
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.mscale and self.mscale_all_dim:
+            return self.magnitude_scale(self.factor, self.mscale) / self.magnitude_scale(self.factor,
+                                                                                         self.mscale_all_dim)
+        return self.magnitude_scale(self.factor)
+
+    def softmax_scale_multiplier(self) -> float:
+        """DeepSeek (V2/V3) also multiplies the attention softmax scale by magnitude_scale(factor, mscale_all_dim)²
+        (transformers' `yarn_apply_mscale`); 1 without mscale_all_dim. Other families do not."""
+        return self.magnitude_scale(self.factor, self.mscale_all_dim) ** 2 if self.mscale_all_dim else 1.0
 
 
 @dataclass(frozen=True)
@@ -30,14 +66,25 @@ class ModelConfig:
     rms_norm_eps: float
     rope_theta: float
     rope_linear_factor: float = 1.0  # positions are divided by this ("linear" rope scaling)
+    rope_yarn: YarnScaling | None = None  # "yarn" rope scaling
+    partial_rotary_factor: float = 1.0  # the first head_dim * factor channels of q/k rotate, the rest pass (GLM-4.5)
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: str = "none"  # "none" | "per_head" (Qwen3: RMSNorm over head_dim) | "full" (OLMoE: over all heads)
     clip_qkv: float | None = None
-    shared_expert_intermediate_size: int = 0  # 0 = no shared expert; else sigmoid-gated (Qwen2-MoE)
+    shared_expert_intermediate_size: int = 0  # 0 = no shared expert; else a dense MLP this wide beside the experts
+    shared_expert_gated: bool = True  # Qwen2-MoE gates it by a per-token sigmoid; DeepSeek and GLM add it ungated
+    # routing beyond softmax top-k (model/kernels/routing.py grouped_topk): DeepSeek-V2/V3, GLM-4.5
+    scoring_func: str = "softmax"  # "softmax" | "sigmoid"
+    router_correction_bias: bool = False  # e_score_correction_bias [E]: added to the scores for the choice only
+    n_group: int = 1  # experts form n_group groups of consecutive ids; each token keeps its topk_group best groups
+    topk_group: int = 1
+    group_score: str = "max"  # a group's score: its best expert ("max", V2) or best two summed ("top2_sum", V3)
+    routed_scaling_factor: float = 1.0  # the routed experts' weights are multiplied by it
     sliding_window: int | None = None
     dense_layers: tuple[int, ...] = ()  # layers with a dense MLP instead of the MoE block
+    mtp_layers: int = 0  # multi-token-prediction layers stored after the decoder's (num_nextn_predict_layers); unused
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     initializer_range: float = 0.02
@@ -59,13 +106,44 @@ class ModelConfig:
             raise ConfigError(f"num_experts_per_tok={self.top_k} exceeds the number of experts {self.num_experts}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2 or self.rotary_dim == 0:
+            raise ConfigError(f"partial_rotary_factor={self.partial_rotary_factor} must give an even, non-zero number "
+                              f"of rotary channels of head_dim={self.head_dim}")
+        if not isinstance(self.mtp_layers, int) or self.mtp_layers < 0:
+            raise ConfigError(f"num_nextn_predict_layers must be a non-negative integer, got {self.mtp_layers!r}")
         if self.qk_norm not in ("none", "per_head", "full"):
             raise ConfigError(f"qk_norm must be none/per_head/full, got {self.qk_norm!r}")
         if self.dense_layers and self.intermediate_size <= 0:
             raise ConfigError("dense MLP layers need intermediate_size > 0")
+        self._check_routing()
         for name in ("hidden_size", "moe_intermediate_size"):
             if getattr(self, name) % 8:  # the fused MoE op reads rows in 16-byte vectors
                 raise ConfigError(f"{name}={getattr(self, name)} must be a multiple of 8")
+
+    @property
+    def rotary_dim(self) -> int:
+        """The rotated channels of each q/k head, as transformers computes them: int(head_dim * factor)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def grouped_routing(self) -> bool:
+        """Whether routing needs grouped_topk (anything but plain softmax top-k)."""
+        return (self.scoring_func != "softmax" or self.router_correction_bias or self.n_group > 1
+                or self.routed_scaling_factor != 1.0)
+
+    def _check_routing(self) -> None:
+        from model.kernels.routing import check_grouped_routing  # torch-only module; kept out of this import
+
+        if not isinstance(self.routed_scaling_factor, (int, float)) or self.routed_scaling_factor <= 0:
+            raise ConfigError(f"routed_scaling_factor must be a positive number, got {self.routed_scaling_factor!r}")
+        for name in ("n_group", "topk_group"):
+            if not isinstance(getattr(self, name), int):
+                raise ConfigError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        try:
+            check_grouped_routing(self.num_experts, self.top_k, self.scoring_func, self.n_group, self.topk_group,
+                                  self.group_score)
+        except ValueError as err:
+            raise ConfigError(f"routing: {err}") from err
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return layer_idx not in self.dense_layers
@@ -91,17 +169,59 @@ def token_ids(value) -> tuple[int, ...]:
     return tuple(values)
 
 
-def rope(d: dict, default_theta: float) -> tuple[float, float]:
-    """(theta, linear factor) from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (older)."""
-    params = d.get("rope_parameters") or {}
-    scaling = d.get("rope_scaling") or {}
-    theta = params.get("rope_theta", d.get("rope_theta", default_theta))
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+def _number(spec: dict, key: str, default=None, positive: bool = True):
+    value = spec.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and value <= 0):
+        raise ConfigError(f"rope scaling field {key!r} must be a {'positive ' if positive else ''}number, "
+                          f"got {value!r}")
+    return value
+
+
+def _yarn(spec: dict, d: dict) -> YarnScaling:
+    """transformers' reading: a top-level original_max_position_embeddings wins over the rope dict's (Phi-3 style),
+    max_position_embeddings when neither sets it; factor defaults to their ratio; beta_fast/beta_slow 0 or null mean
+    the defaults 32/1."""
+    original = d.get("original_max_position_embeddings") or spec.get("original_max_position_embeddings") \
+        or d.get("max_position_embeddings")
+    if not isinstance(original, int) or original <= 0:
+        raise ConfigError(f"rope scaling 'original_max_position_embeddings' must be a positive integer, "
+                          f"got {original!r}")
+    factor = _number(spec, "factor")
+    if factor is None:
+        factor = require(d, "max_position_embeddings") / original
+    truncate = True if spec.get("truncate") is None else spec["truncate"]
+    if not isinstance(truncate, bool):
+        raise ConfigError(f"rope scaling field 'truncate' must be true or false, got {truncate!r}")
+    yarn = YarnScaling(
+        factor=float(factor),
+        original_max_position_embeddings=original,
+        beta_fast=float(_number(spec, "beta_fast", positive=False) or 32),
+        beta_slow=float(_number(spec, "beta_slow", positive=False) or 1),
+        mscale=_number(spec, "mscale", positive=False),
+        mscale_all_dim=_number(spec, "mscale_all_dim", positive=False),
+        attention_factor=_number(spec, "attention_factor"),
+        truncate=truncate,
+    )
+    if yarn.beta_fast < yarn.beta_slow:
+        raise ConfigError(f"rope scaling beta_fast={yarn.beta_fast} must be >= beta_slow={yarn.beta_slow}")
+    return yarn
+
+
+def rope(d: dict, default_theta: float) -> dict:
+    """The rope fields of ModelConfig from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`
+    (older; `type` for `rope_type` in the oldest)."""
+    spec = {**(d.get("rope_scaling") or {}), **(d.get("rope_parameters") or {})}
+    theta = float(spec.get("rope_theta", d.get("rope_theta", default_theta)))
+    rope_type = spec.get("rope_type") or spec.get("type") or "default"
     if rope_type == "default":
-        return float(theta), 1.0
+        return dict(rope_theta=theta)
     if rope_type == "linear":
-        return float(theta), float(params.get("factor", scaling.get("factor", 1.0)))
-    raise ConfigError(f"rope type {rope_type!r} is not supported (supported: default, linear)")
+        return dict(rope_theta=theta, rope_linear_factor=float(_number(spec, "factor", 1.0)))
+    if rope_type == "yarn":
+        return dict(rope_theta=theta, rope_yarn=_yarn(spec, d))
+    raise ConfigError(f"rope type {rope_type!r} is not supported (supported: default, linear, yarn)")
 
 
 def parse_quantization_config(value):
@@ -117,7 +237,12 @@ def common_fields(d: dict, name: str, default_rms_norm_eps: float, default_rope_
     heads = require(d, "num_attention_heads")
     if d.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act={d['hidden_act']!r} is not supported (only silu)")
-    theta, linear_factor = rope(d, default_rope_theta)
+    rope_fields = rope(d, default_rope_theta)
+    max_positions = require(d, "max_position_embeddings")
+    # YaRN's context is original x factor, as vLLM takes it (Qwen3's model cards add factor 4 over 32768 and leave
+    # max_position_embeddings at 40960)
+    if (yarn := rope_fields.get("rope_yarn")) is not None:
+        max_positions = max(max_positions, int(yarn.original_max_position_embeddings * yarn.factor))
     return dict(
         model_type=d["model_type"],
         name=name,
@@ -127,10 +252,9 @@ def common_fields(d: dict, name: str, default_rms_norm_eps: float, default_rope_
         num_heads=heads,
         num_kv_heads=d.get("num_key_value_heads") or heads,
         head_dim=d.get("head_dim") or hidden // heads,
-        max_position_embeddings=require(d, "max_position_embeddings"),
+        max_position_embeddings=max_positions,
         rms_norm_eps=float(d.get("rms_norm_eps", default_rms_norm_eps)),
-        rope_theta=theta,
-        rope_linear_factor=linear_factor,
+        **rope_fields,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         eos_token_ids=token_ids(d.get("eos_token_id")),
         bos_token_id=d.get("bos_token_id"),

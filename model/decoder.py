@@ -14,7 +14,7 @@ from model.forward_batch import ForwardBatch
 from model.layers.attention import Attention
 from model.layers.linear import Embedding, Linear
 from model.layers.mlp import GatedMLP
-from model.layers.moe import SparseMoeBlock
+from model.layers.moe import SparseMoeBlock, routing_of
 from model.layers.norm import RMSNorm
 from model.layers.paged_attention import AttentionPlan
 from model.layers.rotary import RotaryEmbedding
@@ -31,6 +31,8 @@ class DecoderLayer(nn.Module):
                 layer_idx, config.hidden_size, config.num_experts, config.top_k, config.moe_intermediate_size,
                 renormalize=config.norm_topk_prob,
                 shared_expert_intermediate_size=config.shared_expert_intermediate_size,
+                shared_expert_gated=config.shared_expert_gated,
+                routing=routing_of(config),
             )
         else:
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
@@ -45,9 +47,7 @@ class DecoderModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.rotary_emb = RotaryEmbedding(
-            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_linear_factor
-        )
+        self.rotary_emb = RotaryEmbedding.from_config(config)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -70,7 +70,7 @@ class MoeCausalLM(nn.Module):
         model, model/parallel, applies its own vocabulary-split head to them)."""
         plan = AttentionPlan.build(batch, block_size=kv_cache.shape[3], sliding_window=self.config.sliding_window)
         h = self.model.embed_tokens(batch.input_ids)  # [N, H]
-        rotary = self.model.rotary_emb(batch.positions, h.dtype)  # cos, sin [N, 1, D]
+        rotary = self.model.rotary_emb(batch.positions, h.dtype)  # cos, sin [N, 1, R] (R: rotary channels)
         for layer_idx, layer in enumerate(self.model.layers):
             h = layer(h, rotary, plan, kv_cache[layer_idx])
         return self.model.norm(h[batch.logits_indices])  # [S, H]; the norm is per row, so only wanted rows

@@ -32,7 +32,7 @@ from model.presets import PRESETS, TINY
 from model.quant_config import check_quantization
 from model.quantization import apply_fp8, online_targets, quantize_parameter, weight_of_scale
 from model.tokenizer import Tokenizer, load_tokenizer
-from model.weight_map import QuantizeAtLoad, load_weights
+from model.weight_map import QuantizeAtLoad, load_weights, unused_keys
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +86,7 @@ def materialize(model: MoeCausalLM, device: torch.device | str) -> MoeCausalLM:
     model.to_empty(device=device)
     config = model.config
     with torch.device(device):
-        model.model.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
-                                                 config.rope_linear_factor)
+        model.model.rotary_emb = RotaryEmbedding.from_config(config)
     for block in model.moe_blocks():
         block.experts.expert_load.zero_()
     return model.eval().requires_grad_(False)
@@ -138,8 +137,12 @@ def load_model(
     dtype = resolve_dtype(dtype, device)
     config, tokenizer, directory, random_weights = resolve_source(source, random_weights)
     checkpoint = None if random_weights else SafetensorsCheckpoint(directory)
-    ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
     renames = FAMILIES[config.model_type].checkpoint_renames
+    ignorable = unused_keys(config, checkpoint, renames)
+    if config.mtp_layers and checkpoint is not None:
+        logger.info("%s: skipping the %d multi-token-prediction layer(s) after layer %d (%d tensors): not used for "
+                    "decoding", directory, config.mtp_layers, config.num_layers - 1,
+                    len(ignorable - {"lm_head.weight"}))
     with torch.device("meta"):
         plain = MoeCausalLM(config)
     stored = fp8_targets(plain, checkpoint, renames, ignorable) if checkpoint is not None else []
