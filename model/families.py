@@ -103,7 +103,7 @@ def config_from_hf(d: dict, name: str, extra_eos_token_ids=()) -> ModelConfig:
         raise ConfigError(f"unsupported model_type {d.get('model_type')!r}; supported: {', '.join(FAMILIES)}")
     try:
         common = common_fields(d, name, family.rms_norm_eps, family.rope_theta)
-        config = ModelConfig(**common, **family.fields(d, common))
+        config = ModelConfig(**{**common, **family.fields(d, common)})  # a family may override a common field
     except (TypeError, KeyError) as err:  # e.g. a string where a number belongs
         raise ConfigError(f"malformed {d['model_type']} config.json: {err!r}") from err
     eos = tuple(dict.fromkeys(config.eos_token_ids + token_ids(list(extra_eos_token_ids))))
