@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from model.config import ConfigError, ModelConfig, common_fields, require, token_ids
+from model.mla_config import mla_from_hf
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class Family:
     rms_norm_eps: float  # transformers' defaults, for a config.json that leaves them out
     rope_theta: float
     checkpoint_renames: tuple[tuple[str, str], ...] = ()  # (regex, replacement) applied to checkpoint keys
+    trailing_layers_skipped: str = ""  # why checkpoint layers past num_hidden_layers are not loaded ("": refused)
 
 
 def _dense_layers(d: dict, num_layers: int) -> tuple[int, ...]:
@@ -78,6 +80,60 @@ def _olmoe(d: dict, common: dict) -> dict:
     )
 
 
+def _deepseek_moe(d: dict, common: dict) -> dict:
+    """What deepseek_v2 and deepseek_v3 configs spell the same way: MLA attention (head_dim is the rope width the
+    rotary tables are built for), routed experts beside one ungated shared MLP of n_shared_experts x
+    moe_intermediate_size columns, the first first_k_dense_replace layers dense. transformers' defaults fill fields a
+    config leaves out (`defaults`)."""
+    if (d.get("moe_layer_freq") or 1) != 1:
+        raise ConfigError(f"moe_layer_freq={d['moe_layer_freq']} is not supported (only 1: every layer after the "
+                          f"first_k_dense_replace dense ones is MoE)")
+    mla = mla_from_hf(d)
+    moe_inter = require(d, "moe_intermediate_size")
+    first_dense = d.get("first_k_dense_replace", 3 if d["model_type"] == "deepseek_v3" else 0) or 0
+    n_shared = d.get("n_shared_experts", 1 if d["model_type"] == "deepseek_v3" else 2) or 0
+    return dict(
+        head_dim=mla.qk_rope_head_dim,
+        num_kv_heads=common["num_heads"],  # MLA has no K/V head grouping; num_key_value_heads is not used
+        mla=mla,
+        num_experts=require(d, "n_routed_experts", "num_local_experts", "num_experts"),
+        top_k=require(d, "num_experts_per_tok"),
+        moe_intermediate_size=moe_inter,
+        intermediate_size=d.get("intermediate_size") or 0,
+        dense_layers=tuple(range(min(first_dense, common["num_layers"]))),
+        shared_expert_intermediate_size=n_shared * moe_inter,
+        shared_expert_gated=False,
+    )
+
+
+def _deepseek_v2(d: dict, common: dict) -> dict:
+    method = d.get("topk_method") or "greedy"
+    if method not in ("greedy", "group_limited_greedy"):
+        raise ConfigError(f"topk_method={method!r} is not supported for deepseek_v2 (greedy, group_limited_greedy)")
+    if d.get("norm_topk_prob"):  # transformers' DeepseekV2TopkRouter never renormalises; no published V2 sets it
+        raise ConfigError("norm_topk_prob=true is not supported for deepseek_v2 (transformers ignores it)")
+    grouped = method == "group_limited_greedy"  # greedy ignores n_group / topk_group
+    return dict(**_deepseek_moe(d, common), norm_topk_prob=False, scoring_func="softmax", group_score="max",
+                n_group=(d.get("n_group") or 1) if grouped else 1,
+                topk_group=(d.get("topk_group") or 1) if grouped else 1,
+                routed_scaling_factor=float(d.get("routed_scaling_factor") or 1.0))
+
+
+def _deepseek_v3(d: dict, common: dict) -> dict:
+    method, scoring = d.get("topk_method") or "noaux_tc", d.get("scoring_func") or "sigmoid"
+    if method != "noaux_tc" or scoring != "sigmoid":
+        raise ConfigError(f"deepseek_v3 with topk_method={method!r}, scoring_func={scoring!r} is not supported "
+                          f"(noaux_tc, sigmoid)")
+    return dict(**_deepseek_moe(d, common), norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+                scoring_func="sigmoid", router_correction_bias=True, group_score="top2_sum",
+                n_group=d.get("n_group", 8) or 1, topk_group=d.get("topk_group", 4) or 1,
+                routed_scaling_factor=float(d.get("routed_scaling_factor", 2.5)))
+
+
+_DEEPSEEK_RENAMES = ((r"\.mlp\.shared_experts\.", ".mlp.shared_expert."),)
+_MTP_NOTE = ("DeepSeek's multi-token-prediction layer predicts a token further ahead, for speculative decoding; "
+             "serving does not use it")
+
 FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family("Qwen3-MoE (Qwen3-30B-A3B): per-head q/k RMSNorm, no biases, top-k renormalised when "
                         "norm_topk_prob is set, optional dense layers", _qwen3_moe, 1e-6, 10000.0),
@@ -91,6 +147,14 @@ FAMILIES: dict[str, Family] = {
                           (r"\.experts\.(\d+)\.w2\.", r".experts.\1.down_proj."))),
     "olmoe": Family("OLMoE (OLMoE-1B-7B): q/k RMSNorm over the whole projection, optional clip_qkv, top-8 not "
                     "renormalised", _olmoe, 1e-5, 10000.0),
+    "deepseek_v2": Family("DeepSeek-V2 / V2-Lite: multi-head latent attention (latent KV cache, q_lora_rank "
+                          "optional), softmax routing, greedy or group-limited, shared experts, first_k_dense_replace "
+                          "dense layers", _deepseek_v2, 1e-6, 10000.0, checkpoint_renames=_DEEPSEEK_RENAMES,
+                          trailing_layers_skipped=_MTP_NOTE),
+    "deepseek_v3": Family("DeepSeek-V3 / R1 (and Kimi-K2's layout): MLA, sigmoid routing with a correction bias, "
+                          "group-limited top-k over the best-two sum of each group, routed_scaling_factor, shared "
+                          "experts; the MTP layer is skipped at load", _deepseek_v3, 1e-6, 10000.0,
+                          checkpoint_renames=_DEEPSEEK_RENAMES, trailing_layers_skipped=_MTP_NOTE),
 }
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf_v2
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_v3
 
-from model.config import ModelConfig
+from model.config import ModelConfig, YarnScaling
 from model.layers.mla_attention import MlaAttention, rotate_pairs
 from model.layers.mla_decode import mla_decode_reference
 from model.layers.paged_attention import AttentionPlan, _decode_mask
@@ -21,11 +21,15 @@ from tests.model_fixtures import PagedRunner
 
 HIDDEN, HEADS, VOCAB = 64, 4, 40
 SHAPE = dict(kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=24, v_head_dim=20)
+YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32, mscale=0.8,
+            mscale_all_dim=0.7, beta_fast=32, beta_slow=1)
 
 
-def hf_attention(family: str, q_lora_rank, rope_interleave=True, seed=0):
+def hf_attention(family: str, q_lora_rank, rope_interleave=True, yarn=False, seed=0):
     cls = transformers.DeepseekV2Config if family == "deepseek_v2" else transformers.DeepseekV3Config
     extra = {} if family == "deepseek_v2" else dict(rope_interleave=rope_interleave)
+    if yarn:
+        extra["rope_parameters"] = dict(YARN)
     config = cls(vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=HEADS,
                  q_lora_rank=q_lora_rank, max_position_embeddings=128, attention_bias=True, **SHAPE, **extra)
     config._attn_implementation = "eager"
@@ -51,14 +55,17 @@ class OneLayer(nn.Module):
     """Our MLA layer with the engine's face: token ids pick rows of a fixed hidden-state table; the 'logits' are
     the attention output."""
 
-    def __init__(self, hf_config, hf_module, family, rotary, rope_interleave=True):
+    def __init__(self, hf_config, hf_module, family, rotary, rope_interleave=True, yarn=False):
         super().__init__()
         mla = MlaConfig(q_lora_rank=hf_config.q_lora_rank, rope_pairs=family == "deepseek_v2" or rope_interleave,
                         attention_bias=True, **SHAPE)
+        rope_yarn = YarnScaling(factor=4.0, original_max_position_embeddings=32, mscale=0.8,
+                                mscale_all_dim=0.7) if yarn else None
         config = ModelConfig(model_type=family, name="t", vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=1,
                              num_heads=HEADS, num_kv_heads=HEADS, head_dim=16, max_position_embeddings=128,
                              num_experts=2, top_k=1, moe_intermediate_size=8, intermediate_size=0,
-                             norm_topk_prob=False, rms_norm_eps=1e-6, rope_theta=10000.0, mla=mla)
+                             norm_topk_prob=False, rms_norm_eps=1e-6, rope_theta=10000.0, rope_yarn=rope_yarn,
+                             mla=mla)
         self.attn = MlaAttention(config, 0)
         missing, unexpected = self.attn.load_state_dict(hf_module.state_dict(), strict=False)
         assert not missing and not unexpected, (missing, unexpected)
@@ -87,15 +94,18 @@ def hf_outputs(family, module, rotary, table, tokens):
     return module(table[tokens][None], position_embeddings=emb, attention_mask=mask)[0][0]  # [n, H]
 
 
-CASES = [("deepseek_v2", None, True), ("deepseek_v2", 24, True), ("deepseek_v3", 24, True),
-         ("deepseek_v3", None, False)]
+CASES = [("deepseek_v2", None, True, False), ("deepseek_v2", 24, True, True), ("deepseek_v3", 24, True, True),
+         ("deepseek_v3", None, False, False), ("deepseek_v3", 24, False, True)]
 
 
-@pytest.mark.parametrize("family,q_lora_rank,interleave", CASES)
+@pytest.mark.parametrize("family,q_lora_rank,interleave,yarn", CASES)
 @torch.no_grad()
-def test_prefill_decode_and_mixed_steps_match_transformers(family, q_lora_rank, interleave):
-    config, module, rotary = hf_attention(family, q_lora_rank, interleave)
-    ours = OneLayer(config, module, family, rotary, interleave)
+def test_prefill_decode_and_mixed_steps_match_transformers(family, q_lora_rank, interleave, yarn):
+    config, module, rotary = hf_attention(family, q_lora_rank, interleave, yarn)
+    if yarn:  # DeepSeek's softmax scale carries mscale(factor, mscale_all_dim)^2 (transformers' yarn_apply_mscale)
+        assert module.scaling == pytest.approx(40**-0.5 * (0.1 * 0.7 * math.log(4.0) + 1) ** 2)
+    ours = OneLayer(config, module, family, rotary, interleave, yarn)
+    assert ours.attn.scale == pytest.approx(module.scaling, rel=1e-12)
     tokens = torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(2)).tolist()
     expected = hf_outputs(family, module, rotary, ours.table, tokens)  # [30, H]
     # the whole prompt at once, then decode steps (absorbed form) padded to a fixed batch as CUDA graphs run them

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
+from model.layers.fusion import gpu_fused
 from model.layers.linear import Linear
 from model.layers.mla_decode import mla_decode
 from model.layers.norm import RMSNorm
@@ -41,6 +42,12 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     cos, sin = cos[..., :half].float(), sin[..., :half].float()
     even, odd = x[..., 0::2].float(), x[..., 1::2].float()
     return torch.cat((even * cos - odd * sin, odd * cos + even * sin), dim=-1).to(x.dtype)
+
+
+@gpu_fused
+def apply_rotary_pairs(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q [N, Hq, D], k [N, 1, D], cos/sin [N, 1, D]: `rotate_pairs` of both, one fused kernel on the GPU."""
+    return rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
 
 
 class MlaAttention(nn.Module):
@@ -104,9 +111,7 @@ class MlaAttention(nn.Module):
 
     def _rotate(self, q_pe, k_pe, rotary):
         cos, sin = rotary
-        if self.rope_pairs:
-            return rotate_pairs(q_pe, cos, sin), rotate_pairs(k_pe, cos, sin)
-        return apply_rotary(q_pe, k_pe, cos, sin)
+        return (apply_rotary_pairs if self.rope_pairs else apply_rotary)(q_pe, k_pe, cos, sin)
 
     def _per_head_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [Hq, nope, r] and W_UV [Hq, v, r], views of kv_b_proj.weight."""
