@@ -41,7 +41,7 @@ from benchmarks.bench_timing import Timer, graph_ms
 from benchmarks.moe_cases import moe_flops_per_token
 from model.engine import EngineConfig, LLMEngine, SamplingParams
 from model.engine.moe_timer import time_experts
-from model.kernels import fused_moe, softmax_topk
+from model.kernels import fused_moe
 from model.layers import fusion
 from service.metrics import MoeLayout, ServiceMetrics, dense_peak_flops
 
@@ -191,7 +191,7 @@ def independent_seconds(engine, inputs: list[torch.Tensor], budget_ms: float) ->
     timer = Timer(device, budget_ms)
     routed = []
     for block, x in zip(engine.model.moe_blocks(), inputs):
-        weights, ids = softmax_topk(block.gate(x), block.top_k, block.renormalize)  # [T, k] f32, i32
+        weights, ids = block.route(x)  # [T, k] f32, i32
         routed.append((block, x, weights, ids))
 
     def layer_call(b, x, w, i):

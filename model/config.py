@@ -72,7 +72,15 @@ class ModelConfig:
     o_bias: bool = False
     qk_norm: str = "none"  # "none" | "per_head" (Qwen3: RMSNorm over head_dim) | "full" (OLMoE: over all heads)
     clip_qkv: float | None = None
-    shared_expert_intermediate_size: int = 0  # 0 = no shared expert; else sigmoid-gated (Qwen2-MoE)
+    shared_expert_intermediate_size: int = 0  # 0 = no shared expert; else a dense MLP this wide beside the experts
+    shared_expert_gated: bool = True  # Qwen2-MoE gates it by a per-token sigmoid; DeepSeek and GLM add it ungated
+    # routing beyond softmax top-k (model/kernels/routing.py grouped_topk): DeepSeek-V2/V3, GLM-4.5
+    scoring_func: str = "softmax"  # "softmax" | "sigmoid"
+    router_correction_bias: bool = False  # e_score_correction_bias [E]: added to the scores for the choice only
+    n_group: int = 1  # experts form n_group groups of consecutive ids; each token keeps its topk_group best groups
+    topk_group: int = 1
+    group_score: str = "max"  # a group's score: its best expert ("max", V2) or best two summed ("top2_sum", V3)
+    routed_scaling_factor: float = 1.0  # the routed experts' weights are multiplied by it
     sliding_window: int | None = None
     dense_layers: tuple[int, ...] = ()  # layers with a dense MLP instead of the MoE block
     eos_token_ids: tuple[int, ...] = ()
@@ -101,9 +109,30 @@ class ModelConfig:
             raise ConfigError(f"qk_norm must be none/per_head/full, got {self.qk_norm!r}")
         if self.dense_layers and self.intermediate_size <= 0:
             raise ConfigError("dense MLP layers need intermediate_size > 0")
+        self._check_routing()
         for name in ("hidden_size", "moe_intermediate_size"):
             if getattr(self, name) % 8:  # the fused MoE op reads rows in 16-byte vectors
                 raise ConfigError(f"{name}={getattr(self, name)} must be a multiple of 8")
+
+    @property
+    def grouped_routing(self) -> bool:
+        """Whether routing needs grouped_topk (anything but plain softmax top-k)."""
+        return (self.scoring_func != "softmax" or self.router_correction_bias or self.n_group > 1
+                or self.routed_scaling_factor != 1.0)
+
+    def _check_routing(self) -> None:
+        from model.kernels.routing import check_grouped_routing  # torch-only module; kept out of this import
+
+        if not isinstance(self.routed_scaling_factor, (int, float)) or self.routed_scaling_factor <= 0:
+            raise ConfigError(f"routed_scaling_factor must be a positive number, got {self.routed_scaling_factor!r}")
+        for name in ("n_group", "topk_group"):
+            if not isinstance(getattr(self, name), int):
+                raise ConfigError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        try:
+            check_grouped_routing(self.num_experts, self.top_k, self.scoring_func, self.n_group, self.topk_group,
+                                  self.group_score)
+        except ValueError as err:
+            raise ConfigError(f"routing: {err}") from err
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return layer_idx not in self.dense_layers

@@ -15,7 +15,7 @@ from model.layers.attention import Attention
 from model.layers.linear import Embedding, Linear
 from model.layers.mla_attention import MlaAttention
 from model.layers.mlp import GatedMLP
-from model.layers.moe import SparseMoeBlock
+from model.layers.moe import SparseMoeBlock, routing_of
 from model.layers.norm import RMSNorm
 from model.layers.paged_attention import AttentionPlan
 from model.layers.rotary import RotaryEmbedding
@@ -32,6 +32,8 @@ class DecoderLayer(nn.Module):
                 layer_idx, config.hidden_size, config.num_experts, config.top_k, config.moe_intermediate_size,
                 renormalize=config.norm_topk_prob,
                 shared_expert_intermediate_size=config.shared_expert_intermediate_size,
+                shared_expert_gated=config.shared_expert_gated,
+                routing=routing_of(config),
             )
         else:
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)

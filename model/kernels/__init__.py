@@ -10,10 +10,11 @@ from model.kernels.fp8 import (
 from model.kernels.fp8_linear import fp8_linear
 from model.kernels.moe import check_moe_inputs, fused_moe, uses_cuda_kernel
 from model.kernels.reference import fused_moe_reference
-from model.kernels.routing import softmax_topk
+from model.kernels.routing import GroupedRouting, grouped_topk, softmax_topk
 from model.kernels.varlen_gemm import varlen_gemm
 
 __all__ = [
+    "GroupedRouting",
     "check_moe_inputs",
     "dequantize_fp8_blocks",
     "dequantize_fp8_groups",
@@ -21,6 +22,7 @@ __all__ = [
     "fused_moe",
     "fused_moe_fp8_reference",
     "fused_moe_reference",
+    "grouped_topk",
     "quantize_fp8_blocks",
     "quantize_fp8_groups",
     "softmax_topk",

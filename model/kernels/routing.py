@@ -1,6 +1,22 @@
-"""Router helper: turn router logits into (topk_weights float32 [T, k], topk_ids int32 [T, k])."""
+"""Router helpers: turn router logits into (topk_weights float32 [T, k], topk_ids int32 [T, k]).
+
+- `softmax_topk`: Mixtral / Qwen-MoE / OLMoE.
+- `grouped_topk`: DeepSeek-V2 (softmax, group-limited greedy), DeepSeek-V3 / GLM-4.5 (sigmoid scores plus a
+  per-expert correction bias that steers the choice but not the weights, group-limited, optional renormalisation,
+  `routed_scaling_factor`).
+
+Both are a few batched torch ops on the logits' device: no host sync and no data-dependent shapes, so a decode step
+that routes is CUDA-graph capturable. `grouped_topk` breaks ties toward the lower expert (and group) index, on
+every device, by a stable sort; `torch.topk` leaves ties unspecified (transformers' routers use it, so under exact
+ties they may choose another of the tied experts).
+"""
+
+from dataclasses import dataclass
 
 import torch
+
+SCORINGS = ("softmax", "sigmoid")
+GROUP_SCORES = ("max", "top2_sum")
 
 
 def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -15,3 +31,80 @@ def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> 
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids.to(torch.int32)
 
+
+def check_grouped_routing(num_experts: int, top_k: int, scoring: str, num_groups: int, topk_groups: int,
+                          group_score: str) -> None:
+    """Raises ValueError for a routing no token could satisfy (e.g. fewer experts in the kept groups than top_k)."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    if group_score not in GROUP_SCORES:
+        raise ValueError(f"group_score must be one of {GROUP_SCORES}, got {group_score!r}")
+    if num_groups < 1 or num_experts % num_groups:
+        raise ValueError(f"n_group={num_groups} must divide the number of experts {num_experts}")
+    if not 1 <= topk_groups <= num_groups:
+        raise ValueError(f"topk_group={topk_groups} must be in [1, n_group={num_groups}]")
+    per_group = num_experts // num_groups
+    if not 1 <= top_k <= topk_groups * per_group:
+        raise ValueError(f"top_k={top_k} must be in [1, topk_group * experts per group = {topk_groups * per_group}]")
+    if num_groups > 1 and group_score == "top2_sum" and per_group < 2:
+        raise ValueError("group_score top2_sum needs at least 2 experts per group")
+
+
+@dataclass(frozen=True)
+class GroupedRouting:
+    """The options of `grouped_topk` besides top_k and renormalise, as a MoE block holds them."""
+
+    scoring: str = "softmax"
+    correction_bias: bool = False  # the block holds an e_score_correction_bias [E]
+    num_groups: int = 1
+    topk_groups: int = 1
+    group_score: str = "max"
+    scaling_factor: float = 1.0
+
+
+def _largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest values of each row, ties to the lower index (stable sort). [T, k] int64"""
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+def grouped_topk(
+    router_logits: torch.Tensor,  # [T, E], any float dtype; scored in float32
+    top_k: int,
+    *,
+    scoring: str = "softmax",
+    correction_bias: torch.Tensor | None = None,  # [E] float32, added to the scores for the choice only
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    group_score: str = "max",
+    renormalize: bool = False,
+    scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-limited top-k: experts form `num_groups` equal groups of consecutive ids; each token keeps its
+    `topk_groups` best groups (a group scored by its best expert, "max" (DeepSeek-V2), or by the sum of its best two,
+    "top2_sum" (DeepSeek-V3)), then its `top_k` best experts among those. Scores and the choice include
+    `correction_bias`; the weights are the unbiased scores of the chosen experts, renormalised to sum to 1 if asked,
+    times `scaling_factor`."""
+    if router_logits.dim() != 2:
+        raise ValueError(f"router_logits must be [T, E], got shape {tuple(router_logits.shape)}")
+    num_tokens, num_experts = router_logits.shape
+    check_grouped_routing(num_experts, top_k, scoring, num_groups, topk_groups, group_score)
+    if correction_bias is not None and tuple(correction_bias.shape) != (num_experts,):
+        raise ValueError(f"correction_bias must be [{num_experts}], got {tuple(correction_bias.shape)}")
+    logits = router_logits.float()
+    scores = torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)  # [T, E]
+    choice = scores if correction_bias is None else scores + correction_bias.float()  # [T, E]
+    if topk_groups < num_groups:
+        grouped = choice.view(num_tokens, num_groups, num_experts // num_groups)  # [T, G, E/G]
+        if group_score == "max":
+            group_scores = grouped.amax(dim=-1)  # [T, G]
+        else:
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]; values only, so ties do not matter
+        kept = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, _largest(group_scores, topk_groups), True)
+        choice = grouped.masked_fill(~kept.unsqueeze(-1), float("-inf")).view(num_tokens, num_experts)
+    ids = _largest(choice, top_k)  # [T, k]
+    weights = scores.gather(1, ids)  # [T, k]
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)  # the epsilon: sigmoid scores may all be ~0
+    if scaling_factor != 1.0:
+        weights = weights * scaling_factor
+    return weights, ids.to(torch.int32)

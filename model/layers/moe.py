@@ -1,4 +1,10 @@
-"""`SparseMoeBlock`: router → softmax top-k → the experts op, plus an optional sigmoid-gated shared expert.
+"""`SparseMoeBlock`: router → top-k → the experts op, plus an optional shared expert.
+
+Routing: softmax top-k (Mixtral, Qwen-MoE, OLMoE) or group-limited top-k (DeepSeek-V2: softmax; DeepSeek-V3 and
+GLM-4.5: sigmoid with a correction bias for the choice), model/kernels/routing.py. The shared expert is a dense
+SwiGLU MLP every token goes through, added to the routed output: sigmoid-gated per token in Qwen2-MoE, ungated in
+DeepSeek and GLM (whose `n_shared_experts` experts are one MLP of n_shared × moe_intermediate_size columns; the
+families rename their `shared_experts.` keys to `shared_expert.`).
 
 The experts op (`Experts`) is a module of its own so that transforms can wrap it from outside the model: the
 engine's metrics time it by forward hooks (model/engine/moe_timer.py). Expert weights use the layout HF transformers 5 holds in memory: gate_up_proj
@@ -9,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.kernels import fused_moe, softmax_topk
+from model.config import ModelConfig
+from model.kernels import GroupedRouting, fused_moe, grouped_topk, softmax_topk
 from model.layers.linear import Linear
 from model.layers.mlp import GatedMLP
 
@@ -29,6 +36,26 @@ class Experts(nn.Module):
         return fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids, expert_load=self.expert_load)
 
 
+class Router(Linear):
+    """The router's linear (E outputs, no bias), with DeepSeek-V3's `e_score_correction_bias` [E] float32 when the
+    routing uses one (the checkpoint's `mlp.gate.e_score_correction_bias`; it stays float32 in a bf16 model)."""
+
+    def __init__(self, hidden_size: int, num_experts: int, correction_bias: bool):
+        super().__init__(hidden_size, num_experts)
+        self.e_score_correction_bias = (
+            nn.Parameter(torch.empty(num_experts, dtype=torch.float32)) if correction_bias else None
+        )
+
+
+def routing_of(config: ModelConfig) -> GroupedRouting | None:
+    """The grouped routing a config asks for; None for plain softmax top-k."""
+    if not config.grouped_routing:
+        return None
+    return GroupedRouting(scoring=config.scoring_func, correction_bias=config.router_correction_bias,
+                          num_groups=config.n_group, topk_groups=config.topk_group, group_score=config.group_score,
+                          scaling_factor=float(config.routed_scaling_factor))
+
+
 class SparseMoeBlock(nn.Module):
     def __init__(
         self,
@@ -39,6 +66,8 @@ class SparseMoeBlock(nn.Module):
         intermediate_size: int,
         renormalize: bool,
         shared_expert_intermediate_size: int = 0,
+        shared_expert_gated: bool = True,
+        routing: GroupedRouting | None = None,  # None: softmax top-k
     ):
         super().__init__()
         self.layer_idx = layer_idx
@@ -47,20 +76,34 @@ class SparseMoeBlock(nn.Module):
         self.top_k = top_k
         self.intermediate_size = intermediate_size
         self.renormalize = renormalize
-        self.gate = Linear(hidden_size, num_experts)  # the router
+        self.routing = routing
+        self.gate = Router(hidden_size, num_experts, routing is not None and routing.correction_bias)
         self.experts = Experts(num_experts, hidden_size, intermediate_size)
-        if shared_expert_intermediate_size:
-            self.shared_expert = GatedMLP(hidden_size, shared_expert_intermediate_size)
-            self.shared_expert_gate = Linear(hidden_size, 1)
-        else:
-            self.shared_expert = None
+        self.shared_expert = GatedMLP(hidden_size, shared_expert_intermediate_size) \
+            if shared_expert_intermediate_size else None
+        self.shared_expert_gate = Linear(hidden_size, 1) if shared_expert_intermediate_size and shared_expert_gated \
+            else None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """topk_weights [N, k] float32, topk_ids [N, k] int32 for x [N, H]."""
+        if self.routing is None:
+            return softmax_topk(self.gate(x), self.top_k, self.renormalize)
+        r = self.routing
+        # scored in float32 from the float32 input, as DeepSeek's and transformers' routers do (a bf16 logit could
+        # flip a choice between close experts); the upcast weight is E x H, small beside the experts
+        logits = F.linear(x.float(), self.gate.weight.float())  # [N, E]
+        return grouped_topk(logits, self.top_k, scoring=r.scoring, correction_bias=self.gate.e_score_correction_bias,
+                            num_groups=r.num_groups, topk_groups=r.topk_groups, group_score=r.group_score,
+                            renormalize=self.renormalize, scaling_factor=r.scaling_factor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, H]
-        router_logits = self.gate(x)  # [N, E]
-        topk_weights, topk_ids = softmax_topk(router_logits, self.top_k, self.renormalize)  # [N, k] f32, i32
+        topk_weights, topk_ids = self.route(x)  # [N, k] f32, i32
         out = self.experts(x, topk_weights, topk_ids)  # [N, H]
         if self.shared_expert is not None:
-            out = out + F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            shared = self.shared_expert(x)  # [N, H]
+            if self.shared_expert_gate is not None:
+                shared = F.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
         return out
 
     def extra_repr(self) -> str:
