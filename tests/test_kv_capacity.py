@@ -42,7 +42,11 @@ def test_the_engine_allocates_the_latent_shape():
     assert cap.bytes_per_token == 31104
 
 
-def test_cli_prints_both_capacities(capsys):
-    main(["tiny", "--memory-gib", "1"])
+def test_cli_reports_the_v2_lite_preset_beside_an_uncompressed_cache(capsys):
+    main(["deepseek-v2-lite", "--memory-gib", "40"])
     out = capsys.readouterr().out
-    assert "as cached" in out and "uncompressed" in out and "ratio:         1.00x" in out
+    assert "27 layers" in out
+    assert "31,104 B/token" in out and "1,380,816 tokens" in out  # as worked out above
+    assert "276,480 B/token" in out and "155,328 tokens" in out and "8.89x" in out
+    main(["tiny", "--memory-gib", "1"])
+    assert "ratio:         1.00x" in capsys.readouterr().out  # a GQA model: nothing compressed
