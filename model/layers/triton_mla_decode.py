@@ -16,7 +16,13 @@ import torch
 from model.layers.triton_paged import tl, triton
 
 BLOCK_H = 16  # heads per program: the smallest M of tl.dot; V2-Lite's 16 heads are one program per sequence split
-BLOCK_N = 32  # keys per tile: [32, 512] bf16 is 32 KB of shared memory per stage
+MAX_SPLITS = 16  # the combine holds [splits, kv_lora_rank] fp32 per row: 16 x 512 keeps it in registers
+
+
+def block_n(dtype: torch.dtype) -> int:
+    """Keys per tile: [32, 512] bf16 is 32 KB of shared memory per pipeline stage; fp32 (tests) takes 16 keys for
+    the same bytes."""
+    return 32 if dtype.itemsize <= 2 else 16
 
 
 def supported(kv_lora_rank: int, rope_dim: int) -> bool:
@@ -97,8 +103,9 @@ def paged_mla_decode(
     out = torch.empty(num_seqs, num_heads, kv_lora_rank, dtype=q.dtype, device=q.device)
     groups = -(-num_heads // BLOCK_H)
     max_keys = block_tables.shape[1] * page
-    splits = splits or choose_splits(num_seqs, groups, max_keys, q.device, BLOCK_N)
-    split_len = -(-max_keys // (splits * BLOCK_N)) * BLOCK_N
+    tile = block_n(q.dtype)
+    splits = splits or min(MAX_SPLITS, choose_splits(num_seqs, groups, max_keys, q.device, tile))
+    split_len = -(-max_keys // (splits * tile)) * tile
     if splits > 1:
         part_max = torch.empty(num_seqs * num_heads, splits, dtype=torch.float32, device=q.device)
         part_sum = torch.empty_like(part_max)
@@ -108,7 +115,7 @@ def paged_mla_decode(
     _paged_mla_decode_kernel[(num_seqs, groups, splits)](
         q, latent_cache, block_tables, context_lens, out, part_max, part_sum, part_acc,
         scale, block_tables.stride(0), max_keys, split_len,
-        NUM_HEADS=num_heads, BLOCK_H=BLOCK_H, RANK=kv_lora_rank, ROPE=rope, PAGE=page, BLOCK_N=BLOCK_N,
+        NUM_HEADS=num_heads, BLOCK_H=BLOCK_H, RANK=kv_lora_rank, ROPE=rope, PAGE=page, BLOCK_N=tile,
         IEEE=q.dtype == torch.float32, SPLITS=splits, num_warps=4, num_stages=2,
     )
     if splits > 1:
