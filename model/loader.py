@@ -137,6 +137,10 @@ def load_model(
     check_quantization(quantization)
     dtype = resolve_dtype(dtype, device)
     config, tokenizer, directory, random_weights = resolve_source(source, random_weights)
+    if config.mla is not None and (quantization == "fp8" or config.quantization is not None):
+        # the absorbed decode reads kv_b_proj's weight itself (model/layers/mla_attention.py)
+        raise ConfigError(f"{config.model_type}: FP8 weights with latent attention (MLA) are not supported yet; "
+                          f"serve a bfloat16 checkpoint")
     checkpoint = None if random_weights else SafetensorsCheckpoint(directory)
     ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
     renames = FAMILIES[config.model_type].checkpoint_renames
@@ -158,9 +162,6 @@ def load_model(
         return model, tokenizer
     if dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"FP8 weights run with bfloat16 activations (float32 on the CPU), not {dtype}")
-    if config.mla is not None:  # the absorbed decode reads kv_b_proj's weight itself (model/layers/mla_attention.py)
-        raise ConfigError(f"{config.model_type}: FP8 weights with latent attention (MLA) are not supported yet; "
-                          f"serve a bfloat16 checkpoint")
     model = materialize(apply_fp8(build_model(config, dtype, "meta"), targets), device)
     if checkpoint is None:
         init_random_weights(model, seed)

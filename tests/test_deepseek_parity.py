@@ -197,3 +197,17 @@ def test_decode_step_in_a_cuda_graph(variant, tmp_path):
             torch.testing.assert_close(static_logits[i], expected[key][-1], rtol=2e-2, atol=2e-2)
         tokens = {k: int(expected[k][-1].argmax()) for k in prompts}
     torch.testing.assert_close(graphed.kv_cache, eager.kv_cache, rtol=2e-2, atol=2e-2)
+
+
+def test_tensor_parallelism_and_fp8_are_refused_for_mla(tmp_path):
+    from model.config import ConfigError
+    from model.parallel.config import ParallelConfig, RankLayout
+
+    from model.loader import resolve_source
+
+    config = resolve_source("deepseek-v2-lite", True)[0]
+    with pytest.raises(ValueError, match="MLA.*tensor_parallel=1"):
+        RankLayout.build(config, ParallelConfig(tensor_parallel=2), 0)
+    directory = save_checkpoint(make_deepseek_model("v2-lite"), tmp_path / "ckpt")
+    with pytest.raises(ConfigError, match="FP8 weights with latent attention"):
+        load_model(str(directory), dtype=torch.float32, quantization="fp8")

@@ -5,8 +5,9 @@ heads share — 576 values per layer for V2 and V3 instead of heads × (K + V). 
 k_h = [W_UK_h · c, k_pe] and v_h = W_UV_h · c, with kv_b_proj.weight = [W_UK_h; W_UV_h] per head.
 - decode rows use the absorbed form: q_latent_h = q_nope_h · W_UK_h, attention over the cache rows as they are
   (model/layers/mla_decode.py), then W_UV_h on the latent output — the keys are never decompressed;
-- prefill chunks decompress their context (kv_b_proj on every cached row) and run SDPA with qk width
-  nope + rope and v width v_head_dim: compute-bound work where decompressing once per chunk is the cheaper form.
+- prefill chunks decompress their context (kv_b_proj on every cached row) and run SDPA over keys of width
+  nope + rope and values zero-padded to that width (so flash attention applies): compute-bound work where
+  decompressing once per chunk is the cheaper form.
 Parameter names are transformers' (q_proj or q_a_proj/q_a_layernorm/q_b_proj, kv_a_proj_with_mqa, kv_a_layernorm,
 kv_b_proj, o_proj), so checkpoints load as stored.
 """
@@ -135,6 +136,8 @@ class MlaAttention(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_pe.unsqueeze(1).expand(-1, self.num_heads, -1)), dim=-1)  # [ctx, Hq, qk]
         q = torch.cat((q_nope, q_pe), dim=-1)  # [n, Hq, qk]
+        if self.v_dim < self.qk_dim:  # zero columns change nothing, and equal widths let SDPA pick flash attention
+            v = F.pad(v, (0, self.qk_dim - self.v_dim))  # [ctx, Hq, qk]
         out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                              attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=self.scale)
-        return out.transpose(0, 1)  # [n, Hq, v]
+        return out.transpose(0, 1)[..., : self.v_dim]  # [n, Hq, v]
