@@ -67,3 +67,39 @@ def test_interpreted_kernel_matches_the_reference_on_cpu():
 @pytest.mark.parametrize("dtype", ["torch.float32", "torch.bfloat16"])
 def test_compiled_kernel_matches_the_reference_on_gpu(dtype):
     run_compiled(script(SMALL + REAL, dtype, "cuda"))
+
+
+MODEL_CHECK = """
+import tempfile
+from pathlib import Path
+import torch
+from model.layers import mla_decode, triton_mla_decode
+from model.loader import load_model
+from tests.deepseek_fixtures import make_deepseek_model
+from tests.model_fixtures import PagedRunner, hf_greedy, hf_logits, max_relative_error, save_checkpoint
+
+calls = []
+kernel = triton_mla_decode.paged_mla_decode
+def counting(*args, **kwargs):
+    calls.append(1)
+    return kernel(*args, **kwargs)
+mla_decode.triton_mla_enabled = lambda q, rank, rope: True  # the kernel on the CPU, interpreted
+triton_mla_decode.paged_mla_decode = counting
+PROMPT = [5, 77, 203, 19, 150, 8, 66, 301, 42, 42, 7, 260, 99]
+for variant in ("v2-lite", "v3-yarn"):
+    hf = make_deepseek_model(variant, seed=3)
+    ours, _ = load_model(str(save_checkpoint(hf, Path(tempfile.mkdtemp()))), dtype=torch.float32)
+    runner = PagedRunner(ours)
+    rows = [runner.step({"s": PROMPT[:6]}, all_logits=True)["s"]]
+    rows += [runner.step({"s": [t]}, pad_to=2)["s"] for t in PROMPT[6:]]
+    assert max_relative_error(torch.cat(rows), hf_logits(hf, PROMPT)) < 1e-4
+    assert PagedRunner(ours).greedy(PROMPT, 12) == hf_greedy(hf, PROMPT, 12)
+assert calls
+print('ok')
+"""
+
+
+@needs_triton
+def test_interpreted_kernel_inside_the_model_matches_transformers():
+    """The model's absorbed decode through the kernel (interpreted) gives transformers' logits and greedy tokens."""
+    run_interpreted(MODEL_CHECK)
