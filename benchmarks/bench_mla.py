@@ -9,6 +9,7 @@ heads, rank 512, rope 64, bf16). Also: the kernel inside a CUDA graph (as decode
 
     python benchmarks/bench_mla.py                              # batch 64, context 4096, 16 heads
     python benchmarks/bench_mla.py --batch 1,64 --context 1024,4096 --heads 16,128
+    python benchmarks/bench_mla.py --sweep                      # also each launch alternative of the kernel
     python benchmarks/bench_mla.py --device cpu                 # smoke test of the script on tiny shapes
 """
 
@@ -44,7 +45,8 @@ def make_case(batch: int, context: int, heads: int, rank: int, rope: int, page: 
 
 def bench_mla_decode(batch: int = 64, context: int = 4096, heads: int = 16, rank: int = 512, rope: int = 64,
                      page: int = 16, dtype=torch.bfloat16, device="cuda", timer: Timer | None = None,
-                     copy_gbps: float | None = None, budget_ms: float = 300.0) -> dict:
+                     copy_gbps: float | None = None, budget_ms: float = 300.0, config=None,
+                     reference: bool = True) -> dict:
     """One point: times (ms) of the kernel (events per call, L2 flushed; and inside a CUDA graph), the reference,
     the byte floor and the ratios."""
     device = torch.device(device)
@@ -54,16 +56,18 @@ def bench_mla_decode(batch: int = 64, context: int = 4096, heads: int = 16, rank
     q, cache, tables, lens = make_case(batch, context, heads, rank, rope, page, dtype, device)
     scale = (128 + rope) ** -0.5
     mask = _decode_mask(lens, tables.shape[1] * page, None)
-    reference = lambda: mla_decode_reference(q, cache, tables, mask, scale, rank)  # noqa: E731
+    torch_path = lambda: mla_decode_reference(q, cache, tables, mask, scale, rank)  # noqa: E731
     latent_bytes = batch * context * (rank + rope) * dtype.itemsize
     floor_ms = latent_bytes / (copy_gbps * 1e6)
     result = dict(batch=batch, context=context, heads=heads, rank=rank, rope=rope, page=page,
                   dtype=str(dtype).removeprefix("torch."), latent_bytes=latent_bytes, copy_gbps=copy_gbps,
-                  floor_ms=floor_ms, reference_ms=timer.median_ms(reference))
+                  floor_ms=floor_ms, reference_ms=timer.median_ms(torch_path) if reference else float("nan"))
     if device.type == "cuda":
-        from model.layers.triton_mla_decode import paged_mla_decode
+        from model.layers.triton_mla_decode import DEFAULT_CONFIG, paged_mla_decode
 
-        kernel = lambda: paged_mla_decode(q, cache, tables, lens, scale, rank)  # noqa: E731
+        config = config or DEFAULT_CONFIG
+        result["config"] = dict(vars(config))
+        kernel = lambda: paged_mla_decode(q, cache, tables, lens, scale, rank, config=config)  # noqa: E731
         exact = mla_decode_reference(q.double(), cache.double(), tables, mask, scale, rank)
         result["max_abs_error"] = float((kernel().double() - exact).abs().max())
         result["kernel_ms"] = timer.median_ms(kernel, warmup=2)
@@ -86,6 +90,30 @@ def line(r: dict) -> str:
             f"max |err| {r['max_abs_error']:.1e}")
 
 
+def sweep(batch, context, heads, rank, rope, page, dtype, device, timer, copy_gbps) -> list[dict]:
+    """The kernel at one point under each launch alternative; a failing one (shared memory, registers) says why."""
+    from model.layers.triton_mla_decode import MlaKernelConfig
+
+    rows = []
+    for block_n in (16, 32, 64):
+        for num_warps in (4, 8):
+            for num_stages in (1, 2, 3):
+                config = MlaKernelConfig(block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+                try:
+                    r = bench_mla_decode(batch, context, heads, rank, rope, page, dtype, device, timer, copy_gbps,
+                                         config=config, reference=False)
+                    row = dict(config=vars(config), kernel_ms=r["kernel_ms"], graph_ms=r["graph_ms"],
+                               ratio_to_floor=r["ratio_to_floor"], max_abs_error=r["max_abs_error"])
+                    print(f"    block_n={block_n:>2} warps={num_warps} stages={num_stages}: "
+                          f"{r['kernel_ms'] * 1e3:7.1f} us = {r['ratio_to_floor']:.2f}x floor "
+                          f"(graph {r['graph_ratio_to_floor']:.2f}x), max |err| {r['max_abs_error']:.1e}", flush=True)
+                except Exception as err:  # noqa: BLE001 - an alternative that does not build is a result too
+                    row = dict(config=vars(config), error=repr(err)[:200])
+                    print(f"    block_n={block_n:>2} warps={num_warps} stages={num_stages}: failed {err!r:.120}")
+                rows.append(row)
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
@@ -97,6 +125,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: tiny shapes, reference only")
     p.add_argument("--budget-ms", type=float, default=300.0)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--sweep", action="store_true", help="also time the kernel's launch alternatives (tile keys, "
+                   "warps, pipeline stages) at each point")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -112,6 +142,8 @@ def main(argv=None) -> list[dict]:
                 r = bench_mla_decode(batch, context, heads, rank, rope, args.page, dtype, device, timer, copy_gbps)
                 print(line(r), flush=True)
                 results.append(r)
+                if args.sweep and device.type == "cuda":
+                    r["sweep"] = sweep(batch, context, heads, rank, rope, args.page, dtype, device, timer, copy_gbps)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return results

@@ -11,18 +11,30 @@ Heads beyond BLOCK_H (V3's 128) take more programs that re-read the same rows (f
 kv_lora_rank and the rope width must be powers of two >= 16 (512 and 64 in every DeepSeek model).
 """
 
+from dataclasses import dataclass
+
 import torch
 
 from model.layers.triton_paged import tl, triton
 
 BLOCK_H = 16  # heads per program: the smallest M of tl.dot; V2-Lite's 16 heads are one program per sequence split
-MAX_SPLITS = 16  # the combine holds [splits, kv_lora_rank] fp32 per row: 16 x 512 keeps it in registers
 
 
-def block_n(dtype: torch.dtype) -> int:
-    """Keys per tile: [32, 512] bf16 is 32 KB of shared memory per pipeline stage; fp32 (tests) takes 16 keys for
-    the same bytes."""
-    return 32 if dtype.itemsize <= 2 else 16
+@dataclass(frozen=True)
+class MlaKernelConfig:
+    """Launch choices (benchmarks/bench_mla.py --sweep measures the alternatives). Keys per tile: [32, 512] bf16 is
+    32 KB of shared memory per pipeline stage; fp32 (tests) takes half the keys for the same bytes. At most
+    `max_splits` splits: the combine holds [splits, kv_lora_rank] fp32 per row in registers."""
+    block_n: int = 32
+    num_warps: int = 4
+    num_stages: int = 2
+    max_splits: int = 16
+
+    def keys_per_tile(self, dtype: torch.dtype) -> int:
+        return self.block_n if dtype.itemsize <= 2 else max(16, self.block_n // 2)
+
+
+DEFAULT_CONFIG = MlaKernelConfig()
 
 
 def supported(kv_lora_rank: int, rope_dim: int) -> bool:
@@ -89,6 +101,7 @@ def paged_mla_decode(
     scale: float,
     kv_lora_rank: int,
     splits: int | None = None,  # None: choose_splits (shapes only, so CUDA graphs keep it)
+    config: MlaKernelConfig = DEFAULT_CONFIG,
 ) -> torch.Tensor:
     """-> [B, Hq, r] in q's dtype."""
     num_seqs, num_heads, width = q.shape
@@ -103,8 +116,8 @@ def paged_mla_decode(
     out = torch.empty(num_seqs, num_heads, kv_lora_rank, dtype=q.dtype, device=q.device)
     groups = -(-num_heads // BLOCK_H)
     max_keys = block_tables.shape[1] * page
-    tile = block_n(q.dtype)
-    splits = splits or min(MAX_SPLITS, choose_splits(num_seqs, groups, max_keys, q.device, tile))
+    tile = config.keys_per_tile(q.dtype)
+    splits = splits or min(config.max_splits, choose_splits(num_seqs, groups, max_keys, q.device, tile))
     split_len = -(-max_keys // (splits * tile)) * tile
     if splits > 1:
         part_max = torch.empty(num_seqs * num_heads, splits, dtype=torch.float32, device=q.device)
@@ -116,7 +129,8 @@ def paged_mla_decode(
         q, latent_cache, block_tables, context_lens, out, part_max, part_sum, part_acc,
         scale, block_tables.stride(0), max_keys, split_len,
         NUM_HEADS=num_heads, BLOCK_H=BLOCK_H, RANK=kv_lora_rank, ROPE=rope, PAGE=page, BLOCK_N=tile,
-        IEEE=q.dtype == torch.float32, SPLITS=splits, num_warps=4, num_stages=2,
+        IEEE=q.dtype == torch.float32, SPLITS=splits, num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     if splits > 1:
         _combine_splits_kernel[(num_seqs * num_heads,)](
