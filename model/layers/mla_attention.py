@@ -31,8 +31,7 @@ def softmax_scale(config: ModelConfig) -> float:
     """1/sqrt(nope + rope), times YaRN's mscale(factor, mscale_all_dim)² when the rope is YaRN-scaled (DeepSeek's
     `yarn_get_mscale` as transformers applies it in DeepseekV3Attention)."""
     scale = config.mla.qk_head_dim**-0.5
-    yarn = getattr(config, "rope_yarn", None)
-    return scale * yarn.softmax_scale_multiplier() if yarn is not None else scale
+    return scale * config.rope_yarn.softmax_scale_multiplier() if config.rope_yarn is not None else scale
 
 
 def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
