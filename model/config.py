@@ -67,6 +67,7 @@ class ModelConfig:
     rope_theta: float
     rope_linear_factor: float = 1.0  # positions are divided by this ("linear" rope scaling)
     rope_yarn: YarnScaling | None = None  # "yarn" rope scaling
+    partial_rotary_factor: float = 1.0  # the first head_dim * factor channels of q/k rotate, the rest pass (GLM-4.5)
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
@@ -83,6 +84,7 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0  # the routed experts' weights are multiplied by it
     sliding_window: int | None = None
     dense_layers: tuple[int, ...] = ()  # layers with a dense MLP instead of the MoE block
+    mtp_layers: int = 0  # multi-token-prediction layers stored after the decoder's (num_nextn_predict_layers); unused
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     initializer_range: float = 0.02
@@ -105,6 +107,11 @@ class ModelConfig:
             raise ConfigError(f"num_experts_per_tok={self.top_k} exceeds the number of experts {self.num_experts}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2 or self.rotary_dim == 0:
+            raise ConfigError(f"partial_rotary_factor={self.partial_rotary_factor} must give an even, non-zero number "
+                              f"of rotary channels of head_dim={self.head_dim}")
+        if not isinstance(self.mtp_layers, int) or self.mtp_layers < 0:
+            raise ConfigError(f"num_nextn_predict_layers must be a non-negative integer, got {self.mtp_layers!r}")
         if self.qk_norm not in ("none", "per_head", "full"):
             raise ConfigError(f"qk_norm must be none/per_head/full, got {self.qk_norm!r}")
         if self.dense_layers and self.intermediate_size <= 0:
@@ -113,6 +120,11 @@ class ModelConfig:
         for name in ("hidden_size", "moe_intermediate_size"):
             if getattr(self, name) % 8:  # the fused MoE op reads rows in 16-byte vectors
                 raise ConfigError(f"{name}={getattr(self, name)} must be a multiple of 8")
+
+    @property
+    def rotary_dim(self) -> int:
+        """The rotated channels of each q/k head, as transformers computes them: int(head_dim * factor)."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def grouped_routing(self) -> bool:
@@ -226,6 +238,12 @@ def common_fields(d: dict, name: str, default_rms_norm_eps: float, default_rope_
     heads = require(d, "num_attention_heads")
     if d.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act={d['hidden_act']!r} is not supported (only silu)")
+    rope_fields = rope(d, default_rope_theta)
+    max_positions = require(d, "max_position_embeddings")
+    # YaRN's context is original x factor, as vLLM takes it (Qwen3's model cards add factor 4 over 32768 and leave
+    # max_position_embeddings at 40960)
+    if (yarn := rope_fields.get("rope_yarn")) is not None:
+        max_positions = max(max_positions, int(yarn.original_max_position_embeddings * yarn.factor))
     return dict(
         model_type=d["model_type"],
         name=name,
@@ -235,9 +253,9 @@ def common_fields(d: dict, name: str, default_rms_norm_eps: float, default_rope_
         num_heads=heads,
         num_kv_heads=d.get("num_key_value_heads") or heads,
         head_dim=d.get("head_dim") or hidden // heads,
-        max_position_embeddings=require(d, "max_position_embeddings"),
+        max_position_embeddings=max_positions,
         rms_norm_eps=float(d.get("rms_norm_eps", default_rms_norm_eps)),
-        **rope(d, default_rope_theta),
+        **rope_fields,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         eos_token_ids=token_ids(d.get("eos_token_id")),
         bos_token_id=d.get("bos_token_id"),

@@ -72,7 +72,7 @@ class MoeCausalLM(nn.Module):
         block_size = kv_cache.shape[1 + self.model.layers[0].self_attn.CACHE_BLOCK_DIM]
         plan = AttentionPlan.build(batch, block_size=block_size, sliding_window=self.config.sliding_window)
         h = self.model.embed_tokens(batch.input_ids)  # [N, H]
-        rotary = self.model.rotary_emb(batch.positions, h.dtype)  # cos, sin [N, 1, D]
+        rotary = self.model.rotary_emb(batch.positions, h.dtype)  # cos, sin [N, 1, R] (R: rotary channels)
         for layer_idx, layer in enumerate(self.model.layers):
             h = layer(h, rotary, plan, kv_cache[layer_idx])
         return self.model.norm(h[batch.logits_indices])  # [S, H]; the norm is per row, so only wanted rows

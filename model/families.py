@@ -18,7 +18,6 @@ class Family:
     rms_norm_eps: float  # transformers' defaults, for a config.json that leaves them out
     rope_theta: float
     checkpoint_renames: tuple[tuple[str, str], ...] = ()  # (regex, replacement) applied to checkpoint keys
-    trailing_layers_skipped: str = ""  # why checkpoint layers past num_hidden_layers are not loaded ("": refused)
 
 
 def _dense_layers(d: dict, num_layers: int) -> tuple[int, ...]:
@@ -103,6 +102,7 @@ def _deepseek_moe(d: dict, common: dict) -> dict:
         dense_layers=tuple(range(min(first_dense, common["num_layers"]))),
         shared_expert_intermediate_size=n_shared * moe_inter,
         shared_expert_gated=False,
+        mtp_layers=d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0)) or 0,  # V3's, skipped at load
     )
 
 
@@ -131,8 +131,39 @@ def _deepseek_v3(d: dict, common: dict) -> dict:
 
 
 _DEEPSEEK_RENAMES = ((r"\.mlp\.shared_experts\.", ".mlp.shared_expert."),)
-_MTP_NOTE = ("DeepSeek's multi-token-prediction layer predicts a token further ahead, for speculative decoding; "
-             "serving does not use it")
+
+def _glm4_moe(d: dict, common: dict) -> dict:
+    """GLM-4.5 / 4.6 / 4.5-Air: GQA with partial rotary (the first half of each head by default), optional per-head
+    q/k norm and q/k/v biases; sigmoid routing with a correction bias over n_group groups, renormalised, scaled; one
+    ungated shared expert; the first first_k_dense_replace layers dense. Defaults: transformers' Glm4MoeConfig."""
+    if d.get("scoring_func", "sigmoid") != "sigmoid":
+        raise ConfigError(f"scoring_func={d['scoring_func']!r} is not supported for glm4_moe (only sigmoid)")
+    rope_spec = {**(d.get("rope_scaling") or {}), **(d.get("rope_parameters") or {})}
+    moe_intermediate = require(d, "moe_intermediate_size")
+    first_dense = d.get("first_k_dense_replace", 1)
+    if not isinstance(first_dense, int) or first_dense < 0:
+        raise ConfigError(f"first_k_dense_replace must be a non-negative integer, got {first_dense!r}")
+    return dict(
+        num_experts=require(d, "n_routed_experts", "num_local_experts"),
+        top_k=require(d, "num_experts_per_tok"),
+        moe_intermediate_size=moe_intermediate,
+        intermediate_size=d.get("intermediate_size") or 0,
+        norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+        dense_layers=tuple(range(min(first_dense, common["num_layers"]))),
+        qkv_bias=bool(d.get("attention_bias", False)),  # o_proj never has one
+        qk_norm="per_head" if d.get("use_qk_norm", False) else "none",
+        partial_rotary_factor=float(rope_spec.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.5))),
+        shared_expert_intermediate_size=(d.get("n_shared_experts", 1) or 0) * moe_intermediate,
+        shared_expert_gated=False,
+        scoring_func="sigmoid",
+        router_correction_bias=True,
+        n_group=d.get("n_group") or 1,
+        topk_group=d.get("topk_group") or 1,
+        group_score="top2_sum",
+        routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
+        mtp_layers=d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0)) or 0,
+    )
+
 
 FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family("Qwen3-MoE (Qwen3-30B-A3B): per-head q/k RMSNorm, no biases, top-k renormalised when "
@@ -149,12 +180,15 @@ FAMILIES: dict[str, Family] = {
                     "renormalised", _olmoe, 1e-5, 10000.0),
     "deepseek_v2": Family("DeepSeek-V2 / V2-Lite: multi-head latent attention (latent KV cache, q_lora_rank "
                           "optional), softmax routing, greedy or group-limited, shared experts, first_k_dense_replace "
-                          "dense layers", _deepseek_v2, 1e-6, 10000.0, checkpoint_renames=_DEEPSEEK_RENAMES,
-                          trailing_layers_skipped=_MTP_NOTE),
+                          "dense layers", _deepseek_v2, 1e-6, 10000.0, checkpoint_renames=_DEEPSEEK_RENAMES),
     "deepseek_v3": Family("DeepSeek-V3 / R1 (and Kimi-K2's layout): MLA, sigmoid routing with a correction bias, "
                           "group-limited top-k over the best-two sum of each group, routed_scaling_factor, shared "
                           "experts; the MTP layer is skipped at load", _deepseek_v3, 1e-6, 10000.0,
-                          checkpoint_renames=_DEEPSEEK_RENAMES, trailing_layers_skipped=_MTP_NOTE),
+                          checkpoint_renames=_DEEPSEEK_RENAMES),
+    "glm4_moe": Family("GLM-4.5 / 4.6 / 4.5-Air: partial rotary, optional q/k norm and QKV biases, sigmoid routing "
+                       "with a correction bias (group-limited, scaled), an ungated shared expert, leading dense "
+                       "layers; the MTP layer is skipped", _glm4_moe, 1e-5, 10000.0,
+                       checkpoint_renames=((r"\.mlp\.shared_experts\.", ".mlp.shared_expert."),)),
 }
 
 

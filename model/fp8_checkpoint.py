@@ -10,7 +10,7 @@ from torch import nn
 
 from model.checkpoint import CheckpointError, SafetensorsCheckpoint
 from model.layers.linear import Linear
-from model.layers.moe import Experts
+from model.layers.moe import Experts, Router
 from model.quant_config import Fp8CheckpointConfig
 from model.weight_map import BLOCK, FP8_DTYPE_NAME, SCALE_SUFFIX, plan_loading, rename_keys
 
@@ -66,7 +66,11 @@ def fp8_targets(plain: nn.Module, checkpoint: SafetensorsCheckpoint, renames, ig
         module_name, param_name = owner[id(param)]
         is_fp8 = checkpoint.tensors[key].dtype == FP8_DTYPE_NAME
         module = plain.get_submodule(module_name)
-        if param_name.endswith(".bias") or not isinstance(module, (Linear, Experts)):
+        if is_fp8 and isinstance(module, Router) and module.e_score_correction_bias is not None:
+            raise CheckpointError(f"{_where(checkpoint, key)} is float8_e4m3fn, but a router with "
+                                  f"e_score_correction_bias is served in high precision only (its scores choose "
+                                  f"the experts; DeepSeek-V3 and GLM-4.5 FP8 checkpoints keep it in bf16)")
+        if param_name.endswith((".bias", ".e_score_correction_bias")) or not isinstance(module, (Linear, Experts)):
             if is_fp8:
                 raise CheckpointError(f"{_where(checkpoint, key)} is float8_e4m3fn, but {param_name} is served in "
                                       f"high precision only (FP8 is for linear and expert weights)")

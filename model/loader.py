@@ -14,7 +14,6 @@ holds a high-precision copy of the model: its peak at load is the FP8 model plus
 import contextlib
 import json
 import logging
-import re
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from model.presets import PRESETS, TINY
 from model.quant_config import check_quantization
 from model.quantization import apply_fp8, online_targets, quantize_parameter, weight_of_scale
 from model.tokenizer import Tokenizer, load_tokenizer
-from model.weight_map import QuantizeAtLoad, load_weights, rename_keys
+from model.weight_map import QuantizeAtLoad, load_weights, unused_keys
 
 logger = logging.getLogger(__name__)
 
@@ -142,10 +141,12 @@ def load_model(
         raise ConfigError(f"{config.model_type}: FP8 weights with latent attention (MLA) are not supported yet; "
                           f"serve a bfloat16 checkpoint")
     checkpoint = None if random_weights else SafetensorsCheckpoint(directory)
-    ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
     renames = FAMILIES[config.model_type].checkpoint_renames
-    if checkpoint is not None:
-        ignorable |= skipped_trailing_layers(config, checkpoint, renames)
+    ignorable = unused_keys(config, checkpoint, renames)
+    if config.mtp_layers and checkpoint is not None:
+        logger.info("%s: skipping the %d multi-token-prediction layer(s) after layer %d (%d tensors): not used for "
+                    "decoding", directory, config.mtp_layers, config.num_layers - 1,
+                    len(ignorable - {"lm_head.weight"}))
     with torch.device("meta"):
         plain = MoeCausalLM(config)
     stored = fp8_targets(plain, checkpoint, renames, ignorable) if checkpoint is not None else []
@@ -178,23 +179,6 @@ def load_model(
     logger.info("FP8 (%s): %d modules in float8_e4m3fn with 128x128 block scales, weights %.2f GiB",
                 "as stored in the checkpoint" if stored else "quantised at load", len(targets), size / 2**30)
     return model, tokenizer
-
-
-def skipped_trailing_layers(config: ModelConfig, checkpoint: SafetensorsCheckpoint, renames) -> set[str]:
-    """Keys (renamed) of layers past num_hidden_layers, which a family may declare unused: DeepSeek-V3's
-    multi-token-prediction layer (model.layers.61 of V3) is for speculative decoding, not for the next token."""
-    note = FAMILIES[config.model_type].trailing_layers_skipped
-    if not note:
-        return set()
-    skipped = set()
-    for key in rename_keys(checkpoint.tensors, renames):
-        m = re.match(r"model\.layers\.(\d+)\.", key)
-        if m and int(m[1]) >= config.num_layers:
-            skipped.add(key)
-    if skipped:
-        layers = sorted({int(re.match(r"model\.layers\.(\d+)\.", k)[1]) for k in skipped})
-        logger.info("skipping checkpoint layers %s (%d tensors): %s", layers, len(skipped), note)
-    return skipped
 
 
 def resolve_source(source: str, random_weights: bool) -> tuple[ModelConfig, Tokenizer, Path, bool]:

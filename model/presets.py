@@ -79,6 +79,20 @@ PRESETS: dict[str, dict] = {
                           mscale=1.0, mscale_all_dim=1.0),
         rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, torch_dtype="bfloat16",
     ),
+    # zai-org/GLM-4.5-Air (106B total, 12B active without the embeddings; its MTP layer is not part of the preset):
+    # 213 GB in bf16, so on one GPU only in FP8 (`--quantization fp8`): ~108 GB of weights on a 141 GB H200 (the
+    # first layer's dense down projection, K = 10944 = 85.5 x 128, stays bf16), the rest (roughly 30 GB after
+    # activations; not measured) for the KV cache at 188 KB per token (46 layers x 8 KV heads x 128 x K|V x bf16).
+    # An 80 GB H100 holds it in neither precision.
+    "glm-4.5-air": dict(
+        model_type="glm4_moe", vocab_size=151552, hidden_size=4096, intermediate_size=10944, num_hidden_layers=46,
+        num_attention_heads=96, num_key_value_heads=8, head_dim=128, partial_rotary_factor=0.5,
+        max_position_embeddings=131072, moe_intermediate_size=1408, n_routed_experts=128, num_experts_per_tok=8,
+        n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True,
+        routed_scaling_factor=1.0, num_nextn_predict_layers=1, attention_bias=True, use_qk_norm=False,
+        rms_norm_eps=1e-5, rope_theta=1000000.0, tie_word_embeddings=False, pad_token_id=151329,
+        eos_token_id=[151329, 151336, 151338], torch_dtype="bfloat16",
+    ),
     # Small enough for CI and a laptop; Qwen3-MoE layout. Its vocabulary is the byte tokenizer's (259 ids).
     TINY: dict(
         model_type="qwen3_moe", vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -7,7 +7,8 @@
 - On a model with weights (tests, tools) each target's weights are quantised into its twin on the spot.
 
 What `--quantization fp8` quantises (`online_targets`): the routed experts, attention projections, dense MLPs and
-shared experts — every GEMM whose weights a decode step streams. The router, the shared-expert gate (tiny, and the
+shared experts — every GEMM whose weights a decode step streams (but an MLP down projection whose K is not whole
+128-blocks, which stays as it is). The router, the shared-expert gate (tiny, and the
 routing decision is sensitive), embeddings and the LM head stay in high precision, as DeepSeek-V3 and Qwen3-FP8 ship
 them. Quantisation is per 128x128 block (`model.kernels.fp8.quantize_fp8_blocks`, the checkpoints' format).
 """
@@ -19,6 +20,7 @@ from model.kernels.fp8 import FP8_BLOCK, FP8_DTYPE, quantize_fp8_blocks
 from model.kernels.fp8_linear import block_scaled_mm_supported
 from model.layers.fp8 import Fp8Experts, Fp8Linear
 from model.layers.linear import Linear
+from model.layers.mlp import GatedMLP
 from model.layers.moe import Experts
 
 SCALE_SUFFIX = "_scale_inv"
@@ -35,6 +37,13 @@ def weight_of_scale(param_name: str) -> str | None:
     return param_name[: -len(SCALE_SUFFIX)] if param_name.endswith(SCALE_SUFFIX) else None
 
 
+def _is_mlp_down_projection(model: nn.Module, name: str) -> bool:
+    """The down projection of a dense MLP or shared expert: one small GEMM per layer at most, so leaving it in high
+    precision where its K is not whole blocks costs little (the attention and experts' sizes must still fit)."""
+    parent, _, leaf = name.rpartition(".")
+    return leaf == "down_proj" and isinstance(model.get_submodule(parent), GatedMLP)
+
+
 def online_targets(model: nn.Module) -> list[str]:
     """Module names `--quantization fp8` makes FP8, after checking each can be (its K a multiple of 128)."""
     targets = []
@@ -46,6 +55,8 @@ def online_targets(model: nn.Module) -> list[str]:
                                  f"({inter}) to be multiples of {FP8_BLOCK}; {name} has neither fit")
             targets.append(name)
         elif isinstance(module, Linear) and name.rsplit(".", 1)[-1] not in HIGH_PRECISION_LINEARS:
+            if module.in_features % FP8_BLOCK and _is_mlp_down_projection(model, name):
+                continue  # stays high precision: an MLP's K is ragged (GLM-4.5-Air's dense layer: 10944 = 85.5 x 128)
             if module.in_features % FP8_BLOCK:
                 raise ValueError(f"--quantization fp8 needs every quantised linear's input size to be a multiple of "
                                  f"{FP8_BLOCK}; {name} takes {module.in_features}")

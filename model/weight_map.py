@@ -125,6 +125,17 @@ def rename_keys(keys, renames: tuple[tuple[str, str], ...]) -> dict[str, str]:
     return mapping
 
 
+def unused_keys(config, checkpoint: SafetensorsCheckpoint | None, renames) -> set[str]:
+    """Checkpoint keys (after renames) left unloaded on purpose: a tied LM head's copy, and the multi-token-prediction
+    layers of DeepSeek-V3 and GLM-4.5 (`num_nextn_predict_layers`, stored as layers num_hidden_layers, ... after the
+    decoder's; a decode step does not use them, speculative decoding could later)."""
+    keys = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if checkpoint is not None and config.mtp_layers:
+        prefixes = tuple(f"model.layers.{config.num_layers + i}." for i in range(config.mtp_layers))
+        keys |= {k for k in rename_keys(checkpoint.tensors, renames) if k.startswith(prefixes)}
+    return keys
+
+
 def plan_loading(
     model: nn.Module, checkpoint: SafetensorsCheckpoint, renames, ignorable=(), made=(), check_dtypes: bool = True
 ) -> list[tuple[torch.nn.Parameter, Piece, str]]:

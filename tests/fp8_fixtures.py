@@ -35,11 +35,16 @@ FP8_CONFIGS = {
     "mixtral": dict(model_type="mixtral", intermediate_size=256, num_local_experts=4, num_experts_per_tok=2),
     "olmoe": dict(model_type="olmoe", intermediate_size=256, num_experts=8, num_experts_per_tok=3,
                   norm_topk_prob=False, clip_qkv=None),
+    # shared_experts.* keys (renamed at load, their scales too), a float32 correction bias beside a bf16 router
+    "glm4_moe": dict(model_type="glm4_moe", intermediate_size=384, moe_intermediate_size=128, n_routed_experts=8,
+                     num_experts_per_tok=3, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5,
+                     n_shared_experts=2, first_k_dense_replace=1),
 }
 # Modules each family's checkpoint keeps in bf16, as published FP8 checkpoints do (Qwen3-FP8 lists its routers; the
 # qwen3_moe test instead quantises the router too, to cover a ragged scale block).
 NOT_CONVERTED = {"qwen3_moe": ["lm_head"], "qwen2_moe": ["lm_head", "mlp.gate", "shared_expert_gate"],
-                 "mixtral": ["lm_head", "block_sparse_moe.gate", "mlp.gate"], "olmoe": ["lm_head", "mlp.gate"]}
+                 "mixtral": ["lm_head", "block_sparse_moe.gate", "mlp.gate"], "olmoe": ["lm_head", "mlp.gate"],
+                 "glm4_moe": ["lm_head", "mlp.gate"]}
 
 
 def e4m3_round(v: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model.forward_batch import ForwardBatch
 
-FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "glm4_moe")
 VOCAB = 320
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -31,6 +31,12 @@ TINY_CONFIGS = {
     # Full-width q/k norm, clipping that really clips (weights are scaled up below).
     "olmoe": dict(model_type="olmoe", intermediate_size=32, num_experts=8, num_experts_per_tok=3,
                   norm_topk_prob=False, clip_qkv=2.0),
+    # GLM-4.5: half the head rotates, per-head q/k norm, QKV biases, sigmoid routing with a (randomised, below)
+    # correction bias over 2 groups keeping 1, scaled; 2 shared experts' worth of ungated shared MLP; layer 0 dense.
+    "glm4_moe": dict(model_type="glm4_moe", head_dim=16, partial_rotary_factor=0.5, use_qk_norm=True,
+                     attention_bias=True, intermediate_size=48, moe_intermediate_size=32, n_routed_experts=8,
+                     num_experts_per_tok=3, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5,
+                     n_shared_experts=2, first_k_dense_replace=1),
 }
 
 
@@ -49,6 +55,9 @@ def make_hf_model(family: str, seed: int = 0, **overrides) -> transformers.PreTr
             p.copy_(1.0 + 0.2 * torch.randn_like(p))
         else:
             p.normal_(0.0, 0.15)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # a buffer (transformers inits it to 0), saved with the weights
+            b.normal_(0.0, 0.3)
     return model.eval()
 
 

@@ -194,6 +194,24 @@ def test_qwen2_57b_fits_an_80gb_gpu_only_in_fp8():
     assert 56e9 < fp8 < 60e9
 
 
+def test_glm_4_5_air_fits_one_h200_only_in_fp8():
+    """214 GB in bf16; in FP8 108 GB, under a 141 GB H200 with room for KV, over an 80 GB H100. The first layer's
+    dense down projection (K = 10944, not whole 128-blocks) stays bf16; every other GEMM is FP8."""
+    def model_of(quantization):
+        return load_model("glm-4.5-air", random_weights=True, device="meta", quantization=quantization)[0]
+
+    def weight_bytes(model):
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+
+    fp8 = model_of("fp8")
+    assert weight_bytes(model_of("none")) == pytest.approx(213.7e9, rel=0.01)
+    assert 100e9 < weight_bytes(fp8) < 110e9
+    dense = fp8.model.layers[0].mlp
+    assert isinstance(dense.gate_up_proj, Fp8Linear) and dense.down_proj.weight.dtype == torch.bfloat16
+    assert isinstance(fp8.model.layers[1].mlp.shared_expert.down_proj, Fp8Linear)
+    assert fp8.moe_blocks()[0].gate.e_score_correction_bias.dtype == torch.float32
+
+
 def test_fused_3d_fp8_experts_load_like_per_expert_ones(fp8, written):
     """transformers 5's in-memory layout, experts.gate_up_proj [E, 2I, H] + experts.gate_up_proj_scale_inv
     [E, 2I/128, H/128] (and down_proj alike), gives the same model as the per-expert keys."""
@@ -213,3 +231,15 @@ def test_fused_3d_fp8_experts_load_like_per_expert_ones(fp8, written):
     for (name, a), (_, b) in zip(fused.named_parameters(), per_expert.named_parameters()):
         assert torch.equal(a.view(torch.uint8) if a.dtype == FP8_DTYPE else a,
                            b.view(torch.uint8) if b.dtype == FP8_DTYPE else b), name
+
+
+def test_fp8_router_with_a_correction_bias_is_refused(tmp_path, monkeypatch):
+    """GLM-4.5 / DeepSeek-V3 routers choose experts by float32 scores plus a bias: an FP8 one is refused, naming
+    the tensor (their published FP8 checkpoints keep the router in bf16)."""
+    import tests.fp8_fixtures as fixtures
+
+    monkeypatch.setitem(fixtures.NOT_CONVERTED, "glm4_moe", ["lm_head"])  # the router quantised too
+    directory, _ = write_fp8_checkpoint("glm4_moe", tmp_path)
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.mlp\.gate\.weight' .* is float8_e4m3fn, but a "
+                                              r"router with e_score_correction_bias is served in high precision"):
+        load_model(str(directory), dtype=torch.float32)

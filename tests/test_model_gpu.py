@@ -16,7 +16,8 @@ PROMPT = [5, 77, 203, 19, 150, 8, 66, 301, 42, 42, 7, 260, 99, 31, 4, 180, 222]
 # "wide": hidden and expert sizes large enough for the kernel's real tile shapes.
 SIZES = {"tiny": {}, "wide": dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=4)}
 WIDE_EXPERTS = {"qwen3_moe": dict(moe_intermediate_size=256, head_dim=64), "qwen2_moe": dict(moe_intermediate_size=256),
-                "mixtral": dict(intermediate_size=256), "olmoe": dict(intermediate_size=256)}
+                "mixtral": dict(intermediate_size=256), "olmoe": dict(intermediate_size=256),
+                "glm4_moe": dict(moe_intermediate_size=256, intermediate_size=256, head_dim=64)}
 
 
 def overrides(family, size):

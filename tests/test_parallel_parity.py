@@ -1,7 +1,8 @@
 """2 and 4 gloo ranks give the logits of one rank (float32, within summation-order rounding) on tiny checkpoints
 saved by transformers: chunked prefill, a sequence joining mid-way and decode steps, for attention heads split
 (K/V heads replicated when ranks outnumber them), vocabulary split (with padding rows), experts split by range, by
-columns, or both, Qwen2-MoE's shared expert and OLMoE's q/k norm across ranks."""
+columns, or both, Qwen2-MoE's and GLM-4.5's shared experts, GLM's grouped routing (replicated router and correction
+bias) and OLMoE's q/k norm across ranks."""
 
 from pathlib import Path
 
@@ -17,15 +18,15 @@ RTOL = 2e-5  # measured 4e-7..8e-7: float32 sums in another order (all-reduce of
 
 # (family, expert_parallel) per world size; tensor_parallel = world size.
 CASES = {
-    2: [("qwen3_moe", 1), ("qwen3_moe", 2), ("qwen2_moe", 2), ("olmoe", 1)],
-    4: [("qwen3_moe", 2), ("qwen2_moe", 4), ("olmoe", 2)],  # qwen3 tp4/ep2: 2 ranges x 2 column halves
+    2: [("qwen3_moe", 1), ("qwen3_moe", 2), ("qwen2_moe", 2), ("olmoe", 1), ("glm4_moe", 2)],
+    4: [("qwen3_moe", 2), ("qwen2_moe", 4), ("olmoe", 2), ("glm4_moe", 1)],  # qwen3 tp4/ep2: 2 ranges x 2 column halves
 }
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {family: save_checkpoint(make_hf_model(family), tmp_path_factory.mktemp(family))
-            for family in ("qwen3_moe", "qwen2_moe", "olmoe")}
+            for family in ("qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe")}
 
 
 @pytest.fixture(scope="module")

@@ -109,6 +109,18 @@ def test_yarn_reading_defaults_as_transformers():
     assert (yarn.factor, yarn.original_max_position_embeddings, yarn.beta_fast, yarn.truncate) == (4.0, 32768, 32, True)
 
 
+def test_yarn_context_is_the_original_times_the_factor():
+    """Qwen3's model cards add yarn (factor 4 over 32768) and leave max_position_embeddings at 40960: the context
+    (and rotary table) reaches 131072, as vLLM derives it; a larger max_position_embeddings is kept."""
+    d = transformers.AutoConfig.for_model(**QWEN3, max_position_embeddings=40960, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}).to_dict()
+    config = config_from_hf(d, "x")
+    assert config.max_position_embeddings == 131072 and config.rope_yarn.factor == 4.0
+    assert RotaryEmbedding.from_config(config).cos_cache.shape == (131072, 128)
+    d["max_position_embeddings"] = 200000
+    assert config_from_hf(d, "x").max_position_embeddings == 200000
+
+
 @pytest.mark.parametrize("edit, pattern", [
     ({"factor": "4"}, r"'factor' must be a positive number"),
     ({"factor": -2.0}, r"'factor' must be a positive number"),

@@ -45,7 +45,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [N, H]
-        rotary: tuple[torch.Tensor, torch.Tensor],  # cos, sin [N, 1, D]
+        rotary: tuple[torch.Tensor, torch.Tensor],  # cos, sin [N, 1, R], R <= D rotary channels
         plan: AttentionPlan,
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
     ) -> torch.Tensor:

@@ -7,8 +7,9 @@ DeepSeek and GLM (whose `n_shared_experts` experts are one MLP of n_shared × mo
 families rename their `shared_experts.` keys to `shared_expert.`).
 
 The experts op (`Experts`) is a module of its own so that transforms can wrap it from outside the model: the
-engine's metrics time it by forward hooks (model/engine/moe_timer.py). Expert weights use the layout HF transformers 5 holds in memory: gate_up_proj
-[E, 2I, H] (gate rows, then up rows) and down_proj [E, H, I], which is what `model.kernels.fused_moe` takes.
+engine's metrics time it by forward hooks (model/engine/moe_timer.py). Expert weights use the layout HF
+transformers 5 holds in memory: gate_up_proj [E, 2I, H] (gate rows, then up rows) and down_proj [E, H, I], which is
+what `model.kernels.fused_moe` takes.
 """
 
 import torch

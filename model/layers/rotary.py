@@ -61,16 +61,24 @@ class RotaryEmbedding(nn.Module):
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> "RotaryEmbedding":
-        return cls(config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_linear_factor,
+        return cls(config.rotary_dim, config.max_position_embeddings, config.rope_theta, config.rope_linear_factor,
                    config.rope_yarn)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [N, 1, D] for `positions` [N], in the activation dtype (as HF casts them before rotating, which
+        """cos, sin [N, 1, R] for `positions` [N], in the activation dtype (as HF casts them before rotating, which
         keeps bf16 results alike). Computed once per step and shared by all layers."""
         return self.cos_cache[positions].unsqueeze(1).to(dtype), self.sin_cache[positions].unsqueeze(1).to(dtype)
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rotary_dim = cos.shape[-1]
+    if rotary_dim == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]  # partial rotary: the first channels turn
+    return torch.cat((rotated * cos + rotate_half(rotated) * sin, passed), dim=-1)
+
+
 @gpu_fused
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q [N, Hq, D], k [N, Hkv, D], cos/sin [N, 1, D]."""
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    """q [N, Hq, D], k [N, Hkv, D], cos/sin [N, 1, R] with R <= D rotary channels (the first R of each head)."""
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)

@@ -17,7 +17,7 @@ from model.parallel.comm import Comm
 from model.parallel.config import ParallelConfig, RankLayout
 from model.parallel.model import ParallelCausalLM, build_parallel_model, meta_model
 from model.parallel.sharding import regions
-from model.weight_map import plan_loading
+from model.weight_map import plan_loading, unused_keys
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +33,8 @@ class ShardLoadStats:
 def load_shard(model: ParallelCausalLM, checkpoint: SafetensorsCheckpoint) -> ShardLoadStats:
     config = model.config
     global_model = meta_model(config)
-    ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    plan = plan_loading(global_model, checkpoint, FAMILIES[config.model_type].checkpoint_renames, ignorable)
+    renames = FAMILIES[config.model_type].checkpoint_renames
+    plan = plan_loading(global_model, checkpoint, renames, unused_keys(config, checkpoint, renames))
     names = {id(p): name for name, p in global_model.named_parameters()}
     local = dict(model.lm.named_parameters())
     for name, param in local.items():
