@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from model.engine import EngineConfig, LLMEngine, SamplingParams
+from model.kv_capacity import values_per_token_per_layer
 from model.presets import PRESETS
 from benchmarks.precision_compare import precision_table
 from model.weight_map import parameter_sources
@@ -204,6 +205,7 @@ def bench_ours(preset, args, prompts, bandwidth, deadline: float, quantization: 
                experts_precision=engine.moe_stats().precision, init_seconds=init_s,
                weight_gib=sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 2**30,
                num_kv_blocks=engine.num_kv_blocks, kv_capacity_tokens=engine.num_kv_blocks * engine.config.block_size,
+               kv_capacity_uncompressed_tokens=uncompressed_capacity(engine),
                num_cuda_graphs=engine.runner.num_graphs,
                kernel_path=engine.kernel_path, throughput={}, decode={}, skipped=[])
     for b in args.batches:
@@ -249,11 +251,17 @@ def hf_sharing_weights(engine, preset):
     for name, param in engine.model.named_parameters():
         for piece in parameter_sources(name, tuple(param.shape), q_size, kv_size)[0]:
             views[piece.key] = param[piece.index] if piece.index else param
+            # DeepSeek's (and GLM's) MLP of n_shared experts: HF's `shared_experts`, our `shared_expert`
+            views[piece.key.replace(".mlp.shared_expert.", ".mlp.shared_experts.")] = views[piece.key]
     for name, _ in list(hf.named_parameters()):
         if name not in views:
             raise KeyError(f"no engine weight for HF parameter {name}")
         module_name, _, leaf = name.rpartition(".")
         hf.get_submodule(module_name)._parameters[leaf] = torch.nn.Parameter(views[name], requires_grad=False)
+    for name, buffer in list(hf.named_buffers()):  # DeepSeek-V3's router correction bias: HF buffer, our parameter
+        if buffer.device.type == "meta" and name in views:
+            module_name, _, leaf = name.rpartition(".")
+            hf.get_submodule(module_name)._buffers[leaf] = views[name]
     rotary = hf.model.rotary_emb
     hf.model.rotary_emb = type(rotary)(config=hf.config).to(engine.device)
     left = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if t.device.type == "meta"]
@@ -334,6 +342,13 @@ def first_logits_agree(engine, hf, prompt) -> float:
     return float((actual - expected).abs().max() / expected.abs().max())
 
 
+def uncompressed_capacity(engine) -> int:
+    """The tokens the same KV-cache bytes would hold without MLA's latent compression (model/kv_capacity.py); the
+    engine's own capacity for other attention kinds."""
+    cached, uncompressed = values_per_token_per_layer(engine.model_config)
+    return engine.num_kv_blocks * engine.config.block_size * cached // uncompressed
+
+
 def bench_preset(preset, args, bandwidth, deadline: float, quantization: str = "none") -> dict:
     """Ours in the first 45% of the time until `deadline`, HF in the rest (bf16 only)."""
     vocab = PRESETS[preset]["vocab_size"]
@@ -350,7 +365,8 @@ def bench_preset(preset, args, bandwidth, deadline: float, quantization: str = "
                                      "reference": "dequantise-then-matmul fallback"}[dense_fp8_path(engine.device)]
     print(f"  weights {ours['weight_gib']:.1f} GiB ({ours['experts_precision']} experts"
           f"{', dense: ' + ours['fp8_dense_linears'] if 'fp8_dense_linears' in ours else ''}), KV cache "
-          f"{ours['kv_capacity_tokens']} tokens", flush=True)
+          f"{ours['kv_capacity_tokens']} tokens (uncompressed keys and values: "
+          f"{ours['kv_capacity_uncompressed_tokens']})", flush=True)
     result = dict(ours=ours, hf={}, speedup={})
     if not skip_hf:
         result.update(run_hf_baseline(engine, preset, prompts, args.hf_batches, args.output_len, deadline=deadline,
@@ -397,7 +413,8 @@ def markdown(report) -> str:
         o = r["ours"]
         lines += [f"## {preset}", "", f"kernel: {o['kernel_path']}; experts in {o.get('experts_precision', '?')}, "
                   f"weights {o.get('weight_gib', float('nan')):.1f} GiB; {o['num_kv_blocks']} KV blocks = "
-                  f"{o.get('kv_capacity_tokens', '?')} tokens of KV cache; "
+                  f"{o.get('kv_capacity_tokens', '?')} tokens of KV cache "
+                  f"({o.get('kv_capacity_uncompressed_tokens', '?')} without latent compression); "
                   f"{o['num_cuda_graphs']} CUDA graphs, engine start-up {o['init_seconds']:.1f} s.", "",
                   "| batch | ours tok/s | largest decode batch | HF grouped_mm tok/s | speedup |", "|---|---|---|---|---|"]
         for b in sorted({*a["batches"], *([] if a["skip_hf"] else a["hf_batches"])}):

@@ -90,6 +90,7 @@ class ModelConfig:
     initializer_range: float = 0.02
     checkpoint_dtype: str | None = None  # "bfloat16", ... as the checkpoint declares it
     quantization: object = None  # model.quant_config.Fp8CheckpointConfig of a block-FP8 checkpoint, else None
+    mla: object = None  # model.mla_config.MlaConfig: latent attention (deepseek_v2/v3; head_dim is the rope width)
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):

@@ -13,6 +13,7 @@ from model.config import ModelConfig
 from model.forward_batch import ForwardBatch
 from model.layers.attention import Attention
 from model.layers.linear import Embedding, Linear
+from model.layers.mla_attention import MlaAttention
 from model.layers.mlp import GatedMLP
 from model.layers.moe import SparseMoeBlock, routing_of
 from model.layers.norm import RMSNorm
@@ -24,7 +25,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_idx)
+        self.self_attn = MlaAttention(config, layer_idx) if config.mla is not None else Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.is_moe_layer(layer_idx):
             self.mlp = SparseMoeBlock(
@@ -62,13 +63,14 @@ class MoeCausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
 
     def forward(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
-        """kv_cache [num_layers, 2, num_blocks, block_size, Hkv, D] -> logits [S, vocab] float32."""
+        """kv_cache [num_layers, *kv_cache_shape of one layer] -> logits [S, vocab] float32."""
         return F.linear(self.hidden_states(batch, kv_cache), self.head_weight()).float()  # [S, V]
 
     def hidden_states(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
         """The final-normed hidden states [S, H] of the rows `batch.logits_indices` selects (a tensor-parallel
         model, model/parallel, applies its own vocabulary-split head to them)."""
-        plan = AttentionPlan.build(batch, block_size=kv_cache.shape[3], sliding_window=self.config.sliding_window)
+        block_size = kv_cache.shape[1 + self.model.layers[0].self_attn.CACHE_BLOCK_DIM]
+        plan = AttentionPlan.build(batch, block_size=block_size, sliding_window=self.config.sliding_window)
         h = self.model.embed_tokens(batch.input_ids)  # [N, H]
         rotary = self.model.rotary_emb(batch.positions, h.dtype)  # cos, sin [N, 1, R] (R: rotary channels)
         for layer_idx, layer in enumerate(self.model.layers):
@@ -79,9 +81,10 @@ class MoeCausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight  # [V, H]
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
-        """[layers, K|V, blocks, block_size, KV heads held here, head_dim] (a tensor-parallel rank holds fewer)."""
+        """[layers, *one layer's cache]: by the attention kind, [K|V, blocks, block_size, KV heads held here,
+        head_dim] (a tensor-parallel rank holds fewer heads) or MLA's [blocks, block_size, kv_lora_rank + rope]."""
         attn = self.model.layers[0].self_attn
-        return (len(self.model.layers), 2, num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
+        return (len(self.model.layers), *attn.kv_cache_shape(num_blocks, block_size))
 
     def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
         return math.prod(self.kv_cache_shape(1, block_size)) * dtype.itemsize

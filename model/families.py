@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from model.config import ConfigError, ModelConfig, common_fields, require, token_ids
+from model.mla_config import mla_from_hf
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,59 @@ def _olmoe(d: dict, common: dict) -> dict:
     )
 
 
+def _deepseek_moe(d: dict, common: dict) -> dict:
+    """What deepseek_v2 and deepseek_v3 configs spell the same way: MLA attention (head_dim is the rope width the
+    rotary tables are built for), routed experts beside one ungated shared MLP of n_shared_experts x
+    moe_intermediate_size columns, the first first_k_dense_replace layers dense. transformers' defaults fill fields a
+    config leaves out (`defaults`)."""
+    if (d.get("moe_layer_freq") or 1) != 1:
+        raise ConfigError(f"moe_layer_freq={d['moe_layer_freq']} is not supported (only 1: every layer after the "
+                          f"first_k_dense_replace dense ones is MoE)")
+    mla = mla_from_hf(d)
+    moe_inter = require(d, "moe_intermediate_size")
+    first_dense = d.get("first_k_dense_replace", 3 if d["model_type"] == "deepseek_v3" else 0) or 0
+    n_shared = d.get("n_shared_experts", 1 if d["model_type"] == "deepseek_v3" else 2) or 0
+    return dict(
+        head_dim=mla.qk_rope_head_dim,
+        num_kv_heads=common["num_heads"],  # MLA has no K/V head grouping; num_key_value_heads is not used
+        mla=mla,
+        num_experts=require(d, "n_routed_experts", "num_local_experts", "num_experts"),
+        top_k=require(d, "num_experts_per_tok"),
+        moe_intermediate_size=moe_inter,
+        intermediate_size=d.get("intermediate_size") or 0,
+        dense_layers=tuple(range(min(first_dense, common["num_layers"]))),
+        shared_expert_intermediate_size=n_shared * moe_inter,
+        shared_expert_gated=False,
+        mtp_layers=d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0)) or 0,  # V3's, skipped at load
+    )
+
+
+def _deepseek_v2(d: dict, common: dict) -> dict:
+    method = d.get("topk_method") or "greedy"
+    if method not in ("greedy", "group_limited_greedy"):
+        raise ConfigError(f"topk_method={method!r} is not supported for deepseek_v2 (greedy, group_limited_greedy)")
+    if d.get("norm_topk_prob"):  # transformers' DeepseekV2TopkRouter never renormalises; no published V2 sets it
+        raise ConfigError("norm_topk_prob=true is not supported for deepseek_v2 (transformers ignores it)")
+    grouped = method == "group_limited_greedy"  # greedy ignores n_group / topk_group
+    return dict(**_deepseek_moe(d, common), norm_topk_prob=False, scoring_func="softmax", group_score="max",
+                n_group=(d.get("n_group") or 1) if grouped else 1,
+                topk_group=(d.get("topk_group") or 1) if grouped else 1,
+                routed_scaling_factor=float(d.get("routed_scaling_factor") or 1.0))
+
+
+def _deepseek_v3(d: dict, common: dict) -> dict:
+    method, scoring = d.get("topk_method") or "noaux_tc", d.get("scoring_func") or "sigmoid"
+    if method != "noaux_tc" or scoring != "sigmoid":
+        raise ConfigError(f"deepseek_v3 with topk_method={method!r}, scoring_func={scoring!r} is not supported "
+                          f"(noaux_tc, sigmoid)")
+    return dict(**_deepseek_moe(d, common), norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+                scoring_func="sigmoid", router_correction_bias=True, group_score="top2_sum",
+                n_group=d.get("n_group", 8) or 1, topk_group=d.get("topk_group", 4) or 1,
+                routed_scaling_factor=float(d.get("routed_scaling_factor", 2.5)))
+
+
+_DEEPSEEK_RENAMES = ((r"\.mlp\.shared_experts\.", ".mlp.shared_expert."),)
+
 def _glm4_moe(d: dict, common: dict) -> dict:
     """GLM-4.5 / 4.6 / 4.5-Air: GQA with partial rotary (the first half of each head by default), optional per-head
     q/k norm and q/k/v biases; sigmoid routing with a correction bias over n_group groups, renormalised, scaled; one
@@ -124,6 +178,13 @@ FAMILIES: dict[str, Family] = {
                           (r"\.experts\.(\d+)\.w2\.", r".experts.\1.down_proj."))),
     "olmoe": Family("OLMoE (OLMoE-1B-7B): q/k RMSNorm over the whole projection, optional clip_qkv, top-8 not "
                     "renormalised", _olmoe, 1e-5, 10000.0),
+    "deepseek_v2": Family("DeepSeek-V2 / V2-Lite: multi-head latent attention (latent KV cache, q_lora_rank "
+                          "optional), softmax routing, greedy or group-limited, shared experts, first_k_dense_replace "
+                          "dense layers", _deepseek_v2, 1e-6, 10000.0, checkpoint_renames=_DEEPSEEK_RENAMES),
+    "deepseek_v3": Family("DeepSeek-V3 / R1 (and Kimi-K2's layout): MLA, sigmoid routing with a correction bias, "
+                          "group-limited top-k over the best-two sum of each group, routed_scaling_factor, shared "
+                          "experts; the MTP layer is skipped at load", _deepseek_v3, 1e-6, 10000.0,
+                          checkpoint_renames=_DEEPSEEK_RENAMES),
     "glm4_moe": Family("GLM-4.5 / 4.6 / 4.5-Air: partial rotary, optional q/k norm and QKV biases, sigmoid routing "
                        "with a correction bias (group-limited, scaled), an ungated shared expert, leading dense "
                        "layers; the MTP layer is skipped", _glm4_moe, 1e-5, 10000.0,
@@ -140,7 +201,7 @@ def config_from_hf(d: dict, name: str, extra_eos_token_ids=()) -> ModelConfig:
         raise ConfigError(f"unsupported model_type {d.get('model_type')!r}; supported: {', '.join(FAMILIES)}")
     try:
         common = common_fields(d, name, family.rms_norm_eps, family.rope_theta)
-        config = ModelConfig(**common, **family.fields(d, common))
+        config = ModelConfig(**{**common, **family.fields(d, common)})  # a family may override a common field
     except (TypeError, KeyError) as err:  # e.g. a string where a number belongs
         raise ConfigError(f"malformed {d['model_type']} config.json: {err!r}") from err
     eos = tuple(dict.fromkeys(config.eos_token_ids + token_ids(list(extra_eos_token_ids))))

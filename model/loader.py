@@ -136,6 +136,10 @@ def load_model(
     check_quantization(quantization)
     dtype = resolve_dtype(dtype, device)
     config, tokenizer, directory, random_weights = resolve_source(source, random_weights)
+    if config.mla is not None and (quantization == "fp8" or config.quantization is not None):
+        # the absorbed decode reads kv_b_proj's weight itself (model/layers/mla_attention.py)
+        raise ConfigError(f"{config.model_type}: FP8 weights with latent attention (MLA) are not supported yet; "
+                          f"serve a bfloat16 checkpoint")
     checkpoint = None if random_weights else SafetensorsCheckpoint(directory)
     renames = FAMILIES[config.model_type].checkpoint_renames
     ignorable = unused_keys(config, checkpoint, renames)

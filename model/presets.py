@@ -52,6 +52,33 @@ PRESETS: dict[str, dict] = {
         use_sliding_window=False, tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151643,
         torch_dtype="bfloat16",
     ),
+    # deepseek-ai/DeepSeek-V2-Lite (15.7B, 2.4B active): MLA without q_lora_rank, 64 routed experts + 2 shared,
+    # layer 0 dense. Its latent KV cache holds 576 values per token per layer (python -m model.kv_capacity).
+    "deepseek-v2-lite": dict(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
+        n_shared_experts=2, n_routed_experts=64, routed_scaling_factor=1.0, kv_lora_rank=512, q_lora_rank=None,
+        qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, topk_method="greedy", n_group=1, topk_group=1,
+        num_experts_per_tok=6, moe_layer_freq=1, first_k_dense_replace=1, norm_topk_prob=False,
+        scoring_func="softmax", max_position_embeddings=163840, rope_theta=10000.0,
+        rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+                          mscale=0.707, mscale_all_dim=0.707),
+        rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=100000, eos_token_id=100001,
+        torch_dtype="bfloat16",
+    ),
+    # deepseek-ai/DeepSeek-V3 (671B without the MTP layer, 37B active): shapes only — for kernel and layer
+    # benchmarks, capacity arithmetic and meta-device builds; its bf16 weights (1.3 TB) fit no single node here.
+    "deepseek-v3": dict(
+        model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+        moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
+        n_shared_experts=1, n_routed_experts=256, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536,
+        qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, topk_method="noaux_tc", n_group=8,
+        topk_group=4, num_experts_per_tok=8, moe_layer_freq=1, first_k_dense_replace=3, norm_topk_prob=True,
+        scoring_func="sigmoid", num_nextn_predict_layers=1, max_position_embeddings=163840, rope_theta=10000.0,
+        rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+                          mscale=1.0, mscale_all_dim=1.0),
+        rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, torch_dtype="bfloat16",
+    ),
     # zai-org/GLM-4.5-Air (106B total, 12B active without the embeddings; its MTP layer is not part of the preset):
     # 213 GB in bf16, so on one GPU only in FP8 (`--quantization fp8`): ~108 GB of weights on a 141 GB H200 (the
     # first layer's dense down projection, K = 10944 = 85.5 x 128, stays bf16), the rest (roughly 30 GB after

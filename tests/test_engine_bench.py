@@ -77,3 +77,30 @@ def test_fp8_and_bf16_in_one_run_report_both_kv_capacities(tmp_path, monkeypatch
         assert r["ours"]["throughput"]["2"]["output_tokens"] == 8
     markdown = next(tmp_path.glob("bench_engine_*.md")).read_text()
     assert "## FP8 against bf16" in markdown and "| tiny256 | b2 " in markdown
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v2", "deepseek_v3"])
+def test_mla_preset_shares_weights_with_hf_and_reports_both_kv_capacities(tmp_path, monkeypatch, model_type):
+    """A tiny DeepSeek preset: HF runs on the engine's own weights (its `shared_experts` and its correction-bias
+    buffer too), and the report gives the latent cache's capacity beside an uncompressed cache's."""
+    from benchmarks import bench_engine
+    from model.presets import PRESETS
+
+    tiny = dict(model_type=model_type, vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, moe_intermediate_size=32,
+                n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                kv_lora_rank=32, q_lora_rank=16, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
+                n_group=2, topk_group=1, topk_method="noaux_tc" if model_type == "deepseek_v3" else "greedy",
+                norm_topk_prob=model_type == "deepseek_v3", rms_norm_eps=1e-6, rope_theta=10000.0,
+                tie_word_embeddings=False, eos_token_id=258, initializer_range=0.2)
+    monkeypatch.setitem(PRESETS, "tiny-mla", tiny)
+    monkeypatch.setattr(sys, "argv", ["bench_engine.py", "--presets", "tiny-mla", "--batches", "2", "--hf-batches",
+                                      "2", "--decode-batches", "2", "--input-len", "16", "--output-len", "4",
+                                      "--time-budget", "120", "--out", str(tmp_path)])
+    bench_engine.main()
+    report = json.loads(next(tmp_path.glob("bench_engine_*.json")).read_text())["presets"]["tiny-mla"]
+    assert report["hf_logits_rel_diff"] < 1e-4, "HF does not run on the engine's own weights"
+    ours = report["ours"]
+    # latent: 32 + 16 values per token per layer; uncompressed: 4 heads x (16 + 16 + 16)
+    assert ours["kv_capacity_uncompressed_tokens"] == ours["kv_capacity_tokens"] * 48 // 192
+    assert report["hf"]["2"]["tok_s"] > 0 and ours["throughput"]["2"]["output_tokens"] == 8

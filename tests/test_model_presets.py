@@ -19,9 +19,12 @@ PUBLISHED = {
     "mixtral-8x7b": (46.7, 12.9),
     "qwen2-moe-a2.7b": (14.3, 2.7),
     "qwen2-57b-a14b": (57.4, 14.2),
+    "deepseek-v2-lite": (15.7, 2.4),
+    "deepseek-v3": (671.0, 37.0),  # without the MTP layer (the hub's 685B counts it)
     "glm-4.5-air": (106, 12),
 }
 EMBEDDINGS_NOT_ACTIVE = {"glm-4.5-air"}  # its card counts active parameters without the embeddings and LM head
+INPUT_EMBEDDING_NOT_ACTIVE = {"deepseek-v2-lite"}  # its card counts them without the input embedding
 
 
 @pytest.mark.parametrize("name", PUBLISHED)
@@ -32,7 +35,7 @@ def test_named_presets_have_the_published_size(name):
     moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_layers))
     idle_experts = moe_layers * (c.num_experts - c.top_k) * 3 * c.hidden_size * c.moe_intermediate_size
     embeddings = (1 if c.tie_word_embeddings else 2) * c.vocab_size * c.hidden_size if name in EMBEDDINGS_NOT_ACTIVE \
-        else 0
+        else c.vocab_size * c.hidden_size if name in INPUT_EMBEDDING_NOT_ACTIVE else 0
     published_total, published_active = PUBLISHED[name]
     assert total / 1e9 == pytest.approx(published_total, rel=0.01)
     assert (total - idle_experts - embeddings) / 1e9 == pytest.approx(published_active, rel=0.03)

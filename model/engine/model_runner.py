@@ -26,6 +26,7 @@ from model.engine.sampler import Sampler, SamplingExtras
 from model.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from model.engine.scheduler import SchedulerOutput
 from model.forward_batch import ForwardBatch
+from model.kv_capacity import values_per_token_per_layer
 from model.layers import fusion
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,11 @@ class ModelRunner:
         self.max_model_len = min(max_len, capacity)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB), max_model_len %d", self.num_usable_blocks,
                     self.block_size, (self.num_usable_blocks + 1) * self.bytes_per_block / 2**30, self.max_model_len)
+        if mc.mla is not None:  # the capacity the latent cache buys (model/kv_capacity.py)
+            cached, uncompressed = values_per_token_per_layer(mc)
+            logger.info("MLA latent KV cache: %d values per token per layer instead of %d: %d tokens where "
+                        "decompressed keys and values would hold %d", cached, uncompressed, capacity,
+                        capacity * cached // uncompressed)
         self.max_blocks_per_seq = blocks_for(self.max_model_len, self.block_size)
         self.kv_cache = torch.zeros(model.kv_cache_shape(self.num_usable_blocks + 1, self.block_size),
                                     dtype=dtype, device=device)

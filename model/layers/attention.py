@@ -15,6 +15,8 @@ class Attention(nn.Module):
     """`num_heads` / `num_kv_heads`: the heads this module holds, all of the model's by default (a tensor-parallel
     rank holds a slice of them, model/parallel)."""
 
+    CACHE_BLOCK_DIM = 2  # the block_size dimension of a layer's cache [2, num_blocks, block_size, Hkv, D]
+
     def __init__(self, config: ModelConfig, layer_idx: int, num_heads: int | None = None,
                  num_kv_heads: int | None = None):
         super().__init__()
@@ -35,6 +37,10 @@ class Attention(nn.Module):
         elif config.qk_norm == "full":
             self.q_norm = RMSNorm(self.q_size, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.kv_size, config.rms_norm_eps)
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """One layer's cache: [K|V, num_blocks, block_size, KV heads held here, head_dim]."""
+        return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
 
     def forward(
         self,

@@ -83,6 +83,9 @@ class RankLayout:
         tp, ep, etp = parallel.tensor_parallel, parallel.expert_parallel, parallel.expert_tensor_parallel
         if not 0 <= rank < tp:
             raise ValueError(f"rank {rank} outside a world of {tp}")
+        if config.mla is not None and tp > 1:
+            raise ValueError(f"{config.model_type}: latent attention (MLA) is not sharded yet; serve it with "
+                             f"tensor_parallel=1")
         q_per_rank = _divide(config.num_heads, tp, "num_attention_heads", "tensor_parallel")
         if config.num_kv_heads % tp == 0:
             kv_per_rank, replicas = config.num_kv_heads // tp, 1

@@ -1,0 +1,82 @@
+"""How many tokens a KV-cache budget holds for a model, with the cache layout the engine allocates
+(`model.kv_cache_shape`, which depends on the attention kind) beside the layout without latent compression.
+
+    python -m model.kv_capacity deepseek-v2-lite --memory-gib 40
+
+For MLA (DeepSeek-V2/V3) the cache holds kv_lora_rank + rope values per token per layer (576), where decompressed
+keys and values would take heads × (nope + rope + v) (V2-Lite: 16 × 320 = 5120, 8.9× as many). For the other
+families both layouts are the same.
+"""
+
+import argparse
+import math
+from dataclasses import dataclass
+
+import torch
+
+from model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class KvCapacity:
+    bytes_per_token: int  # all layers, the layout the engine allocates
+    uncompressed_bytes_per_token: int  # all layers, decompressed keys and values
+    tokens: int  # that fit the budget, in whole blocks, less the engine's padding block
+    uncompressed_tokens: int
+
+    @property
+    def ratio(self) -> float:
+        return self.tokens / max(1, self.uncompressed_tokens)
+
+
+def values_per_token_per_layer(config: ModelConfig) -> tuple[int, int]:
+    """(cached, uncompressed) values per token per layer."""
+    if config.mla is not None:
+        return config.mla.cache_width, config.mla.uncompressed_cache_width(config.num_heads)
+    plain = 2 * config.num_kv_heads * config.head_dim
+    return plain, plain
+
+
+def _tokens(budget: int, bytes_per_token: int, block_size: int) -> int:
+    blocks = budget // (bytes_per_token * block_size) - 1  # model_runner keeps block 0 for padding rows
+    return max(0, blocks) * block_size
+
+
+def kv_capacity(config: ModelConfig, memory_bytes: int, dtype: torch.dtype = torch.bfloat16,
+                block_size: int = 16, model=None) -> KvCapacity:
+    """`model` (optional, e.g. built on the meta device): take the cached size from its `kv_cache_shape`, the
+    engine's own computation, instead of the config."""
+    cached, uncompressed = values_per_token_per_layer(config)
+    per_token = cached * config.num_layers * dtype.itemsize
+    if model is not None:
+        per_token = math.prod(model.kv_cache_shape(1, block_size)) * dtype.itemsize // block_size
+    full = uncompressed * config.num_layers * dtype.itemsize
+    return KvCapacity(per_token, full, _tokens(memory_bytes, per_token, block_size),
+                      _tokens(memory_bytes, full, block_size))
+
+
+def main(argv=None) -> None:
+    from model.decoder import MoeCausalLM
+    from model.dtypes import resolve_dtype
+    from model.loader import resolve_source
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="a preset name or a checkpoint directory")
+    parser.add_argument("--memory-gib", type=float, default=40.0, help="KV-cache budget")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--block-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    config = resolve_source(args.model, random_weights=True)[0]
+    with torch.device("meta"):
+        model = MoeCausalLM(config)
+    dtype = resolve_dtype(args.dtype, "cpu")
+    cap = kv_capacity(config, int(args.memory_gib * 2**30), dtype, args.block_size, model)
+    print(f"{config.name}: {args.memory_gib:g} GiB of {str(dtype).removeprefix('torch.')} KV cache, "
+          f"{config.num_layers} layers")
+    print(f"  as cached:     {cap.bytes_per_token:>9,} B/token  {cap.tokens:>12,} tokens")
+    print(f"  uncompressed:  {cap.uncompressed_bytes_per_token:>9,} B/token  {cap.uncompressed_tokens:>12,} tokens")
+    print(f"  ratio:         {cap.ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

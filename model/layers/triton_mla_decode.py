@@ -1,0 +1,139 @@
+"""Paged MLA decode attention (absorbed form) as one Triton kernel over the latent cache.
+
+Every head of a sequence attends to the same cache rows [kv_lora_rank + rope] (model/layers/mla_decode.py), so one
+program takes BLOCK_H heads of one sequence as the rows of its query matrix and reads each cache row once for all
+of them: scores = q_latent · c + q_pe · k_pe, then the online softmax accumulates p · c, [BLOCK_H, kv_lora_rank] in
+fp32. The latent c is both key and value, loaded once per tile. As the GQA decode kernel
+(model/layers/triton_decode_attention.py), small batches split each sequence's keys over several programs
+(split-K over the context) so the GPU fills, and that file's combine kernel merges the splits' (max, sum, acc).
+
+Heads beyond BLOCK_H (V3's 128) take more programs that re-read the same rows (from L2 when they run together).
+kv_lora_rank and the rope width must be powers of two >= 16 (512 and 64 in every DeepSeek model).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from model.layers.triton_paged import tl, triton
+
+BLOCK_H = 16  # heads per program: the smallest M of tl.dot; V2-Lite's 16 heads are one program per sequence split
+
+
+@dataclass(frozen=True)
+class MlaKernelConfig:
+    """Launch choices (benchmarks/bench_mla.py --sweep measures the alternatives). Keys per tile: [32, 512] bf16 is
+    32 KB of shared memory per pipeline stage; fp32 (tests) takes half the keys for the same bytes. At most
+    `max_splits` splits: the combine holds [splits, kv_lora_rank] fp32 per row in registers."""
+    block_n: int = 32
+    num_warps: int = 4
+    num_stages: int = 2
+    max_splits: int = 16
+
+    def keys_per_tile(self, dtype: torch.dtype) -> int:
+        return self.block_n if dtype.itemsize <= 2 else max(16, self.block_n // 2)
+
+
+DEFAULT_CONFIG = MlaKernelConfig()
+
+
+def supported(kv_lora_rank: int, rope_dim: int) -> bool:
+    return all(n >= 16 and not n & (n - 1) for n in (kv_lora_rank, rope_dim))
+
+
+if triton is not None:
+    from model.layers.triton_decode_attention import _combine_splits_kernel, choose_splits
+    from model.layers.triton_paged import dot, online_softmax_step
+
+    @triton.jit(do_not_specialize=["table_stride", "max_keys", "split_len"])
+    def _paged_mla_decode_kernel(
+        q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
+        scale, table_stride, max_keys, split_len,
+        NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, RANK: tl.constexpr, ROPE: tl.constexpr,
+        PAGE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr,
+    ):
+        seq = tl.program_id(0)
+        group = tl.program_id(1)
+        split = tl.program_id(2)
+        width = RANK + ROPE
+        context_len = tl.minimum(tl.load(lens_ptr + seq).to(tl.int32), max_keys)
+        offs_h = group * BLOCK_H + tl.arange(0, BLOCK_H)
+        real_h = offs_h < NUM_HEADS
+        offs_r = tl.arange(0, RANK)
+        offs_p = tl.arange(0, ROPE)
+        offs_n = tl.arange(0, BLOCK_N)
+        q_rows = seq.to(tl.int64) * NUM_HEADS + offs_h  # [BLOCK_H]
+        q_lat = tl.load(q_ptr + q_rows[:, None] * width + offs_r[None, :], mask=real_h[:, None], other=0.0)
+        q_pe = tl.load(q_ptr + q_rows[:, None] * width + RANK + offs_p[None, :], mask=real_h[:, None], other=0.0)
+
+        lo = split * split_len  # a whole number of BLOCK_N tiles
+        hi = tl.minimum(context_len, lo + split_len)
+        end = tl.where(lo < hi, hi, lo)  # no key in this split: an empty loop
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, RANK], tl.float32)
+        for key0 in range(lo, end, BLOCK_N):
+            pos = key0 + offs_n  # [BLOCK_N]
+            visible = pos < hi
+            block = tl.load(tables_ptr + seq.to(tl.int64) * table_stride + pos // PAGE, mask=visible, other=0)
+            row = cache_ptr + (block.to(tl.int64) * PAGE + pos % PAGE)[:, None] * width
+            c = tl.load(row + offs_r[None, :], mask=visible[:, None], other=0.0)  # [BLOCK_N, RANK] key and value
+            pe = tl.load(row + RANK + offs_p[None, :], mask=visible[:, None], other=0.0)  # [BLOCK_N, ROPE]
+            scores = dot(q_lat, tl.trans(c), IEEE) + dot(q_pe, tl.trans(pe), IEEE)  # [BLOCK_H, BLOCK_N]
+            scores = tl.where(visible[None, :], scores * scale, float("-inf"))
+            m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, scores, c, IEEE)
+        if SPLITS == 1:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a padding row (no keys) yields zeros, not NaN
+            tl.store(out_ptr + q_rows[:, None] * RANK + offs_r[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=real_h[:, None])
+        else:  # partial results [B * Hq, SPLITS(, RANK)], merged by _combine_splits_kernel
+            part = q_rows * SPLITS + split
+            tl.store(part_max_ptr + part, m_i, mask=real_h)
+            tl.store(part_sum_ptr + part, l_i, mask=real_h)
+            tl.store(part_acc_ptr + part[:, None] * RANK + offs_r[None, :], acc, mask=real_h[:, None])
+
+
+def paged_mla_decode(
+    q: torch.Tensor,  # [B, Hq, r + rope]: q_latent and q_pe
+    latent_cache: torch.Tensor,  # [num_blocks, block_size, r + rope] contiguous
+    block_tables: torch.Tensor,  # [B, max_blocks] int
+    context_lens: torch.Tensor,  # [B] int
+    scale: float,
+    kv_lora_rank: int,
+    splits: int | None = None,  # None: choose_splits (shapes only, so CUDA graphs keep it)
+    config: MlaKernelConfig = DEFAULT_CONFIG,
+) -> torch.Tensor:
+    """-> [B, Hq, r] in q's dtype."""
+    num_seqs, num_heads, width = q.shape
+    num_blocks, page, cache_width = latent_cache.shape
+    rope = width - kv_lora_rank
+    if cache_width != width or not supported(kv_lora_rank, rope):
+        raise ValueError(f"the Triton MLA kernel needs q and cache rows of kv_lora_rank + rope with both powers of "
+                         f"two >= 16; got q {tuple(q.shape)}, cache {tuple(latent_cache.shape)}, rank {kv_lora_rank}")
+    if not latent_cache.is_contiguous():
+        raise ValueError("the latent cache must be contiguous")
+    q = q.contiguous()
+    out = torch.empty(num_seqs, num_heads, kv_lora_rank, dtype=q.dtype, device=q.device)
+    groups = -(-num_heads // BLOCK_H)
+    max_keys = block_tables.shape[1] * page
+    tile = config.keys_per_tile(q.dtype)
+    splits = splits or min(config.max_splits, choose_splits(num_seqs, groups, max_keys, q.device, tile))
+    split_len = -(-max_keys // (splits * tile)) * tile
+    if splits > 1:
+        part_max = torch.empty(num_seqs * num_heads, splits, dtype=torch.float32, device=q.device)
+        part_sum = torch.empty_like(part_max)
+        part_acc = torch.empty(num_seqs * num_heads, splits, kv_lora_rank, dtype=torch.float32, device=q.device)
+    else:
+        part_max = part_sum = part_acc = out  # unused
+    _paged_mla_decode_kernel[(num_seqs, groups, splits)](
+        q, latent_cache, block_tables, context_lens, out, part_max, part_sum, part_acc,
+        scale, block_tables.stride(0), max_keys, split_len,
+        NUM_HEADS=num_heads, BLOCK_H=BLOCK_H, RANK=kv_lora_rank, ROPE=rope, PAGE=page, BLOCK_N=tile,
+        IEEE=q.dtype == torch.float32, SPLITS=splits, num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if splits > 1:
+        _combine_splits_kernel[(num_seqs * num_heads,)](
+            part_max, part_sum, part_acc, out, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
+            HEAD_DIM=kv_lora_rank)
+    return out
