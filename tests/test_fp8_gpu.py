@@ -62,13 +62,16 @@ def fp8_checkpoint(tmp_path_factory):
     return write_fp8_checkpoint("qwen3_moe", tmp_path_factory.mktemp("gpu_fp8"), seed=21)[0]
 
 
-def test_fp8_model_on_the_gpu_matches_the_cpu_reference(fp8_checkpoint):
+@pytest.mark.parametrize("family", ["qwen3_moe", "glm4_moe"])
+def test_fp8_model_on_the_gpu_matches_the_cpu_reference(family, fp8_checkpoint, tmp_path):
     """bf16 activations on both: the GPU runs the FP8 MoE kernel and block scaled_mm, the CPU the references; their
-    difference must stay within twice the CPU bf16 run's own distance from float32."""
+    difference must stay within twice the CPU bf16 run's own distance from float32. (glm4_moe: FP8 shared experts,
+    grouped sigmoid routing with its float32 correction bias, partial rotary.)"""
+    checkpoint = fp8_checkpoint if family == "qwen3_moe" else write_fp8_checkpoint(family, tmp_path, seed=22)[0]
     prompt = PROMPTS[0] + PROMPTS[1]
-    cpu32, _ = load_model(str(fp8_checkpoint), dtype=torch.float32)
-    cpu16, _ = load_model(str(fp8_checkpoint), dtype=torch.bfloat16)
-    gpu, _ = load_model(str(fp8_checkpoint), dtype=torch.bfloat16, device="cuda")
+    cpu32, _ = load_model(str(checkpoint), dtype=torch.float32)
+    cpu16, _ = load_model(str(checkpoint), dtype=torch.bfloat16)
+    gpu, _ = load_model(str(checkpoint), dtype=torch.bfloat16, device="cuda")
     assert gpu.moe_blocks()[0].experts.gate_up_proj.dtype == FP8_DTYPE
     golden = PagedRunner(cpu32).step({"s": prompt}, all_logits=True)["s"]
     ref16 = PagedRunner(cpu16).step({"s": prompt}, all_logits=True)["s"]
@@ -135,4 +138,26 @@ def test_loading_30b_in_fp8_never_holds_a_bf16_model():
     print(f"FP8 qwen3-30b-a3b: weights {size / 2**30:.2f} GiB, peak at load {peak / 2**30:.2f} GiB")
     assert peak <= size + 2 * largest * 2 + (1 << 30)
     del model
+    torch.cuda.empty_cache()
+
+
+def test_glm_4_5_air_runs_in_fp8_on_one_h200():
+    """The glm-4.5-air preset quantised at load fits one 141 GB H200 with room for a KV cache, and prefill and
+    decode steps give finite logits (random weights: a smoke test of the real shapes, 46 layers, E=128, k=8)."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    if total < 120 * 2**30:
+        pytest.skip(f"needs an H200 (this GPU has {total / 2**30:.0f} GiB)")
+    torch.cuda.empty_cache()
+    model, _ = load_model("glm-4.5-air", random_weights=True, dtype=torch.bfloat16, device="cuda",
+                          quantization="fp8")
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    runner = PagedRunner(model, num_blocks=64, block_size=16)
+    logits = [runner.step({"s": list(range(1, 200))})["s"]] + [runner.step({"s": [7]})["s"] for _ in range(4)]
+    free = torch.cuda.mem_get_info()[0]
+    kv_per_token = model.kv_cache_bytes_per_block(16, torch.bfloat16) / 16
+    print(f"glm-4.5-air FP8: weights {size / 1e9:.1f} GB, free after {free / 1e9:.1f} GB = "
+          f"{free / kv_per_token / 1e3:.0f}k tokens of KV at {kv_per_token / 1e3:.0f} KB/token")
+    assert size < 110e9 and free > 10e9
+    assert all(torch.isfinite(x).all() for x in logits)
+    del model, runner
     torch.cuda.empty_cache()
