@@ -7,7 +7,8 @@ fp32. The latent c is both key and value, loaded once per tile. As the GQA decod
 (model/layers/triton_decode_attention.py), small batches split each sequence's keys over several programs
 (split-K over the context) so the GPU fills, and that file's combine kernel merges the splits' (max, sum, acc).
 
-Heads beyond BLOCK_H (V3's 128) take more programs that re-read the same rows (from L2 when they run together).
+Heads beyond BLOCK_H (V3's 128) take more programs that read the same rows again; the grid puts a sequence's head
+groups next to each other in launch order, so those reads mostly hit L2.
 kv_lora_rank and the rope width must be powers of two >= 16 (512 and 64 in every DeepSeek model).
 """
 
@@ -52,8 +53,8 @@ if triton is not None:
         NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, RANK: tl.constexpr, ROPE: tl.constexpr,
         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr,
     ):
-        seq = tl.program_id(0)
-        group = tl.program_id(1)
+        group = tl.program_id(0)  # fastest: the head groups of one sequence run side by side and share its rows in L2
+        seq = tl.program_id(1)
         split = tl.program_id(2)
         width = RANK + ROPE
         context_len = tl.minimum(tl.load(lens_ptr + seq).to(tl.int32), max_keys)
@@ -125,7 +126,7 @@ def paged_mla_decode(
         part_acc = torch.empty(num_seqs * num_heads, splits, kv_lora_rank, dtype=torch.float32, device=q.device)
     else:
         part_max = part_sum = part_acc = out  # unused
-    _paged_mla_decode_kernel[(num_seqs, groups, splits)](
+    _paged_mla_decode_kernel[(groups, num_seqs, splits)](
         q, latent_cache, block_tables, context_lens, out, part_max, part_sum, part_acc,
         scale, block_tables.stride(0), max_keys, split_len,
         NUM_HEADS=num_heads, BLOCK_H=BLOCK_H, RANK=kv_lora_rank, ROPE=rope, PAGE=page, BLOCK_N=tile,
