@@ -7,6 +7,10 @@ import dataclasses
 from dataclasses import dataclass, field
 
 
+LAYER_TYPES = ("sliding_attention", "full_attention")
+ROUTERS = ("softmax_topk", "topk_softmax")
+
+
 class ConfigError(ValueError):
     """A config.json we cannot run; the message names the field."""
 
@@ -37,6 +41,14 @@ class ModelConfig:
     clip_qkv: float | None = None
     shared_expert_intermediate_size: int = 0  # 0 = no shared expert; else sigmoid-gated (Qwen2-MoE)
     sliding_window: int | None = None
+    # Per layer "sliding_attention" (window `sliding_window`) or "full_attention" (gpt-oss alternates them);
+    # () = every layer uses `sliding_window` (Mixtral).
+    layer_types: tuple[str, ...] = ()
+    attention_sinks: bool = False  # a learned logit per query head joins each softmax's denominator (gpt-oss)
+    router: str = "softmax_topk"  # | "topk_softmax": top-k of the logits, softmax over those k only (gpt-oss)
+    router_bias: bool = False
+    expert_activation: str = "silu"  # model.kernels.activation.Activation value
+    expert_bias: bool = False  # experts carry gate_up and down biases (gpt-oss)
     dense_layers: tuple[int, ...] = ()  # layers with a dense MLP instead of the MoE block
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
@@ -63,9 +75,29 @@ class ModelConfig:
             raise ConfigError(f"qk_norm must be none/per_head/full, got {self.qk_norm!r}")
         if self.dense_layers and self.intermediate_size <= 0:
             raise ConfigError("dense MLP layers need intermediate_size > 0")
+        if self.layer_types:
+            if len(self.layer_types) != self.num_layers:
+                raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+            unknown = set(self.layer_types) - set(LAYER_TYPES)
+            if unknown:
+                raise ConfigError(f"layer_types holds {sorted(unknown)}; supported: {', '.join(LAYER_TYPES)}")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise ConfigError("layer_types has sliding_attention layers but sliding_window is not set")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ConfigError(f"sliding_window must be a positive integer or null, got {self.sliding_window!r}")
+        if self.router not in ROUTERS:
+            raise ConfigError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+        if self.expert_activation not in ("silu", "swiglu_oai"):
+            raise ConfigError(f"expert activation {self.expert_activation!r} is not supported (silu, swiglu_oai)")
         for name in ("hidden_size", "moe_intermediate_size"):
             if getattr(self, name) % 8:  # the fused MoE op reads rows in 16-byte vectors
                 raise ConfigError(f"{name}={getattr(self, name)} must be a multiple of 8")
+
+    def sliding_window_of(self, layer_idx: int) -> int | None:
+        """The attention window of a layer (None = full causal attention)."""
+        if self.layer_types and self.layer_types[layer_idx] == "full_attention":
+            return None
+        return self.sliding_window
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return layer_idx not in self.dense_layers

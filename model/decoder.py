@@ -31,6 +31,8 @@ class DecoderLayer(nn.Module):
                 layer_idx, config.hidden_size, config.num_experts, config.top_k, config.moe_intermediate_size,
                 renormalize=config.norm_topk_prob,
                 shared_expert_intermediate_size=config.shared_expert_intermediate_size,
+                router=config.router, router_bias=config.router_bias, activation=config.expert_activation,
+                expert_bias=config.expert_bias,
             )
         else:
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
@@ -68,7 +70,7 @@ class MoeCausalLM(nn.Module):
     def hidden_states(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
         """The final-normed hidden states [S, H] of the rows `batch.logits_indices` selects (a tensor-parallel
         model, model/parallel, applies its own vocabulary-split head to them)."""
-        plan = AttentionPlan.build(batch, block_size=kv_cache.shape[3], sliding_window=self.config.sliding_window)
+        plan = AttentionPlan.build(batch, block_size=kv_cache.shape[3])
         h = self.model.embed_tokens(batch.input_ids)  # [N, H]
         rotary = self.model.rotary_emb(batch.positions, h.dtype)  # cos, sin [N, 1, D]
         for layer_idx, layer in enumerate(self.model.layers):

@@ -9,7 +9,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model.forward_batch import ForwardBatch
 
-FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")  # families whose experts transformers' SwiGLU interface takes
+PARITY_FAMILIES = (*FAMILIES, "gpt_oss")
 VOCAB = 320
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -31,6 +32,10 @@ TINY_CONFIGS = {
     # Full-width q/k norm, clipping that really clips (weights are scaled up below).
     "olmoe": dict(model_type="olmoe", intermediate_size=32, num_experts=8, num_experts_per_tok=3,
                   norm_topk_prob=False, clip_qkv=2.0),
+    # Sinks, biases everywhere, layers sliding (window 5, shorter than the test prompts) / full / sliding, router
+    # softmax over its top-3, clamped SwiGLU experts whose gate/up really clip (weights ~0.15 over H = 64).
+    "gpt_oss": dict(model_type="gpt_oss", intermediate_size=32, num_local_experts=8, num_experts_per_tok=3,
+                    head_dim=16, sliding_window=5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
 
 

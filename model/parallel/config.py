@@ -83,6 +83,9 @@ class RankLayout:
         tp, ep, etp = parallel.tensor_parallel, parallel.expert_parallel, parallel.expert_tensor_parallel
         if not 0 <= rank < tp:
             raise ValueError(f"rank {rank} outside a world of {tp}")
+        if config.attention_sinks or config.expert_bias or config.router_bias:
+            raise ValueError(f"tensor/expert parallelism does not shard {config.model_type}'s attention sinks and "
+                             "expert/router biases yet: serve it on one GPU")
         q_per_rank = _divide(config.num_heads, tp, "num_attention_heads", "tensor_parallel")
         if config.num_kv_heads % tp == 0:
             kv_per_rank, replicas = config.num_kv_heads // tp, 1
