@@ -4,6 +4,7 @@ raises `ConfigError` naming the field.
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 
@@ -13,6 +14,41 @@ ROUTERS = ("softmax_topk", "topk_softmax")
 
 class ConfigError(ValueError):
     """A config.json we cannot run; the message names the field."""
+
+
+@dataclass(frozen=True)
+class YarnScaling:
+    """HF rope type "yarn" (arXiv 2309.00071), the fields as transformers reads them; model/layers/rotary.py turns
+    them into frequencies. DeepSeek sets mscale / mscale_all_dim; Qwen3 and gpt-oss leave attention_factor to be
+    derived from factor; gpt-oss sets truncate=false."""
+
+    factor: float  # context extension ratio (positions interpolated by it in the low-frequency dimensions)
+    original_max_position_embeddings: int  # the pretraining context; the ramp's bounds are measured against it
+    beta_fast: float = 32.0  # dimensions rotating more than beta_fast times over the original context extrapolate
+    beta_slow: float = 1.0  # ... less than beta_slow times interpolate; a linear ramp between
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None  # cos/sin scale; None derives it from factor (and mscale/mscale_all_dim)
+    truncate: bool = True  # round the ramp bounds outward to whole dimensions
+
+    @staticmethod
+    def magnitude_scale(factor: float, mscale: float = 1.0) -> float:
+        """YaRN's attention temperature, 0.1·mscale·ln(factor) + 1 (1 for factor <= 1)."""
+        return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+    def cos_sin_scale(self) -> float:
+        """What cos and sin are multiplied by (transformers' `attention_factor`)."""
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.mscale and self.mscale_all_dim:
+            return self.magnitude_scale(self.factor, self.mscale) / self.magnitude_scale(self.factor,
+                                                                                         self.mscale_all_dim)
+        return self.magnitude_scale(self.factor)
+
+    def softmax_scale_multiplier(self) -> float:
+        """DeepSeek (V2/V3) also multiplies the attention softmax scale by magnitude_scale(factor, mscale_all_dim)²
+        (transformers' `yarn_apply_mscale`); 1 without mscale_all_dim. Other families do not."""
+        return self.magnitude_scale(self.factor, self.mscale_all_dim) ** 2 if self.mscale_all_dim else 1.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +70,7 @@ class ModelConfig:
     rms_norm_eps: float
     rope_theta: float
     rope_linear_factor: float = 1.0  # positions are divided by this ("linear" rope scaling)
+    rope_yarn: YarnScaling | None = None  # "yarn" rope scaling
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
@@ -123,17 +160,59 @@ def token_ids(value) -> tuple[int, ...]:
     return tuple(values)
 
 
-def rope(d: dict, default_theta: float) -> tuple[float, float]:
-    """(theta, linear factor) from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (older)."""
-    params = d.get("rope_parameters") or {}
-    scaling = d.get("rope_scaling") or {}
-    theta = params.get("rope_theta", d.get("rope_theta", default_theta))
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+def _number(spec: dict, key: str, default=None, positive: bool = True):
+    value = spec.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and value <= 0):
+        raise ConfigError(f"rope scaling field {key!r} must be a {'positive ' if positive else ''}number, "
+                          f"got {value!r}")
+    return value
+
+
+def _yarn(spec: dict, d: dict) -> YarnScaling:
+    """transformers' reading: a top-level original_max_position_embeddings wins over the rope dict's (Phi-3 style),
+    max_position_embeddings when neither sets it; factor defaults to their ratio; beta_fast/beta_slow 0 or null mean
+    the defaults 32/1."""
+    original = d.get("original_max_position_embeddings") or spec.get("original_max_position_embeddings") \
+        or d.get("max_position_embeddings")
+    if not isinstance(original, int) or original <= 0:
+        raise ConfigError(f"rope scaling 'original_max_position_embeddings' must be a positive integer, "
+                          f"got {original!r}")
+    factor = _number(spec, "factor")
+    if factor is None:
+        factor = require(d, "max_position_embeddings") / original
+    truncate = True if spec.get("truncate") is None else spec["truncate"]
+    if not isinstance(truncate, bool):
+        raise ConfigError(f"rope scaling field 'truncate' must be true or false, got {truncate!r}")
+    yarn = YarnScaling(
+        factor=float(factor),
+        original_max_position_embeddings=original,
+        beta_fast=float(_number(spec, "beta_fast", positive=False) or 32),
+        beta_slow=float(_number(spec, "beta_slow", positive=False) or 1),
+        mscale=_number(spec, "mscale", positive=False),
+        mscale_all_dim=_number(spec, "mscale_all_dim", positive=False),
+        attention_factor=_number(spec, "attention_factor"),
+        truncate=truncate,
+    )
+    if yarn.beta_fast < yarn.beta_slow:
+        raise ConfigError(f"rope scaling beta_fast={yarn.beta_fast} must be >= beta_slow={yarn.beta_slow}")
+    return yarn
+
+
+def rope(d: dict, default_theta: float) -> dict:
+    """The rope fields of ModelConfig from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`
+    (older; `type` for `rope_type` in the oldest)."""
+    spec = {**(d.get("rope_scaling") or {}), **(d.get("rope_parameters") or {})}
+    theta = float(spec.get("rope_theta", d.get("rope_theta", default_theta)))
+    rope_type = spec.get("rope_type") or spec.get("type") or "default"
     if rope_type == "default":
-        return float(theta), 1.0
+        return dict(rope_theta=theta)
     if rope_type == "linear":
-        return float(theta), float(params.get("factor", scaling.get("factor", 1.0)))
-    raise ConfigError(f"rope type {rope_type!r} is not supported (supported: default, linear)")
+        return dict(rope_theta=theta, rope_linear_factor=float(_number(spec, "factor", 1.0)))
+    if rope_type == "yarn":
+        return dict(rope_theta=theta, rope_yarn=_yarn(spec, d))
+    raise ConfigError(f"rope type {rope_type!r} is not supported (supported: default, linear, yarn)")
 
 
 def parse_quantization_config(value):
@@ -149,7 +228,6 @@ def common_fields(d: dict, name: str, default_rms_norm_eps: float, default_rope_
     heads = require(d, "num_attention_heads")
     if d.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act={d['hidden_act']!r} is not supported (only silu)")
-    theta, linear_factor = rope(d, default_rope_theta)
     return dict(
         model_type=d["model_type"],
         name=name,
@@ -161,8 +239,7 @@ def common_fields(d: dict, name: str, default_rms_norm_eps: float, default_rope_
         head_dim=d.get("head_dim") or hidden // heads,
         max_position_embeddings=require(d, "max_position_embeddings"),
         rms_norm_eps=float(d.get("rms_norm_eps", default_rms_norm_eps)),
-        rope_theta=theta,
-        rope_linear_factor=linear_factor,
+        **rope(d, default_rope_theta),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         eos_token_ids=token_ids(d.get("eos_token_id")),
         bos_token_id=d.get("bos_token_id"),

@@ -86,8 +86,7 @@ def materialize(model: MoeCausalLM, device: torch.device | str) -> MoeCausalLM:
     model.to_empty(device=device)
     config = model.config
     with torch.device(device):
-        model.model.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
-                                                 config.rope_linear_factor)
+        model.model.rotary_emb = RotaryEmbedding.from_config(config)
     for block in model.moe_blocks():
         block.experts.expert_load.zero_()
     return model.eval().requires_grad_(False)

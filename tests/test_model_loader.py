@@ -189,7 +189,7 @@ def test_pickle_checkpoints_are_never_loaded(checkpoint, tmp_path):
         (lambda c: c.update(hidden_size="64"), r"config\.json: .*hidden_size"),
         (lambda c: c.pop("num_hidden_layers"), r"config\.json: config\.json has no 'num_hidden_layers'"),
         (lambda c: c.update(hidden_act="gelu"), r"hidden_act='gelu' is not supported"),
-        (lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), r"rope type 'yarn'"),
+        (lambda c: c.update(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), r"rope type 'longrope'"),
         (lambda c: c.update(num_key_value_heads=3), r"not a multiple of num_key_value_heads=3"),
     ],
     ids=["model_type", "type", "missing", "activation", "rope", "heads"],

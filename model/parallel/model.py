@@ -154,8 +154,7 @@ def build_parallel_model(config: ModelConfig, layout: RankLayout, comm: Comm, dt
         raise AssertionError(f"buffers {sorted(unknown)} would be left uninitialised by to_empty")
     lm.to_empty(device=device)
     with torch.device(device):
-        lm.model.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
-                                              config.rope_linear_factor)
+        lm.model.rotary_emb = RotaryEmbedding.from_config(config)
     for block in lm.moe_blocks():
         block.experts.expert_load.zero_()
     model = ParallelCausalLM(lm, layout, comm, specs, agree_min)
