@@ -129,3 +129,18 @@ def test_fp8_quantization_and_parallelism_are_refused_with_a_reason(checkpoint):
     config = config_from_hf(hf_config("gpt_oss").to_dict(), "g")
     with pytest.raises(ValueError, match="does not shard gpt_oss's attention sinks"):
         RankLayout.build(config, ParallelConfig(tensor_parallel=2), 0)
+
+
+GPT_OSS_YARN = {"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                "original_max_position_embeddings": 32, "rope_theta": 10000.0}  # gpt-oss's kind, scaled down
+
+
+def test_yarn_rope_as_gpt_oss_sets_it_matches_hf(tmp_path):
+    hf = make_hf_model("gpt_oss", seed=41, rope_parameters=GPT_OSS_YARN)
+    ours, _ = load_model(str(save_checkpoint(hf, tmp_path)), dtype=torch.float32)
+    assert ours.config.rope_yarn is not None and ours.config.rope_yarn.truncate is False
+    expected = hf_logits(hf, PROMPT)
+    assert max_relative_error(PagedRunner(ours).step({"s": PROMPT}, all_logits=True)["s"], expected) < 1e-4
+    assert PagedRunner(ours).greedy(PROMPT, 32, chunk=5) == hf_greedy(hf, PROMPT, 32)
+    plain = make_hf_model("gpt_oss", seed=41)
+    assert max_relative_error(hf_logits(plain, PROMPT), expected) > 1e-3  # the scaling really matters here

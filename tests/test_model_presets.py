@@ -19,6 +19,10 @@ PUBLISHED = {
     "mixtral-8x7b": (46.7, 12.9),
     "qwen2-moe-a2.7b": (14.3, 2.7),
     "qwen2-57b-a14b": (57.4, 14.2),
+    # OpenAI's gpt-oss model card: 20.91B / 116.83B total, 3.61B / 5.13B active not counting the 0.58B embedding
+    # table (201088 x 2880), which our count of active parameters includes.
+    "gpt-oss-20b": (20.91, 3.61 + 0.58),
+    "gpt-oss-120b": (116.83, 5.13 + 0.58),
 }
 
 
