@@ -31,6 +31,7 @@ class Piece:
     index: tuple  # where it lands in the parameter; () = the whole parameter
     shape: tuple[int, ...]  # the shape the checkpoint tensor must have
     convert: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, compare=False)  # stored -> ours
+    export: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, compare=False)  # ours -> stored
 
 
 def deinterleave(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -41,18 +42,25 @@ def deinterleave(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat((t[tuple(gates)], t[tuple(ups)]), dim=dim)
 
 
+def interleave(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The inverse of `deinterleave`: all gates then all ups along `dim` -> gate, up, gate, up, ..."""
+    gates, ups = t.chunk(2, dim=dim)
+    return torch.stack((gates, ups), dim=dim + 1).flatten(dim, dim + 1)
+
+
 def _gpt_oss_experts(name: str, shape: tuple[int, ...]) -> list[list[Piece]] | None:
     """gpt-oss stores gate_up_proj [E, H, 2I] (columns gate, up, gate, up, ...), its bias [E, 2I] likewise, and
     down_proj [E, I, H] (transformers' GptOssExperts, which computes x @ W); ours are [E, 2I, H] gate rows then up
     rows, [E, 2I], [E, H, I]."""
     if re.fullmatch(r".*\.experts\.gate_up_proj", name):
         experts, two_inter, hidden = shape
-        return [[Piece(name, (), (experts, hidden, two_inter), lambda t: deinterleave(t.transpose(1, 2), 1))]]
+        return [[Piece(name, (), (experts, hidden, two_inter), lambda t: deinterleave(t.transpose(1, 2), 1),
+                       lambda t: interleave(t, 1).transpose(1, 2))]]
     if re.fullmatch(r".*\.experts\.gate_up_proj_bias", name):
-        return [[Piece(name, (), shape, lambda t: deinterleave(t, 1))]]
+        return [[Piece(name, (), shape, lambda t: deinterleave(t, 1), lambda t: interleave(t, 1))]]
     if re.fullmatch(r".*\.experts\.down_proj", name):
         experts, hidden, inter = shape
-        return [[Piece(name, (), (experts, inter, hidden), lambda t: t.transpose(1, 2))]]
+        return [[Piece(name, (), (experts, inter, hidden), lambda t: t.transpose(1, 2), lambda t: t.transpose(1, 2))]]
     return None
 
 

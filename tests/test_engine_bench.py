@@ -77,3 +77,22 @@ def test_fp8_and_bf16_in_one_run_report_both_kv_capacities(tmp_path, monkeypatch
         assert r["ours"]["throughput"]["2"]["output_tokens"] == 8
     markdown = next(tmp_path.glob("bench_engine_*.md")).read_text()
     assert "## FP8 against bf16" in markdown and "| tiny256 | b2 " in markdown
+
+
+def test_gpt_oss_preset_against_hf_on_shared_weights(tmp_path, monkeypatch):
+    """A small gpt_oss preset through the engine benchmark: HF's model is built on our weights (gate_up exported
+    back to its interleaved layout, router renamed) and its first logits agree with ours."""
+    from benchmarks import bench_engine
+    from model.presets import PRESETS
+
+    small = dict(PRESETS["gpt-oss-20b"], vocab_size=259, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_local_experts=8, sliding_window=8,
+                 layer_types=["sliding_attention", "full_attention"], eos_token_id=258, pad_token_id=None)
+    monkeypatch.setitem(PRESETS, "tiny-oss", small)
+    monkeypatch.setattr(sys, "argv", ["bench_engine.py", "--presets", "tiny-oss", "--batches", "2", "--hf-batches",
+                                      "2", "--decode-batches", "2", "--input-len", "16", "--output-len", "4",
+                                      "--time-budget", "120", "--out", str(tmp_path)])
+    bench_engine.main()
+    report = json.loads(next(tmp_path.glob("bench_engine_*.json")).read_text())["presets"]["tiny-oss"]
+    assert report["hf"]["2"]["tok_s"] > 0
+    assert report["hf_logits_rel_diff"] < 1e-4

@@ -144,3 +144,16 @@ def test_yarn_rope_as_gpt_oss_sets_it_matches_hf(tmp_path):
     assert PagedRunner(ours).greedy(PROMPT, 32, chunk=5) == hf_greedy(hf, PROMPT, 32)
     plain = make_hf_model("gpt_oss", seed=41)
     assert max_relative_error(hf_logits(plain, PROMPT), expected) > 1e-3  # the scaling really matters here
+
+
+def test_export_is_the_inverse_of_the_load_conversion(checkpoint):
+    """The benchmark's HF model shares our weights through `export`: it must give back the checkpoint's tensors."""
+    from model.weight_map import parameter_sources
+
+    hf, directory = checkpoint
+    ours, _ = load_model(str(directory), dtype=torch.float32)
+    theirs = dict(hf.named_parameters())
+    for name, param in ours.model.layers[0].mlp.experts.named_parameters(prefix="model.layers.0.mlp.experts"):
+        (piece,) = parameter_sources(name, tuple(param.shape), 64, 32, "gpt_oss")[0]
+        export = piece.export or (lambda t: t)  # down_proj_bias is stored as ours
+        assert torch.equal(export(param), theirs[piece.key]), name
