@@ -139,7 +139,8 @@ def load_model(
     config, tokenizer, directory, random_weights = resolve_source(source, random_weights)
     checkpoint = None if random_weights else SafetensorsCheckpoint(directory)
     if checkpoint is not None and isinstance(config.quantization, Mxfp4CheckpointConfig):
-        checkpoint = Mxfp4Checkpoint(checkpoint, torch.float32 if dtype == torch.float32 else torch.bfloat16)
+        checkpoint = Mxfp4Checkpoint(checkpoint, torch.float32 if dtype == torch.float32 else torch.bfloat16,
+                                     "cpu" if str(device) == "meta" else device)
     ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
     renames = FAMILIES[config.model_type].checkpoint_renames
     with torch.device("meta"):

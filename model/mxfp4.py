@@ -31,22 +31,26 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     return values.reshape(*blocks.shape[:-2], -1).to(dtype)
 
 
-def _dequantize_stored(key: str, blocks: torch.Tensor, scales: torch.Tensor, file, dtype) -> torch.Tensor:
+def _dequantize_stored(key: str, blocks: torch.Tensor, scales: torch.Tensor, file, dtype, device) -> torch.Tensor:
     if (scales == E8M0_NAN).any():
         raise CheckpointError(f"tensor {key + SCALES_SUFFIX!r} in {file} holds the e8m0 NaN scale (255)")
-    out = torch.empty(*blocks.shape[:-2], blocks.shape[-2] * MXFP4_BLOCK, dtype=dtype)  # [E, R, C]
+    blocks, scales = blocks.to(device), scales.to(device)  # a quarter of the bf16 bytes cross to the device
+    out = torch.empty(*blocks.shape[:-2], blocks.shape[-2] * MXFP4_BLOCK, dtype=dtype, device=device)  # [E, R, C]
     for e in range(blocks.shape[0]):  # one expert at a time bounds the int64 code tensor's memory
         out[e] = dequantize_mxfp4(blocks[e], scales[e], dtype)
     return out.transpose(-1, -2)  # [E, C, R], a view
 
 
 class Mxfp4Checkpoint:
-    """A SafetensorsCheckpoint whose MXFP4 pairs read as dequantised `dtype` tensors (see the module docstring)."""
+    """A SafetensorsCheckpoint whose MXFP4 pairs read as dequantised `dtype` tensors (see the module docstring),
+    dequantised on `device` (the model's: the packed bytes are what is copied there)."""
 
-    def __init__(self, checkpoint: SafetensorsCheckpoint, dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, checkpoint: SafetensorsCheckpoint, dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str = "cpu"):
         self.inner = checkpoint
         self.directory = checkpoint.directory
         self.dtype = dtype
+        self.device = torch.device(device)
         self.tensors: dict[str, TensorInfo] = {}
         self.pairs: dict[str, tuple[str, str]] = {}  # virtual key -> (blocks key, scales key)
         for key, info in checkpoint.tensors.items():
@@ -85,7 +89,7 @@ class Mxfp4Checkpoint:
                 blocks_key, scales_key = self.pairs[key]
                 stored = dict(self.inner.read([blocks_key, scales_key]))
                 yield key, _dequantize_stored(key, stored[blocks_key], stored[scales_key],
-                                              self.inner.tensors[blocks_key].file, self.dtype)
+                                              self.inner.tensors[blocks_key].file, self.dtype, self.device)
 
     def read_slices(self, requests):
         raise CheckpointError(f"{self.directory}: MXFP4 checkpoints are loaded whole (no sharded reads)")

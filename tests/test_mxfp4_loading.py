@@ -126,3 +126,12 @@ def test_broken_mxfp4_tensors_are_named(checkpoints, tmp_path, change, message):
     _, _, mx = checkpoints
     with pytest.raises(CheckpointError, match=message):
         load_model(str(_rewrite(mx, tmp_path, change)), dtype=torch.float32)
+
+
+@pytest.mark.gpu
+def test_dequantised_on_the_gpu_equals_the_cpu_load(checkpoints):
+    _, _, mx = checkpoints
+    on_cpu, _ = load_model(str(mx), dtype=torch.bfloat16)
+    on_gpu, _ = load_model(str(mx), dtype=torch.bfloat16, device="cuda")
+    for (name, a), b in zip(on_cpu.named_parameters(), on_gpu.parameters()):
+        assert torch.equal(a, b.cpu()), name
