@@ -18,6 +18,10 @@ CASES = [  # (output text, reasoning, content, calls)
     # the recipient in the role part of the header, a plain "json" content type
     ('<|channel|>analysis<|message|>add<|end|><|start|>assistant to=functions.add<|channel|>commentary json'
      '<|message|>{"a": 1, "b": 2}<|call|>', "add", None, [("add", {"a": 1, "b": 2})]),
+    # the form of OpenAI's harmony renderer tests: recipient after the role, "commentary <|constrain|>json"
+    ("<|channel|>analysis<|message|>Use the weather tool.<|end|><|start|>assistant to=functions.lookup_weather"
+     '<|channel|>commentary <|constrain|>json<|message|>{"location": "San Francisco"}<|call|>',
+     "Use the weather tool.", None, [("lookup_weather", {"location": "San Francisco"})]),
     # a preamble to the user on the commentary channel, then a call
     ("<|channel|>commentary<|message|>Checking.<|end|>" + CALL, None, "Checking.",
      [("get_weather", {"city": "Paris", "unit": "C"})]),
