@@ -130,11 +130,16 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("moe_forward",
         [](uintptr_t x, uintptr_t w13, uintptr_t w2, uintptr_t topk_weights, uintptr_t topk_ids, uintptr_t out,
-           uintptr_t workspace, size_t workspace_size, uintptr_t expert_load, int32_t T, int32_t k, int32_t E,
-           int32_t H, int32_t I, int dtype, int device, uintptr_t s) {
-          check(moe::forward(problem(T, k, E, H, I, dtype), ptr<const void>(x), ptr<const void>(w13),
+           uintptr_t workspace, size_t workspace_size, uintptr_t expert_load, uintptr_t w13_bias, uintptr_t w2_bias,
+           int activation, int32_t T, int32_t k, int32_t E, int32_t H, int32_t I, int dtype, int device, uintptr_t s) {
+          moe::Problem p = problem(T, k, E, H, I, dtype);
+          if (activation != int(moe::Activation::kSiLU) && activation != int(moe::Activation::kSwigluOai))
+            throw std::invalid_argument("activation code must be 0 (silu) or 1 (swiglu_oai)");
+          p.activation = static_cast<moe::Activation>(activation);
+          check(moe::forward(p, ptr<const void>(x), ptr<const void>(w13),
                              ptr<const void>(w2), ptr<const float>(topk_weights), ptr<const int32_t>(topk_ids),
-                             ptr<void>(out), ptr<void>(workspace), workspace_size, ptr<int64_t>(expert_load), device,
+                             ptr<void>(out), ptr<void>(workspace), workspace_size, ptr<int64_t>(expert_load),
+                             moe::ExpertBiases{ptr<const void>(w13_bias), ptr<const void>(w2_bias)}, device,
                              stream_of(s)),
                 "staticmoe moe_forward");
         });

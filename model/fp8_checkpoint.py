@@ -22,7 +22,7 @@ def _where(checkpoint: SafetensorsCheckpoint, key: str) -> str:
 def _check_scales(checkpoint: SafetensorsCheckpoint, quant: Fp8CheckpointConfig | None) -> None:
     tensors = checkpoint.tensors
     fp8 = [k for k, info in tensors.items() if info.dtype == FP8_DTYPE_NAME]
-    if fp8 and quant is None:
+    if fp8 and not isinstance(quant, Fp8CheckpointConfig):
         raise CheckpointError(f"{_where(checkpoint, fp8[0])} is float8_e4m3fn, but config.json has no "
                               f"quantization_config (block FP8 needs quant_method \"fp8\", weight_block_size "
                               f"[128, 128])")

@@ -46,6 +46,10 @@ def _is_mlp_down_projection(model: nn.Module, name: str) -> bool:
 
 def online_targets(model: nn.Module) -> list[str]:
     """Module names `--quantization fp8` makes FP8, after checking each can be (its K a multiple of 128)."""
+    for name, module in model.named_modules():  # first the reason that concerns the whole model
+        if isinstance(module, Experts) and (module.activation != "silu" or module.gate_up_proj_bias is not None):
+            raise ValueError(f"--quantization fp8: the FP8 experts kernel computes SiLU(gate)·up without biases, "
+                             f"but {name} uses {module.activation} with expert biases (gpt-oss): serve it in bf16")
     targets = []
     for name, module in model.named_modules():
         if isinstance(module, Experts):
