@@ -66,7 +66,7 @@ def fp8_targets(plain: nn.Module, checkpoint: SafetensorsCheckpoint, renames, ig
         module_name, param_name = owner[id(param)]
         is_fp8 = checkpoint.tensors[key].dtype == FP8_DTYPE_NAME
         module = plain.get_submodule(module_name)
-        if param_name.endswith(".bias") or not isinstance(module, (Linear, Experts)):
+        if param_name.endswith((".bias", "_bias")) or not isinstance(module, (Linear, Experts)):
             if is_fp8:
                 raise CheckpointError(f"{_where(checkpoint, key)} is float8_e4m3fn, but {param_name} is served in "
                                       f"high precision only (FP8 is for linear and expert weights)")

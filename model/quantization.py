@@ -37,10 +37,6 @@ def weight_of_scale(param_name: str) -> str | None:
 
 def online_targets(model: nn.Module) -> list[str]:
     """Module names `--quantization fp8` makes FP8, after checking each can be (its K a multiple of 128)."""
-    for name, module in model.named_modules():  # first the reason that concerns the whole model
-        if isinstance(module, Experts) and (module.activation != "silu" or module.gate_up_proj_bias is not None):
-            raise ValueError(f"--quantization fp8: the FP8 experts kernel computes SiLU(gate)·up without biases, "
-                             f"but {name} uses {module.activation} with expert biases (gpt-oss): serve it in bf16")
     targets = []
     for name, module in model.named_modules():
         if isinstance(module, Experts):
@@ -64,7 +60,8 @@ def _twin(module: nn.Module) -> nn.Module:
                          None if bias is None else bias.dtype)
     if isinstance(module, Experts):
         E, H, inter = module.down_proj.shape
-        return Fp8Experts(E, H, inter)
+        bias = module.down_proj_bias
+        return Fp8Experts(E, H, inter, module.activation, bias is not None, None if bias is None else bias.dtype)
     raise TypeError(f"{type(module).__name__} has no FP8 form (only Linear and Experts do)")
 
 
@@ -78,8 +75,8 @@ def apply_fp8(model: nn.Module, targets: list[str]) -> nn.Module:
             new = _twin(old)
         if device.type != "meta":
             for param_name, param in old.named_parameters(recurse=False):
-                if param_name == "bias":
-                    new.bias.copy_(param)
+                if param_name.endswith("bias"):  # biases stay high precision (Linear's and the experts')
+                    new.get_parameter(param_name).copy_(param)
                 else:
                     quantize_parameter(new, param_name, param)
         parent, _, leaf = name.rpartition(".")

@@ -124,8 +124,10 @@ def test_fp8_quantization_and_parallelism_are_refused_with_a_reason(checkpoint):
     from model.parallel.config import ParallelConfig, RankLayout
 
     _, directory = checkpoint
-    with pytest.raises(ValueError, match="uses swiglu_oai with expert biases"):
+    with pytest.raises(ValueError, match="--quantization fp8 needs .* multiple"):  # H = 64 here, 2880 in gpt-oss
         load_model(str(directory), dtype=torch.float32, quantization="fp8")
+    with pytest.raises(ValueError, match="2880"):
+        load_model("gpt-oss-20b", random_weights=True, device="meta", quantization="fp8")
     config = config_from_hf(hf_config("gpt_oss").to_dict(), "g")
     with pytest.raises(ValueError, match="does not shard gpt_oss's attention sinks"):
         RankLayout.build(config, ParallelConfig(tensor_parallel=2), 0)
@@ -157,3 +159,28 @@ def test_export_is_the_inverse_of_the_load_conversion(checkpoint):
         (piece,) = parameter_sources(name, tuple(param.shape), 64, 32, "gpt_oss")[0]
         export = piece.export or (lambda t: t)  # down_proj_bias is stored as ours
         assert torch.equal(export(param), theirs[piece.key]), name
+
+
+def test_fp8_at_load_with_128_multiples_runs_the_swiglu_and_biases(tmp_path):
+    """A gpt_oss net whose sizes are whole 128-blocks quantises at load: its experts run the FP8 op with the clamped
+    SwiGLU and high-precision biases. Weights scaled to std 0.06 (0.15 makes any family's FP8 error ~50-70% on these
+    random nets); measured: 16% max logit error, as Mixtral's 19% at the same sizes, and 51% with SiLU experts."""
+    from model.layers.fp8 import Fp8Experts
+
+    hf = make_hf_model("gpt_oss", seed=42, hidden_size=128, intermediate_size=128, head_dim=32)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if not name.endswith("norm.weight") and "embed" not in name and "sinks" not in name:
+                p.mul_(0.4)
+    directory = save_checkpoint(hf, tmp_path)
+    plain, _ = load_model(str(directory), dtype=torch.float32)
+    fp8, _ = load_model(str(directory), dtype=torch.float32, quantization="fp8")
+    experts = fp8.model.layers[0].mlp.experts
+    assert isinstance(experts, Fp8Experts) and experts.activation == "swiglu_oai"
+    torch.testing.assert_close(experts.down_proj_bias, plain.model.layers[0].mlp.experts.down_proj_bias)
+    reference = PagedRunner(plain).step({"s": PROMPT}, all_logits=True)["s"]
+    error = max_relative_error(PagedRunner(fp8).step({"s": PROMPT}, all_logits=True)["s"], reference)
+    assert error < 0.25
+    for layer in fp8.model.layers:
+        layer.mlp.experts.activation = "silu"
+    assert max_relative_error(PagedRunner(fp8).step({"s": PROMPT}, all_logits=True)["s"], reference) > 2 * error

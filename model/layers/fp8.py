@@ -36,17 +36,25 @@ class Fp8Experts(nn.Module):
     """The experts op of `model.layers.moe.Experts` with FP8 weights: `fused_moe` with w13_scale / w2_scale, which is
     our FP8 kernel on a Hopper GPU and its pure-torch reference elsewhere."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, activation: str = "silu",
+                 bias: bool = False, bias_dtype: torch.dtype | None = None):
         super().__init__()
         E, H, inter = num_experts, hidden_size, intermediate_size
+        self.activation = activation
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, H, dtype=FP8_DTYPE), requires_grad=False)
         self.gate_up_proj_scale_inv = nn.Parameter(
             torch.empty(E, _blocks(2 * inter), _blocks(H), dtype=torch.float32), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(E, H, inter, dtype=FP8_DTYPE), requires_grad=False)
         self.down_proj_scale_inv = nn.Parameter(
             torch.empty(E, _blocks(H), _blocks(inter), dtype=torch.float32), requires_grad=False)
+        if bias:  # high precision, as the activations
+            self.gate_up_proj_bias = nn.Parameter(torch.empty(E, 2 * inter, dtype=bias_dtype), requires_grad=False)
+            self.down_proj_bias = nn.Parameter(torch.empty(E, H, dtype=bias_dtype), requires_grad=False)
+        else:
+            self.gate_up_proj_bias = self.down_proj_bias = None
         self.register_buffer("expert_load", torch.zeros(E, dtype=torch.int64), persistent=False)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         return fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids, expert_load=self.expert_load,
-                         w13_scale=self.gate_up_proj_scale_inv, w2_scale=self.down_proj_scale_inv)
+                         w13_scale=self.gate_up_proj_scale_inv, w2_scale=self.down_proj_scale_inv,
+                         activation=self.activation, w13_bias=self.gate_up_proj_bias, w2_bias=self.down_proj_bias)
