@@ -12,6 +12,8 @@ routing decision is sensitive), embeddings and the LM head stay in high precisio
 them. Quantisation is per 128x128 block (`model.kernels.fp8.quantize_fp8_blocks`, the checkpoints' format).
 """
 
+import logging
+
 import torch
 from torch import nn
 
@@ -21,6 +23,7 @@ from model.layers.fp8 import Fp8Experts, Fp8Linear
 from model.layers.linear import Linear
 from model.layers.moe import Experts
 
+logger = logging.getLogger(__name__)
 SCALE_SUFFIX = "_scale_inv"
 HIGH_PRECISION_LINEARS = ("gate", "shared_expert_gate", "lm_head")  # last name component of linears kept as they are
 
@@ -36,20 +39,19 @@ def weight_of_scale(param_name: str) -> str | None:
 
 
 def online_targets(model: nn.Module) -> list[str]:
-    """Module names `--quantization fp8` makes FP8, after checking each can be (its K a multiple of 128)."""
-    targets = []
+    """Module names `--quantization fp8` makes FP8: every routed-experts module (zero-padded to whole 128-blocks
+    where H or I is not one, model/layers/fp8.py) and every linear but HIGH_PRECISION_LINEARS whose input size is a
+    multiple of 128 (FP8 activations are quantised per 128 columns; the others, e.g. gpt-oss's q/k/v with K = 2880,
+    stay in high precision, and the log says how many)."""
+    targets, kept = [], []
     for name, module in model.named_modules():
         if isinstance(module, Experts):
-            hidden, inter = module.down_proj.shape[1:]
-            if hidden % FP8_BLOCK or inter % FP8_BLOCK:
-                raise ValueError(f"--quantization fp8 needs hidden_size ({hidden}) and the experts' intermediate size "
-                                 f"({inter}) to be multiples of {FP8_BLOCK}; {name} has neither fit")
             targets.append(name)
         elif isinstance(module, Linear) and name.rsplit(".", 1)[-1] not in HIGH_PRECISION_LINEARS:
-            if module.in_features % FP8_BLOCK:
-                raise ValueError(f"--quantization fp8 needs every quantised linear's input size to be a multiple of "
-                                 f"{FP8_BLOCK}; {name} takes {module.in_features}")
-            targets.append(name)
+            (targets if module.in_features % FP8_BLOCK == 0 else kept).append(name)
+    if kept:
+        logger.info("--quantization fp8: %d linears keep high precision (input size not a multiple of %d), e.g. %s",
+                    len(kept), FP8_BLOCK, kept[0])
     return targets
 
 
@@ -61,7 +63,8 @@ def _twin(module: nn.Module) -> nn.Module:
     if isinstance(module, Experts):
         E, H, inter = module.down_proj.shape
         bias = module.down_proj_bias
-        return Fp8Experts(E, H, inter, module.activation, bias is not None, None if bias is None else bias.dtype)
+        return Fp8Experts(E, H, inter, module.activation, bias is not None, None if bias is None else bias.dtype,
+                          pad=True)
     raise TypeError(f"{type(module).__name__} has no FP8 form (only Linear and Experts do)")
 
 
@@ -91,10 +94,16 @@ def quantize_parameter(module: nn.Module, name: str, value: torch.Tensor) -> Non
     """Quantise `value` (the whole high-precision weight of FP8 parameter `name` of `module`) into that parameter
     and its block scales. A 3-D experts weight goes one expert at a time, so the float32 temporaries stay small."""
     param, scale = module.get_parameter(name), module.get_parameter(scale_name(name))
-    if param.dtype != FP8_DTYPE or tuple(value.shape) != tuple(param.shape):
+    prefix, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(prefix) if prefix else module
+    logical = owner.logical_shape(leaf) if isinstance(owner, Fp8Experts) else None
+    if param.dtype != FP8_DTYPE or tuple(value.shape) != (logical or tuple(param.shape)):
         raise ValueError(f"{name}: cannot quantise a {tuple(value.shape)} tensor into {param.dtype} "
                          f"{tuple(param.shape)}")
-    if value.dim() == 3:
+    if logical:  # zero-padded to whole 128-blocks, one expert at a time
+        for e in range(value.shape[0]):
+            param[e], scale[e] = quantize_fp8_blocks(owner.pad_expert(leaf, value[e].to(param.device)))
+    elif value.dim() == 3:
         for e in range(value.shape[0]):
             param[e], scale[e] = quantize_fp8_blocks(value[e].to(param.device))
     else:

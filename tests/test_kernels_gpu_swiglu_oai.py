@@ -175,3 +175,41 @@ def test_fp8_swiglu_oai_with_biases_matches_fp32_reference(shape, T, routing):
     err, err_ref = relative_error(out, ref32), relative_error(same_quant, ref32)
     assert err <= 2 * err_ref + 1e-4, f"relative error {err:.3e} vs same-quantisation pure torch {err_ref:.3e}"
     assert relative_error(out, same_quant) < 2e-2, "far from the reference with the same numerics"
+
+
+@pytest.mark.parametrize("T", [1, 300, 4096])
+def test_padded_fp8_experts_at_the_real_shape(T):
+    """The real gpt-oss-20b layer (H = I = 2880) quantised by `--quantization fp8`'s transform: padded to 2944, run
+    by the FP8 kernels, cut back to 2880; against the same-quantisation pure-torch layer on the padded weights."""
+    import torch.nn.functional as F
+
+    from model.kernels.fp8 import fused_moe_fp8_reference
+    from model.layers.moe import Experts
+    from model.quantization import apply_fp8
+
+    E, k, H, I = GPT_OSS_EXPERT_SHAPES["gpt-oss-20b"]
+    case = swiglu_oai_case(E, H, I, torch.Generator(device="cuda").manual_seed(11), torch.bfloat16)
+    with torch.device("cuda"):
+        holder = torch.nn.Module()
+        holder.experts = Experts(E, H, I, "swiglu_oai", bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        for name in ("gate_up_proj", "down_proj"):
+            getattr(holder.experts, name).copy_(case[name.replace("gate_up_proj", "w13").replace("down_proj", "w2")])
+        holder.experts.gate_up_proj_bias.copy_(case["w13_bias"])
+        holder.experts.down_proj_bias.copy_(case["w2_bias"])
+    experts = apply_fp8(holder, ["experts"]).experts
+    assert experts.is_padded and experts.gate_up_proj.shape[1:] == (2 * 2944, 2944)
+    tw, ids = (t.cuda() for t in make_routing("zipf", T, E, k, torch.Generator().manual_seed(T)))
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    out = experts(x, tw, ids)
+    torch.cuda.synchronize()
+    b13 = torch.cat([F.pad(case["w13_bias"][:, :I], (0, 64)), F.pad(case["w13_bias"][:, I:], (0, 64))], dim=1)
+    same_quant = fused_moe_fp8_reference(F.pad(x, (0, 64)), experts.gate_up_proj, experts.gate_up_proj_scale_inv,
+                                         experts.down_proj, experts.down_proj_scale_inv, tw, ids,
+                                         activation="swiglu_oai", w13_bias=b13,
+                                         w2_bias=F.pad(case["w2_bias"], (0, 64)))[:, :H]
+    assert out.shape == (T, H) and not out.isnan().any()
+    assert relative_error(out, same_quant) < 2e-2
+    bf16 = fused_moe_reference(x, case["w13"], case["w2"], tw, ids, compute_dtype=torch.float32,
+                               activation="swiglu_oai", w13_bias=case["w13_bias"], w2_bias=case["w2_bias"])
+    assert relative_error(out, bf16) < 0.1  # FP8's own error on this layer: a few %
