@@ -70,7 +70,8 @@ def fp8_targets(plain: nn.Module, checkpoint: SafetensorsCheckpoint, renames, ig
             raise CheckpointError(f"{_where(checkpoint, key)} is float8_e4m3fn, but a router with "
                                   f"e_score_correction_bias is served in high precision only (its scores choose "
                                   f"the experts; DeepSeek-V3 and GLM-4.5 FP8 checkpoints keep it in bf16)")
-        if param_name.endswith((".bias", ".e_score_correction_bias")) or not isinstance(module, (Linear, Experts)):
+        # biases: a Linear's `.bias`, the experts' `*_proj_bias` (gpt-oss), the router's `e_score_correction_bias`
+        if param_name.endswith((".bias", "_bias")) or not isinstance(module, (Linear, Experts)):
             if is_fp8:
                 raise CheckpointError(f"{_where(checkpoint, key)} is float8_e4m3fn, but {param_name} is served in "
                                       f"high precision only (FP8 is for linear and expert weights)")

@@ -33,7 +33,7 @@ from model.mxfp4 import Mxfp4Checkpoint
 from model.quant_config import Fp8CheckpointConfig, Mxfp4CheckpointConfig, check_quantization
 from model.quantization import apply_fp8, online_targets, quantize_parameter, weight_of_scale
 from model.tokenizer import Tokenizer, load_tokenizer
-from model.weight_map import QuantizeAtLoad, load_weights, unused_keys
+from model.weight_map import QuantizeAtLoad, load_weights, logical_shape, unused_keys
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,8 @@ def init_random_weights(model: MoeCausalLM, seed: int = 0) -> None:
         else:
             generator = torch.Generator(device=param.device).manual_seed(seed * 100_003 + index)
             if param.dtype == FP8_DTYPE:
-                value = torch.empty(param.shape, dtype=_high_precision_dtype(model), device=param.device)
+                value = torch.empty(logical_shape(model, name, param), dtype=_high_precision_dtype(model),
+                                    device=param.device)
                 quantize_parameter(model, name, value.normal_(0.0, std, generator=generator))
             else:
                 param.normal_(0.0, std, generator=generator)

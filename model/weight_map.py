@@ -141,6 +141,15 @@ class QuantizeAtLoad:
         self.scales = {name + SCALE_SUFFIX for name in self.params}
 
 
+def logical_shape(model: nn.Module, name: str, param: torch.Tensor) -> tuple[int, ...]:
+    """The shape the checkpoint gives for parameter `name`: its own, or the unpadded one of an FP8 weight padded to
+    whole 128-blocks (model/layers/fp8.py `Fp8Experts.logical_shape`)."""
+    prefix, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(prefix) if prefix else model
+    shape = owner.logical_shape(leaf) if hasattr(owner, "logical_shape") else None
+    return tuple(shape or param.shape)
+
+
 def _alternatives(model: nn.Module, name: str, shape: tuple[int, ...], q_size: int, kv_size: int):
     from model.families import FAMILIES  # families -> config; imported here to keep weight_map config-free
 
@@ -193,7 +202,7 @@ def plan_loading(
         if name in made:
             continue
         stored_fp8 = param.dtype == torch.float8_e4m3fn and name not in quantized_here
-        alternatives = _alternatives(model, name, tuple(param.shape), q_size, kv_size)
+        alternatives = _alternatives(model, name, logical_shape(model, name, param), q_size, kv_size)
         chosen = next((alt for alt in alternatives if all(p.key in keys for p in alt)), None)
         if chosen is None:
             closest = max(alternatives, key=lambda alt: sum(p.key in keys for p in alt))
@@ -242,7 +251,8 @@ def load_weights(model: nn.Module, checkpoint: SafetensorsCheckpoint, renames=()
             param.data[piece.index].copy_(tensor)
             continue
         if name not in staged:
-            staged[name] = torch.empty(param.shape, dtype=quantize_at_load.dtype, device=param.device)
+            staged[name] = torch.empty(logical_shape(model, name, param), dtype=quantize_at_load.dtype,
+                                       device=param.device)
         staged[name][piece.index].copy_(tensor)
         left[name] -= 1
         if left[name] == 0:

@@ -82,17 +82,6 @@ def test_bad_activation_or_bias_raises(kwargs, message):
         fused_moe(x, w13, w2, tw, ids, **kwargs)
 
 
-def test_fp8_weights_refuse_biases_and_other_activations():
-    from model.kernels.fp8 import quantize_fp8_blocks
-
-    x, w13, w2, tw, ids = random_problem(3, 4, 2, 128, 128, torch.bfloat16, seed=5)
-    (q13, s13), (q2, s2) = quantize_fp8_blocks(w13), quantize_fp8_blocks(w2)
-    with pytest.raises(ValueError, match="FP8 path computes SiLU"):
-        fused_moe(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2, activation="swiglu_oai")
-    with pytest.raises(ValueError, match="w2_bias needs bf16"):
-        fused_moe(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2, w2_bias=torch.zeros(4, 128, dtype=torch.bfloat16))
-
-
 @pytest.mark.parametrize("biases", [False, True])
 def test_custom_op_with_activation_and_biases_passes_opcheck(biases):
     x, w13, w2, tw, ids, b13, b2 = oai_problem(6, 8, 2, 16, 8, torch.float32, seed=9)

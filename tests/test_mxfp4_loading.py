@@ -135,3 +135,15 @@ def test_dequantised_on_the_gpu_equals_the_cpu_load(checkpoints):
     on_gpu, _ = load_model(str(mx), dtype=torch.bfloat16, device="cuda")
     for (name, a), b in zip(on_cpu.named_parameters(), on_gpu.parameters()):
         assert torch.equal(a, b.cpu()), name
+
+
+def test_mxfp4_requantised_to_fp8_equals_the_fp32_checkpoint_quantised(checkpoints):
+    """--quantization fp8 on an MXFP4 checkpoint: its experts dequantised, zero-padded to 128-blocks (H = 64, I = 32
+    here; 2880 in gpt-oss) and quantised per 128x128 block, exactly as the same values from the fp32 checkpoint."""
+    _, plain, mx = checkpoints
+    from_plain, _ = load_model(str(plain), dtype=torch.float32, quantization="fp8")
+    from_mx, _ = load_model(str(mx), dtype=torch.float32, quantization="fp8")
+    assert from_mx.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.float8_e4m3fn
+    for (name, a), b in zip(from_plain.named_parameters(), from_mx.parameters()):
+        assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                           b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b), name

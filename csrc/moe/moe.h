@@ -17,7 +17,7 @@ enum class DType : int { kBF16 = 0, kFP16 = 1 };
 enum class Activation : int { kSiLU = 0, kSwigluOai = 1 };
 constexpr float kSwigluOaiAlpha = 1.702f, kSwigluOaiLimit = 7.0f;
 
-// Optional expert biases in the activation dtype (16-bit path only): w13 [E, 2I] (gate biases then up biases, added
+// Optional expert biases in the activation dtype (bf16 with FP8 weights): w13 [E, 2I] (gate biases then up biases, added
 // to GEMM1's fp32 accumulators before the activation), w2 [E, H] (added to GEMM2's before the routing weight, so the
 // bias is weighted like the product). Null = none.
 struct ExpertBiases {
@@ -38,7 +38,7 @@ struct Problem {
   int32_t intermediate;  // I
   DType dtype;           // activations and output
   bool fp8 = false;      // weights in e4m3 with 128x128 block scales
-  Activation activation = Activation::kSiLU;  // the FP8 path takes kSiLU only
+  Activation activation = Activation::kSiLU;
   int64_t rows() const { return int64_t(tokens) * top_k; }  // N = T*k (token, slot) pairs
 };
 
@@ -95,9 +95,11 @@ cudaError_t forward(const Problem& p, const void* x, const void* w13, const void
                     ExpertBiases biases, int device, cudaStream_t stream);
 
 // The same layer with FP8 weights (p.fp8): x quantised per (token, 128 group), GEMM1 in e4m3 whose epilogue writes
-// SiLU(gate)·up quantised per (row, 128 group), GEMM2 in e4m3 x routing weight, combine. x and out are bf16.
+// act(gate, up) (+ biases) quantised per (row, 128 group), GEMM2 in e4m3 (+ bias) x routing weight, combine. x, out
+// and the biases are bf16.
 cudaError_t forward_fp8(const Problem& p, const void* x, const void* w13, const void* w2, WeightScales scales,
                         const float* topk_weights, const int32_t* topk_ids, void* out, void* workspace,
-                        size_t workspace_size, int64_t* expert_load, int device, cudaStream_t stream);
+                        size_t workspace_size, int64_t* expert_load, ExpertBiases biases, int device,
+                        cudaStream_t stream);
 
 }  // namespace staticmoe::moe

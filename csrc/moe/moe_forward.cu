@@ -81,8 +81,7 @@ bool valid(const Problem& p) {
   if (p.num_experts < 1 || p.num_experts > kMaxExperts || p.top_k < 1 || p.hidden % 8 || p.intermediate % 8)
     return false;
   if (p.activation != Activation::kSiLU && p.activation != Activation::kSwigluOai) return false;
-  return !p.fp8 || (p.dtype == DType::kBF16 && p.activation == Activation::kSiLU && p.hidden % kFP8Block == 0 &&
-                    p.intermediate % kFP8Block == 0);
+  return !p.fp8 || (p.dtype == DType::kBF16 && p.hidden % kFP8Block == 0 && p.intermediate % kFP8Block == 0);
 }
 
 cudaError_t forward(const Problem& p, const void* x, const void* w13, const void* w2, const float* topk_weights,
@@ -102,7 +101,8 @@ cudaError_t forward(const Problem& p, const void* x, const void* w13, const void
 
 cudaError_t forward_fp8(const Problem& p, const void* x, const void* w13, const void* w2, WeightScales scales,
                         const float* topk_weights, const int32_t* topk_ids, void* out, void* workspace,
-                        size_t workspace_size, int64_t* expert_load, int device, cudaStream_t stream) {
+                        size_t workspace_size, int64_t* expert_load, ExpertBiases biases, int device,
+                        cudaStream_t stream) {
   if (p.tokens == 0) return cudaSuccess;
   if (!p.fp8 || !valid(p) || workspace_size < workspace_bytes(p)) return cudaErrorInvalidValue;
   const LaunchConfig cfg = choose_config(p);
@@ -113,7 +113,8 @@ cudaError_t forward_fp8(const Problem& p, const void* x, const void* w13, const 
   err = quantize_rows_fp8(static_cast<const __nv_bfloat16*>(x), p.tokens, p.hidden, static_cast<uint8_t*>(ws.x_fp8),
                           ws.x_scale, stream);
   if (err != cudaSuccess) return err;
-  if ((err = grouped_gemms_fp8_sm90(p, cfg, w13, w2, scales, topk_weights, ws, device, stream)) != cudaSuccess)
+  if ((err = grouped_gemms_fp8_sm90(p, cfg, w13, w2, scales, topk_weights, biases, ws, device, stream)) !=
+      cudaSuccess)
     return err;
   return combine(p, ws.slot_out, topk_ids, out, stream);
 }

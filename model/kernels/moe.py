@@ -41,11 +41,6 @@ def check_moe_inputs(
     fp8 = w13.dtype == FP8_DTYPE
     scales = dict(w13_scale=w13_scale, w2_scale=w2_scale)
     if fp8:
-        if activation != Activation.SILU or biases:
-            raise ValueError(
-                "the FP8 path computes SiLU(gate)·up without expert biases; activation="
-                f"{activation.value!r}{' with ' + ' and '.join(biases) if biases else ''} needs bf16/fp16 weights"
-            )
         if x.dtype not in (torch.bfloat16, torch.float32):
             raise TypeError(f"x must be bfloat16 (or float32, reference only) with float8_e4m3fn weights, got {x.dtype}")
         if w2.dtype != FP8_DTYPE:
@@ -180,15 +175,22 @@ def _fused_moe_fp8_op(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     expert_load: torch.Tensor | None,
+    activation: str = Activation.SILU.value,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if x.dtype == torch.bfloat16 and uses_cuda_kernel(x):
-        return extension.fused_moe_fp8_cuda(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, expert_load)
+        return extension.fused_moe_fp8_cuda(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, expert_load,
+                                            activation=ACTIVATION_CODES[Activation(activation)], w13_bias=w13_bias,
+                                            w2_bias=w2_bias)
     _count_expert_load(expert_load, topk_ids, w13.shape[0])
-    return fused_moe_fp8_reference(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids)
+    return fused_moe_fp8_reference(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, activation=activation,
+                                   w13_bias=w13_bias, w2_bias=w2_bias)
 
 
 @_fused_moe_fp8_op.register_fake
-def _(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, expert_load):
+def _(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, expert_load, activation="silu", w13_bias=None,
+      w2_bias=None):
     return torch.empty_like(x)
 
 
@@ -217,7 +219,7 @@ def fused_moe(
 
     FP8: with w13 and w2 in float8_e4m3fn, pass their block scales (dequantised weight = fp8 × scale); x is bf16,
     H and I multiples of 128; activations are quantised per (token, 128 columns) on the fly (`model.kernels.fp8`).
-    The FP8 path takes neither biases nor an activation other than SiLU (refused here)."""
+    Biases and the activation work the same way there (biases in x.dtype, bf16)."""
     check_moe_inputs(
         x, w13, w2, topk_weights, topk_ids, expert_load, skip_out_of_range_ids, w13_scale=w13_scale, w2_scale=w2_scale,
         activation=activation, w13_bias=w13_bias, w2_bias=w2_bias,
@@ -225,6 +227,7 @@ def fused_moe(
     if x.shape[0] == 0:
         return x.new_empty(x.shape)
     if w13.dtype == FP8_DTYPE:
-        return _fused_moe_fp8_op(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, expert_load)
+        return _fused_moe_fp8_op(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, expert_load,
+                                 parse_activation(activation).value, w13_bias, w2_bias)
     return _fused_moe_op(x, w13, w2, topk_weights, topk_ids, expert_load, parse_activation(activation).value,
                          w13_bias, w2_bias)
