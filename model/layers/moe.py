@@ -3,10 +3,10 @@
 Routing (model/kernels/routing.py): softmax top-k (Mixtral, Qwen-MoE, OLMoE), gpt-oss's top-k then softmax over the k
 (a router with a bias), or group-limited top-k (DeepSeek-V2: softmax; DeepSeek-V3 and GLM-4.5: sigmoid with a
 correction bias for the choice). gpt-oss's experts add biases (gate_up_proj_bias [E, 2I], gate then up like the
-weight rows; down_proj_bias [E, H]) and use the clamped SwiGLU, both computed inside `fused_moe`. The shared expert is a dense
-SwiGLU MLP every token goes through, added to the routed output: sigmoid-gated per token in Qwen2-MoE, ungated in
-DeepSeek and GLM (whose `n_shared_experts` experts are one MLP of n_shared × moe_intermediate_size columns; the
-families rename their `shared_experts.` keys to `shared_expert.`).
+weight rows; down_proj_bias [E, H]) and use the clamped SwiGLU, both computed inside `fused_moe`. The shared expert
+is a dense SwiGLU MLP every token goes through, added to the routed output: sigmoid-gated per token in Qwen2-MoE,
+ungated in DeepSeek and GLM (whose `n_shared_experts` experts are one MLP of n_shared × moe_intermediate_size
+columns; the families rename their `shared_experts.` keys to `shared_expert.`).
 
 The experts op (`Experts`) is a module of its own so that transforms can wrap it from outside the model: the
 engine's metrics time it by forward hooks (model/engine/moe_timer.py). Expert weights use the layout HF
