@@ -42,7 +42,11 @@ from model.engine import EngineConfig, LLMEngine, SamplingParams
 from model.kv_capacity import values_per_token_per_layer
 from model.presets import PRESETS
 from benchmarks.precision_compare import precision_table
+from model.families import FAMILIES
 from model.weight_map import parameter_sources
+
+# Our parameter name -> transformers' where they differ (the inverse of the family's checkpoint renames).
+HF_NAMES = {"gpt_oss": lambda key: key.replace(".mlp.gate.", ".mlp.router.")}
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -242,17 +246,23 @@ def hf_sharing_weights(engine, preset):
     import transformers
 
     hf_config = transformers.AutoConfig.for_model(**PRESETS[preset])
+    mc = engine.model_config
+    family = FAMILIES[mc.model_type]
+    # gpt-oss supports no sdpa in transformers (its sinks): eager attention there
+    attention = "eager" if mc.model_type == "gpt_oss" else "sdpa"
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(
-            hf_config, dtype=engine.dtype, attn_implementation="sdpa", experts_implementation="grouped_mm")
-    mc = engine.model_config
+            hf_config, dtype=engine.dtype, attn_implementation=attention, experts_implementation="grouped_mm")
     q_size, kv_size = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
     views = {}
     for name, param in engine.model.named_parameters():
-        for piece in parameter_sources(name, tuple(param.shape), q_size, kv_size)[0]:
-            views[piece.key] = param[piece.index] if piece.index else param
+        for piece in parameter_sources(name, tuple(param.shape), q_size, kv_size, family.expert_layout)[0]:
+            # gpt-oss's interleaved gate_up is a copy (its layout is no view of ours): more memory than the others
+            view = piece.export(param) if piece.export else param[piece.index] if piece.index else param
+            key = HF_NAMES.get(mc.model_type, lambda key: key)(piece.key)
+            views[key] = view
             # DeepSeek's (and GLM's) MLP of n_shared experts: HF's `shared_experts`, our `shared_expert`
-            views[piece.key.replace(".mlp.shared_expert.", ".mlp.shared_experts.")] = views[piece.key]
+            views[key.replace(".mlp.shared_expert.", ".mlp.shared_experts.")] = view
     for name, _ in list(hf.named_parameters()):
         if name not in views:
             raise KeyError(f"no engine weight for HF parameter {name}")

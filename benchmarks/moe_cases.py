@@ -29,6 +29,13 @@ FP8_EXPERT_SHAPES = {
     "qwen3-235b-a22b": (128, 8, 4096, 1536),
     "mixtral-8x7b": EXPERT_SHAPES["mixtral-8x7b"],
 }
+# gpt-oss (openai/gpt-oss-20b, -120b config.json): H = I = 2880, a multiple of 8 (the bf16 path) but not of 128 (the
+# FP8 path refuses it). Run with the `swiglu_oai` activation and both expert biases, against SiLU without biases at the
+# same shape: `swiglu_oai_case` (tests/test_kernels_gpu_swiglu_oai.py, benchmarks/bench_moe_epilogue.py).
+GPT_OSS_EXPERT_SHAPES = {
+    "gpt-oss-20b": (32, 4, 2880, 2880),
+    "gpt-oss-120b": (128, 4, 2880, 2880),
+}
 ROUTINGS = ("balanced", "uniform", "zipf", "same", "best", "sparse90", "worst")
 ZIPF_EXPONENT = 1.2
 
@@ -110,3 +117,16 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     dtype = torch.promote_types(ref.dtype, torch.float32)
     ref = ref.to(dtype)
     return ((out.to(dtype) - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def swiglu_oai_case(E: int, H: int, I: int, gen: torch.Generator, dtype=torch.bfloat16, device=None,
+                    gate_scale: float = 3.0) -> dict:
+    """Weights and biases of a gpt-oss-like expert layer: w13 [E, 2I, H], w2 [E, H, I], w13_bias [E, 2I],
+    w2_bias [E, H]. `gate_scale` widens GEMM1's outputs (std ~gate_scale for x ~ N(0, 1)) so a share of the gate and
+    up values lies past the clamp limit of 7, as in the trained model's larger activations."""
+    device = gen.device if device is None else device
+    w13 = torch.randn(E, 2 * I, H, generator=gen, device=device) * (gate_scale / H**0.5)
+    w2 = torch.randn(E, H, I, generator=gen, device=device) / I**0.5
+    b13 = torch.randn(E, 2 * I, generator=gen, device=device)
+    b2 = 0.1 * torch.randn(E, H, generator=gen, device=device)
+    return dict(w13=w13.to(dtype), w2=w2.to(dtype), w13_bias=b13.to(dtype), w2_bias=b2.to(dtype))

@@ -37,6 +37,12 @@ moe::Problem problem(int32_t T, int32_t k, int32_t E, int32_t H, int32_t I, int 
   return moe::Problem{T, k, E, H, I, static_cast<moe::DType>(dtype), fp8};
 }
 
+moe::Activation activation_of(int code) {
+  if (code != int(moe::Activation::kSiLU) && code != int(moe::Activation::kSwigluOai))
+    throw std::invalid_argument("activation code must be 0 (silu) or 1 (swiglu_oai)");
+  return static_cast<moe::Activation>(code);
+}
+
 py::dict plan_layout(const moe::Problem& p) {
   // Byte offsets of the plan's arrays inside the workspace, so tests can read the device plan.
   const moe::Workspace ws = moe::carve_workspace(p, nullptr);
@@ -130,22 +136,30 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("moe_forward",
         [](uintptr_t x, uintptr_t w13, uintptr_t w2, uintptr_t topk_weights, uintptr_t topk_ids, uintptr_t out,
-           uintptr_t workspace, size_t workspace_size, uintptr_t expert_load, int32_t T, int32_t k, int32_t E,
-           int32_t H, int32_t I, int dtype, int device, uintptr_t s) {
-          check(moe::forward(problem(T, k, E, H, I, dtype), ptr<const void>(x), ptr<const void>(w13),
+           uintptr_t workspace, size_t workspace_size, uintptr_t expert_load, uintptr_t w13_bias, uintptr_t w2_bias,
+           int activation, int32_t T, int32_t k, int32_t E, int32_t H, int32_t I, int dtype, int device, uintptr_t s) {
+          moe::Problem p = problem(T, k, E, H, I, dtype);
+          p.activation = activation_of(activation);
+          check(moe::forward(p, ptr<const void>(x), ptr<const void>(w13),
                              ptr<const void>(w2), ptr<const float>(topk_weights), ptr<const int32_t>(topk_ids),
-                             ptr<void>(out), ptr<void>(workspace), workspace_size, ptr<int64_t>(expert_load), device,
+                             ptr<void>(out), ptr<void>(workspace), workspace_size, ptr<int64_t>(expert_load),
+                             moe::ExpertBiases{ptr<const void>(w13_bias), ptr<const void>(w2_bias)}, device,
                              stream_of(s)),
                 "staticmoe moe_forward");
         });
   m.def("moe_forward_fp8",
         [](uintptr_t x, uintptr_t w13, uintptr_t w13_scale, uintptr_t w2, uintptr_t w2_scale, uintptr_t topk_weights,
            uintptr_t topk_ids, uintptr_t out, uintptr_t workspace, size_t workspace_size, uintptr_t expert_load,
-           int32_t T, int32_t k, int32_t E, int32_t H, int32_t I, int device, uintptr_t s) {
-          check(moe::forward_fp8(problem(T, k, E, H, I, 0, true), ptr<const void>(x), ptr<const void>(w13),
+           uintptr_t w13_bias, uintptr_t w2_bias, int activation, int32_t T, int32_t k, int32_t E, int32_t H,
+           int32_t I, int device, uintptr_t s) {
+          moe::Problem p = problem(T, k, E, H, I, 0, true);
+          p.activation = activation_of(activation);
+          check(moe::forward_fp8(p, ptr<const void>(x), ptr<const void>(w13),
                                  ptr<const void>(w2), moe::WeightScales{ptr<const float>(w13_scale), ptr<const float>(w2_scale)},
                                  ptr<const float>(topk_weights), ptr<const int32_t>(topk_ids), ptr<void>(out),
-                                 ptr<void>(workspace), workspace_size, ptr<int64_t>(expert_load), device, stream_of(s)),
+                                 ptr<void>(workspace), workspace_size, ptr<int64_t>(expert_load),
+                                 moe::ExpertBiases{ptr<const void>(w13_bias), ptr<const void>(w2_bias)}, device,
+                                 stream_of(s)),
                 "staticmoe moe_forward_fp8");
         });
   m.def("quantize_rows_fp8",  // x [rows, cols] bf16 -> e4m3 [rows, cols] + float32 scales [rows, cols/128]

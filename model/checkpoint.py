@@ -16,6 +16,7 @@ from safetensors import safe_open
 INDEX_FILE = "model.safetensors.index.json"
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3"}  # F8_E4M3: block-FP8 weights (model/fp8_checkpoint.py)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+MXFP4_SUFFIXES = ("_blocks", "_scales")  # uint8 MXFP4 codes and e8m0 scales (model/mxfp4.py)
 
 
 class CheckpointError(ValueError):
@@ -79,7 +80,7 @@ class SafetensorsCheckpoint:
             for key, info in _header(path).items():
                 if key in self.tensors:
                     raise CheckpointError(f"tensor {key!r} is in both {self.tensors[key].file} and {path}")
-                if info.dtype not in FLOAT_DTYPES:
+                if info.dtype not in FLOAT_DTYPES and not (info.dtype == "U8" and key.endswith(MXFP4_SUFFIXES)):
                     raise CheckpointError(f"tensor {key!r} in {path} has dtype {info.dtype}; only floating-point "
                                           f"{sorted(FLOAT_DTYPES)} weights are supported")
                 self.tensors[key] = info

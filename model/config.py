@@ -8,6 +8,10 @@ import math
 from dataclasses import dataclass, field
 
 
+LAYER_TYPES = ("sliding_attention", "full_attention")
+ROUTERS = ("softmax_topk", "topk_softmax")
+
+
 class ConfigError(ValueError):
     """A config.json we cannot run; the message names the field."""
 
@@ -83,6 +87,14 @@ class ModelConfig:
     group_score: str = "max"  # a group's score: its best expert ("max", V2) or best two summed ("top2_sum", V3)
     routed_scaling_factor: float = 1.0  # the routed experts' weights are multiplied by it
     sliding_window: int | None = None
+    # Per layer "sliding_attention" (window `sliding_window`) or "full_attention" (gpt-oss alternates them);
+    # () = every layer uses `sliding_window` (Mixtral).
+    layer_types: tuple[str, ...] = ()
+    attention_sinks: bool = False  # a learned logit per query head joins each softmax's denominator (gpt-oss)
+    router: str = "softmax_topk"  # | "topk_softmax": top-k of the logits, softmax over those k only (gpt-oss)
+    router_bias: bool = False
+    expert_activation: str = "silu"  # model.kernels.activation.Activation value
+    expert_bias: bool = False  # experts carry gate_up and down biases (gpt-oss)
     dense_layers: tuple[int, ...] = ()  # layers with a dense MLP instead of the MoE block
     mtp_layers: int = 0  # multi-token-prediction layers stored after the decoder's (num_nextn_predict_layers); unused
     eos_token_ids: tuple[int, ...] = ()
@@ -117,6 +129,20 @@ class ModelConfig:
         if self.dense_layers and self.intermediate_size <= 0:
             raise ConfigError("dense MLP layers need intermediate_size > 0")
         self._check_routing()
+        if self.layer_types:
+            if len(self.layer_types) != self.num_layers:
+                raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+            unknown = set(self.layer_types) - set(LAYER_TYPES)
+            if unknown:
+                raise ConfigError(f"layer_types holds {sorted(unknown)}; supported: {', '.join(LAYER_TYPES)}")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise ConfigError("layer_types has sliding_attention layers but sliding_window is not set")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ConfigError(f"sliding_window must be a positive integer or null, got {self.sliding_window!r}")
+        if self.mla is not None and (self.sliding_window is not None or self.attention_sinks):
+            raise ConfigError("MLA attention has no sliding window or attention sinks")
+        if self.expert_activation not in ("silu", "swiglu_oai"):
+            raise ConfigError(f"expert activation {self.expert_activation!r} is not supported (silu, swiglu_oai)")
         for name in ("hidden_size", "moe_intermediate_size"):
             if getattr(self, name) % 8:  # the fused MoE op reads rows in 16-byte vectors
                 raise ConfigError(f"{name}={getattr(self, name)} must be a multiple of 8")
@@ -135,6 +161,8 @@ class ModelConfig:
     def _check_routing(self) -> None:
         from model.kernels.routing import check_grouped_routing  # torch-only module; kept out of this import
 
+        if self.router not in ROUTERS:
+            raise ConfigError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
         if not isinstance(self.routed_scaling_factor, (int, float)) or self.routed_scaling_factor <= 0:
             raise ConfigError(f"routed_scaling_factor must be a positive number, got {self.routed_scaling_factor!r}")
         for name in ("n_group", "topk_group"):
@@ -145,6 +173,16 @@ class ModelConfig:
                                   self.group_score)
         except ValueError as err:
             raise ConfigError(f"routing: {err}") from err
+        # grouped_topk scores the bias-free fp32 router product; no family combines it with gpt-oss's router
+        if self.grouped_routing and (self.router != "softmax_topk" or self.router_bias):
+            raise ConfigError(f"router={self.router!r} (router_bias={self.router_bias}) cannot be combined with "
+                              "grouped routing (scoring_func, e_score_correction_bias, n_group, routed_scaling_factor)")
+
+    def sliding_window_of(self, layer_idx: int) -> int | None:
+        """The attention window of a layer (None = full causal attention)."""
+        if self.layer_types and self.layer_types[layer_idx] == "full_attention":
+            return None
+        return self.sliding_window
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return layer_idx not in self.dense_layers

@@ -34,6 +34,8 @@ class DecoderLayer(nn.Module):
                 shared_expert_intermediate_size=config.shared_expert_intermediate_size,
                 shared_expert_gated=config.shared_expert_gated,
                 routing=routing_of(config),
+                router=config.router, router_bias=config.router_bias, activation=config.expert_activation,
+                expert_bias=config.expert_bias,
             )
         else:
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
@@ -70,7 +72,7 @@ class MoeCausalLM(nn.Module):
         """The final-normed hidden states [S, H] of the rows `batch.logits_indices` selects (a tensor-parallel
         model, model/parallel, applies its own vocabulary-split head to them)."""
         block_size = kv_cache.shape[1 + self.model.layers[0].self_attn.CACHE_BLOCK_DIM]
-        plan = AttentionPlan.build(batch, block_size=block_size, sliding_window=self.config.sliding_window)
+        plan = AttentionPlan.build(batch, block_size=block_size)
         h = self.model.embed_tokens(batch.input_ids)  # [N, H]
         rotary = self.model.rotary_emb(batch.positions, h.dtype)  # cos, sin [N, 1, R] (R: rotary channels)
         for layer_idx, layer in enumerate(self.model.layers):

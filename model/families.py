@@ -18,6 +18,10 @@ class Family:
     rms_norm_eps: float  # transformers' defaults, for a config.json that leaves them out
     rope_theta: float
     checkpoint_renames: tuple[tuple[str, str], ...] = ()  # (regex, replacement) applied to checkpoint keys
+    # How routed experts are stored: "concatenated" = [E, 2I, H] gate rows then up rows, [E, H, I] (transformers 5
+    # in memory, our layout) or per-expert 2-D keys; "gpt_oss" = [E, H, 2I] with gate and up columns interleaved,
+    # [E, I, H], biases [E, 2I] interleaved (converted at load, model/weight_map.py).
+    expert_layout: str = "concatenated"
 
 
 def _dense_layers(d: dict, num_layers: int) -> tuple[int, ...]:
@@ -165,6 +169,31 @@ def _glm4_moe(d: dict, common: dict) -> dict:
     )
 
 
+def _gpt_oss(d: dict, common: dict) -> dict:
+    num_layers = common["num_layers"]
+    layer_types = d.get("layer_types") or [
+        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]  # transformers' default
+    if not isinstance(layer_types, list):
+        raise ConfigError(f"layer_types must be a list, got {layer_types!r}")
+    window = d.get("sliding_window")
+    return dict(
+        num_experts=require(d, "num_local_experts", "num_experts"),
+        top_k=require(d, "num_experts_per_tok"),
+        moe_intermediate_size=require(d, "intermediate_size"),
+        intermediate_size=0,
+        norm_topk_prob=False,  # the router's softmax over the selected k already sums to 1
+        qkv_bias=bool(d.get("attention_bias", True)),
+        o_bias=bool(d.get("attention_bias", True)),
+        sliding_window=window if "sliding_attention" in layer_types else None,
+        layer_types=tuple(layer_types),
+        attention_sinks=True,
+        router="topk_softmax",
+        router_bias=True,
+        expert_activation="swiglu_oai",
+        expert_bias=True,
+    )
+
+
 FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family("Qwen3-MoE (Qwen3-30B-A3B): per-head q/k RMSNorm, no biases, top-k renormalised when "
                         "norm_topk_prob is set, optional dense layers", _qwen3_moe, 1e-6, 10000.0),
@@ -189,6 +218,10 @@ FAMILIES: dict[str, Family] = {
                        "with a correction bias (group-limited, scaled), an ungated shared expert, leading dense "
                        "layers; the MTP layer is skipped", _glm4_moe, 1e-5, 10000.0,
                        checkpoint_renames=((r"\.mlp\.shared_experts\.", ".mlp.shared_expert."),)),
+    "gpt_oss": Family("gpt-oss (20b, 120b): attention sinks, biases, alternating sliding-window (128) and full "
+                      "layers, router softmax over its top-k, experts with biases and a clamped SwiGLU",
+                      _gpt_oss, 1e-5, 150000.0, checkpoint_renames=((r"\.mlp\.router\.", ".mlp.gate."),),
+                      expert_layout="gpt_oss"),
 }
 
 

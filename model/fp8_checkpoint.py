@@ -22,7 +22,7 @@ def _where(checkpoint: SafetensorsCheckpoint, key: str) -> str:
 def _check_scales(checkpoint: SafetensorsCheckpoint, quant: Fp8CheckpointConfig | None) -> None:
     tensors = checkpoint.tensors
     fp8 = [k for k, info in tensors.items() if info.dtype == FP8_DTYPE_NAME]
-    if fp8 and quant is None:
+    if fp8 and not isinstance(quant, Fp8CheckpointConfig):
         raise CheckpointError(f"{_where(checkpoint, fp8[0])} is float8_e4m3fn, but config.json has no "
                               f"quantization_config (block FP8 needs quant_method \"fp8\", weight_block_size "
                               f"[128, 128])")
@@ -70,7 +70,8 @@ def fp8_targets(plain: nn.Module, checkpoint: SafetensorsCheckpoint, renames, ig
             raise CheckpointError(f"{_where(checkpoint, key)} is float8_e4m3fn, but a router with "
                                   f"e_score_correction_bias is served in high precision only (its scores choose "
                                   f"the experts; DeepSeek-V3 and GLM-4.5 FP8 checkpoints keep it in bf16)")
-        if param_name.endswith((".bias", ".e_score_correction_bias")) or not isinstance(module, (Linear, Experts)):
+        # biases: a Linear's `.bias`, the experts' `*_proj_bias` (gpt-oss), the router's `e_score_correction_bias`
+        if param_name.endswith((".bias", "_bias")) or not isinstance(module, (Linear, Experts)):
             if is_fp8:
                 raise CheckpointError(f"{_where(checkpoint, key)} is float8_e4m3fn, but {param_name} is served in "
                                       f"high precision only (FP8 is for linear and expert weights)")

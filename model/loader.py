@@ -29,10 +29,11 @@ from model.kernels.fp8 import FP8_DTYPE
 from model.kernels.fp8_linear import block_scaled_mm_supported
 from model.layers.rotary import RotaryEmbedding
 from model.presets import PRESETS, TINY
-from model.quant_config import check_quantization
+from model.mxfp4 import Mxfp4Checkpoint
+from model.quant_config import Fp8CheckpointConfig, Mxfp4CheckpointConfig, check_quantization
 from model.quantization import apply_fp8, online_targets, quantize_parameter, weight_of_scale
 from model.tokenizer import Tokenizer, load_tokenizer
-from model.weight_map import QuantizeAtLoad, load_weights, unused_keys
+from model.weight_map import QuantizeAtLoad, load_weights, logical_shape, unused_keys
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,8 @@ def init_random_weights(model: MoeCausalLM, seed: int = 0) -> None:
         else:
             generator = torch.Generator(device=param.device).manual_seed(seed * 100_003 + index)
             if param.dtype == FP8_DTYPE:
-                value = torch.empty(param.shape, dtype=_high_precision_dtype(model), device=param.device)
+                value = torch.empty(logical_shape(model, name, param), dtype=_high_precision_dtype(model),
+                                    device=param.device)
                 quantize_parameter(model, name, value.normal_(0.0, std, generator=generator))
             else:
                 param.normal_(0.0, std, generator=generator)
@@ -141,6 +143,9 @@ def load_model(
         raise ConfigError(f"{config.model_type}: FP8 weights with latent attention (MLA) are not supported yet; "
                           f"serve a bfloat16 checkpoint")
     checkpoint = None if random_weights else SafetensorsCheckpoint(directory)
+    if checkpoint is not None and isinstance(config.quantization, Mxfp4CheckpointConfig):
+        checkpoint = Mxfp4Checkpoint(checkpoint, torch.float32 if dtype == torch.float32 else torch.bfloat16,
+                                     "cpu" if str(device) == "meta" else device)
     renames = FAMILIES[config.model_type].checkpoint_renames
     ignorable = unused_keys(config, checkpoint, renames)
     if config.mtp_layers and checkpoint is not None:
@@ -150,7 +155,7 @@ def load_model(
     with torch.device("meta"):
         plain = MoeCausalLM(config)
     stored = fp8_targets(plain, checkpoint, renames, ignorable) if checkpoint is not None else []
-    if quantization == "fp8" or (checkpoint is None and config.quantization is not None):
+    if quantization == "fp8" or (checkpoint is None and isinstance(config.quantization, Fp8CheckpointConfig)):
         targets = stored or online_targets(plain)  # an FP8 checkpoint stays as stored; anything else is quantised
     else:
         targets = stored

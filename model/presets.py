@@ -93,6 +93,27 @@ PRESETS: dict[str, dict] = {
         rms_norm_eps=1e-5, rope_theta=1000000.0, tie_word_embeddings=False, pad_token_id=151329,
         eos_token_id=[151329, 151336, 151338], torch_dtype="bfloat16",
     ),
+    # openai/gpt-oss-20b (its config.json; transformers' GptOssConfig defaults are the 120b's 36 layers and 128
+    # experts). Experts are MXFP4 in the published checkpoint, bf16 here.
+    "gpt-oss-20b": dict(
+        model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+        num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+        layer_types=["sliding_attention", "full_attention"] * 12, rms_norm_eps=1e-5, attention_bias=True,
+        rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0,
+                             truncate=False, original_max_position_embeddings=4096),
+        tie_word_embeddings=False, eos_token_id=200002, pad_token_id=199999, torch_dtype="bfloat16",
+    ),
+    # openai/gpt-oss-120b: the same layer with 128 experts, 36 layers.
+    "gpt-oss-120b": dict(
+        model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=36,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+        num_local_experts=128, num_experts_per_tok=4, sliding_window=128,
+        layer_types=["sliding_attention", "full_attention"] * 18, rms_norm_eps=1e-5, attention_bias=True,
+        rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0,
+                             truncate=False, original_max_position_embeddings=4096),
+        tie_word_embeddings=False, eos_token_id=200002, pad_token_id=199999, torch_dtype="bfloat16",
+    ),
     # Small enough for CI and a laptop; Qwen3-MoE layout. Its vocabulary is the byte tokenizer's (259 ids).
     TINY: dict(
         model_type="qwen3_moe", vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

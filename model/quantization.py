@@ -7,11 +7,13 @@
 - On a model with weights (tests, tools) each target's weights are quantised into its twin on the spot.
 
 What `--quantization fp8` quantises (`online_targets`): the routed experts, attention projections, dense MLPs and
-shared experts — every GEMM whose weights a decode step streams (but an MLP down projection whose K is not whole
-128-blocks, which stays as it is). The router, the shared-expert gate (tiny, and the
-routing decision is sensitive), embeddings and the LM head stay in high precision, as DeepSeek-V3 and Qwen3-FP8 ship
+shared experts — every GEMM whose weights a decode step streams (but a linear whose K is not whole 128-blocks, e.g.
+GLM-4.5-Air's dense down projection or gpt-oss's q/k/v, stays as it is). The router, the shared-expert gate (tiny,
+and the routing decision is sensitive), embeddings and the LM head stay in high precision, as DeepSeek-V3 and Qwen3-FP8 ship
 them. Quantisation is per 128x128 block (`model.kernels.fp8.quantize_fp8_blocks`, the checkpoints' format).
 """
+
+import logging
 
 import torch
 from torch import nn
@@ -20,9 +22,9 @@ from model.kernels.fp8 import FP8_BLOCK, FP8_DTYPE, quantize_fp8_blocks
 from model.kernels.fp8_linear import block_scaled_mm_supported
 from model.layers.fp8 import Fp8Experts, Fp8Linear
 from model.layers.linear import Linear
-from model.layers.mlp import GatedMLP
 from model.layers.moe import Experts
 
+logger = logging.getLogger(__name__)
 SCALE_SUFFIX = "_scale_inv"
 HIGH_PRECISION_LINEARS = ("gate", "shared_expert_gate", "lm_head")  # last name component of linears kept as they are
 
@@ -37,30 +39,20 @@ def weight_of_scale(param_name: str) -> str | None:
     return param_name[: -len(SCALE_SUFFIX)] if param_name.endswith(SCALE_SUFFIX) else None
 
 
-def _is_mlp_down_projection(model: nn.Module, name: str) -> bool:
-    """The down projection of a dense MLP or shared expert: one small GEMM per layer at most, so leaving it in high
-    precision where its K is not whole blocks costs little (the attention and experts' sizes must still fit)."""
-    parent, _, leaf = name.rpartition(".")
-    return leaf == "down_proj" and isinstance(model.get_submodule(parent), GatedMLP)
-
-
 def online_targets(model: nn.Module) -> list[str]:
-    """Module names `--quantization fp8` makes FP8, after checking each can be (its K a multiple of 128)."""
-    targets = []
+    """Module names `--quantization fp8` makes FP8: every routed-experts module (zero-padded to whole 128-blocks
+    where H or I is not one, model/layers/fp8.py) and every linear but HIGH_PRECISION_LINEARS whose input size is a
+    multiple of 128 (FP8 activations are quantised per 128 columns; the others, e.g. gpt-oss's q/k/v with K = 2880,
+    stay in high precision, and the log says how many)."""
+    targets, kept = [], []
     for name, module in model.named_modules():
         if isinstance(module, Experts):
-            hidden, inter = module.down_proj.shape[1:]
-            if hidden % FP8_BLOCK or inter % FP8_BLOCK:
-                raise ValueError(f"--quantization fp8 needs hidden_size ({hidden}) and the experts' intermediate size "
-                                 f"({inter}) to be multiples of {FP8_BLOCK}; {name} has neither fit")
             targets.append(name)
         elif isinstance(module, Linear) and name.rsplit(".", 1)[-1] not in HIGH_PRECISION_LINEARS:
-            if module.in_features % FP8_BLOCK and _is_mlp_down_projection(model, name):
-                continue  # stays high precision: an MLP's K is ragged (GLM-4.5-Air's dense layer: 10944 = 85.5 x 128)
-            if module.in_features % FP8_BLOCK:
-                raise ValueError(f"--quantization fp8 needs every quantised linear's input size to be a multiple of "
-                                 f"{FP8_BLOCK}; {name} takes {module.in_features}")
-            targets.append(name)
+            (targets if module.in_features % FP8_BLOCK == 0 else kept).append(name)
+    if kept:
+        logger.info("--quantization fp8: %d linears keep high precision (input size not a multiple of %d), e.g. %s",
+                    len(kept), FP8_BLOCK, kept[0])
     return targets
 
 
@@ -71,7 +63,9 @@ def _twin(module: nn.Module) -> nn.Module:
                          None if bias is None else bias.dtype)
     if isinstance(module, Experts):
         E, H, inter = module.down_proj.shape
-        return Fp8Experts(E, H, inter)
+        bias = module.down_proj_bias
+        return Fp8Experts(E, H, inter, module.activation, bias is not None, None if bias is None else bias.dtype,
+                          pad=True)
     raise TypeError(f"{type(module).__name__} has no FP8 form (only Linear and Experts do)")
 
 
@@ -85,8 +79,8 @@ def apply_fp8(model: nn.Module, targets: list[str]) -> nn.Module:
             new = _twin(old)
         if device.type != "meta":
             for param_name, param in old.named_parameters(recurse=False):
-                if param_name == "bias":
-                    new.bias.copy_(param)
+                if param_name.endswith("bias"):  # biases stay high precision (Linear's and the experts')
+                    new.get_parameter(param_name).copy_(param)
                 else:
                     quantize_parameter(new, param_name, param)
         parent, _, leaf = name.rpartition(".")
@@ -101,10 +95,16 @@ def quantize_parameter(module: nn.Module, name: str, value: torch.Tensor) -> Non
     """Quantise `value` (the whole high-precision weight of FP8 parameter `name` of `module`) into that parameter
     and its block scales. A 3-D experts weight goes one expert at a time, so the float32 temporaries stay small."""
     param, scale = module.get_parameter(name), module.get_parameter(scale_name(name))
-    if param.dtype != FP8_DTYPE or tuple(value.shape) != tuple(param.shape):
+    prefix, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(prefix) if prefix else module
+    logical = owner.logical_shape(leaf) if isinstance(owner, Fp8Experts) else None
+    if param.dtype != FP8_DTYPE or tuple(value.shape) != (logical or tuple(param.shape)):
         raise ValueError(f"{name}: cannot quantise a {tuple(value.shape)} tensor into {param.dtype} "
                          f"{tuple(param.shape)}")
-    if value.dim() == 3:
+    if logical:  # zero-padded to whole 128-blocks, one expert at a time
+        for e in range(value.shape[0]):
+            param[e], scale[e] = quantize_fp8_blocks(owner.pad_expert(leaf, value[e].to(param.device)))
+    elif value.dim() == 3:
         for e in range(value.shape[0]):
             param[e], scale[e] = quantize_fp8_blocks(value[e].to(param.device))
     else:

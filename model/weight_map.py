@@ -3,7 +3,9 @@
 Our parameters fuse some HF tensors: qkv_proj = [q_proj; k_proj; v_proj], a dense MLP's gate_up_proj =
 [gate_proj; up_proj], and the routed experts are 3-D: gate_up_proj [E, 2I, H] and down_proj [E, H, I]. Experts load
 either from those fused 3-D tensors (as transformers 5 holds them) or from per-expert 2-D keys (as
-`save_pretrained` and the published checkpoints store them).
+`save_pretrained` and the published checkpoints store them). gpt-oss stores its experts transposed with gate and
+up interleaved (`Family.expert_layout == "gpt_oss"`); those pieces carry a `convert` that turns the stored tensor
+into our layout as it is copied.
 
 FP8 parameters (model/layers/fp8.py) come with a block-scale parameter `<weight>_scale_inv`, filled from the
 checkpoint's scales of the same pieces (`scale_sources`: a fused piece must start and end on a 128-row block), or,
@@ -28,6 +30,38 @@ class Piece:
     key: str  # checkpoint key (after the family's renames)
     index: tuple  # where it lands in the parameter; () = the whole parameter
     shape: tuple[int, ...]  # the shape the checkpoint tensor must have
+    convert: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, compare=False)  # stored -> ours
+    export: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, compare=False)  # ours -> stored
+
+
+def deinterleave(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """gpt-oss's gate/up interleaving (gate at even, up at odd indices of `dim`) -> all gates, then all ups."""
+    index = [slice(None)] * t.dim()
+    gates, ups = list(index), list(index)
+    gates[dim], ups[dim] = slice(0, None, 2), slice(1, None, 2)
+    return torch.cat((t[tuple(gates)], t[tuple(ups)]), dim=dim)
+
+
+def interleave(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The inverse of `deinterleave`: all gates then all ups along `dim` -> gate, up, gate, up, ..."""
+    gates, ups = t.chunk(2, dim=dim)
+    return torch.stack((gates, ups), dim=dim + 1).flatten(dim, dim + 1)
+
+
+def _gpt_oss_experts(name: str, shape: tuple[int, ...]) -> list[list[Piece]] | None:
+    """gpt-oss stores gate_up_proj [E, H, 2I] (columns gate, up, gate, up, ...), its bias [E, 2I] likewise, and
+    down_proj [E, I, H] (transformers' GptOssExperts, which computes x @ W); ours are [E, 2I, H] gate rows then up
+    rows, [E, 2I], [E, H, I]."""
+    if re.fullmatch(r".*\.experts\.gate_up_proj", name):
+        experts, two_inter, hidden = shape
+        return [[Piece(name, (), (experts, hidden, two_inter), lambda t: deinterleave(t.transpose(1, 2), 1),
+                       lambda t: interleave(t, 1).transpose(1, 2))]]
+    if re.fullmatch(r".*\.experts\.gate_up_proj_bias", name):
+        return [[Piece(name, (), shape, lambda t: deinterleave(t, 1), lambda t: interleave(t, 1))]]
+    if re.fullmatch(r".*\.experts\.down_proj", name):
+        experts, hidden, inter = shape
+        return [[Piece(name, (), (experts, inter, hidden), lambda t: t.transpose(1, 2), lambda t: t.transpose(1, 2))]]
+    return None
 
 
 def _rows(base: str, names: list[str], sizes: list[int], suffix: str, cols: tuple[int, ...]) -> list[Piece]:
@@ -38,9 +72,12 @@ def _rows(base: str, names: list[str], sizes: list[int], suffix: str, cols: tupl
     return pieces
 
 
-def parameter_sources(name: str, shape: tuple[int, ...], q_size: int, kv_size: int) -> list[list[Piece]]:
+def parameter_sources(name: str, shape: tuple[int, ...], q_size: int, kv_size: int,
+                      expert_layout: str = "concatenated") -> list[list[Piece]]:
     """Alternative ways to assemble parameter `name`; the loader takes the first whose keys all exist."""
     whole = [Piece(name, (), shape)]
+    if expert_layout == "gpt_oss" and (converted := _gpt_oss_experts(name, shape)) is not None:
+        return converted
     if m := re.fullmatch(r"(.*\.)qkv_proj\.(weight|bias)", name):
         return [_rows(m[1], ["q_proj", "k_proj", "v_proj"], [q_size, kv_size, kv_size], m[2], shape[1:])]
     if m := re.fullmatch(r"(.*\.)gate_up_proj\.weight", name):  # dense MLP or shared expert
@@ -104,12 +141,26 @@ class QuantizeAtLoad:
         self.scales = {name + SCALE_SUFFIX for name in self.params}
 
 
+def logical_shape(model: nn.Module, name: str, param: torch.Tensor) -> tuple[int, ...]:
+    """The shape the checkpoint gives for parameter `name`: its own, or the unpadded one of an FP8 weight padded to
+    whole 128-blocks (model/layers/fp8.py `Fp8Experts.logical_shape`)."""
+    prefix, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(prefix) if prefix else model
+    shape = owner.logical_shape(leaf) if hasattr(owner, "logical_shape") else None
+    return tuple(shape or param.shape)
+
+
 def _alternatives(model: nn.Module, name: str, shape: tuple[int, ...], q_size: int, kv_size: int):
+    from model.families import FAMILIES  # families -> config; imported here to keep weight_map config-free
+
+    family = FAMILIES.get(model.config.model_type)
+    layout = family.expert_layout if family is not None else "concatenated"
     if name.endswith(SCALE_SUFFIX):
         weight = name[: -len(SCALE_SUFFIX)]
         weight_shape = tuple(model.get_parameter(weight).shape)
-        return [scale_sources(alt, weight_shape) for alt in parameter_sources(weight, weight_shape, q_size, kv_size)]
-    return parameter_sources(name, shape, q_size, kv_size)
+        return [scale_sources(alt, weight_shape)
+                for alt in parameter_sources(weight, weight_shape, q_size, kv_size, layout)]
+    return parameter_sources(name, shape, q_size, kv_size, layout)
 
 
 def rename_keys(keys, renames: tuple[tuple[str, str], ...]) -> dict[str, str]:
@@ -151,7 +202,7 @@ def plan_loading(
         if name in made:
             continue
         stored_fp8 = param.dtype == torch.float8_e4m3fn and name not in quantized_here
-        alternatives = _alternatives(model, name, tuple(param.shape), q_size, kv_size)
+        alternatives = _alternatives(model, name, logical_shape(model, name, param), q_size, kv_size)
         chosen = next((alt for alt in alternatives if all(p.key in keys for p in alt)), None)
         if chosen is None:
             closest = max(alternatives, key=lambda alt: sum(p.key in keys for p in alt))
@@ -194,11 +245,14 @@ def load_weights(model: nn.Module, checkpoint: SafetensorsCheckpoint, renames=()
     for original, tensor in checkpoint.read(list(targets)):
         param, piece = targets[original]
         name = names[id(param)]
+        if piece.convert is not None:
+            tensor = piece.convert(tensor)
         if name not in left:
             param.data[piece.index].copy_(tensor)
             continue
         if name not in staged:
-            staged[name] = torch.empty(param.shape, dtype=quantize_at_load.dtype, device=param.device)
+            staged[name] = torch.empty(logical_shape(model, name, param), dtype=quantize_at_load.dtype,
+                                       device=param.device)
         staged[name][piece.index].copy_(tensor)
         left[name] -= 1
         if left[name] == 0:

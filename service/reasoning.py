@@ -8,6 +8,7 @@ it started inside, else all content (a model asked not to think writes no tags).
 
 from __future__ import annotations
 
+from service.harmony import HarmonySplitter, tool_call_text
 from service.text_holdback import partial_marker_len
 
 THINK, END_THINK = "<think>", "</think>"
@@ -61,7 +62,62 @@ class Qwen3ReasoningParser:
         return _Streamer(starts_in_think)
 
 
-REASONING_PARSERS = {"qwen3": Qwen3ReasoningParser, "deepseek_r1": Qwen3ReasoningParser}
+class _HarmonyStreamer:
+    """gpt-oss's channels: analysis -> reasoning; final, commentary preambles and text outside harmony -> content; a
+    call (a message with a recipient) -> its canonical form in the content, for the harmony tool parser, whole once
+    its body ends."""
+
+    def __init__(self):
+        self.splitter = HarmonySplitter()
+        self.call: tuple[str, str] | None = None  # (function name, arguments so far) of a call being read
+        self.saw_analysis = False
+
+    def _route(self, pieces) -> tuple[str, str]:
+        reasoning = content = ""
+        for header, body, ended in pieces:
+            if header is not None and header.recipient:
+                name = header.recipient.removeprefix("functions.")
+                self.call = (name, (self.call[1] if self.call else "") + body)
+                if ended:
+                    content += tool_call_text(*self.call, complete=True)
+                    self.call = None
+            elif header is not None and header.channel == "analysis":
+                reasoning += body
+                self.saw_analysis = True
+            else:
+                content += body
+        return reasoning, content
+
+    def feed(self, text: str) -> tuple[str, str]:
+        return self._route(self.splitter.feed(text))
+
+    def finish(self) -> tuple[str, str]:
+        reasoning, content = self._route(self.splitter.finish())
+        if self.call is not None:  # cut off inside a call (max_tokens): unterminated, so it stays content
+            content += tool_call_text(*self.call, complete=False)
+            self.call = None
+        return reasoning, content
+
+
+class HarmonyReasoningParser:
+    """gpt-oss (`--reasoning-parser harmony`). The output text must keep its special tokens (the markers), which the
+    chat endpoint arranges when `keeps_special_tokens` is set."""
+
+    name = "harmony"
+    keeps_special_tokens = True
+
+    def parse(self, text: str, starts_in_think: bool) -> tuple[str | None, str | None]:
+        streamer = self.streamer(starts_in_think)
+        r1, c1 = streamer.feed(text)
+        r2, c2 = streamer.finish()
+        return (r1 + r2 if streamer.saw_analysis else None), (c1 + c2 or None)
+
+    def streamer(self, starts_in_think: bool) -> _HarmonyStreamer:
+        return _HarmonyStreamer()
+
+
+REASONING_PARSERS = {"qwen3": Qwen3ReasoningParser, "deepseek_r1": Qwen3ReasoningParser,
+                     "harmony": HarmonyReasoningParser}
 
 
 def get_reasoning_parser(name: str):

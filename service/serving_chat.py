@@ -1,6 +1,7 @@
 """/v1/chat/completions: messages (and tools) through the chat template -> assistant messages, whole or streamed.
 
-Output text goes through the reasoning parser (--reasoning-parser: <think> text -> `reasoning_content`), then the
+Output text goes through the reasoning parser (--reasoning-parser: <think> text, or gpt-oss's analysis channel
+(harmony, which keeps the output's special tokens) -> `reasoning_content`), then the
 tool-call parser (--tool-call-parser, when the request has tools and tool_choice is not "none": calls ->
 `tool_calls`, finish_reason "tool_calls"). tool_choice "required" or a named function constrains the output with
 the parser's forcing grammar, so a valid call comes out whatever the weights.
@@ -115,6 +116,8 @@ async def chat(serving: OpenAIServing, body: ChatCompletionRequest, request: Req
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens, logprobs=top, prompt_logprobs=body.prompt_logprobs,
                              bad_words=bad_words, grammar=grammar)
+    if getattr(reasoner, "keeps_special_tokens", False):  # harmony's channel markers are special tokens
+        params.skip_special_tokens = False
     group = await serving.submit([prompt], params)
 
     texts = TokenTexts(engine.tokenizer, body.return_tokens_as_token_ids)

@@ -9,7 +9,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model.forward_batch import ForwardBatch
 
+# families whose experts transformers' SwiGLU experts interface takes (gpt-oss's clamped, biased experts do not)
 FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "glm4_moe")
+PARITY_FAMILIES = (*FAMILIES, "gpt_oss")
 VOCAB = 320
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -37,6 +39,10 @@ TINY_CONFIGS = {
                      attention_bias=True, intermediate_size=48, moe_intermediate_size=32, n_routed_experts=8,
                      num_experts_per_tok=3, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5,
                      n_shared_experts=2, first_k_dense_replace=1),
+    # Sinks, biases everywhere, layers sliding (window 5, shorter than the test prompts) / full / sliding, router
+    # softmax over its top-3, clamped SwiGLU experts whose gate/up really clip (weights ~0.15 over H = 64).
+    "gpt_oss": dict(model_type="gpt_oss", intermediate_size=32, num_local_experts=8, num_experts_per_tok=3,
+                    head_dim=16, sliding_window=5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
 
 

@@ -104,3 +104,22 @@ def test_mla_preset_shares_weights_with_hf_and_reports_both_kv_capacities(tmp_pa
     # latent: 32 + 16 values per token per layer; uncompressed: 4 heads x (16 + 16 + 16)
     assert ours["kv_capacity_uncompressed_tokens"] == ours["kv_capacity_tokens"] * 48 // 192
     assert report["hf"]["2"]["tok_s"] > 0 and ours["throughput"]["2"]["output_tokens"] == 8
+
+
+def test_gpt_oss_preset_against_hf_on_shared_weights(tmp_path, monkeypatch):
+    """A small gpt_oss preset through the engine benchmark: HF's model is built on our weights (gate_up exported
+    back to its interleaved layout, router renamed) and its first logits agree with ours."""
+    from benchmarks import bench_engine
+    from model.presets import PRESETS
+
+    small = dict(PRESETS["gpt-oss-20b"], vocab_size=259, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_local_experts=8, sliding_window=8,
+                 layer_types=["sliding_attention", "full_attention"], eos_token_id=258, pad_token_id=None)
+    monkeypatch.setitem(PRESETS, "tiny-oss", small)
+    monkeypatch.setattr(sys, "argv", ["bench_engine.py", "--presets", "tiny-oss", "--batches", "2", "--hf-batches",
+                                      "2", "--decode-batches", "2", "--input-len", "16", "--output-len", "4",
+                                      "--time-budget", "120", "--out", str(tmp_path)])
+    bench_engine.main()
+    report = json.loads(next(tmp_path.glob("bench_engine_*.json")).read_text())["presets"]["tiny-oss"]
+    assert report["hf"]["2"]["tok_s"] > 0
+    assert report["hf_logits_rel_diff"] < 1e-4

@@ -176,9 +176,16 @@ def test_fp8_preset_is_the_quantised_bf16_preset(monkeypatch):
             assert torch.equal(twin, p), name
 
 
-def test_quantization_needs_whole_blocks():
-    with pytest.raises(ValueError, match=r"--quantization fp8 needs .* a multiple of 128; .*qkv_proj takes 64"):
-        load_model("tiny", dtype=torch.float32, quantization="fp8")
+def test_quantization_pads_experts_and_keeps_ragged_linears():
+    """tiny (H = 64, I = 32): the experts are quantised padded to whole 128-blocks; q/k/v and o (K = 64) stay in high
+    precision (FP8 activations are quantised per 128 columns of K)."""
+    from model.layers.fp8 import Fp8Experts
+    from model.layers.linear import Linear
+
+    model, _ = load_model("tiny", dtype=torch.float32, quantization="fp8")
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, Fp8Experts) and experts.is_padded and experts.down_proj.shape[1:] == (128, 128)
+    assert type(model.model.layers[0].self_attn.qkv_proj) is Linear
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
         load_model("tiny", dtype=torch.float32, quantization="int4")
 

@@ -8,16 +8,16 @@ import torch
 
 from model.loader import load_model
 from tests.model_fixtures import (
-    FAMILIES, PagedRunner, assert_bf16_close, hf_greedy, hf_logits, make_hf_model, max_relative_error, save_checkpoint,
+    PARITY_FAMILIES, PagedRunner, assert_bf16_close, hf_greedy, hf_logits, make_hf_model, max_relative_error, save_checkpoint,
 )
 
 PROMPT = [5, 77, 203, 19, 150, 8, 66, 301, 42, 42, 7, 260, 99]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=PARITY_FAMILIES)
 def pair(request, tmp_path_factory):
     """(HF model, our model) of one family, ours loaded from the checkpoint HF saved."""
-    hf = make_hf_model(request.param, seed=FAMILIES.index(request.param))
+    hf = make_hf_model(request.param, seed=PARITY_FAMILIES.index(request.param))
     directory = save_checkpoint(hf, tmp_path_factory.mktemp(request.param))
     ours, _ = load_model(str(directory), dtype=torch.float32)
     return hf, ours, directory

@@ -22,6 +22,10 @@ PUBLISHED = {
     "deepseek-v2-lite": (15.7, 2.4),
     "deepseek-v3": (671.0, 37.0),  # without the MTP layer (the hub's 685B counts it)
     "glm-4.5-air": (106, 12),
+    # OpenAI's gpt-oss model card: 20.91B / 116.83B total, 3.61B / 5.13B active not counting the 0.58B embedding
+    # table (201088 x 2880), which our count of active parameters includes.
+    "gpt-oss-20b": (20.91, 3.61 + 0.58),
+    "gpt-oss-120b": (116.83, 5.13 + 0.58),
 }
 EMBEDDINGS_NOT_ACTIVE = {"glm-4.5-air"}  # its card counts active parameters without the embeddings and LM head
 INPUT_EMBEDDING_NOT_ACTIVE = {"deepseek-v2-lite"}  # its card counts them without the input embedding

@@ -24,7 +24,7 @@ import torch
 from model.layers.paged_attention import _decode_mask, decode_attention
 from model.layers.triton_decode_attention import paged_decode_attention
 
-def check(lens, page, heads, kv_heads, dim, window, dtype, device, splits=None):
+def check(lens, page, heads, kv_heads, dim, window, dtype, device, splits=None, with_sinks=False):
     g = torch.Generator().manual_seed(sum(lens) + page)
     blocks_per_seq = [(n + page - 1) // page for n in lens]
     width = max(blocks_per_seq) + 2  # tables padded past the sequences' own blocks
@@ -39,15 +39,17 @@ def check(lens, page, heads, kv_heads, dim, window, dtype, device, splits=None):
     lens_t = torch.tensor(lens, dtype=torch.int32, device=device)
     tables = tables.to(device)
     scale = dim ** -0.5
-    expected = decode_attention(q, k, v, tables, _decode_mask(lens_t, width * page, window), scale)
-    actual = paged_decode_attention(q, k, v, tables, lens_t, scale, window, splits)
+    sinks = (2 * torch.randn(heads, generator=g)).to(device, dtype) if with_sinks else None
+    expected = decode_attention(q, k, v, tables, _decode_mask(lens_t, width * page, window), scale, sinks)
+    actual = paged_decode_attention(q, k, v, tables, lens_t, scale, window, splits, sinks=sinks)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
 """
 
 
 def cases_script(dtype: str, device: str) -> str:
-    checks = [f"check(*{case[:-1]!r}, {dtype}, {device!r}, {case[-1]})\n" for case in CASES]
+    checks = [f"check(*{case[:-1]!r}, {dtype}, {device!r}, {case[-1]}, {sinks})\n"
+              for case in CASES for sinks in (False, True)]
     if device == "cuda":  # and the splits the kernel picks for a GPU
         checks += [f"check(*{case[:-1]!r}, {dtype}, {device!r})\n" for case in CASES]
     return CHECK + "".join(checks) + "print('ok')\n"

@@ -24,7 +24,7 @@ import torch
 from model.layers.paged_attention import prefill_attention, _prefill_mask
 from model.layers import triton_prefill_attention as tpa
 
-def check(chunks, page, heads, kv_heads, dim, window, dtype, device):
+def check(chunks, page, heads, kv_heads, dim, window, dtype, device, with_sinks=False):
     g = torch.Generator().manual_seed(sum(n + c for n, c in chunks) + page + dim)
     blocks_per_seq = [(c + page - 1) // page for _, c in chunks]
     width = max(blocks_per_seq) + 2  # tables padded past the sequences' own blocks
@@ -43,16 +43,17 @@ def check(chunks, page, heads, kv_heads, dim, window, dtype, device):
     q = torch.randn(row, heads, dim, generator=g).to(device, dtype)
     tables = tables.to(device)
     scale = dim ** -0.5
+    sinks = (2 * torch.randn(heads, generator=g)).to(device, dtype) if with_sinks else None
     poison = torch.full_like(q, float("nan"))
     expected = poison.clone()
     for r, (n, c), s in zip(rows, chunks, seqs):
         blocks = tables[s, : (c + page - 1) // page]
         expected[r : r + n] = prefill_attention(q[r : r + n], k, v, blocks, c, _prefill_mask(n, c, window, device),
-                                                scale)
+                                                scale, sinks)
     meta, tiles = tpa.chunk_tables(rows, [n for n, _ in chunks], [c for _, c in chunks], seqs,
                                    tpa.block_m_for(dim), torch.device(device))
     actual = poison.clone()
-    tpa.paged_prefill_attention(q, k, v, tables, meta, tiles, actual, scale, window)
+    tpa.paged_prefill_attention(q, k, v, tables, meta, tiles, actual, scale, window, sinks=sinks)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol, equal_nan=True)  # other rows still NaN
     assert not actual[rows[0]].isnan().any()
@@ -60,7 +61,8 @@ def check(chunks, page, heads, kv_heads, dim, window, dtype, device):
 
 
 def cases_script(dtype: str, device: str) -> str:
-    return CHECK + "".join(f"check(*{case!r}, {dtype}, {device!r})\n" for case in CASES) + "print('ok')\n"
+    checks = [f"check(*{case!r}, {dtype}, {device!r}, {sinks})\n" for case in CASES for sinks in (False, True)]
+    return CHECK + "".join(checks) + "print('ok')\n"
 
 
 @needs_triton

@@ -11,6 +11,20 @@ namespace staticmoe::moe {
 
 enum class DType : int { kBF16 = 0, kFP16 = 1 };
 
+// GEMM1's epilogue activation h = act(gate, up) (codes as model/kernels/activation.py ACTIVATION_CODES):
+//   kSiLU:      SiLU(gate) * up
+//   kSwigluOai: gpt-oss: gate = min(gate, 7), up = clamp(up, -7, 7), h = (up + 1) * gate * sigmoid(1.702 * gate)
+enum class Activation : int { kSiLU = 0, kSwigluOai = 1 };
+constexpr float kSwigluOaiAlpha = 1.702f, kSwigluOaiLimit = 7.0f;
+
+// Optional expert biases in the activation dtype (bf16 with FP8 weights): w13 [E, 2I] (gate biases then up biases, added
+// to GEMM1's fp32 accumulators before the activation), w2 [E, H] (added to GEMM2's before the routing weight, so the
+// bias is weighted like the product). Null = none.
+struct ExpertBiases {
+  const void* w13 = nullptr;
+  const void* w2 = nullptr;
+};
+
 // FP8 weights (W8A8): w13/w2 in e4m3 with one float32 scale per 128x128 block (dequantised = fp8 x scale, the
 // `weight_scale_inv` of DeepSeek-V3/Qwen3-FP8 checkpoints); activations quantised on the fly per (row, 128-column
 // group) to e4m3 with scale = amax / 448. Needs H and I multiples of 128 and bf16 activations.
@@ -24,6 +38,7 @@ struct Problem {
   int32_t intermediate;  // I
   DType dtype;           // activations and output
   bool fp8 = false;      // weights in e4m3 with 128x128 block scales
+  Activation activation = Activation::kSiLU;
   int64_t rows() const { return int64_t(tokens) * top_k; }  // N = T*k (token, slot) pairs
 };
 
@@ -73,15 +88,18 @@ Workspace carve_workspace(const Problem& p, void* base);
 cudaError_t build_plan(const Problem& p, const LaunchConfig& cfg, const int32_t* topk_ids, const Plan& plan,
                        int64_t* expert_load, cudaStream_t stream);
 
-// The whole layer (moe_forward.cu): plan, GEMM1 + SiLU·up, GEMM2 x routing weight, combine into out [T, H].
+// The whole layer (moe_forward.cu): plan, GEMM1 (+ bias) + p.activation, GEMM2 (+ bias) x routing weight, combine
+// into out [T, H].
 cudaError_t forward(const Problem& p, const void* x, const void* w13, const void* w2, const float* topk_weights,
                     const int32_t* topk_ids, void* out, void* workspace, size_t workspace_size, int64_t* expert_load,
-                    int device, cudaStream_t stream);
+                    ExpertBiases biases, int device, cudaStream_t stream);
 
 // The same layer with FP8 weights (p.fp8): x quantised per (token, 128 group), GEMM1 in e4m3 whose epilogue writes
-// SiLU(gate)·up quantised per (row, 128 group), GEMM2 in e4m3 x routing weight, combine. x and out are bf16.
+// act(gate, up) (+ biases) quantised per (row, 128 group), GEMM2 in e4m3 (+ bias) x routing weight, combine. x, out
+// and the biases are bf16.
 cudaError_t forward_fp8(const Problem& p, const void* x, const void* w13, const void* w2, WeightScales scales,
                         const float* topk_weights, const int32_t* topk_ids, void* out, void* workspace,
-                        size_t workspace_size, int64_t* expert_load, int device, cudaStream_t stream);
+                        size_t workspace_size, int64_t* expert_load, ExpertBiases biases, int device,
+                        cudaStream_t stream);
 
 }  // namespace staticmoe::moe

@@ -80,12 +80,13 @@ Workspace carve_workspace(const Problem& p, void* base) {
 bool valid(const Problem& p) {
   if (p.num_experts < 1 || p.num_experts > kMaxExperts || p.top_k < 1 || p.hidden % 8 || p.intermediate % 8)
     return false;
+  if (p.activation != Activation::kSiLU && p.activation != Activation::kSwigluOai) return false;
   return !p.fp8 || (p.dtype == DType::kBF16 && p.hidden % kFP8Block == 0 && p.intermediate % kFP8Block == 0);
 }
 
 cudaError_t forward(const Problem& p, const void* x, const void* w13, const void* w2, const float* topk_weights,
                     const int32_t* topk_ids, void* out, void* workspace, size_t workspace_size, int64_t* expert_load,
-                    int device, cudaStream_t stream) {
+                    ExpertBiases biases, int device, cudaStream_t stream) {
   if (p.tokens == 0) return cudaSuccess;
   if (p.fp8 || !valid(p)) return cudaErrorInvalidValue;
   if (workspace_size < workspace_bytes(p)) return cudaErrorInvalidValue;
@@ -93,13 +94,15 @@ cudaError_t forward(const Problem& p, const void* x, const void* w13, const void
   const Workspace ws = carve_workspace(p, workspace);
   cudaError_t err = build_plan(p, cfg, topk_ids, ws.plan, expert_load, stream);
   if (err != cudaSuccess) return err;
-  if ((err = grouped_gemms_sm90(p, cfg, x, w13, w2, topk_weights, ws, device, stream)) != cudaSuccess) return err;
+  if ((err = grouped_gemms_sm90(p, cfg, x, w13, w2, topk_weights, biases, ws, device, stream)) != cudaSuccess)
+    return err;
   return combine(p, ws.slot_out, topk_ids, out, stream);
 }
 
 cudaError_t forward_fp8(const Problem& p, const void* x, const void* w13, const void* w2, WeightScales scales,
                         const float* topk_weights, const int32_t* topk_ids, void* out, void* workspace,
-                        size_t workspace_size, int64_t* expert_load, int device, cudaStream_t stream) {
+                        size_t workspace_size, int64_t* expert_load, ExpertBiases biases, int device,
+                        cudaStream_t stream) {
   if (p.tokens == 0) return cudaSuccess;
   if (!p.fp8 || !valid(p) || workspace_size < workspace_bytes(p)) return cudaErrorInvalidValue;
   const LaunchConfig cfg = choose_config(p);
@@ -110,7 +113,8 @@ cudaError_t forward_fp8(const Problem& p, const void* x, const void* w13, const 
   err = quantize_rows_fp8(static_cast<const __nv_bfloat16*>(x), p.tokens, p.hidden, static_cast<uint8_t*>(ws.x_fp8),
                           ws.x_scale, stream);
   if (err != cudaSuccess) return err;
-  if ((err = grouped_gemms_fp8_sm90(p, cfg, w13, w2, scales, topk_weights, ws, device, stream)) != cudaSuccess)
+  if ((err = grouped_gemms_fp8_sm90(p, cfg, w13, w2, scales, topk_weights, biases, ws, device, stream)) !=
+      cudaSuccess)
     return err;
   return combine(p, ws.slot_out, topk_ids, out, stream);
 }

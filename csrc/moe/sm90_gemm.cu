@@ -90,9 +90,10 @@ cudaError_t persistent_grid(Kernel kernel, int threads, int smem, int cluster, i
   return cudaSuccess;
 }
 
-template <typename T, int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp>
+template <typename T, int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp,
+          Activation kAct = Activation::kSiLU>
 cudaError_t launch(const CUtensorMap& map, const GemmArgs<T>& args, int device, cudaStream_t stream) {
-  auto kernel = moe_gemm_sm90_kernel<T, kBlockM, kBlockN, kStages, kCluster, kGateUp>;
+  auto kernel = moe_gemm_sm90_kernel<T, kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>;
   constexpr int kSmem = GemmSmem<kBlockM, kBlockN, kStages>::kBytes;
   static int grid_per_device[64] = {};
   int grid;
@@ -103,9 +104,9 @@ cudaError_t launch(const CUtensorMap& map, const GemmArgs<T>& args, int device, 
   return launch_cluster_with_pdl(kernel, grid, gemm_threads<kBlockM>(), kSmem, kCluster, stream, map, args);
 }
 
-template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp>
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU>
 cudaError_t launch_fp8(const CUtensorMap& map, const Fp8GemmArgs& args, int device, cudaStream_t stream) {
-  auto kernel = moe_gemm_fp8_sm90_kernel<kBlockM, kBlockN, kStages, kCluster, kGateUp>;
+  auto kernel = moe_gemm_fp8_sm90_kernel<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>;
   constexpr int kSmem = Fp8Smem<kBlockM, kBlockN, kStages>::kBytes;
   static int grid_per_device[64] = {};
   int grid;
@@ -122,7 +123,7 @@ int32_t raster_group(const char* env_name) { return int32_t(env_knob(env_name, k
 // Both GEMMs of one tile kind and precision, with the Tiles<> of tile_config.h.
 template <TileKind kKind, typename T>
 cudaError_t run_gemms(const Problem& p, const T* x, const void* w13, const void* w2, const float* topk_weights,
-                      const Workspace& ws, int device, cudaStream_t stream) {
+                      ExpertBiases biases, const Workspace& ws, int device, cudaStream_t stream) {
   using Cfg = Tiles<false, kKind>;
   const Plan& plan = ws.plan;
   const TaskMap map{plan.mtile_prefix, plan.slot_expert, plan.num_slots};
@@ -134,18 +135,24 @@ cudaError_t run_gemms(const Problem& p, const T* x, const void* w13, const void*
   const int n_tiles1 = (p.intermediate + Cfg::kBlockN1 / 2 - 1) / (Cfg::kBlockN1 / 2);
   const int n_tiles2 = (p.hidden + Cfg::kBlockN2 - 1) / Cfg::kBlockN2;
   GemmArgs<T> g1{x, static_cast<T*>(ws.intermediate), topk_weights, plan.expert_counts, plan.expert_offsets,
-                 plan.sorted_rows, map, p.hidden, p.intermediate, n_tiles1, p.top_k, group1};
-  err = launch<T, Cfg::kBlockM, Cfg::kBlockN1, Cfg::kStages, Cfg::kCluster, true>(w13_map, g1, device, stream);
+                 plan.sorted_rows, map, p.hidden, p.intermediate, n_tiles1, p.top_k, group1,
+                 static_cast<const T*>(biases.w13)};
+  if (p.activation == Activation::kSwigluOai)
+    err = launch<T, Cfg::kBlockM, Cfg::kBlockN1, Cfg::kStages, Cfg::kCluster, true, Activation::kSwigluOai>(
+        w13_map, g1, device, stream);
+  else
+    err = launch<T, Cfg::kBlockM, Cfg::kBlockN1, Cfg::kStages, Cfg::kCluster, true>(w13_map, g1, device, stream);
   if (err != cudaSuccess) return err;
   GemmArgs<T> g2{static_cast<const T*>(ws.intermediate), static_cast<T*>(ws.slot_out), topk_weights,
                  plan.expert_counts, plan.expert_offsets, plan.sorted_rows, map, p.intermediate, p.hidden, n_tiles2,
-                 p.top_k, group2};
+                 p.top_k, group2, static_cast<const T*>(biases.w2)};
   return launch<T, Cfg::kBlockM, Cfg::kBlockN2, Cfg::kStages, Cfg::kCluster, false>(w2_map, g2, device, stream);
 }
 
 template <TileKind kKind>
 cudaError_t run_gemms_fp8(const Problem& p, const void* w13, const void* w2, WeightScales scales,
-                          const float* topk_weights, const Workspace& ws, int device, cudaStream_t stream) {
+                          const float* topk_weights, ExpertBiases biases, const Workspace& ws, int device,
+                          cudaStream_t stream) {
   using Cfg = Tiles<true, kKind>;
   const Plan& plan = ws.plan;
   const TaskMap map{plan.mtile_prefix, plan.slot_expert, plan.num_slots};
@@ -158,23 +165,29 @@ cudaError_t run_gemms_fp8(const Problem& p, const void* w13, const void* w2, Wei
   const int n_tiles2 = (p.hidden + Cfg::kBlockN2 - 1) / Cfg::kBlockN2;
   Fp8GemmArgs g1{static_cast<const uint8_t*>(ws.x_fp8), ws.x_scale, scales.w13, ws.intermediate,
                  ws.intermediate_scale, topk_weights, plan.expert_counts, plan.expert_offsets, plan.sorted_rows, map,
-                 p.hidden, p.intermediate, n_tiles1, p.top_k, group1, 2 * p.intermediate / kFP8Block};
-  err = launch_fp8<Cfg::kBlockM, Cfg::kBlockN1, Cfg::kStages, Cfg::kCluster, true>(w13_map, g1, device, stream);
+                 p.hidden, p.intermediate, n_tiles1, p.top_k, group1, 2 * p.intermediate / kFP8Block,
+                 static_cast<const __nv_bfloat16*>(biases.w13)};
+  if (p.activation == Activation::kSwigluOai)
+    err = launch_fp8<Cfg::kBlockM, Cfg::kBlockN1, Cfg::kStages, Cfg::kCluster, true, Activation::kSwigluOai>(
+        w13_map, g1, device, stream);
+  else
+    err = launch_fp8<Cfg::kBlockM, Cfg::kBlockN1, Cfg::kStages, Cfg::kCluster, true>(w13_map, g1, device, stream);
   if (err != cudaSuccess) return err;
   Fp8GemmArgs g2{static_cast<const uint8_t*>(ws.intermediate), ws.intermediate_scale, scales.w2, ws.slot_out,
                  nullptr, topk_weights, plan.expert_counts, plan.expert_offsets, plan.sorted_rows, map,
-                 p.intermediate, p.hidden, n_tiles2, p.top_k, group2, p.hidden / kFP8Block};
+                 p.intermediate, p.hidden, n_tiles2, p.top_k, group2, p.hidden / kFP8Block,
+                 static_cast<const __nv_bfloat16*>(biases.w2)};
   return launch_fp8<Cfg::kBlockM, Cfg::kBlockN2, Cfg::kStages, Cfg::kCluster, false>(w2_map, g2, device, stream);
 }
 
 template <typename T>
 cudaError_t dispatch(const Problem& p, const LaunchConfig& cfg, const T* x, const void* w13, const void* w2,
-                     const float* topk_weights, const Workspace& ws, int device, cudaStream_t stream) {
+                     const float* topk_weights, ExpertBiases b, const Workspace& ws, int device, cudaStream_t stream) {
   switch (cfg.tiles) {
-    case TileKind::kDecode: return run_gemms<TileKind::kDecode>(p, x, w13, w2, topk_weights, ws, device, stream);
-    case TileKind::kLarge: return run_gemms<TileKind::kLarge>(p, x, w13, w2, topk_weights, ws, device, stream);
+    case TileKind::kDecode: return run_gemms<TileKind::kDecode>(p, x, w13, w2, topk_weights, b, ws, device, stream);
+    case TileKind::kLarge: return run_gemms<TileKind::kLarge>(p, x, w13, w2, topk_weights, b, ws, device, stream);
     case TileKind::kLargeCluster:
-      return run_gemms<TileKind::kLargeCluster>(p, x, w13, w2, topk_weights, ws, device, stream);
+      return run_gemms<TileKind::kLargeCluster>(p, x, w13, w2, topk_weights, b, ws, device, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -182,23 +195,23 @@ cudaError_t dispatch(const Problem& p, const LaunchConfig& cfg, const T* x, cons
 }  // namespace
 
 cudaError_t grouped_gemms_sm90(const Problem& p, const LaunchConfig& cfg, const void* x, const void* w13,
-                               const void* w2, const float* topk_weights, const Workspace& ws, int device,
-                               cudaStream_t stream) {
+                               const void* w2, const float* topk_weights, ExpertBiases biases, const Workspace& ws,
+                               int device, cudaStream_t stream) {
   if (p.dtype == DType::kBF16)
-    return dispatch(p, cfg, static_cast<const __nv_bfloat16*>(x), w13, w2, topk_weights, ws, device, stream);
-  return dispatch(p, cfg, static_cast<const __half*>(x), w13, w2, topk_weights, ws, device, stream);
+    return dispatch(p, cfg, static_cast<const __nv_bfloat16*>(x), w13, w2, topk_weights, biases, ws, device, stream);
+  return dispatch(p, cfg, static_cast<const __half*>(x), w13, w2, topk_weights, biases, ws, device, stream);
 }
 
 cudaError_t grouped_gemms_fp8_sm90(const Problem& p, const LaunchConfig& cfg, const void* w13, const void* w2,
-                                   WeightScales scales, const float* topk_weights, const Workspace& ws, int device,
-                                   cudaStream_t stream) {
+                                   WeightScales scales, const float* topk_weights, ExpertBiases biases,
+                                   const Workspace& ws, int device, cudaStream_t stream) {
   switch (cfg.tiles) {
     case TileKind::kDecode:
-      return run_gemms_fp8<TileKind::kDecode>(p, w13, w2, scales, topk_weights, ws, device, stream);
+      return run_gemms_fp8<TileKind::kDecode>(p, w13, w2, scales, topk_weights, biases, ws, device, stream);
     case TileKind::kLarge:
-      return run_gemms_fp8<TileKind::kLarge>(p, w13, w2, scales, topk_weights, ws, device, stream);
+      return run_gemms_fp8<TileKind::kLarge>(p, w13, w2, scales, topk_weights, biases, ws, device, stream);
     case TileKind::kLargeCluster:
-      return run_gemms_fp8<TileKind::kLargeCluster>(p, w13, w2, scales, topk_weights, ws, device, stream);
+      return run_gemms_fp8<TileKind::kLargeCluster>(p, w13, w2, scales, topk_weights, biases, ws, device, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -16,8 +16,11 @@
 //   both CTAs have released it: each math warp arrives on the `empty` barrier of every CTA in the cluster. A CTA
 //   whose half of the unit has no rows skips its MMAs but still takes part in the pipeline.
 // GEMM1 (kGateUp): B tile = BN/2 gate rows + the matching BN/2 up rows of w13[e], so each thread holds gate and up of
-//                  the same output column and the epilogue writes SiLU(gate)·up to the expert-sorted intermediate.
-// GEMM2:           epilogue scales by the routing weight and writes bf16 rows to slot_out[token*k + slot].
+//                  the same output column and the epilogue writes act(gate + b_g, up + b_u) to the expert-sorted
+//                  intermediate; act is a template parameter (SiLU·up, or gpt-oss's clamped SwiGLU), the optional
+//                  bias a uniform branch on a null pointer.
+// GEMM2:           epilogue adds the optional bias, scales by the routing weight and writes bf16 rows to
+//                  slot_out[token*k + slot].
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -47,6 +50,7 @@ struct GemmArgs {
   int32_t n_tiles;        // N tiles per M tile
   int32_t top_k;
   int32_t group_m;        // M tiles per raster group (see kGroupM)
+  const T* bias;          // GEMM1: w13_bias [E, 2I] (gate, then up); GEMM2: w2_bias [E, H]; null = none
 };
 
 template <int kBlockM, int kBlockN, int kStages>
@@ -115,6 +119,29 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 
 __device__ __forceinline__ float silu(float g) { return g / (1.f + __expf(-g)); }
 
+template <Activation kAct>
+__device__ __forceinline__ float activate(float gate, float up) {
+  if constexpr (kAct == Activation::kSiLU) {
+    return silu(gate) * up;
+  } else {
+    static_assert(kAct == Activation::kSwigluOai);
+    gate = fminf(gate, kSwigluOaiLimit);
+    up = fminf(fmaxf(up, -kSwigluOaiLimit), kSwigluOaiLimit);
+    return (up + 1.f) * gate / (1.f + __expf(-kSwigluOaiAlpha * gate));
+  }
+}
+
+// Two adjacent 16-bit values (a 4-byte aligned pair) as floats.
+template <typename T>
+__device__ __forceinline__ float2 load2(const T* p) {
+  const uint32_t bits = __ldg(reinterpret_cast<const unsigned int*>(p));
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits));
+  } else {
+    return __half22float2(*reinterpret_cast<const __half2*>(&bits));
+  }
+}
+
 template <typename T, int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp>
 __device__ __forceinline__ void produce(const CUtensorMap& weights, const GemmArgs<T>& args, uint8_t* smem,
                                         uint64_t* full, uint64_t* empty, int32_t total, int32_t num_slots,
@@ -176,7 +203,7 @@ __device__ __forceinline__ void produce(const CUtensorMap& weights, const GemmAr
   sm90::cp_async_wait<0>();  // keep the CTA (and its shared memory) alive until every gather has landed
 }
 
-template <typename T, int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp>
+template <typename T, int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct>
 __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, uint64_t* full, uint64_t* empty,
                                         int32_t total, int32_t num_slots) {
   using Smem = GemmSmem<kBlockM, kBlockN, kStages>;
@@ -226,31 +253,43 @@ __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, 
       if (w.m0 + r >= w.rows) continue;
       if constexpr (kGateUp) {
         T* dst = args.out + int64_t(w.row_base + r) * args.n_out;
+        const T* bias = args.bias ? args.bias + int64_t(w.expert) * 2 * args.n_out : nullptr;  // [2I]
         constexpr int kUp = kBlockN / 16;  // accumulator column groups of 8: gate in [0, kUp), up in [kUp, 2 kUp)
 #pragma unroll
         for (int j = 0; j < kUp; ++j) {
           const int col = w.n_tile * (kBlockN / 2) + 8 * j + col_in;
-          const float h0 = silu(acc[j * 4 + half * 2]) * acc[(j + kUp) * 4 + half * 2];
-          const float h1 = silu(acc[j * 4 + half * 2 + 1]) * acc[(j + kUp) * 4 + half * 2 + 1];
-          if (col < args.n_out) *reinterpret_cast<uint32_t*>(dst + col) = pack2<T>(h0, h1);
+          if (col >= args.n_out) continue;
+          float g0 = acc[j * 4 + half * 2], g1 = acc[j * 4 + half * 2 + 1];
+          float u0 = acc[(j + kUp) * 4 + half * 2], u1 = acc[(j + kUp) * 4 + half * 2 + 1];
+          if (bias) {  // uniform across the CTA
+            const float2 bg = load2(bias + col), bu = load2(bias + args.n_out + col);
+            g0 += bg.x, g1 += bg.y, u0 += bu.x, u1 += bu.y;
+          }
+          *reinterpret_cast<uint32_t*>(dst + col) = pack2<T>(activate<kAct>(g0, u0), activate<kAct>(g1, u1));
         }
       } else {
         const int32_t flat = args.sorted_rows[w.row_base + r];
         const float wt = args.topk_weights[flat];
         T* dst = args.out + int64_t(flat) * args.n_out;
+        const T* bias = args.bias ? args.bias + int64_t(w.expert) * args.n_out : nullptr;  // [H]
 #pragma unroll
         for (int j = 0; j < kBlockN / 8; ++j) {
           const int col = w.n_tile * kBlockN + 8 * j + col_in;
-          if (col < args.n_out)
-            *reinterpret_cast<uint32_t*>(dst + col) =
-                pack2<T>(acc[j * 4 + half * 2] * wt, acc[j * 4 + half * 2 + 1] * wt);
+          if (col >= args.n_out) continue;
+          float y0 = acc[j * 4 + half * 2], y1 = acc[j * 4 + half * 2 + 1];
+          if (bias) {
+            const float2 b = load2(bias + col);
+            y0 += b.x, y1 += b.y;
+          }
+          *reinterpret_cast<uint32_t*>(dst + col) = pack2<T>(y0 * wt, y1 * wt);
         }
       }
     }
   }
 }
 
-template <typename T, int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp>
+template <typename T, int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp,
+          Activation kAct = Activation::kSiLU>
 __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
     moe_gemm_sm90_kernel(const __grid_constant__ CUtensorMap weights, const GemmArgs<T> args) {
   static_assert(kCluster == 1 || kCluster == 2, "a cluster is one CTA or a pair (peer = rank ^ 1)");
@@ -281,7 +320,7 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
                                                               cta_rank);
   } else {
     if constexpr (kRebalance) sm90::setmaxnreg_inc<kConsumerRegs>();
-    consume<T, kBlockM, kBlockN, kStages, kCluster, kGateUp>(args, smem, full, empty, total, num_slots);
+    consume<T, kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(args, smem, full, empty, total, num_slots);
   }
   if constexpr (kCluster > 1) sm90::cluster_sync();  // our shared memory stays alive while peers still arrive on it
   // The next kernel may launch once every CTA has issued its last tile, so its prologue overlaps our tail only

@@ -12,8 +12,10 @@
 //     other's wgmmas keep the tensor cores busy.
 //   - GEMM1 (kGateUp): B = 128 gate rows + the matching 128 up rows of w13[e], so a tile owns the 128 intermediate
 //     columns of one scale group: the epilogue reduces each row's amax over the 4 lanes holding it (two shuffles,
-//     no shared or global round trip) and writes SiLU(gate)·up as e4m3 plus its scale.
-//   - GEMM2: scales by the routing weight and writes bf16 rows to slot_out[token*k + slot], as the 16-bit GEMM.
+//     no shared or global round trip) and writes act(gate + b_g, up + b_u) (the activation a template parameter,
+//     the bf16 bias optional, as in sm90_gemm.cuh) as e4m3 plus its scale.
+//   - GEMM2: adds the optional bias, scales by the routing weight and writes bf16 rows to slot_out[token*k + slot],
+//     as the 16-bit GEMM.
 #pragma once
 #include "common/fp8_convert.cuh"
 #include "moe/sm90_gemm.cuh"
@@ -37,6 +39,7 @@ struct Fp8GemmArgs {
   int32_t top_k;
   int32_t group_m;           // M tiles per raster group
   int32_t b_blocks;          // 128-row scale blocks per expert matrix: 2I/128 (GEMM1) or H/128 (GEMM2)
+  const __nv_bfloat16* bias;  // GEMM1: w13_bias [E, 2I] (gate, then up); GEMM2: w2_bias [E, H]; null = none
 };
 
 constexpr int kFp8BlockK = 128;    // elements per K step = bytes per swizzled row = one scale block
@@ -122,19 +125,26 @@ __device__ __forceinline__ void produce_fp8(const CUtensorMap& weights, const Fp
   sm90::cp_async_wait<0>();  // keep the CTA (and its shared memory) alive until every gather has landed
 }
 
-// GEMM1's epilogue for one row: h = SiLU(gate)·up over the tile's 128 columns (32 per lane of the row's quad),
-// quantised with the quad's amax; all lanes call it (the shuffles need the whole warp), `write` guards the stores.
+// GEMM1's epilogue for one row: h = act(gate + b_g, up + b_u) over the tile's 128 columns (32 per lane of the row's
+// quad), quantised with the quad's amax; all lanes call it (the shuffles need the whole warp), `write` guards the
+// stores. `bias`: the tile's 128 gate biases (null = none); its up biases are `up_offset` further.
+template <Activation kAct>
 __device__ __forceinline__ void store_quantised_row(const float (&acc)[128], int half, bool write, uint8_t* dst,
-                                                    float* scale_dst, int lane) {
+                                                    float* scale_dst, int lane, const __nv_bfloat16* bias,
+                                                    int32_t up_offset) {
   float h[32];
   float amax = 0.f;
 #pragma unroll
-  for (int j = 0; j < 16; ++j)
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      h[2 * j + c] = silu(acc[j * 4 + half * 2 + c]) * acc[(j + 16) * 4 + half * 2 + c];
-      amax = fmaxf(amax, fabsf(h[2 * j + c]));
+  for (int j = 0; j < 16; ++j) {
+    float2 bg = {0.f, 0.f}, bu = {0.f, 0.f};
+    if (bias) {  // uniform across the CTA
+      bg = load2(bias + 8 * j + 2 * (lane & 3));
+      bu = load2(bias + up_offset + 8 * j + 2 * (lane & 3));
     }
+    h[2 * j] = activate<kAct>(acc[j * 4 + half * 2] + bg.x, acc[(j + 16) * 4 + half * 2] + bu.x);
+    h[2 * j + 1] = activate<kAct>(acc[j * 4 + half * 2 + 1] + bg.y, acc[(j + 16) * 4 + half * 2 + 1] + bu.y);
+    amax = fmaxf(amax, fmaxf(fabsf(h[2 * j]), fabsf(h[2 * j + 1])));
+  }
   amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
   amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
   const float scale = fp8::group_scale(amax), inv = __frcp_rn(scale);
@@ -145,7 +155,7 @@ __device__ __forceinline__ void store_quantised_row(const float (&acc)[128], int
   if ((lane & 3) == 0) *scale_dst = scale;
 }
 
-template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp>
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct>
 __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* smem, const float* scales,
                                             uint64_t* full, uint64_t* empty, int32_t total, int32_t num_slots) {
   using Smem = Fp8Smem<kBlockM, kBlockN, kStages>;
@@ -216,25 +226,33 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
       if constexpr (kGateUp) {
         const int64_t row = w.row_base + r;
         uint8_t* dst = static_cast<uint8_t*>(args.out) + row * args.n_out + w.n_tile * 128;
-        store_quantised_row(acc, half, row_ok, dst, args.out_scale + row * (args.n_out / 128) + w.n_tile, lane);
+        const __nv_bfloat16* bias =
+            args.bias ? args.bias + int64_t(w.expert) * 2 * args.n_out + w.n_tile * 128 : nullptr;
+        store_quantised_row<kAct>(acc, half, row_ok, dst, args.out_scale + row * (args.n_out / 128) + w.n_tile, lane,
+                                  bias, args.n_out);
       } else {
         if (!row_ok) continue;
         const int32_t flat = args.sorted_rows[w.row_base + r];
         const float wt = args.topk_weights[flat];
         __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(args.out) + int64_t(flat) * args.n_out;
+        const __nv_bfloat16* bias = args.bias ? args.bias + int64_t(w.expert) * args.n_out : nullptr;  // [H]
 #pragma unroll
         for (int j = 0; j < kBlockN / 8; ++j) {
           const int col = w.n_tile * kBlockN + 8 * j + 2 * (lane & 3);
-          if (col < args.n_out)
-            *reinterpret_cast<uint32_t*>(dst + col) =
-                pack2<__nv_bfloat16>(acc[j * 4 + half * 2] * wt, acc[j * 4 + half * 2 + 1] * wt);
+          if (col >= args.n_out) continue;
+          float y0 = acc[j * 4 + half * 2], y1 = acc[j * 4 + half * 2 + 1];
+          if (bias) {
+            const float2 b = load2(bias + col);
+            y0 += b.x, y1 += b.y;
+          }
+          *reinterpret_cast<uint32_t*>(dst + col) = pack2<__nv_bfloat16>(y0 * wt, y1 * wt);
         }
       }
     }
   }
 }
 
-template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp>
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU>
 __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
     moe_gemm_fp8_sm90_kernel(const __grid_constant__ CUtensorMap weights, const Fp8GemmArgs args) {
   static_assert(kCluster == 1 || kCluster == 2, "a cluster is one CTA or a pair (peer = rank ^ 1)");
@@ -266,7 +284,8 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
                                                               num_slots, cta_rank);
   } else {
     if constexpr (kRebalance) sm90::setmaxnreg_inc<kConsumerRegs>();
-    consume_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp>(args, smem, scales, full, empty, total, num_slots);
+    consume_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(args, smem, scales, full, empty, total,
+                                                                     num_slots);
   }
   if constexpr (kCluster > 1) sm90::cluster_sync();  // our shared memory stays alive while peers still arrive on it
   allow_dependents();  // after the last tile is issued: the next kernel's prologue overlaps our tail only

@@ -10,7 +10,7 @@ from model.kernels.fp8 import (
 from model.kernels.fp8_linear import fp8_linear
 from model.kernels.moe import check_moe_inputs, fused_moe, uses_cuda_kernel
 from model.kernels.reference import fused_moe_reference
-from model.kernels.routing import GroupedRouting, grouped_topk, softmax_topk
+from model.kernels.routing import GroupedRouting, grouped_topk, softmax_topk, topk_softmax
 from model.kernels.varlen_gemm import varlen_gemm
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "quantize_fp8_blocks",
     "quantize_fp8_groups",
     "softmax_topk",
+    "topk_softmax",
     "uses_cuda_kernel",
     "varlen_gemm",
 ]

@@ -47,8 +47,10 @@ def moe_workspace(T: int, k: int, E: int, H: int, I: int, device, fp8: bool = Fa
     return torch.empty(_C.moe_workspace_bytes(T, k, E, H, I, fp8), dtype=torch.uint8, device=device)
 
 
-def fused_moe_cuda(x, w13, w2, topk_weights, topk_ids, expert_load, out=None, workspace=None):
-    """Unchecked launch (callers check first). `out`/`workspace` may be passed in, e.g. poisoned by tests."""
+def fused_moe_cuda(x, w13, w2, topk_weights, topk_ids, expert_load, out=None, workspace=None, *, activation: int = 0,
+                   w13_bias=None, w2_bias=None):
+    """Unchecked launch (callers check first). `out`/`workspace` may be passed in, e.g. poisoned by tests.
+    `activation` is the csrc code (`model.kernels.activation.ACTIVATION_CODES`); biases are x.dtype or None."""
     T, H = x.shape
     E, two_i, _ = w13.shape
     k = topk_ids.shape[1]
@@ -58,13 +60,15 @@ def fused_moe_cuda(x, w13, w2, topk_weights, topk_ids, expert_load, out=None, wo
         x.data_ptr(), w13.data_ptr(), w2.data_ptr(), topk_weights.data_ptr(), topk_ids.data_ptr(),
         out.data_ptr(), workspace.data_ptr(), workspace.numel(),
         0 if expert_load is None else expert_load.data_ptr(),
+        0 if w13_bias is None else w13_bias.data_ptr(), 0 if w2_bias is None else w2_bias.data_ptr(), activation,
         T, k, E, H, two_i // 2, DTYPE_CODES[x.dtype], x.device.index, _stream(x.device),
     )
     return out
 
 
-def fused_moe_fp8_cuda(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, expert_load, out=None, workspace=None):
-    """Unchecked launch of the FP8-weight layer (x bf16, w13/w2 e4m3 with 128x128 block scales)."""
+def fused_moe_fp8_cuda(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, expert_load, out=None, workspace=None,
+                       *, activation: int = 0, w13_bias=None, w2_bias=None):
+    """Unchecked launch of the FP8-weight layer (x bf16, w13/w2 e4m3 with 128x128 block scales, biases bf16)."""
     T, H = x.shape
     E, two_i, _ = w13.shape
     k = topk_ids.shape[1]
@@ -74,6 +78,7 @@ def fused_moe_fp8_cuda(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, 
         x.data_ptr(), w13.data_ptr(), w13_scale.data_ptr(), w2.data_ptr(), w2_scale.data_ptr(),
         topk_weights.data_ptr(), topk_ids.data_ptr(), out.data_ptr(), workspace.data_ptr(), workspace.numel(),
         0 if expert_load is None else expert_load.data_ptr(),
+        0 if w13_bias is None else w13_bias.data_ptr(), 0 if w2_bias is None else w2_bias.data_ptr(), activation,
         T, k, E, H, two_i // 2, x.device.index, _stream(x.device),
     )
     return out

@@ -15,8 +15,8 @@ weight_block_size: [128, 128]}` means):
 
 The layer (`fused_moe_fp8_reference`): x is quantised once per token; each expert's rows and weights are
 dequantised and multiplied in `compute_dtype` (float32, or float64 for a golden reference); h = SiLU(gate)·up in that
-dtype on the unrounded GEMM1 output; h is quantised per (row, 128 columns) by the same rule (from float32); GEMM2 on
-the dequantised h and w2; × routing weight; the k slots of a token summed in slot order in `compute_dtype`; output
+dtype on the unrounded GEMM1 output (+ the w13 bias; the activation of `model.kernels.activation`); h is quantised per (row, 128 columns) by the same rule (from float32); GEMM2 on
+the dequantised h and w2 (+ the w2 bias); × routing weight; the k slots of a token summed in slot order in `compute_dtype`; output
 in x.dtype. Routing as `reference.fused_moe_reference`: rows (token, slot) ascending within each expert, ids outside
 [0, E) route nowhere. The CUDA kernel instead scales each 128-wide K block's fp8 partial sum by a_scale·b_scale
 into a float32 accumulator — the same products and scales, so it differs from this reference only by float32
@@ -25,6 +25,8 @@ summation order (and the rare fp8 rounding decision that order flips in h).
 
 import torch
 import torch.nn.functional as F
+
+from model.kernels.activation import Activation, apply_activation
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -100,8 +102,13 @@ def fused_moe_fp8_reference(
     topk_weights: torch.Tensor,  # [T, k] float32
     topk_ids: torch.Tensor,  # [T, k] int32
     compute_dtype: torch.dtype = torch.float32,
+    *,
+    activation: Activation | str = Activation.SILU,
+    w13_bias: torch.Tensor | None = None,  # [E, 2I]
+    w2_bias: torch.Tensor | None = None,  # [E, H]
 ) -> torch.Tensor:
     """Returns out [T, H] in x.dtype with the numerics of the module docstring (unchecked: callers check)."""
+    activation = Activation(activation)
     if compute_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"compute_dtype must be float32 or float64, got {compute_dtype}")
     cdt = compute_dtype
@@ -112,9 +119,13 @@ def fused_moe_fp8_reference(
     per_slot = torch.zeros(T * k, H, dtype=cdt, device=x.device)
     for e, rows in expert_rows(topk_ids, w13.shape[0]):
         gate_up = xd[rows // k] @ dequantize_fp8_blocks(w13[e], w13_scale[e], cdt).t()  # [n, 2I]
-        h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # [n, I]
+        if w13_bias is not None:
+            gate_up = gate_up + w13_bias[e].to(cdt)
+        h = apply_activation(gate_up[:, :inter], gate_up[:, inter:], activation)  # [n, I]
         hd = dequantize_fp8_groups(*quantize_fp8_groups(h), cdt)  # [n, I]
         ye = hd @ dequantize_fp8_blocks(w2[e], w2_scale[e], cdt).t()  # [n, H]
+        if w2_bias is not None:
+            ye = ye + w2_bias[e].to(cdt)
         per_slot[rows] = ye * topk_weights.reshape(-1)[rows, None].to(cdt)
     per_slot = per_slot.view(T, k, H)
     out = per_slot[:, 0]

@@ -1,4 +1,8 @@
-"""`fused_moe`: the whole MoE expert layer (plan + GEMM1 + SiLU·up + GEMM2 + weighted combine) as one custom op.
+"""`fused_moe`: the whole MoE expert layer (plan + GEMM1 + activation + GEMM2 + weighted combine) as one custom op.
+
+The activation between the GEMMs is an enum (`model.kernels.activation.Activation`: SiLU·up by default, gpt-oss's
+clamped SwiGLU); optional expert biases w13_bias [E, 2I] and w2_bias [E, H] are added to the GEMM outputs (the w2
+bias before the routing weight, so it is scaled by it like the product, as gpt-oss computes it).
 
 On a CUDA tensor with the extension built for the device it runs our sm_90a kernels; elsewhere it runs the
 pure-torch reference. Checks happen once, here, at the boundary. Weights in float8_e4m3fn (with their 128×128
@@ -8,6 +12,7 @@ block scales) select the FP8 op, `staticmoe::fused_moe_fp8`, whose numerics `mod
 import torch
 
 from model.kernels import extension
+from model.kernels.activation import ACTIVATION_CODES, Activation, parse_activation
 from model.kernels.fp8 import FP8_BLOCK, FP8_DTYPE, fused_moe_fp8_reference
 from model.kernels.reference import fused_moe_reference
 
@@ -16,13 +21,21 @@ MAX_EXPERTS = 1024
 
 
 def check_moe_inputs(
-    x, w13, w2, topk_weights, topk_ids, expert_load=None, skip_out_of_range_ids=False, *, w13_scale=None, w2_scale=None
+    x, w13, w2, topk_weights, topk_ids, expert_load=None, skip_out_of_range_ids=False, *, w13_scale=None, w2_scale=None,
+    activation=Activation.SILU, w13_bias=None, w2_bias=None,
 ) -> None:
     """Raise ValueError/TypeError naming the argument for anything the kernel cannot take."""
     tensors = dict(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids)
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    activation = parse_activation(activation)
+    biases = {name: t for name, t in (("w13_bias", w13_bias), ("w2_bias", w2_bias)) if t is not None}
+    for name, t in biases.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}.dtype {t.dtype} differs from x.dtype {x.dtype}")
     if x.dtype not in SUPPORTED_DTYPES and x.dtype != torch.float32:
         raise TypeError(f"x must be bfloat16, float16 or float32 (reference only), got {x.dtype}")
     fp8 = w13.dtype == FP8_DTYPE
@@ -72,6 +85,10 @@ def check_moe_inputs(
         )
     if topk_ids.shape[1] < 1:
         raise ValueError("top-k must be at least 1")
+    for name, want in (("w13_bias", (E, two_i)), ("w2_bias", (E, H))):
+        if name in biases and tuple(biases[name].shape) != want:
+            raise ValueError(f"{name} must be [{', '.join(map(str, want))}], got {tuple(biases[name].shape)}")
+    tensors.update(biases)
     if H % 8 or inter % 8:
         raise ValueError(f"hidden size H={H} and intermediate size I={inter} must be multiples of 8")
     if fp8:
@@ -130,15 +147,21 @@ def _fused_moe_op(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     expert_load: torch.Tensor | None,
+    activation: str = Activation.SILU.value,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if uses_cuda_kernel(x):
-        return extension.fused_moe_cuda(x, w13, w2, topk_weights, topk_ids, expert_load)
+        return extension.fused_moe_cuda(x, w13, w2, topk_weights, topk_ids, expert_load,
+                                        activation=ACTIVATION_CODES[Activation(activation)],
+                                        w13_bias=w13_bias, w2_bias=w2_bias)
     _count_expert_load(expert_load, topk_ids, w13.shape[0])
-    return fused_moe_reference(x, w13, w2, topk_weights, topk_ids)
+    return fused_moe_reference(x, w13, w2, topk_weights, topk_ids, activation=activation, w13_bias=w13_bias,
+                               w2_bias=w2_bias)
 
 
 @_fused_moe_op.register_fake
-def _(x, w13, w2, topk_weights, topk_ids, expert_load):
+def _(x, w13, w2, topk_weights, topk_ids, expert_load, activation="silu", w13_bias=None, w2_bias=None):
     return torch.empty_like(x)
 
 
@@ -152,15 +175,22 @@ def _fused_moe_fp8_op(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     expert_load: torch.Tensor | None,
+    activation: str = Activation.SILU.value,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if x.dtype == torch.bfloat16 and uses_cuda_kernel(x):
-        return extension.fused_moe_fp8_cuda(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, expert_load)
+        return extension.fused_moe_fp8_cuda(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, expert_load,
+                                            activation=ACTIVATION_CODES[Activation(activation)], w13_bias=w13_bias,
+                                            w2_bias=w2_bias)
     _count_expert_load(expert_load, topk_ids, w13.shape[0])
-    return fused_moe_fp8_reference(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids)
+    return fused_moe_fp8_reference(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, activation=activation,
+                                   w13_bias=w13_bias, w2_bias=w2_bias)
 
 
 @_fused_moe_fp8_op.register_fake
-def _(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, expert_load):
+def _(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, expert_load, activation="silu", w13_bias=None,
+      w2_bias=None):
     return torch.empty_like(x)
 
 
@@ -175,8 +205,12 @@ def fused_moe(
     *,
     w13_scale: torch.Tensor | None = None,  # [E, ceil(2I/128), ceil(H/128)] float32, with float8_e4m3fn w13
     w2_scale: torch.Tensor | None = None,  # [E, ceil(H/128), ceil(I/128)] float32, with float8_e4m3fn w2
+    activation: Activation | str = Activation.SILU,
+    w13_bias: torch.Tensor | None = None,  # [E, 2I] in x.dtype: gate biases, then up biases
+    w2_bias: torch.Tensor | None = None,  # [E, H] in x.dtype
 ) -> torch.Tensor:
-    """out[t] = Σ_s topk_weights[t, s] · w2[e] · (SiLU(w13[e, :I] · x[t]) ⊙ (w13[e, I:] · x[t])), e = topk_ids[t, s].
+    """out[t] = Σ_s topk_weights[t, s] · (w2[e] · act(w13[e, :I] · x[t] + b_g, w13[e, I:] · x[t] + b_u) + b2[e]),
+    e = topk_ids[t, s]; act = SiLU(gate)·up by default, or gpt-oss's clamped SwiGLU (`Activation.SWIGLU_OAI`).
 
     Expert ids outside [0, E) are an error on the CPU by default. With `skip_out_of_range_ids=True` they are a
     contract instead: such a slot routes nowhere (contributes nothing, is not counted in expert_load) — how an
@@ -184,12 +218,16 @@ def fused_moe(
     would need a host sync).
 
     FP8: with w13 and w2 in float8_e4m3fn, pass their block scales (dequantised weight = fp8 × scale); x is bf16,
-    H and I multiples of 128; activations are quantised per (token, 128 columns) on the fly (`model.kernels.fp8`)."""
+    H and I multiples of 128; activations are quantised per (token, 128 columns) on the fly (`model.kernels.fp8`).
+    Biases and the activation work the same way there (biases in x.dtype, bf16)."""
     check_moe_inputs(
-        x, w13, w2, topk_weights, topk_ids, expert_load, skip_out_of_range_ids, w13_scale=w13_scale, w2_scale=w2_scale
+        x, w13, w2, topk_weights, topk_ids, expert_load, skip_out_of_range_ids, w13_scale=w13_scale, w2_scale=w2_scale,
+        activation=activation, w13_bias=w13_bias, w2_bias=w2_bias,
     )
     if x.shape[0] == 0:
         return x.new_empty(x.shape)
     if w13.dtype == FP8_DTYPE:
-        return _fused_moe_fp8_op(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, expert_load)
-    return _fused_moe_op(x, w13, w2, topk_weights, topk_ids, expert_load)
+        return _fused_moe_fp8_op(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, expert_load,
+                                 parse_activation(activation).value, w13_bias, w2_bias)
+    return _fused_moe_op(x, w13, w2, topk_weights, topk_ids, expert_load, parse_activation(activation).value,
+                         w13_bias, w2_bias)

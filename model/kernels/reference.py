@@ -1,11 +1,14 @@
 """Pure-torch MoE layer: the exact reference for the CUDA op and the CPU fallback.
 
-Same contract as `model.kernels.moe.fused_moe`: gather each expert's rows, SiLU(gate)·up, down-project, scale by
-the routing weight, then sum over the k slots of each token in fp32 (slot order, so the result is deterministic).
+Same contract as `model.kernels.moe.fused_moe`: gather each expert's rows, GEMM1 (+ w13 bias), the activation
+(SiLU(gate)·up by default, `model.kernels.activation`), down-project (+ w2 bias), scale by the routing weight, then
+sum over the k slots of each token in fp32 (slot order, so the result is deterministic). Biases are added to the
+GEMM outputs in the accumulation dtype, before the activation / the routing weight, as the kernel's epilogues do.
 """
 
 import torch
-import torch.nn.functional as F
+
+from model.kernels.activation import Activation, apply_activation
 
 
 def fused_moe_reference(
@@ -15,8 +18,13 @@ def fused_moe_reference(
     topk_weights: torch.Tensor,  # [T, k] float32
     topk_ids: torch.Tensor,  # [T, k] int32
     compute_dtype: torch.dtype | None = None,
+    *,
+    activation: Activation | str = Activation.SILU,
+    w13_bias: torch.Tensor | None = None,  # [E, 2I]  gate biases, then up biases
+    w2_bias: torch.Tensor | None = None,  # [E, H]
 ) -> torch.Tensor:
     """Returns out [T, H] in x.dtype. `compute_dtype` overrides the GEMM dtype (float64 for a golden reference)."""
+    activation = Activation(activation)
     T, H = x.shape
     k = topk_ids.shape[1]
     cdt = compute_dtype or x.dtype
@@ -35,8 +43,12 @@ def fused_moe_reference(
         rows = order[start : start + n]  # flat (token*k + slot) indices
         start += n
         xe = x[rows // k].to(cdt)  # [n, H]
-        gate_up = xe @ w13[e].to(cdt).t()  # [n, 2I]
-        h = (F.silu(gate_up[:, :inter].to(acc_dtype)) * gate_up[:, inter:].to(acc_dtype)).to(cdt)  # [n, I]
-        ye = (h @ w2[e].to(cdt).t()).to(per_slot.dtype)  # [n, H]
+        gate_up = (xe @ w13[e].to(cdt).t()).to(acc_dtype)  # [n, 2I]
+        if w13_bias is not None:
+            gate_up = gate_up + w13_bias[e].to(acc_dtype)
+        h = apply_activation(gate_up[:, :inter], gate_up[:, inter:], activation).to(cdt)  # [n, I]
+        ye = (h @ w2[e].to(cdt).t()).to(acc_dtype)  # [n, H]
+        if w2_bias is not None:
+            ye = ye + w2_bias[e].to(acc_dtype)
         per_slot.view(T * k, H)[rows] = ye * topk_weights.reshape(-1)[rows, None].to(acc_dtype)
     return per_slot.sum(dim=1).to(x.dtype)  # [T, H]

@@ -1,11 +1,12 @@
 """Router helpers: turn router logits into (topk_weights float32 [T, k], topk_ids int32 [T, k]).
 
 - `softmax_topk`: Mixtral / Qwen-MoE / OLMoE.
+- `topk_softmax`: gpt-oss (top-k of the (biased) logits, softmax over those k only).
 - `grouped_topk`: DeepSeek-V2 (softmax, group-limited greedy), DeepSeek-V3 / GLM-4.5 (sigmoid scores plus a
   per-expert correction bias that steers the choice but not the weights, group-limited, optional renormalisation,
   `routed_scaling_factor`).
 
-Both are a few batched torch ops on the logits' device: no host sync and no data-dependent shapes, so a decode step
+All are a few batched torch ops on the logits' device: no host sync and no data-dependent shapes, so a decode step
 that routes is CUDA-graph capturable. `grouped_topk` breaks ties toward the lower expert (and group) index, on
 every device, by a stable sort; `torch.topk` leaves ties unspecified (transformers' routers use it, so under exact
 ties they may choose another of the tied experts).
@@ -19,12 +20,16 @@ SCORINGS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
 
 
-def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixtral / Qwen-MoE / OLMoE routing: softmax over experts (fp32), top-k, optional renormalise."""
+def _check_logits(router_logits: torch.Tensor, top_k: int) -> None:
     if router_logits.dim() != 2:
         raise ValueError(f"router_logits must be [T, E], got shape {tuple(router_logits.shape)}")
     if not 1 <= top_k <= router_logits.shape[1]:
         raise ValueError(f"top_k={top_k} must be in [1, num_experts={router_logits.shape[1]}]")
+
+
+def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral / Qwen-MoE / OLMoE routing: softmax over experts (fp32), top-k, optional renormalise."""
+    _check_logits(router_logits, top_k)
     probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
     weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, k]
     if renormalize:
@@ -108,3 +113,10 @@ def grouped_topk(
     if scaling_factor != 1.0:
         weights = weights * scaling_factor
     return weights, ids.to(torch.int32)
+
+
+def topk_softmax(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """gpt-oss routing: top-k of the logits, then softmax over those k only (fp32); the weights sum to 1."""
+    _check_logits(router_logits, top_k)
+    logits, ids = torch.topk(router_logits.float(), top_k, dim=-1)  # [T, k]
+    return torch.softmax(logits, dim=-1), ids.to(torch.int32)

@@ -1,5 +1,5 @@
 """Grouped-query self-attention with fused QKV projection, optional q/k RMSNorm and clipping, rotary embeddings,
-writing to and reading from the paged KV cache."""
+a per-layer sliding window and optional learned sinks (gpt-oss), writing to and reading from the paged KV cache."""
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ class Attention(nn.Module):
         self.scale = config.head_dim**-0.5
         self.qk_norm = config.qk_norm
         self.clip_qkv = config.clip_qkv
+        self.sliding_window = config.sliding_window_of(layer_idx)
+        # One learned logit per query head (a tensor-parallel rank would hold its heads' slice).
+        self.sinks = nn.Parameter(torch.empty(self.num_heads)) if config.attention_sinks else None
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.o_bias)
         if config.qk_norm == "per_head":
@@ -62,5 +65,5 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, k, *rotary)
         plan.write_kv(kv_cache, k, v)
-        out = plan.attend(q, kv_cache, self.scale)  # [N, Hq, D]
+        out = plan.attend(q, kv_cache, self.scale, self.sliding_window, self.sinks)  # [N, Hq, D]
         return self.o_proj(out.reshape(num_rows, self.q_size))

@@ -137,6 +137,7 @@ class MlaAttention(nn.Module):
         q = torch.cat((q_nope, q_pe), dim=-1)  # [n, Hq, qk]
         if self.v_dim < self.qk_dim:  # zero columns change nothing, and equal widths let SDPA pick flash attention
             v = F.pad(v, (0, self.qk_dim - self.v_dim))  # [ctx, Hq, qk]
+        mask = chunk.mask(None)  # [n, ctx] bool, or None for plain causal (MLA layers have no window)
         out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                             attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=self.scale)
+                                             attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return out.transpose(0, 1)[..., : self.v_dim]  # [n, Hq, v]

@@ -47,8 +47,6 @@ def mla_decode_reference(
 def mla_decode(q: torch.Tensor, latent_cache: torch.Tensor, decode: "paged_attention.DecodeRows", scale: float,
                kv_lora_rank: int) -> torch.Tensor:
     """q [B, Hq, r + rope] of the decode rows -> [B, Hq, r]; the Triton kernel where it runs, else the reference."""
-    if decode.sliding_window is not None:
-        raise ValueError("MLA attention has no sliding window")
     if triton_mla_enabled(q, kv_lora_rank, latent_cache.shape[-1] - kv_lora_rank):
         try:
             return triton_mla_decode.paged_mla_decode(q, latent_cache, decode.block_tables, decode.context_lens,
@@ -56,6 +54,6 @@ def mla_decode(q: torch.Tensor, latent_cache: torch.Tensor, decode: "paged_atten
         except Exception as err:  # a Triton build problem must not take the model down
             _TRITON["mla"] = False
             log.warning("Triton MLA decode attention failed (%r); using the torch path from now on", err)
-    if decode.mask is None:
-        decode.mask = paged_attention._decode_mask(decode.context_lens, decode.num_keys, None)
-    return mla_decode_reference(q, latent_cache, decode.block_tables, decode.mask, scale, kv_lora_rank)
+    if None not in decode.masks:  # full causal (MLA layers have no window); shared by the layers of the step
+        decode.masks[None] = paged_attention._decode_mask(decode.context_lens, decode.num_keys, None)
+    return mla_decode_reference(q, latent_cache, decode.block_tables, decode.masks[None], scale, kv_lora_rank)

@@ -1,10 +1,12 @@
 """`SparseMoeBlock`: router → top-k → the experts op, plus an optional shared expert.
 
-Routing: softmax top-k (Mixtral, Qwen-MoE, OLMoE) or group-limited top-k (DeepSeek-V2: softmax; DeepSeek-V3 and
-GLM-4.5: sigmoid with a correction bias for the choice), model/kernels/routing.py. The shared expert is a dense
-SwiGLU MLP every token goes through, added to the routed output: sigmoid-gated per token in Qwen2-MoE, ungated in
-DeepSeek and GLM (whose `n_shared_experts` experts are one MLP of n_shared × moe_intermediate_size columns; the
-families rename their `shared_experts.` keys to `shared_expert.`).
+Routing (model/kernels/routing.py): softmax top-k (Mixtral, Qwen-MoE, OLMoE), gpt-oss's top-k then softmax over the k
+(a router with a bias), or group-limited top-k (DeepSeek-V2: softmax; DeepSeek-V3 and GLM-4.5: sigmoid with a
+correction bias for the choice). gpt-oss's experts add biases (gate_up_proj_bias [E, 2I], gate then up like the
+weight rows; down_proj_bias [E, H]) and use the clamped SwiGLU, both computed inside `fused_moe`. The shared expert
+is a dense SwiGLU MLP every token goes through, added to the routed output: sigmoid-gated per token in Qwen2-MoE,
+ungated in DeepSeek and GLM (whose `n_shared_experts` experts are one MLP of n_shared × moe_intermediate_size
+columns; the families rename their `shared_experts.` keys to `shared_expert.`).
 
 The experts op (`Experts`) is a module of its own so that transforms can wrap it from outside the model: the
 engine's metrics time it by forward hooks (model/engine/moe_timer.py). Expert weights use the layout HF
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.kernels import GroupedRouting, fused_moe, grouped_topk, softmax_topk
+from model.kernels import GroupedRouting, fused_moe, grouped_topk, softmax_topk, topk_softmax
 from model.layers.linear import Linear
 from model.layers.mlp import GatedMLP
 
@@ -27,22 +29,31 @@ class Experts(nn.Module):
     tokens routed to each expert to `expert_load` on the device as it runs (free in the kernel; no host sync); the
     engine's metrics read those counts."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, activation: str = "silu",
+                 bias: bool = False):
         super().__init__()
+        self.activation = activation
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        if bias:
+            self.gate_up_proj_bias = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size))
+            self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_size))
+        else:
+            self.gate_up_proj_bias = self.down_proj_bias = None
         self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        return fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids, expert_load=self.expert_load)
+        return fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids, expert_load=self.expert_load,
+                         activation=self.activation, w13_bias=self.gate_up_proj_bias, w2_bias=self.down_proj_bias)
 
 
 class Router(Linear):
-    """The router's linear (E outputs, no bias), with DeepSeek-V3's `e_score_correction_bias` [E] float32 when the
-    routing uses one (the checkpoint's `mlp.gate.e_score_correction_bias`; it stays float32 in a bf16 model)."""
+    """The router's linear (E outputs; a bias in gpt-oss), with DeepSeek-V3's `e_score_correction_bias` [E] float32
+    when the routing uses one (the checkpoint's `mlp.gate.e_score_correction_bias`; it stays float32 in a bf16
+    model)."""
 
-    def __init__(self, hidden_size: int, num_experts: int, correction_bias: bool):
-        super().__init__(hidden_size, num_experts)
+    def __init__(self, hidden_size: int, num_experts: int, correction_bias: bool, bias: bool = False):
+        super().__init__(hidden_size, num_experts, bias=bias)
         self.e_score_correction_bias = (
             nn.Parameter(torch.empty(num_experts, dtype=torch.float32)) if correction_bias else None
         )
@@ -68,7 +79,11 @@ class SparseMoeBlock(nn.Module):
         renormalize: bool,
         shared_expert_intermediate_size: int = 0,
         shared_expert_gated: bool = True,
-        routing: GroupedRouting | None = None,  # None: softmax top-k
+        routing: GroupedRouting | None = None,  # None: `router` decides
+        router: str = "softmax_topk",  # | "topk_softmax" (gpt-oss); ModelConfig refuses it beside grouped routing
+        router_bias: bool = False,
+        activation: str = "silu",
+        expert_bias: bool = False,
     ):
         super().__init__()
         self.layer_idx = layer_idx
@@ -78,8 +93,9 @@ class SparseMoeBlock(nn.Module):
         self.intermediate_size = intermediate_size
         self.renormalize = renormalize
         self.routing = routing
-        self.gate = Router(hidden_size, num_experts, routing is not None and routing.correction_bias)
-        self.experts = Experts(num_experts, hidden_size, intermediate_size)
+        self.router = router
+        self.gate = Router(hidden_size, num_experts, routing is not None and routing.correction_bias, router_bias)
+        self.experts = Experts(num_experts, hidden_size, intermediate_size, activation, expert_bias)
         self.shared_expert = GatedMLP(hidden_size, shared_expert_intermediate_size) \
             if shared_expert_intermediate_size else None
         self.shared_expert_gate = Linear(hidden_size, 1) if shared_expert_intermediate_size and shared_expert_gated \
@@ -88,6 +104,8 @@ class SparseMoeBlock(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """topk_weights [N, k] float32, topk_ids [N, k] int32 for x [N, H]."""
         if self.routing is None:
+            if self.router == "topk_softmax":
+                return topk_softmax(self.gate(x), self.top_k)
             return softmax_topk(self.gate(x), self.top_k, self.renormalize)
         r = self.routing
         # scored in float32 from the float32 input, as DeepSeek's and transformers' routers do (a bf16 logit could

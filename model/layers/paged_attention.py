@@ -8,12 +8,16 @@ A layer's cache is [2, num_blocks, block_size, Hkv, D]. `AttentionPlan` holds wh
 - prefill chunks: on CUDA with Triton, one kernel for all chunks of the step (`triton_prefill_attention`);
   elsewhere (or with STATICMOE_PREFILL_ATTENTION=sdpa) one SDPA call per chunk. Both use the host-side lengths
   the scheduler already knows.
+Each layer passes its own window (gpt-oss alternates sliding-window and full layers) and, optionally, its learned
+sinks: one logit per query head that joins the softmax's denominator with no value (out = Σ p_j v_j with
+p_j = exp(s_j) / (Σ exp(s_i) + exp(sink))). The SDPA paths add the sink as one extra key of zeros whose score is
+set by a float mask; the Triton kernels start each row's online softmax from the sink.
 """
 
 import functools
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -41,17 +45,18 @@ class PrefillChunk:
     context_len: int  # cached + new
     tables: torch.Tensor  # [B, max_blocks] int64, the step's block tables
     block_size: int
-    sliding_window: int | None
+    masks: dict = field(default_factory=dict)  # window -> mask, shared by the layers of the step
 
     # What the per-chunk SDPA path needs; built on first use and then shared by the layers of the step.
     @functools.cached_property
     def blocks(self) -> torch.Tensor:  # [ceil(context_len / block_size)] int64
         return self.tables[self.seq, : (self.context_len + self.block_size - 1) // self.block_size]
 
-    @functools.cached_property
-    def mask(self) -> torch.Tensor | None:  # [n, context_len] bool; None = plain causal
-        num_new = self.rows.stop - self.rows.start
-        return _prefill_mask(num_new, self.context_len, self.sliding_window, self.tables.device)
+    def mask(self, window: int | None) -> torch.Tensor | None:  # [n, context_len] bool; None = plain causal
+        if window not in self.masks:
+            num_new = self.rows.stop - self.rows.start
+            self.masks[window] = _prefill_mask(num_new, self.context_len, window, self.tables.device)
+        return self.masks[window]
 
 
 @dataclass
@@ -60,20 +65,20 @@ class DecodeRows:
     block_tables: torch.Tensor  # [Bd, max_blocks] int64
     context_lens: torch.Tensor  # [Bd]
     num_keys: int  # max_blocks * block_size
-    sliding_window: int | None
-    mask: torch.Tensor | None = None  # [Bd, 1, 1, num_keys] bool for SDPA; built on first use, shared by layers
+    masks: dict = field(default_factory=dict)  # window -> [Bd, 1, 1, num_keys] bool for SDPA, shared by layers
 
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+               window: int | None, sinks: torch.Tensor | None) -> torch.Tensor:
         if triton_decode_enabled(q.device):
             try:
                 return triton_decode_attention.paged_decode_attention(
-                    q, k_cache, v_cache, self.block_tables, self.context_lens, scale, self.sliding_window)
+                    q, k_cache, v_cache, self.block_tables, self.context_lens, scale, window, sinks=sinks)
             except Exception as err:  # a Triton build problem must not take the model down: use SDPA instead
                 _TRITON["decode"] = False
                 log.warning("Triton decode attention failed (%r); using SDPA from now on", err)
-        if self.mask is None:
-            self.mask = _decode_mask(self.context_lens, self.num_keys, self.sliding_window)
-        return decode_attention(q, k_cache, v_cache, self.block_tables, self.mask, scale)
+        if window not in self.masks:
+            self.masks[window] = _decode_mask(self.context_lens, self.num_keys, window)
+        return decode_attention(q, k_cache, v_cache, self.block_tables, self.masks[window], scale, sinks)
 
 
 def _decode_mask(context_lens: torch.Tensor, num_keys: int, sliding_window: int | None) -> torch.Tensor:
@@ -86,8 +91,9 @@ def _decode_mask(context_lens: torch.Tensor, num_keys: int, sliding_window: int 
     return visible[:, None, None, :]
 
 
-def _prefill_mask(num_new: int, context_len: int, sliding_window: int | None, device) -> torch.Tensor | None:
-    if num_new == context_len and sliding_window is None:
+def _prefill_mask(num_new: int, context_len: int, sliding_window: int | None, device,
+                  always: bool = False) -> torch.Tensor | None:
+    if num_new == context_len and sliding_window is None and not always:
         return None
     query_pos = torch.arange(context_len - num_new, context_len, device=device)[:, None]  # [n, 1]
     key_pos = torch.arange(context_len, device=device)[None, :]  # [1, ctx]
@@ -104,11 +110,10 @@ class AttentionPlan:
     decode: DecodeRows | None
     prefill: list[PrefillChunk]
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int64
-    sliding_window: int | None = None
     _kernel_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # see _prefill_kernel_tables
 
     @staticmethod
-    def build(batch: ForwardBatch, block_size: int, sliding_window: int | None = None) -> "AttentionPlan":
+    def build(batch: ForwardBatch, block_size: int) -> "AttentionPlan":
         slots = batch.slot_mapping
         device = slots.device
         # Padding rows (slot -1) must not write; a masked scatter is not capturable, so they re-write the first
@@ -121,8 +126,8 @@ class AttentionPlan:
         tables = batch.block_tables.long()  # [B, max_blocks]
         num_keys = tables.shape[1] * block_size
         if batch.is_decode:
-            decode = DecodeRows(None, tables, batch.context_lens, num_keys, sliding_window)
-            return AttentionPlan(write_slots, write_rows, decode, [], tables, sliding_window)
+            decode = DecodeRows(None, tables, batch.context_lens, num_keys)
+            return AttentionPlan(write_slots, write_rows, decode, [], tables)
 
         if len(batch.query_lens_host) != batch.num_seqs or len(batch.context_lens_host) != batch.num_seqs:
             raise ValueError("query_lens_host and context_lens_host need one entry per sequence")
@@ -134,8 +139,7 @@ class AttentionPlan:
                 decode_rows.append(row)
                 decode_seqs.append(seq)
             elif num_new > 1:
-                prefill.append(PrefillChunk(slice(row, row + num_new), seq, context_len, tables, block_size,
-                                            sliding_window))
+                prefill.append(PrefillChunk(slice(row, row + num_new), seq, context_len, tables, block_size))
             row += num_new
         if row != slots.shape[0]:
             raise ValueError(f"query_lens_host sums to {row}, but the batch has {slots.shape[0]} tokens")
@@ -143,8 +147,8 @@ class AttentionPlan:
         if decode_rows:
             seqs = torch.tensor(decode_seqs, dtype=torch.int64, device=device)
             decode = DecodeRows(torch.tensor(decode_rows, dtype=torch.int64, device=device), tables[seqs],
-                                batch.context_lens[seqs], num_keys, sliding_window)
-        return AttentionPlan(write_slots, write_rows, decode, prefill, tables, sliding_window)
+                                batch.context_lens[seqs], num_keys)
+        return AttentionPlan(write_slots, write_rows, decode, prefill, tables)
 
     def _prefill_kernel_tables(self, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The Triton prefill kernel's chunk metadata and tiles, built at the first layer and kept for the rest."""
@@ -161,26 +165,28 @@ class AttentionPlan:
             flat = cache.view(-1, *cache.shape[2:])  # [num_blocks * block_size, Hkv, D]
             flat.index_copy_(0, self.write_slots, new[self.write_rows].to(cache.dtype))
 
-    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, scale: float) -> torch.Tensor:
-        """q [N, Hq, D] (this step's K/V already written) -> [N, Hq, D]."""
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, scale: float, window: int | None = None,
+               sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """q [N, Hq, D] (this step's K/V already written) -> [N, Hq, D]. `window`: this layer's sliding window
+        (None = full causal); `sinks` [Hq]: its learned sink logits, or None."""
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         if self.decode is not None and self.decode.rows is None:
-            return self.decode.attend(q, k_cache, v_cache, scale)
+            return self.decode.attend(q, k_cache, v_cache, scale, window, sinks)
         out = torch.empty_like(q)
         if self.decode is not None:
-            out[self.decode.rows] = self.decode.attend(q[self.decode.rows], k_cache, v_cache, scale)
+            out[self.decode.rows] = self.decode.attend(q[self.decode.rows], k_cache, v_cache, scale, window, sinks)
         if self.prefill and triton_prefill_enabled(q.device):
             try:
                 triton_prefill_attention.paged_prefill_attention(
                     q.contiguous(), k_cache, v_cache, self.block_tables, *self._prefill_kernel_tables(q.shape[2]),
-                    out, scale, self.sliding_window)
+                    out, scale, window, sinks=sinks)
                 return out
             except Exception as err:  # as for decode: a Triton build problem falls back to SDPA
                 _TRITON["prefill"] = False
                 log.warning("Triton prefill attention failed (%r); using SDPA from now on", err)
         for chunk in self.prefill:
             out[chunk.rows] = prefill_attention(q[chunk.rows], k_cache, v_cache, chunk.blocks, chunk.context_len,
-                                                chunk.mask, scale)
+                                                chunk.mask(window), scale, sinks)
         return out
 
 
@@ -191,13 +197,18 @@ def decode_attention(
     block_tables: torch.Tensor,  # [B, max_blocks] int64
     mask: torch.Tensor,  # [B, 1, 1, max_blocks * block_size] bool
     scale: float,
+    sinks: torch.Tensor | None = None,  # [Hq]
 ) -> torch.Tensor:
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
     k = k_cache[block_tables].view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, L, D]
     v = v_cache[block_tables].view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
     # Grouped-query attention without repeating K/V: the query heads sharing a KV head become its query rows.
-    q = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, Hkv, G, D]
+    q = q.view(num_seqs, num_kv_heads, group, head_dim)  # [B, Hkv, G, D]
+    if sinks is not None:
+        k, v, mask = _with_sink_key(k, v, mask.expand(num_seqs, num_kv_heads, group, -1),
+                                    sinks.view(1, num_kv_heads, group, 1), q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [B, Hkv, G, D]
     return out.reshape(num_seqs, num_heads, head_dim)
 
@@ -210,6 +221,7 @@ def prefill_attention(
     context_len: int,
     mask: torch.Tensor | None,  # [n, context_len] bool, None = causal
     scale: float,
+    sinks: torch.Tensor | None = None,  # [Hq]
 ) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
@@ -220,5 +232,21 @@ def prefill_attention(
     k = k.transpose(0, 1).repeat_interleave(group, dim=0).unsqueeze(0)  # [1, Hq, ctx, D]
     v = v.transpose(0, 1).repeat_interleave(group, dim=0).unsqueeze(0)
     q = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+    if sinks is not None:
+        n = q.shape[2]
+        if mask is None:
+            mask = _prefill_mask(n, context_len, None, q.device, always=True)
+        k, v, mask = _with_sink_key(k, v, mask.expand(1, num_heads, n, context_len), sinks.view(1, num_heads, 1, 1),
+                                    q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
     return out[0].transpose(0, 1)  # [n, Hq, D]
+
+
+def _with_sink_key(k, v, visible, sinks, dtype):
+    """The sinks as one more key: zeros in K and V (it adds to the denominator, nothing to the output) whose score
+    a float mask sets to the sink. k, v [B, Hk, L, D]; visible [B, Hq', n, L] bool; sinks broadcast to
+    [B, Hq', n, 1]. Returns k, v [B, Hk, L + 1, D] and the float mask [B, Hq', n, L + 1]."""
+    zeros = k.new_zeros(*k.shape[:2], 1, k.shape[3])
+    bias = torch.zeros(visible.shape, dtype=dtype, device=k.device).masked_fill(~visible, float("-inf"))
+    sink = sinks.to(dtype).expand(*visible.shape[:3], 1)
+    return torch.cat((k, zeros), dim=2), torch.cat((v, zeros), dim=2), torch.cat((bias, sink), dim=-1)

@@ -5,7 +5,8 @@ moves several times the bytes of the KV cache itself; this kernel reads only the
 One program per (sequence, KV head, split of the keys) holds the query heads of that group as the rows of a small
 matrix (padded to 16 for `tl.dot`) and loops over its keys in chunks of `BLOCK_N` with an online softmax. With one
 split it writes [G, D] directly; small batches split the keys so the GPU fills, and a second kernel combines the
-splits' (max, sum, accumulator) triples.
+splits' (max, sum, accumulator) triples. Learned sinks (gpt-oss) are a key with score `sink` and no value: split 0
+starts its rows' online softmax from (max = sink, sum = 1), so the combine needs nothing more.
 
 Used on CUDA when Triton is importable (`model.layers.paged_attention` falls back to SDPA otherwise, or if the
 kernel fails to build); with `TRITON_INTERPRET=1` it also runs on the CPU, where the tests run it when Triton
@@ -26,11 +27,11 @@ if triton is not None:
     # first burst of a server (scripts/probe_first_use.py).
     @triton.jit(do_not_specialize=["window", "table_stride", "max_keys", "split_len"])
     def _paged_decode_kernel(
-        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
+        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, sinks_ptr,
         scale, window, table_stride, max_keys, split_len,
         NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE: tl.constexpr,
-        SPLITS: tl.constexpr,
+        SPLITS: tl.constexpr, HAS_SINKS: tl.constexpr,
     ):
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -53,6 +54,11 @@ if triton is not None:
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        if HAS_SINKS:  # the sink joins once, in split 0: (max, sum) = (sink, exp(sink - sink))
+            with_sink = (offs_g < GROUP) & (split == 0)
+            sink = tl.load(sinks_ptr + kv_head * GROUP + offs_g, mask=offs_g < GROUP, other=0.0).to(tl.float32)
+            m_i = tl.where(with_sink, sink, m_i)
+            l_i = tl.where(with_sink, 1.0, l_i)
         for key0 in range(first, end, BLOCK_N):
             pos = key0 + offs_n  # [BLOCK_N] key positions
             visible = (pos >= lo) & (pos < hi)
@@ -114,6 +120,7 @@ def paged_decode_attention(
     scale: float,
     sliding_window: int | None,
     splits: int | None = None,  # None: choose_splits
+    sinks: torch.Tensor | None = None,  # [Hq] learned sink logits
 ) -> torch.Tensor:
     num_seqs, num_heads, head_dim = q.shape
     num_blocks, page, num_kv_heads, _ = k_cache.shape
@@ -134,10 +141,10 @@ def paged_decode_attention(
         part_max = part_sum = part_acc = out  # unused
     _paged_decode_kernel[(num_seqs, num_kv_heads, splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_max, part_sum, part_acc,
-        scale, sliding_window or 0, block_tables.stride(0), max_keys, split_len,
+        q if sinks is None else sinks.contiguous(), scale, sliding_window or 0, block_tables.stride(0), max_keys, split_len,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, PAGE=page, BLOCK_N=block_n, USE_WINDOW=sliding_window is not None,
-        IEEE=q.dtype == torch.float32, SPLITS=splits, num_warps=4,
+        IEEE=q.dtype == torch.float32, SPLITS=splits, HAS_SINKS=sinks is not None, num_warps=4,
     )
     if splits > 1:
         _combine_splits_kernel[(num_seqs * num_heads,)](

@@ -6,7 +6,8 @@ prompts launched ~900 kernels, and its host time (launching them) was 2-3x its G
 (`scripts/probe_prefill.py`, benchmarks/NOTES.md "Prefill steps"). Here one launch per layer covers all chunks:
 one program per (tile of `BLOCK_M` new tokens of a chunk, query head) loops over the keys that tile can see, in
 chunks of `BLOCK_N`, with an online softmax (FlashAttention-2's schedule). The queries of a chunk are the last
-`num_new` positions of its sequence, so the causal mask is aligned to the bottom right, as chunked prefill needs.
+`num_new` positions of its sequence, so the causal mask is aligned to the bottom right, as chunked prefill needs. Learned sinks (gpt-oss) start each row's online softmax at (max = sink, sum = 1): a key
+with score `sink` and no value.
 
 Used on CUDA when Triton is importable (`model.layers.paged_attention` falls back to SDPA otherwise, or if the
 kernel fails to build); with `TRITON_INTERPRET=1` it also runs on the CPU, where the tests run it when Triton
@@ -23,10 +24,11 @@ if triton is not None:
     # Integer arguments vary from step to step; specializing on them would compile a variant per value class.
     @triton.jit(do_not_specialize=["window", "table_stride", "num_chunks"])
     def _paged_prefill_kernel(
-        q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, meta_ptr, tile_ptr,
+        q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, meta_ptr, tile_ptr, sinks_ptr,
         scale, window, table_stride, num_chunks,
         NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+        HAS_SINKS: tl.constexpr,
     ):
         tile = tl.program_id(0)
         head = tl.program_id(1)
@@ -56,6 +58,9 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        if HAS_SINKS:
+            m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(sinks_ptr + head).to(tl.float32)
+            l_i = tl.full([BLOCK_M], 1.0, tl.float32)
         for key0 in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
             pos = key0 + offs_n  # [BLOCK_N] key positions
             in_range = (pos >= lo) & (pos < hi)
@@ -95,6 +100,7 @@ def paged_prefill_attention(
     out: torch.Tensor,  # [N, Hq, D]: the chunks' rows are written, other rows left as they are
     scale: float,
     sliding_window: int | None,
+    sinks: torch.Tensor | None = None,  # [Hq] learned sink logits
 ) -> None:
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
@@ -103,10 +109,10 @@ def paged_prefill_attention(
     if tiles.shape[0] == 0:
         return
     _paged_prefill_kernel[(tiles.shape[0], num_heads)](
-        q, k_cache, v_cache, out, block_tables, meta, tiles,
+        q, k_cache, v_cache, out, block_tables, meta, tiles, q if sinks is None else sinks.contiguous(),
         scale, sliding_window or 0, block_tables.stride(0), meta.shape[1],
         NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE=page,
         BLOCK_M=block_m_for(head_dim), BLOCK_N=64 if head_dim <= 128 else 32,
-        USE_WINDOW=sliding_window is not None, IEEE=q.dtype == torch.float32,
+        USE_WINDOW=sliding_window is not None, IEEE=q.dtype == torch.float32, HAS_SINKS=sinks is not None,
         num_warps=4, num_stages=2,
     )

@@ -86,6 +86,9 @@ class RankLayout:
         if config.mla is not None and tp > 1:
             raise ValueError(f"{config.model_type}: latent attention (MLA) is not sharded yet; serve it with "
                              f"tensor_parallel=1")
+        if config.attention_sinks or config.expert_bias or config.router_bias:
+            raise ValueError(f"tensor/expert parallelism does not shard {config.model_type}'s attention sinks and "
+                             "expert/router biases yet: serve it on one GPU")
         q_per_rank = _divide(config.num_heads, tp, "num_attention_heads", "tensor_parallel")
         if config.num_kv_heads % tp == 0:
             kv_per_rank, replicas = config.num_kv_heads // tp, 1

@@ -17,6 +17,7 @@ from model.parallel.comm import Comm
 from model.parallel.config import ParallelConfig, RankLayout
 from model.parallel.model import ParallelCausalLM, build_parallel_model, meta_model
 from model.parallel.sharding import regions
+from model.quant_config import Fp8CheckpointConfig
 from model.weight_map import plan_loading, unused_keys
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def load_parallel_model(source: str, parallel: ParallelConfig, rank: int, comm: 
                         dtype: torch.dtype, device: torch.device, seed: int = 0, agree_min=None):
     """(rank's ParallelCausalLM, tokenizer, ShardLoadStats | None) for a `load_model` source."""
     config, tokenizer, directory, random_weights = resolve_source(source, random_weights)
-    if config.quantization is not None:
+    if isinstance(config.quantization, Fp8CheckpointConfig):
         raise ValueError(f"{source} is a block-FP8 checkpoint: FP8 runs on one GPU only (no tensor or expert "
                          f"parallelism yet)")
     layout = RankLayout.build(config, parallel, rank)

@@ -7,9 +7,10 @@ A registry by name (`--tool-call-parser`), so a model family with another format
 from __future__ import annotations
 
 from service.tool_parsers.base import ParsedToolCall, ToolParser
+from service.tool_parsers.harmony import HarmonyToolParser
 from service.tool_parsers.hermes import HermesToolParser
 
-PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesToolParser}
+PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesToolParser, "harmony": HarmonyToolParser}
 
 
 def get_tool_parser(name: str) -> ToolParser:
