@@ -198,3 +198,39 @@ def assert_bf16_close(ours: torch.Tensor, hf_bf16: torch.Tensor, golden: torch.T
     ours_rows, hf_rows = row_errors(ours, golden), row_errors(hf_bf16, golden)
     assert ours_rows.median() <= 2 * hf_rows.median() + 1e-3, (ours_rows, hf_rows)
     assert ours_rows.max() <= max(0.25, 2 * float(hf_rows.max())), (ours_rows, hf_rows)
+
+
+def assert_decode_graph_matches_eager(ours, prompts: dict[str, list[int]], steps: int = 6) -> None:
+    """Prefill `prompts` (3 of them), capture one decode step padded to 4 rows in a CUDA graph, replay it `steps` times
+    with new tokens: each replay's logits and the KV cache equal an eager run of the same steps (bf16 tolerance;
+    the eager step computes 3 logits rows, the graph 4, so cuBLAS may pick another GEMM for the head)."""
+    vocab = ours.config.vocab_size
+    eager, graphed = PagedRunner(ours, block_size=4), PagedRunner(ours, block_size=4)
+    first = eager.step(prompts)
+    graphed.step(prompts)
+    graphed.kv_cache.copy_(eager.kv_cache)
+    rows, width = len(prompts) + 1, 12  # one padding row; block tables padded to a fixed width
+    static, _ = graphed.prepare({k: [0] for k in prompts}, pad_to=rows, table_width=width)
+    static.logits_indices = torch.arange(rows, device="cuda")
+    graphed.seqs = {k: dict(v, len=v["len"] - 1) for k, v in graphed.seqs.items()}  # that step was a dry run
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            ours(static, graphed.kv_cache.clone())  # warm-up on a scratch cache
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_logits = ours(static, graphed.kv_cache)
+
+    tokens = {k: int(v[-1].argmax()) for k, v in first.items()}
+    for _ in range(steps):
+        expected = eager.step({k: [t] for k, t in tokens.items()}, pad_to=rows)
+        step, _ = graphed.prepare({k: [t] for k, t in tokens.items()}, pad_to=rows, table_width=width)
+        for name in ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens"):
+            getattr(static, name).copy_(getattr(step, name))
+        graph.replay()
+        for i, key in enumerate(prompts):
+            torch.testing.assert_close(static_logits[i], expected[key][-1], rtol=2e-2, atol=2e-2)
+        tokens = {k: int(expected[k][-1].argmax()) % vocab for k in prompts}
+    torch.testing.assert_close(graphed.kv_cache, eager.kv_cache, rtol=2e-2, atol=2e-2)

@@ -18,7 +18,8 @@ from model.loader import load_model
 from tests.deepseek_fixtures import TINY_DEEPSEEK, make_deepseek_model
 from tests.engine_fixtures import GREEDY, run, tokens_of
 from tests.model_fixtures import (
-    PagedRunner, assert_bf16_close, hf_greedy, hf_logits, make_hf_model, max_relative_error, save_checkpoint,
+    PagedRunner, assert_bf16_close, assert_decode_graph_matches_eager, hf_greedy, hf_logits, make_hf_model,
+    max_relative_error, save_checkpoint,
 )
 from tests.service_fixtures import ServerProcess
 
@@ -168,35 +169,7 @@ def test_decode_step_in_a_cuda_graph(variant, tmp_path):
     hf = make_deepseek_model(variant, seed=32, hidden_size=256, kv_lora_rank=512, qk_rope_head_dim=64,
                              moe_intermediate_size=128, intermediate_size=256)
     ours, _ = load_model(str(save_checkpoint(hf, tmp_path)), dtype=torch.bfloat16, device="cuda")
-    prompts = {"a": PROMPT, "b": PROMPT[:5], "c": PROMPT[2:13]}
-    eager, graphed = PagedRunner(ours, block_size=4), PagedRunner(ours, block_size=4)
-    first = eager.step(prompts)
-    graphed.step(prompts)
-    graphed.kv_cache.copy_(eager.kv_cache)
-    rows, width = 4, 12
-    static, _ = graphed.prepare({k: [0] for k in prompts}, pad_to=rows, table_width=width)
-    static.logits_indices = torch.arange(rows, device="cuda")
-    graphed.seqs = {k: dict(v, len=v["len"] - 1) for k, v in graphed.seqs.items()}  # that step was a dry run
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            ours(static, graphed.kv_cache.clone())
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_logits = ours(static, graphed.kv_cache)
-    tokens = {k: int(v[-1].argmax()) for k, v in first.items()}
-    for _ in range(6):
-        expected = eager.step({k: [t] for k, t in tokens.items()}, pad_to=rows)
-        step, _ = graphed.prepare({k: [t] for k, t in tokens.items()}, pad_to=rows, table_width=width)
-        for name in ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens"):
-            getattr(static, name).copy_(getattr(step, name))
-        graph.replay()
-        for i, key in enumerate(prompts):
-            torch.testing.assert_close(static_logits[i], expected[key][-1], rtol=2e-2, atol=2e-2)
-        tokens = {k: int(expected[k][-1].argmax()) for k in prompts}
-    torch.testing.assert_close(graphed.kv_cache, eager.kv_cache, rtol=2e-2, atol=2e-2)
+    assert_decode_graph_matches_eager(ours, {"a": PROMPT, "b": PROMPT[:5], "c": PROMPT[2:13]})
 
 
 def test_tensor_parallelism_and_fp8_are_refused_for_mla(tmp_path):
