@@ -75,4 +75,7 @@ for step in "${steps[@]}"; do
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
+# The lent machine returns at most 8 files from $OUT: everything also goes back packed in one archive, named to sort
+# first (server logs, pytest logs, SASS)
+tar czf /tmp/gpu_logs.tgz -C "$OUT" --exclude=0_all_logs.tgz . && mv /tmp/gpu_logs.tgz "$OUT/0_all_logs.tgz"
 exit $status
