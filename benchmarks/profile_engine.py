@@ -6,7 +6,7 @@ kernel and the next step's first, the step's kernel table, and the same graph re
 `prefill`: prefill and mixed (prefill + decode) steps: wall clock, GPU time from the step's first to its last
 kernel, the kernel table and a host profile (cProfile) of one step.
 
-    python benchmarks/profile_engine.py step-phases [--sync] [--quantization fp8] [preset ...]   (default: olmoe-1b-7b qwen3-30b-a3b)
+    python benchmarks/profile_engine.py step-phases [--sync] [--quantization fp8] [--no-expert-metrics] [preset ...]   (default: olmoe-1b-7b qwen3-30b-a3b)
     python benchmarks/profile_engine.py prefill [--budget N ...] [preset ...]   (default: olmoe-1b-7b, 2048 8192)
 """
 
@@ -72,11 +72,12 @@ def kernel_time_difference(engine_prof, alone_prof, top=12):
 
 
 def step_phases(preset: str, batches=(1, 64), input_len=512, output_len=64, async_scheduling=True,
-                quantization="none"):
+                quantization="none", expert_metrics=True):
     """Host time of each phase of LLMEngine.step and the GPU's idle gap between steps, per decode batch."""
     engine = LLMEngine(EngineConfig(model=preset, random_weights=True, max_num_seqs=max(batches),
                                     max_model_len=input_len + output_len, max_num_batched_tokens=8192,
-                                    async_scheduling=async_scheduling, quantization=quantization))
+                                    async_scheduling=async_scheduling, quantization=quantization,
+                                    expert_metrics=expert_metrics))
     rng = random.Random(0)
     vocab = engine.model_config.vocab_size
     phases: dict[str, list[float]] = defaultdict(list)
@@ -94,7 +95,8 @@ def step_phases(preset: str, batches=(1, 64), input_len=512, output_len=64, asyn
     timed(engine.runner, "_replay", phases)
     timed(engine.sampler, "sample", phases)
     timed(engine, "_emit_pending", phases)
-    timed(engine, "_launch", phases)
+    timed(engine, "_forward", phases)
+    timed(engine, "_sample", phases)
     timed(engine, "_read_back", phases)
     timed(engine.moe, "end_step", phases)
     replay = torch.cuda.CUDAGraph.replay
@@ -286,10 +288,13 @@ def main(argv=None):
     p.add_argument("--sync", action="store_true", help="step-phases: read each step back before the next")
     p.add_argument("--budget", type=int, nargs="+", default=[2048, 8192], help="prefill: chunk budgets")
     p.add_argument("--quantization", default="none", choices=["none", "fp8"], help="step-phases: fp8 = quantised at load")
+    p.add_argument("--no-expert-metrics", action="store_true",
+                   help="step-phases: without per-expert counts and MoE timing (their cost: run with and without)")
     args = p.parse_args(argv)
     if args.command == "step-phases":
         for preset in args.presets or ["olmoe-1b-7b", "qwen3-30b-a3b"]:
-            step_phases(preset, async_scheduling=not args.sync, quantization=args.quantization)
+            step_phases(preset, async_scheduling=not args.sync, quantization=args.quantization,
+                        expert_metrics=not args.no_expert_metrics)
     else:
         for preset in args.presets or ["olmoe-1b-7b"]:
             for budget in args.budget:
