@@ -1,5 +1,6 @@
 """benchmarks/profile_engine.py wraps engine internals by name (LLMEngine._forward, runner.execute, ...): a CPU dry
-run of `step-phases` on the tiny model (`prefill` times with CUDA events: GPU only) catches a rename before a GPU session finds it (one did: `_launch`)."""
+run of `step-phases` on the tiny model catches a rename before a GPU session finds it (one did: `_launch`).
+`prefill` times with CUDA events: GPU only."""
 
 from benchmarks import profile_engine
 
