@@ -37,6 +37,7 @@ import httpx
 from model.presets import PRESETS
 from service.loadgen.client import run_level
 from service.loadgen.dataset import random_token_prompts
+from service.loadgen.main import positive_int
 from service.loadgen.processes import default_client_processes
 from service.loadgen.report import summarize
 
@@ -60,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="qwen3-30b-a3b", choices=list(PRESETS))
     p.add_argument("--device", default="cuda")
     p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--client-processes", type=int, default=default_client_processes(),
+    p.add_argument("--client-processes", type=positive_int, default=default_client_processes(),
                    help="load-generator processes the requests are split over (service/loadgen/processes.py)")
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=256)

@@ -30,6 +30,7 @@ from benchmarks.bench_serve import Server
 from model.presets import PRESETS
 from service.loadgen.client import run_level
 from service.loadgen.dataset import PromptSpec, token_prompts
+from service.loadgen.main import non_negative_float, positive_int
 from service.loadgen.multiturn import make_conversations, max_prompt_len, run_conversations, summarize_turns, \
     turns_table
 from service.loadgen.processes import default_client_processes
@@ -62,9 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--server-arg", action="append", default=[], help="extra `serve` flag (repeatable)")
     p.add_argument("--startup-timeout-s", type=float, default=900.0)
-    p.add_argument("--client-processes", type=int, default=default_client_processes(),
+    p.add_argument("--client-processes", type=positive_int, default=default_client_processes(),
                    help="load-generator processes the requests are split over (service/loadgen/processes.py)")
-    p.add_argument("--start-spread-s", type=float, default=0.0,
+    p.add_argument("--start-spread-s", type=non_negative_float, default=0.0,
                    help="conversations start at seeded uniform random times in [0, S); 0: all at once, in step")
     p.add_argument("--quick", action="store_true", help="a small shape of everything, one pair (CPU smoke run)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

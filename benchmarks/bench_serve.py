@@ -49,7 +49,7 @@ from model.engine import EngineConfig, LLMEngine
 from model.presets import PRESETS
 from service.loadgen.client import run_level
 from service.loadgen.dataset import PromptSpec, token_prompts
-from service.loadgen.main import int_list
+from service.loadgen.main import int_list, positive_int
 from service.loadgen.processes import default_client_processes
 from service.loadgen.report import plot_sweep, summarize, table
 from service.loadgen.scrape import MetricsScraper
@@ -67,7 +67,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--presets", nargs="+", default=["olmoe-1b-7b", "qwen3-30b-a3b"], choices=list(PRESETS))
     p.add_argument("--concurrency", type=int_list, default=[1, 16, 64, 256], help="comma list")
-    p.add_argument("--client-processes", type=int, default=default_client_processes(),
+    p.add_argument("--client-processes", type=positive_int, default=default_client_processes(),
                    help="load-generator processes the requests are split over (service/loadgen/processes.py)")
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=256)

@@ -57,3 +57,13 @@ def test_comparison_targets_and_markdown(report):
     for text in ("# Prefix-caching benchmark — tiny, cpu", "## Server 1: caching on", "## Server 2: caching off",
                  "## Targets", "| turn | completed |"):
         assert text in md
+
+
+@pytest.mark.parametrize("argv, message", [(["--client-processes", "0"], "must be >= 1"),
+                                           (["--start-spread-s", "-1"], "must be >= 0")])
+def test_bad_load_arguments_are_refused_before_any_server_starts(argv, message, capsys):
+    from benchmarks import bench_prefix_cache
+
+    with pytest.raises(SystemExit):
+        bench_prefix_cache.parse_args([*argv, "--out", "/nonexistent"])
+    assert message in capsys.readouterr().err

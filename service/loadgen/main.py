@@ -49,6 +49,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def json_object(text: str) -> dict:
     value = json.loads(text)
     if not isinstance(value, dict):
