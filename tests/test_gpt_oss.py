@@ -176,20 +176,26 @@ def test_export_is_the_inverse_of_the_load_conversion(checkpoint):
         assert torch.equal(export(param), theirs[piece.key]), name
 
 
+
+def float32_and_fp8_models(tmp_path, seed: int, **overrides):
+    """A random gpt_oss checkpoint with its weights (not norms, embeddings or sinks) scaled by 0.4, loaded twice: in
+    float32, and quantised to FP8 at load."""
+    hf = make_hf_model("gpt_oss", seed=seed, **overrides)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if not name.endswith("norm.weight") and "embed" not in name and "sinks" not in name:
+                p.mul_(0.4)
+    directory = save_checkpoint(hf, tmp_path)
+    return (load_model(str(directory), dtype=torch.float32)[0],
+            load_model(str(directory), dtype=torch.float32, quantization="fp8")[0])
+
 def test_fp8_at_load_with_128_multiples_runs_the_swiglu_and_biases(tmp_path):
     """A gpt_oss net whose sizes are whole 128-blocks quantises at load: its experts run the FP8 op with the clamped
     SwiGLU and high-precision biases. Weights scaled to std 0.06 (0.15 makes any family's FP8 error ~50-70% on these
     random nets); measured: 16% max logit error, as Mixtral's 19% at the same sizes, and 51% with SiLU experts."""
     from model.layers.fp8 import Fp8Experts
 
-    hf = make_hf_model("gpt_oss", seed=42, hidden_size=128, intermediate_size=128, head_dim=32)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if not name.endswith("norm.weight") and "embed" not in name and "sinks" not in name:
-                p.mul_(0.4)
-    directory = save_checkpoint(hf, tmp_path)
-    plain, _ = load_model(str(directory), dtype=torch.float32)
-    fp8, _ = load_model(str(directory), dtype=torch.float32, quantization="fp8")
+    plain, fp8 = float32_and_fp8_models(tmp_path, seed=42, hidden_size=128, intermediate_size=128, head_dim=32)
     experts = fp8.model.layers[0].mlp.experts
     assert isinstance(experts, Fp8Experts) and experts.activation == "swiglu_oai"
     torch.testing.assert_close(experts.down_proj_bias, plain.model.layers[0].mlp.experts.down_proj_bias)
@@ -212,14 +218,7 @@ def test_fp8_pads_gpt_oss_sized_experts_and_keeps_ragged_linears_in_high_precisi
     from model.layers.linear import Linear
     from tests.test_moe_fp8_swiglu_oai import float64_fp8_oai_moe
 
-    hf = make_hf_model("gpt_oss", seed=43)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if not name.endswith("norm.weight") and "embed" not in name and "sinks" not in name:
-                p.mul_(0.4)
-    directory = save_checkpoint(hf, tmp_path)
-    plain, _ = load_model(str(directory), dtype=torch.float32)
-    fp8, _ = load_model(str(directory), dtype=torch.float32, quantization="fp8")
+    plain, fp8 = float32_and_fp8_models(tmp_path, seed=43)
     experts, source = fp8.model.layers[1].mlp.experts, plain.model.layers[1].mlp.experts
     assert isinstance(experts, Fp8Experts) and experts.is_padded
     assert tuple(experts.gate_up_proj.shape) == (8, 256, 128) and tuple(experts.down_proj.shape) == (8, 128, 128)

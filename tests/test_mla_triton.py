@@ -11,19 +11,14 @@ from tests.triton_fixtures import needs_triton, run_compiled, run_interpreted
 
 CHECK = """
 import torch
+from tests.triton_fixtures import scattered_block_tables
 from model.layers.mla_decode import mla_decode_reference
 from model.layers.paged_attention import _decode_mask
 from model.layers.triton_mla_decode import paged_mla_decode
 
 def check(lens, page, heads, rank, rope, dtype, device, splits=None):
     g = torch.Generator().manual_seed(sum(lens) + page + heads)
-    blocks_per_seq = [(n + page - 1) // page for n in lens]
-    width = max(blocks_per_seq) + 2  # tables padded past the sequences' own blocks
-    num_blocks = sum(blocks_per_seq) + 3
-    order = torch.randperm(num_blocks, generator=g).tolist()  # scattered blocks
-    tables = torch.zeros(len(lens), width, dtype=torch.int64)
-    for b, n in enumerate(blocks_per_seq):
-        tables[b, :n] = torch.tensor([order.pop() for _ in range(n)])
+    tables, width, num_blocks = scattered_block_tables(lens, page, g)
     cache = torch.randn(num_blocks, page, rank + rope, generator=g).to(device, dtype)
     q = torch.randn(len(lens), heads, rank + rope, generator=g).to(device, dtype)
     lens_t = torch.tensor(lens, dtype=torch.int32, device=device)

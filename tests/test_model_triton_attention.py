@@ -21,18 +21,13 @@ CASES = [  # (context lengths, block size, query heads, kv heads, head dim, slid
 
 CHECK = """
 import torch
+from tests.triton_fixtures import scattered_block_tables
 from model.layers.paged_attention import _decode_mask, decode_attention
 from model.layers.triton_decode_attention import paged_decode_attention
 
 def check(lens, page, heads, kv_heads, dim, window, dtype, device, splits=None, with_sinks=False):
     g = torch.Generator().manual_seed(sum(lens) + page)
-    blocks_per_seq = [(n + page - 1) // page for n in lens]
-    width = max(blocks_per_seq) + 2  # tables padded past the sequences' own blocks
-    num_blocks = sum(blocks_per_seq) + 3
-    order = torch.randperm(num_blocks, generator=g).tolist()  # scattered blocks
-    tables = torch.zeros(len(lens), width, dtype=torch.int64)
-    for b, n in enumerate(blocks_per_seq):
-        tables[b, :n] = torch.tensor([order.pop() for _ in range(n)])
+    tables, width, num_blocks = scattered_block_tables(lens, page, g)
     k = torch.randn(num_blocks, page, kv_heads, dim, generator=g).to(device, dtype)
     v = torch.randn(num_blocks, page, kv_heads, dim, generator=g).to(device, dtype)
     q = torch.randn(len(lens), heads, dim, generator=g).to(device, dtype)

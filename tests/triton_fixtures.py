@@ -30,3 +30,18 @@ def run_compiled(script: str) -> None:
     namespace = {}
     exec(script.replace("print('ok')", ""), namespace)  # noqa: S102 (our own test code)
     torch.cuda.synchronize()
+
+
+def scattered_block_tables(lens: list[int], page: int, generator):
+    """Block tables for sequences of `lens` tokens whose KV blocks are scattered at random over the cache, each table
+    padded past the sequence's own blocks: (tables [len(lens), width] int64, width, num_blocks of the cache)."""
+    import torch
+
+    blocks_per_seq = [(n + page - 1) // page for n in lens]
+    width = max(blocks_per_seq) + 2
+    num_blocks = sum(blocks_per_seq) + 3
+    order = torch.randperm(num_blocks, generator=generator).tolist()
+    tables = torch.zeros(len(lens), width, dtype=torch.int64)
+    for b, n in enumerate(blocks_per_seq):
+        tables[b, :n] = torch.tensor([order.pop() for _ in range(n)])
+    return tables, width, num_blocks
