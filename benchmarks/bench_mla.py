@@ -95,22 +95,26 @@ def sweep(batch, context, heads, rank, rope, page, dtype, device, timer, copy_gb
     from model.layers.triton_mla_decode import MlaKernelConfig
 
     rows = []
-    for block_n in (16, 32, 64):
-        for num_warps in (4, 8):
-            for num_stages in (1, 2, 3):
-                config = MlaKernelConfig(block_n=block_n, num_warps=num_warps, num_stages=num_stages)
-                try:
-                    r = bench_mla_decode(batch, context, heads, rank, rope, page, dtype, device, timer, copy_gbps,
-                                         config=config, reference=False)
-                    row = dict(config=vars(config), kernel_ms=r["kernel_ms"], graph_ms=r["graph_ms"],
-                               ratio_to_floor=r["ratio_to_floor"], max_abs_error=r["max_abs_error"])
-                    print(f"    block_n={block_n:>2} warps={num_warps} stages={num_stages}: "
-                          f"{r['kernel_ms'] * 1e3:7.1f} us = {r['ratio_to_floor']:.2f}x floor "
-                          f"(graph {r['graph_ratio_to_floor']:.2f}x), max |err| {r['max_abs_error']:.1e}", flush=True)
-                except Exception as err:  # noqa: BLE001 - an alternative that does not build is a result too
-                    row = dict(config=vars(config), error=repr(err)[:200])
-                    print(f"    block_n={block_n:>2} warps={num_warps} stages={num_stages}: failed {err!r:.120}")
-                rows.append(row)
+    widths = [h for h in (16, 32, 64) if h == 16 or h // 2 < heads]  # wider than the heads: the same as narrower
+    for block_h in widths:
+        for block_n in (16, 32, 64):
+            for num_warps in (4, 8):
+                for num_stages in (1, 2, 3):
+                    config = MlaKernelConfig(block_h=block_h, block_n=block_n, num_warps=num_warps,
+                                             num_stages=num_stages)
+                    name = f"block_h={block_h:>2} block_n={block_n:>2} warps={num_warps} stages={num_stages}"
+                    try:
+                        r = bench_mla_decode(batch, context, heads, rank, rope, page, dtype, device, timer,
+                                             copy_gbps, config=config, reference=False)
+                        row = dict(config=vars(config), kernel_ms=r["kernel_ms"], graph_ms=r["graph_ms"],
+                                   ratio_to_floor=r["ratio_to_floor"], max_abs_error=r["max_abs_error"])
+                        print(f"    {name}: {r['kernel_ms'] * 1e3:7.1f} us = {r['ratio_to_floor']:.2f}x floor "
+                              f"(graph {r['graph_ratio_to_floor']:.2f}x), max |err| {r['max_abs_error']:.1e}",
+                              flush=True)
+                    except Exception as err:  # noqa: BLE001 - an alternative that does not build is a result too
+                        row = dict(config=vars(config), error=repr(err)[:200])
+                        print(f"    {name}: failed {err!r:.120}", flush=True)
+                    rows.append(row)
     return rows
 
 

@@ -176,9 +176,15 @@ def test_gpu_cached_prefixes_give_the_logits_of_full_prefills_within_bf16_spread
     cached = dict(on_logs)
     assert on.stats().prefix_cache_hits_total - before >= 8 * 96, "every prompt found most of itself cached"
     assert on.runner.num_graphs > 0
-    spread = max(relative_error(batched[k], alone[k]) for k in alone if k[1] == 0)
+
+    def same_inputs(rid, n, runs):  # a second token's inputs include the first token, which must agree
+        return n == 0 or all(int(d[(rid, 0)].argmax()) == int(alone[(rid, 0)].argmax()) for d in runs)
+
+    # The spread covers decode steps too: a decode step batched with others runs other kernel tiles than alone
+    # (seen on the GPU: first tokens bit-equal, second tokens 8e-3 apart with caching on)
+    spread = max(relative_error(batched[k], alone[k]) for k in alone if same_inputs(*k, (batched,)))
     for (rid, n), reference in alone.items():
-        if n == 1 and not all(int(d[(rid, 0)].argmax()) == int(reference.argmax()) for d in (alone, batched, cached)):
+        if not same_inputs(rid, n, (batched, cached)):
             continue  # a different first token: the second token's inputs differ
         err = relative_error(cached[(rid, n)], reference)
-        assert err <= 2 * spread + 1e-3, (rid, n, err, spread)
+        assert err <= 2 * spread + 1e-3, (rid, n, err, spread, relative_error(batched[(rid, n)], reference))

@@ -14,9 +14,9 @@ import torch
 from tests.triton_fixtures import scattered_block_tables
 from model.layers.mla_decode import mla_decode_reference
 from model.layers.paged_attention import _decode_mask
-from model.layers.triton_mla_decode import paged_mla_decode
+from model.layers.triton_mla_decode import MlaKernelConfig, paged_mla_decode
 
-def check(lens, page, heads, rank, rope, dtype, device, splits=None):
+def check(lens, page, heads, rank, rope, dtype, device, splits=None, block_h=16, num_warps=4):
     g = torch.Generator().manual_seed(sum(lens) + page + heads)
     tables, width, num_blocks = scattered_block_tables(lens, page, g)
     cache = torch.randn(num_blocks, page, rank + rope, generator=g).to(device, dtype)
@@ -26,16 +26,19 @@ def check(lens, page, heads, rank, rope, dtype, device, splits=None):
     scale = 0.7 / (rank + rope) ** 0.5
     mask = _decode_mask(lens_t, width * page, None)
     expected = mla_decode_reference(q.double(), cache.double(), tables, mask, scale, rank)
-    actual = paged_mla_decode(q, cache, tables, lens_t, scale, rank, splits)
+    config = MlaKernelConfig(block_h=block_h, num_warps=num_warps)
+    actual = paged_mla_decode(q, cache, tables, lens_t, scale, rank, splits, config)
     assert actual.shape == (len(lens), heads, rank) and actual.dtype == dtype
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(actual.double(), expected, rtol=tol, atol=tol)
 """
 
-SMALL = [  # (context lengths, block size, heads, kv_lora_rank, rope, key splits)
+SMALL = [  # (context lengths, block size, heads, kv_lora_rank, rope, key splits[, heads per program, warps])
     ([1, 7, 33, 70], 4, 4, 32, 16, 1),
     ([5, 64, 65], 16, 16, 64, 16, 1),
-    ([3, 100, 40], 8, 20, 32, 16, 3),  # heads past one BLOCK_H; splits past a short sequence's keys see none
+    ([3, 100, 40], 8, 20, 32, 16, 3),  # heads past one program's 16; splits past a short sequence's keys see none
+    ([3, 100, 40], 8, 20, 32, 16, 3, 32),  # 20 heads in one program of 32 rows
+    ([9, 50], 4, 40, 32, 16, 1, 32),  # two programs of 32, the second one part empty
     ([130], 16, 2, 16, 16, 4),
 ]
 REAL = [  # DeepSeek's widths: V2-Lite's 16 heads, V3's 128 (per GPU without tensor parallelism)
@@ -45,11 +48,13 @@ REAL = [  # DeepSeek's widths: V2-Lite's 16 heads, V3's 128 (per GPU without ten
     ([4096], 16, 128, 512, 64, None),
     ([700, 33, 4096, 1], 64, 128, 512, 64, 1),
     ([4096] * 4, 64, 16, 512, 64, 8),
+    ([700, 33, 4096, 1], 64, 128, 512, 64, None, 64, 8),  # V3's heads, 64 per program
+    ([4096] * 8, 64, 128, 512, 64, None, 32, 8),
 ]
 
 
 def script(cases, dtype: str, device: str) -> str:
-    lines = [f"check(*{case[:-1]!r}, {dtype}, {device!r}, {case[-1]!r})\n" for case in cases]
+    lines = [f"check(*{case[:5]!r}, {dtype}, {device!r}, *{case[5:]!r})\n" for case in cases]
     return CHECK + "".join(lines) + "print('ok')\n"
 
 

@@ -28,12 +28,16 @@ def route(logits, bias, shape):
 @pytest.mark.parametrize("T", [1, 64, 4096])
 @pytest.mark.parametrize("name", SHAPES)
 def test_cuda_equals_cpu_on_tie_heavy_logits(name, T):
-    """Logits on a grid: exact ties galore (broken to the lower index on both devices), and distinct values far
-    apart, so float32 rounding differences between the devices' sigmoid/softmax cannot reorder experts."""
+    """Logits on a grid: exact ties galore (broken to the lower index on both devices), and no two different choices
+    equal in exact arithmetic, so float32 rounding differences between the devices' sigmoid/softmax cannot reorder
+    experts. Hence logits >= 0 (sigmoid(x) + sigmoid(-x) = 1 would tie two different top-2 group sums) and one bias per
+    group (biases varying inside a group tie (s(a) + b1) + (s(c) + b2) with (s(a) + b2) + (s(c) + b1) across groups).
+    On this grid distinct choice scores are >= 2.5e-3 apart and distinct top-2 group sums >= 5e-4."""
     shape = SHAPES[name]
+    E, groups = shape[0], shape[3]
     gen = torch.Generator().manual_seed(T)
-    logits = torch.randint(-8, 9, (T, shape[0]), generator=gen).float() / 4
-    bias = torch.randint(0, 3, (shape[0],), generator=gen).float() / 8
+    logits = torch.randint(0, 9, (T, E), generator=gen).float() / 4
+    bias = (torch.randperm(groups, generator=gen).float() / 8).repeat_interleave(E // groups)
     cpu_w, cpu_ids = route(logits, bias, shape)
     gpu_w, gpu_ids = route(logits.cuda(), bias.cuda(), shape)
     assert torch.equal(gpu_ids.cpu(), cpu_ids)

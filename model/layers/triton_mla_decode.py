@@ -7,8 +7,10 @@ fp32. The latent c is both key and value, loaded once per tile. As the GQA decod
 (model/layers/triton_decode_attention.py), small batches split each sequence's keys over several programs
 (split-K over the context) so the GPU fills, and that file's combine kernel merges the splits' (max, sum, acc).
 
-Heads beyond BLOCK_H (V3's 128) take more programs that read the same rows again; the grid puts a sequence's head
-groups next to each other in launch order, so those reads mostly hit L2.
+Heads beyond one program's `block_h` (V3's 128) take more programs that read the same rows again; the grid puts a
+sequence's head groups next to each other in launch order, so those reads mostly hit L2. With many heads the kernel
+is compute-bound rather than byte-bound (128 heads: 2 x 128 x 1088 FLOPs per 1152-byte cache row, ~220 FLOP/byte),
+so wider programs (more heads as the dot's M) matter there; benchmarks/bench_mla.py --sweep measures them.
 kv_lora_rank and the rope width must be powers of two >= 16 (512 and 64 in every DeepSeek model).
 """
 
@@ -18,21 +20,29 @@ import torch
 
 from model.layers.triton_paged import tl, triton
 
-BLOCK_H = 16  # heads per program: the smallest M of tl.dot; V2-Lite's 16 heads are one program per sequence split
-
-
 @dataclass(frozen=True)
 class MlaKernelConfig:
     """Launch choices (benchmarks/bench_mla.py --sweep measures the alternatives). Keys per tile: [32, 512] bf16 is
     32 KB of shared memory per pipeline stage; fp32 (tests) takes half the keys for the same bytes. At most
-    `max_splits` splits: the combine holds [splits, kv_lora_rank] fp32 per row in registers."""
+    `max_splits` splits: the combine holds [splits, kv_lora_rank] fp32 per row in registers. `block_h`: at most this
+    many heads per program (16, the smallest M of tl.dot, up to 64; the accumulator is [block_h, kv_lora_rank] fp32,
+    so wide programs need more warps)."""
+    block_h: int = 16
     block_n: int = 32
     num_warps: int = 4
     num_stages: int = 2
     max_splits: int = 16
 
+    def __post_init__(self):
+        if self.block_h < 16 or self.block_h & (self.block_h - 1):
+            raise ValueError(f"block_h must be a power of two >= 16, got {self.block_h}")
+
     def keys_per_tile(self, dtype: torch.dtype) -> int:
         return self.block_n if dtype.itemsize <= 2 else max(16, self.block_n // 2)
+
+    def heads_per_program(self, num_heads: int) -> int:
+        """A power of two in [16, block_h], no wider than the heads there are."""
+        return max(16, min(self.block_h, triton.next_power_of_2(num_heads) if triton else self.block_h))
 
 
 DEFAULT_CONFIG = MlaKernelConfig()
@@ -115,7 +125,8 @@ def paged_mla_decode(
         raise ValueError("the latent cache must be contiguous")
     q = q.contiguous()
     out = torch.empty(num_seqs, num_heads, kv_lora_rank, dtype=q.dtype, device=q.device)
-    groups = -(-num_heads // BLOCK_H)
+    block_h = config.heads_per_program(num_heads)
+    groups = -(-num_heads // block_h)
     max_keys = block_tables.shape[1] * page
     tile = config.keys_per_tile(q.dtype)
     splits = splits or min(config.max_splits, choose_splits(num_seqs, groups, max_keys, q.device, tile))
@@ -129,7 +140,7 @@ def paged_mla_decode(
     _paged_mla_decode_kernel[(groups, num_seqs, splits)](
         q, latent_cache, block_tables, context_lens, out, part_max, part_sum, part_acc,
         scale, block_tables.stride(0), max_keys, split_len,
-        NUM_HEADS=num_heads, BLOCK_H=BLOCK_H, RANK=kv_lora_rank, ROPE=rope, PAGE=page, BLOCK_N=tile,
+        NUM_HEADS=num_heads, BLOCK_H=block_h, RANK=kv_lora_rank, ROPE=rope, PAGE=page, BLOCK_N=tile,
         IEEE=q.dtype == torch.float32, SPLITS=splits, num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
