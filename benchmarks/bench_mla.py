@@ -90,7 +90,7 @@ def line(r: dict) -> str:
             f"max |err| {r['max_abs_error']:.1e}")
 
 
-def sweep(batch, context, heads, rank, rope, page, dtype, device, timer, copy_gbps) -> list[dict]:
+def sweep(batch, context, heads, rank, rope, page, dtype, device, timer, copy_gbps, stages=(1, 2, 3)) -> list[dict]:
     """The kernel at one point under each launch alternative; a failing one (shared memory, registers) says why."""
     from model.layers.triton_mla_decode import MlaKernelConfig
 
@@ -99,7 +99,7 @@ def sweep(batch, context, heads, rank, rope, page, dtype, device, timer, copy_gb
     for block_h in widths:
         for block_n in (16, 32, 64):
             for num_warps in (4, 8):
-                for num_stages in (1, 2, 3):
+                for num_stages in stages:
                     config = MlaKernelConfig(block_h=block_h, block_n=block_n, num_warps=num_warps,
                                              num_stages=num_stages)
                     name = f"block_h={block_h:>2} block_n={block_n:>2} warps={num_warps} stages={num_stages}"
@@ -131,6 +131,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--sweep", action="store_true", help="also time the kernel's launch alternatives (tile keys, "
                    "warps, pipeline stages) at each point")
+    p.add_argument("--sweep-stages", type=int, nargs="+", default=[1, 2, 3], help="the pipeline depths --sweep tries")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -147,7 +148,8 @@ def main(argv=None) -> list[dict]:
                 print(line(r), flush=True)
                 results.append(r)
                 if args.sweep and device.type == "cuda":
-                    r["sweep"] = sweep(batch, context, heads, rank, rope, args.page, dtype, device, timer, copy_gbps)
+                    r["sweep"] = sweep(batch, context, heads, rank, rope, args.page, dtype, device, timer, copy_gbps,
+                                       args.sweep_stages)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return results
