@@ -63,9 +63,9 @@ def bench_mla_decode(batch: int = 64, context: int = 4096, heads: int = 16, rank
                   dtype=str(dtype).removeprefix("torch."), latent_bytes=latent_bytes, copy_gbps=copy_gbps,
                   floor_ms=floor_ms, reference_ms=timer.median_ms(torch_path) if reference else float("nan"))
     if device.type == "cuda":
-        from model.layers.triton_mla_decode import DEFAULT_CONFIG, paged_mla_decode
+        from model.layers.triton_mla_decode import config_for, paged_mla_decode
 
-        config = config or DEFAULT_CONFIG
+        config = config or config_for(heads)
         result["config"] = dict(vars(config))
         kernel = lambda: paged_mla_decode(q, cache, tables, lens, scale, rank, config=config)  # noqa: E731
         exact = mla_decode_reference(q.double(), cache.double(), tables, mask, scale, rank)

@@ -290,7 +290,7 @@ def main(argv=None):
     p.add_argument("--quantization", default="none", choices=["none", "fp8"], help="step-phases: fp8 = quantised at load")
     p.add_argument("--no-expert-metrics", action="store_true",
                    help="step-phases: without per-expert counts and MoE timing (their cost: run with and without)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # flags before or after the presets
     if args.command == "step-phases":
         for preset in args.presets or ["olmoe-1b-7b", "qwen3-30b-a3b"]:
             step_phases(preset, async_scheduling=not args.sync, quantization=args.quantization,

@@ -16,7 +16,7 @@ from model.layers.mla_decode import mla_decode_reference
 from model.layers.paged_attention import _decode_mask
 from model.layers.triton_mla_decode import MlaKernelConfig, paged_mla_decode
 
-def check(lens, page, heads, rank, rope, dtype, device, splits=None, block_h=16, num_warps=4):
+def check(lens, page, heads, rank, rope, dtype, device, splits=None, block_h=None, num_warps=4):
     g = torch.Generator().manual_seed(sum(lens) + page + heads)
     tables, width, num_blocks = scattered_block_tables(lens, page, g)
     cache = torch.randn(num_blocks, page, rank + rope, generator=g).to(device, dtype)
@@ -26,7 +26,7 @@ def check(lens, page, heads, rank, rope, dtype, device, splits=None, block_h=16,
     scale = 0.7 / (rank + rope) ** 0.5
     mask = _decode_mask(lens_t, width * page, None)
     expected = mla_decode_reference(q.double(), cache.double(), tables, mask, scale, rank)
-    config = MlaKernelConfig(block_h=block_h, num_warps=num_warps)
+    config = None if block_h is None else MlaKernelConfig(block_h=block_h, num_warps=num_warps)  # None: by heads
     actual = paged_mla_decode(q, cache, tables, lens_t, scale, rank, splits, config)
     assert actual.shape == (len(lens), heads, rank) and actual.dtype == dtype
     tol = 2e-5 if dtype == torch.float32 else 2e-2
@@ -45,11 +45,12 @@ REAL = [  # DeepSeek's widths: V2-Lite's 16 heads, V3's 128 (per GPU without ten
     ([4096], 64, 16, 512, 64, None),
     ([4096] * 64, 64, 16, 512, 64, None),
     ([1, 17, 1000, 4095, 2048, 64, 3000, 4096] * 8, 64, 16, 512, 64, None),
-    ([4096], 16, 128, 512, 64, None),
+    ([4096], 16, 128, 512, 64, None),  # V3's heads, the default launch (64 per program)
     ([700, 33, 4096, 1], 64, 128, 512, 64, 1),
     ([4096] * 4, 64, 16, 512, 64, 8),
     ([700, 33, 4096, 1], 64, 128, 512, 64, None, 64, 8),  # V3's heads, 64 per program
     ([4096] * 8, 64, 128, 512, 64, None, 32, 8),
+    ([300, 4096], 64, 128, 512, 64, None, 16),  # 16 per program, 8 programs per sequence
 ]
 
 

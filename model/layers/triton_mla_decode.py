@@ -14,7 +14,7 @@ so wider programs (more heads as the dot's M) matter there; benchmarks/bench_mla
 kv_lora_rank and the rope width must be powers of two >= 16 (512 and 64 in every DeepSeek model).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -45,7 +45,18 @@ class MlaKernelConfig:
         return max(16, min(self.block_h, triton.next_power_of_2(num_heads) if triton else self.block_h))
 
 
-DEFAULT_CONFIG = MlaKernelConfig()
+# Measured (H100, bf16, batch 64, context 4096, bench_mla.py --sweep, benchmarks/NOTES.md "MLA decode launch"):
+# 16 heads: 16 per program, 32 keys, 4 warps, 3 stages 1.31x the byte floor (2 stages 1.37x); 128 heads: 64 per
+# program, 64 keys, 8 warps, 3 stages 3.65x (16 per program: 8.05x; 32: 5.79x at best).
+NARROW_CONFIG = MlaKernelConfig(block_h=16, block_n=32, num_warps=4, num_stages=3)
+WIDE_CONFIG = MlaKernelConfig(block_h=64, block_n=64, num_warps=8, num_stages=3)
+
+
+def config_for(num_heads: int, dtype: torch.dtype = torch.bfloat16) -> MlaKernelConfig:
+    """The measured launch for this many query heads (V2-Lite 16, V3 128 per GPU); between them (unmeasured) narrow.
+    fp32 (tests) keeps 2 stages: its [32, 576] fp32 tiles take 72 KB each."""
+    config = WIDE_CONFIG if num_heads >= 64 else NARROW_CONFIG
+    return config if dtype.itemsize <= 2 else replace(config, num_stages=2)
 
 
 def supported(kv_lora_rank: int, rope_dim: int) -> bool:
@@ -112,7 +123,7 @@ def paged_mla_decode(
     scale: float,
     kv_lora_rank: int,
     splits: int | None = None,  # None: choose_splits (shapes only, so CUDA graphs keep it)
-    config: MlaKernelConfig = DEFAULT_CONFIG,
+    config: MlaKernelConfig | None = None,  # None: config_for(heads)
 ) -> torch.Tensor:
     """-> [B, Hq, r] in q's dtype."""
     num_seqs, num_heads, width = q.shape
@@ -124,6 +135,7 @@ def paged_mla_decode(
     if not latent_cache.is_contiguous():
         raise ValueError("the latent cache must be contiguous")
     q = q.contiguous()
+    config = config or config_for(num_heads, q.dtype)
     out = torch.empty(num_seqs, num_heads, kv_lora_rank, dtype=q.dtype, device=q.device)
     block_h = config.heads_per_program(num_heads)
     groups = -(-num_heads // block_h)
