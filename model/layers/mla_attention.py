@@ -21,7 +21,7 @@ from model.layers.fusion import gpu_fused
 from model.layers.linear import Linear
 from model.layers.mla_decode import mla_decode
 from model.layers.norm import RMSNorm
-from model.layers.paged_attention import AttentionPlan
+from model.layers.paged_attention import AttentionPlan, write_cache_rows
 from model.layers.rotary import apply_rotary
 
 LORA_NORM_EPS = 1e-6  # transformers builds q_a_layernorm and kv_a_layernorm with the RMSNorm default, not rms_norm_eps
@@ -94,9 +94,8 @@ class MlaAttention(nn.Module):
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)  # [N, r]
         q_pe, k_pe = self._rotate(q_pe, k_pe.unsqueeze(1), rotary)  # [N, Hq, rope], [N, 1, rope]
-        flat = kv_cache.view(-1, self.cache_width)  # [num_blocks * block_size, r + rope]
-        row = torch.cat((latent, k_pe.squeeze(1)), dim=-1).to(kv_cache.dtype)  # [N, r + rope]
-        flat.index_copy_(0, plan.write_slots, row[plan.write_rows])
+        flat = kv_cache.view(-1, self.cache_width)  # [num_blocks * block_size, r + rope]: latent, then rope key
+        write_cache_rows(latent, k_pe, flat, flat, self.kv_lora_rank, plan.write_rows, plan.write_slots)
 
         decode = plan.decode
         if decode is not None and decode.rows is None:  # a pure decode step (the CUDA-graph path)

@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from model.forward_batch import ForwardBatch
-from model.layers import triton_decode_attention, triton_paged, triton_prefill_attention
+from model.layers import triton_cache_write, triton_decode_attention, triton_paged, triton_prefill_attention
 
 log = logging.getLogger(__name__)
 _TRITON = {"decode": os.environ.get("STATICMOE_DECODE_ATTENTION", "triton") != "sdpa",
-           "prefill": os.environ.get("STATICMOE_PREFILL_ATTENTION", "triton") != "sdpa"}
+           "prefill": os.environ.get("STATICMOE_PREFILL_ATTENTION", "triton") != "sdpa",
+           "cache_write": os.environ.get("STATICMOE_CACHE_WRITE", "triton") != "torch"}
 
 
 def triton_decode_enabled(device: torch.device) -> bool:
@@ -36,6 +37,26 @@ def triton_decode_enabled(device: torch.device) -> bool:
 
 def triton_prefill_enabled(device: torch.device) -> bool:
     return device.type == "cuda" and _TRITON["prefill"] and triton_paged.available()
+
+
+def write_cache_rows(a: torch.Tensor, b: torch.Tensor, dst_a: torch.Tensor, dst_b: torch.Tensor, b_offset: int,
+                     rows: torch.Tensor, slots: torch.Tensor) -> None:
+    """dst_a[slots[i], :Wa] = a[rows[i]] and dst_b[slots[i], b_offset:b_offset + Wb] = b[rows[i]] (a, b [N, ...]
+    flattened per row; dst_* [num_slots, width]): one Triton launch on CUDA (triton_cache_write.py), else torch
+    (or with STATICMOE_CACHE_WRITE=torch)."""
+    if a.device.type == "cuda" and _TRITON["cache_write"] and triton_paged.available():
+        try:
+            return triton_cache_write.write_cache_rows(a, b, dst_a, dst_b, b_offset, rows, slots)
+        except Exception as err:  # as for attention: a Triton build problem falls back to torch
+            _TRITON["cache_write"] = False
+            log.warning("Triton cache write failed (%r); using torch from now on", err)
+    a, b = a.flatten(1), b.flatten(1)
+    wa, wb = a.shape[1], b.shape[1]
+    if dst_a.data_ptr() == dst_b.data_ptr() and b_offset == wa:  # one cache row holds both (MLA): one copy
+        dst_a[:, : wa + wb].index_copy_(0, slots, torch.cat((a, b), -1)[rows].to(dst_a.dtype))
+        return
+    dst_a[:, :wa].index_copy_(0, slots, a[rows].to(dst_a.dtype))
+    dst_b[:, b_offset : b_offset + wb].index_copy_(0, slots, b[rows].to(dst_b.dtype))
 
 
 @dataclass
@@ -161,9 +182,9 @@ class AttentionPlan:
 
     def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """kv_cache [2, num_blocks, block_size, Hkv, D]; k, v [N, Hkv, D]."""
-        for cache, new in ((kv_cache[0], k), (kv_cache[1], v)):
-            flat = cache.view(-1, *cache.shape[2:])  # [num_blocks * block_size, Hkv, D]
-            flat.index_copy_(0, self.write_slots, new[self.write_rows].to(cache.dtype))
+        width = kv_cache.shape[-2] * kv_cache.shape[-1]
+        k_flat, v_flat = kv_cache[0].view(-1, width), kv_cache[1].view(-1, width)  # [num_blocks * block_size, Hkv*D]
+        write_cache_rows(k, v, k_flat, v_flat, 0, self.write_rows, self.write_slots)
 
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, scale: float, window: int | None = None,
                sinks: torch.Tensor | None = None) -> torch.Tensor:
