@@ -18,7 +18,8 @@
 // GEMM1 (kGateUp): B tile = BN/2 gate rows + the matching BN/2 up rows of w13[e], so each thread holds gate and up of
 //                  the same output column and the epilogue writes act(gate + b_g, up + b_u) to the expert-sorted
 //                  intermediate; act is a template parameter (SiLU·up, or gpt-oss's clamped SwiGLU), the optional
-//                  bias a uniform branch on a null pointer.
+//                  bias a uniform branch on a null pointer, staged in shared memory during the mainloop
+//                  (tile_bias.cuh).
 // GEMM2:           epilogue adds the optional bias, scales by the routing weight and writes bf16 rows to
 //                  slot_out[token*k + slot].
 #pragma once
@@ -29,6 +30,7 @@
 #include "common/sm90_ptx.cuh"
 #include "common/wgmma_ops.cuh"
 #include "moe/moe.h"
+#include "moe/tile_bias.cuh"
 #include "moe/tile_config.h"
 #include "static_batch/task_map.h"
 
@@ -58,7 +60,9 @@ struct GemmSmem {
   static constexpr int kABytes = kBlockM * 128;
   static constexpr int kBBytes = kBlockN * 128;
   static constexpr int kStageBytes = kABytes + kBBytes;
-  static constexpr int kBytes = kStages * kStageBytes + 2 * kStages * 8 + 1024;  // + barriers + alignment slack
+  static constexpr int kBiasBytes = kBlockM / 16 * kBlockN * 2;  // one 16-bit bias slice per math warp (tile_bias.cuh)
+  static constexpr int kBytes = kStages * kStageBytes + 2 * kStages * 8 + kBiasBytes + 1024;  // + barriers + slack
+  static_assert(kBytes <= 227 * 1024, "more shared memory than an sm_90 block may opt into");
 };
 
 template <int kBlockM>
@@ -131,17 +135,6 @@ __device__ __forceinline__ float activate(float gate, float up) {
   }
 }
 
-// Two adjacent 16-bit values (a 4-byte aligned pair) as floats.
-template <typename T>
-__device__ __forceinline__ float2 load2(const T* p) {
-  const uint32_t bits = __ldg(reinterpret_cast<const unsigned int*>(p));
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits));
-  } else {
-    return __half22float2(*reinterpret_cast<const __half2*>(&bits));
-  }
-}
-
 template <typename T, int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp>
 __device__ __forceinline__ void produce(const CUtensorMap& weights, const GemmArgs<T>& args, uint8_t* smem,
                                         uint64_t* full, uint64_t* empty, int32_t total, int32_t num_slots,
@@ -205,9 +198,11 @@ __device__ __forceinline__ void produce(const CUtensorMap& weights, const GemmAr
 
 template <typename T, int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct>
 __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, uint64_t* full, uint64_t* empty,
-                                        int32_t total, int32_t num_slots) {
+                                        T* bias_slices, int32_t total, int32_t num_slots) {
   using Smem = GemmSmem<kBlockM, kBlockN, kStages>;
+  using Bias = TileBias<T, kBlockN>;
   const int tid = threadIdx.x - kProducerThreads, warpgroup = tid / 128, lane = tid & 31, warp = (tid / 32) & 3;
+  T* const bias_slice = bias_slices + (tid / 32) * kBlockN;
   const int32_t k_iters = (args.k + kBlockK - 1) / kBlockK;
   int32_t chunk_hint = 0;
   uint32_t g = 0;  // k-steps consumed so far, in step with the producer
@@ -224,6 +219,13 @@ __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, 
         release(g);
       }
       continue;
+    }
+    if (args.bias) {  // uniform: staged now, read after the mainloop
+      constexpr int kSeg = kBlockN / 2;  // GEMM1: gate | up columns of the tile; GEMM2: two halves of its columns
+      const int32_t col0 = kGateUp ? w.n_tile * kSeg : w.n_tile * kBlockN;
+      const T* seg0 = args.bias + int64_t(w.expert) * (kGateUp ? 2 : 1) * args.n_out + col0;
+      Bias::stage_async(bias_slice, seg0, args.n_out - col0, seg0 + (kGateUp ? args.n_out : kSeg),
+                        args.n_out - col0 - (kGateUp ? 0 : kSeg), lane);
     }
     float acc[kBlockN / 2];
     for (int32_t kt = 0; kt < k_iters; ++kt, ++g) {
@@ -245,6 +247,7 @@ __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, 
     release(g - 1);
 
     // ---- epilogue: registers -> global, while the producer already loads the next tile ----------------------
+    if (args.bias) Bias::add(acc, bias_slice, lane);  // in fp32, before the activation / routing weight
     const int r_lo = warpgroup * 64 + warp * 16 + lane / 4;
     const int col_in = 2 * (lane & 3);
 #pragma unroll
@@ -253,7 +256,6 @@ __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, 
       if (w.m0 + r >= w.rows) continue;
       if constexpr (kGateUp) {
         T* dst = args.out + int64_t(w.row_base + r) * args.n_out;
-        const T* bias = args.bias ? args.bias + int64_t(w.expert) * 2 * args.n_out : nullptr;  // [2I]
         constexpr int kUp = kBlockN / 16;  // accumulator column groups of 8: gate in [0, kUp), up in [kUp, 2 kUp)
 #pragma unroll
         for (int j = 0; j < kUp; ++j) {
@@ -261,26 +263,17 @@ __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, 
           if (col >= args.n_out) continue;
           float g0 = acc[j * 4 + half * 2], g1 = acc[j * 4 + half * 2 + 1];
           float u0 = acc[(j + kUp) * 4 + half * 2], u1 = acc[(j + kUp) * 4 + half * 2 + 1];
-          if (bias) {  // uniform across the CTA
-            const float2 bg = load2(bias + col), bu = load2(bias + args.n_out + col);
-            g0 += bg.x, g1 += bg.y, u0 += bu.x, u1 += bu.y;
-          }
           *reinterpret_cast<uint32_t*>(dst + col) = pack2<T>(activate<kAct>(g0, u0), activate<kAct>(g1, u1));
         }
       } else {
         const int32_t flat = args.sorted_rows[w.row_base + r];
         const float wt = args.topk_weights[flat];
         T* dst = args.out + int64_t(flat) * args.n_out;
-        const T* bias = args.bias ? args.bias + int64_t(w.expert) * args.n_out : nullptr;  // [H]
 #pragma unroll
         for (int j = 0; j < kBlockN / 8; ++j) {
           const int col = w.n_tile * kBlockN + 8 * j + col_in;
           if (col >= args.n_out) continue;
-          float y0 = acc[j * 4 + half * 2], y1 = acc[j * 4 + half * 2 + 1];
-          if (bias) {
-            const float2 b = load2(bias + col);
-            y0 += b.x, y1 += b.y;
-          }
+          const float y0 = acc[j * 4 + half * 2], y1 = acc[j * 4 + half * 2 + 1];
           *reinterpret_cast<uint32_t*>(dst + col) = pack2<T>(y0 * wt, y1 * wt);
         }
       }
@@ -297,6 +290,7 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   auto* full = reinterpret_cast<uint64_t*>(smem + kStages * GemmSmem<kBlockM, kBlockN, kStages>::kStageBytes);
   uint64_t* empty = full + kStages;
+  T* bias_slices = reinterpret_cast<T*>(empty + kStages);  // [math warps][kBlockN]
   if (threadIdx.x == 0) {
     sm90::prefetch_tensor_map(&weights);
     for (int s = 0; s < kStages; ++s) {
@@ -320,7 +314,8 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
                                                               cta_rank);
   } else {
     if constexpr (kRebalance) sm90::setmaxnreg_inc<kConsumerRegs>();
-    consume<T, kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(args, smem, full, empty, total, num_slots);
+    consume<T, kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(args, smem, full, empty, bias_slices, total,
+                                                                   num_slots);
   }
   if constexpr (kCluster > 1) sm90::cluster_sync();  // our shared memory stays alive while peers still arrive on it
   // The next kernel may launch once every CTA has issued its last tile, so its prologue overlaps our tail only

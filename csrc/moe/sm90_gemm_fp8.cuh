@@ -13,7 +13,7 @@
 //   - GEMM1 (kGateUp): B = 128 gate rows + the matching 128 up rows of w13[e], so a tile owns the 128 intermediate
 //     columns of one scale group: the epilogue reduces each row's amax over the 4 lanes holding it (two shuffles,
 //     no shared or global round trip) and writes act(gate + b_g, up + b_u) (the activation a template parameter,
-//     the bf16 bias optional, as in sm90_gemm.cuh) as e4m3 plus its scale.
+//     the bf16 bias optional and staged in shared memory, as in sm90_gemm.cuh) as e4m3 plus its scale.
 //   - GEMM2: adds the optional bias, scales by the routing weight and writes bf16 rows to slot_out[token*k + slot],
 //     as the 16-bit GEMM.
 #pragma once
@@ -50,7 +50,10 @@ struct Fp8Smem {
   static constexpr int kBBytes = kBlockN * 128;
   static constexpr int kStageBytes = kABytes + kBBytes;          // multiples of 1024: the swizzle's alignment
   static constexpr int kScaleStride = (kBlockM + 2 + 3) / 4 * 4;  // floats per stage: A rows, then B halves
-  static constexpr int kBytes = kStages * kStageBytes + kStages * kScaleStride * 4 + 2 * kStages * 8 + 1024;
+  static constexpr int kBiasBytes = kBlockM / 16 * kBlockN * 2;   // one bf16 bias slice per math warp (tile_bias.cuh)
+  static constexpr int kBytes =
+      kStages * kStageBytes + kStages * kScaleStride * 4 + 2 * kStages * 8 + kBiasBytes + 1024;
+  static_assert(kBytes <= 227 * 1024, "more shared memory than an sm_90 block may opt into");
 };
 
 template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp>
@@ -125,24 +128,18 @@ __device__ __forceinline__ void produce_fp8(const CUtensorMap& weights, const Fp
   sm90::cp_async_wait<0>();  // keep the CTA (and its shared memory) alive until every gather has landed
 }
 
-// GEMM1's epilogue for one row: h = act(gate + b_g, up + b_u) over the tile's 128 columns (32 per lane of the row's
-// quad), quantised with the quad's amax; all lanes call it (the shuffles need the whole warp), `write` guards the
-// stores. `bias`: the tile's 128 gate biases (null = none); its up biases are `up_offset` further.
+// GEMM1's epilogue for one row: h = act(gate, up) over the tile's 128 columns (32 per lane of the row's quad; the
+// biases are already in acc), quantised with the quad's amax; all lanes call it (the shuffles need the whole warp),
+// `write` guards the stores.
 template <Activation kAct>
 __device__ __forceinline__ void store_quantised_row(const float (&acc)[128], int half, bool write, uint8_t* dst,
-                                                    float* scale_dst, int lane, const __nv_bfloat16* bias,
-                                                    int32_t up_offset) {
+                                                    float* scale_dst, int lane) {
   float h[32];
   float amax = 0.f;
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
-    float2 bg = {0.f, 0.f}, bu = {0.f, 0.f};
-    if (bias) {  // uniform across the CTA
-      bg = load2(bias + 8 * j + 2 * (lane & 3));
-      bu = load2(bias + up_offset + 8 * j + 2 * (lane & 3));
-    }
-    h[2 * j] = activate<kAct>(acc[j * 4 + half * 2] + bg.x, acc[(j + 16) * 4 + half * 2] + bu.x);
-    h[2 * j + 1] = activate<kAct>(acc[j * 4 + half * 2 + 1] + bg.y, acc[(j + 16) * 4 + half * 2 + 1] + bu.y);
+    h[2 * j] = activate<kAct>(acc[j * 4 + half * 2], acc[(j + 16) * 4 + half * 2]);
+    h[2 * j + 1] = activate<kAct>(acc[j * 4 + half * 2 + 1], acc[(j + 16) * 4 + half * 2 + 1]);
     amax = fmaxf(amax, fmaxf(fabsf(h[2 * j]), fabsf(h[2 * j + 1])));
   }
   amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
@@ -157,12 +154,15 @@ __device__ __forceinline__ void store_quantised_row(const float (&acc)[128], int
 
 template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct>
 __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* smem, const float* scales,
-                                            uint64_t* full, uint64_t* empty, int32_t total, int32_t num_slots) {
+                                            uint64_t* full, uint64_t* empty, __nv_bfloat16* bias_slices,
+                                            int32_t total, int32_t num_slots) {
   using Smem = Fp8Smem<kBlockM, kBlockN, kStages>;
+  using Bias = TileBias<__nv_bfloat16, kBlockN>;
   constexpr int kHalves = kBlockN / 128;
   static_assert(!kGateUp || kHalves == 2, "GEMM1 tiles hold 128 gate and 128 up rows: one output scale group");
   const int tid = threadIdx.x - kProducerThreads, warpgroup = tid / 128, lane = tid & 31, warp = (tid / 32) & 3;
   const int r_lo = warpgroup * 64 + warp * 16 + lane / 4;  // this thread's rows: r_lo and r_lo + 8
+  __nv_bfloat16* const bias_slice = bias_slices + (tid / 32) * kBlockN;
   const int32_t k_iters = args.k / kFp8BlockK;
   int32_t chunk_hint = 0;
   uint32_t g = 0;  // k-steps consumed so far, in step with the producer
@@ -179,6 +179,13 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
         release(g);
       }
       continue;
+    }
+    if (args.bias) {  // uniform: staged now, read after the mainloop
+      constexpr int kSeg = kBlockN / 2;  // GEMM1: the 128 gate | 128 up columns; GEMM2: two halves of the columns
+      const int32_t col0 = kGateUp ? w.n_tile * kSeg : w.n_tile * kBlockN;
+      const __nv_bfloat16* seg0 = args.bias + int64_t(w.expert) * (kGateUp ? 2 : 1) * args.n_out + col0;
+      Bias::stage_async(bias_slice, seg0, args.n_out - col0, seg0 + (kGateUp ? args.n_out : kSeg),
+                        args.n_out - col0 - (kGateUp ? 0 : kSeg), lane);
     }
     float acc[kHalves * 64];
 #pragma unroll
@@ -219,6 +226,7 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
     }
 
     // ---- epilogue: registers -> global, while the producer already loads the next tile ----------------------
+    if (args.bias) Bias::add(acc, bias_slice, lane);  // in fp32, before the activation / routing weight
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int r = r_lo + half * 8;
@@ -226,25 +234,17 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
       if constexpr (kGateUp) {
         const int64_t row = w.row_base + r;
         uint8_t* dst = static_cast<uint8_t*>(args.out) + row * args.n_out + w.n_tile * 128;
-        const __nv_bfloat16* bias =
-            args.bias ? args.bias + int64_t(w.expert) * 2 * args.n_out + w.n_tile * 128 : nullptr;
-        store_quantised_row<kAct>(acc, half, row_ok, dst, args.out_scale + row * (args.n_out / 128) + w.n_tile, lane,
-                                  bias, args.n_out);
+        store_quantised_row<kAct>(acc, half, row_ok, dst, args.out_scale + row * (args.n_out / 128) + w.n_tile, lane);
       } else {
         if (!row_ok) continue;
         const int32_t flat = args.sorted_rows[w.row_base + r];
         const float wt = args.topk_weights[flat];
         __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(args.out) + int64_t(flat) * args.n_out;
-        const __nv_bfloat16* bias = args.bias ? args.bias + int64_t(w.expert) * args.n_out : nullptr;  // [H]
 #pragma unroll
         for (int j = 0; j < kBlockN / 8; ++j) {
           const int col = w.n_tile * kBlockN + 8 * j + 2 * (lane & 3);
           if (col >= args.n_out) continue;
-          float y0 = acc[j * 4 + half * 2], y1 = acc[j * 4 + half * 2 + 1];
-          if (bias) {
-            const float2 b = load2(bias + col);
-            y0 += b.x, y1 += b.y;
-          }
+          const float y0 = acc[j * 4 + half * 2], y1 = acc[j * 4 + half * 2 + 1];
           *reinterpret_cast<uint32_t*>(dst + col) = pack2<__nv_bfloat16>(y0 * wt, y1 * wt);
         }
       }
@@ -263,6 +263,7 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
   float* scales = reinterpret_cast<float*>(smem + kStages * Smem::kStageBytes);
   auto* full = reinterpret_cast<uint64_t*>(scales + kStages * Smem::kScaleStride);
   uint64_t* empty = full + kStages;
+  auto* bias_slices = reinterpret_cast<__nv_bfloat16*>(empty + kStages);  // [math warps][kBlockN]
   if (threadIdx.x == 0) {
     sm90::prefetch_tensor_map(&weights);
     for (int s = 0; s < kStages; ++s) {
@@ -284,8 +285,8 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
                                                               num_slots, cta_rank);
   } else {
     if constexpr (kRebalance) sm90::setmaxnreg_inc<kConsumerRegs>();
-    consume_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(args, smem, scales, full, empty, total,
-                                                                     num_slots);
+    consume_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(args, smem, scales, full, empty, bias_slices,
+                                                                     total, num_slots);
   }
   if constexpr (kCluster > 1) sm90::cluster_sync();  // our shared memory stays alive while peers still arrive on it
   allow_dependents();  // after the last tile is issued: the next kernel's prologue overlaps our tail only
