@@ -70,7 +70,7 @@ def run(args) -> dict:
                 silu = lambda: fused_moe(x, case["w13"], case["w2"], tw, ids)  # noqa: E731
                 oai = lambda: fused_moe(x, case["w13"], case["w2"], tw, ids, activation="swiglu_oai",  # noqa: E731
                                         w13_bias=case["w13_bias"], w2_bias=case["w2_bias"])
-                ms_silu, ms_oai = timer.median_ms(silu), timer.median_ms(oai)
+                ms_silu, ms_oai = timer.interleaved_median_ms([silu, oai])  # in turns: drift hits both alike
                 errors = {}
                 for label, fn, kw in (("silu", silu, {}), ("swiglu_oai", oai, dict(
                         activation="swiglu_oai", w13_bias=case["w13_bias"], w2_bias=case["w2_bias"]))):

@@ -52,6 +52,20 @@ class Timer:
         torch.cuda.synchronize(self.device)
         return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
+    def interleaved_median_ms(self, fns: list) -> list[float]:
+        """Median of each fn, timed in turns call by call (fn0, fn1, fn0, fn1, ...), so clock and power drift over the
+        run hits every variant alike (back to back, the one timed second on a hot H100 ran 3-10% slower)."""
+        for fn in fns:
+            fn()
+        first = max(self._once(fn) for fn in fns)
+        iters = int(min(self.max_iters, max(self.min_iters, self.budget_ms / max(first, 1e-3))))
+        times = [[] for _ in fns]
+        for _ in range(iters):
+            for fn, out in zip(fns, times):
+                out.append(self._once(fn))
+        return [statistics.median(t) for t in times]
+
+
 
 def graph_ms(fn, replays: int = 100, calls: int = 1) -> float:
     """Mean time of one call of `fn` from a CUDA graph that captures `calls` calls of it (static inputs), replayed
