@@ -352,6 +352,12 @@ def first_logits_agree(engine, hf, prompt) -> float:
     return float((actual - expected).abs().max() / expected.abs().max())
 
 
+def latent_note(ours: dict) -> str:
+    """" (N without latent compression)" where MLA's latent cache holds more tokens than an uncompressed one would."""
+    compressed, plain = ours.get("kv_capacity_tokens"), ours.get("kv_capacity_uncompressed_tokens")
+    return "" if compressed is None or compressed == plain else f" ({plain} without latent compression)"
+
+
 def uncompressed_capacity(engine) -> int:
     """The tokens the same KV-cache bytes would hold without MLA's latent compression (model/kv_capacity.py); the
     engine's own capacity for other attention kinds."""
@@ -423,8 +429,7 @@ def markdown(report) -> str:
         o = r["ours"]
         lines += [f"## {preset}", "", f"kernel: {o['kernel_path']}; experts in {o.get('experts_precision', '?')}, "
                   f"weights {o.get('weight_gib', float('nan')):.1f} GiB; {o['num_kv_blocks']} KV blocks = "
-                  f"{o.get('kv_capacity_tokens', '?')} tokens of KV cache "
-                  f"({o.get('kv_capacity_uncompressed_tokens', '?')} without latent compression); "
+                  f"{o.get('kv_capacity_tokens', '?')} tokens of KV cache{latent_note(o)}; "
                   f"{o['num_cuda_graphs']} CUDA graphs, engine start-up {o['init_seconds']:.1f} s.", "",
                   "| batch | ours tok/s | largest decode batch | HF grouped_mm tok/s | speedup |", "|---|---|---|---|---|"]
         for b in sorted({*a["batches"], *([] if a["skip_hf"] else a["hf_batches"])}):
