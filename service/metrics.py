@@ -4,7 +4,9 @@ Request metrics mirror vLLM's names (vllm:X -> staticmoe_X), labels (`model_name
 dashboards and PromQL carry over by swapping the prefix. MoE metrics (tensor-core utilization, FLOPs, kernel time,
 per-expert load) come from `engine.moe_stats()`, which the engine fills from device-side counters and timing events
 without a sync (model/engine/moe_stats.py, moe_timer.py).
-All updates happen on the engine thread; prometheus-client metrics are thread-safe for the scraping thread.
+All updates happen on the engine thread; prometheus-client metrics are thread-safe for the scraping thread. The
+per-expert series are built at scrape time from the latest snapshot (service/metrics_experts.py): thousands of
+labelled children cost the engine thread milliseconds per publish.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from model.engine import EngineStats, MoeStatsSnapshot
+from service.metrics_experts import ExpertLoadCollector, window_balance  # noqa: F401 (window_balance: re-exported)
 
 logger = logging.getLogger("staticmoe.service")
 
@@ -164,6 +167,7 @@ class ServiceMetrics:
                                             "fused_moe time of one sampled engine step (all MoE layers), seconds.",
                                             buckets=MOE_KERNEL_BUCKETS, registry=r)
         self._moe: MoeLayout | None = None
+        self._experts: ExpertLoadCollector | None = None  # per-expert series, built at scrape time
         self._moe_state = _MoeCumulative()
 
     # ---- engine-level gauges -------------------------------------------------------------------------------------
@@ -189,22 +193,10 @@ class ServiceMetrics:
         if layout.peak_flops is None:
             logger.info("no dense %s peak known for device %r: staticmoe_moe_tensor_core_utilization stays 0 "
                         "(set --moe-peak-flops to override)", layout.precision, layout.device_name)
-        r, lay = self.registry, ["layer"]
-        if layout.expert_counters:
-            tokens = Counter("staticmoe_expert_tokens", "Tokens routed to each expert (one per top-k slot).",
-                             ["layer", "expert"], registry=r)
-            self._expert_counters = [[tokens.labels(layer, str(e)) for e in range(experts)]
-                                     for layer, experts in zip(layout.layer_labels, layout.experts_per_layer)]
-        if layout.expert_window_metrics:
-            imbalance = Gauge("staticmoe_expert_load_imbalance",
-                              "Max / mean tokens per expert over the recent window (1 = balanced, 0 = no tokens).",
-                              lay, registry=r)
-            idle = Gauge("staticmoe_expert_idle", "Experts that received no token in the recent window.",
-                         lay, registry=r)
-            self._imbalance = [imbalance.labels(layer) for layer in layout.layer_labels]
-            self._idle = [idle.labels(layer) for layer in layout.layer_labels]
-            for gauge, experts in zip(self._idle, layout.experts_per_layer):
-                gauge.set(experts)
+        if layout.expert_counters or layout.expert_window_metrics:
+            self._experts = ExpertLoadCollector(layout.layer_labels, layout.experts_per_layer,
+                                                layout.expert_counters, layout.expert_window_metrics)
+            self.registry.register(self._experts)
 
     def update_moe(self, snap: MoeStatsSnapshot) -> None:
         """Fold one MoeStatsSnapshot in: counters get the increase since the previous snapshot."""
@@ -225,27 +217,8 @@ class ServiceMetrics:
                 self.tensor_core_utilization.set(min(1.0, flops / seconds / layout.peak_flops))
         if layout is None:
             return
-        if layout.expert_counters and snap.expert_tokens_total:
-            previous = state.expert_tokens or [[0] * experts for experts in layout.experts_per_layer]
-            for l, row in enumerate(snap.expert_tokens_total):
-                for e, total in enumerate(row):
-                    if total > previous[l][e]:
-                        self._expert_counters[l][e].inc(total - previous[l][e])
-            state.expert_tokens = [list(row) for row in snap.expert_tokens_total]
-        if layout.expert_window_metrics and snap.window_expert_tokens:
-            for l, row in enumerate(snap.window_expert_tokens):
-                imbalance, idle = window_balance(row)
-                self._imbalance[l].set(imbalance)
-                self._idle[l].set(idle)
-
-
-def window_balance(tokens_per_expert: list[int]) -> tuple[float, int]:
-    """(max / mean, experts with zero tokens) of one layer's window; imbalance is 0 for an empty window."""
-    total = sum(tokens_per_expert)
-    idle = sum(1 for t in tokens_per_expert if t == 0)
-    if total == 0:
-        return 0.0, idle
-    return max(tokens_per_expert) / (total / len(tokens_per_expert)), idle
+        if self._experts is not None:
+            self._experts.update(snap.expert_tokens_total, snap.window_expert_tokens)
 
 
 @dataclass
@@ -253,4 +226,3 @@ class _MoeCumulative:
     flops_total: float = 0.0
     shared_flops_total: float = 0.0
     engine_totals: dict[str, int] = field(default_factory=dict)  # EngineStats counters already exported
-    expert_tokens: list[list[int]] = field(default_factory=list)

@@ -210,3 +210,30 @@ def test_expert_counters_are_off_beyond_8192_series_unless_asked():
     assert "staticmoe_expert_tokens_total" not in text
     assert 'staticmoe_expert_idle{layer="0"} 3.0' in text
     assert "staticmoe_moe_tensor_core_utilization 0.0" in text  # unknown peak: no made-up utilization
+
+
+def test_expert_series_are_built_at_scrape_time_and_never_decrease():
+    """The engine thread only hands snapshots over; a scrape exports each counter as the running maximum (the
+    engine's totals subtract the pad token's routing and are clamped, so one can dip), and an empty snapshot list
+    keeps the previous values."""
+    from model.engine import MoeStatsSnapshot
+    from prometheus_client import generate_latest
+    from service.metrics import MoeLayout, ServiceMetrics
+
+    metrics = ServiceMetrics("m")
+    metrics.configure_moe(MoeLayout(layer_labels=["1"], experts_per_layer=[3], device_name="cpu", peak_flops=None,
+                                    expert_counters=True))
+
+    def scrape():
+        samples = parse_metrics(generate_latest(metrics.registry).decode())
+        return ([metric(samples, "staticmoe_expert_tokens_total", layer="1", expert=str(e)) for e in range(3)],
+                metric(samples, "staticmoe_expert_idle", layer="1"))
+
+    assert scrape() == ([0, 0, 0], 3)  # before any snapshot: zero tokens, every expert idle
+    metrics.update_moe(MoeStatsSnapshot("cpu", 1.0, [], [[5, 0, 2]], [[5, 0, 2]]))
+    metrics.update_moe(MoeStatsSnapshot("cpu", 2.0, [], [[6, 1, 2]], [[1, 1, 0]]))  # only the latest counts
+    assert scrape() == ([6, 1, 2], 1)
+    metrics.update_moe(MoeStatsSnapshot("cpu", 3.0, [], [[4, 1, 9]], []))  # expert 0 dips; no window this time
+    assert scrape() == ([6, 1, 9], 1)
+    metrics.update_moe(MoeStatsSnapshot("cpu", 4.0, [], [[8, 1, 9]], [[0, 0, 0]]))
+    assert scrape() == ([8, 1, 9], 3)
