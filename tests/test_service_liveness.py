@@ -144,7 +144,9 @@ sys.exit(run_server(create_app(client, settings), client, settings, "127.0.0.1",
 def test_an_engine_that_raises_ends_the_process_with_status_1_and_keeps_its_text_from_clients():
     server = ServerProcess(entry=["-c", FAILING_SERVER]).wait_healthy()
     try:
-        body = {"prompt": "a", "max_tokens": 50, "ignore_eos": True}
+        # long enough that both requests run at once even on a loaded machine (with 50 tokens the first one once
+        # finished before the second arrived, and no fault was injected)
+        body = {"prompt": "a", "max_tokens": 200, "ignore_eos": True}
         answers, lines = [], []
         threads = [threading.Thread(target=lambda: answers.append(
                        httpx.post(server.base_url + "/v1/completions", json=body, timeout=60))),
