@@ -177,3 +177,38 @@ def test_routing_replays_in_a_cuda_graph_on_new_logits(router):
         torch.testing.assert_close(weights, want_w, rtol=1e-6, atol=1e-9)
         tied = (want_w[:, :-1] == want_w[:, 1:]).any(1)  # bf16 logits may tie: the order of ties is ours
         assert torch.equal(ids[~tied], want_ids[~tied])
+
+
+MODEL_CHECK = """
+import tempfile
+from pathlib import Path
+import torch
+from model.kernels import routing, triton_routing
+from model.loader import load_model
+from tests.model_fixtures import PagedRunner, hf_greedy, hf_logits, make_hf_model, max_relative_error, save_checkpoint
+
+calls = []
+kernel = triton_routing.route
+def counting(*args, **kwargs):
+    calls.append(kwargs["softmax_all"])
+    return kernel(*args, **kwargs)
+routing.uses_triton_router = lambda logits, k: True  # the kernel on the CPU, interpreted
+triton_routing.route = counting
+PROMPT = [5, 77, 203, 19, 150, 8, 66, 301, 42, 42, 7, 260, 99]
+for n, family in enumerate(("olmoe", "qwen3_moe", "gpt_oss")):  # no renormalisation, renormalised, gpt-oss's
+    hf = make_hf_model(family, seed=50 + n)
+    ours, _ = load_model(str(save_checkpoint(hf, Path(tempfile.mkdtemp()))), dtype=torch.float32)
+    runner = PagedRunner(ours)
+    rows = [runner.step({"s": PROMPT[:6]}, all_logits=True)["s"]]
+    rows += [runner.step({"s": [t]}, pad_to=2)["s"] for t in PROMPT[6:]]
+    assert max_relative_error(torch.cat(rows), hf_logits(hf, PROMPT)) < 1e-4
+    assert PagedRunner(ours).greedy(PROMPT, 12) == hf_greedy(hf, PROMPT, 12)
+assert True in calls and False in calls
+print('ok')
+"""
+
+
+@needs_triton
+def test_interpreted_kernel_inside_the_model_matches_transformers():
+    """OLMoE, Qwen3-MoE and gpt-oss route through the kernel (interpreted): transformers' logits and greedy tokens."""
+    run_interpreted(MODEL_CHECK)

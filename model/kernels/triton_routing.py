@@ -54,8 +54,15 @@ if triton is not None:
         """CUDA's accurate expf (libdevice), which torch's softmax calls; `tl.exp` where ACCURATE is off: Triton's
         CPU interpreter has no libdevice."""
         if ACCURATE:
-            return libdevice.exp(x)
-        return tl.exp(x)
+            y = libdevice.exp(x)
+        else:
+            y = tl.exp(x)
+        return y
+
+    @triton.jit
+    def _divide_rows(x, row_totals):
+        """x [R, n] / row_totals [R], rounded to nearest as torch divides (not Triton's approximate division)."""
+        return tl.div_rn(x, tl.broadcast_to(row_totals[:, None], x.shape))
 
     @triton.jit
     def _route_rows(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, stride_t, stride_e,
@@ -72,7 +79,7 @@ if triton is not None:
         scores = tl.load(ptrs, mask=in_row, other=float("-inf")).to(tl.float32)  # [R, E_PAD]
         if SOFTMAX_ALL:
             exps = _exp(scores - tl.max(scores, 1)[:, None], ACCURATE_EXP)  # 0 in the padding
-            scores = exps / tl.sum(exps, 1)[:, None]  # the probabilities, as torch.softmax divides
+            scores = _divide_rows(exps, tl.sum(exps, 1))  # the probabilities, as torch.softmax divides
             scores = tl.where(in_row, scores, float("-inf"))  # a padded column never ties an underflowed 0
 
         slots = tl.arange(0, K_PAD)  # [K_PAD]
@@ -89,11 +96,11 @@ if triton is not None:
         chosen = slots[None, :] < TOP_K  # [1, K_PAD]
         if SOFTMAX_ALL:
             if RENORMALIZE:
-                top_vals = top_vals / tl.sum(tl.where(chosen, top_vals, 0.0), 1)[:, None]
+                top_vals = _divide_rows(top_vals, tl.sum(tl.where(chosen, top_vals, 0.0), 1))
         else:  # softmax over the k chosen logits; the first is their max
             first = tl.max(tl.where(chosen, top_vals, float("-inf")), 1)  # [R]
             exps = tl.where(chosen, _exp(top_vals - first[:, None], ACCURATE_EXP), 0.0)
-            top_vals = exps / tl.sum(exps, 1)[:, None]
+            top_vals = _divide_rows(exps, tl.sum(exps, 1))
 
         out_offs = rows[:, None].to(tl.int64) * TOP_K + slots[None, :]  # [R, K_PAD] into row-major [T, k]
         out_ok = row_ok[:, None] & chosen
