@@ -7,7 +7,10 @@
   `routed_scaling_factor`).
 
 All are a few batched torch ops on the logits' device: no host sync and no data-dependent shapes, so a decode step
-that routes is CUDA-graph capturable. `grouped_topk` breaks ties toward the lower expert (and group) index, on
+that routes is CUDA-graph capturable. On a GPU with Triton, `softmax_topk` and `topk_softmax` run as one Triton kernel
+(`model.kernels.triton_routing`, E <= 512, k <= 32) instead of up to seven torch kernels; the torch code
+(`softmax_topk_reference`, `topk_softmax_reference`) is the reference and the path everywhere else. The kernel breaks
+ties toward the lower expert index. `grouped_topk` breaks ties toward the lower expert (and group) index, on
 every device, by a stable sort; `torch.topk` leaves ties unspecified (transformers' routers use it, so under exact
 ties they may choose another of the tied experts).
 """
@@ -15,6 +18,8 @@ ties they may choose another of the tied experts).
 from dataclasses import dataclass
 
 import torch
+
+from model.kernels import triton_routing
 
 SCORINGS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
@@ -27,9 +32,24 @@ def _check_logits(router_logits: torch.Tensor, top_k: int) -> None:
         raise ValueError(f"top_k={top_k} must be in [1, num_experts={router_logits.shape[1]}]")
 
 
+def uses_triton_router(router_logits: torch.Tensor, top_k: int) -> bool:
+    """Whether `softmax_topk` / `topk_softmax` take the one-kernel Triton path for these logits (on shapes and device
+    only)."""
+    return router_logits.is_cuda and triton_routing.available() and \
+        triton_routing.supports(router_logits.shape[1], top_k)
+
+
 def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixtral / Qwen-MoE / OLMoE routing: softmax over experts (fp32), top-k, optional renormalise."""
     _check_logits(router_logits, top_k)
+    if uses_triton_router(router_logits, top_k):
+        return triton_routing.route(router_logits, top_k, softmax_all=True, renormalize=renormalize)
+    return softmax_topk_reference(router_logits, top_k, renormalize)
+
+
+def softmax_topk_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`softmax_topk` in torch ops (unchecked): the CPU path and the Triton kernel's reference."""
     probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
     weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, k]
     if renormalize:
@@ -118,5 +138,12 @@ def grouped_topk(
 def topk_softmax(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """gpt-oss routing: top-k of the logits, then softmax over those k only (fp32); the weights sum to 1."""
     _check_logits(router_logits, top_k)
+    if uses_triton_router(router_logits, top_k):
+        return triton_routing.route(router_logits, top_k, softmax_all=False, renormalize=False)
+    return topk_softmax_reference(router_logits, top_k)
+
+
+def topk_softmax_reference(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`topk_softmax` in torch ops (unchecked): the CPU path and the Triton kernel's reference."""
     logits, ids = torch.topk(router_logits.float(), top_k, dim=-1)  # [T, k]
     return torch.softmax(logits, dim=-1), ids.to(torch.int32)
