@@ -15,11 +15,17 @@ every device, by a stable sort; `torch.topk` leaves ties unspecified (transforme
 ties they may choose another of the tied experts).
 """
 
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
 
 from model.kernels import triton_routing
+
+log = logging.getLogger(__name__)
+# STATICMOE_ROUTER=torch keeps the torch ops on the GPU; a Triton build failure switches to them for good (logged)
+_TRITON_ROUTER = {"on": os.environ.get("STATICMOE_ROUTER", "triton") != "torch"}
 
 SCORINGS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
@@ -35,15 +41,27 @@ def _check_logits(router_logits: torch.Tensor, top_k: int) -> None:
 def uses_triton_router(router_logits: torch.Tensor, top_k: int) -> bool:
     """Whether `softmax_topk` / `topk_softmax` take the one-kernel Triton path for these logits (on shapes and device
     only)."""
-    return router_logits.is_cuda and triton_routing.available() and \
+    return router_logits.is_cuda and _TRITON_ROUTER["on"] and triton_routing.available() and \
         triton_routing.supports(router_logits.shape[1], top_k)
+
+
+def _triton_route(router_logits, top_k, softmax_all, renormalize):
+    """The Triton router, or None after a failure (then and from now on: the torch reference)."""
+    try:
+        return triton_routing.route(router_logits, top_k, softmax_all=softmax_all, renormalize=renormalize)
+    except Exception as err:  # as the attention kernels: a Triton build problem falls back, it does not stop serving
+        _TRITON_ROUTER["on"] = False
+        log.warning("Triton router failed (%r); using torch ops from now on", err)
+        return None
 
 
 def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixtral / Qwen-MoE / OLMoE routing: softmax over experts (fp32), top-k, optional renormalise."""
     _check_logits(router_logits, top_k)
     if uses_triton_router(router_logits, top_k):
-        return triton_routing.route(router_logits, top_k, softmax_all=True, renormalize=renormalize)
+        routed = _triton_route(router_logits, top_k, True, renormalize)
+        if routed is not None:
+            return routed
     return softmax_topk_reference(router_logits, top_k, renormalize)
 
 
@@ -139,7 +157,9 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor,
     """gpt-oss routing: top-k of the logits, then softmax over those k only (fp32); the weights sum to 1."""
     _check_logits(router_logits, top_k)
     if uses_triton_router(router_logits, top_k):
-        return triton_routing.route(router_logits, top_k, softmax_all=False, renormalize=False)
+        routed = _triton_route(router_logits, top_k, False, False)
+        if routed is not None:
+            return routed
     return topk_softmax_reference(router_logits, top_k)
 
 
