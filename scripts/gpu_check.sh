@@ -5,7 +5,9 @@
 #   [serve] [prefix] [truth] (default: build tests). bench-mla: benchmarks/bench_mla.py (MLA decode against its
 #   byte floor). serve: benchmarks/bench_serve.py per preset (SERVE_PRESETS, SERVE_ARGS); prefix:
 #   benchmarks/bench_prefix_cache.py per preset (SERVE_PRESETS, PREFIX_ARGS); truth: the utilization-metric check
-#   (benchmarks/utilization_truth.py, TRUTH_PRESET).
+#   (benchmarks/utilization_truth.py, TRUTH_PRESET). decode-ab: the decode step profile with our Triton KV write and
+#   router, then with the torch ops (issue 21); metrics-ab: the same profile with and without expert metrics
+#   (DECODE_PRESETS, default olmoe-1b-7b qwen3-30b-a3b).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-logs}
 mkdir -p "$OUT"
@@ -67,6 +69,18 @@ for step in "${steps[@]}"; do
         python3 benchmarks/bench_prefix_cache.py --presets "$p" ${PREFIX_ARGS:-} --out "$OUT" 2>&1 \
           | tee "$OUT/bench_prefix_cache_$p.log" | tail -40
         status=$((status | ${PIPESTATUS[0]}))
+      done ;;
+    decode-ab)
+      for mode in triton torch; do
+        STATICMOE_CACHE_WRITE=$mode STATICMOE_ROUTER=$mode python3 benchmarks/profile_engine.py step-phases \
+          ${DECODE_PRESETS:-olmoe-1b-7b qwen3-30b-a3b} > "$OUT/profile_decode_$mode.log" 2>&1
+        echo "$mode: $(grep -E '^[a-z0-9.-]+ batch|kernels per engine step' "$OUT/profile_decode_$mode.log" | tr '\n' ' ')"
+      done ;;
+    metrics-ab)
+      for flag in "" --no-expert-metrics; do
+        python3 benchmarks/profile_engine.py step-phases $flag ${DECODE_PRESETS:-olmoe-1b-7b qwen3-30b-a3b} \
+          > "$OUT/profile_metrics${flag:-_on}.log" 2>&1
+        echo "${flag:-metrics on}: $(grep -E '^[a-z0-9.-]+ batch' "$OUT/profile_metrics${flag:-_on}.log" | tr '\n' ' ')"
       done ;;
     truth)
       python3 benchmarks/utilization_truth.py --preset "${TRUTH_PRESET:-olmoe-1b-7b}" --out "$OUT" 2>&1 \
