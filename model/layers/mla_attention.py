@@ -7,7 +7,8 @@ k_h = [W_UK_h · c, k_pe] and v_h = W_UV_h · c, with kv_b_proj.weight = [W_UK_h
   (model/layers/mla_decode.py), then W_UV_h on the latent output — the keys are never decompressed;
 - prefill chunks decompress their context (kv_b_proj on every cached row) and run SDPA over keys of width
   nope + rope and values zero-padded to that width (so flash attention applies): compute-bound work where
-  decompressing once per chunk is the cheaper form.
+  decompressing once per chunk is the cheaper form. Chunks that start their sequence go together in one padded
+  batch (model/layers/mla_prefill.py).
 Parameter names are transformers' (q_proj or q_a_proj/q_a_layernorm/q_b_proj, kv_a_proj_with_mqa, kv_a_layernorm,
 kv_b_proj, o_proj), so checkpoints load as stored.
 """
@@ -19,6 +20,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.layers.fusion import gpu_fused
 from model.layers.linear import Linear
+from model.layers import mla_prefill
 from model.layers.mla_decode import mla_decode
 from model.layers.norm import RMSNorm
 from model.layers.paged_attention import AttentionPlan, write_cache_rows
@@ -104,7 +106,12 @@ class MlaAttention(nn.Module):
             out = q_nope.new_empty(num_rows, self.num_heads, self.v_dim)  # [N, Hq, v]
             if decode is not None:
                 out[decode.rows] = self._decode(q_nope[decode.rows], q_pe[decode.rows], kv_cache, decode)
-            for chunk in plan.prefill:
+            chunks = plan.prefill
+            starting = mla_prefill.fresh(chunks)  # nothing cached before them: batched, keys from this step's rows
+            if kv_cache.dtype == latent.dtype and mla_prefill.worth_batching(starting):
+                mla_prefill.batched_fresh_prefill(self, q_nope, q_pe, latent, k_pe, starting, out)
+                chunks = [c for c in chunks if all(c is not s for s in starting)]
+            for chunk in chunks:
                 out[chunk.rows] = self._prefill(q_nope[chunk.rows], q_pe[chunk.rows], flat, chunk)
         return self.o_proj(out.reshape(num_rows, self.num_heads * self.v_dim))
 
