@@ -2,6 +2,7 @@
 (`model.kv_cache_shape`, which depends on the attention kind) beside the layout without latent compression.
 
     python -m model.kv_capacity deepseek-v2-lite --memory-gib 40
+    python -m model.kv_capacity deepseek-v3 --memory-gib 40 --tensor-parallel 8   # one rank's 40 GiB
 
 For MLA (DeepSeek-V2/V3) the cache holds kv_lora_rank + rope values per token per layer (576), where decompressed
 keys and values would take heads × (nope + rope + v) (V2-Lite: 16 × 320 = 5120, 8.9× as many). For the other
@@ -29,11 +30,14 @@ class KvCapacity:
         return self.tokens / max(1, self.uncompressed_tokens)
 
 
-def values_per_token_per_layer(config: ModelConfig) -> tuple[int, int]:
-    """(cached, uncompressed) values per token per layer."""
+def values_per_token_per_layer(config: ModelConfig, tensor_parallel: int = 1) -> tuple[int, int]:
+    """(cached, uncompressed) values per token per layer on one of `tensor_parallel` ranks (model/parallel). The
+    latent cache is whole on every rank (all heads read it), where decompressed keys and values would be split by
+    heads: MLA's ratio shrinks by the rank count (V3: 71× on one GPU, 8.9× per rank on 8). A GQA rank holds its
+    share of the K/V heads, at least one."""
     if config.mla is not None:
-        return config.mla.cache_width, config.mla.uncompressed_cache_width(config.num_heads)
-    plain = 2 * config.num_kv_heads * config.head_dim
+        return config.mla.cache_width, config.mla.uncompressed_cache_width(config.num_heads // tensor_parallel)
+    plain = 2 * max(1, config.num_kv_heads // tensor_parallel) * config.head_dim
     return plain, plain
 
 
@@ -43,10 +47,11 @@ def _tokens(budget: int, bytes_per_token: int, block_size: int) -> int:
 
 
 def kv_capacity(config: ModelConfig, memory_bytes: int, dtype: torch.dtype = torch.bfloat16,
-                block_size: int = 16, model=None) -> KvCapacity:
-    """`model` (optional, e.g. built on the meta device): take the cached size from its `kv_cache_shape`, the
-    engine's own computation, instead of the config."""
-    cached, uncompressed = values_per_token_per_layer(config)
+                block_size: int = 16, model=None, tensor_parallel: int = 1) -> KvCapacity:
+    """`memory_bytes` of one rank of `tensor_parallel`. `model` (optional, e.g. built on the meta device; the
+    rank's own model under tensor parallelism): take the cached size from its `kv_cache_shape`, the engine's own
+    computation, instead of the config."""
+    cached, uncompressed = values_per_token_per_layer(config, tensor_parallel)
     per_token = cached * config.num_layers * dtype.itemsize
     if model is not None:
         per_token = math.prod(model.kv_cache_shape(1, block_size)) * dtype.itemsize // block_size
@@ -59,20 +64,30 @@ def main(argv=None) -> None:
     from model.decoder import MoeCausalLM
     from model.dtypes import resolve_dtype
     from model.loader import resolve_source
+    from model.parallel.config import ParallelConfig, RankLayout
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a preset name or a checkpoint directory")
     parser.add_argument("--memory-gib", type=float, default=40.0, help="KV-cache budget")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--tensor-parallel", type=int, default=1, help="ranks; --memory-gib is one rank's budget")
     args = parser.parse_args(argv)
     config = resolve_source(args.model, random_weights=True)[0]
-    with torch.device("meta"):
-        model = MoeCausalLM(config)
+    model = None
+    if args.tensor_parallel == 1:  # the plain model holds every head: its cache is one rank's only without TP
+        with torch.device("meta"):
+            model = MoeCausalLM(config)
+    else:
+        try:
+            RankLayout.build(config, ParallelConfig(args.tensor_parallel), 0)  # heads it cannot split
+        except ValueError as error:
+            parser.error(str(error))
     dtype = resolve_dtype(args.dtype, "cpu")
-    cap = kv_capacity(config, int(args.memory_gib * 2**30), dtype, args.block_size, model)
+    cap = kv_capacity(config, int(args.memory_gib * 2**30), dtype, args.block_size, model, args.tensor_parallel)
+    ranks = f", per rank of {args.tensor_parallel}" if args.tensor_parallel > 1 else ""
     print(f"{config.name}: {args.memory_gib:g} GiB of {str(dtype).removeprefix('torch.')} KV cache, "
-          f"{config.num_layers} layers")
+          f"{config.num_layers} layers{ranks}")
     print(f"  as cached:     {cap.bytes_per_token:>9,} B/token  {cap.tokens:>12,} tokens")
     print(f"  uncompressed:  {cap.uncompressed_bytes_per_token:>9,} B/token  {cap.uncompressed_tokens:>12,} tokens")
     print(f"  ratio:         {cap.ratio:.2f}x")

@@ -31,20 +31,28 @@ SCHEDULE: list[dict[str, list[int]]] = [
 ]
 
 
-def run_schedule(model, schedule=SCHEDULE, block_size: int = 4, num_blocks: int = 64) -> list[torch.Tensor]:
-    """Logits [S, V] of every step (the last row of each sequence), K/V in a paged cache with shuffled blocks."""
-    param = next(model.parameters())
-    kv_cache = torch.zeros(model.kv_cache_shape(num_blocks, block_size), dtype=param.dtype, device=param.device)
-    free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0)).tolist()
-    seqs: dict[str, dict] = {}
-    outputs = []
-    for step in schedule:
+class PagedSteps:
+    """Runs steps of {seq id: new tokens} through a model over a paged cache with shuffled blocks, as the engine
+    would (a step whose sequences all bring one token is a pure decode step)."""
+
+    def __init__(self, model, block_size: int = 4, num_blocks: int = 64):
+        self.model = model
+        self.block_size = block_size
+        self.device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        self.kv_cache = torch.zeros(model.kv_cache_shape(num_blocks, block_size), dtype=dtype, device=self.device)
+        self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0)).tolist()
+        self.seqs: dict[str, dict] = {}
+
+    def step(self, step: dict[str, list[int]]) -> torch.Tensor:
+        """Logits [S, V] of the last row of each sequence, in the step's order."""
+        block_size, dev = self.block_size, self.device
         ids, positions, slots, tables, ctx, qlens, wanted = [], [], [], [], [], [], []
         for seq_id, tokens in step.items():
-            seq = seqs.setdefault(seq_id, {"len": 0, "blocks": []})
+            seq = self.seqs.setdefault(seq_id, {"len": 0, "blocks": []})
             start, end = seq["len"], seq["len"] + len(tokens)
             while len(seq["blocks"]) * block_size < end:
-                seq["blocks"].append(free.pop())
+                seq["blocks"].append(self.free.pop())
             for pos, token in zip(range(start, end), tokens):
                 ids.append(token)
                 positions.append(pos)
@@ -58,7 +66,6 @@ def run_schedule(model, schedule=SCHEDULE, block_size: int = 4, num_blocks: int 
         qsl = [0]
         for n in qlens:
             qsl.append(qsl[-1] + n)
-        dev = param.device
         batch = ForwardBatch(
             input_ids=torch.tensor(ids, device=dev), positions=torch.tensor(positions, device=dev),
             slot_mapping=torch.tensor(slots, device=dev),
@@ -69,8 +76,24 @@ def run_schedule(model, schedule=SCHEDULE, block_size: int = 4, num_blocks: int 
             query_lens_host=qlens, context_lens_host=ctx,
         )
         with torch.inference_mode():
-            outputs.append(model(batch, kv_cache).cpu())
-    return outputs
+            return self.model(batch, self.kv_cache).cpu()
+
+
+def run_schedule(model, schedule=SCHEDULE, block_size: int = 4, num_blocks: int = 64) -> list[torch.Tensor]:
+    """Logits [S, V] of every step (the last row of each sequence), K/V in a paged cache with shuffled blocks."""
+    steps = PagedSteps(model, block_size, num_blocks)
+    return [steps.step(step) for step in schedule]
+
+
+def greedy(model, prompt: list[int], max_tokens: int, chunk: int = 5) -> list[int]:
+    """Greedy continuation: the prompt in prefill chunks of `chunk` tokens, then one decode step per token."""
+    steps = PagedSteps(model)
+    for i in range(0, len(prompt), chunk):
+        logits = steps.step({"s": prompt[i : i + chunk]})
+    out = [int(logits[-1].argmax())]
+    while len(out) < max_tokens:
+        out.append(int(steps.step({"s": [out[-1]]})[-1].argmax()))
+    return out
 
 
 def _rank_main(rank: int, world: int, port: int, target, args, results, device_type: str) -> None:
@@ -149,4 +172,18 @@ def parity_target(groups, cases: list[tuple[str, int, int]]) -> dict:
                                               random_weights=False, dtype=torch.float32, device=groups.device)
         logits = run_schedule(model)  # every rank runs the forward (collectives); rank 0 keeps the logits
         out[(directory, tp, ep)] = logits if groups.rank == 0 else stats.bytes_read
+    return out
+
+
+def parity_and_greedy_target(groups, cases: list[tuple[str, int, int]], prompt: list[int], max_tokens: int) -> dict:
+    """`parity_target`'s SCHEDULE logits plus the `greedy` continuation of `prompt`, per case, from rank 0."""
+    from model.parallel.config import ParallelConfig
+    from model.parallel.loading import load_parallel_model
+
+    out = {}
+    for directory, tp, ep in cases:
+        model, _, _ = load_parallel_model(directory, ParallelConfig(tp, ep), groups.rank, groups.comm,
+                                          random_weights=False, dtype=torch.float32, device=groups.device)
+        result = (run_schedule(model), greedy(model, prompt, max_tokens))  # every rank runs (collectives)
+        out[(directory, tp, ep)] = result if groups.rank == 0 else None
     return out

@@ -50,3 +50,15 @@ def test_cli_reports_the_v2_lite_preset_beside_an_uncompressed_cache(capsys):
     assert "276,480 B/token" in out and "155,328 tokens" in out and "8.89x" in out
     main(["tiny", "--memory-gib", "1"])
     assert "ratio:         1.00x" in capsys.readouterr().out  # a GQA model: nothing compressed
+
+
+def test_a_tensor_parallel_rank_keeps_the_whole_latent_but_would_split_decompressed_heads(capsys):
+    cap = kv_capacity(v2_lite_shapes(), 40 * 2**30, torch.bfloat16, block_size=16, tensor_parallel=2)
+    assert cap.bytes_per_token == 27 * 576 * 2  # the latent cache is replicated: the same on each of 2 ranks
+    assert cap.uncompressed_bytes_per_token == 27 * 8 * 320 * 2 == 138240  # 8 of the 16 heads per rank
+    # DeepSeek-V3 on 8 ranks: 61 layers x 576 x 2 bytes per token; decompressed 16 of 128 heads x (192 + 128)
+    main(["deepseek-v3", "--memory-gib", "40", "--tensor-parallel", "8"])
+    out = capsys.readouterr().out
+    assert "per rank of 8" in out and "70,272 B/token" in out and "624,640 B/token" in out
+    main(["qwen3-30b-a3b", "--memory-gib", "40", "--tensor-parallel", "8"])  # 4 K/V heads: one per rank of 8
+    assert f"{48 * 2 * 1 * 128 * 2:,} B/token" in capsys.readouterr().out

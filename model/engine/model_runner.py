@@ -94,7 +94,8 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB), max_model_len %d", self.num_usable_blocks,
                     self.block_size, (self.num_usable_blocks + 1) * self.bytes_per_block / 2**30, self.max_model_len)
         if mc.mla is not None:  # the capacity the latent cache buys (model/kv_capacity.py)
-            cached, uncompressed = values_per_token_per_layer(mc)
+            layout = getattr(model, "layout", None)  # a tensor-parallel rank's (model/parallel)
+            cached, uncompressed = values_per_token_per_layer(mc, layout.world if layout is not None else 1)
             logger.info("MLA latent KV cache: %d values per token per layer instead of %d: %d tokens where "
                         "decompressed keys and values would hold %d", cached, uncompressed, capacity,
                         capacity * cached // uncompressed)

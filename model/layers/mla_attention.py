@@ -55,11 +55,13 @@ def apply_rotary_pairs(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin:
 class MlaAttention(nn.Module):
     CACHE_BLOCK_DIM = 1  # the block_size dimension of a layer's cache [num_blocks, block_size, width]
 
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, num_heads: int | None = None):
+        """`num_heads`: the query heads held here (a tensor-parallel rank's share, model/parallel); the latent and
+        rope key, and so the cache, are the same for any number of heads."""
         super().__init__()
         mla = config.mla
         self.layer_idx = layer_idx
-        self.num_heads = config.num_heads
+        self.num_heads = config.num_heads if num_heads is None else num_heads
         self.kv_lora_rank = mla.kv_lora_rank
         self.nope, self.rope, self.v_dim = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim
         self.qk_dim = mla.qk_head_dim

@@ -7,6 +7,8 @@ into `expert_parallel` contiguous ranges (one per group of `tensor_parallel // e
 group each expert's intermediate dimension is split again. So `--expert-parallel` = `--tensor-parallel` is pure
 expert parallelism for the MoE layers, `--expert-parallel 1` pure tensor parallelism, anything between a mix.
 Rank r sits in expert group r // (tp // ep) at position r % (tp // ep).
+Latent attention (MLA, DeepSeek) splits its query heads the same way; its one latent cache per token is kept whole
+on every rank (`_shard_mla_attention` in model/parallel/model.py).
 """
 
 from dataclasses import dataclass
@@ -65,8 +67,8 @@ class RankLayout:
     rank: int
     world: int
     q_heads: tuple[int, int]
-    kv_heads: tuple[int, int]
-    kv_replicas: int  # ranks holding the same K/V head (tensor_parallel > num_kv_heads)
+    kv_heads: tuple[int, int]  # MLA: (0, 1), its one latent cache
+    kv_replicas: int  # ranks holding the same K/V head (tensor_parallel > num_kv_heads; MLA: all of them)
     vocab: tuple[int, int]  # real rows; the local table has `vocab_rows_per_rank` rows (the last ranks pad)
     vocab_rows_per_rank: int
     experts: tuple[int, int]
@@ -83,14 +85,13 @@ class RankLayout:
         tp, ep, etp = parallel.tensor_parallel, parallel.expert_parallel, parallel.expert_tensor_parallel
         if not 0 <= rank < tp:
             raise ValueError(f"rank {rank} outside a world of {tp}")
-        if config.mla is not None and tp > 1:
-            raise ValueError(f"{config.model_type}: latent attention (MLA) is not sharded yet; serve it with "
-                             f"tensor_parallel=1")
         if config.attention_sinks or config.expert_bias or config.router_bias:
             raise ValueError(f"tensor/expert parallelism does not shard {config.model_type}'s attention sinks and "
                              "expert/router biases yet: serve it on one GPU")
         q_per_rank = _divide(config.num_heads, tp, "num_attention_heads", "tensor_parallel")
-        if config.num_kv_heads % tp == 0:
+        if config.mla is not None:  # one latent (and rope key) per token that all heads read: on every rank
+            kv, replicas = (0, 1), tp
+        elif config.num_kv_heads % tp == 0:
             kv_per_rank, replicas = config.num_kv_heads // tp, 1
             kv = (rank * kv_per_rank, (rank + 1) * kv_per_rank)
         elif tp % config.num_kv_heads == 0:  # fewer K/V heads than ranks: each is kept by tp / Hkv ranks

@@ -1,12 +1,12 @@
 """`ParallelCausalLM`: one rank's shard of a MoE model, made by transforming the plain model (built on the meta
 device, so no global weight is ever allocated), and the `ShardSpec` of every split parameter for the loader.
 
-The transform swaps modules and never changes a forward: attention gets the rank's heads (a smaller `Attention`)
-and a row-parallel output projection, the MoE block its shard of the experts op (`ShardedExperts`) and a forward
-hook that all-reduces its output (routed plus shared-expert partial sums), dense MLPs and the shared expert their
-columns, the embedding and LM head their vocabulary rows. Per decoder layer the forward has two all-reduces
-(attention output; MoE or dense MLP output), as a dense tensor-parallel transformer; plus one for the embedding and
-an all-gather of the vocabulary-split logits.
+The transform swaps modules and never changes a forward: attention gets the rank's heads (a smaller `Attention` or
+`MlaAttention`, whose latent cache stays whole) and a row-parallel output projection, the MoE block its shard of the
+experts op (`ShardedExperts`) and a forward hook that all-reduces its output (routed plus shared-expert partial
+sums), dense MLPs and the shared expert their columns, the embedding and LM head their vocabulary rows. Per decoder
+layer the forward has two all-reduces (attention output; MoE or dense MLP output), as a dense tensor-parallel
+transformer; plus one for the embedding and an all-gather of the vocabulary-split logits.
 """
 
 import torch
@@ -17,6 +17,7 @@ from model.config import ModelConfig
 from model.decoder import MoeCausalLM
 from model.layers.attention import Attention
 from model.layers.linear import Linear
+from model.layers.mla_attention import MlaAttention
 from model.layers.mlp import GatedMLP
 from model.layers.moe import SparseMoeBlock
 from model.layers.rotary import RotaryEmbedding
@@ -54,7 +55,8 @@ class ParallelCausalLM(nn.Module):
         return self.shard_specs.get(name) or replicated(tuple(self.lm.get_parameter(name).shape))
 
     def forward(self, batch, kv_cache: torch.Tensor) -> torch.Tensor:
-        """kv_cache [num_layers, 2, num_blocks, block_size, local Hkv, D] -> logits [S, vocab] float32."""
+        """kv_cache [num_layers, *one layer's cache] (GQA: [2, blocks, block_size, local Hkv, D]; MLA: the whole
+        latent cache [blocks, block_size, kv_lora_rank + rope] on every rank) -> logits [S, vocab] float32."""
         h = self.lm.hidden_states(batch, kv_cache)  # [S, H]
         logits = self.comm.all_gather_columns(F.linear(h, self.lm.head_weight()))  # [S, W * rows]
         return logits[:, : self.config.vocab_size].float()
@@ -106,6 +108,27 @@ def _shard_attention(layer_idx: int, config: ModelConfig, layout: RankLayout, co
     return attn
 
 
+def _shard_mla_attention(layer_idx: int, config: ModelConfig, layout: RankLayout, comm: Comm, prefix: str,
+                         shapes: dict, specs: dict) -> MlaAttention:
+    """The rank's query heads [h0, h1): their rows of q_proj / q_b_proj (nope + rope each) and of kv_b_proj
+    (W_UK_h then W_UV_h, nope + v each), their v columns of o_proj (row-parallel, all-reduced). q_a_proj,
+    q_a_layernorm, kv_a_proj_with_mqa and kv_a_layernorm stay whole: every rank computes the latent and rope key of
+    every token and writes the whole latent cache itself (the cache is replicated, its width does not shrink), so the
+    absorbed decode and the prefill decompression need no communication."""
+    mla, (h0, h1) = config.mla, layout.q_heads
+    attn = MlaAttention(config, layer_idx, num_heads=h1 - h0)
+    q_name = prefix + ("q_b_proj.weight" if attn.q_lora else "q_proj.weight")
+    specs[q_name] = split_dim(shapes[q_name], 0, [(h0 * mla.qk_head_dim, h1 * mla.qk_head_dim)])
+    kv_rows = mla.qk_nope_head_dim + mla.v_head_dim
+    specs[prefix + "kv_b_proj.weight"] = split_dim(shapes[prefix + "kv_b_proj.weight"], 0,
+                                                   [(h0 * kv_rows, h1 * kv_rows)])
+    attn.o_proj = RowParallelLinear((h1 - h0) * mla.v_head_dim, config.hidden_size, mla.attention_bias, comm,
+                                    reduce=True)
+    specs[prefix + "o_proj.weight"] = split_dim(shapes[prefix + "o_proj.weight"], 1,
+                                                [(h0 * mla.v_head_dim, h1 * mla.v_head_dim)])
+    return attn
+
+
 def _shard_moe(block: SparseMoeBlock, config: ModelConfig, layout: RankLayout, comm: Comm, prefix: str,
                shapes: dict, specs: dict) -> None:
     if block.shared_expert is not None:  # its down projection must not reduce: summed with the experts' below
@@ -131,7 +154,8 @@ def _shard(lm: MoeCausalLM, config: ModelConfig, layout: RankLayout, comm: Comm)
         specs["lm_head.weight"] = split_dim(shapes["lm_head.weight"], 0, [layout.vocab], rows)
     for i, layer in enumerate(lm.model.layers):
         prefix = f"model.layers.{i}."
-        layer.self_attn = _shard_attention(i, config, layout, comm, prefix + "self_attn.", shapes, specs)
+        shard_attention = _shard_attention if config.mla is None else _shard_mla_attention
+        layer.self_attn = shard_attention(i, config, layout, comm, prefix + "self_attn.", shapes, specs)
         if isinstance(layer.mlp, SparseMoeBlock):
             _shard_moe(layer.mlp, config, layout, comm, prefix + "mlp.", shapes, specs)
         else:
