@@ -6,8 +6,8 @@ views W_UK / W_UV itself (model/layers/mla_attention.py) and the prefill decompr
 it, so it stays one high-precision matrix. Dequantising on every use instead would re-read the FP8 weight and write
 a bf16 copy per layer and step (DeepSeek-V3: ~3 GB of traffic per decode step over 61 layers) for a weight that is
 small: [heads·(nope + v), kv_lora_rank] = [32768, 512] per V3 layer, 32 MiB in bf16 against 16 MiB in FP8, so
-about 1 GB more over V3's 61 layers (0.15% of its 674 GB of weights in FP8); V2-Lite [4096, 512], 113 MB in all. vLLM and
-SGLang likewise dequantise kv_b_proj at load to build their absorbed weights.
+about 1 GB more over V3's 61 layers (0.15% of its 674 GB of weights in FP8); V2-Lite [4096, 512], 113 MB in all.
+vLLM and SGLang likewise dequantise kv_b_proj at load to build their absorbed weights.
 
 Numerics: value = fp8 × its 128x128 block's scale in float32 (`model.kernels.fp8.dequantize_fp8_blocks`, one IEEE
 product per element, so exactly the float32 rounding of the exact value); the loader's copy into the parameter then

@@ -11,7 +11,8 @@ shared experts — every GEMM whose weights a decode step streams (but a linear 
 GLM-4.5-Air's dense down projection or gpt-oss's q/k/v, stays as it is). The router, the shared-expert gate (tiny,
 and the routing decision is sensitive), embeddings and the LM head stay in high precision, as DeepSeek-V3 and Qwen3-FP8 ship
 them. MLA's kv_b_proj is never FP8 (ALWAYS_HIGH_PRECISION; an FP8 checkpoint's is dequantised at load,
-model/fp8_dequantized.py). Quantisation is per 128x128 block (`model.kernels.fp8.quantize_fp8_blocks`, the checkpoints' format).
+model/fp8_dequantized.py). Quantisation is per 128x128 block (`model.kernels.fp8.quantize_fp8_blocks`, the
+checkpoints' format).
 """
 
 import logging
