@@ -1,6 +1,7 @@
-"""FP8 DeepSeek (MLA) models (issues 19/23) on the CPU: `quantization="fp8"` and block-FP8 checkpoints in the
-DeepSeek-V3/R1 format (every linear FP8, kv_b_proj included; routers and LM head bf16), for a V2-Lite-like net (no
-q_lora_rank, softmax routing) and a V3-like one (q_lora_rank, sigmoid routing with groups, YaRN).
+"""FP8 DeepSeek (MLA) models (issues 19/23), on the CPU (and on CUDA: the tests marked gpu, at the end):
+`quantization="fp8"` and block-FP8 checkpoints in the DeepSeek-V3/R1 format (every linear FP8, kv_b_proj included;
+routers and LM head bf16), for a V2-Lite-like net (no q_lora_rank, softmax routing) and a V3-like one (q_lora_rank,
+sigmoid routing with groups, YaRN).
 
 Every linear whose input size is whole 128-blocks and the experts run FP8, as in the other families; kv_b_proj
 stays in high precision (the absorbed decode reads W_UK / W_UV as views of its weight): `quantization="fp8"` skips
