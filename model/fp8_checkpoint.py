@@ -4,6 +4,8 @@ A module is FP8 exactly when the checkpoint stores its weight(s) as float8_e4m3f
 such as qkv_proj or the experts); `modules_to_not_convert` must agree. Every FP8 tensor `X` needs `X_scale_inv`
 (float32, one scale per 128x128 block: [ceil(rows/128), ceil(cols/128)], with leading dimensions for 3-D experts
 tensors), and every scale needs its FP8 tensor. Each problem is a CheckpointError naming the file and tensor.
+A module of ALWAYS_HIGH_PRECISION (MLA's kv_b_proj) stored in FP8 is checked alike but is no FP8 target: its weight
+is dequantised at load (model/fp8_dequantized.py).
 """
 
 from torch import nn
@@ -12,6 +14,7 @@ from model.checkpoint import CheckpointError, SafetensorsCheckpoint
 from model.layers.linear import Linear
 from model.layers.moe import Experts, Router
 from model.quant_config import Fp8CheckpointConfig
+from model.quantization import ALWAYS_HIGH_PRECISION
 from model.weight_map import BLOCK, FP8_DTYPE_NAME, SCALE_SUFFIX, plan_loading, rename_keys
 
 
@@ -86,7 +89,7 @@ def fp8_targets(plain: nn.Module, checkpoint: SafetensorsCheckpoint, renames, ig
             raise CheckpointError(f"{module_name} is fused from {_where(checkpoint, fp8_key)} (float8_e4m3fn) and "
                                   f"{_where(checkpoint, hp_key)} ({checkpoint.tensors[hp_key].dtype}): its parts "
                                   f"must share one precision")
-        if kinds == {True}:
+        if kinds == {True} and module_name.rsplit(".", 1)[-1] not in ALWAYS_HIGH_PRECISION:
             if module_name == "lm_head":
                 raise CheckpointError(f"{_where(checkpoint, pieces[0][0])}: an FP8 LM head is not supported (list "
                                       f"lm_head in modules_to_not_convert and store it in bf16)")

@@ -8,7 +8,9 @@ FP8 (a block-FP8 checkpoint, or `quantization="fp8"`): the plain model is built 
 transform (model/quantization.py) swaps in FP8 modules, and only then is memory allocated on `device`; FP8 weights
 are copied as stored, high-precision ones assembled per parameter and quantised as they arrive. So the device never
 holds a high-precision copy of the model: its peak at load is the FP8 model plus one parameter in high precision
-(the largest: one layer's experts) when quantising, the FP8 model alone for an FP8 checkpoint.
+(the largest: one layer's experts) when quantising, the FP8 model alone for an FP8 checkpoint. MLA's kv_b_proj is
+the exception on both paths: it stays in high precision (model/quantization.py ALWAYS_HIGH_PRECISION), dequantised
+from an FP8 checkpoint as it is read (model/fp8_dequantized.py).
 """
 
 import contextlib
@@ -25,6 +27,7 @@ from model.decoder import MoeCausalLM
 from model.dtypes import resolve_dtype
 from model.families import FAMILIES, config_from_hf
 from model.fp8_checkpoint import fp8_targets
+from model.fp8_dequantized import dequantize_at_load
 from model.kernels.fp8 import FP8_DTYPE
 from model.kernels.fp8_linear import block_scaled_mm_supported
 from model.layers.rotary import RotaryEmbedding
@@ -138,10 +141,6 @@ def load_model(
     check_quantization(quantization)
     dtype = resolve_dtype(dtype, device)
     config, tokenizer, directory, random_weights = resolve_source(source, random_weights)
-    if config.mla is not None and (quantization == "fp8" or config.quantization is not None):
-        # the absorbed decode reads kv_b_proj's weight itself (model/layers/mla_attention.py)
-        raise ConfigError(f"{config.model_type}: FP8 weights with latent attention (MLA) are not supported yet; "
-                          f"serve a bfloat16 checkpoint")
     checkpoint = None if random_weights else SafetensorsCheckpoint(directory)
     if checkpoint is not None and isinstance(config.quantization, Mxfp4CheckpointConfig):
         checkpoint = Mxfp4Checkpoint(checkpoint, torch.float32 if dtype == torch.float32 else torch.bfloat16,
@@ -155,6 +154,8 @@ def load_model(
     with torch.device("meta"):
         plain = MoeCausalLM(config)
     stored = fp8_targets(plain, checkpoint, renames, ignorable) if checkpoint is not None else []
+    if checkpoint is not None:  # FP8 weights served in high precision (MLA's kv_b_proj): dequantised as read
+        checkpoint = dequantize_at_load(plain, checkpoint, renames)
     if quantization == "fp8" or (checkpoint is None and isinstance(config.quantization, Fp8CheckpointConfig)):
         targets = stored or online_targets(plain)  # an FP8 checkpoint stays as stored; anything else is quantised
     else:

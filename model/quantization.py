@@ -10,7 +10,9 @@ What `--quantization fp8` quantises (`online_targets`): the routed experts, atte
 shared experts — every GEMM whose weights a decode step streams (but a linear whose K is not whole 128-blocks, e.g.
 GLM-4.5-Air's dense down projection or gpt-oss's q/k/v, stays as it is). The router, the shared-expert gate (tiny,
 and the routing decision is sensitive), embeddings and the LM head stay in high precision, as DeepSeek-V3 and Qwen3-FP8 ship
-them. Quantisation is per 128x128 block (`model.kernels.fp8.quantize_fp8_blocks`, the checkpoints' format).
+them. MLA's kv_b_proj is never FP8 (ALWAYS_HIGH_PRECISION; an FP8 checkpoint's is dequantised at load,
+model/fp8_dequantized.py). Quantisation is per 128x128 block (`model.kernels.fp8.quantize_fp8_blocks`, the
+checkpoints' format).
 """
 
 import logging
@@ -27,6 +29,10 @@ from model.layers.moe import Experts
 logger = logging.getLogger(__name__)
 SCALE_SUFFIX = "_scale_inv"
 HIGH_PRECISION_LINEARS = ("gate", "shared_expert_gate", "lm_head")  # last name component of linears kept as they are
+# Linears whose weight other code reads as a matrix, so never FP8 in memory: MLA's kv_b_proj, whose per-head views
+# W_UK / W_UV the absorbed decode multiplies by itself (model/layers/mla_attention.py). `--quantization fp8` skips
+# them and a block-FP8 checkpoint's copy is dequantised once at load (model/fp8_dequantized.py).
+ALWAYS_HIGH_PRECISION = ("kv_b_proj",)
 
 
 def scale_name(param_name: str) -> str:
@@ -43,12 +49,13 @@ def online_targets(model: nn.Module) -> list[str]:
     """Module names `--quantization fp8` makes FP8: every routed-experts module (zero-padded to whole 128-blocks
     where H or I is not one, model/layers/fp8.py) and every linear but HIGH_PRECISION_LINEARS whose input size is a
     multiple of 128 (FP8 activations are quantised per 128 columns; the others, e.g. gpt-oss's q/k/v with K = 2880,
-    stay in high precision, and the log says how many)."""
+    stay in high precision, and the log says how many). ALWAYS_HIGH_PRECISION linears stay too."""
     targets, kept = [], []
+    skipped = HIGH_PRECISION_LINEARS + ALWAYS_HIGH_PRECISION
     for name, module in model.named_modules():
         if isinstance(module, Experts):
             targets.append(name)
-        elif isinstance(module, Linear) and name.rsplit(".", 1)[-1] not in HIGH_PRECISION_LINEARS:
+        elif isinstance(module, Linear) and name.rsplit(".", 1)[-1] not in skipped:
             (targets if module.in_features % FP8_BLOCK == 0 else kept).append(name)
     if kept:
         logger.info("--quantization fp8: %d linears keep high precision (input size not a multiple of %d), e.g. %s",
@@ -73,6 +80,8 @@ def _twin(module: nn.Module) -> nn.Module:
 def apply_fp8(model: nn.Module, targets: list[str]) -> nn.Module:
     """Swap each target module for its FP8 twin, on the device its weights are on; returns `model`."""
     for name in targets:
+        if name.rsplit(".", 1)[-1] in ALWAYS_HIGH_PRECISION:
+            raise ValueError(f"{name} is read as a high-precision matrix and cannot be FP8 (ALWAYS_HIGH_PRECISION)")
         old = model.get_submodule(name)
         device = next(old.parameters()).device
         with torch.device(device):

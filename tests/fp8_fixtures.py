@@ -44,7 +44,12 @@ FP8_CONFIGS = {
 # qwen3_moe test instead quantises the router too, to cover a ragged scale block).
 NOT_CONVERTED = {"qwen3_moe": ["lm_head"], "qwen2_moe": ["lm_head", "mlp.gate", "shared_expert_gate"],
                  "mixtral": ["lm_head", "block_sparse_moe.gate", "mlp.gate"], "olmoe": ["lm_head", "mlp.gate"],
-                 "glm4_moe": ["lm_head", "mlp.gate"]}
+                 "glm4_moe": ["lm_head", "mlp.gate"],
+                 # DeepSeek-V3/R1's published checkpoint: every linear FP8 (kv_b_proj too) but the routers and head
+                 "deepseek_v2": ["lm_head", "mlp.gate"], "deepseek_v3": ["lm_head", "mlp.gate"]}
+# Modules stored in FP8 but served in high precision, dequantised at load (model/fp8_dequantized.py): the W8A8
+# reference leaves their inputs unquantised.
+DEQUANTIZED_AT_LOAD = {"deepseek_v2": ["kv_b_proj"], "deepseek_v3": ["kv_b_proj"]}
 
 
 def e4m3_round(v: torch.Tensor) -> torch.Tensor:
@@ -83,10 +88,12 @@ def _converted(family: str, key: str) -> bool:
     return not any(module == m or module.endswith("." + m) for m in NOT_CONVERTED[family])
 
 
-def write_fp8_checkpoint(family: str, directory: Path, seed: int = 0) -> tuple[Path, Path]:
+def write_fp8_checkpoint(family: str, directory: Path, seed: int = 0, hf=None) -> tuple[Path, Path]:
     """A random HF model of `family` saved twice: as a block-FP8 checkpoint (`directory / "fp8"`) and with each FP8
-    weight replaced by its dequantised float32 value, no quantization_config (`directory / "dequantized"`)."""
-    hf = make_hf_model(family, seed=seed, **_BASE, **FP8_CONFIGS[family])
+    weight replaced by its dequantised float32 value, no quantization_config (`directory / "dequantized"`). `hf`: the
+    model to write instead of a new one of FP8_CONFIGS (its matrices are rescaled in place, as a new one's)."""
+    if hf is None:
+        hf = make_hf_model(family, seed=seed, **_BASE, **FP8_CONFIGS[family])
     with torch.no_grad():  # weights of a trained net's scale, so hidden states stay O(1) over the layers
         for name, p in hf.named_parameters():
             if p.dim() >= 2 and "embed" not in name:
@@ -147,6 +154,7 @@ def fake_quant_hf(reference, family: str):
     model.set_experts_implementation("w8a8_reference")
     for name, module in model.named_modules():  # linears and routers alike: any module with an FP8 weight matrix
         weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and _converted(family, name + ".weight"):
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and _converted(family, name + ".weight") and \
+                name.rsplit(".", 1)[-1] not in DEQUANTIZED_AT_LOAD.get(family, ()):
             module.register_forward_pre_hook(lambda m, args: (_fake_quant(args[0]), *args[1:]))
     return model

@@ -172,9 +172,3 @@ def test_decode_step_in_a_cuda_graph(variant, tmp_path):
     assert_decode_graph_matches_eager(ours, {"a": PROMPT, "b": PROMPT[:5], "c": PROMPT[2:13]})
 
 
-def test_fp8_is_refused_for_mla(tmp_path):  # tensor parallelism: tests/test_parallel_mla.py
-    from model.config import ConfigError
-
-    directory = save_checkpoint(make_deepseek_model("v2-lite"), tmp_path / "ckpt")
-    with pytest.raises(ConfigError, match="FP8 weights with latent attention"):
-        load_model(str(directory), dtype=torch.float32, quantization="fp8")

@@ -10,7 +10,9 @@ k_h = [W_UK_h · c, k_pe] and v_h = W_UV_h · c, with kv_b_proj.weight = [W_UK_h
   decompressing once per chunk is the cheaper form. Chunks that start their sequence go together in one padded
   batch (model/layers/mla_prefill.py).
 Parameter names are transformers' (q_proj or q_a_proj/q_a_layernorm/q_b_proj, kv_a_proj_with_mqa, kv_a_layernorm,
-kv_b_proj, o_proj), so checkpoints load as stored.
+kv_b_proj, o_proj), so checkpoints load as stored. In an FP8 model every projection but kv_b_proj may be FP8 (an
+`Fp8Linear` swapped in by model/quantization.py); kv_b_proj always keeps the model dtype, since W_UK / W_UV are views
+of its weight (model/quantization.py ALWAYS_HIGH_PRECISION; an FP8 checkpoint's is dequantised at load).
 """
 
 import torch
