@@ -156,6 +156,13 @@ class PagedRunner:
         )
         return batch, wanted
 
+    def prefill_then_decode(self, prompt: list[int], prefill: int, pad_to: int = 0, seq_id: str = "s") -> torch.Tensor:
+        """Logits of every position [len(prompt), V] on the CPU: the first `prefill` tokens in one chunk, then one
+        decode step per token (padded to `pad_to` rows if set)."""
+        rows = [self.step({seq_id: prompt[:prefill]}, all_logits=True)[seq_id]]
+        rows += [self.step({seq_id: [t]}, pad_to=pad_to)[seq_id] for t in prompt[prefill:]]
+        return torch.cat(rows).cpu()
+
     def greedy(self, prompt: list[int], max_new_tokens: int, chunk: int = 0, seq_id: str = "s") -> list[int]:
         """Greedy continuation: prefill (in chunks of `chunk` tokens if set), then one decode step per token."""
         chunk = chunk or len(prompt)
@@ -202,6 +209,26 @@ def assert_bf16_close(ours: torch.Tensor, hf_bf16: torch.Tensor, golden: torch.T
     loose = max(0.25, 2 * float(hf_rows.max()))
     assert int((ours_rows > loose).sum()) <= max(1, len(ours_rows) // 16), (ours_rows, hf_rows)
     assert ours_rows.max() <= 1.0, (ours_rows, hf_rows)
+
+
+def assert_gpu_within_cpu_bf16_spread(cpu32, cpu16, gpu, prompt: list[int], label: str) -> None:
+    """The GPU model (bf16; prefill 9 tokens, then decode steps) stays, against the CPU float32 model, within twice
+    the CPU bf16 model's own distance from it: median row and (loosely) worst row."""
+    golden = PagedRunner(cpu32).step({"s": prompt}, all_logits=True)["s"]
+    ref16 = PagedRunner(cpu16).step({"s": prompt}, all_logits=True)["s"]
+    ours = PagedRunner(gpu, block_size=16).prefill_then_decode(prompt, 9)
+    bf16_error, ours_error = row_errors(ref16, golden), row_errors(ours, golden)
+    print(f"{label}: CPU bf16 vs fp32 max row err {bf16_error.max():.3g}, GPU {ours_error.max():.3g}")
+    assert ours_error.median() <= 2 * bf16_error.median() + 1e-3
+    assert ours_error.max() <= max(0.25, 2 * float(bf16_error.max()))
+
+
+def assert_paged_matches_hf(ours, hf_model, prompt: list[int], greedy_tokens: int = 12) -> None:
+    """float32: prefill 6 tokens then padded decode steps give HF's logits (1e-4), and the greedy continuation is
+    HF's `generate`."""
+    logits = PagedRunner(ours).prefill_then_decode(prompt, 6, pad_to=2)
+    assert max_relative_error(logits, hf_logits(hf_model, prompt)) < 1e-4
+    assert PagedRunner(ours).greedy(prompt, greedy_tokens) == hf_greedy(hf_model, prompt, greedy_tokens)
 
 
 def assert_decode_graph_matches_eager(ours, prompts: dict[str, list[int]], steps: int = 6) -> None:

@@ -30,7 +30,8 @@ from model.quantization import apply_fp8
 from tests.deepseek_fixtures import make_deepseek_model
 from tests.engine_fixtures import GREEDY, run, tokens_of
 from tests.fp8_fixtures import dequantize_blocks, fake_quant_hf, hf_float32, write_fp8_checkpoint
-from tests.model_fixtures import PagedRunner, hf_greedy, hf_logits, max_relative_error, row_errors, save_checkpoint
+from tests.model_fixtures import (PagedRunner, assert_gpu_within_cpu_bf16_spread, hf_greedy, hf_logits,
+                                  max_relative_error, row_errors, save_checkpoint)
 
 PROMPT = [5, 77, 203, 19, 150, 8, 66, 301, 42, 42, 7, 260, 99]
 FP8_SIZES = dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=128, qk_rope_head_dim=32,
@@ -307,15 +308,7 @@ def test_fp8_on_the_gpu_matches_the_cpu_reference(variant, source, tmp_path):
     assert attn.kv_b_proj.weight.dtype == torch.bfloat16
     assert torch.equal(attn.kv_b_proj.weight.cpu(), cpu16.model.layers[1].self_attn.kv_b_proj.weight)
     prompt = PROMPT + [31, 4, 180, 222]
-    golden = PagedRunner(cpu32).step({"s": prompt}, all_logits=True)["s"]
-    ref16 = PagedRunner(cpu16).step({"s": prompt}, all_logits=True)["s"]
-    runner = PagedRunner(gpu, block_size=16)
-    ours = torch.cat([runner.step({"s": prompt[:9]}, all_logits=True)["s"],
-                      *[runner.step({"s": [t]})["s"] for t in prompt[9:]]]).cpu()  # 8 absorbed decode steps
-    bf16_error, ours_error = row_errors(ref16, golden), row_errors(ours, golden)
-    print(f"{variant} {source}: CPU bf16 vs fp32 max row err {bf16_error.max():.3g}, GPU {ours_error.max():.3g}")
-    assert ours_error.median() <= 2 * bf16_error.median() + 1e-3
-    assert ours_error.max() <= max(0.25, 2 * float(bf16_error.max()))
+    assert_gpu_within_cpu_bf16_spread(cpu32, cpu16, gpu, prompt, f"{variant} {source}")
 
 
 @pytest.mark.gpu

@@ -156,9 +156,7 @@ def test_bf16_on_gpu_within_transformers_own_bf16_error(variant, tmp_path):
     hf_bf16 = hf_logits(copy.deepcopy(hf).to(torch.bfloat16), prompt)
     ours, _ = load_model(str(directory), dtype=torch.bfloat16, device="cuda")
     runner = PagedRunner(ours, block_size=16)
-    prefill = runner.step({"s": prompt[:9]}, all_logits=True)["s"]
-    rest = [runner.step({"s": [t]})["s"] for t in prompt[9:]]
-    assert_bf16_close(torch.cat([prefill, *rest]), hf_bf16, golden)
+    assert_bf16_close(runner.prefill_then_decode(prompt, 9), hf_bf16.cpu(), golden.cpu())
 
 
 @pytest.mark.gpu

@@ -16,7 +16,7 @@ from model.kernels.fp8 import FP8_DTYPE, quantize_fp8_blocks
 from model.kernels.fp8_linear import dense_fp8_path, fp8_linear, fp8_linear_reference
 from model.loader import load_model
 from tests.fp8_fixtures import write_fp8_checkpoint
-from tests.model_fixtures import PagedRunner, row_errors
+from tests.model_fixtures import PagedRunner, assert_gpu_within_cpu_bf16_spread
 from tests.service_fixtures import ServerProcess
 from tests.test_fp8_serve import greedy_over_http
 
@@ -73,15 +73,7 @@ def test_fp8_model_on_the_gpu_matches_the_cpu_reference(family, fp8_checkpoint, 
     cpu16, _ = load_model(str(checkpoint), dtype=torch.bfloat16)
     gpu, _ = load_model(str(checkpoint), dtype=torch.bfloat16, device="cuda")
     assert gpu.moe_blocks()[0].experts.gate_up_proj.dtype == FP8_DTYPE
-    golden = PagedRunner(cpu32).step({"s": prompt}, all_logits=True)["s"]
-    ref16 = PagedRunner(cpu16).step({"s": prompt}, all_logits=True)["s"]
-    runner = PagedRunner(gpu, block_size=16)
-    ours = torch.cat([runner.step({"s": prompt[:9]}, all_logits=True)["s"],
-                      *[runner.step({"s": [t]})["s"] for t in prompt[9:]]]).cpu()
-    bf16_error, ours_error = row_errors(ref16, golden), row_errors(ours, golden)
-    print(f"FP8 model: CPU bf16 vs fp32 max row err {bf16_error.max():.3g}, GPU {ours_error.max():.3g}")
-    assert ours_error.median() <= 2 * bf16_error.median() + 1e-3
-    assert ours_error.max() <= max(0.25, 2 * float(bf16_error.max()))
+    assert_gpu_within_cpu_bf16_spread(cpu32, cpu16, gpu, prompt, "FP8 model")
 
 
 def test_greedy_tokens_over_http_cpu_reference_equal_gpu_kernel(fp8_checkpoint):

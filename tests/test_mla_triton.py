@@ -77,7 +77,7 @@ import torch
 from model.layers import mla_decode, triton_mla_decode
 from model.loader import load_model
 from tests.deepseek_fixtures import make_deepseek_model
-from tests.model_fixtures import PagedRunner, hf_greedy, hf_logits, max_relative_error, save_checkpoint
+from tests.model_fixtures import assert_paged_matches_hf, save_checkpoint
 
 calls = []
 kernel = triton_mla_decode.paged_mla_decode
@@ -90,11 +90,7 @@ PROMPT = [5, 77, 203, 19, 150, 8, 66, 301, 42, 42, 7, 260, 99]
 for variant in ("v2-lite", "v3-yarn"):
     hf = make_deepseek_model(variant, seed=3)
     ours, _ = load_model(str(save_checkpoint(hf, Path(tempfile.mkdtemp()))), dtype=torch.float32)
-    runner = PagedRunner(ours)
-    rows = [runner.step({"s": PROMPT[:6]}, all_logits=True)["s"]]
-    rows += [runner.step({"s": [t]}, pad_to=2)["s"] for t in PROMPT[6:]]
-    assert max_relative_error(torch.cat(rows), hf_logits(hf, PROMPT)) < 1e-4
-    assert PagedRunner(ours).greedy(PROMPT, 12) == hf_greedy(hf, PROMPT, 12)
+    assert_paged_matches_hf(ours, hf, PROMPT)
 assert calls
 print('ok')
 """

@@ -185,7 +185,7 @@ from pathlib import Path
 import torch
 from model.kernels import routing, triton_routing
 from model.loader import load_model
-from tests.model_fixtures import PagedRunner, hf_greedy, hf_logits, make_hf_model, max_relative_error, save_checkpoint
+from tests.model_fixtures import assert_paged_matches_hf, make_hf_model, save_checkpoint
 
 calls = []
 kernel = triton_routing.route
@@ -198,11 +198,7 @@ PROMPT = [5, 77, 203, 19, 150, 8, 66, 301, 42, 42, 7, 260, 99]
 for n, family in enumerate(("olmoe", "qwen3_moe", "gpt_oss")):  # no renormalisation, renormalised, gpt-oss's
     hf = make_hf_model(family, seed=50 + n)
     ours, _ = load_model(str(save_checkpoint(hf, Path(tempfile.mkdtemp()))), dtype=torch.float32)
-    runner = PagedRunner(ours)
-    rows = [runner.step({"s": PROMPT[:6]}, all_logits=True)["s"]]
-    rows += [runner.step({"s": [t]}, pad_to=2)["s"] for t in PROMPT[6:]]
-    assert max_relative_error(torch.cat(rows), hf_logits(hf, PROMPT)) < 1e-4
-    assert PagedRunner(ours).greedy(PROMPT, 12) == hf_greedy(hf, PROMPT, 12)
+    assert_paged_matches_hf(ours, hf, PROMPT)
 assert True in calls and False in calls
 print('ok')
 """
