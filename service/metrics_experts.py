@@ -1,11 +1,9 @@
 """Per-expert load for Prometheus, built at scrape time from the latest MoE snapshot.
 
 One labelled Counter child per (layer, expert) is what prometheus-client offers, but at Qwen3-30B-A3B's 48 × 128
-experts that is 6144 children: folding a snapshot in (one locked `inc` each) took ~9 ms of the engine thread per
-publish (4 per second), and a scrape ~260 ms of the event loop with the GIL held (12288 samples, `_created`
-included; measured on the 2-core CI machine, benchmarks/NOTES.md "Metrics on the host"). Here the engine thread only
-hands over the snapshot's lists (`update`, O(1)); a scrape (every few seconds) builds the families from them, without
-`_created` samples, and is ~7x cheaper.
+experts that is 6144 children, and folding a snapshot in (one locked `inc` each) took ~8-11 ms of the engine thread
+per publish (4 per second; benchmarks/NOTES.md "Metrics on the host"). Here the engine thread only hands over the
+snapshot's lists (`update`, O(1)); a scrape (every few seconds, on the event loop) builds the families from them.
 
 Counters must never decrease: the engine's totals subtract the CUDA-graph pad token's measured routing and are
 clamped at zero, so each exported value is the running maximum of what has been seen.
