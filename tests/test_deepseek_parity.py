@@ -1,7 +1,8 @@
 """Parity of deepseek_v2 / deepseek_v3 with transformers (issue 23.5): tiny random checkpoints written by
 transformers (tests/deepseek_fixtures.py: with and without q_lora_rank, greedy and grouped routing, YaRN with
 mscale, both rope layouts), loaded by our loader, give logits within 1e-4 (fp32, CPU) and the greedy continuation
-of `generate`, through the paged model, the engine (chunked prefill, preemption) and over HTTP. Plus: the latent
+of `generate`, through the paged model (tests/test_model_parity.py runs its checks on every variant), the engine
+(chunked prefill, preemption) and over HTTP. Plus: the latent
 cache shape, the MTP layer skipped at load, and the bf16 GPU runs (Triton MLA decode in the model)."""
 
 import copy
@@ -19,7 +20,7 @@ from tests.deepseek_fixtures import TINY_DEEPSEEK, make_deepseek_model
 from tests.engine_fixtures import GREEDY, run, tokens_of
 from tests.model_fixtures import (
     PagedRunner, assert_bf16_close, assert_decode_graph_matches_eager, hf_greedy, hf_logits, make_hf_model,
-    max_relative_error, save_checkpoint,
+    save_checkpoint,
 )
 from tests.service_fixtures import ServerProcess
 
@@ -44,41 +45,7 @@ def test_config_and_latent_cache(pair):
     assert ours.kv_cache_shape(7, 4) == (3, 7, 4, hc.kv_lora_rank + hc.qk_rope_head_dim)
 
 
-def test_prefill_logits_match_hf(pair):
-    hf, ours, _ = pair
-    expected = hf_logits(hf, PROMPT)
-    actual = PagedRunner(ours).step({"s": PROMPT}, all_logits=True)["s"]
-    assert max_relative_error(actual, expected) < 1e-4
-
-
-def test_chunked_prefill_and_decode_logits_match_hf(pair):
-    hf, ours, _ = pair
-    expected = hf_logits(hf, PROMPT)
-    runner = PagedRunner(ours, seed=3)
-    rows = [runner.step({"s": PROMPT[i : i + 5]}, all_logits=True)["s"] for i in range(0, 10, 5)]
-    rows += [runner.step({"s": [token]}, pad_to=2)["s"] for token in PROMPT[10:]]  # absorbed decode, padded
-    assert max_relative_error(torch.cat(rows), expected) < 1e-4
-
-
-def test_greedy_32_tokens_identical_to_generate(pair):
-    hf, ours, _ = pair
-    expected = hf_greedy(hf, PROMPT, 32)
-    assert PagedRunner(ours).greedy(PROMPT, 32) == expected
-    assert PagedRunner(ours, seed=1).greedy(PROMPT, 32, chunk=4) == expected
-
-
-def test_mixed_batch_with_padding_matches_each_alone(pair):
-    hf, ours, _ = pair
-    prompts = {"a": PROMPT, "b": PROMPT[3:9], "c": [11, 12]}
-    runner = PagedRunner(ours, seed=2)
-    runner.step({"a": PROMPT[:4]})
-    first = runner.step({"a": PROMPT[4:], "b": prompts["b"], "c": prompts["c"]})
-    nxt = {k: [int(v[-1].argmax())] for k, v in first.items()}
-    second = runner.step(nxt, pad_to=5)
-    for key, prompt in prompts.items():
-        expected = hf_logits(hf, prompt + nxt[key])
-        assert max_relative_error(first[key][-1], expected[-2]) < 1e-4
-        assert max_relative_error(second[key][-1], expected[-1]) < 1e-4
+# Logits, chunked prefill, padded decode, mixed batches and greedy parity of every variant: tests/test_model_parity.py
 
 
 @pytest.mark.parametrize("variant", ["v2-lite", "v3-yarn"])

@@ -1,5 +1,6 @@
-"""Parity with HF transformers: a tiny random model of each family, built and saved by transformers, loaded by our
-loader, must give the same logits (float32, within 1e-4 relative) and the same greedy continuation as `generate`."""
+"""Parity with HF transformers: a tiny random model of each family (DeepSeek's variants included), built and saved by
+transformers, loaded by our loader, must give the same logits (float32, within 1e-4 relative) and the same greedy
+continuation as `generate`."""
 
 import copy
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from model.loader import load_model
+from tests.deepseek_fixtures import TINY_DEEPSEEK, make_deepseek_model
 from tests.model_fixtures import (
     PARITY_FAMILIES, PagedRunner, assert_bf16_close, hf_greedy, hf_logits, make_hf_model, max_relative_error, save_checkpoint,
 )
@@ -14,10 +16,17 @@ from tests.model_fixtures import (
 PROMPT = [5, 77, 203, 19, 150, 8, 66, 301, 42, 42, 7, 260, 99]
 
 
-@pytest.fixture(scope="module", params=PARITY_FAMILIES)
+# DeepSeek builds its tiny models with its own fixture (tests/deepseek_fixtures.py): one entry per variant
+DEEPSEEK = [f"deepseek-{variant}" for variant in TINY_DEEPSEEK]
+
+
+@pytest.fixture(scope="module", params=[*PARITY_FAMILIES, *DEEPSEEK])
 def pair(request, tmp_path_factory):
     """(HF model, our model) of one family, ours loaded from the checkpoint HF saved."""
-    hf = make_hf_model(request.param, seed=PARITY_FAMILIES.index(request.param))
+    if request.param in DEEPSEEK:
+        hf = make_deepseek_model(request.param.removeprefix("deepseek-"), seed=DEEPSEEK.index(request.param))
+    else:
+        hf = make_hf_model(request.param, seed=list(PARITY_FAMILIES).index(request.param))
     directory = save_checkpoint(hf, tmp_path_factory.mktemp(request.param))
     ours, _ = load_model(str(directory), dtype=torch.float32)
     return hf, ours, directory
@@ -49,12 +58,13 @@ def test_greedy_32_tokens_identical_to_generate(pair):
 
 
 def test_batch_of_sequences_with_padding_matches_each_alone(pair):
-    """Three sequences prefilled together, then decoded together in a batch padded to 5 rows (slot -1): each
-    sequence's logits equal HF's for that sequence alone."""
+    """Three sequences prefilled together (one continuing a cached prefix), then decoded together in a batch padded
+    to 5 rows (slot -1): each sequence's logits equal HF's for that sequence alone."""
     hf, ours, _ = pair
     prompts = {"a": PROMPT, "b": PROMPT[3:9], "c": [11, 12]}
     runner = PagedRunner(ours, seed=2)
-    first = runner.step(prompts)
+    runner.step({"a": PROMPT[:4]})
+    first = runner.step({"a": PROMPT[4:], "b": prompts["b"], "c": prompts["c"]})
     nxt = {k: [int(v[-1].argmax())] for k, v in first.items()}
     second = runner.step(nxt, pad_to=5)
     for key, prompt in prompts.items():
