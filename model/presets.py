@@ -6,6 +6,19 @@ The dicts use `config.json` field names, so presets go through the same parser a
 
 TINY = "tiny"
 
+def _gpt_oss(layers: int, experts: int) -> dict:
+    """gpt-oss's config.json: both sizes share every field but the depth and the expert count."""
+    return dict(
+        model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=layers,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+        num_local_experts=experts, num_experts_per_tok=4, sliding_window=128,
+        layer_types=["sliding_attention", "full_attention"] * (layers // 2), rms_norm_eps=1e-5, attention_bias=True,
+        rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0,
+                             truncate=False, original_max_position_embeddings=4096),
+        tie_word_embeddings=False, eos_token_id=200002, pad_token_id=199999, torch_dtype="bfloat16",
+    )
+
+
 PRESETS: dict[str, dict] = {
     # Qwen/Qwen3-30B-A3B
     "qwen3-30b-a3b": dict(
@@ -95,25 +108,9 @@ PRESETS: dict[str, dict] = {
     ),
     # openai/gpt-oss-20b (its config.json; transformers' GptOssConfig defaults are the 120b's 36 layers and 128
     # experts). Experts are MXFP4 in the published checkpoint, bf16 here.
-    "gpt-oss-20b": dict(
-        model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
-        num_attention_heads=64, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
-        num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
-        layer_types=["sliding_attention", "full_attention"] * 12, rms_norm_eps=1e-5, attention_bias=True,
-        rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0,
-                             truncate=False, original_max_position_embeddings=4096),
-        tie_word_embeddings=False, eos_token_id=200002, pad_token_id=199999, torch_dtype="bfloat16",
-    ),
+    "gpt-oss-20b": _gpt_oss(layers=24, experts=32),
     # openai/gpt-oss-120b: the same layer with 128 experts, 36 layers.
-    "gpt-oss-120b": dict(
-        model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=36,
-        num_attention_heads=64, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
-        num_local_experts=128, num_experts_per_tok=4, sliding_window=128,
-        layer_types=["sliding_attention", "full_attention"] * 18, rms_norm_eps=1e-5, attention_bias=True,
-        rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0,
-                             truncate=False, original_max_position_embeddings=4096),
-        tie_word_embeddings=False, eos_token_id=200002, pad_token_id=199999, torch_dtype="bfloat16",
-    ),
+    "gpt-oss-120b": _gpt_oss(layers=36, experts=128),
     # Small enough for CI and a laptop; Qwen3-MoE layout. Its vocabulary is the byte tokenizer's (259 ids).
     TINY: dict(
         model_type="qwen3_moe", vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
