@@ -83,7 +83,6 @@ def test_fp8_and_bf16_in_one_run_report_both_kv_capacities(tmp_path, monkeypatch
 def test_mla_preset_shares_weights_with_hf_and_reports_both_kv_capacities(tmp_path, monkeypatch, model_type):
     """A tiny DeepSeek preset: HF runs on the engine's own weights (its `shared_experts` and its correction-bias
     buffer too), and the report gives the latent cache's capacity beside an uncompressed cache's."""
-    from benchmarks import bench_engine
     from model.presets import PRESETS
 
     tiny = dict(model_type=model_type, vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -94,11 +93,7 @@ def test_mla_preset_shares_weights_with_hf_and_reports_both_kv_capacities(tmp_pa
                 norm_topk_prob=model_type == "deepseek_v3", rms_norm_eps=1e-6, rope_theta=10000.0,
                 tie_word_embeddings=False, eos_token_id=258, initializer_range=0.2)
     monkeypatch.setitem(PRESETS, "tiny-mla", tiny)
-    monkeypatch.setattr(sys, "argv", ["bench_engine.py", "--presets", "tiny-mla", "--batches", "2", "--hf-batches",
-                                      "2", "--decode-batches", "2", "--input-len", "16", "--output-len", "4",
-                                      "--time-budget", "120", "--out", str(tmp_path)])
-    bench_engine.main()
-    report = json.loads(next(tmp_path.glob("bench_engine_*.json")).read_text())["presets"]["tiny-mla"]
+    report = run_small_preset(monkeypatch, tmp_path, "tiny-mla")
     assert report["hf_logits_rel_diff"] < 1e-4, "HF does not run on the engine's own weights"
     ours = report["ours"]
     # latent: 32 + 16 values per token per layer; uncompressed: 4 heads x (16 + 16 + 16)
@@ -109,17 +104,23 @@ def test_mla_preset_shares_weights_with_hf_and_reports_both_kv_capacities(tmp_pa
 def test_gpt_oss_preset_against_hf_on_shared_weights(tmp_path, monkeypatch):
     """A small gpt_oss preset through the engine benchmark: HF's model is built on our weights (gate_up exported
     back to its interleaved layout, router renamed) and its first logits agree with ours."""
-    from benchmarks import bench_engine
     from model.presets import PRESETS
 
     small = dict(PRESETS["gpt-oss-20b"], vocab_size=259, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_local_experts=8, sliding_window=8,
                  layer_types=["sliding_attention", "full_attention"], eos_token_id=258, pad_token_id=None)
     monkeypatch.setitem(PRESETS, "tiny-oss", small)
-    monkeypatch.setattr(sys, "argv", ["bench_engine.py", "--presets", "tiny-oss", "--batches", "2", "--hf-batches",
-                                      "2", "--decode-batches", "2", "--input-len", "16", "--output-len", "4",
-                                      "--time-budget", "120", "--out", str(tmp_path)])
-    bench_engine.main()
-    report = json.loads(next(tmp_path.glob("bench_engine_*.json")).read_text())["presets"]["tiny-oss"]
+    report = run_small_preset(monkeypatch, tmp_path, "tiny-oss")
     assert report["hf"]["2"]["tok_s"] > 0
     assert report["hf_logits_rel_diff"] < 1e-4
+
+
+def run_small_preset(monkeypatch, tmp_path, name: str) -> dict:
+    """bench_engine.py on preset `name` (already in PRESETS): batch 2 for us and HF, 16 tokens in, 4 out; its report."""
+    from benchmarks import bench_engine
+
+    monkeypatch.setattr(sys, "argv", ["bench_engine.py", "--presets", name, "--batches", "2", "--hf-batches", "2",
+                                      "--decode-batches", "2", "--input-len", "16", "--output-len", "4",
+                                      "--time-budget", "120", "--out", str(tmp_path)])
+    bench_engine.main()
+    return json.loads(next(tmp_path.glob("bench_engine_*.json")).read_text())["presets"][name]
