@@ -99,6 +99,23 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def split_partials(rows: int, splits: int, width: int, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(max, sum, acc) buffers [rows, splits(, width)] fp32 where the splits of a split-K decode leave their partial
+    softmax state for `combine_splits`; with one split the kernel writes `out` directly (they are unused)."""
+    if splits == 1:
+        return out, out, out
+    part_max = torch.empty(rows, splits, dtype=torch.float32, device=out.device)
+    return part_max, torch.empty_like(part_max), torch.empty(rows, splits, width, dtype=torch.float32,
+                                                             device=out.device)
+
+
+def combine_splits(partials: tuple[torch.Tensor, ...], out: torch.Tensor, rows: int, splits: int, width: int) -> None:
+    """Merges the splits' (max, sum, acc) of each of `rows` rows into out [rows, width] (nothing with one split)."""
+    if splits > 1:
+        _combine_splits_kernel[(rows,)](*partials, out, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
+                                        HEAD_DIM=width)
+
+
 def choose_splits(num_seqs: int, num_kv_heads: int, max_keys: int, device: torch.device, block_n: int) -> int:
     """Split each sequence's keys over several programs when (sequence, KV head) pairs alone cannot fill the GPU
     (small batches): about two programs per SM (rounded down to a power of two), each with at least one chunk of
@@ -133,21 +150,13 @@ def paged_decode_attention(
     max_keys = block_tables.shape[1] * page
     splits = splits or choose_splits(num_seqs, num_kv_heads, max_keys, q.device, block_n)
     split_len = -(-max_keys // (splits * block_n)) * block_n  # a whole number of key chunks
-    if splits > 1:
-        part_max = torch.empty(num_seqs * num_heads, splits, dtype=torch.float32, device=q.device)
-        part_sum = torch.empty_like(part_max)
-        part_acc = torch.empty(num_seqs * num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
-    else:
-        part_max = part_sum = part_acc = out  # unused
+    partials = split_partials(num_seqs * num_heads, splits, head_dim, out)
     _paged_decode_kernel[(num_seqs, num_kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part_max, part_sum, part_acc,
+        q, k_cache, v_cache, block_tables, context_lens, out, *partials,
         q if sinks is None else sinks.contiguous(), scale, sliding_window or 0, block_tables.stride(0), max_keys, split_len,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, PAGE=page, BLOCK_N=block_n, USE_WINDOW=sliding_window is not None,
         IEEE=q.dtype == torch.float32, SPLITS=splits, HAS_SINKS=sinks is not None, num_warps=4,
     )
-    if splits > 1:
-        _combine_splits_kernel[(num_seqs * num_heads,)](
-            part_max, part_sum, part_acc, out, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
-            HEAD_DIM=head_dim)
+    combine_splits(partials, out, num_seqs * num_heads, splits, head_dim)
     return out

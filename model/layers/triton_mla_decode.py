@@ -64,7 +64,7 @@ def supported(kv_lora_rank: int, rope_dim: int) -> bool:
 
 
 if triton is not None:
-    from model.layers.triton_decode_attention import _combine_splits_kernel, choose_splits
+    from model.layers.triton_decode_attention import choose_splits, combine_splits, split_partials
     from model.layers.triton_paged import dot, online_softmax_step
 
     @triton.jit(do_not_specialize=["table_stride", "max_keys", "split_len"])
@@ -143,21 +143,13 @@ def paged_mla_decode(
     tile = config.keys_per_tile(q.dtype)
     splits = splits or min(config.max_splits, choose_splits(num_seqs, groups, max_keys, q.device, tile))
     split_len = -(-max_keys // (splits * tile)) * tile
-    if splits > 1:
-        part_max = torch.empty(num_seqs * num_heads, splits, dtype=torch.float32, device=q.device)
-        part_sum = torch.empty_like(part_max)
-        part_acc = torch.empty(num_seqs * num_heads, splits, kv_lora_rank, dtype=torch.float32, device=q.device)
-    else:
-        part_max = part_sum = part_acc = out  # unused
+    partials = split_partials(num_seqs * num_heads, splits, kv_lora_rank, out)
     _paged_mla_decode_kernel[(groups, num_seqs, splits)](
-        q, latent_cache, block_tables, context_lens, out, part_max, part_sum, part_acc,
+        q, latent_cache, block_tables, context_lens, out, *partials,
         scale, block_tables.stride(0), max_keys, split_len,
         NUM_HEADS=num_heads, BLOCK_H=block_h, RANK=kv_lora_rank, ROPE=rope, PAGE=page, BLOCK_N=tile,
         IEEE=q.dtype == torch.float32, SPLITS=splits, num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    if splits > 1:
-        _combine_splits_kernel[(num_seqs * num_heads,)](
-            part_max, part_sum, part_acc, out, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
-            HEAD_DIM=kv_lora_rank)
+    combine_splits(partials, out, num_seqs * num_heads, splits, kv_lora_rank)
     return out
