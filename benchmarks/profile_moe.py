@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.bench_timing import Timer, graph_ms
 from benchmarks.moe_cases import EXPERT_SHAPES, make_routing, moe_flops
 from model.kernels import extension, fused_moe
+from model.kernels.fp8 import quantize_fp8_blocks
 
 PLAN_GRAPH_CALLS = 16  # plans per graph, as a model's decode graph holds one per layer
 PLAN_DIM = 128  # H = I for the plan probe: the plan does not depend on them beyond the workspace size
@@ -33,23 +34,33 @@ def shape_of(name: str) -> tuple[str, tuple[int, int, int, int]]:
 
 
 def kernel_label(name: str) -> str:
-    if "moe_gemm" in name:
-        return "gemm1" if "true>" in name or "Lb1E" in name else "gemm2"
+    if "moe_gemm" in name:  # kGateUp is the template argument after kCluster: true for GEMM1
+        return "gemm1" if "true" in name or "Lb1E" in name else "gemm2"
+    if "quantiz" in name:
+        return "quantise"
     return "combine" if "combine" in name else "plan" if "plan" in name else name[:40]
 
 
 class Weights:
     """Random expert weights of one shape at a time (the largest take most of the GPU)."""
 
-    def __init__(self, device):
-        self.device, self.name, self.tensors = device, None, None
+    def __init__(self, device, fp8: bool = False):
+        self.device, self.fp8, self.name, self.tensors = device, fp8, None, None
 
     def of(self, name: str, E: int, H: int, I: int):
+        """(w13, w2) in bf16, or with --fp8 (w13, w2, w13_scale, w2_scale) quantised per 128x128 block."""
         if name != self.name:
             self.tensors = None
             torch.cuda.empty_cache()
-            self.tensors = (torch.randn(E, 2 * I, H, device=self.device, dtype=torch.bfloat16) / H**0.5,
-                            torch.randn(E, H, I, device=self.device, dtype=torch.bfloat16) / I**0.5)
+            w13 = torch.randn(E, 2 * I, H, device=self.device, dtype=torch.bfloat16) / H**0.5
+            w2 = torch.randn(E, H, I, device=self.device, dtype=torch.bfloat16) / I**0.5
+            if self.fp8:  # one expert at a time: no float32 copy of the whole tensor
+                q = [[quantize_fp8_blocks(w[e]) for e in range(E)] for w in (w13, w2)]
+                del w13, w2
+                (q13, s13), (q2, s2) = ([torch.stack(t) for t in zip(*qs)] for qs in q)
+                self.tensors = (q13, q2, s13, s2)
+            else:
+                self.tensors = (w13, w2)
             self.name = name
         return self.tensors
 
@@ -58,23 +69,25 @@ def point_inputs(point: str, weights: Weights, gen: torch.Generator):
     shape, T, routing = point.split(":")
     name, (E, k, H, I) = shape_of(shape)
     T = int(T)
-    w13, w2 = weights.of(name, E, H, I)
+    w13, w2, *scales = weights.of(name, E, H, I)
     tw, ids = make_routing(routing, T, E, k, gen)
     x = torch.randn(T, H, device=gen.device, dtype=torch.bfloat16, generator=gen)
-    return f"{name} T={T} {routing}", (x, w13, w2, tw, ids), moe_flops(T, k, H, I)
+    kwargs = dict(w13_scale=scales[0], w2_scale=scales[1]) if scales else {}
+    return (f"{'fp8 ' if scales else ''}{name} T={T} {routing}", (x, w13, w2, tw, ids), kwargs,
+            moe_flops(T, k, H, I))
 
 
 def points(args, device):
     """Median time of the whole op (L2 flushed before each call), TFLOPS, and device ms of each kernel."""
     knobs = " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("STATICMOE_")) or "defaults"
-    timer, weights = Timer(device, budget_ms=300.0), Weights(device)
+    timer, weights = Timer(device, budget_ms=300.0), Weights(device, args.fp8)
     gen = torch.Generator(device=device).manual_seed(0)
     for point in args.points:
-        label, inputs, flops = point_inputs(point, weights, gen)
-        ms = timer.median_ms(lambda: fused_moe(*inputs), warmup=2)
+        label, inputs, kwargs, flops = point_inputs(point, weights, gen)
+        ms = timer.median_ms(lambda: fused_moe(*inputs, **kwargs), warmup=2)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
-                fused_moe(*inputs)
+                fused_moe(*inputs, **kwargs)
             torch.cuda.synchronize()
         per_kernel: dict[str, float] = {}
         for e in prof.key_averages():
@@ -103,10 +116,10 @@ def plan(args, device):
 
 def once(args, device):
     """One call per point and nothing else, so a profiler's capture holds exactly the layer's kernels."""
-    weights, gen = Weights(device), torch.Generator(device=device).manual_seed(0)
+    weights, gen = Weights(device, args.fp8), torch.Generator(device=device).manual_seed(0)
     for point in args.points:
-        _, inputs, _ = point_inputs(point, weights, gen)
-        fused_moe(*inputs)
+        _, inputs, kwargs, _ = point_inputs(point, weights, gen)
+        fused_moe(*inputs, **kwargs)
         torch.cuda.synchronize()
 
 
@@ -114,6 +127,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["points", "plan", "once"])
     p.add_argument("points", nargs="+", help="SHAPE:T:ROUTING (points, once) or T:E[:k] (plan)")
+    p.add_argument("--fp8", action="store_true", help="the FP8 op (weights quantised per 128x128 block)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("profile_moe.py profiles the CUDA kernels: it needs a GPU")
