@@ -107,12 +107,18 @@ def small_cases() -> list[tuple]:
 
 
 def real_cases() -> list[tuple]:
-    """The full grid, plus the routers of the presets (OLMoE 64/8, Qwen1.5-MoE 60/4, Qwen3-30B-A3B 128/8,
-    gpt-oss 32/4 and 128/4) and the kernel's limits (E = 512, k = 32)."""
-    grid = [(T, E, k, dtype, mode, layout) for (E, k) in EK + [(32, 4), (256, 8), (512, 10), (512, 32)]
-            for T in (1, 3, 64, 1000) for dtype in ("float32", "bfloat16", "float16")
-            for mode in MODES for layout in LAYOUTS]
-    return grid
+    """Every (E, k, mode) of the grid plus the kernel's limits (E = 512, k = 32), T, dtype and layout rotating
+    (each compiled variant costs ~1 s: the full product would be ~2000 cases); then the routers of the presets
+    (OLMoE 64/8, Qwen1.5-MoE 60/4, Qwen3-30B-A3B 128/8, gpt-oss 32/4 and 128/4) in every mode and dtype at a
+    decode step and a prefill chunk."""
+    cases = []
+    ek_all = EK + [(256, 8), (512, 10), (512, 32)]
+    for n, ((E, k), mode) in enumerate((ek, mode) for ek in ek_all for mode in MODES):
+        cases.append(((1, 3, 64, 1000)[n % 4], E, k, ("float32", "bfloat16", "float16")[n // 4 % 3], mode,
+                      LAYOUTS[n // 3 % 3]))
+    cases += [(T, E, k, dtype, mode, "contiguous") for (E, k) in [(64, 8), (60, 4), (128, 8), (32, 4), (128, 4)]
+              for T in (1, 1000) for dtype in ("float32", "bfloat16") for mode in MODES]
+    return cases
 
 
 def min_exact(case) -> float:
