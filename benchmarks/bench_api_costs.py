@@ -109,7 +109,9 @@ def start_server(args, source: list[str], log: Path) -> tuple[subprocess.Popen, 
     command = [sys.executable, "-m", "service", "serve", *source, "--port", str(port), "--device", args.device,
                "--max-num-seqs", str(args.concurrency), "--max-queue", str(args.concurrency),
                "--max-model-len", str(args.input_len + args.output_len), "--log-level", "warning"]
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("STATICMOE_")}, "PYTHONPATH": str(ROOT)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STATICMOE_")}
+    # keep the caller's path too: on the lent GPU machine fastapi & co. come from wheels unpacked onto PYTHONPATH
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 900
