@@ -161,13 +161,12 @@ cudaError_t run_gemms_fp8(const Problem& p, const void* w13, const void* w2, Wei
   if (err != cudaSuccess) return err;
   static const int32_t group1 = raster_group("STATICMOE_RASTER_GROUP_M1");
   static const int32_t group2 = raster_group("STATICMOE_RASTER_GROUP_M2");
-  static const int32_t early_loads = int32_t(env_knob("STATICMOE_FP8_EARLY_LOADS", 1, 0));  // 0: A/B baseline
   const int n_tiles1 = p.intermediate / 128;  // 128 output columns (one scale group) per tile
   const int n_tiles2 = (p.hidden + Cfg::kBlockN2 - 1) / Cfg::kBlockN2;
   Fp8GemmArgs g1{static_cast<const uint8_t*>(ws.x_fp8), ws.x_scale, scales.w13, ws.intermediate,
                  ws.intermediate_scale, topk_weights, plan.expert_counts, plan.expert_offsets, plan.sorted_rows, map,
                  p.hidden, p.intermediate, n_tiles1, p.top_k, group1, 2 * p.intermediate / kFP8Block,
-                 static_cast<const __nv_bfloat16*>(biases.w13), early_loads};
+                 static_cast<const __nv_bfloat16*>(biases.w13)};
   if (p.activation == Activation::kSwigluOai)
     err = launch_fp8<Cfg::kBlockM, Cfg::kBlockN1, Cfg::kStages, Cfg::kCluster, true, Activation::kSwigluOai>(
         w13_map, g1, device, stream);
@@ -177,7 +176,7 @@ cudaError_t run_gemms_fp8(const Problem& p, const void* w13, const void* w2, Wei
   Fp8GemmArgs g2{static_cast<const uint8_t*>(ws.intermediate), ws.intermediate_scale, scales.w2, ws.slot_out,
                  nullptr, topk_weights, plan.expert_counts, plan.expert_offsets, plan.sorted_rows, map,
                  p.intermediate, p.hidden, n_tiles2, p.top_k, group2, p.hidden / kFP8Block,
-                 static_cast<const __nv_bfloat16*>(biases.w2), early_loads};
+                 static_cast<const __nv_bfloat16*>(biases.w2)};
   return launch_fp8<Cfg::kBlockM, Cfg::kBlockN2, Cfg::kStages, Cfg::kCluster, false>(w2_map, g2, device, stream);
 }
 

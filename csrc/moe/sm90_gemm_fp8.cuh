@@ -40,7 +40,6 @@ struct Fp8GemmArgs {
   int32_t group_m;           // M tiles per raster group
   int32_t b_blocks;          // 128-row scale blocks per expert matrix: 2I/128 (GEMM1) or H/128 (GEMM2)
   const __nv_bfloat16* bias;  // GEMM1: w13_bias [E, 2I] (gate, then up); GEMM2: w2_bias [E, H]; null = none
-  int32_t early_loads;       // 1: the next tile's decode and GEMM2's row loads under the first MMAs (see consume_fp8)
 };
 
 constexpr int kFp8BlockK = 128;    // elements per K step = bytes per swizzled row = one scale block
@@ -172,38 +171,15 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
     sm90::mbarrier_arrive(&empty[step % kStages]);
     if constexpr (kCluster > 1) sm90::mbarrier_arrive_cluster(&empty[step % kStages], sm90::cluster_cta_rank() ^ 1);
   };
-  // Global loads whose results a tile needs late — the next tile's place in the task map (three dependent L2
-  // round trips), GEMM2's output rows and routing weights (two) — are issued under the tile's first MMAs, so
-  // their latency hides behind the tensor cores instead of stalling every warp between two tiles.
-  const int32_t stride = gridDim.x / kCluster;
-  int32_t v = blockIdx.x / kCluster;
-  TileWork w{};
-  if (v < total) w = decode_tile<kBlockM, kCluster>(args, v, num_slots, chunk_hint);
-  int32_t out_row[2] = {0, 0};  // GEMM2: slot_out row (token * k + slot) of this thread's rows r_lo, r_lo + 8
-  float route_wt[2] = {0.f, 0.f};
-  TileWork next{};
-  auto load_ahead = [&]() {
-    if constexpr (!kGateUp) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half)
-        out_row[half] = w.m0 + r_lo + half * 8 < w.rows ? args.sorted_rows[w.row_base + r_lo + half * 8] : -1;
-    }
-    if (v + stride < total) next = decode_tile<kBlockM, kCluster>(args, v + stride, num_slots, chunk_hint);
-    if constexpr (!kGateUp) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) route_wt[half] = out_row[half] >= 0 ? args.topk_weights[out_row[half]] : 0.f;
-    }
-  };
-  for (; v < total; v += stride, w = next) {
+  for (int32_t v = blockIdx.x / kCluster; v < total; v += gridDim.x / kCluster) {
+    const TileWork w = decode_tile<kBlockM, kCluster>(args, v, num_slots, chunk_hint);
     if (kCluster > 1 && w.m0 >= w.rows) {  // nothing to compute: pass the stages through for the peer's sake
-      load_ahead();
       for (int32_t kt = 0; kt < k_iters; ++kt, ++g) {
         sm90::mbarrier_wait(&full[g % kStages], (g / kStages) & 1);
         release(g);
       }
       continue;
     }
-    if (!args.early_loads) load_ahead();  // the A/B baseline: the loads stall here, before the mainloop
     if (args.bias) {  // uniform: staged now, read after the mainloop
       constexpr int kSeg = kBlockN / 2;  // GEMM1: the 128 gate | 128 up columns; GEMM2: two halves of the columns
       const int32_t col0 = kGateUp ? w.n_tile * kSeg : w.n_tile * kBlockN;
@@ -235,7 +211,6 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
         for (int kk = 0; kk < kFp8BlockK / 32; ++kk)  // 32 bytes of K per instruction: descriptor + 2
           sm90::wgmma_m64n128k32_e4m3(part, da + 2 * kk, db + h * (128 * 128 >> 4) + 2 * kk, kk > 0);
         sm90::wgmma_commit();
-        if (kt == 0 && h == 0 && args.early_loads) load_ahead();  // under the tile's first wgmmas
         sm90::wgmma_wait<0>();
         sm90::fence_accumulators(part);
         if (h == kHalves - 1) release(g);  // every read of this stage (scales included) is done
@@ -262,8 +237,8 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
         store_quantised_row<kAct>(acc, half, row_ok, dst, args.out_scale + row * (args.n_out / 128) + w.n_tile, lane);
       } else {
         if (!row_ok) continue;
-        const int32_t flat = out_row[half];
-        const float wt = route_wt[half];
+        const int32_t flat = args.sorted_rows[w.row_base + r];
+        const float wt = args.topk_weights[flat];
         __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(args.out) + int64_t(flat) * args.n_out;
 #pragma unroll
         for (int j = 0; j < kBlockN / 8; ++j) {
