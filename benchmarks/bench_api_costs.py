@@ -82,9 +82,12 @@ def train_tokenizer(directory: Path, vocab: int) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    # max_token_length: unbounded merges over the standard library made a 1497-byte token (a run of CJK test data),
+    # which llguidance cannot index; real BPE vocabularies stay far below 64 characters per token
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>", "<|im_start|>",
                                                                             "<|im_end|>"],
-                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                         max_token_length=32))
     tok.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
 

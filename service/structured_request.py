@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from model.engine.structured_output import Grammar, GrammarError, compile_grammar
+from model.engine.structured_output import Grammar, GrammarError, GrammarUnavailable, compile_grammar
 from service.errors import bad_request
 from service.protocol import SamplingRequest
 
@@ -59,5 +59,7 @@ def compile_constraint(constraint: Constraint, engine) -> Grammar:
     try:
         return compile_grammar(kind, spec, engine.tokenizer, int(engine.model_config.vocab_size),
                                list(engine.eos_token_ids))
+    except GrammarUnavailable as err:
+        raise bad_request(str(err), field, "structured_output_unavailable") from None
     except GrammarError as err:
         raise bad_request(f"Invalid {kind.replace('_', ' ')}: {str(err)[:500]}", field, "invalid_grammar") from None

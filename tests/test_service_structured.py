@@ -126,3 +126,48 @@ def test_bad_constraints_get_400_naming_the_field(served, extra, param):
                           json={"messages": [{"role": "user", "content": "a"}], **extra})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param, response.text
+
+
+def _tokenizer_with_a_very_long_token(directory) -> int:
+    """A byte-level BPE trained on text with a long repeated run, so that one token is hundreds of bytes: more than
+    llguidance's token trie indexes (it panics). Returns the longest token's length in bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = ["hello world " * 50, "的一是在不了有和人这" * 200] * 20
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=900, special_tokens=["<|im_end|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    return max(len(tok.decode([i]).encode()) for i in range(tok.get_vocab_size()))
+
+
+def test_a_tokenizer_the_grammar_engine_cannot_index_gets_a_400_not_a_500(tmp_path):
+    """Found on the H100 (bench_api_costs, 2026-12-06): a BPE trained on the standard library had a 1497-byte token,
+    llguidance panicked indexing it, and every constrained request got a 500 after seconds of re-indexing. Now: a
+    clear 400 (each time, from the cached failure), and unconstrained requests are served as before."""
+    from model.presets import PRESETS
+
+    longest = _tokenizer_with_a_very_long_token(tmp_path)
+    assert longest > 256
+    (tmp_path / "config.json").write_text(json.dumps({**PRESETS["tiny"], "vocab_size": 1024}))
+    from tests.service_fixtures import ServerProcess
+
+    server = ServerProcess(["--model", str(tmp_path), "--random-weights", "--served-model-name", "long-token"])
+    try:
+        server.wait_healthy()
+        body = {"model": "long-token", "prompt": "hello", "max_tokens": 4,
+                "structured_outputs": {"regex": "[a-z]{1,8}"}}
+        for _ in range(2):
+            r = httpx.post(server.base_url + "/v1/completions", json=body, timeout=120)
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert error["code"] == "structured_output_unavailable"
+            assert "tokenizer" in error["message"] and error["param"] == "structured_outputs.regex"
+        plain = httpx.post(server.base_url + "/v1/completions", timeout=120,
+                           json={"model": "long-token", "prompt": "hello", "max_tokens": 4, "ignore_eos": True})
+        assert plain.status_code == 200 and plain.json()["usage"]["completion_tokens"] == 4
+    finally:
+        server.stop()

@@ -33,6 +33,10 @@ class GrammarError(ValueError):
     """The grammar or schema is invalid (the message says why)."""
 
 
+class GrammarUnavailable(GrammarError):
+    """The grammar engine cannot index this tokenizer's vocabulary, so no constraint can be enforced."""
+
+
 class _ByteVocabulary:
     """The byte tokenizer (model/byte_tokenizer.py) as llguidance's TokenizerWrapper wants it: each id's bytes.
     Ids past its vocabulary (a random-weight preset's larger one) are unnamed special tokens no grammar allows."""
@@ -55,16 +59,30 @@ def grammar_tokenizer(tokenizer, vocab_size: int, eos_token_ids: list[int]) -> L
     with _lock:
         cached = getattr(tokenizer, "_llguidance", None)
         if cached is None or cached[0] != vocab_size:
-            if hasattr(tokenizer, "backend_json"):
-                ll = LLTokenizer(tokenizer.backend_json(), n_vocab=vocab_size, eos_token=list(eos_token_ids))
-            else:
-                ll = LLTokenizer(TokenizerWrapper(_ByteVocabulary(tokenizer, vocab_size)), n_vocab=vocab_size,
-                                 eos_token=list(eos_token_ids))
-            if ll.vocab_size != vocab_size:
-                raise GrammarError(f"the grammar engine sees {ll.vocab_size} tokens, the model {vocab_size}")
-            cached = (vocab_size, ll)
-            tokenizer._llguidance = cached
+            cached = (vocab_size, _index_vocabulary(tokenizer, vocab_size, eos_token_ids))
+            tokenizer._llguidance = cached  # a failure too: indexing 150k tokens again per request takes seconds
+        if isinstance(cached[1], GrammarUnavailable):
+            raise cached[1]
         return cached[1]
+
+
+def _index_vocabulary(tokenizer, vocab_size: int, eos_token_ids: list[int]) -> LLTokenizer | GrammarUnavailable:
+    try:
+        if hasattr(tokenizer, "backend_json"):
+            ll = LLTokenizer(tokenizer.backend_json(), n_vocab=vocab_size, eos_token=list(eos_token_ids))
+        else:
+            ll = LLTokenizer(TokenizerWrapper(_ByteVocabulary(tokenizer, vocab_size)), n_vocab=vocab_size,
+                             eos_token=list(eos_token_ids))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # noqa: BLE001 — llguidance's Rust asserts surface as pyo3's PanicException, a
+        # BaseException: e.g. a token longer than its trie allows (seen with a BPE trained on code: 1497 bytes)
+        return GrammarUnavailable(f"structured output is unavailable with this model's tokenizer: the grammar "
+                                  f"engine could not index its vocabulary ({type(err).__name__}: {str(err)[:200]})")
+    if ll.vocab_size != vocab_size:
+        return GrammarUnavailable(f"structured output is unavailable with this model's tokenizer: the grammar "
+                                  f"engine sees {ll.vocab_size} tokens, the model {vocab_size}")
+    return ll
 
 
 def grammar_text(kind: str, spec) -> str:
