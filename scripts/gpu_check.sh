@@ -7,7 +7,8 @@
 #   benchmarks/bench_prefix_cache.py per preset (SERVE_PRESETS, PREFIX_ARGS); truth: the utilization-metric check
 #   (benchmarks/utilization_truth.py, TRUTH_PRESET). decode-ab: the decode step profile with our Triton KV write and
 #   router, then with the torch ops (issue 21); metrics-ab: the same profile with and without expert metrics
-#   (DECODE_PRESETS, default olmoe-1b-7b qwen3-30b-a3b).
+#   (DECODE_PRESETS, default olmoe-1b-7b qwen3-30b-a3b). api-costs: benchmarks/bench_api_costs.py (API_PRESET,
+#   API_ARGS). ncu-fp8: Nsight Compute on the FP8 GEMMs of one layer call (NCU_POINT, default qwen3:8192:balanced).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-logs}
 mkdir -p "$OUT"
@@ -81,6 +82,16 @@ for step in "${steps[@]}"; do
         python3 benchmarks/profile_engine.py step-phases $flag ${DECODE_PRESETS:-olmoe-1b-7b qwen3-30b-a3b} \
           > "$OUT/profile_metrics${flag:-_on}.log" 2>&1
         echo "${flag:-metrics on}: $(grep -E '^[a-z0-9.-]+ batch' "$OUT/profile_metrics${flag:-_on}.log" | tr '\n' ' ')"
+      done ;;
+    api-costs)  # issue 20: logprobs and structured output on vs off at c=64, one server, interleaved levels
+      python3 benchmarks/bench_api_costs.py --preset "${API_PRESET:-qwen3-30b-a3b}" --client-processes 4 \
+        ${API_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench_api_costs.log" | tail -12
+      status=$((status | ${PIPESTATUS[0]})) ;;
+    ncu-fp8)  # issue 16: one FP8 GEMM launch per kernel under Nsight Compute (tensor pipe share, stall reasons)
+      for skip in 0 1; do  # launch 0 is GEMM1, launch 1 GEMM2 of the same layer call
+        ncu --kernel-name regex:moe_gemm_fp8 --launch-skip $skip --launch-count 1 --set full \
+          python3 benchmarks/profile_moe.py once --fp8 "${NCU_POINT:-qwen3:8192:balanced}" > "$OUT/ncu_fp8_gemm$((skip + 1)).txt" 2>&1
+        echo "ncu gemm$((skip + 1)): $(grep -E 'Duration|Compute \(SM\) Throughput' "$OUT/ncu_fp8_gemm$((skip + 1)).txt" | tr -s ' ' | tr '\n' ';')"
       done ;;
     truth)
       python3 benchmarks/utilization_truth.py --preset "${TRUTH_PRESET:-olmoe-1b-7b}" --out "$OUT" 2>&1 \
