@@ -174,6 +174,17 @@ def test_streamed_response_splits_channels_and_calls(harmony_server, case):
         assert len(reasoning_parts) > 1, "the reasoning came in one piece: not streamed as it was written"
 
 
+
+def test_every_choice_of_n_is_split(harmony_server):
+    """n=2: each choice samples with its own parameters, and each keeps the markers and is split."""
+    client, _ = harmony_server
+    text, reasoning, _, calls, finish = CASES["analysis_then_call"]
+    response = create(client, text, n=2)
+    assert len(response.choices) == 2
+    for choice in response.choices:
+        assert choice.message.model_extra["reasoning_content"] == reasoning
+        assert calls_of(choice.message.tool_calls) == calls and choice.finish_reason == finish
+
 def test_a_call_sent_back_with_its_result_renders_as_harmony(harmony_server):
     """Turn 1 calls the tool; its response (reasoning_content and tool_calls, as the client got them) goes back
     with the tool's result and instructions; turn 2's prompt is OpenAI's harmony layout for that history (written
