@@ -1,10 +1,11 @@
 """/v1/chat/completions: messages (and tools) through the chat template -> assistant messages, whole or streamed.
 
 Output text goes through the reasoning parser (--reasoning-parser: <think> text, or gpt-oss's analysis channel
-(harmony, which keeps the output's special tokens) -> `reasoning_content`), then the
-tool-call parser (--tool-call-parser, when the request has tools and tool_choice is not "none": calls ->
-`tool_calls`, finish_reason "tool_calls"). tool_choice "required" or a named function constrains the output with
-the parser's forcing grammar, so a valid call comes out whatever the weights.
+(harmony, which keeps the output's special tokens and is handed the text of its stop token, `<|call|>` or
+`<|return|>`, which the engine leaves out) -> `reasoning_content`), then the tool-call parser (--tool-call-parser,
+when the request has tools and tool_choice is not "none": calls -> `tool_calls`, finish_reason "tool_calls").
+tool_choice "required" or a named function constrains the output with the parser's forcing grammar, so a valid call
+comes out whatever the weights.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from service.errors import bad_request
+from service.harmony import BODY_ENDS
 from service.logprobs_format import TokenTexts, chat_logprobs, prompt_logprobs
 from service.prompts import chat_prompt_ids
 from service.protocol import new_id, now
@@ -27,8 +29,10 @@ from service.tool_parsers import get_tool_parser
 class _Choice:
     """One choice's state: its text, and for streams the reasoning and tool-call parsers' progress."""
 
-    def __init__(self, index: int, reasoner, starts_in_think: bool, tool_parser, texts: TokenTexts):
+    def __init__(self, index: int, reasoner, starts_in_think: bool, tool_parser, texts: TokenTexts,
+                 stop_ids: frozenset[int] = frozenset()):
         self.index = index
+        self.stop_ids = stop_ids  # the stop tokens whose text the harmony parser reads (the engine leaves it out)
         self.text = ""
         self.token_ids: list[int] = []
         self.logprobs: list = []
@@ -49,10 +53,21 @@ class _Choice:
         if output.finished:
             self.finish_reason, self.stop_reason = output.finish_reason, output.stop_reason
 
+    def stop_marker(self) -> str:
+        """The harmony marker that stopped the output (a token of `stop_ids` whose text ends a harmony message):
+        `<|call|>` and `<|return|>` are gpt-oss's EOS tokens, which the engine leaves out of the text, and the
+        harmony parser needs them to tell a finished call from one cut off by max_tokens. "" for any other end."""
+        if self.finish_reason != "stop" or not self.token_ids or self.token_ids[-1] not in self.stop_ids:
+            return ""
+        text = self.texts.tokenizer.decode([self.token_ids[-1]], skip_special_tokens=False)
+        return text if text in BODY_ENDS else ""
+
     def delta(self, output, include_reasoning: bool) -> dict:
         """The stream delta of one output: reasoning_content, content and completed tool_calls."""
         reasoning, content = ("", output.new_text) if self.reasoning is None else self.reasoning.feed(output.new_text)
         if output.finished and self.reasoning is not None:
+            r, c = self.reasoning.feed(self.stop_marker())
+            reasoning, content = reasoning + r, content + c
             r, c = self.reasoning.finish()
             reasoning, content = reasoning + r, content + c
         calls = []
@@ -116,12 +131,15 @@ async def chat(serving: OpenAIServing, body: ChatCompletionRequest, request: Req
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens, logprobs=top, prompt_logprobs=body.prompt_logprobs,
                              bad_words=bad_words, grammar=grammar)
+    stop_ids = frozenset()
     if getattr(reasoner, "keeps_special_tokens", False):  # harmony's channel markers are special tokens
-        params.skip_special_tokens = False
+        for choice_params in params:
+            choice_params.skip_special_tokens = False
+        stop_ids = frozenset([*([] if body.ignore_eos else engine.eos_token_ids), *(body.stop_token_ids or [])])
     group = await serving.submit([prompt], params)
 
     texts = TokenTexts(engine.tokenizer, body.return_tokens_as_token_ids)
-    choices = [_Choice(i, reasoner, starts_in_think, tool_parser if body.stream else None, texts)
+    choices = [_Choice(i, reasoner, starts_in_think, tool_parser if body.stream else None, texts, stop_ids)
                for i in range(body.n)]
     usage = Usage(body.n, [len(prompt)], body.n)
     request_id, created = new_id("chatcmpl", body.request_id), now()
@@ -165,8 +183,8 @@ async def chat(serving: OpenAIServing, body: ChatCompletionRequest, request: Req
     await serving.collect(group, collect, request)
 
     def message(choice: _Choice) -> tuple[dict, str | None]:
-        reasoning, content = (None, choice.text) if reasoner is None else reasoner.parse(choice.text,
-                                                                                            starts_in_think)
+        reasoning, content = (None, choice.text) if reasoner is None else reasoner.parse(
+            choice.text + choice.stop_marker(), starts_in_think)
         calls = []
         if tool_parser is not None and content is not None:
             content, calls = tool_parser.parse(content)

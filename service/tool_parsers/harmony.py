@@ -5,8 +5,9 @@ splits the channels and passes each call on in the content in one canonical form
     <|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{...}<|call|>
 
 which this parser turns into `tool_calls`; a call whose arguments are not a JSON object, or that never ends, stays
-content. Forcing a call (tool_choice required or named) is refused: harmony's markers are special tokens, which a
-text grammar does not produce.
+content. Forcing a call (tool_choice required or named) is refused for now: its grammar would name harmony's
+markers as special tokens (llguidance's Lark grammars can: tests/test_harmony_http.py forces whole harmony answers
+so) and would have to decide how much analysis may come before the call; not written yet.
 """
 
 from __future__ import annotations
@@ -83,4 +84,4 @@ class HarmonyToolParser:
 
     def forcing_grammar(self, tools: list[dict], name: str | None, parallel: bool) -> str:
         raise bad_request("tool_choice 'required' or a named function is not supported with the harmony format "
-                          "(its markers are special tokens a grammar cannot force); use 'auto'", "tool_choice")
+                          "yet; use 'auto'", "tool_choice")
