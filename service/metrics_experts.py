@@ -77,8 +77,9 @@ class ExpertLoadCollector:
     def update(self, totals: list[list[int]], window: list[list[int]]) -> None:
         """Called by the engine thread with a snapshot's lists (not copied: the snapshot is not reused); an empty
         list leaves the previous values."""
-        previous_totals, previous_window = self._latest
-        self._latest = (totals or previous_totals, window or previous_window)
+        if totals or window:  # a new pair only for new lists: the cached text stays valid otherwise
+            previous_totals, previous_window = self._latest
+            self._latest = (totals or previous_totals, window or previous_window)
 
     def describe(self):  # the registry asks at registration: the names, without a collect
         families = []
