@@ -75,7 +75,7 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layout", choices=sorted(LAYOUTS), default="qwen3")
     parser.add_argument("--repeats", type=int, default=30, help="scrapes of each kind timed")
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--tokens-per-publish", type=int, default=50, help="mean new tokens per expert a publish")
     parser.add_argument("--vllm-metric-names", action="store_true", help="also the vllm:* mirror, as the flag")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     prometheus_client.disable_created_metrics()  # as the server (service/cli.py)
     layers, experts = moe_layout(LAYOUTS[args.layout])
@@ -125,6 +125,8 @@ def main() -> None:
     print(f"publish (engine thread)   {quantiles_ms(publishes)}")
     print(f"scrape, new snapshot      {quantiles_ms(fresh)}")
     print(f"scrape, cached            {quantiles_ms(cached)}")
+    return {"series": layers * experts, "text_bytes": size, "publish_s": publishes, "scrape_new_snapshot_s": fresh,
+            "scrape_cached_s": cached}
 
 
 if __name__ == "__main__":

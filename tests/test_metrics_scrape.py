@@ -191,3 +191,12 @@ def test_a_scrape_in_progress_does_not_block_the_engine_thread(monkeypatch):
         scraper.join(10)
     monkeypatch.setattr(metrics_experts, "render_lines", render_lines)
     assert expert_families(scrape_text(metrics.registry))[TOKENS][("1", "0")] == 9.0
+
+
+def test_bench_metrics_scrape_smoke():
+    from benchmarks import bench_metrics_scrape
+
+    result = bench_metrics_scrape.main(["--layout", "olmoe", "--repeats", "2", "--publishes-per-scrape", "2"])
+    assert result["series"] == 16 * 64 and result["text_bytes"] > 16 * 64 * 40
+    assert len(result["scrape_new_snapshot_s"]) == 2 and len(result["scrape_cached_s"]) == 2
+    assert len(result["publish_s"]) == 6 and all(t > 0 for t in result["publish_s"] + result["scrape_cached_s"])
