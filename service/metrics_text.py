@@ -22,8 +22,8 @@ from prometheus_client.utils import floatToGoString
 
 class RenderedFamily(Metric):
     """A metric family whose text-format lines (`text`, bytes) were rendered ahead. Its Sample list, which only
-    library consumers read (`generate_latest(registry)`, `get_sample_value`, the vLLM-name mirror's copies), is
-    built on first access by `build_samples`."""
+    library consumers read (`generate_latest(registry)`, `get_sample_value`; `scrape_text` and the vLLM-name
+    mirror do not), is built on first access by `build_samples`."""
 
     def __init__(self, like: Metric, text: bytes, build_samples: Callable[[], list[Sample]]):
         super().__init__(like.name, like.documentation, like.type)  # its `self.samples = []` goes to the setter
