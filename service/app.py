@@ -15,10 +15,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.engine_client import EngineClient
 from service.errors import ApiError, error_response, install_error_handlers
+from service.metrics_text import scrape_text
 from service.metrics_vllm import vllm_registry
 from service.protocol import CompletionRequest, ErrorResponse, ModelCard, ModelList, now
 from service.protocol_chat import ChatCompletionRequest
@@ -56,7 +57,8 @@ def create_app(engine_client: EngineClient, settings: ServiceSettings) -> FastAP
         parse_special_tokens_in_content=settings.parse_special_tokens_in_content,
         ignore_unknown_fields=settings.ignore_unknown_fields, tool_call_parser=settings.tool_call_parser,
         reasoning_parser=settings.reasoning_parser))
-    vllm_names = vllm_registry(engine_client.registry) if settings.vllm_metric_names else None
+    metric_registries = [engine_client.registry] + ([vllm_registry(engine_client.registry)]
+                                                    if settings.vllm_metric_names else [])
     created = now()
 
     def model_card() -> ModelCard:
@@ -114,10 +116,7 @@ def create_app(engine_client: EngineClient, settings: ServiceSettings) -> FastAP
 
     @app.get("/metrics", summary="Prometheus metrics (text exposition format)")
     async def metrics():
-        text = generate_latest(engine_client.registry)
-        if vllm_names is not None:
-            text += generate_latest(vllm_names)
-        return Response(text, media_type=CONTENT_TYPE_LATEST)
+        return Response(scrape_text(*metric_registries), media_type=CONTENT_TYPE_LATEST)
 
     def openapi_schema() -> dict:
         """FastAPI's schema, with `model` narrowed to the one served id (clients and fuzzers see what is valid)."""
