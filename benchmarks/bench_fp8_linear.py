@@ -8,7 +8,7 @@ layer) with the weights of the 48 calls distinct, so L2 holds none of them.
 Byte floor per call: weight bytes (+ scales) ÷ the device copy bandwidth measured in the same run. Shapes: the dense
 linears of qwen3-30b-a3b (qkv, o) and of a DeepSeek-V3-like attention, which an FP8 checkpoint runs in FP8.
 
-    python benchmarks/bench_fp8_linear.py [--m 1 16 64 256 512 1024 4096] [--out DIR]
+    python benchmarks/bench_fp8_linear.py [--m 1 16 64 256 512 1024 4096] [--tile-sweep] [--out DIR]
 """
 
 import argparse
@@ -37,11 +37,20 @@ SHAPES = {  # name: (N, K)
 LAYERS = 48
 
 
-def fp8_paths(dev: torch.device) -> dict:
+def cuda_tiles(tiles: str):
+    """The CUDA path with the tile kind forced (the sweep that tests the chooser's thresholds)."""
+    def run(x, weight, weight_scale, bias):
+        return extension.dense_fp8_linear_cuda(x, weight, weight_scale, bias, tiles=tiles)
+    return run
+
+
+def fp8_paths(dev: torch.device, tile_sweep: bool = False) -> dict:
     """The FP8 paths this device runs, each called directly (not through the STATICMOE_FP8_DENSE choice)."""
     paths = {}
     if extension.available_for(dev):
         paths["cuda"] = fl._cuda_path
+        if tile_sweep:
+            paths.update({f"cuda_{t}": cuda_tiles(t) for t in ("decode", "large", "cluster")})
     if triton_fp8_gemm.available():
         paths["triton"] = fl._triton_path
     if block_scaled_mm_supported(dev):
@@ -74,9 +83,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 256, 512, 1024, 4096])
     p.add_argument("--out", type=Path)
+    p.add_argument("--tile-sweep", action="store_true",
+                   help="also time the CUDA path with each tile kind forced (decode 64x128, large 128x256, cluster)")
     args = p.parse_args(argv)
     dev = torch.device("cuda")
-    paths = fp8_paths(dev)
+    paths = fp8_paths(dev, args.tile_sweep)
     if not paths:
         raise SystemExit("no fast FP8 path here: fp8_linear would time its dequantising fallback")
     # read + write bytes per second of a large copy: the rate a read-only weight stream reaches too (bench_engine)

@@ -48,11 +48,11 @@ def linears():
     return get
 
 
-def run_poisoned(x, w, s, bias):
+def run_poisoned(x, w, s, bias, tiles="choose"):
     M, K = x.shape
     out = torch.full((M, w.shape[0]), float("nan"), dtype=torch.bfloat16, device="cuda")
     ws = torch.empty(extension._C.dense_fp8_workspace_bytes(M, K), dtype=torch.uint8, device="cuda").fill_(0xFF)
-    got = extension.dense_fp8_linear_cuda(x, w, s, bias, out=out, workspace=ws)
+    got = extension.dense_fp8_linear_cuda(x, w, s, bias, out=out, workspace=ws, tiles=tiles)
     torch.cuda.synchronize()
     assert got.data_ptr() == out.data_ptr()
     return got
@@ -83,6 +83,17 @@ def test_cuda_dense_fp8_matches_the_float32_linear(N, K, M, with_bias, linears):
     err, err_ref, close = check(run_poisoned(x, w, s, bias), x, w, s, bias, w32)
     print(f"M={M} N={N} K={K} bias={with_bias}: rel err {err:.3e} (reference {err_ref:.3e}), vs same numerics "
           f"{close:.2e}")
+
+
+@pytest.mark.parametrize("tiles", ["decode", "large", "cluster"])
+@pytest.mark.parametrize("M", [7, 300, 600])
+@pytest.mark.parametrize("N, K", [(576, 7168), (2048, 4096)])
+def test_every_tile_kind_at_any_row_count(N, K, M, tiles, linears):
+    """The benchmark's tile override: each kind must be right wherever it is forced (a cluster at 7 rows leaves one
+    CTA of the pair without rows; decode tiles at 600 rows take 10 M tiles)."""
+    w, s, bias, w32 = linears(N, K)
+    x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+    check(run_poisoned(x, w, s, bias, tiles=tiles), x, w, s, bias, w32)
 
 
 def test_outliers_and_zero_groups(linears):

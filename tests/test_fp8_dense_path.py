@@ -138,3 +138,7 @@ def test_the_binding_rejects_shapes_the_kernel_cannot_take():
         C.dense_fp8_linear(0, 0, 0, 0, 0, 7, 192, 256, 0, need, 0, 0)
     with pytest.raises(ValueError, match="workspace smaller"):
         C.dense_fp8_linear(0, 0, 0, 0, 0, 7, 256, 256, 0, need - 1, 0, 0)
+    with pytest.raises(ValueError, match=r"tiles must be -1 \(choose\), 0, 1 or 2"):
+        C.dense_fp8_linear(0, 0, 0, 0, 0, 7, 256, 256, 0, need, 0, 0, tiles=3)
+    with pytest.raises(ValueError, match="tiles='huge', want one of choose, decode, large, cluster"):
+        extension.dense_fp8_linear_cuda(*linear()[:3], tiles="huge")

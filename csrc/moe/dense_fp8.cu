@@ -77,23 +77,23 @@ size_t dense_fp8_workspace_bytes(int32_t rows, int32_t k) { return layout(rows, 
 
 cudaError_t dense_fp8_linear(const void* x, const void* w, const float* w_scale, const void* bias, void* out,
                              int32_t rows, int32_t k, int32_t n, void* workspace, size_t workspace_size, int device,
-                             cudaStream_t stream) {
-  if (rows < 0 || k <= 0 || k % kFP8Block || n <= 0 || n % 8) return cudaErrorInvalidValue;
+                             cudaStream_t stream, int tiles) {
+  if (rows < 0 || k <= 0 || k % kFP8Block || n <= 0 || n % 8 || tiles < -1 || tiles > 2) return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
   if (workspace_size < dense_fp8_workspace_bytes(rows, k)) return cudaErrorInvalidValue;
   DenseWorkspace ws;
   layout(rows, k, static_cast<char*>(workspace), &ws);
   // The MoE's chooser with every row on one expert: decode tiles up to 64 rows, 2-CTA clusters from 512.
-  Problem p{rows, 1, 1, n, k, DType::kBF16, true};
-  const LaunchConfig cfg = choose_config(p);
+  const Problem one_expert{rows, 1, 1, n, k, DType::kBF16, true};
+  const TileKind kind = tiles >= 0 ? TileKind(tiles) : choose_config(one_expert).tiles;
   const int32_t blocks = (rows + kPlanThreads - 1) / kPlanThreads;
   cudaError_t err = launch_with_pdl(dense_plan_kernel, dim3(blocks < 1024 ? blocks : 1024), dim3(kPlanThreads), 0,
-                                    stream, rows, cfg.tile_rows(), ws.plan, ws.ones);
+                                    stream, rows, tile_rows(true, kind), ws.plan, ws.ones);
   if (err != cudaSuccess) return err;
   err = quantize_rows_fp8(static_cast<const __nv_bfloat16*>(x), rows, k, ws.x_fp8, ws.x_scale, stream);
   if (err != cudaSuccess) return err;
   const DenseFp8Gemm gemm{ws.x_fp8, ws.x_scale, w, w_scale, bias, out, ws.ones, ws.plan, rows, k, n};
-  return dense_gemm_fp8_sm90(gemm, cfg.tiles, device, stream);
+  return dense_gemm_fp8_sm90(gemm, kind, device, stream);
 }
 
 }  // namespace staticmoe::moe

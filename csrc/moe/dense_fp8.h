@@ -15,8 +15,10 @@ size_t dense_fp8_workspace_bytes(int32_t rows, int32_t k);
 // (+ bias [n] bf16, null = none), all row-major and contiguous. x is quantised per (row, 128 columns) with
 // scale = amax / 448, the rule of quantize_rows_fp8. Needs k a positive multiple of 128 and n a positive multiple
 // of 8 (the epilogue stores column pairs; the staged bias copies 4-byte pairs); rows >= 0.
+// Tiles: the MoE's chooser with every row on one expert (choose_config), unless `tiles` names a TileKind (0 decode,
+// 1 large, 2 large with 2-CTA clusters): an override for benchmarks that time each kind; -1 = choose.
 cudaError_t dense_fp8_linear(const void* x, const void* w, const float* w_scale, const void* bias, void* out,
                              int32_t rows, int32_t k, int32_t n, void* workspace, size_t workspace_size, int device,
-                             cudaStream_t stream);
+                             cudaStream_t stream, int tiles = -1);
 
 }  // namespace staticmoe::moe
