@@ -127,6 +127,7 @@ def test_the_launch_wrapper_checks_layouts_and_dtypes():
 def test_the_binding_rejects_shapes_the_kernel_cannot_take():
     """Before any pointer is touched (they are 0 here): the C++ entry checks K, N and the workspace size."""
     C = extension._C
+    assert hasattr(C, "dense_fp8_linear"), "the built _C predates csrc/moe/dense_fp8.cu: rebuild the extension"
     assert C.dense_fp8_workspace_bytes(0, 128) >= 0
     need = C.dense_fp8_workspace_bytes(7, 256)
     assert need >= 7 * 256 + 7 * 2 * 4 + 7 * 4 * 2  # x e4m3, its scales, sorted rows and weights
