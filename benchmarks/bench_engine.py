@@ -377,6 +377,7 @@ def bench_preset(preset, args, bandwidth, deadline: float, quantization: str = "
         from model.kernels.fp8_linear import dense_fp8_path
 
         ours["fp8_dense_linears"] = {"scaled_mm": "torch._scaled_mm 1x128 x 128x128 blocks",
+                                     "cuda": "CUDA FP8 GEMM2 kernel with one expert (csrc/moe/dense_fp8.cu)",
                                      "triton": "Triton block-scaled GEMM (model/kernels/triton_fp8_gemm.py)",
                                      "reference": "dequantise-then-matmul fallback"}[dense_fp8_path(engine.device)]
     print(f"  weights {ours['weight_gib']:.1f} GiB ({ours['experts_precision']} experts"

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "moe/combine.h"
+#include "moe/dense_fp8.h"
 #include "moe/moe.h"
 #include "moe/plan_host.h"
 #include "moe/quantize.h"
@@ -162,6 +163,27 @@ PYBIND11_MODULE(_C, m) {
                                  stream_of(s)),
                 "staticmoe moe_forward_fp8");
         });
+  m.def("dense_fp8_workspace_bytes", [](int32_t rows, int32_t k) {
+    if (rows < 0 || k <= 0 || k % moe::kFP8Block) throw std::invalid_argument("need rows >= 0 and K a multiple of 128");
+    return moe::dense_fp8_workspace_bytes(rows, k);
+  });
+  m.def("dense_fp8_linear",  // out [M, N] bf16 = quantise(x [M, K] bf16) · dequantise(w [N, K] e4m3, w_scale)ᵀ (+ bias)
+        [](uintptr_t x, uintptr_t w, uintptr_t w_scale, uintptr_t bias, uintptr_t out, int32_t M, int32_t K, int32_t N,
+           uintptr_t workspace, size_t workspace_size, int device, uintptr_t s, int tiles) {
+          if (tiles < -1 || tiles > 2) throw std::invalid_argument("tiles must be -1 (choose), 0, 1 or 2 (a TileKind)");
+          if (M < 0 || K <= 0 || K % moe::kFP8Block || N <= 0 || N % 8)
+            throw std::invalid_argument("dense FP8 linear: need M >= 0, K a multiple of 128 and N a multiple of 8, got M=" +
+                                        std::to_string(M) + " K=" + std::to_string(K) + " N=" + std::to_string(N));
+          if (workspace_size < moe::dense_fp8_workspace_bytes(M, K))
+            throw std::invalid_argument("dense FP8 linear: workspace smaller than dense_fp8_workspace_bytes(M, K)");
+          check(moe::dense_fp8_linear(ptr<const void>(x), ptr<const void>(w), ptr<const float>(w_scale),
+                                      ptr<const void>(bias), ptr<void>(out), M, K, N, ptr<void>(workspace),
+                                      workspace_size, device, stream_of(s), tiles),
+                "staticmoe dense_fp8_linear");
+        },
+        py::arg("x"), py::arg("w"), py::arg("w_scale"), py::arg("bias"), py::arg("out"), py::arg("M"), py::arg("K"),
+        py::arg("N"), py::arg("workspace"), py::arg("workspace_size"), py::arg("device"), py::arg("stream"),
+        py::arg("tiles") = -1);
   m.def("quantize_rows_fp8",  // x [rows, cols] bf16 -> e4m3 [rows, cols] + float32 scales [rows, cols/128]
         [](uintptr_t x, int32_t rows, int32_t cols, uintptr_t q, uintptr_t scale, uintptr_t s) {
           if (rows < 0 || cols % moe::kFP8Block) throw std::invalid_argument("cols must be a multiple of 128");

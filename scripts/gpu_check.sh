@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The one script run on the lent H100 (see README "GPU runs"): builds the extension, checks the SASS, runs
 # `pytest -m gpu` and the benchmarks, writing logs under $OUT (default ./gpu-logs).
-#   bash scripts/gpu_check.sh [build] [tests] [sanitize] [bench] [bench-quick] [bench-fp8] [bench-mla] [engine]
-#   [serve] [prefix] [truth] (default: build tests). bench-mla: benchmarks/bench_mla.py (MLA decode against its
-#   byte floor). serve: benchmarks/bench_serve.py per preset (SERVE_PRESETS, SERVE_ARGS); prefix:
+#   bash scripts/gpu_check.sh [build] [tests] [sanitize] [bench] [bench-quick] [bench-fp8] [bench-fp8-linear]
+#   [bench-mla] [engine] [serve] [prefix] [truth] (default: build tests). bench-fp8-linear:
+#   benchmarks/bench_fp8_linear.py (dense FP8 linears: our CUDA kernel per tile kind, Triton, cuBLAS bf16;
+#   FP8_LINEAR_ARGS). bench-mla: benchmarks/bench_mla.py (MLA decode against its byte floor). serve:
+#   benchmarks/bench_serve.py per preset (SERVE_PRESETS, SERVE_ARGS); prefix:
 #   benchmarks/bench_prefix_cache.py per preset (SERVE_PRESETS, PREFIX_ARGS); truth: the utilization-metric check
 #   (benchmarks/utilization_truth.py, TRUTH_PRESET). decode-ab: the decode step profile with our Triton KV write and
 #   router, then with the torch ops (issue 21); metrics-ab: the same profile with and without expert metrics
@@ -57,6 +59,8 @@ for step in "${steps[@]}"; do
     bench) python3 benchmarks/bench_moe.py --out-dir "$OUT" 2>&1 | tee "$OUT/bench_moe.log" | tail -60 ;;
     bench-quick) python3 benchmarks/bench_moe.py --quick --out-dir "$OUT" 2>&1 | tee "$OUT/bench_moe.log" | tail -60 ;;
     bench-fp8) python3 benchmarks/bench_moe_fp8.py ${FP8_ARGS:-} --out-dir "$OUT" 2>&1 | tee "$OUT/bench_moe_fp8.log" | tail -70 ;;
+    bench-fp8-linear) python3 benchmarks/bench_fp8_linear.py ${FP8_LINEAR_ARGS:---tile-sweep} --out "$OUT" 2>&1 \
+        | tee "$OUT/bench_fp8_linear.log" | tail -50 ;;
     bench-mla) python3 benchmarks/bench_mla.py --batch 1,64 --context 1024,4096 --heads 16,128 \
         --json "$OUT/bench_mla.json" 2>&1 | tee "$OUT/bench_mla.log" | tail -20 ;;
     engine) python3 benchmarks/bench_engine.py ${ENGINE_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench_engine.log" | tail -30 ;;

@@ -1,5 +1,5 @@
-// Host side of the grouped GEMMs: tensor maps for the weights, the persistent grid, and the two launches of each
-// tile kind and precision (tile shapes: tile_config.h).
+// Host side of the grouped GEMMs: tensor maps for the weights, the persistent grid, the two launches of each
+// tile kind and precision (tile shapes: tile_config.h), and FP8 GEMM2 alone as a dense linear (dense_fp8.cu).
 #include <cuda.h>
 #include <cuda_runtime.h>
 
@@ -180,6 +180,23 @@ cudaError_t run_gemms_fp8(const Problem& p, const void* w13, const void* w2, Wei
   return launch_fp8<Cfg::kBlockM, Cfg::kBlockN2, Cfg::kStages, Cfg::kCluster, false>(w2_map, g2, device, stream);
 }
 
+// GEMM2's instantiation of each tile kind with one expert matrix [n, k] (rows past n read as zeros by TMA; the
+// scale row of a wholly out-of-range half is clamped by the producer, its columns masked by the epilogue).
+template <TileKind kKind>
+cudaError_t run_dense_gemm_fp8(const DenseFp8Gemm& d, int device, cudaStream_t stream) {
+  using Cfg = Tiles<true, kKind>;
+  CUtensorMap w_map;
+  cudaError_t err = make_weight_map(&w_map, d.w, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, d.k, d.n, 1, kFP8Block);
+  if (err != cudaSuccess) return err;
+  static const int32_t group2 = raster_group("STATICMOE_RASTER_GROUP_M2");
+  const TaskMap map{d.plan.mtile_prefix, d.plan.slot_expert, d.plan.num_slots};
+  const int n_tiles = (d.n + Cfg::kBlockN2 - 1) / Cfg::kBlockN2;
+  const Fp8GemmArgs g{d.a, d.a_scale, d.w_scale, d.out, nullptr, d.ones, d.plan.expert_counts,
+                      d.plan.expert_offsets, d.plan.sorted_rows, map, d.k, d.n, n_tiles, 1, group2,
+                      (d.n + kFP8Block - 1) / kFP8Block, static_cast<const __nv_bfloat16*>(d.bias)};
+  return launch_fp8<Cfg::kBlockM, Cfg::kBlockN2, Cfg::kStages, Cfg::kCluster, false>(w_map, g, device, stream);
+}
+
 template <typename T>
 cudaError_t dispatch(const Problem& p, const LaunchConfig& cfg, const T* x, const void* w13, const void* w2,
                      const float* topk_weights, ExpertBiases b, const Workspace& ws, int device, cudaStream_t stream) {
@@ -212,6 +229,15 @@ cudaError_t grouped_gemms_fp8_sm90(const Problem& p, const LaunchConfig& cfg, co
       return run_gemms_fp8<TileKind::kLarge>(p, w13, w2, scales, topk_weights, biases, ws, device, stream);
     case TileKind::kLargeCluster:
       return run_gemms_fp8<TileKind::kLargeCluster>(p, w13, w2, scales, topk_weights, biases, ws, device, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t dense_gemm_fp8_sm90(const DenseFp8Gemm& g, TileKind tiles, int device, cudaStream_t stream) {
+  switch (tiles) {
+    case TileKind::kDecode: return run_dense_gemm_fp8<TileKind::kDecode>(g, device, stream);
+    case TileKind::kLarge: return run_dense_gemm_fp8<TileKind::kLarge>(g, device, stream);
+    case TileKind::kLargeCluster: return run_dense_gemm_fp8<TileKind::kLargeCluster>(g, device, stream);
   }
   return cudaErrorInvalidValue;
 }

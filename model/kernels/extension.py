@@ -91,3 +91,34 @@ def quantize_rows_fp8_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     scale = torch.empty(R, K // 128, dtype=torch.float32, device=x.device)
     _C.quantize_rows_fp8(x.data_ptr(), R, K, q.data_ptr(), scale.data_ptr(), _stream(x.device))
     return q, scale
+
+
+DENSE_FP8_TILES = {"choose": -1, "decode": 0, "large": 1, "cluster": 2}  # csrc/moe/tile_config.h TileKind
+
+
+def dense_fp8_linear_cuda(x, weight, weight_scale, bias=None, out=None, workspace=None, *,
+                          tiles: str = "choose") -> torch.Tensor:
+    """x [M, K] bf16 -> [M, N] bf16 on the FP8 GEMM2 kernel with one expert (csrc/moe/dense_fp8.cu): x quantised per
+    (row, 128 columns) inside the call. weight [N, K] e4m3 and weight_scale [ceil(N/128), K/128] float32, bias [N]
+    bf16 or None; all contiguous, N a multiple of 8 (`fp8_linear` checks shapes and routes other cases elsewhere).
+    `out`/`workspace` may be passed in (tests poison them). `tiles` overrides the tile chooser (benchmarks only):
+    "decode" 64x128, "large" 128x256, "cluster" 128x256 on 2-CTA clusters."""
+    if tiles not in DENSE_FP8_TILES:
+        raise ValueError(f"dense_fp8_linear_cuda: tiles={tiles!r}, want one of {', '.join(DENSE_FP8_TILES)}")
+    M, K = x.shape
+    N = weight.shape[0]
+    for name, t in (("x", x), ("weight", weight), ("weight_scale", weight_scale), ("bias", bias)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"dense_fp8_linear_cuda: {name} must be contiguous")
+    if x.dtype != torch.bfloat16 or (bias is not None and bias.dtype != torch.bfloat16):
+        raise TypeError(f"dense_fp8_linear_cuda: x and bias must be bfloat16, got {x.dtype} and "
+                        f"{None if bias is None else bias.dtype}")
+    out = torch.empty(M, N, dtype=torch.bfloat16, device=x.device) if out is None else out
+    if workspace is None:
+        workspace = torch.empty(_C.dense_fp8_workspace_bytes(M, K), dtype=torch.uint8, device=x.device)
+    _C.dense_fp8_linear(
+        x.data_ptr(), weight.data_ptr(), weight_scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
+        out.data_ptr(), M, K, N, workspace.data_ptr(), workspace.numel(), x.device.index, _stream(x.device),
+        DENSE_FP8_TILES[tiles],
+    )
+    return out

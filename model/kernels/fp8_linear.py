@@ -6,8 +6,12 @@ Paths, chosen per call from shapes and device only (no host sync, CUDA-graph cap
 - **block `torch._scaled_mm`** (CUDA, sm_90, cuBLAS >= 12.9, N a multiple of 16): the DeepSeek recipe, 1x128 activation
   scales (M-major, as cuBLAS wants them) x 128x128 weight scales, each K block's partial sum scaled and promoted in
   float32. Whether this torch build takes the recipe is probed once per device (`block_scaled_mm_supported`).
-- **Triton** (CUDA, where the probe failed: the torch 2.11 / CUDA 13 build refuses the recipe on the H100):
-  `model.kernels.triton_fp8_gemm`, the same numerics in our own kernel.
+- Where the probe failed (the torch 2.11 / CUDA 13 build refuses the recipe on the H100), one of our own kernels with
+  the same numerics, chosen by `STATICMOE_FP8_DENSE` (read once per process; default `triton`):
+  - **cuda**: the MoE layer's FP8 GEMM2 kernel with one expert that every row is routed to (`csrc/moe/dense_fp8.cu`:
+    quantiser + GEMM in one call), on sm_90 with the `_C` extension built, for bf16 x, N a multiple of 8 and
+    contiguous weight, scales and (bf16) bias; any other call takes Triton;
+  - **triton**: `model.kernels.triton_fp8_gemm`.
 - **reference** (the CPU, or a GPU without Triton): x quantised and dequantised, W dequantised, one matmul in
   float32. On a GPU the dequantised W exists only for the duration of the call (one layer at a time), never stored;
   it is slower than the block GEMM, and the log says once per process that this fallback runs.
@@ -15,6 +19,7 @@ Paths, chosen per call from shapes and device only (no host sync, CUDA-graph cap
 
 import functools
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -109,10 +114,33 @@ def _scaled_mm_path(x, weight, weight_scale, bias) -> torch.Tensor:
     return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
+DENSE_FP8_KERNELS = ("cuda", "triton")
+
+
+@functools.cache
+def dense_fp8_kernel() -> str:
+    """`STATICMOE_FP8_DENSE` (cuda | triton, default triton): our kernel for dense FP8 linears where block
+    `torch._scaled_mm` is unavailable. Read once per process."""
+    value = os.environ.get("STATICMOE_FP8_DENSE", "triton")
+    if value not in DENSE_FP8_KERNELS:
+        raise ValueError(f"STATICMOE_FP8_DENSE={value!r}: want one of {', '.join(DENSE_FP8_KERNELS)}")
+    return value
+
+
+def _cuda_fits(x, weight, weight_scale, bias) -> bool:
+    """The shapes and layouts the CUDA dense kernel takes (csrc/moe/dense_fp8.h); the device is checked apart."""
+    return (x.dtype == torch.bfloat16 and weight.shape[0] % 8 == 0 and weight.is_contiguous()
+            and weight_scale.is_contiguous()
+            and (bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())))
+
+
 def dense_fp8_path(device: torch.device) -> str:
-    """Which path `fp8_linear` takes for bf16 activations on `device`: "scaled_mm", "triton" or "reference"."""
+    """Which path `fp8_linear` takes for bf16 activations (N a multiple of 16, contiguous weights) on `device`:
+    "scaled_mm", "cuda", "triton" or "reference"."""
     if device.type == "cuda" and block_scaled_mm_supported(device):
         return "scaled_mm"
+    if device.type == "cuda" and dense_fp8_kernel() == "cuda" and extension.available_for(device):
+        return "cuda"
     if device.type == "cuda" and triton_fp8_gemm.available():
         return "triton"
     return "reference"
@@ -125,6 +153,28 @@ def _triton_path(x, weight, weight_scale, bias) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def _cuda_path(x, weight, weight_scale, bias) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [M, K] bf16
+    out = extension.dense_fp8_linear_cuda(x2, weight, weight_scale, bias)  # [M, N] bf16
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def fp8_linear_path(x, weight, weight_scale, bias=None, device: torch.device | None = None) -> str:
+    """The path one `fp8_linear` call takes, from dtypes, shapes, layouts and the device only: "scaled_mm", "cuda",
+    "triton" or "reference". `device` defaults to x's (the CPU tests pass a CUDA device with CPU tensors)."""
+    device = x.device if device is None else device
+    if device.type != "cuda":
+        return "reference"
+    if x.dtype != torch.float32 and weight.shape[0] % 16 == 0 and block_scaled_mm_supported(device):
+        return "scaled_mm"
+    if dense_fp8_kernel() == "cuda" and _cuda_fits(x, weight, weight_scale, bias) and extension.available_for(device):
+        return "cuda"
+    if triton_fp8_gemm.available():
+        return "triton"
+    return "reference"
+
+
+_PATHS = {"scaled_mm": _scaled_mm_path, "cuda": _cuda_path, "triton": _triton_path}
 _fallback_logged = False
 
 
@@ -136,10 +186,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         check_fp8_linear_inputs(x, weight, weight_scale, bias)
     if x.numel() == 0:
         return x.new_empty(*x.shape[:-1], weight.shape[0])
-    if x.is_cuda and x.dtype != torch.float32 and weight.shape[0] % 16 == 0 and block_scaled_mm_supported(x.device):
-        return _scaled_mm_path(x, weight, weight_scale, bias)
-    if x.is_cuda and triton_fp8_gemm.available():
-        return _triton_path(x, weight, weight_scale, bias)
+    path = fp8_linear_path(x, weight, weight_scale, bias)
+    if path != "reference":
+        return _PATHS[path](x, weight, weight_scale, bias)
     if x.is_cuda and not _fallback_logged:
         _fallback_logged = True
         logger.warning("an FP8 linear [%d, %d] runs the dequantise-then-matmul fallback on the GPU (slower: no "
