@@ -76,7 +76,6 @@ CHAT_REFUSED: dict[str, tuple[tuple, str]] = {
     "chat_template": ((None,), "per-request chat templates are not accepted (the server's --chat-template is)"),
     "documents": ((None,), "documents (RAG templates) are not supported"),
     "mm_processor_kwargs": ((None,), "this server serves text-only models"),
-    "reasoning_effort": ((None,), "use chat_template_kwargs (enable_thinking) instead"),
     "prediction": ((None,), "predicted outputs are not supported"),
     "audio": ((None,), "this server serves text-only models"),
     "web_search_options": ((None,), "web search is not available"),
@@ -100,6 +99,8 @@ class ChatCompletionRequest(SamplingRequest):
                                                                 "(enable_thinking for Qwen3, ...)")
     add_generation_prompt: bool = True
     include_reasoning: bool = Field(True, description="With --reasoning-parser: false drops reasoning_content")
+    reasoning_effort: Literal["low", "medium", "high"] | None = Field(
+        None, description="The chat template's `reasoning_effort` variable (gpt-oss's template reads it)")
     modalities: Annotated[list[Literal["text"]], Field(max_length=1)] | None = None
     metadata: dict | None = Field(None, description="Accepted; not stored")
     service_tier: str | None = Field(None, description="Accepted; one tier")
@@ -111,7 +112,6 @@ class ChatCompletionRequest(SamplingRequest):
     chat_template: str | None = None
     documents: Any = None
     mm_processor_kwargs: Any = None
-    reasoning_effort: Any = None
     prediction: Any = None
     audio: Any = None
     web_search_options: Any = None
@@ -157,12 +157,20 @@ class ChatCompletionRequest(SamplingRequest):
                               "tool_choice.function.name")
         if self.tool_choice == "required" and not names:
             raise bad_request("tool_choice 'required' needs tools", "tool_choice")
+        given = (self.chat_template_kwargs or {}).get("reasoning_effort", self.reasoning_effort)
+        if self.reasoning_effort is not None and given != self.reasoning_effort:  # neither may silently win
+            raise bad_request(f"reasoning_effort ({self.reasoning_effort!r}) and chat_template_kwargs.reasoning_effort "
+                              f"({given!r}) disagree; give one", "reasoning_effort")
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def template_kwargs(self) -> dict:
-        return dict(self.chat_template_kwargs or {})
+        """chat_template_kwargs, plus reasoning_effort as the template variable of that name (as vLLM passes it)."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            kwargs["reasoning_effort"] = self.reasoning_effort
+        return kwargs
 
     def uses_tools(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"

@@ -11,12 +11,15 @@ special tokens (`<|channel|>`, ...): the model's sampled tokens are that text, m
 `functions.NAME` in `tool_calls`. As in gpt-oss's generation_config, `<|return|>` and `<|call|>` are EOS tokens:
 the sequence stops on them by id, so the parsers see the last message without its end marker, as they do in
 production. The prompt side: a tool-call turn's response sent back with the tool's result renders, as harmony, the
-analysis and the call before the tool message, and a marker typed by the user stays text."""
+analysis and the call before the tool message, and a marker typed by the user stays text; `reasoning_effort` reaches
+the template. Without any request grammar, tool_choice required or named must make the random model write a bounded
+analysis and one schema-valid call (the harmony parser's own forcing grammar)."""
 
 import json
 import re
 from pathlib import Path
 
+import jsonschema
 import openai
 import pytest
 import transformers
@@ -247,3 +250,101 @@ def test_a_call_cut_off_by_max_tokens_stays_content(harmony_server, stream):
     assert reasoning == "User wants the weather. Use the tool."
     assert content == cut.removeprefix(header)  # the call's header and partial arguments, as the model wrote them
     assert calls == [] and finish == ["length"]
+
+
+# ---- forced calls (tool_choice required or named) with random weights ----------------------------------------------
+FORCED_TOOLS = [  # bounded strings and numbers: random weights would otherwise write one string until max_tokens
+    {"type": "function", "function": {"name": "get_weather", "description": "Gets the current weather in a city.",
+                                      "parameters": {"type": "object", "required": ["city", "unit"],
+                                                     "additionalProperties": False, "properties": {
+                                                         "city": {"type": "string", "maxLength": 12},
+                                                         "unit": {"type": "string", "enum": ["C", "F"]}}}}},
+    {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "required": ["a", "b"], "additionalProperties": False,
+        "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 999},
+                       "b": {"type": "integer", "minimum": -9, "maximum": 9}}}}}]
+FORCED_SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in FORCED_TOOLS}
+FORCED_OUTPUT = re.compile(r"(?:<\|channel\|>analysis<\|message\|>(.*)<\|end\|><\|start\|>assistant)?<\|channel\|>"
+                           r"commentary to=functions\.(\S+) <\|constrain\|>json<\|message\|>(.*)<\|call\|>", re.DOTALL)
+CHOICES = {"required": ("required", {"get_weather", "add"}, "tool_calls"),
+           # a named function's call finishes with "stop", as OpenAI (docs/service.md)
+           "named": ({"type": "function", "function": {"name": "add"}}, {"add"}, "stop")}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("choice", CHOICES)
+def test_forced_call_is_schema_valid_whatever_the_weights(harmony_server, choice, stream):
+    """The model writes (its tokens, decoded) an optional analysis of at most ANALYSIS_MAX_TOKENS tokens, then one
+    call of an allowed tool with arguments valid against its schema, ended by `<|call|>`; the response carries that
+    analysis as reasoning_content, no content, and exactly that call (parallel_tool_calls is true: harmony still
+    makes one call a turn)."""
+    from service.tool_parsers.harmony import ANALYSIS_MAX_TOKENS
+
+    client, tokenizer = harmony_server
+    tool_choice, names, finish = CHOICES[choice]
+    response = client.chat.completions.create(
+        model="oss", messages=QUESTION, tools=FORCED_TOOLS, tool_choice=tool_choice, parallel_tool_calls=True,
+        temperature=0, max_tokens=ANALYSIS_MAX_TOKENS + 100, stream=stream, extra_body={"return_token_ids": True})
+    if stream:
+        chunks = [c.choices[0] for c in response if c.choices]
+        token_ids = [t for c in chunks for t in c.model_extra.get("token_ids") or []]
+        reasoning = "".join(c.delta.model_extra.get("reasoning_content") or "" for c in chunks) or None
+        content = "".join(c.delta.content or "" for c in chunks) or None
+        calls = [t for c in chunks for t in c.delta.tool_calls or []]
+        assert [c.index for c in calls] == list(range(len(calls)))
+        finishes = [c.finish_reason for c in chunks if c.finish_reason]
+    else:
+        (choice_out,) = response.choices
+        token_ids = choice_out.model_extra["token_ids"]
+        reasoning, content = choice_out.message.model_extra["reasoning_content"], choice_out.message.content
+        calls, finishes = choice_out.message.tool_calls or [], [choice_out.finish_reason]
+    written = FORCED_OUTPUT.fullmatch(tokenizer.decode(token_ids, skip_special_tokens=False))
+    assert written, tokenizer.decode(token_ids, skip_special_tokens=False)
+    analysis, name, arguments = written.groups()
+    if analysis is not None:
+        body = token_ids.index(tokenizer.token_to_id("<|end|>")) - token_ids.index(tokenizer.token_to_id("<|message|>"))
+        assert body - 1 <= ANALYSIS_MAX_TOKENS
+    assert reasoning == (analysis or None) and content is None
+    assert finishes == [finish]
+    (call,) = calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert (call.function.name, json.loads(call.function.arguments)) == (name, json.loads(arguments))
+    assert name in names
+    jsonschema.validate(json.loads(arguments), FORCED_SCHEMAS[name])
+
+
+def test_forcing_a_function_not_in_tools_is_a_400(harmony_server):
+    client, _ = harmony_server
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="oss", messages=QUESTION, tools=FORCED_TOOLS, max_tokens=5,
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert err.value.body["param"] == "tool_choice.function.name"
+
+
+# ---- reasoning_effort: the chat template's variable ----------------------------------------------------------------
+def effort_prompt(effort: str) -> str:
+    """The harmony test template's prompt for QUESTION without tools, written by hand."""
+    return (f"<|start|>system<|message|>You are a test model.\nReasoning: {effort}\n\n# Valid channels: analysis, "
+            "commentary, final. Channel must be included for every message.<|end|>"
+            "<|start|>user<|message|>What is the weather in Paris?<|end|><|start|>assistant")
+
+
+@pytest.mark.parametrize("effort,template_kwargs", [("low", None), ("high", None), ("medium", {"reasoning_effort":
+                                                                                                "medium"})])
+def test_reasoning_effort_reaches_the_template(harmony_server, effort, template_kwargs):
+    client, tokenizer = harmony_server
+    extra = {"return_token_ids": True} | ({"chat_template_kwargs": template_kwargs} if template_kwargs else {})
+    response = client.chat.completions.create(model="oss", messages=QUESTION, reasoning_effort=effort, max_tokens=1,
+                                              extra_body=extra)
+    prompt = response.choices[0].model_extra["prompt_token_ids"]
+    assert tokenizer.decode(prompt, skip_special_tokens=False) == effort_prompt(effort)
+
+
+@pytest.mark.parametrize("extra", [{"reasoning_effort": "extreme"}, {"reasoning_effort": 1},
+                                   {"reasoning_effort": "low", "chat_template_kwargs": {"reasoning_effort": "high"}}],
+                         ids=["unknown", "not_a_string", "disagrees_with_chat_template_kwargs"])
+def test_a_bad_reasoning_effort_is_a_400_naming_it(harmony_server, extra):
+    client, _ = harmony_server
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="oss", messages=QUESTION, max_tokens=1, extra_body=extra)
+    assert err.value.body["param"] == "reasoning_effort", err.value.body

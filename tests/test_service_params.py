@@ -61,7 +61,7 @@ REFUSED_VALUES = {"use_beam_search": True, "length_penalty": 0.5, "spaces_betwee
                   "priority": 1, "logits_processors": ["x"], "kv_transfer_params": {}, "vllm_xargs": {"a": 1},
                   "guided_decoding_backend": "xgrammar", "guided_whitespace_pattern": " ", "echo": True,
                   "continue_final_message": True, "chat_template": "{{ x }}", "documents": [],
-                  "mm_processor_kwargs": {}, "reasoning_effort": "low", "prediction": {"type": "content"},
+                  "mm_processor_kwargs": {}, "prediction": {"type": "content"},
                   "audio": {}, "web_search_options": {}, "functions": [], "function_call": "auto",
                   "verbosity": "low", "store": True, "add_special_tokens": True}
 REFUSED_CASES = [("/v1/completions", {"prompt": "a", name: REFUSED_VALUES[name]}, name) for name in REFUSED] + \

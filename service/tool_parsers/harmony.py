@@ -5,9 +5,14 @@ splits the channels and passes each call on in the content in one canonical form
     <|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{...}<|call|>
 
 which this parser turns into `tool_calls`; a call whose arguments are not a JSON object, or that never ends, stays
-content. Forcing a call (tool_choice required or named) is refused for now: its grammar would name harmony's
-markers as special tokens (llguidance's Lark grammars can: tests/test_harmony_http.py forces whole harmony answers
-so) and would have to decide how much analysis may come before the call; not written yet.
+content.
+
+Forcing a call (tool_choice "required" or a named function): a Lark grammar (llguidance) whose sentences are an
+optional, bounded analysis message, then one call on the commentary channel whose JSON arguments validate against
+the tool's `parameters`, the markers named as special tokens (`<|channel|>` in a Lark rule is the token; quoted it
+would be seven characters of text). Harmony ends the turn at `<|call|>` (an EOS token of gpt-oss), so a turn holds
+exactly one call: `parallel_tool_calls: true` still gets one, which "required" (at least one) allows; the client
+sends the result back and the next turn may call again.
 """
 
 from __future__ import annotations
@@ -16,9 +21,19 @@ import json
 import re
 
 from service.errors import bad_request
-from service.harmony import CALL, CHANNEL, CONSTRAIN, MESSAGE
+from service.harmony import CALL, CHANNEL, CONSTRAIN, END, MESSAGE, START
 from service.text_holdback import partial_marker_len
 from service.tool_parsers.base import ParsedToolCall
+
+# The most analysis (in tokens) a forced call may start with. The client has decided that a call comes, so the
+# analysis is a plan of it: 512 tokens hold a few paragraphs of planning, and the bound keeps what the call costs
+# beyond its arguments known (512 plus the two headers, a few dozen tokens), so a max_tokens above that plus the
+# arguments always reaches `<|call|>`. A model that would think longer is made to end its analysis there and call.
+# A token bound (llguidance's `max_tokens` on the text's rule) rather than a character one: it is what max_tokens and
+# the cost count, and a bounded-repetition regex of ~1000 characters that also excludes "<|" is too large for
+# llguidance's lexer ("too many expressions constructed"). The option turns off grammar rollback, which the engine
+# never does.
+ANALYSIS_MAX_TOKENS = 512
 
 _SEGMENT = re.compile(re.escape(CHANNEL) + r"commentary to=functions\.(\S+?) " + re.escape(CONSTRAIN) + "json"
                       + re.escape(MESSAGE) + "(.*?)" + re.escape(CALL), re.DOTALL)
@@ -83,5 +98,20 @@ class HarmonyToolParser:
         return _Streamer()
 
     def forcing_grammar(self, tools: list[dict], name: str | None, parallel: bool) -> str:
-        raise bad_request("tool_choice 'required' or a named function is not supported with the harmony format "
-                          "yet; use 'auto'", "tool_choice")
+        chosen = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
+        if not chosen:
+            raise bad_request(f"tool_choice names {name!r}, which is not in tools", "tool_choice.function.name")
+        calls = []
+        for i, fn in enumerate(chosen):
+            schema = dict(fn.get("parameters") or {"type": "object"})
+            schema.setdefault("type", "object")  # harmony arguments are an object (the parser keeps nothing else)
+            schema["x-guidance"] = {"whitespace_flexible": False}  # compact: random weights would pad forever
+            calls.append(f"call_{i}: {CHANNEL} {json.dumps('commentary to=functions.' + fn['name'] + ' ')} "
+                         f"{CONSTRAIN} \"json\" {MESSAGE} args_{i} {CALL}\n"
+                         f"args_{i}: %json {json.dumps(schema, ensure_ascii=False)}")
+        return "\n".join([
+            "start: analysis? (" + " | ".join(f"call_{i}" for i in range(len(chosen))) + ")",
+            f"analysis: {CHANNEL} \"analysis\" {MESSAGE} analysis_text {END} {START} \"assistant\"",
+            # any text without "<|", which the harmony parser (it reads text) could take for the start of a marker
+            f"analysis_text[max_tokens={ANALYSIS_MAX_TOKENS}]: /(?s:.*)/ & ~/(?s:.*)<\\|(?s:.*)/",
+            *calls])
