@@ -33,6 +33,7 @@ from service.errors import ApiError
 from service.metrics import EXPERT_SERIES_AUTO_LIMIT, MoeLayout, ServiceMetrics, dense_peak_flops
 from service.request_group import RequestGroup
 from service.request_timing import RequestTiming
+from service.structured_request import index_vocabulary_ahead
 
 logger = logging.getLogger("staticmoe.service")
 
@@ -296,6 +297,8 @@ class EngineClient:
             if self.state == EngineState.LOADING:
                 self.state = EngineState.READY
         self.loaded.set()
+        if hasattr(engine, "tokenizer"):
+            index_vocabulary_ahead(engine)
         logger.info("model %s loaded in %.1f s: device=%s dtype=%s max_model_len=%d kernel path: %s",
                     self.options.model_name, time.monotonic() - started, engine.device, engine.dtype,
                     engine.max_model_len, engine.kernel_path)

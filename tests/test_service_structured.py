@@ -153,11 +153,13 @@ def test_a_tokenizer_the_grammar_engine_cannot_index_gets_a_400_not_a_500(tmp_pa
     longest = _tokenizer_with_a_very_long_token(tmp_path)
     assert longest > 256
     (tmp_path / "config.json").write_text(json.dumps({**PRESETS["tiny"], "vocab_size": 1024}))
-    from tests.service_fixtures import ServerProcess
+    from tests.service_fixtures import ServerProcess, wait_for
 
     server = ServerProcess(["--model", str(tmp_path), "--random-weights", "--served-model-name", "long-token"])
     try:
         server.wait_healthy()
+        # indexed at start-up on its own thread: the failure is in the log before any constrained request
+        wait_for(lambda: "structured output is unavailable with this model's tokenizer" in server.log_text(), 60)
         body = {"model": "long-token", "prompt": "hello", "max_tokens": 4,
                 "structured_outputs": {"regex": "[a-z]{1,8}"}}
         for _ in range(2):
