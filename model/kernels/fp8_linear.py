@@ -136,14 +136,10 @@ def _cuda_fits(x, weight, weight_scale, bias) -> bool:
 
 def dense_fp8_path(device: torch.device) -> str:
     """Which path `fp8_linear` takes for bf16 activations (N a multiple of 16, contiguous weights) on `device`:
-    "scaled_mm", "cuda", "triton" or "reference"."""
-    if device.type == "cuda" and block_scaled_mm_supported(device):
-        return "scaled_mm"
-    if device.type == "cuda" and dense_fp8_kernel() == "cuda" and extension.available_for(device):
-        return "cuda"
-    if device.type == "cuda" and triton_fp8_gemm.available():
-        return "triton"
-    return "reference"
+    "scaled_mm", "cuda", "triton" or "reference" (`fp8_linear_path` on such a call, with shape-only tensors)."""
+    x = torch.empty(1, FP8_BLOCK, dtype=torch.bfloat16, device="meta")
+    weight = torch.empty(FP8_BLOCK, FP8_BLOCK, dtype=FP8_DTYPE, device="meta")
+    return fp8_linear_path(x, weight, torch.empty(1, 1, device="meta"), device=device)
 
 
 def _triton_path(x, weight, weight_scale, bias) -> torch.Tensor:
