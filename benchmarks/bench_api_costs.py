@@ -101,7 +101,12 @@ def model_source(args, work: Path) -> list[str]:
         started = time.perf_counter()
         train_tokenizer(directory, args.vocab)
         print(f"trained a {args.vocab}-token BPE tokenizer in {time.perf_counter() - started:.0f} s", flush=True)
-    (directory / "config.json").write_text(json.dumps(PRESETS[args.preset]))
+    # the preset's special-token ids (Qwen3's 151645, ...) lie outside the trained vocabulary: point them at its own
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    config = dict(PRESETS[args.preset], bos_token_id=tok.token_to_id("<|endoftext|>"),
+                  eos_token_id=tok.token_to_id("<|im_end|>"))
+    (directory / "config.json").write_text(json.dumps(config))
     return ["--model", str(directory), "--random-weights", "--served-model-name", args.preset]
 
 
@@ -147,7 +152,9 @@ async def measure(args, base: str, vocab_size: int) -> dict:
     await run_level(base, specs[:c], model=args.preset, max_concurrency=c,
                     processes=args.client_processes)  # warm-up (and client processes started), untimed
     for name in args.features:  # builds the grammar engine's vocabulary (~1 s once) outside the timed levels
-        await run_level(base, specs[:1], model=args.preset, extra_body=features(args.output_len)[name])
+        warm = summarize(await run_level(base, specs[:1], model=args.preset, extra_body=features(args.output_len)[name]))
+        if warm["failed"]:  # a feature the server refuses would be timed as 0 tok/s: stop with the reason instead
+            raise RuntimeError(f"{name}: the warm-up request failed; the server log says why")
     for name in args.features:
         extra = features(args.output_len)[name]
         for which in ("off", name, name, "off"):

@@ -12,6 +12,7 @@ kernel, the kernel table and a host profile (cProfile) of one step.
 
 import argparse
 import cProfile
+import gc
 import io
 import pstats
 import random
@@ -196,6 +197,7 @@ def step_phases(preset: str, batches=(1, 64), input_len=512, output_len=64, asyn
         torch.cuda.CUDAGraph.replay = replay
         engine.shutdown()
     del engine
+    gc.collect()  # the engine sits in reference cycles: without this a second preset can find the GPU still full
     torch.cuda.empty_cache()
 
 
@@ -277,6 +279,7 @@ def prefill(preset: str, budget: int, input_len=512, batch=64):
     finally:
         engine.shutdown()
     del engine
+    gc.collect()  # the engine sits in reference cycles: without this a second preset can find the GPU still full
     torch.cuda.empty_cache()
 
 
