@@ -107,7 +107,7 @@ cudaError_t launch(const CUtensorMap& map, const GemmArgs<T>& args, int device, 
 template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU>
 cudaError_t launch_fp8(const CUtensorMap& map, const Fp8GemmArgs& args, int device, cudaStream_t stream) {
   auto kernel = moe_gemm_fp8_sm90_kernel<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>;
-  constexpr int kSmem = Fp8Smem<kBlockM, kBlockN, kStages>::kBytes;
+  constexpr int kSmem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp>::kBytes;
   static int grid_per_device[64] = {};
   int grid;
   if (cudaError_t err =
@@ -119,6 +119,12 @@ cudaError_t launch_fp8(const CUtensorMap& map, const Fp8GemmArgs& args, int devi
 
 // Raster group size: kGroupM, or STATICMOE_RASTER_GROUP_M{1,2} (GEMM1 / GEMM2) for tuning probes.
 int32_t raster_group(const char* env_name) { return int32_t(env_knob(env_name, kGroupM, 1)); }
+
+// FP8 GEMM2 stores from the fragments instead of through shared memory: STATICMOE_FP8_DIRECT_OUT=1, for A/B runs.
+int32_t fp8_direct_out() {
+  static const int32_t direct = int32_t(env_knob("STATICMOE_FP8_DIRECT_OUT", 0, 0) != 0);
+  return direct;
+}
 
 // Both GEMMs of one tile kind and precision, with the Tiles<> of tile_config.h.
 template <TileKind kKind, typename T>
@@ -166,7 +172,7 @@ cudaError_t run_gemms_fp8(const Problem& p, const void* w13, const void* w2, Wei
   Fp8GemmArgs g1{static_cast<const uint8_t*>(ws.x_fp8), ws.x_scale, scales.w13, ws.intermediate,
                  ws.intermediate_scale, topk_weights, plan.expert_counts, plan.expert_offsets, plan.sorted_rows, map,
                  p.hidden, p.intermediate, n_tiles1, p.top_k, group1, 2 * p.intermediate / kFP8Block,
-                 static_cast<const __nv_bfloat16*>(biases.w13)};
+                 static_cast<const __nv_bfloat16*>(biases.w13), 0};
   if (p.activation == Activation::kSwigluOai)
     err = launch_fp8<Cfg::kBlockM, Cfg::kBlockN1, Cfg::kStages, Cfg::kCluster, true, Activation::kSwigluOai>(
         w13_map, g1, device, stream);
@@ -176,7 +182,7 @@ cudaError_t run_gemms_fp8(const Problem& p, const void* w13, const void* w2, Wei
   Fp8GemmArgs g2{static_cast<const uint8_t*>(ws.intermediate), ws.intermediate_scale, scales.w2, ws.slot_out,
                  nullptr, topk_weights, plan.expert_counts, plan.expert_offsets, plan.sorted_rows, map,
                  p.intermediate, p.hidden, n_tiles2, p.top_k, group2, p.hidden / kFP8Block,
-                 static_cast<const __nv_bfloat16*>(biases.w2)};
+                 static_cast<const __nv_bfloat16*>(biases.w2), fp8_direct_out()};
   return launch_fp8<Cfg::kBlockM, Cfg::kBlockN2, Cfg::kStages, Cfg::kCluster, false>(w2_map, g2, device, stream);
 }
 
@@ -193,7 +199,7 @@ cudaError_t run_dense_gemm_fp8(const DenseFp8Gemm& d, int device, cudaStream_t s
   const int n_tiles = (d.n + Cfg::kBlockN2 - 1) / Cfg::kBlockN2;
   const Fp8GemmArgs g{d.a, d.a_scale, d.w_scale, d.out, nullptr, d.ones, d.plan.expert_counts,
                       d.plan.expert_offsets, d.plan.sorted_rows, map, d.k, d.n, n_tiles, 1, group2,
-                      (d.n + kFP8Block - 1) / kFP8Block, static_cast<const __nv_bfloat16*>(d.bias)};
+                      (d.n + kFP8Block - 1) / kFP8Block, static_cast<const __nv_bfloat16*>(d.bias), fp8_direct_out()};
   return launch_fp8<Cfg::kBlockM, Cfg::kBlockN2, Cfg::kStages, Cfg::kCluster, false>(w_map, g, device, stream);
 }
 

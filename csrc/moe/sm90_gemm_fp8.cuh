@@ -40,19 +40,26 @@ struct Fp8GemmArgs {
   int32_t group_m;           // M tiles per raster group
   int32_t b_blocks;          // 128-row scale blocks per expert matrix: 2I/128 (GEMM1) or H/128 (GEMM2)
   const __nv_bfloat16* bias;  // GEMM1: w13_bias [E, 2I] (gate, then up); GEMM2: w2_bias [E, H]; null = none
+  int32_t direct_out;         // GEMM2: 1 = 4-byte stores from the fragments (STATICMOE_FP8_DIRECT_OUT, for A/B runs)
 };
 
 constexpr int kFp8BlockK = 128;    // elements per K step = bytes per swizzled row = one scale block
 
-template <int kBlockM, int kBlockN, int kStages>
+// GEMM2 writes each math warp's 16 output rows through a [16 x 64] bf16 staging tile (store_rows_staged): rows of
+// 64 columns + 16 bytes of padding, so the fragment-layout writes hit 32 distinct banks.
+constexpr int kOutStageCols = 64;
+constexpr int kOutStageRowBytes = kOutStageCols * 2 + 16;
+
+template <int kBlockM, int kBlockN, int kStages, bool kGateUp>
 struct Fp8Smem {
   static constexpr int kABytes = kBlockM * 128;
   static constexpr int kBBytes = kBlockN * 128;
   static constexpr int kStageBytes = kABytes + kBBytes;          // multiples of 1024: the swizzle's alignment
   static constexpr int kScaleStride = (kBlockM + 2 + 3) / 4 * 4;  // floats per stage: A rows, then B halves
   static constexpr int kBiasBytes = kBlockM / 16 * kBlockN * 2;   // one bf16 bias slice per math warp (tile_bias.cuh)
+  static constexpr int kOutBytes = kGateUp ? 0 : kBlockM * kOutStageRowBytes;  // (kBlockM / 16) warps x 16 rows
   static constexpr int kBytes =
-      kStages * kStageBytes + kStages * kScaleStride * 4 + 2 * kStages * 8 + kBiasBytes + 1024;
+      kStages * kStageBytes + kStages * kScaleStride * 4 + 2 * kStages * 8 + kBiasBytes + kOutBytes + 1024;
   static_assert(kBytes <= 227 * 1024, "more shared memory than an sm_90 block may opt into");
 };
 
@@ -60,7 +67,7 @@ template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp>
 __device__ __forceinline__ void produce_fp8(const CUtensorMap& weights, const Fp8GemmArgs& args, uint8_t* smem,
                                             float* scales, uint64_t* full, uint64_t* empty, int32_t total,
                                             int32_t num_slots, uint32_t cta_rank) {
-  using Smem = Fp8Smem<kBlockM, kBlockN, kStages>;
+  using Smem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp>;
   constexpr int kRowsPerThread = kBlockM * 8 / kProducerThreads;  // 16-byte pieces: 8 per 128-byte row
   constexpr int kHalves = kBlockN / 128;
   const int tid = threadIdx.x, piece = tid & 7;
@@ -152,11 +159,51 @@ __device__ __forceinline__ void store_quantised_row(const float (&acc)[128], int
   if ((lane & 3) == 0) *scale_dst = scale;
 }
 
+// GEMM2's epilogue for one math warp's 16 rows (warp_row0 .. warp_row0 + 15 of the tile): scale by the routing
+// weight and write bf16 rows to slot_out[sorted_rows[...]]. From the fragments a warp store covers 16 bytes of each
+// of 8 rows (half of every 32-byte sector); through a [16 x 64] staging tile in shared memory each row leaves as
+// 16-byte stores of 8 lanes: whole sectors, a quarter of the store instructions. n_out is a multiple of 8.
+template <int kBlockN>
+__device__ __forceinline__ void store_rows_staged(const float (&acc)[kBlockN / 2], const Fp8GemmArgs& args,
+                                                  const TileWork& w, int warp_row0, uint8_t* stage, int lane) {
+  const int row = warp_row0 + (lane & 15);  // lanes i and i + 16 look up row i: both loads in flight at once
+  const bool ok = w.m0 + row < w.rows;
+  const int32_t flat = ok ? args.sorted_rows[w.row_base + row] : -1;
+  const float wt = ok ? args.topk_weights[flat] : 0.f;
+  const float wt_lo = __shfl_sync(0xffffffffu, wt, lane / 4), wt_hi = __shfl_sync(0xffffffffu, wt, lane / 4 + 8);
+  const int seg = lane & 7, pass_row = lane >> 3;  // reads: 8 lanes x 16 bytes = 128 bytes of one row
+  int32_t dst_row[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) dst_row[i] = __shfl_sync(0xffffffffu, flat, pass_row + 4 * i);
+  uint8_t* const lo = stage + (lane / 4) * kOutStageRowBytes + 4 * (lane & 3);
+  uint8_t* const hi = lo + 8 * kOutStageRowBytes;
+#pragma unroll
+  for (int chunk = 0; chunk < kBlockN / kOutStageCols; ++chunk) {
+    const int32_t col0 = w.n_tile * kBlockN + chunk * kOutStageCols;
+    if (col0 >= args.n_out) break;  // uniform
+#pragma unroll
+    for (int jj = 0; jj < kOutStageCols / 8; ++jj) {
+      const int j = chunk * (kOutStageCols / 8) + jj;
+      *reinterpret_cast<uint32_t*>(lo + 16 * jj) = pack2<__nv_bfloat16>(acc[j * 4] * wt_lo, acc[j * 4 + 1] * wt_lo);
+      *reinterpret_cast<uint32_t*>(hi + 16 * jj) = pack2<__nv_bfloat16>(acc[j * 4 + 2] * wt_hi, acc[j * 4 + 3] * wt_hi);
+    }
+    __syncwarp();
+    const int32_t col = col0 + 8 * seg;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (dst_row[i] < 0 || col >= args.n_out) continue;
+      const uint4 v = *reinterpret_cast<const uint4*>(stage + (pass_row + 4 * i) * kOutStageRowBytes + 16 * seg);
+      *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(args.out) + int64_t(dst_row[i]) * args.n_out + col) = v;
+    }
+    __syncwarp();  // the next chunk overwrites the staging tile
+  }
+}
+
 template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct>
 __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* smem, const float* scales,
                                             uint64_t* full, uint64_t* empty, __nv_bfloat16* bias_slices,
-                                            int32_t total, int32_t num_slots) {
-  using Smem = Fp8Smem<kBlockM, kBlockN, kStages>;
+                                            uint8_t* out_stage, int32_t total, int32_t num_slots) {
+  using Smem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp>;
   using Bias = TileBias<__nv_bfloat16, kBlockN>;
   constexpr int kHalves = kBlockN / 128;
   static_assert(!kGateUp || kHalves == 2, "GEMM1 tiles hold 128 gate and 128 up rows: one output scale group");
@@ -227,6 +274,13 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
 
     // ---- epilogue: registers -> global, while the producer already loads the next tile ----------------------
     if (args.bias) Bias::add(acc, bias_slice, lane);  // in fp32, before the activation / routing weight
+    if constexpr (!kGateUp) {
+      if (!args.direct_out) {
+        store_rows_staged<kBlockN>(acc, args, w, warpgroup * 64 + warp * 16, out_stage + (tid / 32) * 16 * kOutStageRowBytes,
+                                   lane);
+        continue;
+      }
+    }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int r = r_lo + half * 8;
@@ -257,13 +311,14 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
     moe_gemm_fp8_sm90_kernel(const __grid_constant__ CUtensorMap weights, const Fp8GemmArgs args) {
   static_assert(kCluster == 1 || kCluster == 2, "a cluster is one CTA or a pair (peer = rank ^ 1)");
   static_assert(kCluster == 1 || kBlockN == 256, "each CTA of a pair multicasts one of the two 128-row boxes");
-  using Smem = Fp8Smem<kBlockM, kBlockN, kStages>;
+  using Smem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp>;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   float* scales = reinterpret_cast<float*>(smem + kStages * Smem::kStageBytes);
   auto* full = reinterpret_cast<uint64_t*>(scales + kStages * Smem::kScaleStride);
   uint64_t* empty = full + kStages;
   auto* bias_slices = reinterpret_cast<__nv_bfloat16*>(empty + kStages);  // [math warps][kBlockN]
+  uint8_t* out_stage = reinterpret_cast<uint8_t*>(bias_slices) + Smem::kBiasBytes;  // GEMM2: [math warps][16 rows]
   if (threadIdx.x == 0) {
     sm90::prefetch_tensor_map(&weights);
     for (int s = 0; s < kStages; ++s) {
@@ -286,7 +341,7 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
   } else {
     if constexpr (kRebalance) sm90::setmaxnreg_inc<kConsumerRegs>();
     consume_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(args, smem, scales, full, empty, bias_slices,
-                                                                     total, num_slots);
+                                                                     out_stage, total, num_slots);
   }
   if constexpr (kCluster > 1) sm90::cluster_sync();  // our shared memory stays alive while peers still arrive on it
   allow_dependents();  // after the last tile is issued: the next kernel's prologue overlaps our tail only
