@@ -45,13 +45,15 @@ def linear(N=256, K=256, dtype=torch.bfloat16, bias=False):
     return torch.randn(3, K, generator=gen).to(dtype), q, scale, b
 
 
-def test_knob_defaults_to_triton_and_rejects_other_values(knob):
+def test_knob_defaults_to_auto_and_rejects_other_values(knob):
     knob(None)
-    assert fl.dense_fp8_kernel() == "triton"
+    assert fl.dense_fp8_kernel() == "auto"
     knob("cuda")
     assert fl.dense_fp8_kernel() == "cuda"
+    knob("triton")
+    assert fl.dense_fp8_kernel() == "triton"
     knob("cutlass")
-    with pytest.raises(ValueError, match=r"STATICMOE_FP8_DENSE='cutlass': want one of cuda, triton"):
+    with pytest.raises(ValueError, match=r"STATICMOE_FP8_DENSE='cutlass': want one of auto, cuda, triton"):
         fl.dense_fp8_kernel()
 
 
@@ -73,11 +75,43 @@ def test_cuda_knob_chooses_the_cuda_kernel(knob, hopper_without_cublas_recipe):
     assert fl.dense_fp8_path(torch.device("cpu")) == "reference"
 
 
-def test_default_keeps_triton(knob, hopper_without_cublas_recipe):
+def test_default_takes_triton_for_small_gemms(knob, hopper_without_cublas_recipe):
     knob(None)
     x, q, s, b = linear(bias=True)
     assert fl.fp8_linear_path(x, q, s, b, device=CUDA) == "triton"
     assert fl.dense_fp8_path(CUDA) == "triton"
+
+
+def meta_linear(M, N, K):
+    """Shape-only tensors: the choice reads shapes, dtypes and layouts, never values."""
+    return (torch.empty(M, K, dtype=torch.bfloat16, device="meta"),
+            torch.empty(N, K, dtype=torch.float8_e4m3fn, device="meta"),
+            torch.empty(-(-N // 128), K // 128, device="meta"))
+
+
+@pytest.mark.parametrize("M, N, K, want", [
+    (4096, 576, 7168, "cuda"),      # every shape at 4096 rows (DeepSeek-V3 kv_a: 95 vs 122 us on the H100)
+    (4095, 576, 7168, "triton"),    # a small weight below 4096 rows (kv_a at 1024: Triton 52 vs 57 us)
+    (512, 24576, 1536, "cuda"),     # a large weight from 512 rows (q_b: 62 vs 69 us)
+    (511, 24576, 1536, "triton"),
+    (1024, 2048, 4096, "triton"),   # 8 Mi weight elements (Qwen3 o at 1024: 31 vs 41 us)
+    (2, 7168, 16384, "triton"),     # decode rows: too few tiles for the CUDA kernel
+])
+def test_auto_takes_the_cuda_kernel_for_large_gemms(knob, hopper_without_cublas_recipe, M, N, K, want):
+    knob(None)
+    assert fl.fp8_linear_path(*meta_linear(M, N, K), device=CUDA) == want
+    # the leading dimensions of x count as rows
+    x, w, s = meta_linear(M, N, K)
+    assert fl.fp8_linear_path(x.view(1, M, K), w, s, device=CUDA) == want
+
+
+def test_auto_falls_back_to_triton_where_the_cuda_kernel_cannot_run(knob, hopper_without_cublas_recipe, monkeypatch):
+    knob(None)
+    x, w, s = meta_linear(4096, 576, 7168)
+    assert fl.fp8_linear_path(x.half(), w, s, device=CUDA) == "triton"  # the CUDA quantiser reads bf16
+    monkeypatch.setattr(extension, "available_for", lambda device: False)
+    assert fl.fp8_linear_path(x, w, s, device=CUDA) == "triton"
+    assert fl.dense_fp8_path(CUDA, rows=4096) == "triton"
 
 
 def test_block_scaled_mm_still_comes_first(knob, hopper_without_cublas_recipe, monkeypatch):

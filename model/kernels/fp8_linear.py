@@ -7,11 +7,12 @@ Paths, chosen per call from shapes and device only (no host sync, CUDA-graph cap
   scales (M-major, as cuBLAS wants them) x 128x128 weight scales, each K block's partial sum scaled and promoted in
   float32. Whether this torch build takes the recipe is probed once per device (`block_scaled_mm_supported`).
 - Where the probe failed (the torch 2.11 / CUDA 13 build refuses the recipe on the H100), one of our own kernels with
-  the same numerics, chosen by `STATICMOE_FP8_DENSE` (read once per process; default `triton`):
+  the same numerics, chosen by `STATICMOE_FP8_DENSE` (read once per process; default `auto`):
   - **cuda**: the MoE layer's FP8 GEMM2 kernel with one expert that every row is routed to (`csrc/moe/dense_fp8.cu`:
     quantiser + GEMM in one call), on sm_90 with the `_C` extension built, for bf16 x, N a multiple of 8 and
     contiguous weight, scales and (bf16) bias; any other call takes Triton;
-  - **triton**: `model.kernels.triton_fp8_gemm`.
+  - **triton**: `model.kernels.triton_fp8_gemm`;
+  - **auto**: cuda for large GEMMs (`prefers_cuda_kernel`), Triton for the rest.
 - **reference** (the CPU, or a GPU without Triton): x quantised and dequantised, W dequantised, one matmul in
   float32. On a GPU the dequantised W exists only for the duration of the call (one layer at a time), never stored;
   it is slower than the block GEMM, and the log says once per process that this fallback runs.
@@ -114,17 +115,25 @@ def _scaled_mm_path(x, weight, weight_scale, bias) -> torch.Tensor:
     return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
-DENSE_FP8_KERNELS = ("cuda", "triton")
+DENSE_FP8_KERNELS = ("auto", "cuda", "triton")
 
 
 @functools.cache
 def dense_fp8_kernel() -> str:
-    """`STATICMOE_FP8_DENSE` (cuda | triton, default triton): our kernel for dense FP8 linears where block
+    """`STATICMOE_FP8_DENSE` (auto | cuda | triton, default auto): our kernel for dense FP8 linears where block
     `torch._scaled_mm` is unavailable. Read once per process."""
-    value = os.environ.get("STATICMOE_FP8_DENSE", "triton")
+    value = os.environ.get("STATICMOE_FP8_DENSE", "auto")
     if value not in DENSE_FP8_KERNELS:
         raise ValueError(f"STATICMOE_FP8_DENSE={value!r}: want one of {', '.join(DENSE_FP8_KERNELS)}")
     return value
+
+
+def prefers_cuda_kernel(m: int, n: int, k: int) -> bool:
+    """`auto`'s choice for an [m, k] x [n, k]ᵀ linear, from `bench_fp8_linear.py` on the H100 (2026-12-06, gpu_runs.md):
+    the CUDA kernel's persistent 128x256 tiles win where there are enough rows and a large weight (DeepSeek-V3's q_b
+    and o at m >= 512: 1.1-1.4x Triton; every shape at m = 4096: 1.1-1.3x); Triton's narrow tiles win below, where the
+    CUDA kernel's few large tiles leave SMs idle (Qwen3's o at m = 1024: 30.9 vs 41.0 us)."""
+    return m >= 4096 or (m >= 512 and n * k >= 16 << 20)
 
 
 def _cuda_fits(x, weight, weight_scale, bias) -> bool:
@@ -134,10 +143,11 @@ def _cuda_fits(x, weight, weight_scale, bias) -> bool:
             and (bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())))
 
 
-def dense_fp8_path(device: torch.device) -> str:
-    """Which path `fp8_linear` takes for bf16 activations (N a multiple of 16, contiguous weights) on `device`:
-    "scaled_mm", "cuda", "triton" or "reference" (`fp8_linear_path` on such a call, with shape-only tensors)."""
-    x = torch.empty(1, FP8_BLOCK, dtype=torch.bfloat16, device="meta")
+def dense_fp8_path(device: torch.device, rows: int = 1) -> str:
+    """Which path `fp8_linear` takes for `rows` bf16 activations of a 128x128 weight (N a multiple of 16,
+    contiguous) on `device`: "scaled_mm", "cuda", "triton" or "reference" (`fp8_linear_path` on such a call, with
+    shape-only tensors)."""
+    x = torch.empty(rows, FP8_BLOCK, dtype=torch.bfloat16, device="meta")
     weight = torch.empty(FP8_BLOCK, FP8_BLOCK, dtype=FP8_DTYPE, device="meta")
     return fp8_linear_path(x, weight, torch.empty(1, 1, device="meta"), device=device)
 
@@ -163,7 +173,11 @@ def fp8_linear_path(x, weight, weight_scale, bias=None, device: torch.device | N
         return "reference"
     if x.dtype != torch.float32 and weight.shape[0] % 16 == 0 and block_scaled_mm_supported(device):
         return "scaled_mm"
-    if dense_fp8_kernel() == "cuda" and _cuda_fits(x, weight, weight_scale, bias) and extension.available_for(device):
+    kernel = dense_fp8_kernel()
+    if kernel == "auto":
+        n, k = weight.shape
+        kernel = "cuda" if prefers_cuda_kernel(x.numel() // k, n, k) else "triton"
+    if kernel == "cuda" and _cuda_fits(x, weight, weight_scale, bias) and extension.available_for(device):
         return "cuda"
     if triton_fp8_gemm.available():
         return "triton"
