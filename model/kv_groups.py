@@ -73,3 +73,16 @@ def blocks_for_sequence(groups: KvCacheGroups, num_tokens: int, block_size: int,
     per step (a full group holds every block; a sliding group at most its window's)."""
     full = (num_tokens + block_size - 1) // block_size
     return sum(full if w is None else min(full, blocks_in_window(w, chunk, block_size)) for w in groups.windows)
+
+
+def max_sequence_tokens(groups: KvCacheGroups, num_blocks: int, block_size: int, chunk: int, limit: int) -> int:
+    """The longest sequence (at most `limit` tokens) whose blocks, over all groups, fit `num_blocks`: the whole
+    cache's tokens with one full group, unbounded by length (up to `limit`) without one once the windows fit."""
+    low, high = 0, limit  # blocks_for_sequence grows with the length: bisect for the last length that fits
+    while low < high:
+        mid = (low + high + 1) // 2
+        if blocks_for_sequence(groups, mid, block_size, chunk) <= num_blocks:
+            low = mid
+        else:
+            high = mid - 1
+    return low
