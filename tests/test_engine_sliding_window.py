@@ -1,0 +1,96 @@
+"""Sliding-window models through the engine with KV blocks behind the window released (model/kv_groups.py,
+model/engine/block_manager.py): gpt-oss (sliding and full layers alternate: two KV-cache groups sharing storage
+slots) and Mixtral with a window (one sliding group). Greedy output stays HF transformers' `generate` for sequences
+many windows long, with prefix caching on and off, under chunked prefill and preemption, while a sequence's
+sliding group holds at most ceil(window / block_size) + 1 blocks between steps."""
+
+import random
+
+import pytest
+
+from model.engine import EngineConfig, LLMEngine, SamplingParams
+from model.engine.block_manager import blocks_for
+from tests.engine_fixtures import GREEDY, run, tokens_of
+from tests.model_fixtures import hf_greedy, make_hf_model, save_checkpoint
+
+WINDOW, BS = 8, 4
+NEW_TOKENS = 40
+
+
+@pytest.fixture(scope="module", params=["gpt_oss", "mixtral"])
+def checkpoint(request, tmp_path_factory):
+    hf = make_hf_model(request.param, seed=41, sliding_window=WINDOW)
+    return request.param, hf, save_checkpoint(hf, tmp_path_factory.mktemp(request.param))
+
+
+def requests_for(seed: int) -> dict:
+    rng = random.Random(seed)
+    shared = [rng.randrange(300) for _ in range(18)]  # a prefix several requests share (prefix cache hits)
+    prompts = [shared + [rng.randrange(300) for _ in range(n)] for n in (3, 11)]
+    prompts += [[rng.randrange(300) for _ in range(n)] for n in (30, 6)]
+    return {f"q{i}": (p, SamplingParams(max_tokens=NEW_TOKENS, **GREEDY)) for i, p in enumerate(prompts)}
+
+
+def engine_for(directory, caching: bool, num_kv_blocks: int = 200) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=str(directory), dtype="float32", block_size=BS, num_kv_blocks=num_kv_blocks,
+                                  max_num_batched_tokens=10, max_num_seqs=4, enable_prefix_caching=caching))
+
+
+def check_held_blocks(engine: LLMEngine, seen: list) -> None:
+    """After each step (its sliding blocks released): the sliding group holds the window's blocks at most; a full
+    group holds every block of the sequence."""
+    bm = engine.block_manager
+    for seq in engine.scheduler.running:
+        for g, window in enumerate(bm.windows):
+            held = bm.num_held_blocks(seq, g)
+            if window is None:
+                assert held == len(seq.block_table)
+            else:
+                assert held <= -(-window // BS) + 1, (seq, g, seq.block_tables[g])
+                seen.append((seq.num_computed_tokens, held))
+
+
+def test_greedy_matches_generate_with_blocks_released_and_prefix_caching_on_and_off(checkpoint):
+    family, hf, directory = checkpoint
+    requests = requests_for(5)
+    expected = {rid: hf_greedy(hf, prompt, NEW_TOKENS) for rid, (prompt, _) in requests.items()}
+    for caching in (False, True):
+        engine = engine_for(directory, caching)
+        assert engine.block_manager.windows == ((None, WINDOW) if family == "gpt_oss" else (WINDOW,))
+        seen = []
+        outputs = run(engine, requests, on_step=lambda _, e: check_held_blocks(e, seen))
+        assert {rid: tokens_of(outs) for rid, outs in outputs.items()} == expected, f"prefix caching {caching}"
+        assert max(c for c, _ in seen) >= 4 * WINDOW, "sequences were meant to be several windows long"
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks, "blocks leaked"
+        if caching:  # the same requests again: hits on the first run's blocks, same tokens
+            again = run(engine, {f"again-{rid}": r for rid, r in requests.items()})
+            assert {rid.removeprefix("again-"): tokens_of(outs) for rid, outs in again.items()} == expected
+            assert engine.stats().prefix_cache_hits_total > 0
+
+
+def test_a_long_sequence_holds_a_window_of_sliding_blocks_and_fits_a_cache_that_would_not_hold_it(checkpoint):
+    """A 110-token sequence (and a 32-token one) in 40 blocks of 4. Without release, gpt-oss (2 groups) would need
+    2 x 28 = 56 blocks for the long one alone; with it 28 + at most 6. Mixtral (no full group) holds at most a
+    window's blocks per sequence, 6 while a 10-token chunk is computed."""
+    family, hf, directory = checkpoint
+    rng = random.Random(9)
+    prompt = [rng.randrange(300) for _ in range(30)]
+    other = [rng.randrange(300) for _ in range(12)]
+    requests = {"long": (prompt, SamplingParams(max_tokens=80, **GREEDY)),
+                "other": (other, SamplingParams(max_tokens=20, **GREEDY))}
+    engine = engine_for(directory, caching=True, num_kv_blocks=40)
+    peak = []
+
+    def on_step(_, e):
+        check_held_blocks(e, [])
+        peak.append(e.block_manager.num_blocks - e.block_manager.num_free_blocks)
+
+    outputs = run(engine, requests, on_step=on_step)
+    assert tokens_of(outputs["long"]) == hf_greedy(hf, prompt, 80)
+    assert tokens_of(outputs["other"]) == hf_greedy(hf, other, 20)
+    assert engine.stats().num_preemptions_total == 0
+    if family == "gpt_oss":
+        assert 2 * blocks_for(110, BS) > engine.block_manager.num_blocks
+        assert max(peak) >= blocks_for(110, BS)  # the full group keeps everything
+    else:
+        assert max(peak) <= 2 * (blocks_for(WINDOW - 1 + 10, BS) + 1)
