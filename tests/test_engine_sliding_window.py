@@ -10,7 +10,7 @@ import pytest
 
 from model.engine import EngineConfig, LLMEngine, SamplingParams
 from model.engine.block_manager import blocks_for
-from tests.engine_fixtures import GREEDY, run, tokens_of
+from tests.engine_fixtures import GREEDY, engine_with_stand_in_graphs, run, tokens_of
 from tests.model_fixtures import hf_greedy, make_hf_model, save_checkpoint
 
 WINDOW, BS = 8, 4
@@ -94,3 +94,53 @@ def test_a_long_sequence_holds_a_window_of_sliding_blocks_and_fits_a_cache_that_
         assert max(peak) >= blocks_for(110, BS)  # the full group keeps everything
     else:
         assert max(peak) <= 2 * (blocks_for(WINDOW - 1 + 10, BS) + 1)
+
+
+class EagerGraph:
+    """Stands in for a captured decode CUDA graph on the CPU: replay() recomputes the model on the static buffers."""
+
+    def __init__(self, model, batch, kv_cache, logits):
+        self.model, self.batch, self.kv_cache, self.logits = model, batch, kv_cache, logits
+
+    def replay(self):
+        self.logits.copy_(self.model(self.batch, self.kv_cache))
+
+
+def test_static_decode_batches_carry_each_groups_tables_and_padding_is_not_counted(checkpoint):
+    """Decode steps through the graph path (stand-ins): its buffers hold every group's block tables and slots as
+    the block manager has them (padding rows: each group's own padding block), the output is HF's, and padding rows
+    add nothing to the expert counters (each group's padding block keeps its own layers' padding K/V)."""
+    family, hf, directory = checkpoint
+    engine, _, _ = engine_with_stand_in_graphs(
+        lambda e, key, batch, logits: EagerGraph(e.model, batch, e.runner.kv_cache, logits),
+        model=str(directory), dtype="float32", block_size=BS, num_kv_blocks=200, max_num_batched_tokens=10,
+        max_num_seqs=4, moe_timing_every=1000, async_scheduling=False)
+    runner, groups, checked = engine.runner, engine.block_manager.num_groups, []
+    replay = runner._replay
+
+    def replay_and_check(g, out, sampled_before=None):
+        logits = replay(g, out, sampled_before)
+        b, w = g.batch.block_tables.shape
+        seqs = [s.seq for s in out.scheduled]
+        for group in range(groups):
+            tables = g.batch.of_group(group).block_tables.tolist()
+            slots = g.batch.of_group(group).slot_mapping.tolist()
+            for row, seq in enumerate(seqs):
+                table = seq.block_tables[group]
+                assert tables[row] == table + [0] * (w - len(table))
+                p = seq.num_tokens - 1
+                assert slots[row] == table[p // BS] * BS + p % BS and table[p // BS] >= groups
+            assert all(t == [group] * w for t in tables[len(seqs):]) and all(s == -1 for s in slots[len(seqs):])
+        checked.append((b, len(seqs)))
+        return logits
+
+    runner._replay = replay_and_check
+    requests = requests_for(6)
+    outputs = run(engine, requests, arrivals={0: ["q0", "q2"], 2: ["q1", "q3"]})
+    for rid, (prompt, params) in requests.items():
+        assert tokens_of(outputs[rid]) == hf_greedy(hf, prompt, params.max_tokens), rid
+    assert any(real < b for b, real in checked), "no padded replay"
+    fed = sum(len(p) + params.max_tokens - 1 for p, params in requests.values())
+    fed -= engine.stats().prefix_cache_hits_total  # tokens a cached prefix spared
+    totals = [sum(layer) for layer in engine.moe_stats().expert_tokens_total]
+    assert totals == [fed * engine.model_config.top_k] * len(totals), (totals, fed)
