@@ -253,3 +253,77 @@ def test_scheduler_bounds_sliding_blocks_and_releases_everything():
             sched.abort("s3")
     assert not sched.has_unfinished() and sched.num_preemptions_total > 0, "the pool was meant to preempt"
     assert bm.num_free_blocks == bm.num_blocks
+
+
+class ContentTracker:
+    """What each block id holds: (group, the sequence's tokens up to the last position written into it). A step
+    may only read blocks whose content is its own sequence's tokens (a stale or foreign block fails), and a cached
+    prefix must hand out blocks holding exactly the new sequence's tokens in that group."""
+
+    def __init__(self, bm: BlockManager):
+        self.bm, self.content = bm, {}
+
+    def check_reads(self, seq: Sequence, start: int, end: int) -> None:
+        bs = self.bm.block_size
+        for g, window in enumerate(self.bm.windows):
+            lowest = 0 if window is None else max(0, start - window + 1)
+            for pos in range(lowest, start):  # keys computed before this step
+                group, tokens = self.content[seq.block_tables[g][pos // bs]]
+                assert group == g and len(tokens) > pos and list(tokens) == seq.token_ids[: len(tokens)], (g, pos)
+
+    def write(self, seq: Sequence, start: int, end: int) -> None:
+        bs = self.bm.block_size
+        for g, table in enumerate(seq.block_tables):
+            for i in range(start // bs, blocks_for(end, bs)):
+                self.content[table[i]] = (g, tuple(seq.token_ids[: min(end, (i + 1) * bs)]))
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("windows", [(None, 8), (6,), (None, 5, 11)])
+def test_random_traffic_with_prefix_caching_reads_only_its_own_tokens(seed, windows):
+    rng, bs = random.Random(seed), 4
+    bm = manager(num_blocks=48, bs=bs, windows=windows, caching=True)
+    tracker, seqs, index, hits = ContentTracker(bm), {}, 0, 0
+    heads = [[rng.randrange(5) for _ in range(rng.randint(4, 30))] for _ in range(3)]
+    for _ in range(400):
+        op = rng.random()
+        if op < 0.2 or not seqs:
+            seq = seq_of(rng.choice(heads) + [rng.randrange(5) for _ in range(rng.randint(1, 12))], index)
+            index += 1
+            hit = bm.cached_prefix(seq)
+            tokens_needed = blocks_for(seq.num_tokens, bs) - len(hit)
+            if bm.num_free_blocks - bm.num_reclaimed_by(hit) < tokens_needed * len(windows):
+                continue
+            for g, table in enumerate(hit.tables):  # every block handed out holds this sequence's tokens
+                for i, block in enumerate(table):
+                    if block >= bm.first_block:
+                        assert tracker.content[block] == (g, tuple(seq.token_ids[: (i + 1) * bs]))
+            hits += len(hit)
+            bm.take_prefix(seq, hit)
+            seq.num_computed_tokens = len(hit) * bs
+            seqs[seq.request_id] = seq
+        elif op < 0.3:
+            bm.free(seqs.pop(rng.choice(sorted(seqs))))
+        else:
+            seq = seqs[rng.choice(sorted(seqs))]
+            if seq.num_computed_tokens == seq.num_tokens:
+                seq.append_token(rng.randrange(5))  # decoding: a new token to compute
+            start = seq.num_computed_tokens
+            end = min(seq.num_tokens, start + rng.choice([1, 3, 9]))
+            if not bm.can_allocate(seq, end):
+                continue
+            bm.allocate(seq, end)
+            tracker.check_reads(seq, start, end)
+            tracker.write(seq, start, end)
+            seq.num_computed_tokens = end
+            bm.commit(seq)
+            bm.release_outside_window(seq)
+        refs = {}
+        for s in seqs.values():
+            for table in s.block_tables:
+                for block in table:
+                    if block >= bm.first_block:
+                        refs[block] = refs.get(block, 0) + 1
+        assert all(bm.ref_count(b) == n for b, n in refs.items())
+        assert bm.num_free_blocks == bm.num_blocks - len(refs)
+    assert hits > 0, "no prefix was ever shared"

@@ -73,7 +73,8 @@ class DecodeInputs:
         self.slots[:, :n] = self.tables[:, self.row_index[:n], pos // bs] * bs + pos % bs
         self.ctx[:n] = pos + 1
         if n < self.num_real:
-            self.ids[n : self.num_real], self.pos[n : self.num_real], self.slots[:, n : self.num_real] = PAD_TOKEN, 0, -1
+            self.ids[n : self.num_real], self.pos[n : self.num_real] = PAD_TOKEN, 0
+            self.slots[:, n : self.num_real] = -1
             self.ctx[n : self.num_real], self.tables[:, n : self.num_real] = 1, self.pad_blocks
         self.num_real = n
 
