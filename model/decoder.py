@@ -11,7 +11,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.forward_batch import ForwardBatch
-from model.kv_groups import KvCacheGroups
+from model.kv_groups import KvCacheGroups, null_block
 from model.layers.attention import Attention
 from model.layers.linear import Embedding, Linear
 from model.layers.mla_attention import MlaAttention
@@ -78,7 +78,8 @@ class MoeCausalLM(nn.Module):
         if batch.num_groups != groups.num_groups:
             raise ValueError(f"the batch has block tables for {batch.num_groups} KV-cache groups, the model "
                              f"{groups.num_groups}")
-        plans = [AttentionPlan.build(batch.of_group(g), block_size=block_size) for g in range(groups.num_groups)]
+        plans = [AttentionPlan.build(batch.of_group(g), block_size=block_size, pad_slot=null_block(g) * block_size)
+                 for g in range(groups.num_groups)]
         h = self.model.embed_tokens(batch.input_ids)  # [N, H]
         rotary = self.model.rotary_emb(batch.positions, h.dtype)  # cos, sin [N, 1, R] (R: rotary channels)
         for layer_idx, layer in enumerate(self.model.layers):  # each layer: its group's tables, its storage slot

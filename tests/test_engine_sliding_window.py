@@ -144,3 +144,21 @@ def test_static_decode_batches_carry_each_groups_tables_and_padding_is_not_count
     fed -= engine.stats().prefix_cache_hits_total  # tokens a cached prefix spared
     totals = [sum(layer) for layer in engine.moe_stats().expert_tokens_total]
     assert totals == [fed * engine.model_config.top_k] * len(totals), (totals, fed)
+
+
+def test_a_warm_up_batch_of_padding_rows_leaves_every_groups_padding_block_as_it_was(checkpoint):
+    """CUDA-graph capture first runs the static batch with padding rows only: each group's layers may write only
+    their own padding block (the padding token's K/V, already there), never another group's in a shared slot."""
+    import torch
+
+    from model.engine.decode_inputs import static_decode_batch
+
+    _, _, directory = checkpoint
+    engine = engine_for(directory, caching=True)
+    runner = engine.runner
+    before = runner.kv_cache.clone()
+    batch, _, _ = static_decode_batch(2, 8, runner.device, runner.num_groups)
+    with torch.inference_mode():
+        engine.model(batch, runner.kv_cache)
+    torch.testing.assert_close(runner.kv_cache, before, rtol=0, atol=1e-5)  # the same K/V, up to rounding
+    assert runner.kv_cache[..., : runner.num_groups, :1, :, :].abs().sum() > 0  # padding K/V are there to check
