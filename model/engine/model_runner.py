@@ -109,9 +109,10 @@ class ModelRunner:
         if mc.mla is not None:  # the capacity the latent cache buys (model/kv_capacity.py)
             layout = getattr(model, "layout", None)  # a tensor-parallel rank's (model/parallel)
             cached, uncompressed = values_per_token_per_layer(mc, layout.world if layout is not None else 1)
+            pool = self.num_usable_blocks * self.block_size
             logger.info("MLA latent KV cache: %d values per token per layer instead of %d: %d tokens where "
-                        "decompressed keys and values would hold %d", cached, uncompressed, capacity,
-                        capacity * cached // uncompressed)
+                        "decompressed keys and values would hold %d", cached, uncompressed, pool,
+                        pool * cached // uncompressed)
         self.max_blocks_per_seq = blocks_for(self.max_model_len, self.block_size)
         self.kv_cache = torch.zeros(model.kv_cache_shape(self.num_usable_blocks + self.num_groups, self.block_size),
                                     dtype=dtype, device=device)
