@@ -162,3 +162,29 @@ def test_a_warm_up_batch_of_padding_rows_leaves_every_groups_padding_block_as_it
         engine.model(batch, runner.kv_cache)
     torch.testing.assert_close(runner.kv_cache, before, rtol=0, atol=1e-5)  # the same K/V, up to rounding
     assert runner.kv_cache[..., : runner.num_groups, :1, :, :].abs().sum() > 0  # padding K/V are there to check
+
+
+@pytest.mark.gpu
+def test_gpu_engine_with_graphs_and_triton_kernels_matches_generate(checkpoint):
+    """On the GPU in float32: CUDA-graph decode (each group's tables as graph inputs), the Triton decode and prefill
+    kernels reading tables whose released entries point at padding blocks, prefix caching on (run twice) and
+    off. Greedy tokens equal HF transformers' `generate` (CPU, float32)."""
+    import torch
+
+    _, hf, directory = checkpoint
+    requests = requests_for(5)
+    expected = {rid: hf_greedy(hf, prompt, NEW_TOKENS) for rid, (prompt, _) in requests.items()}
+    for caching in (False, True):
+        engine = LLMEngine(EngineConfig(model=str(directory), dtype="float32", device="cuda", block_size=BS,
+                                        num_kv_blocks=200, max_num_batched_tokens=10, max_num_seqs=4,
+                                        enable_prefix_caching=caching))
+        assert engine.runner.num_graphs > 0 and engine.runner.kv_cache.is_cuda
+        for attempt in range(2 if caching else 1):
+            seen = []
+            outputs = run(engine, {f"{rid}-{attempt}": r for rid, r in requests.items()},
+                          on_step=lambda _, e: check_held_blocks(e, seen))
+            got = {rid.rsplit("-", 1)[0]: tokens_of(outs) for rid, outs in outputs.items()}
+            assert got == expected, (caching, attempt)
+        if caching:
+            assert engine.stats().prefix_cache_hits_total > 0
+        torch.cuda.synchronize()
