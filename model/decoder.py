@@ -80,6 +80,8 @@ class MoeCausalLM(nn.Module):
                              f"{groups.num_groups}")
         plans = [AttentionPlan.build(batch.of_group(g), block_size=block_size, pad_slot=null_block(g) * block_size)
                  for g in range(groups.num_groups)]
+        for plan in plans[1:]:
+            plan.chunk_tables_from = plans[0]
         h = self.model.embed_tokens(batch.input_ids)  # [N, H]
         rotary = self.model.rotary_emb(batch.positions, h.dtype)  # cos, sin [N, 1, R] (R: rotary channels)
         for layer_idx, layer in enumerate(self.model.layers):  # each layer: its group's tables, its storage slot

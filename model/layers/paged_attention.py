@@ -132,6 +132,9 @@ class AttentionPlan:
     prefill: list[PrefillChunk]
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int64
     _kernel_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # see _prefill_kernel_tables
+    # The plan of another KV-cache group of the same step (model/kv_groups.py): its chunk metadata is the same
+    # (only the block tables differ), so it is built once, by that plan.
+    chunk_tables_from: "AttentionPlan | None" = None
 
     @staticmethod
     def build(batch: ForwardBatch, block_size: int, pad_slot: int = 0) -> "AttentionPlan":
@@ -175,6 +178,8 @@ class AttentionPlan:
 
     def _prefill_kernel_tables(self, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The Triton prefill kernel's chunk metadata and tiles, built at the first layer and kept for the rest."""
+        if self.chunk_tables_from is not None:
+            return self.chunk_tables_from._prefill_kernel_tables(head_dim)
         if self._kernel_tables is None:
             c = self.prefill
             self._kernel_tables = triton_prefill_attention.chunk_tables(
