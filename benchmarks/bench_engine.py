@@ -345,8 +345,10 @@ def first_logits_agree(engine, hf, prompt) -> float:
     ids = torch.tensor([prompt], device=engine.device)
     expected = hf(ids).logits[0, -1].float()
     runner = engine.runner
-    batch = runner.build_batch([(prompt, 0, list(range(1, 1 + -(-len(prompt) // runner.block_size))), True)])
-    cache = torch.zeros(engine.model.kv_cache_shape(1 + -(-len(prompt) // runner.block_size), runner.block_size),
+    n, groups = -(-len(prompt) // runner.block_size), runner.num_groups  # blocks of its own in each KV-cache group
+    tables = [list(range(groups + g * n, groups + (g + 1) * n)) for g in range(groups)]
+    batch = runner.build_batch([(prompt, 0, tables, True)])
+    cache = torch.zeros(engine.model.kv_cache_shape(groups * (1 + n), runner.block_size),
                         dtype=engine.dtype, device=engine.device)
     actual = engine.model(batch, cache)[0]
     return float((actual - expected).abs().max() / expected.abs().max())

@@ -11,6 +11,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.forward_batch import ForwardBatch
+from model.kv_groups import KvCacheGroups, null_block
 from model.layers.attention import Attention
 from model.layers.linear import Embedding, Linear
 from model.layers.mla_attention import MlaAttention
@@ -63,30 +64,39 @@ class MoeCausalLM(nn.Module):
         self.config = config
         self.model = DecoderModel(config)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
+        self.kv_groups = KvCacheGroups.of(config)
 
     def forward(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
-        """kv_cache [num_layers, *kv_cache_shape of one layer] -> logits [S, vocab] float32."""
+        """kv_cache [storage slots, *kv_cache_shape of one layer] -> logits [S, vocab] float32."""
         return F.linear(self.hidden_states(batch, kv_cache), self.head_weight()).float()  # [S, V]
 
     def hidden_states(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
         """The final-normed hidden states [S, H] of the rows `batch.logits_indices` selects (a tensor-parallel
         model, model/parallel, applies its own vocabulary-split head to them)."""
         block_size = kv_cache.shape[1 + self.model.layers[0].self_attn.CACHE_BLOCK_DIM]
-        plan = AttentionPlan.build(batch, block_size=block_size)
+        groups = self.kv_groups
+        if batch.num_groups != groups.num_groups:
+            raise ValueError(f"the batch has block tables for {batch.num_groups} KV-cache groups, the model "
+                             f"{groups.num_groups}")
+        plans = [AttentionPlan.build(batch.of_group(g), block_size=block_size, pad_slot=null_block(g) * block_size)
+                 for g in range(groups.num_groups)]
+        for plan in plans[1:]:
+            plan.chunk_tables_from = plans[0]
         h = self.model.embed_tokens(batch.input_ids)  # [N, H]
         rotary = self.model.rotary_emb(batch.positions, h.dtype)  # cos, sin [N, 1, R] (R: rotary channels)
-        for layer_idx, layer in enumerate(self.model.layers):
-            h = layer(h, rotary, plan, kv_cache[layer_idx])
+        for layer_idx, layer in enumerate(self.model.layers):  # each layer: its group's tables, its storage slot
+            h = layer(h, rotary, plans[groups.layer_group[layer_idx]], kv_cache[groups.layer_slot[layer_idx]])
         return self.model.norm(h[batch.logits_indices])  # [S, H]; the norm is per row, so only wanted rows
 
     def head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight  # [V, H]
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
-        """[layers, *one layer's cache]: by the attention kind, [K|V, blocks, block_size, KV heads held here,
-        head_dim] (a tensor-parallel rank holds fewer heads) or MLA's [blocks, block_size, kv_lora_rank + rope]."""
+        """[storage slots, *one layer's cache]: by the attention kind, [K|V, blocks, block_size, KV heads held here,
+        head_dim] (a tensor-parallel rank holds fewer heads) or MLA's [blocks, block_size, kv_lora_rank + rope].
+        Slots = layers, except with sliding-window layers, whose groups share slots (model/kv_groups.py)."""
         attn = self.model.layers[0].self_attn
-        return (len(self.model.layers), *attn.kv_cache_shape(num_blocks, block_size))
+        return (self.kv_groups.num_slots, *attn.kv_cache_shape(num_blocks, block_size))
 
     def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
         return math.prod(self.kv_cache_shape(1, block_size)) * dtype.itemsize

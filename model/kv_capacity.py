@@ -5,8 +5,15 @@
     python -m model.kv_capacity deepseek-v3 --memory-gib 40 --tensor-parallel 8   # one rank's 40 GiB
 
 For MLA (DeepSeek-V2/V3) the cache holds kv_lora_rank + rope values per token per layer (576), where decompressed
-keys and values would take heads × (nope + rope + v) (V2-Lite: 16 × 320 = 5120, 8.9× as many). For the other
-families both layouts are the same.
+keys and values would take heads × (nope + rope + v) (V2-Lite: 16 × 320 = 5120, 8.9× as many).
+
+Sliding-window models (gpt-oss, Mixtral with a window; model/kv_groups.py): a block id spans the cache's storage
+slots (gpt-oss-20b: 12 for 24 layers), and a sliding layer's blocks behind its window are freed. So for long
+sequences a token costs one block of the full-attention group only: `tokens` counts those, and each sequence also
+holds at most `sliding_blocks_per_sequence` blocks (its windows, decoding). The other layout ("uncompressed")
+keeps every layer's keys and values for the whole sequence: gpt-oss gets about 2× the tokens of it. Without a full
+group (Mixtral with a window) a sequence's blocks do not grow with its length at all; `tokens` is then the
+pool's size in tokens, shared by the sequences' windows.
 """
 
 import argparse
@@ -16,14 +23,16 @@ from dataclasses import dataclass
 import torch
 
 from model.config import ModelConfig
+from model.kv_groups import KvCacheGroups, blocks_in_window
 
 
 @dataclass(frozen=True)
 class KvCapacity:
-    bytes_per_token: int  # all layers, the layout the engine allocates
-    uncompressed_bytes_per_token: int  # all layers, decompressed keys and values
-    tokens: int  # that fit the budget, in whole blocks, less the engine's padding block
+    bytes_per_token: int  # one token of a block id: all storage slots, the layout the engine allocates
+    uncompressed_bytes_per_token: int  # all layers, decompressed keys and values, none freed
+    tokens: int  # that fit the budget, in whole blocks, less the engine's padding blocks (one per KV-cache group)
     uncompressed_tokens: int
+    sliding_blocks_per_sequence: int = 0  # at most, decoding, besides its `tokens` (sliding groups' windows)
 
     @property
     def ratio(self) -> float:
@@ -41,8 +50,8 @@ def values_per_token_per_layer(config: ModelConfig, tensor_parallel: int = 1) ->
     return plain, plain
 
 
-def _tokens(budget: int, bytes_per_token: int, block_size: int) -> int:
-    blocks = budget // (bytes_per_token * block_size) - 1  # model_runner keeps block 0 for padding rows
+def _tokens(budget: int, bytes_per_token: int, block_size: int, reserved: int = 1) -> int:
+    blocks = budget // (bytes_per_token * block_size) - reserved  # model_runner keeps padding blocks
     return max(0, blocks) * block_size
 
 
@@ -52,12 +61,14 @@ def kv_capacity(config: ModelConfig, memory_bytes: int, dtype: torch.dtype = tor
     rank's own model under tensor parallelism): take the cached size from its `kv_cache_shape`, the engine's own
     computation, instead of the config."""
     cached, uncompressed = values_per_token_per_layer(config, tensor_parallel)
-    per_token = cached * config.num_layers * dtype.itemsize
+    groups = KvCacheGroups.of(config)
+    per_token = cached * groups.num_slots * dtype.itemsize
     if model is not None:
         per_token = math.prod(model.kv_cache_shape(1, block_size)) * dtype.itemsize // block_size
     full = uncompressed * config.num_layers * dtype.itemsize
-    return KvCapacity(per_token, full, _tokens(memory_bytes, per_token, block_size),
-                      _tokens(memory_bytes, full, block_size))
+    sliding = sum(blocks_in_window(w, 1, block_size) for w in groups.windows if w is not None)
+    return KvCapacity(per_token, full, _tokens(memory_bytes, per_token, block_size, groups.num_groups),
+                      _tokens(memory_bytes, full, block_size), sliding)
 
 
 def main(argv=None) -> None:
@@ -91,6 +102,9 @@ def main(argv=None) -> None:
     print(f"  as cached:     {cap.bytes_per_token:>9,} B/token  {cap.tokens:>12,} tokens")
     print(f"  uncompressed:  {cap.uncompressed_bytes_per_token:>9,} B/token  {cap.uncompressed_tokens:>12,} tokens")
     print(f"  ratio:         {cap.ratio:.2f}x")
+    if cap.sliding_blocks_per_sequence:
+        print(f"  sliding-window layers: blocks behind the window are freed; each sequence also holds at most "
+              f"{cap.sliding_blocks_per_sequence} blocks of its windows")
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def engine_with_stand_in_graphs(make_graph, **config):
     sizes, widths = graph_batch_sizes(engine.config.max_num_seqs), graph_widths(runner.max_blocks_per_seq)
     for b in sizes:
         for w in widths:
-            batch, int64_inputs, int32_inputs = static_decode_batch(b, w, runner.device)
+            batch, int64_inputs, int32_inputs = static_decode_batch(b, w, runner.device, runner.num_groups)
             logits = torch.empty(b, engine.model_config.vocab_size)
             graph = make_graph(engine, (b, w), batch, logits)
             runner.graphs[(b, w)] = _Graph(graph, batch, logits, int64_inputs, int32_inputs)

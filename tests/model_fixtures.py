@@ -90,7 +90,9 @@ def save_checkpoint(model: transformers.PreTrainedModel, directory: Path, **save
 
 class PagedRunner:
     """Our model driven as an engine would, with the fewest parts: each sequence owns KV blocks popped from a
-    shuffled free list (so block tables are not contiguous); prefill in chunks; decode steps optionally padded."""
+    shuffled free list (so block tables are not contiguous); prefill in chunks; decode steps optionally padded.
+    A model with sliding-window layers gets one table per KV-cache group (model/kv_groups.py), each of its own
+    blocks, all kept (masking alone hides what is outside a window here)."""
 
     def __init__(self, model, num_blocks: int = 96, block_size: int = 4, seed: int = 0):
         param = next(model.parameters())
@@ -99,6 +101,8 @@ class PagedRunner:
         self.kv_cache = torch.zeros(model.kv_cache_shape(num_blocks, block_size), dtype=param.dtype,
                                     device=param.device)
         self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+        groups = getattr(model, "kv_groups", None)
+        self.num_groups = 1 if groups is None else groups.num_groups
         self.seqs: dict[str, dict] = {}
 
     def step(self, new_tokens: dict[str, list[int]], pad_to: int = 0, all_logits: bool = False):
@@ -118,34 +122,44 @@ class PagedRunner:
                 table_width: int = 0):
         """The ForwardBatch of one step (blocks allocated, lengths advanced) and the rows wanted per sequence."""
         device = self.kv_cache.device
-        ids, positions, slots, tables, ctx_lens, query_lens, wanted = [], [], [], [], [], [], {}
+        ids, positions, ctx_lens, query_lens, wanted = [], [], [], [], {}
+        slots, tables = [[] for _ in range(self.num_groups)], [[] for _ in range(self.num_groups)]  # per group
         for seq_id, tokens in new_tokens.items():
-            seq = self.seqs.setdefault(seq_id, {"len": 0, "blocks": []})
+            seq = self.seqs.setdefault(seq_id, {"len": 0, "blocks": [[] for _ in range(self.num_groups)]})
             start, end = seq["len"], seq["len"] + len(tokens)
-            while len(seq["blocks"]) * self.block_size < end:
-                seq["blocks"].append(self.free.pop())
+            for blocks in seq["blocks"]:
+                while len(blocks) * self.block_size < end:
+                    blocks.append(self.free.pop())
             rows = list(range(len(ids), len(ids) + len(tokens)))
             wanted[seq_id] = rows if all_logits else rows[-1:]
             for pos, token in zip(range(start, end), tokens):
                 ids.append(token)
                 positions.append(pos)
-                slots.append(seq["blocks"][pos // self.block_size] * self.block_size + pos % self.block_size)
+                for g, blocks in enumerate(seq["blocks"]):
+                    slots[g].append(blocks[pos // self.block_size] * self.block_size + pos % self.block_size)
             seq["len"] = end
-            tables.append(seq["blocks"])
+            for g, blocks in enumerate(seq["blocks"]):
+                tables[g].append(blocks)
             ctx_lens.append(end)
             query_lens.append(len(tokens))
         is_decode = all(n == 1 for n in query_lens)
         for _ in range(len(ids), pad_to):  # padding rows of a fixed-size decode batch
-            ids.append(0), positions.append(0), slots.append(-1), tables.append([]), ctx_lens.append(0)
+            ids.append(0), positions.append(0), ctx_lens.append(0)
+            for g in range(self.num_groups):
+                slots[g].append(-1), tables[g].append([])
             query_lens.append(1)
-        width = max(table_width, *(len(t) for t in tables))
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        width = max(table_width, *(len(t) for t in tables[0]))
+        block_tables = [torch.tensor([t + [0] * (width - len(t)) for t in group], dtype=torch.int32, device=device)
+                        for group in tables]
+        slot_mappings = [torch.tensor(group, device=device) for group in slots]
         order = [row for rows in wanted.values() for row in rows]
         batch = ForwardBatch(
             input_ids=torch.tensor(ids, device=device),
             positions=torch.tensor(positions, device=device),
-            slot_mapping=torch.tensor(slots, device=device),
-            block_tables=block_tables.to(device),
+            slot_mapping=slot_mappings[0],
+            block_tables=block_tables[0],
+            group_block_tables=tuple(block_tables[1:]),
+            group_slot_mappings=tuple(slot_mappings[1:]),
             context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=device),
             query_start_loc=torch.tensor([0] + list(torch.tensor(query_lens).cumsum(0)), dtype=torch.int32,
                                          device=device),
@@ -260,6 +274,9 @@ def assert_decode_graph_matches_eager(ours, prompts: dict[str, list[int]], steps
         step, _ = graphed.prepare({k: [t] for k, t in tokens.items()}, pad_to=rows, table_width=width)
         for name in ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens"):
             getattr(static, name).copy_(getattr(step, name))
+        for name in ("group_block_tables", "group_slot_mappings"):  # models with sliding-window layers
+            for dst, src in zip(getattr(static, name), getattr(step, name), strict=True):
+                dst.copy_(src)
         graph.replay()
         for i, key in enumerate(prompts):
             torch.testing.assert_close(static_logits[i], expected[key][-1], rtol=2e-2, atol=2e-2)

@@ -62,3 +62,21 @@ def test_a_tensor_parallel_rank_keeps_the_whole_latent_but_would_split_decompres
     assert "per rank of 8" in out and "70,272 B/token" in out and "624,640 B/token" in out
     main(["qwen3-30b-a3b", "--memory-gib", "40", "--tensor-parallel", "8"])  # 4 K/V heads: one per rank of 8
     assert f"{48 * 2 * 1 * 128 * 2:,} B/token" in capsys.readouterr().out
+
+
+def test_gpt_oss_capacity_credits_released_sliding_blocks_by_hand():
+    """gpt-oss-20b's published shapes: 24 layers alternating window-128 and full, 8 KV heads of 64. Storage slots:
+    12 (one per sliding + full pair), so a block id costs 12 layers x 2 x 8 x 64 values x 2 bytes per token = 24576 B,
+    and the full group's blocks are all a long sequence keeps: twice the tokens of keeping every layer (49152 B)."""
+    from model.loader import resolve_source
+
+    config = resolve_source("gpt-oss-20b", random_weights=True)[0]
+    cap = kv_capacity(config, 40 * 2**30, torch.bfloat16, block_size=16)
+    assert cap.bytes_per_token == 12 * 2 * 8 * 64 * 2 == 24576
+    assert cap.uncompressed_bytes_per_token == 24 * 2 * 8 * 64 * 2 == 49152
+    assert cap.tokens == (40 * 2**30 // (24576 * 16) - 2) * 16  # two groups: two padding blocks
+    assert cap.uncompressed_tokens == (40 * 2**30 // (49152 * 16) - 1) * 16
+    assert cap.sliding_blocks_per_sequence == 128 // 16 + 1
+    assert 1.99 < cap.ratio < 2.01
+    with torch.device("meta"):
+        assert MoeCausalLM(config).kv_cache_shape(10, 16) == (12, 2, 10, 16, 8, 64)

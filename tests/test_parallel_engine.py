@@ -104,7 +104,7 @@ def test_worker_fills_decode_graph_inputs_as_rank_0_does():
     runner, key = engine.runner, (4, 16)
 
     def graph() -> _Graph:
-        batch, int64_inputs, int32_inputs = static_decode_batch(*key, runner.device)
+        batch, int64_inputs, int32_inputs = static_decode_batch(*key, runner.device, runner.num_groups)
         return _Graph(_RecordReplay(), batch, torch.zeros(key[0], 1), int64_inputs, int32_inputs)
 
     sent = []

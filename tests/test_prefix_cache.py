@@ -179,7 +179,7 @@ def test_caching_off_shares_nothing_and_misuse_is_caught():
         bm.take_prefix(a, [])
     saved = list(a.block_table)
     bm.free(a)
-    a.block_table = saved
+    a.block_tables = [saved]
     with pytest.raises(RuntimeError, match="double free"):
         bm.free(a)
     assert bm.num_free_blocks == 8, "a refused free changes nothing"

@@ -130,7 +130,7 @@ def test_block_manager_allocates_frees_and_maps_slots():
     saved = list(a.block_table)
     bm.free(a)
     assert bm.num_free_blocks == 3 and a.block_table == []
-    a.block_table = saved
+    a.block_tables = [saved]
     with pytest.raises(RuntimeError, match="double free"):
         bm.free(a)
 

@@ -117,7 +117,10 @@ class LLMEngine:
 
         self.runner = ModelRunner(model, config, self.device, self.dtype)
         self.max_model_len = self.runner.max_model_len
-        self.block_manager = BlockManager(self.runner.num_usable_blocks, config.block_size, first_block=PAD_BLOCK + 1,
+        # ids below first_block: the KV-cache groups' padding blocks (group 0's is PAD_BLOCK), model/kv_groups.py
+        self.block_manager = BlockManager(self.runner.num_usable_blocks, config.block_size,
+                                          first_block=PAD_BLOCK + self.runner.num_groups,
+                                          windows=self.runner.kv_groups.windows,
                                           max_seqs=config.max_num_seqs,
                                           max_blocks_per_seq=self.runner.max_blocks_per_seq,
                                           prefix_caching=config.enable_prefix_caching,

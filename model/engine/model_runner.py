@@ -3,7 +3,9 @@ CUDA graph for decode steps on the GPU, eager otherwise) and returns the logits 
 
 Block PAD_BLOCK of the cache is reserved for padding (model/engine/decode_inputs.py): slot 0 holds exactly the
 padding token's K/V, so a padded CUDA-graph row computes the same thing at every replay (its expert routing can be
-subtracted from the load counters) and never touches a real sequence's cache.
+subtracted from the load counters) and never touches a real sequence's cache. With sliding-window layers the cache
+has several KV-cache groups (model/kv_groups.py): blocks 0..G-1 are reserved, block g being group g's padding block,
+each group has its own block tables and slots, and the cache tensor's first dimension is storage slots, not layers.
 
 A step is described once, as what every rank of a parallel model needs to run it: eager steps as `StepItem`s (per
 sequence its new tokens, first position, block table and how many of its last rows' logits are wanted: 1 for the
@@ -27,11 +29,13 @@ from model.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from model.engine.scheduler import SchedulerOutput
 from model.forward_batch import ForwardBatch
 from model.kv_capacity import values_per_token_per_layer
+from model.kv_groups import KvCacheGroups, max_sequence_tokens, null_block
 from model.layers import fusion
 
 logger = logging.getLogger(__name__)
 
-StepItem = tuple[list[int], int, list[int], int]  # (new token ids, first position, block table, logit rows)
+StepItem = tuple[list[int], int, list[list[int]], int]  # (new token ids, first position, block table of each
+#   KV-cache group, logit rows)
 GRAPH_CONTEXT_TOKENS = 1 << 18  # largest batch × padded context a decode graph is captured for (bounds its memory)
 MIN_GRAPH_WIDTH = 8  # smallest block-table width bucket of the decode graphs
 
@@ -52,7 +56,7 @@ class _Graph:
     batch: ForwardBatch  # views of the static input buffers
     logits: torch.Tensor  # [b, V] static output
     int64_inputs: torch.Tensor  # [3b]: input_ids, positions, slot_mapping (the batch's tensors are views)
-    int32_inputs: torch.Tensor  # [b + b*w]: context_lens, block_tables
+    int32_inputs: torch.Tensor  # [b + G*b*w]: context_lens, block tables of each KV-cache group
     staging: DecodeInputs | None = None  # host side of the two input buffers, made at the first replay
     # The same step captured again with the MoE timer's event-record nodes, replayed only in steps sampled for
     # timing, since event nodes slow every replay (benchmarks/NOTES.md, "Metrics overhead"). It writes its logits
@@ -74,7 +78,9 @@ class ModelRunner:
         self.pin = device.type == "cuda"
         fusion.set_enabled(not config.enforce_eager)  # eager means no compiled code either, as in vLLM
         mc = model.config
-        self.bytes_per_block = model.kv_cache_bytes_per_block(self.block_size, dtype)
+        self.kv_groups = KvCacheGroups.of(mc)
+        self.num_groups = self.kv_groups.num_groups
+        self.bytes_per_block = model.kv_cache_bytes_per_block(self.block_size, dtype)  # one id: every storage slot
         max_len = mc.max_position_embeddings if config.max_model_len is None else config.max_model_len
         if config.max_model_len is not None and config.max_model_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's max_position_embeddings="
@@ -86,21 +92,29 @@ class ModelRunner:
         # model tells its workers (model/parallel) to run the same step. None on a single rank.
         self.step_listener = None
         self.moe_timer = None  # model/engine/moe_timer.MoeTimer: told of each graph's capture and replay
-        capacity = self.num_usable_blocks * self.block_size
+        # the longest sequence whose blocks (a sliding group's only its window's) fit the whole cache
+        capacity = max_sequence_tokens(self.kv_groups, self.num_usable_blocks, self.block_size,
+                                       config.max_num_batched_tokens, max(max_len, config.max_model_len or 0))
         if config.max_model_len is not None and config.max_model_len > capacity:
             raise ValueError(f"max_model_len={config.max_model_len} does not fit the KV cache "
-                             f"({self.num_usable_blocks} blocks × {self.block_size} = {capacity} tokens)")
+                             f"({self.num_usable_blocks} blocks × {self.block_size} = {capacity} tokens of one "
+                             f"sequence)")
         self.max_model_len = min(max_len, capacity)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB), max_model_len %d", self.num_usable_blocks,
-                    self.block_size, (self.num_usable_blocks + 1) * self.bytes_per_block / 2**30, self.max_model_len)
+                    self.block_size, (self.num_usable_blocks + self.num_groups) * self.bytes_per_block / 2**30,
+                    self.max_model_len)
+        if self.num_groups > 1 or self.kv_groups.windows[0] is not None:
+            logger.info("KV-cache groups (windows %s): %d storage slots for %d layers; blocks behind a sliding "
+                        "window are released", self.kv_groups.windows, self.kv_groups.num_slots, mc.num_layers)
         if mc.mla is not None:  # the capacity the latent cache buys (model/kv_capacity.py)
             layout = getattr(model, "layout", None)  # a tensor-parallel rank's (model/parallel)
             cached, uncompressed = values_per_token_per_layer(mc, layout.world if layout is not None else 1)
+            pool = self.num_usable_blocks * self.block_size
             logger.info("MLA latent KV cache: %d values per token per layer instead of %d: %d tokens where "
-                        "decompressed keys and values would hold %d", cached, uncompressed, capacity,
-                        capacity * cached // uncompressed)
+                        "decompressed keys and values would hold %d", cached, uncompressed, pool,
+                        pool * cached // uncompressed)
         self.max_blocks_per_seq = blocks_for(self.max_model_len, self.block_size)
-        self.kv_cache = torch.zeros(model.kv_cache_shape(self.num_usable_blocks + 1, self.block_size),
+        self.kv_cache = torch.zeros(model.kv_cache_shape(self.num_usable_blocks + self.num_groups, self.block_size),
                                     dtype=dtype, device=device)
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.block_manager: BlockManager | None = None  # set by the engine; decode replays read its tables
@@ -113,10 +127,11 @@ class ModelRunner:
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
         if self.device.type != "cuda":
-            return max(blocks_for(min(max_len, 8192), self.block_size), cfg.cpu_kv_cache_bytes // self.bytes_per_block)
+            return max(self.num_groups * blocks_for(min(max_len, 8192), self.block_size),
+                       cfg.cpu_kv_cache_bytes // self.bytes_per_block)
         free, total = self._profile_peak_free_memory(max_len)
         budget = int(total * cfg.gpu_memory_utilization) - (total - free) - self._graph_reserve_bytes()
-        num = budget // self.bytes_per_block - 1
+        num = budget // self.bytes_per_block - self.num_groups  # less the groups' padding blocks
         if num < 1:
             raise RuntimeError(f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB free of "
                                f"{total / 2**30:.1f} GiB after the weights and a {cfg.max_num_batched_tokens}-token "
@@ -144,7 +159,8 @@ class ModelRunner:
                             device=self.device)
         cache_bytes = cache.numel() * cache.element_size()
         vocab = self.model.config.vocab_size
-        batch = self.build_batch([([i % vocab for i in range(n)], 0, table, 1) for n, table in zip(lens, tables)])
+        batch = self.build_batch([([i % vocab for i in range(n)], 0, [table] * self.num_groups, 1)
+                                  for n, table in zip(lens, tables)])
         self.model(batch, cache)
         sampling_peak(self.device, cfg.max_num_seqs, vocab)
         torch.cuda.synchronize(self.device)
@@ -164,35 +180,41 @@ class ModelRunner:
 
     # ---- batches ----------------------------------------------------------------------------------------------
     def build_batch(self, items: list[StepItem]) -> ForwardBatch:
-        bs = self.block_size
-        input_ids, positions, slots, qsl, ctx, qlens, logits_idx = [], [], [], [0], [], [], []
-        width = max(len(table) for _, _, table, _ in items)
-        tables = []
-        for tokens, start, table, logit_rows in items:
+        bs, num_groups = self.block_size, self.num_groups
+        input_ids, positions, qsl, ctx, qlens, logits_idx = [], [], [0], [], [], []
+        slots = [[] for _ in range(num_groups)]  # per group [N]
+        tables = [[] for _ in range(num_groups)]  # per group [B, width]
+        width = max(len(group_tables[0]) for _, _, group_tables, _ in items)
+        for tokens, start, group_tables, logit_rows in items:
             n = len(tokens)
             input_ids += tokens
             positions += range(start, start + n)
-            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            for g, table in enumerate(group_tables):
+                slots[g] += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+                tables[g].append(table + [0] * (width - len(table)))
             qsl.append(qsl[-1] + n)
             ctx.append(start + n)
             qlens.append(n)
             logits_idx += range(qsl[-1] - logit_rows, qsl[-1])
-            tables.append(table + [0] * (width - len(table)))
         is_decode = all(q == 1 for q in qlens) and len(logits_idx) == len(items)
         return self._to_device(input_ids, positions, slots, tables, ctx, qsl, logits_idx, is_decode, qlens)
 
     def _to_device(self, input_ids, positions, slots, tables, ctx, qsl, logits_idx, is_decode, qlens) -> ForwardBatch:
+        """`slots`, `tables`: one list per KV-cache group."""
         dev, pin = self.device, self.pin
 
         def put(values, dtype):
             return _host(values, dtype, pin).to(dev, non_blocking=True)
 
+        group_slots = [put(s, torch.int64) for s in slots]
+        group_tables = [put(t, torch.int32) for t in tables]
         return ForwardBatch(
             input_ids=put(input_ids, torch.int64), positions=put(positions, torch.int64),
-            slot_mapping=put(slots, torch.int64), block_tables=put(tables, torch.int32),
+            slot_mapping=group_slots[0], block_tables=group_tables[0],
             context_lens=put(ctx, torch.int32), query_start_loc=put(qsl, torch.int32),
             logits_indices=put(logits_idx, torch.int64), is_decode=is_decode,
             query_lens_host=list(qlens), context_lens_host=list(ctx),
+            group_block_tables=tuple(group_tables[1:]), group_slot_mappings=tuple(group_slots[1:]),
         )
 
 
@@ -248,7 +270,8 @@ class ModelRunner:
     def _staging(self, g: _Graph) -> DecodeInputs:
         if g.staging is None:
             width = g.batch.block_tables.shape[1]
-            g.staging = DecodeInputs(g.int64_inputs, g.int32_inputs, width, self.block_size, self.pin)
+            g.staging = DecodeInputs(g.int64_inputs, g.int32_inputs, width, self.block_size, self.pin,
+                                     self.num_groups)
         return g.staging
 
     def _replay(self, g: _Graph, out: SchedulerOutput, sampled_before: torch.Tensor | None = None) -> torch.Tensor:
@@ -257,7 +280,7 @@ class ModelRunner:
         inputs = self._staging(g)
         seqs = [s.seq for s in out.scheduled]
         inputs.fill([seq.token_ids[-1] for seq in seqs], [len(seq.token_ids) - 1 for seq in seqs],
-                    self.block_manager.tables[[seq.block_row for seq in seqs], : inputs.width])  # [n, w]
+                    self.block_manager.group_tables[:, [seq.block_row for seq in seqs], : inputs.width])  # [G, n, w]
         if self.step_listener is not None:
             self.step_listener(tuple(g.batch.block_tables.shape), inputs)
         inputs.copy_to_device()
@@ -280,12 +303,15 @@ class ModelRunner:
         self.graphs[key].graph.replay()
 
     def _pad_batch(self, b: int, w: int, write_slot: bool = False) -> ForwardBatch:
-        """b padding rows (see module doc); `write_slot` makes row 0 write its K/V to slot 0 (start-up only)."""
-        slots = [-1] * b
+        """b padding rows (see module doc); `write_slot` makes row 0 write its K/V to the first slot of each group's
+        padding block (start-up only)."""
+        pad_blocks = [null_block(g) for g in range(self.num_groups)]  # group 0's is PAD_BLOCK
+        slots = [[-1] * b for _ in pad_blocks]
         if write_slot:
-            slots[0] = PAD_BLOCK * self.block_size
-        return self._to_device([PAD_TOKEN] * b, [0] * b, slots, [[PAD_BLOCK] * w] * b, [1] * b,
-                               list(range(b + 1)), list(range(b)), True, [1] * b)
+            for g, block in enumerate(pad_blocks):
+                slots[g][0] = block * self.block_size
+        return self._to_device([PAD_TOKEN] * b, [0] * b, slots, [[[block] * w] * b for block in pad_blocks],
+                               [1] * b, list(range(b + 1)), list(range(b)), True, [1] * b)
 
     @torch.inference_mode()
     def write_pad_kv(self) -> None:
@@ -303,7 +329,7 @@ class ModelRunner:
         pool = torch.cuda.graph_pool_handle()
         started = time.perf_counter()
         for b, w in sorted(keys, key=lambda k: k[0] * k[1], reverse=True):  # largest first: the pool fits the rest
-            batch, int64_inputs, int32_inputs = static_decode_batch(b, w, self.device)
+            batch, int64_inputs, int32_inputs = static_decode_batch(b, w, self.device, self.num_groups)
             try:
                 with fusion.for_graph_capture():
                     self.model(batch, self.kv_cache)  # warm-up outside the graph (lazy inits, compiling)
@@ -372,5 +398,5 @@ def step_items(out: SchedulerOutput) -> list[StepItem]:
         seq = s.seq
         start = seq.num_computed_tokens
         rows = prompt_logit_rows(seq, start, s.num_new_tokens) + int(s.samples)
-        items.append((seq.token_ids[start : start + s.num_new_tokens], start, seq.block_table, rows))
+        items.append((seq.token_ids[start : start + s.num_new_tokens], start, seq.block_tables, rows))
     return items

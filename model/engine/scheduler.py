@@ -11,7 +11,9 @@ Policy, each step:
    blocks of its longest cached prefix (model/engine/block_manager.py) and its first chunk starts after them.
 A sequence samples a token only in the step whose chunk reaches its last token. Once a step is launched, the full
 blocks it completed are committed to the prefix cache (in `advance`, or in `resolve` when the block's last token
-was still in flight).
+was still in flight), and the blocks of sliding-window groups that no later query can see are released (`advance`).
+Block counts (needed, free) are over all KV-cache groups: a step of a model with a full and a sliding group takes
+two blocks per new block of tokens, and the sliding one comes back once the window has passed it.
 """
 
 import bisect
@@ -146,10 +148,10 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_pending:
                 break  # preempted while its last token was in flight: its prompt is not known in full yet
-            cached = bm.cached_prefix(seq)  # [] without prefix caching
+            cached = bm.cached_prefix(seq)  # empty without prefix caching
             num_cached = len(cached) * bm.block_size
             free = bm.num_free_blocks - bm.num_reclaimed_by(cached) - self.watermark_blocks
-            chunk = min(seq.num_tokens - num_cached, budget, max(0, free) * bm.block_size)
+            chunk = min(seq.num_tokens - num_cached, budget, bm.tokens_for_free_blocks(free))
             if chunk <= 0:
                 break
             self.waiting.popleft()
@@ -200,11 +202,14 @@ class Scheduler:
         sequence that samples. Returns (sequence, index of its placeholder) in the order of the sampled rows."""
         pending = []
         bm, block_size, caching = self.block_manager, self.block_manager.block_size, self.block_manager.prefix_caching
+        windowed = bm.num_groups > 1 or bm.windows[0] is not None
         for s in out.scheduled:
             seq = s.seq
             seq.num_computed_tokens += s.num_new_tokens
             if caching and seq.num_computed_tokens >= (seq.num_committed_blocks + 1) * block_size:  # block completed
                 bm.commit(seq)
+            if windowed:  # after the commit, so that committed blocks stay cached (evictable) once released
+                bm.release_outside_window(seq)
             if s.samples:
                 seq.token_ids.append(PENDING_TOKEN)
                 seq.num_pending += 1

@@ -27,7 +27,10 @@ class Sequence:
         self.generator = generator  # per-request RNG when params.seed is set
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
-        self.block_table: list[int] = []  # KV block ids, in token order
+        # KV block ids in token order, one table per KV-cache group (model/kv_groups.py); [] while it holds none.
+        # A sliding group's released entries (behind its window) are that group's null block.
+        self.block_tables: list[list[int]] = []
+        self.window_starts: list[int] = []  # per group: leading table entries released (0 for a full group)
         self.block_row = -1  # its row of BlockManager.tables while it holds blocks
         # Prefix caching (model/engine/prefix_hash.py): anything besides the tokens that changes their K/V or must
         # keep requests apart (an adapter id, a tenant) goes into `cache_salt`: the request's own (vLLM's field).
@@ -60,6 +63,11 @@ class Sequence:
         return len(self.token_ids)
 
     @property
+    def block_table(self) -> list[int]:
+        """Group 0's table (the only one of a model without sliding layers). Every group's has this length."""
+        return self.block_tables[0] if self.block_tables else []
+
+    @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
@@ -90,7 +98,7 @@ class Sequence:
     def reset_for_recompute(self) -> None:
         """Preemption by recompute: the cache content is dropped; prompt + outputs so far are prefilled again."""
         self.num_computed_tokens = 0
-        self.block_table = []
+        self.block_tables, self.window_starts = [], []
         self.status = SequenceStatus.WAITING
         self.num_preemptions += 1
 

@@ -132,18 +132,23 @@ class AttentionPlan:
     prefill: list[PrefillChunk]
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int64
     _kernel_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # see _prefill_kernel_tables
+    # The plan of another KV-cache group of the same step (model/kv_groups.py): its chunk metadata is the same
+    # (only the block tables differ), so it is built once, by that plan.
+    chunk_tables_from: "AttentionPlan | None" = None
 
     @staticmethod
-    def build(batch: ForwardBatch, block_size: int) -> "AttentionPlan":
+    def build(batch: ForwardBatch, block_size: int, pad_slot: int = 0) -> "AttentionPlan":
+        """`pad_slot`: the first slot of the padding block of the batch's KV-cache group (model/kv_groups.py)."""
         slots = batch.slot_mapping
         device = slots.device
         # Padding rows (slot -1) must not write; a masked scatter is not capturable, so they re-write the first
         # real row's K/V to that row's slot (identical duplicates, so the result does not depend on order).
-        # A batch with no real row at all (only warm-up) writes row 0's K/V to slot 0.
+        # A batch with no real row at all (only warm-up) writes row 0's K/V (the padding token's) to `pad_slot`:
+        # its own group's padding block, never another group's, which may share this layer's storage slot.
         real = slots >= 0
         first_real = torch.argmax(real.to(torch.int32)).view(1)  # [1]
         write_rows = torch.where(real, torch.arange(slots.shape[0], device=device), first_real)
-        write_slots = torch.where(real, slots, slots.index_select(0, first_real).clamp(min=0))
+        write_slots = torch.where(real, slots, slots.index_select(0, first_real).clamp(min=pad_slot))
         tables = batch.block_tables.long()  # [B, max_blocks]
         num_keys = tables.shape[1] * block_size
         if batch.is_decode:
@@ -173,6 +178,8 @@ class AttentionPlan:
 
     def _prefill_kernel_tables(self, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The Triton prefill kernel's chunk metadata and tiles, built at the first layer and kept for the rest."""
+        if self.chunk_tables_from is not None:
+            return self.chunk_tables_from._prefill_kernel_tables(head_dim)
         if self._kernel_tables is None:
             c = self.prefill
             self._kernel_tables = triton_prefill_attention.chunk_tables(

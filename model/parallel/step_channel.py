@@ -24,9 +24,11 @@ HEADER_LEN = 4  # kind, payload length, graph batch size, graph block-table widt
 FIRST_LEN = 1024  # values in the first broadcast: the header and up to 1020 payload values
 
 def encode_items(items: list[StepItem]) -> np.ndarray:
+    """Per item: (new tokens, first position, logit rows, table width, KV-cache groups), the tokens, then the
+    block table of each group."""
     chunks = []
-    for tokens, start, table, logit_rows in items:
-        chunks += [(len(tokens), start, int(logit_rows), len(table)), tokens, table]
+    for tokens, start, tables, logit_rows in items:
+        chunks += [(len(tokens), start, int(logit_rows), len(tables[0]), len(tables)), tokens, *tables]
     return np.fromiter(itertools.chain.from_iterable(chunks), dtype=np.int64)
 
 
@@ -34,10 +36,11 @@ def decode_items(values: np.ndarray) -> list[StepItem]:
     values = values.tolist()
     items, i = [], 0
     while i < len(values):
-        n, start, logit_rows, width = values[i : i + 4]
-        i += 4
-        items.append((values[i : i + n], start, values[i + n : i + n + width], logit_rows))
-        i += n + width
+        n, start, logit_rows, width, groups = values[i : i + 5]
+        i += 5
+        tables = [values[i + n + g * width : i + n + (g + 1) * width] for g in range(groups)]
+        items.append((values[i : i + n], start, tables, logit_rows))
+        i += n + groups * width
     return items
 
 
