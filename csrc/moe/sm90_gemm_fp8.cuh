@@ -40,7 +40,7 @@ struct Fp8GemmArgs {
   int32_t group_m;           // M tiles per raster group
   int32_t b_blocks;          // 128-row scale blocks per expert matrix: 2I/128 (GEMM1) or H/128 (GEMM2)
   const __nv_bfloat16* bias;  // GEMM1: w13_bias [E, 2I] (gate, then up); GEMM2: w2_bias [E, H]; null = none
-  int32_t direct_out;         // GEMM2: 1 = 4-byte stores from the fragments (STATICMOE_FP8_DIRECT_OUT, for A/B runs)
+  int32_t staged_out;         // GEMM2: 1 = rows through shared memory (store_rows_staged; STATICMOE_FP8_STAGED_OUT)
 };
 
 constexpr int kFp8BlockK = 128;    // elements per K step = bytes per swizzled row = one scale block
@@ -275,7 +275,7 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
     // ---- epilogue: registers -> global, while the producer already loads the next tile ----------------------
     if (args.bias) Bias::add(acc, bias_slice, lane);  // in fp32, before the activation / routing weight
     if constexpr (!kGateUp) {
-      if (!args.direct_out) {
+      if (args.staged_out) {
         store_rows_staged<kBlockN>(acc, args, w, warpgroup * 64 + warp * 16, out_stage + (tid / 32) * 16 * kOutStageRowBytes,
                                    lane);
         continue;
