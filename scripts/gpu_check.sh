@@ -11,6 +11,7 @@
 #   router, then with the torch ops (issue 21); metrics-ab: the same profile with and without expert metrics
 #   (DECODE_PRESETS, default olmoe-1b-7b qwen3-30b-a3b). api-costs: benchmarks/bench_api_costs.py (API_PRESET,
 #   API_ARGS). ncu-fp8: Nsight Compute on the FP8 GEMMs of one layer call (NCU_POINT, default qwen3:8192:balanced).
+#   fp8-epilogue-ab: FP8 GEMM2's staged epilogue, tests then timings (AB_POINTS).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-logs}
 mkdir -p "$OUT"
@@ -96,6 +97,15 @@ for step in "${steps[@]}"; do
         ncu --kernel-name regex:moe_gemm_fp8 --launch-skip $skip --launch-count 1 --set full \
           python3 benchmarks/profile_moe.py once --fp8 "${NCU_POINT:-qwen3:8192:balanced}" > "$OUT/ncu_fp8_gemm$((skip + 1)).txt" 2>&1
         echo "ncu gemm$((skip + 1)): $(grep -E 'Duration|Compute \(SM\) Throughput' "$OUT/ncu_fp8_gemm$((skip + 1)).txt" | tr -s ' ' | tr '\n' ';')"
+      done ;;
+    fp8-epilogue-ab)  # issue 16: FP8 GEMM2's staged epilogue (STATICMOE_FP8_STAGED_OUT) checked, then timed 1,0,1,0
+      STATICMOE_FP8_STAGED_OUT=1 timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_fp8_gpu.py \
+        tests/test_fp8_dense_cuda_gpu.py > "$OUT/pytest_fp8_staged_out.log" 2>&1
+      rc=$?; status=$((status | rc)); echo "staged epilogue tests: $(tail -1 "$OUT/pytest_fp8_staged_out.log")"
+      for staged in 1 0 1 0; do
+        STATICMOE_FP8_STAGED_OUT=$staged python3 benchmarks/profile_moe.py points --fp8 ${AB_POINTS:-qwen3:8192:balanced \
+          qwen3:32768:balanced} >> "$OUT/fp8_epilogue_ab.txt" 2>&1
+        grep -E ' ms [0-9]+ TFLOPS' "$OUT/fp8_epilogue_ab.txt" | tail -2
       done ;;
     truth)
       python3 benchmarks/utilization_truth.py --preset "${TRUTH_PRESET:-olmoe-1b-7b}" --out "$OUT" 2>&1 \
