@@ -211,11 +211,20 @@ class BlockManager:
                         break
                     found[g].append(block)
                 n = len(found[g])
-        for g, _ in self._sliding:
-            found[g] = [self._cached.get(self._key(h, g)) for h in hashes[:n]]
-        while n > 0 and not all(None not in found[g][first_visible_block(n * self.block_size, w, self.block_size):n]
-                                for g, w in self._sliding):
-            n -= 1  # a sliding group misses a block the hit's first computed query would see
+        if self._sliding and n:
+            # a hit of m blocks is usable by a sliding group when blocks [first visible, m) are all cached, i.e. when
+            # the run of cached blocks ending at block m - 1 covers them: one vectorised pass over every m <= n
+            m = np.arange(1, n + 1)  # [n] candidate hit lengths
+            usable = np.ones(n, dtype=bool)
+            for g, window in self._sliding:
+                found[g] = [self._cached.get(self._key(h, g)) for h in hashes[:n]]
+                cached = np.fromiter((b is not None for b in found[g]), dtype=bool, count=n)
+                breaks = np.where(cached, -1, np.arange(n))  # [n] index of each miss, -1 elsewhere
+                runs = np.arange(n) - np.maximum.accumulate(breaks)  # cached blocks in a row ending at each block
+                first = np.maximum(0, m * self.block_size - window + 1) // self.block_size  # first_visible_block
+                usable &= runs >= m - first
+            usable_lengths = np.flatnonzero(usable)
+            n = int(usable_lengths[-1]) + 1 if len(usable_lengths) else 0
         tables = []
         for g, window in enumerate(self.windows):
             first = 0 if window is None else first_visible_block(n * self.block_size, window, self.block_size)

@@ -55,7 +55,7 @@ class _Graph:
     graph: "torch.cuda.CUDAGraph"
     batch: ForwardBatch  # views of the static input buffers
     logits: torch.Tensor  # [b, V] static output
-    int64_inputs: torch.Tensor  # [3b]: input_ids, positions, slot_mapping (the batch's tensors are views)
+    int64_inputs: torch.Tensor  # [(2+G)b]: input_ids, positions, each group's slot_mapping (views)
     int32_inputs: torch.Tensor  # [b + G*b*w]: context_lens, block tables of each KV-cache group
     staging: DecodeInputs | None = None  # host side of the two input buffers, made at the first replay
     # The same step captured again with the MoE timer's event-record nodes, replayed only in steps sampled for
@@ -92,9 +92,11 @@ class ModelRunner:
         # model tells its workers (model/parallel) to run the same step. None on a single rank.
         self.step_listener = None
         self.moe_timer = None  # model/engine/moe_timer.MoeTimer: told of each graph's capture and replay
-        # the longest sequence whose blocks (a sliding group's only its window's) fit the whole cache
-        capacity = max_sequence_tokens(self.kv_groups, self.num_usable_blocks, self.block_size,
-                                       config.max_num_batched_tokens, max(max_len, config.max_model_len or 0))
+        # the longest sequence whose blocks (a sliding group's only its window's) fit the whole cache; chunks of one
+        # token bound it: the scheduler shrinks a prefill chunk to the blocks that are free, so a sequence alone
+        # always progresses with its window's blocks + 1 (a whole batch of chunk would refuse lengths that fit)
+        capacity = max_sequence_tokens(self.kv_groups, self.num_usable_blocks, self.block_size, 1,
+                                       max(max_len, config.max_model_len or 0))
         if config.max_model_len is not None and config.max_model_len > capacity:
             raise ValueError(f"max_model_len={config.max_model_len} does not fit the KV cache "
                              f"({self.num_usable_blocks} blocks × {self.block_size} = {capacity} tokens of one "
