@@ -1,5 +1,5 @@
-"""Decode-sized dense FP8 linear in Triton: y[M, N] = x · Wᵀ (+ bias) for few rows (M <= DECODE_MAX_ROWS), one launch
-that quantises x itself and splits K so that the grid fills the GPU. The numerics of `model.kernels.fp8` and of
+"""Decode-sized dense FP8 linear in Triton: y[M, N] = x · Wᵀ (+ bias) for few rows (M <= DECODE_MAX_ROWS), one
+launch that quantises x itself and splits K so that the grid fills the GPU. The numerics of `model.kernels.fp8` and of
 `triton_fp8_gemm` (each 128-wide K block's fp8 partial sum scaled by x_scale · w_scale into a float32 accumulator).
 
 Why: at decode sizes the block GEMM of `triton_fp8_gemm` runs one program per [rows, N] tile over all of K (18
@@ -17,7 +17,8 @@ an e4m3 value). The GPU rounds to e4m3 with the hardware conversion (`cvt.rn.sat
 rounds every float downcast half away from zero and drops the mantissa carry (triton 3.9 `_convert_float`), so
 under it (SOFT_ROUND) the kernel first rounds onto the e4m3 grid, and its bf16/fp16 outputs onto theirs, with
 float32 additions (`_round_to_precision`); the casts then keep those values as they are.
-With one split the result is bit-identical to `quantize_fp8_groups` then `triton_fp8_gemm` at the same tile sizes.
+The result is bit-identical to `quantize_fp8_groups` then `triton_fp8_gemm` at the same tile sizes run on each
+split's K range, the float32 partials summed in split order (tests/fp8_gemv_checks.py `two_step`).
 
 **Split-K.** Programs: cdiv(N, BLOCK_N) column tiles × `splits` ranges of K blocks (`decode_plan`, from M, N, K and
 the SM count only: no autotuner, which would time kernels inside CUDA-graph capture). Each split accumulates its K
@@ -27,11 +28,11 @@ arrive sums the tile's partials in split order 0, 1, ... (deterministic: indepen
 casts, stores, and puts the counter back to 0, so one zeroed counter buffer per device serves every call and every
 CUDA-graph replay. One launch rather than GEMM + a reduction kernel: at decode a dependent launch costs about what
 the whole GEMM streams in (~2 µs). The price is that one program reads its tile's whole partial set
-(splits × M × BLOCK_N floats), so `decode_plan` caps that at REDUCE_BUDGET floats (32 KB, a single round trip of
-loads). Calls sharing a device's counters must not run concurrently (the engine runs one stream).
+(splits × M × BLOCK_N floats), so `decode_plan` caps that at REDUCE_BUDGET floats (32 KB: a few L2 round trips of
+four loads in flight). Calls sharing a device's counters must not run concurrently (the engine runs one stream).
 
 **The cut (DECODE_MAX_ROWS = 16).** Every column tile re-quantises its K range of x: BLOCK_M/BLOCK_N e4m3 values
-(~16 ALU instructions each) per weight byte streamed, and the reducer's partials grow as M × splits × BLOCK_N. At
+(~12 ALU instructions each) per weight byte streamed, and the reducer's partials grow as M × splits × BLOCK_N. At
 16 rows (BLOCK_M = 16, BLOCK_N 32..128) that is <= 0.5 values per byte with up to 16 splits: the weight stream
 stays the bound. At 64 rows the quantisation alone is ~2-4 values per byte at tiles narrow enough for the reducer's
 budget (the ALU then bounds it), or the splits drop to 1-2 and the grid empties again; so from 17 rows on,
