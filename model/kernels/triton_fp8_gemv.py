@@ -10,8 +10,8 @@ although it streams half the bytes.
 `quantize_fp8_groups` defines: amax = max|v| in float32 clamped to AMAX_FLOOR, scale = amax / 448 (IEEE quotient),
 q = v / scale clamped to ±448 and rounded to e4m3, nearest-even. v / scale is the IEEE quotient without a division
 per element: y = 1/scale correctly rounded once per group, then q0 = v·y and two remainder corrections
-qᵢ₊₁ = fma(fma(-qᵢ, scale, v), y, qᵢ). q0 is within 1.5 ulp of v/scale; the first correction brings it within 1 ulp,
-so the remainder of the second is exact and, y being RN(1/scale), the second returns RN(v/scale) (Markstein's
+qᵢ₊₁ = fma(fma(-qᵢ, scale, v), y, qᵢ). q0 is within 1.5 ulp of v/scale; the first correction brings it within
+1 ulp, so the remainder of the second is exact and, y being RN(1/scale), the second returns RN(v/scale) (Markstein's
 theorem; |q| <= 448 and scale >= AMAX_FLOOR/448 keep every step clear of overflow and of subnormals that could reach
 an e4m3 value). The GPU rounds to e4m3 with the hardware conversion (`cvt.rn.satfinite`). Triton's interpreter
 rounds every float downcast half away from zero and drops the mantissa carry (triton 3.9 `_convert_float`), so
@@ -174,19 +174,16 @@ if triton is not None:
     @triton.jit
     def _sum_partials_in_order(part_ptr, offs_m, offs_n, out_mask, N, stride, num_splits,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Σ_s part[s] for s = 0, 1, ... in this order, four loads in flight (-0.0: the exact identity of +)."""
+        """Σ_s part[s] for s = 0, 1, ... in this order (-0.0: the exact identity of +). The unrolled body is one
+        basic block of independent loads, so they are all in flight before the first add (<= 64 registers)."""
+        UNROLL: tl.constexpr = max(2, min(8, 8192 // (BLOCK_M * BLOCK_N)))
         tile = part_ptr + offs_m[:, None] * N + offs_n[None, :]  # [BM, BN] of split 0; splits `stride` apart
         total = tl.full((BLOCK_M, BLOCK_N), -0.0, tl.float32)
         last = num_splits - 1
-        for s in range(0, num_splits, 4):  # past the last split: its partial again, not added
-            p0 = tl.load(tile + s * stride, mask=out_mask, cache_modifier=".cg")
-            p1 = tl.load(tile + tl.minimum(s + 1, last) * stride, mask=out_mask, cache_modifier=".cg")
-            p2 = tl.load(tile + tl.minimum(s + 2, last) * stride, mask=out_mask, cache_modifier=".cg")
-            p3 = tl.load(tile + tl.minimum(s + 3, last) * stride, mask=out_mask, cache_modifier=".cg")
-            total = total + p0
-            total = tl.where(s + 1 <= last, total + p1, total)
-            total = tl.where(s + 2 <= last, total + p2, total)
-            total = tl.where(s + 3 <= last, total + p3, total)
+        for s in range(0, num_splits, UNROLL):
+            for u in tl.static_range(UNROLL):  # past the last split: its partial again, not added
+                p = tl.load(tile + tl.minimum(s + u, last) * stride, mask=out_mask, cache_modifier=".cg")
+                total = tl.where(s + u <= last, total + p, total)
         return total
 
     @triton.jit
