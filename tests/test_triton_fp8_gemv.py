@@ -74,3 +74,46 @@ def script(device: str) -> str:
 @needs_triton
 def test_interpreted_kernel_matches_quantiser_two_step_path_and_float64():
     run_interpreted(script("cpu"))
+
+
+def compile_for_sm90(block_m: int, block_n: int, split: bool):
+    """The decode kernel compiled for sm_90a on this GPU-less machine, with the argument hints Triton's launcher
+    gives the real shapes (pointers, N, K and M·N divisible by 16): (PTX, cuobjdump's resource line)."""
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = ["x_ptr", "w_ptr", "ws_ptr", "bias_ptr", "out_ptr", "part_ptr", "count_ptr", "M", "N", "K", "num_kb",
+             "kb_per_split", "split_stride"]
+    types = ["*bf16", "*fp8e4nv", "*fp32", "*bf16", "*bf16", "*fp32", "*i32"] + ["i32"] * 6
+    consts = dict(HAS_BIAS=True, SPLIT=split, SOFT_ROUND=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128)
+    signature = dict(zip(names, types)) | {k: "constexpr" for k in consts}
+    hints = {(names.index(n),): [["tt.divisibility", 16]] for n in names[:7] + ["N", "K", "split_stride"]}
+    kernel = triton.compile(ASTSource(triton_fp8_gemv._fp8_decode_gemm, signature, consts, hints),
+                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin.name],
+                               capture_output=True, text=True, check=True).stdout
+    return kernel.asm["ptx"], next(line for line in usage.splitlines() if "REG:" in line)
+
+
+@needs_triton
+@pytest.mark.parametrize("block_m, block_n, split", [(16, 128, True), (16, 64, True), (16, 32, True),
+                                                     (16, 128, False), (64, 32, True)])
+def test_compiles_for_sm90_without_spills(block_m, block_n, split):
+    """What the plan picks up to the cut (and BLOCK_M = 64 for the benchmark's column): no local memory (spills),
+    <= 168 registers (3 programs of 128 threads per SM), the acq_rel GPU-scope ticket and the reset when split,
+    the hardware e4m3 conversion (round to nearest even, saturating)."""
+    import re
+
+    ptx, usage = compile_for_sm90(block_m, block_n, split)
+    regs, local = int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    assert local == 0 and regs <= 168, usage
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+    assert ("atom.global.gpu.acq_rel.add" in ptx and "atom.global.gpu.relaxed.exch" in ptx) == split
+    assert "cp.async" in ptx  # the weight stream is pipelined

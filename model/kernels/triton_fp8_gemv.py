@@ -13,7 +13,8 @@ per element: y = 1/scale correctly rounded once per group, then q0 = v·y and tw
 qᵢ₊₁ = fma(fma(-qᵢ, scale, v), y, qᵢ). q0 is within 1.5 ulp of v/scale; the first correction brings it within
 1 ulp, so the remainder of the second is exact and, y being RN(1/scale), the second returns RN(v/scale) (Markstein's
 theorem; |q| <= 448 and scale >= AMAX_FLOOR/448 keep every step clear of overflow and of subnormals that could reach
-an e4m3 value). The GPU rounds to e4m3 with the hardware conversion (`cvt.rn.satfinite`). Triton's interpreter
+an e4m3 value; the tests find no input where the first correction alone differs, the second is the guarantee for
+two FMAs). The GPU rounds to e4m3 with the hardware conversion (`cvt.rn.satfinite`). Triton's interpreter
 rounds every float downcast half away from zero and drops the mantissa carry (triton 3.9 `_convert_float`), so
 under it (SOFT_ROUND) the kernel first rounds onto the e4m3 grid, and its bf16/fp16 outputs onto theirs, with
 float32 additions (`_round_to_precision`); the casts then keep those values as they are.
