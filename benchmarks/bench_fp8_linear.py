@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Dense FP8 linear (`model.kernels.fp8_linear`) against the bf16 `F.linear` (cuBLAS) at the same shape, per row
 count M, each path timed on its own in the same run: our CUDA kernel (`csrc/moe/dense_fp8.cu`, the FP8 GEMM2 kernel
-with one expert; where the extension is built), our Triton kernel, and block-scaled `torch._scaled_mm` where this
-torch build takes the recipe. Each is timed as 48 calls captured in one CUDA graph (a decode graph holds one call per
-layer) with the weights of the 48 calls distinct, so L2 holds none of them.
+with one expert; where the extension is built), `fp8_linear`'s Triton path as it dispatches (`triton`), its two
+kernels forced (`triton_block`: quantiser + block GEMM `triton_fp8_gemm` at any M; `triton_decode`: the split-K
+decode kernel with fused quantisation `triton_fp8_gemv`, up to its 64 rows, "-" above), and block-scaled
+`torch._scaled_mm` where this torch build takes the recipe. Each is timed as 48 calls captured in one CUDA graph (a
+decode graph holds one call per layer) with the weights of the 48 calls distinct, so L2 holds none of them.
 
 Byte floor per call: weight bytes (+ scales) ÷ the device copy bandwidth measured in the same run. Shapes: the dense
 linears of qwen3-30b-a3b (qkv, o) and of a DeepSeek-V3-like attention, which an FP8 checkpoint runs in FP8.
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_timing import Timer, copy_bandwidth_gbps, graph_ms
-from model.kernels import extension, triton_fp8_gemm
+from model.kernels import extension, triton_fp8_gemm, triton_fp8_gemv
 from model.kernels.fp8 import quantize_fp8_blocks
 from model.kernels.fp8_linear import block_scaled_mm_supported, dense_fp8_path
 
@@ -44,6 +46,19 @@ def cuda_tiles(tiles: str):
     return run
 
 
+def triton_block(x, weight, weight_scale, bias):
+    """Quantiser + `triton_fp8_gemm` whatever M (fp8_linear's Triton path above DECODE_MAX_ROWS rows)."""
+    xq, xs = fl._quantize_rows(x)
+    return triton_fp8_gemm.fp8_block_gemm(xq, xs, weight, weight_scale, bias, x.dtype)
+
+
+def triton_decode(x, weight, weight_scale, bias):
+    """The decode kernel (quantisation fused, split-K) whatever its cut; None above the rows it takes."""
+    if x.shape[0] > triton_fp8_gemv.KERNEL_MAX_ROWS:
+        return None
+    return triton_fp8_gemv.fp8_decode_linear(x, weight, weight_scale, bias, x.dtype)
+
+
 def fp8_paths(dev: torch.device, tile_sweep: bool = False) -> dict:
     """The FP8 paths this device runs, each called directly (not through the STATICMOE_FP8_DENSE choice)."""
     paths = {}
@@ -53,6 +68,8 @@ def fp8_paths(dev: torch.device, tile_sweep: bool = False) -> dict:
             paths.update({f"cuda_{t}": cuda_tiles(t) for t in ("decode", "large", "cluster")})
     if triton_fp8_gemm.available():
         paths["triton"] = fl._triton_path
+        paths["triton_block"] = triton_block
+        paths["triton_decode"] = triton_decode
     if block_scaled_mm_supported(dev):
         paths["scaled_mm"] = fl._scaled_mm_path
     return paths
@@ -71,6 +88,8 @@ def bench_shape(n: int, k: int, ms: list[int], gbps: float, paths: dict) -> list
         t16 = graph_ms(lambda: F.linear(x, w16[next(it16) % LAYERS]), replays=20, calls=LAYERS)
         row = dict(m=m, bf16_us=t16 * 1e3, bf16_floor_x=t16 / floor16, bf16_tflops=2 * m * n * k / t16 / 1e9)
         for name, fn in paths.items():
+            if fn(x, *w8[0], None) is None:  # a path that does not take m rows
+                continue
             it8 = iter(range(10**9))
             t8 = graph_ms(lambda: fn(x, *w8[next(it8) % LAYERS], None), replays=20, calls=LAYERS)
             row.update({f"{name}_us": t8 * 1e3, f"{name}_speedup": t16 / t8, f"{name}_floor_x": t8 / floor8,
@@ -104,8 +123,9 @@ def main(argv=None):
               f"bf16 TFLOPS | {' | '.join(f'{p} TFLOPS' for p in paths)} |\n"
               f"|{'---|' * (4 + 4 * len(paths))}", flush=True)
         for r in rows:
-            cells = " | ".join(f"{r[p + '_us']:.1f} | {r[p + '_speedup']:.2f}× | {r[p + '_floor_x']:.2f}×" for p in paths)
-            tflops = " | ".join(f"{r[p + '_tflops']:.0f}" for p in paths)
+            cells = " | ".join(f"{r[p + '_us']:.1f} | {r[p + '_speedup']:.2f}× | {r[p + '_floor_x']:.2f}×"
+                               if p + "_us" in r else "- | - | -" for p in paths)
+            tflops = " | ".join(f"{r[p + '_tflops']:.0f}" if p + "_us" in r else "-" for p in paths)
             print(f"| {r['m']} | {r['bf16_us']:.1f} | {r['bf16_floor_x']:.2f}× | {cells} | {r['bf16_tflops']:.0f} | "
                   f"{tflops} |", flush=True)
     if args.out:

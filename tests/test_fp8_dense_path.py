@@ -177,3 +177,17 @@ def test_the_binding_rejects_shapes_the_kernel_cannot_take():
         C.dense_fp8_linear(0, 0, 0, 0, 0, 7, 256, 256, 0, need, 0, 0, tiles=3)
     with pytest.raises(ValueError, match="tiles='huge', want one of choose, decode, large, cluster"):
         extension.dense_fp8_linear_cuda(*linear()[:3], tiles="huge")
+
+
+def test_the_decode_linear_is_opt_in(monkeypatch):
+    """STATICMOE_FP8_DECODE_LINEAR=1 turns the split-K decode kernel on (read once); unset, the Triton path stays on
+    quantiser + block GEMM."""
+    fl.decode_linear_enabled.cache_clear()
+    monkeypatch.delenv("STATICMOE_FP8_DECODE_LINEAR", raising=False)
+    try:
+        assert fl.decode_linear_enabled() is False
+        fl.decode_linear_enabled.cache_clear()
+        monkeypatch.setenv("STATICMOE_FP8_DECODE_LINEAR", "1")
+        assert fl.decode_linear_enabled() is True
+    finally:
+        fl.decode_linear_enabled.cache_clear()

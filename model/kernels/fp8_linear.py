@@ -11,7 +11,9 @@ Paths, chosen per call from shapes and device only (no host sync, CUDA-graph cap
   - **cuda**: the MoE layer's FP8 GEMM2 kernel with one expert that every row is routed to (`csrc/moe/dense_fp8.cu`:
     quantiser + GEMM in one call), on sm_90 with the `_C` extension built, for bf16 x, N a multiple of 8 and
     contiguous weight, scales and (bf16) bias; any other call takes Triton;
-  - **triton**: `model.kernels.triton_fp8_gemm`;
+  - **triton**: `model.kernels.triton_fp8_gemm` after the quantiser; with `STATICMOE_FP8_DECODE_LINEAR=1`
+    (opt-in until a GPU run has checked it), calls of up to `triton_fp8_gemv.DECODE_MAX_ROWS` rows (decode) take
+    `model.kernels.triton_fp8_gemv` (x quantised inside the GEMM, K split over the SMs, one launch);
   - **auto**: cuda for large GEMMs (`prefers_cuda_kernel`), Triton for the rest.
 - **reference** (the CPU, or a GPU without Triton): x quantised and dequantised, W dequantised, one matmul in
   float32. On a GPU the dequantised W exists only for the duration of the call (one layer at a time), never stored;
@@ -25,7 +27,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from model.kernels import extension, triton_fp8_gemm
+from model.kernels import extension, triton_fp8_gemm, triton_fp8_gemv
 from model.kernels.fp8 import FP8_BLOCK, FP8_DTYPE, dequantize_fp8_blocks, dequantize_fp8_groups, quantize_fp8_groups
 
 logger = logging.getLogger(__name__)
@@ -152,8 +154,18 @@ def dense_fp8_path(device: torch.device, rows: int = 1) -> str:
     return fp8_linear_path(x, weight, torch.empty(1, 1, device="meta"), device=device)
 
 
+@functools.cache
+def decode_linear_enabled() -> bool:
+    """`STATICMOE_FP8_DECODE_LINEAR=1`: Triton calls of few rows take `triton_fp8_gemv` (opt-in until a GPU run has
+    checked and timed it; benchmarks/NOTES.md). Read once per process."""
+    return os.environ.get("STATICMOE_FP8_DECODE_LINEAR", "0") == "1"
+
+
 def _triton_path(x, weight, weight_scale, bias) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [M, K]
+    if x2.shape[0] <= triton_fp8_gemv.DECODE_MAX_ROWS and decode_linear_enabled():
+        out = triton_fp8_gemv.fp8_decode_linear(x2, weight, weight_scale, bias, x.dtype)  # [M, N]
+        return out.reshape(*x.shape[:-1], weight.shape[0])
     xq, xs = _quantize_rows(x2)  # [M, K] e4m3, [M, K/128] row-major
     out = triton_fp8_gemm.fp8_block_gemm(xq, xs, weight, weight_scale, bias, x.dtype)  # [M, N]
     return out.reshape(*x.shape[:-1], weight.shape[0])
