@@ -21,9 +21,12 @@ a masked-out read of it cannot make NaN, and the Triton kernels never load it at
 window). A model without sliding layers has one group, slot = layer index, and block 0 reserved: as before.
 """
 
+import os
 from dataclasses import dataclass
 
 from model.config import ModelConfig
+
+SLIDING_KV_MODES = ("free", "mask")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,13 @@ class KvCacheGroups:
 
     @staticmethod
     def of(config: ModelConfig) -> "KvCacheGroups":
+        """The groups of `config`'s layers. `STATICMOE_SLIDING_KV=mask` (default `free`) is the escape hatch to the
+        layout before groups: one full group, every layer keeping its blocks, windows applied by the masks only."""
+        mode = os.environ.get("STATICMOE_SLIDING_KV", "free")
+        if mode not in SLIDING_KV_MODES:
+            raise ValueError(f"STATICMOE_SLIDING_KV={mode!r}: want one of {', '.join(SLIDING_KV_MODES)}")
+        if mode == "mask":
+            return KvCacheGroups((None,), (0,) * config.num_layers, tuple(range(config.num_layers)))
         windows = [config.sliding_window_of(i) for i in range(config.num_layers)]
         kinds = sorted(set(windows), key=lambda w: -1 if w is None else w)  # full first, then by window
         layer_group, layer_slot, count = [], [], [0] * len(kinds)

@@ -188,3 +188,19 @@ def test_gpu_engine_with_graphs_and_triton_kernels_matches_generate(checkpoint):
         if caching:
             assert engine.stats().prefix_cache_hits_total > 0
         torch.cuda.synchronize()
+
+
+def test_the_mask_only_escape_hatch_keeps_every_block_and_the_same_tokens(checkpoint, monkeypatch):
+    """STATICMOE_SLIDING_KV=mask: one full group (nothing released), windows applied by the masks alone; greedy
+    output still generate's. An unknown mode is refused by name."""
+    _, hf, directory = checkpoint
+    requests = dict(list(requests_for(7).items())[:2])
+    expected = {rid: hf_greedy(hf, prompt, NEW_TOKENS) for rid, (prompt, _) in requests.items()}
+    monkeypatch.setenv("STATICMOE_SLIDING_KV", "mask")
+    engine = engine_for(directory, caching=True)
+    assert engine.block_manager.windows == (None,)
+    outputs = run(engine, requests)
+    assert {rid: tokens_of(outs) for rid, outs in outputs.items()} == expected
+    monkeypatch.setenv("STATICMOE_SLIDING_KV", "drop")
+    with pytest.raises(ValueError, match="STATICMOE_SLIDING_KV='drop': want one of free, mask"):
+        engine_for(directory, caching=True)
