@@ -11,7 +11,8 @@
 #   router, then with the torch ops (issue 21); metrics-ab: the same profile with and without expert metrics
 #   (DECODE_PRESETS, default olmoe-1b-7b qwen3-30b-a3b). api-costs: benchmarks/bench_api_costs.py (API_PRESET,
 #   API_ARGS). ncu-fp8: Nsight Compute on the FP8 GEMMs of one layer call (NCU_POINT, default qwen3:8192:balanced).
-#   fp8-epilogue-ab: FP8 GEMM2's staged epilogue, tests then timings (AB_POINTS).
+#   fp8-epilogue-ab: FP8 GEMM2's staged epilogue, tests then timings (AB_POINTS). pending-kernels / pending-serving:
+#   what session 11 wrote and could not run (the FP8 decode linear, sliding-window KV groups, decode and API costs).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-logs}
 mkdir -p "$OUT"
@@ -26,6 +27,15 @@ fi
   python3 -c 'import torch; print("torch", torch.__version__)'; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 status=0
+run_tests() {  # one process per file: a failed test's traceback must not pin another file's GPU memory
+  for f in "$@"; do
+    timeout "${TEST_TIMEOUT:-900}" python3 -m pytest -m gpu -q --maxfail=8 -p no:cacheprovider ${PYTEST_ARGS:-} "$f" \
+      > "$OUT/pytest_$(basename "$f" .py).log" 2>&1
+    rc=$?; status=$((status | (rc == 5 ? 0 : rc)))
+    echo "$f: $(tail -1 "$OUT/pytest_$(basename "$f" .py).log")"
+    [ $rc -ne 0 ] && [ $rc -ne 5 ] && grep -E "^(FAILED|ERROR)|^E  " "$OUT/pytest_$(basename "$f" .py).log" | head -8
+  done
+}
 for step in "${steps[@]}"; do
   echo "=== $step"
   case $step in
@@ -34,14 +44,7 @@ for step in "${steps[@]}"; do
       so=$(python3 -c 'from model.kernels import _C; print(_C.__file__)')
       cuobjdump --dump-sass "$so" > "$OUT/sass.txt" 2>&1
       echo "HGMMA: $(grep -c HGMMA "$OUT/sass.txt")  QGMMA (fp8): $(grep -c QGMMA "$OUT/sass.txt")  LDL/STL: $(grep -cE '\b(LDL|STL)\b' "$OUT/sass.txt")" ;;
-    tests)  # one process per file: a failed test's traceback must not pin another file's GPU memory
-      for f in ${TESTS:-$(grep -l "pytest.mark.gpu\|pytestmark = pytest.mark.gpu" tests/test_*.py)}; do
-        timeout "${TEST_TIMEOUT:-900}" python3 -m pytest -m gpu -q --maxfail=8 -p no:cacheprovider ${PYTEST_ARGS:-} "$f" \
-          > "$OUT/pytest_$(basename "$f" .py).log" 2>&1
-        rc=$?; status=$((status | (rc == 5 ? 0 : rc)))
-        echo "$f: $(tail -1 "$OUT/pytest_$(basename "$f" .py).log")"
-        [ $rc -ne 0 ] && [ $rc -ne 5 ] && grep -E "^(FAILED|ERROR)|^E  " "$OUT/pytest_$(basename "$f" .py).log" | head -8
-      done ;;
+    tests) run_tests ${TESTS:-$(grep -l "pytest.mark.gpu\|pytestmark = pytest.mark.gpu" tests/test_*.py)} ;;
     sanitize)  # a subset per tool: bf16 and FP8 odd shapes (ragged tiles, clusters), the plan
       for tool in memcheck racecheck; do
         sel=("tests/test_kernels_gpu.py::test_odd_shapes_and_dtypes" "tests/test_kernels_gpu.py::test_plan_matches_host_twin_and_counts_load"
@@ -107,6 +110,18 @@ for step in "${steps[@]}"; do
           qwen3:32768:balanced} >> "$OUT/fp8_epilogue_ab.txt" 2>&1
         grep -E ' ms [0-9]+ TFLOPS' "$OUT/fp8_epilogue_ab.txt" | tail -2
       done ;;
+    pending-kernels)  # session 11's work that has not run on a GPU (benchmarks/NOTES.md "Session 11"), kernels first
+      run_tests tests/test_triton_fp8_gemv_gpu.py tests/test_triton_released_blocks.py tests/test_engine_sliding_window.py
+      python3 benchmarks/bench_fp8_linear.py --m 1 16 64 256 --out "$OUT" > "$OUT/bench_fp8_linear_decode.log" 2>&1
+      tail -45 "$OUT/bench_fp8_linear_decode.log" | grep -E '^\||shape|N=' ;;
+    pending-serving)  # the serving-level measurements session 11 could not take
+      STATICMOE_CACHE_WRITE=triton STATICMOE_ROUTER=triton python3 benchmarks/profile_engine.py step-phases \
+        qwen3-30b-a3b > "$OUT/profile_decode_triton_qwen3.log" 2>&1
+      grep -E '^[a-z0-9.-]+ batch|kernels per engine step' "$OUT/profile_decode_triton_qwen3.log"
+      python3 benchmarks/bench_engine.py --presets gpt-oss-20b --batches 1 64 --hf-batches 1 64 --input-len 2048 \
+        --gpu-memory-utilization 0.55 --out "$OUT" 2>&1 | tail -12
+      python3 benchmarks/bench_api_costs.py --preset qwen3-30b-a3b --client-processes 4 --level-time-limit-s 8 \
+        --features structured_json structured_regex --out "$OUT" 2>&1 | tail -8 ;;
     truth)
       python3 benchmarks/utilization_truth.py --preset "${TRUTH_PRESET:-olmoe-1b-7b}" --out "$OUT" 2>&1 \
         | tee "$OUT/utilization_truth.log" | tail -20
