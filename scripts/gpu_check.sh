@@ -13,6 +13,7 @@
 #   API_ARGS). ncu-fp8: Nsight Compute on the FP8 GEMMs of one layer call (NCU_POINT, default qwen3:8192:balanced).
 #   fp8-epilogue-ab: FP8 GEMM2's staged epilogue, tests then timings (AB_POINTS). pending-kernels / pending-serving:
 #   what session 11 wrote and could not run (the FP8 decode linear, sliding-window KV groups, decode and API costs).
+#   l2-prefetch-ab: GEMM2's weights prefetched into L2 during GEMM1 at decode, tests then timings.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-logs}
 mkdir -p "$OUT"
@@ -110,6 +111,17 @@ for step in "${steps[@]}"; do
           qwen3:32768:balanced} >> "$OUT/fp8_epilogue_ab.txt" 2>&1
         grep -E ' ms [0-9]+ TFLOPS' "$OUT/fp8_epilogue_ab.txt" | tail -2
       done ;;
+    l2-prefetch-ab)  # issue 21: GEMM2's weights pulled into L2 by GEMM1's idle CTAs at decode (STATICMOE_L2_PREFETCH_MIB)
+      STATICMOE_L2_PREFETCH_MIB=40 timeout 400 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu.py \
+        tests/test_kernels_fp8_gpu.py > "$OUT/pytest_l2_prefetch.log" 2>&1
+      rc=$?; status=$((status | rc)); echo "with the prefetch: $(tail -1 "$OUT/pytest_l2_prefetch.log")"
+      for mib in 40 0 40 0; do
+        for fp8 in "" --fp8; do
+          STATICMOE_L2_PREFETCH_MIB=$mib python3 benchmarks/profile_moe.py points $fp8 qwen3:1:balanced olmoe:1:balanced \
+            qwen3:16:balanced mixtral:1:balanced >> "$OUT/l2_prefetch_ab.txt" 2>&1
+        done
+      done
+      grep -E ' ms [0-9]+ TFLOPS' "$OUT/l2_prefetch_ab.txt" | sed 's/ STATICMOE_COMMIT=[^]]*//' ;;
     pending-kernels)  # session 11's work that has not run on a GPU (benchmarks/NOTES.md "Session 11"), kernels first
       run_tests tests/test_triton_fp8_gemv_gpu.py tests/test_triton_released_blocks.py tests/test_engine_sliding_window.py
       python3 benchmarks/bench_fp8_linear.py --m 1 16 64 256 --out "$OUT" > "$OUT/bench_fp8_linear_decode.log" 2>&1

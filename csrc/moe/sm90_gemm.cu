@@ -127,6 +127,14 @@ int32_t fp8_staged_out() {
   return staged;
 }
 
+// GEMM2's weights for GEMM1's idle CTAs to prefetch into L2 (l2_prefetch.cuh): STATICMOE_L2_PREFETCH_MIB caps the
+// routed experts' bytes; 0, the default, is off (not yet measured).
+L2Prefetch gemm2_prefetch(const void* w2, int64_t expert_bytes) {
+  static const int64_t cap = env_knob("STATICMOE_L2_PREFETCH_MIB", 0, 0) << 20;
+  if (cap == 0) return {};
+  return L2Prefetch{static_cast<const uint8_t*>(w2), expert_bytes, cap};
+}
+
 // Both GEMMs of one tile kind and precision, with the Tiles<> of tile_config.h.
 template <TileKind kKind, typename T>
 cudaError_t run_gemms(const Problem& p, const T* x, const void* w13, const void* w2, const float* topk_weights,
@@ -144,6 +152,7 @@ cudaError_t run_gemms(const Problem& p, const T* x, const void* w13, const void*
   GemmArgs<T> g1{x, static_cast<T*>(ws.intermediate), topk_weights, plan.expert_counts, plan.expert_offsets,
                  plan.sorted_rows, map, p.hidden, p.intermediate, n_tiles1, p.top_k, group1,
                  static_cast<const T*>(biases.w13)};
+  g1.next = gemm2_prefetch(w2, int64_t(p.hidden) * p.intermediate * int64_t(sizeof(T)));
   if (p.activation == Activation::kSwigluOai)
     err = launch<T, Cfg::kBlockM, Cfg::kBlockN1, Cfg::kStages, Cfg::kCluster, true, Activation::kSwigluOai>(
         w13_map, g1, device, stream);
@@ -174,6 +183,7 @@ cudaError_t run_gemms_fp8(const Problem& p, const void* w13, const void* w2, Wei
                  ws.intermediate_scale, topk_weights, plan.expert_counts, plan.expert_offsets, plan.sorted_rows, map,
                  p.hidden, p.intermediate, n_tiles1, p.top_k, group1, 2 * p.intermediate / kFP8Block,
                  static_cast<const __nv_bfloat16*>(biases.w13), 0};
+  g1.next = gemm2_prefetch(w2, int64_t(p.hidden) * p.intermediate);  // e4m3: one byte a weight
   if (p.activation == Activation::kSwigluOai)
     err = launch_fp8<Cfg::kBlockM, Cfg::kBlockN1, Cfg::kStages, Cfg::kCluster, true, Activation::kSwigluOai>(
         w13_map, g1, device, stream);

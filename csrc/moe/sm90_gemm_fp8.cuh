@@ -41,6 +41,7 @@ struct Fp8GemmArgs {
   int32_t b_blocks;          // 128-row scale blocks per expert matrix: 2I/128 (GEMM1) or H/128 (GEMM2)
   const __nv_bfloat16* bias;  // GEMM1: w13_bias [E, 2I] (gate, then up); GEMM2: w2_bias [E, H]; null = none
   int32_t staged_out;         // GEMM2: 1 = rows through shared memory (store_rows_staged; STATICMOE_FP8_STAGED_OUT)
+  L2Prefetch next = {};       // GEMM1: GEMM2's weights, prefetched by CTAs without a tile (l2_prefetch.cuh)
 };
 
 constexpr int kFp8BlockK = 128;    // elements per K step = bytes per swizzled row = one scale block
@@ -336,6 +337,12 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
   constexpr bool kRebalance = gemm_threads<kBlockM>() * kConsumerRegs > 65536;
   if (threadIdx.x < kProducerThreads) {
     if constexpr (kRebalance) sm90::setmaxnreg_dec<kProducerRegs>();
+    if constexpr (kGateUp) {  // virtual tile v runs on the CTAs v * kCluster ..: the producers of those past the
+      const int32_t busy = total * kCluster;  // last one prefetch GEMM2's weights (l2_prefetch.cuh)
+      if (int32_t(blockIdx.x) >= busy)
+        prefetch_routed_weights(args.next, args.map, num_slots, blockIdx.x - busy, gridDim.x - busy, threadIdx.x,
+                                kProducerThreads);
+    }
     produce_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp>(weights, args, smem, scales, full, empty, total,
                                                               num_slots, cta_rank);
   } else {
