@@ -175,3 +175,52 @@ def test_default_route_is_the_unfused_path(fused_knob, monkeypatch):
     weights, ids = block.route(x)
     want_w, want_ids = routing.softmax_topk_reference(block.gate(x), 4, True)
     assert torch.equal(weights, want_w) and torch.equal(ids, want_ids)
+
+
+def compile_for_sm90(E: int, rows: int, top_k: int, softmax_all: bool, bias: bool, s_pad: int):
+    """The fused router compiled for sm_90a on this GPU-less machine with the real launch's constexprs:
+    (PTX, cuobjdump's resource line)."""
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = ["x_ptr", "w_ptr", "bias_ptr", "part_ptr", "count_ptr", "weights_ptr", "ids_ptr", "N", "E", "H",
+             "k_per_split"]
+    types = ["*bf16", "*bf16", "*bf16", "*fp32", "*i32", "*fp32", "*i32"] + ["i32"] * 4
+    e_pad, r = 1 << (E - 1).bit_length(), route_rows(rows)
+    consts = dict(HAS_BIAS=bias, INTERPRETED=False, IEEE_DOT=False, TOP_K=top_k,
+                  K_PAD=max(2, 1 << (top_k - 1).bit_length()), E_PAD=e_pad, R=r, S_PAD=s_pad,
+                  SOFTMAX_ALL=softmax_all, RENORMALIZE=softmax_all, ACCURATE_EXP=True, BLOCK_E=BLOCK_E,
+                  BLOCK_K=BLOCK_K)
+    signature = dict(zip(names, types)) | {k: "constexpr" for k in consts}
+    hints = {(names.index(n),): [["tt.divisibility", 16]] for n in names[:7] + ["H", "k_per_split"]}
+    kernel = triton.compile(ASTSource(triton_router_gemv._router_gemv_route, signature, consts, hints),
+                            target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=4 if r * e_pad <= 2048 else 8))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin.name],
+                               capture_output=True, text=True, check=True).stdout
+    return kernel.asm["ptx"], next(line for line in usage.splitlines() if "REG:" in line)
+
+
+@needs_triton
+@pytest.mark.parametrize("E, rows, top_k, softmax_all, bias", [(64, 1, 8, True, False), (128, 1, 8, True, False),
+                                                               (32, 1, 4, False, True), (128, 16, 8, True, False),
+                                                               (512, 16, 32, True, False)])
+def test_compiles_for_sm90_without_spills(E, rows, top_k, softmax_all, bias):
+    """The presets' launches (and the kernel's limits): no local memory (spills), the acq_rel GPU-scope ticket and
+    the relaxed reset, libdevice's accurate expf (no ex2.approx) and the IEEE division of the routing."""
+    import re
+
+    s_pad = 1 << (plan(rows, E, 2048)[0] - 1).bit_length()
+    ptx, usage = compile_for_sm90(E, rows, top_k, softmax_all, bias, s_pad)
+    local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    assert local == 0, usage
+    assert "atom.global.gpu.acq_rel.add" in ptx and "atom.global.gpu.relaxed.exch" in ptx
+    assert "div.rn.f32" in ptx
+    assert "mma.sync" in ptx or "wgmma" in ptx  # the product on the tensor cores
