@@ -4,10 +4,11 @@ the unfused path (cuBLAS linear, then the one-kernel Triton router), issue 21.
 
 Each timed from a CUDA graph holding `--layers` calls on bf16 x [T, H] and the preset's router weight, as a decode
 graph holds one per MoE layer; the difference is what fusing saves per layer. `--splits` sweeps the split count
-beside the plan's (the plan is marked *).
+beside the plan's (the plan is marked *), `--warps` overrides the warps per program.
 
     python benchmarks/bench_fused_router.py                         # the presets, T in 1 2 4 8 16
     python benchmarks/bench_fused_router.py --tokens 1 --splits 8 16 32 64
+    python benchmarks/bench_fused_router.py --tokens 1 --warps 4
 GPU only (CUDA graphs).
 """
 
@@ -35,6 +36,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--layers", type=int, default=16, help="calls per captured graph (MoE layers per step)")
     parser.add_argument("--splits", type=int, nargs="*", default=[], help="split counts to time beside the plan's")
+    parser.add_argument("--warps", type=int, default=None, help="warps per program (default: launch_warps)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_fused_router needs a CUDA GPU")
@@ -56,7 +58,7 @@ def main(argv=None) -> list[dict]:
             planned = triton_router_gemv.plan(T, E, H)[0]
             for splits in [planned] + [s for s in args.splits if s != planned]:
                 fused = lambda: triton_router_gemv.fused_route(x, w, b, k, softmax_all, renormalize,  # noqa: E731
-                                                               splits=splits)
+                                                               splits=splits, warps=args.warps)
                 try:
                     fused()
                 except ValueError as err:  # past the reducer's budget

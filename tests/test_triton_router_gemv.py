@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model.kernels import routing, triton_router_gemv
-from model.kernels.triton_router_gemv import BLOCK_E, BLOCK_K, REDUCE_BUDGET, plan, route_rows
+from model.kernels.triton_router_gemv import BLOCK_E, BLOCK_K, REDUCE_BUDGET, launch_warps, plan, route_rows
 from model.layers.moe import SparseMoeBlock
 from tests.router_gemv_checks import MODES
 from tests.triton_fixtures import needs_triton, run_interpreted
@@ -54,6 +54,9 @@ def test_plan_examples():
     assert plan(1, 32, 2880) == (45, 1)  # 2 × 45 = 90 programs of 2 KB
     assert plan(16, 128, 2048) == (4, 8)  # the budget: 4 splits × 16 rows × 128 experts = 8192 floats
     assert route_rows(1) == 2 and route_rows(3) == 4 and route_rows(16) == 16
+    # warps: 1 at batch 1 for the presets (the routing's reductions within a warp), 4 at the cut with E = 128
+    assert [launch_warps(1, E, 1 << (plan(1, E, H)[0] - 1).bit_length()) for E, H in REAL.values()] == [1] * 4
+    assert launch_warps(16, 128, 4) == 4 and launch_warps(4, 64, 32) == 2 and launch_warps(16, 512, 1) == 8
 
 
 def script(device: str) -> str:
@@ -177,7 +180,7 @@ def test_default_route_is_the_unfused_path(fused_knob, monkeypatch):
     assert torch.equal(weights, want_w) and torch.equal(ids, want_ids)
 
 
-def compile_for_sm90(E: int, rows: int, top_k: int, softmax_all: bool, bias: bool, s_pad: int):
+def compile_for_sm90(E: int, rows: int, top_k: int, softmax_all: bool, bias: bool, s_pad: int, warps=None):
     """The fused router compiled for sm_90a on this GPU-less machine with the real launch's constexprs:
     (PTX, cuobjdump's resource line)."""
     import subprocess
@@ -199,7 +202,7 @@ def compile_for_sm90(E: int, rows: int, top_k: int, softmax_all: bool, bias: boo
     hints = {(names.index(n),): [["tt.divisibility", 16]] for n in names[:7] + ["H", "k_per_split"]}
     kernel = triton.compile(ASTSource(triton_router_gemv._router_gemv_route, signature, consts, hints),
                             target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=4 if r * e_pad <= 2048 else 8))
+                            options=dict(num_warps=warps or triton_router_gemv.launch_warps(rows, E, s_pad)))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(kernel.asm["cubin"])
         cubin.flush()
@@ -217,7 +220,7 @@ def test_compiles_for_sm90_without_spills(E, rows, top_k, softmax_all, bias):
     the relaxed reset, libdevice's accurate expf (no ex2.approx) and the IEEE division of the routing."""
     import re
 
-    s_pad = 1 << (plan(rows, E, 2048)[0] - 1).bit_length()
+    s_pad = 1 << (plan(rows, E, 2880 if bias else 2048)[0] - 1).bit_length()
     ptx, usage = compile_for_sm90(E, rows, top_k, softmax_all, bias, s_pad)
     local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
     assert local == 0, usage

@@ -23,6 +23,8 @@ takes a ticket from one int32 counter (CTA barrier, atomic add acq_rel at GPU sc
 whole scratch as one [S_PAD, R, E_PAD] tile (S_PAD × R × E_PAD <= REDUCE_BUDGET floats: all loads in flight at
 once), sums it over the splits (a fixed reduction tree: independent of arrival order), routes the R >= N rows, stores
 them, and puts the counter back to 0, so one zeroed counter per device serves every call and every CUDA-graph replay.
+Warps (`launch_warps`): 1 at batch 1 (the routing's k rounds of row reductions then need no shared memory), more
+where the routing tile or the reducer's load per thread grows.
 The counter is allocated on the first call, which must run outside graph capture (the engine's warm-up forward);
 calls sharing it must not run concurrently (the engine runs one stream).
 
@@ -82,6 +84,16 @@ def plan(num_rows: int, num_experts: int, hidden: int) -> tuple[int, int]:
     want = max(1, min(-(-TARGET_PROGRAMS // tiles), cap, num_kb))
     per_split = -(-num_kb // want)
     return -(-num_kb // per_split), per_split
+
+
+def launch_warps(num_rows: int, num_experts: int, s_pad: int) -> int:
+    """Warps per program: as few as the routing tile allows (`triton_routing.launch_config`'s rule: the top-k's
+    k rounds of row reductions stay within a warp's shuffles at R × E_PAD <= 256), and enough that the reducer's one
+    load is at most 128 floats per thread (no spills on sm_90 at 1 warp and S_PAD × R × E_PAD = 4096)."""
+    tile = route_rows(num_rows) * _pow2(num_experts)
+    by_tile = 1 if tile <= 256 else 2 if tile <= 512 else 4 if tile <= 2048 else 8
+    by_reducer = _pow2(-(-s_pad * tile // (128 * 32)))
+    return min(8, max(by_tile, by_reducer))
 
 
 _counters: dict[torch.device, torch.Tensor] = {}
@@ -163,10 +175,11 @@ def _interpreted() -> bool:
 
 
 def fused_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int, softmax_all: bool,
-                renormalize: bool, *, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                renormalize: bool, *, splits: int | None = None, warps: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, H] (N <= FUSED_MAX_ROWS), weight [E, H] of x's dtype, bias [E] or None -> (weights float32 [N, k],
     ids int32 [N, k]) of `softmax_topk` (softmax_all) or `topk_softmax` on x · Wᵀ + bias rounded to x's dtype.
-    `splits` overrides `plan` (tests). Callers check `supports` (`routing` does)."""
+    `splits` / `warps` override `plan` / `launch_warps` (tests, benchmark sweeps). Callers check `supports` (`routing` does)."""
     num_rows, hidden = x.shape
     num_experts = weight.shape[0]
     if not supports(num_rows, num_experts, hidden, top_k) or weight.shape[1] != hidden or weight.dtype != x.dtype:
@@ -190,5 +203,5 @@ def fused_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         num_rows, num_experts, hidden, per_split * BLOCK_K, HAS_BIAS=bias is not None, INTERPRETED=_interpreted(),
         IEEE_DOT=x.dtype == torch.float32, TOP_K=top_k, K_PAD=max(2, _pow2(top_k)), E_PAD=e_pad, R=rows,
         S_PAD=s_pad, SOFTMAX_ALL=softmax_all, RENORMALIZE=renormalize, ACCURATE_EXP=x.is_cuda, BLOCK_E=BLOCK_E,
-        BLOCK_K=BLOCK_K, num_warps=4 if rows * e_pad <= 2048 else 8)
+        BLOCK_K=BLOCK_K, num_warps=warps or launch_warps(num_rows, num_experts, s_pad))
     return weights, ids
