@@ -124,6 +124,10 @@ def test_the_fused_router_is_opt_in(fused_knob, monkeypatch):
     assert not routing.uses_fused_router(FakeCuda(torch.zeros(17, 32)), w, 4)  # past the cut
     assert not routing.uses_fused_router(FakeCuda(torch.zeros(1, 32)), w.bfloat16(), 4)  # mixed dtypes
     assert not routing.uses_fused_router(x, torch.zeros(513, 32), 4)  # more experts than the router kernel takes
+    assert routing.uses_fused_router(x, w, 4, torch.zeros(16))
+    assert not routing.uses_fused_router(x, w, 4, torch.zeros(16, dtype=torch.bfloat16))  # a bias of another dtype
+    x8, w8 = FakeCuda(torch.zeros(1, 32, dtype=torch.float64)), torch.zeros(16, 32, dtype=torch.float64)
+    assert not routing.uses_fused_router(x8, w8, 4)  # float64: no tensor-core dot
     assert not routing.uses_fused_router(torch.zeros(1, 32), w, 4)  # the CPU
     monkeypatch.setattr(triton_router_gemv, "available", lambda: False)
     assert not routing.uses_fused_router(x, w, 4)
@@ -138,7 +142,7 @@ def test_route_takes_the_fused_path_and_falls_back_for_good(fused_knob, monkeypa
     fused kernel returns, given the gate's weight and bias and the block's routing; a failure of the kernel logs a
     warning and routes the unfused way from then on."""
     fused_knob("1")
-    monkeypatch.setattr(routing, "uses_fused_router", lambda x, w, k: routing._FUSED_ROUTER["on"])
+    monkeypatch.setattr(routing, "uses_fused_router", lambda x, w, k, b: routing._FUSED_ROUTER["on"])
     calls = []
 
     def fake_kernel(x, weight, bias_, top_k, softmax_all, renormalize):

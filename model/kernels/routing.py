@@ -182,10 +182,12 @@ def fused_router_enabled() -> bool:
     return os.environ.get("STATICMOE_ROUTER_FUSED", "0") == "1"
 
 
-def uses_fused_router(x: torch.Tensor, weight: torch.Tensor, top_k: int) -> bool:
-    """Whether `fused_linear_route` takes the one-launch Triton path for x [N, H] and the router's weight [E, H]."""
+def uses_fused_router(x: torch.Tensor, weight: torch.Tensor, top_k: int, bias: torch.Tensor | None = None) -> bool:
+    """Whether `fused_linear_route` takes the one-launch Triton path for x [N, H], the router's weight [E, H] and
+    bias [E] (of x's dtype, as F.linear requires of them)."""
     return x.is_cuda and fused_router_enabled() and _FUSED_ROUTER["on"] and _TRITON_ROUTER["on"] and \
         triton_router_gemv.available() and x.dim() == 2 and weight.dim() == 2 and weight.dtype == x.dtype and \
+        x.dtype in triton_router_gemv.DTYPES and (bias is None or bias.dtype == x.dtype) and \
         weight.shape[1] == x.shape[1] and weight.device == x.device and \
         triton_router_gemv.supports(x.shape[0], weight.shape[0], x.shape[1], top_k)
 
@@ -195,7 +197,7 @@ def fused_linear_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """`softmax_topk` (softmax_all, renormalise if asked) or `topk_softmax` of the router's logits x · Wᵀ + bias
     (rounded to x's dtype, as the linear's output is) in one Triton launch where `uses_fused_router`; None where not
     (then and after a failure of the kernel, which switches it off for good: the caller's unfused path)."""
-    if not uses_fused_router(x, weight, top_k):
+    if not uses_fused_router(x, weight, top_k, bias):
         return None
     try:
         return triton_router_gemv.fused_route(x, weight, bias, top_k, softmax_all=softmax_all,

@@ -50,6 +50,7 @@ except ImportError:  # CPU-only installs
     triton = tl = _round_to_precision = route_scores = None
 
 FUSED_MAX_ROWS = 16
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # of x and the router's weight (and bias)
 BLOCK_E = 16  # experts per program (tl.dot's least N)
 BLOCK_K = 64  # hidden units per step of a program's loop
 TARGET_PROGRAMS = 128  # about one per SM of an H100 (132)
@@ -179,14 +180,17 @@ def fused_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, H] (N <= FUSED_MAX_ROWS), weight [E, H] of x's dtype, bias [E] or None -> (weights float32 [N, k],
     ids int32 [N, k]) of `softmax_topk` (softmax_all) or `topk_softmax` on x · Wᵀ + bias rounded to x's dtype.
-    `splits` / `warps` override `plan` / `launch_warps` (tests, benchmark sweeps). Callers check `supports` (`routing` does)."""
+    `splits` / `warps` override `plan` / `launch_warps` (tests, benchmark sweeps). Callers check `supports`
+    (`routing` does)."""
     num_rows, hidden = x.shape
     num_experts = weight.shape[0]
-    if not supports(num_rows, num_experts, hidden, top_k) or weight.shape[1] != hidden or weight.dtype != x.dtype:
-        raise ValueError(f"the fused router takes x [1..{FUSED_MAX_ROWS}, H], weight [E, H] of x's dtype and "
-                         f"top_k <= E; got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} "
+    if not supports(num_rows, num_experts, hidden, top_k) or weight.shape[1] != hidden or \
+            weight.dtype != x.dtype or x.dtype not in DTYPES:
+        raise ValueError(f"the fused router takes x [1..{FUSED_MAX_ROWS}, H] bf16/fp16/fp32, weight [E, H] of "
+                         f"x's dtype and top_k <= E; got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} "
                          f"{weight.dtype}, top_k={top_k}")
     x, weight = x.contiguous(), weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
     num_splits, per_split = plan(num_rows, num_experts, hidden)
     if splits is not None:
         num_kb = -(-hidden // BLOCK_K)
