@@ -62,22 +62,26 @@ def test_exact_data_matches_the_float64_rule_and_the_unfused_path(fused_on, exac
 @pytest.mark.parametrize("rows", ROWS)
 def test_random_data_matches_the_unfused_path_up_to_the_last_ulp_of_a_logit(fused_on, name, rows):
     """bf16 activations and a router weight of std 0.02 (logits ~N(0, 1)): cuBLAS sums in another order, so a logit
-    may round to the neighbouring bf16 value. Ids equal wherever the float64 logits' top k+1 are 4 ulps apart;
-    weights within what one ulp of every logit moves a softmax (2 · 2^-8 · max |logit|)."""
+    may round to the neighbouring bf16 value (<= 1 ulp = 2^-7 |logit| apart). Ids equal, in order, wherever the
+    float64 logits' top k+1 are >= 2 ulps (2^-6 |logit|) apart; weights within what 1 ulp of every logit moves a
+    softmax (2 · 2^-7 · max |logit|). Many draws: at k = 8 of 128 only ~1 row in 5 has no closer pair."""
     E, H, k, mode, bias = PRESETS[name]
     g = torch.Generator(device="cuda").manual_seed(rows + E)
-    x = torch.randn(rows, H, device="cuda", generator=g).bfloat16()
     w = (torch.randn(E, H, device="cuda", generator=g) * 0.02).bfloat16()
     b = (torch.randn(E, device="cuda", generator=g) * 0.1).bfloat16() if bias else None
-    weights, ids = fused(x, w, b, k, mode)
-    want_w, want_ids = unfused(x, w, b, k, mode)
-    exact = x.double() @ w.double().t() + (0 if b is None else b.double())  # [N, E]
-    top = exact.sort(1, descending=True).values[:, :k + 1]  # [N, k+1]
-    apart = ((top[:, :-1] - top[:, 1:]) > 4 * 2 ** -8 * top[:, :-1].abs().clamp_min(2 ** -8)).all(1)  # [N]
-    assert apart.float().mean() >= 0.3, apart  # not vacuous
-    assert torch.equal(ids[apart], want_ids[apart])
-    rtol = 2 * 2 ** -8 * exact.abs().max().item() + 1e-5
-    torch.testing.assert_close(weights[apart], want_w[apart], rtol=rtol, atol=1e-6)
+    checked = total = 0
+    for _ in range(max(4, 64 // rows)):
+        x = torch.randn(rows, H, device="cuda", generator=g).bfloat16()
+        weights, ids = fused(x, w, b, k, mode)
+        want_w, want_ids = unfused(x, w, b, k, mode)
+        exact = x.double() @ w.double().t() + (0 if b is None else b.double())  # [N, E]
+        top = exact.sort(1, descending=True).values[:, :k + 1]  # [N, k+1]
+        apart = ((top[:, :-1] - top[:, 1:]) >= 2 ** -6 * top[:, :-1].abs()).all(1)  # [N]
+        assert torch.equal(ids[apart], want_ids[apart])
+        rtol = 2 * 2 ** -7 * exact.abs().max().item() + 1e-5
+        torch.testing.assert_close(weights[apart], want_w[apart], rtol=rtol, atol=1e-6)
+        checked, total = checked + int(apart.sum()), total + rows
+    assert checked >= 0.05 * total, (checked, total)  # not vacuous
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
