@@ -185,7 +185,7 @@ def fused_router_enabled() -> bool:
 def uses_fused_router(x: torch.Tensor, weight: torch.Tensor, top_k: int, bias: torch.Tensor | None = None) -> bool:
     """Whether `fused_linear_route` takes the one-launch Triton path for x [N, H], the router's weight [E, H] and
     bias [E] (of x's dtype, as F.linear requires of them)."""
-    return x.is_cuda and fused_router_enabled() and _FUSED_ROUTER["on"] and _TRITON_ROUTER["on"] and \
+    return fused_router_enabled() and x.is_cuda and _FUSED_ROUTER["on"] and _TRITON_ROUTER["on"] and \
         triton_router_gemv.available() and x.dim() == 2 and weight.dim() == 2 and weight.dtype == x.dtype and \
         x.dtype in triton_router_gemv.DTYPES and (bias is None or bias.dtype == x.dtype) and \
         weight.shape[1] == x.shape[1] and weight.device == x.device and \
