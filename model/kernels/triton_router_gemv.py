@@ -21,7 +21,8 @@ so the 256-512 KB weight streams through most SMs in 2-4 KB pieces rather than t
 [16, BLOCK_E] product (rows past N load zeros) and stores the real rows into a float32 scratch [splits, N, E], then
 takes a ticket from one int32 counter (CTA barrier, atomic add acq_rel at GPU scope). The last to arrive loads the
 whole scratch as one [S_PAD, R, E_PAD] tile (S_PAD × R × E_PAD <= REDUCE_BUDGET floats: all loads in flight at
-once), sums it over the splits (a fixed reduction tree: independent of arrival order), routes the R >= N rows, stores
+once), sums it over the splits (a fixed reduction tree: independent of arrival order, so the same bits in give the
+same routing on every call and every expert-parallel rank), routes the R >= N rows, stores
 them, and puts the counter back to 0, so one zeroed counter per device serves every call and every CUDA-graph replay.
 Warps (`launch_warps`): 1 at batch 1 (the routing's k rounds of row reductions then need no shared memory), more
 where the routing tile or the reducer's load per thread grows.
