@@ -10,7 +10,7 @@ from model.kernels.fp8 import (
 from model.kernels.fp8_linear import fp8_linear
 from model.kernels.moe import check_moe_inputs, fused_moe, uses_cuda_kernel
 from model.kernels.reference import fused_moe_reference
-from model.kernels.routing import GroupedRouting, grouped_topk, softmax_topk, topk_softmax
+from model.kernels.routing import GroupedRouting, fused_linear_route, grouped_topk, softmax_topk, topk_softmax
 from model.kernels.varlen_gemm import varlen_gemm
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "dequantize_fp8_blocks",
     "dequantize_fp8_groups",
     "fp8_linear",
+    "fused_linear_route",
     "fused_moe",
     "fused_moe_fp8_reference",
     "fused_moe_reference",

@@ -13,19 +13,26 @@ that routes is CUDA-graph capturable. On a GPU with Triton, `softmax_topk` and `
 ties toward the lower expert index. `grouped_topk` breaks ties toward the lower expert (and group) index, on
 every device, by a stable sort; `torch.topk` leaves ties unspecified (transformers' routers use it, so under exact
 ties they may choose another of the tied experts).
+
+`fused_linear_route` takes the router's linear too: with `STATICMOE_ROUTER_FUSED=1` (opt-in until a GPU run has timed
+it), decode batches of up to 16 rows on a GPU compute logits and routing in one Triton launch
+(`model.kernels.triton_router_gemv`, the same rounding of the logits to the model dtype); else the caller runs its
+linear and `softmax_topk` / `topk_softmax`.
 """
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
 
 import torch
 
-from model.kernels import triton_routing
+from model.kernels import triton_router_gemv, triton_routing
 
 log = logging.getLogger(__name__)
 # STATICMOE_ROUTER=torch keeps the torch ops on the GPU; a Triton build failure switches to them for good (logged)
 _TRITON_ROUTER = {"on": os.environ.get("STATICMOE_ROUTER", "triton") != "torch"}
+_FUSED_ROUTER = {"on": True}  # off for good after a failure of the fused kernel (logged)
 
 SCORINGS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
@@ -167,3 +174,35 @@ def topk_softmax_reference(router_logits: torch.Tensor, top_k: int) -> tuple[tor
     """`topk_softmax` in torch ops (unchecked): the CPU path and the Triton kernel's reference."""
     logits, ids = torch.topk(router_logits.float(), top_k, dim=-1)  # [T, k]
     return torch.softmax(logits, dim=-1), ids.to(torch.int32)
+
+
+@functools.cache
+def fused_router_enabled() -> bool:
+    """`STATICMOE_ROUTER_FUSED=1` (read once per process): decode batches take `fused_linear_route`'s one launch."""
+    return os.environ.get("STATICMOE_ROUTER_FUSED", "0") == "1"
+
+
+def uses_fused_router(x: torch.Tensor, weight: torch.Tensor, top_k: int, bias: torch.Tensor | None = None) -> bool:
+    """Whether `fused_linear_route` takes the one-launch Triton path for x [N, H], the router's weight [E, H] and
+    bias [E] (of x's dtype, as F.linear requires of them)."""
+    return fused_router_enabled() and x.is_cuda and _FUSED_ROUTER["on"] and _TRITON_ROUTER["on"] and \
+        triton_router_gemv.available() and x.dim() == 2 and weight.dim() == 2 and weight.dtype == x.dtype and \
+        x.dtype in triton_router_gemv.DTYPES and (bias is None or bias.dtype == x.dtype) and \
+        weight.shape[1] == x.shape[1] and weight.device == x.device and \
+        triton_router_gemv.supports(x.shape[0], weight.shape[0], x.shape[1], top_k)
+
+
+def fused_linear_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,
+                       softmax_all: bool, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`softmax_topk` (softmax_all, renormalise if asked) or `topk_softmax` of the router's logits x · Wᵀ + bias
+    (rounded to x's dtype, as the linear's output is) in one Triton launch where `uses_fused_router`; None where not
+    (then and after a failure of the kernel, which switches it off for good: the caller's unfused path)."""
+    if not uses_fused_router(x, weight, top_k, bias):
+        return None
+    try:
+        return triton_router_gemv.fused_route(x, weight, bias, top_k, softmax_all=softmax_all,
+                                              renormalize=renormalize and softmax_all)
+    except Exception as err:  # as the Triton router: a build problem falls back, it does not stop serving
+        _FUSED_ROUTER["on"] = False
+        log.warning("fused Triton router failed (%r); using the linear and the router from now on", err)
+        return None

@@ -65,18 +65,12 @@ if triton is not None:
         return tl.div_rn(x, tl.broadcast_to(row_totals[:, None], x.shape))
 
     @triton.jit
-    def _route_rows(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, stride_t, stride_e,
-                    TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, ROWS: tl.constexpr,
-                    SOFTMAX_ALL: tl.constexpr, RENORMALIZE: tl.constexpr, ACCURATE_EXP: tl.constexpr):
-        """SOFTMAX_ALL: softmax over E, top-k of the probabilities (renormalised if RENORMALIZE). Else: top-k of the
-        logits, softmax over the k chosen."""
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # [R]
-        row_ok = rows < num_tokens
-        rows = tl.minimum(rows, num_tokens - 1)  # rows past the end compute the last row again, stored nowhere
-        experts = tl.arange(0, E_PAD)  # [E_PAD]
-        in_row = experts[None, :] < num_experts  # [1, E_PAD]
-        ptrs = logits_ptr + rows[:, None].to(tl.int64) * stride_t + experts[None, :].to(tl.int64) * stride_e
-        scores = tl.load(ptrs, mask=in_row, other=float("-inf")).to(tl.float32)  # [R, E_PAD]
+    def route_scores(scores, in_row, experts, num_experts, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
+                     ROWS: tl.constexpr, E_PAD: tl.constexpr, SOFTMAX_ALL: tl.constexpr, RENORMALIZE: tl.constexpr,
+                     ACCURATE_EXP: tl.constexpr):
+        """scores [R, E_PAD] float32 logits (-inf where not in_row [1, E_PAD]) -> (weights [R, K_PAD] float32,
+        ids [R, K_PAD] int32), the first TOP_K slots meaningful. Shared with `triton_router_gemv`, whose last program
+        routes the logits it has just computed."""
         if SOFTMAX_ALL:
             exps = _exp(scores - tl.max(scores, 1)[:, None], ACCURATE_EXP)  # 0 in the padding
             scores = _divide_rows(exps, tl.sum(exps, 1))  # the probabilities, as torch.softmax divides
@@ -102,6 +96,25 @@ if triton is not None:
             exps = tl.where(chosen, _exp(top_vals - first[:, None], ACCURATE_EXP), 0.0)
             top_vals = _divide_rows(exps, tl.sum(exps, 1))
 
+        return top_vals, top_ids
+
+    @triton.jit
+    def _route_rows(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, stride_t, stride_e,
+                    TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, ROWS: tl.constexpr,
+                    SOFTMAX_ALL: tl.constexpr, RENORMALIZE: tl.constexpr, ACCURATE_EXP: tl.constexpr):
+        """SOFTMAX_ALL: softmax over E, top-k of the probabilities (renormalised if RENORMALIZE). Else: top-k of the
+        logits, softmax over the k chosen."""
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # [R]
+        row_ok = rows < num_tokens
+        rows = tl.minimum(rows, num_tokens - 1)  # rows past the end compute the last row again, stored nowhere
+        experts = tl.arange(0, E_PAD)  # [E_PAD]
+        in_row = experts[None, :] < num_experts  # [1, E_PAD]
+        ptrs = logits_ptr + rows[:, None].to(tl.int64) * stride_t + experts[None, :].to(tl.int64) * stride_e
+        scores = tl.load(ptrs, mask=in_row, other=float("-inf")).to(tl.float32)  # [R, E_PAD]
+        top_vals, top_ids = route_scores(scores, in_row, experts, num_experts, TOP_K, K_PAD, ROWS, E_PAD,
+                                         SOFTMAX_ALL, RENORMALIZE, ACCURATE_EXP)  # [R, K_PAD] each
+        slots = tl.arange(0, K_PAD)  # [K_PAD]
+        chosen = slots[None, :] < TOP_K  # [1, K_PAD]
         out_offs = rows[:, None].to(tl.int64) * TOP_K + slots[None, :]  # [R, K_PAD] into row-major [T, k]
         out_ok = row_ok[:, None] & chosen
         tl.store(weights_ptr + out_offs, top_vals, mask=out_ok)

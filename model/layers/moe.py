@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.kernels import GroupedRouting, fused_moe, grouped_topk, softmax_topk, topk_softmax
+from model.kernels import GroupedRouting, fused_linear_route, fused_moe, grouped_topk, softmax_topk, topk_softmax
 from model.layers.linear import Linear
 from model.layers.mlp import GatedMLP
 
@@ -104,6 +104,10 @@ class SparseMoeBlock(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """topk_weights [N, k] float32, topk_ids [N, k] int32 for x [N, H]."""
         if self.routing is None:
+            fused = fused_linear_route(x, self.gate.weight, self.gate.bias, self.top_k,
+                                       softmax_all=self.router != "topk_softmax", renormalize=self.renormalize)
+            if fused is not None:  # decode batches with STATICMOE_ROUTER_FUSED=1: linear and routing, one launch
+                return fused
             if self.router == "topk_softmax":
                 return topk_softmax(self.gate(x), self.top_k)
             return softmax_topk(self.gate(x), self.top_k, self.renormalize)
