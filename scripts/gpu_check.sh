@@ -12,7 +12,8 @@
 #   (DECODE_PRESETS, default olmoe-1b-7b qwen3-30b-a3b). api-costs: benchmarks/bench_api_costs.py (API_PRESET,
 #   API_ARGS). ncu-fp8: Nsight Compute on the FP8 GEMMs of one layer call (NCU_POINT, default qwen3:8192:balanced).
 #   fp8-epilogue-ab: FP8 GEMM2's staged epilogue, tests then timings (AB_POINTS). pending-kernels / pending-serving:
-#   what session 11 wrote and could not run (the FP8 decode linear, sliding-window KV groups, decode and API costs).
+#   what session 11 wrote and could not run (the FP8 decode linear, the fused router, sliding-window KV groups, decode
+#   and API costs).
 #   l2-prefetch-ab: GEMM2's weights prefetched into L2 during GEMM1 at decode, tests then timings.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-logs}
@@ -123,7 +124,9 @@ for step in "${steps[@]}"; do
       done
       grep -E ' ms [0-9]+ TFLOPS' "$OUT/l2_prefetch_ab.txt" | sed 's/ STATICMOE_COMMIT=[^]]*//' ;;
     pending-kernels)  # session 11's work that has not run on a GPU (benchmarks/NOTES.md "Session 11"), kernels first
-      run_tests tests/test_triton_fp8_gemv_gpu.py tests/test_triton_released_blocks.py tests/test_engine_sliding_window.py
+      run_tests tests/test_triton_fp8_gemv_gpu.py tests/test_triton_router_gemv_gpu.py tests/test_triton_routing.py \
+        tests/test_triton_released_blocks.py tests/test_engine_sliding_window.py
+      python3 benchmarks/bench_fused_router.py > "$OUT/bench_fused_router.log" 2>&1; tail -12 "$OUT/bench_fused_router.log"
       python3 benchmarks/bench_fp8_linear.py --m 1 16 64 256 --out "$OUT" > "$OUT/bench_fp8_linear_decode.log" 2>&1
       tail -45 "$OUT/bench_fp8_linear_decode.log" | grep -E '^\||shape|N=' ;;
     pending-serving)  # the serving-level measurements session 11 could not take
