@@ -191,3 +191,21 @@ def test_the_decode_linear_is_opt_in(monkeypatch):
         assert fl.decode_linear_enabled() is True
     finally:
         fl.decode_linear_enabled.cache_clear()
+
+
+@pytest.mark.parametrize("name, read", [("STATICMOE_FP8_DECODE_LINEAR", "decode_linear_enabled"),
+                                        ("STATICMOE_ROUTER_FUSED", "fused_router_enabled")])
+def test_opt_in_switches_refuse_values_other_than_0_and_1(monkeypatch, name, read):
+    from model.kernels import routing
+
+    fn = getattr(fl, read, None) or getattr(routing, read)
+    fn.cache_clear()
+    try:
+        monkeypatch.setenv(name, "yes")
+        with pytest.raises(ValueError, match=f"{name}='yes': want 0 or 1"):
+            fn()
+        fn.cache_clear()
+        monkeypatch.setenv(name, "0")
+        assert fn() is False
+    finally:
+        fn.cache_clear()

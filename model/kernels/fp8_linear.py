@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from model.kernels import extension, triton_fp8_gemm, triton_fp8_gemv
 from model.kernels.fp8 import FP8_BLOCK, FP8_DTYPE, dequantize_fp8_blocks, dequantize_fp8_groups, quantize_fp8_groups
+from model.kernels.knobs import env_switch
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def dense_fp8_path(device: torch.device, rows: int = 1) -> str:
 def decode_linear_enabled() -> bool:
     """`STATICMOE_FP8_DECODE_LINEAR=1`: Triton calls of few rows take `triton_fp8_gemv` (opt-in until a GPU run has
     checked and timed it; benchmarks/NOTES.md). Read once per process."""
-    return os.environ.get("STATICMOE_FP8_DECODE_LINEAR", "0") == "1"
+    return env_switch("STATICMOE_FP8_DECODE_LINEAR")
 
 
 def _triton_path(x, weight, weight_scale, bias) -> torch.Tensor:

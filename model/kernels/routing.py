@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from model.kernels import triton_router_gemv, triton_routing
+from model.kernels.knobs import env_switch
 
 log = logging.getLogger(__name__)
 # STATICMOE_ROUTER=torch keeps the torch ops on the GPU; a Triton build failure switches to them for good (logged)
@@ -179,7 +180,7 @@ def topk_softmax_reference(router_logits: torch.Tensor, top_k: int) -> tuple[tor
 @functools.cache
 def fused_router_enabled() -> bool:
     """`STATICMOE_ROUTER_FUSED=1` (read once per process): decode batches take `fused_linear_route`'s one launch."""
-    return os.environ.get("STATICMOE_ROUTER_FUSED", "0") == "1"
+    return env_switch("STATICMOE_ROUTER_FUSED")
 
 
 def uses_fused_router(x: torch.Tensor, weight: torch.Tensor, top_k: int, bias: torch.Tensor | None = None) -> bool:
