@@ -7,6 +7,7 @@ import pytest
 
 from model.kernels import triton_fp8_gemv
 from model.kernels.triton_fp8_gemv import REDUCE_BUDGET, decode_plan
+from tests.triton_fixtures import compile_for_sm90 as sm90_build
 from tests.triton_fixtures import needs_triton, run_interpreted
 
 REAL_SHAPES = {"qwen3 qkv": (5120, 2048), "qwen3 o": (2048, 4096), "dsv3 kv_a": (576, 7168),
@@ -79,27 +80,12 @@ def test_interpreted_kernel_matches_quantiser_two_step_path_and_float64():
 def compile_for_sm90(block_m: int, block_n: int, split: bool):
     """The decode kernel compiled for sm_90a on this GPU-less machine, with the argument hints Triton's launcher
     gives the real shapes (pointers, N, K and M·N divisible by 16): (PTX, cuobjdump's resource line)."""
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     names = ["x_ptr", "w_ptr", "ws_ptr", "bias_ptr", "out_ptr", "part_ptr", "count_ptr", "M", "N", "K", "num_kb",
              "kb_per_split", "split_stride"]
     types = ["*bf16", "*fp8e4nv", "*fp32", "*bf16", "*bf16", "*fp32", "*i32"] + ["i32"] * 6
     consts = dict(HAS_BIAS=True, SPLIT=split, SOFT_ROUND=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128)
-    signature = dict(zip(names, types)) | {k: "constexpr" for k in consts}
-    hints = {(names.index(n),): [["tt.divisibility", 16]] for n in names[:7] + ["N", "K", "split_stride"]}
-    kernel = triton.compile(ASTSource(triton_fp8_gemv._fp8_decode_gemm, signature, consts, hints),
-                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(kernel.asm["cubin"])
-        cubin.flush()
-        usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin.name],
-                               capture_output=True, text=True, check=True).stdout
-    return kernel.asm["ptx"], next(line for line in usage.splitlines() if "REG:" in line)
+    return sm90_build(triton_fp8_gemv._fp8_decode_gemm, names, types, consts, names[:7] + ["N", "K", "split_stride"],
+                      num_warps=4, num_stages=3)
 
 
 @needs_triton

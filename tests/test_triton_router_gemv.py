@@ -12,6 +12,7 @@ from model.kernels import routing, triton_router_gemv
 from model.kernels.triton_router_gemv import BLOCK_E, BLOCK_K, REDUCE_BUDGET, launch_warps, plan, route_rows
 from model.layers.moe import SparseMoeBlock
 from tests.router_gemv_checks import MODES
+from tests.triton_fixtures import compile_for_sm90 as sm90_build
 from tests.triton_fixtures import needs_triton, run_interpreted
 
 # (N, E, H, k, dtype, mode, bias, splits): H scaled down from 2048/2880 for the interpreter; splits None: the plan's
@@ -187,13 +188,6 @@ def test_default_route_is_the_unfused_path(fused_knob, monkeypatch):
 def compile_for_sm90(E: int, rows: int, top_k: int, softmax_all: bool, bias: bool, s_pad: int, warps=None):
     """The fused router compiled for sm_90a on this GPU-less machine with the real launch's constexprs:
     (PTX, cuobjdump's resource line)."""
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     names = ["x_ptr", "w_ptr", "bias_ptr", "part_ptr", "count_ptr", "weights_ptr", "ids_ptr", "N", "E", "H",
              "k_per_split"]
     types = ["*bf16", "*bf16", "*bf16", "*fp32", "*i32", "*fp32", "*i32"] + ["i32"] * 4
@@ -202,17 +196,8 @@ def compile_for_sm90(E: int, rows: int, top_k: int, softmax_all: bool, bias: boo
                   K_PAD=max(2, 1 << (top_k - 1).bit_length()), E_PAD=e_pad, R=r, S_PAD=s_pad,
                   SOFTMAX_ALL=softmax_all, RENORMALIZE=softmax_all, ACCURATE_EXP=True, BLOCK_E=BLOCK_E,
                   BLOCK_K=BLOCK_K)
-    signature = dict(zip(names, types)) | {k: "constexpr" for k in consts}
-    hints = {(names.index(n),): [["tt.divisibility", 16]] for n in names[:7] + ["H", "k_per_split"]}
-    kernel = triton.compile(ASTSource(triton_router_gemv._router_gemv_route, signature, consts, hints),
-                            target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=warps or triton_router_gemv.launch_warps(rows, E, s_pad)))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(kernel.asm["cubin"])
-        cubin.flush()
-        usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin.name],
-                               capture_output=True, text=True, check=True).stdout
-    return kernel.asm["ptx"], next(line for line in usage.splitlines() if "REG:" in line)
+    return sm90_build(triton_router_gemv._router_gemv_route, names, types, consts, names[:7] + ["H", "k_per_split"],
+                      num_warps=warps or triton_router_gemv.launch_warps(rows, E, s_pad))
 
 
 @needs_triton

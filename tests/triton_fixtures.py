@@ -32,6 +32,28 @@ def run_compiled(script: str) -> None:
     torch.cuda.synchronize()
 
 
+def compile_for_sm90(kernel, names: list[str], types: list[str], consts: dict, divisible: list[str],
+                     **options) -> tuple[str, str]:
+    """`kernel` compiled by Triton for sm_90a on a GPU-less machine, with the constexprs `consts` and the launcher's
+    divisibility-by-16 hints on the arguments `divisible`: (PTX, cuobjdump's "REG:..." resource line)."""
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = dict(zip(names, types)) | {k: "constexpr" for k in consts}
+    hints = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    compiled = triton.compile(ASTSource(kernel, signature, consts, hints), target=GPUTarget("cuda", 90, 32),
+                              options=options)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin.name],
+                               capture_output=True, text=True, check=True).stdout
+    return compiled.asm["ptx"], next(line for line in usage.splitlines() if "REG:" in line)
+
+
 def scattered_block_tables(lens: list[int], page: int, generator):
     """Block tables for sequences of `lens` tokens whose KV blocks are scattered at random over the cache, each table
     padded past the sequence's own blocks: (tables [len(lens), width] int64, width, num_blocks of the cache)."""
