@@ -42,10 +42,11 @@ there, to move the cut with numbers).
 """
 
 import functools
-import os
 
 import torch
 
+from model.kernels.arrival_counters import arrival_counters as shared_counters
+from model.kernels.arrival_counters import triton_interpreted
 from model.kernels.fp8 import AMAX_FLOOR, FP8_BLOCK, FP8_MAX
 
 try:
@@ -95,22 +96,9 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
 def arrival_counters(device: torch.device) -> torch.Tensor:
-    """The device's int32 tile counters, zero between calls (each call's last programs reset theirs). Allocated on
-    the first call, which the engine makes outside CUDA-graph capture (its warm-up forward)."""
-    if device not in _counters:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the FP8 decode linear allocates its tile counters on its first call: make one call "
-                               "outside CUDA-graph capture first (a warm-up forward)")
-        _counters[device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
-    return _counters[device]
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """The device's int32 tile counters (model/kernels/arrival_counters.py), zero between calls."""
+    return shared_counters("FP8 decode linear", device, COUNTER_SLOTS)
 
 
 if triton is not None:
@@ -236,7 +224,7 @@ def quantize_rows_fp8_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(M, K // FP8_BLOCK, dtype=torch.float32, device=x.device)
     _quantize_rows_kernel[(triton.cdiv(M, 16), K // FP8_BLOCK)](x, q, scale, M, K, K // FP8_BLOCK,
-                                                                 SOFT_ROUND=_interpreted(), BLOCK_M=16,
+                                                                 SOFT_ROUND=triton_interpreted(), BLOCK_M=16,
                                                                  BLOCK_K=FP8_BLOCK)
     return q, scale
 
@@ -268,6 +256,6 @@ def fp8_decode_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     counters = arrival_counters(x.device) if split else out
     _fp8_decode_gemm[(tiles, plan_splits)](
         x, weight, weight_scale, bias if bias is not None else out, out, partials, counters, M, N, K, num_kb,
-        per_split, M * N, HAS_BIAS=bias is not None, SPLIT=split, SOFT_ROUND=_interpreted(), BLOCK_M=block_m,
+        per_split, M * N, HAS_BIAS=bias is not None, SPLIT=split, SOFT_ROUND=triton_interpreted(), BLOCK_M=block_m,
         BLOCK_N=plan_n, BLOCK_K=FP8_BLOCK, num_warps=4, num_stages=3)
     return out

@@ -35,11 +35,11 @@ E = 128: 32 programs of 16 KB), and the routing tile (R × E_PAD) grows with N. 
 amortised, cuBLAS is no longer launch-bound, and the unfused path runs.
 """
 
-import os
-
 import torch
 
 from model.kernels import triton_routing
+from model.kernels.arrival_counters import arrival_counters as shared_counters
+from model.kernels.arrival_counters import triton_interpreted
 
 try:
     import triton
@@ -98,18 +98,9 @@ def launch_warps(num_rows: int, num_experts: int, s_pad: int) -> int:
     return min(8, max(by_tile, by_reducer))
 
 
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
 def arrival_counter(device: torch.device) -> torch.Tensor:
-    """The device's int32 counter [1], zero between calls (each call's last program resets it). Allocated on the first
-    call, which the engine makes outside CUDA-graph capture (its warm-up forward)."""
-    if device not in _counters:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the fused router allocates its counter on its first call: make one call outside "
-                               "CUDA-graph capture first (a warm-up forward)")
-        _counters[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    return _counters[device]
+    """The device's int32 counter [1] (model/kernels/arrival_counters.py), zero between calls."""
+    return shared_counters("fused router", device, 1)
 
 
 if triton is not None:
@@ -172,10 +163,6 @@ if triton is not None:
             tl.store(ids_ptr + out_offs, top_ids, mask=out_ok)
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def fused_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int, softmax_all: bool,
                 renormalize: bool, *, splits: int | None = None, warps: int | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,7 +192,7 @@ def fused_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     partials = torch.empty(num_splits, num_rows, num_experts, dtype=torch.float32, device=x.device)
     _router_gemv_route[(triton.cdiv(num_experts, BLOCK_E), num_splits)](
         x, weight, bias if bias is not None else weight, partials, arrival_counter(x.device), weights, ids,
-        num_rows, num_experts, hidden, per_split * BLOCK_K, HAS_BIAS=bias is not None, INTERPRETED=_interpreted(),
+        num_rows, num_experts, hidden, per_split * BLOCK_K, HAS_BIAS=bias is not None, INTERPRETED=triton_interpreted(),
         IEEE_DOT=x.dtype == torch.float32, TOP_K=top_k, K_PAD=max(2, _pow2(top_k)), E_PAD=e_pad, R=rows,
         S_PAD=s_pad, SOFTMAX_ALL=softmax_all, RENORMALIZE=renormalize, ACCURATE_EXP=x.is_cuda, BLOCK_E=BLOCK_E,
         BLOCK_K=BLOCK_K, num_warps=warps or launch_warps(num_rows, num_experts, s_pad))
