@@ -14,6 +14,7 @@
 #   fp8-epilogue-ab: FP8 GEMM2's staged epilogue, tests then timings (AB_POINTS). pending-kernels / pending-serving:
 #   what session 11 wrote and could not run (the FP8 decode linear, the fused router, sliding-window KV groups, decode
 #   and API costs).
+#   ncu-ledger: the FP8 GEMMs' stall samples per SASS line (NCU_POINT).
 #   l2-prefetch-ab: GEMM2's weights prefetched into L2 during GEMM1 at decode, tests then timings.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-logs}
@@ -102,6 +103,16 @@ for step in "${steps[@]}"; do
         ncu --kernel-name regex:moe_gemm_fp8 --launch-skip $skip --launch-count 1 --set full \
           python3 benchmarks/profile_moe.py once --fp8 "${NCU_POINT:-qwen3:8192:balanced}" > "$OUT/ncu_fp8_gemm$((skip + 1)).txt" 2>&1
         echo "ncu gemm$((skip + 1)): $(grep -E 'Duration|Compute \(SM\) Throughput' "$OUT/ncu_fp8_gemm$((skip + 1)).txt" | tr -s ' ' | tr '\n' ';')"
+      done ;;
+    ncu-ledger)  # issue 16: per-SASS-line stall samples of FP8 GEMM1 and GEMM2 (scripts/ncu_stall_ledger.py)
+      for skip in 0 1; do
+        ncu --kernel-name regex:moe_gemm_fp8 --launch-skip $skip --launch-count 1 --section SourceCounters \
+          --section WarpStateStats --section SpeedOfLight -f -o /tmp/ledger_gemm$((skip + 1)) \
+          python3 benchmarks/profile_moe.py once --fp8 "${NCU_POINT:-qwen3:8192:balanced}" > /tmp/ledger_ncu$skip.log 2>&1
+        ncu -i /tmp/ledger_gemm$((skip + 1)).ncu-rep --page source --csv --print-source sass > /tmp/ledger_src$skip.csv 2>&1
+        python3 scripts/ncu_stall_ledger.py /tmp/ledger_src$skip.csv --max-rows 45 > "$OUT/ncu_ledger_gemm$((skip + 1)).txt" 2>&1
+        ncu -i /tmp/ledger_gemm$((skip + 1)).ncu-rep --page details >> "$OUT/ncu_ledger_gemm$((skip + 1)).txt" 2>&1
+        echo "gemm$((skip + 1)): $(head -1 "$OUT/ncu_ledger_gemm$((skip + 1)).txt" | cut -c1-80)"; sed -n 2,9p "$OUT/ncu_ledger_gemm$((skip + 1)).txt" | cut -c1-150
       done ;;
     fp8-epilogue-ab)  # issue 16: FP8 GEMM2's staged epilogue (STATICMOE_FP8_STAGED_OUT) checked, then timed 1,0,1,0
       STATICMOE_FP8_STAGED_OUT=1 timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_fp8_gpu.py \
