@@ -8,11 +8,13 @@ runs") are compared by running the same points in separate processes.
     python benchmarks/profile_moe.py plan 1:8 64:256 512:64:8 ...                        # T:E[:k]
     ncu ... python benchmarks/profile_moe.py once deepseek:32768:uniform                 # one call, nothing else
 
-SHAPE is a name (or unique prefix) of benchmarks.moe_cases.EXPERT_SHAPES, ROUTING one of its routings.
+SHAPE is a name (or unique prefix) of benchmarks.moe_cases.EXPERT_SHAPES or eEkKhHiI (e128k8h2048i1536: any shape),
+ROUTING one of its routings.
 """
 
 import argparse
 import os
+import re
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -27,6 +29,9 @@ PLAN_DIM = 128  # H = I for the plan probe: the plan does not depend on them bey
 
 
 def shape_of(name: str) -> tuple[str, tuple[int, int, int, int]]:
+    custom = re.fullmatch(r"e(\d+)k(\d+)h(\d+)i(\d+)", name)  # any shape, e.g. e128k8h2048i1536 (per-step fits)
+    if custom:
+        return name, tuple(int(g) for g in custom.groups())
     matches = [key for key in EXPERT_SHAPES if key.startswith(name)]
     if len(matches) != 1:
         raise SystemExit(f"shape {name!r} names {matches or 'nothing'}; choose from {list(EXPERT_SHAPES)}")

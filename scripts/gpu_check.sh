@@ -14,6 +14,7 @@
 #   fp8-epilogue-ab: FP8 GEMM2's staged epilogue, tests then timings (AB_POINTS). pending-kernels / pending-serving:
 #   what session 11 wrote and could not run (the FP8 decode linear, the fused router, sliding-window KV groups, decode
 #   and API costs).
+#   fp8-tile-fit: FP8 GEMM times as K varies (per-step and per-tile cost).
 #   ncu-ledger: the FP8 GEMMs' stall samples per SASS line (NCU_POINT).
 #   l2-prefetch-ab: GEMM2's weights prefetched into L2 during GEMM1 at decode, tests then timings.
 set -uo pipefail
@@ -114,6 +115,13 @@ for step in "${steps[@]}"; do
         ncu -i /tmp/ledger_gemm$((skip + 1)).ncu-rep --page details >> "$OUT/ncu_ledger_gemm$((skip + 1)).txt" 2>&1
         echo "gemm$((skip + 1)): $(head -1 "$OUT/ncu_ledger_gemm$((skip + 1)).txt" | cut -c1-80)"; sed -n 2,9p "$OUT/ncu_ledger_gemm$((skip + 1)).txt" | cut -c1-150
       done ;;
+    fp8-tile-fit)  # issue 16: FP8 per-kernel times as K varies at a fixed tile count, for t = steps x s + c per GEMM
+      python3 benchmarks/profile_moe.py points --fp8 e128k8h2048i384:8192:balanced e128k8h2048i768:8192:balanced \
+        e128k8h2048i1536:8192:balanced e128k8h2048i3072:8192:balanced e128k8h1024i768:8192:balanced \
+        e128k8h4096i768:8192:balanced e128k8h8192i768:8192:balanced > "$OUT/fp8_tile_fit.txt" 2>&1
+      python3 benchmarks/profile_moe.py points e128k8h2048i384:8192:balanced e128k8h2048i768:8192:balanced \
+        e128k8h2048i1536:8192:balanced e128k8h2048i3072:8192:balanced >> "$OUT/fp8_tile_fit.txt" 2>&1
+      grep -vE '^\s*$' "$OUT/fp8_tile_fit.txt" | tail -40 ;;
     fp8-epilogue-ab)  # issue 16: FP8 GEMM2's staged epilogue (STATICMOE_FP8_STAGED_OUT) checked, then timed 1,0,1,0
       STATICMOE_FP8_STAGED_OUT=1 timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_fp8_gpu.py \
         tests/test_fp8_dense_cuda_gpu.py > "$OUT/pytest_fp8_staged_out.log" 2>&1
