@@ -197,7 +197,8 @@ def step_phases(preset: str, batches=(1, 64), input_len=512, output_len=64, asyn
         torch.cuda.CUDAGraph.replay = replay
         engine.shutdown()
     del engine
-    gc.collect()  # the engine sits in reference cycles: without this a second preset can find the GPU still full
+    gc.collect()  # the first engine of a process is caught in a cycle of torch._dynamo's lazy import frames (its __init__
+    # frame among them; measured on the CPU): without this a second preset can find the GPU still full
     torch.cuda.empty_cache()
 
 
@@ -279,7 +280,8 @@ def prefill(preset: str, budget: int, input_len=512, batch=64):
     finally:
         engine.shutdown()
     del engine
-    gc.collect()  # the engine sits in reference cycles: without this a second preset can find the GPU still full
+    gc.collect()  # the first engine of a process is caught in a cycle of torch._dynamo's lazy import frames (its __init__
+    # frame among them; measured on the CPU): without this a second preset can find the GPU still full
     torch.cuda.empty_cache()
 
 
