@@ -5,5 +5,8 @@ deadline=$1; shift
 export STATICMOE_COMMIT=${STATICMOE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 timeout --kill-after=10 "$deadline" bash scripts/gpu_check.sh "$@"
 rc=$?
-[ -f "${OUT:-gpu-logs}/0_all_logs.tgz" ] || tar czf /tmp/gpu_logs.tgz -C "${OUT:-gpu-logs}" . && mv /tmp/gpu_logs.tgz "${OUT:-gpu-logs}/0_all_logs.tgz" 2>/dev/null
+out=${OUT:-gpu-logs}
+if [ ! -f "$out/0_all_logs.tgz" ]; then
+  tar czf /tmp/gpu_logs.tgz -C "$out" . && mv /tmp/gpu_logs.tgz "$out/0_all_logs.tgz"
+fi
 exit $rc
