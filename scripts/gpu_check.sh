@@ -11,12 +11,11 @@
 #   router, then with the torch ops (issue 21); metrics-ab: the same profile with and without expert metrics
 #   (DECODE_PRESETS, default olmoe-1b-7b qwen3-30b-a3b). api-costs: benchmarks/bench_api_costs.py (API_PRESET,
 #   API_ARGS). ncu-fp8: Nsight Compute on the FP8 GEMMs of one layer call (NCU_POINT, default qwen3:8192:balanced).
-#   fp8-epilogue-ab: FP8 GEMM2's staged epilogue, tests then timings (AB_POINTS). pending-kernels / pending-serving:
+#   fp8-epilogue-ab: FP8 GEMM1's staged epilogue, tests then timings (AB_POINTS). pending-kernels / pending-serving:
 #   what session 11 wrote and could not run (the FP8 decode linear, the fused router, sliding-window KV groups, decode
 #   and API costs).
 #   fp8-tile-fit: FP8 GEMM times as K varies (per-step and per-tile cost).
 #   ncu-ledger: the FP8 GEMMs' stall samples per SASS line (NCU_POINT).
-#   l2-prefetch-ab: GEMM2's weights prefetched into L2 during GEMM1 at decode, tests then timings.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-logs}
 mkdir -p "$OUT"
@@ -111,6 +110,7 @@ for step in "${steps[@]}"; do
           --section WarpStateStats --section SpeedOfLight -f -o /tmp/ledger_gemm$((skip + 1)) \
           python3 benchmarks/profile_moe.py once --fp8 "${NCU_POINT:-qwen3:8192:balanced}" > /tmp/ledger_ncu$skip.log 2>&1
         ncu -i /tmp/ledger_gemm$((skip + 1)).ncu-rep --page source --csv --print-source sass > /tmp/ledger_src$skip.csv 2>&1
+        cp /tmp/ledger_src$skip.csv "$OUT/ncu_source_gemm$((skip + 1)).csv"
         python3 scripts/ncu_stall_ledger.py /tmp/ledger_src$skip.csv --max-rows 45 > "$OUT/ncu_ledger_gemm$((skip + 1)).txt" 2>&1
         ncu -i /tmp/ledger_gemm$((skip + 1)).ncu-rep --page details >> "$OUT/ncu_ledger_gemm$((skip + 1)).txt" 2>&1
         echo "gemm$((skip + 1)): $(head -1 "$OUT/ncu_ledger_gemm$((skip + 1)).txt" | cut -c1-80)"; sed -n 2,9p "$OUT/ncu_ledger_gemm$((skip + 1)).txt" | cut -c1-150
@@ -122,26 +122,15 @@ for step in "${steps[@]}"; do
       python3 benchmarks/profile_moe.py points e128k8h2048i384:8192:balanced e128k8h2048i768:8192:balanced \
         e128k8h2048i1536:8192:balanced e128k8h2048i3072:8192:balanced >> "$OUT/fp8_tile_fit.txt" 2>&1
       grep -vE '^\s*$' "$OUT/fp8_tile_fit.txt" | tail -40 ;;
-    fp8-epilogue-ab)  # issue 16: FP8 GEMM2's staged epilogue (STATICMOE_FP8_STAGED_OUT) checked, then timed 1,0,1,0
-      STATICMOE_FP8_STAGED_OUT=1 timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_fp8_gpu.py \
-        tests/test_fp8_dense_cuda_gpu.py > "$OUT/pytest_fp8_staged_out.log" 2>&1
-      rc=$?; status=$((status | rc)); echo "staged epilogue tests: $(tail -1 "$OUT/pytest_fp8_staged_out.log")"
+    fp8-epilogue-ab)  # issue 16: FP8 GEMM1's staged epilogue (STATICMOE_FP8_GEMM1_STAGED) checked, then timed 1,0,1,0
+      STATICMOE_FP8_GEMM1_STAGED=1 timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_fp8_gpu.py \
+        > "$OUT/pytest_fp8_gemm1_staged.log" 2>&1
+      rc=$?; status=$((status | rc)); echo "GEMM1 staged epilogue tests: $(tail -1 "$OUT/pytest_fp8_gemm1_staged.log")"
       for staged in 1 0 1 0; do
-        STATICMOE_FP8_STAGED_OUT=$staged python3 benchmarks/profile_moe.py points --fp8 ${AB_POINTS:-qwen3:8192:balanced \
-          qwen3:32768:balanced} >> "$OUT/fp8_epilogue_ab.txt" 2>&1
-        grep -E ' ms [0-9]+ TFLOPS' "$OUT/fp8_epilogue_ab.txt" | tail -2
+        STATICMOE_FP8_GEMM1_STAGED=$staged python3 benchmarks/profile_moe.py points --fp8 ${AB_POINTS:-qwen3:8192:balanced \
+          qwen3:32768:balanced qwen3:64:balanced} >> "$OUT/fp8_epilogue_ab.txt" 2>&1
+        grep -E ' ms [0-9]+ TFLOPS' "$OUT/fp8_epilogue_ab.txt" | tail -3
       done ;;
-    l2-prefetch-ab)  # issue 21: GEMM2's weights pulled into L2 by GEMM1's idle CTAs at decode (STATICMOE_L2_PREFETCH_MIB)
-      STATICMOE_L2_PREFETCH_MIB=40 timeout 400 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_gpu.py \
-        tests/test_kernels_fp8_gpu.py > "$OUT/pytest_l2_prefetch.log" 2>&1
-      rc=$?; status=$((status | rc)); echo "with the prefetch: $(tail -1 "$OUT/pytest_l2_prefetch.log")"
-      for mib in 40 0 40 0; do
-        for fp8 in "" --fp8; do
-          STATICMOE_L2_PREFETCH_MIB=$mib python3 benchmarks/profile_moe.py points $fp8 qwen3:1:balanced olmoe:1:balanced \
-            qwen3:16:balanced mixtral:1:balanced >> "$OUT/l2_prefetch_ab.txt" 2>&1
-        done
-      done
-      grep -E ' ms [0-9]+ TFLOPS' "$OUT/l2_prefetch_ab.txt" | sed 's/ STATICMOE_COMMIT=[^]]*//' ;;
     pending-kernels)  # session 11's work that has not run on a GPU (benchmarks/NOTES.md "Session 11"), kernels first
       run_tests tests/test_triton_fp8_gemv_gpu.py tests/test_triton_router_gemv_gpu.py tests/test_triton_routing.py \
         tests/test_triton_released_blocks.py tests/test_engine_sliding_window.py

@@ -31,6 +31,9 @@ def main(argv=None) -> int:
     if not rows:
         print("no CSV rows found", file=sys.stderr)
         return 1
+    # The source page opens with "Kernel Name" rows; the table's header is the first row naming the sample column.
+    start = next((i for i, r in enumerate(rows) if any(h.startswith("Warp Stall Sampling (All") for h in r)), 0)
+    rows = rows[start:]
     header = rows[0]
     samples_col = next((i for i, h in enumerate(header) if h.startswith("Warp Stall Sampling (All")), None)
     source_col = next((i for i, h in enumerate(header) if h in ("Source", "Sass", "SASS")), None)

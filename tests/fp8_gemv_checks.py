@@ -5,7 +5,8 @@ Each check raises AssertionError with the case in its message. The references:
 - `quantize_fp8_groups` (model/kernels/fp8.py) for the fused quantiser, bit for bit;
 - the two-step path at the kernel's K-block order: x quantised by `quantize_fp8_groups`, then `triton_fp8_gemm`'s
   kernel at the same tile sizes on each split's K range (weights and scales sliced), the float32 partials summed in
-  split order, + bias, cast: bit for bit;
+  split order, + bias, cast: bit for bit under the interpreter (on the GPU two kernels' fp8 MMAs may round
+  differently inside a K block);
 - float64: the dequantised x and W multiplied in float64 (+ bias), within the accumulation error
   (ACCUMULATION_TOL × Σ|x·w| per element) plus the output dtype's rounding. On the GPU the tolerance covers the
   tensor cores' fp8 accumulation inside a 128-wide block (~14 bits kept, DeepSeek-V3 report §3.3.2); under the
@@ -124,9 +125,11 @@ def check_linear(M, N, K, dtype="bfloat16", with_bias=True, device="cpu", block_
     if splits is not None:
         per = -(-(K // FP8_BLOCK) // splits)
         plan_splits = -(-(K // FP8_BLOCK) // per)
-    want = two_step(x, w, ws, bias, dtype, plan_n, plan_splits)
-    differ = (got.float() != want.float()).sum().item()
-    assert differ == 0, (case, plan_n, plan_splits, f"{differ} outputs differ from the two-step path")
+    if x.device.type == "cpu":  # on the GPU the two kernels' fp8 MMAs (their own instruction shapes) keep
+        # different bits inside a K block (see the module docstring), so only the float64 bound applies there
+        want = two_step(x, w, ws, bias, dtype, plan_n, plan_splits)
+        differ = (got.float() != want.float()).sum().item()
+        assert differ == 0, (case, plan_n, plan_splits, f"{differ} outputs differ from the two-step path")
     ref, magnitude = float64_reference(x, w, ws, bias)
     err = (got.double() - ref).abs()
     bound = ACCUMULATION_TOL[x.device.type] * magnitude + OUTPUT_ROUNDING[dtype] * ref.abs() + 1e-30

@@ -166,3 +166,27 @@ def test_custom_op_compiles_in_one_graph():
     load_eager, load_compiled = torch.zeros(8, dtype=torch.int64), torch.zeros(8, dtype=torch.int64)
     assert torch.equal(compiled(x, w13, w2, tw, ids, load_compiled), layer(x, w13, w2, tw, ids, load_eager))
     assert torch.equal(load_compiled, load_eager)
+
+
+@pytest.mark.parametrize("activation,bias", [("silu", False), ("swiglu_oai", True)])
+def test_graph_capture_form_matches_the_float64_loop(monkeypatch, activation, bias):
+    """The form taken inside a CUDA graph (no counts read back: every expert on every slot, each slot keeping its own
+    expert's output) against the float64 token-slot loop; repeated ids and out-of-range ids (routed nowhere)
+    included. Run on the CPU by declaring a capture."""
+    from model.kernels import reference
+
+    x, w13, w2, tw, ids = random_problem(9, 6, 3, 16, 8, torch.float32, seed=5, distinct=False)
+    ids[0, 1], ids[4, 2] = -1, 6  # outside [0, E): contribute nothing
+    kwargs = dict(activation=activation)
+    if bias:
+        g = torch.Generator().manual_seed(1)
+        kwargs.update(w13_bias=torch.randn(6, 16, generator=g), w2_bias=torch.randn(6, 16, generator=g))
+    want = fused_moe_reference(x, w13, w2, tw, ids, compute_dtype=torch.float64, **kwargs)
+    looped = fused_moe_reference(x, w13, w2, tw, ids, **kwargs)
+    monkeypatch.setattr(reference, "graph_capturing", lambda _: True)
+    captured = fused_moe_reference(x, w13, w2, tw, ids, **kwargs)
+    assert relative_error(captured, want) <= 1e-6
+    torch.testing.assert_close(captured, looped, rtol=1e-5, atol=1e-6)
+    in_range = float64_moe(x, w13, w2, tw, ids.masked_fill((ids < 0) | (ids >= 6), 0)) if not bias else None
+    if in_range is not None:  # the out-of-range slots really were dropped (not clamped onto expert 0)
+        assert relative_error(captured, in_range) > 1e-3

@@ -59,11 +59,6 @@ __device__ __forceinline__ void cluster_sync() {
 }
 
 // ---- TMA ------------------------------------------------------------------------------------------------------
-// Fire and forget: brings [ptr, ptr + bytes) into L2 (ptr 16-byte aligned, bytes a multiple of 16).
-__device__ __forceinline__ void prefetch_l2_bulk(const void* ptr, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(reinterpret_cast<uint64_t>(ptr)), "r"(bytes)
-               : "memory");
-}
 __device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }

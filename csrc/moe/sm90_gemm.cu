@@ -120,21 +120,6 @@ cudaError_t launch_fp8(const CUtensorMap& map, const Fp8GemmArgs& args, int devi
 // Raster group size: kGroupM, or STATICMOE_RASTER_GROUP_M{1,2} (GEMM1 / GEMM2) for tuning probes.
 int32_t raster_group(const char* env_name) { return int32_t(env_knob(env_name, kGroupM, 1)); }
 
-// FP8 GEMM2 writes its rows through shared memory (store_rows_staged) with STATICMOE_FP8_STAGED_OUT=1: opt-in until
-// a GPU run has checked and timed it (benchmarks/NOTES.md, session 11).
-int32_t fp8_staged_out() {
-  static const int32_t staged = int32_t(env_knob("STATICMOE_FP8_STAGED_OUT", 0, 0) != 0);
-  return staged;
-}
-
-// GEMM2's weights for GEMM1's idle CTAs to prefetch into L2 (l2_prefetch.cuh): STATICMOE_L2_PREFETCH_MIB caps the
-// routed experts' bytes; 0, the default, is off (not yet measured).
-L2Prefetch gemm2_prefetch(const void* w2, int64_t expert_bytes) {
-  static const int64_t cap = env_knob("STATICMOE_L2_PREFETCH_MIB", 0, 0) << 20;
-  if (cap == 0) return {};
-  return L2Prefetch{static_cast<const uint8_t*>(w2), expert_bytes, cap};
-}
-
 // Both GEMMs of one tile kind and precision, with the Tiles<> of tile_config.h.
 template <TileKind kKind, typename T>
 cudaError_t run_gemms(const Problem& p, const T* x, const void* w13, const void* w2, const float* topk_weights,
@@ -152,7 +137,6 @@ cudaError_t run_gemms(const Problem& p, const T* x, const void* w13, const void*
   GemmArgs<T> g1{x, static_cast<T*>(ws.intermediate), topk_weights, plan.expert_counts, plan.expert_offsets,
                  plan.sorted_rows, map, p.hidden, p.intermediate, n_tiles1, p.top_k, group1,
                  static_cast<const T*>(biases.w13)};
-  g1.next = gemm2_prefetch(w2, int64_t(p.hidden) * p.intermediate * int64_t(sizeof(T)));
   if (p.activation == Activation::kSwigluOai)
     err = launch<T, Cfg::kBlockM, Cfg::kBlockN1, Cfg::kStages, Cfg::kCluster, true, Activation::kSwigluOai>(
         w13_map, g1, device, stream);
@@ -163,6 +147,13 @@ cudaError_t run_gemms(const Problem& p, const T* x, const void* w13, const void*
                  plan.expert_counts, plan.expert_offsets, plan.sorted_rows, map, p.intermediate, p.hidden, n_tiles2,
                  p.top_k, group2, static_cast<const T*>(biases.w2)};
   return launch<T, Cfg::kBlockM, Cfg::kBlockN2, Cfg::kStages, Cfg::kCluster, false>(w2_map, g2, device, stream);
+}
+
+// FP8 GEMM1 writes its quantised rows through shared memory with STATICMOE_FP8_GEMM1_STAGED=1: opt-in until a GPU
+// run has checked and timed it (GEMM2's staged epilogue, the default, measured -20% on GEMM2: benchmarks/NOTES.md).
+int32_t fp8_gemm1_staged() {
+  static const int32_t staged = int32_t(env_knob("STATICMOE_FP8_GEMM1_STAGED", 0, 0) != 0);
+  return staged;
 }
 
 template <TileKind kKind>
@@ -182,8 +173,7 @@ cudaError_t run_gemms_fp8(const Problem& p, const void* w13, const void* w2, Wei
   Fp8GemmArgs g1{static_cast<const uint8_t*>(ws.x_fp8), ws.x_scale, scales.w13, ws.intermediate,
                  ws.intermediate_scale, topk_weights, plan.expert_counts, plan.expert_offsets, plan.sorted_rows, map,
                  p.hidden, p.intermediate, n_tiles1, p.top_k, group1, 2 * p.intermediate / kFP8Block,
-                 static_cast<const __nv_bfloat16*>(biases.w13), 0};
-  g1.next = gemm2_prefetch(w2, int64_t(p.hidden) * p.intermediate);  // e4m3: one byte a weight
+                 static_cast<const __nv_bfloat16*>(biases.w13), fp8_gemm1_staged()};
   if (p.activation == Activation::kSwigluOai)
     err = launch_fp8<Cfg::kBlockM, Cfg::kBlockN1, Cfg::kStages, Cfg::kCluster, true, Activation::kSwigluOai>(
         w13_map, g1, device, stream);
@@ -193,7 +183,7 @@ cudaError_t run_gemms_fp8(const Problem& p, const void* w13, const void* w2, Wei
   Fp8GemmArgs g2{static_cast<const uint8_t*>(ws.intermediate), ws.intermediate_scale, scales.w2, ws.slot_out,
                  nullptr, topk_weights, plan.expert_counts, plan.expert_offsets, plan.sorted_rows, map,
                  p.intermediate, p.hidden, n_tiles2, p.top_k, group2, p.hidden / kFP8Block,
-                 static_cast<const __nv_bfloat16*>(biases.w2), fp8_staged_out()};
+                 static_cast<const __nv_bfloat16*>(biases.w2)};
   return launch_fp8<Cfg::kBlockM, Cfg::kBlockN2, Cfg::kStages, Cfg::kCluster, false>(w2_map, g2, device, stream);
 }
 
@@ -210,7 +200,7 @@ cudaError_t run_dense_gemm_fp8(const DenseFp8Gemm& d, int device, cudaStream_t s
   const int n_tiles = (d.n + Cfg::kBlockN2 - 1) / Cfg::kBlockN2;
   const Fp8GemmArgs g{d.a, d.a_scale, d.w_scale, d.out, nullptr, d.ones, d.plan.expert_counts,
                       d.plan.expert_offsets, d.plan.sorted_rows, map, d.k, d.n, n_tiles, 1, group2,
-                      (d.n + kFP8Block - 1) / kFP8Block, static_cast<const __nv_bfloat16*>(d.bias), fp8_staged_out()};
+                      (d.n + kFP8Block - 1) / kFP8Block, static_cast<const __nv_bfloat16*>(d.bias)};
   return launch_fp8<Cfg::kBlockM, Cfg::kBlockN2, Cfg::kStages, Cfg::kCluster, false>(w_map, g, device, stream);
 }
 

@@ -29,7 +29,6 @@
 #include "common/pdl_launch.cuh"
 #include "common/sm90_ptx.cuh"
 #include "common/wgmma_ops.cuh"
-#include "moe/l2_prefetch.cuh"
 #include "moe/moe.h"
 #include "moe/tile_bias.cuh"
 #include "moe/tile_config.h"
@@ -54,7 +53,6 @@ struct GemmArgs {
   int32_t top_k;
   int32_t group_m;        // M tiles per raster group (see kGroupM)
   const T* bias;          // GEMM1: w13_bias [E, 2I] (gate, then up); GEMM2: w2_bias [E, H]; null = none
-  L2Prefetch next = {};   // GEMM1: GEMM2's weights, prefetched by CTAs without a tile (l2_prefetch.cuh)
 };
 
 template <int kBlockM, int kBlockN, int kStages>
@@ -312,12 +310,6 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
   constexpr bool kRebalance = gemm_threads<kBlockM>() * kConsumerRegs > 65536;
   if (threadIdx.x < kProducerThreads) {
     if constexpr (kRebalance) sm90::setmaxnreg_dec<kProducerRegs>();
-    if constexpr (kGateUp) {  // virtual tile v runs on the CTAs v * kCluster ..: the producers of those past the
-      const int32_t busy = total * kCluster;  // last one prefetch GEMM2's weights (l2_prefetch.cuh)
-      if (int32_t(blockIdx.x) >= busy)
-        prefetch_routed_weights(args.next, args.map, num_slots, blockIdx.x - busy, gridDim.x - busy, threadIdx.x,
-                                kProducerThreads);
-    }
     produce<T, kBlockM, kBlockN, kStages, kCluster, kGateUp>(weights, args, smem, full, empty, total, num_slots,
                                                               cta_rank);
   } else {

@@ -40,14 +40,15 @@ struct Fp8GemmArgs {
   int32_t group_m;           // M tiles per raster group
   int32_t b_blocks;          // 128-row scale blocks per expert matrix: 2I/128 (GEMM1) or H/128 (GEMM2)
   const __nv_bfloat16* bias;  // GEMM1: w13_bias [E, 2I] (gate, then up); GEMM2: w2_bias [E, H]; null = none
-  int32_t staged_out;         // GEMM2: 1 = rows through shared memory (store_rows_staged; STATICMOE_FP8_STAGED_OUT)
-  L2Prefetch next = {};       // GEMM1: GEMM2's weights, prefetched by CTAs without a tile (l2_prefetch.cuh)
+  int32_t staged_out1;        // GEMM1: 1 = rows through shared memory (STATICMOE_FP8_GEMM1_STAGED, opt-in until timed)
 };
 
 constexpr int kFp8BlockK = 128;    // elements per K step = bytes per swizzled row = one scale block
 
-// GEMM2 writes each math warp's 16 output rows through a [16 x 64] bf16 staging tile (store_rows_staged): rows of
-// 64 columns + 16 bytes of padding, so the fragment-layout writes hit 32 distinct banks.
+// Each math warp writes its 16 output rows through a staging tile of 16 rows x 128 bytes (+ 16 bytes of padding, so
+// the fragment-layout writes hit distinct banks): GEMM2 64 bf16 columns at a time (store_rows_staged), GEMM1 its 128
+// e4m3 columns (store_quantised_rows_staged). Rows then leave as 16-byte stores of 8 lanes: whole 32-byte sectors,
+// where the fragment layout's stores covered 8 rows x 16 (GEMM2) or 8 (GEMM1) bytes per warp instruction.
 constexpr int kOutStageCols = 64;
 constexpr int kOutStageRowBytes = kOutStageCols * 2 + 16;
 
@@ -58,7 +59,7 @@ struct Fp8Smem {
   static constexpr int kStageBytes = kABytes + kBBytes;          // multiples of 1024: the swizzle's alignment
   static constexpr int kScaleStride = (kBlockM + 2 + 3) / 4 * 4;  // floats per stage: A rows, then B halves
   static constexpr int kBiasBytes = kBlockM / 16 * kBlockN * 2;   // one bf16 bias slice per math warp (tile_bias.cuh)
-  static constexpr int kOutBytes = kGateUp ? 0 : kBlockM * kOutStageRowBytes;  // (kBlockM / 16) warps x 16 rows
+  static constexpr int kOutBytes = kBlockM * kOutStageRowBytes;  // (kBlockM / 16) warps x 16 rows
   static constexpr int kBytes =
       kStages * kStageBytes + kStages * kScaleStride * 4 + 2 * kStages * 8 + kBiasBytes + kOutBytes + 1024;
   static_assert(kBytes <= 227 * 1024, "more shared memory than an sm_90 block may opt into");
@@ -138,7 +139,7 @@ __device__ __forceinline__ void produce_fp8(const CUtensorMap& weights, const Fp
 
 // GEMM1's epilogue for one row: h = act(gate, up) over the tile's 128 columns (32 per lane of the row's quad; the
 // biases are already in acc), quantised with the quad's amax; all lanes call it (the shuffles need the whole warp),
-// `write` guards the stores.
+// `write` guards the stores. `dst` is the row's 128 bytes in global memory or in a staging tile.
 template <Activation kAct>
 __device__ __forceinline__ void store_quantised_row(const float (&acc)[128], int half, bool write, uint8_t* dst,
                                                     float* scale_dst, int lane) {
@@ -157,7 +158,34 @@ __device__ __forceinline__ void store_quantised_row(const float (&acc)[128], int
 #pragma unroll
   for (int j = 0; j < 16; ++j)
     *reinterpret_cast<uint16_t*>(dst + 8 * j + 2 * (lane & 3)) = fp8::quantize2_by_inverse(h[2 * j], h[2 * j + 1], inv);
-  if ((lane & 3) == 0) *scale_dst = scale;
+  if ((lane & 3) == 0 && scale_dst) *scale_dst = scale;
+}
+
+// GEMM1's epilogue for one math warp's 16 rows (warp_row0 .. warp_row0 + 15 of the tile) through the warp's staging
+// tile: each row's 128 e4m3 bytes leave as 8 lanes' 16-byte stores (rows are consecutive in the sorted order).
+template <Activation kAct>
+__device__ __forceinline__ void store_quantised_rows_staged(const float (&acc)[128], const Fp8GemmArgs& args,
+                                                            const TileWork& w, int warp_row0, uint8_t* stage,
+                                                            int lane) {
+  __syncwarp();  // the previous tile's reads of the staging tile are done in every lane
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = warp_row0 + lane / 4 + half * 8;
+    const bool row_ok = w.m0 + r < w.rows;
+    const int64_t row = w.row_base + r;
+    store_quantised_row<kAct>(acc, half, true, stage + (lane / 4 + half * 8) * kOutStageRowBytes,
+                              row_ok ? args.out_scale + row * (args.n_out / 128) + w.n_tile : nullptr, lane);
+  }
+  __syncwarp();
+  const int seg = lane & 7, pass_row = lane >> 3;  // 8 lanes x 16 bytes = one 128-byte row
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int r = pass_row + 4 * i;
+    if (w.m0 + warp_row0 + r >= w.rows) continue;
+    const uint4 v = *reinterpret_cast<const uint4*>(stage + r * kOutStageRowBytes + 16 * seg);
+    uint8_t* dst = static_cast<uint8_t*>(args.out) + (w.row_base + warp_row0 + r) * int64_t(args.n_out);
+    *reinterpret_cast<uint4*>(dst + w.n_tile * 128 + 16 * seg) = v;
+  }
 }
 
 // GEMM2's epilogue for one math warp's 16 rows (warp_row0 .. warp_row0 + 15 of the tile): scale by the routing
@@ -275,34 +303,21 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
 
     // ---- epilogue: registers -> global, while the producer already loads the next tile ----------------------
     if (args.bias) Bias::add(acc, bias_slice, lane);  // in fp32, before the activation / routing weight
-    if constexpr (!kGateUp) {
-      if (args.staged_out) {
-        store_rows_staged<kBlockN>(acc, args, w, warpgroup * 64 + warp * 16, out_stage + (tid / 32) * 16 * kOutStageRowBytes,
-                                   lane);
+    uint8_t* const stage = out_stage + (tid / 32) * 16 * kOutStageRowBytes;
+    if constexpr (kGateUp) {
+      if (args.staged_out1) {
+        store_quantised_rows_staged<kAct>(acc, args, w, warpgroup * 64 + warp * 16, stage, lane);
         continue;
       }
-    }
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = r_lo + half * 8;
-      const bool row_ok = w.m0 + r < w.rows;
-      if constexpr (kGateUp) {
-        const int64_t row = w.row_base + r;
+      for (int half = 0; half < 2; ++half) {
+        const int64_t row = w.row_base + r_lo + half * 8;
         uint8_t* dst = static_cast<uint8_t*>(args.out) + row * args.n_out + w.n_tile * 128;
-        store_quantised_row<kAct>(acc, half, row_ok, dst, args.out_scale + row * (args.n_out / 128) + w.n_tile, lane);
-      } else {
-        if (!row_ok) continue;
-        const int32_t flat = args.sorted_rows[w.row_base + r];
-        const float wt = args.topk_weights[flat];
-        __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(args.out) + int64_t(flat) * args.n_out;
-#pragma unroll
-        for (int j = 0; j < kBlockN / 8; ++j) {
-          const int col = w.n_tile * kBlockN + 8 * j + 2 * (lane & 3);
-          if (col >= args.n_out) continue;
-          const float y0 = acc[j * 4 + half * 2], y1 = acc[j * 4 + half * 2 + 1];
-          *reinterpret_cast<uint32_t*>(dst + col) = pack2<__nv_bfloat16>(y0 * wt, y1 * wt);
-        }
+        store_quantised_row<kAct>(acc, half, w.m0 + r_lo + half * 8 < w.rows, dst,
+                                  args.out_scale + row * (args.n_out / 128) + w.n_tile, lane);
       }
+    } else {
+      store_rows_staged<kBlockN>(acc, args, w, warpgroup * 64 + warp * 16, stage, lane);
     }
   }
 }
@@ -319,7 +334,7 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
   auto* full = reinterpret_cast<uint64_t*>(scales + kStages * Smem::kScaleStride);
   uint64_t* empty = full + kStages;
   auto* bias_slices = reinterpret_cast<__nv_bfloat16*>(empty + kStages);  // [math warps][kBlockN]
-  uint8_t* out_stage = reinterpret_cast<uint8_t*>(bias_slices) + Smem::kBiasBytes;  // GEMM2: [math warps][16 rows]
+  uint8_t* out_stage = reinterpret_cast<uint8_t*>(bias_slices) + Smem::kBiasBytes;  // [math warps][16 rows]
   if (threadIdx.x == 0) {
     sm90::prefetch_tensor_map(&weights);
     for (int s = 0; s < kStages; ++s) {
@@ -337,12 +352,6 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
   constexpr bool kRebalance = gemm_threads<kBlockM>() * kConsumerRegs > 65536;
   if (threadIdx.x < kProducerThreads) {
     if constexpr (kRebalance) sm90::setmaxnreg_dec<kProducerRegs>();
-    if constexpr (kGateUp) {  // virtual tile v runs on the CTAs v * kCluster ..: the producers of those past the
-      const int32_t busy = total * kCluster;  // last one prefetch GEMM2's weights (l2_prefetch.cuh)
-      if (int32_t(blockIdx.x) >= busy)
-        prefetch_routed_weights(args.next, args.map, num_slots, blockIdx.x - busy, gridDim.x - busy, threadIdx.x,
-                                kProducerThreads);
-    }
     produce_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp>(weights, args, smem, scales, full, empty, total,
                                                               num_slots, cta_rank);
   } else {

@@ -136,7 +136,9 @@ def _count_expert_load(expert_load: torch.Tensor | None, topk_ids: torch.Tensor,
     if expert_load is not None:
         flat = topk_ids.reshape(-1).long()
         in_range = (flat >= 0) & (flat < E)
-        expert_load += torch.bincount(flat.masked_fill(~in_range, E), minlength=E + 1)[:E].to(expert_load.device)
+        counts = torch.zeros(E + 1, dtype=expert_load.dtype, device=flat.device)  # scatter_add: no sync, graph-safe
+        counts.scatter_add_(0, flat.masked_fill(~in_range, E), torch.ones_like(flat, dtype=expert_load.dtype))
+        expert_load += counts[:E].to(expert_load.device)
 
 
 @torch.library.custom_op("staticmoe::fused_moe", mutates_args=("expert_load",))

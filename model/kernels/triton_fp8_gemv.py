@@ -123,8 +123,10 @@ if triton is not None:
         quotient is taken on |v| and v's sign put back last (the remainder steps would turn -0 into +0)."""
         a = tl.abs(v)
         amax = tl.maximum(tl.max(a, axis=1), _AMAX_FLOOR)  # [BM]
-        scale = tl.math.fdiv(amax, _FP8_MAX, ieee_rounding=True)
-        recip = tl.broadcast_to(tl.math.fdiv(1.0, scale, ieee_rounding=True)[:, None], v.shape)  # RN(1/scale)
+        # tl.div_rn: IEEE quotients. With the device's Triton 3.6, tl.math.fdiv ignores ieee_rounding (3.9 honours
+        # it) and lowers to an approximate division the interpreter does not show: scales differed on an H100.
+        scale = tl.div_rn(amax, tl.full(amax.shape, _FP8_MAX, tl.float32))
+        recip = tl.broadcast_to(tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)[:, None], v.shape)  # RN(1/scale)
         s = tl.broadcast_to(scale[:, None], v.shape)
         q = a * recip  # within 1.5 ulp of |v| / scale
         q = tl.fma(tl.fma(-q, s, a), recip, q)  # within 1 ulp
