@@ -86,12 +86,12 @@ def test_interpreted_kernel_matches_the_float64_rule():
 def fused_knob(monkeypatch):
     """Sets STATICMOE_ROUTER_FUSED for one test (the value is cached per process) and restores the switches."""
     def set_to(value):
-        routing.fused_router_enabled.cache_clear()
+        routing.fused_router_rows.cache_clear()
         monkeypatch.setenv("STATICMOE_ROUTER_FUSED", value)
     monkeypatch.setitem(routing._FUSED_ROUTER, "on", True)
     monkeypatch.setitem(routing._TRITON_ROUTER, "on", True)
     yield set_to
-    routing.fused_router_enabled.cache_clear()
+    routing.fused_router_rows.cache_clear()
 
 
 def _block(router="softmax_topk", bias=False, E=16, H=32, k=4):
@@ -113,7 +113,22 @@ class FakeCuda:
         return self.x.dim()
 
 
-def test_the_fused_router_is_opt_in(fused_knob, monkeypatch):
+def test_the_fused_router_is_the_default_up_to_two_rows(fused_knob, monkeypatch):
+    """Unset: batches of 1-2 rows (where it measured faster); =1: up to the kernel's 16 rows; =0: never."""
+    monkeypatch.setattr(triton_router_gemv, "available", lambda: True)
+    w = torch.zeros(16, 32)
+    routing.fused_router_rows.cache_clear()
+    monkeypatch.delenv("STATICMOE_ROUTER_FUSED", raising=False)
+    assert [routing.uses_fused_router(FakeCuda(torch.zeros(n, 32)), w, 4) for n in (1, 2, 3, 16)] == \
+        [True, True, False, False]
+    fused_knob("1")
+    assert [routing.uses_fused_router(FakeCuda(torch.zeros(n, 32)), w, 4) for n in (1, 2, 3, 16, 17)] == \
+        [True, True, True, True, False]
+    fused_knob("0")
+    assert not routing.uses_fused_router(FakeCuda(torch.zeros(1, 32)), w, 4)
+
+
+def test_the_fused_router_switches(fused_knob, monkeypatch):
     monkeypatch.setattr(triton_router_gemv, "available", lambda: True)
     x, w = FakeCuda(torch.zeros(1, 32)), torch.zeros(16, 32)
     fused_knob("0")

@@ -19,11 +19,11 @@ ROWS = (1, 2, 3, 8, 16)
 
 @pytest.fixture
 def fused_on(monkeypatch):
-    routing.fused_router_enabled.cache_clear()
+    routing.fused_router_rows.cache_clear()
     monkeypatch.setenv("STATICMOE_ROUTER_FUSED", "1")
     monkeypatch.setitem(routing._FUSED_ROUTER, "on", True)
     yield
-    routing.fused_router_enabled.cache_clear()
+    routing.fused_router_rows.cache_clear()
 
 
 @pytest.fixture

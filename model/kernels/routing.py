@@ -14,8 +14,8 @@ ties toward the lower expert index. `grouped_topk` breaks ties toward the lower 
 every device, by a stable sort; `torch.topk` leaves ties unspecified (transformers' routers use it, so under exact
 ties they may choose another of the tied experts).
 
-`fused_linear_route` takes the router's linear too: with `STATICMOE_ROUTER_FUSED=1` (opt-in until a GPU run has timed
-it), decode batches of up to 16 rows on a GPU compute logits and routing in one Triton launch
+`fused_linear_route` takes the router's linear too: decode batches of up to FUSED_DEFAULT_ROWS rows on a GPU (16 with
+`STATICMOE_ROUTER_FUSED=1`, none with =0) compute logits and routing in one Triton launch
 (`model.kernels.triton_router_gemv`, the same rounding of the logits to the model dtype); else the caller runs its
 linear and `softmax_topk` / `topk_softmax`.
 """
@@ -177,17 +177,25 @@ def topk_softmax_reference(router_logits: torch.Tensor, top_k: int) -> tuple[tor
     return torch.softmax(logits, dim=-1), ids.to(torch.int32)
 
 
+# Rows up to which the fused router is the default: measured faster than the linear + Triton router at 1-2 rows on
+# every shape and slower from 4 rows on for OLMoE and Qwen3 (H100, benchmarks/NOTES.md session 12).
+FUSED_DEFAULT_ROWS = 2
+
+
 @functools.cache
-def fused_router_enabled() -> bool:
-    """`STATICMOE_ROUTER_FUSED=1` (read once per process): decode batches take `fused_linear_route`'s one launch."""
-    return env_switch("STATICMOE_ROUTER_FUSED")
+def fused_router_rows() -> int:
+    """Rows up to which decode batches take `fused_linear_route`'s one launch: FUSED_DEFAULT_ROWS by default,
+    STATICMOE_ROUTER_FUSED=1 every size the kernel takes (benchmarks), =0 never (read once per process)."""
+    if os.environ.get("STATICMOE_ROUTER_FUSED") is None:
+        return FUSED_DEFAULT_ROWS
+    return triton_router_gemv.FUSED_MAX_ROWS if env_switch("STATICMOE_ROUTER_FUSED") else 0
 
 
 def uses_fused_router(x: torch.Tensor, weight: torch.Tensor, top_k: int, bias: torch.Tensor | None = None) -> bool:
     """Whether `fused_linear_route` takes the one-launch Triton path for x [N, H], the router's weight [E, H] and
     bias [E] (of x's dtype, as F.linear requires of them)."""
-    return fused_router_enabled() and x.is_cuda and _FUSED_ROUTER["on"] and _TRITON_ROUTER["on"] and \
-        triton_router_gemv.available() and x.dim() == 2 and weight.dim() == 2 and weight.dtype == x.dtype and \
+    return x.is_cuda and x.dim() == 2 and x.shape[0] <= fused_router_rows() and _FUSED_ROUTER["on"] and \
+        _TRITON_ROUTER["on"] and triton_router_gemv.available() and weight.dim() == 2 and weight.dtype == x.dtype and \
         x.dtype in triton_router_gemv.DTYPES and (bias is None or bias.dtype == x.dtype) and \
         weight.shape[1] == x.shape[1] and weight.device == x.device and \
         triton_router_gemv.supports(x.shape[0], weight.shape[0], x.shape[1], top_k)
