@@ -113,14 +113,18 @@ class FakeCuda:
         return self.x.dim()
 
 
-def test_the_fused_router_is_the_default_up_to_two_rows(fused_knob, monkeypatch):
-    """Unset: batches of 1-2 rows (where it measured faster); =1: up to the kernel's 16 rows; =0: never."""
+def test_the_fused_router_by_default_up_to_the_default_rows(fused_knob, monkeypatch):
+    """Unset: batches of up to FUSED_DEFAULT_ROWS rows (2 where it measured faster, 0 until its GPU tests pass);
+    =1: up to the kernel's 16 rows; =0: never."""
     monkeypatch.setattr(triton_router_gemv, "available", lambda: True)
     w = torch.zeros(16, 32)
     routing.fused_router_rows.cache_clear()
     monkeypatch.delenv("STATICMOE_ROUTER_FUSED", raising=False)
-    assert [routing.uses_fused_router(FakeCuda(torch.zeros(n, 32)), w, 4) for n in (1, 2, 3, 16)] == \
-        [True, True, False, False]
+    for cut in (2, 0):
+        monkeypatch.setattr(routing, "FUSED_DEFAULT_ROWS", cut)
+        routing.fused_router_rows.cache_clear()
+        assert [routing.uses_fused_router(FakeCuda(torch.zeros(n, 32)), w, 4) for n in (1, 2, 3, 16)] == \
+            [n <= cut for n in (1, 2, 3, 16)]
     fused_knob("1")
     assert [routing.uses_fused_router(FakeCuda(torch.zeros(n, 32)), w, 4) for n in (1, 2, 3, 16, 17)] == \
         [True, True, True, True, False]
