@@ -53,3 +53,15 @@ def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) 
     allowed = ((words[:, :, None] >> shifts) & 1).view(len(rows), -1)[:, :V].bool()  # [G, V]
     row_index = _put(rows, torch.int64, logits.device)
     logits.index_copy_(0, row_index, logits.index_select(0, row_index).masked_fill(~allowed, NEG_INF))
+
+
+def bitmask_traffic_bytes(num_rows: int, vocab: int) -> dict:
+    """Device memory traffic of apply_bitmask for `num_rows` rows of `vocab` float32 logits (reads + writes)."""
+    words = (vocab + 31) // 32
+    expanded = num_rows * words * 32  # [G, W, 32] elements
+    logits = num_rows * vocab * 4
+    steps = {"shift_and": num_rows * words * 4 + expanded * 4,  # int32 [G, W, 32] written
+             "to_bool": expanded * 4 + num_rows * vocab,  # [G, V] slice read, bool written
+             "invert": 2 * num_rows * vocab,
+             "index_select": 2 * logits, "masked_fill": 2 * logits + num_rows * vocab, "index_copy": 2 * logits}
+    return {"total_MB": round(sum(steps.values()) / 1e6, 1), "kernels": len(steps) + 2}  # + H2D copy, row index

@@ -66,6 +66,11 @@ class SequenceSampling:
             extras.grammar_bitmask = self.masks.fill(matchers)
         return extras
 
+    def advance_grammars(self, sampled: list[tuple[Sequence, int]]) -> set[Sequence]:
+        """Advance each constrained sequence's grammar by its sampled token; the sequences whose output is now
+        complete (see grammar_complete)."""
+        return {seq for seq, token in sampled if self.grammar_complete(seq, token)}
+
     @staticmethod
     def grammar_complete(seq: Sequence, token: int) -> bool:
         """Advance the sequence's grammar by `token`; True once nothing but EOS may follow (the output is
