@@ -12,11 +12,12 @@ engine's own code for each part, timed separately:
 
 Stand-in for the model: each sequence's next token is drawn uniformly among the tokens its mask allows (EOS
 excluded while anything else is allowed); a sequence whose grammar completes is replaced by a new request
-(compiled again, as the service does per request). The mean output length per request is printed: short outputs
+(compiled again, as the service does per request: matchers deep-copied from one compiled grammar share its lexer
+behind one lock, and their masks fill one at a time whatever the pool size). The mean output length per request is printed: short outputs
 mean more prefill per output token in a serving benchmark.
 
     python benchmarks/bench_grammar_masks.py --tokenizer DIR [--constraint structured_json structured_regex]
-        [--num-seqs 64] [--steps 60] [--threads N]
+        [--num-seqs 64] [--steps 150] [--threads N]
 DIR holds tokenizer.json (+ tokenizer_config.json) and config.json (vocab_size, eos_token_id), e.g. the model
 directory benchmarks/bench_api_costs.py trains (`<out>/work/qwen3-30b-a3b_bpe100000`).
 """
@@ -84,8 +85,7 @@ def run(args, tokenizer, vocab: int, eos: list[int], name: str) -> dict:
     kind, spec = constraint_of(name, args.output_len)
     sampling = SequenceSampling(vocab, torch.device("cpu"), args.num_seqs, eos)
     if args.threads:
-        from llguidance import LLExecutor
-        sampling.masks._executor = LLExecutor(num_threads=args.threads)
+        sampling.masks.num_threads = args.threads  # before the pool starts (on the first fill)
     work = Workload(tokenizer, vocab, eos, kind, spec, args.num_seqs, args.seed)
     times = {"extras": [], "fill": [], "fill_cpu": [], "advance": [], "apply": []}
     logits = torch.randn(args.num_seqs, vocab)
@@ -124,7 +124,7 @@ def run(args, tokenizer, vocab: int, eos: list[int], name: str) -> dict:
                 times[key].append(value)
     ms = {k: 1e3 * statistics.fmean(v) for k, v in times.items()}
     return {"constraint": name, "kind": kind, "num_seqs": args.num_seqs, "steps": args.steps,
-            "threads": args.threads or "llguidance default", "ms_per_step": ms,
+            "threads": sampling.masks.num_threads, "ms_per_step": ms,
             "fill_p90_ms": 1e3 * statistics.quantiles(times["fill"], n=10)[-1],
             "fill_cpu_per_wall": ms["fill_cpu"] / ms["fill"], "us_per_mask": 1e3 * ms["fill"] / args.num_seqs,
             "us_per_advance": 1e3 * ms["advance"] / args.num_seqs,
@@ -133,21 +133,17 @@ def run(args, tokenizer, vocab: int, eos: list[int], name: str) -> dict:
             "mean_output_tokens": statistics.fmean(work.lengths) if work.lengths else None}
 
 
-def device_bytes(num_rows: int, vocab: int) -> dict:
-    """Bytes the device-side apply_bitmask moves per step (model/engine/logit_masks.py's formulation)."""
-    return logit_masks.bitmask_traffic_bytes(num_rows, vocab)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokenizer", required=True, help="directory with tokenizer.json and config.json")
     p.add_argument("--constraint", nargs="+", default=["structured_json", "structured_regex"],
                    choices=["structured_json", "structured_regex"])
     p.add_argument("--num-seqs", type=int, default=64)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=150, help="timed steps (the regex's requests complete after ~140)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--output-len", type=int, default=256, help="bench_api_costs' --output-len (the regex bound)")
-    p.add_argument("--threads", type=int, default=0, help="llguidance executor threads (0: its default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="llguidance pool threads (0: the engine's, structured_output.mask_threads)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the results here")
     return p.parse_args(argv)
@@ -169,13 +165,13 @@ def main(argv=None) -> int:
         r = run(args, tokenizer, vocab, eos, name)
         results.append(r)
         ms = r["ms_per_step"]
-        print(f"{name}: {args.num_seqs} seqs, ms/step: extras {ms['extras']:.2f} (fill {ms['fill']:.2f}, p90 "
+        print(f"{name}: {args.num_seqs} seqs, {r['threads']} threads, ms/step: extras {ms['extras']:.2f} (fill {ms['fill']:.2f}, p90 "
               f"{r['fill_p90_ms']:.2f}, cpu/wall {r['fill_cpu_per_wall']:.2f}) advance {ms['advance']:.3f} apply(cpu) "
               f"{ms['apply']:.2f} | {r['us_per_mask']:.0f} us/mask, {r['us_per_advance']:.1f} us/advance | compile "
               f"{r['compile_ms_mean']:.1f} ms/request | {r['requests_completed']} requests done, mean "
               f"{r['mean_output_tokens'] or 0:.1f} output tokens", flush=True)
-    traffic = device_bytes(args.num_seqs, vocab)
-    print(f"apply_bitmask on the device: {traffic}")
+    traffic = logit_masks.bitmask_traffic_bytes(args.num_seqs, vocab)
+    print(f"apply_bitmask on the device moves (MB, reads + writes): {traffic}")
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "device_bytes": traffic}, indent=1))
     return 0

@@ -114,7 +114,12 @@ def _lark_literal(text: str) -> str:
 
 
 class Grammar:
-    """A compiled constraint: a matcher in its start state, copied for every sequence that uses it."""
+    """A compiled constraint: a matcher in its start state, copied for every sequence that uses it.
+
+    Copies share the compiled lexer behind one lock: the masks of 64 copies of one Grammar fill one at a time
+    whatever llguidance's pool size (CPU time / wall time 1.00 with 2 threads, against 1.5-1.8 for 64 separately
+    compiled requests; benchmarks/NOTES.md, issue 20). Hence one compilation per request, and no cache of compiled
+    grammars across requests: it would serialise the masks of every request with the same schema."""
 
     def __init__(self, text: str, tokenizer: LLTokenizer, description: str):
         self.text = text
