@@ -6,7 +6,9 @@ fall on both sides alike. Target: each costs <= 10%.
 Features (request fields added by the load generator's --extra-body, service/loadgen/):
 - logprobs: `logprobs: 5` (the device log_softmax + top-5, read back with the sampled ids);
 - structured_regex: a regex every token of the run satisfies (`[a-z ]{0,N}`): a grammar mask on every step of every
-  sequence, and the read-back before sampling that a grammar needs, without outputs ending early;
+  sequence, and the read-back before sampling that a grammar needs, without outputs ending early (N = 32 x
+  --output-len: no trained token is longer than 32 bytes; with 4 x, as until 2026-12-06, a stand-in drawing allowed
+  tokens at random completed it after ~144 of 256 tokens, benchmarks/bench_grammar_masks.py);
 - structured_json: a JSON schema (objects of bounded strings and numbers); with random weights outputs end once
   the schema is complete, so its requests are shorter: compare its per-token numbers (TPOT), not only throughput.
 
@@ -51,7 +53,7 @@ SCHEMA = {"type": "object", "properties": {"title": {"type": "string", "maxLengt
 
 def features(output_len: int) -> dict:
     return {"logprobs": {"logprobs": 5},
-            "structured_regex": {"structured_outputs": {"regex": f"[a-z ]{{0,{4 * output_len}}}"}},
+            "structured_regex": {"structured_outputs": {"regex": f"[a-z ]{{0,{32 * output_len}}}"}},
             "structured_json": {"response_format": {"type": "json_schema",
                                                     "json_schema": {"name": "record", "schema": SCHEMA}}}}
 

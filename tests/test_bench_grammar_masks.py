@@ -20,8 +20,9 @@ def test_bench_grammar_masks_runs_both_constraints(tmp_path):
     for r in by_name.values():
         assert r["ms_per_step"]["fill"] > 0 and r["ms_per_step"]["advance"] > 0
         assert r["ms_per_step"]["extras"] >= r["ms_per_step"]["fill"]  # the fill is part of extras
-        assert r["requests_completed"] > 0  # "[a-z ]{0,16}" and the schema both complete within 40 steps
-        assert r["mean_output_tokens"] >= 1
-    # the regex allows at most 16 characters: a request cannot outlast 16 tokens
-    assert by_name["structured_regex"]["mean_output_tokens"] <= 16
+    json_run, regex_run = by_name["structured_json"], by_name["structured_regex"]
+    assert json_run["requests_completed"] > 0 and json_run["mean_output_tokens"] >= 1  # the schema completes
+    # "[a-z ]{0,128}" (32 x output-len 4) completes at 128 characters only: at least 4 tokens of at most 32 bytes
+    if regex_run["requests_completed"]:
+        assert regex_run["mean_output_tokens"] >= 4
     assert report["device_bytes"]["all_rows_MB"] < report["device_bytes"]["before_MB"]
