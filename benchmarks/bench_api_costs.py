@@ -10,7 +10,11 @@ Features (request fields added by the load generator's --extra-body, service/loa
   --output-len: no trained token is longer than 32 bytes; with 4 x, as until 2026-12-06, a stand-in drawing allowed
   tokens at random completed it after ~144 of 256 tokens, benchmarks/bench_grammar_masks.py);
 - structured_json: a JSON schema (objects of bounded strings and numbers); with random weights outputs end once
-  the schema is complete, so its requests are shorter: compare its per-token numbers (TPOT), not only throughput.
+  the schema is complete, so its requests are shorter: compare its per-token numbers (TPOT), not only throughput;
+- short_outputs: no constraint, `max_tokens` an eighth of --output-len (32 of 256: about the JSON schema's requests,
+  33 tokens on average with a stand-in drawing allowed tokens at random, benchmarks/bench_grammar_masks.py). The
+  control for structured_json: shorter requests mean more prompts per output token, and steps that prefill run
+  eagerly (no decode graph), so structured_json's cost minus this one is what the grammar itself costs.
 
 The mask cost depends on the vocabulary: presets use the 256-byte tokenizer, so by default a byte-level BPE
 tokenizer of --vocab tokens is trained here (on the Python standard library's sources, offline, ~1 min) and served
@@ -55,7 +59,8 @@ def features(output_len: int) -> dict:
     return {"logprobs": {"logprobs": 5},
             "structured_regex": {"structured_outputs": {"regex": f"[a-z ]{{0,{32 * output_len}}}"}},
             "structured_json": {"response_format": {"type": "json_schema",
-                                                    "json_schema": {"name": "record", "schema": SCHEMA}}}}
+                                                    "json_schema": {"name": "record", "schema": SCHEMA}}},
+            "short_outputs": {"max_tokens": max(1, output_len // 8)}}  # overrides the load generator's
 
 
 def parse_args(argv=None):
