@@ -140,3 +140,27 @@ def test_overlapped_masks_with_stop_strings_finishing_sequences_meanwhile(engine
         else:
             assert re.fullmatch(r"[a-d]{1,60}", text), (rid, text)
     assert any(len(text_of(o)) < 60 for r, o in outs.items() if r.startswith("stop"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [list(range(64)), list(range(8, 16))], ids=["all-rows", "subset"])
+def test_apply_bitmask_on_the_gpu_matches_the_cpu_and_makes_no_host_sync(rows):
+    """The device path (pinned words, byte expansion, in-place fill) against the CPU result of the same call, which
+    the bit-by-bit test above checks; CUDA's sync debug mode turns any host synchronisation into an error."""
+    g = torch.Generator().manual_seed(0)
+    B, vocab = 64, 151936
+    logits = torch.randn(B, vocab, generator=g)
+    words = torch.randint(-(2**31), 2**31 - 1, (len(rows), (vocab + 31) // 32), dtype=torch.int32, generator=g)
+    expected = logits.clone()
+    apply_bitmask(expected, rows, words)
+    device_logits = logits.cuda()
+    pinned = words.pin_memory()
+    apply_bitmask(device_logits, rows, pinned)  # warm-up: the bit table is made on the device once
+    device_logits = logits.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        apply_bitmask(device_logits, rows, pinned)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(device_logits.cpu(), expected)
