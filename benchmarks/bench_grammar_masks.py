@@ -13,8 +13,8 @@ engine's own code for each part, timed separately:
 Stand-in for the model: each sequence's next token is drawn uniformly among the tokens its mask allows (EOS
 excluded while anything else is allowed); a sequence whose grammar completes is replaced by a new request
 (compiled again, as the service does per request: matchers deep-copied from one compiled grammar share its lexer
-behind one lock, and their masks fill one at a time whatever the pool size). The mean output length per request is printed: short outputs
-mean more prefill per output token in a serving benchmark.
+behind one lock, and their masks fill one at a time whatever the pool size). The mean output length per request is
+printed: short outputs mean more prefill per output token in a serving benchmark.
 
     python benchmarks/bench_grammar_masks.py --tokenizer DIR [--constraint structured_json structured_regex]
         [--num-seqs 64] [--steps 150] [--threads N]
@@ -119,8 +119,8 @@ def run(args, tokenizer, vocab: int, eos: list[int], name: str) -> dict:
                 work.lengths.append(seq.num_tokens - seq.num_prompt_tokens)
                 work.seqs[i] = work.new_sequence()
         if step >= args.warmup:
-            for key, value in (("fill", timed_fill["wall"]), ("fill_cpu", timed_fill["cpu"]), ("extras", t2 - t1), ("apply", t4 - t3),
-                               ("advance", t6 - t5)):
+            for key, value in (("fill", timed_fill["wall"]), ("fill_cpu", timed_fill["cpu"]), ("extras", t2 - t1),
+                               ("apply", t4 - t3), ("advance", t6 - t5)):
                 times[key].append(value)
     ms = {k: 1e3 * statistics.fmean(v) for k, v in times.items()}
     return {"constraint": name, "kind": kind, "num_seqs": args.num_seqs, "steps": args.steps,
@@ -165,11 +165,12 @@ def main(argv=None) -> int:
         r = run(args, tokenizer, vocab, eos, name)
         results.append(r)
         ms = r["ms_per_step"]
-        print(f"{name}: {args.num_seqs} seqs, {r['threads']} threads, ms/step: extras {ms['extras']:.2f} (fill {ms['fill']:.2f}, p90 "
-              f"{r['fill_p90_ms']:.2f}, cpu/wall {r['fill_cpu_per_wall']:.2f}) advance {ms['advance']:.3f} apply(cpu) "
-              f"{ms['apply']:.2f} | {r['us_per_mask']:.0f} us/mask, {r['us_per_advance']:.1f} us/advance | compile "
-              f"{r['compile_ms_mean']:.1f} ms/request | {r['requests_completed']} requests done, mean "
-              f"{r['mean_output_tokens'] or 0:.1f} output tokens", flush=True)
+        print(f"{name}: {args.num_seqs} seqs, {r['threads']} threads, ms/step: extras {ms['extras']:.2f} (fill "
+              f"{ms['fill']:.2f}, p90 {r['fill_p90_ms']:.2f}, cpu/wall {r['fill_cpu_per_wall']:.2f}) advance "
+              f"{ms['advance']:.3f} apply(cpu) {ms['apply']:.2f} | {r['us_per_mask']:.0f} us/mask, "
+              f"{r['us_per_advance']:.1f} us/advance | compile {r['compile_ms_mean']:.1f} ms/request | "
+              f"{r['requests_completed']} requests done, mean {r['mean_output_tokens'] or 0:.1f} output tokens",
+              flush=True)
     traffic = logit_masks.bitmask_traffic_bytes(args.num_seqs, vocab)
     print(f"apply_bitmask on the device moves (MB, reads + writes): {traffic}")
     if args.json:

@@ -89,9 +89,9 @@ class SequenceSampling:
 
     def advance_grammars(self, sampled: list[tuple[Sequence, int]]) -> set[Sequence]:
         """Advance each constrained sequence's grammar by its sampled token; the sequences whose output is now
-        complete: nothing but EOS may follow, or the grammar broke (which the masks prevent; logged). A plain loop: llguidance's consume_token takes 3-5 us a token here, and
-        its batched LLExecutor.consume_token_par was slower for 64 sequences (0.5-0.7 ms vs 0.2-0.3 ms, 2-core
-        CPU machine)."""
+        complete: nothing but EOS may follow, or the grammar broke (which the masks prevent; logged). A plain
+        loop: consume_token takes 3-5 us a token, and llguidance's batched LLExecutor.consume_token_par was slower
+        for 64 sequences (0.5-0.7 ms against 0.2-0.3 ms on the 2-core CPU machine)."""
         complete = set()
         for seq, token in sampled:
             matcher = seq.matcher
