@@ -10,7 +10,8 @@
 #   (benchmarks/utilization_truth.py, TRUTH_PRESET). decode-ab: the decode step profile with our Triton KV write and
 #   router, then with the torch ops (issue 21); metrics-ab: the same profile with and without expert metrics
 #   (DECODE_PRESETS, default olmoe-1b-7b qwen3-30b-a3b). api-costs: benchmarks/bench_api_costs.py (API_PRESET,
-#   API_ARGS). ncu-fp8: Nsight Compute on the FP8 GEMMs of one layer call (NCU_POINT, default qwen3:8192:balanced).
+#   API_ARGS). grammar-masks: benchmarks/bench_grammar_masks.py (structured output's host cost per step).
+#   ncu-fp8: Nsight Compute on the FP8 GEMMs of one layer call (NCU_POINT, default qwen3:8192:balanced).
 #   fp8-epilogue-ab: FP8 GEMM1's staged epilogue, tests then timings (AB_POINTS). pending-kernels / pending-serving:
 #   what session 11 wrote and could not run (the FP8 decode linear, the fused router, sliding-window KV groups, decode
 #   and API costs).
@@ -98,6 +99,16 @@ for step in "${steps[@]}"; do
       python3 benchmarks/bench_api_costs.py --preset "${API_PRESET:-qwen3-30b-a3b}" --client-processes 4 \
         ${API_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench_api_costs.log" | tail -12
       status=$((status | ${PIPESTATUS[0]})) ;;
+    grammar-masks)  # issue 20: host cost of structured output per step on this machine's CPUs, our thread count
+      # then one thread (per-mask cost), with the tokenizer api-costs trained (trained here if absent, ~1 min)
+      dir="$OUT/work/${API_PRESET:-qwen3-30b-a3b}_bpe100000"
+      [ -f "$dir/tokenizer.json" ] || python3 -c "import argparse, pathlib; from benchmarks.bench_api_costs import \
+model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3b}', vocab=100000), pathlib.Path('$OUT/work'))"
+      for threads in 0 1; do
+        python3 benchmarks/bench_grammar_masks.py --tokenizer "$dir" --threads $threads \
+          --json "$OUT/grammar_masks_threads$threads.json" 2>&1 | tee "$OUT/grammar_masks_threads$threads.log" | tail -3
+        status=$((status | ${PIPESTATUS[0]}))
+      done ;;
     ncu-fp8)  # issue 16: one FP8 GEMM launch per kernel under Nsight Compute (tensor pipe share, stall reasons)
       for skip in 0 1; do  # launch 0 is GEMM1, launch 1 GEMM2 of the same layer call
         ncu --kernel-name regex:moe_gemm_fp8 --launch-skip $skip --launch-count 1 --set full \

@@ -42,14 +42,51 @@ def add_bias(logits: torch.Tensor, entries: list[tuple[int, int, float]]) -> Non
         logits.index_put_((index[:, 0], index[:, 1]), bias, accumulate=True)
 
 
+_BITS_OF_A_BYTE: dict[torch.device, torch.Tensor] = {}
+
+
+def _bits_of_a_byte(device: torch.device) -> torch.Tensor:
+    """[8] uint8: 1, 2, 4, ..., 128 on `device` (made there once, by device ops: no host copy per step)."""
+    bits = _BITS_OF_A_BYTE.get(device)
+    if bits is None:
+        bits = torch.bitwise_left_shift(torch.ones(8, dtype=torch.uint8, device=device),
+                                        torch.arange(8, dtype=torch.uint8, device=device))
+        _BITS_OF_A_BYTE[device] = bits
+    return bits
+
+
 def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
     """Rows `rows` keep only the tokens whose bit is set in `bitmask` [G, ceil(V / 32)] int32 (bit t % 32 of word
-    t // 32, as grammar engines write it; a host tensor, pinned on CUDA)."""
+    t // 32, as grammar engines write it; a host tensor, pinned on CUDA).
+
+    Read as bytes (little-endian, as on x86 and the GPU: token t is bit t % 8 of byte t // 8), the words expand to
+    a [G, 4W, 8] bool mask through one uint8 AND and one compare, and when every row is constrained (the usual
+    decode batch) the mask is applied in place: about 120 MB of device traffic for 64 rows of a 152k vocabulary,
+    against 350 MB for an int32 [G, W, 32] shift-and-mask plus an index_select / index_copy round trip
+    (bitmask_traffic_bytes)."""
     if not rows:
         return
-    V = logits.shape[1]
+    G, V = len(rows), logits.shape[1]
     words = bitmask.to(logits.device, non_blocking=True)  # [G, W]
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)  # [32]
-    allowed = ((words[:, :, None] >> shifts) & 1).view(len(rows), -1)[:, :V].bool()  # [G, V]
+    as_bytes = words.view(torch.uint8)  # [G, 4W]
+    blocked = ((as_bytes[:, :, None] & _bits_of_a_byte(logits.device)) == 0).view(G, -1)[:, :V]  # [G, V]
+    if G == logits.shape[0] and rows == list(range(G)):
+        logits.masked_fill_(blocked, NEG_INF)
+        return
     row_index = _put(rows, torch.int64, logits.device)
-    logits.index_copy_(0, row_index, logits.index_select(0, row_index).masked_fill(~allowed, NEG_INF))
+    logits.index_copy_(0, row_index, logits.index_select(0, row_index).masked_fill_(blocked, NEG_INF))
+
+
+def bitmask_traffic_bytes(num_rows: int, vocab: int) -> dict:
+    """Device memory traffic (reads + writes) of apply_bitmask for `num_rows` constrained rows of `vocab` float32
+    logits: `before` is the int32 shift-and-mask with an index_select / index_copy round trip it replaced (issue 20),
+    `all_rows` / `some_rows` are the byte expansion with every row constrained (in place) or a subset."""
+    words = (vocab + 31) // 32
+    logits, bools, packed = num_rows * vocab * 4, num_rows * vocab, num_rows * words * 4
+    expanded32 = num_rows * words * 32 * 4  # int32 [G, W, 32]
+    before = packed + expanded32 + (expanded32 + bools) + 2 * bools + 2 * logits + (2 * logits + bools) + 2 * logits
+    expand = packed + 3 * 8 * packed  # bytes in, uint8 [G, 4W, 8] AND out, compare in, bool out
+    all_rows = packed + expand + (2 * logits + bools)  # H2D, expansion, in-place masked_fill
+    some_rows = all_rows + 4 * logits  # + index_select and index_copy
+    mb = lambda b: round(b / 1e6, 1)  # noqa: E731
+    return {"before_MB": mb(before), "all_rows_MB": mb(all_rows), "some_rows_MB": mb(some_rows)}

@@ -4,18 +4,21 @@ Why llguidance: a Rust library with one abi3 wheel per platform (any CPython >= 
 (xgrammar pulls in transformers, triton and apache-tvm-ffi; outlines-core compiles a whole-vocabulary index per
 schema up front and has no context-free grammars). It reads our tokenizers directly (tokenizer.json, or the byte
 table of the byte tokenizer), supports JSON Schema, regular expressions, Lark/GBNF grammars and choices (vLLM's
-`structured_outputs` kinds), computes a mask in tens of microseconds with the GIL released, and is the "guidance"
-backend of vLLM and SGLang.
+`structured_outputs` kinds), computes masks with the GIL released on its own thread pool, and is the "guidance"
+backend of vLLM and SGLang. A mask takes ~70 us to ~0.6 ms with a 100k-token vocabulary (see GrammarMasks).
 
 Flow: the service compiles a request's grammar once (`compile_grammar`, on its tokenizer threads; a bad schema is a
 400 there) into a `Grammar` holding a matcher in its start state; each sequence gets a deep copy. The engine fills
 one bitmask row per constrained sequence just before sampling — after launching the step's forward pass, so the
-host computes masks while the device runs the model — and the sampler applies the bitmask on the device
-(model/engine/logit_masks.py). Once a grammar is complete (only EOS could follow), the sequence stops.
+host computes masks while the device runs the model, and from a helper thread while the engine thread detokenizes
+(`GrammarMasks.start`) — and the sampler applies the bitmask on the device (model/engine/logit_masks.py). Once a
+grammar is complete (only EOS could follow), the sequence stops.
 """
 
 from __future__ import annotations
 
+import os
+import queue
 import threading
 
 import llguidance
@@ -112,7 +115,12 @@ def _lark_literal(text: str) -> str:
 
 
 class Grammar:
-    """A compiled constraint: a matcher in its start state, copied for every sequence that uses it."""
+    """A compiled constraint: a matcher in its start state, copied for every sequence that uses it.
+
+    Copies share the compiled lexer behind one lock: the masks of 64 copies of one Grammar fill one at a time
+    whatever llguidance's pool size (CPU time / wall time 1.00 with 2 threads, against 1.5-1.8 for 64 separately
+    compiled requests; benchmarks/NOTES.md, issue 20). Hence one compilation per request, and no cache of compiled
+    grammars across requests: it would serialise the masks of every request with the same schema."""
 
     def __init__(self, text: str, tokenizer: LLTokenizer, description: str):
         self.text = text
@@ -134,19 +142,89 @@ def compile_grammar(kind: str, spec, tokenizer, vocab_size: int, eos_token_ids: 
     return Grammar(text, ll, kind)
 
 
-class GrammarMasks:
-    """Fills the bitmasks of a step's constrained rows on llguidance's thread pool (the GIL is released)."""
+def mask_threads() -> int:
+    """llguidance's pool size: every usable CPU but one (the engine thread's). llguidance's own default is 80% of the
+    CPUs, 1 on a 2-core machine, where 2 threads fill 64 masks 1.8x faster (benchmarks/NOTES.md, issue 20); while
+    the pool works, the engine thread waits for it or detokenizes (LLMEngine.step)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 2
+    return max(2, min(32, cpus - 1))
 
-    def __init__(self, vocab_size: int, pin: bool):
+
+class PendingMasks:
+    """Bitmasks being filled on a helper thread: `result()` waits for them."""
+
+    def __init__(self, masks: torch.Tensor, done: threading.Event, errors: list):
+        self._masks, self._done, self._errors = masks, done, errors
+
+    def result(self) -> torch.Tensor:
+        self._done.wait()
+        if self._errors:
+            raise self._errors[0]
+        return self._masks
+
+
+class GrammarMasks:
+    """Fills the bitmasks of a step's constrained rows on llguidance's thread pool (the GIL is released), either
+    at once (`fill`) or on a helper thread while the caller does other host work (`start`).
+
+    Measured with a 100k-token BPE and a 152k-token model vocabulary (benchmarks/NOTES.md, issue 20): a mask costs
+    0.3 ms (bench_api_costs' JSON schema) to 0.6 ms (its regex `[a-z ]{0,1024}`, which llguidance's slicer cannot
+    shortcut) on one core of the 2-core CPU machine: 64 of them are 18-39 ms of CPU per step, as long as a decode
+    forward pass, hence the pool and the overlap.
+
+    Each step allocates its own buffer: on CUDA it comes pinned from PyTorch's caching host allocator, which after
+    the first steps hands back a block whose last non_blocking copy has completed (it records an event on the copy's
+    stream and checks it before reuse), so no cudaHostAlloc per step and no buffer overwritten under an in-flight
+    copy; on the CPU an allocation of 64 x 4748 words is a few microseconds."""
+
+    def __init__(self, vocab_size: int, pin: bool, num_threads: int | None = None):
         self.words = (vocab_size + 31) // 32
         self.pin = pin
+        self.num_threads = num_threads or mask_threads()
         self._executor: LLExecutor | None = None  # started on first use
+        self._helper: threading.Thread | None = None
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
 
     def fill(self, matchers: list[LLMatcher]) -> torch.Tensor:
         """[len(matchers), ceil(V / 32)] int32 host tensor: bit t % 32 of word t // 32 = token t allowed."""
-        if self._executor is None:
-            self._executor = LLExecutor()
-        masks = torch.empty(len(matchers), self.words, dtype=torch.int32, pin_memory=self.pin)
-        self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], masks.data_ptr(),
-                                               self.words * 4, len(matchers))
+        masks = self._allocate(len(matchers))
+        self._compute(matchers, masks)
         return masks
+
+    def start(self, matchers: list[LLMatcher]) -> PendingMasks:
+        """`fill` on a helper thread; the matchers must not be advanced until `result()` returns."""
+        masks, done, errors = self._allocate(len(matchers)), threading.Event(), []
+        if self._helper is None:
+            self._helper = threading.Thread(target=self._serve, name="grammar-masks", daemon=True)
+            self._helper.start()
+        started = threading.Event()
+        self._jobs.put((list(matchers), masks, started, done, errors))
+        # Wait until the helper is inside llguidance: it needs the GIL to get there, and a caller going on with
+        # Python work would keep it for up to the interpreter's switch interval (5 ms), which serialised the two
+        # (measured: 16 masks + 4 ms of Python took 13-17 ms without this, fill and work one after the other)
+        started.wait()
+        return PendingMasks(masks, done, errors)
+
+    def _allocate(self, rows: int) -> torch.Tensor:
+        return torch.empty(rows, self.words, dtype=torch.int32, pin_memory=self.pin)
+
+    def _compute(self, matchers: list[LLMatcher], masks: torch.Tensor) -> None:
+        if self._executor is None:
+            self._executor = LLExecutor(num_threads=self.num_threads)
+        if matchers:
+            self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], masks.data_ptr(),
+                                                   self.words * 4, len(matchers))
+
+    def _serve(self) -> None:
+        while True:
+            matchers, masks, started, done, errors = self._jobs.get()
+            try:
+                started.set()  # the caller wakes once this thread lets the GIL go, inside the llguidance call
+                self._compute(matchers, masks)
+            except BaseException as err:  # noqa: BLE001 — handed to the waiting engine thread (a pyo3 panic too)
+                errors.append(err)
+            finally:
+                done.set()
