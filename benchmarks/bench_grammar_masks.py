@@ -9,7 +9,6 @@ engine's own code for each part, timed separately:
   completion check (SequenceSampling.advance_grammars);
 - apply: logit_masks.apply_bitmask on [N, V] float32 logits of this machine (on the GPU it is a few device ops:
   the bytes they move are printed);
-- start() hand-off: what GrammarMasks.start, the engine's path, costs its caller before the fill runs on its own.
 
 Stand-in for the model: each sequence's next token is drawn uniformly among the tokens its mask allows (EOS
 excluded while anything else is allowed); a sequence whose grammar completes is replaced by a new request
@@ -123,16 +122,7 @@ def run(args, tokenizer, vocab: int, eos: list[int], name: str) -> dict:
             for key, value in (("fill", timed_fill["wall"]), ("fill_cpu", timed_fill["cpu"]), ("extras", t2 - t1),
                                ("apply", t4 - t3), ("advance", t6 - t5)):
                 times[key].append(value)
-    # the engine starts its masks on a helper thread (GrammarMasks.start) and detokenizes meanwhile: what the
-    # hand-off itself costs the engine thread (same states again: llguidance returns their masks quickly)
-    handoff = []
-    for _ in range(20):
-        started = time.perf_counter()
-        pending = sampling.masks.start([s.matcher for s in work.seqs])
-        handoff.append(time.perf_counter() - started)
-        pending.result()
     ms = {k: 1e3 * statistics.fmean(v) for k, v in times.items()}
-    ms["start_handoff"] = 1e3 * statistics.median(handoff)
     return {"constraint": name, "kind": kind, "num_seqs": args.num_seqs, "steps": args.steps,
             "threads": sampling.masks.num_threads, "ms_per_step": ms,
             "fill_p90_ms": 1e3 * statistics.quantiles(times["fill"], n=10)[-1],
@@ -179,8 +169,7 @@ def main(argv=None) -> int:
               f"{ms['fill']:.2f}, p90 {r['fill_p90_ms']:.2f}, cpu/wall {r['fill_cpu_per_wall']:.2f}) advance "
               f"{ms['advance']:.3f} apply(cpu) {ms['apply']:.2f} | {r['us_per_mask']:.0f} us/mask, "
               f"{r['us_per_advance']:.1f} us/advance | compile {r['compile_ms_mean']:.1f} ms/request | "
-              f"{r['requests_completed']} requests done, mean {r['mean_output_tokens'] or 0:.1f} output tokens | "
-              f"start() hand-off {ms['start_handoff']:.3f} ms",
+              f"{r['requests_completed']} requests done, mean {r['mean_output_tokens'] or 0:.1f} output tokens",
               flush=True)
     traffic = logit_masks.bitmask_traffic_bytes(args.num_seqs, vocab)
     print(f"apply_bitmask on the device moves (MB, reads + writes): {traffic}")

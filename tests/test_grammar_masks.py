@@ -62,31 +62,22 @@ def _matchers(n: int):
     return [grammar.new_matcher() for _ in range(n)]
 
 
-def test_started_masks_equal_filled_masks_and_survive_later_steps():
-    masks = GrammarMasks(V, pin=False, num_threads=2)
+def test_each_fill_has_its_own_buffer_and_follows_the_matchers_states():
+    """A step's masks stay as they were when the next step fills (the earlier buffer may still be in a copy), and
+    the pool's masks equal one-thread masks."""
+    masks, single = GrammarMasks(V, pin=False, num_threads=2), GrammarMasks(V, pin=False, num_threads=1)
     matchers = _matchers(5)
     for i, m in enumerate(matchers):  # different states: {, {", {"a", ...
         assert m.consume_tokens(list(b'{"a":1'[: i + 1]))
-    at_once = masks.fill(matchers)
-    pending = masks.start(matchers)
-    started = pending.result()
-    assert torch.equal(started, at_once)
-    first = started.clone()
-    for m in matchers:  # the next step: advance and fill again; the earlier step's buffer must stay as it was
+    first = masks.fill(matchers)
+    assert torch.equal(first, single.fill(matchers))
+    kept = first.clone()
+    for m in matchers:  # the next step: advance and fill again
         m.consume_token(ord("}") if m.is_accepting() else ord("1"))
-    again = masks.start(matchers).result()
-    assert torch.equal(started, first)
-    assert not torch.equal(again, first)
-    allowed = reference_allowed(first, V)
+    again = masks.fill(matchers)
+    assert torch.equal(first, kept) and not torch.equal(again, kept)
+    allowed = reference_allowed(kept, V)
     assert allowed[0][ord('"')] and not allowed[0][ord("x")]  # after "{": a key's quote, nothing else of those
-
-
-def test_started_masks_report_llguidance_errors():
-    masks = GrammarMasks(V, pin=False)
-    masks.words = 1  # too small a row for the vocabulary: llguidance refuses the pointer size
-    with pytest.raises(ValueError, match="buffer size"):
-        masks.start(_matchers(2)).result()
-    assert torch.equal(masks.start([]).result(), torch.empty(0, 1, dtype=torch.int32))  # the helper thread lives on
 
 
 def test_mask_threads_use_more_than_llguidance_default_on_small_machines():
@@ -115,23 +106,16 @@ def engine():
     return LLMEngine(EngineConfig(model="tiny", max_num_seqs=8, max_num_batched_tokens=64, async_scheduling=True))
 
 
-def test_overlapped_masks_with_stop_strings_finishing_sequences_meanwhile(engine):
-    """Stop strings found while the next step's masks fill (the sequence finishes between start_masks and the
-    sample) end those sequences cleanly; the others keep matching their grammar."""
+def test_grammars_with_stop_strings_under_asynchronous_scheduling(engine):
+    """Stop strings end constrained sequences cleanly (a stop found after the next step was launched drops that
+    step's token); the others keep matching their grammar to the end."""
     tokenizer = engine.tokenizer
     g = compile_grammar("regex", "[a-d]{1,60}", tokenizer, engine.model_config.vocab_size, engine.eos_token_ids)
     requests = {f"stop{s}": (list(b"go"), SamplingParams(max_tokens=80, temperature=1.0, seed=s, grammar=g,
                                                          stop=["a"])) for s in range(4)}
     requests.update({f"free{s}": (list(b"go"), SamplingParams(max_tokens=80, temperature=1.0, seed=10 + s, grammar=g))
                      for s in range(4)})
-    started = []
-    original = engine.sampling.start_masks
-    engine.sampling.start_masks = lambda seqs: started.append(len(seqs)) or original(seqs)
-    try:
-        outs = run(engine, requests)
-    finally:
-        engine.sampling.start_masks = original
-    assert started, "no step started its masks on the helper thread"
+    outs = run(engine, requests)
     for rid, out in outs.items():
         text = text_of(out)
         assert out[-1].finish_reason == "stop", (rid, text)

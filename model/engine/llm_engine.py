@@ -12,8 +12,8 @@ max_model_len) are applied at launch; a sequence that samples EOS, a stop token 
 already scheduled in step N+1, whose token for it is dropped. Steps of a model sharded over ranks (whose workers
 need the ids on the host) are read back at once. A step with a sequence whose next sample depends on its previous
 tokens on the host (a grammar, a multi-token bad word) launches its forward pass first, then reads the previous
-step back and fills its grammar masks while the device runs the model (on llguidance's threads, while this thread
-detokenizes the tokens read back), then samples. Steps whose MoE time is sampled for the metrics are not: their
+step back and fills its grammar masks (on llguidance's threads) while the device runs the model, then samples.
+Steps whose MoE time is sampled for the metrics are not: their
 timing events are read, without waiting, once the step's ids are back (model/engine/moe_timer.py).
 """
 
@@ -30,7 +30,7 @@ from model.engine.model_runner import ModelRunner, prompt_logit_rows
 from model.engine.moe_stats import MoeStatsCollector, MoeStatsSnapshot
 from model.engine.sampler import Sampler
 from model.engine.sampling_params import SamplingParams
-from model.engine.sampling_state import SequenceSampling, StartedMasks
+from model.engine.sampling_state import SequenceSampling
 from model.engine.scheduler import Scheduler
 from model.engine.sequence import Sequence, SequenceStatus
 
@@ -219,16 +219,11 @@ class LLMEngine:
         launched = None
         if not sched.is_empty:
             forward = self._forward(sched, previous)
-            masks = None
             if previous is not None and any(s.samples and s.seq.params.needs_previous_tokens
                                             for s in sched.scheduled):
                 self._read_back(previous)  # masks and bad words need those tokens; the device runs the forward
                 previous = None
-                # the grammar masks (0.3-0.6 ms each with a 100k vocabulary) fill on llguidance's threads while
-                # this thread detokenizes what the read-back gave
-                masks = self.sampling.start_masks([s.seq for s in sched.scheduled if s.samples])
-                outputs += self._emit_pending()
-            launched = self._sample(forward, masks)
+            launched = self._sample(forward)
         if previous is not None:
             self._read_back(previous)  # its ids are ready or nearly: this step was queued behind it
         outputs += self._emit_pending()  # host work overlapping the device
@@ -257,15 +252,14 @@ class LLMEngine:
                 row += 1
         return _Forward(sched, logits, pad_rows, sample_rows, prompt_owners)
 
-    def _sample(self, fwd: _Forward, masks: StartedMasks | None = None) -> _LaunchedStep:
-        """Enqueue the sampling of the step's sampling rows; advance the sequences past it with placeholders.
-        `masks`: the grammar masks started for these rows (SequenceSampling.start_masks)."""
+    def _sample(self, fwd: _Forward) -> _LaunchedStep:
+        """Enqueue the sampling of the step's sampling rows; advance the sequences past it with placeholders."""
         sched = fwd.sched
         sampling = [s.seq for s in sched.scheduled if s.samples]
         logits = fwd.logits
         if fwd.prompt_owners:
             logits = logits.index_select(0, _to_device(fwd.sample_rows, logits.device))
-        extras = self.sampling.extras(sampling, masks)  # grammar masks are filled here, while the forward runs
+        extras = self.sampling.extras(sampling)  # grammar masks are filled here, while the forward runs
         result = self.sampler.sample(logits, [seq.params for seq in sampling], [seq.generator for seq in sampling],
                                      extras)
         sampled_ids = result.sampled_ids  # [S] on the device

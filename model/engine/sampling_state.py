@@ -6,28 +6,19 @@
   rest of it (vLLM's definition; the output tokens must be on the host: `needs_previous_tokens`).
 - penalties: a row of model/engine/penalties.PenaltyState from the sequence's first sample to its end.
 - grammar: an llguidance matcher per sequence, advanced by each sampled token; its bitmask for the next token is
-  filled right before the sample, or started on a helper thread (`start_masks`) while the engine thread does other
-  host work.
+  filled right before the sample.
 """
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
 from model.engine.penalties import PenaltyState
 from model.engine.sampler import SamplingExtras
 from model.engine.sequence import Sequence
-from model.engine.structured_output import GrammarMasks, PendingMasks
+from model.engine.structured_output import GrammarMasks
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class StartedMasks:
-    """Grammar bitmasks of one step being filled: the batch rows they are for, and the masks in that order."""
-    rows: list[int]
-    pending: PendingMasks
 
 
 class SequenceSampling:
@@ -45,18 +36,8 @@ class SequenceSampling:
         self.penalties.release(seq.penalty_row)
         seq.penalty_row = -1
 
-    def start_masks(self, seqs: list[Sequence]) -> StartedMasks | None:
-        """Start filling the grammar bitmasks of `seqs` (in batch-row order) on a helper thread; pass the result to
-        `extras` for the same seqs. Their matchers must not be advanced meanwhile. None: no constrained row."""
-        rows = [row for row, seq in enumerate(seqs) if seq.matcher is not None and not seq.is_finished]
-        if not rows:
-            return None
-        return StartedMasks(rows, self.masks.start([seqs[row].matcher for row in rows]))
-
-    def extras(self, seqs: list[Sequence], started: StartedMasks | None = None) -> SamplingExtras:
-        """What the host decides for one sample of each of `seqs` (in batch-row order). `started`: the grammar
-        masks of `start_masks(seqs)` (a sequence finished since then keeps its mask: its token is dropped anyway),
-        waited for last; without it the masks are filled here, if any."""
+    def extras(self, seqs: list[Sequence]) -> SamplingExtras:
+        """What the host decides for one sample of each of `seqs` (in batch-row order)."""
         extras = SamplingExtras()
         matchers = []
         for row, seq in enumerate(seqs):
@@ -78,12 +59,10 @@ class SequenceSampling:
                 if extras.penalty_rows is None:
                     extras.penalty_rows = [-1] * len(seqs)
                 extras.penalty_rows[row] = seq.penalty_row
-            if seq.matcher is not None and started is None:
+            if seq.matcher is not None:
                 extras.grammar_rows.append(row)
                 matchers.append(seq.matcher)
-        if started is not None:
-            extras.grammar_rows, extras.grammar_bitmask = started.rows, started.pending.result()
-        elif matchers:
+        if matchers:
             extras.grammar_bitmask = self.masks.fill(matchers)
         return extras
 

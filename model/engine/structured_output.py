@@ -10,15 +10,13 @@ backend of vLLM and SGLang. A mask takes ~70 us to ~0.6 ms with a 100k-token voc
 Flow: the service compiles a request's grammar once (`compile_grammar`, on its tokenizer threads; a bad schema is a
 400 there) into a `Grammar` holding a matcher in its start state; each sequence gets a deep copy. The engine fills
 one bitmask row per constrained sequence just before sampling — after launching the step's forward pass, so the
-host computes masks while the device runs the model, and from a helper thread while the engine thread detokenizes
-(`GrammarMasks.start`) — and the sampler applies the bitmask on the device (model/engine/logit_masks.py). Once a
-grammar is complete (only EOS could follow), the sequence stops.
+host computes masks while the device runs the model — and the sampler applies the bitmask on the device
+(model/engine/logit_masks.py). Once a grammar is complete (only EOS could follow), the sequence stops.
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import threading
 
 import llguidance
@@ -145,7 +143,7 @@ def compile_grammar(kind: str, spec, tokenizer, vocab_size: int, eos_token_ids: 
 def mask_threads() -> int:
     """llguidance's pool size: every usable CPU but one (the engine thread's). llguidance's own default is 80% of the
     CPUs, 1 on a 2-core machine, where 2 threads fill 64 masks 1.8x faster (benchmarks/NOTES.md, issue 20); while
-    the pool works, the engine thread waits for it or detokenizes (LLMEngine.step)."""
+    the pool works, the engine thread waits for it."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -153,22 +151,8 @@ def mask_threads() -> int:
     return max(2, min(32, cpus - 1))
 
 
-class PendingMasks:
-    """Bitmasks being filled on a helper thread: `result()` waits for them."""
-
-    def __init__(self, masks: torch.Tensor, done: threading.Event, errors: list):
-        self._masks, self._done, self._errors = masks, done, errors
-
-    def result(self) -> torch.Tensor:
-        self._done.wait()
-        if self._errors:
-            raise self._errors[0]
-        return self._masks
-
-
 class GrammarMasks:
-    """Fills the bitmasks of a step's constrained rows on llguidance's thread pool (the GIL is released), either
-    at once (`fill`) or on a helper thread while the caller does other host work (`start`).
+    """Fills the bitmasks of a step's constrained rows on llguidance's thread pool (the GIL is released).
 
     Measured with a 100k-token BPE and a 152k-token model vocabulary (benchmarks/NOTES.md, issue 20): a mask costs
     0.3 ms (bench_api_costs' JSON schema) to 0.6 ms (its regex `[a-z ]{0,1024}`, which llguidance's slicer cannot
@@ -185,46 +169,13 @@ class GrammarMasks:
         self.pin = pin
         self.num_threads = num_threads or mask_threads()
         self._executor: LLExecutor | None = None  # started on first use
-        self._helper: threading.Thread | None = None
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
 
     def fill(self, matchers: list[LLMatcher]) -> torch.Tensor:
         """[len(matchers), ceil(V / 32)] int32 host tensor: bit t % 32 of word t // 32 = token t allowed."""
-        masks = self._allocate(len(matchers))
-        self._compute(matchers, masks)
-        return masks
-
-    def start(self, matchers: list[LLMatcher]) -> PendingMasks:
-        """`fill` on a helper thread; the matchers must not be advanced until `result()` returns."""
-        masks, done, errors = self._allocate(len(matchers)), threading.Event(), []
-        if self._helper is None:
-            self._helper = threading.Thread(target=self._serve, name="grammar-masks", daemon=True)
-            self._helper.start()
-        started = threading.Event()
-        self._jobs.put((list(matchers), masks, started, done, errors))
-        # Wait until the helper is inside llguidance: it needs the GIL to get there, and a caller going on with
-        # Python work would keep it for up to the interpreter's switch interval (5 ms), which serialised the two
-        # (measured: 16 masks + 4 ms of Python took 13-17 ms without this, fill and work one after the other)
-        started.wait()
-        return PendingMasks(masks, done, errors)
-
-    def _allocate(self, rows: int) -> torch.Tensor:
-        return torch.empty(rows, self.words, dtype=torch.int32, pin_memory=self.pin)
-
-    def _compute(self, matchers: list[LLMatcher], masks: torch.Tensor) -> None:
         if self._executor is None:
             self._executor = LLExecutor(num_threads=self.num_threads)
+        masks = torch.empty(len(matchers), self.words, dtype=torch.int32, pin_memory=self.pin)
         if matchers:
             self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], masks.data_ptr(),
                                                    self.words * 4, len(matchers))
-
-    def _serve(self) -> None:
-        while True:
-            matchers, masks, started, done, errors = self._jobs.get()
-            try:
-                started.set()  # the caller wakes once this thread lets the GIL go, inside the llguidance call
-                self._compute(matchers, masks)
-            except BaseException as err:  # noqa: BLE001 — handed to the waiting engine thread (a pyo3 panic too)
-                errors.append(err)
-            finally:
-                done.set()
+        return masks
