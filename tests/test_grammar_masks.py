@@ -5,7 +5,6 @@ while the read-back's tokens are detokenized) with stop strings finishing sequen
 
 import re
 
-import numpy as np
 import pytest
 import torch
 

@@ -7,7 +7,6 @@ The kernels need a GPU (no Triton in CI); the SDPA checks run everywhere.
 """
 
 import pytest
-import torch
 
 from tests.triton_fixtures import run_compiled
 

@@ -22,7 +22,7 @@ import torch
 
 from model.engine.block_manager import BlockManager, blocks_for
 from model.engine.config import EngineConfig
-from model.engine.decode_inputs import PAD_BLOCK, PAD_TOKEN, DecodeInputs, static_decode_batch
+from model.engine.decode_inputs import PAD_TOKEN, DecodeInputs, static_decode_batch
 from model.engine.penalties import PenaltyState
 from model.engine.sampler import Sampler, SamplingExtras
 from model.engine.sampling_params import MAX_LOGPROBS, SamplingParams
