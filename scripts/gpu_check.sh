@@ -13,8 +13,8 @@
 #   API_ARGS). grammar-masks: benchmarks/bench_grammar_masks.py (structured output's host cost per step).
 #   ncu-fp8: Nsight Compute on the FP8 GEMMs of one layer call (NCU_POINT, default qwen3:8192:balanced).
 #   fp8-epilogue-ab: FP8 GEMM1's staged epilogue, tests then timings (AB_POINTS). pending-kernels / pending-serving:
-#   what session 11 wrote and could not run (the FP8 decode linear, the fused router, sliding-window KV groups, decode
-#   and API costs).
+#   what sessions 11-12 wrote or fixed and no GPU has passed (the decode FP8 linear and fused router tests,
+#   sliding-window KV groups with graphs, grammar masks on the device; decode and API costs).
 #   fp8-tile-fit: FP8 GEMM times as K varies (per-step and per-tile cost).
 #   ncu-ledger: the FP8 GEMMs' stall samples per SASS line (NCU_POINT).
 set -uo pipefail
@@ -142,20 +142,17 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
           qwen3:32768:balanced qwen3:64:balanced} >> "$OUT/fp8_epilogue_ab.txt" 2>&1
         grep -E ' ms [0-9]+ TFLOPS' "$OUT/fp8_epilogue_ab.txt" | tail -3
       done ;;
-    pending-kernels)  # session 11's work that has not run on a GPU (benchmarks/NOTES.md "Session 11"), kernels first
-      run_tests tests/test_triton_fp8_gemv_gpu.py tests/test_triton_router_gemv_gpu.py tests/test_triton_routing.py \
-        tests/test_triton_released_blocks.py tests/test_engine_sliding_window.py
-      python3 benchmarks/bench_fused_router.py > "$OUT/bench_fused_router.log" 2>&1; tail -12 "$OUT/bench_fused_router.log"
-      python3 benchmarks/bench_fp8_linear.py --m 1 16 64 256 --out "$OUT" > "$OUT/bench_fp8_linear_decode.log" 2>&1
-      tail -45 "$OUT/bench_fp8_linear_decode.log" | grep -E '^\||shape|N=' ;;
-    pending-serving)  # the serving-level measurements session 11 could not take
+    pending-kernels)  # what sessions 11-12 wrote or fixed and no GPU has passed yet (benchmarks/NOTES.md "Session 12")
+      run_tests tests/test_triton_fp8_gemv_gpu.py tests/test_triton_router_gemv_gpu.py tests/test_engine_sliding_window.py \
+        tests/test_engine_graphs.py tests/test_grammar_masks.py ;;
+    pending-serving)  # the serving-level measurements sessions 11-12 could not take
       STATICMOE_CACHE_WRITE=triton STATICMOE_ROUTER=triton python3 benchmarks/profile_engine.py step-phases \
         qwen3-30b-a3b > "$OUT/profile_decode_triton_qwen3.log" 2>&1
       grep -E '^[a-z0-9.-]+ batch|kernels per engine step' "$OUT/profile_decode_triton_qwen3.log"
       python3 benchmarks/bench_engine.py --presets gpt-oss-20b --batches 1 64 --hf-batches 1 64 --input-len 2048 \
         --gpu-memory-utilization 0.55 --out "$OUT" 2>&1 | tail -12
       python3 benchmarks/bench_api_costs.py --preset qwen3-30b-a3b --client-processes 4 --level-time-limit-s 8 \
-        --features structured_json structured_regex --out "$OUT" 2>&1 | tail -8 ;;
+        --features structured_json structured_regex short_outputs --out "$OUT" 2>&1 | tail -8 ;;
     truth)
       python3 benchmarks/utilization_truth.py --preset "${TRUTH_PRESET:-olmoe-1b-7b}" --out "$OUT" 2>&1 \
         | tee "$OUT/utilization_truth.log" | tail -20
