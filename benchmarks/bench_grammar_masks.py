@@ -149,6 +149,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def bitmask_traffic_bytes(num_rows: int, vocab: int) -> dict:
+    """Device memory traffic (reads + writes) of logit_masks.apply_bitmask for `num_rows` constrained rows of
+    `vocab` float32 logits: `before` is the int32 shift-and-mask with an index_select / index_copy round trip it
+    replaced (issue 20), `all_rows` / `some_rows` the byte expansion with every row constrained (in place) or not."""
+    words = (vocab + 31) // 32
+    logits, bools, packed = num_rows * vocab * 4, num_rows * vocab, num_rows * words * 4
+    expanded32 = num_rows * words * 32 * 4  # int32 [G, W, 32]
+    before = packed + expanded32 + (expanded32 + bools) + 2 * bools + 2 * logits + (2 * logits + bools) + 2 * logits
+    expand = packed + 3 * 8 * packed  # bytes in, uint8 [G, 4W, 8] AND out, compare in, bool out
+    all_rows = packed + expand + (2 * logits + bools)  # H2D, expansion, in-place masked_fill
+    some_rows = all_rows + 4 * logits  # + index_select and index_copy
+    mb = lambda b: round(b / 1e6, 1)  # noqa: E731
+    return {"before_MB": mb(before), "all_rows_MB": mb(all_rows), "some_rows_MB": mb(some_rows)}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     directory = Path(args.tokenizer)
@@ -171,7 +186,7 @@ def main(argv=None) -> int:
               f"{r['us_per_advance']:.1f} us/advance | compile {r['compile_ms_mean']:.1f} ms/request | "
               f"{r['requests_completed']} requests done, mean {r['mean_output_tokens'] or 0:.1f} output tokens",
               flush=True)
-    traffic = logit_masks.bitmask_traffic_bytes(args.num_seqs, vocab)
+    traffic = bitmask_traffic_bytes(args.num_seqs, vocab)
     print(f"apply_bitmask on the device moves (MB, reads + writes): {traffic}")
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "device_bytes": traffic}, indent=1))

@@ -63,7 +63,7 @@ def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) 
     a [G, 4W, 8] bool mask through one uint8 AND and one compare, and when every row is constrained (the usual
     decode batch) the mask is applied in place: about 120 MB of device traffic for 64 rows of a 152k vocabulary,
     against 350 MB for an int32 [G, W, 32] shift-and-mask plus an index_select / index_copy round trip
-    (bitmask_traffic_bytes)."""
+    (benchmarks/bench_grammar_masks.py counts them)."""
     if not rows:
         return
     G, V = len(rows), logits.shape[1]
@@ -75,18 +75,3 @@ def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) 
         return
     row_index = _put(rows, torch.int64, logits.device)
     logits.index_copy_(0, row_index, logits.index_select(0, row_index).masked_fill_(blocked, NEG_INF))
-
-
-def bitmask_traffic_bytes(num_rows: int, vocab: int) -> dict:
-    """Device memory traffic (reads + writes) of apply_bitmask for `num_rows` constrained rows of `vocab` float32
-    logits: `before` is the int32 shift-and-mask with an index_select / index_copy round trip it replaced (issue 20),
-    `all_rows` / `some_rows` are the byte expansion with every row constrained (in place) or a subset."""
-    words = (vocab + 31) // 32
-    logits, bools, packed = num_rows * vocab * 4, num_rows * vocab, num_rows * words * 4
-    expanded32 = num_rows * words * 32 * 4  # int32 [G, W, 32]
-    before = packed + expanded32 + (expanded32 + bools) + 2 * bools + 2 * logits + (2 * logits + bools) + 2 * logits
-    expand = packed + 3 * 8 * packed  # bytes in, uint8 [G, 4W, 8] AND out, compare in, bool out
-    all_rows = packed + expand + (2 * logits + bools)  # H2D, expansion, in-place masked_fill
-    some_rows = all_rows + 4 * logits  # + index_select and index_copy
-    mb = lambda b: round(b / 1e6, 1)  # noqa: E731
-    return {"before_MB": mb(before), "all_rows_MB": mb(all_rows), "some_rows_MB": mb(some_rows)}
