@@ -12,9 +12,8 @@
 #   (DECODE_PRESETS, default olmoe-1b-7b qwen3-30b-a3b). api-costs: benchmarks/bench_api_costs.py (API_PRESET,
 #   API_ARGS). grammar-masks: benchmarks/bench_grammar_masks.py (structured output's host cost per step).
 #   ncu-fp8: Nsight Compute on the FP8 GEMMs of one layer call (NCU_POINT, default qwen3:8192:balanced).
-#   fp8-epilogue-ab: FP8 GEMM1's staged epilogue, tests then timings (AB_POINTS). pending-kernels / pending-serving:
-#   what sessions 11-12 wrote or fixed and no GPU has passed (the decode FP8 linear and fused router tests,
-#   sliding-window KV groups with graphs, grammar masks on the device; decode and API costs).
+#   pending-serving: serving measurements first taken in session 13 (qwen3 decode profile with the Triton router,
+#   gpt-oss engine, API costs with the short-output control).
 #   fp8-tile-fit: FP8 GEMM times as K varies (per-step and per-tile cost).
 #   ncu-ledger: the FP8 GEMMs' stall samples per SASS line (NCU_POINT).
 set -uo pipefail
@@ -133,19 +132,7 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
       python3 benchmarks/profile_moe.py points e128k8h2048i384:8192:balanced e128k8h2048i768:8192:balanced \
         e128k8h2048i1536:8192:balanced e128k8h2048i3072:8192:balanced >> "$OUT/fp8_tile_fit.txt" 2>&1
       grep -vE '^\s*$' "$OUT/fp8_tile_fit.txt" | tail -40 ;;
-    fp8-epilogue-ab)  # issue 16: FP8 GEMM1's staged epilogue (STATICMOE_FP8_GEMM1_STAGED) checked, then timed 1,0,1,0
-      STATICMOE_FP8_GEMM1_STAGED=1 timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_fp8_gpu.py \
-        > "$OUT/pytest_fp8_gemm1_staged.log" 2>&1
-      rc=$?; status=$((status | rc)); echo "GEMM1 staged epilogue tests: $(tail -1 "$OUT/pytest_fp8_gemm1_staged.log")"
-      for staged in 1 0 1 0; do
-        STATICMOE_FP8_GEMM1_STAGED=$staged python3 benchmarks/profile_moe.py points --fp8 ${AB_POINTS:-qwen3:8192:balanced \
-          qwen3:32768:balanced qwen3:64:balanced} >> "$OUT/fp8_epilogue_ab.txt" 2>&1
-        grep -E ' ms [0-9]+ TFLOPS' "$OUT/fp8_epilogue_ab.txt" | tail -3
-      done ;;
-    pending-kernels)  # what sessions 11-12 wrote or fixed and no GPU has passed yet (benchmarks/NOTES.md "Session 12")
-      run_tests tests/test_triton_fp8_gemv_gpu.py tests/test_triton_router_gemv_gpu.py tests/test_engine_sliding_window.py \
-        tests/test_engine_graphs.py tests/test_grammar_masks.py ;;
-    pending-serving)  # the serving-level measurements sessions 11-12 could not take
+    pending-serving)  # serving measurements first taken in session 13 (benchmarks/NOTES.md "Session 13")
       STATICMOE_CACHE_WRITE=triton STATICMOE_ROUTER=triton python3 benchmarks/profile_engine.py step-phases \
         qwen3-30b-a3b > "$OUT/profile_decode_triton_qwen3.log" 2>&1
       grep -E '^[a-z0-9.-]+ batch|kernels per engine step' "$OUT/profile_decode_triton_qwen3.log"

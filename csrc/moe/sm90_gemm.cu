@@ -149,13 +149,6 @@ cudaError_t run_gemms(const Problem& p, const T* x, const void* w13, const void*
   return launch<T, Cfg::kBlockM, Cfg::kBlockN2, Cfg::kStages, Cfg::kCluster, false>(w2_map, g2, device, stream);
 }
 
-// FP8 GEMM1 writes its quantised rows through shared memory with STATICMOE_FP8_GEMM1_STAGED=1: opt-in until a GPU
-// run has checked and timed it (GEMM2's staged epilogue, the default, measured -20% on GEMM2: benchmarks/NOTES.md).
-int32_t fp8_gemm1_staged() {
-  static const int32_t staged = int32_t(env_knob("STATICMOE_FP8_GEMM1_STAGED", 0, 0) != 0);
-  return staged;
-}
-
 template <TileKind kKind>
 cudaError_t run_gemms_fp8(const Problem& p, const void* w13, const void* w2, WeightScales scales,
                           const float* topk_weights, ExpertBiases biases, const Workspace& ws, int device,
@@ -173,7 +166,7 @@ cudaError_t run_gemms_fp8(const Problem& p, const void* w13, const void* w2, Wei
   Fp8GemmArgs g1{static_cast<const uint8_t*>(ws.x_fp8), ws.x_scale, scales.w13, ws.intermediate,
                  ws.intermediate_scale, topk_weights, plan.expert_counts, plan.expert_offsets, plan.sorted_rows, map,
                  p.hidden, p.intermediate, n_tiles1, p.top_k, group1, 2 * p.intermediate / kFP8Block,
-                 static_cast<const __nv_bfloat16*>(biases.w13), fp8_gemm1_staged()};
+                 static_cast<const __nv_bfloat16*>(biases.w13)};
   if (p.activation == Activation::kSwigluOai)
     err = launch_fp8<Cfg::kBlockM, Cfg::kBlockN1, Cfg::kStages, Cfg::kCluster, true, Activation::kSwigluOai>(
         w13_map, g1, device, stream);
