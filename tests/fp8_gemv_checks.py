@@ -155,7 +155,7 @@ def check_dispatch(device):
 
     triton_fp8_gemv.fp8_decode_linear = spy
     enabled = fl.decode_linear_enabled
-    fl.decode_linear_enabled = lambda: True  # the opt-in STATICMOE_FP8_DECODE_LINEAR=1
+    fl.decode_linear_enabled = lambda: True  # whatever STATICMOE_FP8_DECODE_LINEAR says
     try:
         N, K = 200, 512
         w, ws, bias = random_linear(N, K, device, seed=3, bias_dtype=torch.float32)

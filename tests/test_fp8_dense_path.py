@@ -179,16 +179,16 @@ def test_the_binding_rejects_shapes_the_kernel_cannot_take():
         extension.dense_fp8_linear_cuda(*linear()[:3], tiles="huge")
 
 
-def test_the_decode_linear_is_opt_in(monkeypatch):
-    """STATICMOE_FP8_DECODE_LINEAR=1 turns the split-K decode kernel on (read once); unset, the Triton path stays on
-    quantiser + block GEMM."""
+def test_the_decode_linear_is_on_unless_switched_off(monkeypatch):
+    """Unset, Triton calls of few rows take the split-K decode kernel; STATICMOE_FP8_DECODE_LINEAR=0 keeps them on
+    quantiser + block GEMM (read once)."""
     fl.decode_linear_enabled.cache_clear()
     monkeypatch.delenv("STATICMOE_FP8_DECODE_LINEAR", raising=False)
     try:
-        assert fl.decode_linear_enabled() is False
-        fl.decode_linear_enabled.cache_clear()
-        monkeypatch.setenv("STATICMOE_FP8_DECODE_LINEAR", "1")
         assert fl.decode_linear_enabled() is True
+        fl.decode_linear_enabled.cache_clear()
+        monkeypatch.setenv("STATICMOE_FP8_DECODE_LINEAR", "0")
+        assert fl.decode_linear_enabled() is False
     finally:
         fl.decode_linear_enabled.cache_clear()
 

@@ -114,8 +114,9 @@ class FakeCuda:
 
 
 def test_the_fused_router_by_default_up_to_the_default_rows(fused_knob, monkeypatch):
-    """Unset: batches of up to FUSED_DEFAULT_ROWS rows (2 where it measured faster, 0 until its GPU tests pass);
-    =1: up to the kernel's 16 rows; =0: never."""
+    """Unset: batches of up to FUSED_DEFAULT_ROWS rows (2, where it measured faster); =1: up to the kernel's 16 rows;
+    =0: never."""
+    assert routing.FUSED_DEFAULT_ROWS == 2
     monkeypatch.setattr(triton_router_gemv, "available", lambda: True)
     w = torch.zeros(16, 32)
     routing.fused_router_rows.cache_clear()

@@ -11,9 +11,9 @@ Paths, chosen per call from shapes and device only (no host sync, CUDA-graph cap
   - **cuda**: the MoE layer's FP8 GEMM2 kernel with one expert that every row is routed to (`csrc/moe/dense_fp8.cu`:
     quantiser + GEMM in one call), on sm_90 with the `_C` extension built, for bf16 x, N a multiple of 8 and
     contiguous weight, scales and (bf16) bias; any other call takes Triton;
-  - **triton**: `model.kernels.triton_fp8_gemm` after the quantiser; with `STATICMOE_FP8_DECODE_LINEAR=1`
-    (opt-in until a GPU run has checked it), calls of up to `triton_fp8_gemv.DECODE_MAX_ROWS` rows (decode) take
-    `model.kernels.triton_fp8_gemv` (x quantised inside the GEMM, K split over the SMs, one launch);
+  - **triton**: `model.kernels.triton_fp8_gemm` after the quantiser, except calls of up to
+    `triton_fp8_gemv.DECODE_MAX_ROWS` rows (decode), which take `model.kernels.triton_fp8_gemv` (x quantised inside
+    the GEMM, K split over the SMs, one launch) unless `STATICMOE_FP8_DECODE_LINEAR=0`;
   - **auto**: cuda for large GEMMs (`prefers_cuda_kernel`), Triton for the rest.
 - **reference** (the CPU, or a GPU without Triton): x quantised and dequantised, W dequantised, one matmul in
   float32. On a GPU the dequantised W exists only for the duration of the call (one layer at a time), never stored;
@@ -157,9 +157,10 @@ def dense_fp8_path(device: torch.device, rows: int = 1) -> str:
 
 @functools.cache
 def decode_linear_enabled() -> bool:
-    """`STATICMOE_FP8_DECODE_LINEAR=1`: Triton calls of few rows take `triton_fp8_gemv` (opt-in until a GPU run has
-    checked and timed it; benchmarks/NOTES.md). Read once per process."""
-    return env_switch("STATICMOE_FP8_DECODE_LINEAR")
+    """Whether Triton calls of few rows take `triton_fp8_gemv`: yes unless `STATICMOE_FP8_DECODE_LINEAR=0` (it
+    measured faster than cuBLAS bf16 and the block GEMM at M <= 16 on the H100, and its GPU tests passed in session
+    13; benchmarks/NOTES.md). Read once per process."""
+    return env_switch("STATICMOE_FP8_DECODE_LINEAR", default=True)
 
 
 def _triton_path(x, weight, weight_scale, bias) -> torch.Tensor:

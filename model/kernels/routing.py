@@ -14,8 +14,8 @@ ties toward the lower expert index. `grouped_topk` breaks ties toward the lower 
 every device, by a stable sort; `torch.topk` leaves ties unspecified (transformers' routers use it, so under exact
 ties they may choose another of the tied experts).
 
-`fused_linear_route` takes the router's linear too: decode batches of up to FUSED_DEFAULT_ROWS rows on a GPU (16 with
-`STATICMOE_ROUTER_FUSED=1`, none with =0; FUSED_DEFAULT_ROWS is 0 until the GPU tests pass) compute logits and routing in one Triton launch
+`fused_linear_route` takes the router's linear too: decode batches of up to FUSED_DEFAULT_ROWS (2) rows on a GPU (16
+with `STATICMOE_ROUTER_FUSED=1`, none with =0) compute logits and routing in one Triton launch
 (`model.kernels.triton_router_gemv`, the same rounding of the logits to the model dtype); else the caller runs its
 linear and `softmax_topk` / `topk_softmax`.
 """
@@ -177,10 +177,10 @@ def topk_softmax_reference(router_logits: torch.Tensor, top_k: int) -> tuple[tor
     return torch.softmax(logits, dim=-1), ids.to(torch.int32)
 
 
-# Rows up to which the fused router is the default. It measured faster than the linear + Triton router at 1-2 rows on
-# every shape and slower from 4 rows on for OLMoE and Qwen3 (H100, benchmarks/NOTES.md session 12), but its GPU
-# correctness tests have not passed yet (their first run failed in the test's own comparison): 0 until they do, then 2.
-FUSED_DEFAULT_ROWS = 0
+# Rows up to which the fused router is the default: it measured 2.0-3.6 us a layer faster than the linear + Triton
+# router at 1-2 rows on every shape and slower from 4 rows on for OLMoE and Qwen3 (H100, benchmarks/NOTES.md session
+# 12); its GPU tests passed in session 13 (77 of 77).
+FUSED_DEFAULT_ROWS = 2
 
 
 @functools.cache
