@@ -12,6 +12,7 @@
 #   (DECODE_PRESETS, default olmoe-1b-7b qwen3-30b-a3b). api-costs: benchmarks/bench_api_costs.py (API_PRESET,
 #   API_ARGS). grammar-masks: benchmarks/bench_grammar_masks.py (structured output's host cost per step).
 #   ncu-fp8: Nsight Compute on the FP8 GEMMs of one layer call (NCU_POINT, default qwen3:8192:balanced).
+#   decode-moe-ab: the two-launch decode MoE (model/kernels/triton_decode_moe.py), tests then the layer at T = 1-8.
 #   pending-serving: serving measurements first taken in session 13 (qwen3 decode profile with the Triton router,
 #   gpt-oss engine, API costs with the short-output control).
 #   fp8-tile-fit: FP8 GEMM times as K varies (per-step and per-tile cost).
@@ -132,6 +133,14 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
       python3 benchmarks/profile_moe.py points e128k8h2048i384:8192:balanced e128k8h2048i768:8192:balanced \
         e128k8h2048i1536:8192:balanced e128k8h2048i3072:8192:balanced >> "$OUT/fp8_tile_fit.txt" 2>&1
       grep -vE '^\s*$' "$OUT/fp8_tile_fit.txt" | tail -40 ;;
+    decode-moe-ab)  # issue 21: the two-launch decode MoE (STATICMOE_DECODE_MOE) checked, then the layer timed 1,0,1,0
+      run_tests tests/test_triton_decode_moe_gpu.py
+      for knob in 1 0 1 0; do
+        STATICMOE_DECODE_MOE=$knob python3 benchmarks/bench_moe.py --shapes qwen3-30b-a3b,olmoe-1b-7b,mixtral-8x7b \
+          --tokens 1,4,8 --routing balanced --no-loop --budget-ms 60 --out-dir "$OUT/decode_moe_$knob" \
+          > "$OUT/decode_moe_ab_$knob.log" 2>&1
+        echo "STATICMOE_DECODE_MOE=$knob"; grep -iE "graph|T=" "$OUT/decode_moe_ab_$knob.log" | tail -12
+      done ;;
     pending-serving)  # serving measurements first taken in session 13 (benchmarks/NOTES.md "Session 13")
       STATICMOE_CACHE_WRITE=triton STATICMOE_ROUTER=triton python3 benchmarks/profile_engine.py step-phases \
         qwen3-30b-a3b > "$OUT/profile_decode_triton_qwen3.log" 2>&1

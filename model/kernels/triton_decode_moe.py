@@ -1,0 +1,158 @@
+"""The 16-bit MoE layer for decode-sized batches (T·k <= DECODE_MAX_SLOTS routed slots) in two Triton launches and no
+routing plan: opt-in with `STATICMOE_DECODE_MOE=1` until a GPU run has timed it (issue 21).
+
+Why: at T = 1 the CUDA path runs plan, GEMM1, GEMM2 and combine (four launches) for a layer whose only real cost
+is streaming k experts' weights. On the H200 Qwen3-30B-A3B's layer took 36.9 µs in a graph against an ~18 µs byte
+floor, the plan alone 5.8 µs and the combine 1.8-5 µs (benchmarks/NOTES.md, issue 21). With so few slots no
+grouping by expert is worth having: each slot reads its own expert's rows directly (two slots on one expert read the
+weight twice, the second time mostly from L2), so the plan goes, and the combine folds into the second launch.
+
+- `_up`: programs (slot, BLOCK_I columns of the intermediate). h[slot, i] = act(x[t] · w13[e, i] + b_g,
+  x[t] · w13[e, I + i] + b_u), e = topk_ids[slot], t = slot // k; float32 sums, h stored in x's dtype (the CUDA
+  kernel's intermediate precision). A slot whose id is outside [0, E) is skipped, as the CUDA kernel skips it.
+- `_down`: programs (token, BLOCK_H output columns), all k slots of the token in one [k, BLOCK_H, BLOCK_K] tile (k
+  weight streams in flight at once). out[t, c] = Σ_s w[t, s] · (h[slot] · w2[e_s, c] + b2[e_s, c]) in float32, the
+  slots reduced by a fixed tree (the same bits on every call, as the CUDA combine), one cast to x's dtype. The
+  (token, column-block 0) program adds each valid slot to expert_load (an int64 atomic add: the counts are exact).
+
+Both are weight streams: 2·I·H and H·I elements per slot, read in 32 KB steps per program with float32
+multiply-adds (no tensor cores: one row per weight row). Grids at T = 1: Qwen3 (I = 768, H = 2048, k = 8) 8 × 24
+`_up` and 128 `_down` programs; OLMoE (I = 1024) 8 × 32 and 128. Offline sm_90a compiles (Triton 3.9, 8 warps): `_up` 80
+registers (103 with biases), `_down` 80-110, no spills, 16-byte loads where H and I are multiples of 16 (Triton specialises
+such sizes). CUDA-graph capturable (no host reads, buffers from the caller's allocator).
+"""
+
+import functools
+
+import torch
+
+from model.kernels.activation import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, Activation
+from model.kernels.knobs import env_switch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = tl = None
+
+DECODE_MAX_SLOTS = 64  # T·k up to which the two-launch path runs
+DTYPES = (torch.bfloat16, torch.float16)
+BLOCK_I = 32  # intermediate columns per `_up` program
+UP_BLOCK_K = 256  # its hidden units per step: gate and up tiles of 32 x 256, 32 KB of bf16 in flight a step
+BLOCK_H = 16  # output columns per `_down` program: 128 programs for H = 2048 at T = 1
+DOWN_TILE = 16384  # elements of `_down`'s [k_pad, BLOCK_H, BLOCK_K] step (32 KB of bf16): BLOCK_K = 128 at k = 8
+
+
+@functools.cache
+def decode_moe_enabled() -> bool:
+    """`STATICMOE_DECODE_MOE=1` (read once per process): opt-in until a GPU run has checked and timed it."""
+    return env_switch("STATICMOE_DECODE_MOE")
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def applies(x: torch.Tensor, w13: torch.Tensor, topk_ids: torch.Tensor) -> bool:
+    """Whether `fused_moe` takes this path for x [T, H] on a GPU: switched on, Triton present, a 16-bit x and w13 of
+    its dtype, and T·k <= DECODE_MAX_SLOTS."""
+    return (x.is_cuda and x.dtype in DTYPES and w13.dtype == x.dtype and topk_ids.numel() <= DECODE_MAX_SLOTS
+            and decode_moe_enabled() and available())
+
+
+if tl is not None:
+    @triton.jit
+    def _activate(gate, up, SWIGLU_OAI: tl.constexpr, alpha: tl.constexpr, limit: tl.constexpr):
+        if SWIGLU_OAI:  # gpt-oss: clamp, then (up + 1) · gate · sigmoid(α · gate)
+            gate = tl.minimum(gate, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
+            return (up + 1.0) * gate / (1.0 + tl.exp(-alpha * gate))
+        return gate / (1.0 + tl.exp(-gate)) * up
+
+    @triton.jit
+    def _up(x_ptr, w13_ptr, b13_ptr, ids_ptr, h_ptr, E, H, I, K_SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr,
+            SWIGLU_OAI: tl.constexpr, alpha: tl.constexpr, limit: tl.constexpr, BLOCK_I: tl.constexpr,
+            BLOCK_K: tl.constexpr):
+        slot = tl.program_id(0)
+        i0 = tl.program_id(1) * BLOCK_I
+        e = tl.load(ids_ptr + slot).to(tl.int64)
+        if (e >= 0) & (e < E):
+            t = slot // K_SLOTS
+            cols = i0 + tl.arange(0, BLOCK_I)  # [BLOCK_I]
+            col_ok = cols < I
+            ks = tl.arange(0, BLOCK_K)
+            gate_rows = w13_ptr + e * 2 * I * H + cols[:, None].to(tl.int64) * H  # [BLOCK_I, 1]
+            up_rows = gate_rows + I * H
+            acc_g = tl.zeros([BLOCK_I], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_I], dtype=tl.float32)
+            for k0 in range(0, H, BLOCK_K):
+                k_ok = k0 + ks < H
+                xv = tl.load(x_ptr + t * H + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+                mask = col_ok[:, None] & k_ok[None, :]
+                wg = tl.load(gate_rows + k0 + ks[None, :], mask=mask, other=0.0).to(tl.float32)  # [BLOCK_I, BLOCK_K]
+                wu = tl.load(up_rows + k0 + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+                acc_g += tl.sum(wg * xv[None, :], axis=1)
+                acc_u += tl.sum(wu * xv[None, :], axis=1)
+            if HAS_BIAS:
+                acc_g += tl.load(b13_ptr + e * 2 * I + cols, mask=col_ok, other=0.0).to(tl.float32)
+                acc_u += tl.load(b13_ptr + e * 2 * I + I + cols, mask=col_ok, other=0.0).to(tl.float32)
+            h = _activate(acc_g, acc_u, SWIGLU_OAI, alpha, limit)
+            tl.store(h_ptr + slot * I + cols, h.to(h_ptr.dtype.element_ty), mask=col_ok)
+
+    @triton.jit
+    def _down(h_ptr, w2_ptr, b2_ptr, ids_ptr, wts_ptr, out_ptr, load_ptr, E, H, I, K_SLOTS: tl.constexpr,
+              K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, COUNT: tl.constexpr, BLOCK_H: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+        t = tl.program_id(0)
+        c0 = tl.program_id(1) * BLOCK_H
+        slots = tl.arange(0, K_PAD)  # all k slots of the token in one tile: k weight streams in flight at once
+        e = tl.load(ids_ptr + t * K_SLOTS + slots, mask=slots < K_SLOTS, other=-1).to(tl.int64)  # [K_PAD]
+        valid = (slots < K_SLOTS) & (e >= 0) & (e < E)
+        e = tl.where(valid, e, 0)
+        cols = c0 + tl.arange(0, BLOCK_H)  # [BLOCK_H]
+        col_ok = cols < H
+        ks = tl.arange(0, BLOCK_K)
+        rows = w2_ptr + e[:, None, None] * H * I + cols[None, :, None].to(tl.int64) * I  # [K_PAD, BLOCK_H, 1]
+        h_rows = h_ptr + (t * K_SLOTS + slots[:, None]).to(tl.int64) * I  # [K_PAD, 1]
+        acc = tl.zeros([K_PAD, BLOCK_H], dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            k_ok = k0 + ks < I
+            hv = tl.load(h_rows + k0 + ks[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)  # [K_PAD, BLOCK_K]
+            mask = valid[:, None, None] & col_ok[None, :, None] & k_ok[None, None, :]
+            w = tl.load(rows + k0 + ks[None, None, :], mask=mask, other=0.0)  # [K_PAD, BLOCK_H, BLOCK_K]
+            acc += tl.sum(w.to(tl.float32) * hv.to(tl.float32)[:, None, :], axis=2)
+        if HAS_BIAS:
+            acc += tl.load(b2_ptr + e[:, None] * H + cols[None, :], mask=valid[:, None] & col_ok[None, :],
+                           other=0.0).to(tl.float32)
+        wts = tl.load(wts_ptr + t * K_SLOTS + slots, mask=valid, other=0.0)  # [K_PAD] float32
+        out = tl.sum(acc * wts[:, None], axis=0)  # [BLOCK_H]: a fixed reduction tree over the slots
+        tl.store(out_ptr + t * H + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
+        if COUNT:
+            if c0 == 0:
+                tl.atomic_add(load_ptr + e, tl.full([K_PAD], 1, tl.int64), mask=valid)
+
+
+def decode_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+               topk_ids: torch.Tensor, expert_load: torch.Tensor | None, activation: Activation,
+               w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`fused_moe` for x [T, H] with T·k <= DECODE_MAX_SLOTS (inputs already checked by `check_moe_inputs`)."""
+    T, H = x.shape
+    E, two_i, _ = w13.shape
+    inter, k = two_i // 2, topk_ids.shape[1]
+    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    ids = topk_ids.contiguous()
+    wts = topk_weights.contiguous()
+    h = torch.empty(T * k, inter, dtype=x.dtype, device=x.device)  # [T·k, I]
+    out = torch.empty_like(x)  # [T, H]
+    b13 = w13_bias.contiguous() if w13_bias is not None else x  # a placeholder pointer when there is no bias
+    b2 = w2_bias.contiguous() if w2_bias is not None else x
+    _up[(T * k, triton.cdiv(inter, BLOCK_I))](
+        x, w13, b13, ids, h, E, H, inter, K_SLOTS=k, HAS_BIAS=w13_bias is not None,
+        SWIGLU_OAI=activation == Activation.SWIGLU_OAI, alpha=SWIGLU_OAI_ALPHA, limit=SWIGLU_OAI_LIMIT,
+        BLOCK_I=BLOCK_I, BLOCK_K=UP_BLOCK_K, num_warps=8)
+    k_pad = triton.next_power_of_2(k)
+    _down[(T, triton.cdiv(H, BLOCK_H))](
+        h, w2, b2, ids, wts, out, expert_load if expert_load is not None else ids, E, H, inter, K_SLOTS=k,
+        K_PAD=k_pad, HAS_BIAS=w2_bias is not None, COUNT=expert_load is not None, BLOCK_H=BLOCK_H,
+        BLOCK_K=DOWN_TILE // (k_pad * BLOCK_H), num_warps=8)
+    return out

@@ -1,0 +1,84 @@
+"""The two-launch decode MoE (model/kernels/triton_decode_moe.py) on the CPU: the kernels under Triton's interpreter
+against a float64 loop (tests/decode_moe_checks.py), and `fused_moe`'s dispatch to it (opt-in, decode sizes,
+16-bit only). Real shapes on the GPU: tests/test_triton_decode_moe_gpu.py."""
+
+import pytest
+import torch
+
+from model.kernels import moe, triton_decode_moe
+from tests.triton_fixtures import needs_triton, run_interpreted
+
+# (T, E, H, I, k, dtype, activation, bias, bad ids): H and I scaled down for the interpreter, ragged against the
+# kernels' blocks (BLOCK_I 32, BLOCK_H 16, BLOCK_K 128) where it matters
+CASES = [
+    (1, 64, 256, 128, 8, "bfloat16", "silu", False, False),  # OLMoE-like, batch 1
+    (1, 128, 256, 96, 8, "bfloat16", "silu", False, False),  # Qwen3-like: I not a multiple of BLOCK_I
+    (3, 32, 360, 360, 4, "bfloat16", "swiglu_oai", True, False),  # gpt-oss-like: biases, H = I = 360 (ragged)
+    (8, 8, 200, 72, 2, "float16", "silu", True, True),  # Mixtral-like k = 2, ids outside [0, E) skipped
+    (8, 64, 136, 40, 8, "bfloat16", "silu", False, True),  # T·k = 64, the cut
+]
+
+
+def script() -> str:
+    lines = ["from tests.decode_moe_checks import *\n"]
+    lines += [f"check({t}, {e}, {h}, {i}, {k}, {d!r}, {a!r}, {b}, {bad})\n" for t, e, h, i, k, d, a, b, bad in CASES]
+    lines.append("check_deterministic()\n")
+    return "".join(lines) + "print('ok')\n"
+
+
+@needs_triton
+def test_interpreted_kernels_match_the_float64_layer():
+    run_interpreted(script())
+
+
+class FakeCuda:
+    """Just what `applies` asks of x on a GPU: the dispatch test runs on the CPU."""
+
+    def __init__(self, x):
+        self.is_cuda, self.dtype, self.shape = True, x.dtype, x.shape
+
+
+@pytest.fixture
+def decode_knob(monkeypatch):
+    def set_to(value):
+        triton_decode_moe.decode_moe_enabled.cache_clear()
+        if value is None:
+            monkeypatch.delenv("STATICMOE_DECODE_MOE", raising=False)
+        else:
+            monkeypatch.setenv("STATICMOE_DECODE_MOE", value)
+    monkeypatch.setattr(triton_decode_moe, "available", lambda: True)
+    yield set_to
+    triton_decode_moe.decode_moe_enabled.cache_clear()
+
+
+def test_applies_only_when_switched_on_at_decode_sizes_in_16_bit(decode_knob):
+    w13 = torch.zeros(4, 8, 16, dtype=torch.bfloat16)
+    x = FakeCuda(torch.zeros(1, 16, dtype=torch.bfloat16))
+    ids = torch.zeros(1, 8, dtype=torch.int32)
+    decode_knob(None)
+    assert not triton_decode_moe.applies(x, w13, ids)  # opt-in
+    decode_knob("1")
+    assert triton_decode_moe.applies(x, w13, ids)
+    assert triton_decode_moe.applies(x, w13, torch.zeros(8, 8, dtype=torch.int32))  # T·k = 64
+    assert not triton_decode_moe.applies(x, w13, torch.zeros(9, 8, dtype=torch.int32))  # 72 slots
+    assert not triton_decode_moe.applies(FakeCuda(torch.zeros(1, 16)), w13.float(), ids)  # float32
+    assert not triton_decode_moe.applies(torch.zeros(1, 16, dtype=torch.bfloat16), w13, ids)  # the CPU
+    decode_knob("0")
+    assert not triton_decode_moe.applies(x, w13, ids)
+    decode_knob("on")
+    with pytest.raises(ValueError, match="STATICMOE_DECODE_MOE='on': want 0 or 1"):
+        triton_decode_moe.applies(x, w13, ids)
+
+
+def test_fused_moe_dispatches_to_it(decode_knob, monkeypatch):
+    """With the switch on and `applies` true, the op returns the decode path's result and skips the CUDA kernel."""
+    decode_knob("1")
+    calls = []
+    monkeypatch.setattr(triton_decode_moe, "applies", lambda x, w13, ids: True)
+    monkeypatch.setattr(triton_decode_moe, "decode_moe",
+                        lambda x, *args: calls.append(args[-3]) or torch.full_like(x, 3.0))
+    monkeypatch.setattr(moe.extension, "fused_moe_cuda", lambda *a, **k: pytest.fail("the CUDA path ran"))
+    x = torch.randn(1, 16, dtype=torch.bfloat16)
+    out = moe.fused_moe(x, torch.randn(4, 16, 16, dtype=torch.bfloat16), torch.randn(4, 16, 8, dtype=torch.bfloat16),
+                        torch.ones(1, 2), torch.tensor([[0, 1]], dtype=torch.int32), activation="swiglu_oai")
+    assert torch.equal(out, torch.full_like(x, 3.0)) and calls == [moe.Activation.SWIGLU_OAI]
