@@ -133,13 +133,15 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
       python3 benchmarks/profile_moe.py points e128k8h2048i384:8192:balanced e128k8h2048i768:8192:balanced \
         e128k8h2048i1536:8192:balanced e128k8h2048i3072:8192:balanced >> "$OUT/fp8_tile_fit.txt" 2>&1
       grep -vE '^\s*$' "$OUT/fp8_tile_fit.txt" | tail -40 ;;
-    decode-moe-ab)  # issue 21: the two-launch decode MoE (STATICMOE_DECODE_MOE) checked, then the layer timed 1,0,1,0
+    decode-moe-ab)  # issue 21: the two-launch decode MoE (STATICMOE_DECODE_MOE) checked, then timed 1,0,1,0: the FP8
+      # grid's shapes at T = 1-8 (our FP8 and bf16 layers, graph times in the JSON) and OLMoE in bf16
       run_tests tests/test_triton_decode_moe_gpu.py
       for knob in 1 0 1 0; do
-        STATICMOE_DECODE_MOE=$knob python3 benchmarks/bench_moe.py --shapes qwen3-30b-a3b,olmoe-1b-7b,mixtral-8x7b \
-          --tokens 1,4,8 --routing balanced --no-loop --budget-ms 60 --out-dir "$OUT/decode_moe_$knob" \
-          > "$OUT/decode_moe_ab_$knob.log" 2>&1
-        echo "STATICMOE_DECODE_MOE=$knob"; grep -iE "graph|T=" "$OUT/decode_moe_ab_$knob.log" | tail -12
+        STATICMOE_DECODE_MOE=$knob python3 benchmarks/bench_moe_fp8.py --tokens 1,4,8 --budget-ms 60 \
+          --out-dir "$OUT/decode_moe_$knob" > "$OUT/decode_moe_ab_$knob.log" 2>&1
+        STATICMOE_DECODE_MOE=$knob python3 benchmarks/bench_moe.py --shapes olmoe-1b-7b --tokens 1,4,8 \
+          --routing balanced --no-loop --budget-ms 60 --out-dir "$OUT/decode_moe_$knob" >> "$OUT/decode_moe_ab_$knob.log" 2>&1
+        echo "STATICMOE_DECODE_MOE=$knob"; grep -E "balanced" "$OUT/decode_moe_ab_$knob.log" | tail -16
       done ;;
     pending-serving)  # serving measurements first taken in session 13 (benchmarks/NOTES.md "Session 13")
       STATICMOE_CACHE_WRITE=triton STATICMOE_ROUTER=triton python3 benchmarks/profile_engine.py step-phases \

@@ -82,3 +82,40 @@ def check_deterministic(device="cpu"):
     a, _ = check(5, 16, 256, 96, 4, "bfloat16", device=device, seed=3)
     b, _ = check(5, 16, 256, 96, 4, "bfloat16", device=device, seed=3)
     assert torch.equal(a, b)
+
+
+def check_fp8(T, E, H, inter, k, activation="silu", bias=False, bad_ids=False, device="cpu", seed=0):
+    """The FP8 variant (model/kernels/triton_decode_moe_fp8.py) against `fused_moe_fp8_reference` in float64 (the same
+    quantisation rule, on the unrounded float64 sums). Where float32 and float64 sums straddle an e4m3 rounding
+    boundary of h, one element of h moves by an e4m3 step (2^-3 relative); such flips are rare and their effect
+    bounded by the layer's spread, so the bound is the bf16 output rounding plus a few flips' worth."""
+    from model.kernels.fp8 import fused_moe_fp8_reference, quantize_fp8_blocks
+    from model.kernels.triton_decode_moe_fp8 import decode_moe_fp8
+
+    g = torch.Generator().manual_seed(seed)
+    activation = Activation(activation)
+    x = torch.randn(T, H, generator=g).bfloat16()
+    w13, s13 = quantize_fp8_blocks(torch.randn(E, 2 * inter, H, generator=g) / H ** 0.5)
+    w2, s2 = quantize_fp8_blocks(torch.randn(E, H, inter, generator=g) / inter ** 0.5)
+    b13 = (torch.randn(E, 2 * inter, generator=g) * 0.1).bfloat16() if bias else None
+    b2 = (torch.randn(E, H, generator=g) * 0.1).bfloat16() if bias else None
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)
+    if bad_ids:
+        ids[0, 0], ids[-1, -1] = E, -1
+    wts = torch.softmax(torch.randn(T, k, generator=g), dim=-1)
+    load = torch.zeros(E, dtype=torch.int64)
+    masked = ids.clone().masked_fill((ids < 0) | (ids >= E), 0)  # the reference needs in-range ids: weight 0 there
+    ref_wts = wts.masked_fill((ids < 0) | (ids >= E), 0.0)
+    ref = fused_moe_fp8_reference(x.double(), w13, s13, w2, s2, ref_wts.double(), masked, torch.float64,
+                                  activation=activation, w13_bias=b13, w2_bias=b2)  # [T, H] float64
+    dev = torch.device(device)
+    to = (lambda t: None if t is None else t.to(dev))
+    load_dev = load.clone().to(dev)
+    out = decode_moe_fp8(x.to(dev), w13.to(dev), s13.to(dev), w2.to(dev), s2.to(dev), wts.to(dev), ids.to(dev),
+                         load_dev, activation, to(b13), to(b2))
+    err = (out.double().cpu() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= 2.0 ** -6 * scale, (T, E, H, inter, k, activation, err / scale)
+    valid = ids[(ids >= 0) & (ids < E)].long()
+    assert torch.equal(load_dev.cpu(), torch.bincount(valid, minlength=E)), "expert_load must count each valid slot"
+    return err / scale

@@ -19,10 +19,19 @@ CASES = [
 ]
 
 
+# (T, E, H, I, k, activation, bias, bad ids) for the FP8 variant: H and I multiples of 128 (its contract)
+FP8_CASES = [
+    (1, 64, 256, 128, 8, "silu", False, False),
+    (3, 32, 384, 256, 4, "swiglu_oai", True, True),  # 3 K blocks: a partial GROUPS step in `_up`
+    (8, 8, 640, 128, 2, "silu", True, False),  # 5 K blocks
+]
+
+
 def script() -> str:
     lines = ["from tests.decode_moe_checks import *\n"]
     lines += [f"check({t}, {e}, {h}, {i}, {k}, {d!r}, {a!r}, {b}, {bad})\n" for t, e, h, i, k, d, a, b, bad in CASES]
     lines.append("check_deterministic()\n")
+    lines += [f"check_fp8({t}, {e}, {h}, {i}, {k}, {a!r}, {b}, {bad})\n" for t, e, h, i, k, a, b, bad in FP8_CASES]
     return "".join(lines) + "print('ok')\n"
 
 

@@ -7,7 +7,7 @@ import torch
 
 from model.kernels import extension, fused_moe, triton_decode_moe
 from model.kernels.activation import ACTIVATION_CODES, Activation
-from tests.decode_moe_checks import check, check_deterministic
+from tests.decode_moe_checks import check, check_deterministic, check_fp8
 
 pytestmark = pytest.mark.gpu
 
@@ -78,4 +78,44 @@ def test_agrees_with_the_cuda_kernel_and_replays_in_a_graph(decode_on, name):
     graph.replay()
     want = triton_decode_moe.decode_moe(x2, w13, w2, wts2, ids2, None, Activation(act), kw["w13_bias"],
                                         kw["w2_bias"])
+    assert torch.equal(out, want)
+
+
+# name: (E, H, I, k) of issue 16's FP8 grid
+FP8_PRESETS = {"qwen3-30b-a3b": (128, 2048, 768, 8), "qwen3-235b-a22b": (128, 4096, 1536, 8),
+               "deepseek-v3": (256, 7168, 2048, 8), "mixtral": (8, 4096, 14336, 2)}
+
+
+@pytest.mark.parametrize("name", FP8_PRESETS)
+@pytest.mark.parametrize("T", [1, 8])
+def test_fp8_matches_the_float64_reference(name, T):
+    E, H, inter, k = FP8_PRESETS[name]
+    if T * k > triton_decode_moe.DECODE_MAX_SLOTS:
+        pytest.skip("beyond the decode cut")
+    check_fp8(T, E, H, inter, k, bad_ids=T > 1, device="cuda", seed=T)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not extension.available_for(torch.device("cuda")),
+                    reason="the CUDA extension is not built for this GPU")
+def test_fp8_agrees_with_the_cuda_kernel_and_replays_in_a_graph(decode_on):
+    from model.kernels.fp8 import quantize_fp8_blocks
+
+    E, H, inter, k = FP8_PRESETS["qwen3-30b-a3b"]
+    x, w13, w2, wts, ids, _ = _inputs(E, H, inter, k, 2, "silu", False, seed=21)
+    (w13q, s13), (w2q, s2) = quantize_fp8_blocks(w13), quantize_fp8_blocks(w2)
+    assert triton_decode_moe.applies(x, w13q, ids)
+    ours = fused_moe(x, w13q, w2q, wts, ids, w13_scale=s13, w2_scale=s2)
+    cuda = extension.fused_moe_fp8_cuda(x, w13q, s13, w2q, s2, wts, ids, None)
+    torch.testing.assert_close(ours.float(), cuda.float(), rtol=3e-2, atol=3e-2 * cuda.float().abs().max().item())
+
+    static = [t.clone() for t in (x, wts, ids)]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe(static[0], w13q, w2q, static[1], static[2], w13_scale=s13, w2_scale=s2)
+    x2, _, _, wts2, ids2, _ = _inputs(E, H, inter, k, 2, "silu", False, seed=22)
+    for dst, src in zip(static, (x2, wts2, ids2)):
+        dst.copy_(src)
+    out.fill_(float("nan"))
+    graph.replay()
+    want = fused_moe(x2, w13q, w2q, wts2, ids2, w13_scale=s13, w2_scale=s2)
     assert torch.equal(out, want)

@@ -12,7 +12,7 @@ block scales) select the FP8 op, `staticmoe::fused_moe_fp8`, whose numerics `mod
 
 import torch
 
-from model.kernels import extension, triton_decode_moe
+from model.kernels import extension, triton_decode_moe, triton_decode_moe_fp8
 from model.kernels.activation import ACTIVATION_CODES, Activation, parse_activation
 from model.kernels.fp8 import FP8_BLOCK, FP8_DTYPE, fused_moe_fp8_reference
 from model.kernels.reference import fused_moe_reference
@@ -185,6 +185,9 @@ def _fused_moe_fp8_op(
     w13_bias: torch.Tensor | None = None,
     w2_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    if triton_decode_moe.applies(x, w13, topk_ids):  # decode sizes, opt-in: two launches, no plan
+        return triton_decode_moe_fp8.decode_moe_fp8(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids,
+                                                    expert_load, Activation(activation), w13_bias, w2_bias)
     if x.dtype == torch.bfloat16 and uses_cuda_kernel(x):
         return extension.fused_moe_fp8_cuda(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, expert_load,
                                             activation=ACTIVATION_CODES[Activation(activation)], w13_bias=w13_bias,

@@ -1,5 +1,6 @@
 """The 16-bit MoE layer for decode-sized batches (T·k <= DECODE_MAX_SLOTS routed slots) in two Triton launches and no
-routing plan: opt-in with `STATICMOE_DECODE_MOE=1` until a GPU run has timed it (issue 21).
+routing plan: opt-in with `STATICMOE_DECODE_MOE=1` until a GPU run has timed it (issue 21). The FP8 layer's
+version, with the same switch and cut, is `triton_decode_moe_fp8`.
 
 Why: at T = 1 the CUDA path runs plan, GEMM1, GEMM2 and combine (four launches) for a layer whose only real cost
 is streaming k experts' weights. On the H200 Qwen3-30B-A3B's layer took 36.9 µs in a graph against an ~18 µs byte
@@ -27,6 +28,7 @@ import functools
 import torch
 
 from model.kernels.activation import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, Activation
+from model.kernels.fp8 import FP8_DTYPE
 from model.kernels.knobs import env_switch
 
 try:
@@ -54,10 +56,11 @@ def available() -> bool:
 
 
 def applies(x: torch.Tensor, w13: torch.Tensor, topk_ids: torch.Tensor) -> bool:
-    """Whether `fused_moe` takes this path for x [T, H] on a GPU: switched on, Triton present, a 16-bit x and w13 of
-    its dtype, and T·k <= DECODE_MAX_SLOTS."""
-    return (x.is_cuda and x.dtype in DTYPES and w13.dtype == x.dtype and topk_ids.numel() <= DECODE_MAX_SLOTS
-            and decode_moe_enabled() and available())
+    """Whether `fused_moe` takes the two-launch path for x [T, H] on a GPU: switched on, Triton present,
+    T·k <= DECODE_MAX_SLOTS, and a 16-bit x with w13 of its dtype (this module) or a bf16 x with e4m3 w13
+    (`triton_decode_moe_fp8`)."""
+    dtypes_ok = (w13.dtype == x.dtype and x.dtype in DTYPES) or (w13.dtype == FP8_DTYPE and x.dtype == torch.bfloat16)
+    return x.is_cuda and dtypes_ok and topk_ids.numel() <= DECODE_MAX_SLOTS and decode_moe_enabled() and available()
 
 
 if tl is not None:
