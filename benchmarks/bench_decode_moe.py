@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""The two-launch decode MoE (model/kernels/triton_decode_moe*.py) against our CUDA layer at decode sizes, both
+replayed from a CUDA graph (one layer per graph, as bench_moe_fp8's decode column), beside the byte floor of the
+experts' weights (and FP8 scales) the step touches at the copy bandwidth measured in the same run.
+
+    python benchmarks/bench_decode_moe.py [--tokens 1,4,8] [--shapes qwen3-30b-a3b,...]
+
+Without the CUDA extension built the CUDA column is left empty (the Triton path needs only Triton).
+"""
+
+import argparse
+
+import torch
+
+from benchmarks.bench_timing import Timer, copy_bandwidth_gbps, graph_ms
+from benchmarks.moe_cases import EXPERT_SHAPES, FP8_EXPERT_SHAPES, experts_hit, make_routing
+from model.kernels import extension
+from model.kernels.activation import Activation
+from model.kernels.fp8 import quantize_fp8_blocks
+from model.kernels.triton_decode_moe import decode_moe
+from model.kernels.triton_decode_moe_fp8 import decode_moe_fp8
+
+SHAPES = {**EXPERT_SHAPES, **FP8_EXPERT_SHAPES}
+
+
+def weight_bytes(hit: int, H: int, I: int, fp8: bool) -> int:
+    """Bytes of the hit experts' w13 and w2 (with their float32 128x128 scales in FP8)."""
+    if fp8:
+        return hit * (3 * H * I + 4 * (2 * I // 128 * H // 128 + H // 128 * I // 128))
+    return hit * 3 * H * I * 2
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="qwen3-30b-a3b,olmoe-1b-7b,qwen3-235b-a22b,deepseek-v3,mixtral-8x7b")
+    p.add_argument("--tokens", default="1,4,8")
+    p.add_argument("--precisions", default="bf16,fp8")
+    args = p.parse_args(argv)
+    device = torch.device("cuda")
+    gbps = copy_bandwidth_gbps(Timer(device, 200.0, 3, 50), 1 << 30)["gbps"]
+    cuda_ok = extension.available_for(device)
+    print(f"{torch.cuda.get_device_name()}: copy {gbps:.0f} GB/s; CUDA extension {'on' if cuda_ok else 'not built'}")
+    gen = torch.Generator(device=device).manual_seed(0)
+    for name in args.shapes.split(","):
+        E, k, H, I = SHAPES[name]
+        w13 = torch.randn(E, 2 * I, H, device=device, dtype=torch.bfloat16) / H ** 0.5
+        w2 = torch.randn(E, H, I, device=device, dtype=torch.bfloat16) / I ** 0.5
+        for precision in args.precisions.split(","):
+            fp8 = precision == "fp8"
+            if fp8 and (H % 128 or I % 128):
+                continue
+            if fp8:
+                (a, sa), (b, sb) = quantize_fp8_blocks(w13), quantize_fp8_blocks(w2)
+            for T in (int(t) for t in args.tokens.split(",")):
+                if T * k > 64:
+                    continue
+                wts, ids = make_routing("balanced", T, E, k, gen)
+                x = torch.randn(T, H, device=device, dtype=torch.bfloat16, generator=gen)
+                if fp8:
+                    triton_fn = lambda: decode_moe_fp8(x, a, sa, b, sb, wts, ids, None, Activation.SILU)  # noqa: E731
+                    cuda_fn = lambda: extension.fused_moe_fp8_cuda(x, a, sa, b, sb, wts, ids, None)  # noqa: E731
+                else:
+                    triton_fn = lambda: decode_moe(x, w13, w2, wts, ids, None, Activation.SILU)  # noqa: E731
+                    cuda_fn = lambda: extension.fused_moe_cuda(x, w13, w2, wts, ids, None)  # noqa: E731
+                floor_us = weight_bytes(experts_hit(ids, E), H, I, fp8) / (gbps * 1e3)
+                ours_us = 1e3 * graph_ms(triton_fn)
+                line = (f"{name:>16} {precision} T={T:<3} floor {floor_us:7.1f} us | two-launch {ours_us:7.1f} us "
+                        f"({ours_us / floor_us:.2f}x)")
+                if cuda_ok:
+                    cuda_us = 1e3 * graph_ms(cuda_fn)
+                    diff = (triton_fn().float() - cuda_fn().float()).abs().max().item()
+                    line += f" | CUDA {cuda_us:7.1f} us ({cuda_us / floor_us:.2f}x) | max |diff| {diff:.2e}"
+                print(line, flush=True)
+        del w13, w2
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
