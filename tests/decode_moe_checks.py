@@ -43,8 +43,10 @@ def float64_layer(x, w13, w2, wts, ids, activation, b13=None, b2=None, round_h_t
     return out, spread
 
 
-def check(T, E, H, inter, k, dtype, activation="silu", bias=False, bad_ids=False, device="cpu", seed=0):
-    """One random layer; returns (out, expert_load) for callers that compare calls."""
+def check(T, E, H, inter, k, dtype, activation="silu", bias=False, bad_ids=False, device="cpu", seed=0,
+          blocks=None):
+    """One random layer (`blocks`: the kernels' (BLOCK_I, BLOCK_H), default theirs); returns (out, expert_load)
+    for callers that compare calls."""
     g = torch.Generator().manual_seed(seed)
     dt = getattr(torch, dtype)
     activation = Activation(activation)
@@ -63,7 +65,7 @@ def check(T, E, H, inter, k, dtype, activation="silu", bias=False, bad_ids=False
     to = (lambda t: None if t is None else t.to(dev))
     load_dev = load.clone().to(dev)  # a copy even on the CPU: `load` stays the count before the call
     out = decode_moe(x.to(dev), w13.to(dev), w2.to(dev), wts.to(dev), ids.to(dev), load_dev, activation,
-                     to(b13), to(b2))
+                     to(b13), to(b2), blocks=blocks)
     got = out.double().cpu()
     # h may round to the neighbouring value of the dtype (float32 vs float64 sums before the rounding: one ulp,
     # 2u relative), the output rounds once (u), float32 sums add ~1e-6 relative
@@ -84,7 +86,8 @@ def check_deterministic(device="cpu"):
     assert torch.equal(a, b)
 
 
-def check_fp8(T, E, H, inter, k, activation="silu", bias=False, bad_ids=False, device="cpu", seed=0):
+
+def check_fp8(T, E, H, inter, k, activation="silu", bias=False, bad_ids=False, device="cpu", seed=0, blocks=None):
     """The FP8 variant (model/kernels/triton_decode_moe_fp8.py) against `fused_moe_fp8_reference` in float64 (the same
     quantisation rule, on the unrounded float64 sums). Where float32 and float64 sums straddle an e4m3 rounding
     boundary of h, one element of h moves by an e4m3 step (2^-3 relative); such flips are rare and their effect
@@ -112,7 +115,7 @@ def check_fp8(T, E, H, inter, k, activation="silu", bias=False, bad_ids=False, d
     to = (lambda t: None if t is None else t.to(dev))
     load_dev = load.clone().to(dev)
     out = decode_moe_fp8(x.to(dev), w13.to(dev), s13.to(dev), w2.to(dev), s2.to(dev), wts.to(dev), ids.to(dev),
-                         load_dev, activation, to(b13), to(b2))
+                         load_dev, activation, to(b13), to(b2), blocks=blocks)
     err = (out.double().cpu() - ref).abs().max().item()
     scale = ref.abs().max().item()
     assert err <= 2.0 ** -6 * scale, (T, E, H, inter, k, activation, err / scale)

@@ -8,36 +8,50 @@ import torch
 from model.kernels import moe, triton_decode_moe
 from tests.triton_fixtures import needs_triton, run_interpreted
 
-# (T, E, H, I, k, dtype, activation, bias, bad ids): H and I scaled down for the interpreter, ragged against the
-# kernels' blocks (BLOCK_I 32, BLOCK_H 16, BLOCK_K 128) where it matters
+# (T, E, H, I, k, dtype, activation, bias, bad ids, blocks): H and I scaled down for the interpreter, ragged against
+# the kernels' blocks where it matters; blocks (BLOCK_I, BLOCK_H) None: `launch_blocks`' choice (8, 4 at these sizes)
 CASES = [
-    (1, 64, 256, 128, 8, "bfloat16", "silu", False, False),  # OLMoE-like, batch 1
-    (1, 128, 256, 96, 8, "bfloat16", "silu", False, False),  # Qwen3-like: I not a multiple of BLOCK_I
-    (3, 32, 360, 360, 4, "bfloat16", "swiglu_oai", True, False),  # gpt-oss-like: biases, H = I = 360 (ragged)
-    (8, 8, 200, 72, 2, "float16", "silu", True, True),  # Mixtral-like k = 2, ids outside [0, E) skipped
-    (8, 64, 136, 40, 8, "bfloat16", "silu", False, True),  # T·k = 64, the cut
+    (1, 64, 256, 128, 8, "bfloat16", "silu", False, False, None),  # OLMoE-like, batch 1
+    (1, 128, 256, 96, 8, "bfloat16", "silu", False, False, (32, 16)),  # Qwen3-like: I not a multiple of BLOCK_I
+    (3, 32, 360, 360, 4, "bfloat16", "swiglu_oai", True, False, (16, 8)),  # gpt-oss-like: biases, H = I = 360
+    (8, 8, 200, 72, 2, "float16", "silu", True, True, None),  # Mixtral-like k = 2, ids outside [0, E) skipped
+    (8, 64, 136, 40, 8, "bfloat16", "silu", False, True, (32, 16)),  # T·k = 64, the cut
 ]
 
 
-# (T, E, H, I, k, activation, bias, bad ids) for the FP8 variant: H and I multiples of 128 (its contract)
+# (T, E, H, I, k, activation, bias, bad ids, blocks) for the FP8 variant: H and I multiples of 128 (its contract)
 FP8_CASES = [
-    (1, 64, 256, 128, 8, "silu", False, False),
-    (3, 32, 384, 256, 4, "swiglu_oai", True, True),  # 3 K blocks: a partial GROUPS step in `_up`
-    (8, 8, 640, 128, 2, "silu", True, False),  # 5 K blocks
+    (1, 64, 256, 128, 8, "silu", False, False, None),  # (8, 8): GROUPS = 16 over 2 K blocks
+    (3, 32, 384, 256, 4, "swiglu_oai", True, True, (32, 16)),  # 3 K blocks: a partial GROUPS = 4 step in `_up`
+    (8, 8, 640, 128, 2, "silu", True, False, (16, 8)),  # 5 K blocks, GROUPS = 8
 ]
 
 
 def script() -> str:
     lines = ["from tests.decode_moe_checks import *\n"]
-    lines += [f"check({t}, {e}, {h}, {i}, {k}, {d!r}, {a!r}, {b}, {bad})\n" for t, e, h, i, k, d, a, b, bad in CASES]
+    lines += [f"check({t}, {e}, {h}, {i}, {k}, {d!r}, {a!r}, {b}, {bad}, blocks={bl})\n"
+              for t, e, h, i, k, d, a, b, bad, bl in CASES]
     lines.append("check_deterministic()\n")
-    lines += [f"check_fp8({t}, {e}, {h}, {i}, {k}, {a!r}, {b}, {bad})\n" for t, e, h, i, k, a, b, bad in FP8_CASES]
+    lines += [f"check_fp8({t}, {e}, {h}, {i}, {k}, {a!r}, {b}, {bad}, blocks={bl})\n"
+              for t, e, h, i, k, a, b, bad, bl in FP8_CASES]
     return "".join(lines) + "print('ok')\n"
 
 
 @needs_triton
 def test_interpreted_kernels_match_the_float64_layer():
     run_interpreted(script())
+
+
+def test_launch_blocks_fill_the_gpu_at_batch_1_and_stay_wide_when_they_can():
+    """Qwen3 (k 8, H 2048, I 768) on 132 SMs: at T = 1 the narrowest blocks (768 `_up` and 512 `_down` programs),
+    at T = 8 the widest (1536 and 1024); FP8 keeps `_down` at >= 8 columns."""
+    from model.kernels.triton_decode_moe import launch_blocks
+
+    assert launch_blocks(1, 8, 2048, 768, 132) == (8, 4)
+    assert launch_blocks(8, 8, 2048, 768, 132) == (32, 16)
+    assert launch_blocks(1, 8, 2048, 768, 132, min_block_h=8) == (8, 8)
+    assert launch_blocks(2, 2, 4096, 14336, 132) == (32, 8)  # Mixtral T = 2: 4 x 448 and 2 x 512 programs
+    assert launch_blocks(1, 8, 7168, 2048, 132) == (16, 8)  # DeepSeek-V3: 8 x 128 and 896 programs
 
 
 class FakeCuda:

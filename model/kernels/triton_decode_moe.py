@@ -8,17 +8,18 @@ floor, the plan alone 5.8 µs and the combine 1.8-5 µs (benchmarks/NOTES.md, is
 grouping by expert is worth having: each slot reads its own expert's rows directly (two slots on one expert read the
 weight twice, the second time mostly from L2), so the plan goes, and the combine folds into the second launch.
 
-- `_up`: programs (slot, BLOCK_I columns of the intermediate). h[slot, i] = act(x[t] · w13[e, i] + b_g,
-  x[t] · w13[e, I + i] + b_u), e = topk_ids[slot], t = slot // k; float32 sums, h stored in x's dtype (the CUDA
-  kernel's intermediate precision). A slot whose id is outside [0, E) is skipped, as the CUDA kernel skips it.
-- `_down`: programs (token, BLOCK_H output columns), all k slots of the token in one [k, BLOCK_H, BLOCK_K] tile (k
-  weight streams in flight at once). out[t, c] = Σ_s w[t, s] · (h[slot] · w2[e_s, c] + b2[e_s, c]) in float32, the
+- `_up`: programs (slot, BLOCK_I ∈ {8, 16, 32} columns of the intermediate: `launch_blocks`).
+  h[slot, i] = act(x[t] · w13[e, i] + b_g, x[t] · w13[e, I + i] + b_u), e = topk_ids[slot], t = slot // k; float32
+  sums, h stored in x's dtype (the CUDA kernel's intermediate precision). A slot whose id is outside [0, E) is
+  skipped, as the CUDA kernel skips it.
+- `_down`: programs (token, BLOCK_H ∈ {4, 8, 16} output columns), all k slots of the token in one
+  [k, BLOCK_H, BLOCK_K] tile (k weight streams in flight at once). out[t, c] = Σ_s w[t, s] · (h[slot] · w2[e_s, c] + b2[e_s, c]) in float32, the
   slots reduced by a fixed tree (the same bits on every call, as the CUDA combine), one cast to x's dtype. The
   (token, column-block 0) program adds each valid slot to expert_load (an int64 atomic add: the counts are exact).
 
 Both are weight streams: 2·I·H and H·I elements per slot, read in 32 KB steps per program with float32
-multiply-adds (no tensor cores: one row per weight row). Grids at T = 1: Qwen3 (I = 768, H = 2048, k = 8) 8 × 24
-`_up` and 128 `_down` programs; OLMoE (I = 1024) 8 × 32 and 128. Offline sm_90a compiles (Triton 3.9, 8 warps): `_up` 80
+multiply-adds (no tensor cores: one row per weight row). Grids at T = 1 on 132 SMs: Qwen3 (I = 768, H = 2048,
+k = 8) 8 × 96 `_up` and 512 `_down` programs. Offline sm_90a compiles (Triton 3.9, 8 warps): `_up` 80
 registers (103 with biases), `_down` 80-110, no spills, 16-byte loads where H and I are multiples of 16 (Triton specialises
 such sizes). CUDA-graph capturable (no host reads, buffers from the caller's allocator).
 """
@@ -39,11 +40,28 @@ except ImportError:  # CPU-only installs
 
 DECODE_MAX_SLOTS = 64  # T·k up to which the two-launch path runs
 DTYPES = (torch.bfloat16, torch.float16)
-BLOCK_I = 32  # intermediate columns per `_up` program
-UP_BLOCK_K = 256  # its hidden units per step: gate and up tiles of 32 x 256, 32 KB of bf16 in flight a step
-BLOCK_H = 16  # output columns per `_down` program: 128 programs for H = 2048 at T = 1
-DOWN_TILE = 16384  # elements of `_down`'s [k_pad, BLOCK_H, BLOCK_K] step (32 KB of bf16): BLOCK_K = 128 at k = 8
+PROGRAMS_PER_SM = 4  # each launch's target: enough loads in flight (Triton does not pipeline these loops' loads)
+UP_TILE = 8192  # elements of `_up`'s [BLOCK_I, BLOCK_K] step per gate and up (32 KB of bf16 for both)
+DOWN_TILE = 16384  # elements of `_down`'s [k_pad, BLOCK_H, BLOCK_K] step (32 KB of bf16)
 
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def launch_blocks(T: int, k: int, H: int, inter: int, sms: int, min_block_h: int = 4) -> tuple[int, int]:
+    """(BLOCK_I of `_up`, BLOCK_H of `_down`): the widest blocks (32 and 16) that still give each launch
+    PROGRAMS_PER_SM programs per SM, down to 8 and `min_block_h`. The first timing (benchmarks/NOTES.md) had 192 and
+    128 programs for Qwen3 at T = 1 and streamed at ~58% of the copy rate, against the floor at T = 8."""
+    target = PROGRAMS_PER_SM * sms
+    block_i = 32
+    while block_i > 8 and T * k * -(-inter // block_i) < target:
+        block_i //= 2
+    block_h = 16
+    while block_h > min_block_h and T * -(-H // block_h) < target:
+        block_h //= 2
+    return block_i, block_h
 
 @functools.cache
 def decode_moe_enabled() -> bool:
@@ -137,8 +155,10 @@ if tl is not None:
 
 def decode_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                topk_ids: torch.Tensor, expert_load: torch.Tensor | None, activation: Activation,
-               w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`fused_moe` for x [T, H] with T·k <= DECODE_MAX_SLOTS (inputs already checked by `check_moe_inputs`)."""
+               w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None,
+               blocks: tuple[int, int] | None = None) -> torch.Tensor:
+    """`fused_moe` for x [T, H] with T·k <= DECODE_MAX_SLOTS (inputs already checked by `check_moe_inputs`).
+    `blocks` (BLOCK_I, BLOCK_H) overrides `launch_blocks` (tests)."""
     T, H = x.shape
     E, two_i, _ = w13.shape
     inter, k = two_i // 2, topk_ids.shape[1]
@@ -149,13 +169,14 @@ def decode_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weight
     out = torch.empty_like(x)  # [T, H]
     b13 = w13_bias.contiguous() if w13_bias is not None else x  # a placeholder pointer when there is no bias
     b2 = w2_bias.contiguous() if w2_bias is not None else x
-    _up[(T * k, triton.cdiv(inter, BLOCK_I))](
+    block_i, block_h = blocks or launch_blocks(T, k, H, inter, _sm_count(x.device))
+    _up[(T * k, triton.cdiv(inter, block_i))](
         x, w13, b13, ids, h, E, H, inter, K_SLOTS=k, HAS_BIAS=w13_bias is not None,
         SWIGLU_OAI=activation == Activation.SWIGLU_OAI, alpha=SWIGLU_OAI_ALPHA, limit=SWIGLU_OAI_LIMIT,
-        BLOCK_I=BLOCK_I, BLOCK_K=UP_BLOCK_K, num_warps=8)
+        BLOCK_I=block_i, BLOCK_K=UP_TILE // block_i, num_warps=8)
     k_pad = triton.next_power_of_2(k)
-    _down[(T, triton.cdiv(H, BLOCK_H))](
+    _down[(T, triton.cdiv(H, block_h))](
         h, w2, b2, ids, wts, out, expert_load if expert_load is not None else ids, E, H, inter, K_SLOTS=k,
-        K_PAD=k_pad, HAS_BIAS=w2_bias is not None, COUNT=expert_load is not None, BLOCK_H=BLOCK_H,
-        BLOCK_K=DOWN_TILE // (k_pad * BLOCK_H), num_warps=8)
+        K_PAD=k_pad, HAS_BIAS=w2_bias is not None, COUNT=expert_load is not None, BLOCK_H=block_h,
+        BLOCK_K=DOWN_TILE // (k_pad * block_h), num_warps=8)
     return out

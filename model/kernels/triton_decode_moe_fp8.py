@@ -13,11 +13,11 @@ kept unquantised in a float32 buffer; `_down` quantises each (slot, 128-column g
 loads it (every `_down` program of a token redoes it: k × I values, from L2), then the same block-scaled sums; the k
 slots reduced by a fixed tree in float32, one cast to x's dtype.
 
-- `_up`: programs (slot, 32 intermediate columns); per step GROUPS 128-wide K blocks of the gate and up rows
-  ([32, GROUPS, 128] e4m3 each, 32 KB in flight at GROUPS = 4).
-- `_down`: programs (token, 16 output columns), all k slots in one [k_pad, 16, 128] tile per K block (16 KB at
-  k = 8). expert_load counted by the column-block-0 programs (int64 atomic adds: exact).
-H and I are multiples of 128 (the FP8 op's contract), so a program's 32 or 16 rows share one weight-scale block.
+- `_up`: programs (slot, BLOCK_I ∈ {8, 16, 32} intermediate columns, `triton_decode_moe.launch_blocks`); per step
+  GROUPS = 128 / BLOCK_I K blocks of the gate and up rows ([BLOCK_I, GROUPS, 128] e4m3 each, 32 KB for both).
+- `_down`: programs (token, BLOCK_H ∈ {8, 16} output columns), all k slots in one [k_pad, BLOCK_H, 128] tile per
+  K block (16 KB at k = 8, BLOCK_H = 16). expert_load counted by the column-block-0 programs (int64 atomic adds: exact).
+H and I are multiples of 128 (the FP8 op's contract), so a program's rows share one weight-scale block.
 """
 
 import torch
@@ -30,14 +30,13 @@ try:
     import triton
     import triton.language as tl
 
-    from model.kernels.triton_decode_moe import _activate
+    from model.kernels.triton_decode_moe import _activate, _sm_count, launch_blocks
     from model.kernels.triton_fp8_gemv import _quantize_groups
 except ImportError:  # CPU-only installs
-    triton = tl = _activate = _quantize_groups = None
+    triton = tl = _activate = _quantize_groups = _sm_count = launch_blocks = None
 
-BLOCK_I = 32  # intermediate columns per `_up` program (divides 128: one scale block of rows)
-GROUPS = 4  # 128-wide K blocks per `_up` step
-BLOCK_H = 16  # output columns per `_down` program
+UP_STEP_ROWS = 128  # BLOCK_I x GROUPS: `_up`'s step is [BLOCK_I, GROUPS, 128] e4m3 (16 KB) per gate and up
+MIN_BLOCK_H = 8  # `_down` quantises k x 128 values of h per step: below 8 columns that outweighs the weights
 
 
 if tl is not None:
@@ -114,8 +113,9 @@ if tl is not None:
 def decode_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
                    w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                    expert_load: torch.Tensor | None, activation: Activation, w13_bias: torch.Tensor | None = None,
-                   w2_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`fused_moe_fp8` for x [T, H] with T·k <= DECODE_MAX_SLOTS (inputs already checked: H, I multiples of 128)."""
+                   w2_bias: torch.Tensor | None = None, blocks: tuple[int, int] | None = None) -> torch.Tensor:
+    """`fused_moe_fp8` for x [T, H] with T·k <= DECODE_MAX_SLOTS (inputs already checked: H, I multiples of 128).
+    `blocks` (BLOCK_I, BLOCK_H) overrides `launch_blocks` (tests)."""
     T, H = x.shape
     E, two_i, _ = w13.shape
     inter, k = two_i // 2, topk_ids.shape[1]
@@ -128,12 +128,13 @@ def decode_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, 
     b13 = w13_bias.contiguous() if w13_bias is not None else x  # a placeholder pointer when there is no bias
     b2 = w2_bias.contiguous() if w2_bias is not None else x
     soft = triton_interpreted()
-    _up[(T * k, inter // BLOCK_I)](
+    block_i, block_h = blocks or launch_blocks(T, k, H, inter, _sm_count(x.device), MIN_BLOCK_H)
+    _up[(T * k, inter // block_i)](
         x, w13, s13, b13, ids, h, E, H, inter, K_SLOTS=k, HAS_BIAS=w13_bias is not None,
         SWIGLU_OAI=activation == Activation.SWIGLU_OAI, alpha=SWIGLU_OAI_ALPHA, limit=SWIGLU_OAI_LIMIT,
-        SOFT_ROUND=soft, BLOCK_I=BLOCK_I, GROUPS=GROUPS, num_warps=8)
-    _down[(T, H // BLOCK_H)](
+        SOFT_ROUND=soft, BLOCK_I=block_i, GROUPS=UP_STEP_ROWS // block_i, num_warps=8)
+    _down[(T, H // block_h)](
         h, w2, s2, b2, ids, wts, out, expert_load if expert_load is not None else ids, E, H, inter, K_SLOTS=k,
         K_PAD=triton.next_power_of_2(k), HAS_BIAS=w2_bias is not None, COUNT=expert_load is not None,
-        SOFT_ROUND=soft, BLOCK_H=BLOCK_H, num_warps=8)
+        SOFT_ROUND=soft, BLOCK_H=block_h, num_warps=8)
     return out
