@@ -142,6 +142,13 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
         STATICMOE_DECODE_MOE=$knob python3 benchmarks/bench_moe.py --shapes olmoe-1b-7b --tokens 1,4,8 \
           --routing balanced --no-loop --budget-ms 60 --out-dir "$OUT/decode_moe_$knob" >> "$OUT/decode_moe_ab_$knob.log" 2>&1
         echo "STATICMOE_DECODE_MOE=$knob"; grep -E "balanced" "$OUT/decode_moe_ab_$knob.log" | tail -16
+      done
+      PYTHONPATH=. python3 benchmarks/bench_decode_moe.py 2>&1 | tee "$OUT/bench_decode_moe.log" | tail -30
+      STATICMOE_DECODE_MOE=1 run_tests tests/test_engine_graphs.py
+      for knob in 1 0; do  # the engine's decode step (batch 1 takes the two launches, batch 64 the CUDA layer)
+        STATICMOE_DECODE_MOE=$knob python3 benchmarks/profile_engine.py step-phases olmoe-1b-7b qwen3-30b-a3b \
+          > "$OUT/profile_decode_moe_$knob.log" 2>&1
+        echo "engine, STATICMOE_DECODE_MOE=$knob: $(grep -E '^[a-z0-9.-]+ batch' "$OUT/profile_decode_moe_$knob.log" | tr '\n' ' ')"
       done ;;
     pending-serving)  # serving measurements first taken in session 13 (benchmarks/NOTES.md "Session 13")
       STATICMOE_CACHE_WRITE=triton STATICMOE_ROUTER=triton python3 benchmarks/profile_engine.py step-phases \
