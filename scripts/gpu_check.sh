@@ -12,6 +12,7 @@
 #   (DECODE_PRESETS, default olmoe-1b-7b qwen3-30b-a3b). api-costs: benchmarks/bench_api_costs.py (API_PRESET,
 #   API_ARGS). grammar-masks: benchmarks/bench_grammar_masks.py (structured output's host cost per step).
 #   ncu-fp8: Nsight Compute on the FP8 GEMMs of one layer call (NCU_POINT, default qwen3:8192:balanced).
+#   decode-attention: the Triton decode attention's split choice at batch 1-64 against its byte floor (issue 21).
 #   decode-moe-ab: the two-launch decode MoE (model/kernels/triton_decode_moe.py), tests then the layer at T = 1-8.
 #   pending-serving: serving measurements first taken in session 13 (qwen3 decode profile with the Triton router,
 #   gpt-oss engine, API costs with the short-output control).
@@ -133,6 +134,8 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
       python3 benchmarks/profile_moe.py points e128k8h2048i384:8192:balanced e128k8h2048i768:8192:balanced \
         e128k8h2048i1536:8192:balanced e128k8h2048i3072:8192:balanced >> "$OUT/fp8_tile_fit.txt" 2>&1
       grep -vE '^\s*$' "$OUT/fp8_tile_fit.txt" | tail -40 ;;
+    decode-attention)  # issue 21 item 3: the Triton decode attention's splits at small batches vs its byte floor
+      python3 benchmarks/bench_decode_attention.py 2>&1 | tee "$OUT/bench_decode_attention.log" | tail -40 ;;
     decode-moe-ab)  # issue 21: the two-launch decode MoE (STATICMOE_DECODE_MOE) checked, then timed 1,0,1,0: the FP8
       # grid's shapes at T = 1-8 (our FP8 and bf16 layers, graph times in the JSON) and OLMoE in bf16
       run_tests tests/test_triton_decode_moe_gpu.py
