@@ -291,21 +291,24 @@ def report(args, client: list[dict], server: dict) -> None:
         loop_cpu = [cpu for t, _, cpu in server["lags"] if window[0] <= t <= window[1]]
         engine_cpu = [s["cpu"] for s in burst_steps]
         cmds = [c for c in server["commands"] if window[0] <= c[0] <= window[1]]
+        loop_ms = 1e3 * (loop_cpu[-1] - loop_cpu[0]) if loop_cpu else 0.0
+        engine_ms = 1e3 * (engine_cpu[-1] - engine_cpu[0]) if engine_cpu else 0.0
         print(f"    steps until the last first token: {len(burst_steps)} ({len(eager)} eager: host "
               f"{sum(1e3 * (d['launched'] - d['start']) for d in eager):.0f} ms for "
               f"{sum(d['tokens'] for d in eager)} tokens; decode {len(dev) - len(eager)}); schedule() "
               f"{sum(s['schedule_ms'] for s in burst_steps):.1f} ms; add commands {len(cmds)} "
               f"({sum(1e3 * c[1] for c in cmds):.1f} ms); event-loop lateness > 2 ms: {len(lags)} times, "
-              f"{1e3 * sum(lags):.0f} ms; CPU time: event loop {1e3 * (loop_cpu[-1] - loop_cpu[0]) if loop_cpu else 0:.0f} ms, "
-              f"engine thread {1e3 * (engine_cpu[-1] - engine_cpu[0]) if engine_cpu else 0:.0f} ms; waiting at each step: {[s['waiting'] for s in burst_steps][:20]}")
+              f"{1e3 * sum(lags):.0f} ms; CPU time: event loop {loop_ms:.0f} ms, engine thread {engine_ms:.0f} ms; "
+              f"waiting at each step: {[s['waiting'] for s in burst_steps][:20]}")
 
 
 def print_totals(args, client: list[dict], server: dict) -> None:
     chunks = args.conversations * args.turns * (args.turn_output_len + 2)
+    start = min(c["sent"] for c in client)
     print(f"whole run: {len(client)} requests, ~{chunks} SSE chunks; event-loop thread CPU "
           f"{server['loop_cpu_s']:.2f} s, server process CPU {server['process_cpu_s']:.2f} s; full (gen-2) garbage "
-          f"collections while serving: {[round(1e3 * d) for t, d in server['full_collections'] if t >= client[0]['sent']]} "
-          f"ms; objects frozen out of the collector: {server['frozen']}")
+          f"collections while serving: {[round(1e3 * d) for t, d in server['full_collections'] if t >= start]} ms; "
+          f"objects frozen out of the collector: {server['frozen']}")
 
 
 def main(argv=None) -> int:
@@ -313,9 +316,10 @@ def main(argv=None) -> int:
     if args.serve:
         return serve(args)
     port = free_port()
-    cmd = [sys.executable, "-m", "benchmarks.burst_host_profile", "--serve", str(port),
-           "--eager-host-ms", str(args.eager_host_ms), "--switch-interval", str(args.switch_interval)] + (["--profile-loop"] if args.profile_loop else []) \
-        + [f"--{name}" for name in ("no-httptools", "no-uvloop", "no-gc-freeze") if getattr(args, name.replace("-", "_"))] + (["--no-prefix-caching"] if args.no_prefix_caching else [])
+    switches = ("no-prefix-caching", "no-httptools", "no-uvloop", "no-gc-freeze", "profile-loop")
+    cmd = [sys.executable, "-m", "benchmarks.burst_host_profile", "--serve", str(port), "--eager-host-ms",
+           str(args.eager_host_ms), "--switch-interval", str(args.switch_interval)]
+    cmd += [f"--{name}" for name in switches if getattr(args, name.replace("-", "_"))]
     server = subprocess.Popen(cmd)
     try:
         url = f"http://127.0.0.1:{port}"

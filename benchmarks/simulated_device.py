@@ -74,7 +74,7 @@ def simulated_engine(device: SimulatedDevice, **config) -> LLMEngine:
     PRESETS.setdefault(SIM_PRESET, dict(PRESETS[TINY], vocab_size=50304, eos_token_id=50279))
     torch.set_num_threads(1)
     settings = dict(model=SIM_PRESET, random_weights=True, device="cpu", max_num_seqs=64,
-                    max_num_batched_tokens=8192, num_kv_blocks=40000, expert_metrics=False)
+                    max_num_batched_tokens=8192, num_kv_blocks=20000, expert_metrics=False)
     engine = LLMEngine(EngineConfig(**{**settings, **config}))
     vocab = engine.model_config.vocab_size
     logits = torch.zeros(engine.config.max_num_seqs * 2, vocab)
