@@ -67,6 +67,9 @@ def parse_args(argv=None):
                    help="load-generator processes the requests are split over (service/loadgen/processes.py)")
     p.add_argument("--start-spread-s", type=non_negative_float, default=0.0,
                    help="conversations start at seeded uniform random times in [0, S); 0: all at once, in step")
+    p.add_argument("--turn-interval-s", type=non_negative_float, default=0.0,
+                   help="turn t of a conversation is sent t * S after its start (or later, if turn t - 1 is not "
+                        "complete): both servers see the same arrivals; 0: each turn once the previous one is done")
     p.add_argument("--quick", action="store_true", help="a small shape of everything, one pair (CPU smoke run)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
@@ -97,7 +100,8 @@ async def measure(server: Server, preset: str, args, warm: list[PromptSpec], spe
     no_reuse["server_metrics"] = scraper.summary()
     async with MetricsScraper(server.base_url, args.scrape_interval_s) as scraper:
         conv_run = await run_conversations(server.base_url, conversations, model=preset,
-                                           start_spread_s=args.start_spread_s, processes=args.client_processes)
+                                           start_spread_s=args.start_spread_s, processes=args.client_processes,
+                                           turn_interval_s=args.turn_interval_s)
     multi = summarize_turns(conv_run)
     multi["server_metrics"] = scraper.summary()
     multi["ttft_s_turn2plus"] = [r.ttft_s for t, r in conv_run.results if t >= 1 and r.ok]  # pooled later
@@ -120,6 +124,10 @@ def run_server(preset, args, caching: bool, index: int, inputs, log_dir: Path) -
           f"server-side TTFT mean {1e3 * (mt['server_metrics'].get('server_ttft_mean_s') or 0):.0f} ms, "
           f"hit rate {hit_rate(mt['server_metrics']):.1%}; failed {nr['failed'] + mt['failed']}", flush=True)
     return dict(caching=caching, command=" ".join(server.command[1:]), startup_s=startup, **result)
+
+
+def late_turns(result: dict) -> str:
+    return ", ".join(str(run["multi_turn"].get("late_turns", 0)) for run in result["runs"]) or "none"
 
 
 def hit_rate(metrics: dict) -> float:
@@ -193,6 +201,9 @@ def markdown(report: dict) -> str:
              f"tokens, {a['user_len']} new user tokens and {a['turn_output_len']} output tokens per turn, "
              + ("all conversations at once" if not a.get("start_spread_s") else
                 f"conversations starting at random times within {a['start_spread_s']:g} s")
+             + (f", turn t sent at t × {a['turn_interval_s']:g} s (the same arrivals for both settings; "
+                f"late turns per server: {late_turns(r)})" if a.get("turn_interval_s") else
+                ", each turn sent once the previous answer is complete")
              + f". No reuse: random {a['input_len']}-token prompts, {a['output_len']} output tokens, "
              f"concurrency {a['concurrency']}, {a['prompts_per_level']} requests. Fresh servers in the order "
              f"{', '.join(r['order'])}.", ""]

@@ -306,7 +306,7 @@ def serve(args: argparse.Namespace) -> int:
         options = ClientOptions(model_name=served_name, max_queue=args.max_queue,
                                 max_running=engine_config.max_num_seqs, expert_metrics=mode,
                                 moe_peak_flops=args.moe_peak_flops, request_timeout_s=args.request_timeout,
-                                stall_timeout_s=args.engine_stall_timeout)
+                                stall_timeout_s=args.engine_stall_timeout, freeze_heap=True)
     except ValueError as err:
         raise SystemExit(f"staticmoe: error: {err}") from None
     make_engine = lambda: LLMEngine(engine_config)  # noqa: E731

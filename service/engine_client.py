@@ -17,6 +17,7 @@ import asyncio
 import collections
 import concurrent.futures
 import enum
+import gc
 import logging
 import threading
 import time
@@ -58,6 +59,7 @@ class ClientOptions:
     metrics_interval_s: float = 0.25  # how often a busy engine publishes MoE stats
     request_timeout_s: float | None = 600.0  # admission to last token; None or 0 = no limit
     stall_timeout_s: float = 120.0   # an engine turn (one step) longer than this counts as a hung engine
+    freeze_heap: bool = False        # after loading, freeze_startup_heap() (the server's; tests load many engines)
 
     def __post_init__(self):
         if not self.stall_timeout_s > 0:
@@ -221,15 +223,16 @@ class EngineClient:
         with self._lock:
             self._inflight -= n
 
-    async def generate(self, prompts: list[list[int]], params: list) -> RequestGroup:
-        """Submit one engine request per (prompt, params) pair; raises ApiError (429/503) if refused."""
+    async def generate(self, prompts: list[list[int]], params: list, prompts_checked: bool = False) -> RequestGroup:
+        """Submit one engine request per (prompt, params) pair; raises ApiError (429/503) if refused.
+        `prompts_checked`: every id is known to be an int in [0, vocab) (the engine thread then skips that check)."""
         self._admit(len(prompts))
         base = uuid.uuid4().hex
         group = RequestGroup([f"{base}-{i}" for i in range(len(prompts))], self.abort,
                              self.options.request_timeout_s or None)
         self._groups.add(group)
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._submit(("add", group, prompts, params, time.monotonic(), future))
+        self._submit(("add", group, prompts, params, prompts_checked, time.monotonic(), future))
         added = asyncio.wrap_future(future)
         try:  # the group can end before the engine takes the request: a hung step, the drain, the deadline
             await asyncio.wait({added, group.ended}, return_when=asyncio.FIRST_COMPLETED)
@@ -299,6 +302,8 @@ class EngineClient:
         self.loaded.set()
         if hasattr(engine, "tokenizer"):
             index_vocabulary_ahead(engine)
+        if self.options.freeze_heap:
+            freeze_startup_heap()
         logger.info("model %s loaded in %.1f s: device=%s dtype=%s max_model_len=%d kernel path: %s",
                     self.options.model_name, time.monotonic() - started, engine.device, engine.dtype,
                     engine.max_model_len, engine.kernel_path)
@@ -348,7 +353,7 @@ class EngineClient:
         while self._commands:
             command = self._commands.popleft()
             if command[0] == "add":
-                _, group, prompts, params, arrival, future = command
+                _, group, prompts, params, checked, arrival, future = command
                 if not future.set_running_or_notify_cancel():  # the handler gave up waiting (client gone)
                     self._release(len(prompts))
                     continue
@@ -356,7 +361,7 @@ class EngineClient:
                 try:
                     for index, (prompt, p) in enumerate(zip(prompts, params)):
                         request_id = group.request_ids[index]
-                        engine.add_request(request_id, prompt, p)
+                        engine.add_request(request_id, prompt, p, prompt_checked=checked)
                         added.append(request_id)
                         self._routes[request_id] = (group, index)
                         self._timing.on_added(request_id, arrival)
@@ -424,6 +429,15 @@ class EngineClient:
         if self._loop is not None and not self._loop.is_closed():
             for group in groups.values():
                 self._loop.call_soon_threadsafe(group.fail, error)
+
+
+def freeze_startup_heap() -> None:
+    """Move every object alive after start-up (torch, the model, the app: ~360k on the CPU) out of the cyclic
+    garbage collector's reach. Each full collection otherwise walks them all with the GIL held, stopping the event
+    loop and the engine alike: 180-370 ms pauses while serving (benchmarks/NOTES.md, "the olmoe lockstep burst").
+    Objects made later are collected as before."""
+    gc.collect()
+    gc.freeze()
 
 
 def _deliver_all(batches: list[tuple[RequestGroup, list]]) -> None:

@@ -36,7 +36,8 @@ class ServingEngine(Protocol):
     workers: WorkerRanks | None  # None for a model on one rank
 
     # Called from the engine thread only (the engine has no locks of its own).
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None: ...
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                    prompt_checked: bool = False) -> None: ...
 
     def abort_request(self, request_id: str) -> None: ...
 

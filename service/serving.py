@@ -166,7 +166,9 @@ class OpenAIServing:
     async def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> RequestGroup:
         expanded_prompts = [p for p in prompts for _ in params]
         expanded_params = [sp for _ in prompts for sp in params]
-        return await self.client.generate(expanded_prompts, expanded_params)
+        # every prompt id was checked at the boundary: token lists by the request model (ints >= 0) and
+        # completion_prompt_ids (< vocab), text through the tokenizer, whose ids the loader keeps within the vocabulary
+        return await self.client.generate(expanded_prompts, expanded_params, prompts_checked=True)
 
     # ---- delivery -------------------------------------------------------------------------------------------------
     async def collect(self, group: RequestGroup, on_output: Callable, request: Request) -> None:

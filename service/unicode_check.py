@@ -19,7 +19,8 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def lone_surrogate_field(body: bytes) -> str | None:
     """The dotted path of the first key or string holding a lone surrogate ("" for the top level), or None when
     there is none or the body is not JSON at all (the app then answers its own 400)."""
-    if not _MAYBE_SURROGATE.search(body):
+    # byte searches first (memchr speed): the regex over a 20 kB body of token ids took ~0.2 ms of the event loop
+    if (b"\\u" not in body and b"\xed" not in body) or not _MAYBE_SURROGATE.search(body):
         return None
     try:
         text = body.decode("utf-8")  # strict: raw surrogate bytes are not UTF-8

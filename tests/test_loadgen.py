@@ -154,6 +154,27 @@ def test_multi_turn_reports_ttft_per_turn_and_the_server_finds_each_history(serv
     assert hits >= 3 * (48 + 48), "turns 2 and 3 find the previous turn's prompt (full blocks of 16)"
 
 
+def test_turns_on_a_fixed_schedule_wait_for_their_slot_and_late_ones_are_counted(served):  # noqa: F811
+    import asyncio
+
+    from service.loadgen.multiturn import run_conversations, summarize_turns
+
+    convs = make_conversations(2, 3, system_len=16, user_len=4, output_len=2, vocab_size=200, seed=3)
+
+    def run(interval: float):
+        return asyncio.run(run_conversations(served.base_url, convs, model=None, api_key=API_KEY,
+                                             turn_interval_s=interval))
+
+    scheduled = run(0.6)
+    assert all(r.ok for _, r in scheduled.results) and len(scheduled.results) == 6
+    assert scheduled.duration_s >= 2 * 0.6, "turn 3 is sent 1.2 s after the start, not before"
+    assert scheduled.late_turns == 0 and summarize_turns(scheduled)["late_turns"] == 0
+    crowded = run(0.0005)  # no turn is answered within half a millisecond
+    assert crowded.late_turns == 2 * 2, "every turn after the first is late"
+    with pytest.raises(ValueError, match="turn_interval_s must be >= 0"):
+        asyncio.run(run_conversations(served.base_url, convs, model=None, turn_interval_s=-1))
+
+
 def test_sweep_counts_tokens_and_writes_json_and_plots(served, tmp_path):  # noqa: F811
     before = parse_metrics(served.metrics_text())
     rc, report = run_cli(tmp_path, served.base_url, "--api-key", API_KEY, "--input-len", "24", "--output-len", "8",

@@ -151,7 +151,10 @@ class LLMEngine:
         self._arrivals = 0
 
     # ---- requests (between steps) -----------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None, *,
+                    prompt_checked: bool = False) -> None:
+        """`prompt_checked`: the caller has already checked that every prompt id is an int in [0, vocab_size) (the
+        service does, at its HTTP boundary), so the engine thread skips that pass over the prompt."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -162,8 +165,9 @@ class LLMEngine:
             raise ValueError("the prompt must have at least one token")
         vocab = self.model_config.vocab_size
         # in C over the list (set/min/max): the per-token Python check cost ~3 µs a token on the engine thread, 0.2 s
-        # for a burst of 64 prompts of 3k tokens; a failure is found again token by token for the message
-        if set(map(type, prompt)) != {int} or min(prompt) < 0 or max(prompt) >= vocab:
+        # for a burst of 64 prompts of 3k tokens; a failure is found again token by token for the message. Even so
+        # ~0.25 ms for 2.4k tokens, 16 ms of a burst of 64 during which no step runs: skipped when checked before
+        if not prompt_checked and (set(map(type, prompt)) != {int} or min(prompt) < 0 or max(prompt) >= vocab):
             bad = next(t for t in prompt if type(t) is not int or not 0 <= t < vocab)
             raise ValueError(f"prompt token {bad!r} is not a valid id in [0, {vocab})")
         for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias),

@@ -9,6 +9,12 @@ stand-in of the same length. Each turn therefore re-sends the previous turn's pr
 holds) followed by `output_len + user_len` new tokens; all conversations share the `system_len` tokens in front.
 Turns of one conversation run one after the other; up to `max_concurrency` conversations run at once. A failed
 turn ends its conversation.
+
+Arrivals. By default a turn is sent as soon as the previous answer is complete (closed loop), so each server shapes
+its own arrivals: conversations started together stay in step on a server that answers them alike (every turn a
+burst), and drift apart on one whose first turn spreads them out (without prefix caching, a long prefill). With
+`turn_interval_s` > 0, turn t of a conversation is sent at its start + t * turn_interval_s (or when turn t - 1 is
+complete, if later: counted in `late_turns`), so two servers see the same arrivals as long as neither is late.
 """
 
 from __future__ import annotations
@@ -69,18 +75,21 @@ class MultiTurnRun:
     not_sent: int  # turns skipped because an earlier turn of their conversation failed
     duration_s: float
     max_concurrency: int | None
+    late_turns: int = 0  # turns sent after their slot (turn_interval_s > 0): the previous one was not complete
 
 
 async def run_conversations(base_url: str, conversations: list[Conversation], *, model: str | None,
                             api_key: str | None = None, max_concurrency: int | None = None,
                             temperature: float = 0.0, request_timeout_s: float = 600.0,
-                            start_spread_s: float = 0.0, seed: int = 0, processes: int = 1) -> MultiTurnRun:
+                            start_spread_s: float = 0.0, seed: int = 0, processes: int = 1,
+                            turn_interval_s: float = 0.0) -> MultiTurnRun:
     """Every conversation sends its turns one after another (the next once the previous answer is complete).
     start_spread_s > 0: each conversation starts after its own uniform random delay in [0, start_spread_s) (seeded,
     so two servers see the same arrivals); 0: all start at once and, with equal lengths, stay in step.
+    turn_interval_s > 0: turn t is sent t * turn_interval_s after its conversation's start, not before (module doc).
     processes > 1: the conversations are split over that many client processes (service/loadgen/processes.py)."""
-    if start_spread_s < 0:
-        raise ValueError(f"start_spread_s must be >= 0, got {start_spread_s}")
+    if start_spread_s < 0 or turn_interval_s < 0:
+        raise ValueError(f"start_spread_s and turn_interval_s must be >= 0, got {start_spread_s} and {turn_interval_s}")
     rng = random.Random(seed)
     delays = [rng.uniform(0.0, start_spread_s) for _ in conversations]
     parts = max(1, min(processes, len(conversations), max_concurrency or len(conversations)))
@@ -91,31 +100,38 @@ async def run_conversations(base_url: str, conversations: list[Conversation], *,
         runs, duration = await run_sharded(_run_with_delays, [
             dict(base_url=base_url, conversations=conversations[i::parts], delays=delays[i::parts], model=model,
                  api_key=api_key, max_concurrency=limits[i], temperature=temperature,
-                 request_timeout_s=request_timeout_s) for i in range(parts)])
+                 request_timeout_s=request_timeout_s, turn_interval_s=turn_interval_s) for i in range(parts)])
         return MultiTurnRun([r for run in runs for r in run.results], sum(run.not_sent for run in runs), duration,
-                            max_concurrency)
+                            max_concurrency, sum(run.late_turns for run in runs))
     return await _run_with_delays(base_url, conversations, delays, model=model, api_key=api_key,
                                   max_concurrency=max_concurrency, temperature=temperature,
-                                  request_timeout_s=request_timeout_s)
+                                  request_timeout_s=request_timeout_s, turn_interval_s=turn_interval_s)
 
 
 async def _run_with_delays(base_url: str, conversations: list[Conversation], delays: list[float], *,
                            model: str | None, api_key: str | None, max_concurrency: int | None,
-                           temperature: float, request_timeout_s: float) -> MultiTurnRun:
+                           temperature: float, request_timeout_s: float, turn_interval_s: float = 0.0) -> MultiTurnRun:
     url = base_url.rstrip("/") + COMPLETIONS_PATH
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limit = max_concurrency or len(conversations)
     gate = asyncio.Semaphore(limit)
     results: list[tuple[int, RequestResult]] = []
-    skipped = 0
+    skipped = late = 0
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(request_timeout_s, connect=10.0),
                                  limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit)) as client:
         async def converse(conv: Conversation, delay: float) -> None:
-            nonlocal skipped
+            nonlocal skipped, late
             await asyncio.sleep(delay)
             async with gate:
+                began = time.perf_counter()
                 for turn in range(conv.num_turns):
+                    if turn_interval_s:
+                        wait = began + turn * turn_interval_s - time.perf_counter()
+                        if wait > 0:
+                            await asyncio.sleep(wait)
+                        else:
+                            late += turn > 0
                     prompt = conv.prompt(turn)
                     result = await send_completion(client, url, headers, model,
                                                    PromptSpec(prompt, len(prompt), conv.output_len), temperature)
@@ -127,7 +143,7 @@ async def _run_with_delays(base_url: str, conversations: list[Conversation], del
         start = time.perf_counter()
         await asyncio.gather(*(converse(c, d) for c, d in zip(conversations, delays)))
         duration = time.perf_counter() - start
-    return MultiTurnRun(results, skipped, duration, max_concurrency)
+    return MultiTurnRun(results, skipped, duration, max_concurrency, late)
 
 
 def summarize_turns(run: MultiTurnRun) -> dict:
@@ -141,6 +157,7 @@ def summarize_turns(run: MultiTurnRun) -> dict:
                          "mean_prompt_len": _mean([r.prompt_len for u, r in ok if u == t]),
                          "ttft_ms": distribution_ms([r.ttft_s for u, r in ok if u == t])} for t in turns]
     summary["ttft_ms_turn2plus"] = distribution_ms([r.ttft_s for t, r in ok if t >= 1])
+    summary["late_turns"] = run.late_turns
     return summary
 
 
