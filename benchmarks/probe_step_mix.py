@@ -11,7 +11,8 @@ lengths do: requests of one length finish together and their replacements prefil
 requests of varied lengths finish one or two a step and nearly every step prefills one of their replacements.
 
 Per feature it prints: steps, the share that are pure decode (graph-eligible on the GPU), mixed (decode rows and
-prompt tokens), prefill only; prompts per prefilling step; output tokens per step; the host time of the grammar
+prompt tokens), prefill only; prompts per prefilling step; output tokens per step; the mean TTFT in steps (arrival to the step that returns the
+first token); the host time of the grammar
 parts (mask fill, matcher advance) per step; the output length distribution. `matched_lengths`: plain requests
 whose max_tokens are the structured_json requests' output lengths of the same run (drawn in order), the control
 that separates what the grammar costs from what its lengths cost. `--gpu-model DECODE_MS MIXED_MS PREFILL_KTOK_S` adds the
@@ -94,7 +95,11 @@ def run_feature(args, name: str, lengths_from: list[int] | None) -> dict:
     fill = Timed(engine.sampling.masks, "fill")
     advance = Timed(engine.sampling, "advance_grammars")
 
-    def new_request(index: int) -> None:
+    arrived: dict[str, int] = {}  # request id -> the step it arrived before
+    ttft_steps: list[int] = []  # steps from arrival to the step that returned its first token
+
+    def new_request(index: int, step: int) -> None:
+        arrived[f"r{index}"] = step
         grammar = None
         if kind_spec is not None:  # compiled per request, as the service does (on its tokenizer threads)
             grammar = compile_grammar(*kind_spec, engine.tokenizer, vocab, list(engine.eos_token_ids))
@@ -107,13 +112,13 @@ def run_feature(args, name: str, lengths_from: list[int] | None) -> dict:
 
     arrivals: dict[int, int] = {}  # step -> requests arriving then
     for i in range(c):
-        new_request(i)
+        new_request(i, 0)
     sent = c
     out_lengths, kinds, prompts_per_prefill, step_outputs, prompt_tokens = [], [], [], [], []
     step_s = 0.0
     for step in range(args.steps):
         for _ in range(arrivals.pop(step, 0)):
-            new_request(sent)
+            new_request(sent, step)
             sent += 1
         t = time.perf_counter()
         out = engine.step()
@@ -124,6 +129,8 @@ def run_feature(args, name: str, lengths_from: list[int] | None) -> dict:
             prompts_per_prefill.append(engine._probe_prompts)
         step_outputs.append(sum(1 for o in out if o.new_token_ids))
         for o in out:
+            if o.num_output_tokens == len(o.new_token_ids) and o.new_token_ids and o.request_id in arrived:
+                ttft_steps.append(step - arrived.pop(o.request_id))
             if o.finished:
                 out_lengths.append(o.num_output_tokens)
                 arrivals[step + args.arrival_delay] = arrivals.get(step + args.arrival_delay, 0) + 1
@@ -134,6 +141,7 @@ def run_feature(args, name: str, lengths_from: list[int] | None) -> dict:
                   prefill=kinds.count("prefill") / steps, idle=kinds.count("idle") / steps,
                   prompts_per_prefilling_step=statistics.fmean(prompts_per_prefill) if prompts_per_prefill else 0,
                   tokens_per_step=tokens / steps, completed=len(out_lengths),
+                  ttft_steps=statistics.fmean(ttft_steps) if ttft_steps else 0,
                   mean_output_len=statistics.fmean(out_lengths) if out_lengths else 0,
                   output_lens=out_lengths, fill_ms_per_step=fill.total * 1e3 / steps,
                   advance_ms_per_step=advance.total * 1e3 / steps, step_ms=step_s * 1e3 / steps)
@@ -204,7 +212,8 @@ def main(argv=None) -> int:
         lens = r["output_lens"] or [0]
         print(f"{name:16s} steps {r['steps']:4d}: decode {r['decode']:5.1%} mixed {r['mixed']:5.1%} prefill-only "
               f"{r['prefill']:5.1%} idle {r['idle']:4.1%} | prompts/prefilling step "
-              f"{r['prompts_per_prefilling_step']:4.1f} | out tok/step {r['tokens_per_step']:5.1f} | "
+              f"{r['prompts_per_prefilling_step']:4.1f} | out tok/step {r['tokens_per_step']:5.1f} | TTFT "
+              f"{r['ttft_steps']:4.1f} steps | "
               f"out len mean {r['mean_output_len']:5.1f} (min {min(lens)}, p50 {statistics.median(lens):.0f}, "
               f"max {max(lens)}, n {r['completed']}) | host ms/step: step {r['step_ms']:6.2f}, mask fill "
               f"{r['fill_ms_per_step']:5.2f}, advance {r['advance_ms_per_step']:5.2f}"

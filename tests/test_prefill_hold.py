@@ -56,19 +56,34 @@ def test_no_hold_when_nothing_decodes():
     assert [s.seq.request_id for s in out.scheduled] == ["r0"], "an idle engine admits at once"
 
 
-def test_no_hold_when_the_waiting_prompts_fill_the_free_slots_or_the_budget():
-    for max_num_seqs, budget, prompt_len in ((3, 512, 5), (16, 20, 10)):
-        sched = Scheduler(BlockManager(num_blocks=256, block_size=4), max_num_seqs=max_num_seqs,
-                          max_num_batched_tokens=budget, prefill_hold_steps=10)
-        decoder = make_seq(0, 4, max_tokens=30)
-        sched.add(decoder)
-        out = sched.schedule()
-        sched.update_after_step(out, [1])
-        newcomers = [make_seq(1, prompt_len), make_seq(2, prompt_len)]  # 2 = the free slots, or 20 tokens = budget
-        for seq in newcomers:
-            sched.add(seq)
-        out = sched.schedule()
-        assert {s.seq.request_id for s in out.scheduled} == {"r0", "r1", "r2"}, (max_num_seqs, budget)
+def decoding_scheduler(max_num_seqs: int, budget: int) -> Scheduler:
+    """A scheduler with hold 10 and one sequence, r0, decoding."""
+    sched = Scheduler(BlockManager(num_blocks=256, block_size=4), max_num_seqs=max_num_seqs,
+                      max_num_batched_tokens=budget, prefill_hold_steps=10)
+    sched.add(make_seq(0, 4, max_tokens=30))
+    sched.update_after_step(sched.schedule(), [1])
+    return sched
+
+
+def test_no_hold_once_the_admissible_prompts_make_a_full_step():
+    sched = decoding_scheduler(max_num_seqs=16, budget=20)
+    for i in (1, 2):
+        sched.add(make_seq(i, 10))  # 20 tokens = the budget
+    out = sched.schedule()
+    assert {s.seq.request_id for s in out.scheduled} == {"r0", "r1", "r2"}
+
+
+def test_prompts_that_no_free_slot_could_take_do_not_end_the_hold():
+    # 2 free slots and a queue of 6 long prompts: the two that fit make 10 tokens, under the 20-token budget
+    sched = decoding_scheduler(max_num_seqs=3, budget=20)
+    for i in range(1, 7):
+        sched.add(make_seq(i, 5 if i <= 2 else 50))
+    out = sched.schedule()
+    assert [s.seq.request_id for s in out.scheduled] == ["r0"], "held: the queue beyond the free slots is not a step"
+    # at concurrency = max_num_seqs (each arrival takes the slot its predecessor freed) the hold still holds
+    sched = decoding_scheduler(max_num_seqs=2, budget=20)
+    sched.add(make_seq(1, 5))
+    assert [s.seq.request_id for s in sched.schedule().scheduled] == ["r0"]
 
 
 def test_a_step_that_prefills_anyway_admits_at_once():

@@ -8,7 +8,7 @@ Policy, each step:
 3. Waiting sequences (preempted ones first, then by arrival) are admitted while the budget, `max_num_seqs` and the
    free blocks (minus a small watermark that keeps room for decodes) allow; their prompt may be cut into chunks.
    Nothing is admitted in a step that preempted. With `prefill_hold_steps` (default 0: off), a step of decodes
-   only admits nobody while the waiting prompts are few (fewer than the free slots and the token budget) and the
+   admits nobody while the prompts the free slots could take make less than one step's token budget and the
    oldest has waited fewer steps than that: on the GPU every step that prefills runs eagerly, host-bound at about
    twice a decode graph replay, so prompts arriving one or two a step (outputs of varied lengths: structured
    output) would make nearly every step eager; held, they prefill together in one (benchmarks/NOTES.md, session
@@ -22,6 +22,7 @@ two blocks per new block of tokens, and the sliding one comes back once the wind
 """
 
 import bisect
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -183,9 +184,11 @@ class Scheduler:
         head = self.waiting[0]
         if head.num_preemptions or self.num_steps - head.waiting_since >= self.prefill_hold_steps:
             return False  # a preempted sequence is not held; the oldest prompt has waited long enough
-        if len(self.waiting) >= self.max_num_seqs - len(self.running):
-            return False  # they fill every free slot: nobody could join them
-        return sum(seq.num_tokens for seq in self.waiting) < self.max_num_batched_tokens  # < one full step
+        # held while those that the free slots could take now make less than one step's budget of tokens (not
+        # "while they fill fewer slots than are free": at concurrency = max_num_seqs each arrival fills the slot its
+        # predecessor freed, and nothing would ever be held)
+        admissible = itertools.islice(self.waiting, max(0, self.max_num_seqs - len(self.running)))
+        return sum(seq.num_tokens for seq in admissible) < self.max_num_batched_tokens
 
     def _schedule_chunk(self, seq: Sequence, chunk: int, out: SchedulerOutput, scheduled_ids: set[int]) -> int:
         target = seq.num_computed_tokens + chunk
