@@ -11,18 +11,18 @@ lengths do: requests of one length finish together and their replacements prefil
 requests of varied lengths finish one or two a step and nearly every step prefills one of their replacements.
 
 Per feature it prints: steps, the share that are pure decode (graph-eligible on the GPU), mixed (decode rows and
-prompt tokens), prefill only; prompts per prefilling step; output tokens per step; the mean TTFT in steps (arrival to the step that returns the
-first token); the host time of the grammar
-parts (mask fill, matcher advance) per step; the output length distribution. `matched_lengths`: plain requests
-whose max_tokens are the structured_json requests' output lengths of the same run (drawn in order), the control
-that separates what the grammar costs from what its lengths cost. `--gpu-model DECODE_MS MIXED_MS PREFILL_KTOK_S` adds the
-output throughput these steps would give on the GPU if a pure decode step took DECODE_MS (a graph replay) and any
-other step the larger of MIXED_MS (an eager step's host time) and its GPU work (DECODE_MS for its decode rows plus
-its prompt tokens at PREFILL_KTOK_S thousand a second).
+prompt tokens), prefill only; prompts per prefilling step; output tokens per step; the mean TTFT in steps (arrival
+to the step that returns the first token); the host time of the grammar parts (mask fill, matcher advance) per
+step; the output length distribution. `matched_lengths`: plain requests whose max_tokens are the structured_json
+requests' output lengths of the same run (drawn in order), the control that separates what the grammar costs from
+what its lengths cost. `--gpu-model DECODE_MS MIXED_MS PREFILL_KTOK_S` adds the output throughput these steps
+would give on the GPU if a pure decode step took DECODE_MS (a graph replay) and any other step the larger of
+MIXED_MS (an eager step's host time) and its GPU work (DECODE_MS for its decode rows plus its prompt tokens at
+PREFILL_KTOK_S thousand a second). Session 13's numbers: benchmarks/NOTES.md.
 
     python benchmarks/probe_step_mix.py [--features off structured_json matched_lengths short_outputs]
-        [--tokenizer DIR] [--concurrency 64] [--input-len 512] [--output-len 256] [--steps 600] [--gpu-model 24.5 53 85]
-        [--prefill-hold-steps N]
+        [--tokenizer DIR] [--concurrency 64] [--input-len 512] [--output-len 256] [--steps 600]
+        [--gpu-model 24.5 53 85] [--prefill-hold-steps N]
 """
 
 import argparse
