@@ -12,9 +12,13 @@ Features (request fields added by the load generator's --extra-body, service/loa
 - structured_json: a JSON schema (objects of bounded strings and numbers); with random weights outputs end once
   the schema is complete, so its requests are shorter: compare its per-token numbers (TPOT), not only throughput;
 - short_outputs: no constraint, `max_tokens` an eighth of --output-len (32 of 256: about the JSON schema's requests,
-  33 tokens on average with a stand-in drawing allowed tokens at random, benchmarks/bench_grammar_masks.py). The
-  control for structured_json: shorter requests mean more prompts per output token, and steps that prefill run
-  eagerly (no decode graph), so structured_json's cost minus this one is what the grammar itself costs.
+  33 tokens on average with a stand-in drawing allowed tokens at random, benchmarks/bench_grammar_masks.py). Not a
+  control for structured_json after all: requests of one length finish in the same step and their replacements
+  prefill together, while JSON's lengths vary, so one or two requests finish nearly every step and nearly every
+  step prefills (eagerly, host-bound) a replacement (benchmarks/probe_step_mix.py; NOTES.md, session 13);
+- matched_lengths: no constraint, each request's `max_tokens` one of the output lengths structured_json's requests
+  had in this run (in order): the same lengths without the grammar. structured_json's cost minus this one is what
+  the grammar itself costs; it runs after structured_json (which it needs).
 
 The mask cost depends on the vocabulary: presets use the 256-byte tokenizer, so by default a byte-level BPE
 tokenizer of --vocab tokens is trained here (on the Python standard library's sources, offline, ~1 min) and served
@@ -29,6 +33,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import signal
 import socket
 import statistics
@@ -42,7 +47,7 @@ import httpx
 
 from model.presets import PRESETS
 from service.loadgen.client import run_level
-from service.loadgen.dataset import random_token_prompts
+from service.loadgen.dataset import PromptSpec, random_token_prompts
 from service.loadgen.main import positive_int
 from service.loadgen.processes import default_client_processes
 from service.loadgen.report import summarize
@@ -60,7 +65,15 @@ def features(output_len: int) -> dict:
             "structured_regex": {"structured_outputs": {"regex": f"[a-z ]{{0,{32 * output_len}}}"}},
             "structured_json": {"response_format": {"type": "json_schema",
                                                     "json_schema": {"name": "record", "schema": SCHEMA}}},
-            "short_outputs": {"max_tokens": max(1, output_len // 8)}}  # overrides the load generator's
+            "short_outputs": {"max_tokens": max(1, output_len // 8)},  # overrides the load generator's
+            "matched_lengths": {}}  # plain requests; their max_tokens come from structured_json's outputs
+
+
+def matched_length_specs(specs: list[PromptSpec], lengths: list[int]) -> list[PromptSpec]:
+    """`specs` with the output lengths `lengths` (cycled, in order): plain requests as long as constrained ones."""
+    if not lengths:
+        raise RuntimeError("matched_lengths needs structured_json's output lengths: run both features")
+    return [PromptSpec(s.prompt, s.prompt_len, max(1, lengths[i % len(lengths)])) for i, s in enumerate(specs)]
 
 
 def parse_args(argv=None):
@@ -75,6 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--level-time-limit-s", type=float, default=25.0)
     p.add_argument("--vocab", type=int, default=100_000, help="BPE tokenizer trained here (0: the byte tokenizer)")
     p.add_argument("--features", nargs="+", default=list(features(1)), choices=list(features(1)))
+    p.add_argument("--server-args", default="", help="more `serve` flags, one string (e.g. \"--prefill-hold-steps "
+                   "8\" for the A/B of NOTES.md, session 13)")
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")
     p.add_argument("--out", required=True)
     return p.parse_args(argv)
@@ -123,7 +138,8 @@ def start_server(args, source: list[str], log: Path) -> tuple[subprocess.Popen, 
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "service", "serve", *source, "--port", str(port), "--device", args.device,
                "--max-num-seqs", str(args.concurrency), "--max-queue", str(args.concurrency),
-               "--max-model-len", str(args.input_len + args.output_len), "--log-level", "warning"]
+               "--max-model-len", str(args.input_len + args.output_len), "--log-level", "warning",
+               *shlex.split(args.server_args)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("STATICMOE_")}
     # keep the caller's path too: on the lent GPU machine fastapi & co. come from wheels unpacked onto PYTHONPATH
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
@@ -147,9 +163,16 @@ async def measure(args, base: str, vocab_size: int) -> dict:
     specs = random_token_prompts(8 * c, args.input_len, args.output_len, vocab_size, seed=0)
     runs: dict[str, list[dict]] = {"off": []}
 
+    json_lengths: list[int] = []  # output tokens of each structured_json request, for matched_lengths
+
     async def level(name: str, extra: dict | None) -> None:
-        run = await run_level(base, specs, model=args.preset, max_concurrency=c, extra_body=extra,
+        level_specs = specs
+        if name == "matched_lengths":
+            level_specs = matched_length_specs(specs, json_lengths)
+        run = await run_level(base, level_specs, model=args.preset, max_concurrency=c, extra_body=extra,
                               time_limit_s=args.level_time_limit_s, processes=args.client_processes)
+        if name == "structured_json":
+            json_lengths.extend(r.output_tokens for r in run.results if r.ok)
         summary = summarize(run)
         runs.setdefault(name, []).append(summary)
         print(f"  {name:17s} {summary['output_throughput']:9.1f} out tok/s  TPOT p50 "
@@ -162,7 +185,7 @@ async def measure(args, base: str, vocab_size: int) -> dict:
         warm = summarize(await run_level(base, specs[:1], model=args.preset, extra_body=features(args.output_len)[name]))
         if warm["failed"]:  # a feature the server refuses would be timed as 0 tok/s: stop with the reason instead
             raise RuntimeError(f"{name}: the warm-up request failed; the server log says why")
-    for name in args.features:
+    for name in sorted(args.features, key=lambda n: n == "matched_lengths"):  # after structured_json
         extra = features(args.output_len)[name]
         for which in ("off", name, name, "off"):
             await level(which, None if which == "off" else extra)
@@ -179,6 +202,8 @@ async def measure(args, base: str, vocab_size: int) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if "matched_lengths" in args.features and "structured_json" not in args.features:
+        raise SystemExit("--features matched_lengths needs structured_json too (it replays its output lengths)")
     if args.quick:
         args.concurrency, args.input_len, args.output_len, args.level_time_limit_s = 4, 16, 16, 3.0
         args.vocab = min(args.vocab, 2000, int(PRESETS[args.preset]["vocab_size"]))
@@ -192,14 +217,15 @@ def main(argv=None) -> int:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
-    result.update(preset=args.preset, concurrency=args.concurrency, input_len=args.input_len,
+    result.update(preset=args.preset, server_args=args.server_args, concurrency=args.concurrency, input_len=args.input_len,
                   output_len=args.output_len, vocab=args.vocab or "byte", device=args.device,
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                         text=True).stdout.strip())
     stem = out / f"bench_api_costs_{time.strftime('%Y%m%d-%H%M', time.gmtime())}_{args.preset}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    lines = [f"# API feature costs, {args.preset}, c={args.concurrency} ({result['date']}, {result['commit']})", "",
+    lines = [f"# API feature costs, {args.preset}, c={args.concurrency} ({result['date']}, {result['commit']})"
+             + (f", server {args.server_args}" if args.server_args else ""), "",
              "| feature | out tok/s | vs off | TPOT p50 ms | vs off | output tokens / request |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name, tok in result["output_tok_s"].items():

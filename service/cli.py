@@ -22,8 +22,8 @@ from model.quant_config import QUANTIZATIONS
 
 ENV_PREFIX = "STATICMOE_"
 # Engine settings the CLI passes on only when given, so their defaults live in EngineConfig alone.
-ENGINE_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks", "block_size", "dtype",
-                "device", "quantization", "logprobs_mode")
+ENGINE_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "prefill_hold_steps", "max_model_len", "num_kv_blocks",
+                "block_size", "dtype", "device", "quantization", "logprobs_mode")
 TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 logger = logging.getLogger("staticmoe.service")
@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
             help_="new tokens in one engine step (default: the engine's, by device)")
     f.value("--max-model-len", type_=positive_int, help_="context length (default: the model's, capped by the "
                                                           "KV cache)")
+    f.value("--prefill-hold-steps", type_=non_negative_int,
+            help_="while sequences decode, a new prompt waits up to N steps for others to prefill with it (fewer "
+                  "eager mixed steps, higher TTFT; default 0: admitted at once)", metavar="N")
     f.value("--num-kv-blocks", type_=positive_int, help_="KV-cache blocks (default: sized from free memory)")
     f.value("--block-size", type_=positive_int, help_="tokens per KV-cache block (default: the engine's)")
     f.value("--dtype", choices=[AUTO, *DTYPE_NAMES],

@@ -42,6 +42,8 @@ def test_defaults_serve_tiny_on_loopback():
     assert EngineConfig().enable_prefix_caching and not args.no_prefix_caching
     assert cli.build_engine_config(parse("--no-prefix-caching")) == EngineConfig(model="tiny",
                                                                                   enable_prefix_caching=False)
+    assert EngineConfig().prefill_hold_steps == 0  # admitted at once unless asked
+    assert cli.build_engine_config(parse("--prefill-hold-steps", "8")).prefill_hold_steps == 8
 
 
 def test_chunk_budget_defaults_to_the_device_and_a_given_value_wins(monkeypatch):

@@ -28,6 +28,9 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no CUDA graphs
     async_scheduling: bool = True  # launch each step before the previous one's sampled ids are read back
     enable_prefix_caching: bool = True  # share the KV blocks of repeated prompt prefixes (model/engine/block_manager.py)
+    # While sequences decode, a new prompt waits up to this many steps for others to prefill with it, so decode steps
+    # stay CUDA-graph replays and one eager step prefills the group (model/engine/scheduler.py; 0: admit at once)
+    prefill_hold_steps: int = 0
     expert_metrics: bool = True  # per-expert load and sampled MoE timing
     moe_timing_every: int = 16  # every n-th step's fused_moe time is read (event nodes in the decode graphs)
     gpu_memory_utilization: float = 0.9  # fraction of total GPU memory the engine may fill
@@ -52,6 +55,8 @@ class EngineConfig:
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineConfig.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.prefill_hold_steps, int) or self.prefill_hold_steps < 0:
+            raise ValueError(f"EngineConfig.prefill_hold_steps must be an int >= 0, got {self.prefill_hold_steps!r}")
         for name in ("num_kv_blocks", "max_model_len"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

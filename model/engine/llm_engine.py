@@ -127,7 +127,8 @@ class LLMEngine:
                                           prefix_caching=config.enable_prefix_caching,
                                           model_key=f"{config.model}|{config.random_weights}|{self.dtype}".encode())
         self.runner.block_manager = self.block_manager
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   prefill_hold_steps=config.prefill_hold_steps)
         self.sampling = SequenceSampling(self.model_config.vocab_size, self.device, config.max_num_seqs,
                                          self.eos_token_ids)
         self.sampler = Sampler(self.device, seed=config.seed, logprobs_mode=LogprobsMode(config.logprobs_mode),

@@ -7,7 +7,12 @@ Policy, each step:
 2. Running sequences still prefilling get a chunk of the remaining token budget (chunked prefill).
 3. Waiting sequences (preempted ones first, then by arrival) are admitted while the budget, `max_num_seqs` and the
    free blocks (minus a small watermark that keeps room for decodes) allow; their prompt may be cut into chunks.
-   Nothing is admitted in a step that preempted. With prefix caching, an admitted sequence first takes the cached
+   Nothing is admitted in a step that preempted. With `prefill_hold_steps` (default 0: off), a step of decodes
+   admits nobody while the prompts the free slots could take make less than one step's token budget and the
+   oldest has waited fewer steps than that: on the GPU every step that prefills runs eagerly, host-bound at about
+   twice a decode graph replay, so prompts arriving one or two a step (outputs of varied lengths: structured
+   output) would make nearly every step eager; held, they prefill together in one (benchmarks/NOTES.md, session
+   13). A step that prefills anyway (a chunk in progress) admits them at once. With prefix caching, an admitted sequence first takes the cached
    blocks of its longest cached prefix (model/engine/block_manager.py) and its first chunk starts after them.
 A sequence samples a token only in the step whose chunk reaches its last token. Once a step is launched, the full
 blocks it completed are committed to the prefix cache (in `advance`, or in `resolve` when the block's last token
@@ -17,6 +22,7 @@ two blocks per new block of tokens, and the sliding one comes back once the wind
 """
 
 import bisect
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -59,8 +65,10 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 watermark: float = 0.01):
+                 watermark: float = 0.01, prefill_hold_steps: int = 0):
         self.block_manager = block_manager
+        self.prefill_hold_steps = prefill_hold_steps
+        self.num_steps = 0  # schedule() calls: the clock of prefill_hold_steps
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.watermark_blocks = int(watermark * block_manager.num_blocks)
@@ -75,6 +83,7 @@ class Scheduler:
     # ---- membership -------------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
+        seq.waiting_since = self.num_steps
         self._insert_waiting(seq)
 
     def has_unfinished(self) -> bool:
@@ -106,6 +115,7 @@ class Scheduler:
 
     # ---- one step ---------------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        self.num_steps += 1
         out = SchedulerOutput()
         scheduled_ids: set[int] = set()
         budget = self.max_num_batched_tokens
@@ -144,7 +154,7 @@ class Scheduler:
             budget -= self._schedule_chunk(seq, chunk, out, scheduled_ids)
 
         # 3. admit waiting sequences (not in a step that had to preempt: blocks are short, admitting would thrash)
-        while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while not out.preempted and not self._holds_prompts(out) and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_pending:
                 break  # preempted while its last token was in flight: its prompt is not known in full yet
@@ -166,6 +176,19 @@ class Scheduler:
             bisect.insort(self.running, seq, key=_arrival)
             budget -= self._schedule_chunk(seq, chunk, out, scheduled_ids)
         return out
+
+    def _holds_prompts(self, out: SchedulerOutput) -> bool:
+        """Whether this step of decodes leaves the waiting prompts waiting (`prefill_hold_steps`, module doc)."""
+        if not self.prefill_hold_steps or not self.waiting or not out.is_decode:
+            return False  # off; nobody waits; nothing decodes or the step prefills anyway
+        head = self.waiting[0]
+        if head.num_preemptions or self.num_steps - head.waiting_since >= self.prefill_hold_steps:
+            return False  # a preempted sequence is not held; the oldest prompt has waited long enough
+        # held while those that the free slots could take now make less than one step's budget of tokens (not
+        # "while they fill fewer slots than are free": at concurrency = max_num_seqs each arrival fills the slot its
+        # predecessor freed, and nothing would ever be held)
+        admissible = itertools.islice(self.waiting, max(0, self.max_num_seqs - len(self.running)))
+        return sum(seq.num_tokens for seq in admissible) < self.max_num_batched_tokens
 
     def _schedule_chunk(self, seq: Sequence, chunk: int, out: SchedulerOutput, scheduled_ids: set[int]) -> int:
         target = seq.num_computed_tokens + chunk

@@ -43,6 +43,7 @@ class Sequence:
         self.stopped_after_text = False  # its last token is text that completed its grammar (not a stop token)
         self.detokenizer = None  # IncrementalDetokenizer, set by the engine
         self.num_preemptions = 0
+        self.waiting_since = 0  # the scheduler's step count when it joined the waiting queue
         self.num_emitted_tokens = 0  # output tokens already handed out in RequestOutputs
         # Asynchronous scheduling (model/engine/llm_engine.py): the next step may be launched before the sampled
         # token of this one is read back. Until then token_ids ends in PENDING_TOKEN, and the next step feeds the
