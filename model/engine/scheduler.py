@@ -12,8 +12,9 @@ Policy, each step:
    oldest has waited fewer steps than that: on the GPU every step that prefills runs eagerly, host-bound at about
    twice a decode graph replay, so prompts arriving one or two a step (outputs of varied lengths: structured
    output) would make nearly every step eager; held, they prefill together in one (benchmarks/NOTES.md, session
-   13). A step that prefills anyway (a chunk in progress) admits them at once. With prefix caching, an admitted sequence first takes the cached
-   blocks of its longest cached prefix (model/engine/block_manager.py) and its first chunk starts after them.
+   13). A step that prefills anyway (a chunk in progress) admits them at once. With prefix caching, an admitted
+   sequence first takes the cached blocks of its longest cached prefix (model/engine/block_manager.py) and its
+   first chunk starts after them.
 A sequence samples a token only in the step whose chunk reaches its last token. Once a step is launched, the full
 blocks it completed are committed to the prefix cache (in `advance`, or in `resolve` when the block's last token
 was still in flight), and the blocks of sliding-window groups that no later query can see are released (`advance`).
@@ -154,7 +155,8 @@ class Scheduler:
             budget -= self._schedule_chunk(seq, chunk, out, scheduled_ids)
 
         # 3. admit waiting sequences (not in a step that had to preempt: blocks are short, admitting would thrash)
-        while not out.preempted and not self._holds_prompts(out) and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        admit = not out.preempted and not self._holds_prompts(out)
+        while admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_pending:
                 break  # preempted while its last token was in flight: its prompt is not known in full yet

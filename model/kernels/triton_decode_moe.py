@@ -13,15 +13,16 @@ weight twice, the second time mostly from L2), so the plan goes, and the combine
   sums, h stored in x's dtype (the CUDA kernel's intermediate precision). A slot whose id is outside [0, E) is
   skipped, as the CUDA kernel skips it.
 - `_down`: programs (token, BLOCK_H ∈ {4, 8, 16} output columns), all k slots of the token in one
-  [k, BLOCK_H, BLOCK_K] tile (k weight streams in flight at once). out[t, c] = Σ_s w[t, s] · (h[slot] · w2[e_s, c] + b2[e_s, c]) in float32, the
-  slots reduced by a fixed tree (the same bits on every call, as the CUDA combine), one cast to x's dtype. The
-  (token, column-block 0) program adds each valid slot to expert_load (an int64 atomic add: the counts are exact).
+  [k, BLOCK_H, BLOCK_K] tile (k weight streams in flight at once).
+  out[t, c] = Σ_s w[t, s] · (h[slot] · w2[e_s, c] + b2[e_s, c]) in float32, the slots reduced by a fixed tree
+  (the same bits on every call, as the CUDA combine), one cast to x's dtype. The (token, column-block 0) program
+  adds each valid slot to expert_load (an int64 atomic add: the counts are exact).
 
 Both are weight streams: 2·I·H and H·I elements per slot, read in 32 KB steps per program with float32
 multiply-adds (no tensor cores: one row per weight row). Grids at T = 1 on 132 SMs: Qwen3 (I = 768, H = 2048,
-k = 8) 8 × 96 `_up` and 512 `_down` programs. Offline sm_90a compiles (Triton 3.9, 8 warps): `_up` 80
-registers (103 with biases), `_down` 80-110, no spills, 16-byte loads where H and I are multiples of 16 (Triton specialises
-such sizes). CUDA-graph capturable (no host reads, buffers from the caller's allocator).
+k = 8) 8 × 96 `_up` and 512 `_down` programs. Offline sm_90a compiles (Triton 3.9, 8 warps): `_up` 80-103
+registers, `_down` 80-145, no spills, 16-byte loads where H and I are multiples of 16 (Triton specialises such
+sizes). CUDA-graph capturable (no host reads, buffers from the caller's allocator).
 """
 
 import functools
