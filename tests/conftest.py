@@ -3,11 +3,22 @@ import torch
 
 
 def pytest_collection_modifyitems(config, items):
-    """GPU tests need a Hopper GPU and the built extension; elsewhere they are skipped, never silently passed."""
+    """GPU tests need a Hopper GPU and the built extension; elsewhere they are skipped, never silently passed. Those
+    also marked `triton_only` need a CUDA GPU and Triton only (so a machine without the build still checks them)."""
+    import importlib.util
+
     from model.kernels import extension
 
-    have_gpu = torch.cuda.is_available() and extension.available_for(torch.device("cuda", 0))
+    have_cuda = torch.cuda.is_available()
+    have_gpu = have_cuda and extension.available_for(torch.device("cuda", 0))
+    have_triton = have_cuda and importlib.util.find_spec("triton") is not None
     skip = pytest.mark.skip(reason="needs an sm_90 GPU and the built _C extension")
+    skip_triton = pytest.mark.skip(reason="needs a CUDA GPU and Triton")
     for item in items:
-        if "gpu" in item.keywords and not have_gpu:
+        if "gpu" not in item.keywords:
+            continue
+        if "triton_only" in item.keywords:
+            if not have_triton:
+                item.add_marker(skip_triton)
+        elif not have_gpu:
             item.add_marker(skip)
