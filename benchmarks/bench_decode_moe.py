@@ -12,6 +12,7 @@ import argparse
 
 import torch
 
+from benchmarks.bench_moe_fp8 import fp8_weight_bytes
 from benchmarks.bench_timing import Timer, copy_bandwidth_gbps, graph_ms
 from benchmarks.moe_cases import EXPERT_SHAPES, FP8_EXPERT_SHAPES, experts_hit, make_routing
 from model.kernels import extension
@@ -25,9 +26,7 @@ SHAPES = {**EXPERT_SHAPES, **FP8_EXPERT_SHAPES}
 
 def weight_bytes(hit: int, H: int, I: int, fp8: bool) -> int:
     """Bytes of the hit experts' w13 and w2 (with their float32 128x128 scales in FP8)."""
-    if fp8:
-        return hit * (3 * H * I + 4 * (2 * I // 128 * H // 128 + H // 128 * I // 128))
-    return hit * 3 * H * I * 2
+    return fp8_weight_bytes(hit, H, I) if fp8 else hit * 3 * H * I * 2
 
 
 def main(argv=None):

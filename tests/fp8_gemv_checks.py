@@ -120,7 +120,7 @@ def check_linear(M, N, K, dtype="bfloat16", with_bias=True, device="cpu", block_
     case = (M, N, K, dtype, with_bias, block_n, splits)
     assert got.shape == (M, N) and got.dtype == dtype, case
     assert bool(got.isfinite().all()), case
-    _, plan_n, plan_splits, _ = triton_fp8_gemv.decode_plan(M, N, K, triton_fp8_gemv._num_sms(x.device))
+    _, plan_n, plan_splits, _ = triton_fp8_gemv.decode_plan(M, N, K, triton_fp8_gemv.num_sms(x.device))
     plan_n = block_n or plan_n
     if splits is not None:
         per = -(-(K // FP8_BLOCK) // splits)

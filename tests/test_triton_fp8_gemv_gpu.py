@@ -82,7 +82,7 @@ def test_split_k_reduction_is_deterministic():
     w, ws, bias = random_linear(n, k, "cuda", seed=5, bias_dtype=torch.bfloat16)
     x = random_x(8, k, torch.bfloat16, "cuda", seed=5)
     first = triton_fp8_gemv.fp8_decode_linear(x, w, ws, bias, torch.float32)
-    assert triton_fp8_gemv.decode_plan(8, n, k, triton_fp8_gemv._num_sms(x.device))[2] > 1
+    assert triton_fp8_gemv.decode_plan(8, n, k, triton_fp8_gemv.num_sms(x.device))[2] > 1
     for _ in range(20):
         assert torch.equal(triton_fp8_gemv.fp8_decode_linear(x, w, ws, bias, torch.float32), first)
 

@@ -33,6 +33,7 @@ import torch
 from model.kernels.activation import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, Activation
 from model.kernels.fp8 import FP8_DTYPE
 from model.kernels.knobs import env_switch
+from model.kernels.triton_fp8_gemv import num_sms
 
 try:
     import triton
@@ -45,11 +46,6 @@ DTYPES = (torch.bfloat16, torch.float16)
 PROGRAMS_PER_SM = 4  # each launch's target: enough loads in flight (Triton does not pipeline these loops' loads)
 UP_TILE = 8192  # elements of `_up`'s [BLOCK_I, BLOCK_K] step per gate and up (32 KB of bf16 for both)
 DOWN_TILE = 16384  # elements of `_down`'s [k_pad, BLOCK_H, BLOCK_K] step (32 KB of bf16)
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 def launch_blocks(T: int, k: int, H: int, inter: int, sms: int, min_block_h: int = 4) -> tuple[int, int]:
@@ -171,7 +167,7 @@ def decode_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weight
     out = torch.empty_like(x)  # [T, H]
     b13 = w13_bias.contiguous() if w13_bias is not None else x  # a placeholder pointer when there is no bias
     b2 = w2_bias.contiguous() if w2_bias is not None else x
-    block_i, block_h = blocks or launch_blocks(T, k, H, inter, _sm_count(x.device))
+    block_i, block_h = blocks or launch_blocks(T, k, H, inter, num_sms(x.device))
     _up[(T * k, triton.cdiv(inter, block_i))](
         x, w13, b13, ids, h, E, H, inter, K_SLOTS=k, HAS_BIAS=w13_bias is not None,
         SWIGLU_OAI=activation == Activation.SWIGLU_OAI, alpha=SWIGLU_OAI_ALPHA, limit=SWIGLU_OAI_LIMIT,

@@ -25,15 +25,17 @@ import torch
 from model.kernels.activation import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, Activation
 from model.kernels.arrival_counters import triton_interpreted
 from model.kernels.fp8 import FP8_BLOCK
+from model.kernels.triton_decode_moe import launch_blocks
+from model.kernels.triton_fp8_gemv import num_sms
 
 try:
     import triton
     import triton.language as tl
 
-    from model.kernels.triton_decode_moe import _activate, _sm_count, launch_blocks
+    from model.kernels.triton_decode_moe import _activate
     from model.kernels.triton_fp8_gemv import _quantize_groups
 except ImportError:  # CPU-only installs
-    triton = tl = _activate = _quantize_groups = _sm_count = launch_blocks = None
+    triton = tl = _activate = _quantize_groups = None
 
 UP_STEP_ROWS = 128  # BLOCK_I x GROUPS: `_up`'s step is [BLOCK_I, GROUPS, 128] e4m3 (16 KB) per gate and up
 MIN_BLOCK_H = 8  # `_down` quantises k x 128 values of h per step: below 8 columns that outweighs the weights
@@ -128,7 +130,7 @@ def decode_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, 
     b13 = w13_bias.contiguous() if w13_bias is not None else x  # a placeholder pointer when there is no bias
     b2 = w2_bias.contiguous() if w2_bias is not None else x
     soft = triton_interpreted()
-    block_i, block_h = blocks or launch_blocks(T, k, H, inter, _sm_count(x.device), MIN_BLOCK_H)
+    block_i, block_h = blocks or launch_blocks(T, k, H, inter, num_sms(x.device), MIN_BLOCK_H)
     _up[(T * k, inter // block_i)](
         x, w13, s13, b13, ids, h, E, H, inter, K_SLOTS=k, HAS_BIAS=w13_bias is not None,
         SWIGLU_OAI=activation == Activation.SWIGLU_OAI, alpha=SWIGLU_OAI_ALPHA, limit=SWIGLU_OAI_LIMIT,

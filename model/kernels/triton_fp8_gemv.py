@@ -90,7 +90,8 @@ def decode_plan(m: int, n: int, k: int, num_sms: int) -> tuple[int, int, int, in
 
 
 @functools.cache
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
+    """SMs of `device`, for the launch plans of the decode-sized Triton kernels (here and `triton_decode_moe`)."""
     if device.type != "cuda":
         return 132  # the interpreter: plan as for an H100
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -241,7 +242,7 @@ def fp8_decode_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     if not 0 < M <= KERNEL_MAX_ROWS:
         raise ValueError(f"the FP8 decode linear takes 1..{KERNEL_MAX_ROWS} rows, got {M}")
     N = weight.shape[0]
-    block_m, plan_n, plan_splits, per_split = decode_plan(M, N, K, _num_sms(x.device))
+    block_m, plan_n, plan_splits, per_split = decode_plan(M, N, K, num_sms(x.device))
     num_kb = K // FP8_BLOCK
     if block_n is not None or splits is not None:
         plan_n = block_n or plan_n
