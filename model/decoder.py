@@ -43,6 +43,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, rotary, plan: AttentionPlan, kv_cache: torch.Tensor) -> torch.Tensor:
         attn = self.self_attn(self.input_layernorm(h), rotary, plan, kv_cache)  # [N, H]
+        return self.after_attention(h, attn)
+
+    def after_attention(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The residual stream after this layer: h [N, H] entering it, attn [N, H] its attention's output."""
         h, normed = self.post_attention_layernorm.add_and_norm(h, attn)
         return h + self.mlp(normed)
 
@@ -68,11 +72,24 @@ class MoeCausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
         """kv_cache [storage slots, *kv_cache_shape of one layer] -> logits [S, vocab] float32."""
-        return F.linear(self.hidden_states(batch, kv_cache), self.head_weight()).float()  # [S, V]
+        return self.head(self.hidden_states(batch, kv_cache))  # [S, V]
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states [S, H] -> float32 logits [S, V]."""
+        return F.linear(h, self.head_weight()).float()
 
     def hidden_states(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
         """The final-normed hidden states [S, H] of the rows `batch.logits_indices` selects (a tensor-parallel
         model, model/parallel, applies its own vocabulary-split head to them)."""
+        plans = self.attention_plans(batch, kv_cache)
+        h = self.model.embed_tokens(batch.input_ids)  # [N, H]
+        rotary = self.model.rotary_emb(batch.positions, h.dtype)  # cos, sin [N, 1, R] (R: rotary channels)
+        for layer_idx, layer in enumerate(self.model.layers):
+            h = layer(h, rotary, *self.layer_attention_inputs(layer_idx, plans, kv_cache))
+        return self.model.norm(h[batch.logits_indices])  # [S, H]; the norm is per row, so only wanted rows
+
+    def attention_plans(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> list[AttentionPlan]:
+        """One attention plan per KV-cache group for this step (what its layers share)."""
         block_size = kv_cache.shape[1 + self.model.layers[0].self_attn.CACHE_BLOCK_DIM]
         groups = self.kv_groups
         if batch.num_groups != groups.num_groups:
@@ -82,11 +99,12 @@ class MoeCausalLM(nn.Module):
                  for g in range(groups.num_groups)]
         for plan in plans[1:]:
             plan.chunk_tables_from = plans[0]
-        h = self.model.embed_tokens(batch.input_ids)  # [N, H]
-        rotary = self.model.rotary_emb(batch.positions, h.dtype)  # cos, sin [N, 1, R] (R: rotary channels)
-        for layer_idx, layer in enumerate(self.model.layers):  # each layer: its group's tables, its storage slot
-            h = layer(h, rotary, plans[groups.layer_group[layer_idx]], kv_cache[groups.layer_slot[layer_idx]])
-        return self.model.norm(h[batch.logits_indices])  # [S, H]; the norm is per row, so only wanted rows
+        return plans
+
+    def layer_attention_inputs(self, layer_idx: int, plans: list[AttentionPlan],
+                               kv_cache: torch.Tensor) -> tuple[AttentionPlan, torch.Tensor]:
+        """A layer's plan (its KV-cache group's tables) and its storage slot of the cache."""
+        return plans[self.kv_groups.layer_group[layer_idx]], kv_cache[self.kv_groups.layer_slot[layer_idx]]
 
     def head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight  # [V, H]

@@ -12,6 +12,7 @@
 #   (DECODE_PRESETS, default olmoe-1b-7b qwen3-30b-a3b). api-costs: benchmarks/bench_api_costs.py (API_PRESET,
 #   API_ARGS). grammar-masks: benchmarks/bench_grammar_masks.py (structured output's host cost per step).
 #   ncu-fp8: Nsight Compute on the FP8 GEMMs of one layer call (NCU_POINT, default qwen3:8192:balanced).
+#   piecewise: piecewise graphs of steps that prefill: their GPU tests, then profile_engine prefill on and off.
 #   decode-attention: the Triton decode attention's split choice at batch 1-64 against its byte floor (issue 21).
 #   decode-moe-ab: the two-launch decode MoE (model/kernels/triton_decode_moe.py), tests then the layer at T = 1-8.
 #   pending-serving: serving measurements first taken in session 13 (qwen3 decode profile with the Triton router,
@@ -134,6 +135,13 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
       python3 benchmarks/profile_moe.py points e128k8h2048i384:8192:balanced e128k8h2048i768:8192:balanced \
         e128k8h2048i1536:8192:balanced e128k8h2048i3072:8192:balanced >> "$OUT/fp8_tile_fit.txt" 2>&1
       grep -vE '^\s*$' "$OUT/fp8_tile_fit.txt" | tail -40 ;;
+    piecewise)  # issue 22/20: piecewise graphs of steps that prefill: tests, then prefill and mixed steps on / off
+      run_tests tests/test_piecewise_graphs.py tests/test_engine_graphs.py
+      for flag in "" --no-piecewise-graphs; do
+        python3 benchmarks/profile_engine.py prefill ${PIECEWISE_PRESETS:-olmoe-1b-7b} --budget 2048 8192 $flag \
+          > "$OUT/profile_prefill${flag:-_piecewise}.log" 2>&1
+        echo "prefill/mixed ${flag:-piecewise}: $(grep -E 'chunk budget|prefill: |total wall' "$OUT/profile_prefill${flag:-_piecewise}.log" | tr '\n' ' ')"
+      done ;;
     decode-attention)  # issue 21 item 3: the Triton decode attention's splits at small batches vs its byte floor
       python3 benchmarks/bench_decode_attention.py 2>&1 | tee "$OUT/bench_decode_attention.log" | tail -40 ;;
     decode-moe-ab)  # issue 21: the two-launch decode MoE (STATICMOE_DECODE_MOE) checked, then timed 1,0,1,0: the FP8

@@ -26,6 +26,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: sized from free GPU memory, or a CPU default
     max_model_len: int | None = None  # None: min(max_position_embeddings, KV capacity)
     enforce_eager: bool = False  # True: no CUDA graphs
+    # CUDA graphs of the non-attention parts of steps that prefill, at bucketed row counts (piecewise_graphs.py)
+    piecewise_graphs: bool = True
     async_scheduling: bool = True  # launch each step before the previous one's sampled ids are read back
     enable_prefix_caching: bool = True  # share the KV blocks of repeated prompt prefixes (model/engine/block_manager.py)
     # While sequences decode, a new prompt waits up to this many steps for others to prefill with it, so decode steps
@@ -61,7 +63,7 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"EngineConfig.{name} must be None or a positive int, got {value!r}")
-        for name in ("random_weights", "enforce_eager", "async_scheduling", "enable_prefix_caching", "expert_metrics"):
+        for name in ("random_weights", "enforce_eager", "piecewise_graphs", "async_scheduling", "enable_prefix_caching", "expert_metrics"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EngineConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if not 0.05 <= self.gpu_memory_utilization <= 1.0:

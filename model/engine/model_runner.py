@@ -1,5 +1,6 @@
-"""ModelRunner: owns the paged KV cache, turns a scheduled step into a ForwardBatch, runs the model (a captured
-CUDA graph for decode steps on the GPU, eager otherwise) and returns the logits of the rows that sample.
+"""ModelRunner: owns the paged KV cache, turns a scheduled step into a ForwardBatch, runs the model (on the GPU a
+captured CUDA graph for decode steps, piecewise graphs around eager attention for steps that prefill, eager beyond
+their largest bucket) and returns the logits of the rows that sample.
 
 Block PAD_BLOCK of the cache is reserved for padding (model/engine/decode_inputs.py): slot 0 holds exactly the
 padding token's K/V, so a padded CUDA-graph row computes the same thing at every replay (its expert routing can be
@@ -23,7 +24,9 @@ import torch
 from model.engine.block_manager import BlockManager, blocks_for
 from model.engine.config import EngineConfig
 from model.engine.decode_inputs import PAD_TOKEN, DecodeInputs, static_decode_batch
+from model.engine import step_pieces
 from model.engine.penalties import PenaltyState
+from model.engine.piecewise_graphs import PiecewiseGraphs
 from model.engine.sampler import Sampler, SamplingExtras
 from model.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from model.engine.scheduler import SchedulerOutput
@@ -85,6 +88,7 @@ class ModelRunner:
         if config.max_model_len is not None and config.max_model_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's max_position_embeddings="
                              f"{mc.max_position_embeddings}")
+        self._activation_peak = 0  # bytes of the largest step's temporaries, measured by the memory profile
         self.num_usable_blocks = self._decide_num_blocks(max_len)
         if hasattr(model, "agree_on_num_blocks"):  # the ranks of a parallel model (model/parallel) take the least
             self.num_usable_blocks = model.agree_on_num_blocks(self.num_usable_blocks)
@@ -122,6 +126,7 @@ class ModelRunner:
         self.block_manager: BlockManager | None = None  # set by the engine; decode replays read its tables
         self.graph_batch_sizes: list[int] = []
         self.graph_widths: list[int] = []
+        self.pieces: PiecewiseGraphs | None = None  # piecewise graphs of steps that prefill, once captured
 
     # ---- KV cache sizing --------------------------------------------------------------------------------------
     def _decide_num_blocks(self, max_len: int) -> int:
@@ -167,6 +172,7 @@ class ModelRunner:
         sampling_peak(self.device, cfg.max_num_seqs, vocab)
         torch.cuda.synchronize(self.device)
         activation_peak = torch.cuda.max_memory_allocated(self.device) - before - cache_bytes
+        self._activation_peak = max(0, activation_peak)
         del cache, batch
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
@@ -178,7 +184,11 @@ class ModelRunner:
         mc = self.model.config
         gathered_kv = 4 * GRAPH_CONTEXT_TOKENS * mc.num_kv_heads * mc.head_dim * self.dtype.itemsize
         logits = 2 * self.config.max_num_seqs * mc.vocab_size * 4
-        return gathered_kv + logits + (256 << 20)
+        pieces = 0
+        if self.wants_piecewise_graphs():  # their pool holds a step's temporaries at the largest bucket, for good
+            tokens = self.config.max_num_batched_tokens
+            pieces = int(self._activation_peak * min(1.0, fusion.EAGER_MIN_ROWS / tokens))
+        return gathered_kv + logits + pieces + (256 << 20)
 
     # ---- batches ----------------------------------------------------------------------------------------------
     def build_batch(self, items: list[StepItem]) -> ForwardBatch:
@@ -223,9 +233,10 @@ class ModelRunner:
     # ---- execution --------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, force_eager: bool = False,
-                sampled_before: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-        """Returns (logits [S, V] float32 of the wanted rows in scheduled order, padded rows run): per sequence its
-        prompt-logprob rows (`prompt_logit_rows`), then its sampling row.
+                sampled_before: torch.Tensor | None = None) -> tuple[torch.Tensor, int, str]:
+        """Returns (logits [S, V] float32 of the wanted rows in scheduled order, padded rows run, which graphs ran
+        them: "decode" or "pieces"): per sequence its prompt-logprob rows (`prompt_logit_rows`), then its sampling
+        row.
         `sampled_before`: the device tensor of token ids sampled by the previous step, which sequences whose last
         token is still a placeholder (asynchronous scheduling) are fed from."""
         if out.is_decode and not force_eager and self.graphs:
@@ -233,13 +244,15 @@ class ModelRunner:
             if key is not None:
                 if self.moe_timer is not None:
                     self.moe_timer.graph_replayed(key)
-                return self._replay(self.graphs[key], out, sampled_before), key[0] - len(out.scheduled)
+                return self._replay(self.graphs[key], out, sampled_before), key[0] - len(out.scheduled), "decode"
         items = step_items(out)
         if self.step_listener is not None:
             self.step_listener(None, items)
         batch = self.build_batch(items)
         self._feed_sampled(batch.input_ids, out, sampled_before, decode_rows=False)
-        return self.model(batch, self.kv_cache), 0
+        if self.pieces is not None and not force_eager and self.pieces.bucket(batch.num_tokens) is not None:
+            return *self.pieces.run(batch, self.kv_cache), "pieces"
+        return self.model(batch, self.kv_cache), 0, "decode"
 
     def _feed_sampled(self, input_ids: torch.Tensor, out: SchedulerOutput, sampled: torch.Tensor | None,
                       decode_rows: bool) -> None:
@@ -352,6 +365,24 @@ class ModelRunner:
                     len(self.graphs), sizes, widths, time.perf_counter() - started)
         self.graph_batch_sizes = sizes
         self.graph_widths = widths
+
+    def wants_piecewise_graphs(self) -> bool:
+        """Whether this runner captures piecewise graphs: on CUDA, graphs allowed, a model with pieces, one rank."""
+        return (self.device.type == "cuda" and not self.config.enforce_eager and self.config.piecewise_graphs
+                and step_pieces.supported(self.model))
+
+    @torch.inference_mode()
+    def capture_piecewise_graphs(self) -> None:
+        """Capture the pieces of steps up to fusion.EAGER_MIN_ROWS rows (on the CPU they are recorded as plain
+        calls, which the tests use). The caller then measures their padding rows' routing (`pad_routing_rows`)."""
+        max_rows = min(fusion.EAGER_MIN_ROWS, self.config.max_num_batched_tokens)
+        pieces = PiecewiseGraphs(self.model, self.device, self.dtype, max_rows)
+        try:
+            pieces.capture()
+        except RuntimeError as err:
+            raise RuntimeError(f"CUDA graph capture of the piecewise step pieces failed: {err}; "
+                               "--no-piecewise-graphs (or enforce_eager=True) serves without them") from err
+        self.pieces = pieces
 
     def _capture(self, batch: ForwardBatch, pool, into: torch.Tensor | None = None):
         """A CUDA graph of one decode forward and its static logits (`into`, if given, receives them: two variants

@@ -11,7 +11,8 @@
   there); the collector only reads them: every few steps those buffers are
   copied device -> pinned host with non_blocking and an event, and harvested once the event has completed.
   Padded CUDA-graph rows are counted by the op too; they all compute the same fixed pad token, whose per-layer
-  routing is measured once (`set_pad_routing`) and subtracted.
+  routing is measured once (`set_pad_routing`) and subtracted. The decode graphs' padding rows and the piecewise
+  graphs' (model/engine/step_pieces.py: no attention output) route differently, so each kind has its own.
 """
 
 import threading
@@ -23,6 +24,7 @@ import torch
 from model.engine.moe_timer import MoeTimer
 
 MAX_READY_SAMPLES = 4096  # timed samples kept for the next snapshot
+PAD_KINDS = ("decode", "pieces")  # the CUDA graphs that run padding rows: decode steps, piecewise mixed steps
 
 
 @dataclass
@@ -80,8 +82,9 @@ class MoeStatsCollector:
         self._shared_flops_total = 0.0
         self._step = 0
         self._ready_timed: list[tuple[float, float]] = []
-        self._pad_rows = 0  # padded CUDA-graph rows run so far
-        self._pad_routing = torch.zeros(len(blocks), max(self.num_experts, default=1), dtype=torch.int64)
+        self._pad_rows = {kind: 0 for kind in PAD_KINDS}  # padded CUDA-graph rows run so far, per kind
+        self._pad_routing = {kind: torch.zeros(len(blocks), max(self.num_experts, default=1), dtype=torch.int64)
+                             for kind in PAD_KINDS}  # [L, E] counts of one padding row of that kind
         self._copy_in_flight = None  # (pinned host [L, E], event, pad rows at copy time)
         self._history: deque[torch.Tensor] = deque(maxlen=window_harvests + 1)  # corrected cumulative counts
         self.timer = MoeTimer(device, self.enabled)  # the model runner reports graph captures and replays to it
@@ -95,14 +98,14 @@ class MoeStatsCollector:
     def begin_step(self) -> None:
         self.timer.begin_step(self.should_time())
 
-    def end_step(self, num_tokens: int, num_pad_rows: int) -> None:
-        """After the model's work on `num_tokens` real rows (+ `num_pad_rows` padding rows of a CUDA graph) was
-        enqueued."""
+    def end_step(self, num_tokens: int, num_pad_rows: int, pad_kind: str = "decode") -> None:
+        """After the model's work on `num_tokens` real rows (+ `num_pad_rows` padding rows of a CUDA graph of
+        `pad_kind`: "decode" or "pieces") was enqueued."""
         self._step += 1
         with self._lock:
             self._flops_total += float(num_tokens) * self.routed_flops_per_token
             self._shared_flops_total += float(num_tokens) * self.shared_flops_per_token
-            self._pad_rows += num_pad_rows
+            self._pad_rows[pad_kind] += num_pad_rows
             self.timer.end_step(float(num_tokens + num_pad_rows) * self.routed_flops_per_token)
             if self.enabled and self._copy_in_flight is None and self._step % self.harvest_every == 0:
                 self._issue_copy()
@@ -126,7 +129,7 @@ class MoeStatsCollector:
 
     def _issue_copy(self, final: bool = False) -> None:
         """`final`: the engine is going idle; a snapshot may then wait for this copy (it costs the loop nothing)."""
-        counts = torch.zeros(len(self.blocks), self._pad_routing.shape[1], dtype=torch.int64, device=self.device)
+        counts = torch.zeros(self._pad_routing["decode"].shape, dtype=torch.int64, device=self.device)
         for i, b in enumerate(self.blocks):
             counts[i, : b.num_experts].copy_(b.experts.expert_load)
         if self.device.type == "cuda":
@@ -136,7 +139,7 @@ class MoeStatsCollector:
             event.record()
         else:
             host, event = counts, None
-        self._copy_in_flight = (host, event, self._pad_rows, final)
+        self._copy_in_flight = (host, event, dict(self._pad_rows), final)
 
     def _poll(self) -> None:
         """Harvest whatever finished on the device (caller holds the lock). Never waits."""
@@ -148,25 +151,25 @@ class MoeStatsCollector:
                 event.synchronize()  # only the copy itself is left to wait for
             if event is None or event.query():
                 self._copy_in_flight = None
-                self._history.append(host.clone() - pad_rows * self._pad_routing)
+                self._history.append(host.clone() - sum(pad_rows[k] * self._pad_routing[k] for k in PAD_KINDS))
 
     # ---- padding correction and reset -------------------------------------------------------------------------
     def read_counts_now(self) -> torch.Tensor:
         """Synchronous read of the device counters (start-up only). [L, E]"""
-        out = torch.zeros_like(self._pad_routing)
+        out = torch.zeros_like(self._pad_routing["decode"])
         for i, b in enumerate(self.blocks):
             out[i, : b.num_experts] = b.experts.expert_load.cpu()
         return out
 
-    def set_pad_routing(self, counts_of_one_pad_row: torch.Tensor) -> None:
-        self._pad_routing = counts_of_one_pad_row.clone()
+    def set_pad_routing(self, counts_of_one_pad_row: torch.Tensor, kind: str = "decode") -> None:
+        self._pad_routing[kind] = counts_of_one_pad_row.clone()
 
     def reset_counts(self) -> None:
         """Zero the device counters in place (CUDA graphs keep pointers to them) and the host history."""
         for b in self.blocks:
             b.experts.expert_load.zero_()
         with self._lock:
-            self._pad_rows = 0
+            self._pad_rows = {kind: 0 for kind in PAD_KINDS}
             self._copy_in_flight = None
             self._history.clear()
 

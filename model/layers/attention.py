@@ -52,6 +52,13 @@ class Attention(nn.Module):
         plan: AttentionPlan,
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
     ) -> torch.Tensor:
+        out = self.attend(*self.project(x, rotary), plan, kv_cache)  # [N, Hq, D]
+        return self.o_proj(out.reshape(x.shape[0], self.q_size))
+
+    # The three parts of forward, also called one by one by the piecewise CUDA graphs of mixed steps
+    # (model/step_pieces.py): `project` and `o_proj` are row-wise and captured, `attend` runs eagerly between them.
+    def project(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]):
+        """x [N, H] -> q [N, Hq, D], k, v [N, Hkv, D], rotary applied to q and k."""
         num_rows = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm == "full":  # OLMoE normalises the whole projection, before the head split
@@ -64,6 +71,10 @@ class Attention(nn.Module):
         if self.qk_norm == "per_head":  # Qwen3 normalises each head
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, k, *rotary)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, kv_cache: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Write this step's K/V to the cache, then attend: [N, Hq, D] (into `out` if given)."""
         plan.write_kv(kv_cache, k, v)
-        out = plan.attend(q, kv_cache, self.scale, self.sliding_window, self.sinks)  # [N, Hq, D]
-        return self.o_proj(out.reshape(num_rows, self.q_size))
+        return plan.attend(q, kv_cache, self.scale, self.sliding_window, self.sinks, out=out)

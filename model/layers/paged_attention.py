@@ -194,13 +194,14 @@ class AttentionPlan:
         write_cache_rows(k, v, k_flat, v_flat, 0, self.write_rows, self.write_slots)
 
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, scale: float, window: int | None = None,
-               sinks: torch.Tensor | None = None) -> torch.Tensor:
-        """q [N, Hq, D] (this step's K/V already written) -> [N, Hq, D]. `window`: this layer's sliding window
-        (None = full causal); `sinks` [Hq]: its learned sink logits, or None."""
+               sinks: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """q [N, Hq, D] (this step's K/V already written) -> [N, Hq, D], written into `out` if given. `window`:
+        this layer's sliding window (None = full causal); `sinks` [Hq]: its learned sink logits, or None."""
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         if self.decode is not None and self.decode.rows is None:
-            return self.decode.attend(q, k_cache, v_cache, scale, window, sinks)
-        out = torch.empty_like(q)
+            result = self.decode.attend(q, k_cache, v_cache, scale, window, sinks)
+            return result if out is None else out.copy_(result)
+        out = torch.empty_like(q) if out is None else out
         if self.decode is not None:
             out[self.decode.rows] = self.decode.attend(q[self.decode.rows], k_cache, v_cache, scale, window, sinks)
         if self.prefill and triton_prefill_enabled(q.device):

@@ -1,0 +1,116 @@
+"""A decoder step cut at its attention calls, for the piecewise CUDA graphs of mixed steps
+(piecewise_graphs.py).
+
+A step that prefills cannot be one CUDA graph: its attention depends on the chunk lengths the host knows. Everything
+else (embedding, norms, projections, rotary, router, experts, residual adds) is row-wise, with shapes set by the row
+count alone, so it can be captured at bucketed row counts in L + 1 pieces around the L attention calls, as vLLM's
+piecewise graphs do. Without them such a step is ~800 kernel launches of Python, 25–50 ms of host time for ~15 ms
+of GPU work (benchmarks/NOTES.md, "Prefill steps").
+
+The pieces read and write `PieceBuffers`: static tensors sized for the largest bucket, of which a step uses the
+first rows. Piece 0 embeds and projects layer 0's attention inputs; piece i (0 < i < L) finishes layer i - 1
+(o_proj, residual add and norm, MoE or MLP) and projects layer i's; piece L finishes the last layer. `attend` runs
+layer i's cache write and attention eagerly on the real rows in between. Rows past the real ones (padding) hold the
+padding token at position 0 and a zero attention output, so they compute the same values at every step and never
+touch the cache.
+"""
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from model.decoder import MoeCausalLM
+from model.engine.decode_inputs import PAD_TOKEN
+from model.forward_batch import ForwardBatch
+from model.layers.attention import Attention
+from model.layers.paged_attention import AttentionPlan
+
+
+@dataclass
+class PieceBuffers:
+    input_ids: torch.Tensor  # [M] int64
+    positions: torch.Tensor  # [M] int64
+    cos: torch.Tensor  # [M, 1, R] rotary tables of the positions
+    sin: torch.Tensor
+    hidden: torch.Tensor  # [M, H] the residual stream
+    q: torch.Tensor  # [M, Hq, D] the next layer's attention inputs
+    k: torch.Tensor  # [M, Hkv, D]
+    v: torch.Tensor
+    attn: torch.Tensor  # [M, Hq, D] its attention output
+
+    @staticmethod
+    def allocate(model: MoeCausalLM, rows: int, device: torch.device, dtype: torch.dtype) -> "PieceBuffers":
+        attn = model.model.layers[0].self_attn
+        cos, _ = model.model.rotary_emb(torch.zeros(1, dtype=torch.int64, device=device), dtype)
+        return PieceBuffers(
+            input_ids=torch.full((rows,), PAD_TOKEN, dtype=torch.int64, device=device),
+            positions=torch.zeros(rows, dtype=torch.int64, device=device),
+            cos=torch.zeros((rows, *cos.shape[1:]), dtype=dtype, device=device),
+            sin=torch.zeros((rows, *cos.shape[1:]), dtype=dtype, device=device),
+            hidden=torch.zeros(rows, model.config.hidden_size, dtype=dtype, device=device),
+            q=torch.zeros(rows, attn.num_heads, attn.head_dim, dtype=dtype, device=device),
+            k=torch.zeros(rows, attn.num_kv_heads, attn.head_dim, dtype=dtype, device=device),
+            v=torch.zeros(rows, attn.num_kv_heads, attn.head_dim, dtype=dtype, device=device),
+            attn=torch.zeros(rows, attn.num_heads, attn.head_dim, dtype=dtype, device=device),
+        )
+
+    def first(self, rows: int) -> "PieceBuffers":
+        """Views of the first `rows` rows (a bucket's buffers)."""
+        return PieceBuffers(*(getattr(self, f.name)[:rows] for f in fields(self)))
+
+
+def supported(model) -> bool:
+    """Pieces exist for the single-rank decoder with grouped-query attention (not MLA, not a parallel model)."""
+    return type(model) is MoeCausalLM and all(type(layer.self_attn) is Attention for layer in model.model.layers)
+
+
+def num_pieces(model: MoeCausalLM) -> int:
+    return len(model.model.layers) + 1
+
+
+def run_piece(model: MoeCausalLM, index: int, buf: PieceBuffers) -> None:
+    """Piece `index` of a step over all rows of `buf` (see the module doc)."""
+    layers = model.model.layers
+    if index == 0:
+        h = model.model.embed_tokens(buf.input_ids)
+        cos, sin = model.model.rotary_emb(buf.positions, h.dtype)
+        buf.cos.copy_(cos)
+        buf.sin.copy_(sin)
+    else:
+        done = layers[index - 1]
+        h = done.after_attention(buf.hidden, done.self_attn.o_proj(buf.attn.flatten(1)))
+    buf.hidden.copy_(h)
+    if index < len(layers):
+        layer = layers[index]
+        q, k, v = layer.self_attn.project(layer.input_layernorm(h), (buf.cos, buf.sin))
+        buf.q.copy_(q)
+        buf.k.copy_(k)
+        buf.v.copy_(v)
+
+
+def attend(model: MoeCausalLM, index: int, buf: PieceBuffers, rows: int, plans: list[AttentionPlan],
+           kv_cache: torch.Tensor) -> None:
+    """Layer `index`'s cache write and attention over the first `rows` (real) rows, eagerly, into buf.attn."""
+    plan, cache = model.layer_attention_inputs(index, plans, kv_cache)
+    model.model.layers[index].self_attn.attend(buf.q[:rows], buf.k[:rows], buf.v[:rows], plan, cache,
+                                               out=buf.attn[:rows])
+
+
+def load_inputs(buf: PieceBuffers, batch: ForwardBatch) -> None:
+    """A step's token ids and positions into the first rows; the rest of `buf` (a bucket's) becomes padding."""
+    rows = batch.num_tokens
+    buf.input_ids[:rows].copy_(batch.input_ids)
+    buf.positions[:rows].copy_(batch.positions)
+    load_padding(buf, rows)
+
+
+def load_padding(buf: PieceBuffers, first_row: int = 0) -> None:
+    """Rows from `first_row` on become padding: the padding token at position 0 with a zero attention output."""
+    buf.input_ids[first_row:].fill_(PAD_TOKEN)
+    buf.positions[first_row:].zero_()
+    buf.attn[first_row:].zero_()
+
+
+def logits(model: MoeCausalLM, buf: PieceBuffers, batch: ForwardBatch) -> torch.Tensor:
+    """After piece L: float32 logits [S, V] of the rows `batch.logits_indices` selects (as MoeCausalLM.forward)."""
+    return model.head(model.model.norm(buf.hidden[: batch.num_tokens][batch.logits_indices]))

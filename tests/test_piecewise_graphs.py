@@ -1,0 +1,114 @@
+"""Piecewise graphs of steps that prefill (model/engine/piecewise_graphs.py, step_pieces.py). On the CPU the pieces
+are recorded as plain calls on the static buffers (what a replayed graph does), so the cut of the model, the bucket
+padding and the buffers' reuse are tested anywhere: greedy output equals each request run alone, and with HF
+transformers' generate for a sliding-window model with sinks; padding rows never reach the expert counts. On the GPU
+(marked gpu) real graphs against the eager forward of the same steps."""
+
+import pytest
+import torch
+
+from model.engine import EngineConfig, LLMEngine, SamplingParams
+from model.engine.piecewise_graphs import bucket_sizes
+from model.layers import fusion
+from tests.engine_fixtures import GREEDY, one_cpu_thread, random_prompts, run, solo, tiny, tokens_of  # noqa: F401
+from tests.model_fixtures import hf_greedy, make_hf_model, save_checkpoint
+
+
+def test_buckets_step_by_16_rows_then_256_and_end_at_the_largest_step():
+    assert bucket_sizes(64) == [16, 32, 64]
+    assert bucket_sizes(10) == [10]
+    assert bucket_sizes(300) == [16, 32, 64, 128, 256, 300]
+    sizes = bucket_sizes(4096)
+    assert sizes[:6] == [16, 32, 64, 128, 256, 512] and sizes[-1] == 4096 and len(sizes) == 20
+    assert all(b - a == 256 for a, b in zip(sizes[4:], sizes[5:]))
+
+
+def spy_on_pieces(engine) -> list:
+    """Record (bucket rows, real rows) of every piecewise step."""
+    ran, pieces = [], engine.runner.pieces
+    original = pieces.run
+
+    def run_and_note(batch, kv_cache):
+        logits, pad = original(batch, kv_cache)
+        ran.append((batch.num_tokens + pad, batch.num_tokens))
+        return logits, pad
+    pieces.run = run_and_note
+    return ran
+
+
+def test_piecewise_steps_match_each_request_alone_and_padding_is_not_counted(solo):
+    engine = LLMEngine(EngineConfig(model="tiny", max_num_seqs=8, max_num_batched_tokens=64))
+    assert engine.runner.pieces is None  # the CPU captures none by itself
+    engine.start_piecewise_graphs()
+    assert engine.runner.pieces.sizes == [16, 32, 64]
+    ran = spy_on_pieces(engine)
+    prompts = random_prompts(9, seed=23, lengths=(3, 30, 150, 9, 64, 17, 1, 70, 5))
+    requests = {f"p{i}": (p, SamplingParams(max_tokens=5 + 2 * i, **GREEDY)) for i, p in enumerate(prompts)}
+    outputs = run(engine, requests, arrivals={0: ["p0", "p1", "p2"], 2: ["p3", "p4"], 5: ["p5", "p6", "p7", "p8"]})
+    for rid, (prompt, params) in requests.items():
+        assert tokens_of(outputs[rid]) == solo(prompt, params.max_tokens), rid
+    assert len({bucket for bucket, _ in ran}) >= 2, ran
+    assert any(bucket > real for bucket, real in ran) and any(real < 16 for _, real in ran), ran
+    fed = sum(len(p) + params.max_tokens - 1 for p, params in requests.values())
+    snap = engine.moe_stats()
+    assert all(sum(layer) == fed * engine.model_config.top_k for layer in snap.expert_tokens_total)
+
+
+def test_off_switch_and_an_eager_engine_keep_steps_eager():
+    engine = LLMEngine(EngineConfig(model="tiny", max_num_seqs=4, max_num_batched_tokens=64, piecewise_graphs=False))
+    assert not engine.runner.wants_piecewise_graphs() and engine.runner.pieces is None
+    with pytest.raises(ValueError, match="piecewise_graphs"):
+        EngineConfig(model="tiny", piecewise_graphs="yes")
+
+
+@pytest.mark.parametrize("family", ["gpt_oss"])
+def test_sliding_window_groups_and_sinks_through_pieces_match_generate(family, tmp_path):
+    """gpt-oss: two KV-cache groups (sliding and full layers alternate), learned sinks, biases; chunked prefill of
+    10-token steps, so prompts span several piecewise steps beside decoding sequences."""
+    hf = make_hf_model(family, seed=43, sliding_window=8)
+    directory = save_checkpoint(hf, tmp_path / family)
+    engine = LLMEngine(EngineConfig(model=str(directory), dtype="float32", block_size=4, num_kv_blocks=200,
+                                    max_num_batched_tokens=10, max_num_seqs=4))
+    engine.start_piecewise_graphs()
+    ran = spy_on_pieces(engine)
+    prompts = random_prompts(4, seed=29, lengths=(23, 4, 37, 12))
+    requests = {f"w{i}": (p, SamplingParams(max_tokens=20, **GREEDY)) for i, p in enumerate(prompts)}
+    outputs = run(engine, requests, arrivals={0: ["w0", "w1"], 4: ["w2", "w3"]})
+    assert {rid: tokens_of(outs) for rid, outs in outputs.items()} == \
+        {rid: hf_greedy(hf, prompt, 20) for rid, (prompt, _) in requests.items()}
+    assert any(real > 1 for _, real in ran) and any(bucket > real for bucket, real in ran), ran
+
+
+@pytest.mark.gpu
+def test_piecewise_graphs_equal_the_eager_forward_of_the_same_steps():
+    """Every piecewise step is recomputed eagerly with the graphs' kernels on the same batch: same logits (bf16
+    noise), same greedy tokens where the margin is decisive; expert counts exclude the padding rows exactly."""
+    engine = LLMEngine(EngineConfig(model="olmoe-1b-7b", random_weights=True, max_num_seqs=16,
+                                    max_num_batched_tokens=768, max_model_len=512, num_kv_blocks=512,
+                                    moe_timing_every=1000))
+    pieces = engine.runner.pieces
+    assert pieces is not None and pieces.sizes[-1] == 768
+    checked, original = [], pieces.run
+
+    def run_and_compare(batch, kv_cache):
+        logits, pad = original(batch, kv_cache)
+        logits = logits.clone()
+        with fusion.for_graph_capture():  # the graphs' kernels, eagerly; rewrites the same K/V
+            eager = engine.model(batch, kv_cache)
+        row_diff = (logits - eager).abs().max(dim=-1).values
+        top2 = eager.topk(2, dim=-1).values
+        decisive = (top2[:, 0] - top2[:, 1]) > 2 * row_diff
+        checked.append((batch.num_tokens, pad, float(row_diff.max() / eager.abs().max()),
+                        bool(torch.equal(logits.argmax(-1)[decisive], eager.argmax(-1)[decisive]))))
+        return logits, pad
+
+    pieces.run = run_and_compare
+    prompts = random_prompts(14, seed=31, lengths=(5, 40, 300, 17, 250, 90))
+    requests = {f"g{i}": (p, SamplingParams(max_tokens=10 + i, **GREEDY)) for i, p in enumerate(prompts)}
+    run(engine, requests, arrivals={0: list(requests)[:6], 4: list(requests)[6:10], 9: list(requests)[10:]})
+    assert len(checked) >= 3 and any(pad > 0 for _, pad, _, _ in checked), checked
+    assert all(err < 1e-2 and same for _, _, err, same in checked), checked
+    torch.cuda.synchronize()
+    fed = sum(len(p) + params.max_tokens - 1 for p, params in requests.values())
+    counts = torch.tensor(engine.moe_stats().expert_tokens_total)
+    assert counts.sum(1).eq(fed * engine.model_config.top_k).all(), "padding rows were counted"
