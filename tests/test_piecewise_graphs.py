@@ -11,6 +11,7 @@ from model.engine import EngineConfig, LLMEngine, SamplingParams
 from model.engine.piecewise_graphs import bucket_sizes
 from model.layers import fusion
 from tests.engine_fixtures import GREEDY, one_cpu_thread, random_prompts, run, solo, tiny, tokens_of  # noqa: F401
+from tests.deepseek_fixtures import make_deepseek_model
 from tests.model_fixtures import hf_greedy, make_hf_model, save_checkpoint
 
 
@@ -61,11 +62,15 @@ def test_off_switch_and_an_eager_engine_keep_steps_eager():
         EngineConfig(model="tiny", piecewise_graphs="yes")
 
 
-@pytest.mark.parametrize("family", ["gpt_oss"])
-def test_sliding_window_groups_and_sinks_through_pieces_match_generate(family, tmp_path):
-    """gpt-oss: two KV-cache groups (sliding and full layers alternate), learned sinks, biases; chunked prefill of
-    10-token steps, so prompts span several piecewise steps beside decoding sequences."""
-    hf = make_hf_model(family, seed=43, sliding_window=8)
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek-v3-yarn"])
+def test_sliding_window_groups_sinks_and_mla_through_pieces_match_generate(family, tmp_path):
+    """gpt-oss: two KV-cache groups (sliding and full layers alternate), learned sinks, biases. DeepSeek-V3: MLA
+    attention (its four projected inputs), a dense first layer, shared experts, grouped sigmoid routing. Chunked
+    prefill of 10-token steps, so prompts span several piecewise steps beside decoding sequences."""
+    if family.startswith("deepseek"):
+        hf = make_deepseek_model(family.removeprefix("deepseek-"), seed=43)
+    else:
+        hf = make_hf_model(family, seed=43, sliding_window=8)
     directory = save_checkpoint(hf, tmp_path / family)
     engine = LLMEngine(EngineConfig(model=str(directory), dtype="float32", block_size=4, num_kv_blocks=200,
                                     max_num_batched_tokens=10, max_num_seqs=4))

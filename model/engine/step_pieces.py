@@ -22,7 +22,6 @@ import torch
 from model.decoder import MoeCausalLM
 from model.engine.decode_inputs import PAD_TOKEN
 from model.forward_batch import ForwardBatch
-from model.layers.attention import Attention
 from model.layers.paged_attention import AttentionPlan
 
 
@@ -33,35 +32,35 @@ class PieceBuffers:
     cos: torch.Tensor  # [M, 1, R] rotary tables of the positions
     sin: torch.Tensor
     hidden: torch.Tensor  # [M, H] the residual stream
-    q: torch.Tensor  # [M, Hq, D] the next layer's attention inputs
-    k: torch.Tensor  # [M, Hkv, D]
-    v: torch.Tensor
-    attn: torch.Tensor  # [M, Hq, D] its attention output
+    attn: torch.Tensor  # [M, W] the attention output (W = o_proj's input width)
+    projected: tuple[torch.Tensor, ...]  # the next layer's attention inputs, as its `project` returns them:
+    #   q [M, Hq, D], k, v [M, Hkv, D] for grouped-query attention; MLA's q_nope, q_pe, latent, k_pe
 
     @staticmethod
     def allocate(model: MoeCausalLM, rows: int, device: torch.device, dtype: torch.dtype) -> "PieceBuffers":
         attn = model.model.layers[0].self_attn
-        cos, _ = model.model.rotary_emb(torch.zeros(1, dtype=torch.int64, device=device), dtype)
+        cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.int64, device=device), dtype)
+        one_row = attn.project(torch.zeros(1, model.config.hidden_size, dtype=dtype, device=device), (cos, sin))
         return PieceBuffers(
             input_ids=torch.full((rows,), PAD_TOKEN, dtype=torch.int64, device=device),
             positions=torch.zeros(rows, dtype=torch.int64, device=device),
             cos=torch.zeros((rows, *cos.shape[1:]), dtype=dtype, device=device),
-            sin=torch.zeros((rows, *cos.shape[1:]), dtype=dtype, device=device),
+            sin=torch.zeros((rows, *sin.shape[1:]), dtype=dtype, device=device),
             hidden=torch.zeros(rows, model.config.hidden_size, dtype=dtype, device=device),
-            q=torch.zeros(rows, attn.num_heads, attn.head_dim, dtype=dtype, device=device),
-            k=torch.zeros(rows, attn.num_kv_heads, attn.head_dim, dtype=dtype, device=device),
-            v=torch.zeros(rows, attn.num_kv_heads, attn.head_dim, dtype=dtype, device=device),
-            attn=torch.zeros(rows, attn.num_heads, attn.head_dim, dtype=dtype, device=device),
+            attn=torch.zeros(rows, attn.o_proj.in_features, dtype=dtype, device=device),
+            projected=tuple(torch.zeros((rows, *t.shape[1:]), dtype=t.dtype, device=device) for t in one_row),
         )
 
     def first(self, rows: int) -> "PieceBuffers":
         """Views of the first `rows` rows (a bucket's buffers)."""
-        return PieceBuffers(*(getattr(self, f.name)[:rows] for f in fields(self)))
+        return PieceBuffers(*(getattr(self, f.name)[:rows] for f in fields(self) if f.name != "projected"),
+                            projected=tuple(t[:rows] for t in self.projected))
 
 
 def supported(model) -> bool:
-    """Pieces exist for the single-rank decoder with grouped-query attention (not MLA, not a parallel model)."""
-    return type(model) is MoeCausalLM and all(type(layer.self_attn) is Attention for layer in model.model.layers)
+    """Pieces exist for the single-rank decoder (not a tensor- or expert-parallel model, whose ranks would have to
+    run the same pieces)."""
+    return type(model) is MoeCausalLM and all(hasattr(layer.self_attn, "project") for layer in model.model.layers)
 
 
 def num_pieces(model: MoeCausalLM) -> int:
@@ -78,22 +77,21 @@ def run_piece(model: MoeCausalLM, index: int, buf: PieceBuffers) -> None:
         buf.sin.copy_(sin)
     else:
         done = layers[index - 1]
-        h = done.after_attention(buf.hidden, done.self_attn.o_proj(buf.attn.flatten(1)))
+        h = done.after_attention(buf.hidden, done.self_attn.o_proj(buf.attn))
     buf.hidden.copy_(h)
     if index < len(layers):
         layer = layers[index]
-        q, k, v = layer.self_attn.project(layer.input_layernorm(h), (buf.cos, buf.sin))
-        buf.q.copy_(q)
-        buf.k.copy_(k)
-        buf.v.copy_(v)
+        for into, value in zip(buf.projected, layer.self_attn.project(layer.input_layernorm(h), (buf.cos, buf.sin)),
+                               strict=True):
+            into.copy_(value)
 
 
 def attend(model: MoeCausalLM, index: int, buf: PieceBuffers, rows: int, plans: list[AttentionPlan],
            kv_cache: torch.Tensor) -> None:
     """Layer `index`'s cache write and attention over the first `rows` (real) rows, eagerly, into buf.attn."""
     plan, cache = model.layer_attention_inputs(index, plans, kv_cache)
-    model.model.layers[index].self_attn.attend(buf.q[:rows], buf.k[:rows], buf.v[:rows], plan, cache,
-                                               out=buf.attn[:rows])
+    attn = model.model.layers[index].self_attn
+    attn.attend(*(t[:rows] for t in buf.projected), plan, cache, out=buf.attn[:rows].view(rows, attn.num_heads, -1))
 
 
 def load_inputs(buf: PieceBuffers, batch: ForwardBatch) -> None:

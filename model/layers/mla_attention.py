@@ -94,30 +94,43 @@ class MlaAttention(nn.Module):
         plan: AttentionPlan,
         kv_cache: torch.Tensor,  # [num_blocks, block_size, kv_lora_rank + rope]
     ) -> torch.Tensor:
+        out = self.attend(*self.project(x, rotary), plan, kv_cache)  # [N, Hq, v]
+        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.v_dim))
+
+    # The parts of forward, also called one by one by the piecewise CUDA graphs of mixed steps
+    # (model/engine/step_pieces.py): `project` and `o_proj` are row-wise and captured, `attend` runs eagerly.
+    def project(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]):
+        """x [N, H] -> q_nope [N, Hq, nope], q_pe [N, Hq, rope], latent [N, r] (normed), k_pe [N, 1, rope]."""
         num_rows = x.shape[0]
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
         q_nope, q_pe = q.view(num_rows, self.num_heads, self.qk_dim).split([self.nope, self.rope], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)  # [N, r]
         q_pe, k_pe = self._rotate(q_pe, k_pe.unsqueeze(1), rotary)  # [N, Hq, rope], [N, 1, rope]
+        return q_nope, q_pe, latent, k_pe
+
+    def attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+               plan: AttentionPlan, kv_cache: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Write this step's latent and rope key to the cache, then attend: [N, Hq, v] (into `out` if given)."""
+        num_rows = q_nope.shape[0]
         flat = kv_cache.view(-1, self.cache_width)  # [num_blocks * block_size, r + rope]: latent, then rope key
         write_cache_rows(latent, k_pe, flat, flat, self.kv_lora_rank, plan.write_rows, plan.write_slots)
 
         decode = plan.decode
         if decode is not None and decode.rows is None:  # a pure decode step (the CUDA-graph path)
-            out = self._decode(q_nope, q_pe, kv_cache, decode)
-        else:
-            out = q_nope.new_empty(num_rows, self.num_heads, self.v_dim)  # [N, Hq, v]
-            if decode is not None:
-                out[decode.rows] = self._decode(q_nope[decode.rows], q_pe[decode.rows], kv_cache, decode)
-            chunks = plan.prefill
-            starting = mla_prefill.fresh(chunks)  # nothing cached before them: batched, keys from this step's rows
-            if kv_cache.dtype == latent.dtype and mla_prefill.worth_batching(starting):
-                mla_prefill.batched_fresh_prefill(self, q_nope, q_pe, latent, k_pe, starting, out)
-                chunks = [c for c in chunks if all(c is not s for s in starting)]
-            for chunk in chunks:
-                out[chunk.rows] = self._prefill(q_nope[chunk.rows], q_pe[chunk.rows], flat, chunk)
-        return self.o_proj(out.reshape(num_rows, self.num_heads * self.v_dim))
+            result = self._decode(q_nope, q_pe, kv_cache, decode)
+            return result if out is None else out.copy_(result)
+        out = q_nope.new_empty(num_rows, self.num_heads, self.v_dim) if out is None else out  # [N, Hq, v]
+        if decode is not None:
+            out[decode.rows] = self._decode(q_nope[decode.rows], q_pe[decode.rows], kv_cache, decode)
+        chunks = plan.prefill
+        starting = mla_prefill.fresh(chunks)  # nothing cached before them: batched, keys from this step's rows
+        if kv_cache.dtype == latent.dtype and mla_prefill.worth_batching(starting):
+            mla_prefill.batched_fresh_prefill(self, q_nope, q_pe, latent, k_pe, starting, out)
+            chunks = [c for c in chunks if all(c is not s for s in starting)]
+        for chunk in chunks:
+            out[chunk.rows] = self._prefill(q_nope[chunk.rows], q_pe[chunk.rows], flat, chunk)
+        return out
 
     def _rotate(self, q_pe, k_pe, rotary):
         cos, sin = rotary
