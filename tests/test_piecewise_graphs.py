@@ -90,7 +90,7 @@ def test_piecewise_graphs_equal_the_eager_forward_of_the_same_steps():
     noise), same greedy tokens where the margin is decisive; expert counts exclude the padding rows exactly."""
     engine = LLMEngine(EngineConfig(model="olmoe-1b-7b", random_weights=True, max_num_seqs=16,
                                     max_num_batched_tokens=768, max_model_len=512, num_kv_blocks=512,
-                                    moe_timing_every=1000))
+                                    moe_timing_every=3))  # timed variants replay too
     pieces = engine.runner.pieces
     assert pieces is not None and pieces.sizes[-1] == 768
     checked, original = [], pieces.run
@@ -117,3 +117,6 @@ def test_piecewise_graphs_equal_the_eager_forward_of_the_same_steps():
     fed = sum(len(p) + params.max_tokens - 1 for p, params in requests.values())
     counts = torch.tensor(engine.moe_stats().expert_tokens_total)
     assert counts.sum(1).eq(fed * engine.model_config.top_k).all(), "padding rows were counted"
+    timed = {key: pairs for key, pairs in engine.moe.timer.graph_pairs.items() if key[0] == "pieces"}
+    assert len(timed) == len(pieces.sizes) and all(len(p) == len(engine.model.moe_blocks()) for p in timed.values())
+    assert engine.moe_stats().timed, "no sampled step was read"

@@ -376,7 +376,7 @@ class ModelRunner:
         """Capture the pieces of steps up to fusion.EAGER_MIN_ROWS rows (on the CPU they are recorded as plain
         calls, which the tests use). The caller then measures their padding rows' routing (`pad_routing_rows`)."""
         max_rows = min(fusion.EAGER_MIN_ROWS, self.config.max_num_batched_tokens)
-        pieces = PiecewiseGraphs(self.model, self.device, self.dtype, max_rows)
+        pieces = PiecewiseGraphs(self.model, self.device, self.dtype, max_rows, self.moe_timer)
         try:
             pieces.capture()
         except RuntimeError as err:

@@ -7,8 +7,10 @@ fusion.EAGER_MIN_ROWS rows on are GPU-bound and stay eager), so padding costs at
 All pieces of all buckets share one memory pool: they run one after another, and each piece leaves its results in
 the static `PieceBuffers`, never in pool memory a later piece could reuse.
 
-The experts' timing events of the metrics are not captured here (piecewise steps are not timed); their expert
-counters are, with the padding rows' routing measured once after capture (`pad_routing_rows`).
+For the metrics, each bucket is captured a second time with the MoE timer's event-record nodes around every
+experts op (as the decode graphs are, model/engine/moe_timer.py) and that variant replays only in steps sampled for
+timing; the expert counters count the padding rows too, whose routing is measured once after capture
+(`pad_routing_rows`) and subtracted.
 """
 
 import logging
@@ -47,12 +49,14 @@ class _Replayed:
 class PiecewiseGraphs:
     """`capture()` once, then `run(batch, kv_cache)` for any step of at most `max_rows` rows."""
 
-    def __init__(self, model, device: torch.device, dtype: torch.dtype, max_rows: int):
+    def __init__(self, model, device: torch.device, dtype: torch.dtype, max_rows: int, moe_timer=None):
         self.model = model
         self.device = device
+        self.moe_timer = moe_timer  # model/engine/moe_timer.MoeTimer, or None
         self.sizes = bucket_sizes(max_rows)
         self.buf = PieceBuffers.allocate(model, self.sizes[-1], device, dtype)
         self.pieces: dict[int, list] = {}  # bucket rows -> its L + 1 pieces (CUDA graphs, or _Replayed)
+        self.timed: dict[int, list] = {}  # bucket rows -> the same pieces with the MoE timer's event nodes
 
     def capture(self) -> None:
         """Capture every bucket's pieces (on the CPU: record them as calls)."""
@@ -67,17 +71,24 @@ class PiecewiseGraphs:
             with fusion.for_graph_capture():
                 for i in range(count):  # warm-up outside the graph (lazy inits, compiling)
                     step_pieces.run_piece(self.model, i, buf)
-                graphs = []
-                for i in range(count):
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        step_pieces.run_piece(self.model, i, buf)
-                    graphs.append(graph)
-            self.pieces[rows] = graphs
+                self.pieces[rows] = [self._capture(i, buf, pool) for i in range(count)]
+                timer = self.moe_timer
+                if timer is not None and timer.enabled:  # timing events become graph nodes of this variant
+                    timer.begin_capture(("pieces", rows))
+                    try:
+                        self.timed[rows] = [self._capture(i, buf, pool) for i in range(count)]
+                    finally:
+                        timer.end_capture()
         if pool is not None:
             torch.cuda.synchronize(self.device)
         logger.info("captured piecewise graphs of steps that prefill: %d pieces at %d row counts (%s) in %.1f s",
                     count, len(self.sizes), self.sizes, time.perf_counter() - started)
+
+    def _capture(self, index: int, buf: PieceBuffers, pool) -> "torch.cuda.CUDAGraph":
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            step_pieces.run_piece(self.model, index, buf)
+        return graph
 
     def bucket(self, rows: int) -> int | None:
         """The bucket a step of `rows` rows runs in; None: too large (it runs eagerly)."""
@@ -94,6 +105,9 @@ class PiecewiseGraphs:
         plans = self.model.attention_plans(batch, kv_cache)
         step_pieces.load_inputs(buf, batch)
         pieces = self.pieces[size]
+        if size in self.timed and self.moe_timer.sampling:
+            pieces = self.timed[size]
+            self.moe_timer.graph_replayed(("pieces", size))
         for i, piece in enumerate(pieces[:-1]):
             piece.replay()
             step_pieces.attend(self.model, i, buf, rows, plans, kv_cache)
