@@ -62,6 +62,20 @@ def test_off_switch_and_an_eager_engine_keep_steps_eager():
         EngineConfig(model="tiny", piecewise_graphs="yes")
 
 
+def test_a_failed_capture_leaves_steps_eager_and_the_engine_serving(monkeypatch, solo, caplog):
+    from model.engine.piecewise_graphs import PiecewiseGraphs
+
+    def fail(self):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(PiecewiseGraphs, "capture", fail)
+    engine = LLMEngine(EngineConfig(model="tiny", max_num_seqs=4, max_num_batched_tokens=64))
+    engine.start_piecewise_graphs()
+    assert engine.runner.pieces is None and "steps that prefill run eagerly" in caplog.text
+    prompt = random_prompts(1, seed=3, lengths=(40,))[0]
+    out = run(engine, {"r": (prompt, SamplingParams(max_tokens=6, **GREEDY))})
+    assert tokens_of(out["r"]) == solo(prompt, 6)
+
+
 @pytest.mark.parametrize("family", ["gpt_oss", "deepseek-v3-yarn"])
 def test_sliding_window_groups_sinks_and_mla_through_pieces_match_generate(family, tmp_path):
     """gpt-oss: two KV-cache groups (sliding and full layers alternate), learned sinks, biases. DeepSeek-V3: MLA

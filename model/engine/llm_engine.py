@@ -163,6 +163,8 @@ class LLMEngine:
         one of their padding rows adds to the expert counters. Called at start-up on CUDA; the CPU tests call it to
         run the same pieces as plain calls."""
         self.runner.capture_piecewise_graphs()
+        if self.runner.pieces is None:  # capture failed (logged): steps that prefill run eagerly
+            return
         self.moe.reset_counts()
         rows = self.runner.pieces.pad_routing_rows()
         counts = self.moe.read_counts_now()

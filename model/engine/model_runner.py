@@ -374,14 +374,16 @@ class ModelRunner:
     @torch.inference_mode()
     def capture_piecewise_graphs(self) -> None:
         """Capture the pieces of steps up to fusion.EAGER_MIN_ROWS rows (on the CPU they are recorded as plain
-        calls, which the tests use). The caller then measures their padding rows' routing (`pad_routing_rows`)."""
+        calls, which the tests use). The caller then measures their padding rows' routing (`pad_routing_rows`). If
+        capture fails, `pieces` stays None (logged): the engine serves as without them."""
         max_rows = min(fusion.EAGER_MIN_ROWS, self.config.max_num_batched_tokens)
         pieces = PiecewiseGraphs(self.model, self.device, self.dtype, max_rows, self.moe_timer)
         try:
             pieces.capture()
-        except RuntimeError as err:
-            raise RuntimeError(f"CUDA graph capture of the piecewise step pieces failed: {err}; "
-                               "--no-piecewise-graphs (or enforce_eager=True) serves without them") from err
+        except RuntimeError as err:  # the decode graphs were captured: serve with them, prefill eagerly
+            logger.error("CUDA graph capture of the piecewise step pieces failed (%s); steps that prefill run "
+                         "eagerly (--no-piecewise-graphs skips the attempt)", err)
+            return
         self.pieces = pieces
 
     def _capture(self, batch: ForwardBatch, pool, into: torch.Tensor | None = None):
