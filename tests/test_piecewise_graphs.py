@@ -104,7 +104,7 @@ def test_piecewise_graphs_equal_the_eager_forward_of_the_same_steps():
     noise), same greedy tokens where the margin is decisive; expert counts exclude the padding rows exactly."""
     engine = LLMEngine(EngineConfig(model="olmoe-1b-7b", random_weights=True, max_num_seqs=16,
                                     max_num_batched_tokens=768, max_model_len=512, num_kv_blocks=512,
-                                    moe_timing_every=3))  # timed variants replay too
+                                    moe_timing_every=3, piecewise_graphs=True))  # timed variants replay too
     pieces = engine.runner.pieces
     assert pieces is not None and pieces.sizes[-1] == 768
     checked, original = [], pieces.run

@@ -382,7 +382,7 @@ class ModelRunner:
             pieces.capture()
         except RuntimeError as err:  # the decode graphs were captured: serve with them, prefill eagerly
             logger.error("CUDA graph capture of the piecewise step pieces failed (%s); steps that prefill run "
-                         "eagerly (--no-piecewise-graphs skips the attempt)", err)
+                         "eagerly", err)
             return
         self.pieces = pieces
 
