@@ -30,9 +30,10 @@ def spy_on_pieces(engine) -> list:
     original = pieces.run
 
     def run_and_note(batch, kv_cache):
-        logits, pad = original(batch, kv_cache)
+        logits, pad, kind = original(batch, kv_cache)
         ran.append((batch.num_tokens + pad, batch.num_tokens))
-        return logits, pad
+        assert kind == f"pieces:{batch.num_tokens + pad}"
+        return logits, pad, kind
     pieces.run = run_and_note
     return ran
 
@@ -126,7 +127,7 @@ def test_piecewise_graphs_equal_the_eager_forward_of_the_same_steps():
     checked, original = [], pieces.run
 
     def run_and_compare(batch, kv_cache):
-        logits, pad = original(batch, kv_cache)
+        logits, pad, kind = original(batch, kv_cache)
         logits = logits.clone()
         with fusion.for_graph_capture():  # the graphs' kernels, eagerly; rewrites the same K/V
             eager = engine.model(batch, kv_cache)
@@ -135,7 +136,7 @@ def test_piecewise_graphs_equal_the_eager_forward_of_the_same_steps():
         decisive = (top2[:, 0] - top2[:, 1]) > 2 * row_diff
         checked.append((batch.num_tokens, pad, float(row_diff.max() / eager.abs().max()),
                         bool(torch.equal(logits.argmax(-1)[decisive], eager.argmax(-1)[decisive]))))
-        return logits, pad
+        return logits, pad, kind
 
     pieces.run = run_and_compare
     prompts = random_prompts(14, seed=31, lengths=(5, 40, 300, 17, 250, 90))

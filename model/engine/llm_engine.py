@@ -29,6 +29,7 @@ from model.engine.decode_inputs import PAD_BLOCK
 from model.engine.logprobs import LogprobsMode, LogprobsTensors, TokenLogprobs
 from model.engine.model_runner import ModelRunner, prompt_logit_rows
 from model.engine.moe_stats import MoeStatsCollector, MoeStatsSnapshot
+from model.engine.piecewise_graphs import pad_kind
 from model.engine.sampler import Sampler
 from model.engine.sampling_params import SamplingParams
 from model.engine.sampling_state import SequenceSampling
@@ -83,7 +84,7 @@ class _Forward:
     sched: object
     logits: torch.Tensor  # [R, V]
     pad_rows: int
-    pad_kind: str  # the graphs that ran the padding rows (model/engine/moe_stats.py PAD_KINDS)
+    pad_kind: str  # which padding rows they were (MoeStatsCollector.set_pad_routing)
     sample_rows: list[int]  # row of each sampling sequence, in scheduled order
     prompt_owners: list[tuple[Sequence, int, int]]  # (sequence, first row, rows) of prompt-logprob rows
 
@@ -163,15 +164,17 @@ class LLMEngine:
         one of their padding rows adds to the expert counters. Called at start-up on CUDA; the CPU tests call it to
         run the same pieces as plain calls."""
         self.runner.capture_piecewise_graphs()
-        if self.runner.pieces is None:  # capture failed (logged): steps that prefill run eagerly
+        pieces = self.runner.pieces
+        if pieces is None:  # capture failed (logged): steps that prefill run eagerly
             return
-        self.moe.reset_counts()
-        rows = self.runner.pieces.pad_routing_rows()
-        counts = self.moe.read_counts_now()
-        if (counts % rows).any():
-            logger.warning("the padding rows of one piecewise bucket routed differently; expert counts of steps "
-                           "that prefill may be off by a few tokens")
-        self.moe.set_pad_routing(counts // rows, "pieces")
+        for size in pieces.sizes:
+            self.moe.reset_counts()
+            rows = pieces.pad_routing_rows(size)
+            counts = self.moe.read_counts_now()
+            if (counts % rows).any():
+                logger.warning("the padding rows of piecewise bucket %d routed differently; expert counts of steps "
+                               "that prefill may be off by a few tokens", size)
+            self.moe.set_pad_routing(counts // rows, pad_kind(size))
         self.moe.reset_counts()
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None, *,

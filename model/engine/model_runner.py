@@ -235,7 +235,7 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput, force_eager: bool = False,
                 sampled_before: torch.Tensor | None = None) -> tuple[torch.Tensor, int, str]:
         """Returns (logits [S, V] float32 of the wanted rows in scheduled order, padded rows run, which graphs ran
-        them: "decode" or "pieces"): per sequence its prompt-logprob rows (`prompt_logit_rows`), then its sampling
+        them, see MoeStatsCollector.set_pad_routing): per sequence its prompt-logprob rows (`prompt_logit_rows`), then its sampling
         row.
         `sampled_before`: the device tensor of token ids sampled by the previous step, which sequences whose last
         token is still a placeholder (asynchronous scheduling) are fed from."""
@@ -251,7 +251,7 @@ class ModelRunner:
         batch = self.build_batch(items)
         self._feed_sampled(batch.input_ids, out, sampled_before, decode_rows=False)
         if self.pieces is not None and not force_eager and self.pieces.bucket(batch.num_tokens) is not None:
-            return *self.pieces.run(batch, self.kv_cache), "pieces"
+            return self.pieces.run(batch, self.kv_cache)
         return self.model(batch, self.kv_cache), 0, "decode"
 
     def _feed_sampled(self, input_ids: torch.Tensor, out: SchedulerOutput, sampled: torch.Tensor | None,

@@ -11,8 +11,9 @@
   there); the collector only reads them: every few steps those buffers are
   copied device -> pinned host with non_blocking and an event, and harvested once the event has completed.
   Padded CUDA-graph rows are counted by the op too; they all compute the same fixed pad token, whose per-layer
-  routing is measured once (`set_pad_routing`) and subtracted. The decode graphs' padding rows and the piecewise
-  graphs' (model/engine/step_pieces.py: no attention output) route differently, so each kind has its own.
+  routing is measured once (`set_pad_routing`) and subtracted. Padding rows of different kinds route differently:
+  the decode graphs' ("decode") and each bucket of the piecewise graphs' (model/engine/piecewise_graphs.py: no
+  attention output, and GEMMs of a different row count per bucket) have their own.
 """
 
 import threading
@@ -24,7 +25,6 @@ import torch
 from model.engine.moe_timer import MoeTimer
 
 MAX_READY_SAMPLES = 4096  # timed samples kept for the next snapshot
-PAD_KINDS = ("decode", "pieces")  # the CUDA graphs that run padding rows: decode steps, piecewise mixed steps
 
 
 @dataclass
@@ -82,9 +82,9 @@ class MoeStatsCollector:
         self._shared_flops_total = 0.0
         self._step = 0
         self._ready_timed: list[tuple[float, float]] = []
-        self._pad_rows = {kind: 0 for kind in PAD_KINDS}  # padded CUDA-graph rows run so far, per kind
-        self._pad_routing = {kind: torch.zeros(len(blocks), max(self.num_experts, default=1), dtype=torch.int64)
-                             for kind in PAD_KINDS}  # [L, E] counts of one padding row of that kind
+        self._pad_rows: dict[str, int] = {}  # padded CUDA-graph rows run so far, per kind of padding row
+        # [L, E] counts of one padding row, per kind ("decode" measured at start-up, others as their graphs are made)
+        self._pad_routing = {"decode": torch.zeros(len(blocks), max(self.num_experts, default=1), dtype=torch.int64)}
         self._copy_in_flight = None  # (pinned host [L, E], event, pad rows at copy time)
         self._history: deque[torch.Tensor] = deque(maxlen=window_harvests + 1)  # corrected cumulative counts
         self.timer = MoeTimer(device, self.enabled)  # the model runner reports graph captures and replays to it
@@ -100,12 +100,13 @@ class MoeStatsCollector:
 
     def end_step(self, num_tokens: int, num_pad_rows: int, pad_kind: str = "decode") -> None:
         """After the model's work on `num_tokens` real rows (+ `num_pad_rows` padding rows of a CUDA graph of
-        `pad_kind`: "decode" or "pieces") was enqueued."""
+        `pad_kind`, see set_pad_routing) was enqueued."""
         self._step += 1
         with self._lock:
             self._flops_total += float(num_tokens) * self.routed_flops_per_token
             self._shared_flops_total += float(num_tokens) * self.shared_flops_per_token
-            self._pad_rows[pad_kind] += num_pad_rows
+            if num_pad_rows:
+                self._pad_rows[pad_kind] = self._pad_rows.get(pad_kind, 0) + num_pad_rows
             self.timer.end_step(float(num_tokens + num_pad_rows) * self.routed_flops_per_token)
             if self.enabled and self._copy_in_flight is None and self._step % self.harvest_every == 0:
                 self._issue_copy()
@@ -151,7 +152,9 @@ class MoeStatsCollector:
                 event.synchronize()  # only the copy itself is left to wait for
             if event is None or event.query():
                 self._copy_in_flight = None
-                self._history.append(host.clone() - sum(pad_rows[k] * self._pad_routing[k] for k in PAD_KINDS))
+                padding = sum((rows * self._pad_routing[kind] for kind, rows in pad_rows.items()),
+                              torch.zeros_like(host))
+                self._history.append(host.clone() - padding)
 
     # ---- padding correction and reset -------------------------------------------------------------------------
     def read_counts_now(self) -> torch.Tensor:
@@ -162,6 +165,7 @@ class MoeStatsCollector:
         return out
 
     def set_pad_routing(self, counts_of_one_pad_row: torch.Tensor, kind: str = "decode") -> None:
+        """What one padding row of `kind` adds to the counters ([L, E]); end_step's pad_kind names it."""
         self._pad_routing[kind] = counts_of_one_pad_row.clone()
 
     def reset_counts(self) -> None:
@@ -169,7 +173,7 @@ class MoeStatsCollector:
         for b in self.blocks:
             b.experts.expert_load.zero_()
         with self._lock:
-            self._pad_rows = {kind: 0 for kind in PAD_KINDS}
+            self._pad_rows = {}
             self._copy_in_flight = None
             self._history.clear()
 

@@ -9,8 +9,9 @@ the static `PieceBuffers`, never in pool memory a later piece could reuse.
 
 For the metrics, each bucket is captured a second time with the MoE timer's event-record nodes around every
 experts op (as the decode graphs are, model/engine/moe_timer.py) and that variant replays only in steps sampled for
-timing; the expert counters count the padding rows too, whose routing is measured once after capture
-(`pad_routing_rows`) and subtracted.
+timing; the expert counters count the padding rows too, whose routing is measured once per bucket after capture
+(`pad_routing_rows`; a bucket's GEMMs have their own row count, so the padding token's routing is not assumed to
+be the same in all of them) and subtracted.
 """
 
 import logging
@@ -33,6 +34,11 @@ def bucket_sizes(max_rows: int) -> list[int]:
     sizes = [n for n in (16, 32, 64, 128) if n < max_rows]
     sizes += range(BUCKET_STEP, max_rows, BUCKET_STEP)
     return sorted(set(sizes + [max_rows]))
+
+
+def pad_kind(size: int) -> str:
+    """The expert counters' name for the padding rows of bucket `size` (model/engine/moe_stats.py)."""
+    return f"pieces:{size}"
 
 
 class _Replayed:
@@ -94,9 +100,9 @@ class PiecewiseGraphs:
         """The bucket a step of `rows` rows runs in; None: too large (it runs eagerly)."""
         return next((size for size in self.sizes if size >= rows), None)
 
-    def run(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """(float32 logits [S, V] of batch.logits_indices, padding rows run): the pieces of the step's bucket, with
-        each layer's attention run eagerly on the real rows between them."""
+    def run(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> tuple[torch.Tensor, int, str]:
+        """(float32 logits [S, V] of batch.logits_indices, padding rows run, their `pad_kind`): the pieces of the
+        step's bucket, with each layer's attention run eagerly on the real rows between them."""
         rows = batch.num_tokens
         size = self.bucket(rows)
         if size is None:
@@ -112,13 +118,12 @@ class PiecewiseGraphs:
             piece.replay()
             step_pieces.attend(self.model, i, buf, rows, plans, kv_cache)
         pieces[-1].replay()
-        return step_pieces.logits(self.model, buf, batch), size - rows
+        return step_pieces.logits(self.model, buf, batch), size - rows, pad_kind(size)
 
     @torch.inference_mode()
-    def pad_routing_rows(self) -> int:
-        """Run the smallest bucket with padding rows only (no attention: they have none) and return how many rows
-        ran, so that the expert counters' growth divided by it is one padding row's routing."""
-        size = self.sizes[0]
+    def pad_routing_rows(self, size: int) -> int:
+        """Run bucket `size` with padding rows only (no attention: they have none) and return how many rows ran, so
+        that the expert counters' growth divided by it is one of its padding rows' routing."""
         buf = self.buf.first(size)
         step_pieces.load_padding(buf)
         for piece in self.pieces[size]:
