@@ -66,7 +66,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"EngineConfig.{name} must be None or a positive int, got {value!r}")
-        for name in ("random_weights", "enforce_eager", "piecewise_graphs", "async_scheduling", "enable_prefix_caching", "expert_metrics"):
+        for name in ("random_weights", "enforce_eager", "piecewise_graphs", "async_scheduling", "enable_prefix_caching",
+                     "expert_metrics"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EngineConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if not 0.05 <= self.gpu_memory_utilization <= 1.0:

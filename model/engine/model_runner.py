@@ -27,6 +27,7 @@ from model.engine.decode_inputs import PAD_TOKEN, DecodeInputs, static_decode_ba
 from model.engine import step_pieces
 from model.engine.penalties import PenaltyState
 from model.engine.piecewise_graphs import PiecewiseGraphs
+from model.engine.step_pieces import PieceBuffers
 from model.engine.sampler import Sampler, SamplingExtras
 from model.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from model.engine.scheduler import SchedulerOutput
@@ -89,6 +90,11 @@ class ModelRunner:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's max_position_embeddings="
                              f"{mc.max_position_embeddings}")
         self._activation_peak = 0  # bytes of the largest step's temporaries, measured by the memory profile
+        # the piecewise graphs' static buffers exist before the KV cache is sized, so that it leaves room for them
+        self._piece_buffers = None
+        if self.wants_piecewise_graphs():
+            with torch.inference_mode():
+                self._piece_buffers = PieceBuffers.allocate(model, self._piecewise_max_rows(), device, dtype)
         self.num_usable_blocks = self._decide_num_blocks(max_len)
         if hasattr(model, "agree_on_num_blocks"):  # the ranks of a parallel model (model/parallel) take the least
             self.num_usable_blocks = model.agree_on_num_blocks(self.num_usable_blocks)
@@ -376,15 +382,25 @@ class ModelRunner:
         """Capture the pieces of steps up to fusion.EAGER_MIN_ROWS rows (on the CPU they are recorded as plain
         calls, which the tests use). The caller then measures their padding rows' routing (`pad_routing_rows`). If
         capture fails, `pieces` stays None (logged): the engine serves as without them."""
-        max_rows = min(fusion.EAGER_MIN_ROWS, self.config.max_num_batched_tokens)
-        pieces = PiecewiseGraphs(self.model, self.device, self.dtype, max_rows, self.moe_timer)
+        pieces = None
         try:
+            pieces = PiecewiseGraphs(self.model, self.device, self.dtype, self._piecewise_max_rows(), self.moe_timer,
+                                     self._piece_buffers)
             pieces.capture()
-        except RuntimeError as err:  # the decode graphs were captured: serve with them, prefill eagerly
-            logger.error("CUDA graph capture of the piecewise step pieces failed (%s); steps that prefill run "
+        except Exception as err:  # noqa: BLE001 (Triton's build errors too) the decode graphs were captured: serve
+            # with them and prefill eagerly, with the memory the pieces held given back
+            logger.error("CUDA graph capture of the piecewise step pieces failed (%r); steps that prefill run "
                          "eagerly", err)
+            pieces = None  # drops its graphs and pool
+            self._piece_buffers = None
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                torch.cuda.empty_cache()
             return
         self.pieces = pieces
+
+    def _piecewise_max_rows(self) -> int:
+        return min(fusion.EAGER_MIN_ROWS, self.config.max_num_batched_tokens)
 
     def _capture(self, batch: ForwardBatch, pool, into: torch.Tensor | None = None):
         """A CUDA graph of one decode forward and its static logits (`into`, if given, receives them: two variants

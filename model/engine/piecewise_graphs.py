@@ -55,12 +55,15 @@ class _Replayed:
 class PiecewiseGraphs:
     """`capture()` once, then `run(batch, kv_cache)` for any step of at most `max_rows` rows."""
 
-    def __init__(self, model, device: torch.device, dtype: torch.dtype, max_rows: int, moe_timer=None):
+    def __init__(self, model, device: torch.device, dtype: torch.dtype, max_rows: int, moe_timer=None,
+                 buf: PieceBuffers | None = None):
+        """`buf`: buffers of at least `max_rows` rows allocated beforehand (the runner does, before sizing the KV
+        cache), else allocated here."""
         self.model = model
         self.device = device
         self.moe_timer = moe_timer  # model/engine/moe_timer.MoeTimer, or None
         self.sizes = bucket_sizes(max_rows)
-        self.buf = PieceBuffers.allocate(model, self.sizes[-1], device, dtype)
+        self.buf = PieceBuffers.allocate(model, self.sizes[-1], device, dtype) if buf is None else buf
         self.pieces: dict[int, list] = {}  # bucket rows -> its L + 1 pieces (CUDA graphs, or _Replayed)
         self.timed: dict[int, list] = {}  # bucket rows -> the same pieces with the MoE timer's event nodes
 
@@ -68,6 +71,7 @@ class PiecewiseGraphs:
         """Capture every bucket's pieces (on the CPU: record them as calls)."""
         started = time.perf_counter()
         pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
+        stream = torch.cuda.Stream(self.device) if pool is not None else None
         count = step_pieces.num_pieces(self.model)
         for rows in reversed(self.sizes):  # largest first: the pool then fits the others
             buf = self.buf.first(rows)
@@ -77,23 +81,32 @@ class PiecewiseGraphs:
             with fusion.for_graph_capture():
                 for i in range(count):  # warm-up outside the graph (lazy inits, compiling)
                     step_pieces.run_piece(self.model, i, buf)
-                self.pieces[rows] = [self._capture(i, buf, pool) for i in range(count)]
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                self.pieces[rows] = [self._capture(i, buf, pool, stream) for i in range(count)]
                 timer = self.moe_timer
                 if timer is not None and timer.enabled:  # timing events become graph nodes of this variant
                     timer.begin_capture(("pieces", rows))
                     try:
-                        self.timed[rows] = [self._capture(i, buf, pool) for i in range(count)]
+                        self.timed[rows] = [self._capture(i, buf, pool, stream) for i in range(count)]
                     finally:
                         timer.end_capture()
+                torch.cuda.current_stream(self.device).wait_stream(stream)
         if pool is not None:
             torch.cuda.synchronize(self.device)
         logger.info("captured piecewise graphs of steps that prefill: %d pieces at %d row counts (%s) in %.1f s",
                     count, len(self.sizes), self.sizes, time.perf_counter() - started)
 
-    def _capture(self, index: int, buf: PieceBuffers, pool) -> "torch.cuda.CUDAGraph":
+    def _capture(self, index: int, buf: PieceBuffers, pool, stream: "torch.cuda.Stream") -> "torch.cuda.CUDAGraph":
+        """One piece as a CUDA graph, captured on the side stream `stream`. Not with torch.cuda.graph's context,
+        which synchronises the device and empties the allocator's caches at each of the ~2000 captures of a
+        48-layer model; the caller orders the stream after the warm-up once per bucket instead."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            step_pieces.run_piece(self.model, index, buf)
+        with torch.cuda.stream(stream):
+            graph.capture_begin(pool=pool)
+            try:
+                step_pieces.run_piece(self.model, index, buf)
+            finally:
+                graph.capture_end()
         return graph
 
     def bucket(self, rows: int) -> int | None:
