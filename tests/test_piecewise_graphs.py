@@ -93,15 +93,18 @@ def test_a_failed_capture_leaves_steps_eager_and_the_engine_serving(monkeypatch,
     assert tokens_of(out["r"]) == solo(prompt, 6)
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "deepseek-v3-yarn"])
-def test_sliding_window_groups_sinks_and_mla_through_pieces_match_generate(family, tmp_path):
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek-v3-yarn", "qwen3_moe", "olmoe"])
+def test_each_family_through_pieces_matches_generate(family, tmp_path):
     """gpt-oss: two KV-cache groups (sliding and full layers alternate), learned sinks, biases. DeepSeek-V3: MLA
-    attention (its four projected inputs), a dense first layer, shared experts, grouped sigmoid routing. Chunked
-    prefill of 10-token steps, so prompts span several piecewise steps beside decoding sequences."""
+    attention (its four projected inputs), a dense first layer, shared experts, grouped sigmoid routing. Qwen3:
+    per-head q/k norms; OLMoE: norms over the whole projections. Chunked prefill of 10-token steps, so prompts span
+    several piecewise steps beside decoding sequences."""
     if family.startswith("deepseek"):
         hf = make_deepseek_model(family.removeprefix("deepseek-"), seed=43)
-    else:
+    elif family == "gpt_oss":
         hf = make_hf_model(family, seed=43, sliding_window=8)
+    else:
+        hf = make_hf_model(family, seed=43)
     directory = save_checkpoint(hf, tmp_path / family)
     engine = LLMEngine(EngineConfig(model=str(directory), dtype="float32", block_size=4, num_kv_blocks=200,
                                     max_num_batched_tokens=10, max_num_seqs=4))
