@@ -240,9 +240,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, force_eager: bool = False,
                 sampled_before: torch.Tensor | None = None) -> tuple[torch.Tensor, int, str]:
-        """Returns (logits [S, V] float32 of the wanted rows in scheduled order, padded rows run, which graphs ran
-        them, see MoeStatsCollector.set_pad_routing): per sequence its prompt-logprob rows (`prompt_logit_rows`), then its sampling
-        row.
+        """Returns (logits [S, V] float32 of the wanted rows in scheduled order, padded rows run, which kind of
+        padding rows they were: see MoeStatsCollector.set_pad_routing): per sequence its prompt-logprob rows
+        (`prompt_logit_rows`), then its sampling row.
         `sampled_before`: the device tensor of token ids sampled by the previous step, which sequences whose last
         token is still a placeholder (asynchronous scheduling) are fed from."""
         if out.is_decode and not force_eager and self.graphs:
