@@ -18,13 +18,13 @@ from service.reasoning import REASONING_PARSERS
 from service.settings import DEFAULT_DRAIN_TIMEOUT_S, LOOPBACK_HOSTS, ServiceSettings, is_loopback
 from service.tool_parsers import PARSERS
 from service.version import package_version
-from model.env_switch import env_switch
 from model.quant_config import QUANTIZATIONS
 
 ENV_PREFIX = "STATICMOE_"
 # Engine settings the CLI passes on only when given, so their defaults live in EngineConfig alone.
 ENGINE_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "prefill_hold_steps", "max_model_len", "num_kv_blocks",
                 "block_size", "dtype", "device", "quantization", "logprobs_mode")
+TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 logger = logging.getLogger("staticmoe.service")
 
@@ -34,10 +34,15 @@ def env_name(flag: str) -> str:
 
 
 def _env_bool(name: str) -> bool | None:
-    try:
-        return env_switch(name)
-    except ValueError as err:
-        raise SystemExit(f"staticmoe: error: {err}") from None
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    word = raw.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise SystemExit(f"staticmoe: error: {name}={raw!r} is not a boolean (use 1/0, true/false, yes/no, on/off)")
 
 
 class EnvDefaults:
