@@ -238,8 +238,7 @@ def build_engine_config(args: argparse.Namespace):
     given = {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name) is not None}
     if args.no_prefix_caching:
         given["enable_prefix_caching"] = False
-    if args.piecewise_graphs:
-        given["piecewise_graphs"] = True
+    given["piecewise_graphs"] = args.piecewise_graphs  # the flag, or its variable read as the CLI reads booleans
     return EngineConfig(model=source, random_weights=random_weights, enforce_eager=args.enforce_eager,
                         expert_metrics=expert_metrics_mode(args) != "off",
                         async_scheduling=not args.no_async_scheduling, **given)

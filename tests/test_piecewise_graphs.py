@@ -79,6 +79,16 @@ def test_off_switch_and_an_eager_engine_keep_steps_eager():
         EngineConfig(model="tiny", piecewise_graphs="yes")
 
 
+def test_the_environment_switch_turns_pieces_on_and_refuses_a_value_that_is_not_0_or_1(monkeypatch):
+    monkeypatch.setenv("STATICMOE_PIECEWISE_GRAPHS", "1")
+    assert EngineConfig(model="tiny").piecewise_graphs is True
+    monkeypatch.setenv("STATICMOE_PIECEWISE_GRAPHS", "0")
+    assert EngineConfig(model="tiny").piecewise_graphs is False
+    monkeypatch.setenv("STATICMOE_PIECEWISE_GRAPHS", "sometimes")
+    with pytest.raises(ValueError, match="STATICMOE_PIECEWISE_GRAPHS='sometimes': want 0 or 1"):
+        EngineConfig(model="tiny")
+
+
 def test_a_failed_capture_leaves_steps_eager_and_the_engine_serving(monkeypatch, solo, caplog):
     from model.engine.piecewise_graphs import PiecewiseGraphs
 

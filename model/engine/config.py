@@ -1,12 +1,12 @@
 """EngineConfig: every knob of the generation engine and its default, checked once at construction (the CLI
 passes on only the flags it was given)."""
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 
 from model.dtypes import AUTO, check_dtype_name, resolve_dtype
+from model.kernels.knobs import env_switch
 from model.quant_config import check_quantization
 
 # Chunked-prefill budget when none is given (why these values: benchmarks/NOTES.md, "Defaults measured here").
@@ -30,7 +30,7 @@ class EngineConfig:
     # CUDA graphs of the non-attention parts of steps that prefill, at bucketed row counts (piecewise_graphs.py).
     # Off by default until its GPU tests have passed (benchmarks/NOTES.md, "Piecewise CUDA graphs"); the environment
     # variable STATICMOE_PIECEWISE_GRAPHS=1 (or serve --piecewise-graphs) turns it on.
-    piecewise_graphs: bool = field(default_factory=lambda: os.environ.get("STATICMOE_PIECEWISE_GRAPHS", "0") == "1")
+    piecewise_graphs: bool = field(default_factory=lambda: env_switch("STATICMOE_PIECEWISE_GRAPHS"))
     async_scheduling: bool = True  # launch each step before the previous one's sampled ids are read back
     enable_prefix_caching: bool = True  # share the KV blocks of repeated prompt prefixes (model/engine/block_manager.py)
     # While sequences decode, a new prompt waits up to this many steps for others to prefill with it, so decode steps
