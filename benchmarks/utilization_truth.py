@@ -3,7 +3,8 @@
 
 Gauge side — exactly what the service exports. The engine serves B sequences that all decode together, so every
 sampled decode step runs the decode CUDA graph of B rows (B is one of the graph batch sizes when it equals
-max_num_seqs or a power of two; otherwise the graph's padded row count is used throughout). The engine times only
+max_num_seqs or a power of two; otherwise its padding rows route to no expert, model/layers/padding_rows.py, and
+only the B real rows count on both sides). The engine times only
 `fused_moe` of each MoE layer, by event-record nodes captured into that graph (model/engine/moe_timer.py); the
 (seconds, FLOPs) pairs of those steps (`engine.moe_stats().timed`) go through the service's own
 `ServiceMetrics.update_moe`, and the gauge is read back from its registry (Σ FLOPs ÷ Σ seconds ÷ the device's
@@ -148,7 +149,7 @@ def serve_decode_batch(engine, prompts, output_len) -> dict:
                 got["pairs"] += snapshot.timed
                 got["graph_rows"].add(recorder.graph_rows)
                 if got["inputs"] is None:
-                    got["inputs"] = block_inputs_of(engine, recorder.batch)
+                    got["inputs"] = [x[: len(prompts)] for x in block_inputs_of(engine, recorder.batch)]
                     got["graph"] = recorder.graph
     finally:
         engine.scheduler.schedule = schedule
@@ -261,8 +262,8 @@ def measure_utilization(engine, prompts, output_len: int, peak_flops: float | No
     peak = peak or NOMINAL_CPU_PEAK
     rows_seen = got["graph_rows"]
     rows = next(iter(rows_seen)) if len(rows_seen) == 1 and None not in rows_seen else batch
-    step_flops = rows * moe_flops_per_token(engine.model_config) * len(engine.model.moe_blocks())
-    result = dict(batch=batch, rows_computed=rows, graph_replayed=None not in rows_seen and bool(rows_seen),
+    step_flops = batch * moe_flops_per_token(engine.model_config) * len(engine.model.moe_blocks())  # real rows only
+    result = dict(batch=batch, graph_rows=rows, graph_replayed=None not in rows_seen and bool(rows_seen),
                   output_len=output_len, device=device_name, peak_flops=peak, peak_source=peak_source,
                   flops_per_step=step_flops, timing_every=engine.config.moe_timing_every, gauge_steps=len(pairs),
                   decode_steps=got["decode_steps"], eager_decode_steps=got["eager_decode_steps"],
@@ -308,7 +309,7 @@ def markdown_lines(r: dict) -> list[str]:
     if "error" in r:
         return [f"utilization truth: {r['error']}"]
     how = "graph-replayed decode steps" if r["graph_replayed"] else "eager steps (no CUDA graphs)"
-    lines = [f"Metric truth at T = {r['batch']} decode tokens per step ({r['rows_computed']} rows computed; "
+    lines = [f"Metric truth at T = {r['batch']} decode tokens per step (graph of {r['graph_rows']} rows; "
              f"{r['gauge_steps']} sampled {how}; {r['eager_decode_steps']} of {r['decode_steps']} decode steps "
              f"eager; peak {r['peak_flops'] / 1e12:.0f} TFLOP/s from {r['peak_source']}):", "",
              "| measurement | fused_moe s/step | utilization | gauge ÷ this |", "|---|---|---|---|",

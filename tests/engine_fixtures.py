@@ -73,6 +73,18 @@ def solo(tiny):
 
 
 
+class EagerGraph:
+    """Stands in for a captured decode CUDA graph on the CPU: replay() recomputes the captured call (the runner's
+    graph_forward) on the static input buffers, so the runner's padding and buffer filling are tested without a
+    GPU."""
+
+    def __init__(self, runner, batch, logits):
+        self.runner, self.batch, self.logits = runner, batch, logits
+
+    def replay(self):
+        self.logits.copy_(self.runner.graph_forward(self.batch))
+
+
 def engine_with_stand_in_graphs(make_graph, **config):
     """A tiny CPU engine whose decode steps replay stand-ins for every (batch, width) graph the GPU would capture.
     make_graph(engine, key, batch, logits) returns the stand-in (an object with replay()). Returns

@@ -8,27 +8,15 @@ import torch
 from model.engine import EngineConfig, LLMEngine, SamplingParams
 from model.kernels import softmax_topk
 from model.layers import fusion
-from tests.engine_fixtures import (GREEDY, engine_with_stand_in_graphs, one_cpu_thread, random_prompts, run,  # noqa: F401
-                                  solo, tiny, tokens_of)
-
-
-class EagerGraph:
-    """Stands in for a captured CUDA graph on the CPU: replay() recomputes the captured call on the static input
-    buffers, so the runner's padding and buffer filling are tested without a GPU."""
-
-    def __init__(self, model, batch, kv_cache, logits):
-        self.model, self.batch, self.kv_cache, self.logits = model, batch, kv_cache, logits
-
-    def replay(self):
-        self.logits.copy_(self.model(self.batch, self.kv_cache))
+from tests.engine_fixtures import (GREEDY, EagerGraph, engine_with_stand_in_graphs, one_cpu_thread,  # noqa: F401
+                                  random_prompts, run, solo, tiny, tokens_of)
 
 
 def engine_with_eager_graphs(**overrides):
     """A tiny CPU engine whose decode steps replay EagerGraph stand-ins of every (batch, width) the GPU captures."""
     config = dict(model="tiny", max_num_seqs=8, max_num_batched_tokens=64, moe_timing_every=1000)
-    return engine_with_stand_in_graphs(
-        lambda engine, key, batch, logits: EagerGraph(engine.model, batch, engine.runner.kv_cache, logits),
-        **{**config, **overrides})
+    return engine_with_stand_in_graphs(lambda engine, key, batch, logits: EagerGraph(engine.runner, batch, logits),
+                                       **{**config, **overrides})
 
 
 def test_padded_static_decode_batches_match_solo_and_padding_is_not_counted(solo):

@@ -10,7 +10,7 @@ import pytest
 
 from model.engine import EngineConfig, LLMEngine, SamplingParams
 from model.engine.block_manager import blocks_for
-from tests.engine_fixtures import GREEDY, engine_with_stand_in_graphs, run, tokens_of
+from tests.engine_fixtures import GREEDY, EagerGraph, engine_with_stand_in_graphs, run, tokens_of
 from tests.model_fixtures import hf_greedy, make_hf_model, save_checkpoint
 
 WINDOW, BS = 8, 4
@@ -96,23 +96,13 @@ def test_a_long_sequence_holds_a_window_of_sliding_blocks_and_fits_a_cache_that_
         assert max(peak) <= 2 * (blocks_for(WINDOW - 1 + 10, BS) + 1)
 
 
-class EagerGraph:
-    """Stands in for a captured decode CUDA graph on the CPU: replay() recomputes the model on the static buffers."""
-
-    def __init__(self, model, batch, kv_cache, logits):
-        self.model, self.batch, self.kv_cache, self.logits = model, batch, kv_cache, logits
-
-    def replay(self):
-        self.logits.copy_(self.model(self.batch, self.kv_cache))
-
-
 def test_static_decode_batches_carry_each_groups_tables_and_padding_is_not_counted(checkpoint):
     """Decode steps through the graph path (stand-ins): its buffers hold every group's block tables and slots as
     the block manager has them (padding rows: each group's own padding block), the output is HF's, and padding rows
     add nothing to the expert counters (each group's padding block keeps its own layers' padding K/V)."""
     family, hf, directory = checkpoint
     engine, _, _ = engine_with_stand_in_graphs(
-        lambda e, key, batch, logits: EagerGraph(e.model, batch, e.runner.kv_cache, logits),
+        lambda e, key, batch, logits: EagerGraph(e.runner, batch, logits),
         model=str(directory), dtype="float32", block_size=BS, num_kv_blocks=200, max_num_batched_tokens=10,
         max_num_seqs=4, moe_timing_every=1000, async_scheduling=False)
     runner, groups, checked = engine.runner, engine.block_manager.num_groups, []

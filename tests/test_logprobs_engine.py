@@ -52,7 +52,7 @@ def test_logprobs_match_a_full_vocabulary_log_softmax(reference, async_schedulin
     engine = LLMEngine(EngineConfig(model="tiny", max_num_seqs=8, max_num_batched_tokens=64,
                                     async_scheduling=async_scheduling))
     if pieces:
-        engine.start_piecewise_graphs()
+        engine.runner.capture_piecewise_graphs()
     prompts = random_prompts(5, seed=3, lengths=(150, 3, 40, 1, 65))  # 150 and 65: several prefill chunks
     cases = [(5, 3), (0, None), (20, 20), (1, 0), (3, 2)]
     requests = {f"r{i}": (p, SamplingParams(max_tokens=7, temperature=0.8 if i % 2 else 0.0, seed=i,
@@ -74,7 +74,7 @@ def test_logprobs_survive_preemption(reference, pieces):
     engine = LLMEngine(EngineConfig(model="tiny", max_num_seqs=6, max_num_batched_tokens=32, num_kv_blocks=14,
                                     block_size=4))
     if pieces:
-        engine.start_piecewise_graphs()
+        engine.runner.capture_piecewise_graphs()
     prompts = random_prompts(6, seed=4, lengths=(9, 12, 7, 10, 11, 8))
     requests = {f"p{i}": (p, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2,
                                             prompt_logprobs=1)) for i, p in enumerate(prompts)}

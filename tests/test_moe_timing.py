@@ -45,7 +45,7 @@ class TimedStandInGraph:
     def capture(self):
         timer = self.engine.moe.timer
         timer.begin_capture(self.key)
-        self.logits.copy_(self.engine.model(self.batch, self.engine.runner.kv_cache))
+        self.logits.copy_(self.engine.runner.graph_forward(self.batch))
         timer.end_capture()
 
     def replay(self):
@@ -62,7 +62,7 @@ def recompute_with_timer(graph: TimedStandInGraph, timer) -> None:
     blocks = engine.model.moe_blocks()
     time_experts(blocks, timer)
     try:
-        graph.logits.copy_(engine.model(graph.batch, engine.runner.kv_cache))
+        graph.logits.copy_(engine.runner.graph_forward(graph.batch))
     finally:
         engine.moe.timer.attach(blocks)
 
@@ -79,7 +79,7 @@ def engine_with_timed_graphs(**overrides):
     return engine
 
 
-def test_sampled_decode_steps_stay_graph_replays_and_carry_the_flops_of_the_computed_rows():
+def test_sampled_decode_steps_stay_graph_replays_and_carry_the_flops_of_their_real_rows():
     engine = engine_with_timed_graphs()
     runner, every = engine.runner, engine.config.moe_timing_every
     steps = []  # per step: (graph key or None, real rows)
@@ -105,7 +105,7 @@ def test_sampled_decode_steps_stay_graph_replays_and_carry_the_flops_of_the_comp
     assert any(key is not None and key[0] > rows for key, rows, _ in steps), "no padded replay was sampled"
     per_token = routed_flops_per_token(engine.model_config)
     sampled = [steps[i] for i in range(every - 1, len(steps), every)]
-    expected_flops = [(key[0] if key is not None else rows) * per_token for key, rows, _ in sampled]
+    expected_flops = [rows * per_token for _, rows, _ in sampled]  # padding rows route nowhere: no expert FLOPs
     assert [f for _, f in snap.timed] == expected_flops
     assert any(key is not None for key, _, _ in sampled) and any(key is None for key, _, _ in sampled)
     assert all(seconds > 0 for seconds, _ in snap.timed)
@@ -157,15 +157,15 @@ def test_graph_sample_times_only_fused_moe_of_that_graph(tiny_blocks):
     # eager, not sampled: the blocks record nothing
     collector.begin_step()
     run_blocks(blocks, x)
-    collector.end_step(num_tokens=4, num_pad_rows=0)
+    collector.end_step(num_tokens=4)
     assert collector.snapshot().timed == []
-    # sampled replay of the captured graph with 3 real rows and 1 padding row
+    # sampled replay of the captured graph with 3 real rows and 1 padding row (routed nowhere: no expert FLOPs)
     collector.begin_step()
     timer.graph_replayed(("b4", "w8"))
-    collector.end_step(num_tokens=3, num_pad_rows=1)
+    collector.end_step(num_tokens=3)
     snap = collector.snapshot()
     seconds = sum(end.t - start.t for start, end in pairs)
-    assert snap.timed == [(pytest.approx(seconds), 4 * routed_flops_per_token(config))]
+    assert snap.timed == [(pytest.approx(seconds), 3 * routed_flops_per_token(config))]
     assert snap.flops_total == 7 * routed_flops_per_token(config)
 
 
@@ -252,14 +252,14 @@ def test_cadence_every_nth_step_and_metrics_off_records_nothing(tiny_blocks):
     for _ in range(12):
         collector.begin_step()
         run_blocks(blocks, x)
-        collector.end_step(num_tokens=2, num_pad_rows=0)
+        collector.end_step(num_tokens=2)
     assert len(collector.snapshot().timed) == 3  # steps 4, 8, 12
     assert all(marks_of(block.experts) is collector.timer for block in blocks)
     off = MoeStatsCollector(blocks, torch.device("cpu"), enabled=False, timing_every=1)
     assert all(marks_of(block.experts) is None for block in blocks)
     off.begin_step()
     run_blocks(blocks, x)
-    off.end_step(num_tokens=2, num_pad_rows=0)
+    off.end_step(num_tokens=2)
     assert off.snapshot().timed == []
 
 
@@ -273,11 +273,10 @@ def test_utilization_truth_reads_graph_samples_and_its_rerun_leaves_the_counters
     result = measure_utilization(engine, prompts, 12, budget_ms=1)
     assert "error" not in result, result["error"]
     assert result["graph_replayed"] and result["eager_decode_steps"] == 0 and result["decode_steps"] == 11
-    assert result["rows_computed"] == 3 and result["engine_flops_match"]
+    assert result["graph_rows"] == 3 and result["engine_flops_match"]
     assert result["gauge_steps"] >= 5 and result["reference"] == "fused_moe_timer"  # no CUDA: the Timer
     fed = 3 * (20 + 12 - 1)
     k = engine.model_config.top_k
-    assert sum(engine.moe._pad_rows.values()) == 0  # so the device counters hold exactly the served tokens
     assert engine.moe.read_counts_now().sum(dim=1).tolist() == [fed * k] * len(engine.model.moe_blocks())
 
 

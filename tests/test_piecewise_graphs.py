@@ -30,10 +30,8 @@ def spy_on_pieces(engine) -> list:
     original = pieces.run
 
     def run_and_note(batch, kv_cache):
-        logits, pad, kind = original(batch, kv_cache)
-        ran.append((batch.num_tokens + pad, batch.num_tokens))
-        assert kind == f"pieces:{batch.num_tokens + pad}"
-        return logits, pad, kind
+        ran.append((pieces.bucket(batch.num_tokens), batch.num_tokens))
+        return original(batch, kv_cache)
     pieces.run = run_and_note
     return ran
 
@@ -41,7 +39,7 @@ def spy_on_pieces(engine) -> list:
 def test_piecewise_steps_match_each_request_alone_and_padding_is_not_counted(solo):
     engine = LLMEngine(EngineConfig(model="tiny", max_num_seqs=8, max_num_batched_tokens=64))
     assert engine.runner.pieces is None  # the CPU captures none by itself
-    engine.start_piecewise_graphs()
+    engine.runner.capture_piecewise_graphs()
     assert engine.runner.pieces.sizes == [16, 32, 64]
     ran = spy_on_pieces(engine)
     prompts = random_prompts(9, seed=23, lengths=(3, 30, 150, 9, 64, 17, 1, 70, 5))
@@ -66,7 +64,7 @@ def test_fp8_experts_through_pieces_give_the_eager_tokens():
     eager = LLMEngine(EngineConfig(**config))
     expected = {rid: tokens_of(outs) for rid, outs in run(eager, requests, arrivals).items()}
     engine = LLMEngine(EngineConfig(**config), model=eager.model, tokenizer=eager.tokenizer)
-    engine.start_piecewise_graphs()
+    engine.runner.capture_piecewise_graphs()
     ran = spy_on_pieces(engine)
     assert {rid: tokens_of(outs) for rid, outs in run(engine, requests, arrivals).items()} == expected
     assert any(real > 1 for _, real in ran)
@@ -96,7 +94,7 @@ def test_a_failed_capture_leaves_steps_eager_and_the_engine_serving(monkeypatch,
         raise RuntimeError("operation not permitted when stream is capturing")
     monkeypatch.setattr(PiecewiseGraphs, "capture", fail)
     engine = LLMEngine(EngineConfig(model="tiny", max_num_seqs=4, max_num_batched_tokens=64))
-    engine.start_piecewise_graphs()
+    engine.runner.capture_piecewise_graphs()
     assert engine.runner.pieces is None and "steps that prefill run eagerly" in caplog.text
     prompt = random_prompts(1, seed=3, lengths=(40,))[0]
     out = run(engine, {"r": (prompt, SamplingParams(max_tokens=6, **GREEDY))})
@@ -118,7 +116,7 @@ def test_each_family_through_pieces_matches_generate(family, tmp_path):
     directory = save_checkpoint(hf, tmp_path / family)
     engine = LLMEngine(EngineConfig(model=str(directory), dtype="float32", block_size=4, num_kv_blocks=200,
                                     max_num_batched_tokens=10, max_num_seqs=4))
-    engine.start_piecewise_graphs()
+    engine.runner.capture_piecewise_graphs()
     ran = spy_on_pieces(engine)
     prompts = random_prompts(4, seed=29, lengths=(23, 4, 37, 12))
     requests = {f"w{i}": (p, SamplingParams(max_tokens=20, **GREEDY)) for i, p in enumerate(prompts)}
@@ -142,8 +140,8 @@ def test_piecewise_graphs_equal_the_eager_forward_of_the_same_steps():
     loads = [block.experts.expert_load for block in engine.model.moe_blocks()]
 
     def run_and_compare(batch, kv_cache):
-        logits, pad, kind = original(batch, kv_cache)
-        logits = logits.clone()
+        logits = original(batch, kv_cache).clone()
+        pad = pieces.bucket(batch.num_tokens) - batch.num_tokens
         counted = [load.clone() for load in loads]
         with fusion.for_graph_capture():  # the graphs' kernels, eagerly, on a copy of the cache (the pieces' K/V
             eager = engine.model(batch, kv_cache.clone())  # stay what later steps read)
@@ -154,7 +152,7 @@ def test_piecewise_graphs_equal_the_eager_forward_of_the_same_steps():
         decisive = (top2[:, 0] - top2[:, 1]) > 2 * row_diff
         checked.append((batch.num_tokens, pad, float(row_diff.max() / eager.abs().max()),
                         bool(torch.equal(logits.argmax(-1)[decisive], eager.argmax(-1)[decisive]))))
-        return logits, pad, kind
+        return logits
 
     pieces.run = run_and_compare
     prompts = random_prompts(14, seed=31, lengths=(5, 40, 300, 17, 250, 90))

@@ -29,7 +29,6 @@ from model.engine.decode_inputs import PAD_BLOCK
 from model.engine.logprobs import LogprobsMode, LogprobsTensors, TokenLogprobs
 from model.engine.model_runner import ModelRunner, prompt_logit_rows
 from model.engine.moe_stats import MoeStatsCollector, MoeStatsSnapshot
-from model.engine.piecewise_graphs import pad_kind
 from model.engine.sampler import Sampler
 from model.engine.sampling_params import SamplingParams
 from model.engine.sampling_state import SequenceSampling
@@ -83,8 +82,6 @@ class _Forward:
     """A step's forward pass, enqueued: its logits and which rows are whose."""
     sched: object
     logits: torch.Tensor  # [R, V]
-    pad_rows: int
-    pad_kind: str  # which padding rows they were (MoeStatsCollector.set_pad_routing)
     sample_rows: list[int]  # row of each sampling sequence, in scheduled order
     prompt_owners: list[tuple[Sequence, int, int]]  # (sequence, first row, rows) of prompt-logprob rows
 
@@ -143,10 +140,9 @@ class LLMEngine:
 
         self.moe.reset_counts()  # the memory-profiling step was counted
         self.runner.write_pad_kv()
-        self.moe.set_pad_routing(self.moe.read_counts_now())  # what one padding row adds to the counters
         self.runner.capture_cuda_graphs()
         if self.runner.wants_piecewise_graphs():
-            self.start_piecewise_graphs()
+            self.runner.capture_piecewise_graphs()
         self.moe.reset_counts()
         if self.workers is not None:  # from now on every step is sent to the workers before it runs here
             self.runner.step_listener = self.workers.send_step
@@ -159,24 +155,6 @@ class LLMEngine:
         self._arrivals = 0
 
     # ---- requests (between steps) -----------------------------------------------------------------------------
-    def start_piecewise_graphs(self) -> None:
-        """Capture the piecewise graphs of steps that prefill (model/engine/piecewise_graphs.py) and measure what
-        one of their padding rows adds to the expert counters. Called at start-up on CUDA; the CPU tests call it to
-        run the same pieces as plain calls."""
-        self.runner.capture_piecewise_graphs()
-        pieces = self.runner.pieces
-        if pieces is None:  # capture failed (logged): steps that prefill run eagerly
-            return
-        for size in pieces.sizes:
-            self.moe.reset_counts()
-            rows = pieces.pad_routing_rows(size)
-            counts = self.moe.read_counts_now()
-            if (counts % rows).any():
-                logger.warning("the padding rows of piecewise bucket %d routed differently; expert counts of steps "
-                               "that prefill may be off by a few tokens", size)
-            self.moe.set_pad_routing(counts // rows, pad_kind(size))
-        self.moe.reset_counts()
-
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None, *,
                     prompt_checked: bool = False) -> None:
         """`prompt_checked`: the caller has already checked that every prompt id is an int in [0, vocab_size) (the
@@ -268,7 +246,7 @@ class LLMEngine:
         """Enqueue the step's forward pass; note which logit rows sample and which give prompt logprobs."""
         self.moe.begin_step()  # a sampled step is timed as it runs (graph replay or eager), never made eager
         fed_from = None if previous is None else previous.sampled_ids
-        logits, pad_rows, pad_kind = self.runner.execute(sched, sampled_before=fed_from)
+        logits = self.runner.execute(sched, sampled_before=fed_from)
         sample_rows, prompt_owners, row = [], [], 0
         for s in sched.scheduled:
             seq = s.seq
@@ -280,7 +258,7 @@ class LLMEngine:
             if s.samples:
                 sample_rows.append(row)
                 row += 1
-        return _Forward(sched, logits, pad_rows, pad_kind, sample_rows, prompt_owners)
+        return _Forward(sched, logits, sample_rows, prompt_owners)
 
     def _sample(self, fwd: _Forward) -> _LaunchedStep:
         """Enqueue the sampling of the step's sampling rows; advance the sequences past it with placeholders."""
@@ -311,7 +289,7 @@ class LLMEngine:
                 continue
             if index + 1 - seq.num_prompt_tokens >= seq.params.max_tokens or index + 1 >= self.max_model_len:
                 seq.final_in_flight = True  # not scheduled again: this token ends it whatever it is
-        self.moe.end_step(sched.num_tokens, fwd.pad_rows, fwd.pad_kind)
+        self.moe.end_step(sched.num_tokens)
         return _LaunchedStep(pending, sampled_ids, host_ids, copied, host_logprobs, prompt)
 
     def _prompt_logprobs(self, fwd: _Forward) -> _PromptRows:

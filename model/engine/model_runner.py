@@ -3,8 +3,9 @@ captured CUDA graph for decode steps, piecewise graphs around eager attention fo
 their largest bucket) and returns the logits of the rows that sample.
 
 Block PAD_BLOCK of the cache is reserved for padding (model/engine/decode_inputs.py): slot 0 holds exactly the
-padding token's K/V, so a padded CUDA-graph row computes the same thing at every replay (its expert routing can be
-subtracted from the load counters) and never touches a real sequence's cache. With sliding-window layers the cache
+padding token's K/V, so a padded CUDA-graph row reads finite values and never touches a real sequence's cache.
+Padding rows route to no expert (model/layers/padding_rows.py): in a decode graph they are the rows that write no
+K/V (slot -1), in the piecewise graphs those past the step's real rows. With sliding-window layers the cache
 has several KV-cache groups (model/kv_groups.py): blocks 0..G-1 are reserved, block g being group g's padding block,
 each group has its own block tables and slots, and the cache tensor's first dimension is storage slots, not layers.
 
@@ -35,6 +36,7 @@ from model.forward_batch import ForwardBatch
 from model.kv_capacity import values_per_token_per_layer
 from model.kv_groups import KvCacheGroups, max_sequence_tokens, null_block
 from model.layers import fusion
+from model.layers.padding_rows import padding_rows
 
 logger = logging.getLogger(__name__)
 
@@ -239,10 +241,9 @@ class ModelRunner:
     # ---- execution --------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, force_eager: bool = False,
-                sampled_before: torch.Tensor | None = None) -> tuple[torch.Tensor, int, str]:
-        """Returns (logits [S, V] float32 of the wanted rows in scheduled order, padded rows run, which kind of
-        padding rows they were: see MoeStatsCollector.set_pad_routing): per sequence its prompt-logprob rows
-        (`prompt_logit_rows`), then its sampling row.
+                sampled_before: torch.Tensor | None = None) -> torch.Tensor:
+        """Returns logits [S, V] float32 of the wanted rows in scheduled order: per sequence its prompt-logprob
+        rows (`prompt_logit_rows`), then its sampling row.
         `sampled_before`: the device tensor of token ids sampled by the previous step, which sequences whose last
         token is still a placeholder (asynchronous scheduling) are fed from."""
         if out.is_decode and not force_eager and self.graphs:
@@ -250,7 +251,7 @@ class ModelRunner:
             if key is not None:
                 if self.moe_timer is not None:
                     self.moe_timer.graph_replayed(key)
-                return self._replay(self.graphs[key], out, sampled_before), key[0] - len(out.scheduled), "decode"
+                return self._replay(self.graphs[key], out, sampled_before)
         items = step_items(out)
         if self.step_listener is not None:
             self.step_listener(None, items)
@@ -258,7 +259,7 @@ class ModelRunner:
         self._feed_sampled(batch.input_ids, out, sampled_before, decode_rows=False)
         if self.pieces is not None and not force_eager and self.pieces.bucket(batch.num_tokens) is not None:
             return self.pieces.run(batch, self.kv_cache)
-        return self.model(batch, self.kv_cache), 0, "decode"
+        return self.model(batch, self.kv_cache)
 
     def _feed_sampled(self, input_ids: torch.Tensor, out: SchedulerOutput, sampled: torch.Tensor | None,
                       decode_rows: bool) -> None:
@@ -353,7 +354,7 @@ class ModelRunner:
             batch, int64_inputs, int32_inputs = static_decode_batch(b, w, self.device, self.num_groups)
             try:
                 with fusion.for_graph_capture():
-                    self.model(batch, self.kv_cache)  # warm-up outside the graph (lazy inits, compiling)
+                    self.graph_forward(batch)  # warm-up outside the graph (lazy inits, compiling)
                     graph, logits = self._capture(batch, pool)
                     timed = None
                     if self.moe_timer is not None and self.moe_timer.enabled:  # timing events become graph nodes
@@ -372,6 +373,12 @@ class ModelRunner:
         self.graph_batch_sizes = sizes
         self.graph_widths = widths
 
+    def graph_forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """What a decode CUDA graph captures: the model on `batch` with its padding rows (those writing no K/V,
+        slot -1) routed to no expert. The mask is computed in the graph, from the slots each replay stages."""
+        with padding_rows(batch.slot_mapping < 0):
+            return self.model(batch, self.kv_cache)
+
     def wants_piecewise_graphs(self) -> bool:
         """Whether this runner captures piecewise graphs: on CUDA, graphs allowed, a model with pieces, one rank."""
         return (self.device.type == "cuda" and not self.config.enforce_eager and self.config.piecewise_graphs
@@ -380,8 +387,7 @@ class ModelRunner:
     @torch.inference_mode()
     def capture_piecewise_graphs(self) -> None:
         """Capture the pieces of steps up to fusion.EAGER_MIN_ROWS rows (on the CPU they are recorded as plain
-        calls, which the tests use). The caller then measures their padding rows' routing (`pad_routing_rows`). If
-        capture fails, `pieces` stays None (logged): the engine serves as without them."""
+        calls, which the tests use). If capture fails, `pieces` stays None (logged): the engine serves as without them."""
         pieces = None
         try:
             pieces = PiecewiseGraphs(self.model, self.device, self.dtype, self._piecewise_max_rows(), self.moe_timer,
@@ -407,7 +413,7 @@ class ModelRunner:
         of one step then share one output buffer)."""
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            logits = self.model(batch, self.kv_cache)
+            logits = self.graph_forward(batch)
             if into is not None:
                 logits = into.copy_(logits)
         return graph, logits

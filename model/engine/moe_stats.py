@@ -5,15 +5,13 @@
 - Timing (model/engine/moe_timer.py): every `timing_every`-th step is sampled. The routed-expert op (`fused_moe`)
   of each MoE block is timed by events recorded right around it: event-record nodes inside the decode CUDA graphs
   (so sampled decode steps stay graph replays), fresh events in eager steps, the wall clock on the CPU. The events
-  are read once complete, never waited on. A sample's FLOPs are those of the rows fused_moe computed, padded graph
-  rows included, since the kernel computes them too; so utilization = FLOPs ÷ seconds of the same work.
+  are read once complete, never waited on. A sample's FLOPs are those of the step's tokens, which are all the rows
+  fused_moe computes (a CUDA graph's padding rows route to no expert, model/layers/padding_rows.py); so
+  utilization = FLOPs ÷ seconds of the same work.
 - Expert load: each block's experts op accumulates its token counts on the device, in the kernel (they are free
   there); the collector only reads them: every few steps those buffers are
   copied device -> pinned host with non_blocking and an event, and harvested once the event has completed.
-  Padded CUDA-graph rows are counted by the op too; they all compute the same fixed pad token, whose per-layer
-  routing is measured once (`set_pad_routing`) and subtracted. Padding rows of different kinds route differently:
-  the decode graphs' ("decode") and each bucket of the piecewise graphs' (model/engine/piecewise_graphs.py: no
-  attention output, and GEMMs of a different row count per bucket) have their own.
+  Padding rows of CUDA graphs route nowhere, so the counters hold real tokens only.
 """
 
 import threading
@@ -32,7 +30,7 @@ class MoeStatsSnapshot:
     device_name: str
     flops_total: float  # routed-expert GEMM FLOPs served so far
     timed: list[tuple[float, float]]  # new since the last call: (seconds in fused_moe of a sampled step, FLOPs it
-    #                                    computed there, padded CUDA-graph rows included)
+    #                                    computed there)
     expert_tokens_total: list[list[int]]  # [MoE layer][expert], cumulative
     window_expert_tokens: list[list[int]]  # [MoE layer][expert], over the recent window
     layer_indices: list[int] = field(default_factory=list)  # model layer index of each row above
@@ -82,11 +80,9 @@ class MoeStatsCollector:
         self._shared_flops_total = 0.0
         self._step = 0
         self._ready_timed: list[tuple[float, float]] = []
-        self._pad_rows: dict[str, int] = {}  # padded CUDA-graph rows run so far, per kind of padding row
-        # [L, E] counts of one padding row, per kind ("decode" measured at start-up, others as their graphs are made)
-        self._pad_routing = {"decode": torch.zeros(len(blocks), max(self.num_experts, default=1), dtype=torch.int64)}
-        self._copy_in_flight = None  # (pinned host [L, E], event, pad rows at copy time)
-        self._history: deque[torch.Tensor] = deque(maxlen=window_harvests + 1)  # corrected cumulative counts
+        self._counts_shape = (len(blocks), max(self.num_experts, default=1))  # [L, E] (E: the widest block's)
+        self._copy_in_flight = None  # (pinned host [L, E], event, final)
+        self._history: deque[torch.Tensor] = deque(maxlen=window_harvests + 1)  # cumulative counts per harvest
         self.timer = MoeTimer(device, self.enabled)  # the model runner reports graph captures and replays to it
         self.timer.attach(blocks)
 
@@ -98,16 +94,13 @@ class MoeStatsCollector:
     def begin_step(self) -> None:
         self.timer.begin_step(self.should_time())
 
-    def end_step(self, num_tokens: int, num_pad_rows: int, pad_kind: str = "decode") -> None:
-        """After the model's work on `num_tokens` real rows (+ `num_pad_rows` padding rows of a CUDA graph of
-        `pad_kind`, see set_pad_routing) was enqueued."""
+    def end_step(self, num_tokens: int) -> None:
+        """After the model's work on a step of `num_tokens` tokens was enqueued."""
         self._step += 1
         with self._lock:
             self._flops_total += float(num_tokens) * self.routed_flops_per_token
             self._shared_flops_total += float(num_tokens) * self.shared_flops_per_token
-            if num_pad_rows:
-                self._pad_rows[pad_kind] = self._pad_rows.get(pad_kind, 0) + num_pad_rows
-            self.timer.end_step(float(num_tokens + num_pad_rows) * self.routed_flops_per_token)
+            self.timer.end_step(float(num_tokens) * self.routed_flops_per_token)
             if self.enabled and self._copy_in_flight is None and self._step % self.harvest_every == 0:
                 self._issue_copy()
             self._poll()
@@ -130,7 +123,7 @@ class MoeStatsCollector:
 
     def _issue_copy(self, final: bool = False) -> None:
         """`final`: the engine is going idle; a snapshot may then wait for this copy (it costs the loop nothing)."""
-        counts = torch.zeros(self._pad_routing["decode"].shape, dtype=torch.int64, device=self.device)
+        counts = torch.zeros(self._counts_shape, dtype=torch.int64, device=self.device)
         for i, b in enumerate(self.blocks):
             counts[i, : b.num_experts].copy_(b.experts.expert_load)
         if self.device.type == "cuda":
@@ -140,40 +133,33 @@ class MoeStatsCollector:
             event.record()
         else:
             host, event = counts, None
-        self._copy_in_flight = (host, event, dict(self._pad_rows), final)
+        self._copy_in_flight = (host, event, final)
 
     def _poll(self) -> None:
         """Harvest whatever finished on the device (caller holds the lock). Never waits."""
         self._ready_timed += self.timer.poll()
         del self._ready_timed[:-MAX_READY_SAMPLES]  # nobody takes snapshots (offline use): keep the newest
         if self._copy_in_flight is not None:
-            host, event, pad_rows, final = self._copy_in_flight
+            host, event, final = self._copy_in_flight
             if event is not None and final and not event.query():
                 event.synchronize()  # only the copy itself is left to wait for
             if event is None or event.query():
                 self._copy_in_flight = None
-                padding = sum((rows * self._pad_routing[kind] for kind, rows in pad_rows.items()),
-                              torch.zeros_like(host))
-                self._history.append(host.clone() - padding)
+                self._history.append(host.clone())
 
-    # ---- padding correction and reset -------------------------------------------------------------------------
+    # ---- reset ------------------------------------------------------------------------------------------------
     def read_counts_now(self) -> torch.Tensor:
         """Synchronous read of the device counters (start-up only). [L, E]"""
-        out = torch.zeros_like(self._pad_routing["decode"])
+        out = torch.zeros(self._counts_shape, dtype=torch.int64)
         for i, b in enumerate(self.blocks):
             out[i, : b.num_experts] = b.experts.expert_load.cpu()
         return out
-
-    def set_pad_routing(self, counts_of_one_pad_row: torch.Tensor, kind: str = "decode") -> None:
-        """What one padding row of `kind` adds to the counters ([L, E]); end_step's pad_kind names it."""
-        self._pad_routing[kind] = counts_of_one_pad_row.clone()
 
     def reset_counts(self) -> None:
         """Zero the device counters in place (CUDA graphs keep pointers to them) and the host history."""
         for b in self.blocks:
             b.experts.expert_load.zero_()
         with self._lock:
-            self._pad_rows = {}
             self._copy_in_flight = None
             self._history.clear()
 

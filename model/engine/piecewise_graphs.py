@@ -7,11 +7,10 @@ fusion.EAGER_MIN_ROWS rows on are GPU-bound and stay eager), so padding costs at
 All pieces of all buckets share one memory pool: they run one after another, and each piece leaves its results in
 the static `PieceBuffers`, never in pool memory a later piece could reuse.
 
-For the metrics, each bucket is captured a second time with the MoE timer's event-record nodes around every
-experts op (as the decode graphs are, model/engine/moe_timer.py) and that variant replays only in steps sampled for
-timing; the expert counters count the padding rows too, whose routing is measured once per bucket after capture
-(`pad_routing_rows`; a bucket's GEMMs have their own row count, so the padding token's routing is not assumed to
-be the same in all of them) and subtracted.
+Padding rows route to no expert (model/layers/padding_rows.py, from `PieceBuffers.is_padding`), so they cost no
+expert work and the expert counters see real tokens only. For the metrics, each bucket is captured a second time
+with the MoE timer's event-record nodes around every experts op (as the decode graphs are, model/engine/moe_timer.py)
+and that variant replays only in steps sampled for timing.
 """
 
 import logging
@@ -23,6 +22,7 @@ from model.engine import step_pieces
 from model.engine.step_pieces import PieceBuffers
 from model.forward_batch import ForwardBatch
 from model.layers import fusion
+from model.layers.padding_rows import padding_rows
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +36,6 @@ def bucket_sizes(max_rows: int) -> list[int]:
     return sorted(set(sizes + [max_rows]))
 
 
-def pad_kind(size: int) -> str:
-    """The expert counters' name for the padding rows of bucket `size` (model/engine/moe_stats.py)."""
-    return f"pieces:{size}"
-
-
 class _Replayed:
     """What a piece is when CUDA graphs are not available (tests on the CPU): the same call at each replay, on the
     same buffers, which is all a captured graph does."""
@@ -49,7 +44,8 @@ class _Replayed:
         self.model, self.index, self.buf = model, index, buf
 
     def replay(self) -> None:
-        step_pieces.run_piece(self.model, self.index, self.buf)
+        with padding_rows(self.buf.is_padding):
+            step_pieces.run_piece(self.model, self.index, self.buf)
 
 
 class PiecewiseGraphs:
@@ -78,7 +74,7 @@ class PiecewiseGraphs:
             if pool is None:
                 self.pieces[rows] = [_Replayed(self.model, i, buf) for i in range(count)]
                 continue
-            with fusion.for_graph_capture():
+            with fusion.for_graph_capture(), padding_rows(buf.is_padding):
                 for i in range(count):  # warm-up outside the graph (lazy inits, compiling)
                     step_pieces.run_piece(self.model, i, buf)
                 stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -113,9 +109,9 @@ class PiecewiseGraphs:
         """The bucket a step of `rows` rows runs in; None: too large (it runs eagerly)."""
         return next((size for size in self.sizes if size >= rows), None)
 
-    def run(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> tuple[torch.Tensor, int, str]:
-        """(float32 logits [S, V] of batch.logits_indices, padding rows run, their `pad_kind`): the pieces of the
-        step's bucket, with each layer's attention run eagerly on the real rows between them."""
+    def run(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [S, V] of batch.logits_indices: the pieces of the step's bucket, with each layer's
+        attention run eagerly on the real rows between them."""
         rows = batch.num_tokens
         size = self.bucket(rows)
         if size is None:
@@ -131,14 +127,4 @@ class PiecewiseGraphs:
             piece.replay()
             step_pieces.attend(self.model, i, buf, rows, plans, kv_cache)
         pieces[-1].replay()
-        return step_pieces.logits(self.model, buf, batch), size - rows, pad_kind(size)
-
-    @torch.inference_mode()
-    def pad_routing_rows(self, size: int) -> int:
-        """Run bucket `size` with padding rows only (no attention: they have none) and return how many rows ran, so
-        that the expert counters' growth divided by it is one of its padding rows' routing."""
-        buf = self.buf.first(size)
-        step_pieces.load_padding(buf)
-        for piece in self.pieces[size]:
-            piece.replay()
-        return size
+        return step_pieces.logits(self.model, buf, batch)

@@ -11,8 +11,8 @@ The pieces read and write `PieceBuffers`: static tensors sized for the largest b
 first rows. Piece 0 embeds and projects layer 0's attention inputs; piece i (0 < i < L) finishes layer i - 1
 (o_proj, residual add and norm, MoE or MLP) and projects layer i's; piece L finishes the last layer. `attend` runs
 layer i's cache write and attention eagerly on the real rows in between. Rows past the real ones (padding) hold the
-padding token at position 0 and a zero attention output, so they compute the same values at every step and never
-touch the cache.
+padding token at position 0 and a zero attention output, never touch the cache, and route to no expert
+(`is_padding`, model/layers/padding_rows.py).
 """
 
 from dataclasses import dataclass, fields
@@ -33,6 +33,7 @@ class PieceBuffers:
     sin: torch.Tensor
     hidden: torch.Tensor  # [M, H] the residual stream
     attn: torch.Tensor  # [M, W] the attention output (W = o_proj's input width)
+    is_padding: torch.Tensor  # [M] bool, the rows past the step's real ones
     projected: tuple[torch.Tensor, ...]  # the next layer's attention inputs, as its `project` returns them:
     #   q [M, Hq, D], k, v [M, Hkv, D] for grouped-query attention; MLA's q_nope, q_pe, latent, k_pe
 
@@ -48,6 +49,7 @@ class PieceBuffers:
             sin=torch.zeros((rows, *sin.shape[1:]), dtype=dtype, device=device),
             hidden=torch.zeros(rows, model.config.hidden_size, dtype=dtype, device=device),
             attn=torch.zeros(rows, attn.o_proj.in_features, dtype=dtype, device=device),
+            is_padding=torch.ones(rows, dtype=torch.bool, device=device),
             projected=tuple(torch.zeros((rows, *t.shape[1:]), dtype=t.dtype, device=device) for t in one_row),
         )
 
@@ -95,18 +97,16 @@ def attend(model: MoeCausalLM, index: int, buf: PieceBuffers, rows: int, plans: 
 
 
 def load_inputs(buf: PieceBuffers, batch: ForwardBatch) -> None:
-    """A step's token ids and positions into the first rows; the rest of `buf` (a bucket's) becomes padding."""
+    """A step's token ids and positions into the first rows; the rest of `buf` (a bucket's) becomes padding: the
+    padding token at position 0 with a zero attention output, routed to no expert."""
     rows = batch.num_tokens
     buf.input_ids[:rows].copy_(batch.input_ids)
     buf.positions[:rows].copy_(batch.positions)
-    load_padding(buf, rows)
-
-
-def load_padding(buf: PieceBuffers, first_row: int = 0) -> None:
-    """Rows from `first_row` on become padding: the padding token at position 0 with a zero attention output."""
-    buf.input_ids[first_row:].fill_(PAD_TOKEN)
-    buf.positions[first_row:].zero_()
-    buf.attn[first_row:].zero_()
+    buf.is_padding[:rows].fill_(False)
+    buf.input_ids[rows:].fill_(PAD_TOKEN)
+    buf.positions[rows:].zero_()
+    buf.attn[rows:].zero_()
+    buf.is_padding[rows:].fill_(True)
 
 
 def logits(model: MoeCausalLM, buf: PieceBuffers, batch: ForwardBatch) -> torch.Tensor:

@@ -107,6 +107,7 @@ class Fp8Experts(nn.Module):
         H = self.hidden_size
         xp = F.pad(x, (0, padded(H) - H)) if self.is_padded else x  # [N, Hp]
         out = fused_moe(xp, self.gate_up_proj, self.down_proj, topk_weights, topk_ids, expert_load=self.expert_load,
+                        skip_out_of_range_ids=True,  # -1: a CUDA graph's padding rows (model/layers/padding_rows.py)
                         w13_scale=self.gate_up_proj_scale_inv, w2_scale=self.down_proj_scale_inv,
                         activation=self.activation, w13_bias=w13_bias, w2_bias=w2_bias)
         return out[:, :H] if self.is_padded else out

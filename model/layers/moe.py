@@ -22,12 +22,14 @@ from model.config import ModelConfig
 from model.kernels import GroupedRouting, fused_linear_route, fused_moe, grouped_topk, softmax_topk, topk_softmax
 from model.layers.linear import Linear
 from model.layers.mlp import GatedMLP
+from model.layers.padding_rows import route_padding_nowhere
 
 
 class Experts(nn.Module):
     """forward(x [N, H], topk_weights [N, k] f32, topk_ids [N, k] i32) -> [N, H]: the fused MoE op. It adds the
     tokens routed to each expert to `expert_load` on the device as it runs (free in the kernel; no host sync); the
-    engine's metrics read those counts."""
+    engine's metrics read those counts. Slots with id -1 route nowhere: a CUDA graph's padding rows
+    (model/layers/padding_rows.py)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, activation: str = "silu",
                  bias: bool = False):
@@ -44,7 +46,8 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         return fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids, expert_load=self.expert_load,
-                         activation=self.activation, w13_bias=self.gate_up_proj_bias, w2_bias=self.down_proj_bias)
+                         skip_out_of_range_ids=True, activation=self.activation, w13_bias=self.gate_up_proj_bias,
+                         w2_bias=self.down_proj_bias)
 
 
 class Router(Linear):
@@ -121,6 +124,7 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, H]
         topk_weights, topk_ids = self.route(x)  # [N, k] f32, i32
+        topk_ids = route_padding_nowhere(topk_ids)  # a CUDA graph's padding rows: -1
         out = self.experts(x, topk_weights, topk_ids)  # [N, H]
         if self.shared_expert is not None:
             shared = self.shared_expert(x)  # [N, H]

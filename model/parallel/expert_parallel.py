@@ -38,7 +38,8 @@ class ShardedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         flat = topk_ids.reshape(-1).long()
-        self.expert_load.index_add_(0, flat, torch.ones_like(flat))
+        routed = flat >= 0  # -1: a CUDA graph's padding rows (model/layers/padding_rows.py), counted nowhere
+        self.expert_load.index_add_(0, flat.clamp(min=0), routed.long())
         if self.num_local_experts != self.num_experts:
             topk_ids = local_ids(topk_ids, self.expert_start, self.num_local_experts)
         return fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids,
