@@ -85,7 +85,7 @@ def simulated_engine(device: SimulatedDevice, **config) -> LLMEngine:
         if not out.is_decode:
             engine.runner.build_batch(items)  # the real host work of an eager step's inputs
         engine._sim_done = device.launch(out.is_decode, len(out.scheduled), out.num_tokens)
-        return logits[: sum(rows for *_, rows in items)], 0, "decode"
+        return logits[: sum(rows for *_, rows in items)]
 
     engine.runner.execute = execute
     sample, read_back = engine._sample, engine._read_back
