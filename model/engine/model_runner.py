@@ -375,7 +375,10 @@ class ModelRunner:
 
     def graph_forward(self, batch: ForwardBatch) -> torch.Tensor:
         """What a decode CUDA graph captures: the model on `batch` with its padding rows (those writing no K/V,
-        slot -1) routed to no expert. The mask is computed in the graph, from the slots each replay stages."""
+        slot -1) routed to no expert. The mask is computed in the graph, from the slots each replay stages (one
+        compare, and one masked_fill per MoE block); a one-row graph never pads, so it skips them."""
+        if batch.num_tokens == 1:
+            return self.model(batch, self.kv_cache)
         with padding_rows(batch.slot_mapping < 0):
             return self.model(batch, self.kv_cache)
 
