@@ -137,11 +137,11 @@ def capture_first_logits(engine) -> dict:
     execute, logs = engine.runner.execute, {}
 
     def wrapped(out, *args, **kwargs):
-        logits, *padding = execute(out, *args, **kwargs)
+        logits = execute(out, *args, **kwargs)
         for row, seq in enumerate(s.seq for s in out.scheduled if s.samples):
             if seq.num_output_tokens < 2:  # the index of the token sampled by this step
                 logs[(seq.request_id, seq.num_output_tokens)] = logits[row].float().cpu()
-        return logits, *padding
+        return logits
 
     engine.runner.execute = wrapped
     return logs
