@@ -137,7 +137,7 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
       grep -vE '^\s*$' "$OUT/fp8_tile_fit.txt" | tail -40 ;;
     piecewise)  # issue 22/20: piecewise graphs of steps that prefill: tests, then prefill and mixed steps on / off
       run_tests tests/test_piecewise_graphs.py tests/test_moe_timing.py
-      STATICMOE_PIECEWISE_GRAPHS=1 run_tests tests/test_engine_graphs.py tests/test_engine_prefix_cache.py
+      run_tests tests/test_engine_graphs.py tests/test_engine_prefix_cache.py  # pieces are on by default
       for flag in "" --no-piecewise-graphs; do
         python3 benchmarks/profile_engine.py prefill ${PIECEWISE_PRESETS:-olmoe-1b-7b} --budget 2048 8192 $flag \
           > "$OUT/profile_prefill${flag:-_piecewise}.log" 2>&1

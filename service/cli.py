@@ -177,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
             help_="fp8: quantise the experts and linears of a bf16 checkpoint or preset to FP8 (128x128 blocks) at "
                   "load; none (default) keeps its precision. A block-FP8 checkpoint is served in FP8 either way")
     f.switch("--enforce-eager", "never capture CUDA graphs")
-    f.switch("--piecewise-graphs", "run steps that prefill as CUDA graphs of their non-attention parts at bucketed "
-                                   "row counts, with attention eager in between (off until GPU-verified)")
+    f.switch("--no-piecewise-graphs", "run steps that prefill eagerly instead of as CUDA graphs of their "
+                                      "non-attention parts at bucketed row counts (on by default)")
     f.switch("--no-async-scheduling", "read each step's sampled tokens back before launching the next step")
     f.switch("--no-prefix-caching", "prefill every prompt in full instead of reusing the KV blocks of prefixes "
                                     "seen before (automatic prefix caching is on by default)")
@@ -238,7 +238,8 @@ def build_engine_config(args: argparse.Namespace):
     given = {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name) is not None}
     if args.no_prefix_caching:
         given["enable_prefix_caching"] = False
-    given["piecewise_graphs"] = args.piecewise_graphs  # the flag, or its variable read as the CLI reads booleans
+    if args.no_piecewise_graphs:
+        given["piecewise_graphs"] = False
     return EngineConfig(model=source, random_weights=random_weights, enforce_eager=args.enforce_eager,
                         expert_metrics=expert_metrics_mode(args) != "off",
                         async_scheduling=not args.no_async_scheduling, **given)

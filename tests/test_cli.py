@@ -46,11 +46,11 @@ def test_defaults_serve_tiny_on_loopback():
     assert cli.build_engine_config(parse("--prefill-hold-steps", "8")).prefill_hold_steps == 8
 
 
-def test_piecewise_graphs_from_the_flag_or_its_variable_in_the_cli_s_words(monkeypatch):
-    assert cli.build_engine_config(parse()).piecewise_graphs is False
-    assert cli.build_engine_config(parse("--piecewise-graphs")).piecewise_graphs is True
-    monkeypatch.setenv("STATICMOE_PIECEWISE_GRAPHS", "yes")  # a word the engine's own 0/1 switch would refuse
+def test_piecewise_graphs_are_on_unless_the_flag_or_its_variable_turns_them_off(monkeypatch):
     assert cli.build_engine_config(parse()).piecewise_graphs is True
+    assert cli.build_engine_config(parse("--no-piecewise-graphs")).piecewise_graphs is False
+    monkeypatch.setenv("STATICMOE_NO_PIECEWISE_GRAPHS", "yes")
+    assert cli.build_engine_config(parse()).piecewise_graphs is False
 
 
 def test_chunk_budget_defaults_to_the_device_and_a_given_value_wins(monkeypatch):

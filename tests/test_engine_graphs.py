@@ -111,8 +111,10 @@ def test_cuda_graph_decode_equals_eager_decode():
 @pytest.mark.gpu
 def test_moe_stats_expert_counts_equal_recomputed_routing():
     """Eager: the harvested counts equal a bincount of the routing recomputed (by a forward pre-hook) from the very
-    inputs of each SparseMoeBlock. With CUDA graphs: padding rows are subtracted, so each layer still counts
-    exactly tokens × top_k, and per-expert counts stay within 2% of the eager run (bf16 shapes differ)."""
+    inputs of each SparseMoeBlock. With CUDA graphs: padding rows route nowhere, so each layer still counts
+    exactly tokens × top_k, and per-expert counts stay within 3% of the eager run: the graphs' fused kernels (decode
+    graphs, and the piecewise graphs of the prefill steps) round differently from the eager ops, so near-tied
+    experts of a random-weight model flip (H100: 8–30 of 1424 slot choices per layer differed, 2026-12-07)."""
     cfg = dict(model="olmoe-1b-7b", random_weights=True, max_num_seqs=8, max_model_len=256, num_kv_blocks=256,
                moe_timing_every=1000)
     prompts = random_prompts(5, seed=11, lengths=(7, 30, 64, 3, 19))  # 5 sequences decode in graphs of 8
@@ -146,7 +148,7 @@ def test_moe_stats_expert_counts_equal_recomputed_routing():
     torch.cuda.synchronize()
     counts = torch.tensor(graphed.moe_stats().expert_tokens_total)
     assert counts.sum(1).eq(fed * blocks[0].top_k).all(), "padding rows were counted"
-    assert (counts - eager_counts).abs().sum(1).le(0.02 * fed * blocks[0].top_k).all()
+    assert (counts - eager_counts).abs().sum(1).le(0.03 * fed * blocks[0].top_k).all()
 
 
 @pytest.mark.gpu

@@ -71,20 +71,11 @@ def test_fp8_experts_through_pieces_give_the_eager_tokens():
 
 
 def test_off_switch_and_an_eager_engine_keep_steps_eager():
+    assert EngineConfig(model="tiny").piecewise_graphs is True  # on by default (captured on CUDA only)
     engine = LLMEngine(EngineConfig(model="tiny", max_num_seqs=4, max_num_batched_tokens=64, piecewise_graphs=False))
     assert not engine.runner.wants_piecewise_graphs() and engine.runner.pieces is None
     with pytest.raises(ValueError, match="piecewise_graphs"):
         EngineConfig(model="tiny", piecewise_graphs="yes")
-
-
-def test_the_environment_switch_turns_pieces_on_and_refuses_a_value_that_is_not_0_or_1(monkeypatch):
-    monkeypatch.setenv("STATICMOE_PIECEWISE_GRAPHS", "1")
-    assert EngineConfig(model="tiny").piecewise_graphs is True
-    monkeypatch.setenv("STATICMOE_PIECEWISE_GRAPHS", "0")
-    assert EngineConfig(model="tiny").piecewise_graphs is False
-    monkeypatch.setenv("STATICMOE_PIECEWISE_GRAPHS", "sometimes")
-    with pytest.raises(ValueError, match="STATICMOE_PIECEWISE_GRAPHS='sometimes': want 0 or 1"):
-        EngineConfig(model="tiny")
 
 
 def test_a_failed_capture_leaves_steps_eager_and_the_engine_serving(monkeypatch, solo, caplog):
@@ -132,7 +123,7 @@ def test_piecewise_graphs_equal_the_eager_forward_of_the_same_steps():
     noise), same greedy tokens where the margin is decisive; expert counts exclude the padding rows exactly."""
     engine = LLMEngine(EngineConfig(model="olmoe-1b-7b", random_weights=True, max_num_seqs=16,
                                     max_num_batched_tokens=768, max_model_len=512, num_kv_blocks=512,
-                                    moe_timing_every=3, piecewise_graphs=True))  # timed variants replay too
+                                    moe_timing_every=3))  # timed variants replay too
     pieces = engine.runner.pieces
     assert pieces is not None and pieces.sizes[-1] == 768
     checked, original = [], pieces.run

@@ -1,12 +1,11 @@
 """EngineConfig: every knob of the generation engine and its default, checked once at construction (the CLI
 passes on only the flags it was given)."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from model.dtypes import AUTO, check_dtype_name, resolve_dtype
-from model.kernels.knobs import env_switch
 from model.quant_config import check_quantization
 
 # Chunked-prefill budget when none is given (why these values: benchmarks/NOTES.md, "Defaults measured here").
@@ -27,10 +26,10 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: sized from free GPU memory, or a CPU default
     max_model_len: int | None = None  # None: min(max_position_embeddings, KV capacity)
     enforce_eager: bool = False  # True: no CUDA graphs
-    # CUDA graphs of the non-attention parts of steps that prefill, at bucketed row counts (piecewise_graphs.py).
-    # Off by default until its GPU tests have passed (benchmarks/NOTES.md, "Piecewise CUDA graphs"); the environment
-    # variable STATICMOE_PIECEWISE_GRAPHS=1 (or serve --piecewise-graphs) turns it on.
-    piecewise_graphs: bool = field(default_factory=lambda: env_switch("STATICMOE_PIECEWISE_GRAPHS"))
+    # CUDA graphs of the non-attention parts of steps that prefill, at bucketed row counts (piecewise_graphs.py):
+    # +29% prefill at a 2048-token budget, mixed steps 2x faster on the H100 (benchmarks/NOTES.md, "Piecewise CUDA
+    # graphs"). serve --no-piecewise-graphs turns them off.
+    piecewise_graphs: bool = True
     async_scheduling: bool = True  # launch each step before the previous one's sampled ids are read back
     enable_prefix_caching: bool = True  # share the KV blocks of repeated prompt prefixes (model/engine/block_manager.py)
     # While sequences decode, a new prompt waits up to this many steps for others to prefill with it, so decode steps
