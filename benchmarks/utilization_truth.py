@@ -229,7 +229,7 @@ def event_node_cost(engine, graphs: dict, replays: int = 30) -> dict:
             try:
                 twin = torch.cuda.CUDAGraph()
                 with fusion.for_graph_capture(), torch.cuda.graph(twin):  # the served graph's kernels, events aside
-                    engine.model(g.batch, engine.runner.kv_cache)
+                    engine.runner.graph_forward(g.batch)
             finally:
                 engine.moe.timer.attach(blocks)
             times = {"with_events": [], "without": []}

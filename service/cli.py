@@ -240,6 +240,9 @@ def build_engine_config(args: argparse.Namespace):
         given["enable_prefix_caching"] = False
     if args.no_piecewise_graphs:
         given["piecewise_graphs"] = False
+    if "STATICMOE_PIECEWISE_GRAPHS" in os.environ:  # session 14's opt-in, before they were on by default
+        logger.warning("STATICMOE_PIECEWISE_GRAPHS is not read any more: piecewise CUDA graphs are on by default; "
+                       "--no-piecewise-graphs or STATICMOE_NO_PIECEWISE_GRAPHS=1 turns them off")
     return EngineConfig(model=source, random_weights=random_weights, enforce_eager=args.enforce_eager,
                         expert_metrics=expert_metrics_mode(args) != "off",
                         async_scheduling=not args.no_async_scheduling, **given)

@@ -151,8 +151,8 @@ class ServiceMetrics:
         self.tensor_core_utilization = Gauge(
             "staticmoe_moe_tensor_core_utilization",
             "Achieved routed-expert GEMM FLOP/s of fused_moe over the device's dense peak in the experts' precision "
-            "(bf16, or FP8 when they run FP8; see staticmoe_moe_precision_info) (0-1): FLOPs of the rows it computed "
-            "(CUDA-graph padding included) / its time inside the sampled steps.", registry=r)
+            "(bf16, or FP8 when they run FP8; see staticmoe_moe_precision_info) (0-1): FLOPs of the tokens it computed "
+            "(CUDA-graph padding rows route to no expert) / its time inside the sampled steps.", registry=r)
         self.peak_flops = Gauge("staticmoe_moe_peak_flops",
                                 "Dense peak FLOP/s (bf16 or FP8, as the experts run) used as the utilization "
                                 "denominator (0 = unknown).", registry=r)

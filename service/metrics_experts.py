@@ -7,8 +7,8 @@ snapshot's lists (`update`, O(1), no lock). A scrape renders the families' text 
 service/metrics_text.py (a few ms instead of ~0.1 s of formatting by `generate_latest`) and keeps it: scrapes
 between two snapshots copy the cached text.
 
-Counters must never decrease: the engine's totals subtract the CUDA-graph pad token's measured routing and are
-clamped at zero, so each exported value is the running maximum of what the scrapes have seen.
+Counters must never decrease, even across an engine's `reset_counts` (start-up), so each exported value is the
+running maximum of what the scrapes have seen.
 """
 
 from __future__ import annotations

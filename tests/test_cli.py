@@ -53,6 +53,13 @@ def test_piecewise_graphs_are_on_unless_the_flag_or_its_variable_turns_them_off(
     assert cli.build_engine_config(parse()).piecewise_graphs is False
 
 
+def test_the_old_opt_in_variable_is_named_in_a_warning_not_silently_dropped(monkeypatch, caplog):
+    monkeypatch.setenv("STATICMOE_PIECEWISE_GRAPHS", "0")
+    assert cli.build_engine_config(parse()).piecewise_graphs is True
+    assert "STATICMOE_PIECEWISE_GRAPHS is not read any more" in caplog.text
+    assert "--no-piecewise-graphs" in caplog.text
+
+
 def test_chunk_budget_defaults_to_the_device_and_a_given_value_wins(monkeypatch):
     import torch
 

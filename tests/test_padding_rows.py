@@ -21,6 +21,22 @@ def test_marked_rows_route_nowhere_only_inside_the_context():
     assert ids.tolist() == [[3, 1], [0, 2], [5, 4]]  # the router's tensor is not written
 
 
+@torch.no_grad()
+def test_an_id_of_minus_one_is_a_router_bug_outside_a_padding_mask():
+    """The experts op takes -1 (routed nowhere) only while a padding mask is active; elsewhere on the CPU an id
+    outside [0, E) still raises, so a broken router is not silently dropped."""
+    block = SparseMoeBlock(0, hidden_size=32, num_experts=8, top_k=2, intermediate_size=16, renormalize=True)
+    for p in block.parameters():
+        p.normal_(0, 0.2)
+    x, weights = torch.randn(2, 32), torch.rand(2, 2)
+    ids = torch.tensor([[1, 2], [-1, -1]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="expert"):
+        block.experts(x, weights, ids)
+    with padding_rows(torch.tensor([False, True])):
+        out = block.experts(x, weights, ids)
+    assert torch.equal(out[1], torch.zeros(32)) and block.experts.expert_load.sum() == 2
+
+
 def test_bad_masks_are_refused():
     with pytest.raises(ValueError, match="1-D bool"):
         with padding_rows(torch.zeros(4, dtype=torch.int32)):

@@ -179,4 +179,4 @@ class MoeStatsCollector:
                                     self.timer.read_host_seconds, self.precision)
 
     def _per_layer(self, counts: torch.Tensor) -> list[list[int]]:
-        return [counts[i, :e].clamp(min=0).tolist() for i, e in enumerate(self.num_experts)]
+        return [counts[i, :e].tolist() for i, e in enumerate(self.num_experts)]

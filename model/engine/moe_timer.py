@@ -76,7 +76,7 @@ class WallClockMark:
 @dataclass
 class _Sample:
     pairs: list  # [(start, end)], one per MoE layer
-    flops: float  # routed-expert GEMM FLOPs of the rows fused_moe computed (graph padding included)
+    flops: float  # routed-expert GEMM FLOPs of the rows fused_moe computed (a graph's padding rows route nowhere)
     graph_key: object  # the replayed graph (its pairs are re-recorded by every replay), or None: eager marks
 
 
@@ -158,7 +158,8 @@ class MoeTimer:
         self._step_pairs, self._replayed_key, self._open = [], None, None
 
     def end_step(self, flops: float) -> None:
-        """After the step was enqueued. `flops`: what fused_moe computed in it (padded graph rows included)."""
+        """After the step was enqueued. `flops`: what fused_moe computed in it (its tokens': a graph's padding rows
+        route to no expert)."""
         sampled, key = self._sampled, self._replayed_key
         self._sampled = False
         pairs = self.graph_pairs.get(key) if key is not None else self._step_pairs

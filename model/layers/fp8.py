@@ -10,6 +10,7 @@ from torch import nn
 from model.kernels import fused_moe
 from model.kernels.fp8 import FP8_BLOCK, FP8_DTYPE
 from model.kernels.fp8_linear import fp8_linear
+from model.layers.padding_rows import masking_padding
 
 
 def _blocks(n: int) -> int:
@@ -107,7 +108,7 @@ class Fp8Experts(nn.Module):
         H = self.hidden_size
         xp = F.pad(x, (0, padded(H) - H)) if self.is_padded else x  # [N, Hp]
         out = fused_moe(xp, self.gate_up_proj, self.down_proj, topk_weights, topk_ids, expert_load=self.expert_load,
-                        skip_out_of_range_ids=True,  # -1: a CUDA graph's padding rows (model/layers/padding_rows.py)
+                        skip_out_of_range_ids=masking_padding(),  # -1: a CUDA graph's padding rows
                         w13_scale=self.gate_up_proj_scale_inv, w2_scale=self.down_proj_scale_inv,
                         activation=self.activation, w13_bias=w13_bias, w2_bias=w2_bias)
         return out[:, :H] if self.is_padded else out

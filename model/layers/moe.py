@@ -22,7 +22,7 @@ from model.config import ModelConfig
 from model.kernels import GroupedRouting, fused_linear_route, fused_moe, grouped_topk, softmax_topk, topk_softmax
 from model.layers.linear import Linear
 from model.layers.mlp import GatedMLP
-from model.layers.padding_rows import route_padding_nowhere
+from model.layers.padding_rows import masking_padding, route_padding_nowhere
 
 
 class Experts(nn.Module):
@@ -46,8 +46,8 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         return fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids, expert_load=self.expert_load,
-                         skip_out_of_range_ids=True, activation=self.activation, w13_bias=self.gate_up_proj_bias,
-                         w2_bias=self.down_proj_bias)
+                         skip_out_of_range_ids=masking_padding(), activation=self.activation,
+                         w13_bias=self.gate_up_proj_bias, w2_bias=self.down_proj_bias)
 
 
 class Router(Linear):

@@ -32,6 +32,12 @@ def padding_rows(is_padding: torch.Tensor) -> Iterator[None]:
         _active.pop()
 
 
+def masking_padding() -> bool:
+    """Whether a padding_rows() mask is active: the experts op then takes ids of -1 (elsewhere, on the CPU, an id
+    outside [0, E) is a router bug and raises)."""
+    return bool(_active)
+
+
 def route_padding_nowhere(topk_ids: torch.Tensor) -> torch.Tensor:
     """topk_ids [N, k] with the padding rows' ids set to -1 (unchanged outside `padding_rows`)."""
     if not _active:
