@@ -149,7 +149,7 @@ class MoeStatsCollector:
 
     # ---- reset ------------------------------------------------------------------------------------------------
     def read_counts_now(self) -> torch.Tensor:
-        """Synchronous read of the device counters (start-up only). [L, E]"""
+        """Synchronous read of the device counters, for checks (the engine reads them asynchronously). [L, E]"""
         out = torch.zeros(self._counts_shape, dtype=torch.int64)
         for i, b in enumerate(self.blocks):
             out[i, : b.num_experts] = b.experts.expert_load.cpu()
