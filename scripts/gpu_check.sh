@@ -29,6 +29,8 @@ if [ -d .whl ]; then  # packages the GPU image lacks, carried as wheels
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
+python3 -c 'import llguidance' 2>/dev/null || echo "WARNING: llguidance is missing (the engine imports it): carry its wheel in .whl (README, GPU runs)"
+
 { date -u +%FT%TZ; echo "commit ${STATICMOE_COMMIT:-unknown}"; nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader;
   python3 -c 'import torch; print("torch", torch.__version__)'; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
