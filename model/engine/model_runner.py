@@ -25,6 +25,7 @@ import torch
 from model.engine.block_manager import BlockManager, blocks_for
 from model.engine.config import EngineConfig
 from model.engine.decode_inputs import PAD_TOKEN, DecodeInputs, static_decode_batch
+from model.engine.graph_capture import GraphCapture
 from model.engine import step_pieces
 from model.engine.penalties import PenaltyState
 from model.engine.piecewise_graphs import PiecewiseGraphs
@@ -348,21 +349,22 @@ class ModelRunner:
         widths = graph_widths(self.max_blocks_per_seq)
         keys = [(b, w) for b in sizes for w in widths
                 if b * w * self.block_size <= max(GRAPH_CONTEXT_TOKENS, self.block_size * w)]
-        pool = torch.cuda.graph_pool_handle()
+        capturer = GraphCapture(self.device)
         started = time.perf_counter()
         for b, w in sorted(keys, key=lambda k: k[0] * k[1], reverse=True):  # largest first: the pool fits the rest
             batch, int64_inputs, int32_inputs = static_decode_batch(b, w, self.device, self.num_groups)
             try:
                 with fusion.for_graph_capture():
                     self.graph_forward(batch)  # warm-up outside the graph (lazy inits, compiling)
-                    graph, logits = self._capture(batch, pool)
-                    timed = None
-                    if self.moe_timer is not None and self.moe_timer.enabled:  # timing events become graph nodes
-                        self.moe_timer.begin_capture((b, w))
-                        try:
-                            timed, _ = self._capture(batch, pool, into=logits)
-                        finally:
-                            self.moe_timer.end_capture()
+                    with capturer.after_warm_up():
+                        graph, logits = capturer.capture(lambda: self.graph_forward(batch))
+                        timed = None
+                        if self.moe_timer is not None and self.moe_timer.enabled:  # timing events: graph nodes
+                            self.moe_timer.begin_capture((b, w))
+                            try:  # the same static logits: two variants of one step share one output buffer
+                                timed, _ = capturer.capture(lambda: logits.copy_(self.graph_forward(batch)))
+                            finally:
+                                self.moe_timer.end_capture()
             except RuntimeError as err:
                 raise RuntimeError(f"CUDA graph capture of the decode step (batch {b}, {w} blocks) failed: {err}; "
                                    "enforce_eager=True serves without graphs") from err
@@ -412,16 +414,6 @@ class ModelRunner:
 
     def _piecewise_max_rows(self) -> int:
         return min(fusion.EAGER_MIN_ROWS, self.config.max_num_batched_tokens)
-
-    def _capture(self, batch: ForwardBatch, pool, into: torch.Tensor | None = None):
-        """A CUDA graph of one decode forward and its static logits (`into`, if given, receives them: two variants
-        of one step then share one output buffer)."""
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            logits = self.graph_forward(batch)
-            if into is not None:
-                logits = into.copy_(logits)
-        return graph, logits
 
     @property
     def num_graphs(self) -> int:

@@ -19,6 +19,7 @@ import time
 import torch
 
 from model.engine import step_pieces
+from model.engine.graph_capture import GraphCapture
 from model.engine.step_pieces import PieceBuffers
 from model.forward_batch import ForwardBatch
 from model.layers import fusion
@@ -66,44 +67,33 @@ class PiecewiseGraphs:
     def capture(self) -> None:
         """Capture every bucket's pieces (on the CPU: record them as calls)."""
         started = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
-        stream = torch.cuda.Stream(self.device) if pool is not None else None
+        capturer = GraphCapture(self.device) if self.device.type == "cuda" else None
         count = step_pieces.num_pieces(self.model)
         for rows in reversed(self.sizes):  # largest first: the pool then fits the others
             buf = self.buf.first(rows)
-            if pool is None:
+            if capturer is None:
                 self.pieces[rows] = [_Replayed(self.model, i, buf) for i in range(count)]
                 continue
             with fusion.for_graph_capture(), padding_rows(buf.is_padding):
                 for i in range(count):  # warm-up outside the graph (lazy inits, compiling)
                     step_pieces.run_piece(self.model, i, buf)
-                stream.wait_stream(torch.cuda.current_stream(self.device))
-                self.pieces[rows] = [self._capture(i, buf, pool, stream) for i in range(count)]
-                timer = self.moe_timer
-                if timer is not None and timer.enabled:  # timing events become graph nodes of this variant
-                    timer.begin_capture(("pieces", rows))
-                    try:
-                        self.timed[rows] = [self._capture(i, buf, pool, stream) for i in range(count)]
-                    finally:
-                        timer.end_capture()
-                torch.cuda.current_stream(self.device).wait_stream(stream)
-        if pool is not None:
+                with capturer.after_warm_up():
+                    self.pieces[rows] = self._capture_all(capturer, buf, count)
+                    timer = self.moe_timer
+                    if timer is not None and timer.enabled:  # timing events become graph nodes of this variant
+                        timer.begin_capture(("pieces", rows))
+                        try:
+                            self.timed[rows] = self._capture_all(capturer, buf, count)
+                        finally:
+                            timer.end_capture()
+        if capturer is not None:
             torch.cuda.synchronize(self.device)
         logger.info("captured piecewise graphs of steps that prefill: %d pieces at %d row counts (%s) in %.1f s",
                     count, len(self.sizes), self.sizes, time.perf_counter() - started)
 
-    def _capture(self, index: int, buf: PieceBuffers, pool, stream: "torch.cuda.Stream") -> "torch.cuda.CUDAGraph":
-        """One piece as a CUDA graph, captured on the side stream `stream`. Not with torch.cuda.graph's context,
-        which synchronises the device and empties the allocator's caches at each of the ~2000 captures of a
-        48-layer model; the caller orders the stream after the warm-up once per bucket instead."""
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(stream):
-            graph.capture_begin(pool=pool)
-            try:
-                step_pieces.run_piece(self.model, index, buf)
-            finally:
-                graph.capture_end()
-        return graph
+    def _capture_all(self, capturer: GraphCapture, buf: PieceBuffers, count: int) -> list:
+        """The `count` pieces of one bucket, each a CUDA graph."""
+        return [capturer.capture(lambda i=i: step_pieces.run_piece(self.model, i, buf))[0] for i in range(count)]
 
     def bucket(self, rows: int) -> int | None:
         """The bucket a step of `rows` rows runs in; None: too large (it runs eagerly)."""
