@@ -296,6 +296,10 @@ class EngineClient:
         self._timing = RequestTiming(self.metrics)
         self._configure_moe_metrics(engine)
         self._progress_at = time.monotonic()
+        # logged before /health turns 200, so whoever saw the server ready finds the line in its log
+        logger.info("model %s loaded in %.1f s: device=%s dtype=%s max_model_len=%d kernel path: %s",
+                    self.options.model_name, time.monotonic() - started, engine.device, engine.dtype,
+                    engine.max_model_len, engine.kernel_path)
         with self._lock:
             if self.state == EngineState.LOADING:
                 self.state = EngineState.READY
@@ -304,9 +308,6 @@ class EngineClient:
             index_vocabulary_ahead(engine)
         if self.options.freeze_heap:
             freeze_startup_heap()
-        logger.info("model %s loaded in %.1f s: device=%s dtype=%s max_model_len=%d kernel path: %s",
-                    self.options.model_name, time.monotonic() - started, engine.device, engine.dtype,
-                    engine.max_model_len, engine.kernel_path)
 
     def _configure_moe_metrics(self, engine: ServingEngine) -> None:
         mode = self.options.expert_metrics
