@@ -51,6 +51,16 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] | None = None  # one per new token, when params.logprobs is set
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # with a request's first output (None: 1st token)
 
+    def followed_by(self, later: "RequestOutput") -> "RequestOutput":
+        """This output and the same request's next one as one (a consumer that fell behind takes both at once):
+        tokens, text and logprobs concatenated, the state (finished, counts, reasons) of the later one."""
+        logprobs = None if self.logprobs is None and later.logprobs is None else \
+            (self.logprobs or []) + (later.logprobs or [])
+        return RequestOutput(later.request_id, self.new_token_ids + later.new_token_ids, self.new_text + later.new_text,
+                             later.finished, later.finish_reason, later.num_prompt_tokens, later.num_output_tokens,
+                             later.stop_reason, logprobs,
+                             self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs)
+
 
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
     """int64 indices to the device without waiting for the stream (pinned staging on CUDA)."""
