@@ -117,3 +117,31 @@ def test_grammar_over_a_bpe_tokenizer(tmp_path):
         text = tok.decode([t for t in ids if t not in eos])
         jsonschema.validate(json.loads(text), SCHEMAS[2])
         assert b"".join(tok.token_bytes(t) for t in ids if t not in eos).decode() == text
+
+
+def test_a_grammar_engine_taking_one_eos_id_gets_the_first(tmp_path, monkeypatch):
+    """llguidance before 1.7 takes `eos_token` as one int (the GPU image's wheel was 1.6.1: every structured request
+    of a model with two EOS ids got a 400). The vocabulary is then indexed with the first EOS id."""
+    from model.engine import structured_output
+    from model.tokenizer import HFTokenizer
+    from tests.model_fixtures import make_tokenizer_files
+
+    real = structured_output.LLTokenizer
+    calls = []
+
+    def one_eos_only(source, n_vocab, eos_token):  # 1.6.1's signature: eos_token: Optional[int]
+        calls.append(eos_token)
+        if isinstance(eos_token, list):
+            raise TypeError("argument 'eos_token': 'list' object cannot be interpreted as an integer")
+        return real(source, n_vocab=n_vocab, eos_token=eos_token)
+
+    monkeypatch.setattr(structured_output, "LLTokenizer", one_eos_only)
+    make_tokenizer_files(tmp_path)
+    tok = HFTokenizer(tmp_path)
+    eos = [tok.eos_token_ids[0], 3]
+    g = compile_grammar("regex", "ab", tok, tok.vocab_size, eos)
+    assert calls == [eos, eos[0]]
+    matcher = g.new_matcher()
+    for t in tok.encode("ab"):
+        assert matcher.consume_token(t)
+    assert matcher.consume_token(eos[0]) and matcher.is_stopped()

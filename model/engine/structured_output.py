@@ -16,12 +16,15 @@ host computes masks while the device runs the model — and the sampler applies 
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
 import llguidance
 import torch
 from llguidance import LLExecutor, LLMatcher, LLTokenizer, TokenizerWrapper
+
+logger = logging.getLogger(__name__)
 
 # Kinds of constraint: JSON Schema (a dict), any JSON object, a regular expression, a Lark or GBNF grammar, one of a
 # list of strings.
@@ -69,11 +72,8 @@ def grammar_tokenizer(tokenizer, vocab_size: int, eos_token_ids: list[int]) -> L
 
 def _index_vocabulary(tokenizer, vocab_size: int, eos_token_ids: list[int]) -> LLTokenizer | GrammarUnavailable:
     try:
-        if hasattr(tokenizer, "backend_json"):
-            ll = LLTokenizer(tokenizer.backend_json(), n_vocab=vocab_size, eos_token=list(eos_token_ids))
-        else:
-            ll = LLTokenizer(TokenizerWrapper(_ByteVocabulary(tokenizer, vocab_size)), n_vocab=vocab_size,
-                             eos_token=list(eos_token_ids))
+        ll = _llg_tokenizer(lambda: tokenizer.backend_json() if hasattr(tokenizer, "backend_json") else
+                            TokenizerWrapper(_ByteVocabulary(tokenizer, vocab_size)), vocab_size, eos_token_ids)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as err:  # noqa: BLE001 — llguidance's Rust asserts surface as pyo3's PanicException, a
@@ -84,6 +84,19 @@ def _index_vocabulary(tokenizer, vocab_size: int, eos_token_ids: list[int]) -> L
         return GrammarUnavailable(f"structured output is unavailable with this model's tokenizer: the grammar "
                                   f"engine sees {ll.vocab_size} tokens, the model {vocab_size}")
     return ll
+
+
+def _llg_tokenizer(source, vocab_size: int, eos_token_ids: list[int]) -> LLTokenizer:
+    """LLTokenizer over `source()` with every EOS id; llguidance before 1.7 takes one EOS id only (a TypeError for a
+    list; the GPU image's wheel was 1.6.1 once), and then a completed grammar ends with the first one."""
+    try:
+        return LLTokenizer(source(), n_vocab=vocab_size, eos_token=list(eos_token_ids))
+    except TypeError:
+        if len(eos_token_ids) < 2:
+            raise
+        logger.warning("llguidance %s takes one EOS id: structured output ends with token %d only (of %s)",
+                       getattr(llguidance, "__version__", "?"), eos_token_ids[0], list(eos_token_ids))
+        return LLTokenizer(source(), n_vocab=vocab_size, eos_token=int(eos_token_ids[0]))
 
 
 def grammar_text(kind: str, spec) -> str:
