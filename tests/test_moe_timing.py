@@ -352,7 +352,9 @@ def test_gpu_engine_samples_graph_replays_without_eager_decode_steps():
     engine = LLMEngine(EngineConfig(model="tiny", device="cuda", max_num_seqs=8, max_num_batched_tokens=64,
                                     moe_timing_every=2))
     runner = engine.runner
-    assert runner.num_graphs and set(engine.moe.timer.graph_pairs) == set(runner.graphs)
+    pairs = set(engine.moe.timer.graph_pairs)  # decode graphs by (batch, width); piecewise buckets ("pieces", rows)
+    assert runner.num_graphs and {k for k in pairs if k[0] != "pieces"} == set(runner.graphs)
+    assert {k[1] for k in pairs if k[0] == "pieces"} == (set(runner.pieces.timed) if runner.pieces else set())
     assert all(len(p) == len(engine.model.moe_blocks()) for p in engine.moe.timer.graph_pairs.values())
     steps, execute, replay = [], runner.execute, runner._replay
 

@@ -116,15 +116,23 @@ def combine_splits(partials: tuple[torch.Tensor, ...], out: torch.Tensor, rows: 
                                         HEAD_DIM=width)
 
 
-def choose_splits(num_seqs: int, num_kv_heads: int, max_keys: int, device: torch.device, block_n: int) -> int:
+def choose_splits(num_seqs: int, num_kv_heads: int, max_keys: int, device: torch.device, block_n: int,
+                  programs_per_sm: int = 4) -> int:
     """Split each sequence's keys over several programs when (sequence, KV head) pairs alone cannot fill the GPU
-    (small batches): about two programs per SM (rounded down to a power of two), each with at least one chunk of
-    keys. Depends only on shapes, so a captured CUDA graph keeps it."""
-    if device.type != "cuda":
+    (small batches): about `programs_per_sm` programs per SM (rounded down to a power of two), each with at least
+    one chunk of keys; keys of at most two chunks are not split (the combine's launch costs more than it saves).
+    Depends only on shapes, so a captured CUDA graph keeps it.
+
+    Four per SM: on the H200 (benchmarks/bench_decode_attention.py, 2026-12-07) this picks the fastest measured split
+    count, or one within 9%, at every olmoe / qwen3 / gpt-oss point of batch 1, 4, 64 and context 128-8192, where two
+    per SM (the rule before) took 15-37% longer at batch 4 and long contexts (gpt-oss B=4 ctx 8192: 36.6 µs with 8
+    splits, 26.8 with 16) and two splits of a 128-key context up to 35% longer than one (qwen3 B=64)."""
+    chunks = -(-max_keys // block_n)
+    if device.type != "cuda" or chunks <= 2:
         return 1
     programs = num_seqs * num_kv_heads
-    wanted = -(-2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device()) // programs)
-    splits = max(1, min(wanted, -(-max_keys // block_n), 64))
+    wanted = programs_per_sm * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    splits = max(1, min(wanted // programs, chunks, 64))
     return 1 << (splits.bit_length() - 1)  # a power of two: SPLITS is a compile-time constant, so few variants
 
 

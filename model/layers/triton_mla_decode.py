@@ -141,7 +141,9 @@ def paged_mla_decode(
     groups = -(-num_heads // block_h)
     max_keys = block_tables.shape[1] * page
     tile = config.keys_per_tile(q.dtype)
-    splits = splits or min(config.max_splits, choose_splits(num_seqs, groups, max_keys, q.device, tile))
+    # two programs per SM: what the launch configs above were measured with (four is unmeasured for MLA)
+    splits = splits or min(config.max_splits, choose_splits(num_seqs, groups, max_keys, q.device, tile,
+                                                            programs_per_sm=2))
     split_len = -(-max_keys // (splits * tile)) * tile
     partials = split_partials(num_seqs * num_heads, splits, kv_lora_rank, out)
     _paged_mla_decode_kernel[(groups, num_seqs, splits)](
