@@ -46,7 +46,7 @@ def make_case(batch: int, context: int, heads: int, rank: int, rope: int, page: 
 def bench_mla_decode(batch: int = 64, context: int = 4096, heads: int = 16, rank: int = 512, rope: int = 64,
                      page: int = 16, dtype=torch.bfloat16, device="cuda", timer: Timer | None = None,
                      copy_gbps: float | None = None, budget_ms: float = 300.0, config=None,
-                     reference: bool = True) -> dict:
+                     reference: bool = True, splits: int | None = None) -> dict:
     """One point: times (ms) of the kernel (events per call, L2 flushed; and inside a CUDA graph), the reference,
     the byte floor and the ratios."""
     device = torch.device(device)
@@ -67,7 +67,8 @@ def bench_mla_decode(batch: int = 64, context: int = 4096, heads: int = 16, rank
 
         config = config or config_for(heads)
         result["config"] = dict(vars(config))
-        kernel = lambda: paged_mla_decode(q, cache, tables, lens, scale, rank, config=config)  # noqa: E731
+        kernel = lambda: paged_mla_decode(q, cache, tables, lens, scale, rank, splits=splits,  # noqa: E731
+                                          config=config)
         exact = mla_decode_reference(q.double(), cache.double(), tables, mask, scale, rank)
         result["max_abs_error"] = float((kernel().double() - exact).abs().max())
         result["kernel_ms"] = timer.median_ms(kernel, warmup=2)
@@ -90,8 +91,10 @@ def line(r: dict) -> str:
             f"max |err| {r['max_abs_error']:.1e}")
 
 
-def sweep(batch, context, heads, rank, rope, page, dtype, device, timer, copy_gbps, stages=(1, 2, 3)) -> list[dict]:
-    """The kernel at one point under each launch alternative; a failing one (shared memory, registers) says why."""
+def sweep(batch, context, heads, rank, rope, page, dtype, device, timer, copy_gbps, stages=(1, 2, 3),
+          splits=(None,)) -> list[dict]:
+    """The kernel at one point under each launch alternative (None in `splits`: the split count the engine would
+    choose); a failing one (shared memory, registers) says why."""
     from model.layers.triton_mla_decode import MlaKernelConfig
 
     rows = []
@@ -100,21 +103,24 @@ def sweep(batch, context, heads, rank, rope, page, dtype, device, timer, copy_gb
         for block_n in (16, 32, 64):
             for num_warps in (4, 8):
                 for num_stages in stages:
-                    config = MlaKernelConfig(block_h=block_h, block_n=block_n, num_warps=num_warps,
-                                             num_stages=num_stages)
-                    name = f"block_h={block_h:>2} block_n={block_n:>2} warps={num_warps} stages={num_stages}"
-                    try:
-                        r = bench_mla_decode(batch, context, heads, rank, rope, page, dtype, device, timer,
-                                             copy_gbps, config=config, reference=False)
-                        row = dict(config=vars(config), kernel_ms=r["kernel_ms"], graph_ms=r["graph_ms"],
-                                   ratio_to_floor=r["ratio_to_floor"], max_abs_error=r["max_abs_error"])
-                        print(f"    {name}: {r['kernel_ms'] * 1e3:7.1f} us = {r['ratio_to_floor']:.2f}x floor "
-                              f"(graph {r['graph_ratio_to_floor']:.2f}x), max |err| {r['max_abs_error']:.1e}",
-                              flush=True)
-                    except Exception as err:  # noqa: BLE001 - an alternative that does not build is a result too
-                        row = dict(config=vars(config), error=repr(err)[:200])
-                        print(f"    {name}: failed {err!r:.120}", flush=True)
-                    rows.append(row)
+                    for split in splits:
+                        config = MlaKernelConfig(block_h=block_h, block_n=block_n, num_warps=num_warps,
+                                                 num_stages=num_stages)
+                        name = (f"block_h={block_h:>2} block_n={block_n:>2} warps={num_warps} stages={num_stages} "
+                                f"splits={split or 'chosen'}")
+                        try:
+                            r = bench_mla_decode(batch, context, heads, rank, rope, page, dtype, device, timer,
+                                                 copy_gbps, config=config, reference=False, splits=split)
+                            row = dict(config=vars(config), splits=split, kernel_ms=r["kernel_ms"],
+                                       graph_ms=r["graph_ms"], ratio_to_floor=r["ratio_to_floor"],
+                                       max_abs_error=r["max_abs_error"])
+                            print(f"    {name}: {r['kernel_ms'] * 1e3:7.1f} us = {r['ratio_to_floor']:.2f}x floor "
+                                  f"(graph {r['graph_ratio_to_floor']:.2f}x), max |err| {r['max_abs_error']:.1e}",
+                                  flush=True)
+                        except Exception as err:  # noqa: BLE001 - an alternative that does not build is a result
+                            row = dict(config=vars(config), splits=split, error=repr(err)[:200])
+                            print(f"    {name}: failed {err!r:.120}", flush=True)
+                        rows.append(row)
     return rows
 
 
@@ -132,6 +138,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--sweep", action="store_true", help="also time the kernel's launch alternatives (tile keys, "
                    "warps, pipeline stages) at each point")
     p.add_argument("--sweep-stages", type=int, nargs="+", default=[1, 2, 3], help="the pipeline depths --sweep tries")
+    p.add_argument("--sweep-splits", type=int, nargs="+", default=None,
+                   help="split counts --sweep tries for each launch (default: the one the engine chooses)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -149,7 +157,7 @@ def main(argv=None) -> list[dict]:
                 results.append(r)
                 if args.sweep and device.type == "cuda":
                     r["sweep"] = sweep(batch, context, heads, rank, rope, args.page, dtype, device, timer, copy_gbps,
-                                       args.sweep_stages)
+                                       args.sweep_stages, args.sweep_splits or (None,))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return results
