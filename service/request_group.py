@@ -15,6 +15,7 @@ import asyncio
 from collections import deque
 from typing import Any, Callable
 
+from model.engine.llm_engine import merge_outputs
 from service.errors import ApiError
 
 
@@ -23,7 +24,7 @@ class RequestGroup:
         self.request_ids = request_ids
         self.unfinished = set(request_ids)
         self._ready: deque = deque()  # choice indices with an output not taken yet (each once), or an ApiError
-        self._pending: dict[int, Any] = {}  # choice index -> its outputs not taken yet, merged
+        self._pending: dict[int, list] = {}  # choice index -> its outputs not taken yet, in order
         self._wakeup = asyncio.Event()
         self._abort = abort
         self.ended: asyncio.Future = asyncio.get_running_loop().create_future()  # the error that ended it early
@@ -34,13 +35,15 @@ class RequestGroup:
                 code="request_timeout"))
 
     def deliver(self, items: list) -> None:  # on the event loop
+        if self.ended.done():  # failed (deadline, drain): what the engine made since is not the client's
+            return
         for index, output in items:
             held = self._pending.get(index)
             if held is None:
-                self._pending[index] = output
+                self._pending[index] = [output]
                 self._ready.append(index)
             else:
-                self._pending[index] = held.followed_by(output)
+                held.append(output)  # merged once, when taken: a slow reader costs no repeated copies
         self._wakeup.set()
 
     def fail(self, error: ApiError) -> None:
@@ -64,7 +67,7 @@ class RequestGroup:
         if isinstance(item, BaseException):
             self.abort()
             raise item
-        index, output = item, self._pending.pop(item)
+        index, output = item, merge_outputs(self._pending.pop(item))
         if output.finished:
             self.unfinished.discard(self.request_ids[index])
             if not self.unfinished:

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from model.engine.llm_engine import RequestOutput
+from model.engine.llm_engine import RequestOutput, merge_outputs
 from model.engine.logprobs import TokenLogprobs
 from service.errors import ApiError
 from service.request_group import RequestGroup
@@ -60,7 +60,7 @@ def test_a_taken_output_is_not_merged_into():
 
 
 def test_logprobs_absent_on_both_stay_absent():
-    merged = out("a", [1], "x").followed_by(out("a", [2], "y"))
+    merged = merge_outputs([out("a", [1], "x"), out("a", [2], "y")])
     assert merged.logprobs is None and merged.prompt_logprobs is None and merged.new_token_ids == [1, 2]
 
 
@@ -93,3 +93,21 @@ def test_a_waiting_consumer_wakes_for_a_later_delivery():
 
     index, output = run(go())
     assert index == 0 and output.new_token_ids == [7] and output.finished
+
+
+def test_outputs_after_a_failure_are_dropped_and_the_error_still_raised():
+    """A deadline (504) fails the group while the engine still runs the request: what the engine makes afterwards,
+    even the output that finishes it, must not reach the client ahead of (or instead of) the error."""
+    async def go():
+        group = RequestGroup(["a"], abort=lambda ids: None)
+        group.deliver([(0, out("a", [1], "x", count=1))])
+        group.fail(ApiError(504, "too slow", code="request_timeout"))
+        group.deliver([(0, out("a", [2], "y", finished=True, reason="length", count=2))])
+        taken = await group.__anext__()
+        with pytest.raises(ApiError) as err:
+            await group.__anext__()
+        return taken, err.value
+
+    (index, output), error = run(go())
+    assert output.new_token_ids == [1] and not output.finished
+    assert error.code == "request_timeout"

@@ -41,6 +41,11 @@ class GraphCapture:
             graph.capture_begin(pool=self.pool)
             try:
                 out = forward()
-            finally:
-                graph.capture_end()
+            except BaseException:
+                try:  # end the capture (the stream must leave capture mode), but report the first error
+                    graph.capture_end()
+                except Exception:  # noqa: BLE001 - the capture is invalid anyway; the error above says why
+                    pass
+                raise
+            graph.capture_end()
         return graph, out

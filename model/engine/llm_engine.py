@@ -51,15 +51,20 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] | None = None  # one per new token, when params.logprobs is set
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # with a request's first output (None: 1st token)
 
-    def followed_by(self, later: "RequestOutput") -> "RequestOutput":
-        """This output and the same request's next one as one (a consumer that fell behind takes both at once):
-        tokens, text and logprobs concatenated, the state (finished, counts, reasons) of the later one."""
-        logprobs = None if self.logprobs is None and later.logprobs is None else \
-            (self.logprobs or []) + (later.logprobs or [])
-        return RequestOutput(later.request_id, self.new_token_ids + later.new_token_ids, self.new_text + later.new_text,
-                             later.finished, later.finish_reason, later.num_prompt_tokens, later.num_output_tokens,
-                             later.stop_reason, logprobs,
-                             self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs)
+
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """One request's consecutive outputs as one (a consumer that fell behind takes them at once): tokens, text and
+    logprobs concatenated in order, the state (finished, counts, reasons) of the last, the prompt logprobs of the
+    first that has them."""
+    if len(outputs) == 1:
+        return outputs[0]
+    last = outputs[-1]
+    has_logprobs = any(o.logprobs is not None for o in outputs)
+    return RequestOutput(last.request_id, [t for o in outputs for t in o.new_token_ids],
+                         "".join(o.new_text for o in outputs), last.finished, last.finish_reason,
+                         last.num_prompt_tokens, last.num_output_tokens, last.stop_reason,
+                         [lp for o in outputs for lp in (o.logprobs or [])] if has_logprobs else None,
+                         next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None))
 
 
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:

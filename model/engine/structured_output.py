@@ -16,6 +16,7 @@ host computes masks while the device runs the model — and the sampler applies 
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import threading
@@ -89,14 +90,21 @@ def _index_vocabulary(tokenizer, vocab_size: int, eos_token_ids: list[int]) -> L
 def _llg_tokenizer(source, vocab_size: int, eos_token_ids: list[int]) -> LLTokenizer:
     """LLTokenizer over `source()` with every EOS id; llguidance before 1.7 takes one EOS id only (a TypeError for a
     list; the GPU image's wheel was 1.6.1 once), and then a completed grammar ends with the first one."""
-    try:
-        return LLTokenizer(source(), n_vocab=vocab_size, eos_token=list(eos_token_ids))
-    except TypeError:
-        if len(eos_token_ids) < 2:
-            raise
+    vocabulary = source()
+    if len(eos_token_ids) > 1 and not _takes_eos_lists():
         logger.warning("llguidance %s takes one EOS id: structured output ends with token %d only (of %s)",
-                       getattr(llguidance, "__version__", "?"), eos_token_ids[0], list(eos_token_ids))
-        return LLTokenizer(source(), n_vocab=vocab_size, eos_token=int(eos_token_ids[0]))
+                       importlib.metadata.version("llguidance"), eos_token_ids[0], list(eos_token_ids))
+        return LLTokenizer(vocabulary, n_vocab=vocab_size, eos_token=int(eos_token_ids[0]))
+    return LLTokenizer(vocabulary, n_vocab=vocab_size, eos_token=list(eos_token_ids))
+
+
+def _takes_eos_lists() -> bool:
+    """Whether this llguidance's LLTokenizer takes a list of EOS ids (1.7 on; its stub says so)."""
+    version = importlib.metadata.version("llguidance")  # 1.6 has no __version__
+    try:
+        return tuple(int(p) for p in version.split(".")[:2]) >= (1, 7)
+    except ValueError:
+        return True  # a development build: assume the current signature
 
 
 def grammar_text(kind: str, spec) -> str:

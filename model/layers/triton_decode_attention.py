@@ -94,6 +94,10 @@ if triton is not None:
         tl.store(out_ptr + row * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
+def num_sms(device: torch.device) -> int:
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -116,11 +120,10 @@ def combine_splits(partials: tuple[torch.Tensor, ...], out: torch.Tensor, rows: 
                                         HEAD_DIM=width)
 
 
-def choose_splits(num_seqs: int, num_kv_heads: int, max_keys: int, device: torch.device, block_n: int,
-                  programs_per_sm: int = 4) -> int:
+def choose_splits(num_seqs: int, num_kv_heads: int, max_keys: int, device: torch.device, block_n: int) -> int:
     """Split each sequence's keys over several programs when (sequence, KV head) pairs alone cannot fill the GPU
-    (small batches): about `programs_per_sm` programs per SM (rounded down to a power of two), each with at least
-    one chunk of keys; keys of at most two chunks are not split (the combine's launch costs more than it saves).
+    (small batches): about four programs per SM (rounded down to a power of two), each with at least one chunk of
+    keys; keys of at most two chunks are not split (the combine's launch costs more than it saves).
     Depends only on shapes, so a captured CUDA graph keeps it.
 
     Four per SM: on the H200 (benchmarks/bench_decode_attention.py, 2026-12-07) this picks the fastest measured split
@@ -131,7 +134,7 @@ def choose_splits(num_seqs: int, num_kv_heads: int, max_keys: int, device: torch
     if device.type != "cuda" or chunks <= 2:
         return 1
     programs = num_seqs * num_kv_heads
-    wanted = programs_per_sm * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    wanted = 4 * num_sms(device)
     splits = max(1, min(wanted // programs, chunks, 64))
     return 1 << (splits.bit_length() - 1)  # a power of two: SPLITS is a compile-time constant, so few variants
 

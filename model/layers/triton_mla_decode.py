@@ -64,7 +64,7 @@ def supported(kv_lora_rank: int, rope_dim: int) -> bool:
 
 
 if triton is not None:
-    from model.layers.triton_decode_attention import choose_splits, combine_splits, split_partials
+    from model.layers.triton_decode_attention import combine_splits, num_sms, split_partials
     from model.layers.triton_paged import dot, online_softmax_step
 
     @triton.jit(do_not_specialize=["table_stride", "max_keys", "split_len"])
@@ -115,6 +115,17 @@ if triton is not None:
             tl.store(part_acc_ptr + part[:, None] * RANK + offs_r[None, :], acc, mask=real_h[:, None])
 
 
+def mla_splits(num_seqs: int, groups: int, max_keys: int, device: torch.device, tile: int) -> int:
+    """Key splits per sequence: about two programs per SM, rounded up, then down to a power of two, each with at
+    least one tile of keys: the rule the launch configs above were swept with (the GQA kernel's choose_splits has
+    since moved to four per SM from an H200 sweep; MLA's is not swept yet: `bench_mla.py --sweep-splits`)."""
+    if device.type != "cuda":
+        return 1
+    wanted = -(-2 * num_sms(device) // (num_seqs * groups))
+    splits = max(1, min(wanted, -(-max_keys // tile), 64))
+    return 1 << (splits.bit_length() - 1)
+
+
 def paged_mla_decode(
     q: torch.Tensor,  # [B, Hq, r + rope]: q_latent and q_pe
     latent_cache: torch.Tensor,  # [num_blocks, block_size, r + rope] contiguous
@@ -122,7 +133,7 @@ def paged_mla_decode(
     context_lens: torch.Tensor,  # [B] int
     scale: float,
     kv_lora_rank: int,
-    splits: int | None = None,  # None: choose_splits (shapes only, so CUDA graphs keep it)
+    splits: int | None = None,  # None: mla_splits (shapes only, so CUDA graphs keep it)
     config: MlaKernelConfig | None = None,  # None: config_for(heads)
 ) -> torch.Tensor:
     """-> [B, Hq, r] in q's dtype."""
@@ -141,9 +152,7 @@ def paged_mla_decode(
     groups = -(-num_heads // block_h)
     max_keys = block_tables.shape[1] * page
     tile = config.keys_per_tile(q.dtype)
-    # two programs per SM: what the launch configs above were measured with (four is unmeasured for MLA)
-    splits = splits or min(config.max_splits, choose_splits(num_seqs, groups, max_keys, q.device, tile,
-                                                            programs_per_sm=2))
+    splits = splits or min(config.max_splits, mla_splits(num_seqs, groups, max_keys, q.device, tile))
     split_len = -(-max_keys // (splits * tile)) * tile
     partials = split_partials(num_seqs * num_heads, splits, kv_lora_rank, out)
     _paged_mla_decode_kernel[(groups, num_seqs, splits)](
