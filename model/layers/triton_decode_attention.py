@@ -133,10 +133,14 @@ def choose_splits(num_seqs: int, num_kv_heads: int, max_keys: int, device: torch
     chunks = -(-max_keys // block_n)
     if device.type != "cuda" or chunks <= 2:
         return 1
-    programs = num_seqs * num_kv_heads
-    wanted = 4 * num_sms(device)
-    splits = max(1, min(wanted // programs, chunks, 64))
-    return 1 << (splits.bit_length() - 1)  # a power of two: SPLITS is a compile-time constant, so few variants
+    return power_of_two_splits(4 * num_sms(device) // (num_seqs * num_kv_heads), chunks)
+
+
+def power_of_two_splits(wanted: int, chunks: int) -> int:
+    """`wanted` splits, at most one per chunk of keys and 64, rounded down to a power of two (SPLITS is a
+    compile-time constant of the kernels: few variants)."""
+    splits = max(1, min(wanted, chunks, 64))
+    return 1 << (splits.bit_length() - 1)
 
 
 def paged_decode_attention(

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from model.layers.triton_decode_attention import num_sms, power_of_two_splits
 from model.layers.triton_paged import tl, triton
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def supported(kv_lora_rank: int, rope_dim: int) -> bool:
 
 
 if triton is not None:
-    from model.layers.triton_decode_attention import combine_splits, num_sms, split_partials
+    from model.layers.triton_decode_attention import combine_splits, split_partials
     from model.layers.triton_paged import dot, online_softmax_step
 
     @triton.jit(do_not_specialize=["table_stride", "max_keys", "split_len"])
@@ -121,9 +122,7 @@ def mla_splits(num_seqs: int, groups: int, max_keys: int, device: torch.device, 
     since moved to four per SM from an H200 sweep; MLA's is not swept yet: `bench_mla.py --sweep-splits`)."""
     if device.type != "cuda":
         return 1
-    wanted = -(-2 * num_sms(device) // (num_seqs * groups))
-    splits = max(1, min(wanted, -(-max_keys // tile), 64))
-    return 1 << (splits.bit_length() - 1)
+    return power_of_two_splits(-(-2 * num_sms(device) // (num_seqs * groups)), -(-max_keys // tile))
 
 
 def paged_mla_decode(
