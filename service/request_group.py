@@ -3,19 +3,13 @@
 Iterate it for (choice index, RequestOutput). The iteration raises the ApiError that ended the group early: the
 engine failed or stalled, the server drained past its deadline, or the request outlived --request-timeout (a timer,
 not a wait per token, so the deadline costs nothing while tokens flow).
-
-A choice's outputs that arrive while the consumer has not yet taken the previous one are merged into it (as vLLM's
-output collector does): a consumer that fell behind (the event loop busy with a burst of new requests) catches up
-with one chunk of several tokens instead of one chunk per token, each of which would cost it again.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from typing import Any, Callable
 
-from model.engine.llm_engine import merge_outputs
 from service.errors import ApiError
 
 
@@ -23,9 +17,7 @@ class RequestGroup:
     def __init__(self, request_ids: list[str], abort: Callable[[list[str]], None], timeout_s: float | None = None):
         self.request_ids = request_ids
         self.unfinished = set(request_ids)
-        self._ready: deque = deque()  # choice indices with an output not taken yet (each once), or an ApiError
-        self._pending: dict[int, list] = {}  # choice index -> its outputs not taken yet, in order
-        self._wakeup = asyncio.Event()
+        self.queue: asyncio.Queue = asyncio.Queue()
         self._abort = abort
         self.ended: asyncio.Future = asyncio.get_running_loop().create_future()  # the error that ended it early
         self._deadline = None
@@ -35,22 +27,13 @@ class RequestGroup:
                 code="request_timeout"))
 
     def deliver(self, items: list) -> None:  # on the event loop
-        if self.ended.done():  # failed (deadline, drain): what the engine made since is not the client's
-            return
-        for index, output in items:
-            held = self._pending.get(index)
-            if held is None:
-                self._pending[index] = [output]
-                self._ready.append(index)
-            else:
-                held.append(output)  # merged once, when taken: a slow reader costs no repeated copies
-        self._wakeup.set()
+        for item in items:
+            self.queue.put_nowait(item)
 
     def fail(self, error: ApiError) -> None:
         """End the group with `error` (on the event loop); a no-op once every choice finished."""
         if self.unfinished:
-            self._ready.append(error)
-            self._wakeup.set()
+            self.queue.put_nowait(error)
             if not self.ended.done():
                 self.ended.set_result(error)
 
@@ -60,14 +43,11 @@ class RequestGroup:
     async def __anext__(self) -> tuple[int, Any]:
         if not self.unfinished:
             raise StopAsyncIteration
-        while not self._ready:
-            self._wakeup.clear()
-            await self._wakeup.wait()
-        item = self._ready.popleft()
+        item = await self.queue.get()
         if isinstance(item, BaseException):
             self.abort()
             raise item
-        index, output = item, merge_outputs(self._pending.pop(item))
+        index, output = item
         if output.finished:
             self.unfinished.discard(self.request_ids[index])
             if not self.unfinished:

@@ -64,10 +64,9 @@ class EventStreamResponse(StreamingResponse):
 
 
 def has_content(output) -> bool:
-    """One chunk per engine output (one step's token, or several merged for a reader that fell behind) that carries
-    new tokens, as vLLM, even when their text is empty so far (a partial UTF-8 character, or text held back while it
-    may start a stop string): clients time tokens by chunks. Outputs with no token (an abort) still send their
-    finish_reason."""
+    """One chunk per engine output that carries new tokens (as vLLM), even when their text is empty so far (a partial
+    UTF-8 character, or text held back while it may start a stop string): clients time tokens by chunks. Outputs
+    with no token (an abort) still send their finish_reason."""
     return bool(output.new_token_ids) or bool(output.new_text) or output.finished
 
 

@@ -52,21 +52,6 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # with a request's first output (None: 1st token)
 
 
-def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
-    """One request's consecutive outputs as one (a consumer that fell behind takes them at once): tokens, text and
-    logprobs concatenated in order, the state (finished, counts, reasons) of the last, the prompt logprobs of the
-    first that has them."""
-    if len(outputs) == 1:
-        return outputs[0]
-    last = outputs[-1]
-    has_logprobs = any(o.logprobs is not None for o in outputs)
-    return RequestOutput(last.request_id, [t for o in outputs for t in o.new_token_ids],
-                         "".join(o.new_text for o in outputs), last.finished, last.finish_reason,
-                         last.num_prompt_tokens, last.num_output_tokens, last.stop_reason,
-                         [lp for o in outputs for lp in (o.logprobs or [])] if has_logprobs else None,
-                         next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None))
-
-
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
     """int64 indices to the device without waiting for the stream (pinned staging on CUDA)."""
     return torch.tensor(values, dtype=torch.int64, pin_memory=device.type == "cuda").to(device, non_blocking=True)
