@@ -27,6 +27,7 @@ if str(REPO) not in sys.path:  # run as a script
 from benchmarks.bench_timing import Timer, copy_bandwidth_gbps, graph_ms  # noqa: E402
 from model.layers.mla_decode import mla_decode_reference  # noqa: E402
 from model.layers.paged_attention import _decode_mask  # noqa: E402
+from service.loadgen.main import positive_int  # noqa: E402
 
 GIB = 1 << 30
 
@@ -138,7 +139,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--sweep", action="store_true", help="also time the kernel's launch alternatives (tile keys, "
                    "warps, pipeline stages) at each point")
     p.add_argument("--sweep-stages", type=int, nargs="+", default=[1, 2, 3], help="the pipeline depths --sweep tries")
-    p.add_argument("--sweep-splits", type=int, nargs="+", default=None,
+    p.add_argument("--sweep-splits", type=positive_int, nargs="+", default=None,
                    help="split counts --sweep tries for each launch (default: the one the engine chooses)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
