@@ -175,8 +175,8 @@ async def run_levels(server: Server, preset: str, specs: list[PromptSpec], level
         out.append(summary)
         print(f"  c={c:4d}: {summary['completed']} ok / {summary['failed']} failed, "
               f"{summary['output_throughput']:8.1f} out tok/s, TTFT p50 {summary['ttft_ms']['p50'] or 0:.0f} ms, "
-              f"TPOT p50 {summary['tpot_ms']['p50'] or 0:.1f} ms, util gauge "
-              f"{summary['server_metrics'].get('tensor_core_utilization_median')}", flush=True)
+              f"TPOT p50 {summary['tpot_ms']['p50'] or 0:.1f} ms, slots busy {summary['slots_busy'] or 0:.2f}, "
+              f"util gauge {summary['server_metrics'].get('tensor_core_utilization_median')}", flush=True)
         for message, count in summary["errors"].items():
             print(f"    {count} failed: {message}", flush=True)
     return out
@@ -364,7 +364,10 @@ def bench_preset(preset, args, out: Path, quantization: str = "none") -> dict:
     r, phases = {}, {}
     try:
         t = time.perf_counter()
-        r["serve"] = serve_phase(preset, args, specs, levels, True, out / "logs", quantization=quantization)
+        # warmed at the largest level: 8 warm-up requests left first-use compiles of c=64's prefill and mixed steps
+        # inside the timed level on a fresh machine (gpu_runs.md, 2026-12-07 05:42: ~4 s of a 17.6 s level)
+        r["serve"] = serve_phase(preset, args, specs, levels, True, out / "logs", warm_concurrency=max(levels),
+                                 quantization=quantization)
         phases["serve_s"] = time.perf_counter() - t
         if not args.skip_metrics_off and quantization == "none":
             t = time.perf_counter()

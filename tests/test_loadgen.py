@@ -23,7 +23,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LEVEL_KEYS = {"max_concurrency", "request_rate", "num_requests_sent", "completed", "failed", "not_sent", "errors",
               "output_len_mismatches", "prompt_len_mismatches", "duration_s", "total_input_tokens",
               "total_output_tokens", "request_throughput", "output_throughput", "total_token_throughput",
-              "ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"}
+              "ttft_ms", "tpot_ms", "itl_ms", "e2el_ms", "slots_busy"}
 
 
 def run_cli(tmp_path, base_url, *extra, name="run"):
@@ -76,6 +76,8 @@ def test_summary_of_known_requests():
     assert s["e2el_ms"]["p50"] == pytest.approx(500.0)
     assert s["request_rate"] is None
     assert s["output_len_mismatches"] == 0
+    assert s["slots_busy"] == pytest.approx((1.1 + 0.5 + 0.2) / (2.0 * 4))  # request-seconds / (wall x c)
+    assert summarize(LevelRun(None, 2.0, [a], not_sent=0, duration_s=2.0))["slots_busy"] is None  # open loop
 
 
 def test_random_prompts_are_token_exact_and_seeded():

@@ -73,17 +73,32 @@ def summarize(run: LevelRun) -> dict:
         "tpot_ms": distribution_ms(tpots),
         "itl_ms": distribution_ms([gap for r in ok for gap in r.itl_s]),
         "e2el_ms": distribution_ms([r.latency_s for r in ok]),
+        "slots_busy": slots_busy(run),
     }
+
+
+def slots_busy(run: LevelRun) -> float | None:
+    """For a closed-loop level (a fixed concurrency c): the share of the c request slots that held a request over
+    the level, sum of request latencies / (duration x c). Near 1 when the client keeps c requests in flight; well
+    below it when the level's wall time includes time with no request outstanding (a slow client, or a server
+    stalled before answering: on a fresh GPU machine, first-use compiles), which then deflates req/s and tok/s."""
+    if not run.max_concurrency or not run.results or run.duration_s <= 0:
+        return None
+    return sum(r.latency_s for r in run.results) / (run.duration_s * run.max_concurrency)
 
 
 def _fmt(value, scale: float = 1.0) -> str:
     return "—" if value is None else f"{value * scale:.1f}"
 
 
+def _share(value) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
 def table(levels: list[dict]) -> str:
     """A markdown table, one row per level."""
     head = ("| concurrency | rate | ok/failed | req/s | out tok/s | total tok/s | TTFT ms mean/p50/p99 | "
-            "TPOT ms mean/p50/p99 | ITL ms mean/p50/p99 | E2E s mean/p99 |")
+            "TPOT ms mean/p50/p99 | ITL ms mean/p50/p99 | E2E s mean/p99 | slots busy |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for s in levels:
         lat = {m: s[f"{m}_ms"] for m in LATENCY_METRICS}
@@ -92,7 +107,7 @@ def table(levels: list[dict]) -> str:
             f"| {s['max_concurrency'] or '∞'} | {s['request_rate'] or 'inf'} | {s['completed']}/{s['failed']} | "
             f"{s['request_throughput']:.2f} | {s['output_throughput']:.1f} | {s['total_token_throughput']:.1f} | "
             + " | ".join("/".join(_fmt(lat[m][k]) for k in ("mean", "p50", "p99")) for m in ("ttft", "tpot", "itl"))
-            + f" | {_fmt(e2e['mean'], 1e-3)}/{_fmt(e2e['p99'], 1e-3)} |")
+            + f" | {_fmt(e2e['mean'], 1e-3)}/{_fmt(e2e['p99'], 1e-3)} | {_share(s.get('slots_busy'))} |")
     return "\n".join(lines)
 
 
