@@ -8,6 +8,7 @@ from model.config import ModelConfig
 from model.layers.linear import Linear
 from model.layers.norm import RMSNorm
 from model.layers.paged_attention import AttentionPlan
+from model.layers.qk_norm_rotary import norm_rotary_qk
 from model.layers.rotary import apply_rotary
 
 
@@ -61,6 +62,11 @@ class Attention(nn.Module):
         """x [N, H] -> q [N, Hq, D], k, v [N, Hkv, D], rotary applied to q and k."""
         num_rows = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self._norms_fuse_with_rotary():
+            q, k = norm_rotary_qk(q.reshape(num_rows, self.num_heads, self.head_dim),
+                                  k.reshape(num_rows, self.num_kv_heads, self.head_dim),
+                                  self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, *rotary)
+            return q, k, v.reshape(num_rows, self.num_kv_heads, self.head_dim)
         if self.qk_norm == "full":  # OLMoE normalises the whole projection, before the head split
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -72,6 +78,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, k, *rotary)
         return q, k, v
+
+    def _norms_fuse_with_rotary(self) -> bool:
+        """q/k norms and rotary in one fused function (model/layers/qk_norm_rotary.py): when the norms are local
+        (a tensor-parallel rank's ShardedRMSNorm all-reduces) and no clipping sits between norm and rotary."""
+        return (self.qk_norm != "none" and self.clip_qkv is None
+                and type(self.q_norm) is RMSNorm and type(self.k_norm) is RMSNorm)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, kv_cache: torch.Tensor,
                out: torch.Tensor | None = None) -> torch.Tensor:
