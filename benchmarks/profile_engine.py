@@ -7,7 +7,7 @@ kernel and the next step's first, the step's kernel table, and the same graph re
 kernel, the kernel table and a host profile (cProfile) of one step.
 
     python benchmarks/profile_engine.py step-phases [--sync] [--quantization fp8] [--no-expert-metrics] [preset ...]   (default: olmoe-1b-7b qwen3-30b-a3b)
-    python benchmarks/profile_engine.py prefill [--budget N ...] [preset ...]   (default: olmoe-1b-7b, 2048 8192)
+    python benchmarks/profile_engine.py prefill [--budget N ...] [--quantization fp8] [preset ...]   (default: olmoe-1b-7b, 2048 8192)
 """
 
 import argparse
@@ -247,11 +247,11 @@ def timed_steps(engine, phases, label: str, profile_step: int | None = None):
     return walls
 
 
-def prefill(preset: str, budget: int, input_len=512, batch=64, piecewise_graphs=True):
+def prefill(preset: str, budget: int, input_len=512, batch=64, piecewise_graphs=True, quantization="none"):
     """Prefill steps (64 prompts at once) and mixed steps (60 decoding + 4 new prompts) of a chunk budget."""
     engine = LLMEngine(EngineConfig(model=preset, random_weights=True, max_num_seqs=256,
                                     max_model_len=input_len + 300, max_num_batched_tokens=budget,
-                                    piecewise_graphs=piecewise_graphs))
+                                    piecewise_graphs=piecewise_graphs, quantization=quantization))
     phases = defaultdict(list)
     for obj, name in ((engine.runner, "execute"), (engine.sampler, "sample"), (engine, "_read_back"),
                       (engine.scheduler, "schedule")):
@@ -260,7 +260,8 @@ def prefill(preset: str, budget: int, input_len=512, batch=64, piecewise_graphs=
     vocab = engine.model_config.vocab_size
     prompt = lambda: [rng.randrange(vocab) for _ in range(input_len)]  # noqa: E731
     try:
-        print(f"{preset}, chunk budget {budget}, piecewise graphs {'on' if piecewise_graphs else 'off'}", flush=True)
+        print(f"{preset}, chunk budget {budget}, piecewise graphs {'on' if piecewise_graphs else 'off'}, "
+              f"quantization {quantization}", flush=True)
         for rnd in range(2):  # round 0 compiles and warms; round 1 is measured and profiled
             for i in range(batch):
                 engine.add_request(f"p{rnd}-{i}", prompt(), SamplingParams(max_tokens=1, ignore_eos=True))
@@ -293,7 +294,7 @@ def main(argv=None):
     p.add_argument("presets", nargs="*")
     p.add_argument("--sync", action="store_true", help="step-phases: read each step back before the next")
     p.add_argument("--budget", type=int, nargs="+", default=[2048, 8192], help="prefill: chunk budgets")
-    p.add_argument("--quantization", default="none", choices=["none", "fp8"], help="step-phases: fp8 = quantised at load")
+    p.add_argument("--quantization", default="none", choices=["none", "fp8"], help="fp8 = quantised at load")
     p.add_argument("--no-piecewise-graphs", action="store_true", help="prefill: steps that prefill run eagerly")
     p.add_argument("--no-expert-metrics", action="store_true",
                    help="step-phases: without per-expert counts and MoE timing (their cost: run with and without)")
@@ -305,7 +306,7 @@ def main(argv=None):
     else:
         for preset in args.presets or ["olmoe-1b-7b"]:
             for budget in args.budget:
-                prefill(preset, budget, piecewise_graphs=not args.no_piecewise_graphs)
+                prefill(preset, budget, piecewise_graphs=not args.no_piecewise_graphs, quantization=args.quantization)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@
 #   gpt-oss engine, API costs with the short-output control).
 #   fp8-tile-fit: FP8 GEMM times as K varies (per-step and per-tile cost).
 #   ncu-ledger: the FP8 GEMMs' stall samples per SASS line (NCU_POINT).
+#   prefill-costs: profile_engine prefill for deepseek-v2-lite and qwen3-30b-a3b (bf16 and FP8) at a budget of 8192.
+#   qk-fusion: the fused q/k norm + rotary's GPU tests and the decode kernels per step after it.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-logs}
 mkdir -p "$OUT"
@@ -172,6 +174,19 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
         --gpu-memory-utilization 0.55 --out "$OUT" 2>&1 | tail -12
       python3 benchmarks/bench_api_costs.py --preset qwen3-30b-a3b --client-processes 4 --level-time-limit-s 8 \
         --features structured_json structured_regex short_outputs --out "$OUT" 2>&1 | tail -8 ;;
+    prefill-costs)  # issues 23/19: where prefill time goes (deepseek-v2-lite's b64 prefill took ~3x its FLOPs' time;
+      # Qwen3's FP8 TTFT above bf16's): 64 x 512-token prompts at a budget of 8192, kernel table and host profile
+      for spec in "deepseek-v2-lite none" "qwen3-30b-a3b none" "qwen3-30b-a3b fp8"; do
+        read -r preset quant <<< "$spec"
+        python3 benchmarks/profile_engine.py prefill "$preset" --budget 8192 --quantization "$quant" \
+          > "$OUT/profile_prefill_${preset}_${quant}.log" 2>&1
+        echo "$preset $quant: $(grep -E 'prefill: |total wall' "$OUT/profile_prefill_${preset}_${quant}.log" | tr '\n' ' ')"
+      done ;;
+    qk-fusion)  # issue 21: q/k norm + rotary fused (model/layers/qk_norm_rotary.py): its GPU test, then kernels per
+      # decode step (before: olmoe b1 300, qwen3 b1 950; gpu_runs.md 2026-12-06 20:16/20:33)
+      run_tests tests/test_qk_norm_rotary.py tests/test_fusion.py
+      python3 benchmarks/profile_engine.py step-phases olmoe-1b-7b qwen3-30b-a3b > "$OUT/profile_decode_qk_fusion.log" 2>&1
+      grep -E '^[a-z0-9.-]+ batch|kernels per engine step' "$OUT/profile_decode_qk_fusion.log" ;;
     truth)
       python3 benchmarks/utilization_truth.py --preset "${TRUTH_PRESET:-olmoe-1b-7b}" --out "$OUT" 2>&1 \
         | tee "$OUT/utilization_truth.log" | tail -20
