@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from model.engine import EngineConfig, LLMEngine, SamplingParams
+from model.kernels import jit_monitor
 from model.kv_capacity import values_per_token_per_layer
 from model.presets import PRESETS
 from benchmarks.precision_compare import precision_table
@@ -136,6 +137,7 @@ def run_engine(engine, prompts, output_len, tag, deadline: float | None = None) 
     if cuda:
         engine.runner.execute, engine.sampler.sample = marked_execute, marked_sample
     truncated = False
+    compiles_before = jit_monitor.specializations_after_start()
     try:
         sync(engine.device)
         start = time.perf_counter()
@@ -161,7 +163,9 @@ def run_engine(engine, prompts, output_len, tag, deadline: float | None = None) 
                 steps=len(steps), decode_steps=len(decode), truncated=truncated,
                 max_decode_batch=max((n for is_decode, n in shapes if is_decode), default=0),
                 decode_step_ms=1e3 * statistics.median(decode) if decode else None,
-                decode_device_ms=statistics.median(device) if device else None)
+                decode_device_ms=statistics.median(device) if device else None,
+                # Triton kernels first specialised inside this run: their compiles are in `seconds`
+                kernel_specializations=jit_monitor.specializations_after_start() - compiles_before)
 
 
 def expected_experts_touched(load: list[int], top_k: int, batch: int) -> float:
@@ -219,9 +223,11 @@ def bench_ours(preset, args, prompts, bandwidth, deadline: float, quantization: 
             continue
         r = run_engine(engine, prompts[:b], args.output_len, f"b{b}", deadline)
         out["throughput"][b] = r
+        compiled = r["kernel_specializations"]
         print(f"  ours  batch {b:4d}: {r['tok_s']:9.1f} tok/s  ({r['seconds']:.2f} s, {r['steps']} steps, "
               f"decode step {r['decode_step_ms'] or float('nan'):.2f} ms, largest decode batch "
-              f"{r['max_decode_batch']}{', TRUNCATED' if r['truncated'] else ''})", flush=True)
+              f"{r['max_decode_batch']}{', TRUNCATED' if r['truncated'] else ''}"
+              f"{f', {compiled} Triton kernels specialised in the run' if compiled else ''})", flush=True)
         if b in args.decode_batches and r["decode_step_ms"] is not None:
             context = args.input_len + args.output_len // 2
             floor = decode_floor(engine, b, context, bandwidth)

@@ -194,7 +194,21 @@ def serve_phase(preset, args, specs, levels, metrics: bool, log_dir: Path, warm_
                       levels=asyncio.run(run_levels(server, preset, specs, levels, args, warm_concurrency)))
     finally:
         server.stop()
+    result["kernel_specializations_after_start"] = late_specializations(log_dir / name)
+    if result["kernel_specializations_after_start"]:
+        print(f"  the server specialised {result['kernel_specializations_after_start']} Triton kernels after start-up "
+              f"(warm-up and timed levels; {name})", flush=True)
     return result
+
+
+def late_specializations(server_log: Path) -> int:
+    """Triton kernels the server specialised after start-up (model/kernels/jit_monitor.py logs each once): a step
+    that waited for a compile, in the warm-up or inside a timed level."""
+    marker = "Triton specialised a kernel after start-up"
+    try:
+        return sum(marker in line for line in server_log.read_text(errors="replace").splitlines())
+    except OSError:
+        return 0
 
 
 def overhead_phase(preset, args, specs, log_dir: Path) -> dict:

@@ -34,6 +34,7 @@ from model.engine.sampling_params import SamplingParams
 from model.engine.sampling_state import SequenceSampling
 from model.engine.scheduler import Scheduler
 from model.engine.sequence import Sequence, SequenceStatus
+from model.kernels import jit_monitor
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,8 @@ class LLMEngine:
         if self.runner.wants_piecewise_graphs():
             self.runner.capture_piecewise_graphs()
         self.moe.reset_counts()
+        if self.device.type == "cuda":
+            jit_monitor.start()  # from here on, a Triton kernel specialised by a step is logged (its step waited)
         if self.workers is not None:  # from now on every step is sent to the workers before it runs here
             self.runner.step_listener = self.workers.send_step
 
