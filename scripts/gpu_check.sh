@@ -185,7 +185,9 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
     qk-fusion)  # issue 21: q/k norm + rotary fused (model/layers/qk_norm_rotary.py): its GPU test, then kernels per
       # decode step (before: olmoe b1 300, qwen3 b1 950; gpu_runs.md 2026-12-06 20:16/20:33)
       run_tests tests/test_qk_norm_rotary.py tests/test_fusion.py
-      python3 benchmarks/profile_engine.py step-phases olmoe-1b-7b qwen3-30b-a3b > "$OUT/profile_decode_qk_fusion.log" 2>&1
+      # gpt-oss-20b (no q/k norm) for its decode kernel table (issue 24: batch 1 at 1.57x its floor on the H100)
+      python3 benchmarks/profile_engine.py step-phases olmoe-1b-7b qwen3-30b-a3b gpt-oss-20b \
+        > "$OUT/profile_decode_qk_fusion.log" 2>&1
       grep -E '^[a-z0-9.-]+ batch|kernels per engine step' "$OUT/profile_decode_qk_fusion.log" ;;
     truth)
       python3 benchmarks/utilization_truth.py --preset "${TRUTH_PRESET:-olmoe-1b-7b}" --out "$OUT" 2>&1 \
