@@ -17,7 +17,7 @@ from model.kernels.fp8 import (
 )
 from benchmarks.moe_cases import FP8_EXPERT_SHAPES as SHAPES
 from benchmarks.moe_cases import make_routing, relative_error
-from tests.test_kernels_gpu import ROUTINGS
+from tests.test_kernels_gpu import ROUTINGS, replay_with_new_routings
 
 pytestmark = pytest.mark.gpu
 
@@ -144,20 +144,8 @@ def test_fp8_graph_replay_with_new_routing_counts_load(fp8_weights):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = call()
-    load.zero_()
-    expected_load = torch.zeros(E, dtype=torch.int64)
-    for routing in ("zipf", "same", "sparse90", "uniform"):
-        new_tw, new_ids = make_routing(routing, T, E, k, torch.Generator().manual_seed(len(routing)))
-        tw.copy_(new_tw)
-        ids.copy_(new_ids)
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        torch.cuda.synchronize()
-        ref32 = float32_layer(x, w13, s13, w2, s2, tw, ids)
-        same_quant = fused_moe_fp8_reference(x, w13, s13, w2, s2, tw, ids)
-        assert relative_error(out, ref32) <= 2 * relative_error(same_quant, ref32) + 1e-4, routing
-        expected_load += torch.bincount(new_ids.reshape(-1).long(), minlength=E)
-    assert torch.equal(load.cpu(), expected_load)
+    replay_with_new_routings(graph, out, x, tw, ids, load, lambda: (
+        float32_layer(x, w13, s13, w2, s2, tw, ids), fused_moe_fp8_reference(x, w13, s13, w2, s2, tw, ids)))
 
 
 def test_fp8_deterministic_bitwise(fp8_weights):
