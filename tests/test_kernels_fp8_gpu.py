@@ -5,9 +5,9 @@ outputs, CUDA-graph replay with new routing, expert-load counts and bitwise dete
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from model.kernels import extension, fused_moe
+from model.kernels.activation import Activation, apply_activation
 from model.kernels.fp8 import (
     dequantize_fp8_blocks,
     dequantize_fp8_groups,
@@ -52,8 +52,9 @@ def fp8_weights():
     return get
 
 
-def float32_layer(x, w13, s13, w2, s2, tw, ids):
-    """The layer in float32 on the dequantised weights and unquantised activations: what FP8 approximates."""
+def float32_layer(x, w13, s13, w2, s2, tw, ids, activation=Activation.SILU, b13=None, b2=None):
+    """The layer in float32 on the dequantised weights and unquantised activations: what FP8 approximates. With
+    gpt-oss's activation and biases too (test_kernels_gpu_swiglu_oai.py)."""
     T, H = x.shape
     k, inter = ids.shape[1], w2.shape[2]
     out = torch.zeros(T, H, device=x.device)
@@ -61,7 +62,12 @@ def float32_layer(x, w13, s13, w2, s2, tw, ids):
     for e in flat.unique().tolist():
         rows = (flat == e).nonzero().flatten()
         gate_up = x[rows // k].float() @ dequantize_fp8_blocks(w13[e], s13[e]).t()
-        y = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ dequantize_fp8_blocks(w2[e], s2[e]).t()
+        if b13 is not None:
+            gate_up = gate_up + b13[e].float()
+        h = apply_activation(gate_up[:, :inter], gate_up[:, inter:], activation)
+        y = h @ dequantize_fp8_blocks(w2[e], s2[e]).t()
+        if b2 is not None:
+            y = y + b2[e].float()
         out.index_add_(0, rows // k, y * tw.reshape(-1)[rows, None])
     return out
 
