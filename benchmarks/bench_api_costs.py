@@ -46,9 +46,9 @@ from pathlib import Path
 import httpx
 
 from model.presets import PRESETS
+from service.arg_types import positive_int
 from service.loadgen.client import run_level
 from service.loadgen.dataset import PromptSpec, random_token_prompts
-from service.loadgen.main import positive_int
 from service.loadgen.processes import default_client_processes
 from service.loadgen.report import summarize
 

@@ -27,7 +27,7 @@ if str(REPO) not in sys.path:  # run as a script
 from benchmarks.bench_timing import Timer, copy_bandwidth_gbps, graph_ms  # noqa: E402
 from model.layers.mla_decode import mla_decode_reference  # noqa: E402
 from model.layers.paged_attention import _decode_mask  # noqa: E402
-from service.loadgen.main import positive_int  # noqa: E402
+from service.arg_types import positive_int  # noqa: E402
 
 GIB = 1 << 30
 

@@ -28,9 +28,9 @@ import torch
 from benchmarks.bench_engine import environment, make_prompts
 from benchmarks.bench_serve import Server
 from model.presets import PRESETS
+from service.arg_types import non_negative_float, positive_int
 from service.loadgen.client import run_level
 from service.loadgen.dataset import PromptSpec, token_prompts
-from service.loadgen.main import non_negative_float, positive_int
 from service.loadgen.multiturn import make_conversations, max_prompt_len, run_conversations, summarize_turns, \
     turns_table
 from service.loadgen.processes import default_client_processes

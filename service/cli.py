@@ -14,6 +14,7 @@ import sys
 
 from model.dtypes import AUTO, DTYPE_NAMES
 from model.presets import PRESETS, TINY
+from service.arg_types import non_negative_float, non_negative_int, positive_float, positive_int
 from service.reasoning import REASONING_PARSERS
 from service.settings import DEFAULT_DRAIN_TIMEOUT_S, LOOPBACK_HOSTS, ServiceSettings, is_loopback
 from service.tool_parsers import PARSERS
@@ -65,34 +66,6 @@ class EnvDefaults:
         name = env_name(flag)
         self.parser.add_argument(flag, action="store_true", default=bool(_env_bool(name)),
                                  help=f"{help_} [env {name}]")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"must be >= 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(f"must be >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError(f"must be > 0, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise ValueError(f"must be >= 0, got {text}")
-    return value
 
 
 def host_list(text: str) -> tuple[str, ...]:

@@ -100,51 +100,44 @@ class ServiceMetrics:
     def __init__(self, model_name: str, max_model_len: int = 32768, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         self.model_name = model_name
-        r, m = self.registry, ["model_name"]
+        r = self.registry
 
-        def per_model(metric):
-            return metric.labels(model_name=model_name)
+        def per_model(kind, name: str, documentation: str, **kwargs):
+            """A metric labelled by model_name alone, as vLLM's are; its one child, for this model."""
+            return kind(name, documentation, ["model_name"], registry=r, **kwargs).labels(model_name=model_name)
 
-        self.num_running = per_model(Gauge("staticmoe_num_requests_running",
-                                           "Number of requests in model execution batches.", m, registry=r))
-        self.num_waiting = per_model(Gauge("staticmoe_num_requests_waiting",
-                                           "Number of requests waiting to be processed.", m, registry=r))
-        self.kv_cache_usage = per_model(Gauge("staticmoe_kv_cache_usage_perc",
-                                              "KV-cache usage. 1 means 100 percent usage.", m, registry=r))
-        self.num_preemptions = per_model(Counter("staticmoe_num_preemptions",
-                                                 "Cumulative number of preemption from the engine.", m, registry=r))
-        self.prefix_cache_queries = per_model(Counter("staticmoe_prefix_cache_queries",
-                                                      "Prefix cache queries, in terms of number of queried tokens.",
-                                                      m, registry=r))
-        self.prefix_cache_hits = per_model(Counter("staticmoe_prefix_cache_hits",
-                                                   "Prefix cache hits, in terms of number of cached tokens.", m,
-                                                   registry=r))
-        self.prompt_tokens = per_model(Counter("staticmoe_prompt_tokens", "Number of prefill tokens processed.",
-                                               m, registry=r))
-        self.generation_tokens = per_model(Counter("staticmoe_generation_tokens",
-                                                   "Number of generation tokens processed.", m, registry=r))
+        self.num_running = per_model(Gauge, "staticmoe_num_requests_running",
+                                     "Number of requests in model execution batches.")
+        self.num_waiting = per_model(Gauge, "staticmoe_num_requests_waiting",
+                                     "Number of requests waiting to be processed.")
+        self.kv_cache_usage = per_model(Gauge, "staticmoe_kv_cache_usage_perc",
+                                        "KV-cache usage. 1 means 100 percent usage.")
+        self.num_preemptions = per_model(Counter, "staticmoe_num_preemptions",
+                                         "Cumulative number of preemption from the engine.")
+        self.prefix_cache_queries = per_model(Counter, "staticmoe_prefix_cache_queries",
+                                              "Prefix cache queries, in terms of number of queried tokens.")
+        self.prefix_cache_hits = per_model(Counter, "staticmoe_prefix_cache_hits",
+                                           "Prefix cache hits, in terms of number of cached tokens.")
+        self.prompt_tokens = per_model(Counter, "staticmoe_prompt_tokens", "Number of prefill tokens processed.")
+        self.generation_tokens = per_model(Counter, "staticmoe_generation_tokens",
+                                           "Number of generation tokens processed.")
         success = Counter("staticmoe_request_success", "Count of successfully processed requests.",
-                          m + ["finished_reason"], registry=r)
+                          ["model_name", "finished_reason"], registry=r)
         self.request_success = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
         token_buckets = build_1_2_5_buckets(max_model_len)
-        self.request_prompt_tokens = per_model(Histogram("staticmoe_request_prompt_tokens",
-                                                         "Number of prefill tokens processed.", m,
-                                                         buckets=token_buckets, registry=r))
-        self.request_generation_tokens = per_model(Histogram("staticmoe_request_generation_tokens",
-                                                             "Number of generation tokens processed.", m,
-                                                             buckets=token_buckets, registry=r))
-        self.ttft = per_model(Histogram("staticmoe_time_to_first_token_seconds",
-                                        "Histogram of time to first token in seconds.", m,
-                                        buckets=TTFT_BUCKETS, registry=r))
-        self.inter_token = per_model(Histogram("staticmoe_inter_token_latency_seconds",
-                                               "Histogram of inter-token latency in seconds.", m,
-                                               buckets=INTER_TOKEN_BUCKETS, registry=r))
-        self.e2e = per_model(Histogram("staticmoe_e2e_request_latency_seconds",
-                                       "Histogram of e2e request latency in seconds.", m,
-                                       buckets=REQUEST_LATENCY_BUCKETS, registry=r))
-        self.queue_time = per_model(Histogram("staticmoe_request_queue_time_seconds",
-                                              "Histogram of time spent in WAITING phase for request.", m,
-                                              buckets=REQUEST_LATENCY_BUCKETS, registry=r))
+        self.request_prompt_tokens = per_model(Histogram, "staticmoe_request_prompt_tokens",
+                                               "Number of prefill tokens processed.", buckets=token_buckets)
+        self.request_generation_tokens = per_model(Histogram, "staticmoe_request_generation_tokens",
+                                                   "Number of generation tokens processed.", buckets=token_buckets)
+        self.ttft = per_model(Histogram, "staticmoe_time_to_first_token_seconds",
+                              "Histogram of time to first token in seconds.", buckets=TTFT_BUCKETS)
+        self.inter_token = per_model(Histogram, "staticmoe_inter_token_latency_seconds",
+                                     "Histogram of inter-token latency in seconds.", buckets=INTER_TOKEN_BUCKETS)
+        self.e2e = per_model(Histogram, "staticmoe_e2e_request_latency_seconds",
+                             "Histogram of e2e request latency in seconds.", buckets=REQUEST_LATENCY_BUCKETS)
+        self.queue_time = per_model(Histogram, "staticmoe_request_queue_time_seconds",
+                                    "Histogram of time spent in WAITING phase for request.",
+                                    buckets=REQUEST_LATENCY_BUCKETS)
         self.rejected = Counter("staticmoe_requests_rejected", "Requests refused before reaching the engine.",
                                 ["reason"], registry=r)
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model.forward_batch import ForwardBatch
@@ -86,6 +87,13 @@ def save_checkpoint(model: transformers.PreTrainedModel, directory: Path, **save
     model.save_pretrained(directory, **save_kwargs)
     make_tokenizer_files(directory)
     return directory
+
+
+def rewrite_safetensors(path: Path, change) -> None:
+    """Load a safetensors file, let `change(tensors)` edit the dict in place, write it back: a broken checkpoint."""
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 class PagedRunner:

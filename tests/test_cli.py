@@ -120,6 +120,13 @@ def test_bad_flags_exit_with_usage_error(argv, capsys):
     assert exit_info.value.code == 2
 
 
+def test_an_out_of_range_flag_says_its_range(capsys):
+    """The shared number types (service/arg_types.py) give argparse their message, not a bare "invalid value"."""
+    with pytest.raises(SystemExit):
+        parse("--max-num-seqs", "0")
+    assert "argument --max-num-seqs: must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_model_selection_rules(tmp_path):
     with pytest.raises(SystemExit, match="--random-weights"):
         cli.resolve_model(parse("--preset", "mixtral-8x7b"))

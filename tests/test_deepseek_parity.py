@@ -10,7 +10,6 @@ import random
 
 import httpx
 import pytest
-import safetensors.torch
 import torch
 
 from model.checkpoint import CheckpointError
@@ -20,7 +19,7 @@ from tests.deepseek_fixtures import TINY_DEEPSEEK, make_deepseek_model
 from tests.engine_fixtures import GREEDY, run, tokens_of
 from tests.model_fixtures import (
     PagedRunner, assert_bf16_close, assert_decode_graph_matches_eager, hf_greedy, hf_logits, make_hf_model,
-    save_checkpoint,
+    rewrite_safetensors, save_checkpoint,
 )
 from tests.service_fixtures import ServerProcess
 
@@ -92,19 +91,15 @@ def test_mtp_layer_is_skipped_at_load_but_other_families_refuse_extra_layers(tmp
     hf = make_deepseek_model("v3-plain", seed=4)
     directory = save_checkpoint(hf, tmp_path / "v3")
     before = PagedRunner(load_model(str(directory), dtype=torch.float32)[0]).step({"s": PROMPT})["s"]
-    path = directory / "model.safetensors"
-    tensors = safetensors.torch.load_file(path)
-    tensors.update({"model.layers.3.eh_proj.weight": torch.randn(64, 128),  # V3's MTP layer: index num_layers
-                    "model.layers.3.self_attn.kv_b_proj.weight": torch.randn(4 * 44, 32)})
-    safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
+    rewrite_safetensors(directory / "model.safetensors", lambda t: t.update({
+        "model.layers.3.eh_proj.weight": torch.randn(64, 128),  # V3's MTP layer: index num_layers
+        "model.layers.3.self_attn.kv_b_proj.weight": torch.randn(4 * 44, 32)}))
     after = PagedRunner(load_model(str(directory), dtype=torch.float32)[0]).step({"s": PROMPT})["s"]
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
     qwen = save_checkpoint(make_hf_model("qwen3_moe"), tmp_path / "qwen")
-    path = qwen / "model.safetensors"
-    tensors = safetensors.torch.load_file(path)
-    tensors["model.layers.3.input_layernorm.weight"] = torch.ones(64)
-    safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
+    rewrite_safetensors(qwen / "model.safetensors",
+                        lambda t: t.update({"model.layers.3.input_layernorm.weight": torch.ones(64)}))
     with pytest.raises(CheckpointError, match="does not use"):
         load_model(str(qwen), dtype=torch.float32)
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from model.checkpoint import CheckpointError
 from model.config import ConfigError
@@ -15,7 +15,7 @@ from model.layers.fp8 import Fp8Experts, Fp8Linear
 from model.loader import load_model
 from model.presets import PRESETS
 from tests.fp8_fixtures import fake_quant_hf, hf_float32, write_fp8_checkpoint
-from tests.model_fixtures import PagedRunner, hf_logits, row_errors
+from tests.model_fixtures import PagedRunner, hf_logits, rewrite_safetensors, row_errors
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79, 32]
 Q = "model.layers.0.self_attn.q_proj.weight"
@@ -33,12 +33,6 @@ def fp8(written, tmp_path):
     return directory, directory / "model.safetensors"
 
 
-def rewrite(path, change):
-    tensors = load_file(path)
-    change(tensors)
-    save_file(tensors, path, metadata={"format": "pt"})
-
-
 def edit_config(directory, change):
     config = json.loads((directory / "config.json").read_text())
     change(config)
@@ -47,7 +41,7 @@ def edit_config(directory, change):
 
 def test_missing_scale_names_file_and_tensor(fp8):
     directory, path = fp8
-    rewrite(path, lambda t: t.pop(Q + "_scale_inv"))
+    rewrite_safetensors(path, lambda t: t.pop(Q + "_scale_inv"))
     with pytest.raises(CheckpointError, match=rf"'{Q}' in .*model.safetensors is float8_e4m3fn but .* no "
                                               rf"'{Q}_scale_inv'"):
         load_model(str(directory), dtype=torch.float32)
@@ -60,7 +54,7 @@ def test_scale_of_wrong_shape_or_dtype(fp8, bad):
     def change(t):
         s = t[Q + "_scale_inv"]
         t[Q + "_scale_inv"] = torch.cat([s, s]) if bad == "shape" else s.to(torch.bfloat16)
-    rewrite(path, change)
+    rewrite_safetensors(path, change)
     with pytest.raises(CheckpointError, match=rf"'{Q}_scale_inv' in .*model.safetensors is .* must be F32 \[2, 2\]"):
         load_model(str(directory), dtype=torch.float32)
 
@@ -98,7 +92,7 @@ def test_fused_parts_of_two_precisions(fp8, written):
     directory, path = fp8
     k = Q.replace("q_proj", "k_proj")
     plain = load_file(written[1] / "model.safetensors")
-    rewrite(path, lambda t: (t.pop(k + "_scale_inv"), t.update({k: plain[k]})))
+    rewrite_safetensors(path, lambda t: (t.pop(k + "_scale_inv"), t.update({k: plain[k]})))
     with pytest.raises(CheckpointError, match=r"qkv_proj is fused from .*float8_e4m3fn.* and .*F32.*: its parts "
                                               r"must share one precision"):
         load_model(str(directory), dtype=torch.float32)
@@ -107,7 +101,7 @@ def test_fused_parts_of_two_precisions(fp8, written):
 def test_scale_without_fp8_weight(fp8):
     directory, path = fp8
     gate = "model.layers.0.mlp.gate.weight"
-    rewrite(path, lambda t: t.update({gate + "_scale_inv": torch.ones(1, 2)}))
+    rewrite_safetensors(path, lambda t: t.update({gate + "_scale_inv": torch.ones(1, 2)}))
     with pytest.raises(CheckpointError, match=rf"'{gate}_scale_inv' in .* scales '{gate}', which is F32"):
         load_model(str(directory), dtype=torch.float32)
 
@@ -117,7 +111,7 @@ def test_fp8_lm_head_refused(fp8):
 
     def change(t):
         t["lm_head.weight"], t["lm_head.weight_scale_inv"] = quantize_fp8_blocks(t["lm_head.weight"])
-    rewrite(path, change)
+    rewrite_safetensors(path, change)
     edit_config(directory, lambda c: c["quantization_config"].update(modules_to_not_convert=[]))
     with pytest.raises(CheckpointError, match="an FP8 LM head is not supported"):
         load_model(str(directory), dtype=torch.float32)
@@ -232,7 +226,7 @@ def test_fused_3d_fp8_experts_load_like_per_expert_ones(fp8, written):
                 t[f"{p}.gate_up_proj{suffix}"] = torch.stack(
                     [torch.cat([t.pop(key(e, "gate_proj")), t.pop(key(e, "up_proj"))]) for e in range(6)])
                 t[f"{p}.down_proj{suffix}"] = torch.stack([t.pop(key(e, "down_proj")) for e in range(6)])
-    rewrite(path, fuse)
+    rewrite_safetensors(path, fuse)
     fused, _ = load_model(str(directory), dtype=torch.float32)
     per_expert, _ = load_model(str(written[0]), dtype=torch.float32)
     for (name, a), (_, b) in zip(fused.named_parameters(), per_expert.named_parameters()):

@@ -5,9 +5,9 @@ outputs, CUDA-graph replay with new routing, expert-load counts and bitwise dete
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from model.kernels import extension, fused_moe
+from model.kernels.activation import Activation, apply_activation
 from model.kernels.fp8 import (
     dequantize_fp8_blocks,
     dequantize_fp8_groups,
@@ -17,7 +17,7 @@ from model.kernels.fp8 import (
 )
 from benchmarks.moe_cases import FP8_EXPERT_SHAPES as SHAPES
 from benchmarks.moe_cases import make_routing, relative_error
-from tests.test_kernels_gpu import ROUTINGS
+from tests.test_kernels_gpu import ROUTINGS, replay_with_new_routings
 
 pytestmark = pytest.mark.gpu
 
@@ -52,8 +52,9 @@ def fp8_weights():
     return get
 
 
-def float32_layer(x, w13, s13, w2, s2, tw, ids):
-    """The layer in float32 on the dequantised weights and unquantised activations: what FP8 approximates."""
+def float32_layer(x, w13, s13, w2, s2, tw, ids, activation=Activation.SILU, b13=None, b2=None):
+    """The layer in float32 on the dequantised weights and unquantised activations: what FP8 approximates. With
+    gpt-oss's activation and biases too (test_kernels_gpu_swiglu_oai.py)."""
     T, H = x.shape
     k, inter = ids.shape[1], w2.shape[2]
     out = torch.zeros(T, H, device=x.device)
@@ -61,7 +62,12 @@ def float32_layer(x, w13, s13, w2, s2, tw, ids):
     for e in flat.unique().tolist():
         rows = (flat == e).nonzero().flatten()
         gate_up = x[rows // k].float() @ dequantize_fp8_blocks(w13[e], s13[e]).t()
-        y = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ dequantize_fp8_blocks(w2[e], s2[e]).t()
+        if b13 is not None:
+            gate_up = gate_up + b13[e].float()
+        h = apply_activation(gate_up[:, :inter], gate_up[:, inter:], activation)
+        y = h @ dequantize_fp8_blocks(w2[e], s2[e]).t()
+        if b2 is not None:
+            y = y + b2[e].float()
         out.index_add_(0, rows // k, y * tw.reshape(-1)[rows, None])
     return out
 
@@ -144,20 +150,8 @@ def test_fp8_graph_replay_with_new_routing_counts_load(fp8_weights):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = call()
-    load.zero_()
-    expected_load = torch.zeros(E, dtype=torch.int64)
-    for routing in ("zipf", "same", "sparse90", "uniform"):
-        new_tw, new_ids = make_routing(routing, T, E, k, torch.Generator().manual_seed(len(routing)))
-        tw.copy_(new_tw)
-        ids.copy_(new_ids)
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        torch.cuda.synchronize()
-        ref32 = float32_layer(x, w13, s13, w2, s2, tw, ids)
-        same_quant = fused_moe_fp8_reference(x, w13, s13, w2, s2, tw, ids)
-        assert relative_error(out, ref32) <= 2 * relative_error(same_quant, ref32) + 1e-4, routing
-        expected_load += torch.bincount(new_ids.reshape(-1).long(), minlength=E)
-    assert torch.equal(load.cpu(), expected_load)
+    replay_with_new_routings(graph, out, x, tw, ids, load, lambda: (
+        float32_layer(x, w13, s13, w2, s2, tw, ids), fused_moe_fp8_reference(x, w13, s13, w2, s2, tw, ids)))
 
 
 def test_fp8_deterministic_bitwise(fp8_weights):

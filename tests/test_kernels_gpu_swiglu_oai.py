@@ -9,6 +9,7 @@ import torch
 from benchmarks.moe_cases import GPT_OSS_EXPERT_SHAPES, make_routing, relative_error, swiglu_oai_case
 from model.kernels import extension, fused_moe_reference
 from model.kernels.activation import ACTIVATION_CODES, Activation
+from tests.test_kernels_fp8_gpu import float32_layer
 
 pytestmark = pytest.mark.gpu
 
@@ -130,24 +131,6 @@ def test_fused_moe_op_and_cuda_graph_replay_with_new_routing(case_cache):
 FP8_SHAPES = {"gpt-oss-20b-padded": (32, 4, 2944, 2944), "gpt-oss-120b-padded": (128, 4, 2944, 2944)}
 
 
-def float32_oai_layer(x, w13, s13, w2, s2, tw, ids, b13, b2):
-    """float32 on the dequantised weights and unquantised activations: what the FP8 layer approximates."""
-    from model.kernels.activation import apply_activation
-    from model.kernels.fp8 import dequantize_fp8_blocks
-
-    T, H = x.shape
-    k, inter = ids.shape[1], w2.shape[2]
-    out = torch.zeros(T, H, device=x.device)
-    flat = ids.reshape(-1).long()
-    for e in flat.unique().tolist():
-        rows = (flat == e).nonzero().flatten()
-        gate_up = x[rows // k].float() @ dequantize_fp8_blocks(w13[e], s13[e]).t() + b13[e].float()
-        h = apply_activation(gate_up[:, :inter], gate_up[:, inter:], Activation.SWIGLU_OAI)
-        y = h @ dequantize_fp8_blocks(w2[e], s2[e]).t() + b2[e].float()
-        out.index_add_(0, rows // k, y * tw.reshape(-1)[rows, None])
-    return out
-
-
 @pytest.mark.parametrize("routing", ["uniform", "zipf", "same"])
 @pytest.mark.parametrize("T", [1, 64, 513, 4096])
 @pytest.mark.parametrize("shape", list(FP8_SHAPES))
@@ -169,7 +152,7 @@ def test_fp8_swiglu_oai_with_biases_matches_fp32_reference(shape, T, routing):
                                  w2_bias=case["w2_bias"])
     torch.cuda.synchronize()
     assert not out.isnan().any(), "unwritten or NaN outputs"
-    ref32 = float32_oai_layer(x, w13, s13, w2, s2, tw, ids, case["w13_bias"], case["w2_bias"])
+    ref32 = float32_layer(x, w13, s13, w2, s2, tw, ids, Activation.SWIGLU_OAI, case["w13_bias"], case["w2_bias"])
     same_quant = fused_moe_fp8_reference(x, w13, s13, w2, s2, tw, ids, activation="swiglu_oai",
                                          w13_bias=case["w13_bias"], w2_bias=case["w2_bias"])
     err, err_ref = relative_error(out, ref32), relative_error(same_quant, ref32)

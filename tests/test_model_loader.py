@@ -15,7 +15,8 @@ from model.checkpoint import CheckpointError
 from model.config import ConfigError
 from model.loader import load_model
 from tests.model_fixtures import (
-    PagedRunner, hf_logits, make_hf_model, make_tokenizer_files, max_relative_error, save_checkpoint,
+    PagedRunner, hf_logits, make_hf_model, make_tokenizer_files, max_relative_error, rewrite_safetensors,
+    save_checkpoint,
 )
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79, 32]
@@ -37,12 +38,6 @@ def checkpoint(qwen3, tmp_path):
     """A fresh single-file qwen3_moe checkpoint to break; returns (directory, its safetensors file)."""
     directory = save_checkpoint(qwen3, tmp_path / "ckpt")
     return directory, directory / "model.safetensors"
-
-
-def rewrite(path, change):
-    tensors = load_file(path)
-    change(tensors)
-    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def test_sharded_checkpoint_with_index(qwen3, tmp_path):
@@ -75,7 +70,7 @@ def test_mixtral_original_key_names(tmp_path):
                          lambda m: f".experts.{m[1]}.{names[m[2]]}.", new)
             tensors[new] = tensors.pop(key)
 
-    rewrite(directory / "model.safetensors", to_original)
+    rewrite_safetensors(directory / "model.safetensors", to_original)
     assert "model.layers.0.block_sparse_moe.experts.0.w1.weight" in load_file(directory / "model.safetensors")
     assert_matches_hf(hf, directory)
 
@@ -120,14 +115,14 @@ def test_bf16_checkpoint_into_float32_model(tmp_path):
 )
 def test_bad_tensors_fail_naming_key_and_file(checkpoint, change, pattern):
     directory, path = checkpoint
-    rewrite(path, change)
+    rewrite_safetensors(path, change)
     with pytest.raises(CheckpointError, match=pattern):
         load_model(str(directory), dtype=torch.float32)
 
 
 def test_both_expert_layouts_at_once_is_refused(qwen3, checkpoint):
     directory, path = checkpoint
-    rewrite(path, lambda t: t.update({"model.layers.0.mlp.experts.down_proj": qwen3.state_dict()[
+    rewrite_safetensors(path, lambda t: t.update({"model.layers.0.mlp.experts.down_proj": qwen3.state_dict()[
         "model.layers.0.mlp.experts.down_proj"].contiguous()}))
     with pytest.raises(CheckpointError, match=r"does not use: 'model\.layers\.0\.mlp\.experts\.\d+\."):
         load_model(str(directory), dtype=torch.float32)

@@ -13,20 +13,28 @@ from model.kernels import fused_moe, fused_moe_reference
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
-def float64_moe(x, w13, w2, topk_weights, topk_ids):
-    """out[t] = Σ_s w[t,s] · W2[e] (silu(Wg[e] x[t]) ⊙ Wu[e] x[t]), e = ids[t,s]; one token-slot at a time."""
+def float64_token_slot_sum(x, topk_weights, topk_ids, expert):
+    """out[t] = Σ_s w[t,s] · expert(e, x[t]), e = ids[t,s], in float64, one token-slot at a time; `expert(e, xt)`
+    maps a float64 row to expert e's float64 output."""
     T, H = x.shape
-    inter = w2.shape[2]
     out = torch.zeros(T, H, dtype=torch.float64)
     for t in range(T):
         xt = x[t].double()
         for s in range(topk_ids.shape[1]):
-            e = int(topk_ids[t, s])
-            gate = w13[e, :inter].double() @ xt
-            up = w13[e, inter:].double() @ xt
-            act = gate / (1.0 + torch.exp(-gate)) * up
-            out[t] += float(topk_weights[t, s]) * (w2[e].double() @ act)
+            out[t] += float(topk_weights[t, s]) * expert(int(topk_ids[t, s]), xt)
     return out
+
+
+def float64_moe(x, w13, w2, topk_weights, topk_ids):
+    """out[t] = Σ_s w[t,s] · W2[e] (silu(Wg[e] x[t]) ⊙ Wu[e] x[t]), e = ids[t,s]."""
+    inter = w2.shape[2]
+
+    def expert(e, xt):
+        gate = w13[e, :inter].double() @ xt
+        up = w13[e, inter:].double() @ xt
+        return w2[e].double() @ (gate / (1.0 + torch.exp(-gate)) * up)
+
+    return float64_token_slot_sum(x, topk_weights, topk_ids, expert)
 
 
 def random_problem(T, E, k, H, I, dtype, seed=0, distinct=True):

@@ -9,27 +9,23 @@ import torch
 from benchmarks.moe_cases import relative_error
 from model.kernels import fused_moe
 from model.kernels.activation import Activation
-from tests.test_moe_reference import random_problem
+from tests.test_moe_reference import float64_token_slot_sum, random_problem
 
 
 def float64_oai_moe(x, w13, w2, topk_weights, topk_ids, b13, b2):
     """out[t] = Σ_s w[t,s] · (W2[e] h + b2[e]); h = (clamp(u,±7)+1) · min(g,7) · σ(1.702 · min(g,7))."""
-    T, H = x.shape
     inter = w2.shape[2]
-    out = torch.zeros(T, H, dtype=torch.float64)
-    for t in range(T):
-        xt = x[t].double()
-        for s in range(topk_ids.shape[1]):
-            e = int(topk_ids[t, s])
-            gate = (w13[e, :inter].double() @ xt + b13[e, :inter].double()).tolist()
-            up = (w13[e, inter:].double() @ xt + b13[e, inter:].double()).tolist()
-            h = []
-            for g, u in zip(gate, up):
-                g, u = min(g, 7.0), max(-7.0, min(u, 7.0))
-                h.append((u + 1.0) * g / (1.0 + math.exp(-1.702 * g)))
-            y = w2[e].double() @ torch.tensor(h, dtype=torch.float64) + b2[e].double()
-            out[t] += float(topk_weights[t, s]) * y
-    return out
+
+    def expert(e, xt):
+        gate = (w13[e, :inter].double() @ xt + b13[e, :inter].double()).tolist()
+        up = (w13[e, inter:].double() @ xt + b13[e, inter:].double()).tolist()
+        h = []
+        for g, u in zip(gate, up):
+            g, u = min(g, 7.0), max(-7.0, min(u, 7.0))
+            h.append((u + 1.0) * g / (1.0 + math.exp(-1.702 * g)))
+        return w2[e].double() @ torch.tensor(h, dtype=torch.float64) + b2[e].double()
+
+    return float64_token_slot_sum(x, topk_weights, topk_ids, expert)
 
 
 def oai_problem(T, E, k, H, I, dtype, seed, scale=8.0):

@@ -25,6 +25,7 @@ import re
 import sys
 from pathlib import Path
 
+from service.arg_types import positive_float, positive_int
 from service.loadgen.client import run_level
 from service.loadgen.dataset import (PromptSpec, load_sharegpt, model_vocab_size, random_token_prompts,
                                      tokenizer_for)
@@ -33,27 +34,6 @@ from service.loadgen.processes import default_client_processes
 from service.loadgen.report import plot_sweep, summarize, table
 
 PROG = "staticmoe bench serve"
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def json_object(text: str) -> dict:
