@@ -31,6 +31,7 @@ with the preset's config and random weights (`--model DIR --random-weights`).
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import shlex
@@ -160,15 +161,20 @@ def start_server(args, source: list[str], log: Path) -> tuple[subprocess.Popen, 
 
 async def measure(args, base: str, vocab_size: int) -> dict:
     c = args.concurrency
-    specs = random_token_prompts(8 * c, args.input_len, args.output_len, vocab_size, seed=0)
+    seeds = itertools.count()
+
+    def fresh_prompts(n: int = 8 * c):
+        """Prompts no earlier level sent: prefix caching is on, as served, and a repeated prompt skips its prefill."""
+        return random_token_prompts(n, args.input_len, args.output_len, vocab_size, seed=next(seeds))
+
     runs: dict[str, list[dict]] = {"off": []}
 
     json_lengths: list[int] = []  # output tokens of each structured_json request, for matched_lengths
 
     async def level(name: str, extra: dict | None) -> None:
-        level_specs = specs
+        level_specs = fresh_prompts()
         if name == "matched_lengths":
-            level_specs = matched_length_specs(specs, json_lengths)
+            level_specs = matched_length_specs(level_specs, json_lengths)
         run = await run_level(base, level_specs, model=args.preset, max_concurrency=c, extra_body=extra,
                               time_limit_s=args.level_time_limit_s, processes=args.client_processes)
         if name == "structured_json":
@@ -179,10 +185,11 @@ async def measure(args, base: str, vocab_size: int) -> dict:
               f"{summary['tpot_ms']['p50'] or 0:6.2f} ms  ok {summary['completed']} failed {summary['failed']}",
               flush=True)
 
-    await run_level(base, specs[:c], model=args.preset, max_concurrency=c,
+    await run_level(base, fresh_prompts(c), model=args.preset, max_concurrency=c,
                     processes=args.client_processes)  # warm-up (and client processes started), untimed
     for name in args.features:  # builds the grammar engine's vocabulary (~1 s once) outside the timed levels
-        warm = summarize(await run_level(base, specs[:1], model=args.preset, extra_body=features(args.output_len)[name]))
+        warm = summarize(await run_level(base, fresh_prompts(1), model=args.preset,
+                                         extra_body=features(args.output_len)[name]))
         if warm["failed"]:  # a feature the server refuses would be timed as 0 tok/s: stop with the reason instead
             raise RuntimeError(f"{name}: the warm-up request failed; the server log says why")
     for name in sorted(args.features, key=lambda n: n == "matched_lengths"):  # after structured_json

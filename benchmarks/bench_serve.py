@@ -11,8 +11,11 @@ Per preset (random weights, bf16):
    untimed level at that concurrency, so warm-up and drift fall on both sides alike. All runs are scraped alike.
 3. In this process, the engine alone: its offline decode step at batch 1 (bench_engine.run_engine) for the TPOT
    comparison; the utilization metric truth at --metrics-concurrency (utilization_truth.py); then HF transformers
-   (experts_implementation="grouped_mm") on the same weights and the *same prompts* at --hf-batches. The baseline
-   has no HTTP layer: one offline `generate` call per batch, all requests at once.
+   (experts_implementation="grouped_mm") on the same weights and prompts from the same pool (random token ids of
+   --input-len) at --hf-batches. The baseline has no HTTP layer: one offline `generate` call per batch, all
+   requests at once.
+Prompts are never repeated within one server (its warm-up and each level take their own): prefix caching is on, as
+served, and a repeated prompt would skip its prefill.
 Writes bench_serve_<date>_<preset>.{json,md} and _throughput/_latency PNGs into --out.
 
 FP8: `--quantization none fp8` serves each preset in both precisions, one after the other (`serve --quantization
@@ -160,22 +163,37 @@ class Server:
         self.log.close()
 
 
+def prompts_needed(args, levels: list[int], warm_concurrency: int) -> int:
+    """Prompts `run_levels` sends to one server: each level's own, then the warm-up's."""
+    return sum(prompts_for(args, c) for c in levels) + warm_concurrency
+
+
 async def run_levels(server: Server, preset: str, specs: list[PromptSpec], levels: list[int], args,
                      warm_concurrency: int = 8) -> list[dict]:
-    warm = [PromptSpec(s.prompt, s.prompt_len, 16) for s in specs[:warm_concurrency]]  # untimed
+    """The warm-up and every level send prompts no earlier request of this server sent (prefix caching is on, as
+    served: a repeated prompt would skip its prefill): levels take consecutive slices of `specs`, the warm-up its
+    tail."""
+    warm = [PromptSpec(s.prompt, s.prompt_len, 16) for s in specs[len(specs) - warm_concurrency:]]  # untimed
     await run_level(server.base_url, warm, model=preset, max_concurrency=warm_concurrency,
                     processes=args.client_processes)  # also starts the client processes, untimed
-    out = []
+    compiled_in_warm_up = late_specializations(Path(server.log.name))
+    out, first = [], 0
     for c in levels:
+        level_specs = specs[first: first + prompts_for(args, c)]
+        first += len(level_specs)
         async with MetricsScraper(server.base_url, args.scrape_interval_s) as scraper:
-            run = await run_level(server.base_url, specs[: prompts_for(args, c)], model=preset, max_concurrency=c,
+            run = await run_level(server.base_url, level_specs, model=preset, max_concurrency=c,
                                   time_limit_s=args.level_time_limit_s, processes=args.client_processes)
         summary = summarize(run)
         summary["server_metrics"] = scraper.summary()
+        compiled = late_specializations(Path(server.log.name))
+        summary["kernel_specializations"] = compiled - compiled_in_warm_up  # compiles this level's steps waited for
+        compiled_in_warm_up = compiled
         out.append(summary)
         print(f"  c={c:4d}: {summary['completed']} ok / {summary['failed']} failed, "
               f"{summary['output_throughput']:8.1f} out tok/s, TTFT p50 {summary['ttft_ms']['p50'] or 0:.0f} ms, "
               f"TPOT p50 {summary['tpot_ms']['p50'] or 0:.1f} ms, slots busy {summary['slots_busy'] or 0:.2f}, "
+              f"Triton kernels specialised {summary['kernel_specializations']}, "
               f"util gauge {summary['server_metrics'].get('tensor_core_utilization_median')}", flush=True)
         for message, count in summary["errors"].items():
             print(f"    {count} failed: {message}", flush=True)
@@ -194,16 +212,12 @@ def serve_phase(preset, args, specs, levels, metrics: bool, log_dir: Path, warm_
                       levels=asyncio.run(run_levels(server, preset, specs, levels, args, warm_concurrency)))
     finally:
         server.stop()
-    result["kernel_specializations_after_start"] = late_specializations(log_dir / name)
-    if result["kernel_specializations_after_start"]:
-        print(f"  the server specialised {result['kernel_specializations_after_start']} Triton kernels after start-up "
-              f"(warm-up and timed levels; {name})", flush=True)
     return result
 
 
 def late_specializations(server_log: Path) -> int:
-    """Triton kernels the server specialised after start-up (model/kernels/jit_monitor.py logs each once): a step
-    that waited for a compile, in the warm-up or inside a timed level."""
+    """Triton kernel variants the server needed first after start-up, so far (model/kernels/jit_monitor.py logs
+    each once): a step that waited for a compile, or for a load from Triton's disk cache."""
     marker = "Triton specialised a kernel after start-up"
     try:
         return sum(marker in line for line in server_log.read_text(errors="replace").splitlines())
@@ -372,7 +386,8 @@ def markdown(report: dict, args) -> str:
 
 def bench_preset(preset, args, out: Path, quantization: str = "none") -> dict:
     levels = sorted(set(args.concurrency))
-    count = max(prompts_for(args, c) for c in levels + [args.metrics_concurrency])
+    count = max(prompts_needed(args, levels, max(levels)),
+                prompts_needed(args, [args.metrics_concurrency], args.metrics_concurrency))  # one server's
     prompts = make_prompts(max(count, *args.hf_batches), args.input_len, PRESETS[preset]["vocab_size"])
     specs = token_prompts(prompts, args.output_len)
     r, phases = {}, {}

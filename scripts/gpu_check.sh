@@ -180,7 +180,8 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
         read -r preset quant <<< "$spec"
         python3 benchmarks/profile_engine.py prefill "$preset" --budget 8192 --quantization "$quant" \
           > "$OUT/profile_prefill_${preset}_${quant}.log" 2>&1
-        echo "$preset $quant: $(grep -E 'prefill: |total wall' "$OUT/profile_prefill_${preset}_${quant}.log" | tr '\n' ' ')"
+        rc=$?; status=$((status | rc)); [ $rc -ne 0 ] && echo "$preset $quant: FAILED (rc $rc)"
+        echo "$preset $quant: $(grep -E 'prefill: |total wall|specialised a kernel' "$OUT/profile_prefill_${preset}_${quant}.log" | tr '\n' ' ')"
       done ;;
     qk-fusion)  # issue 21: q/k norm + rotary fused (model/layers/qk_norm_rotary.py): its GPU test, then kernels per
       # decode step (before: olmoe b1 300, qwen3 b1 950; gpu_runs.md 2026-12-06 20:16/20:33)
@@ -188,6 +189,7 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
       # gpt-oss-20b (no q/k norm) for its decode kernel table (issue 24: batch 1 at 1.57x its floor on the H100)
       python3 benchmarks/profile_engine.py step-phases olmoe-1b-7b qwen3-30b-a3b gpt-oss-20b \
         > "$OUT/profile_decode_qk_fusion.log" 2>&1
+      rc=$?; status=$((status | rc)); [ $rc -ne 0 ] && echo "step-phases: FAILED (rc $rc)"
       grep -E '^[a-z0-9.-]+ batch|kernels per engine step' "$OUT/profile_decode_qk_fusion.log" ;;
     truth)
       python3 benchmarks/utilization_truth.py --preset "${TRUTH_PRESET:-olmoe-1b-7b}" --out "$OUT" 2>&1 \

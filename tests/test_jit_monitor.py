@@ -1,6 +1,7 @@
-"""model/kernels/jit_monitor.py: after start-up, each first use of a Triton kernel specialisation is counted and
-logged; the hook chains the one installed before and never asks Triton to skip a compile. Triton's runtime knobs
-are stood in for by a plain object (CI has no Triton); on the GPU the real hook is exercised by any new shape."""
+"""model/kernels/jit_monitor.py: while armed (after an engine's start-up), each first use of a Triton kernel
+specialisation is counted and logged with the kernel's name and constants; the hook chains the one installed before
+and never asks Triton to skip a compile. Triton's runtime knobs are stood in for by a plain object and the hook is
+called with the keyword arguments Triton 3.6's `JITFunction._call_hook` passes (CI has no Triton)."""
 
 import logging
 
@@ -13,35 +14,50 @@ class Knobs:
     jit_cache_hook = None
 
 
+class JitFunction:  # what Triton passes as `fn`: its `.name` is the kernel's
+    name = "_paged_decode_kernel"
+
+
+def triton_kwargs(constants: dict, is_manual_warmup=False) -> dict:
+    """As Triton 3.6 calls the hook; its `repr` is built from a string key and comes out cut to one character."""
+    return dict(key="[('*bf16', 'D'), ...]{'num_warps': 4}", repr="_paged_decode_kernel[num_warps=4](q_ptr: (",
+                fn=JitFunction(), compile={"constants": constants, "configs": [{(3,): [["tt.divisibility", 16]]}],
+                                           "signature": {"q_ptr": "*bf16"}},
+                is_manual_warmup=is_manual_warmup, already_compiled=False)
+
+
 @pytest.fixture
 def fresh(monkeypatch):
-    monkeypatch.setattr(jit_monitor, "_installed", False)
-    monkeypatch.setattr(jit_monitor, "_count", 0)
+    for name, value in (("_installed", False), ("_armed", False), ("_count", 0)):
+        monkeypatch.setattr(jit_monitor, name, value)
 
 
-def test_new_specialisations_are_counted_and_logged_and_compiles_go_on(fresh, caplog):
+def test_new_specialisations_are_counted_named_and_compiles_go_on(fresh, caplog):
     seen = []
     knobs = Knobs()
-    knobs.jit_cache_hook = lambda **kw: seen.append(kw["repr"])  # a hook already there (returns None)
+    knobs.jit_cache_hook = lambda **kw: seen.append(kw["fn"].name)  # a hook already there (returns None)
     assert jit_monitor.start(knobs)
     with caplog.at_level(logging.WARNING, logger="model.kernels.jit_monitor"):
-        skip = knobs.jit_cache_hook(key="k1", repr="_paged_decode_kernel[SPLITS=8](...)", fn=None, compile={},
-                                    is_manual_warmup=False, already_compiled=False)
-        knobs.jit_cache_hook(key="k2", repr="_write_rows_kernel(...)", fn=None, compile={},
-                             is_manual_warmup=False, already_compiled=False)
+        skip = knobs.jit_cache_hook(**triton_kwargs({"SPLITS": 8, "HAS_SINKS": False}))
+        knobs.jit_cache_hook(**triton_kwargs({"SPLITS": 16, "HAS_SINKS": False}))
     assert not skip  # a truthy return would make Triton skip the compile and launch nothing
     assert jit_monitor.specializations_after_start() == 2
-    assert seen == ["_paged_decode_kernel[SPLITS=8](...)", "_write_rows_kernel(...)"]  # chained
-    assert "SPLITS=8" in caplog.text and "#2" in caplog.text
+    assert seen == ["_paged_decode_kernel", "_paged_decode_kernel"]  # chained
+    assert "_paged_decode_kernel (constants SPLITS=8, HAS_SINKS=False" in caplog.text
+    assert "SPLITS=16" in caplog.text and "#2" in caplog.text and "tt.divisibility" in caplog.text
 
 
-def test_manual_warmups_are_not_counted_and_start_is_idempotent(fresh):
+def test_paused_during_another_start_up_and_manual_warmups_not_counted(fresh):
     knobs = Knobs()
-    assert jit_monitor.start(knobs) and jit_monitor.start(knobs)
+    assert jit_monitor.start(knobs)
     hook = knobs.jit_cache_hook
-    assert not hook(key="k", repr="k()", fn=None, compile={}, is_manual_warmup=True, already_compiled=False)
+    assert not hook(**triton_kwargs({"SPLITS": 1}, is_manual_warmup=True))
+    jit_monitor.pause()  # a second engine of the process starts up: its compiles are its warm-up
+    assert not hook(**triton_kwargs({"SPLITS": 2}))
     assert jit_monitor.specializations_after_start() == 0
-    assert knobs.jit_cache_hook is hook  # the second start() did not wrap the hook again
+    assert jit_monitor.start(knobs) and knobs.jit_cache_hook is hook  # re-armed, not wrapped twice
+    hook(**triton_kwargs({"SPLITS": 4}))
+    assert jit_monitor.specializations_after_start() == 1
 
 
 def test_without_triton_nothing_is_installed(fresh, monkeypatch):

@@ -16,11 +16,13 @@ from model.layers.rotary import RotaryEmbedding, apply_rotary
 HEADS, KV_HEADS, HEAD_DIM, HIDDEN = 4, 2, 32, 64
 
 
-def make_attention(qk_norm: str, clip_qkv=None, device="cpu", dtype=torch.bfloat16, seed=0) -> Attention:
+def make_attention(qk_norm: str, clip_qkv=None, device="cpu", dtype=torch.bfloat16, seed=0,
+                   partial_rotary_factor=1.0) -> Attention:
     config = ModelConfig(model_type="t", name="t", vocab_size=8, hidden_size=HIDDEN, num_layers=1, num_heads=HEADS,
                          num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, max_position_embeddings=256, num_experts=2,
                          top_k=1, moe_intermediate_size=8, intermediate_size=0, norm_topk_prob=False,
-                         rms_norm_eps=1e-6, rope_theta=10000.0, qk_norm=qk_norm, clip_qkv=clip_qkv)
+                         rms_norm_eps=1e-6, rope_theta=10000.0, qk_norm=qk_norm, clip_qkv=clip_qkv,
+                         partial_rotary_factor=partial_rotary_factor)
     attn = Attention(config, 0)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -30,8 +32,9 @@ def make_attention(qk_norm: str, clip_qkv=None, device="cpu", dtype=torch.bfloat
     return attn.to(device=device, dtype=dtype)
 
 
-def reference(attn: Attention, x: torch.Tensor, positions: torch.Tensor):
-    """float64 q, k [N, H, D] from the definitions: qkv projection, RMSNorm (per head or whole row), rotary."""
+def reference(attn: Attention, x: torch.Tensor, positions: torch.Tensor, rotary_dim: int = HEAD_DIM):
+    """float64 q, k [N, H, D] from the definitions: qkv projection, RMSNorm (per head or whole row), rotary of the
+    first `rotary_dim` channels of each head ("rotate half" within them), the rest passed through."""
     w = attn.qkv_proj.weight.double()
     qkv = x.double() @ w.T
     q, k = qkv[:, : attn.q_size], qkv[:, attn.q_size: attn.q_size + attn.kv_size]
@@ -44,13 +47,13 @@ def reference(attn: Attention, x: torch.Tensor, positions: torch.Tensor):
     q, k = q.view(-1, HEADS, HEAD_DIM), k.view(-1, KV_HEADS, HEAD_DIM)
     if attn.qk_norm == "per_head":
         q, k = rms(q, attn.q_norm.weight), rms(k, attn.k_norm.weight)
-    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float64) / HEAD_DIM)
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
     angles = positions.double()[:, None] * inv_freq[None].to(positions.device)  # [N, D/2]
     cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # [N, 1, D/2]
 
     def rotate(t):
-        a, b = t[..., : HEAD_DIM // 2], t[..., HEAD_DIM // 2:]
-        return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+        a, b, rest = t[..., : rotary_dim // 2], t[..., rotary_dim // 2: rotary_dim], t[..., rotary_dim:]
+        return torch.cat((a * cos - b * sin, b * cos + a * sin, rest), dim=-1)
 
     return rotate(q), rotate(k)
 
@@ -67,18 +70,19 @@ def unfused(attn: Attention, x: torch.Tensor, rotary):
     return apply_rotary(q, k, *rotary)
 
 
-@pytest.mark.parametrize("qk_norm", ["per_head", "full"])
-def test_project_fuses_norms_with_rotary_and_keeps_the_math(qk_norm):
-    attn = make_attention(qk_norm)
+@pytest.mark.parametrize("qk_norm,rotary_dim", [("per_head", HEAD_DIM), ("full", HEAD_DIM),
+                                                 ("per_head", HEAD_DIM // 2)])  # GLM-4.5 rotates half of each head
+def test_project_fuses_norms_with_rotary_and_keeps_the_math(qk_norm, rotary_dim):
+    attn = make_attention(qk_norm, partial_rotary_factor=rotary_dim / HEAD_DIM)
     assert attn._norms_fuse_with_rotary()
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(9, HIDDEN, generator=gen).bfloat16()
     positions = torch.randint(0, 256, (9,), generator=gen)
-    rotary = RotaryEmbedding(HEAD_DIM, 256, 10000.0)(positions, torch.bfloat16)
+    rotary = RotaryEmbedding(rotary_dim, 256, 10000.0)(positions, torch.bfloat16)
     q, k, v = attn.project(x, rotary)
     want_q, want_k = unfused(attn, x, rotary)
     assert torch.equal(q, want_q) and torch.equal(k, want_k)  # same ops in the same order on the CPU
-    ref_q, ref_k = reference(attn, x, positions)
+    ref_q, ref_k = reference(attn, x, positions, rotary_dim)
     assert relative_error(q, ref_q) < 2e-2 and relative_error(k, ref_k) < 2e-2
     assert v.shape == (9, KV_HEADS, HEAD_DIM)
 
@@ -97,8 +101,14 @@ def test_clipping_between_norm_and_rotary_keeps_the_unfused_path():
 @pytest.mark.parametrize("qk_norm", ["per_head", "full"])
 @pytest.mark.parametrize("n", [1, 7, 513])
 def test_gpu_compiled_fusion_matches_float64_reference(qk_norm, n, monkeypatch):
-    fusion.set_enabled(True)
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(fusion, "_enabled", fusion.ALLOWED)
     monkeypatch.setattr(fusion, "EAGER_MIN_ROWS", 0)  # compiled at every size, not only inside graph capture
+    if not fusion.ALLOWED:
+        pytest.skip("STATICMOE_COMPILE=0: nothing is compiled")
+    torch._dynamo.reset()  # below dynamo's recompile limit, so the compiled path really runs (not an eager fallback)
+    counters.clear()
     attn = make_attention(qk_norm, device="cuda", seed=n)
     gen = torch.Generator(device="cuda").manual_seed(n)
     x = torch.randn(n, HIDDEN, device="cuda", generator=gen).bfloat16()
@@ -109,5 +119,6 @@ def test_gpu_compiled_fusion_matches_float64_reference(qk_norm, n, monkeypatch):
     q_in, k_in, _ = attn.qkv_proj(x).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
     eager_q, eager_k = norm_rotary_qk.eager(q_in.reshape(n, HEADS, HEAD_DIM), k_in.reshape(n, KV_HEADS, HEAD_DIM),
                                             attn.q_norm.weight, attn.k_norm.weight, 1e-6, *rotary)
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo compiled the fused function
     assert relative_error(q, ref_q) <= 2 * relative_error(eager_q, ref_q) + 1e-6
     assert relative_error(k, ref_k) <= 2 * relative_error(eager_k, ref_k) + 1e-6

@@ -109,6 +109,7 @@ class LLMEngine:
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
         self.workers = workers
+        jit_monitor.pause()  # this start-up's compiles are expected; start() below re-arms the monitor
         if model is None:
             model, tokenizer = load_model(config.model, random_weights=config.random_weights, dtype=self.dtype,
                                           device=self.device, quantization=config.quantization)

@@ -85,14 +85,14 @@ def block_scaled_mm_supported(device: torch.device) -> bool:
         torch.cuda.synchronize(device)
     except (RuntimeError, NotImplementedError, ValueError) as err:
         logger.info("torch._scaled_mm refused the 1x128 x 128x128 block recipe on %s (%s); dense FP8 linears run "
-                    "our kernels (STATICMOE_FP8_DENSE=%s)", torch.cuda.get_device_name(device),
-                    str(err).splitlines()[0][:200], dense_fp8_kernel())
+                    "our CUDA or Triton kernels (without either: dequantise-then-matmul, logged at the first call)",
+                    torch.cuda.get_device_name(device), str(err).splitlines()[0][:200])
         return False
     want = fp8_linear_reference(x.float(), q, s)
     err = float((got - want).abs().max() / want.abs().max())
     if err > 2e-2:  # bf16 output rounding is ~4e-3; anything far above is a wrong layout, not rounding
         logger.warning("block torch._scaled_mm disagrees with the reference (max rel err %.3g); dense FP8 linears "
-                       "run our kernels (STATICMOE_FP8_DENSE=%s)", err, dense_fp8_kernel())
+                       "run our CUDA or Triton kernels instead", err)
         return False
     return True
 

@@ -83,7 +83,8 @@ class Attention(nn.Module):
         """q/k norms and rotary in one fused function (model/layers/qk_norm_rotary.py): when the norms are local
         (a tensor-parallel rank's ShardedRMSNorm all-reduces) and no clipping sits between norm and rotary."""
         return (self.qk_norm != "none" and self.clip_qkv is None
-                and type(self.q_norm) is RMSNorm and type(self.k_norm) is RMSNorm)
+                and type(self.q_norm) is RMSNorm and type(self.k_norm) is RMSNorm
+                and self.q_norm.eps == self.k_norm.eps)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, kv_cache: torch.Tensor,
                out: torch.Tensor | None = None) -> torch.Tensor:

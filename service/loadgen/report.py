@@ -79,9 +79,10 @@ def summarize(run: LevelRun) -> dict:
 
 def slots_busy(run: LevelRun) -> float | None:
     """For a closed-loop level (a fixed concurrency c): the share of the c request slots that held a request over
-    the level, sum of request latencies / (duration x c). Near 1 when the client keeps c requests in flight; well
-    below it when the level's wall time includes time with no request outstanding (a slow client, or a server
-    stalled before answering: on a fresh GPU machine, first-use compiles), which then deflates req/s and tok/s."""
+    the level, sum of request latencies (send to [DONE]) / (duration x c). Near 1 when the client keeps c requests
+    in flight; lowered by wall time with free slots (a client that is slow to send, shards ending apart, the drain
+    at the level's end) and by requests that fail early, which deflates req/s and tok/s. A server that stalls while
+    requests are in flight does not lower it (their latencies grow instead)."""
     if not run.max_concurrency or not run.results or run.duration_s <= 0:
         return None
     return sum(r.latency_s for r in run.results) / (run.duration_s * run.max_concurrency)
