@@ -29,10 +29,10 @@
 #include "common/pdl_launch.cuh"
 #include "common/sm90_ptx.cuh"
 #include "common/wgmma_ops.cuh"
+#include "moe/gemm_pipeline.cuh"
 #include "moe/moe.h"
 #include "moe/tile_bias.cuh"
 #include "moe/tile_config.h"
-#include "static_batch/task_map.h"
 
 namespace staticmoe::moe {
 
@@ -64,38 +64,6 @@ struct GemmSmem {
   static constexpr int kBytes = kStages * kStageBytes + 2 * kStages * 8 + kBiasBytes + 1024;  // + barriers + slack
   static_assert(kBytes <= 227 * 1024, "more shared memory than an sm_90 block may opt into");
 };
-
-template <int kBlockM>
-constexpr int gemm_threads() { return kProducerThreads + 2 * kBlockM; }  // + one math warpgroup per 64 rows
-constexpr int kProducerRegs = 56;   // pointers of the gathered rows and loop state
-constexpr int kConsumerRegs = 224;  // 128 fp32 accumulators (FP8: 64 partial + 128 promoted) + epilogue;
-                                    // 128*56 + 256*224 <= 64K
-
-// One tile of work, decoded the same way by the producer and every math warp.
-struct TileWork {
-  int32_t expert, rows, m0, row_base, n_tile;
-};
-
-// v / n_tiles is an M tile of the map, the remainder an N tile. Within an expert, tiles are rastered in groups of
-// args.group_m M tiles with M fastest: CTAs resident at the same time then share a few weight panels and a few
-// activation panels in L2 instead of streaming all of the expert's rows once per N tile.
-// With clusters, the map's M tiles are units of kCluster·kBlockM rows; each CTA takes the part of its cluster rank.
-template <int kBlockM, int kCluster, typename Args>
-__device__ __forceinline__ TileWork decode_tile(const Args& args, int32_t v, int32_t num_slots,
-                                                int32_t& chunk_hint) {
-  constexpr int kUnitRows = kCluster * kBlockM;
-  const TileCoord tc = task_map_decode_warp(args.map, v / args.n_tiles, num_slots, chunk_hint);
-  const int32_t rows = args.expert_counts[tc.task];
-  const int32_t m_tiles = (rows + kUnitRows - 1) / kUnitRows;
-  const int32_t local = tc.tile * args.n_tiles + v % args.n_tiles;  // 0 .. m_tiles * n_tiles - 1
-  const int32_t group = local / (args.group_m * args.n_tiles);
-  const int32_t first_m = group * args.group_m;
-  const int32_t group_m = min(args.group_m, m_tiles - first_m);
-  const int32_t in_group = local - group * args.group_m * args.n_tiles;
-  const int32_t rank = kCluster > 1 ? int32_t(sm90::cluster_cta_rank()) : 0;  // a special register: no live value
-  const int32_t m0 = (first_m + in_group % group_m) * kUnitRows + rank * kBlockM;
-  return {tc.task, rows, m0, args.expert_offsets[tc.task] + m0, in_group / group_m};
-}
 
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_tile(float (&acc)[N / 2], uint64_t da, uint64_t db, int scale_d) {
@@ -206,27 +174,13 @@ __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, 
   const int32_t k_iters = (args.k + kBlockK - 1) / kBlockK;
   int32_t chunk_hint = 0;
   uint32_t g = 0;  // k-steps consumed so far, in step with the producer
-  auto release = [&](uint32_t step) {  // the wgmmas reading this stage have retired in this warp
-    if (lane != 0) return;
-    sm90::mbarrier_arrive(&empty[step % kStages]);
-    if constexpr (kCluster > 1) sm90::mbarrier_arrive_cluster(&empty[step % kStages], sm90::cluster_cta_rank() ^ 1);
-  };
   for (int32_t v = blockIdx.x / kCluster; v < total; v += gridDim.x / kCluster) {
     const TileWork w = decode_tile<kBlockM, kCluster>(args, v, num_slots, chunk_hint);
     if (kCluster > 1 && w.m0 >= w.rows) {  // nothing to compute: pass the stages through for the peer's sake
-      for (int32_t kt = 0; kt < k_iters; ++kt, ++g) {
-        sm90::mbarrier_wait(&full[g % kStages], (g / kStages) & 1);
-        release(g);
-      }
+      g = pass_stages_through<kStages, kCluster>(full, empty, k_iters, g, lane);
       continue;
     }
-    if (args.bias) {  // uniform: staged now, read after the mainloop
-      constexpr int kSeg = kBlockN / 2;  // GEMM1: gate | up columns of the tile; GEMM2: two halves of its columns
-      const int32_t col0 = kGateUp ? w.n_tile * kSeg : w.n_tile * kBlockN;
-      const T* seg0 = args.bias + int64_t(w.expert) * (kGateUp ? 2 : 1) * args.n_out + col0;
-      Bias::stage_async(bias_slice, seg0, args.n_out - col0, seg0 + (kGateUp ? args.n_out : kSeg),
-                        args.n_out - col0 - (kGateUp ? 0 : kSeg), lane);
-    }
+    stage_tile_bias<kBlockN, kGateUp>(args, w, bias_slice, lane);
     float acc[kBlockN / 2];
     for (int32_t kt = 0; kt < k_iters; ++kt, ++g) {
       const int s = g % kStages;
@@ -240,11 +194,11 @@ __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, 
       for (int kk = 0; kk < kBlockK / 16; ++kk) wgmma_tile<T, kBlockN>(acc, da + 2 * kk, db + 2 * kk, kt > 0 || kk > 0);
       sm90::wgmma_commit();
       sm90::wgmma_wait<1>();
-      if (kt > 0) release(g - 1);
+      if (kt > 0) release_stage<kStages, kCluster>(empty, g - 1, lane);
     }
     sm90::wgmma_wait<0>();
     sm90::fence_accumulators(acc);
-    release(g - 1);
+    release_stage<kStages, kCluster>(empty, g - 1, lane);
 
     // ---- epilogue: registers -> global, while the producer already loads the next tile ----------------------
     if (args.bias) Bias::add(acc, bias_slice, lane);  // in fp32, before the activation / routing weight

@@ -1,7 +1,8 @@
 // The two grouped GEMMs of the MoE layer with FP8 weights (e4m3, one float32 scale per 128x128 block) and e4m3
-// activations (one scale per row and 128-column group), sm_90a. Same structure as sm90_gemm.cuh — persistent CTAs
-// over the task map, a producer warpgroup gathering activation rows by cp.async and weights by TMA into a
-// multi-stage pipeline, math warpgroups handing stages back through `empty` mbarriers — with these differences:
+// activations (one scale per row and 128-column group), sm_90a. Same structure as sm90_gemm.cuh (the shared pieces
+// are in gemm_pipeline.cuh) — persistent CTAs over the task map, a producer warpgroup gathering activation rows by
+// cp.async and weights by TMA into a multi-stage pipeline, math warpgroups handing stages back through `empty`
+// mbarriers — with these differences:
 //   - A K step is 128 elements (one 128-byte swizzle row, exactly one scale block). Beside the A and B tiles each
 //     stage holds the scale of every A row and of each 128-row half of the B tile (4-byte cp.async, completing on
 //     the same `full` barrier).
@@ -241,27 +242,13 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
   const int32_t k_iters = args.k / kFp8BlockK;
   int32_t chunk_hint = 0;
   uint32_t g = 0;  // k-steps consumed so far, in step with the producer
-  auto release = [&](uint32_t step) {  // the wgmmas reading this stage have retired in this warp
-    if (lane != 0) return;
-    sm90::mbarrier_arrive(&empty[step % kStages]);
-    if constexpr (kCluster > 1) sm90::mbarrier_arrive_cluster(&empty[step % kStages], sm90::cluster_cta_rank() ^ 1);
-  };
   for (int32_t v = blockIdx.x / kCluster; v < total; v += gridDim.x / kCluster) {
     const TileWork w = decode_tile<kBlockM, kCluster>(args, v, num_slots, chunk_hint);
     if (kCluster > 1 && w.m0 >= w.rows) {  // nothing to compute: pass the stages through for the peer's sake
-      for (int32_t kt = 0; kt < k_iters; ++kt, ++g) {
-        sm90::mbarrier_wait(&full[g % kStages], (g / kStages) & 1);
-        release(g);
-      }
+      g = pass_stages_through<kStages, kCluster>(full, empty, k_iters, g, lane);
       continue;
     }
-    if (args.bias) {  // uniform: staged now, read after the mainloop
-      constexpr int kSeg = kBlockN / 2;  // GEMM1: the 128 gate | 128 up columns; GEMM2: two halves of the columns
-      const int32_t col0 = kGateUp ? w.n_tile * kSeg : w.n_tile * kBlockN;
-      const __nv_bfloat16* seg0 = args.bias + int64_t(w.expert) * (kGateUp ? 2 : 1) * args.n_out + col0;
-      Bias::stage_async(bias_slice, seg0, args.n_out - col0, seg0 + (kGateUp ? args.n_out : kSeg),
-                        args.n_out - col0 - (kGateUp ? 0 : kSeg), lane);
-    }
+    stage_tile_bias<kBlockN, kGateUp>(args, w, bias_slice, lane);
     float acc[kHalves * 64];
 #pragma unroll
     for (int i = 0; i < kHalves * 64; ++i) acc[i] = 0.f;
@@ -288,7 +275,8 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
         sm90::wgmma_commit();
         sm90::wgmma_wait<0>();
         sm90::fence_accumulators(part);
-        if (h == kHalves - 1) release(g);  // every read of this stage (scales included) is done
+        // After the last half, every read of this stage (scales included) is done.
+        if (h == kHalves - 1) release_stage<kStages, kCluster>(empty, g, lane);
         const float s_lo = a_lo * b[h], s_hi = a_hi * b[h];
 #pragma unroll
         for (int j = 0; j < 16; ++j) {

@@ -1,0 +1,80 @@
+// The pipeline skeleton both grouped GEMMs share (sm90_gemm.cuh: 16-bit, sm90_gemm_fp8.cuh: FP8): persistent CTAs
+// walk the task map's tiles in the same order in every warp; the producer warpgroup fills a ring of kStages
+// shared-memory stages (`full` mbarriers), the math warpgroups hand each stage back through its `empty` mbarrier.
+// The kernels keep what differs: what a stage holds, the mainloop's MMAs and the epilogue.
+#pragma once
+#include "common/sm90_ptx.cuh"
+#include "moe/tile_bias.cuh"
+#include "moe/tile_config.h"
+#include "static_batch/task_map.h"
+
+namespace staticmoe::moe {
+
+template <int kBlockM>
+constexpr int gemm_threads() { return kProducerThreads + 2 * kBlockM; }  // + one math warpgroup per 64 rows
+constexpr int kProducerRegs = 56;   // pointers of the gathered rows and loop state
+constexpr int kConsumerRegs = 224;  // 128 fp32 accumulators (FP8: 64 partial + 128 promoted) + epilogue;
+                                    // 128*56 + 256*224 <= 64K
+
+// One tile of work, decoded the same way by the producer and every math warp.
+struct TileWork {
+  int32_t expert, rows, m0, row_base, n_tile;
+};
+
+// v / n_tiles is an M tile of the map, the remainder an N tile. Within an expert, tiles are rastered in groups of
+// args.group_m M tiles with M fastest: CTAs resident at the same time then share a few weight panels and a few
+// activation panels in L2 instead of streaming all of the expert's rows once per N tile.
+// With clusters, the map's M tiles are units of kCluster·kBlockM rows; each CTA takes the part of its cluster rank.
+template <int kBlockM, int kCluster, typename Args>
+__device__ __forceinline__ TileWork decode_tile(const Args& args, int32_t v, int32_t num_slots,
+                                                int32_t& chunk_hint) {
+  constexpr int kUnitRows = kCluster * kBlockM;
+  const TileCoord tc = task_map_decode_warp(args.map, v / args.n_tiles, num_slots, chunk_hint);
+  const int32_t rows = args.expert_counts[tc.task];
+  const int32_t m_tiles = (rows + kUnitRows - 1) / kUnitRows;
+  const int32_t local = tc.tile * args.n_tiles + v % args.n_tiles;  // 0 .. m_tiles * n_tiles - 1
+  const int32_t group = local / (args.group_m * args.n_tiles);
+  const int32_t first_m = group * args.group_m;
+  const int32_t group_m = min(args.group_m, m_tiles - first_m);
+  const int32_t in_group = local - group * args.group_m * args.n_tiles;
+  const int32_t rank = kCluster > 1 ? int32_t(sm90::cluster_cta_rank()) : 0;  // a special register: no live value
+  const int32_t m0 = (first_m + in_group % group_m) * kUnitRows + rank * kBlockM;
+  return {tc.task, rows, m0, args.expert_offsets[tc.task] + m0, in_group / group_m};
+}
+
+// Lane 0 of a math warp hands k-step `step`'s stage back once the wgmmas reading it have retired in this warp; with a
+// cluster, to the peer CTA too (its producer multicasts into our stage).
+template <int kStages, int kCluster>
+__device__ __forceinline__ void release_stage(uint64_t* empty, uint32_t step, int lane) {
+  if (lane != 0) return;
+  sm90::mbarrier_arrive(&empty[step % kStages]);
+  if constexpr (kCluster > 1) sm90::mbarrier_arrive_cluster(&empty[step % kStages], sm90::cluster_cta_rank() ^ 1);
+}
+
+// A CTA whose half of a cluster's unit has no rows computes nothing, but its math warps still take the tile's k-steps
+// through the pipeline: the peer's producer multicasts into our stages and waits for our release. Returns the
+// k-step count g after the tile.
+template <int kStages, int kCluster>
+__device__ __forceinline__ uint32_t pass_stages_through(uint64_t* full, uint64_t* empty, int32_t k_iters, uint32_t g,
+                                                        int lane) {
+  for (int32_t kt = 0; kt < k_iters; ++kt, ++g) {
+    sm90::mbarrier_wait(&full[g % kStages], (g / kStages) & 1);
+    release_stage<kStages, kCluster>(empty, g, lane);
+  }
+  return g;
+}
+
+// The optional bias of tile w, staged into this warp's slice now and read after the mainloop (tile_bias.cuh).
+// args.bias: GEMM1 [E, 2 n_out] (gate, then up), GEMM2 [E, n_out]; null = none (a uniform branch).
+template <int kBlockN, bool kGateUp, typename T, typename Args>
+__device__ __forceinline__ void stage_tile_bias(const Args& args, const TileWork& w, T* bias_slice, int lane) {
+  if (args.bias) {
+    constexpr int kSeg = kBlockN / 2;  // GEMM1: gate | up columns of the tile; GEMM2: two halves of its columns
+    const int32_t col0 = kGateUp ? w.n_tile * kSeg : w.n_tile * kBlockN;
+    const T* seg0 = args.bias + int64_t(w.expert) * (kGateUp ? 2 : 1) * args.n_out + col0;
+    TileBias<T, kBlockN>::stage_async(bias_slice, seg0, args.n_out - col0, seg0 + (kGateUp ? args.n_out : kSeg),
+                                      args.n_out - col0 - (kGateUp ? 0 : kSeg), lane);
+  }
+}
+
+}  // namespace staticmoe::moe
