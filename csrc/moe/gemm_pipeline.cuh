@@ -3,6 +3,7 @@
 // shared-memory stages (`full` mbarriers), the math warpgroups hand each stage back through its `empty` mbarrier.
 // The kernels keep what differs: what a stage holds, the mainloop's MMAs and the epilogue.
 #pragma once
+#include "common/pdl_launch.cuh"
 #include "common/sm90_ptx.cuh"
 #include "moe/tile_bias.cuh"
 #include "moe/tile_config.h"
@@ -40,6 +41,58 @@ __device__ __forceinline__ TileWork decode_tile(const Args& args, int32_t v, int
   const int32_t rank = kCluster > 1 ? int32_t(sm90::cluster_cta_rank()) : 0;  // a special register: no live value
   const int32_t m0 = (first_m + in_group % group_m) * kUnitRows + rank * kBlockM;
   return {tc.task, rows, m0, args.expert_offsets[tc.task] + m0, in_group / group_m};
+}
+
+// Where a CTA starts: its cluster rank, and the task map's non-empty slots and tiles (times the N tiles of each).
+struct PipelineStart {
+  uint32_t cta_rank;
+  int32_t num_slots, total;
+};
+
+// The kernel prologue before the warpgroups split. Thread 0 sets up the stage barriers; the CTA (or the cluster:
+// peers arrive on our barriers and multicast into our stages) syncs. All of this overlaps the previous kernel's
+// tail; the plan and the activations (x, quantised x or GEMM1's output) are read only after wait_for_predecessor.
+template <int kBlockM, int kStages, int kCluster, typename Args>
+__device__ __forceinline__ PipelineStart start_pipeline(const CUtensorMap& weights, const Args& args, uint64_t* full,
+                                                        uint64_t* empty) {
+  static_assert(kCluster == 1 || kCluster == 2, "a cluster is one CTA or a pair (peer = rank ^ 1)");
+  if (threadIdx.x == 0) {
+    sm90::prefetch_tensor_map(&weights);
+    for (int s = 0; s < kStages; ++s) {
+      sm90::mbarrier_init(&full[s], kProducerThreads + 1);  // one cp.async arrival per producer thread + the TMA's
+      sm90::mbarrier_init(&empty[s], kCluster * (kBlockM / 64) * 4);  // one arrival per math warp of the cluster
+    }
+    sm90::fence_barrier_init();
+  }
+  if constexpr (kCluster > 1) sm90::cluster_sync();
+  else __syncthreads();
+  const uint32_t cta_rank = kCluster > 1 ? sm90::cluster_cta_rank() : 0;
+  wait_for_predecessor();
+  const int32_t num_slots = *args.map.num_slots;
+  const int32_t total = task_map_total_tiles(args.map.tile_prefix, num_slots) * args.n_tiles;
+  return {cta_rank, num_slots, total};
+}
+
+// setmaxnreg moves registers from the producer warpgroup to the math warpgroups. Only the 384-thread kernel is
+// register-limited (168 a thread at launch); the 256-thread one already has 224.
+template <int kBlockM>
+constexpr bool kRebalanceRegs = gemm_threads<kBlockM>() * kConsumerRegs > 65536;
+template <int kBlockM>
+__device__ __forceinline__ void become_producer() {
+  if constexpr (kRebalanceRegs<kBlockM>) sm90::setmaxnreg_dec<kProducerRegs>();
+}
+template <int kBlockM>
+__device__ __forceinline__ void become_consumer() {
+  if constexpr (kRebalanceRegs<kBlockM>) sm90::setmaxnreg_inc<kConsumerRegs>();
+}
+
+// The kernel epilogue. With a cluster, our shared memory stays alive while peers still arrive on it. The next
+// kernel may launch once every CTA has issued its last tile, so its prologue overlaps our tail only (triggering at
+// the start slowed large layers down; benchmarks/NOTES.md v3).
+template <int kCluster>
+__device__ __forceinline__ void finish_pipeline() {
+  if constexpr (kCluster > 1) sm90::cluster_sync();
+  allow_dependents();
 }
 
 // Lane 0 of a math warp hands k-step `step`'s stage back once the wgmmas reading it have retired in this warp; with a

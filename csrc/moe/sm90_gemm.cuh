@@ -239,42 +239,22 @@ template <typename T, int kBlockM, int kBlockN, int kStages, int kCluster, bool 
           Activation kAct = Activation::kSiLU>
 __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
     moe_gemm_sm90_kernel(const __grid_constant__ CUtensorMap weights, const GemmArgs<T> args) {
-  static_assert(kCluster == 1 || kCluster == 2, "a cluster is one CTA or a pair (peer = rank ^ 1)");
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   auto* full = reinterpret_cast<uint64_t*>(smem + kStages * GemmSmem<kBlockM, kBlockN, kStages>::kStageBytes);
   uint64_t* empty = full + kStages;
   T* bias_slices = reinterpret_cast<T*>(empty + kStages);  // [math warps][kBlockN]
-  if (threadIdx.x == 0) {
-    sm90::prefetch_tensor_map(&weights);
-    for (int s = 0; s < kStages; ++s) {
-      sm90::mbarrier_init(&full[s], kProducerThreads + 1);  // one cp.async arrival per producer thread + the TMA's
-      sm90::mbarrier_init(&empty[s], kCluster * (kBlockM / 64) * 4);  // one arrival per math warp of the cluster
-    }
-    sm90::fence_barrier_init();
-  }
-  if constexpr (kCluster > 1) sm90::cluster_sync();  // peers arrive on our barriers and multicast into our stages
-  else __syncthreads();
-  const uint32_t cta_rank = kCluster > 1 ? sm90::cluster_cta_rank() : 0;
-  // The prologue above overlaps the previous kernel's tail; the plan (or GEMM1's output) is read only after this.
-  wait_for_predecessor();
-  const int32_t num_slots = *args.map.num_slots;
-  const int32_t total = task_map_total_tiles(args.map.tile_prefix, num_slots) * args.n_tiles;
-  // Only the 384-thread kernel is register-limited (168 a thread at launch); the 256-thread one already has 224.
-  constexpr bool kRebalance = gemm_threads<kBlockM>() * kConsumerRegs > 65536;
+  const PipelineStart start = start_pipeline<kBlockM, kStages, kCluster>(weights, args, full, empty);
   if (threadIdx.x < kProducerThreads) {
-    if constexpr (kRebalance) sm90::setmaxnreg_dec<kProducerRegs>();
-    produce<T, kBlockM, kBlockN, kStages, kCluster, kGateUp>(weights, args, smem, full, empty, total, num_slots,
-                                                              cta_rank);
+    become_producer<kBlockM>();
+    produce<T, kBlockM, kBlockN, kStages, kCluster, kGateUp>(weights, args, smem, full, empty, start.total,
+                                                              start.num_slots, start.cta_rank);
   } else {
-    if constexpr (kRebalance) sm90::setmaxnreg_inc<kConsumerRegs>();
-    consume<T, kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(args, smem, full, empty, bias_slices, total,
-                                                                   num_slots);
+    become_consumer<kBlockM>();
+    consume<T, kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(args, smem, full, empty, bias_slices, start.total,
+                                                                   start.num_slots);
   }
-  if constexpr (kCluster > 1) sm90::cluster_sync();  // our shared memory stays alive while peers still arrive on it
-  // The next kernel may launch once every CTA has issued its last tile, so its prologue overlaps our tail only
-  // (triggering at the start slowed large layers down; benchmarks/NOTES.md v3).
-  allow_dependents();
+  finish_pipeline<kCluster>();
 }
 
 }  // namespace staticmoe::moe

@@ -302,7 +302,6 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
 template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU>
 __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
     moe_gemm_fp8_sm90_kernel(const __grid_constant__ CUtensorMap weights, const Fp8GemmArgs args) {
-  static_assert(kCluster == 1 || kCluster == 2, "a cluster is one CTA or a pair (peer = rank ^ 1)");
   static_assert(kCluster == 1 || kBlockN == 256, "each CTA of a pair multicasts one of the two 128-row boxes");
   using Smem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp>;
   extern __shared__ uint8_t smem_raw[];
@@ -312,32 +311,17 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
   uint64_t* empty = full + kStages;
   auto* bias_slices = reinterpret_cast<__nv_bfloat16*>(empty + kStages);  // [math warps][kBlockN]
   uint8_t* out_stage = reinterpret_cast<uint8_t*>(bias_slices) + Smem::kBiasBytes;  // [math warps][16 rows]
-  if (threadIdx.x == 0) {
-    sm90::prefetch_tensor_map(&weights);
-    for (int s = 0; s < kStages; ++s) {
-      sm90::mbarrier_init(&full[s], kProducerThreads + 1);  // one cp.async arrival per producer thread + the TMA's
-      sm90::mbarrier_init(&empty[s], kCluster * (kBlockM / 64) * 4);  // one arrival per math warp of the cluster
-    }
-    sm90::fence_barrier_init();
-  }
-  if constexpr (kCluster > 1) sm90::cluster_sync();  // peers arrive on our barriers and multicast into our stages
-  else __syncthreads();
-  const uint32_t cta_rank = kCluster > 1 ? sm90::cluster_cta_rank() : 0;
-  wait_for_predecessor();  // the plan, the quantised x (or GEMM1's output) are read only after this
-  const int32_t num_slots = *args.map.num_slots;
-  const int32_t total = task_map_total_tiles(args.map.tile_prefix, num_slots) * args.n_tiles;
-  constexpr bool kRebalance = gemm_threads<kBlockM>() * kConsumerRegs > 65536;
+  const PipelineStart start = start_pipeline<kBlockM, kStages, kCluster>(weights, args, full, empty);
   if (threadIdx.x < kProducerThreads) {
-    if constexpr (kRebalance) sm90::setmaxnreg_dec<kProducerRegs>();
-    produce_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp>(weights, args, smem, scales, full, empty, total,
-                                                              num_slots, cta_rank);
+    become_producer<kBlockM>();
+    produce_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp>(weights, args, smem, scales, full, empty, start.total,
+                                                              start.num_slots, start.cta_rank);
   } else {
-    if constexpr (kRebalance) sm90::setmaxnreg_inc<kConsumerRegs>();
+    become_consumer<kBlockM>();
     consume_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(args, smem, scales, full, empty, bias_slices,
-                                                                     out_stage, total, num_slots);
+                                                                     out_stage, start.total, start.num_slots);
   }
-  if constexpr (kCluster > 1) sm90::cluster_sync();  // our shared memory stays alive while peers still arrive on it
-  allow_dependents();  // after the last tile is issued: the next kernel's prologue overlaps our tail only
+  finish_pipeline<kCluster>();
 }
 
 }  // namespace staticmoe::moe
