@@ -95,6 +95,25 @@ __device__ __forceinline__ void finish_pipeline() {
   allow_dependents();
 }
 
+// One thread's TMA loads of the weight tile of k-step k0 into b_tile, completing on `full` (the stage's barrier):
+// kBoxes boxes of kBoxRows rows, GEMM1's gate and up rows of w13[e] (matrices 2e and 2e+1), GEMM2's consecutive
+// parts of the N tile of w2[e]. With a cluster, CTA r loads box r into both CTAs.
+template <int kBoxRows, int kBoxes, int kCluster, bool kGateUp>
+__device__ __forceinline__ void load_weight_tile(const CUtensorMap& weights, uint64_t* full, uint8_t* b_tile, int32_t k0,
+                                                 const TileWork& w, uint32_t cta_rank) {
+  sm90::mbarrier_arrive_expect_tx(full, kBoxes * kBoxRows * 128);
+  for (int box = 0; box < kBoxes; ++box) {
+    if (kCluster > 1 && box != int(cta_rank)) continue;
+    const int row = kGateUp ? w.n_tile * kBoxRows : w.n_tile * kBoxes * kBoxRows + box * kBoxRows;
+    const int matrix = kGateUp ? 2 * w.expert + box : w.expert;
+    uint8_t* dst = b_tile + box * kBoxRows * 128;
+    if constexpr (kCluster > 1)
+      sm90::tma_load_3d_multicast(dst, &weights, full, k0, row, matrix, (1u << kCluster) - 1);
+    else
+      sm90::tma_load_3d(dst, &weights, full, k0, row, matrix);
+  }
+}
+
 // Lane 0 of a math warp hands k-step `step`'s stage back once the wgmmas reading it have retired in this warp; with a
 // cluster, to the peer CTA too (its producer multicasts into our stage).
 template <int kStages, int kCluster>

@@ -142,22 +142,8 @@ __device__ __forceinline__ void produce(const CUtensorMap& weights, const GemmAr
           sm90::cp_async_16(a_tile + sm90::swizzle128_offset(r, piece), ok ? src[i] + k0 + piece * 8 : args.a, ok);
         }
       }
-      if (tid == 0) {
-        // The weight tile is two boxes of kBlockN/2 rows: GEMM1's gate and up rows of w13[e] (matrices 2e and
-        // 2e+1), GEMM2's two halves of the N tile of w2[e]. With a cluster, CTA r loads box r into both CTAs.
-        sm90::mbarrier_arrive_expect_tx(&full[s], Smem::kBBytes);
-        constexpr int kHalf = kBlockN / 2;
-        for (int half = 0; half < 2; ++half) {
-          if (kCluster > 1 && half != int(cta_rank)) continue;
-          const int row = kGateUp ? w.n_tile * kHalf : w.n_tile * kBlockN + half * kHalf;
-          const int matrix = kGateUp ? 2 * w.expert + half : w.expert;
-          uint8_t* dst = b_tile + half * kHalf * 128;
-          if constexpr (kCluster > 1)
-            sm90::tma_load_3d_multicast(dst, &weights, &full[s], k0, row, matrix, (1u << kCluster) - 1);
-          else
-            sm90::tma_load_3d(dst, &weights, &full[s], k0, row, matrix);
-        }
-      }
+      // The weight tile is two boxes of kBlockN/2 rows: GEMM1's gate | up rows, GEMM2's two halves of the N tile.
+      if (tid == 0) load_weight_tile<kBlockN / 2, 2, kCluster, kGateUp>(weights, &full[s], b_tile, k0, w, cta_rank);
       sm90::cp_async_mbarrier_arrive_noinc(&full[s]);
     }
   }

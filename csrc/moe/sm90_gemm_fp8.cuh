@@ -116,21 +116,9 @@ __device__ __forceinline__ void produce_fp8(const CUtensorMap& weights, const Fp
         if (tid < kBlockM) sm90::cp_async_4(stage_scales + tid, scale_row_ok ? a_scale + kt : args.a_scale, scale_row_ok);
         if (tid < kHalves) sm90::cp_async_4(stage_scales + kBlockM + tid, b_scale + kt, true);
       }
-      if (tid == 0) {
-        // Two boxes of 128 rows: GEMM1's gate and up rows of w13[e] (matrices 2e and 2e+1), GEMM2's halves of the
-        // N tile of w2[e] (one box when kBlockN is 128). With a cluster, CTA r loads box r into both CTAs.
-        sm90::mbarrier_arrive_expect_tx(&full[s], Smem::kBBytes);
-        for (int half = 0; half < kHalves; ++half) {
-          if (kCluster > 1 && half != int(cta_rank)) continue;
-          const int row = kGateUp ? w.n_tile * 128 : w.n_tile * kBlockN + half * 128;
-          const int matrix = kGateUp ? 2 * w.expert + half : w.expert;
-          uint8_t* dst = b_tile + half * 128 * 128;
-          if constexpr (kCluster > 1)
-            sm90::tma_load_3d_multicast(dst, &weights, &full[s], k0, row, matrix, (1u << kCluster) - 1);
-          else
-            sm90::tma_load_3d(dst, &weights, &full[s], k0, row, matrix);
-        }
-      }
+      // Boxes of 128 rows (one scale block): GEMM1's gate | up rows, GEMM2's halves of the N tile (one box when
+      // kBlockN is 128).
+      if (tid == 0) load_weight_tile<128, kHalves, kCluster, kGateUp>(weights, &full[s], b_tile, k0, w, cta_rank);
       sm90::cp_async_mbarrier_arrive_noinc(&full[s]);
     }
   }
