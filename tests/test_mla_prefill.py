@@ -32,7 +32,7 @@ def test_batched_fresh_chunks_equal_one_chunk_at_a_time_and_transformers(models,
     hf, ours = models
     calls = []
     original = mla_prefill.batched_fresh_prefill
-    monkeypatch.setattr(mla_prefill, "batched_fresh_prefill", lambda *a: calls.append(len(a[5])) or original(*a))
+    monkeypatch.setattr(mla_prefill, "batched_fresh_prefill", lambda *a, **kw: calls.append(len(a[5])) or original(*a, **kw))
     batched = mixed_steps(ours)
     assert 3 in calls, "step 2's three fresh prompts went through the batched path (step 1's two did too)"
     monkeypatch.setattr(mla_prefill, "worth_batching", lambda chunks: False)
@@ -55,3 +55,18 @@ def test_padding_is_bounded():
     assert mla_prefill.worth_batching(same)
     assert not mla_prefill.worth_batching(skewed)  # 3 x 8000 padded for 8020 real tokens
     assert not mla_prefill.worth_batching(same[:1])  # one chunk: nothing to batch
+
+
+def test_fresh_layout_by_hand():
+    class Chunk:  # only the rows matter to the layout
+        def __init__(self, start, stop):
+            self.rows = slice(start, stop)
+
+    # chunk 0: rows 0..2 (3 tokens), chunk 1: rows 5..6 (2 tokens; rows 3-4 belong to a decode row / another chunk)
+    layout = mla_prefill.fresh_layout([Chunk(0, 3), Chunk(5, 7)], torch.device("cpu"))
+    assert layout.rows.tolist() == [0, 1, 2, 5, 6]
+    assert layout.padded.tolist() == [[0, 1, 2], [3, 4, 3]]  # chunk 1's padding repeats its first row (position 3)
+    assert layout.unpadded.tolist() == [0, 1, 2, 3, 4]  # [B * L] = [2 * 3]: chunk 1 starts at 3
+    layout = mla_prefill.fresh_layout([Chunk(2, 4), Chunk(4, 8)], torch.device("cpu"))
+    assert layout.padded.tolist() == [[0, 1, 0, 0], [2, 3, 4, 5]]
+    assert layout.unpadded.tolist() == [0, 1, 4, 5, 6, 7]

@@ -7,7 +7,11 @@ read: its keys come from this step's own latent rows. So all such chunks are dec
 their rows, right-padded to the longest into [B, L, ...], and attended with one causal SDPA call (flash attention):
 a real query at position i sees keys 0..i, all real, so the padding changes nothing it computes; padded query rows
 are dropped. Padding costs attention work, so the batch is taken only while it at most doubles the tokens.
+Which row goes where (`FreshLayout`) is computed once per step and shared by its layers, so each layer costs a
+fixed handful of launches (gathers, the GEMM, SDPA, one scatter), not a few per chunk.
 """
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,25 +29,51 @@ def worth_batching(chunks: list) -> bool:
     return len(lengths) > 1 and len(lengths) * max(lengths) <= MAX_PADDING_FACTOR * sum(lengths)
 
 
+@dataclass(frozen=True)
+class FreshLayout:
+    """Where the fresh chunks' rows go in the padded batch, the same for every layer of a step (built once)."""
+    rows: torch.Tensor  # [M] int64: the chunks' rows of the step, chunk after chunk
+    padded: torch.Tensor  # [B, L] int64 into `rows`' order: what each padded position holds (padding: a copy of
+    #                       its chunk's first row: finite, and never a key a real query sees)
+    unpadded: torch.Tensor  # [M] int64 into the flattened [B * L]: where each of `rows` sits
+
+
+def fresh_layout(chunks: list, device: torch.device) -> FreshLayout:
+    lengths = torch.tensor([c.rows.stop - c.rows.start for c in chunks])  # [B]
+    starts = torch.tensor([c.rows.start for c in chunks])  # [B] rows of the step
+    offsets = torch.cumsum(lengths, 0) - lengths  # [B] each chunk's first position in `rows`
+    width = int(lengths.max())
+    pos = torch.arange(width)  # [L]
+    real = pos[None, :] < lengths[:, None]  # [B, L]
+    padded = torch.where(real, offsets[:, None] + pos[None, :], offsets[:, None])  # [B, L]
+    flat = torch.arange(len(chunks))[:, None] * width + pos[None, :]  # [B, L]
+    rows = (starts[:, None] + pos[None, :])[real]  # [M], chunk after chunk (boolean indexing keeps row order)
+    return FreshLayout(*(t.to(device, non_blocking=True) for t in (rows, padded, flat[real])))
+
+
 def batched_fresh_prefill(attn, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
-                          chunks: list, out: torch.Tensor) -> None:
+                          chunks: list, out: torch.Tensor, derived: dict | None = None) -> None:
     """Writes out[chunk.rows] [n, Hq, v] for each fresh chunk. q_nope [N, Hq, nope], q_pe [N, Hq, rope] (rotated),
-    latent [N, r] (normed) and k_pe [N, 1, rope] (rotated) of the step's rows; `attn` an MlaAttention."""
+    latent [N, r] (normed) and k_pe [N, 1, rope] (rotated) of the step's rows; `attn` an MlaAttention; `derived`:
+    the step's per-plan cache (AttentionPlan.derived), where the layout is kept for the other layers. A fixed
+    number of launches per layer: gathers into the padded layout, one kv_b_proj GEMM, one SDPA, one scatter back."""
     heads, nope, v_dim, qk = attn.num_heads, attn.nope, attn.v_dim, attn.qk_dim
-    rows = [c.rows for c in chunks]
-    lengths = [r.stop - r.start for r in rows]
-    index = torch.cat([torch.arange(r.start, r.stop, device=latent.device) for r in rows])  # [M] the chunks' rows
-    kv = attn.kv_b_proj(latent[index]).view(-1, heads, nope + v_dim)  # [M, Hq, nope + v]: one GEMM for all
+    derived = {} if derived is None else derived
+    key = ("mla_fresh_layout", tuple((c.rows.start, c.rows.stop) for c in chunks))
+    if key not in derived:
+        derived[key] = fresh_layout(chunks, latent.device)
+    layout = derived[key]
+    rows = layout.rows
+    kv = attn.kv_b_proj(latent[rows]).view(-1, heads, nope + v_dim)  # [M, Hq, nope + v]: one GEMM for all
     k_nope, v = kv.split([nope, v_dim], dim=-1)
-    k = torch.cat((k_nope, k_pe[index].expand(-1, heads, -1)), dim=-1)  # [M, Hq, qk]
-    q = torch.cat((q_nope[index], q_pe[index]), dim=-1)  # [M, Hq, qk]
+    k = torch.cat((k_nope, k_pe[rows].expand(-1, heads, -1)), dim=-1)  # [M, Hq, qk]
+    q = torch.cat((q_nope[rows], q_pe[rows]), dim=-1)  # [M, Hq, qk]
     if v_dim < qk:  # as _prefill: zero columns change nothing, and equal widths let SDPA pick flash attention
         v = F.pad(v, (0, qk - v_dim))
 
     def padded(x):  # [M, Hq, qk] -> [B, Hq, L, qk]
-        return torch.nn.utils.rnn.pad_sequence(list(x.split(lengths)), batch_first=True).transpose(1, 2)
+        return x[layout.padded].transpose(1, 2)
 
     o = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), is_causal=True, scale=attn.scale)
-    o = o.transpose(1, 2)  # [B, L, Hq, qk]
-    for b, r in enumerate(rows):
-        out[r] = o[b, : lengths[b], :, :v_dim]
+    o = o.transpose(1, 2).reshape(-1, heads, qk)  # [B * L, Hq, qk]
+    out[rows] = o[layout.unpadded, :, :v_dim]

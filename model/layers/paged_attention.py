@@ -135,6 +135,8 @@ class AttentionPlan:
     # The plan of another KV-cache group of the same step (model/kv_groups.py): its chunk metadata is the same
     # (only the block tables differ), so it is built once, by that plan.
     chunk_tables_from: "AttentionPlan | None" = None
+    # Values a layer derives from this plan, built by the step's first layer and kept for the others (key -> value).
+    derived: dict = field(default_factory=dict)
 
     @staticmethod
     def build(batch: ForwardBatch, block_size: int, pad_slot: int = 0) -> "AttentionPlan":
