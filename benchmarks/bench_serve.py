@@ -235,7 +235,17 @@ def overhead_phase(preset, args, specs, log_dir: Path) -> dict:
             for i, metrics in enumerate(order)]
     mean = lambda on: statistics.fmean(r["levels"][0]["output_throughput"] for r in runs if r["metrics"] == on)  # noqa: E731
     return dict(order=["on" if m else "off" for m in order], runs=runs, on_tok_s=mean(True), off_tok_s=mean(False),
-                overhead=1.0 - mean(True) / mean(False))
+                overhead=1.0 - mean(True) / mean(False), pair_overheads=pair_overheads(runs))
+
+
+def pair_overheads(runs: list[dict]) -> list[float]:
+    """1 − on ÷ off of each consecutive pair of servers (runs 1–2, 3–4, ...: one on and one off each, in ABBA
+    order): the spread of the overhead from one pair of fresh servers to the next."""
+    out = []
+    for a, b in zip(runs[0::2], runs[1::2]):
+        tok_s = {run["metrics"]: run["levels"][0]["output_throughput"] for run in (a, b)}
+        out.append(1.0 - tok_s[True] / tok_s[False])
+    return out
 
 
 # ---- the engine alone, and the HF baseline --------------------------------------------------------------------
@@ -359,8 +369,10 @@ def markdown(report: dict, args) -> str:
             lv = run["levels"][0]
             lines.append(f"| {i + 1} | {'on' if run['metrics'] else 'off'} | {lv['output_throughput']:.1f} | "
                          f"{lv['failed']} |")
-        lines += ["", f"Mean on {oh['on_tok_s']:.1f}, off {oh['off_tok_s']:.1f} tok/s: overhead {oh['overhead']:+.1%}.",
-                  ""]
+        pairs = oh.get("pair_overheads", [])
+        lines += ["", f"Mean on {oh['on_tok_s']:.1f}, off {oh['off_tok_s']:.1f} tok/s: overhead {oh['overhead']:+.1%}; "
+                      f"per pair of servers {', '.join(f'{p:+.1%}' for p in pairs)}"
+                      f"{f' (median {statistics.median(pairs):+.1%})' if pairs else ''}.", ""]
     off = r.get("offline", {})
     if "kv_capacity_tokens" in off:
         lines += [f"Experts in {off['experts_precision']}, weights {off['weight_gib']:.1f} GiB, KV cache "

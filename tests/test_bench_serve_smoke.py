@@ -107,3 +107,15 @@ def test_replot_redraws_markdown_and_plots_from_the_json(smoke_run, tmp_path):
     assert copy.with_suffix(".md").read_text() == md  # same report from the stored numbers
     for suffix in ("_throughput.png", "_latency.png"):
         assert (tmp_path / (copy.stem + suffix)).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_metrics_overhead_per_pair_of_servers():
+    from benchmarks.bench_serve import pair_overheads
+
+    def run(metrics, tok_s):
+        return dict(metrics=metrics, levels=[dict(output_throughput=tok_s)])
+
+    # the H100 ABBA of 2026-12-07 (gpu_runs.md): on 6824 / off 7423, off 7733 / on 7583, on 7627 / off 7600
+    got = pair_overheads([run(True, 6824.4), run(False, 7423.2), run(False, 7732.6), run(True, 7582.5),
+                          run(True, 7626.7), run(False, 7600.0)])
+    assert [round(100 * x, 1) for x in got] == [8.1, 1.9, -0.4]  # 1 - on/off, by hand: 0.0807, 0.0194, -0.0035
