@@ -189,8 +189,10 @@ def decode_floor(engine, batch, context_len, bandwidth) -> dict:
         else:
             dense += p.numel() * p.element_size()
     for block, load in zip(model.moe_blocks(), loads):  # bytes of the stored weights: FP8 + block scales, or bf16
-        per_expert = sum(p.numel() * p.element_size() for p in block.experts.parameters()) / block.num_experts
-        experts += expected_experts_touched(load, block.top_k, batch) * per_expert
+        shared = block.fused_shared_slots  # a shared MLP moved into the experts: read at every step
+        per_expert = sum(p.numel() * p.element_size() for p in block.experts.parameters()) / (block.num_experts
+                                                                                               + shared)
+        experts += (expected_experts_touched(load, block.top_k, batch) + shared) * per_expert
     kv = batch * context_len * engine.runner.bytes_per_block // engine.config.block_size
     total = experts + dense + kv
     return dict(bytes_experts=experts, bytes_dense=dense, bytes_kv=kv, bytes_total=total,

@@ -34,7 +34,9 @@ from model.engine.sampling_params import SamplingParams
 from model.engine.sampling_state import SequenceSampling
 from model.engine.scheduler import Scheduler
 from model.engine.sequence import Sequence, SequenceStatus
+from model.decoder import MoeCausalLM
 from model.kernels import jit_monitor
+from model.layers import shared_expert_fusion
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +115,8 @@ class LLMEngine:
         if model is None:
             model, tokenizer = load_model(config.model, random_weights=config.random_weights, dtype=self.dtype,
                                           device=self.device, quantization=config.quantization)
+        if shared_expert_fusion.enabled() and workers is None and type(model) is MoeCausalLM:  # one rank only
+            shared_expert_fusion.fuse_shared_experts(model)  # before the memory profile and the graph captures
         self.model = model
         self.tokenizer = tokenizer
         self.model_config = model.config

@@ -55,10 +55,18 @@ def routed_flops_per_token(block) -> int:
 
 def shared_flops_per_token(block) -> int:
     shared = getattr(block, "shared_expert", None)
-    if shared is None:
+    fused = getattr(block, "fused_shared_slots", 0)  # moved into the experts op (model/layers/shared_expert_fusion)
+    if shared is None and not fused:
         return 0
-    inter = shared.down_proj.in_features
+    inter = fused * block.intermediate_size if fused else shared.down_proj.in_features
     return 2 * block.hidden_size * 2 * inter + 2 * inter * block.hidden_size
+
+
+def timed_flops_per_token(block) -> int:
+    """FLOPs of one token in the block's timed experts op: the routed experts', and the shared MLP's when it runs
+    inside that op."""
+    fused = getattr(block, "fused_shared_slots", 0)
+    return routed_flops_per_token(block) + (shared_flops_per_token(block) if fused else 0)
 
 
 class MoeStatsCollector:
@@ -75,6 +83,7 @@ class MoeStatsCollector:
         self.num_experts = [b.num_experts for b in blocks]
         self.routed_flops_per_token = sum(routed_flops_per_token(b) for b in blocks)
         self.shared_flops_per_token = sum(shared_flops_per_token(b) for b in blocks)
+        self.timed_flops_per_token = sum(timed_flops_per_token(b) for b in blocks)
         self._lock = threading.Lock()  # snapshot() runs on another thread than the engine loop
         self._flops_total = 0.0
         self._shared_flops_total = 0.0
@@ -100,7 +109,7 @@ class MoeStatsCollector:
         with self._lock:
             self._flops_total += float(num_tokens) * self.routed_flops_per_token
             self._shared_flops_total += float(num_tokens) * self.shared_flops_per_token
-            self.timer.end_step(float(num_tokens) * self.routed_flops_per_token)
+            self.timer.end_step(float(num_tokens) * self.timed_flops_per_token)
             if self.enabled and self._copy_in_flight is None and self._step % self.harvest_every == 0:
                 self._issue_copy()
             self._poll()
@@ -125,7 +134,7 @@ class MoeStatsCollector:
         """`final`: the engine is going idle; a snapshot may then wait for this copy (it costs the loop nothing)."""
         counts = torch.zeros(self._counts_shape, dtype=torch.int64, device=self.device)
         for i, b in enumerate(self.blocks):
-            counts[i, : b.num_experts].copy_(b.experts.expert_load)
+            counts[i, : b.num_experts].copy_(b.experts.expert_load[: b.num_experts])  # not fused shared ones
         if self.device.type == "cuda":
             host = torch.empty(counts.shape, dtype=torch.int64, pin_memory=True)
             host.copy_(counts, non_blocking=True)
@@ -152,7 +161,7 @@ class MoeStatsCollector:
         """Synchronous read of the device counters, for checks (the engine reads them asynchronously). [L, E]"""
         out = torch.zeros(self._counts_shape, dtype=torch.int64)
         for i, b in enumerate(self.blocks):
-            out[i, : b.num_experts] = b.experts.expert_load.cpu()
+            out[i, : b.num_experts] = b.experts.expert_load[: b.num_experts].cpu()
         return out
 
     def reset_counts(self) -> None:

@@ -103,6 +103,8 @@ class SparseMoeBlock(nn.Module):
             if shared_expert_intermediate_size else None
         self.shared_expert_gate = Linear(hidden_size, 1) if shared_expert_intermediate_size and shared_expert_gated \
             else None
+        # > 0: the shared MLP was moved into `experts` as this many extra experts (model/layers/shared_expert_fusion)
+        self.fused_shared_slots = 0
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """topk_weights [N, k] float32, topk_ids [N, k] int32 for x [N, H]."""
@@ -124,6 +126,8 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, H]
         topk_weights, topk_ids = self.route(x)  # [N, k] f32, i32
+        if self.fused_shared_slots:
+            topk_weights, topk_ids = self._with_shared_slots(x, topk_weights, topk_ids)  # [N, k + S]
         topk_ids = route_padding_nowhere(topk_ids)  # a CUDA graph's padding rows: -1
         out = self.experts(x, topk_weights, topk_ids)  # [N, H]
         if self.shared_expert is not None:
@@ -132,6 +136,17 @@ class SparseMoeBlock(nn.Module):
                 shared = F.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
         return out
+
+    def _with_shared_slots(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor):
+        """Every token's routing plus the S fused shared experts (ids E..E+S-1), weighted 1, or by the token's
+        sigmoid gate (Qwen2-MoE)."""
+        rows, slots = x.shape[0], self.fused_shared_slots
+        ids = self.shared_slot_ids.expand(rows, slots)  # constant buffers: no kernel but the two concatenations
+        if self.shared_expert_gate is not None:
+            weights = torch.sigmoid(self.shared_expert_gate(x).float()).expand(rows, slots)  # [N, S]
+        else:
+            weights = self.shared_slot_ones.expand(rows, slots)
+        return torch.cat((topk_weights, weights), dim=1), torch.cat((topk_ids, ids.to(topk_ids.dtype)), dim=1)
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer_idx}, experts={self.num_experts}, top_k={self.top_k}, "
