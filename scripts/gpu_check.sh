@@ -21,6 +21,7 @@
 #   ncu-ledger: the FP8 GEMMs' stall samples per SASS line (NCU_POINT).
 #   prefill-costs: profile_engine prefill for deepseek-v2-lite and qwen3-30b-a3b (bf16 and FP8) at a budget of 8192.
 #   qk-fusion: the fused q/k norm + rotary's GPU tests and the decode kernels per step after it.
+#   shared-fusion-ab: shared experts inside fused_moe: GPU tests, then deepseek-v2-lite's engine without and with.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-logs}
 mkdir -p "$OUT"
@@ -191,6 +192,16 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
         > "$OUT/profile_decode_qk_fusion.log" 2>&1
       rc=$?; status=$((status | rc)); [ $rc -ne 0 ] && echo "step-phases: FAILED (rc $rc)"
       grep -E '^[a-z0-9.-]+ batch|kernels per engine step' "$OUT/profile_decode_qk_fusion.log" ;;
+    shared-fusion-ab)  # issues 21/23: shared experts inside fused_moe (STATICMOE_FUSE_SHARED_EXPERTS): its GPU tests,
+      # then deepseek-v2-lite's engine off, on (decode step and tok/s at batch 1 and 64)
+      run_tests tests/test_shared_expert_fusion.py
+      for knob in 0 1; do
+        mkdir -p "$OUT/shared_fusion_$knob"
+        STATICMOE_FUSE_SHARED_EXPERTS=$knob python3 benchmarks/bench_engine.py --presets deepseek-v2-lite \
+          --batches 1 64 --skip-hf --out "$OUT/shared_fusion_$knob" > "$OUT/shared_fusion_$knob.log" 2>&1
+        rc=$?; status=$((status | rc)); [ $rc -ne 0 ] && echo "fusion $knob: FAILED (rc $rc)"
+        echo "fusion $knob: $(grep -E '^SUMMARY' "$OUT/shared_fusion_$knob.log")"
+      done ;;
     truth)
       python3 benchmarks/utilization_truth.py --preset "${TRUTH_PRESET:-olmoe-1b-7b}" --out "$OUT" 2>&1 \
         | tee "$OUT/utilization_truth.log" | tail -20
