@@ -40,6 +40,7 @@ import torch
 
 from model.engine import EngineConfig, LLMEngine, SamplingParams
 from model.kernels import jit_monitor
+from model.layers import shared_expert_fusion
 from model.kv_capacity import values_per_token_per_layer
 from model.presets import PRESETS
 from benchmarks.precision_compare import precision_table
@@ -379,7 +380,8 @@ def bench_preset(preset, args, bandwidth, deadline: float, quantization: str = "
     """Ours in the first 45% of the time until `deadline`, HF in the rest (bf16 only)."""
     vocab = PRESETS[preset]["vocab_size"]
     prompts = make_prompts(max(args.batches + args.hf_batches), args.input_len, vocab)
-    skip_hf = args.skip_hf or quantization != "none"
+    # HF runs on views of the engine's weights: a shared MLP moved into the experts has none of its own
+    skip_hf = args.skip_hf or quantization != "none" or shared_expert_fusion.enabled()
     print(f"== {preset} {quantization} ({deadline - time.perf_counter():.0f} s left for it)", flush=True)
     ours_deadline = time.perf_counter() + 0.45 * (deadline - time.perf_counter())
     engine, ours = bench_ours(preset, args, prompts, bandwidth, deadline if skip_hf else ours_deadline, quantization)

@@ -39,7 +39,7 @@ import torch
 
 from benchmarks.bench_engine import environment, make_prompts
 from benchmarks.bench_timing import Timer, graph_ms
-from benchmarks.moe_cases import moe_flops_per_token
+from benchmarks.moe_cases import moe_flops
 from model.engine import EngineConfig, LLMEngine, SamplingParams
 from model.engine.moe_timer import time_experts
 from model.kernels import fused_moe
@@ -193,6 +193,8 @@ def independent_seconds(engine, inputs: list[torch.Tensor], budget_ms: float) ->
     routed = []
     for block, x in zip(engine.model.moe_blocks(), inputs):
         weights, ids = block.route(x)  # [T, k] f32, i32
+        if block.fused_shared_slots:  # the shared MLP runs inside the timed op (model/layers/shared_expert_fusion)
+            weights, ids = block._with_shared_slots(x, weights, ids)
         routed.append((block, x, weights, ids))
 
     def layer_call(b, x, w, i):
@@ -262,7 +264,9 @@ def measure_utilization(engine, prompts, output_len: int, peak_flops: float | No
     peak = peak or NOMINAL_CPU_PEAK
     rows_seen = got["graph_rows"]
     rows = next(iter(rows_seen)) if len(rows_seen) == 1 and None not in rows_seen else batch
-    step_flops = batch * moe_flops_per_token(engine.model_config) * len(engine.model.moe_blocks())  # real rows only
+    mc = engine.model_config  # real rows only; a fused shared MLP adds its slots to the timed op's work
+    step_flops = batch * sum(moe_flops(1, mc.top_k + b.fused_shared_slots, mc.hidden_size, mc.moe_intermediate_size)
+                             for b in engine.model.moe_blocks())
     result = dict(batch=batch, graph_rows=rows, graph_replayed=None not in rows_seen and bool(rows_seen),
                   output_len=output_len, device=device_name, peak_flops=peak, peak_source=peak_source,
                   flops_per_step=step_flops, timing_every=engine.config.moe_timing_every, gauge_steps=len(pairs),

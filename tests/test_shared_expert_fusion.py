@@ -86,19 +86,24 @@ def test_engine_with_fusion_matches_without_and_counts_only_routed_experts(tmp_p
                 for out in engine.step():
                     tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
             blocks = engine.model.moe_blocks()
-            return tokens, engine.moe.read_counts_now(), engine.moe.snapshot(), blocks
+            return tokens, engine.moe.read_counts_now(), engine.moe.snapshot(), blocks, engine.moe
         finally:
             engine.shutdown()
 
-    plain_tokens, plain_counts, plain_snap, _ = run("0")
-    fused_tokens, fused_counts, fused_snap, blocks = run("1")
+    plain_tokens, plain_counts, plain_snap, _, plain_moe = run("0")
+    fused_tokens, fused_counts, fused_snap, blocks, fused_moe = run("1")
     assert all(b.fused_shared_slots == 2 for b in blocks)
     assert fused_tokens == plain_tokens
     assert torch.equal(fused_counts, plain_counts)  # [L, E]: routed experts only, the same tokens
     served = sum(len(p) for p in PROMPTS.values()) + sum(len(t) - 1 for t in plain_tokens.values())
     assert fused_counts.sum(dim=1).tolist() == [served * blocks[0].top_k] * len(blocks)
+    assert fused_snap.expert_tokens_total == plain_snap.expert_tokens_total  # what /metrics exports, harvested
     assert fused_snap.shared_expert_flops_total == plain_snap.shared_expert_flops_total > 0
     assert fused_snap.flops_total == plain_snap.flops_total
+    # the timed op now does the shared MLP's work too: per token and MoE layer, 2·H·2·(S·I) + 2·(S·I)·H more
+    b = blocks[0]
+    shared = 2 * b.hidden_size * 2 * (2 * b.intermediate_size) + 2 * (2 * b.intermediate_size) * b.hidden_size
+    assert fused_moe.timed_flops_per_token == plain_moe.timed_flops_per_token + len(blocks) * shared
 
 
 @pytest.mark.gpu

@@ -48,7 +48,9 @@ def fresh_layout(chunks: list, device: torch.device) -> FreshLayout:
     padded = torch.where(real, offsets[:, None] + pos[None, :], offsets[:, None])  # [B, L]
     flat = torch.arange(len(chunks))[:, None] * width + pos[None, :]  # [B, L]
     rows = (starts[:, None] + pos[None, :])[real]  # [M], chunk after chunk (boolean indexing keeps row order)
-    return FreshLayout(*(t.to(device, non_blocking=True) for t in (rows, padded, flat[real])))
+    pinned = device.type == "cuda"  # an asynchronous copy needs pinned host memory (a pageable one stages and waits)
+    return FreshLayout(*((t.pin_memory() if pinned else t).to(device, non_blocking=True)
+                         for t in (rows, padded, flat[real])))
 
 
 def batched_fresh_prefill(attn, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,

@@ -9,6 +9,8 @@ appended to the experts' weights, and every token gets S extra slots routed to t
 or the token's sigmoid gate (Qwen2-MoE): the one `fused_moe` launch then streams the shared weights with the routed
 ones, and its deterministic combine adds them. FP8 weights move with their 128x128 block scales (I a multiple of
 128). The extra experts' tokens are counted in `expert_load` past the routed experts and left out of the metrics.
+Beside the two-launch decode MoE (`STATICMOE_DECODE_MOE=1`) it is untested and likely slower: that path streams
+each slot's expert on its own, so the shared weights once per token.
 
 Only for one-rank models (expert parallelism shards the experts, and the shared ones belong to every rank), and
 blocks whose experts have no biases and are not padded.
@@ -92,6 +94,8 @@ def fuse_block(block: SparseMoeBlock) -> bool:
                                                           dtype=torch.int32, device=device)[None], persistent=False)
     block.register_buffer("shared_slot_ones", torch.ones(1, slots, dtype=torch.float32, device=device),
                           persistent=False)
+    if hasattr(experts, "num_experts"):  # Fp8Experts keeps its stored count (the block's stays the routed one)
+        experts.num_experts += slots
     block.shared_expert = None
     block.fused_shared_slots = slots
     return True
