@@ -73,3 +73,18 @@ def test_without_triton_nothing_is_installed(fresh, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_triton)
     assert jit_monitor.start() is False
     assert jit_monitor.specializations_after_start() == 0
+
+
+def test_a_kernel_the_monitor_cannot_describe_still_compiles(fresh):
+    class Weird:  # constants whose items() raises
+        def items(self):
+            raise RuntimeError("odd constants")
+
+        def __bool__(self):
+            return True
+
+    knobs = Knobs()
+    assert jit_monitor.start(knobs)
+    kwargs = triton_kwargs({})
+    kwargs["compile"]["constants"] = Weird()
+    assert not knobs.jit_cache_hook(**kwargs)  # no exception, and Triton is told to go on

@@ -78,7 +78,10 @@ def start(runtime=None) -> bool:
 
             def hook(*args, **kwargs):
                 if _armed and not kwargs.get("is_manual_warmup", False):
-                    record(describe(kwargs))
+                    try:  # a monitor must never stop a kernel from compiling
+                        record(describe(kwargs))
+                    except Exception:  # noqa: BLE001
+                        logger.debug("could not describe a Triton specialisation", exc_info=True)
                 return previous(*args, **kwargs) if previous is not None else False  # falsy: Triton compiles
 
             runtime.jit_cache_hook = hook
