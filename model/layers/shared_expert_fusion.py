@@ -103,7 +103,8 @@ def fuse_block(block: SparseMoeBlock) -> bool:
 
 def fuse_shared_experts(model: nn.Module) -> int:
     """Fuse every block that can be; returns how many were."""
-    fused = sum(fuse_block(m) for m in model.modules() if isinstance(m, SparseMoeBlock))
+    blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]  # listed first: fusing edits the tree
+    fused = sum(fuse_block(b) for b in blocks)
     if fused:
         logger.info("shared experts run inside fused_moe in %d MoE layers (STATICMOE_FUSE_SHARED_EXPERTS)", fused)
     return fused
