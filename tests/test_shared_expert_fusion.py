@@ -38,6 +38,18 @@ def logits(model) -> dict[str, torch.Tensor]:
     return {**{f"{k}-prefill": v for k, v in first.items()}, **{f"{k}-decode": v for k, v in second.items()}}
 
 
+def greedy(engine, max_tokens: int) -> dict[str, list[int]]:
+    """PROMPTS through the engine, greedy, exactly `max_tokens` each: {request id: tokens}."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(PROMPTS.values()):
+        engine.add_request(str(i), prompt, params)
+    tokens = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return tokens
+
+
 @pytest.mark.parametrize("quantization", ["none", "fp8"])
 @pytest.mark.parametrize("family,slots", [("deepseek", 2), ("qwen2_moe", 2), ("glm4_moe", 2)])
 def test_fused_model_gives_the_unfused_logits(family, slots, quantization, tmp_path):
@@ -78,13 +90,7 @@ def test_engine_with_fusion_matches_without_and_counts_only_routed_experts(tmp_p
         engine = LLMEngine(EngineConfig(model=source, dtype="float32", block_size=4, num_kv_blocks=64,
                                         max_num_seqs=4))
         try:
-            params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-            for i, prompt in enumerate(PROMPTS.values()):
-                engine.add_request(str(i), prompt, params)
-            tokens = {}
-            while engine.has_unfinished_requests():
-                for out in engine.step():
-                    tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            tokens = greedy(engine, 6)
             blocks = engine.model.moe_blocks()
             return tokens, engine.moe.read_counts_now(), engine.moe.snapshot(), blocks, engine.moe
         finally:
@@ -132,13 +138,7 @@ def test_gpu_engine_with_fused_shared_experts_in_cuda_graphs(tmp_path, monkeypat
                                     block_size=16, num_kv_blocks=64, max_num_seqs=4))
     try:
         assert all(b.fused_shared_slots == 2 for b in engine.model.moe_blocks()) and engine.runner.graphs
-        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-        for i, prompt in enumerate(PROMPTS.values()):
-            engine.add_request(str(i), prompt, params)
-        tokens = {}
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        tokens = greedy(engine, 8)
         counts = engine.moe.read_counts_now()
         blocks = engine.model.moe_blocks()
     finally:
