@@ -265,7 +265,10 @@ def prefill(preset: str, budget: int, input_len=512, batch=64, piecewise_graphs=
         for rnd in range(2):  # round 0 compiles and warms; round 1 is measured and profiled
             for i in range(batch):
                 engine.add_request(f"p{rnd}-{i}", prompt(), SamplingParams(max_tokens=1, ignore_eos=True))
-            walls = timed_steps(engine, phases, f"prefill round {rnd}, {batch} x {input_len}", 1 if rnd else None)
+            # profile the second step of round 1 (the first may still carry round 0's tail), or its only one
+            steps = -(-batch * input_len // budget)
+            walls = timed_steps(engine, phases, f"prefill round {rnd}, {batch} x {input_len}",
+                                min(1, steps - 1) if rnd else None)
         total = batch * input_len
         print(f"  prefill: {total} tokens in {sum(walls) * 1e3:.1f} ms = {total / sum(walls):.0f} tok/s", flush=True)
         # The serving steady state: 60 sequences decoding while 4 prompts arrive.
@@ -295,6 +298,7 @@ def main(argv=None):
     p.add_argument("--sync", action="store_true", help="step-phases: read each step back before the next")
     p.add_argument("--budget", type=int, nargs="+", default=[2048, 8192], help="prefill: chunk budgets")
     p.add_argument("--quantization", default="none", choices=["none", "fp8"], help="fp8 = quantised at load")
+    p.add_argument("--batch", type=int, default=64, help="prefill: prompts per round (512 tokens each)")
     p.add_argument("--no-piecewise-graphs", action="store_true", help="prefill: steps that prefill run eagerly")
     p.add_argument("--no-expert-metrics", action="store_true",
                    help="step-phases: without per-expert counts and MoE timing (their cost: run with and without)")
@@ -306,7 +310,8 @@ def main(argv=None):
     else:
         for preset in args.presets or ["olmoe-1b-7b"]:
             for budget in args.budget:
-                prefill(preset, budget, piecewise_graphs=not args.no_piecewise_graphs, quantization=args.quantization)
+                prefill(preset, budget, batch=args.batch, piecewise_graphs=not args.no_piecewise_graphs,
+                        quantization=args.quantization)
 
 
 if __name__ == "__main__":

@@ -177,12 +177,14 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
         --features structured_json structured_regex short_outputs --out "$OUT" 2>&1 | tail -8 ;;
     prefill-costs)  # issues 23/19: where prefill time goes (deepseek-v2-lite's b64 prefill took ~3x its FLOPs' time;
       # Qwen3's FP8 TTFT above bf16's): 64 x 512-token prompts at a budget of 8192, kernel table and host profile
-      for spec in "deepseek-v2-lite none" "qwen3-30b-a3b none" "qwen3-30b-a3b fp8"; do
-        read -r preset quant <<< "$spec"
-        python3 benchmarks/profile_engine.py prefill "$preset" --budget 8192 --quantization "$quant" \
-          > "$OUT/profile_prefill_${preset}_${quant}.log" 2>&1
-        rc=$?; status=$((status | rc)); [ $rc -ne 0 ] && echo "$preset $quant: FAILED (rc $rc)"
-        echo "$preset $quant: $(grep -E 'prefill: |total wall|specialised a kernel' "$OUT/profile_prefill_${preset}_${quant}.log" | tr '\n' ' ')"
+      # (and its one-prompt prefill: ~100 ms more than gpt-oss-20b's at batch 1)
+      for spec in "deepseek-v2-lite none 64" "deepseek-v2-lite none 1" "qwen3-30b-a3b none 64" "qwen3-30b-a3b fp8 64"; do
+        read -r preset quant batch <<< "$spec"
+        log="$OUT/profile_prefill_${preset}_${quant}_b${batch}.log"
+        python3 benchmarks/profile_engine.py prefill "$preset" --budget 8192 --quantization "$quant" --batch "$batch" \
+          > "$log" 2>&1
+        rc=$?; status=$((status | rc)); [ $rc -ne 0 ] && echo "$preset $quant b$batch: FAILED (rc $rc)"
+        echo "$preset $quant b$batch: $(grep -E 'prefill: |total wall|specialised a kernel' "$log" | tr '\n' ' ')"
       done ;;
     qk-fusion)  # issue 21: q/k norm + rotary fused (model/layers/qk_norm_rotary.py): its GPU test, then kernels per
       # decode step (before: olmoe b1 300, qwen3 b1 950; gpu_runs.md 2026-12-06 20:16/20:33)
