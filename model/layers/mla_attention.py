@@ -26,6 +26,7 @@ from model.layers import mla_prefill
 from model.layers.mla_decode import mla_decode
 from model.layers.norm import RMSNorm
 from model.layers.paged_attention import AttentionPlan, write_cache_rows
+from model.layers.prefill_sdpa import prefill_sdpa
 from model.layers.rotary import apply_rotary
 
 LORA_NORM_EPS = 1e-6  # transformers builds q_a_layernorm and kv_a_layernorm with the RMSNorm default, not rms_norm_eps
@@ -161,6 +162,7 @@ class MlaAttention(nn.Module):
         if self.v_dim < self.qk_dim:  # zero columns change nothing, and equal widths let SDPA pick flash attention
             v = F.pad(v, (0, self.qk_dim - self.v_dim))  # [ctx, Hq, qk]
         mask = chunk.mask(None)  # [n, ctx] bool, or None for plain causal (MLA layers have no window)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                             attn_mask=mask, is_causal=mask is None, scale=self.scale)
-        return out.transpose(0, 1)[..., : self.v_dim]  # [n, Hq, v]
+        heads_first = lambda t: t.transpose(0, 1).unsqueeze(0)  # noqa: E731  [len, Hq, qk] -> [1, Hq, len, qk]
+        out = prefill_sdpa(heads_first(q), heads_first(k), heads_first(v), attn_mask=mask, is_causal=mask is None,
+                           scale=self.scale)  # [1, Hq, n, qk]
+        return out[0].transpose(0, 1)[..., : self.v_dim]  # [n, Hq, v]

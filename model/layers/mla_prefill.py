@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model.layers.prefill_sdpa import prefill_sdpa
+
 MAX_PADDING_FACTOR = 2.0  # padded tokens / real tokens above which the chunks go one by one
 
 
@@ -76,6 +78,6 @@ def batched_fresh_prefill(attn, q_nope: torch.Tensor, q_pe: torch.Tensor, latent
     def padded(x):  # [M, Hq, qk] -> [B, Hq, L, qk]
         return x[layout.padded].transpose(1, 2)
 
-    o = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), is_causal=True, scale=attn.scale)
+    o = prefill_sdpa(padded(q), padded(k), padded(v), is_causal=True, scale=attn.scale)
     o = o.transpose(1, 2).reshape(-1, heads, qk)  # [B * L, Hq, qk]
     out[rows] = o[layout.unpadded, :, :v_dim]
