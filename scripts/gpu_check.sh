@@ -78,7 +78,13 @@ for step in "${steps[@]}"; do
         | tee "$OUT/bench_fp8_linear.log" | tail -50 ;;
     bench-mla) python3 benchmarks/bench_mla.py --batch 1,64 --context 1024,4096 --heads 16,128 \
         --json "$OUT/bench_mla.json" 2>&1 | tee "$OUT/bench_mla.log" | tail -20 ;;
-    engine) python3 benchmarks/bench_engine.py ${ENGINE_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench_engine.log" | tail -30 ;;
+    engine)  # ENGINE_ARGS: one bench_engine.py run, or several separated by ';' (each in its own process)
+      IFS=';' read -ra engine_runs <<< "${ENGINE_ARGS:-}"
+      [ ${#engine_runs[@]} -eq 0 ] && engine_runs=("")
+      for i in "${!engine_runs[@]}"; do
+        python3 benchmarks/bench_engine.py ${engine_runs[$i]} --out "$OUT" 2>&1 | tee "$OUT/bench_engine_$i.log" | tail -30
+        status=$((status | ${PIPESTATUS[0]}))
+      done ;;
     serve)  # one server per preset and process: a first preset's CUDA context would shrink the next one's KV cache
       for p in ${SERVE_PRESETS:-olmoe-1b-7b qwen3-30b-a3b}; do
         python3 benchmarks/bench_serve.py --presets "$p" ${SERVE_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench_serve_$p.log" | tail -40
