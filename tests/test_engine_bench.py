@@ -79,11 +79,14 @@ def test_fp8_and_bf16_in_one_run_report_both_kv_capacities(tmp_path, monkeypatch
     assert "## FP8 against bf16" in markdown and "| tiny256 | b2 " in markdown
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v2", "deepseek_v3"])
-def test_mla_preset_shares_weights_with_hf_and_reports_both_kv_capacities(tmp_path, monkeypatch, model_type):
-    """A tiny DeepSeek preset: HF runs on the engine's own weights (its `shared_experts` and its correction-bias
-    buffer too), and the report gives the latent cache's capacity beside an uncompressed cache's."""
+@pytest.mark.parametrize("model_type,fuse", [("deepseek_v2", "1"), ("deepseek_v2", "0"), ("deepseek_v3", "1")])
+def test_mla_preset_shares_weights_with_hf_and_reports_both_kv_capacities(tmp_path, monkeypatch, model_type, fuse):
+    """A tiny DeepSeek preset: HF runs on the engine's own weights (its `shared_experts`, rebuilt where the engine
+    fused them into the experts, and its correction-bias buffer too), and the report gives the latent cache's
+    capacity beside an uncompressed cache's."""
     from model.presets import PRESETS
+
+    monkeypatch.setenv("STATICMOE_FUSE_SHARED_EXPERTS", fuse)
 
     tiny = dict(model_type=model_type, vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, moe_intermediate_size=32,

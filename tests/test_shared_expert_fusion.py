@@ -72,6 +72,22 @@ def test_fused_model_gives_the_unfused_logits(family, slots, quantization, tmp_p
         assert (got[key] - want[key]).abs().max() <= 1e-5 * scale, key
 
 
+@pytest.mark.parametrize("quantization", ["none", "fp8"])
+def test_unfused_parameters_rebuild_the_original_ones(quantization, tmp_path):
+    """What bench_engine hands transformers: every original parameter back, bit for bit, under its own name."""
+    source = checkpoint("deepseek", tmp_path, fp8_blocks=quantization == "fp8")
+    plain, _ = load_model(source, dtype=torch.float32, quantization=quantization)
+    fused, _ = load_model(source, dtype=torch.float32, quantization=quantization)
+    assert shared_expert_fusion.fuse_shared_experts(fused) > 0
+    want = dict(plain.named_parameters())
+    got = dict(shared_expert_fusion.unfused_named_parameters(fused))
+    assert sorted(got) == sorted(want)
+    assert any(".shared_expert.gate_up_proj.weight_scale_inv" in k for k in got) == (quantization == "fp8")
+    for name, tensor in want.items():
+        assert got[name].shape == tensor.shape and got[name].dtype == tensor.dtype, name
+        assert torch.equal(got[name].view(torch.uint8), tensor.view(torch.uint8)), name
+
+
 def test_blocks_that_cannot_be_fused_are_left_alone(tmp_path):
     # qwen2_moe's tiny shared MLP (40 columns) is no whole number of routed experts (24)
     model, _ = load_model(str(save_checkpoint(make_hf_model("qwen2_moe", seed=3), tmp_path / "q")), dtype=torch.float32)

@@ -1,5 +1,6 @@
-"""Shared experts run inside the routed experts op (`STATICMOE_FUSE_SHARED_EXPERTS=1`; off by default until
-measured on a GPU).
+"""Shared experts run inside the routed experts op (on by default; `STATICMOE_FUSE_SHARED_EXPERTS=0` turns it off).
+Measured on an H100 (deepseek-v2-lite, bench_engine, benchmarks/NOTES.md "Session 18"): 252 → 267 tok/s at batch 1,
+3245 → 3354 at batch 64.
 
 DeepSeek, GLM-4.5 and Qwen2-MoE send every token through a dense SwiGLU MLP beside the routed experts: three more
 launches per MoE layer (GEMM, activation, GEMM), which dominate little but cost their launch gaps in a decode step.
@@ -31,8 +32,8 @@ logger = logging.getLogger(__name__)
 
 
 def enabled() -> bool:
-    """`STATICMOE_FUSE_SHARED_EXPERTS=1` turns the fusion on (default off)."""
-    return env_switch("STATICMOE_FUSE_SHARED_EXPERTS", default=False)
+    """On unless `STATICMOE_FUSE_SHARED_EXPERTS=0`."""
+    return env_switch("STATICMOE_FUSE_SHARED_EXPERTS", default=True)
 
 
 def _slots(block: SparseMoeBlock) -> int | None:
@@ -108,3 +109,28 @@ def fuse_shared_experts(model: nn.Module) -> int:
     if fused:
         logger.info("shared experts run inside fused_moe in %d MoE layers (STATICMOE_FUSE_SHARED_EXPERTS)", fused)
     return fused
+
+
+def unfused_named_parameters(model: nn.Module):
+    """(name, tensor) of every parameter as the model had it before `fuse_shared_experts`: the experts' tensors
+    sliced back to the routed experts (views) and each fused block's shared MLP rebuilt from the extra experts
+    (copies: gate rows of every slot, then up rows; down's columns slot by slot). For tools that need the original
+    layout, such as bench_engine's transformers model on the engine's weights."""
+    fused = {name: block for name, block in model.named_modules()
+             if isinstance(block, SparseMoeBlock) and block.fused_shared_slots}
+    expert_tensors = ("gate_up_proj", "down_proj", "gate_up_proj_scale_inv", "down_proj_scale_inv")
+    for name, param in model.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        block = fused.get(owner.removesuffix(".experts")) if owner.endswith(".experts") else None
+        yield name, (param[: block.num_experts] if block is not None and leaf in expert_tensors else param)
+    for name, block in fused.items():
+        experts, routed = block.experts, block.num_experts
+        pairs = [("weight", experts.gate_up_proj, experts.down_proj)]
+        if isinstance(experts, Fp8Experts):
+            pairs.append(("weight_scale_inv", experts.gate_up_proj_scale_inv, experts.down_proj_scale_inv))
+        for leaf, w13, w2 in pairs:
+            extra13, extra2 = w13[routed:], w2[routed:]  # [S, 2r, c], [S, c, r]
+            half = extra13.shape[1] // 2
+            gate_up = torch.cat((extra13[:, :half].flatten(0, 1), extra13[:, half:].flatten(0, 1)))
+            yield f"{name}.shared_expert.gate_up_proj.{leaf}", gate_up
+            yield f"{name}.shared_expert.down_proj.{leaf}", torch.cat(tuple(extra2), dim=1)
