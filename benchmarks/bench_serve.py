@@ -50,6 +50,7 @@ from benchmarks.precision_compare import precision_lines
 from benchmarks.utilization_truth import markdown_lines, measure_utilization
 from model.engine import EngineConfig, LLMEngine
 from model.presets import PRESETS
+from service.arg_types import positive_float
 from service.loadgen.client import run_level
 from service.loadgen.dataset import PromptSpec, token_prompts
 from service.loadgen.main import int_list, positive_int
@@ -77,6 +78,10 @@ def parse_args(argv=None):
     p.add_argument("--prompts-per-concurrency", type=float, default=2.0)
     p.add_argument("--min-prompts", type=int, default=8)
     p.add_argument("--level-time-limit-s", type=float, default=30.0)
+    p.add_argument("--request-rate", type=positive_float, default=float("inf"),
+                   help="Poisson arrivals per second in the timed levels (each still capped at its concurrency); "
+                        "default inf: a closed loop. Compares TTFT at equal load: in a closed loop a faster server "
+                        "also receives more prompts per second")
     p.add_argument("--metrics-concurrency", type=int, default=64,
                    help="concurrency of the metrics-off comparison and batch of the utilization truth")
     p.add_argument("--scrape-interval-s", type=float, default=2.0)
@@ -183,7 +188,8 @@ async def run_levels(server: Server, preset: str, specs: list[PromptSpec], level
         first += len(level_specs)
         async with MetricsScraper(server.base_url, args.scrape_interval_s) as scraper:
             run = await run_level(server.base_url, level_specs, model=preset, max_concurrency=c,
-                                  time_limit_s=args.level_time_limit_s, processes=args.client_processes)
+                                  request_rate=args.request_rate, time_limit_s=args.level_time_limit_s,
+                                  processes=args.client_processes)
         summary = summarize(run)
         summary["server_metrics"] = scraper.summary()
         compiled = late_specializations(Path(server.log.name))

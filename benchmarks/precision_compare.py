@@ -42,7 +42,8 @@ def precision_lines(results: dict, c: int) -> list[str]:
         bf = level((base or {}).get("serve", {}).get("levels", []), c)
         if not (f8 and bf):
             continue
-        lines.append(f"FP8 vs bf16 {name.removesuffix('_fp8')} at c={c}: output tok/s {f8['output_throughput']:.0f} / "
+        rate = f", {f8['request_rate']} req/s offered" if f8.get("request_rate") else ""
+        lines.append(f"FP8 vs bf16 {name.removesuffix('_fp8')} at c={c}{rate}: output tok/s {f8['output_throughput']:.0f} / "
                      f"{bf['output_throughput']:.0f} = {f8['output_throughput'] / bf['output_throughput']:.2f}x, "
                      f"TTFT p50 {f8['ttft_ms']['p50']:.0f} / {bf['ttft_ms']['p50']:.0f} ms, failed "
                      f"{f8['failed']} / {bf['failed']}, KV tokens {r['offline'].get('kv_capacity_tokens')} / "
