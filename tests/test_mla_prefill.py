@@ -65,8 +65,11 @@ def test_fresh_layout_by_hand():
     # chunk 0: rows 0..2 (3 tokens), chunk 1: rows 5..6 (2 tokens; rows 3-4 belong to a decode row / another chunk)
     layout = mla_prefill.fresh_layout([Chunk(0, 3), Chunk(5, 7)], torch.device("cpu"))
     assert layout.rows.tolist() == [0, 1, 2, 5, 6]
-    assert layout.padded.tolist() == [[0, 1, 2], [3, 4, 3]]  # chunk 1's padding repeats its first row (position 3)
+    assert (layout.batch, layout.width) == (2, 3)
+    assert layout.padded_rows.tolist() == [0, 1, 2, 5, 6, 5]  # chunk 1's padding repeats its first row (step row 5)
     assert layout.unpadded.tolist() == [0, 1, 2, 3, 4]  # [B * L] = [2 * 3]: chunk 1 starts at 3
     layout = mla_prefill.fresh_layout([Chunk(2, 4), Chunk(4, 8)], torch.device("cpu"))
-    assert layout.padded.tolist() == [[0, 1, 0, 0], [2, 3, 4, 5]]
+    assert (layout.batch, layout.width) == (2, 4)
+    assert layout.padded_rows.tolist() == [2, 3, 2, 2, 4, 5, 6, 7]
+    assert layout.rows.tolist() == [2, 3, 4, 5, 6, 7]
     assert layout.unpadded.tolist() == [0, 1, 4, 5, 6, 7]

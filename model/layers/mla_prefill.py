@@ -34,25 +34,26 @@ def worth_batching(chunks: list) -> bool:
 @dataclass(frozen=True)
 class FreshLayout:
     """Where the fresh chunks' rows go in the padded batch, the same for every layer of a step (built once)."""
+    padded_rows: torch.Tensor  # [B * L] int64: the step row each padded position holds, chunk after chunk
+    #                            (padding: a copy of its chunk's first row: finite, and never a key a real query sees)
     rows: torch.Tensor  # [M] int64: the chunks' rows of the step, chunk after chunk
-    padded: torch.Tensor  # [B, L] int64 into `rows`' order: what each padded position holds (padding: a copy of
-    #                       its chunk's first row: finite, and never a key a real query sees)
     unpadded: torch.Tensor  # [M] int64 into the flattened [B * L]: where each of `rows` sits
+    batch: int  # B chunks
+    width: int  # L: the longest chunk
 
 
 def fresh_layout(chunks: list, device: torch.device) -> FreshLayout:
     lengths = torch.tensor([c.rows.stop - c.rows.start for c in chunks])  # [B]
     starts = torch.tensor([c.rows.start for c in chunks])  # [B] rows of the step
-    offsets = torch.cumsum(lengths, 0) - lengths  # [B] each chunk's first position in `rows`
     width = int(lengths.max())
     pos = torch.arange(width)  # [L]
     real = pos[None, :] < lengths[:, None]  # [B, L]
-    padded = torch.where(real, offsets[:, None] + pos[None, :], offsets[:, None])  # [B, L]
+    padded_rows = starts[:, None] + torch.where(real, pos[None, :], 0)  # [B, L]
     flat = torch.arange(len(chunks))[:, None] * width + pos[None, :]  # [B, L]
-    rows = (starts[:, None] + pos[None, :])[real]  # [M], chunk after chunk (boolean indexing keeps row order)
     pinned = device.type == "cuda"  # an asynchronous copy needs pinned host memory (a pageable one stages and waits)
-    return FreshLayout(*((t.pin_memory() if pinned else t).to(device, non_blocking=True)
-                         for t in (rows, padded, flat[real])))
+    on_device = [(t.pin_memory() if pinned else t).to(device, non_blocking=True)
+                 for t in (padded_rows.flatten(), padded_rows[real], flat[real])]  # boolean indexing keeps row order
+    return FreshLayout(*on_device, batch=len(chunks), width=width)
 
 
 def batched_fresh_prefill(attn, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
@@ -60,24 +61,26 @@ def batched_fresh_prefill(attn, q_nope: torch.Tensor, q_pe: torch.Tensor, latent
     """Writes out[chunk.rows] [n, Hq, v] for each fresh chunk. q_nope [N, Hq, nope], q_pe [N, Hq, rope] (rotated),
     latent [N, r] (normed) and k_pe [N, 1, rope] (rotated) of the step's rows; `attn` an MlaAttention; `derived`:
     the step's per-plan cache (AttentionPlan.derived), where the layout is kept for the other layers. A fixed
-    number of launches per layer: gathers into the padded layout, one kv_b_proj GEMM, one SDPA, one scatter back."""
+    number of launches per layer: the inputs gathered straight into the padded order (padding rows go through
+    kv_b_proj too: at most as many as real ones, see worth_batching, and none when the chunks are equally long),
+    one kv_b_proj GEMM, one SDPA, one scatter back."""
     heads, nope, v_dim, qk = attn.num_heads, attn.nope, attn.v_dim, attn.qk_dim
     derived = {} if derived is None else derived
     key = ("mla_fresh_layout", tuple((c.rows.start, c.rows.stop) for c in chunks))
     if key not in derived:
         derived[key] = fresh_layout(chunks, latent.device)
     layout = derived[key]
-    rows = layout.rows
-    kv = attn.kv_b_proj(latent[rows]).view(-1, heads, nope + v_dim)  # [M, Hq, nope + v]: one GEMM for all
+    idx = layout.padded_rows  # [B * L]
+    kv = attn.kv_b_proj(latent[idx]).view(-1, heads, nope + v_dim)  # [B * L, Hq, nope + v]: one GEMM for all
     k_nope, v = kv.split([nope, v_dim], dim=-1)
-    k = torch.cat((k_nope, k_pe[rows].expand(-1, heads, -1)), dim=-1)  # [M, Hq, qk]
-    q = torch.cat((q_nope[rows], q_pe[rows]), dim=-1)  # [M, Hq, qk]
+    k = torch.cat((k_nope, k_pe[idx].expand(-1, heads, -1)), dim=-1)  # [B * L, Hq, qk]
+    q = torch.cat((q_nope[idx], q_pe[idx]), dim=-1)  # [B * L, Hq, qk]
     if v_dim < qk:  # as _prefill: zero columns change nothing, and equal widths let SDPA pick flash attention
         v = F.pad(v, (0, qk - v_dim))
 
-    def padded(x):  # [M, Hq, qk] -> [B, Hq, L, qk]
-        return x[layout.padded].transpose(1, 2)
+    def heads_first(x):  # [B * L, Hq, qk] -> [B, Hq, L, qk]
+        return x.view(layout.batch, layout.width, heads, qk).transpose(1, 2)
 
-    o = prefill_sdpa(padded(q), padded(k), padded(v), is_causal=True, scale=attn.scale)
+    o = prefill_sdpa(heads_first(q), heads_first(k), heads_first(v), is_causal=True, scale=attn.scale)
     o = o.transpose(1, 2).reshape(-1, heads, qk)  # [B * L, Hq, qk]
-    out[rows] = o[layout.unpadded, :, :v_dim]
+    out[layout.rows] = o[layout.unpadded, :, :v_dim]
