@@ -33,6 +33,7 @@ class RequestResult:
     latency_s: float = 0.0      # end to end: request sent -> [DONE]
     itl_s: list[float] = field(default_factory=list)
     error: str = ""
+    sent_at: float = 0.0        # time.perf_counter() when sent: one clock for every client process of the machine
 
 
 @dataclass
@@ -63,7 +64,7 @@ async def send_completion(client: httpx.AsyncClient, url: str, headers: dict, mo
         payload["model"] = model
     result = RequestResult(False, spec.prompt_len, spec.prompt_len, spec.output_len)
     chunks, usage_tokens, done = 0, None, False
-    start = last = time.perf_counter()
+    start = last = result.sent_at = time.perf_counter()
     try:
         async with client.stream("POST", url, json=payload, headers=headers) as response:
             if response.status_code != 200:

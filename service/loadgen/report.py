@@ -74,6 +74,7 @@ def summarize(run: LevelRun) -> dict:
         "itl_ms": distribution_ms([gap for r in ok for gap in r.itl_s]),
         "e2el_ms": distribution_ms([r.latency_s for r in ok]),
         "slots_busy": slots_busy(run),
+        "timeline": timeline(run),
     }
 
 
@@ -86,6 +87,16 @@ def slots_busy(run: LevelRun) -> float | None:
     if not run.max_concurrency or not run.results or run.duration_s <= 0:
         return None
     return sum(r.latency_s for r in run.results) / (run.duration_s * run.max_concurrency)
+
+
+def timeline(run: LevelRun) -> list[list[float]]:
+    """Every completed request as [sent, TTFT, end to end] in seconds, sent counted from the level's first request
+    and sorted by it: where a TTFT distribution comes from (arrival waves, a stalled step) can be read off it."""
+    ok = sorted((r for r in run.results if r.ok), key=lambda r: r.sent_at)
+    if not ok:
+        return []
+    t0 = ok[0].sent_at
+    return [[round(r.sent_at - t0, 4), round(r.ttft_s, 4), round(r.latency_s, 4)] for r in ok]
 
 
 def _fmt(value, scale: float = 1.0) -> str:
