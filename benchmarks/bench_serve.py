@@ -477,7 +477,8 @@ def main(argv=None) -> int:
             env = environment(args.device)  # after the servers ran: a CUDA context here would shrink their KV cache
             report = dict(env=env, preset=preset, quantization=quantization, args=vars(args),
                           baseline_note=BASELINE_NOTE, result=result)
-            written = write_report(report, args, out / f"bench_serve_{env['date'][:10]}_{name}")
+            rate = "" if args.request_rate == float("inf") else f"_rate{args.request_rate:g}"
+            written = write_report(report, args, out / f"bench_serve_{env['date'][:10]}_{name}{rate}")
             print("wrote " + ", ".join(str(p) for p in written), flush=True)
             ok = ok and "error" not in result and all(t["passed"] for t in result["targets"])
     for line in precision_lines(results, args.metrics_concurrency):

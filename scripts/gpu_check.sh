@@ -85,10 +85,16 @@ for step in "${steps[@]}"; do
         python3 benchmarks/bench_engine.py ${engine_runs[$i]} --out "$OUT" 2>&1 | tee "$OUT/bench_engine_$i.log" | tail -30
         status=$((status | ${PIPESTATUS[0]}))
       done ;;
-    serve)  # one server per preset and process: a first preset's CUDA context would shrink the next one's KV cache
-      for p in ${SERVE_PRESETS:-olmoe-1b-7b qwen3-30b-a3b}; do
-        python3 benchmarks/bench_serve.py --presets "$p" ${SERVE_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench_serve_$p.log" | tail -40
-        status=$((status | ${PIPESTATUS[0]}))
+    serve)  # one server per preset and process: a first preset's CUDA context would shrink the next one's KV cache;
+      # SERVE_ARGS: one set of flags, or several separated by ';' (each run for every preset)
+      IFS=';' read -ra serve_runs <<< "${SERVE_ARGS:-}"
+      [ ${#serve_runs[@]} -eq 0 ] && serve_runs=("")
+      for i in "${!serve_runs[@]}"; do
+        for p in ${SERVE_PRESETS:-olmoe-1b-7b qwen3-30b-a3b}; do
+          python3 benchmarks/bench_serve.py --presets "$p" ${serve_runs[$i]} --out "$OUT" 2>&1 \
+            | tee "$OUT/bench_serve_${p}_$i.log" | tail -40
+          status=$((status | ${PIPESTATUS[0]}))
+        done
       done ;;
     prefix)  # caching on vs --no-prefix-caching, fresh servers in ABBA order (one process per preset, as serve)
       for p in ${SERVE_PRESETS:-olmoe-1b-7b qwen3-30b-a3b}; do
@@ -159,12 +165,13 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
     decode-moe-ab)  # issue 21: the two-launch decode MoE (STATICMOE_DECODE_MOE) checked, then timed 1,0,1,0: the FP8
       # grid's shapes at T = 1-8 (our FP8 and bf16 layers, graph times in the JSON) and OLMoE in bf16
       run_tests tests/test_triton_decode_moe_gpu.py
-      for knob in 1 0 1 0; do
+      for pass in 1a 0a 1b 0b; do  # each pass its own log and folder (a later pass must not overwrite an earlier)
+        knob=${pass:0:1}
         STATICMOE_DECODE_MOE=$knob python3 benchmarks/bench_moe_fp8.py --tokens 1,4,8 --budget-ms 60 \
-          --out-dir "$OUT/decode_moe_$knob" > "$OUT/decode_moe_ab_$knob.log" 2>&1
+          --out-dir "$OUT/decode_moe_$pass" > "$OUT/decode_moe_ab_$pass.log" 2>&1
         STATICMOE_DECODE_MOE=$knob python3 benchmarks/bench_moe.py --shapes olmoe-1b-7b --tokens 1,4,8 \
-          --routing balanced --no-loop --budget-ms 60 --out-dir "$OUT/decode_moe_$knob" >> "$OUT/decode_moe_ab_$knob.log" 2>&1
-        echo "STATICMOE_DECODE_MOE=$knob"; grep -E "balanced" "$OUT/decode_moe_ab_$knob.log" | tail -16
+          --routing balanced --no-loop --budget-ms 60 --out-dir "$OUT/decode_moe_$pass" >> "$OUT/decode_moe_ab_$pass.log" 2>&1
+        echo "STATICMOE_DECODE_MOE=$knob (pass $pass)"; grep -E "balanced" "$OUT/decode_moe_ab_$pass.log" | tail -16
       done
       PYTHONPATH=. python3 benchmarks/bench_decode_moe.py 2>&1 | tee "$OUT/bench_decode_moe.log" | tail -30
       STATICMOE_DECODE_MOE=1 run_tests tests/test_engine_graphs.py
