@@ -41,14 +41,27 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, h: torch.Tensor, rotary, plan: AttentionPlan, kv_cache: torch.Tensor) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(h), rotary, plan, kv_cache)  # [N, H]
+    # The residual stream travels as a pair (h, delta) whose sum is the stream: each layer's MLP output is added by
+    # the next layer's input norm (one fused add + norm kernel instead of an add, then a norm; vLLM passes its
+    # residual the same way), and the last one by the final norm.
+    def forward(self, h: torch.Tensor, rotary, plan: AttentionPlan, kv_cache: torch.Tensor,
+                delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, delta) entering the layer -> (h, delta) leaving it; delta None: nothing pending (the first layer)."""
+        h, normed = self.enter(h, delta)
+        attn = self.self_attn(normed, rotary, plan, kv_cache)  # [N, H]
         return self.after_attention(h, attn)
 
-    def after_attention(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """The residual stream after this layer: h [N, H] entering it, attn [N, H] its attention's output."""
+    def enter(self, h: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the residual stream h + delta, its input norm) [N, H] each."""
+        if delta is None:
+            return h, self.input_layernorm(h)
+        return self.input_layernorm.add_and_norm(h, delta)
+
+    def after_attention(self, h: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [N, H] the stream entering this layer, attn [N, H] its attention's output -> (h + attn, the MLP's
+        output): their sum is the stream after this layer."""
         h, normed = self.post_attention_layernorm.add_and_norm(h, attn)
-        return h + self.mlp(normed)
+        return h, self.mlp(normed)
 
 
 class DecoderModel(nn.Module):
@@ -84,9 +97,11 @@ class MoeCausalLM(nn.Module):
         plans = self.attention_plans(batch, kv_cache)
         h = self.model.embed_tokens(batch.input_ids)  # [N, H]
         rotary = self.model.rotary_emb(batch.positions, h.dtype)  # cos, sin [N, 1, R] (R: rotary channels)
+        delta = None  # the last MLP output, not yet added (DecoderLayer.forward)
         for layer_idx, layer in enumerate(self.model.layers):
-            h = layer(h, rotary, *self.layer_attention_inputs(layer_idx, plans, kv_cache))
-        return self.model.norm(h[batch.logits_indices])  # [S, H]; the norm is per row, so only wanted rows
+            h, delta = layer(h, rotary, *self.layer_attention_inputs(layer_idx, plans, kv_cache), delta)
+        rows = batch.logits_indices  # the norm is per row, so only the wanted rows
+        return self.model.norm.add_and_norm(h[rows], delta[rows])[1]  # [S, H]
 
     def attention_plans(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> list[AttentionPlan]:
         """One attention plan per KV-cache group for this step (what its layers share)."""

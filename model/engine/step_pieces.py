@@ -77,15 +77,18 @@ def run_piece(model: MoeCausalLM, index: int, buf: PieceBuffers) -> None:
         cos, sin = model.model.rotary_emb(buf.positions, h.dtype)
         buf.cos.copy_(cos)
         buf.sin.copy_(sin)
+        delta = None
     else:
         done = layers[index - 1]
-        h = done.after_attention(buf.hidden, done.self_attn.o_proj(buf.attn))
-    buf.hidden.copy_(h)
+        h, delta = done.after_attention(buf.hidden, done.self_attn.o_proj(buf.attn))
     if index < len(layers):
         layer = layers[index]
-        for into, value in zip(buf.projected, layer.self_attn.project(layer.input_layernorm(h), (buf.cos, buf.sin)),
-                               strict=True):
+        h, normed = layer.enter(h, delta)  # the previous layer's MLP output added inside this layer's input norm
+        for into, value in zip(buf.projected, layer.self_attn.project(normed, (buf.cos, buf.sin)), strict=True):
             into.copy_(value)
+    else:
+        h = h + delta  # after the last layer: the whole stream, which `logits` norms
+    buf.hidden.copy_(h)
 
 
 def attend(model: MoeCausalLM, index: int, buf: PieceBuffers, rows: int, plans: list[AttentionPlan],
