@@ -119,3 +119,18 @@ def test_metrics_overhead_per_pair_of_servers():
     got = pair_overheads([run(True, 6824.4), run(False, 7423.2), run(False, 7732.6), run(True, 7582.5),
                           run(True, 7626.7), run(False, 7600.0)])
     assert [round(100 * x, 1) for x in got] == [8.1, 1.9, -0.4]  # 1 - on/off, by hand: 0.0807, 0.0194, -0.0035
+
+
+def test_hf_speedup_target_only_for_a_closed_loop():
+    """An open-loop level's tok/s is the offered rate × output length: no speedup verdict is drawn from it."""
+    from benchmarks.bench_serve import parse_args, targets
+
+    def result(rate):
+        level = dict(max_concurrency=64, request_rate=rate, output_throughput=3000.0, failed=0, num_requests_sent=8)
+        return {"serve": {"levels": [level]}, "offline": {"hf": {64: {"tok_s": 100.0}}}}
+
+    args = parse_args([])
+    closed = [t["target"] for t in targets(result(None), args)]
+    opened = [t["target"] for t in targets(result(9.0), args)]
+    assert any("HF" in t for t in closed) and not any("HF" in t for t in opened)
+    assert "zero failed requests" in closed and "zero failed requests" in opened

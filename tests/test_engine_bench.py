@@ -2,6 +2,7 @@
 summary within its time budget; a run past its deadline stops and says so; the floor's expert count is right."""
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -80,7 +81,8 @@ def test_fp8_and_bf16_in_one_run_report_both_kv_capacities(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("model_type,fuse", [("deepseek_v2", "1"), ("deepseek_v2", "0"), ("deepseek_v3", "1")])
-def test_mla_preset_shares_weights_with_hf_and_reports_both_kv_capacities(tmp_path, monkeypatch, model_type, fuse):
+def test_mla_preset_shares_weights_with_hf_and_reports_both_kv_capacities(tmp_path, monkeypatch, caplog, model_type,
+                                                                            fuse):
     """A tiny DeepSeek preset: HF runs on the engine's own weights (its `shared_experts`, rebuilt where the engine
     fused them into the experts, and its correction-bias buffer too), and the report gives the latent cache's
     capacity beside an uncompressed cache's."""
@@ -96,7 +98,9 @@ def test_mla_preset_shares_weights_with_hf_and_reports_both_kv_capacities(tmp_pa
                 norm_topk_prob=model_type == "deepseek_v3", rms_norm_eps=1e-6, rope_theta=10000.0,
                 tie_word_embeddings=False, eos_token_id=258, initializer_range=0.2)
     monkeypatch.setitem(PRESETS, "tiny-mla", tiny)
-    report = run_small_preset(monkeypatch, tmp_path, "tiny-mla")
+    with caplog.at_level(logging.INFO, logger="model.layers.shared_expert_fusion"):
+        report = run_small_preset(monkeypatch, tmp_path, "tiny-mla")
+    assert ("shared experts run inside fused_moe" in caplog.text) == (fuse == "1")
     assert report["hf_logits_rel_diff"] < 1e-4, "HF does not run on the engine's own weights"
     ours = report["ours"]
     # latent: 32 + 16 values per token per layer; uncompressed: 4 heads x (16 + 16 + 16)

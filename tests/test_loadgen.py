@@ -61,7 +61,7 @@ def test_summary_of_known_requests():
     a = RequestResult(True, 10, 10, 11, output_tokens=11, ttft_s=0.1, latency_s=1.1, itl_s=[0.2, 0.4], sent_at=100.5)
     b = RequestResult(True, 20, 20, 5, output_tokens=5, ttft_s=0.3, latency_s=0.5, itl_s=[0.1], sent_at=100.0)
     one_token = RequestResult(True, 5, 5, 1, output_tokens=1, ttft_s=0.2, latency_s=0.2, sent_at=101.25)
-    bad = RequestResult(False, 7, 7, 4, error="HTTP 401: nope")
+    bad = RequestResult(False, 7, 7, 4, error="HTTP 401: nope", sent_at=99.75)  # the level's first request
     s = summarize(LevelRun(4, math.inf, [a, b, one_token, bad], not_sent=2, duration_s=2.0))
     assert set(s) == LEVEL_KEYS
     assert (s["completed"], s["failed"], s["not_sent"], s["num_requests_sent"]) == (3, 1, 2, 4)
@@ -78,8 +78,8 @@ def test_summary_of_known_requests():
     assert s["output_len_mismatches"] == 0
     assert s["slots_busy"] == pytest.approx((1.1 + 0.5 + 0.2) / (2.0 * 4))  # request-seconds / (wall x c)
     assert summarize(LevelRun(None, 2.0, [a], not_sent=0, duration_s=2.0))["slots_busy"] is None  # open loop
-    # completed requests by send time, counted from the first: b at 0, a at 0.5, one_token at 1.25 (bad left out)
-    assert s["timeline"] == [[0.0, 0.3, 0.5], [0.5, 0.1, 1.1], [1.25, 0.2, 0.2]]
+    # completed requests by send time, counted from the first sent (bad, which is left out): b, a, one_token
+    assert s["timeline"] == [[0.25, 0.3, 0.5], [0.75, 0.1, 1.1], [1.5, 0.2, 0.2]]
 
 
 def test_random_prompts_are_token_exact_and_seeded():

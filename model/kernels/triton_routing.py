@@ -98,8 +98,9 @@ if triton is not None:
 
         return top_vals, top_ids
 
-    # num_tokens changes every step: unspecialised, so that a step whose row count is not a multiple of 16 (or is
-    # 1) finds the variant start-up compiled instead of waiting for another (benchmarks/NOTES.md, "Session 18")
+    # num_tokens changes every step: unspecialised, so that a step whose row count is not a multiple of 16 finds
+    # the variant (ROWS, warps: launch_config, by row count up to 16) start-up compiled instead of waiting for
+    # another (benchmarks/NOTES.md, "Session 18")
     @triton.jit(do_not_specialize=["num_tokens"])
     def _route_rows(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, stride_t, stride_e,
                     TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, ROWS: tl.constexpr,

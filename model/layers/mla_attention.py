@@ -126,7 +126,7 @@ class MlaAttention(nn.Module):
             out[decode.rows] = self._decode(q_nope[decode.rows], q_pe[decode.rows], kv_cache, decode)
         chunks = plan.prefill
         starting = mla_prefill.fresh(chunks)  # nothing cached before them: batched, keys from this step's rows
-        if kv_cache.dtype == latent.dtype and mla_prefill.worth_batching(starting):
+        if kv_cache.dtype == latent.dtype and self.v_dim <= self.qk_dim and mla_prefill.worth_batching(starting):
             mla_prefill.batched_fresh_prefill(self, q_nope, q_pe, latent, k_pe, starting, out, derived=plan.derived)
             chunks = [c for c in chunks if all(c is not s for s in starting)]
         for chunk in chunks:

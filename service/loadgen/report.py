@@ -91,11 +91,11 @@ def slots_busy(run: LevelRun) -> float | None:
 
 def timeline(run: LevelRun) -> list[list[float]]:
     """Every completed request as [sent, TTFT, end to end] in seconds, sent counted from the level's first request
-    and sorted by it: where a TTFT distribution comes from (arrival waves, a stalled step) can be read off it."""
+    (failed or not) and sorted by it: where a TTFT distribution comes from (arrival waves, a stalled step) can be read off it."""
     ok = sorted((r for r in run.results if r.ok), key=lambda r: r.sent_at)
     if not ok:
         return []
-    t0 = ok[0].sent_at
+    t0 = min(r.sent_at for r in run.results)  # failed requests count for the start, not in the list
     return [[round(r.sent_at - t0, 4), round(r.ttft_s, 4), round(r.latency_s, 4)] for r in ok]
 
 
