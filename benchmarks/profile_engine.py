@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.bench_timing import replay_ms
 from model.engine import EngineConfig, LLMEngine, SamplingParams
+from service.arg_types import positive_int
 
 
 def timed(obj, name, table, record_event=None):
@@ -298,7 +299,7 @@ def main(argv=None):
     p.add_argument("--sync", action="store_true", help="step-phases: read each step back before the next")
     p.add_argument("--budget", type=int, nargs="+", default=[2048, 8192], help="prefill: chunk budgets")
     p.add_argument("--quantization", default="none", choices=["none", "fp8"], help="fp8 = quantised at load")
-    p.add_argument("--batch", type=int, default=64, help="prefill: prompts per round (512 tokens each)")
+    p.add_argument("--batch", type=positive_int, default=64, help="prefill: prompts per round (512 tokens each)")
     p.add_argument("--no-piecewise-graphs", action="store_true", help="prefill: steps that prefill run eagerly")
     p.add_argument("--no-expert-metrics", action="store_true",
                    help="step-phases: without per-expert counts and MoE timing (their cost: run with and without)")
