@@ -164,3 +164,22 @@ def test_gpu_engine_with_fused_shared_experts_in_cuda_graphs(tmp_path, monkeypat
     per_layer = counts.sum(dim=1).tolist()  # routed slots only: k per token (a step launched past a finish may add 2)
     assert len(set(per_layer)) == 1 and per_layer[0] % blocks[0].top_k == 0
     assert served * blocks[0].top_k <= per_layer[0] <= (served + 2) * blocks[0].top_k
+
+
+def test_glm_4_5_air_in_fp8_fuses_every_layer_without_adding_weight_bytes():
+    """The real preset on the meta device (no memory): all 45 MoE layers take their FP8 shared expert in as one
+    extra expert of 128x128-block scales, and the model's bytes stay what they were (the fusion moves weights)."""
+    def model():
+        return load_model("glm-4.5-air", random_weights=True, device="meta", quantization="fp8")[0]
+
+    def weight_bytes(m):
+        return sum(p.numel() * p.element_size() for p in m.parameters())
+
+    fused = model()
+    before = weight_bytes(fused)
+    assert shared_expert_fusion.fuse_shared_experts(fused) == 45
+    assert weight_bytes(fused) == before
+    block = fused.moe_blocks()[0]
+    assert block.fused_shared_slots == 1 and block.experts.gate_up_proj.dtype == torch.float8_e4m3fn
+    assert tuple(block.experts.gate_up_proj.shape) == (129, 2 * 1408, 4096)
+    assert tuple(block.experts.gate_up_proj_scale_inv.shape) == (129, 2 * 1408 // 128, 4096 // 128)
