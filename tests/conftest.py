@@ -22,3 +22,15 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip_triton)
         elif not have_gpu:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def cuda_moe_layer(monkeypatch):
+    """`fused_moe` on the CUDA kernels at every size: small experts at decode sizes otherwise take the two Triton
+    launches by default (model/kernels/triton_decode_moe.py, which tests/test_triton_decode_moe_gpu.py checks)."""
+    from model.kernels import triton_decode_moe
+
+    triton_decode_moe.decode_moe_forced.cache_clear()
+    monkeypatch.setenv("STATICMOE_DECODE_MOE", "0")
+    yield
+    triton_decode_moe.decode_moe_forced.cache_clear()

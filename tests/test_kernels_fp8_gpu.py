@@ -19,7 +19,7 @@ from benchmarks.moe_cases import FP8_EXPERT_SHAPES as SHAPES
 from benchmarks.moe_cases import make_routing, relative_error
 from tests.test_kernels_gpu import ROUTINGS, replay_with_new_routings
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_moe_layer")]  # the CUDA kernels, at T = 1 too
 
 TOKENS = (1, 7, 64, 513, 4096)
 

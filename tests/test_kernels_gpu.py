@@ -8,7 +8,7 @@ import torch
 from benchmarks.moe_cases import EXPERT_SHAPES, make_routing, relative_error
 from model.kernels import extension, fused_moe, fused_moe_reference
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_moe_layer")]  # the CUDA kernels, at T = 1 too
 
 TOKENS = (1, 7, 64, 513, 4096)
 ROUTINGS = ("uniform", "zipf", "same", "sparse90")

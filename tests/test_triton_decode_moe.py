@@ -64,22 +64,39 @@ class FakeCuda:
 @pytest.fixture
 def decode_knob(monkeypatch):
     def set_to(value):
-        triton_decode_moe.decode_moe_enabled.cache_clear()
+        triton_decode_moe.decode_moe_forced.cache_clear()
         if value is None:
             monkeypatch.delenv("STATICMOE_DECODE_MOE", raising=False)
         else:
             monkeypatch.setenv("STATICMOE_DECODE_MOE", value)
     monkeypatch.setattr(triton_decode_moe, "available", lambda: True)
     yield set_to
-    triton_decode_moe.decode_moe_enabled.cache_clear()
+    triton_decode_moe.decode_moe_forced.cache_clear()
 
 
-def test_applies_only_when_switched_on_at_decode_sizes_in_16_bit(decode_knob):
+def test_by_default_applies_to_small_experts_only(decode_knob):
+    """OLMoE's experts (H·I = 2048·1024) and smaller take it; Qwen3-235B's (4096·1536, measured no faster) do not,
+    unless forced; `=0` keeps even the smallest on the CUDA layer."""
+    ids = torch.zeros(1, 8, dtype=torch.int32)
+    x = FakeCuda(torch.zeros(1, 2048, dtype=torch.bfloat16))
+    olmoe = torch.empty(64, 2 * 1024, 2048, dtype=torch.bfloat16, device="meta")
+    one_column_more = torch.empty(64, 2 * 1025, 2048, dtype=torch.bfloat16, device="meta")
+    big = torch.empty(128, 2 * 1536, 4096, dtype=torch.float8_e4m3fn, device="meta")
+    big_x = FakeCuda(torch.zeros(1, 4096, dtype=torch.bfloat16))
+    decode_knob(None)
+    assert triton_decode_moe.applies(x, olmoe, ids)
+    assert not triton_decode_moe.applies(x, one_column_more, ids)
+    assert not triton_decode_moe.applies(big_x, big, ids)
+    decode_knob("1")
+    assert triton_decode_moe.applies(big_x, big, ids)
+    decode_knob("0")
+    assert not triton_decode_moe.applies(x, olmoe, ids)
+
+
+def test_applies_only_at_decode_sizes_in_16_bit_or_fp8(decode_knob):
     w13 = torch.zeros(4, 8, 16, dtype=torch.bfloat16)
     x = FakeCuda(torch.zeros(1, 16, dtype=torch.bfloat16))
     ids = torch.zeros(1, 8, dtype=torch.int32)
-    decode_knob(None)
-    assert not triton_decode_moe.applies(x, w13, ids)  # opt-in
     decode_knob("1")
     assert triton_decode_moe.applies(x, w13, ids)
     assert triton_decode_moe.applies(x, w13, torch.zeros(8, 8, dtype=torch.int32))  # T·k = 64

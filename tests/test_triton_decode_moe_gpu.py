@@ -18,10 +18,10 @@ PRESETS = {"olmoe": (64, 2048, 1024, 8, "silu", False), "qwen3-30b-a3b": (128, 2
 
 @pytest.fixture
 def decode_on(monkeypatch):
-    triton_decode_moe.decode_moe_enabled.cache_clear()
+    triton_decode_moe.decode_moe_forced.cache_clear()
     monkeypatch.setenv("STATICMOE_DECODE_MOE", "1")
     yield
-    triton_decode_moe.decode_moe_enabled.cache_clear()
+    triton_decode_moe.decode_moe_forced.cache_clear()
 
 
 @pytest.mark.parametrize("name", PRESETS)

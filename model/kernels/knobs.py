@@ -4,7 +4,8 @@ them. Strict: a value other than 0 or 1 is an error naming the variable, never s
 import os
 
 
-def env_switch(name: str, default: bool = False) -> bool:
+def env_switch(name: str, default: bool | None = False) -> bool | None:
+    """1 → True, 0 → False, unset → `default` (None where the caller decides by itself)."""
     value = os.environ.get(name)
     if value is None:
         return default

@@ -4,8 +4,8 @@ The activation between the GEMMs is an enum (`model.kernels.activation.Activatio
 clamped SwiGLU); optional expert biases w13_bias [E, 2I] and w2_bias [E, H] are added to the GEMM outputs (the w2
 bias before the routing weight, so it is scaled by it like the product, as gpt-oss computes it).
 
-On a CUDA tensor with the extension built for the device it runs our sm_90a kernels (decode sizes, with
-`STATICMOE_DECODE_MOE=1`: two Triton launches without a plan, `model.kernels.triton_decode_moe`); elsewhere it runs
+On a CUDA tensor with the extension built for the device it runs our sm_90a kernels (decode sizes with small
+experts: two Triton launches without a plan, `model.kernels.triton_decode_moe`); elsewhere it runs
 the pure-torch reference. Checks happen once, here, at the boundary. Weights in float8_e4m3fn (with their 128×128
 block scales) select the FP8 op, `staticmoe::fused_moe_fp8`, whose numerics `model.kernels.fp8` states.
 """
@@ -154,7 +154,7 @@ def _fused_moe_op(
     w13_bias: torch.Tensor | None = None,
     w2_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    if triton_decode_moe.applies(x, w13, topk_ids):  # decode sizes, opt-in: two launches, no plan
+    if triton_decode_moe.applies(x, w13, topk_ids):  # decode sizes, small experts: two launches, no plan
         return triton_decode_moe.decode_moe(x, w13, w2, topk_weights, topk_ids, expert_load, Activation(activation),
                                             w13_bias, w2_bias)
     if uses_cuda_kernel(x):
@@ -185,7 +185,7 @@ def _fused_moe_fp8_op(
     w13_bias: torch.Tensor | None = None,
     w2_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    if triton_decode_moe.applies(x, w13, topk_ids):  # decode sizes, opt-in: two launches, no plan
+    if triton_decode_moe.applies(x, w13, topk_ids):  # decode sizes, small experts: two launches, no plan
         return triton_decode_moe_fp8.decode_moe_fp8(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids,
                                                     expert_load, Activation(activation), w13_bias, w2_bias)
     if x.dtype == torch.bfloat16 and uses_cuda_kernel(x):

@@ -1,6 +1,14 @@
 """The 16-bit MoE layer for decode-sized batches (T·k <= DECODE_MAX_SLOTS routed slots) in two Triton launches and no
-routing plan: opt-in with `STATICMOE_DECODE_MOE=1` until a GPU run has timed it (issue 21). The FP8 layer's
-version, with the same switch and cut, is `triton_decode_moe_fp8`.
+routing plan. The default for small experts (H·I <= AUTO_MAX_EXPERT_ELEMENTS, `wanted`); `STATICMOE_DECODE_MOE=1`
+takes it for every expert size, `=0` never. The FP8 layer's version, with the same switch and cut, is
+`triton_decode_moe_fp8`.
+
+When it wins (H100, the layer in a CUDA graph against the CUDA path in the same process, benchmarks/NOTES.md
+"Session 19"): at T = 1 Qwen3-30B-A3B 37.2 vs 41.0 µs in bf16 and 24.2 vs 31.3 in FP8, OLMoE 46.3 vs 48.6 and
+34.4 vs 35.8, and at T = 4-8 equal or better but for OLMoE FP8 at T = 4 (90.1 vs 85.3). Larger experts lose or
+tie: Qwen3-235B-A22B (H·I = 4096·1536) FP8 76.8 vs 76.4 µs at T = 1 and 5% slower at T = 4-8, DeepSeek-V3
+161 vs 135 µs, Mixtral 224 vs 137 µs (one program per slot and column block streams a large expert with too few
+loads in flight). In the engine OLMoE's batch-1 decode step went 1.608 → 1.522 ms and its kernels 237 → 205.
 
 Why: at T = 1 the CUDA path runs plan, GEMM1, GEMM2 and combine (four launches) for a layer whose only real cost
 is streaming k experts' weights. On the H200 Qwen3-30B-A3B's layer took 36.9 µs in a graph against an ~18 µs byte
@@ -42,6 +50,7 @@ except ImportError:  # CPU-only installs
     triton = tl = None
 
 DECODE_MAX_SLOTS = 64  # T·k up to which the two-launch path runs
+AUTO_MAX_EXPERT_ELEMENTS = 2048 * 1024  # H·I of the largest expert it is the default for: OLMoE's (measured faster)
 DTYPES = (torch.bfloat16, torch.float16)
 PROGRAMS_PER_SM = 4  # each launch's target: enough loads in flight (Triton does not pipeline these loops' loads)
 UP_TILE = 8192  # elements of `_up`'s [BLOCK_I, BLOCK_K] step per gate and up (32 KB of bf16 for both)
@@ -62,9 +71,18 @@ def launch_blocks(T: int, k: int, H: int, inter: int, sms: int, min_block_h: int
     return block_i, block_h
 
 @functools.cache
-def decode_moe_enabled() -> bool:
-    """`STATICMOE_DECODE_MOE=1` (read once per process): opt-in until a GPU run has checked and timed it."""
-    return env_switch("STATICMOE_DECODE_MOE")
+def decode_moe_forced() -> bool | None:
+    """`STATICMOE_DECODE_MOE` (read once per process): 1 takes the two launches at every expert size, 0 never,
+    unset leaves it to the expert size (`wanted`)."""
+    return env_switch("STATICMOE_DECODE_MOE", default=None)
+
+
+def wanted(w13: torch.Tensor) -> bool:
+    """The switch if set, else whether w13 [E, 2I, H]'s experts are small enough to gain (the module docstring)."""
+    forced = decode_moe_forced()
+    if forced is not None:
+        return forced
+    return (w13.shape[1] // 2) * w13.shape[2] <= AUTO_MAX_EXPERT_ELEMENTS
 
 
 def available() -> bool:
@@ -72,11 +90,11 @@ def available() -> bool:
 
 
 def applies(x: torch.Tensor, w13: torch.Tensor, topk_ids: torch.Tensor) -> bool:
-    """Whether `fused_moe` takes the two-launch path for x [T, H] on a GPU: switched on, Triton present,
-    T·k <= DECODE_MAX_SLOTS, and a 16-bit x with w13 of its dtype (this module) or a bf16 x with e4m3 w13
+    """Whether `fused_moe` takes the two-launch path for x [T, H] on a GPU: `wanted` for these experts, Triton
+    present, T·k <= DECODE_MAX_SLOTS, and a 16-bit x with w13 of its dtype (this module) or a bf16 x with e4m3 w13
     (`triton_decode_moe_fp8`)."""
     dtypes_ok = (w13.dtype == x.dtype and x.dtype in DTYPES) or (w13.dtype == FP8_DTYPE and x.dtype == torch.bfloat16)
-    return x.is_cuda and dtypes_ok and topk_ids.numel() <= DECODE_MAX_SLOTS and decode_moe_enabled() and available()
+    return x.is_cuda and dtypes_ok and topk_ids.numel() <= DECODE_MAX_SLOTS and wanted(w13) and available()
 
 
 if tl is not None:

@@ -1,6 +1,6 @@
 """The FP8 MoE layer (e4m3 weights with 128x128 block scales, `model.kernels.fp8`'s numerics) for decode-sized
-batches in two Triton launches and no plan: `triton_decode_moe`'s design for `fused_moe_fp8`, opt-in with the same
-`STATICMOE_DECODE_MOE=1` until a GPU run has timed it.
+batches in two Triton launches and no plan: `triton_decode_moe`'s design for `fused_moe_fp8`, with its default (small
+experts) and its switch `STATICMOE_DECODE_MOE`.
 
 Why: on the H100 the FP8 Qwen3-30B-A3B layer at T = 1 took 30.0 µs in a graph against a 12.6 µs byte floor (2.38×;
 issue 16's decode target is 1.15×), while at T = 16 it ran at 1.11×: the loss is the fixed launches (quantiser,

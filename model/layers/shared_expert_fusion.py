@@ -10,8 +10,9 @@ appended to the experts' weights, and every token gets S extra slots routed to t
 or the token's sigmoid gate (Qwen2-MoE): the one `fused_moe` launch then streams the shared weights with the routed
 ones, and its deterministic combine adds them. FP8 weights move with their 128x128 block scales (I a multiple of
 128). The extra experts' tokens are counted in `expert_load` past the routed experts and left out of the metrics.
-Beside the two-launch decode MoE (`STATICMOE_DECODE_MOE=1`) it is untested and likely slower: that path streams
-each slot's expert on its own, so the shared weights once per token.
+Beside the two-launch decode MoE it is untimed and likely slower: that path streams each slot's expert on its own,
+so the shared weights once per token. No supported shared-expert model has experts small enough for that path's
+default (`triton_decode_moe.AUTO_MAX_EXPERT_ELEMENTS`); `STATICMOE_DECODE_MOE=1` forces the pairing.
 
 Only for one-rank models (expert parallelism shards the experts, and the shared ones belong to every rank), and
 blocks whose experts have no biases and are not padded.
