@@ -17,7 +17,7 @@ def float64_layer(x, w13, w2, wts, ids, activation, b13=None, b2=None, round_h_t
     T, k = ids.shape
     E, two_i, _ = w13.shape
     inter = two_i // 2
-    out = torch.zeros(T, x.shape[1], dtype=torch.float64)
+    out = torch.zeros(T, x.shape[1], dtype=torch.float64, device=x.device)
     spread = torch.zeros_like(out)
     for t in range(T):
         for s in range(k):
@@ -46,27 +46,26 @@ def float64_layer(x, w13, w2, wts, ids, activation, b13=None, b2=None, round_h_t
 def check(T, E, H, inter, k, dtype, activation="silu", bias=False, bad_ids=False, device="cpu", seed=0,
           blocks=None):
     """One random layer (`blocks`: the kernels' (BLOCK_I, BLOCK_H), default theirs); returns (out, expert_load)
-    for callers that compare calls."""
-    g = torch.Generator().manual_seed(seed)
+    for callers that compare calls. Inputs and the float64 reference are made on `device` (on a GPU, Mixtral's
+    weights take seconds to draw on the CPU)."""
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(seed)
     dt = getattr(torch, dtype)
     activation = Activation(activation)
-    x = torch.randn(T, H, generator=g).to(dt)
-    w13 = (torch.randn(E, 2 * inter, H, generator=g) / H ** 0.5).to(dt)
-    w2 = (torch.randn(E, H, inter, generator=g) / inter ** 0.5).to(dt)
-    b13 = (torch.randn(E, 2 * inter, generator=g) * 0.1).to(dt) if bias else None
-    b2 = (torch.randn(E, H, generator=g) * 0.1).to(dt) if bias else None
-    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)  # [T, k]
+    x = torch.randn(T, H, generator=g, device=dev).to(dt)
+    w13 = (torch.randn(E, 2 * inter, H, generator=g, device=dev) / H ** 0.5).to(dt)
+    w2 = (torch.randn(E, H, inter, generator=g, device=dev) / inter ** 0.5).to(dt)
+    b13 = (torch.randn(E, 2 * inter, generator=g, device=dev) * 0.1).to(dt) if bias else None
+    b2 = (torch.randn(E, H, generator=g, device=dev) * 0.1).to(dt) if bias else None
+    ids = torch.stack([torch.randperm(E, generator=g, device=dev)[:k] for _ in range(T)]).to(torch.int32)  # [T, k]
     if bad_ids:
         ids[0, 0], ids[-1, -1] = E, -1  # route nowhere
-    wts = torch.softmax(torch.randn(T, k, generator=g), dim=-1)
-    load = torch.full((E,), 7, dtype=torch.int64)
+    wts = torch.softmax(torch.randn(T, k, generator=g, device=dev), dim=-1)
+    load = torch.full((E,), 7, dtype=torch.int64, device=dev)
     ref, spread = float64_layer(x, w13, w2, wts, ids, activation, b13, b2, round_h_to=dt)
-    dev = torch.device(device)
-    to = (lambda t: None if t is None else t.to(dev))
-    load_dev = load.clone().to(dev)  # a copy even on the CPU: `load` stays the count before the call
-    out = decode_moe(x.to(dev), w13.to(dev), w2.to(dev), wts.to(dev), ids.to(dev), load_dev, activation,
-                     to(b13), to(b2), blocks=blocks)
-    got = out.double().cpu()
+    load_after = load.clone()  # a copy: `load` stays the count before the call
+    out = decode_moe(x, w13, w2, wts, ids, load_after, activation, b13, b2, blocks=blocks)
+    got = out.double()
     # h may round to the neighbouring value of the dtype (float32 vs float64 sums before the rounding: one ulp,
     # 2u relative), the output rounds once (u), float32 sums add ~1e-6 relative
     u = 2.0 ** -8 if dt == torch.bfloat16 else 2.0 ** -11
@@ -75,8 +74,8 @@ def check(T, E, H, inter, k, dtype, activation="silu", bias=False, bad_ids=False
     assert (err <= tol).all(), (T, E, H, inter, k, dtype, activation, (err - tol).max().item())
     valid = ids[(ids >= 0) & (ids < E)].long()
     expected_load = load + torch.bincount(valid, minlength=E)
-    assert torch.equal(load_dev.cpu(), expected_load), "expert_load must count each valid slot once"
-    return out, load_dev
+    assert torch.equal(load_after, expected_load), "expert_load must count each valid slot once"
+    return out, load_after
 
 
 def check_deterministic(device="cpu"):
@@ -95,30 +94,27 @@ def check_fp8(T, E, H, inter, k, activation="silu", bias=False, bad_ids=False, d
     from model.kernels.fp8 import fused_moe_fp8_reference, quantize_fp8_blocks
     from model.kernels.triton_decode_moe_fp8 import decode_moe_fp8
 
-    g = torch.Generator().manual_seed(seed)
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(seed)
     activation = Activation(activation)
-    x = torch.randn(T, H, generator=g).bfloat16()
-    w13, s13 = quantize_fp8_blocks(torch.randn(E, 2 * inter, H, generator=g) / H ** 0.5)
-    w2, s2 = quantize_fp8_blocks(torch.randn(E, H, inter, generator=g) / inter ** 0.5)
-    b13 = (torch.randn(E, 2 * inter, generator=g) * 0.1).bfloat16() if bias else None
-    b2 = (torch.randn(E, H, generator=g) * 0.1).bfloat16() if bias else None
-    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)
+    x = torch.randn(T, H, generator=g, device=dev).bfloat16()
+    w13, s13 = quantize_fp8_blocks(torch.randn(E, 2 * inter, H, generator=g, device=dev) / H ** 0.5)
+    w2, s2 = quantize_fp8_blocks(torch.randn(E, H, inter, generator=g, device=dev) / inter ** 0.5)
+    b13 = (torch.randn(E, 2 * inter, generator=g, device=dev) * 0.1).bfloat16() if bias else None
+    b2 = (torch.randn(E, H, generator=g, device=dev) * 0.1).bfloat16() if bias else None
+    ids = torch.stack([torch.randperm(E, generator=g, device=dev)[:k] for _ in range(T)]).to(torch.int32)
     if bad_ids:
         ids[0, 0], ids[-1, -1] = E, -1
-    wts = torch.softmax(torch.randn(T, k, generator=g), dim=-1)
-    load = torch.zeros(E, dtype=torch.int64)
+    wts = torch.softmax(torch.randn(T, k, generator=g, device=dev), dim=-1)
+    load = torch.zeros(E, dtype=torch.int64, device=dev)
     masked = ids.clone().masked_fill((ids < 0) | (ids >= E), 0)  # the reference needs in-range ids: weight 0 there
     ref_wts = wts.masked_fill((ids < 0) | (ids >= E), 0.0)
     ref = fused_moe_fp8_reference(x.double(), w13, s13, w2, s2, ref_wts.double(), masked, torch.float64,
                                   activation=activation, w13_bias=b13, w2_bias=b2)  # [T, H] float64
-    dev = torch.device(device)
-    to = (lambda t: None if t is None else t.to(dev))
-    load_dev = load.clone().to(dev)
-    out = decode_moe_fp8(x.to(dev), w13.to(dev), s13.to(dev), w2.to(dev), s2.to(dev), wts.to(dev), ids.to(dev),
-                         load_dev, activation, to(b13), to(b2), blocks=blocks)
-    err = (out.double().cpu() - ref).abs().max().item()
+    out = decode_moe_fp8(x, w13, s13, w2, s2, wts, ids, load, activation, b13, b2, blocks=blocks)
+    err = (out.double() - ref).abs().max().item()
     scale = ref.abs().max().item()
     assert err <= 2.0 ** -6 * scale, (T, E, H, inter, k, activation, err / scale)
     valid = ids[(ids >= 0) & (ids < E)].long()
-    assert torch.equal(load_dev.cpu(), torch.bincount(valid, minlength=E)), "expert_load must count each valid slot"
+    assert torch.equal(load, torch.bincount(valid, minlength=E)), "expert_load must count each valid slot"
     return err / scale
