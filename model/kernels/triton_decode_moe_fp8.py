@@ -115,9 +115,11 @@ if tl is not None:
 def decode_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
                    w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                    expert_load: torch.Tensor | None, activation: Activation, w13_bias: torch.Tensor | None = None,
-                   w2_bias: torch.Tensor | None = None, blocks: tuple[int, int] | None = None) -> torch.Tensor:
+                   w2_bias: torch.Tensor | None = None, blocks: tuple[int, int] | None = None,
+                   num_warps: int = 8) -> torch.Tensor:
     """`fused_moe_fp8` for x [T, H] with T·k <= DECODE_MAX_SLOTS (inputs already checked: H, I multiples of 128).
-    `blocks` (BLOCK_I, BLOCK_H) overrides `launch_blocks` (tests)."""
+    `blocks` (BLOCK_I, BLOCK_H) overrides `launch_blocks`, `num_warps` the launches' warps (tests, the sweep of
+    benchmarks/bench_decode_moe.py)."""
     T, H = x.shape
     E, two_i, _ = w13.shape
     inter, k = two_i // 2, topk_ids.shape[1]
@@ -134,9 +136,9 @@ def decode_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, 
     _up[(T * k, inter // block_i)](
         x, w13, s13, b13, ids, h, E, H, inter, K_SLOTS=k, HAS_BIAS=w13_bias is not None,
         SWIGLU_OAI=activation == Activation.SWIGLU_OAI, alpha=SWIGLU_OAI_ALPHA, limit=SWIGLU_OAI_LIMIT,
-        SOFT_ROUND=soft, BLOCK_I=block_i, GROUPS=UP_STEP_ROWS // block_i, num_warps=8)
+        SOFT_ROUND=soft, BLOCK_I=block_i, GROUPS=UP_STEP_ROWS // block_i, num_warps=num_warps)
     _down[(T, H // block_h)](
         h, w2, s2, b2, ids, wts, out, expert_load if expert_load is not None else ids, E, H, inter, K_SLOTS=k,
         K_PAD=triton.next_power_of_2(k), HAS_BIAS=w2_bias is not None, COUNT=expert_load is not None,
-        SOFT_ROUND=soft, BLOCK_H=block_h, num_warps=8)
+        SOFT_ROUND=soft, BLOCK_H=block_h, num_warps=num_warps)
     return out
