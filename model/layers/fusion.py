@@ -23,6 +23,10 @@ ALLOWED = os.environ.get("STATICMOE_COMPILE", "1") != "0"  # STATICMOE_COMPILE=0
 _enabled = ALLOWED
 EAGER_MIN_ROWS = 4096  # outside graph capture, the compiled function runs only from this many rows on
 _capturing = False
+# Inductor computes a fused chain's 16-bit intermediates in float32 and by default skips rounding them to their dtype:
+# add_rms_norm's norm then saw the unrounded sum, unlike eager and HF (on the CPU a quarter of the normed bf16
+# values differed, tests/test_fusion.py). Emulating the casts rounds where the eager code rounds.
+COMPILE_OPTIONS = {"emulate_precision_casts": True}
 
 
 def set_enabled(enabled: bool) -> None:
@@ -57,6 +61,11 @@ def use_compiled(x: torch.Tensor) -> bool:
     return _enabled and x.is_cuda and (_capturing or x.shape[0] >= EAGER_MIN_ROWS)
 
 
+def compile_fused(fn):
+    """`fn` through `torch.compile` as every fused function is compiled."""
+    return torch.compile(fn, dynamic=True, options=COMPILE_OPTIONS)
+
+
 def gpu_fused(fn):
     """`fn` compiled into fused kernels where `use_compiled` says so; eager `fn` otherwise."""
     compiled = None
@@ -69,7 +78,7 @@ def gpu_fused(fn):
         if compiled is None:
             # fullgraph=False: past dynamo's recompile limit (a process running many model configs, as the tests
             # do) the call falls back to eager instead of raising
-            compiled = torch.compile(fn, dynamic=True) if _can_compile() else fn
+            compiled = compile_fused(fn) if _can_compile() else fn
         return compiled(*args)
 
     wrapper.eager = fn
