@@ -21,28 +21,34 @@ from benchmarks.moe_cases import EXPERT_SHAPES, FP8_EXPERT_SHAPES, experts_hit, 
 from model.kernels import extension
 from model.kernels.activation import Activation
 from model.kernels.fp8 import quantize_fp8_blocks
-from model.kernels.triton_decode_moe import decode_moe
+from model.kernels.triton_decode_moe import DOWN_TILE, UP_TILE, decode_moe
 from model.kernels.triton_decode_moe_fp8 import decode_moe_fp8
 
 SHAPES = {**EXPERT_SHAPES, **FP8_EXPERT_SHAPES}
 SWEEP_BLOCK_I = (4, 8, 16, 32)
 SWEEP_BLOCK_H = (2, 4, 8, 16, 32)
 SWEEP_WARPS = (4, 8)
+# 16-bit only (the FP8 kernels step by 128-wide scale blocks): elements per loop step of (`_up`, `_down`). Offline
+# sm_90a compiles of Qwen3's `_down` at BLOCK_H 4, 8 warps: 137 registers at 16384 (one program per SM), 64 at 8192.
+SWEEP_TILES = ((8192, 16384), (4096, 8192))
 
 
-def sweep(run, default_us: float) -> str:
-    """run(blocks, warps) -> µs for every launch shape; the fastest three against the default's time."""
+def sweep(run, default_us: float, tiles=(None,)) -> str:
+    """run(blocks, warps, tiles) -> µs for every launch shape; the fastest three against the default's time."""
     times = []
-    for block_i in SWEEP_BLOCK_I:
-        for block_h in SWEEP_BLOCK_H:
-            for warps in SWEEP_WARPS:
-                try:
-                    times.append((run((block_i, block_h), warps), block_i, block_h, warps))
-                except Exception as exc:  # a shape Triton cannot compile (resources): reported, not fatal
-                    print(f"    blocks ({block_i}, {block_h}) warps {warps}: {type(exc).__name__}", flush=True)
+    for tile in tiles:
+        for block_i in SWEEP_BLOCK_I:
+            for block_h in SWEEP_BLOCK_H:
+                for warps in SWEEP_WARPS:
+                    shape = (block_i, block_h, warps) + ((tile,) if tile else ())
+                    try:
+                        times.append((run((block_i, block_h), warps, tile), shape))
+                    except Exception as exc:  # a shape Triton cannot compile (resources): reported, not fatal
+                        print(f"    {shape}: {type(exc).__name__}", flush=True)
     times.sort()
-    best = ", ".join(f"({bi}, {bh}, w{w}) {us:.1f} us" for us, bi, bh, w in times[:3])
-    return f"    sweep: default {default_us:.1f} us; fastest {best} ({default_us / times[0][0]:.2f}x)"
+    best = ", ".join(f"{shape} {us:.1f} us" for us, shape in times[:3])
+    return (f"    sweep (BLOCK_I, BLOCK_H, warps[, tiles]): default {default_us:.1f} us; fastest {best} "
+            f"({default_us / times[0][0]:.2f}x)")
 
 
 def weight_bytes(hit: int, H: int, I: int, fp8: bool) -> int:
@@ -78,14 +84,14 @@ def main(argv=None):
                 wts, ids = make_routing("balanced", T, E, k, gen)
                 x = torch.randn(T, H, device=device, dtype=torch.bfloat16, generator=gen)
                 if fp8:
-                    def triton_fn(blocks=None, warps=8):
+                    def triton_fn(blocks=None, warps=8, tiles=None):
                         return decode_moe_fp8(x, a, sa, b, sb, wts, ids, None, Activation.SILU, blocks=blocks,
                                               num_warps=warps)
                     cuda_fn = lambda: extension.fused_moe_fp8_cuda(x, a, sa, b, sb, wts, ids, None)  # noqa: E731
                 else:
-                    def triton_fn(blocks=None, warps=8):
+                    def triton_fn(blocks=None, warps=8, tiles=None):
                         return decode_moe(x, w13, w2, wts, ids, None, Activation.SILU, blocks=blocks,
-                                          num_warps=warps)
+                                          num_warps=warps, tiles=tiles or (UP_TILE, DOWN_TILE))
                     cuda_fn = lambda: extension.fused_moe_cuda(x, w13, w2, wts, ids, None)  # noqa: E731
                 floor_us = weight_bytes(experts_hit(ids, E), H, I, fp8) / (gbps * 1e3)
                 ours_us = 1e3 * graph_ms(triton_fn)
@@ -97,8 +103,14 @@ def main(argv=None):
                     line += f" | CUDA {cuda_us:7.1f} us ({cuda_us / floor_us:.2f}x) | max |diff| {diff:.2e}"
                 print(line, flush=True)
                 if args.sweep:
-                    print(sweep(lambda blocks, warps: 1e3 * graph_ms(lambda: triton_fn(blocks, warps)), ours_us),
-                          flush=True)
+                    want = triton_fn().float()
+
+                    def run(blocks, warps, tiles):
+                        got = triton_fn(blocks, warps, tiles).float()  # a launch shape must not change the sums'
+                        if (got - want).abs().max() > 1e-2 * want.abs().max():  # result beyond their rounding
+                            raise ValueError("a different result")
+                        return 1e3 * graph_ms(lambda: triton_fn(blocks, warps, tiles))
+                    print(sweep(run, ours_us, (None,) if fp8 else SWEEP_TILES), flush=True)
         torch.cuda.empty_cache()  # the next shape's weights replace these at the loop's top
 
 

@@ -44,8 +44,9 @@ def float64_layer(x, w13, w2, wts, ids, activation, b13=None, b2=None, round_h_t
 
 
 def check(T, E, H, inter, k, dtype, activation="silu", bias=False, bad_ids=False, device="cpu", seed=0,
-          blocks=None):
-    """One random layer (`blocks`: the kernels' (BLOCK_I, BLOCK_H), default theirs); returns (out, expert_load)
+          blocks=None, **launch):
+    """One random layer (`blocks`: the kernels' (BLOCK_I, BLOCK_H), default theirs; `launch`: decode_moe's
+    num_warps / tiles); returns (out, expert_load)
     for callers that compare calls. Inputs and the float64 reference are made on `device` (on a GPU, Mixtral's
     weights take seconds to draw on the CPU)."""
     dev = torch.device(device)
@@ -64,7 +65,7 @@ def check(T, E, H, inter, k, dtype, activation="silu", bias=False, bad_ids=False
     load = torch.full((E,), 7, dtype=torch.int64, device=dev)
     ref, spread = float64_layer(x, w13, w2, wts, ids, activation, b13, b2, round_h_to=dt)
     load_after = load.clone()  # a copy: `load` stays the count before the call
-    out = decode_moe(x, w13, w2, wts, ids, load_after, activation, b13, b2, blocks=blocks)
+    out = decode_moe(x, w13, w2, wts, ids, load_after, activation, b13, b2, blocks=blocks, **launch)
     got = out.double()
     # h may round to the neighbouring value of the dtype (float32 vs float64 sums before the rounding: one ulp,
     # 2u relative), the output rounds once (u), float32 sums add ~1e-6 relative

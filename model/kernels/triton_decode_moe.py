@@ -172,10 +172,11 @@ if tl is not None:
 def decode_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                topk_ids: torch.Tensor, expert_load: torch.Tensor | None, activation: Activation,
                w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None,
-               blocks: tuple[int, int] | None = None, num_warps: int = 8) -> torch.Tensor:
+               blocks: tuple[int, int] | None = None, num_warps: int = 8,
+               tiles: tuple[int, int] = (UP_TILE, DOWN_TILE)) -> torch.Tensor:
     """`fused_moe` for x [T, H] with T·k <= DECODE_MAX_SLOTS (inputs already checked by `check_moe_inputs`).
-    `blocks` (BLOCK_I, BLOCK_H) overrides `launch_blocks`, `num_warps` the launches' warps (tests, the sweep of
-    benchmarks/bench_decode_moe.py)."""
+    `blocks` (BLOCK_I, BLOCK_H) overrides `launch_blocks`, `num_warps` the launches' warps and `tiles` their
+    elements per loop step (tests, the sweep of benchmarks/bench_decode_moe.py)."""
     T, H = x.shape
     E, two_i, _ = w13.shape
     inter, k = two_i // 2, topk_ids.shape[1]
@@ -190,10 +191,10 @@ def decode_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weight
     _up[(T * k, triton.cdiv(inter, block_i))](
         x, w13, b13, ids, h, E, H, inter, K_SLOTS=k, HAS_BIAS=w13_bias is not None,
         SWIGLU_OAI=activation == Activation.SWIGLU_OAI, alpha=SWIGLU_OAI_ALPHA, limit=SWIGLU_OAI_LIMIT,
-        BLOCK_I=block_i, BLOCK_K=UP_TILE // block_i, num_warps=num_warps)
+        BLOCK_I=block_i, BLOCK_K=tiles[0] // block_i, num_warps=num_warps)
     k_pad = triton.next_power_of_2(k)
     _down[(T, triton.cdiv(H, block_h))](
         h, w2, b2, ids, wts, out, expert_load if expert_load is not None else ids, E, H, inter, K_SLOTS=k,
         K_PAD=k_pad, HAS_BIAS=w2_bias is not None, COUNT=expert_load is not None, BLOCK_H=block_h,
-        BLOCK_K=DOWN_TILE // (k_pad * block_h), num_warps=num_warps)
+        BLOCK_K=tiles[1] // (k_pad * block_h), num_warps=num_warps)
     return out
