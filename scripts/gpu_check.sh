@@ -16,6 +16,7 @@
 #   decode-attention: the Triton decode attention's split choice at batch 1-64 against its byte floor (issue 21).
 #   decode-moe-ab: the two-launch decode MoE (model/kernels/triton_decode_moe.py), tests then the layer at T = 1-8.
 #   decode-moe-sweep: the two-launch decode MoE's launch shapes (BLOCK_I, BLOCK_H, warps) timed for OLMoE and Qwen3.
+#   gemv: the 16-bit decode linear (model/kernels/triton_gemv.py): GPU tests, then against cuBLAS at decode shapes.
 #   pending-serving: serving measurements first taken in session 13 (qwen3 decode profile with the Triton router,
 #   gpt-oss engine, API costs with the short-output control).
 #   fp8-tile-fit: FP8 GEMM times as K varies (per-step and per-tile cost).
@@ -163,6 +164,9 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
       done ;;
     decode-attention)  # issue 21 item 3: the Triton decode attention's splits at small batches vs its byte floor
       python3 benchmarks/bench_decode_attention.py 2>&1 | tee "$OUT/bench_decode_attention.log" | tail -40 ;;
+    gemv)  # issue 21: o_proj/qkv at batch 1 ran ~4.5 µs a layer over their floor in cuBLAS (split-K + reduce)
+      run_tests tests/test_triton_gemv_gpu.py
+      PYTHONPATH=. python3 benchmarks/bench_gemv.py 2>&1 | tee "$OUT/bench_gemv.log" | grep -E "M=(1|16) " ;;
     decode-moe-sweep)  # issue 21: which launch shapes stream the small experts fastest at T = 1 and 4
       PYTHONPATH=. python3 benchmarks/bench_decode_moe.py --shapes qwen3-30b-a3b,olmoe-1b-7b --tokens 1,4 --sweep \
         2>&1 | tee "$OUT/bench_decode_moe_sweep.log" | grep -E "two-launch|sweep:" ;;
