@@ -33,6 +33,11 @@ def script() -> str:
               for t, e, h, i, k, d, a, b, bad, bl in CASES]
     # the sweep's smallest launch shapes (bench_decode_moe.py): half-size loop steps, 2 output columns, 4 warps
     lines.append("check(2, 16, 256, 96, 8, 'bfloat16', blocks=(4, 2), num_warps=4, tiles=(4096, 8192))\n")
+    # the one-launch kernel (STATICMOE_DECODE_MOE_ONE_LAUNCH): the same cases' sums, its counters back at zero
+    lines += [f"check({t}, {e}, {h}, {i}, {k}, {d!r}, {a!r}, {b}, {bad}, blocks={bl}, one_launch=True)\n"
+              for t, e, h, i, k, d, a, b, bad, bl in CASES]
+    lines.append("from model.kernels.triton_decode_moe import one_launch_counters\n"
+                 "assert one_launch_counters(torch.device('cpu')).eq(0).all()\n")
     lines.append("check_deterministic()\n")
     lines += [f"check_fp8({t}, {e}, {h}, {i}, {k}, {a!r}, {b}, {bad}, blocks={bl})\n"
               for t, e, h, i, k, a, b, bad, bl in FP8_CASES]

@@ -119,3 +119,35 @@ def test_fp8_agrees_with_the_cuda_kernel_and_replays_in_a_graph(decode_on):
     graph.replay()
     want = fused_moe(x2, w13q, w2q, wts2, ids2, w13_scale=s13, w2_scale=s2)
     assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("name", ["olmoe", "qwen3-30b-a3b", "gpt-oss-20b"])
+@pytest.mark.parametrize("T", [1, 8])
+def test_one_launch_matches_the_float64_layer(name, T):
+    """STATICMOE_DECODE_MOE_ONE_LAUNCH's kernel: `_down` programs wait in-kernel for their token's `_up` programs."""
+    E, H, inter, k, act, bias = PRESETS[name]
+    if T * k > triton_decode_moe.DECODE_MAX_SLOTS:
+        pytest.skip("beyond the decode cut")
+    check(T, E, H, inter, k, "bfloat16", act, bias, bad_ids=T > 1, device="cuda", seed=T, one_launch=True)
+    check(T, E, H, inter, k, "bfloat16", act, bias, device="cuda", seed=T + 1, one_launch=True, tiles=(4096, 8192))
+    assert triton_decode_moe.one_launch_counters(torch.device("cuda")).eq(0).all()
+
+
+def test_one_launch_replays_in_a_graph_with_its_counters_reset():
+    E, H, inter, k, act, bias = PRESETS["qwen3-30b-a3b"]
+    x, w13, w2, wts, ids, kw = _inputs(E, H, inter, k, 4, act, bias, seed=31)
+    run = (lambda xx, ww, ii: triton_decode_moe.decode_moe(xx, w13, w2, ww, ii, None, Activation(act),
+                                                           one_launch=True))
+    run(x, wts, ids)  # outside capture: compiles, allocates the counters
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run(x, wts, ids)
+    for seed in (32, 33, 34):  # each replay must find the counters at zero again
+        x2, _, _, wts2, ids2, _ = _inputs(E, H, inter, k, 4, act, bias, seed=seed)
+        for dst, src in zip((x, wts, ids), (x2, wts2, ids2)):
+            dst.copy_(src)
+        out.fill_(float("nan"))
+        graph.replay()
+        two = triton_decode_moe.decode_moe(x2, w13, w2, wts2, ids2, None, Activation(act), one_launch=False)
+        torch.testing.assert_close(out, two, rtol=1e-2, atol=1e-2 * two.float().abs().max().item())
+    assert triton_decode_moe.one_launch_counters(torch.device("cuda")).eq(0).all()

@@ -26,6 +26,14 @@ weight twice, the second time mostly from L2), so the plan goes, and the combine
   (the same bits on every call, as the CUDA combine), one cast to x's dtype. The (token, column-block 0) program
   adds each valid slot to expert_load (an int64 atomic add: the counts are exact).
 
+**One launch** (opt-in, `STATICMOE_DECODE_MOE_ONE_LAUNCH=1`, 16-bit): `_one_launch` runs both as one grid, the `_up`
+programs first. A `_down` program loads its first weight step, then waits for its token's `_up` programs (a
+per-token counter each of them increments with release semantics after a CTA barrier, read with acquire), then reads
+h: the second launch's start and ramp go, and its first weights stream under the first launch's tail. Safe because
+blocks are dispatched in program-id order (as decoupled look-back scans assume): a waiting `_down` program was
+dispatched after every `_up` program, all of which run to completion without waiting. The last `_down` program of
+a token puts its two counters back to zero, so one buffer serves every call and graph replay.
+
 Both are weight streams: 2·I·H and H·I elements per slot, read in 32 KB steps per program with float32
 multiply-adds (no tensor cores: one row per weight row). Grids at T = 1 on 132 SMs: Qwen3 (I = 768, H = 2048,
 k = 8) 8 × 96 `_up` and 512 `_down` programs. Offline sm_90a compiles (Triton 3.9, 8 warps): `_up` 80-103
@@ -39,6 +47,7 @@ import functools
 import torch
 
 from model.kernels.activation import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, Activation
+from model.kernels.arrival_counters import arrival_counters
 from model.kernels.fp8 import FP8_DTYPE
 from model.kernels.knobs import env_switch
 from model.kernels.triton_fp8_gemv import num_sms
@@ -77,6 +86,18 @@ def decode_moe_forced() -> bool | None:
     return env_switch("STATICMOE_DECODE_MOE", default=None)
 
 
+@functools.cache
+def one_launch_enabled() -> bool:
+    """`STATICMOE_DECODE_MOE_ONE_LAUNCH=1` (read once per process): the 16-bit layer as one launch (module
+    docstring), opt-in until a GPU run has checked and timed it."""
+    return env_switch("STATICMOE_DECODE_MOE_ONE_LAUNCH")
+
+
+def one_launch_counters(device: torch.device) -> torch.Tensor:
+    """The one-launch kernel's int32 counters, two per token (model/kernels/arrival_counters.py), zero between calls."""
+    return arrival_counters("one-launch decode MoE", device, 2 * DECODE_MAX_SLOTS)
+
+
 def wanted(w13: torch.Tensor) -> bool:
     """The switch if set, else whether w13 [E, 2I, H]'s experts are small enough to gain (the module docstring)."""
     forced = decode_moe_forced()
@@ -107,11 +128,10 @@ if tl is not None:
         return gate / (1.0 + tl.exp(-gate)) * up
 
     @triton.jit
-    def _up(x_ptr, w13_ptr, b13_ptr, ids_ptr, h_ptr, E, H, I, K_SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr,
-            SWIGLU_OAI: tl.constexpr, alpha: tl.constexpr, limit: tl.constexpr, BLOCK_I: tl.constexpr,
-            BLOCK_K: tl.constexpr):
-        slot = tl.program_id(0)
-        i0 = tl.program_id(1) * BLOCK_I
+    def _up_tile(slot, i0, x_ptr, w13_ptr, b13_ptr, ids_ptr, h_ptr, E, H, I, K_SLOTS: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SWIGLU_OAI: tl.constexpr, alpha: tl.constexpr, limit: tl.constexpr,
+                 BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr):
+        """h[slot, i0 : i0 + BLOCK_I] (nothing for a slot whose id is outside [0, E))."""
         e = tl.load(ids_ptr + slot).to(tl.int64)
         if (e >= 0) & (e < E):
             t = slot // K_SLOTS
@@ -137,11 +157,11 @@ if tl is not None:
             tl.store(h_ptr + slot * I + cols, h.to(h_ptr.dtype.element_ty), mask=col_ok)
 
     @triton.jit
-    def _down(h_ptr, w2_ptr, b2_ptr, ids_ptr, wts_ptr, out_ptr, load_ptr, E, H, I, K_SLOTS: tl.constexpr,
-              K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, COUNT: tl.constexpr, BLOCK_H: tl.constexpr,
-              BLOCK_K: tl.constexpr):
-        t = tl.program_id(0)
-        c0 = tl.program_id(1) * BLOCK_H
+    def _down_tile(t, c0, h_ptr, w2_ptr, b2_ptr, ids_ptr, wts_ptr, out_ptr, load_ptr, ready_ptr, ready_target, E, H,
+                   I, K_SLOTS: tl.constexpr, K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, COUNT: tl.constexpr,
+                   WAIT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[t, c0 : c0 + BLOCK_H]. The first step's weights are loaded before h is read: under WAIT (one launch)
+        that load is in flight while the program waits for token t's `_up_tile`s (ready_ptr[t] = ready_target)."""
         slots = tl.arange(0, K_PAD)  # all k slots of the token in one tile: k weight streams in flight at once
         e = tl.load(ids_ptr + t * K_SLOTS + slots, mask=slots < K_SLOTS, other=-1).to(tl.int64)  # [K_PAD]
         valid = (slots < K_SLOTS) & (e >= 0) & (e < E)
@@ -151,10 +171,19 @@ if tl is not None:
         ks = tl.arange(0, BLOCK_K)
         rows = w2_ptr + e[:, None, None] * H * I + cols[None, :, None].to(tl.int64) * I  # [K_PAD, BLOCK_H, 1]
         h_rows = h_ptr + (t * K_SLOTS + slots[:, None]).to(tl.int64) * I  # [K_PAD, 1]
-        acc = tl.zeros([K_PAD, BLOCK_H], dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
+        k_ok = ks < I
+        w = tl.load(rows + ks[None, None, :], mask=valid[:, None, None] & col_ok[None, :, None] & k_ok[None, None, :],
+                    other=0.0)  # [K_PAD, BLOCK_H, BLOCK_K]: step 0
+        if WAIT:  # ready_ptr[t] counts token t's finished `_up_tile`s (released by each after its h stores)
+            arrived = tl.atomic_add(ready_ptr + t, 0, sem="acquire", scope="gpu")
+            while arrived < ready_target:
+                arrived = tl.atomic_add(ready_ptr + t, 0, sem="acquire", scope="gpu")
+        hv = tl.load(h_rows + ks[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0, cache_modifier=".cg")
+        acc = tl.sum(w.to(tl.float32) * hv.to(tl.float32)[:, None, :], axis=2)  # [K_PAD, BLOCK_H]
+        for k0 in range(BLOCK_K, I, BLOCK_K):
             k_ok = k0 + ks < I
-            hv = tl.load(h_rows + k0 + ks[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)  # [K_PAD, BLOCK_K]
+            hv = tl.load(h_rows + k0 + ks[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0,
+                         cache_modifier=".cg")  # [K_PAD, BLOCK_K]
             mask = valid[:, None, None] & col_ok[None, :, None] & k_ok[None, None, :]
             w = tl.load(rows + k0 + ks[None, None, :], mask=mask, other=0.0)  # [K_PAD, BLOCK_H, BLOCK_K]
             acc += tl.sum(w.to(tl.float32) * hv.to(tl.float32)[:, None, :], axis=2)
@@ -168,15 +197,58 @@ if tl is not None:
             if c0 == 0:
                 tl.atomic_add(load_ptr + e, tl.full([K_PAD], 1, tl.int64), mask=valid)
 
+    @triton.jit
+    def _up(x_ptr, w13_ptr, b13_ptr, ids_ptr, h_ptr, E, H, I, K_SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr,
+            SWIGLU_OAI: tl.constexpr, alpha: tl.constexpr, limit: tl.constexpr, BLOCK_I: tl.constexpr,
+            BLOCK_K: tl.constexpr):
+        _up_tile(tl.program_id(0), tl.program_id(1) * BLOCK_I, x_ptr, w13_ptr, b13_ptr, ids_ptr, h_ptr, E, H, I,
+                 K_SLOTS, HAS_BIAS, SWIGLU_OAI, alpha, limit, BLOCK_I, BLOCK_K)
+
+    @triton.jit
+    def _down(h_ptr, w2_ptr, b2_ptr, ids_ptr, wts_ptr, out_ptr, load_ptr, E, H, I, K_SLOTS: tl.constexpr,
+              K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, COUNT: tl.constexpr, BLOCK_H: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+        _down_tile(tl.program_id(0), tl.program_id(1) * BLOCK_H, h_ptr, w2_ptr, b2_ptr, ids_ptr, wts_ptr, out_ptr,
+                   load_ptr, load_ptr, 0, E, H, I, K_SLOTS, K_PAD, HAS_BIAS, COUNT, False, BLOCK_H, BLOCK_K)
+
+    @triton.jit
+    def _one_launch(x_ptr, w13_ptr, b13_ptr, h_ptr, w2_ptr, b2_ptr, ids_ptr, wts_ptr, out_ptr, load_ptr, count_ptr,
+                    T, E, H, I, K_SLOTS: tl.constexpr, K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    COUNT: tl.constexpr, SWIGLU_OAI: tl.constexpr, alpha: tl.constexpr, limit: tl.constexpr,
+                    BLOCK_I: tl.constexpr, UP_BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+                    DOWN_BLOCK_K: tl.constexpr):
+        """Programs [0, T·k·i_blocks) are `_up`'s, the rest `_down`'s (module docstring, "One launch").
+        count_ptr: [2T] int32, zero between calls: token t's finished up tiles, then its finished down tiles."""
+        pid = tl.program_id(0)
+        i_blocks = tl.cdiv(I, BLOCK_I)
+        num_up = T * K_SLOTS * i_blocks
+        if pid < num_up:
+            slot = pid // i_blocks
+            _up_tile(slot, (pid % i_blocks) * BLOCK_I, x_ptr, w13_ptr, b13_ptr, ids_ptr, h_ptr, E, H, I, K_SLOTS,
+                     HAS_BIAS, SWIGLU_OAI, alpha, limit, BLOCK_I, UP_BLOCK_K)
+            tl.debug_barrier()  # every thread's h stores precede the release below
+            tl.atomic_add(count_ptr + slot // K_SLOTS, 1, sem="release", scope="gpu")
+        else:
+            h_blocks = tl.cdiv(H, BLOCK_H)
+            t = (pid - num_up) // h_blocks
+            _down_tile(t, ((pid - num_up) % h_blocks) * BLOCK_H, h_ptr, w2_ptr, b2_ptr, ids_ptr, wts_ptr, out_ptr,
+                       load_ptr, count_ptr, K_SLOTS * i_blocks, E, H, I, K_SLOTS, K_PAD, HAS_BIAS, COUNT, True,
+                       BLOCK_H, DOWN_BLOCK_K)
+            tl.debug_barrier()  # every thread's reads of h precede the reset below
+            done = tl.atomic_add(count_ptr + T + t, 1, sem="acq_rel", scope="gpu")
+            if done == h_blocks - 1:  # token t's last down tile: its counters back to zero for the next call
+                tl.atomic_xchg(count_ptr + t, 0, sem="relaxed", scope="gpu")
+                tl.atomic_xchg(count_ptr + T + t, 0, sem="relaxed", scope="gpu")
+
 
 def decode_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                topk_ids: torch.Tensor, expert_load: torch.Tensor | None, activation: Activation,
                w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None,
                blocks: tuple[int, int] | None = None, num_warps: int = 8,
-               tiles: tuple[int, int] = (UP_TILE, DOWN_TILE)) -> torch.Tensor:
+               tiles: tuple[int, int] = (UP_TILE, DOWN_TILE), one_launch: bool | None = None) -> torch.Tensor:
     """`fused_moe` for x [T, H] with T·k <= DECODE_MAX_SLOTS (inputs already checked by `check_moe_inputs`).
     `blocks` (BLOCK_I, BLOCK_H) overrides `launch_blocks`, `num_warps` the launches' warps and `tiles` their
-    elements per loop step (tests, the sweep of benchmarks/bench_decode_moe.py)."""
+    elements per loop step; `one_launch` the `STATICMOE_DECODE_MOE_ONE_LAUNCH` switch (tests, the benchmarks)."""
     T, H = x.shape
     E, two_i, _ = w13.shape
     inter, k = two_i // 2, topk_ids.shape[1]
@@ -188,13 +260,22 @@ def decode_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weight
     b13 = w13_bias.contiguous() if w13_bias is not None else x  # a placeholder pointer when there is no bias
     b2 = w2_bias.contiguous() if w2_bias is not None else x
     block_i, block_h = blocks or launch_blocks(T, k, H, inter, num_sms(x.device))
-    _up[(T * k, triton.cdiv(inter, block_i))](
-        x, w13, b13, ids, h, E, H, inter, K_SLOTS=k, HAS_BIAS=w13_bias is not None,
-        SWIGLU_OAI=activation == Activation.SWIGLU_OAI, alpha=SWIGLU_OAI_ALPHA, limit=SWIGLU_OAI_LIMIT,
-        BLOCK_I=block_i, BLOCK_K=tiles[0] // block_i, num_warps=num_warps)
     k_pad = triton.next_power_of_2(k)
+    load = expert_load if expert_load is not None else ids  # a placeholder pointer when nothing is counted
+    swiglu_oai = activation == Activation.SWIGLU_OAI
+    if one_launch if one_launch is not None else one_launch_enabled():
+        up_programs, down_programs = T * k * triton.cdiv(inter, block_i), T * triton.cdiv(H, block_h)
+        _one_launch[(up_programs + down_programs,)](
+            x, w13, b13, h, w2, b2, ids, wts, out, load, one_launch_counters(x.device), T, E, H, inter, K_SLOTS=k,
+            K_PAD=k_pad, HAS_BIAS=w13_bias is not None, COUNT=expert_load is not None, SWIGLU_OAI=swiglu_oai,
+            alpha=SWIGLU_OAI_ALPHA, limit=SWIGLU_OAI_LIMIT, BLOCK_I=block_i, UP_BLOCK_K=tiles[0] // block_i,
+            BLOCK_H=block_h, DOWN_BLOCK_K=tiles[1] // (k_pad * block_h), num_warps=num_warps)
+        return out
+    _up[(T * k, triton.cdiv(inter, block_i))](
+        x, w13, b13, ids, h, E, H, inter, K_SLOTS=k, HAS_BIAS=w13_bias is not None, SWIGLU_OAI=swiglu_oai,
+        alpha=SWIGLU_OAI_ALPHA, limit=SWIGLU_OAI_LIMIT, BLOCK_I=block_i, BLOCK_K=tiles[0] // block_i,
+        num_warps=num_warps)
     _down[(T, triton.cdiv(H, block_h))](
-        h, w2, b2, ids, wts, out, expert_load if expert_load is not None else ids, E, H, inter, K_SLOTS=k,
-        K_PAD=k_pad, HAS_BIAS=w2_bias is not None, COUNT=expert_load is not None, BLOCK_H=block_h,
-        BLOCK_K=tiles[1] // (k_pad * block_h), num_warps=num_warps)
+        h, w2, b2, ids, wts, out, load, E, H, inter, K_SLOTS=k, K_PAD=k_pad, HAS_BIAS=w2_bias is not None,
+        COUNT=expert_load is not None, BLOCK_H=block_h, BLOCK_K=tiles[1] // (k_pad * block_h), num_warps=num_warps)
     return out
