@@ -39,7 +39,8 @@ multiply-adds (no tensor cores: one row per weight row). Grids at T = 1 on 132 S
 k = 8) 8 × 96 `_up` and 512 `_down` programs. Offline sm_90a compiles (Triton 3.9, 8 warps): `_up` 80-103
 registers, `_down` 80-145 (8 bytes of stack at BLOCK_H 8 with biases, else none), 16-byte loads where H and I
 are multiples of 16 (Triton specialises such sizes). CUDA-graph capturable (no host reads, buffers from the
-caller's allocator).
+caller's allocator; the one-launch counters are allocated by a first call, which must run outside capture, as the
+engine's warm-up forward does).
 """
 
 import functools
