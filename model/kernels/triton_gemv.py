@@ -49,8 +49,9 @@ def enabled() -> bool:
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `Linear` takes this kernel for x [..., K]: switched on, Triton present, a CUDA x of at most
     DECODE_MAX_ROWS rows, and x and weight of one 16-bit dtype with rows 16-byte aligned (K a multiple of 8)."""
-    return (x.is_cuda and x.dtype in DTYPES and weight.dtype == x.dtype and x.numel() // x.shape[-1] <= DECODE_MAX_ROWS
-            and x.shape[-1] % 8 == 0 and enabled() and triton is not None)
+    return (enabled() and x.is_cuda and x.dtype in DTYPES and weight.dtype == x.dtype  # the switch first: every
+            and x.numel() // x.shape[-1] <= DECODE_MAX_ROWS and x.shape[-1] % 8 == 0  # Linear call asks
+            and triton is not None)
 
 
 def arrival_counters(device: torch.device) -> torch.Tensor:
