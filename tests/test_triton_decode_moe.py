@@ -129,3 +129,23 @@ def test_fused_moe_dispatches_to_it(decode_knob, monkeypatch):
     out = moe.fused_moe(x, torch.randn(4, 16, 16, dtype=torch.bfloat16), torch.randn(4, 16, 8, dtype=torch.bfloat16),
                         torch.ones(1, 2), torch.tensor([[0, 1]], dtype=torch.int32), activation="swiglu_oai")
     assert torch.equal(out, torch.full_like(x, 3.0)) and calls == [moe.Activation.SWIGLU_OAI]
+
+
+@needs_triton
+@pytest.mark.parametrize("tiles", [(8192, 16384), (4096, 8192)])
+def test_one_launch_compiles_for_sm90_with_its_release_and_acquire(tiles):
+    """Qwen3's T = 1 launch shapes: no spills; each `_up` program's signal is a GPU-scope release, each `_down`
+    program's wait polls with GPU-scope acquire loads (LLVM turns the `atomic_add(ptr, 0)` into them)."""
+    from tests.triton_fixtures import compile_for_sm90
+
+    ptx, usage = compile_for_sm90(
+        triton_decode_moe._one_launch,
+        ["x_ptr", "w13_ptr", "b13_ptr", "h_ptr", "w2_ptr", "b2_ptr", "ids_ptr", "wts_ptr", "out_ptr", "load_ptr",
+         "count_ptr", "T", "E", "H", "I"],
+        ["*bf16"] * 6 + ["*i32", "*fp32", "*bf16", "*i64", "*i32", "i32", "i32", "i32", "i32"],
+        dict(K_SLOTS=8, K_PAD=8, HAS_BIAS=False, COUNT=True, SWIGLU_OAI=False, alpha=1.702, limit=7.0, BLOCK_I=8,
+             UP_BLOCK_K=tiles[0] // 8, BLOCK_H=4, DOWN_BLOCK_K=tiles[1] // 32),
+        ["x_ptr", "w13_ptr", "h_ptr", "w2_ptr", "out_ptr", "H", "I"], num_warps=8)
+    assert "LOCAL:0" in usage, usage
+    assert "red.global.gpu.release.add" in ptx or "atom.global.gpu.release.add" in ptx
+    assert "ld.global.gpu.acquire" in ptx or "atom.global.gpu.acquire" in ptx

@@ -60,6 +60,7 @@ except ImportError:  # CPU-only installs
     triton = tl = None
 
 DECODE_MAX_SLOTS = 64  # T·k up to which the two-launch path runs
+MAX_SPINS = 1 << 22  # the one-launch wait's bound: ~1 s of polling, far past any real wait (microseconds)
 AUTO_MAX_EXPERT_ELEMENTS = 2048 * 1024  # H·I of the largest expert it is the default for: OLMoE's (measured faster)
 DTYPES = (torch.bfloat16, torch.float16)
 PROGRAMS_PER_SM = 4  # each launch's target: enough loads in flight (Triton does not pipeline these loops' loads)
@@ -120,6 +121,8 @@ def applies(x: torch.Tensor, w13: torch.Tensor, topk_ids: torch.Tensor) -> bool:
 
 
 if tl is not None:
+    _MAX_SPINS = tl.constexpr(MAX_SPINS)
+
     @triton.jit
     def _activate(gate, up, SWIGLU_OAI: tl.constexpr, alpha: tl.constexpr, limit: tl.constexpr):
         if SWIGLU_OAI:  # gpt-oss: clamp, then (up + 1) · gate · sigmoid(α · gate)
@@ -177,8 +180,10 @@ if tl is not None:
                     other=0.0)  # [K_PAD, BLOCK_H, BLOCK_K]: step 0
         if WAIT:  # ready_ptr[t] counts token t's finished `_up_tile`s (released by each after its h stores)
             arrived = tl.atomic_add(ready_ptr + t, 0, sem="acquire", scope="gpu")
-            while arrived < ready_target:
-                arrived = tl.atomic_add(ready_ptr + t, 0, sem="acquire", scope="gpu")
+            spins = 0
+            while (arrived < ready_target) & (spins < _MAX_SPINS):  # bounded: a broken invariant gives wrong
+                arrived = tl.atomic_add(ready_ptr + t, 0, sem="acquire", scope="gpu")  # numbers (which the
+                spins += 1  # tests catch), never a hung GPU
         hv = tl.load(h_rows + ks[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0, cache_modifier=".cg")
         acc = tl.sum(w.to(tl.float32) * hv.to(tl.float32)[:, None, :], axis=2)  # [K_PAD, BLOCK_H]
         for k0 in range(BLOCK_K, I, BLOCK_K):
