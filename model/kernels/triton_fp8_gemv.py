@@ -89,6 +89,28 @@ def decode_plan(m: int, n: int, k: int, num_sms: int) -> tuple[int, int, int, in
     return best[1]
 
 
+def launch_plan(m: int, n: int, steps: int, device: torch.device, block_n: int | None = None,
+                splits: int | None = None) -> tuple[int, int, int, int]:
+    """`decode_plan` for K in `steps` steps of 128 on `device`'s SMs; block_n / splits override its choice (tests,
+    benchmark sweeps), splits recomputed so that none is empty."""
+    block_m, plan_n, plan_splits, per_split = decode_plan(m, n, steps * FP8_BLOCK, num_sms(device))
+    if block_n is not None or splits is not None:
+        plan_n = block_n or plan_n
+        per_split = -(-steps // (splits or plan_splits))
+        plan_splits = -(-steps // per_split)
+    return block_m, plan_n, plan_splits, per_split
+
+
+def split_buffers(splits: int, tiles: int, out: torch.Tensor, counters) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 partials [splits, M, N], the tile counters from `counters(device)`) for a split launch into out
+    [M, N]; placeholders (out itself) for one split, which touches neither."""
+    if splits == 1:
+        return out, out
+    if tiles > COUNTER_SLOTS:
+        raise ValueError(f"N={out.shape[1]} needs {tiles} column tiles, more than the {COUNTER_SLOTS} tile counters")
+    return torch.empty(splits, *out.shape, dtype=torch.float32, device=out.device), counters(out.device)
+
+
 @functools.cache
 def num_sms(device: torch.device) -> int:
     """SMs of `device`, for the launch plans of the decode-sized Triton kernels (here and `triton_decode_moe`)."""
@@ -179,6 +201,27 @@ if triton is not None:
         return total
 
     @triton.jit
+    def _finish_tile(acc, bias_ptr, out_ptr, part_ptr, count_ptr, pid_n, pid_s, num_splits, offs_m, offs_n, row_ok,
+                     col_ok, N, split_stride, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SOFT_ROUND: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """A column tile's float32 sum `acc` over this program's K range, to the output: + bias and cast at once
+        without SPLIT; else stored as split pid_s's partial, and the tile's last program to arrive sums the partials
+        in split order (module docstring, "Split-K"). Shared with `triton_gemv`."""
+        out_mask = row_ok[:, None] & col_ok[None, :]
+        if SPLIT:
+            mine = part_ptr + pid_s.to(tl.int64) * split_stride  # [splits, M, N]: this split's [M, N]
+            tl.store(mine + offs_m[:, None] * N + offs_n[None, :], acc, mask=out_mask)
+            tl.debug_barrier()  # every thread's partial is stored before the release below
+            arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_splits - 1:  # the last of this tile: all partials are visible (acquire)
+                total = _sum_partials_in_order(part_ptr, offs_m, offs_n, out_mask, N, split_stride, num_splits,
+                                               BLOCK_M, BLOCK_N)
+                tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # zero for the next call
+                _bias_cast_store(total, bias_ptr, out_ptr, offs_m, offs_n, out_mask, N, HAS_BIAS, SOFT_ROUND)
+        else:
+            _bias_cast_store(acc, bias_ptr, out_ptr, offs_m, offs_n, out_mask, N, HAS_BIAS, SOFT_ROUND)
+
+    @triton.jit
     def _fp8_decode_gemm(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, K, num_kb,
                          kb_per_split, split_stride, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                          SOFT_ROUND: tl.constexpr,
@@ -204,19 +247,8 @@ if triton is not None:
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
 
-        out_mask = row_ok[:, None] & col_ok[None, :]
-        if SPLIT:
-            mine = part_ptr + pid_s.to(tl.int64) * split_stride  # [splits, M, N]: this split's [M, N]
-            tl.store(mine + offs_m[:, None] * N + offs_n[None, :], acc, mask=out_mask)
-            tl.debug_barrier()  # every thread's partial is stored before the release below
-            arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if arrived == num_splits - 1:  # the last of this tile: all partials are visible (acquire)
-                total = _sum_partials_in_order(part_ptr, offs_m, offs_n, out_mask, N, split_stride, num_splits,
-                                               BLOCK_M, BLOCK_N)
-                tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # zero for the next call
-                _bias_cast_store(total, bias_ptr, out_ptr, offs_m, offs_n, out_mask, N, HAS_BIAS, SOFT_ROUND)
-        else:
-            _bias_cast_store(acc, bias_ptr, out_ptr, offs_m, offs_n, out_mask, N, HAS_BIAS, SOFT_ROUND)
+        _finish_tile(acc, bias_ptr, out_ptr, part_ptr, count_ptr, pid_n, pid_s, num_splits, offs_m, offs_n, row_ok,
+                     col_ok, N, split_stride, HAS_BIAS, SPLIT, SOFT_ROUND, BLOCK_M, BLOCK_N)
 
 
 def quantize_rows_fp8_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,23 +274,16 @@ def fp8_decode_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     if not 0 < M <= KERNEL_MAX_ROWS:
         raise ValueError(f"the FP8 decode linear takes 1..{KERNEL_MAX_ROWS} rows, got {M}")
     N = weight.shape[0]
-    block_m, plan_n, plan_splits, per_split = decode_plan(M, N, K, num_sms(x.device))
     num_kb = K // FP8_BLOCK
-    if block_n is not None or splits is not None:
-        plan_n = block_n or plan_n
-        per_split = -(-num_kb // (splits or plan_splits))
-        plan_splits = -(-num_kb // per_split)
+    block_m, plan_n, plan_splits, per_split = launch_plan(M, N, num_kb, x.device, block_n, splits)
     if 128 % plan_n or plan_n < 16:
         raise ValueError(f"block_n must divide 128 and be >= 16, got {plan_n}")
     out = torch.empty(M, N, dtype=out_dtype, device=x.device)
     tiles = triton.cdiv(N, plan_n)
-    split = plan_splits > 1
-    if split and tiles > COUNTER_SLOTS:
-        raise ValueError(f"N={N} needs {tiles} column tiles, more than the {COUNTER_SLOTS} tile counters")
-    partials = torch.empty(plan_splits, M, N, dtype=torch.float32, device=x.device) if split else out
-    counters = arrival_counters(x.device) if split else out
+    partials, counters = split_buffers(plan_splits, tiles, out, arrival_counters)
     _fp8_decode_gemm[(tiles, plan_splits)](
         x, weight, weight_scale, bias if bias is not None else out, out, partials, counters, M, N, K, num_kb,
-        per_split, M * N, HAS_BIAS=bias is not None, SPLIT=split, SOFT_ROUND=triton_interpreted(), BLOCK_M=block_m,
+        per_split, M * N, HAS_BIAS=bias is not None, SPLIT=plan_splits > 1, SOFT_ROUND=triton_interpreted(),
+        BLOCK_M=block_m,
         BLOCK_N=plan_n, BLOCK_K=FP8_BLOCK, num_warps=4, num_stages=3)
     return out

@@ -25,18 +25,18 @@ import torch
 from model.kernels.arrival_counters import arrival_counters as shared_counters
 from model.kernels.arrival_counters import triton_interpreted
 from model.kernels.knobs import env_switch
-from model.kernels.triton_fp8_gemv import COUNTER_SLOTS, decode_plan, num_sms
+from model.kernels.triton_fp8_gemv import COUNTER_SLOTS, launch_plan, split_buffers
 
 try:
     import triton
     import triton.language as tl
 
-    from model.kernels.triton_fp8_gemv import _bias_cast_store, _sum_partials_in_order
+    from model.kernels.triton_fp8_gemv import _finish_tile
 except ImportError:  # CPU-only installs
     triton = tl = None
 
 DECODE_MAX_ROWS = 16  # rows up to which `applies` takes this kernel (the FP8 decode linear's cut)
-BLOCK_K = 128
+BLOCK_K = 128  # `launch_plan`'s step (the FP8 block width it plans in)
 DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -85,19 +85,8 @@ if triton is not None:
                 xv, wv = xv.to(tl.float32), wv.to(tl.float32)
             acc = tl.dot(xv, wv, acc)
 
-        out_mask = row_ok[:, None] & col_ok[None, :]
-        if SPLIT:
-            mine = part_ptr + pid_s.to(tl.int64) * split_stride  # [splits, M, N]: this split's [M, N]
-            tl.store(mine + offs_m[:, None] * N + offs_n[None, :], acc, mask=out_mask)
-            tl.debug_barrier()  # every thread's partial is stored before the release below
-            arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if arrived == num_splits - 1:  # the last of this tile: all partials are visible (acquire)
-                total = _sum_partials_in_order(part_ptr, offs_m, offs_n, out_mask, N, split_stride, num_splits,
-                                               BLOCK_M, BLOCK_N)
-                tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # zero for the next call
-                _bias_cast_store(total, bias_ptr, out_ptr, offs_m, offs_n, out_mask, N, HAS_BIAS, SOFT_ROUND)
-        else:
-            _bias_cast_store(acc, bias_ptr, out_ptr, offs_m, offs_n, out_mask, N, HAS_BIAS, SOFT_ROUND)
+        _finish_tile(acc, bias_ptr, out_ptr, part_ptr, count_ptr, pid_n, pid_s, num_splits, offs_m, offs_n, row_ok,
+                     col_ok, N, split_stride, HAS_BIAS, SPLIT, SOFT_ROUND, BLOCK_M, BLOCK_N)
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -109,21 +98,12 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     M, N = x2.shape[0], weight.shape[0]
     if not 0 < M <= DECODE_MAX_ROWS:
         raise ValueError(f"the 16-bit decode linear takes 1..{DECODE_MAX_ROWS} rows, got {M}")
-    steps = -(-K // BLOCK_K)
-    block_m, plan_n, plan_splits, per_split = decode_plan(M, N, steps * BLOCK_K, num_sms(x.device))
-    if block_n is not None or splits is not None:
-        plan_n = block_n or plan_n
-        per_split = -(-steps // (splits or plan_splits))
-        plan_splits = -(-steps // per_split)
+    block_m, plan_n, plan_splits, per_split = launch_plan(M, N, -(-K // BLOCK_K), x.device, block_n, splits)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     tiles = triton.cdiv(N, plan_n)
-    split = plan_splits > 1
-    if split and tiles > COUNTER_SLOTS:
-        raise ValueError(f"N={N} needs {tiles} column tiles, more than the {COUNTER_SLOTS} tile counters")
-    partials = torch.empty(plan_splits, M, N, dtype=torch.float32, device=x.device) if split else out
-    counters = arrival_counters(x.device) if split else out
+    partials, counters = split_buffers(plan_splits, tiles, out, arrival_counters)
     _decode_gemm[(tiles, plan_splits)](
         x2, weight.contiguous(), bias if bias is not None else out, out, partials, counters, M, N, K, per_split,
-        M * N, HAS_BIAS=bias is not None, SPLIT=split, SOFT_ROUND=triton_interpreted(), BLOCK_M=block_m,
+        M * N, HAS_BIAS=bias is not None, SPLIT=plan_splits > 1, SOFT_ROUND=triton_interpreted(), BLOCK_M=block_m,
         BLOCK_N=plan_n, BLOCK_K=BLOCK_K, num_warps=4, num_stages=3)
     return out.reshape(*lead, N)
