@@ -87,7 +87,8 @@ def check_deterministic(device="cpu"):
 
 
 
-def check_fp8(T, E, H, inter, k, activation="silu", bias=False, bad_ids=False, device="cpu", seed=0, blocks=None):
+def check_fp8(T, E, H, inter, k, activation="silu", bias=False, bad_ids=False, device="cpu", seed=0, blocks=None,
+              **launch):
     """The FP8 variant (model/kernels/triton_decode_moe_fp8.py) against `fused_moe_fp8_reference` in float64 (the same
     quantisation rule, on the unrounded float64 sums). Where float32 and float64 sums straddle an e4m3 rounding
     boundary of h, one element of h moves by an e4m3 step (2^-3 relative); such flips are rare and their effect
@@ -112,7 +113,7 @@ def check_fp8(T, E, H, inter, k, activation="silu", bias=False, bad_ids=False, d
     ref_wts = wts.masked_fill((ids < 0) | (ids >= E), 0.0)
     ref = fused_moe_fp8_reference(x.double(), w13, s13, w2, s2, ref_wts.double(), masked, torch.float64,
                                   activation=activation, w13_bias=b13, w2_bias=b2)  # [T, H] float64
-    out = decode_moe_fp8(x, w13, s13, w2, s2, wts, ids, load, activation, b13, b2, blocks=blocks)
+    out = decode_moe_fp8(x, w13, s13, w2, s2, wts, ids, load, activation, b13, b2, blocks=blocks, **launch)
     err = (out.double() - ref).abs().max().item()
     scale = ref.abs().max().item()
     assert err <= 2.0 ** -6 * scale, (T, E, H, inter, k, activation, err / scale)
