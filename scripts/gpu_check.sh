@@ -16,6 +16,7 @@
 #   decode-attention: the Triton decode attention's split choice at batch 1-64 against its byte floor (issue 21).
 #   decode-moe-ab: the two-launch decode MoE (model/kernels/triton_decode_moe.py), tests then the layer at T = 1-8.
 #   decode-moe-sweep: the two-launch decode MoE's launch shapes (BLOCK_I, BLOCK_H, warps) timed for OLMoE and Qwen3.
+#   decode-moe: the decode MoE layer (two launches, one launch, CUDA) timed for OLMoE and Qwen3 at T = 1, 4, 8.
 #   gemv: the 16-bit decode linear (model/kernels/triton_gemv.py): GPU tests, then against cuBLAS at decode shapes.
 #   pending-serving: serving measurements first taken in session 13 (qwen3 decode profile with the Triton router,
 #   gpt-oss engine, API costs with the short-output control).
@@ -170,6 +171,9 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
     decode-moe-sweep)  # issue 21: which launch shapes stream the small experts fastest at T = 1 and 4
       PYTHONPATH=. python3 benchmarks/bench_decode_moe.py --shapes qwen3-30b-a3b,olmoe-1b-7b --tokens 1,4 --sweep \
         2>&1 | tee "$OUT/bench_decode_moe_sweep.log" | grep -E "two-launch|sweep:" ;;
+    decode-moe)  # issue 21: the layer at its default launch shapes against the byte floor and the CUDA path
+      PYTHONPATH=. python3 benchmarks/bench_decode_moe.py --shapes qwen3-30b-a3b,olmoe-1b-7b --tokens 1,4,8 \
+        2>&1 | tee "$OUT/bench_decode_moe.log" | grep -E "two-launch" ;;
     decode-moe-ab)  # issue 21: the two-launch decode MoE (STATICMOE_DECODE_MOE) checked, then timed 1,0,1,0: the FP8
       # grid's shapes at T = 1-8 (our FP8 and bf16 layers, graph times in the JSON) and OLMoE in bf16
       run_tests tests/test_triton_decode_moe_gpu.py

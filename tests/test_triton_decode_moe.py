@@ -63,6 +63,18 @@ def test_launch_blocks_fill_the_gpu_at_batch_1_and_stay_wide_when_they_can():
     assert launch_blocks(1, 8, 7168, 2048, 132) == (16, 8)  # DeepSeek-V3: 8 x 128 and 896 programs
 
 
+def test_16bit_blocks_take_the_narrow_up_blocks_the_h100_sweep_found_fastest():
+    """The sweep's fastest `_up` blocks (benchmarks/NOTES.md "Session 20"): BLOCK_I 4 at T = 1 (Qwen3 and OLMoE:
+    1536 and 2048 programs), 8 at T = 4 (3072 and 4096); `_down` as `launch_blocks` picks it."""
+    from model.kernels.triton_decode_moe import blocks_16bit
+
+    assert blocks_16bit(1, 8, 2048, 768, 132) == (4, 4)  # Qwen3-30B-A3B
+    assert blocks_16bit(4, 8, 2048, 768, 132) == (8, 8)
+    assert blocks_16bit(1, 8, 2048, 1024, 132) == (4, 4)  # OLMoE
+    assert blocks_16bit(4, 8, 2048, 1024, 132) == (8, 8)
+    assert blocks_16bit(8, 8, 2048, 768, 132) == (16, 16)  # 64 slots: 3072 programs at 16 columns
+
+
 class FakeCuda:
     """Just what `applies` asks of x on a GPU: the dispatch test runs on the CPU."""
 
@@ -135,8 +147,9 @@ def test_fused_moe_dispatches_to_it(decode_knob, monkeypatch):
 
 @needs_triton
 @pytest.mark.parametrize("tiles", [(8192, 16384), (4096, 8192)])
-def test_one_launch_compiles_for_sm90_with_its_release_and_acquire(tiles):
-    """Qwen3's T = 1 launch shapes: no spills; each `_up` program's signal is a GPU-scope release, each `_down`
+@pytest.mark.parametrize("block_i", [4, 8])
+def test_one_launch_compiles_for_sm90_with_its_release_and_acquire(tiles, block_i):
+    """Qwen3's T = 1 launch shapes (BLOCK_I 4 is `blocks_16bit`'s): no spills; each `_up` program's signal is a GPU-scope release, each `_down`
     program's wait polls with GPU-scope acquire loads (LLVM turns the `atomic_add(ptr, 0)` into them)."""
     from tests.triton_fixtures import compile_for_sm90
 
@@ -145,8 +158,8 @@ def test_one_launch_compiles_for_sm90_with_its_release_and_acquire(tiles):
         ["x_ptr", "w13_ptr", "b13_ptr", "h_ptr", "w2_ptr", "b2_ptr", "ids_ptr", "wts_ptr", "out_ptr", "load_ptr",
          "count_ptr", "T", "E", "H", "I"],
         ["*bf16"] * 6 + ["*i32", "*fp32", "*bf16", "*i64", "*i32", "i32", "i32", "i32", "i32"],
-        dict(K_SLOTS=8, K_PAD=8, HAS_BIAS=False, COUNT=True, SWIGLU_OAI=False, alpha=1.702, limit=7.0, BLOCK_I=8,
-             UP_BLOCK_K=tiles[0] // 8, BLOCK_H=4, DOWN_BLOCK_K=tiles[1] // 32),
+        dict(K_SLOTS=8, K_PAD=8, HAS_BIAS=False, COUNT=True, SWIGLU_OAI=False, alpha=1.702, limit=7.0,
+             BLOCK_I=block_i, UP_BLOCK_K=tiles[0] // block_i, BLOCK_H=4, DOWN_BLOCK_K=tiles[1] // 32),
         ["x_ptr", "w13_ptr", "h_ptr", "w2_ptr", "out_ptr", "H", "I"], num_warps=8)
     assert "LOCAL:0" in usage, usage
     assert "red.global.gpu.release.add" in ptx or "atom.global.gpu.release.add" in ptx

@@ -16,7 +16,7 @@ floor, the plan alone 5.8 µs and the combine 1.8-5 µs (benchmarks/NOTES.md, is
 grouping by expert is worth having: each slot reads its own expert's rows directly (two slots on one expert read the
 weight twice, the second time mostly from L2), so the plan goes, and the combine folds into the second launch.
 
-- `_up`: programs (slot, BLOCK_I ∈ {8, 16, 32} columns of the intermediate: `launch_blocks`).
+- `_up`: programs (slot, BLOCK_I ∈ {4, 8, 16, 32} columns of the intermediate: `blocks_16bit`).
   h[slot, i] = act(x[t] · w13[e, i] + b_g, x[t] · w13[e, I + i] + b_u), e = topk_ids[slot], t = slot // k; float32
   sums, h stored in x's dtype (the CUDA kernel's intermediate precision). A slot whose id is outside [0, E) is
   skipped, as the CUDA kernel skips it.
@@ -36,7 +36,7 @@ a token puts its two counters back to zero, so one buffer serves every call and 
 
 Both are weight streams: 2·I·H and H·I elements per slot, read in 32 KB steps per program with float32
 multiply-adds (no tensor cores: one row per weight row). Grids at T = 1 on 132 SMs: Qwen3 (I = 768, H = 2048,
-k = 8) 8 × 96 `_up` and 512 `_down` programs. Offline sm_90a compiles (Triton 3.9, 8 warps): `_up` 80-103
+k = 8) 8 × 192 `_up` and 512 `_down` programs. Offline sm_90a compiles (Triton 3.9, 8 warps): `_up` 80-103
 registers, `_down` 80-145 (8 bytes of stack at BLOCK_H 8 with biases, else none), 16-byte loads where H and I
 are multiples of 16 (Triton specialises such sizes). CUDA-graph capturable (no host reads, buffers from the
 caller's allocator; the one-launch counters are allocated by a first call, which must run outside capture, as the
@@ -64,22 +64,33 @@ MAX_SPINS = 1 << 22  # the one-launch wait's bound: ~1 s of polling, far past an
 AUTO_MAX_EXPERT_ELEMENTS = 2048 * 1024  # H·I of the largest expert it is the default for: OLMoE's (measured faster)
 DTYPES = (torch.bfloat16, torch.float16)
 PROGRAMS_PER_SM = 4  # each launch's target: enough loads in flight (Triton does not pipeline these loops' loads)
+UP_PROGRAMS_PER_SM = 16  # the 16-bit `_up`'s target: its H100 sweep ran fastest at 12-23 programs per SM
+MIN_BLOCK_I = 4  # the 16-bit `_up`'s narrowest block (FP8's stays at 8: its per-block scales are 128 wide)
 UP_TILE = 8192  # elements of `_up`'s [BLOCK_I, BLOCK_K] step per gate and up (32 KB of bf16 for both)
 DOWN_TILE = 16384  # elements of `_down`'s [k_pad, BLOCK_H, BLOCK_K] step (32 KB of bf16)
 
 
-def launch_blocks(T: int, k: int, H: int, inter: int, sms: int, min_block_h: int = 4) -> tuple[int, int]:
-    """(BLOCK_I of `_up`, BLOCK_H of `_down`): the widest blocks (32 and 16) that still give each launch
-    PROGRAMS_PER_SM programs per SM, down to 8 and `min_block_h`. The first timing (benchmarks/NOTES.md) had 192 and
-    128 programs for Qwen3 at T = 1 and streamed at ~58% of the copy rate, against the floor at T = 8."""
-    target = PROGRAMS_PER_SM * sms
+def launch_blocks(T: int, k: int, H: int, inter: int, sms: int, min_block_h: int = 4,
+                  up_per_sm: int = PROGRAMS_PER_SM, min_block_i: int = 8) -> tuple[int, int]:
+    """(BLOCK_I of `_up`, BLOCK_H of `_down`): the widest blocks (32 and 16) that still give `_up` up_per_sm and
+    `_down` PROGRAMS_PER_SM programs per SM, down to `min_block_i` and `min_block_h`. The first timing
+    (benchmarks/NOTES.md) had 192 and 128 programs for Qwen3 at T = 1 and streamed at ~58% of the copy rate, against
+    the floor at T = 8; the 16-bit layer passes UP_PROGRAMS_PER_SM and MIN_BLOCK_I (`blocks_16bit`)."""
     block_i = 32
-    while block_i > 8 and T * k * -(-inter // block_i) < target:
+    while block_i > min_block_i and T * k * -(-inter // block_i) < up_per_sm * sms:
         block_i //= 2
     block_h = 16
-    while block_h > min_block_h and T * -(-H // block_h) < target:
+    while block_h > min_block_h and T * -(-H // block_h) < PROGRAMS_PER_SM * sms:
         block_h //= 2
     return block_i, block_h
+
+
+def blocks_16bit(T: int, k: int, H: int, inter: int, sms: int) -> tuple[int, int]:
+    """`launch_blocks` for the 16-bit layer. Its H100 sweep (benchmarks/NOTES.md "Session 20", graph µs, all
+    (BLOCK_I, BLOCK_H, warps, tiles) timed) found `_up`'s block the lever and `_down`'s not: Qwen3-30B-A3B T = 1 ran
+    38.0 µs at (8, 4) and 32.4-33.4 at BLOCK_I 4 with BLOCK_H 2 or 16; at T = 4, 119.2 at (32, 8) and 105.6 at (8, 8).
+    More, narrower `_up` programs put more weight loads in flight (Triton does not pipeline these loops)."""
+    return launch_blocks(T, k, H, inter, sms, up_per_sm=UP_PROGRAMS_PER_SM, min_block_i=MIN_BLOCK_I)
 
 @functools.cache
 def decode_moe_forced() -> bool | None:
@@ -253,7 +264,7 @@ def decode_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weight
                blocks: tuple[int, int] | None = None, num_warps: int = 8,
                tiles: tuple[int, int] = (UP_TILE, DOWN_TILE), one_launch: bool | None = None) -> torch.Tensor:
     """`fused_moe` for x [T, H] with T·k <= DECODE_MAX_SLOTS (inputs already checked by `check_moe_inputs`).
-    `blocks` (BLOCK_I, BLOCK_H) overrides `launch_blocks`, `num_warps` the launches' warps and `tiles` their
+    `blocks` (BLOCK_I, BLOCK_H) overrides `blocks_16bit`, `num_warps` the launches' warps and `tiles` their
     elements per loop step; `one_launch` the `STATICMOE_DECODE_MOE_ONE_LAUNCH` switch (tests, the benchmarks)."""
     T, H = x.shape
     E, two_i, _ = w13.shape
@@ -265,7 +276,7 @@ def decode_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weight
     out = torch.empty_like(x)  # [T, H]
     b13 = w13_bias.contiguous() if w13_bias is not None else x  # a placeholder pointer when there is no bias
     b2 = w2_bias.contiguous() if w2_bias is not None else x
-    block_i, block_h = blocks or launch_blocks(T, k, H, inter, num_sms(x.device))
+    block_i, block_h = blocks or blocks_16bit(T, k, H, inter, num_sms(x.device))
     k_pad = triton.next_power_of_2(k)
     load = expert_load if expert_load is not None else ids  # a placeholder pointer when nothing is counted
     swiglu_oai = activation == Activation.SWIGLU_OAI
