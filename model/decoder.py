@@ -6,14 +6,13 @@ read from their row of model/families.py.
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
 from model.forward_batch import ForwardBatch
 from model.kv_groups import KvCacheGroups, null_block
 from model.layers.attention import Attention
-from model.layers.linear import Embedding, Linear
+from model.layers.linear import Embedding, Linear, linear
 from model.layers.mla_attention import MlaAttention
 from model.layers.mlp import GatedMLP
 from model.layers.moe import SparseMoeBlock, routing_of
@@ -89,7 +88,7 @@ class MoeCausalLM(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states [S, H] -> float32 logits [S, V]."""
-        return F.linear(h, self.head_weight()).float()
+        return linear(h, self.head_weight()).float()  # decode rows: the Triton split-K kernel (an LM head's size)
 
     def hidden_states(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
         """The final-normed hidden states [S, H] of the rows `batch.logits_indices` selects (a tensor-parallel

@@ -66,13 +66,14 @@ def test_launch_blocks_fill_the_gpu_at_batch_1_and_stay_wide_when_they_can():
 def test_16bit_blocks_take_the_narrow_up_blocks_the_h100_sweep_found_fastest():
     """The sweep's fastest `_up` blocks (benchmarks/NOTES.md "Session 20"): BLOCK_I 4 at T = 1 (Qwen3 and OLMoE:
     1536 and 2048 programs), 8 at T = 4 (3072 and 4096); `_down` as `launch_blocks` picks it."""
-    from model.kernels.triton_decode_moe import blocks_16bit
+    from model.kernels.triton_decode_moe import blocks_16bit, launch_blocks
 
     assert blocks_16bit(1, 8, 2048, 768, 132) == (4, 4)  # Qwen3-30B-A3B
     assert blocks_16bit(4, 8, 2048, 768, 132) == (8, 8)
     assert blocks_16bit(1, 8, 2048, 1024, 132) == (4, 4)  # OLMoE
     assert blocks_16bit(4, 8, 2048, 1024, 132) == (8, 8)
     assert blocks_16bit(8, 8, 2048, 768, 132) == (16, 16)  # 64 slots: 3072 programs at 16 columns
+    assert launch_blocks(1, 8, 2048, 768, 132, 8, min_block_i=32) == (32, 8)  # the FP8 layer's (FP8_BLOCK_I)
 
 
 class FakeCuda:

@@ -1,11 +1,14 @@
 """The 16-bit decode linear (model/kernels/triton_gemv.py) on the CPU: the kernel under Triton's interpreter against
-a float64 product (tests/gemv_checks.py), its dispatch from `Linear` (opt-in, decode rows, 16-bit, a GPU), and its
+a float64 product (tests/gemv_checks.py), its dispatch from `Linear` and the LM head (by shape or switch, decode rows, 16-bit, a GPU), and its
 sm_90a build without spills. The real shapes on the GPU: tests/test_triton_gemv_gpu.py."""
+
+import types
 
 import pytest
 import torch
 
 from model.kernels import triton_gemv
+from model.decoder import MoeCausalLM
 from model.layers.linear import Linear
 from tests.triton_fixtures import compile_for_sm90, needs_triton, run_interpreted
 
@@ -44,20 +47,33 @@ class _OnGpu:
 @pytest.fixture
 def gemv_knob(monkeypatch):
     def set_to(value):
-        triton_gemv.enabled.cache_clear()
+        triton_gemv.forced.cache_clear()
         if value is None:
             monkeypatch.delenv("STATICMOE_DECODE_GEMV", raising=False)
         else:
             monkeypatch.setenv("STATICMOE_DECODE_GEMV", value)
     monkeypatch.setattr(triton_gemv, "triton", object())  # "Triton present", installed or not
     yield set_to
-    triton_gemv.enabled.cache_clear()
+    triton_gemv.forced.cache_clear()
 
 
-def test_applies_only_when_switched_on_to_decode_rows_in_16_bit(gemv_knob):
-    w = torch.empty(64, 2048, dtype=torch.bfloat16)
+def test_unset_it_takes_the_shapes_it_won_at(gemv_knob):
+    """By shape (H100 bench_gemv, NOTES "Session 20"): Qwen3's o (K 4096) and an LM head (151936 × 2048) win, Qwen3's
+    qkv (5120 × 2048) and OLMoE's o (2048 × 2048) lose; =0 turns the winners off, =1 takes the losers too."""
     gemv_knob(None)
-    assert not triton_gemv.applies(_OnGpu((1, 2048)), w)  # opt-in
+    o, head = torch.empty(2048, 4096, dtype=torch.bfloat16), torch.empty(151936, 2048, dtype=torch.bfloat16)
+    qkv, small_o = torch.empty(5120, 2048, dtype=torch.bfloat16), torch.empty(2048, 2048, dtype=torch.bfloat16)
+    assert triton_gemv.applies(_OnGpu((1, 4096)), o) and triton_gemv.applies(_OnGpu((16, 2048)), head)
+    assert not triton_gemv.applies(_OnGpu((1, 2048)), qkv) and not triton_gemv.applies(_OnGpu((1, 2048)), small_o)
+    assert not triton_gemv.applies(_OnGpu((17, 2048)), head)  # prefill rows: cuBLAS
+    gemv_knob("0")
+    assert not triton_gemv.applies(_OnGpu((1, 4096)), o) and not triton_gemv.applies(_OnGpu((1, 2048)), head)
+    gemv_knob("1")
+    assert triton_gemv.applies(_OnGpu((1, 2048)), qkv)
+
+
+def test_applies_when_switched_on_to_decode_rows_in_16_bit(gemv_knob):
+    w = torch.empty(64, 2048, dtype=torch.bfloat16)
     gemv_knob("1")
     assert triton_gemv.applies(_OnGpu((1, 2048)), w)
     assert triton_gemv.applies(_OnGpu((4, 4, 2048)), w)  # 16 rows over two leading dims
@@ -71,7 +87,7 @@ def test_applies_only_when_switched_on_to_decode_rows_in_16_bit(gemv_knob):
         triton_gemv.applies(_OnGpu((1, 2048)), w)
 
 
-def test_linear_dispatches_to_it(gemv_knob, monkeypatch):
+def test_linear_and_the_lm_head_dispatch_to_it(gemv_knob, monkeypatch):
     gemv_knob("1")
     calls = []
     monkeypatch.setattr(triton_gemv, "applies", lambda x, w: True)
@@ -79,6 +95,9 @@ def test_linear_dispatches_to_it(gemv_knob, monkeypatch):
     layer = Linear(4, 3, bias=True)
     out = layer(torch.randn(1, 4))
     assert torch.equal(out, torch.full((1, 3), 5.0)) and calls == [layer.bias]
+    head = types.SimpleNamespace(head_weight=lambda: torch.randn(3, 4))  # MoeCausalLM.head reads only this
+    logits = MoeCausalLM.head(head, torch.randn(1, 4))
+    assert logits.dtype == torch.float32 and torch.equal(logits, torch.full((1, 3), 5.0)) and calls[-1] is None
 
 
 def test_rejects_rows_beyond_the_cut():

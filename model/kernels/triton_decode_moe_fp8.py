@@ -13,7 +13,7 @@ kept unquantised in a float32 buffer; `_down` quantises each (slot, 128-column g
 loads it (every `_down` program of a token redoes it: k × I values, from L2), then the same block-scaled sums; the k
 slots reduced by a fixed tree in float32, one cast to x's dtype.
 
-- `_up`: programs (slot, BLOCK_I ∈ {8, 16, 32} intermediate columns, `triton_decode_moe.launch_blocks`); per step
+- `_up`: programs (slot, BLOCK_I = 32 intermediate columns: `FP8_BLOCK_I`); per step
   GROUPS = 128 / BLOCK_I K blocks of the gate and up rows ([BLOCK_I, GROUPS, 128] e4m3 each, 32 KB for both).
 - `_down`: programs (token, BLOCK_H ∈ {8, 16} output columns), all k slots in one [k_pad, BLOCK_H, 128] tile per
   K block (16 KB at k = 8, BLOCK_H = 16). expert_load counted by the column-block-0 programs (int64 atomic adds: exact).
@@ -44,6 +44,8 @@ except ImportError:  # CPU-only installs
 
 UP_STEP_ROWS = 128  # BLOCK_I x GROUPS: `_up`'s step is [BLOCK_I, GROUPS, 128] e4m3 (16 KB) per gate and up
 MIN_BLOCK_H = 8  # `_down` quantises k x 128 values of h per step: below 8 columns that outweighs the weights
+FP8_BLOCK_I = 32  # `_up`'s block at every T: the H100 sweep's fastest (NOTES "Session 20"; Qwen3 T=1 19.5 µs
+#                    at 32 against 20.6 at 8, OLMoE 29.0 against 30.0): four K blocks per row and step, not more programs
 
 
 if tl is not None:
@@ -144,7 +146,8 @@ def decode_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, 
     b13 = w13_bias.contiguous() if w13_bias is not None else x  # a placeholder pointer when there is no bias
     b2 = w2_bias.contiguous() if w2_bias is not None else x
     soft = triton_interpreted()
-    block_i, block_h = blocks or launch_blocks(T, k, H, inter, num_sms(x.device), MIN_BLOCK_H)
+    block_i, block_h = blocks or launch_blocks(T, k, H, inter, num_sms(x.device), MIN_BLOCK_H,
+                                                min_block_i=FP8_BLOCK_I)
     _up[(T * k, inter // block_i)](
         x, w13, s13, b13, ids, h, E, H, inter, K_SLOTS=k, HAS_BIAS=w13_bias is not None,
         SWIGLU_OAI=activation == Activation.SWIGLU_OAI, alpha=SWIGLU_OAI_ALPHA, limit=SWIGLU_OAI_LIMIT,

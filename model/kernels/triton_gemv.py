@@ -5,7 +5,12 @@ design and the reduction of `triton_fp8_gemv`, for bf16/fp16 weights (no quantis
 Why: at one row cuBLAS ran Qwen3-30B-A3B's o_proj (4096 → 2048, 16.8 MB) as a split-K GEMM (8.1 µs) plus a
 separate reduction kernel (1.7 µs) against a 5.6 µs byte floor, and its qkv (2048 → 5120, 21 MB) in 9.4 µs against
 ~7 µs (H100, benchmarks/NOTES.md "Session 19"): ~4.5 µs a layer over the floor, ~0.2 ms of a 4.2 ms batch-1 step.
-Opt-in with `STATICMOE_DECODE_GEMV=1` until a GPU run has timed it against cuBLAS (benchmarks/bench_gemv.py).
+
+Where it wins (H100, benchmarks/bench_gemv.py in CUDA graphs, NOTES "Session 20", µs ours vs cuBLAS at M = 1):
+linears with K >= 4096 (Qwen3 o 10.6 vs 10.8 and 10.1 vs 10.8 at M = 16, gpt-oss o 12.5 vs 13.9) and LM heads
+(Qwen3's 151936 × 2048: 204.5 vs 227.0, at the byte floor); it loses where K is short and N long (Qwen3 qkv 11.5 vs
+11.0, gpt-oss qkv 14.4 vs 13.0, OLMoE o 7.9 vs 6.3). So by default it takes those two kinds (`wanted`);
+`STATICMOE_DECODE_GEMV=1` takes it for every decode linear, `=0` never.
 
 Programs: cdiv(N, BLOCK_N) column tiles × splits of K (`triton_fp8_gemv.decode_plan` with K in steps of BLOCK_K,
 the last step masked where K is not a multiple of it, e.g. gpt-oss's 2880). Each step loads x [BLOCK_M, BLOCK_K] and
@@ -38,20 +43,31 @@ except ImportError:  # CPU-only installs
 DECODE_MAX_ROWS = 16  # rows up to which `applies` takes this kernel (the FP8 decode linear's cut)
 BLOCK_K = 128  # `launch_plan`'s step (the FP8 block width it plans in)
 DTYPES = (torch.bfloat16, torch.float16)
+WIDE_K = 4096  # K from which it beat cuBLAS at decode rows (the module docstring)
+HEAD_ELEMENTS = 1 << 26  # N·K from which a weight is an LM head's size (Qwen3's is 311M), where it also won
 
 
 @functools.cache
-def enabled() -> bool:
-    """`STATICMOE_DECODE_GEMV=1` (read once per process): opt-in until a GPU run has timed it."""
-    return env_switch("STATICMOE_DECODE_GEMV")
+def forced() -> bool | None:
+    """`STATICMOE_DECODE_GEMV` (read once per process): 1 every decode linear, 0 none, unset by shape (`wanted`)."""
+    return env_switch("STATICMOE_DECODE_GEMV", default=None)
+
+
+def wanted(weight: torch.Tensor) -> bool:
+    """The switch if set, else whether weight [N, K] is of a shape it was measured faster at: K >= WIDE_K or an LM
+    head's N·K >= HEAD_ELEMENTS."""
+    switch = forced()
+    if switch is not None:
+        return switch
+    n, k = weight.shape
+    return k >= WIDE_K or n * k >= HEAD_ELEMENTS
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `Linear` takes this kernel for x [..., K]: switched on, Triton present, a CUDA x of at most
-    DECODE_MAX_ROWS rows, and x and weight of one 16-bit dtype with rows 16-byte aligned (K a multiple of 8)."""
-    return (enabled() and x.is_cuda and x.dtype in DTYPES and weight.dtype == x.dtype  # the switch first: every
-            and x.numel() // x.shape[-1] <= DECODE_MAX_ROWS and x.shape[-1] % 8 == 0  # Linear call asks
-            and triton is not None)
+    """Whether `linear` takes this kernel for x [..., K]: a CUDA x of at most DECODE_MAX_ROWS rows, x and weight of
+    one 16-bit dtype with rows 16-byte aligned (K a multiple of 8), a weight it is `wanted` for, Triton present."""
+    return (x.is_cuda and x.dtype in DTYPES and weight.dtype == x.dtype and x.shape[-1] % 8 == 0
+            and x.numel() // x.shape[-1] <= DECODE_MAX_ROWS and wanted(weight) and triton is not None)
 
 
 def arrival_counters(device: torch.device) -> torch.Tensor:

@@ -8,6 +8,14 @@ from torch import nn
 from model.kernels import triton_gemv
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] · weight [out, in]ᵀ (+ bias): decode rows at the shapes where the Triton split-K kernel beats cuBLAS
+    go to it (model/kernels/triton_gemv.py), everything else to F.linear."""
+    if triton_gemv.applies(x, weight):
+        return triton_gemv.decode_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
@@ -17,9 +25,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, in] -> [N, out]
-        if triton_gemv.applies(x, self.weight):  # decode rows, opt-in (STATICMOE_DECODE_GEMV=1)
-            return triton_gemv.decode_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, bias={self.bias is not None}"

@@ -10,13 +10,12 @@ transformer; plus one for the embedding and an all-gather of the vocabulary-spli
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
 from model.decoder import MoeCausalLM
 from model.layers.attention import Attention
-from model.layers.linear import Linear
+from model.layers.linear import Linear, linear
 from model.layers.mla_attention import MlaAttention
 from model.layers.mlp import GatedMLP
 from model.layers.moe import SparseMoeBlock
@@ -58,7 +57,7 @@ class ParallelCausalLM(nn.Module):
         """kv_cache [num_layers, *one layer's cache] (GQA: [2, blocks, block_size, local Hkv, D]; MLA: the whole
         latent cache [blocks, block_size, kv_lora_rank + rope] on every rank) -> logits [S, vocab] float32."""
         h = self.lm.hidden_states(batch, kv_cache)  # [S, H]
-        logits = self.comm.all_gather_columns(F.linear(h, self.lm.head_weight()))  # [S, W * rows]
+        logits = self.comm.all_gather_columns(linear(h, self.lm.head_weight()))  # [S, W * rows]
         return logits[:, : self.config.vocab_size].float()
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
