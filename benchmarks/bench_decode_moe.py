@@ -6,11 +6,9 @@ experts' weights (and FP8 scales) the step touches at the copy bandwidth measure
     python benchmarks/bench_decode_moe.py [--tokens 1,4,8] [--shapes qwen3-30b-a3b,...] [--sweep]
 
 Without the CUDA extension built the CUDA column is left empty (the Triton path needs only Triton). In 16 bits the
-one-launch kernel (`STATICMOE_DECODE_MOE_ONE_LAUNCH`) is timed too, at the default and the half loop step; in FP8
-`_down` with its weights requested one K block ahead (`prefetch`). `--sweep` times
-the two-launch path at every (BLOCK_I, BLOCK_H, warps) of SWEEP_* beside `launch_blocks`' choice and prints the
-fastest: the data for choosing the launch shapes (issue 21: Qwen3's `_down` at T = 1 ran at ~53% of the copy rate
-on an H100, 15.7 µs against an 8.3 µs floor).
+one-launch kernel (`STATICMOE_DECODE_MOE_ONE_LAUNCH`) is timed too, at the default and the half loop step.
+`--sweep` times the two-launch path at every (BLOCK_I, BLOCK_H, warps) of SWEEP_* beside the default launch
+shapes and prints the fastest: the data the defaults were chosen from (benchmarks/NOTES.md "Session 20").
 """
 
 import argparse
@@ -86,9 +84,9 @@ def main(argv=None):
                 wts, ids = make_routing("balanced", T, E, k, gen)
                 x = torch.randn(T, H, device=device, dtype=torch.bfloat16, generator=gen)
                 if fp8:
-                    def triton_fn(blocks=None, warps=8, tiles=None, prefetch=False):
+                    def triton_fn(blocks=None, warps=8, tiles=None):
                         return decode_moe_fp8(x, a, sa, b, sb, wts, ids, None, Activation.SILU, blocks=blocks,
-                                              num_warps=warps, prefetch=prefetch)
+                                              num_warps=warps)
                     cuda_fn = lambda: extension.fused_moe_fp8_cuda(x, a, sa, b, sb, wts, ids, None)  # noqa: E731
                 else:
                     def triton_fn(blocks=None, warps=8, tiles=None, one_launch=False):
@@ -100,9 +98,6 @@ def main(argv=None):
                 ours_us = 1e3 * graph_ms(triton_fn)
                 line = (f"{name:>16} {precision} T={T:<3} floor {floor_us:7.1f} us | two-launch {ours_us:7.1f} us "
                         f"({ours_us / floor_us:.2f}x)")
-                if fp8:  # `_down` one K block ahead (decode_moe_fp8's prefetch)
-                    pre_us = 1e3 * graph_ms(lambda: triton_fn(prefetch=True))
-                    line += f" | prefetch {pre_us:7.1f} us ({pre_us / floor_us:.2f}x)"
                 if not fp8:  # the one-launch kernel (STATICMOE_DECODE_MOE_ONE_LAUNCH), at both loop steps
                     one_us = [1e3 * graph_ms(lambda: triton_fn(tiles=tiles, one_launch=True)) for tiles in SWEEP_TILES]
                     line += " | one launch " + " / ".join(f"{us:7.1f} us ({us / floor_us:.2f}x)" for us in one_us)

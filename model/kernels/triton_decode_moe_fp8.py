@@ -20,9 +20,9 @@ slots reduced by a fixed tree in float32, one cast to x's dtype.
 H and I are multiples of 128 (the FP8 op's contract), so a program's rows share one weight-scale block.
 
 `_down` at Qwen3's T = 1 launch (BLOCK_H 8) is 256 programs, about two per SM, each streaming six dependent 8 KB
-steps (one K block each, I = 768) with h's quantisation between them: little in flight for a weight stream (the layer
-ran 24.2 µs against a 12.5 µs floor on an H100). `prefetch=True` requests the next K block's weights before the
-current one is reduced (two steps in flight; ~8 more registers). Off until `bench_decode_moe.py` has timed it.
+steps (one K block each, I = 768) with h's quantisation between them. Requesting the next K block's weights before
+reducing the current one was tried and measured slower on an H100 (22.4 vs 20.6 µs at Qwen3 T = 1, 83.0 vs 68.2 at
+T = 4; benchmarks/NOTES.md "Session 20"), and removed.
 """
 
 import torch
@@ -89,7 +89,7 @@ if tl is not None:
     @triton.jit
     def _down(h_ptr, w2_ptr, s2_ptr, b2_ptr, ids_ptr, wts_ptr, out_ptr, load_ptr, E, H, I, K_SLOTS: tl.constexpr,
               K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, COUNT: tl.constexpr, SOFT_ROUND: tl.constexpr,
-              BLOCK_H: tl.constexpr, PREFETCH: tl.constexpr):
+              BLOCK_H: tl.constexpr):
         t = tl.program_id(0)
         c0 = tl.program_id(1) * BLOCK_H
         num_kb = I // 128
@@ -103,15 +103,8 @@ if tl is not None:
         h_rows = h_ptr + (t * K_SLOTS + slots[:, None]).to(tl.int64) * I  # [K_PAD, 1]
         scales = s2_ptr + (e * (H // 128) + c0 // 128) * num_kb  # [K_PAD]: this row block's K-block scales
         acc = tl.zeros([K_PAD, BLOCK_H], dtype=tl.float32)
-        if PREFETCH:
-            w_next = tl.load(rows + ks[None, None, :], mask=valid[:, None, None], other=0.0)
         for kb in range(0, num_kb):
-            if PREFETCH:  # the next K block's weights are requested before this one's h is quantised and reduced
-                w = w_next
-                w_next = tl.load(rows + (kb + 1) * 128 + ks[None, None, :],
-                                 mask=valid[:, None, None] & ((kb + 1) * 128 + ks < I)[None, None, :], other=0.0)
-            else:
-                w = tl.load(rows + kb * 128 + ks[None, None, :], mask=valid[:, None, None], other=0.0)
+            w = tl.load(rows + kb * 128 + ks[None, None, :], mask=valid[:, None, None], other=0.0)
             hv = tl.load(h_rows + kb * 128 + ks[None, :], mask=valid[:, None], other=0.0)  # [K_PAD, 128] float32
             hq, hs = _quantize_groups(hv, SOFT_ROUND)
             part = tl.sum(w.to(tl.float32) * hq.to(tl.float32)[:, None, :], axis=2)  # [K_PAD, BLOCK_H]
@@ -130,10 +123,10 @@ def decode_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, 
                    w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                    expert_load: torch.Tensor | None, activation: Activation, w13_bias: torch.Tensor | None = None,
                    w2_bias: torch.Tensor | None = None, blocks: tuple[int, int] | None = None,
-                   num_warps: int = 8, prefetch: bool = False) -> torch.Tensor:
+                   num_warps: int = 8) -> torch.Tensor:
     """`fused_moe_fp8` for x [T, H] with T·k <= DECODE_MAX_SLOTS (inputs already checked: H, I multiples of 128).
-    `blocks` (BLOCK_I, BLOCK_H) overrides `launch_blocks`, `num_warps` the launches' warps, `prefetch` has `_down`
-    request each K block's weights one step ahead (untimed: the module docstring) (tests, the benchmarks)."""
+    `blocks` (BLOCK_I, BLOCK_H) overrides `launch_blocks` and `num_warps` the launches' warps (tests, the
+    benchmarks)."""
     T, H = x.shape
     E, two_i, _ = w13.shape
     inter, k = two_i // 2, topk_ids.shape[1]
@@ -155,5 +148,5 @@ def decode_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, 
     _down[(T, H // block_h)](
         h, w2, s2, b2, ids, wts, out, expert_load if expert_load is not None else ids, E, H, inter, K_SLOTS=k,
         K_PAD=triton.next_power_of_2(k), HAS_BIAS=w2_bias is not None, COUNT=expert_load is not None,
-        SOFT_ROUND=soft, BLOCK_H=block_h, PREFETCH=prefetch, num_warps=num_warps)
+        SOFT_ROUND=soft, BLOCK_H=block_h, num_warps=num_warps)
     return out
