@@ -8,6 +8,7 @@ from model.config import ModelConfig
 from model.layers.linear import Linear
 from model.layers.norm import RMSNorm
 from model.layers.paged_attention import AttentionPlan
+from model.layers import triton_norm_rotary_write
 from model.layers.qk_norm_rotary import norm_rotary_qk
 from model.layers.rotary import apply_rotary
 
@@ -53,15 +54,39 @@ class Attention(nn.Module):
         plan: AttentionPlan,
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
     ) -> torch.Tensor:
-        out = self.attend(*self.project(x, rotary), plan, kv_cache)  # [N, Hq, D]
+        qkv = self.qkv_proj(x)  # [N, (Hq + 2 Hkv) D]
+        if self._one_launch_to_cache(qkv, kv_cache):  # norms, rotary and the K/V write in one Triton launch
+            k_cache, v_cache = (kv_cache[i].view(-1, self.num_kv_heads, self.head_dim) for i in (0, 1))
+            norm_weights = (None, None) if self.qk_norm == "none" else (self.q_norm.weight, self.k_norm.weight)
+            q = triton_norm_rotary_write.norm_rotary_write(
+                qkv, self.num_heads, self.num_kv_heads, self.head_dim, self.qk_norm, *norm_weights,
+                self.q_norm.eps if self.qk_norm != "none" else 0.0, *rotary, k_cache, v_cache, plan.write_rows,
+                plan.write_slots)
+            out = plan.attend(q, kv_cache, self.scale, self.sliding_window, self.sinks)
+        else:
+            out = self.attend(*self.rotate(qkv, rotary), plan, kv_cache)  # [N, Hq, D]
         return self.o_proj(out.reshape(x.shape[0], self.q_size))
+
+    def _one_launch_to_cache(self, qkv: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+        """Whether forward takes model/layers/triton_norm_rotary_write.py: switched on (opt-in), a 16-bit CUDA qkv
+        and a cache of its dtype (the unfused path rounds K to the model dtype before the cache's), norms it can
+        compute (none, or the plain per-head or whole-row ones `_norms_fuse_with_rotary` takes), no clipping."""
+        return (triton_norm_rotary_write.enabled() and qkv.is_cuda and qkv.dtype in triton_norm_rotary_write.DTYPES
+                and kv_cache.dtype == qkv.dtype and kv_cache.is_contiguous() and self.clip_qkv is None
+                and (self.qk_norm == "none" or self._norms_fuse_with_rotary())
+                and triton_norm_rotary_write.available())
 
     # The three parts of forward, also called one by one by the piecewise CUDA graphs of mixed steps
     # (model/step_pieces.py): `project` and `o_proj` are row-wise and captured, `attend` runs eagerly between them.
     def project(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]):
         """x [N, H] -> q [N, Hq, D], k, v [N, Hkv, D], rotary applied to q and k."""
-        num_rows = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return self.rotate(self.qkv_proj(x), rotary)
+
+    def rotate(self, qkv: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]):
+        """The fused projection's output [N, (Hq + 2 Hkv) D] -> q [N, Hq, D], k, v [N, Hkv, D], q and k normed (if
+        the model does) and rotated."""
+        num_rows = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self._norms_fuse_with_rotary():
             q, k = norm_rotary_qk(q.reshape(num_rows, self.num_heads, self.head_dim),
                                   k.reshape(num_rows, self.num_kv_heads, self.head_dim),
