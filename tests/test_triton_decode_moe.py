@@ -9,20 +9,20 @@ from model.kernels import moe, triton_decode_moe
 from tests.triton_fixtures import needs_triton, run_interpreted
 
 # (T, E, H, I, k, dtype, activation, bias, bad ids, blocks): H and I scaled down for the interpreter, ragged against
-# the kernels' blocks where it matters; blocks (BLOCK_I, BLOCK_H) None: `launch_blocks`' choice (8, 4 at these sizes)
+# the kernels' blocks where it matters; blocks (BLOCK_I, BLOCK_H) None: `blocks_16bit`'s choice (4, 4 at these sizes)
 CASES = [
     (1, 64, 256, 128, 8, "bfloat16", "silu", False, False, None),  # OLMoE-like, batch 1
     (1, 128, 256, 96, 8, "bfloat16", "silu", False, False, (32, 16)),  # Qwen3-like: I not a multiple of BLOCK_I
     (3, 32, 360, 360, 4, "bfloat16", "swiglu_oai", True, False, (16, 8)),  # gpt-oss-like: biases, H = I = 360
-    (8, 8, 200, 72, 2, "float16", "silu", True, True, None),  # Mixtral-like k = 2, ids outside [0, E) skipped
+    (8, 8, 200, 72, 2, "float16", "silu", True, True, (8, 4)),  # Mixtral-like k = 2, ids outside [0, E) skipped
     (8, 64, 136, 40, 8, "bfloat16", "silu", False, True, (32, 16)),  # T·k = 64, the cut
 ]
 
 
 # (T, E, H, I, k, activation, bias, bad ids, blocks) for the FP8 variant: H and I multiples of 128 (its contract)
 FP8_CASES = [
-    (1, 64, 256, 128, 8, "silu", False, False, None),  # (8, 8): GROUPS = 16 over 2 K blocks
-    (3, 32, 384, 256, 4, "swiglu_oai", True, True, (32, 16)),  # 3 K blocks: a partial GROUPS = 4 step in `_up`
+    (1, 64, 256, 128, 8, "silu", False, False, None),  # (32, 8): GROUPS = 4 over 2 K blocks
+    (3, 32, 384, 256, 4, "swiglu_oai", True, True, (8, 16)),  # 3 K blocks, GROUPS = 16: a partial step in `_up`
     (8, 8, 640, 128, 2, "silu", True, False, (16, 8)),  # 5 K blocks, GROUPS = 8
 ]
 
