@@ -17,7 +17,7 @@
 #   decode-moe-ab: the two-launch decode MoE (model/kernels/triton_decode_moe.py), tests then the layer at T = 1-8.
 #   decode-moe-sweep: the two-launch decode MoE's launch shapes (BLOCK_I, BLOCK_H, warps) timed for OLMoE and Qwen3.
 #   decode-moe: the decode MoE layer (two launches, one launch, CUDA) timed for OLMoE and Qwen3 at T = 1, 4, 8.
-#   norm-rotary-write-ab: q/k norm + rotary + K/V write in one launch: GPU tests, then OLMoE/Qwen3 engine ABAB.
+#   knob-ab: an opt-in switch (AB_KNOB) checked by AB_TESTS with it on, then OLMoE/Qwen3 engine on/off/on/off.
 #   gemv: the 16-bit decode linear (model/kernels/triton_gemv.py): GPU tests, then against cuBLAS at decode shapes.
 #   pending-serving: serving measurements first taken in session 13 (qwen3 decode profile with the Triton router,
 #   gpt-oss engine, API costs with the short-output control).
@@ -230,16 +230,16 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
         rc=$?; status=$((status | rc)); [ $rc -ne 0 ] && echo "fusion $knob: FAILED (rc $rc)"
         echo "fusion $knob: $(grep -E '^SUMMARY' "$OUT/shared_fusion_$knob.log")"
       done ;;
-    norm-rotary-write-ab)  # issue 21: q/k norm + rotary + K/V write in one launch (STATICMOE_NORM_ROTARY_WRITE):
-      # its GPU tests, then the batch-1 and 64 decode steps of OLMoE and Qwen3 with it, without, with, without
-      run_tests tests/test_norm_rotary_write_gpu.py
+    knob-ab)  # an opt-in switch AB_KNOB (e.g. STATICMOE_PDL, STATICMOE_NORM_ROTARY_WRITE) checked and timed: the GPU
+      # test files AB_TESTS with it on, then bench_engine for AB_PRESETS at batch 1 and 64 with it on, off, on, off
+      [ -n "${AB_KNOB:-}" ] || { echo "knob-ab needs AB_KNOB"; exit 2; }
+      if [ -n "${AB_TESTS:-}" ]; then export "$AB_KNOB=1"; run_tests $AB_TESTS; unset "$AB_KNOB"; fi
       for pass in 1a 0a 1b 0b; do
-        mkdir -p "$OUT/norm_rotary_write_$pass"
-        STATICMOE_NORM_ROTARY_WRITE=${pass:0:1} python3 benchmarks/bench_engine.py --presets olmoe-1b-7b \
-          qwen3-30b-a3b --batches 1 64 --skip-hf --out "$OUT/norm_rotary_write_$pass" \
-          > "$OUT/norm_rotary_write_$pass.log" 2>&1
-        rc=$?; status=$((status | rc)); [ $rc -ne 0 ] && echo "pass $pass: FAILED (rc $rc)"
-        echo "pass $pass: $(grep -E '^SUMMARY' "$OUT/norm_rotary_write_$pass.log" | tr '\n' ' ')"
+        dir="$OUT/${AB_KNOB}_$pass"; mkdir -p "$dir"
+        env "$AB_KNOB=${pass:0:1}" python3 benchmarks/bench_engine.py --presets ${AB_PRESETS:-olmoe-1b-7b qwen3-30b-a3b} \
+          --batches 1 64 --skip-hf --out "$dir" > "$dir.log" 2>&1
+        rc=$?; status=$((status | rc)); [ $rc -ne 0 ] && echo "$AB_KNOB pass $pass: FAILED (rc $rc)"
+        echo "$AB_KNOB pass $pass: $(grep -E '^SUMMARY' "$dir.log" | tr '\n' ' ')"
       done ;;
     truth)
       python3 benchmarks/utilization_truth.py --preset "${TRUTH_PRESET:-olmoe-1b-7b}" --out "$OUT" 2>&1 \

@@ -33,14 +33,19 @@ def run_compiled(script: str) -> None:
 
 
 def compile_for_sm90(kernel, names: list[str], types: list[str], consts: dict, divisible: list[str],
-                     **options) -> tuple[str, str]:
+                     pdl: bool = False, **options) -> tuple[str, str]:
     """`kernel` compiled by Triton for sm_90a on a GPU-less machine, with the constexprs `consts` and the launcher's
-    divisibility-by-16 hints on the arguments `divisible`: (PTX, cuobjdump's "REG:..." resource line)."""
+    divisibility-by-16 hints on the arguments `divisible`: (PTX, cuobjdump's "REG:..." resource line). A kernel with
+    the `PDL` constexpr (model/kernels/pdl.py) gets it from `pdl`, launched as a dependent launch when on."""
     import tempfile
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    if "PDL" in kernel.arg_names:
+        consts = consts | {"PDL": pdl}
+        options = options | ({"launch_pdl": True} if pdl else {})
 
     signature = dict(zip(names, types)) | {k: "constexpr" for k in consts}
     hints = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}

@@ -52,13 +52,16 @@ from model.kernels.activation import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, Activat
 from model.kernels.arrival_counters import arrival_counters
 from model.kernels.fp8 import FP8_DTYPE
 from model.kernels.knobs import env_switch
+from model.kernels import pdl
 from model.kernels.triton_fp8_gemv import num_sms
 
 try:
     import triton
     import triton.language as tl
+
+    from model.kernels.pdl import wait_for_predecessor
 except ImportError:  # CPU-only installs
-    triton = tl = None
+    triton = tl = wait_for_predecessor = None
 
 DECODE_MAX_SLOTS = 64  # T·k up to which the two-launch path runs
 MAX_SPINS = 1 << 22  # the one-launch wait's bound: ~1 s of polling, far past any real wait (microseconds)
@@ -218,14 +221,16 @@ if tl is not None:
     @triton.jit
     def _up(x_ptr, w13_ptr, b13_ptr, ids_ptr, h_ptr, E, H, I, K_SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr,
             SWIGLU_OAI: tl.constexpr, alpha: tl.constexpr, limit: tl.constexpr, BLOCK_I: tl.constexpr,
-            BLOCK_K: tl.constexpr):
+            BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        wait_for_predecessor(PDL)  # model/kernels/pdl.py: nothing an earlier kernel writes is read before it
         _up_tile(tl.program_id(0), tl.program_id(1) * BLOCK_I, x_ptr, w13_ptr, b13_ptr, ids_ptr, h_ptr, E, H, I,
                  K_SLOTS, HAS_BIAS, SWIGLU_OAI, alpha, limit, BLOCK_I, BLOCK_K)
 
     @triton.jit
     def _down(h_ptr, w2_ptr, b2_ptr, ids_ptr, wts_ptr, out_ptr, load_ptr, E, H, I, K_SLOTS: tl.constexpr,
               K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, COUNT: tl.constexpr, BLOCK_H: tl.constexpr,
-              BLOCK_K: tl.constexpr):
+              BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        wait_for_predecessor(PDL)  # model/kernels/pdl.py: nothing an earlier kernel writes is read before it
         _down_tile(tl.program_id(0), tl.program_id(1) * BLOCK_H, h_ptr, w2_ptr, b2_ptr, ids_ptr, wts_ptr, out_ptr,
                    load_ptr, load_ptr, 0, E, H, I, K_SLOTS, K_PAD, HAS_BIAS, COUNT, False, BLOCK_H, BLOCK_K)
 
@@ -234,9 +239,10 @@ if tl is not None:
                     T, E, H, I, K_SLOTS: tl.constexpr, K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
                     COUNT: tl.constexpr, SWIGLU_OAI: tl.constexpr, alpha: tl.constexpr, limit: tl.constexpr,
                     BLOCK_I: tl.constexpr, UP_BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
-                    DOWN_BLOCK_K: tl.constexpr):
+                    DOWN_BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """Programs [0, T·k·i_blocks) are `_up`'s, the rest `_down`'s (module docstring, "One launch").
         count_ptr: [2T] int32, zero between calls: token t's finished up tiles, then its finished down tiles."""
+        wait_for_predecessor(PDL)  # model/kernels/pdl.py: nothing an earlier kernel writes is read before it
         pid = tl.program_id(0)
         i_blocks = tl.cdiv(I, BLOCK_I)
         num_up = T * K_SLOTS * i_blocks
@@ -287,13 +293,14 @@ def decode_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weight
             x, w13, b13, h, w2, b2, ids, wts, out, load, one_launch_counters(x.device), T, E, H, inter, K_SLOTS=k,
             K_PAD=k_pad, HAS_BIAS=w13_bias is not None, COUNT=expert_load is not None, SWIGLU_OAI=swiglu_oai,
             alpha=SWIGLU_OAI_ALPHA, limit=SWIGLU_OAI_LIMIT, BLOCK_I=block_i, UP_BLOCK_K=tiles[0] // block_i,
-            BLOCK_H=block_h, DOWN_BLOCK_K=tiles[1] // (k_pad * block_h), num_warps=num_warps)
+            BLOCK_H=block_h, DOWN_BLOCK_K=tiles[1] // (k_pad * block_h), num_warps=num_warps, **pdl.launch(x.is_cuda))
         return out
     _up[(T * k, triton.cdiv(inter, block_i))](
         x, w13, b13, ids, h, E, H, inter, K_SLOTS=k, HAS_BIAS=w13_bias is not None, SWIGLU_OAI=swiglu_oai,
         alpha=SWIGLU_OAI_ALPHA, limit=SWIGLU_OAI_LIMIT, BLOCK_I=block_i, BLOCK_K=tiles[0] // block_i,
-        num_warps=num_warps)
+        num_warps=num_warps, **pdl.launch(x.is_cuda))
     _down[(T, triton.cdiv(H, block_h))](
         h, w2, b2, ids, wts, out, load, E, H, inter, K_SLOTS=k, K_PAD=k_pad, HAS_BIAS=w2_bias is not None,
-        COUNT=expert_load is not None, BLOCK_H=block_h, BLOCK_K=tiles[1] // (k_pad * block_h), num_warps=num_warps)
+        COUNT=expert_load is not None, BLOCK_H=block_h, BLOCK_K=tiles[1] // (k_pad * block_h), num_warps=num_warps,
+        **pdl.launch(x.is_cuda))
     return out

@@ -27,6 +27,7 @@ T = 4; benchmarks/NOTES.md "Session 20"), and removed.
 
 import torch
 
+from model.kernels import pdl
 from model.kernels.activation import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, Activation
 from model.kernels.arrival_counters import triton_interpreted
 from model.kernels.fp8 import FP8_BLOCK
@@ -38,9 +39,10 @@ try:
     import triton.language as tl
 
     from model.kernels.triton_decode_moe import _activate
+    from model.kernels.pdl import wait_for_predecessor
     from model.kernels.triton_fp8_gemv import _quantize_groups
 except ImportError:  # CPU-only installs
-    triton = tl = _activate = _quantize_groups = None
+    triton = tl = _activate = _quantize_groups = wait_for_predecessor = None
 
 UP_STEP_ROWS = 128  # BLOCK_I x GROUPS: `_up`'s step is [BLOCK_I, GROUPS, 128] e4m3 (16 KB) per gate and up
 MIN_BLOCK_H = 8  # `_down` quantises k x 128 values of h per step: below 8 columns that outweighs the weights
@@ -52,7 +54,8 @@ if tl is not None:
     @triton.jit
     def _up(x_ptr, w13_ptr, s13_ptr, b13_ptr, ids_ptr, h_ptr, E, H, I, K_SLOTS: tl.constexpr,
             HAS_BIAS: tl.constexpr, SWIGLU_OAI: tl.constexpr, alpha: tl.constexpr, limit: tl.constexpr,
-            SOFT_ROUND: tl.constexpr, BLOCK_I: tl.constexpr, GROUPS: tl.constexpr):
+            SOFT_ROUND: tl.constexpr, BLOCK_I: tl.constexpr, GROUPS: tl.constexpr, PDL: tl.constexpr):
+        wait_for_predecessor(PDL)  # model/kernels/pdl.py: nothing an earlier kernel writes is read before it
         slot = tl.program_id(0)
         i0 = tl.program_id(1) * BLOCK_I
         e = tl.load(ids_ptr + slot).to(tl.int64)
@@ -89,7 +92,8 @@ if tl is not None:
     @triton.jit
     def _down(h_ptr, w2_ptr, s2_ptr, b2_ptr, ids_ptr, wts_ptr, out_ptr, load_ptr, E, H, I, K_SLOTS: tl.constexpr,
               K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, COUNT: tl.constexpr, SOFT_ROUND: tl.constexpr,
-              BLOCK_H: tl.constexpr):
+              BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+        wait_for_predecessor(PDL)  # model/kernels/pdl.py: nothing an earlier kernel writes is read before it
         t = tl.program_id(0)
         c0 = tl.program_id(1) * BLOCK_H
         num_kb = I // 128
@@ -144,9 +148,10 @@ def decode_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, 
     _up[(T * k, inter // block_i)](
         x, w13, s13, b13, ids, h, E, H, inter, K_SLOTS=k, HAS_BIAS=w13_bias is not None,
         SWIGLU_OAI=activation == Activation.SWIGLU_OAI, alpha=SWIGLU_OAI_ALPHA, limit=SWIGLU_OAI_LIMIT,
-        SOFT_ROUND=soft, BLOCK_I=block_i, GROUPS=UP_STEP_ROWS // block_i, num_warps=num_warps)
+        SOFT_ROUND=soft, BLOCK_I=block_i, GROUPS=UP_STEP_ROWS // block_i, num_warps=num_warps,
+        **pdl.launch(x.is_cuda))
     _down[(T, H // block_h)](
         h, w2, s2, b2, ids, wts, out, expert_load if expert_load is not None else ids, E, H, inter, K_SLOTS=k,
         K_PAD=triton.next_power_of_2(k), HAS_BIAS=w2_bias is not None, COUNT=expert_load is not None,
-        SOFT_ROUND=soft, BLOCK_H=block_h, num_warps=num_warps)
+        SOFT_ROUND=soft, BLOCK_H=block_h, num_warps=num_warps, **pdl.launch(x.is_cuda))
     return out

@@ -48,10 +48,13 @@ import torch
 from model.kernels.arrival_counters import arrival_counters as shared_counters
 from model.kernels.arrival_counters import triton_interpreted
 from model.kernels.fp8 import AMAX_FLOOR, FP8_BLOCK, FP8_MAX
+from model.kernels import pdl
 
 try:
     import triton
     import triton.language as tl
+
+    from model.kernels.pdl import wait_for_predecessor
 except ImportError:  # CPU-only installs
     triton = tl = None
 
@@ -225,7 +228,9 @@ if triton is not None:
     def _fp8_decode_gemm(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, K, num_kb,
                          kb_per_split, split_stride, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                          SOFT_ROUND: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         PDL: tl.constexpr):
+        wait_for_predecessor(PDL)  # model/kernels/pdl.py: nothing an earlier kernel writes is read before it
         pid_n, pid_s = tl.program_id(0), tl.program_id(1)
         num_splits = tl.num_programs(1)
         offs_m = tl.arange(0, BLOCK_M)  # one row tile: M <= BLOCK_M
@@ -285,5 +290,5 @@ def fp8_decode_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
         x, weight, weight_scale, bias if bias is not None else out, out, partials, counters, M, N, K, num_kb,
         per_split, M * N, HAS_BIAS=bias is not None, SPLIT=plan_splits > 1, SOFT_ROUND=triton_interpreted(),
         BLOCK_M=block_m,
-        BLOCK_N=plan_n, BLOCK_K=FP8_BLOCK, num_warps=4, num_stages=3)
+        BLOCK_N=plan_n, BLOCK_K=FP8_BLOCK, num_warps=4, num_stages=3, **pdl.launch(x.is_cuda))
     return out

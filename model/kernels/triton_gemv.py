@@ -30,12 +30,14 @@ import torch
 from model.kernels.arrival_counters import arrival_counters as shared_counters
 from model.kernels.arrival_counters import triton_interpreted
 from model.kernels.knobs import env_switch
+from model.kernels import pdl
 from model.kernels.triton_fp8_gemv import COUNTER_SLOTS, launch_plan, split_buffers
 
 try:
     import triton
     import triton.language as tl
 
+    from model.kernels.pdl import wait_for_predecessor
     from model.kernels.triton_fp8_gemv import _finish_tile
 except ImportError:  # CPU-only installs
     triton = tl = None
@@ -79,7 +81,8 @@ if triton is not None:
     @triton.jit
     def _decode_gemm(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, K, steps_per_split, split_stride,
                      HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SOFT_ROUND: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        wait_for_predecessor(PDL)  # model/kernels/pdl.py: nothing an earlier kernel writes is read before it
         pid_n, pid_s = tl.program_id(0), tl.program_id(1)
         num_splits = tl.num_programs(1)
         offs_m = tl.arange(0, BLOCK_M)  # one row tile: M <= BLOCK_M
@@ -121,5 +124,5 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     _decode_gemm[(tiles, plan_splits)](
         x2, weight.contiguous(), bias if bias is not None else out, out, partials, counters, M, N, K, per_split,
         M * N, HAS_BIAS=bias is not None, SPLIT=plan_splits > 1, SOFT_ROUND=triton_interpreted(), BLOCK_M=block_m,
-        BLOCK_N=plan_n, BLOCK_K=BLOCK_K, num_warps=4, num_stages=3)
+        BLOCK_N=plan_n, BLOCK_K=BLOCK_K, num_warps=4, num_stages=3, **pdl.launch(x.is_cuda))
     return out.reshape(*lead, N)

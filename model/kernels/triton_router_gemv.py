@@ -38,6 +38,7 @@ amortised, cuBLAS is no longer launch-bound, and the unfused path runs.
 import torch
 
 from model.kernels import triton_routing
+from model.kernels import pdl
 from model.kernels.arrival_counters import arrival_counters as shared_counters
 from model.kernels.arrival_counters import triton_interpreted
 
@@ -45,6 +46,7 @@ try:
     import triton
     import triton.language as tl
 
+    from model.kernels.pdl import wait_for_predecessor
     from model.kernels.triton_fp8_gemv import _round_to_precision  # the interpreter's exact downcast
     from model.kernels.triton_routing import route_scores
 except ImportError:  # CPU-only installs
@@ -110,7 +112,9 @@ if triton is not None:
                            k_per_split, HAS_BIAS: tl.constexpr, INTERPRETED: tl.constexpr, IEEE_DOT: tl.constexpr,
                            TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, R: tl.constexpr,
                            S_PAD: tl.constexpr, SOFTMAX_ALL: tl.constexpr, RENORMALIZE: tl.constexpr,
-                           ACCURATE_EXP: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                           ACCURATE_EXP: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                           PDL: tl.constexpr):
+        wait_for_predecessor(PDL)  # model/kernels/pdl.py: nothing an earlier kernel writes is read before it
         pid_e, pid_s = tl.program_id(0), tl.program_id(1)
         num_splits = tl.num_programs(1)
         rows = tl.arange(0, 16)  # [16] the product's rows; N <= 16
@@ -195,5 +199,5 @@ def fused_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         num_rows, num_experts, hidden, per_split * BLOCK_K, HAS_BIAS=bias is not None, INTERPRETED=triton_interpreted(),
         IEEE_DOT=x.dtype == torch.float32, TOP_K=top_k, K_PAD=max(2, _pow2(top_k)), E_PAD=e_pad, R=rows,
         S_PAD=s_pad, SOFTMAX_ALL=softmax_all, RENORMALIZE=renormalize, ACCURATE_EXP=x.is_cuda, BLOCK_E=BLOCK_E,
-        BLOCK_K=BLOCK_K, num_warps=warps or launch_warps(num_rows, num_experts, s_pad))
+        BLOCK_K=BLOCK_K, num_warps=warps or launch_warps(num_rows, num_experts, s_pad), **pdl.launch(x.is_cuda))
     return weights, ids

@@ -11,14 +11,17 @@ carry identical data and the order of the programs does not matter.
 
 import torch
 
+from model.kernels import pdl
 from model.layers.triton_paged import tl, triton
 
 if triton is not None:
+    from model.kernels.pdl import wait_for_predecessor
 
     @triton.jit
     def _write_rows_kernel(a_ptr, b_ptr, dst_a_ptr, dst_b_ptr, rows_ptr, slots_ptr, a_stride, b_stride, dst_stride,
                            B_OFFSET: tl.constexpr, WIDTH_A: tl.constexpr, WIDTH_B: tl.constexpr,
-                           BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+                           BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PDL: tl.constexpr):
+        wait_for_predecessor(PDL)  # model/kernels/pdl.py: nothing an earlier kernel writes is read before it
         i = tl.program_id(0)
         row = tl.load(rows_ptr + i).to(tl.int64)
         slot = tl.load(slots_ptr + i).to(tl.int64)
@@ -54,4 +57,4 @@ def write_cache_rows(a: torch.Tensor, b: torch.Tensor, dst_a: torch.Tensor, dst_
         a, b, dst_a, dst_b, rows, slots, a.stride(0), b.stride(0), dst_a.stride(0),
         B_OFFSET=b_offset, WIDTH_A=a.shape[1], WIDTH_B=b.shape[1],
         BLOCK_A=triton.next_power_of_2(a.shape[1]), BLOCK_B=triton.next_power_of_2(b.shape[1]),
-        num_warps=4 if max(a.shape[1], b.shape[1]) <= 1024 else 8)
+        num_warps=4 if max(a.shape[1], b.shape[1]) <= 1024 else 8, **pdl.launch(a.is_cuda))

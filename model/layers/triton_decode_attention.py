@@ -17,9 +17,11 @@ import functools
 
 import torch
 
+from model.kernels import pdl
 from model.layers.triton_paged import triton, tl
 
 if triton is not None:
+    from model.kernels.pdl import wait_for_predecessor
     from model.layers.triton_paged import dot, load_kv_tile, online_softmax_step
 
     # Integer arguments are not specialized (Triton would otherwise compile a variant per divisibility by 16 of,
@@ -31,8 +33,9 @@ if triton is not None:
         scale, window, table_stride, max_keys, split_len,
         NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE: tl.constexpr,
-        SPLITS: tl.constexpr, HAS_SINKS: tl.constexpr,
+        SPLITS: tl.constexpr, HAS_SINKS: tl.constexpr, PDL: tl.constexpr,
     ):
+        wait_for_predecessor(PDL)  # model/kernels/pdl.py: nothing an earlier kernel writes is read before it
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -79,7 +82,9 @@ if triton is not None:
 
     @triton.jit
     def _combine_splits_kernel(part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr,
-                               SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+                               SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                               PDL: tl.constexpr):
+        wait_for_predecessor(PDL)  # model/kernels/pdl.py: nothing an earlier kernel writes is read before it
         row = tl.program_id(0).to(tl.int64)  # one (sequence, query head)
         offs_s = tl.arange(0, SPLITS_PAD)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -117,7 +122,7 @@ def combine_splits(partials: tuple[torch.Tensor, ...], out: torch.Tensor, rows: 
     """Merges the splits' (max, sum, acc) of each of `rows` rows into out [rows, width] (nothing with one split)."""
     if splits > 1:
         _combine_splits_kernel[(rows,)](*partials, out, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
-                                        HEAD_DIM=width)
+                                        HEAD_DIM=width, **pdl.launch(out.is_cuda))
 
 
 def choose_splits(num_seqs: int, num_kv_heads: int, max_keys: int, device: torch.device, block_n: int) -> int:
@@ -172,6 +177,7 @@ def paged_decode_attention(
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, PAGE=page, BLOCK_N=block_n, USE_WINDOW=sliding_window is not None,
         IEEE=q.dtype == torch.float32, SPLITS=splits, HAS_SINKS=sinks is not None, num_warps=4,
+        **pdl.launch(q.is_cuda),
     )
     combine_splits(partials, out, num_seqs * num_heads, splits, head_dim)
     return out

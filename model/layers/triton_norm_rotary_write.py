@@ -21,11 +21,13 @@ import functools
 
 import torch
 
+from model.kernels import pdl
 from model.kernels.arrival_counters import triton_interpreted
 from model.kernels.knobs import env_switch
 from model.layers.triton_paged import tl, triton
 
 if triton is not None:
+    from model.kernels.pdl import wait_for_predecessor
     from model.kernels.triton_fp8_gemv import _round_to_precision
 
 NORMS = {"none": 0, "per_head": 1, "full": 2}  # Attention.qk_norm -> the kernel's NORM
@@ -87,7 +89,8 @@ if triton is not None:
     def _norm_rotary_write(qkv_ptr, row_stride, q_w_ptr, k_w_ptr, cos_ptr, sin_ptr, cs_stride, q_out_ptr,
                            k_cache_ptr, v_cache_ptr, rows_ptr, slots_ptr, eps, HQ: tl.constexpr, HKV: tl.constexpr,
                            D: tl.constexpr, R: tl.constexpr, NORM: tl.constexpr, BLOCK_D: tl.constexpr,
-                           BLOCK_ROW: tl.constexpr, SOFT_ROUND: tl.constexpr):
+                           BLOCK_ROW: tl.constexpr, SOFT_ROUND: tl.constexpr, PDL: tl.constexpr):
+        wait_for_predecessor(PDL)  # model/kernels/pdl.py: nothing an earlier kernel writes is read before it
         n = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         DTYPE = q_out_ptr.dtype.element_ty
@@ -139,5 +142,5 @@ def norm_rotary_write(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head
         HQ=num_heads, HKV=num_kv_heads, D=head_dim, R=R, NORM=NORMS[norm],
         BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_ROW=triton.next_power_of_2(num_heads * head_dim) if norm == "full" else 1,
-        SOFT_ROUND=triton_interpreted(), num_warps=4)
+        SOFT_ROUND=triton_interpreted(), num_warps=4, **pdl.launch(qkv.is_cuda))
     return q

@@ -1,0 +1,99 @@
+"""Programmatic dependent launch (model/kernels/pdl.py) on the CPU: the switch, that every kernel taking `PDL` waits
+for its predecessor before anything else (the rule that makes early launch safe), and sm_90a builds whose PTX
+carries the grid-dependency wait before any global load or store, and nothing of it with PDL off."""
+
+import ast
+import inspect
+import re
+
+import pytest
+
+from model.kernels import pdl
+from tests.triton_fixtures import compile_for_sm90, needs_triton
+
+MODULES = ["model.kernels.triton_decode_moe", "model.kernels.triton_decode_moe_fp8", "model.kernels.triton_gemv",
+           "model.kernels.triton_fp8_gemv", "model.kernels.triton_router_gemv", "model.layers.triton_decode_attention",
+           "model.layers.triton_cache_write", "model.layers.triton_norm_rotary_write"]
+
+
+@pytest.fixture
+def switch(monkeypatch):
+    def set_to(value):
+        pdl.enabled.cache_clear()
+        monkeypatch.setenv("STATICMOE_PDL", value)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    yield set_to
+    pdl.enabled.cache_clear()
+
+
+def test_launch_options_follow_the_switch_the_device_and_the_interpreter(switch, monkeypatch):
+    switch("0")
+    assert pdl.launch() == {"PDL": False}
+    switch("1")
+    assert pdl.launch() == {"PDL": True, "launch_pdl": True}
+    assert pdl.launch(device_is_cuda=False) == {"PDL": False}
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert pdl.launch() == {"PDL": False}
+    switch("yes")
+    with pytest.raises(ValueError, match="STATICMOE_PDL='yes': want 0 or 1"):
+        pdl.launch()
+
+
+def _pdl_kernels():
+    """(module, kernel name, its source's AST) of every jitted kernel in MODULES with a PDL parameter."""
+    import importlib
+
+    found = []
+    for name in MODULES:
+        tree = ast.parse(inspect.getsource(importlib.import_module(name)))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and any(a.arg == "PDL" for a in node.args.args):
+                found.append((name, node.name, node))
+    return found
+
+
+def test_every_pdl_kernel_waits_first():
+    kernels = _pdl_kernels()
+    assert len(kernels) >= 12, [k[1] for k in kernels]  # the decode path's kernels (pdl.py's docstring)
+    for module, name, node in kernels:
+        body = [s for s in node.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+        first = ast.unparse(body[0])
+        assert first == "wait_for_predecessor(PDL)", (module, name, first)
+
+
+def test_every_pdl_kernel_is_launched_with_the_options():
+    """Each `kernel[grid](...)` call of a kernel taking PDL passes `**pdl.launch(...)` (the constexpr and the launch
+    attribute together: a wait without the attribute is harmless, the attribute without the wait is not)."""
+    import importlib
+
+    with_pdl = {name for _, name, _ in _pdl_kernels()}
+    seen = set()
+    for module in MODULES:
+        for node in ast.walk(ast.parse(inspect.getsource(importlib.import_module(module)))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript) and \
+                    isinstance(node.func.value, ast.Name) and node.func.value.id in with_pdl:
+                spread = [ast.unparse(k.value) for k in node.keywords if k.arg is None]
+                assert any(s.startswith("pdl.launch(") for s in spread), (module, node.func.value.id, spread)
+                seen.add(node.func.value.id)
+    assert seen == with_pdl, with_pdl - seen
+
+
+@needs_triton
+@pytest.mark.parametrize("on", [True, False])
+def test_sm90_build_waits_before_touching_memory(on):
+    from model.kernels import triton_gemv
+
+    ptx, _ = compile_for_sm90(
+        triton_gemv._decode_gemm,
+        ["x_ptr", "w_ptr", "bias_ptr", "out_ptr", "part_ptr", "count_ptr", "M", "N", "K", "steps_per_split",
+         "split_stride"],
+        ["*bf16", "*bf16", "*bf16", "*bf16", "*fp32", "*i32", "i32", "i32", "i32", "i32", "i32"],
+        dict(HAS_BIAS=True, SPLIT=True, SOFT_ROUND=False, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128),
+        ["x_ptr", "w_ptr", "out_ptr", "part_ptr", "K", "N"], pdl=on, num_warps=4, num_stages=3)
+    if not on:
+        assert "griddepcontrol" not in ptx
+        return
+    wait = ptx.index("griddepcontrol.wait")
+    assert "griddepcontrol.launch_dependents" in ptx
+    memory = [m.start() for m in re.finditer(r"\b(ld|st|cp\.async|atom|red)\.(global|shared\.global)", ptx)]
+    assert memory and min(memory) > wait, "a global access before the wait"
