@@ -148,8 +148,9 @@ def test_fused_moe_dispatches_to_it(decode_knob, monkeypatch):
 @pytest.mark.parametrize("tiles", [(8192, 16384), (4096, 8192)])
 @pytest.mark.parametrize("block_i", [4, 8])
 def test_one_launch_compiles_for_sm90_with_its_release_and_acquire(tiles, block_i):
-    """Qwen3's T = 1 launch shapes (BLOCK_I 4 is `blocks_16bit`'s): no spills; each `_up` program's signal is a GPU-scope release, each `_down`
-    program's wait polls with GPU-scope acquire loads (LLVM turns the `atomic_add(ptr, 0)` into them)."""
+    """Qwen3's T = 1 launch shapes (BLOCK_I 4 is `blocks_16bit`'s): no spills; each `_up` program's signal is a
+    GPU-scope release, each `_down` program's wait polls with GPU-scope acquire loads (LLVM turns the
+    `atomic_add(ptr, 0)` into them)."""
     from tests.triton_fixtures import compile_for_sm90
 
     ptx, usage = compile_for_sm90(

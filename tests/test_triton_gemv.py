@@ -1,6 +1,6 @@
 """The 16-bit decode linear (model/kernels/triton_gemv.py) on the CPU: the kernel under Triton's interpreter against
-a float64 product (tests/gemv_checks.py), its dispatch from `Linear` and the LM head (by shape or switch, decode rows, 16-bit, a GPU), and its
-sm_90a build without spills. The real shapes on the GPU: tests/test_triton_gemv_gpu.py."""
+a float64 product (tests/gemv_checks.py), its dispatch from `Linear` and the LM head (by shape or switch, decode
+rows, 16-bit, a GPU), and its sm_90a build without spills. The real shapes on the GPU: tests/test_triton_gemv_gpu.py."""
 
 import types
 

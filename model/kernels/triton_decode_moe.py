@@ -26,9 +26,9 @@ weight twice, the second time mostly from L2), so the plan goes, and the combine
   (the same bits on every call, as the CUDA combine), one cast to x's dtype. The (token, column-block 0) program
   adds each valid slot to expert_load (an int64 atomic add: the counts are exact).
 
-**One launch** (opt-in, `STATICMOE_DECODE_MOE_ONE_LAUNCH=1`, 16-bit; H100 session 20: 34.6 vs 38.0 µs at Qwen3
-T = 1 in isolation, but engine steps of 4.16 vs 4.22 ms for Qwen3 and 1.53 vs 1.53 for OLMoE, before `blocks_16bit`): `_one_launch` runs both as one grid, the `_up`
-programs first. A `_down` program loads its first weight step, then waits for its token's `_up` programs (a
+**One launch** (opt-in, `STATICMOE_DECODE_MOE_ONE_LAUNCH=1`, 16-bit; H100 session 20, before `blocks_16bit`: 34.6
+vs 38.0 µs at Qwen3 T = 1 in isolation, engine steps 4.16 vs 4.22 ms for Qwen3 and 1.53 vs 1.53 for OLMoE):
+`_one_launch` runs both as one grid, the `_up` programs first. A `_down` program loads its first weight step, then waits for its token's `_up` programs (a
 per-token counter each of them increments with release semantics after a CTA barrier, read with acquire), then reads
 h: the second launch's start and ramp go, and its first weights stream under the first launch's tail. Safe because
 blocks are dispatched in program-id order (as decoupled look-back scans assume): a waiting `_down` program was
@@ -48,11 +48,11 @@ import functools
 
 import torch
 
+from model.kernels import pdl
 from model.kernels.activation import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, Activation
 from model.kernels.arrival_counters import arrival_counters
 from model.kernels.fp8 import FP8_DTYPE
 from model.kernels.knobs import env_switch
-from model.kernels import pdl
 from model.kernels.triton_fp8_gemv import num_sms
 
 try:
@@ -293,7 +293,8 @@ def decode_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weight
             x, w13, b13, h, w2, b2, ids, wts, out, load, one_launch_counters(x.device), T, E, H, inter, K_SLOTS=k,
             K_PAD=k_pad, HAS_BIAS=w13_bias is not None, COUNT=expert_load is not None, SWIGLU_OAI=swiglu_oai,
             alpha=SWIGLU_OAI_ALPHA, limit=SWIGLU_OAI_LIMIT, BLOCK_I=block_i, UP_BLOCK_K=tiles[0] // block_i,
-            BLOCK_H=block_h, DOWN_BLOCK_K=tiles[1] // (k_pad * block_h), num_warps=num_warps, **pdl.launch(x.is_cuda))
+            BLOCK_H=block_h, DOWN_BLOCK_K=tiles[1] // (k_pad * block_h), num_warps=num_warps,
+            **pdl.launch(x.is_cuda))
         return out
     _up[(T * k, triton.cdiv(inter, block_i))](
         x, w13, b13, ids, h, E, H, inter, K_SLOTS=k, HAS_BIAS=w13_bias is not None, SWIGLU_OAI=swiglu_oai,

@@ -46,8 +46,9 @@ except ImportError:  # CPU-only installs
 
 UP_STEP_ROWS = 128  # BLOCK_I x GROUPS: `_up`'s step is [BLOCK_I, GROUPS, 128] e4m3 (16 KB) per gate and up
 MIN_BLOCK_H = 8  # `_down` quantises k x 128 values of h per step: below 8 columns that outweighs the weights
-FP8_BLOCK_I = 32  # `_up`'s block at every T: the H100 sweep's fastest (NOTES "Session 20"; Qwen3 T=1 19.5 µs
-#                    at 32 against 20.6 at 8, OLMoE 29.0 against 30.0): four K blocks per row and step, not more programs
+# `_up`'s block at every T: the H100 sweep's fastest (NOTES "Session 20"; Qwen3 T=1 19.5 µs at 32 against 20.6 at 8,
+# OLMoE 29.0 against 30.0): four K blocks per row and step, rather than more programs
+FP8_BLOCK_I = 32
 
 
 if tl is not None:

@@ -45,10 +45,10 @@ import functools
 
 import torch
 
+from model.kernels import pdl
 from model.kernels.arrival_counters import arrival_counters as shared_counters
 from model.kernels.arrival_counters import triton_interpreted
 from model.kernels.fp8 import AMAX_FLOOR, FP8_BLOCK, FP8_MAX
-from model.kernels import pdl
 
 try:
     import triton

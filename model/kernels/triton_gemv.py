@@ -27,10 +27,10 @@ import functools
 
 import torch
 
+from model.kernels import pdl
 from model.kernels.arrival_counters import arrival_counters as shared_counters
 from model.kernels.arrival_counters import triton_interpreted
 from model.kernels.knobs import env_switch
-from model.kernels import pdl
 from model.kernels.triton_fp8_gemv import COUNTER_SLOTS, launch_plan, split_buffers
 
 try:

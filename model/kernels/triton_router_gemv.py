@@ -37,8 +37,7 @@ amortised, cuBLAS is no longer launch-bound, and the unfused path runs.
 
 import torch
 
-from model.kernels import triton_routing
-from model.kernels import pdl
+from model.kernels import pdl, triton_routing
 from model.kernels.arrival_counters import arrival_counters as shared_counters
 from model.kernels.arrival_counters import triton_interpreted
 

@@ -9,8 +9,8 @@ from model.kernels import triton_gemv
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in] · weight [out, in]ᵀ (+ bias): decode rows at the shapes where the Triton split-K kernel beats cuBLAS
-    go to it (model/kernels/triton_gemv.py), everything else to F.linear."""
+    """x [..., in] · weight [out, in]ᵀ (+ bias): decode rows at the shapes where the Triton split-K kernel beats
+    cuBLAS go to it (model/kernels/triton_gemv.py), everything else to F.linear."""
     if triton_gemv.applies(x, weight):
         return triton_gemv.decode_linear(x, weight, bias)
     return F.linear(x, weight, bias)
