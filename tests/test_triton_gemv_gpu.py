@@ -1,5 +1,5 @@
 """The 16-bit decode linear (model/kernels/triton_gemv.py) compiled on a GPU (pytest -m gpu): the CPU test's cases
-and the real decode shapes (Qwen3, OLMoE, gpt-oss's K = 2880, DeepSeek-V2-Lite's kv_a) within the float64 bound and
+and the real decode shapes (Qwen3, OLMoE, gpt-oss's K = 2880, DeepSeek-V2-Lite's kv_a, an LM head) within the float64 bound and
 deterministic (tests/gemv_checks.py), against cuBLAS, and replayed from a CUDA graph into a poisoned output."""
 
 import pytest
@@ -13,7 +13,8 @@ from tests.test_triton_gemv import CASES
 pytestmark = [pytest.mark.gpu, pytest.mark.triton_only]
 
 REAL = {"qwen3 qkv": (5120, 2048), "qwen3 o": (2048, 4096), "olmoe qkv": (6144, 2048), "gpt-oss qkv": (5120, 2880),
-        "gpt-oss o": (2880, 4096), "dsv2-lite kv_a": (576, 2048)}
+        "gpt-oss o": (2880, 4096), "dsv2-lite kv_a": (576, 2048),
+        "qwen3 lm_head": (151936, 2048)}  # the LM head takes it by default (triton_gemv.wanted)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
