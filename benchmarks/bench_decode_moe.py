@@ -6,19 +6,21 @@ experts' weights (and FP8 scales) the step touches at the copy bandwidth measure
     python benchmarks/bench_decode_moe.py [--tokens 1,4,8] [--shapes qwen3-30b-a3b,...] [--sweep]
 
 Without the CUDA extension built the CUDA column is left empty (the Triton path needs only Triton). In 16 bits the
-one-launch kernel (`STATICMOE_DECODE_MOE_ONE_LAUNCH`) is timed too, at the default and the half loop step.
+one-launch kernel (`STATICMOE_DECODE_MOE_ONE_LAUNCH`) is timed too, at the default and the half loop step, and in
+both precisions the two launches as programmatic dependent launches (`STATICMOE_PDL`, the same kernels' bits).
 `--sweep` times the two-launch path at every (BLOCK_I, BLOCK_H, warps) of SWEEP_* beside the default launch
 shapes and prints the fastest: the data the defaults were chosen from (benchmarks/NOTES.md "Session 20").
 """
 
 import argparse
+import contextlib
 
 import torch
 
 from benchmarks.bench_moe_fp8 import fp8_weight_bytes
 from benchmarks.bench_timing import Timer, copy_bandwidth_gbps, graph_ms
 from benchmarks.moe_cases import EXPERT_SHAPES, FP8_EXPERT_SHAPES, experts_hit, make_routing
-from model.kernels import extension
+from model.kernels import extension, pdl
 from model.kernels.activation import Activation
 from model.kernels.fp8 import quantize_fp8_blocks
 from model.kernels.triton_decode_moe import DOWN_TILE, UP_TILE, decode_moe
@@ -49,6 +51,17 @@ def sweep(run, default_us: float, tiles=(None,)) -> str:
     best = ", ".join(f"{shape} {us:.1f} us" for us, shape in times[:3])
     return (f"    sweep (BLOCK_I, BLOCK_H, warps[, tiles]): default {default_us:.1f} us; fastest {best} "
             f"({default_us / times[0][0]:.2f}x)")
+
+
+@contextlib.contextmanager
+def pdl_on():
+    """`STATICMOE_PDL=1` for the calls inside (model/kernels/pdl.py reads its switch through `enabled`)."""
+    saved = pdl.enabled
+    pdl.enabled = lambda: True
+    try:
+        yield
+    finally:
+        pdl.enabled = saved
 
 
 def weight_bytes(hit: int, H: int, I: int, fp8: bool) -> int:
@@ -98,6 +111,11 @@ def main(argv=None):
                 ours_us = 1e3 * graph_ms(triton_fn)
                 line = (f"{name:>16} {precision} T={T:<3} floor {floor_us:7.1f} us | two-launch {ours_us:7.1f} us "
                         f"({ours_us / floor_us:.2f}x)")
+                want = triton_fn()
+                with pdl_on():  # both launches as programmatic dependent launches (STATICMOE_PDL): same kernels
+                    pdl_us = 1e3 * graph_ms(triton_fn)
+                    same = torch.equal(triton_fn(), want)
+                line += f" | PDL {pdl_us:7.1f} us ({pdl_us / floor_us:.2f}x){'' if same else ' DIFFERENT RESULT'}"
                 if not fp8:  # the one-launch kernel (STATICMOE_DECODE_MOE_ONE_LAUNCH), at both loop steps
                     one_us = [1e3 * graph_ms(lambda: triton_fn(tiles=tiles, one_launch=True)) for tiles in SWEEP_TILES]
                     line += " | one launch " + " / ".join(f"{us:7.1f} us ({us / floor_us:.2f}x)" for us in one_us)

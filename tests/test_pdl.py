@@ -97,3 +97,12 @@ def test_sm90_build_waits_before_touching_memory(on):
     assert "griddepcontrol.launch_dependents" in ptx
     memory = [m.start() for m in re.finditer(r"\b(ld|st|cp\.async|atom|red)\.(global|shared\.global)", ptx)]
     assert memory and min(memory) > wait, "a global access before the wait"
+
+
+def test_the_decode_moe_bench_switches_it_on_only_inside(switch):
+    from benchmarks.bench_decode_moe import pdl_on
+
+    switch("0")
+    with pdl_on():
+        assert pdl.launch() == {"PDL": True, "launch_pdl": True}
+    assert pdl.launch() == {"PDL": False}
