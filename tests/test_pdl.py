@@ -52,13 +52,28 @@ def _pdl_kernels():
     return found
 
 
+def _first_statement(node) -> ast.stmt:
+    return next(s for s in node.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)))
+
+
+def _helpers(kernels) -> set[str]:
+    """Jitted helpers taking PDL that begin with the wait themselves (a kernel may start by calling one)."""
+    return {name for _, name, node in kernels if ast.unparse(_first_statement(node)) == "wait_for_predecessor(PDL)"
+            and any(isinstance(c, ast.Call) and getattr(c.func, "id", None) == name
+                    for _, _, other in kernels for c in ast.walk(other))}
+
+
 def test_every_pdl_kernel_waits_first():
     kernels = _pdl_kernels()
     assert len(kernels) >= 12, [k[1] for k in kernels]  # the decode path's kernels (pdl.py's docstring)
+    helpers = _helpers(kernels)
     for module, name, node in kernels:
-        body = [s for s in node.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
-        first = ast.unparse(body[0])
-        assert first == "wait_for_predecessor(PDL)", (module, name, first)
+        first = _first_statement(node)
+        call = first.value if isinstance(first, (ast.Expr, ast.Assign)) else None
+        ok = ast.unparse(first) == "wait_for_predecessor(PDL)" or (
+            isinstance(call, ast.Call) and getattr(call.func, "id", None) in helpers
+            and any(ast.unparse(a) == "PDL" for a in call.args))
+        assert ok, (module, name, ast.unparse(first))
 
 
 def test_every_pdl_kernel_is_launched_with_the_options():
@@ -66,7 +81,8 @@ def test_every_pdl_kernel_is_launched_with_the_options():
     attribute together: a wait without the attribute is harmless, the attribute without the wait is not)."""
     import importlib
 
-    with_pdl = {name for _, name, _ in _pdl_kernels()}
+    kernels = _pdl_kernels()
+    with_pdl = {name for _, name, _ in kernels} - _helpers(kernels)
     seen = set()
     for module in MODULES:
         for node in ast.walk(ast.parse(inspect.getsource(importlib.import_module(module)))):

@@ -204,6 +204,17 @@ if triton is not None:
         return total
 
     @triton.jit
+    def _tile_start(M, N, PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """A decode-linear program's start (this module's kernel and `triton_gemv`'s): the wait of a dependent
+        launch (model/kernels/pdl.py), then (column tile, split, splits, row / column / K offsets, row and column
+        masks). One row tile: M <= BLOCK_M."""
+        wait_for_predecessor(PDL)
+        pid_n, pid_s = tl.program_id(0), tl.program_id(1)
+        offs_m, offs_n = tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        return (pid_n, pid_s, tl.num_programs(1), offs_m, offs_n, tl.arange(0, BLOCK_K), offs_m < M,
+                offs_n < N)
+
+    @triton.jit
     def _finish_tile(acc, bias_ptr, out_ptr, part_ptr, count_ptr, pid_n, pid_s, num_splits, offs_m, offs_n, row_ok,
                      col_ok, N, split_stride, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SOFT_ROUND: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -230,13 +241,8 @@ if triton is not None:
                          SOFT_ROUND: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          PDL: tl.constexpr):
-        wait_for_predecessor(PDL)  # model/kernels/pdl.py: nothing an earlier kernel writes is read before it
-        pid_n, pid_s = tl.program_id(0), tl.program_id(1)
-        num_splits = tl.num_programs(1)
-        offs_m = tl.arange(0, BLOCK_M)  # one row tile: M <= BLOCK_M
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        row_ok, col_ok = offs_m < M, offs_n < N
+        pid_n, pid_s, num_splits, offs_m, offs_n, offs_k, row_ok, col_ok = _tile_start(M, N, PDL, BLOCK_M, BLOCK_N,
+                                                                                       BLOCK_K)
         kb_start = pid_s * kb_per_split
         kb_end = tl.minimum(kb_start + kb_per_split, num_kb)
         x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * K + (kb_start * BLOCK_K + offs_k)[None, :]  # [BM, 128]

@@ -37,8 +37,7 @@ try:
     import triton
     import triton.language as tl
 
-    from model.kernels.pdl import wait_for_predecessor
-    from model.kernels.triton_fp8_gemv import _finish_tile
+    from model.kernels.triton_fp8_gemv import _finish_tile, _tile_start
 except ImportError:  # CPU-only installs
     triton = tl = None
 
@@ -82,13 +81,8 @@ if triton is not None:
     def _decode_gemm(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, K, steps_per_split, split_stride,
                      HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SOFT_ROUND: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        wait_for_predecessor(PDL)  # model/kernels/pdl.py: nothing an earlier kernel writes is read before it
-        pid_n, pid_s = tl.program_id(0), tl.program_id(1)
-        num_splits = tl.num_programs(1)
-        offs_m = tl.arange(0, BLOCK_M)  # one row tile: M <= BLOCK_M
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        row_ok, col_ok = offs_m < M, offs_n < N
+        pid_n, pid_s, num_splits, offs_m, offs_n, offs_k, row_ok, col_ok = _tile_start(M, N, PDL, BLOCK_M, BLOCK_N,
+                                                                                       BLOCK_K)
         k_start = pid_s * steps_per_split * BLOCK_K
         k_end = tl.minimum(k_start + steps_per_split * BLOCK_K, K)
         x_rows = x_ptr + offs_m[:, None].to(tl.int64) * K  # [BM, 1]
