@@ -9,7 +9,7 @@ import re
 import pytest
 
 from model.kernels import pdl
-from tests.triton_fixtures import compile_for_sm90, needs_triton
+from tests.triton_fixtures import needs_triton
 
 MODULES = ["model.kernels.triton_decode_moe", "model.kernels.triton_decode_moe_fp8", "model.kernels.triton_gemv",
            "model.kernels.triton_fp8_gemv", "model.kernels.triton_router_gemv", "model.layers.triton_decode_attention",
@@ -97,15 +97,9 @@ def test_every_pdl_kernel_is_launched_with_the_options():
 @needs_triton
 @pytest.mark.parametrize("on", [True, False])
 def test_sm90_build_waits_before_touching_memory(on):
-    from model.kernels import triton_gemv
+    from tests.test_triton_gemv import compile_decode_gemm
 
-    ptx, _ = compile_for_sm90(
-        triton_gemv._decode_gemm,
-        ["x_ptr", "w_ptr", "bias_ptr", "out_ptr", "part_ptr", "count_ptr", "M", "N", "K", "steps_per_split",
-         "split_stride"],
-        ["*bf16", "*bf16", "*bf16", "*bf16", "*fp32", "*i32", "i32", "i32", "i32", "i32", "i32"],
-        dict(HAS_BIAS=True, SPLIT=True, SOFT_ROUND=False, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128),
-        ["x_ptr", "w_ptr", "out_ptr", "part_ptr", "K", "N"], pdl=on, num_warps=4, num_stages=3)
+    ptx, _ = compile_decode_gemm(128, pdl=on)
     if not on:
         assert "griddepcontrol" not in ptx
         return

@@ -105,14 +105,19 @@ def test_rejects_rows_beyond_the_cut():
         triton_gemv.decode_linear(torch.zeros(17, 128), torch.zeros(8, 128))
 
 
-@needs_triton
-@pytest.mark.parametrize("block_n", [128, 64, 32])
-def test_compiles_for_sm90_without_spills(block_n):
-    _, usage = compile_for_sm90(
+def compile_decode_gemm(block_n: int, pdl: bool = False) -> tuple[str, str]:
+    """`_decode_gemm` built for sm_90a at a split launch of BLOCK_N columns: (PTX, resource line)."""
+    return compile_for_sm90(
         triton_gemv._decode_gemm,
         ["x_ptr", "w_ptr", "bias_ptr", "out_ptr", "part_ptr", "count_ptr", "M", "N", "K", "steps_per_split",
          "split_stride"],
         ["*bf16", "*bf16", "*bf16", "*bf16", "*fp32", "*i32", "i32", "i32", "i32", "i32", "i32"],
         dict(HAS_BIAS=True, SPLIT=True, SOFT_ROUND=False, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128),
-        ["x_ptr", "w_ptr", "out_ptr", "part_ptr", "K", "N"], num_warps=4, num_stages=3)
+        ["x_ptr", "w_ptr", "out_ptr", "part_ptr", "K", "N"], pdl=pdl, num_warps=4, num_stages=3)
+
+
+@needs_triton
+@pytest.mark.parametrize("block_n", [128, 64, 32])
+def test_compiles_for_sm90_without_spills(block_n):
+    _, usage = compile_decode_gemm(block_n)
     assert "LOCAL:0" in usage and "STACK:0" in usage, usage
