@@ -9,7 +9,7 @@ import torch
 from model.layers import triton_norm_rotary_write
 from model.layers.triton_norm_rotary_write import norm_rotary_write
 from tests.test_qk_norm_rotary import make_attention
-from tests.triton_fixtures import compile_for_sm90, needs_triton, run_interpreted
+from tests.triton_fixtures import compile_for_sm90, needs_triton, run_interpreted, switch_setter
 
 # (N, Hq, Hkv, D, norm, rotary channels, dtype, padding row)
 CASES = [(1, 4, 2, 32, "per_head", 32, "bfloat16", False), (5, 4, 2, 32, "full", 32, "bfloat16", False),
@@ -60,12 +60,8 @@ class _CudaLike:
 
 @pytest.fixture
 def switch(monkeypatch):
-    def set_to(value):
-        triton_norm_rotary_write.enabled.cache_clear()
-        monkeypatch.setenv("STATICMOE_NORM_ROTARY_WRITE", value)
     monkeypatch.setattr(triton_norm_rotary_write, "available", lambda: True)
-    yield set_to
-    triton_norm_rotary_write.enabled.cache_clear()
+    yield from switch_setter(monkeypatch, "STATICMOE_NORM_ROTARY_WRITE", triton_norm_rotary_write.enabled)
 
 
 def test_attention_takes_it_only_where_it_computes_what_the_modules_do(switch):

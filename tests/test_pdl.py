@@ -9,7 +9,7 @@ import re
 import pytest
 
 from model.kernels import pdl
-from tests.triton_fixtures import needs_triton
+from tests.triton_fixtures import needs_triton, switch_setter
 
 MODULES = ["model.kernels.triton_decode_moe", "model.kernels.triton_decode_moe_fp8", "model.kernels.triton_gemv",
            "model.kernels.triton_fp8_gemv", "model.kernels.triton_router_gemv", "model.layers.triton_decode_attention",
@@ -18,12 +18,8 @@ MODULES = ["model.kernels.triton_decode_moe", "model.kernels.triton_decode_moe_f
 
 @pytest.fixture
 def switch(monkeypatch):
-    def set_to(value):
-        pdl.enabled.cache_clear()
-        monkeypatch.setenv("STATICMOE_PDL", value)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    yield set_to
-    pdl.enabled.cache_clear()
+    yield from switch_setter(monkeypatch, "STATICMOE_PDL", pdl.enabled)
 
 
 def test_launch_options_follow_the_switch_the_device_and_the_interpreter(switch, monkeypatch):

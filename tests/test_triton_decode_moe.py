@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.kernels import moe, triton_decode_moe
-from tests.triton_fixtures import needs_triton, run_interpreted
+from tests.triton_fixtures import needs_triton, run_interpreted, switch_setter
 
 # (T, E, H, I, k, dtype, activation, bias, bad ids, blocks): H and I scaled down for the interpreter, ragged against
 # the kernels' blocks where it matters; blocks (BLOCK_I, BLOCK_H) None: `blocks_16bit`'s choice (4, 4 at these sizes)
@@ -83,15 +83,8 @@ class FakeCuda:
 
 @pytest.fixture
 def decode_knob(monkeypatch):
-    def set_to(value):
-        triton_decode_moe.decode_moe_forced.cache_clear()
-        if value is None:
-            monkeypatch.delenv("STATICMOE_DECODE_MOE", raising=False)
-        else:
-            monkeypatch.setenv("STATICMOE_DECODE_MOE", value)
     monkeypatch.setattr(triton_decode_moe, "available", lambda: True)
-    yield set_to
-    triton_decode_moe.decode_moe_forced.cache_clear()
+    yield from switch_setter(monkeypatch, "STATICMOE_DECODE_MOE", triton_decode_moe.decode_moe_forced)
 
 
 def test_by_default_applies_to_small_experts_only(decode_knob):

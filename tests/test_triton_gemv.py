@@ -10,7 +10,7 @@ import torch
 from model.kernels import triton_gemv
 from model.decoder import MoeCausalLM
 from model.layers.linear import Linear
-from tests.triton_fixtures import compile_for_sm90, needs_triton, run_interpreted
+from tests.triton_fixtures import compile_for_sm90, needs_triton, run_interpreted, switch_setter
 
 # (M, N, K, dtype, bias, block_n, splits): None = the plan's choice
 CASES = [
@@ -46,15 +46,8 @@ class _OnGpu:
 
 @pytest.fixture
 def gemv_knob(monkeypatch):
-    def set_to(value):
-        triton_gemv.forced.cache_clear()
-        if value is None:
-            monkeypatch.delenv("STATICMOE_DECODE_GEMV", raising=False)
-        else:
-            monkeypatch.setenv("STATICMOE_DECODE_GEMV", value)
     monkeypatch.setattr(triton_gemv, "triton", object())  # "Triton present", installed or not
-    yield set_to
-    triton_gemv.forced.cache_clear()
+    yield from switch_setter(monkeypatch, "STATICMOE_DECODE_GEMV", triton_gemv.forced)
 
 
 def test_unset_it_takes_the_shapes_it_won_at(gemv_knob):

@@ -59,6 +59,19 @@ def compile_for_sm90(kernel, names: list[str], types: list[str], consts: dict, d
     return compiled.asm["ptx"], next(line for line in usage.splitlines() if "REG:" in line)
 
 
+def switch_setter(monkeypatch, name: str, cached):
+    """For a fixture (`yield from`): set_to(value) sets the environment switch `name` (None unsets it) and clears
+    `cached`, the functools.cache'd function that reads it once per process; cleared again after the test."""
+    def set_to(value):
+        cached.cache_clear()
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    yield set_to
+    cached.cache_clear()
+
+
 def scattered_block_tables(lens: list[int], page: int, generator):
     """Block tables for sequences of `lens` tokens whose KV blocks are scattered at random over the cache, each table
     padded past the sequence's own blocks: (tables [len(lens), width] int64, width, num_blocks of the cache)."""
