@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
+from model.layers import triton_norm_rotary_write
 from model.layers.linear import Linear
 from model.layers.norm import RMSNorm
 from model.layers.paged_attention import AttentionPlan
-from model.layers import triton_norm_rotary_write
 from model.layers.qk_norm_rotary import norm_rotary_qk
 from model.layers.rotary import apply_rotary
 
@@ -57,11 +57,11 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)  # [N, (Hq + 2 Hkv) D]
         if self._one_launch_to_cache(qkv, kv_cache):  # norms, rotary and the K/V write in one Triton launch
             k_cache, v_cache = (kv_cache[i].view(-1, self.num_kv_heads, self.head_dim) for i in (0, 1))
-            norm_weights = (None, None) if self.qk_norm == "none" else (self.q_norm.weight, self.k_norm.weight)
+            norms = (None, None, 0.0) if self.qk_norm == "none" else (
+                self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)  # one eps: `_norms_fuse_with_rotary`
             q = triton_norm_rotary_write.norm_rotary_write(
-                qkv, self.num_heads, self.num_kv_heads, self.head_dim, self.qk_norm, *norm_weights,
-                self.q_norm.eps if self.qk_norm != "none" else 0.0, *rotary, k_cache, v_cache, plan.write_rows,
-                plan.write_slots)
+                qkv, self.num_heads, self.num_kv_heads, self.head_dim, self.qk_norm, *norms, *rotary, k_cache,
+                v_cache, plan.write_rows, plan.write_slots)
             out = plan.attend(q, kv_cache, self.scale, self.sliding_window, self.sinks)
         else:
             out = self.attend(*self.rotate(qkv, rotary), plan, kv_cache)  # [N, Hq, D]
