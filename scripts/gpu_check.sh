@@ -26,6 +26,7 @@
 #   prefill-costs: profile_engine prefill for deepseek-v2-lite and qwen3-30b-a3b (bf16 and FP8) at a budget of 8192.
 #   qk-fusion: the fused q/k norm + rotary's GPU tests and the decode kernels per step after it.
 #   shared-fusion-ab: shared experts inside fused_moe: GPU tests, then deepseek-v2-lite's engine without and with.
+#   gemm-ab: the grouped GEMMs of this tree against AB_BASE's csrc/ (per-kernel times at AB_POINTS, ABAB).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-logs}
 mkdir -p "$OUT"
@@ -241,6 +242,26 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
         rc=$?; status=$((status | rc)); [ $rc -ne 0 ] && echo "$AB_KNOB pass $pass: FAILED (rc $rc)"
         echo "$AB_KNOB pass $pass: $(grep -E '^SUMMARY' "$dir.log" | tr '\n' ' ')"
       done ;;
+    gemm-ab)  # the grouped-GEMM kernels of this tree against another tree's csrc/ (AB_BASE, default .ab_base/csrc,
+      # made here with `git archive BASE csrc | tar -x -C .ab_base` and carried): both built once, then the per-kernel
+      # times of AB_POINTS (profile_moe.py; FP8 points prefixed `fp8:`) in new, base, new, base order
+      base=${AB_BASE:-.ab_base/csrc}; [ -d "$base" ] || { echo "gemm-ab: no $base"; status=1; continue; }
+      so=$(python3 -c 'from model.kernels import _C; print(_C.__file__)'); cp "$so" /tmp/_C_new.so
+      mv csrc /tmp/csrc_new && cp -r "$base" csrc
+      python3 -m pip install --no-build-isolation --no-deps -e . -C build-dir=build/ab_base > "$OUT/build_ab_base.log" 2>&1
+      rc=$?; rm -rf csrc && mv /tmp/csrc_new csrc
+      [ $rc -ne 0 ] && { tail -20 "$OUT/build_ab_base.log"; status=1; continue; }
+      so=$(python3 -c 'from model.kernels import _C; print(_C.__file__)'); cp "$so" /tmp/_C_base.so
+      read -ra pts <<< "${AB_POINTS:-fp8:qwen3:8192:balanced fp8:qwen3:2048:balanced qwen3:8192:balanced}"
+      for pass in new base new base; do
+        cp /tmp/_C_$pass.so "$so"
+        for p in "${pts[@]}"; do
+          if [[ $p == fp8:* ]]; then python3 benchmarks/profile_moe.py points --fp8 "${p#fp8:}"
+          else python3 benchmarks/profile_moe.py points "$p"; fi
+        done > "$OUT/gemm_ab_$pass.log" 2>&1
+        echo "gemm-ab $pass:"; grep -E "moe_gemm|point|total" "$OUT/gemm_ab_$pass.log" | cut -c1-150 | head -30
+      done
+      cp /tmp/_C_new.so "$so" ;;
     truth)
       python3 benchmarks/utilization_truth.py --preset "${TRUTH_PRESET:-olmoe-1b-7b}" --out "$OUT" 2>&1 \
         | tee "$OUT/utilization_truth.log" | tail -20

@@ -136,6 +136,23 @@ __device__ __forceinline__ uint32_t pass_stages_through(uint64_t* full, uint64_t
   return g;
 }
 
+// GEMM2's epilogue scatters each tile row to its slot (sorted_rows), scaled by its routing weight: two dependent
+// global loads. Issued where the epilogue used them, they stalled it (the SHFL and IMAD.WIDE waiting on them held ~7%
+// of FP8 GEMM2's stall samples, ncu_ledger_gemm2_2026-12-06-2011); the math warps now issue the slot's load when the
+// tile starts and the weight's at the last K step, so both land under the MMAs.
+struct OutRow {
+  int32_t flat = -1;  // row of slot_out (token * top_k + slot); -1 past the expert's rows
+  float wt = 0.f;
+};
+template <typename Args>
+__device__ __forceinline__ int32_t out_slot(const Args& args, const TileWork& w, int row) {
+  return w.m0 + row < w.rows ? args.sorted_rows[w.row_base + row] : -1;
+}
+template <typename Args>
+__device__ __forceinline__ float routing_weight(const Args& args, int32_t flat) {
+  return flat >= 0 ? args.topk_weights[flat] : 0.f;
+}
+
 // The optional bias of tile w, staged into this warp's slice now and read after the mainloop (tile_bias.cuh).
 // args.bias: GEMM1 [E, 2 n_out] (gate, then up), GEMM2 [E, n_out]; null = none (a uniform branch).
 template <int kBlockN, bool kGateUp, typename T, typename Args>

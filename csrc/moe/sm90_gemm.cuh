@@ -167,6 +167,12 @@ __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, 
       continue;
     }
     stage_tile_bias<kBlockN, kGateUp>(args, w, bias_slice, lane);
+    const int r_lo = warpgroup * 64 + warp * 16 + lane / 4;  // this thread's rows: r_lo and r_lo + 8
+    OutRow out_rows[2];  // GEMM2: the slots now, the weights at the last K step
+    if constexpr (!kGateUp) {
+      out_rows[0].flat = out_slot(args, w, r_lo);
+      out_rows[1].flat = out_slot(args, w, r_lo + 8);
+    }
     float acc[kBlockN / 2];
     for (int32_t kt = 0; kt < k_iters; ++kt, ++g) {
       const int s = g % kStages;
@@ -179,6 +185,10 @@ __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, 
 #pragma unroll
       for (int kk = 0; kk < kBlockK / 16; ++kk) wgmma_tile<T, kBlockN>(acc, da + 2 * kk, db + 2 * kk, kt > 0 || kk > 0);
       sm90::wgmma_commit();
+      if (!kGateUp && kt == k_iters - 1) {
+        out_rows[0].wt = routing_weight(args, out_rows[0].flat);
+        out_rows[1].wt = routing_weight(args, out_rows[1].flat);
+      }
       sm90::wgmma_wait<1>();
       if (kt > 0) release_stage<kStages, kCluster>(empty, g - 1, lane);
     }
@@ -188,7 +198,6 @@ __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, 
 
     // ---- epilogue: registers -> global, while the producer already loads the next tile ----------------------
     if (args.bias) Bias::add(acc, bias_slice, lane);  // in fp32, before the activation / routing weight
-    const int r_lo = warpgroup * 64 + warp * 16 + lane / 4;
     const int col_in = 2 * (lane & 3);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -206,8 +215,8 @@ __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, 
           *reinterpret_cast<uint32_t*>(dst + col) = pack2<T>(activate<kAct>(g0, u0), activate<kAct>(g1, u1));
         }
       } else {
-        const int32_t flat = args.sorted_rows[w.row_base + r];
-        const float wt = args.topk_weights[flat];
+        const int32_t flat = out_rows[half].flat;
+        const float wt = out_rows[half].wt;
         T* dst = args.out + int64_t(flat) * args.n_out;
 #pragma unroll
         for (int j = 0; j < kBlockN / 8; ++j) {

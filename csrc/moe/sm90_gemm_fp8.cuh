@@ -180,13 +180,13 @@ __device__ __forceinline__ void store_quantised_rows_staged(const float (&acc)[1
 // weight and write bf16 rows to slot_out[sorted_rows[...]]. From the fragments a warp store covers 16 bytes of each
 // of 8 rows (half of every 32-byte sector); through a [16 x 64] staging tile in shared memory each row leaves as
 // 16-byte stores of 8 lanes: whole sectors, a quarter of the store instructions. n_out is a multiple of 8.
+// `out_row`: lanes i and i + 16 hold row warp_row0 + i's slot and weight (loaded under the mainloop).
 template <int kBlockN>
 __device__ __forceinline__ void store_rows_staged(const float (&acc)[kBlockN / 2], const Fp8GemmArgs& args,
-                                                  const TileWork& w, int warp_row0, uint8_t* stage, int lane) {
-  const int row = warp_row0 + (lane & 15);  // lanes i and i + 16 look up row i: both loads in flight at once
-  const bool ok = w.m0 + row < w.rows;
-  const int32_t flat = ok ? args.sorted_rows[w.row_base + row] : -1;
-  const float wt = ok ? args.topk_weights[flat] : 0.f;
+                                                  const TileWork& w, int warp_row0, uint8_t* stage, int lane,
+                                                  const OutRow& out_row) {
+  const int32_t flat = out_row.flat;
+  const float wt = out_row.wt;
   const float wt_lo = __shfl_sync(0xffffffffu, wt, lane / 4), wt_hi = __shfl_sync(0xffffffffu, wt, lane / 4 + 8);
   const int seg = lane & 7, pass_row = lane >> 3;  // reads: 8 lanes x 16 bytes = 128 bytes of one row
   int32_t dst_row[4];
@@ -237,6 +237,8 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
       continue;
     }
     stage_tile_bias<kBlockN, kGateUp>(args, w, bias_slice, lane);
+    OutRow out_row;  // GEMM2: lanes i and i + 16 of a warp load its row i's slot now, its weight at the last K step
+    if constexpr (!kGateUp) out_row.flat = out_slot(args, w, warpgroup * 64 + warp * 16 + (lane & 15));
     float acc[kHalves * 64];
 #pragma unroll
     for (int i = 0; i < kHalves * 64; ++i) acc[i] = 0.f;
@@ -261,6 +263,7 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
         for (int kk = 0; kk < kFp8BlockK / 32; ++kk)  // 32 bytes of K per instruction: descriptor + 2
           sm90::wgmma_m64n128k32_e4m3(part, da + 2 * kk, db + h * (128 * 128 >> 4) + 2 * kk, kk > 0);
         sm90::wgmma_commit();
+        if (!kGateUp && h == 0 && kt == k_iters - 1) out_row.wt = routing_weight(args, out_row.flat);
         sm90::wgmma_wait<0>();
         sm90::fence_accumulators(part);
         // After the last half, every read of this stage (scales included) is done.
@@ -282,7 +285,7 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
     if constexpr (kGateUp) {
       store_quantised_rows_staged<kAct>(acc, args, w, warpgroup * 64 + warp * 16, stage, lane);
     } else {
-      store_rows_staged<kBlockN>(acc, args, w, warpgroup * 64 + warp * 16, stage, lane);
+      store_rows_staged<kBlockN>(acc, args, w, warpgroup * 64 + warp * 16, stage, lane, out_row);
     }
   }
 }
