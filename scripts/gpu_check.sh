@@ -255,11 +255,10 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
       read -ra pts <<< "${AB_POINTS:-fp8:qwen3:8192:balanced fp8:qwen3:2048:balanced qwen3:8192:balanced}"
       for pass in new base new base; do
         cp /tmp/_C_$pass.so "$so"
-        for p in "${pts[@]}"; do
-          if [[ $p == fp8:* ]]; then python3 benchmarks/profile_moe.py points --fp8 "${p#fp8:}"
-          else python3 benchmarks/profile_moe.py points "$p"; fi
-        done > "$OUT/gemm_ab_$pass.log" 2>&1
-        echo "gemm-ab $pass:"; grep -E "moe_gemm|point|total" "$OUT/gemm_ab_$pass.log" | cut -c1-150 | head -30
+        fp8=(); b16=(); for p in "${pts[@]}"; do [[ $p == fp8:* ]] && fp8+=("${p#fp8:}") || b16+=("$p"); done
+        { [ ${#fp8[@]} -gt 0 ] && python3 benchmarks/profile_moe.py points --fp8 "${fp8[@]}"
+          [ ${#b16[@]} -gt 0 ] && python3 benchmarks/profile_moe.py points "${b16[@]}"; } > "$OUT/gemm_ab_$pass.log" 2>&1
+        echo "gemm-ab $pass:"; grep -E "ms .* TFLOPS" "$OUT/gemm_ab_$pass.log" | sed 's/^\[[^]]*\] //' | cut -c1-150
       done
       cp /tmp/_C_new.so "$so" ;;
     truth)
