@@ -43,6 +43,23 @@ __device__ __forceinline__ TileWork decode_tile(const Args& args, int32_t v, int
   return {tc.task, rows, m0, args.expert_offsets[tc.task] + m0, in_group / group_m};
 }
 
+// The producer decodes every tile (decode_tile: the task map's ballot, then the expert's count and offset, dependent
+// L2 loads) and its thread 0 leaves the record in the slot of the tile's first stage before arriving on that stage's
+// `full` barrier (a release); the math warps read it after their wait on the same barrier (an acquire) instead of
+// decoding the tile again when it starts, where those loads stalled them with the tensor cores idle. A slot is
+// rewritten only after the math warps have released its stage, long after they read it.
+template <int kStages>
+constexpr int kTileSlotBytes = (kStages * int(sizeof(TileWork)) + 15) / 16 * 16;  // keeps what follows 16-byte aligned
+
+__device__ __forceinline__ void publish_tile(TileWork* slots, int stage, const TileWork& w, int tid, int32_t kt) {
+  if (tid == 0 && kt == 0) slots[stage] = w;
+}
+template <int kStages>
+__device__ __forceinline__ TileWork receive_tile(const TileWork* slots, uint64_t* full, uint32_t g) {
+  sm90::mbarrier_wait(&full[g % kStages], (g / kStages) & 1);
+  return slots[g % kStages];
+}
+
 // Where a CTA starts: its cluster rank, and the task map's non-empty slots and tiles (times the N tiles of each).
 struct PipelineStart {
   uint32_t cta_rank;

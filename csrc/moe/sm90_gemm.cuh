@@ -61,7 +61,8 @@ struct GemmSmem {
   static constexpr int kBBytes = kBlockN * 128;
   static constexpr int kStageBytes = kABytes + kBBytes;
   static constexpr int kBiasBytes = kBlockM / 16 * kBlockN * 2;  // one 16-bit bias slice per math warp (tile_bias.cuh)
-  static constexpr int kBytes = kStages * kStageBytes + 2 * kStages * 8 + kBiasBytes + 1024;  // + barriers + slack
+  static constexpr int kBytes =  // + barriers, tile records, biases, alignment slack
+      kStages * kStageBytes + 2 * kStages * 8 + kTileSlotBytes<kStages> + kBiasBytes + 1024;
   static_assert(kBytes <= 227 * 1024, "more shared memory than an sm_90 block may opt into");
 };
 
@@ -105,8 +106,8 @@ __device__ __forceinline__ float activate(float gate, float up) {
 
 template <typename T, int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp>
 __device__ __forceinline__ void produce(const CUtensorMap& weights, const GemmArgs<T>& args, uint8_t* smem,
-                                        uint64_t* full, uint64_t* empty, int32_t total, int32_t num_slots,
-                                        uint32_t cta_rank) {
+                                        uint64_t* full, uint64_t* empty, TileWork* tiles, int32_t total,
+                                        int32_t num_slots, uint32_t cta_rank) {
   using Smem = GemmSmem<kBlockM, kBlockN, kStages>;
   constexpr int kRowsPerThread = kBlockM * 8 / kProducerThreads;  // 16-byte pieces: 8 per 128-byte row
   const int tid = threadIdx.x, piece = tid & 7;
@@ -142,6 +143,7 @@ __device__ __forceinline__ void produce(const CUtensorMap& weights, const GemmAr
           sm90::cp_async_16(a_tile + sm90::swizzle128_offset(r, piece), ok ? src[i] + k0 + piece * 8 : args.a, ok);
         }
       }
+      publish_tile(tiles, s, w, tid, kt);
       // The weight tile is two boxes of kBlockN/2 rows: GEMM1's gate | up rows, GEMM2's two halves of the N tile.
       if (tid == 0) load_weight_tile<kBlockN / 2, 2, kCluster, kGateUp>(weights, &full[s], b_tile, k0, w, cta_rank);
       sm90::cp_async_mbarrier_arrive_noinc(&full[s]);
@@ -152,16 +154,15 @@ __device__ __forceinline__ void produce(const CUtensorMap& weights, const GemmAr
 
 template <typename T, int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct>
 __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, uint64_t* full, uint64_t* empty,
-                                        T* bias_slices, int32_t total, int32_t num_slots) {
+                                        const TileWork* tiles, T* bias_slices, int32_t total) {
   using Smem = GemmSmem<kBlockM, kBlockN, kStages>;
   using Bias = TileBias<T, kBlockN>;
   const int tid = threadIdx.x - kProducerThreads, warpgroup = tid / 128, lane = tid & 31, warp = (tid / 32) & 3;
   T* const bias_slice = bias_slices + (tid / 32) * kBlockN;
   const int32_t k_iters = (args.k + kBlockK - 1) / kBlockK;
-  int32_t chunk_hint = 0;
   uint32_t g = 0;  // k-steps consumed so far, in step with the producer
   for (int32_t v = blockIdx.x / kCluster; v < total; v += gridDim.x / kCluster) {
-    const TileWork w = decode_tile<kBlockM, kCluster>(args, v, num_slots, chunk_hint);
+    const TileWork w = receive_tile<kStages>(tiles, full, g);
     if (kCluster > 1 && w.m0 >= w.rows) {  // nothing to compute: pass the stages through for the peer's sake
       g = pass_stages_through<kStages, kCluster>(full, empty, k_iters, g, lane);
       continue;
@@ -238,16 +239,17 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   auto* full = reinterpret_cast<uint64_t*>(smem + kStages * GemmSmem<kBlockM, kBlockN, kStages>::kStageBytes);
   uint64_t* empty = full + kStages;
-  T* bias_slices = reinterpret_cast<T*>(empty + kStages);  // [math warps][kBlockN]
+  auto* tiles = reinterpret_cast<TileWork*>(empty + kStages);  // one record per stage
+  T* bias_slices = reinterpret_cast<T*>(reinterpret_cast<uint8_t*>(tiles) + kTileSlotBytes<kStages>);
   const PipelineStart start = start_pipeline<kBlockM, kStages, kCluster>(weights, args, full, empty);
   if (threadIdx.x < kProducerThreads) {
     become_producer<kBlockM>();
-    produce<T, kBlockM, kBlockN, kStages, kCluster, kGateUp>(weights, args, smem, full, empty, start.total,
+    produce<T, kBlockM, kBlockN, kStages, kCluster, kGateUp>(weights, args, smem, full, empty, tiles, start.total,
                                                               start.num_slots, start.cta_rank);
   } else {
     become_consumer<kBlockM>();
-    consume<T, kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(args, smem, full, empty, bias_slices, start.total,
-                                                                   start.num_slots);
+    consume<T, kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(args, smem, full, empty, tiles, bias_slices,
+                                                                   start.total);
   }
   finish_pipeline<kCluster>();
 }

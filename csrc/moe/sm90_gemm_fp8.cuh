@@ -61,14 +61,15 @@ struct Fp8Smem {
   static constexpr int kBiasBytes = kBlockM / 16 * kBlockN * 2;   // one bf16 bias slice per math warp (tile_bias.cuh)
   static constexpr int kOutBytes = kBlockM * kOutStageRowBytes;  // (kBlockM / 16) warps x 16 rows
   static constexpr int kBytes =
-      kStages * kStageBytes + kStages * kScaleStride * 4 + 2 * kStages * 8 + kBiasBytes + kOutBytes + 1024;
+      kStages * kStageBytes + kStages * kScaleStride * 4 + 2 * kStages * 8 + kTileSlotBytes<kStages> + kBiasBytes +
+      kOutBytes + 1024;
   static_assert(kBytes <= 227 * 1024, "more shared memory than an sm_90 block may opt into");
 };
 
 template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp>
 __device__ __forceinline__ void produce_fp8(const CUtensorMap& weights, const Fp8GemmArgs& args, uint8_t* smem,
-                                            float* scales, uint64_t* full, uint64_t* empty, int32_t total,
-                                            int32_t num_slots, uint32_t cta_rank) {
+                                            float* scales, uint64_t* full, uint64_t* empty, TileWork* tiles,
+                                            int32_t total, int32_t num_slots, uint32_t cta_rank) {
   using Smem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp>;
   constexpr int kRowsPerThread = kBlockM * 8 / kProducerThreads;  // 16-byte pieces: 8 per 128-byte row
   constexpr int kHalves = kBlockN / 128;
@@ -116,6 +117,7 @@ __device__ __forceinline__ void produce_fp8(const CUtensorMap& weights, const Fp
         if (tid < kBlockM) sm90::cp_async_4(stage_scales + tid, scale_row_ok ? a_scale + kt : args.a_scale, scale_row_ok);
         if (tid < kHalves) sm90::cp_async_4(stage_scales + kBlockM + tid, b_scale + kt, true);
       }
+      publish_tile(tiles, s, w, tid, kt);
       // Boxes of 128 rows (one scale block): GEMM1's gate | up rows, GEMM2's halves of the N tile (one box when
       // kBlockN is 128).
       if (tid == 0) load_weight_tile<128, kHalves, kCluster, kGateUp>(weights, &full[s], b_tile, k0, w, cta_rank);
@@ -218,8 +220,8 @@ __device__ __forceinline__ void store_rows_staged(const float (&acc)[kBlockN / 2
 
 template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct>
 __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* smem, const float* scales,
-                                            uint64_t* full, uint64_t* empty, __nv_bfloat16* bias_slices,
-                                            uint8_t* out_stage, int32_t total, int32_t num_slots) {
+                                            uint64_t* full, uint64_t* empty, const TileWork* tiles,
+                                            __nv_bfloat16* bias_slices, uint8_t* out_stage, int32_t total) {
   using Smem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp>;
   using Bias = TileBias<__nv_bfloat16, kBlockN>;
   constexpr int kHalves = kBlockN / 128;
@@ -228,10 +230,9 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
   const int r_lo = warpgroup * 64 + warp * 16 + lane / 4;  // this thread's rows: r_lo and r_lo + 8
   __nv_bfloat16* const bias_slice = bias_slices + (tid / 32) * kBlockN;
   const int32_t k_iters = args.k / kFp8BlockK;
-  int32_t chunk_hint = 0;
   uint32_t g = 0;  // k-steps consumed so far, in step with the producer
   for (int32_t v = blockIdx.x / kCluster; v < total; v += gridDim.x / kCluster) {
-    const TileWork w = decode_tile<kBlockM, kCluster>(args, v, num_slots, chunk_hint);
+    const TileWork w = receive_tile<kStages>(tiles, full, g);
     if (kCluster > 1 && w.m0 >= w.rows) {  // nothing to compute: pass the stages through for the peer's sake
       g = pass_stages_through<kStages, kCluster>(full, empty, k_iters, g, lane);
       continue;
@@ -300,17 +301,18 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
   float* scales = reinterpret_cast<float*>(smem + kStages * Smem::kStageBytes);
   auto* full = reinterpret_cast<uint64_t*>(scales + kStages * Smem::kScaleStride);
   uint64_t* empty = full + kStages;
-  auto* bias_slices = reinterpret_cast<__nv_bfloat16*>(empty + kStages);  // [math warps][kBlockN]
+  auto* tiles = reinterpret_cast<TileWork*>(empty + kStages);  // one record per stage
+  auto* bias_slices = reinterpret_cast<__nv_bfloat16*>(reinterpret_cast<uint8_t*>(tiles) + kTileSlotBytes<kStages>);
   uint8_t* out_stage = reinterpret_cast<uint8_t*>(bias_slices) + Smem::kBiasBytes;  // [math warps][16 rows]
   const PipelineStart start = start_pipeline<kBlockM, kStages, kCluster>(weights, args, full, empty);
   if (threadIdx.x < kProducerThreads) {
     become_producer<kBlockM>();
-    produce_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp>(weights, args, smem, scales, full, empty, start.total,
-                                                              start.num_slots, start.cta_rank);
+    produce_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp>(weights, args, smem, scales, full, empty, tiles,
+                                                              start.total, start.num_slots, start.cta_rank);
   } else {
     become_consumer<kBlockM>();
-    consume_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(args, smem, scales, full, empty, bias_slices,
-                                                                     out_stage, start.total, start.num_slots);
+    consume_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(args, smem, scales, full, empty, tiles,
+                                                                     bias_slices, out_stage, start.total);
   }
   finish_pipeline<kCluster>();
 }
