@@ -27,6 +27,7 @@
 #   qk-fusion: the fused q/k norm + rotary's GPU tests and the decode kernels per step after it.
 #   shared-fusion-ab: shared experts inside fused_moe: GPU tests, then deepseek-v2-lite's engine without and with.
 #   gemm-ab: the grouped GEMMs of this tree against AB_BASE's csrc/ (per-kernel times at AB_POINTS, ABAB).
+#   layer-knob-ab: a switch of the extension (AB_KNOB): AB_TESTS with it on, then AB_POINTS' kernel times on/off twice.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-logs}
 mkdir -p "$OUT"
@@ -261,6 +262,18 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
         echo "gemm-ab $pass:"; grep -E "ms .* TFLOPS" "$OUT/gemm_ab_$pass.log" | sed 's/^\[[^]]*\] //' | cut -c1-150
       done
       cp /tmp/_C_new.so "$so" ;;
+    layer-knob-ab)  # a kernel switch AB_KNOB read by the extension (e.g. STATICMOE_FP8_BULK_STORE): the GPU test files
+      # AB_TESTS with it on, then the layer's per-kernel times at AB_POINTS (as gemm-ab) with it on, off, on, off
+      [ -n "${AB_KNOB:-}" ] || { echo "layer-knob-ab needs AB_KNOB"; exit 2; }
+      if [ -n "${AB_TESTS:-}" ]; then export "$AB_KNOB=1"; run_tests $AB_TESTS; unset "$AB_KNOB"; fi
+      read -ra pts <<< "${AB_POINTS:-fp8:qwen3:8192:balanced fp8:qwen3:2048:balanced}"
+      fp8=(); b16=(); for p in "${pts[@]}"; do [[ $p == fp8:* ]] && fp8+=("${p#fp8:}") || b16+=("$p"); done
+      for pass in 1a 0a 1b 0b; do
+        { [ ${#fp8[@]} -gt 0 ] && env "$AB_KNOB=${pass:0:1}" python3 benchmarks/profile_moe.py points --fp8 "${fp8[@]}"
+          [ ${#b16[@]} -gt 0 ] && env "$AB_KNOB=${pass:0:1}" python3 benchmarks/profile_moe.py points "${b16[@]}"
+        } > "$OUT/${AB_KNOB}_$pass.log" 2>&1
+        echo "$AB_KNOB=$pass:"; grep -E "ms .* TFLOPS" "$OUT/${AB_KNOB}_$pass.log" | sed 's/^\[[^]]*\] //' | cut -c1-150
+      done ;;
     truth)
       python3 benchmarks/utilization_truth.py --preset "${TRUTH_PRESET:-olmoe-1b-7b}" --out "$OUT" 2>&1 \
         | tee "$OUT/utilization_truth.log" | tail -20

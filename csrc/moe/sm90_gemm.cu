@@ -104,10 +104,11 @@ cudaError_t launch(const CUtensorMap& map, const GemmArgs<T>& args, int device, 
   return launch_cluster_with_pdl(kernel, grid, gemm_threads<kBlockM>(), kSmem, kCluster, stream, map, args);
 }
 
-template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU>
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU,
+          bool kBulkStore = false>
 cudaError_t launch_fp8(const CUtensorMap& map, const Fp8GemmArgs& args, int device, cudaStream_t stream) {
-  auto kernel = moe_gemm_fp8_sm90_kernel<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>;
-  constexpr int kSmem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp>::kBytes;
+  auto kernel = moe_gemm_fp8_sm90_kernel<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, kBulkStore>;
+  constexpr int kSmem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp, kBulkStore>::kBytes;
   static int grid_per_device[64] = {};
   int grid;
   if (cudaError_t err =
@@ -177,6 +178,14 @@ cudaError_t run_gemms_fp8(const Problem& p, const void* w13, const void* w2, Wei
                  nullptr, topk_weights, plan.expert_counts, plan.expert_offsets, plan.sorted_rows, map,
                  p.intermediate, p.hidden, n_tiles2, p.top_k, group2, p.hidden / kFP8Block,
                  static_cast<const __nv_bfloat16*>(biases.w2)};
+  // STATICMOE_FP8_BULK_STORE=1: large tiles write GEMM2's rows by bulk copies (its epilogue overlaps the next tile's
+  // MMAs) at the cost of one pipeline stage for the staging rows; an A/B probe until measured (docs/kernel_switches.md).
+  static const bool bulk_store = env_knob("STATICMOE_FP8_BULK_STORE", 0, 0) == 1;
+  if constexpr (kKind != TileKind::kDecode) {
+    if (bulk_store)
+      return launch_fp8<Cfg::kBlockM, Cfg::kBlockN2, Cfg::kStagesBulk2, Cfg::kCluster, false, Activation::kSiLU, true>(
+          w2_map, g2, device, stream);
+  }
   return launch_fp8<Cfg::kBlockM, Cfg::kBlockN2, Cfg::kStages, Cfg::kCluster, false>(w2_map, g2, device, stream);
 }
 

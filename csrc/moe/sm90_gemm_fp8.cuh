@@ -51,15 +51,20 @@ constexpr int kFp8BlockK = 128;    // elements per K step = bytes per swizzled r
 // where the fragment layout's stores covered 8 rows x 16 (GEMM2) or 8 (GEMM1) bytes per warp instruction.
 constexpr int kOutStageCols = 64;
 constexpr int kOutStageRowBytes = kOutStageCols * 2 + 16;
+// With kBulkStore (GEMM2), each math warp stages its 16 whole rows: + 16 bytes per row so rows r and r + 1 start 4 banks
+// apart and the fragment-layout writes are conflict-free.
+template <int kBlockN>
+constexpr int kBulkRowBytes = kBlockN * 2 + 16;
 
-template <int kBlockM, int kBlockN, int kStages, bool kGateUp>
+template <int kBlockM, int kBlockN, int kStages, bool kGateUp, bool kBulkStore = false>
 struct Fp8Smem {
   static constexpr int kABytes = kBlockM * 128;
   static constexpr int kBBytes = kBlockN * 128;
   static constexpr int kStageBytes = kABytes + kBBytes;          // multiples of 1024: the swizzle's alignment
   static constexpr int kScaleStride = (kBlockM + 2 + 3) / 4 * 4;  // floats per stage: A rows, then B halves
   static constexpr int kBiasBytes = kBlockM / 16 * kBlockN * 2;   // one bf16 bias slice per math warp (tile_bias.cuh)
-  static constexpr int kOutBytes = kBlockM * kOutStageRowBytes;  // (kBlockM / 16) warps x 16 rows
+  static constexpr int kOutBytes =  // (kBlockM / 16) warps x 16 rows
+      kBlockM * (kBulkStore ? kBulkRowBytes<kBlockN> : kOutStageRowBytes);
   static constexpr int kBytes =
       kStages * kStageBytes + kStages * kScaleStride * 4 + 2 * kStages * 8 + kTileSlotBytes<kStages> + kBiasBytes +
       kOutBytes + 1024;
@@ -218,12 +223,44 @@ __device__ __forceinline__ void store_rows_staged(const float (&acc)[kBlockN / 2
   }
 }
 
-template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct>
+// GEMM2's epilogue through the TMA engine (kBulkStore): the warp writes its 16 rows, routing weight applied, as bf16
+// into its staging rows, and lane i < 16 hands row i (up to kBlockN * 2 contiguous bytes of slot_out) to a bulk copy.
+// The math warps then start the next tile's MMAs while the copies drain, where every lane's st.global held them and the
+// tensor cores idled through the cooperative epilogue. A warp rewrites its staging rows only after its previous
+// tile's copies have read them, and the kernel ends only after every copy has landed.
+template <int kBlockN>
+__device__ __forceinline__ void store_rows_bulk(const float (&acc)[kBlockN / 2], const Fp8GemmArgs& args,
+                                                const TileWork& w, uint8_t* stage, int lane, const OutRow& out_row) {
+  const float wt_lo = __shfl_sync(0xffffffffu, out_row.wt, lane / 4);
+  const float wt_hi = __shfl_sync(0xffffffffu, out_row.wt, lane / 4 + 8);
+  if (lane < 16) sm90::bulk_wait_read<0>();
+  __syncwarp();
+  uint8_t* const lo = stage + (lane / 4) * kBulkRowBytes<kBlockN> + 4 * (lane & 3);
+  uint8_t* const hi = lo + 8 * kBulkRowBytes<kBlockN>;
+#pragma unroll
+  for (int j = 0; j < kBlockN / 8; ++j) {
+    *reinterpret_cast<uint32_t*>(lo + 16 * j) = pack2<__nv_bfloat16>(acc[j * 4] * wt_lo, acc[j * 4 + 1] * wt_lo);
+    *reinterpret_cast<uint32_t*>(hi + 16 * j) = pack2<__nv_bfloat16>(acc[j * 4 + 2] * wt_hi, acc[j * 4 + 3] * wt_hi);
+  }
+  sm90::fence_proxy_async_smem();  // this lane's writes, ordered before the async proxy's reads
+  __syncwarp();
+  if (lane < 16) {  // lanes i and i + 16 hold row i's slot
+    const int32_t col0 = w.n_tile * kBlockN;
+    if (out_row.flat >= 0)
+      sm90::bulk_store(static_cast<__nv_bfloat16*>(args.out) + int64_t(out_row.flat) * args.n_out + col0,
+                       stage + lane * kBulkRowBytes<kBlockN>, uint32_t(min(kBlockN, args.n_out - col0)) * 2);
+    sm90::bulk_commit();
+  }
+}
+
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct,
+          bool kBulkStore>
 __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* smem, const float* scales,
                                             uint64_t* full, uint64_t* empty, const TileWork* tiles,
                                             __nv_bfloat16* bias_slices, uint8_t* out_stage, int32_t total) {
-  using Smem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp>;
+  using Smem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp, kBulkStore>;
   using Bias = TileBias<__nv_bfloat16, kBlockN>;
+  static_assert(!(kBulkStore && kGateUp), "the bulk-copy epilogue is GEMM2's");
   constexpr int kHalves = kBlockN / 128;
   static_assert(!kGateUp || kHalves == 2, "GEMM1 tiles hold 128 gate and 128 up rows: one output scale group");
   const int tid = threadIdx.x - kProducerThreads, warpgroup = tid / 128, lane = tid & 31, warp = (tid / 32) & 3;
@@ -282,20 +319,27 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
 
     // ---- epilogue: registers -> global, while the producer already loads the next tile ----------------------
     if (args.bias) Bias::add(acc, bias_slice, lane);  // in fp32, before the activation / routing weight
-    uint8_t* const stage = out_stage + (tid / 32) * 16 * kOutStageRowBytes;
     if constexpr (kGateUp) {
+      uint8_t* const stage = out_stage + (tid / 32) * 16 * kOutStageRowBytes;
       store_quantised_rows_staged<kAct>(acc, args, w, warpgroup * 64 + warp * 16, stage, lane);
+    } else if constexpr (kBulkStore) {
+      store_rows_bulk<kBlockN>(acc, args, w, out_stage + (tid / 32) * 16 * kBulkRowBytes<kBlockN>, lane, out_row);
     } else {
+      uint8_t* const stage = out_stage + (tid / 32) * 16 * kOutStageRowBytes;
       store_rows_staged<kBlockN>(acc, args, w, warpgroup * 64 + warp * 16, stage, lane, out_row);
     }
   }
+  if constexpr (kBulkStore) {
+    if (lane < 16) sm90::bulk_wait<0>();  // the staging rows stay alive and slot_out complete until the copies land
+  }
 }
 
-template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU>
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU,
+          bool kBulkStore = false>
 __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
     moe_gemm_fp8_sm90_kernel(const __grid_constant__ CUtensorMap weights, const Fp8GemmArgs args) {
   static_assert(kCluster == 1 || kBlockN == 256, "each CTA of a pair multicasts one of the two 128-row boxes");
-  using Smem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp>;
+  using Smem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp, kBulkStore>;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   float* scales = reinterpret_cast<float*>(smem + kStages * Smem::kStageBytes);
@@ -311,7 +355,7 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
                                                               start.total, start.num_slots, start.cta_rank);
   } else {
     become_consumer<kBlockM>();
-    consume_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(args, smem, scales, full, empty, tiles,
+    consume_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, kBulkStore>(args, smem, scales, full, empty, tiles,
                                                                      bias_slices, out_stage, start.total);
   }
   finish_pipeline<kCluster>();
