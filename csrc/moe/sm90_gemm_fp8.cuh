@@ -51,7 +51,7 @@ constexpr int kFp8BlockK = 128;    // elements per K step = bytes per swizzled r
 // where the fragment layout's stores covered 8 rows x 16 (GEMM2) or 8 (GEMM1) bytes per warp instruction.
 constexpr int kOutStageCols = 64;
 constexpr int kOutStageRowBytes = kOutStageCols * 2 + 16;
-// With kBulkStore (GEMM2), each math warp stages its 16 whole rows: + 16 bytes per row so rows r and r + 1 start 4 banks
+// With kBulkStore, GEMM2's math warps stage their 16 whole rows: + 16 bytes per row so rows r and r + 1 start 4 banks
 // apart and the fragment-layout writes are conflict-free.
 template <int kBlockN>
 constexpr int kBulkRowBytes = kBlockN * 2 + 16;
@@ -64,7 +64,7 @@ struct Fp8Smem {
   static constexpr int kScaleStride = (kBlockM + 2 + 3) / 4 * 4;  // floats per stage: A rows, then B halves
   static constexpr int kBiasBytes = kBlockM / 16 * kBlockN * 2;   // one bf16 bias slice per math warp (tile_bias.cuh)
   static constexpr int kOutBytes =  // (kBlockM / 16) warps x 16 rows
-      kBlockM * (kBulkStore ? kBulkRowBytes<kBlockN> : kOutStageRowBytes);
+      kBlockM * (kBulkStore && !kGateUp ? kBulkRowBytes<kBlockN> : kOutStageRowBytes);
   static constexpr int kBytes =
       kStages * kStageBytes + kStages * kScaleStride * 4 + 2 * kStages * 8 + kTileSlotBytes<kStages> + kBiasBytes +
       kOutBytes + 1024;
@@ -158,10 +158,13 @@ __device__ __forceinline__ void quantise_row_to_stage(const float (&acc)[128], i
 // GEMM1's epilogue for one math warp's 16 rows (warp_row0 .. warp_row0 + 15 of the tile) through the warp's staging
 // tile: each row's 128 e4m3 bytes leave as 8 lanes' 16-byte stores (rows are consecutive in the sorted order). From
 // the fragments a warp store covered 8 rows x 8 bytes; this took GEMM1 -5% (T=8192) to -8% (T=32768) on the H100.
-template <Activation kAct>
+// kBulkStore: lane i < 16 hands row i to a bulk copy of the TMA engine instead (as store_rows_bulk), so the math warps
+// go on to the next tile while it drains; the staging rows are rewritten once the previous tile's copies read them.
+template <Activation kAct, bool kBulkStore>
 __device__ __forceinline__ void store_quantised_rows_staged(const float (&acc)[128], const Fp8GemmArgs& args,
                                                             const TileWork& w, int warp_row0, uint8_t* stage,
                                                             int lane) {
+  if (kBulkStore && lane < 16) sm90::bulk_wait_read<0>();
   __syncwarp();  // the previous tile's reads of the staging tile are done in every lane
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
@@ -171,6 +174,18 @@ __device__ __forceinline__ void store_quantised_rows_staged(const float (&acc)[1
     quantise_row_to_stage<kAct>(acc, half, stage + (lane / 4 + half * 8) * kOutStageRowBytes,
                                 row_ok ? args.out_scale + row * (args.n_out / 128) + w.n_tile : nullptr, lane);
   }
+  uint8_t* const out_rows = static_cast<uint8_t*>(args.out) + (w.row_base + warp_row0) * int64_t(args.n_out) +
+                            w.n_tile * 128;
+  if constexpr (kBulkStore) {
+    sm90::fence_proxy_async_smem();  // this lane's writes, ordered before the async proxy's reads
+    __syncwarp();
+    if (lane < 16) {
+      if (w.m0 + warp_row0 + lane < w.rows)
+        sm90::bulk_store(out_rows + lane * int64_t(args.n_out), stage + lane * kOutStageRowBytes, 128);
+      sm90::bulk_commit();
+    }
+    return;
+  }
   __syncwarp();
   const int seg = lane & 7, pass_row = lane >> 3;  // 8 lanes x 16 bytes = one 128-byte row
 #pragma unroll
@@ -178,8 +193,7 @@ __device__ __forceinline__ void store_quantised_rows_staged(const float (&acc)[1
     const int r = pass_row + 4 * i;
     if (w.m0 + warp_row0 + r >= w.rows) continue;
     const uint4 v = *reinterpret_cast<const uint4*>(stage + r * kOutStageRowBytes + 16 * seg);
-    uint8_t* dst = static_cast<uint8_t*>(args.out) + (w.row_base + warp_row0 + r) * int64_t(args.n_out);
-    *reinterpret_cast<uint4*>(dst + w.n_tile * 128 + 16 * seg) = v;
+    *reinterpret_cast<uint4*>(out_rows + r * int64_t(args.n_out) + 16 * seg) = v;
   }
 }
 
@@ -260,7 +274,6 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
                                             __nv_bfloat16* bias_slices, uint8_t* out_stage, int32_t total) {
   using Smem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp, kBulkStore>;
   using Bias = TileBias<__nv_bfloat16, kBlockN>;
-  static_assert(!(kBulkStore && kGateUp), "the bulk-copy epilogue is GEMM2's");
   constexpr int kHalves = kBlockN / 128;
   static_assert(!kGateUp || kHalves == 2, "GEMM1 tiles hold 128 gate and 128 up rows: one output scale group");
   const int tid = threadIdx.x - kProducerThreads, warpgroup = tid / 128, lane = tid & 31, warp = (tid / 32) & 3;
@@ -321,7 +334,7 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
     if (args.bias) Bias::add(acc, bias_slice, lane);  // in fp32, before the activation / routing weight
     if constexpr (kGateUp) {
       uint8_t* const stage = out_stage + (tid / 32) * 16 * kOutStageRowBytes;
-      store_quantised_rows_staged<kAct>(acc, args, w, warpgroup * 64 + warp * 16, stage, lane);
+      store_quantised_rows_staged<kAct, kBulkStore>(acc, args, w, warpgroup * 64 + warp * 16, stage, lane);
     } else if constexpr (kBulkStore) {
       store_rows_bulk<kBlockN>(acc, args, w, out_stage + (tid / 32) * 16 * kBulkRowBytes<kBlockN>, lane, out_row);
     } else {
