@@ -10,6 +10,7 @@ import torch
 
 from model.kernels import extension
 from tests.fp8_fixtures import quantize_blocks
+from tests.triton_fixtures import switch_setter
 
 fl = importlib.import_module("model.kernels.fp8_linear")  # the module: model.kernels exports a function of that name
 
@@ -19,15 +20,7 @@ CUDA = torch.device("cuda", 0)
 @pytest.fixture
 def knob(monkeypatch):
     """Sets STATICMOE_FP8_DENSE (None: unset) and forgets the cached read; restores the cache afterwards."""
-    def set_knob(value):
-        if value is None:
-            monkeypatch.delenv("STATICMOE_FP8_DENSE", raising=False)
-        else:
-            monkeypatch.setenv("STATICMOE_FP8_DENSE", value)
-        fl.dense_fp8_kernel.cache_clear()
-
-    yield set_knob
-    fl.dense_fp8_kernel.cache_clear()
+    yield from switch_setter(monkeypatch, "STATICMOE_FP8_DENSE", fl.dense_fp8_kernel)
 
 
 @pytest.fixture

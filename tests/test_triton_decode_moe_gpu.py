@@ -8,6 +8,7 @@ import torch
 from model.kernels import extension, fused_moe, triton_decode_moe
 from model.kernels.activation import ACTIVATION_CODES, Activation
 from tests.decode_moe_checks import check, check_deterministic, check_fp8
+from tests.triton_fixtures import switch_setter
 
 pytestmark = [pytest.mark.gpu, pytest.mark.triton_only]  # the CUDA comparisons skip without the build
 
@@ -18,10 +19,7 @@ PRESETS = {"olmoe": (64, 2048, 1024, 8, "silu", False), "qwen3-30b-a3b": (128, 2
 
 @pytest.fixture
 def decode_on(monkeypatch):
-    triton_decode_moe.decode_moe_forced.cache_clear()
-    monkeypatch.setenv("STATICMOE_DECODE_MOE", "1")
-    yield
-    triton_decode_moe.decode_moe_forced.cache_clear()
+    yield from switch_setter(monkeypatch, "STATICMOE_DECODE_MOE", triton_decode_moe.decode_moe_forced, initial="1")
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -13,7 +13,7 @@ from model.kernels.triton_router_gemv import BLOCK_E, BLOCK_K, REDUCE_BUDGET, la
 from model.layers.moe import SparseMoeBlock
 from tests.router_gemv_checks import MODES
 from tests.triton_fixtures import compile_for_sm90 as sm90_build
-from tests.triton_fixtures import needs_triton, run_interpreted
+from tests.triton_fixtures import needs_triton, run_interpreted, switch_setter
 
 # (N, E, H, k, dtype, mode, bias, splits): H scaled down from 2048/2880 for the interpreter; splits None: the plan's
 CASES = [
@@ -85,13 +85,9 @@ def test_interpreted_kernel_matches_the_float64_rule():
 @pytest.fixture
 def fused_knob(monkeypatch):
     """Sets STATICMOE_ROUTER_FUSED for one test (the value is cached per process) and restores the switches."""
-    def set_to(value):
-        routing.fused_router_rows.cache_clear()
-        monkeypatch.setenv("STATICMOE_ROUTER_FUSED", value)
     monkeypatch.setitem(routing._FUSED_ROUTER, "on", True)
     monkeypatch.setitem(routing._TRITON_ROUTER, "on", True)
-    yield set_to
-    routing.fused_router_rows.cache_clear()
+    yield from switch_setter(monkeypatch, "STATICMOE_ROUTER_FUSED", routing.fused_router_rows)
 
 
 def _block(router="softmax_topk", bias=False, E=16, H=32, k=4):

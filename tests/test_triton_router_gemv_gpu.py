@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from model.kernels import routing, triton_router_gemv
 from tests.router_gemv_checks import MODES, check, check_rounding_tie, exact_data, fused
+from tests.triton_fixtures import switch_setter
 
 pytestmark = pytest.mark.gpu
 
@@ -19,11 +20,8 @@ ROWS = (1, 2, 3, 8, 16)
 
 @pytest.fixture
 def fused_on(monkeypatch):
-    routing.fused_router_rows.cache_clear()
-    monkeypatch.setenv("STATICMOE_ROUTER_FUSED", "1")
     monkeypatch.setitem(routing._FUSED_ROUTER, "on", True)
-    yield
-    routing.fused_router_rows.cache_clear()
+    yield from switch_setter(monkeypatch, "STATICMOE_ROUTER_FUSED", routing.fused_router_rows, initial="1")
 
 
 @pytest.fixture

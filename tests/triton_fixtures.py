@@ -59,15 +59,18 @@ def compile_for_sm90(kernel, names: list[str], types: list[str], consts: dict, d
     return compiled.asm["ptx"], next(line for line in usage.splitlines() if "REG:" in line)
 
 
-def switch_setter(monkeypatch, name: str, cached):
+def switch_setter(monkeypatch, name: str, cached, initial: str | None = None):
     """For a fixture (`yield from`): set_to(value) sets the environment switch `name` (None unsets it) and clears
-    `cached`, the functools.cache'd function that reads it once per process; cleared again after the test."""
+    `cached`, the functools.cache'd function that reads it once per process; cleared again after the test.
+    `initial`: a value set before the test starts."""
     def set_to(value):
         cached.cache_clear()
         if value is None:
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, value)
+    if initial is not None:
+        set_to(initial)
     yield set_to
     cached.cache_clear()
 
