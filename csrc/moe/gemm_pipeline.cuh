@@ -43,23 +43,6 @@ __device__ __forceinline__ TileWork decode_tile(const Args& args, int32_t v, int
   return {tc.task, rows, m0, args.expert_offsets[tc.task] + m0, in_group / group_m};
 }
 
-// The producer decodes every tile (decode_tile: the task map's ballot, then the expert's count and offset, dependent
-// L2 loads) and its thread 0 leaves the record in the slot of the tile's first stage before arriving on that stage's
-// `full` barrier (a release); the math warps read it after their wait on the same barrier (an acquire) instead of
-// decoding the tile again when it starts, where those loads stalled them with the tensor cores idle. A slot is
-// rewritten only after the math warps have released its stage, long after they read it.
-template <int kStages>
-constexpr int kTileSlotBytes = (kStages * int(sizeof(TileWork)) + 15) / 16 * 16;  // keeps what follows 16-byte aligned
-
-__device__ __forceinline__ void publish_tile(TileWork* slots, int stage, const TileWork& w, int tid, int32_t kt) {
-  if (tid == 0 && kt == 0) slots[stage] = w;
-}
-template <int kStages>
-__device__ __forceinline__ TileWork receive_tile(const TileWork* slots, uint64_t* full, uint32_t g) {
-  sm90::mbarrier_wait(&full[g % kStages], (g / kStages) & 1);
-  return slots[g % kStages];
-}
-
 // Where a CTA starts: its cluster rank, and the task map's non-empty slots and tiles (times the N tiles of each).
 struct PipelineStart {
   uint32_t cta_rank;
@@ -151,23 +134,6 @@ __device__ __forceinline__ uint32_t pass_stages_through(uint64_t* full, uint64_t
     release_stage<kStages, kCluster>(empty, g, lane);
   }
   return g;
-}
-
-// GEMM2's epilogue scatters each tile row to its slot (sorted_rows), scaled by its routing weight: two dependent
-// global loads. Issued where the epilogue used them, they stalled it (the SHFL and IMAD.WIDE waiting on them held ~7%
-// of FP8 GEMM2's stall samples, ncu_ledger_gemm2_2026-12-06-2011); the math warps now issue the slot's load when the
-// tile starts and the weight's at the last K step, so both land under the MMAs.
-struct OutRow {
-  int32_t flat = -1;  // row of slot_out (token * top_k + slot); -1 past the expert's rows
-  float wt = 0.f;
-};
-template <typename Args>
-__device__ __forceinline__ int32_t out_slot(const Args& args, const TileWork& w, int row) {
-  return w.m0 + row < w.rows ? args.sorted_rows[w.row_base + row] : -1;
-}
-template <typename Args>
-__device__ __forceinline__ float routing_weight(const Args& args, int32_t flat) {
-  return flat >= 0 ? args.topk_weights[flat] : 0.f;
 }
 
 // The optional bias of tile w, staged into this warp's slice now and read after the mainloop (tile_bias.cuh).

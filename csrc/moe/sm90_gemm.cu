@@ -104,11 +104,10 @@ cudaError_t launch(const CUtensorMap& map, const GemmArgs<T>& args, int device, 
   return launch_cluster_with_pdl(kernel, grid, gemm_threads<kBlockM>(), kSmem, kCluster, stream, map, args);
 }
 
-template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU,
-          bool kBulkStore = false>
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU>
 cudaError_t launch_fp8(const CUtensorMap& map, const Fp8GemmArgs& args, int device, cudaStream_t stream) {
-  auto kernel = moe_gemm_fp8_sm90_kernel<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, kBulkStore>;
-  constexpr int kSmem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp, kBulkStore>::kBytes;
+  auto kernel = moe_gemm_fp8_sm90_kernel<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>;
+  constexpr int kSmem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp>::kBytes;
   static int grid_per_device[64] = {};
   int grid;
   if (cudaError_t err =
@@ -168,16 +167,8 @@ cudaError_t run_gemms_fp8(const Problem& p, const void* w13, const void* w2, Wei
                  ws.intermediate_scale, topk_weights, plan.expert_counts, plan.expert_offsets, plan.sorted_rows, map,
                  p.hidden, p.intermediate, n_tiles1, p.top_k, group1, 2 * p.intermediate / kFP8Block,
                  static_cast<const __nv_bfloat16*>(biases.w13)};
-  // STATICMOE_FP8_BULK_STORE=1: large tiles write both GEMMs' rows by bulk copies of the TMA engine, so each tile's
-  // epilogue overlaps the next tile's MMAs (GEMM2 gives one pipeline stage to whole-row staging); an A/B probe until
-  // measured (docs/kernel_switches.md).
-  static const bool bulk_store = env_knob("STATICMOE_FP8_BULK_STORE", 0, 0) == 1;
-  constexpr bool kBulkKind = kKind != TileKind::kDecode;
   if (p.activation == Activation::kSwigluOai)
     err = launch_fp8<Cfg::kBlockM, Cfg::kBlockN1, Cfg::kStages, Cfg::kCluster, true, Activation::kSwigluOai>(
-        w13_map, g1, device, stream);
-  else if (kBulkKind && bulk_store)
-    err = launch_fp8<Cfg::kBlockM, Cfg::kBlockN1, Cfg::kStages, Cfg::kCluster, true, Activation::kSiLU, kBulkKind>(
         w13_map, g1, device, stream);
   else
     err = launch_fp8<Cfg::kBlockM, Cfg::kBlockN1, Cfg::kStages, Cfg::kCluster, true>(w13_map, g1, device, stream);
@@ -186,11 +177,6 @@ cudaError_t run_gemms_fp8(const Problem& p, const void* w13, const void* w2, Wei
                  nullptr, topk_weights, plan.expert_counts, plan.expert_offsets, plan.sorted_rows, map,
                  p.intermediate, p.hidden, n_tiles2, p.top_k, group2, p.hidden / kFP8Block,
                  static_cast<const __nv_bfloat16*>(biases.w2)};
-  if constexpr (kBulkKind) {
-    if (bulk_store)
-      return launch_fp8<Cfg::kBlockM, Cfg::kBlockN2, Cfg::kStagesBulk2, Cfg::kCluster, false, Activation::kSiLU,
-                        true>(w2_map, g2, device, stream);
-  }
   return launch_fp8<Cfg::kBlockM, Cfg::kBlockN2, Cfg::kStages, Cfg::kCluster, false>(w2_map, g2, device, stream);
 }
 

@@ -61,8 +61,7 @@ struct GemmSmem {
   static constexpr int kBBytes = kBlockN * 128;
   static constexpr int kStageBytes = kABytes + kBBytes;
   static constexpr int kBiasBytes = kBlockM / 16 * kBlockN * 2;  // one 16-bit bias slice per math warp (tile_bias.cuh)
-  static constexpr int kBytes =  // + barriers, tile records, biases, alignment slack
-      kStages * kStageBytes + 2 * kStages * 8 + kTileSlotBytes<kStages> + kBiasBytes + 1024;
+  static constexpr int kBytes = kStages * kStageBytes + 2 * kStages * 8 + kBiasBytes + 1024;  // + barriers + slack
   static_assert(kBytes <= 227 * 1024, "more shared memory than an sm_90 block may opt into");
 };
 
@@ -106,8 +105,8 @@ __device__ __forceinline__ float activate(float gate, float up) {
 
 template <typename T, int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp>
 __device__ __forceinline__ void produce(const CUtensorMap& weights, const GemmArgs<T>& args, uint8_t* smem,
-                                        uint64_t* full, uint64_t* empty, TileWork* tiles, int32_t total,
-                                        int32_t num_slots, uint32_t cta_rank) {
+                                        uint64_t* full, uint64_t* empty, int32_t total, int32_t num_slots,
+                                        uint32_t cta_rank) {
   using Smem = GemmSmem<kBlockM, kBlockN, kStages>;
   constexpr int kRowsPerThread = kBlockM * 8 / kProducerThreads;  // 16-byte pieces: 8 per 128-byte row
   const int tid = threadIdx.x, piece = tid & 7;
@@ -143,7 +142,6 @@ __device__ __forceinline__ void produce(const CUtensorMap& weights, const GemmAr
           sm90::cp_async_16(a_tile + sm90::swizzle128_offset(r, piece), ok ? src[i] + k0 + piece * 8 : args.a, ok);
         }
       }
-      publish_tile(tiles, s, w, tid, kt);
       // The weight tile is two boxes of kBlockN/2 rows: GEMM1's gate | up rows, GEMM2's two halves of the N tile.
       if (tid == 0) load_weight_tile<kBlockN / 2, 2, kCluster, kGateUp>(weights, &full[s], b_tile, k0, w, cta_rank);
       sm90::cp_async_mbarrier_arrive_noinc(&full[s]);
@@ -154,26 +152,21 @@ __device__ __forceinline__ void produce(const CUtensorMap& weights, const GemmAr
 
 template <typename T, int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct>
 __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, uint64_t* full, uint64_t* empty,
-                                        const TileWork* tiles, T* bias_slices, int32_t total) {
+                                        T* bias_slices, int32_t total, int32_t num_slots) {
   using Smem = GemmSmem<kBlockM, kBlockN, kStages>;
   using Bias = TileBias<T, kBlockN>;
   const int tid = threadIdx.x - kProducerThreads, warpgroup = tid / 128, lane = tid & 31, warp = (tid / 32) & 3;
   T* const bias_slice = bias_slices + (tid / 32) * kBlockN;
   const int32_t k_iters = (args.k + kBlockK - 1) / kBlockK;
+  int32_t chunk_hint = 0;
   uint32_t g = 0;  // k-steps consumed so far, in step with the producer
   for (int32_t v = blockIdx.x / kCluster; v < total; v += gridDim.x / kCluster) {
-    const TileWork w = receive_tile<kStages>(tiles, full, g);
+    const TileWork w = decode_tile<kBlockM, kCluster>(args, v, num_slots, chunk_hint);
     if (kCluster > 1 && w.m0 >= w.rows) {  // nothing to compute: pass the stages through for the peer's sake
       g = pass_stages_through<kStages, kCluster>(full, empty, k_iters, g, lane);
       continue;
     }
     stage_tile_bias<kBlockN, kGateUp>(args, w, bias_slice, lane);
-    const int r_lo = warpgroup * 64 + warp * 16 + lane / 4;  // this thread's rows: r_lo and r_lo + 8
-    OutRow out_rows[2];  // GEMM2: the slots now, the weights at the last K step
-    if constexpr (!kGateUp) {
-      out_rows[0].flat = out_slot(args, w, r_lo);
-      out_rows[1].flat = out_slot(args, w, r_lo + 8);
-    }
     float acc[kBlockN / 2];
     for (int32_t kt = 0; kt < k_iters; ++kt, ++g) {
       const int s = g % kStages;
@@ -186,10 +179,6 @@ __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, 
 #pragma unroll
       for (int kk = 0; kk < kBlockK / 16; ++kk) wgmma_tile<T, kBlockN>(acc, da + 2 * kk, db + 2 * kk, kt > 0 || kk > 0);
       sm90::wgmma_commit();
-      if (!kGateUp && kt == k_iters - 1) {
-        out_rows[0].wt = routing_weight(args, out_rows[0].flat);
-        out_rows[1].wt = routing_weight(args, out_rows[1].flat);
-      }
       sm90::wgmma_wait<1>();
       if (kt > 0) release_stage<kStages, kCluster>(empty, g - 1, lane);
     }
@@ -199,6 +188,7 @@ __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, 
 
     // ---- epilogue: registers -> global, while the producer already loads the next tile ----------------------
     if (args.bias) Bias::add(acc, bias_slice, lane);  // in fp32, before the activation / routing weight
+    const int r_lo = warpgroup * 64 + warp * 16 + lane / 4;
     const int col_in = 2 * (lane & 3);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -216,8 +206,8 @@ __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, 
           *reinterpret_cast<uint32_t*>(dst + col) = pack2<T>(activate<kAct>(g0, u0), activate<kAct>(g1, u1));
         }
       } else {
-        const int32_t flat = out_rows[half].flat;
-        const float wt = out_rows[half].wt;
+        const int32_t flat = args.sorted_rows[w.row_base + r];
+        const float wt = args.topk_weights[flat];
         T* dst = args.out + int64_t(flat) * args.n_out;
 #pragma unroll
         for (int j = 0; j < kBlockN / 8; ++j) {
@@ -239,17 +229,16 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   auto* full = reinterpret_cast<uint64_t*>(smem + kStages * GemmSmem<kBlockM, kBlockN, kStages>::kStageBytes);
   uint64_t* empty = full + kStages;
-  auto* tiles = reinterpret_cast<TileWork*>(empty + kStages);  // one record per stage
-  T* bias_slices = reinterpret_cast<T*>(reinterpret_cast<uint8_t*>(tiles) + kTileSlotBytes<kStages>);
+  T* bias_slices = reinterpret_cast<T*>(empty + kStages);  // [math warps][kBlockN]
   const PipelineStart start = start_pipeline<kBlockM, kStages, kCluster>(weights, args, full, empty);
   if (threadIdx.x < kProducerThreads) {
     become_producer<kBlockM>();
-    produce<T, kBlockM, kBlockN, kStages, kCluster, kGateUp>(weights, args, smem, full, empty, tiles, start.total,
+    produce<T, kBlockM, kBlockN, kStages, kCluster, kGateUp>(weights, args, smem, full, empty, start.total,
                                                               start.num_slots, start.cta_rank);
   } else {
     become_consumer<kBlockM>();
-    consume<T, kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(args, smem, full, empty, tiles, bias_slices,
-                                                                   start.total);
+    consume<T, kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(args, smem, full, empty, bias_slices, start.total,
+                                                                   start.num_slots);
   }
   finish_pipeline<kCluster>();
 }

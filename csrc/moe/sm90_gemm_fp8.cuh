@@ -51,30 +51,24 @@ constexpr int kFp8BlockK = 128;    // elements per K step = bytes per swizzled r
 // where the fragment layout's stores covered 8 rows x 16 (GEMM2) or 8 (GEMM1) bytes per warp instruction.
 constexpr int kOutStageCols = 64;
 constexpr int kOutStageRowBytes = kOutStageCols * 2 + 16;
-// With kBulkStore, GEMM2's math warps stage their 16 whole rows: + 16 bytes per row so rows r and r + 1 start 4 banks
-// apart and the fragment-layout writes are conflict-free.
-template <int kBlockN>
-constexpr int kBulkRowBytes = kBlockN * 2 + 16;
 
-template <int kBlockM, int kBlockN, int kStages, bool kGateUp, bool kBulkStore = false>
+template <int kBlockM, int kBlockN, int kStages, bool kGateUp>
 struct Fp8Smem {
   static constexpr int kABytes = kBlockM * 128;
   static constexpr int kBBytes = kBlockN * 128;
   static constexpr int kStageBytes = kABytes + kBBytes;          // multiples of 1024: the swizzle's alignment
   static constexpr int kScaleStride = (kBlockM + 2 + 3) / 4 * 4;  // floats per stage: A rows, then B halves
   static constexpr int kBiasBytes = kBlockM / 16 * kBlockN * 2;   // one bf16 bias slice per math warp (tile_bias.cuh)
-  static constexpr int kOutBytes =  // (kBlockM / 16) warps x 16 rows
-      kBlockM * (kBulkStore && !kGateUp ? kBulkRowBytes<kBlockN> : kOutStageRowBytes);
+  static constexpr int kOutBytes = kBlockM * kOutStageRowBytes;  // (kBlockM / 16) warps x 16 rows
   static constexpr int kBytes =
-      kStages * kStageBytes + kStages * kScaleStride * 4 + 2 * kStages * 8 + kTileSlotBytes<kStages> + kBiasBytes +
-      kOutBytes + 1024;
+      kStages * kStageBytes + kStages * kScaleStride * 4 + 2 * kStages * 8 + kBiasBytes + kOutBytes + 1024;
   static_assert(kBytes <= 227 * 1024, "more shared memory than an sm_90 block may opt into");
 };
 
 template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp>
 __device__ __forceinline__ void produce_fp8(const CUtensorMap& weights, const Fp8GemmArgs& args, uint8_t* smem,
-                                            float* scales, uint64_t* full, uint64_t* empty, TileWork* tiles,
-                                            int32_t total, int32_t num_slots, uint32_t cta_rank) {
+                                            float* scales, uint64_t* full, uint64_t* empty, int32_t total,
+                                            int32_t num_slots, uint32_t cta_rank) {
   using Smem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp>;
   constexpr int kRowsPerThread = kBlockM * 8 / kProducerThreads;  // 16-byte pieces: 8 per 128-byte row
   constexpr int kHalves = kBlockN / 128;
@@ -122,7 +116,6 @@ __device__ __forceinline__ void produce_fp8(const CUtensorMap& weights, const Fp
         if (tid < kBlockM) sm90::cp_async_4(stage_scales + tid, scale_row_ok ? a_scale + kt : args.a_scale, scale_row_ok);
         if (tid < kHalves) sm90::cp_async_4(stage_scales + kBlockM + tid, b_scale + kt, true);
       }
-      publish_tile(tiles, s, w, tid, kt);
       // Boxes of 128 rows (one scale block): GEMM1's gate | up rows, GEMM2's halves of the N tile (one box when
       // kBlockN is 128).
       if (tid == 0) load_weight_tile<128, kHalves, kCluster, kGateUp>(weights, &full[s], b_tile, k0, w, cta_rank);
@@ -158,13 +151,10 @@ __device__ __forceinline__ void quantise_row_to_stage(const float (&acc)[128], i
 // GEMM1's epilogue for one math warp's 16 rows (warp_row0 .. warp_row0 + 15 of the tile) through the warp's staging
 // tile: each row's 128 e4m3 bytes leave as 8 lanes' 16-byte stores (rows are consecutive in the sorted order). From
 // the fragments a warp store covered 8 rows x 8 bytes; this took GEMM1 -5% (T=8192) to -8% (T=32768) on the H100.
-// kBulkStore: lane i < 16 hands row i to a bulk copy of the TMA engine instead (as store_rows_bulk), so the math warps
-// go on to the next tile while it drains; the staging rows are rewritten once the previous tile's copies read them.
-template <Activation kAct, bool kBulkStore>
+template <Activation kAct>
 __device__ __forceinline__ void store_quantised_rows_staged(const float (&acc)[128], const Fp8GemmArgs& args,
                                                             const TileWork& w, int warp_row0, uint8_t* stage,
                                                             int lane) {
-  if (kBulkStore && lane < 16) sm90::bulk_wait_read<0>();
   __syncwarp();  // the previous tile's reads of the staging tile are done in every lane
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
@@ -174,18 +164,6 @@ __device__ __forceinline__ void store_quantised_rows_staged(const float (&acc)[1
     quantise_row_to_stage<kAct>(acc, half, stage + (lane / 4 + half * 8) * kOutStageRowBytes,
                                 row_ok ? args.out_scale + row * (args.n_out / 128) + w.n_tile : nullptr, lane);
   }
-  uint8_t* const out_rows = static_cast<uint8_t*>(args.out) + (w.row_base + warp_row0) * int64_t(args.n_out) +
-                            w.n_tile * 128;
-  if constexpr (kBulkStore) {
-    sm90::fence_proxy_async_smem();  // this lane's writes, ordered before the async proxy's reads
-    __syncwarp();
-    if (lane < 16) {
-      if (w.m0 + warp_row0 + lane < w.rows)
-        sm90::bulk_store(out_rows + lane * int64_t(args.n_out), stage + lane * kOutStageRowBytes, 128);
-      sm90::bulk_commit();
-    }
-    return;
-  }
   __syncwarp();
   const int seg = lane & 7, pass_row = lane >> 3;  // 8 lanes x 16 bytes = one 128-byte row
 #pragma unroll
@@ -193,7 +171,8 @@ __device__ __forceinline__ void store_quantised_rows_staged(const float (&acc)[1
     const int r = pass_row + 4 * i;
     if (w.m0 + warp_row0 + r >= w.rows) continue;
     const uint4 v = *reinterpret_cast<const uint4*>(stage + r * kOutStageRowBytes + 16 * seg);
-    *reinterpret_cast<uint4*>(out_rows + r * int64_t(args.n_out) + 16 * seg) = v;
+    uint8_t* dst = static_cast<uint8_t*>(args.out) + (w.row_base + warp_row0 + r) * int64_t(args.n_out);
+    *reinterpret_cast<uint4*>(dst + w.n_tile * 128 + 16 * seg) = v;
   }
 }
 
@@ -201,13 +180,13 @@ __device__ __forceinline__ void store_quantised_rows_staged(const float (&acc)[1
 // weight and write bf16 rows to slot_out[sorted_rows[...]]. From the fragments a warp store covers 16 bytes of each
 // of 8 rows (half of every 32-byte sector); through a [16 x 64] staging tile in shared memory each row leaves as
 // 16-byte stores of 8 lanes: whole sectors, a quarter of the store instructions. n_out is a multiple of 8.
-// `out_row`: lanes i and i + 16 hold row warp_row0 + i's slot and weight (loaded under the mainloop).
 template <int kBlockN>
 __device__ __forceinline__ void store_rows_staged(const float (&acc)[kBlockN / 2], const Fp8GemmArgs& args,
-                                                  const TileWork& w, int warp_row0, uint8_t* stage, int lane,
-                                                  const OutRow& out_row) {
-  const int32_t flat = out_row.flat;
-  const float wt = out_row.wt;
+                                                  const TileWork& w, int warp_row0, uint8_t* stage, int lane) {
+  const int row = warp_row0 + (lane & 15);  // lanes i and i + 16 look up row i: both loads in flight at once
+  const bool ok = w.m0 + row < w.rows;
+  const int32_t flat = ok ? args.sorted_rows[w.row_base + row] : -1;
+  const float wt = ok ? args.topk_weights[flat] : 0.f;
   const float wt_lo = __shfl_sync(0xffffffffu, wt, lane / 4), wt_hi = __shfl_sync(0xffffffffu, wt, lane / 4 + 8);
   const int seg = lane & 7, pass_row = lane >> 3;  // reads: 8 lanes x 16 bytes = 128 bytes of one row
   int32_t dst_row[4];
@@ -237,42 +216,11 @@ __device__ __forceinline__ void store_rows_staged(const float (&acc)[kBlockN / 2
   }
 }
 
-// GEMM2's epilogue through the TMA engine (kBulkStore): the warp writes its 16 rows, routing weight applied, as bf16
-// into its staging rows, and lane i < 16 hands row i (up to kBlockN * 2 contiguous bytes of slot_out) to a bulk copy.
-// The math warps then start the next tile's MMAs while the copies drain, where every lane's st.global held them and the
-// tensor cores idled through the cooperative epilogue. A warp rewrites its staging rows only after its previous
-// tile's copies have read them, and the kernel ends only after every copy has landed.
-template <int kBlockN>
-__device__ __forceinline__ void store_rows_bulk(const float (&acc)[kBlockN / 2], const Fp8GemmArgs& args,
-                                                const TileWork& w, uint8_t* stage, int lane, const OutRow& out_row) {
-  const float wt_lo = __shfl_sync(0xffffffffu, out_row.wt, lane / 4);
-  const float wt_hi = __shfl_sync(0xffffffffu, out_row.wt, lane / 4 + 8);
-  if (lane < 16) sm90::bulk_wait_read<0>();
-  __syncwarp();
-  uint8_t* const lo = stage + (lane / 4) * kBulkRowBytes<kBlockN> + 4 * (lane & 3);
-  uint8_t* const hi = lo + 8 * kBulkRowBytes<kBlockN>;
-#pragma unroll
-  for (int j = 0; j < kBlockN / 8; ++j) {
-    *reinterpret_cast<uint32_t*>(lo + 16 * j) = pack2<__nv_bfloat16>(acc[j * 4] * wt_lo, acc[j * 4 + 1] * wt_lo);
-    *reinterpret_cast<uint32_t*>(hi + 16 * j) = pack2<__nv_bfloat16>(acc[j * 4 + 2] * wt_hi, acc[j * 4 + 3] * wt_hi);
-  }
-  sm90::fence_proxy_async_smem();  // this lane's writes, ordered before the async proxy's reads
-  __syncwarp();
-  if (lane < 16) {  // lanes i and i + 16 hold row i's slot
-    const int32_t col0 = w.n_tile * kBlockN;
-    if (out_row.flat >= 0)
-      sm90::bulk_store(static_cast<__nv_bfloat16*>(args.out) + int64_t(out_row.flat) * args.n_out + col0,
-                       stage + lane * kBulkRowBytes<kBlockN>, uint32_t(min(kBlockN, args.n_out - col0)) * 2);
-    sm90::bulk_commit();
-  }
-}
-
-template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct,
-          bool kBulkStore>
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct>
 __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* smem, const float* scales,
-                                            uint64_t* full, uint64_t* empty, const TileWork* tiles,
-                                            __nv_bfloat16* bias_slices, uint8_t* out_stage, int32_t total) {
-  using Smem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp, kBulkStore>;
+                                            uint64_t* full, uint64_t* empty, __nv_bfloat16* bias_slices,
+                                            uint8_t* out_stage, int32_t total, int32_t num_slots) {
+  using Smem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp>;
   using Bias = TileBias<__nv_bfloat16, kBlockN>;
   constexpr int kHalves = kBlockN / 128;
   static_assert(!kGateUp || kHalves == 2, "GEMM1 tiles hold 128 gate and 128 up rows: one output scale group");
@@ -280,16 +228,15 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
   const int r_lo = warpgroup * 64 + warp * 16 + lane / 4;  // this thread's rows: r_lo and r_lo + 8
   __nv_bfloat16* const bias_slice = bias_slices + (tid / 32) * kBlockN;
   const int32_t k_iters = args.k / kFp8BlockK;
+  int32_t chunk_hint = 0;
   uint32_t g = 0;  // k-steps consumed so far, in step with the producer
   for (int32_t v = blockIdx.x / kCluster; v < total; v += gridDim.x / kCluster) {
-    const TileWork w = receive_tile<kStages>(tiles, full, g);
+    const TileWork w = decode_tile<kBlockM, kCluster>(args, v, num_slots, chunk_hint);
     if (kCluster > 1 && w.m0 >= w.rows) {  // nothing to compute: pass the stages through for the peer's sake
       g = pass_stages_through<kStages, kCluster>(full, empty, k_iters, g, lane);
       continue;
     }
     stage_tile_bias<kBlockN, kGateUp>(args, w, bias_slice, lane);
-    OutRow out_row;  // GEMM2: lanes i and i + 16 of a warp load its row i's slot now, its weight at the last K step
-    if constexpr (!kGateUp) out_row.flat = out_slot(args, w, warpgroup * 64 + warp * 16 + (lane & 15));
     float acc[kHalves * 64];
 #pragma unroll
     for (int i = 0; i < kHalves * 64; ++i) acc[i] = 0.f;
@@ -314,7 +261,6 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
         for (int kk = 0; kk < kFp8BlockK / 32; ++kk)  // 32 bytes of K per instruction: descriptor + 2
           sm90::wgmma_m64n128k32_e4m3(part, da + 2 * kk, db + h * (128 * 128 >> 4) + 2 * kk, kk > 0);
         sm90::wgmma_commit();
-        if (!kGateUp && h == 0 && kt == k_iters - 1) out_row.wt = routing_weight(args, out_row.flat);
         sm90::wgmma_wait<0>();
         sm90::fence_accumulators(part);
         // After the last half, every read of this stage (scales included) is done.
@@ -332,44 +278,36 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
 
     // ---- epilogue: registers -> global, while the producer already loads the next tile ----------------------
     if (args.bias) Bias::add(acc, bias_slice, lane);  // in fp32, before the activation / routing weight
+    uint8_t* const stage = out_stage + (tid / 32) * 16 * kOutStageRowBytes;
     if constexpr (kGateUp) {
-      uint8_t* const stage = out_stage + (tid / 32) * 16 * kOutStageRowBytes;
-      store_quantised_rows_staged<kAct, kBulkStore>(acc, args, w, warpgroup * 64 + warp * 16, stage, lane);
-    } else if constexpr (kBulkStore) {
-      store_rows_bulk<kBlockN>(acc, args, w, out_stage + (tid / 32) * 16 * kBulkRowBytes<kBlockN>, lane, out_row);
+      store_quantised_rows_staged<kAct>(acc, args, w, warpgroup * 64 + warp * 16, stage, lane);
     } else {
-      uint8_t* const stage = out_stage + (tid / 32) * 16 * kOutStageRowBytes;
-      store_rows_staged<kBlockN>(acc, args, w, warpgroup * 64 + warp * 16, stage, lane, out_row);
+      store_rows_staged<kBlockN>(acc, args, w, warpgroup * 64 + warp * 16, stage, lane);
     }
-  }
-  if constexpr (kBulkStore) {
-    if (lane < 16) sm90::bulk_wait<0>();  // the staging rows stay alive and slot_out complete until the copies land
   }
 }
 
-template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU,
-          bool kBulkStore = false>
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU>
 __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
     moe_gemm_fp8_sm90_kernel(const __grid_constant__ CUtensorMap weights, const Fp8GemmArgs args) {
   static_assert(kCluster == 1 || kBlockN == 256, "each CTA of a pair multicasts one of the two 128-row boxes");
-  using Smem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp, kBulkStore>;
+  using Smem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp>;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   float* scales = reinterpret_cast<float*>(smem + kStages * Smem::kStageBytes);
   auto* full = reinterpret_cast<uint64_t*>(scales + kStages * Smem::kScaleStride);
   uint64_t* empty = full + kStages;
-  auto* tiles = reinterpret_cast<TileWork*>(empty + kStages);  // one record per stage
-  auto* bias_slices = reinterpret_cast<__nv_bfloat16*>(reinterpret_cast<uint8_t*>(tiles) + kTileSlotBytes<kStages>);
+  auto* bias_slices = reinterpret_cast<__nv_bfloat16*>(empty + kStages);  // [math warps][kBlockN]
   uint8_t* out_stage = reinterpret_cast<uint8_t*>(bias_slices) + Smem::kBiasBytes;  // [math warps][16 rows]
   const PipelineStart start = start_pipeline<kBlockM, kStages, kCluster>(weights, args, full, empty);
   if (threadIdx.x < kProducerThreads) {
     become_producer<kBlockM>();
-    produce_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp>(weights, args, smem, scales, full, empty, tiles,
-                                                              start.total, start.num_slots, start.cta_rank);
+    produce_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp>(weights, args, smem, scales, full, empty, start.total,
+                                                              start.num_slots, start.cta_rank);
   } else {
     become_consumer<kBlockM>();
-    consume_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, kBulkStore>(args, smem, scales, full, empty, tiles,
-                                                                     bias_slices, out_stage, start.total);
+    consume_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(args, smem, scales, full, empty, bias_slices,
+                                                                     out_stage, start.total, start.num_slots);
   }
   finish_pipeline<kCluster>();
 }

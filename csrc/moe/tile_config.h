@@ -41,14 +41,13 @@ template <>
 struct Tiles<true, TileKind::kDecode> {
   static constexpr int kBlockM = 64, kBlockN1 = 256, kBlockN2 = 128, kStages = 5, kCluster = 1;
 };
-// kStagesBulk2: GEMM2's stages when its epilogue stages whole rows for bulk copies (66 KB of shared memory).
 template <>
 struct Tiles<true, TileKind::kLarge> {
-  static constexpr int kBlockM = 128, kBlockN1 = 256, kBlockN2 = 256, kStages = 4, kStagesBulk2 = 3, kCluster = 1;
+  static constexpr int kBlockM = 128, kBlockN1 = 256, kBlockN2 = 256, kStages = 4, kCluster = 1;
 };
 template <>
 struct Tiles<true, TileKind::kLargeCluster> {
-  static constexpr int kBlockM = 128, kBlockN1 = 256, kBlockN2 = 256, kStages = 4, kStagesBulk2 = 3, kCluster = 2;
+  static constexpr int kBlockM = 128, kBlockN1 = 256, kBlockN2 = 256, kStages = 4, kCluster = 2;
 };
 
 // Rows per task-map tile: the plan counts tiles of this size; a cluster splits each among its CTAs.
