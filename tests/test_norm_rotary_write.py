@@ -84,7 +84,7 @@ def test_attention_takes_it_only_where_it_computes_what_the_modules_do(switch):
 @pytest.mark.parametrize("norm,hq,hkv", [(1, 32, 4), (2, 16, 16), (0, 64, 8)])  # Qwen3, OLMoE, gpt-oss
 def test_compiles_for_sm90_without_spills(norm, hq, hkv):
     d = 64 if norm == 0 else 128
-    _, usage = compile_for_sm90(
+    ptx, usage = compile_for_sm90(
         triton_norm_rotary_write._norm_rotary_write,
         ["qkv_ptr", "row_stride", "q_w_ptr", "k_w_ptr", "cos_ptr", "sin_ptr", "cs_stride", "q_out_ptr",
          "k_cache_ptr", "v_cache_ptr", "rows_ptr", "slots_ptr", "eps"],
@@ -92,5 +92,8 @@ def test_compiles_for_sm90_without_spills(norm, hq, hkv):
          "fp32"],
         dict(HQ=hq, HKV=hkv, D=d, R=d, NORM=norm, BLOCK_D=d, BLOCK_ROW=hq * d if norm == 2 else 1,
              SOFT_ROUND=False),
-        ["qkv_ptr", "q_out_ptr", "k_cache_ptr", "v_cache_ptr", "row_stride"], num_warps=4)
+        ["qkv_ptr", "q_out_ptr", "k_cache_ptr", "v_cache_ptr", "row_stride"], num_warps=4, enable_fp_fusion=False)
     assert "LOCAL:0" in usage and "STACK:0" in usage, usage
+    # no contraction of a rounded product into an add: each op rounds where eager torch rounds (the H100 failed
+    # the GPU test with `fma.rn.bf16` in the rotation)
+    assert "fma." not in ptx, [line for line in ptx.splitlines() if "fma." in line][:4]

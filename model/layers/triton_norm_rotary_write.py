@@ -14,7 +14,10 @@ K and its V at cache slot write_slots[n]. The arithmetic is the unfused modules'
     y = w · rnd(x · rsqrt(mean(x²) + eps))    (RMSNorm: statistics in float32, the scale in the model dtype)
     out[d] = rnd(rnd(y[d] · cos[d]) + rnd(±y[d ± R/2] · sin[d]))  for d < R ("rotate half"), y[d] beyond R
 with rnd() the model dtype's rounding, so only the float32 statistics' summation order (and sqrt's rounding) differ
-from eager torch. Opt-in (`STATICMOE_NORM_ROTARY_WRITE=1`) until a GPU run has timed it.
+from eager torch. Compiled without FP fusion: with it, LLVM contracted rnd(y·cos) + c into one `fma.rn.bf16`,
+skipping the product's rounding, and the H100 test found 10-15% of the outputs several ulps from eager (session 21).
+Opt-in (`STATICMOE_NORM_ROTARY_WRITE=1`) until a GPU run has checked it: the H100 timed Qwen3-30B-A3B's batch-1 step
+1.89× its floor with it against 2.02× without (benchmarks/NOTES.md "Session 21"), before this fix.
 """
 
 import functools
@@ -142,5 +145,5 @@ def norm_rotary_write(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head
         HQ=num_heads, HKV=num_kv_heads, D=head_dim, R=R, NORM=NORMS[norm],
         BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_ROW=triton.next_power_of_2(num_heads * head_dim) if norm == "full" else 1,
-        SOFT_ROUND=triton_interpreted(), num_warps=4, **pdl.launch(qkv.is_cuda))
+        SOFT_ROUND=triton_interpreted(), num_warps=4, enable_fp_fusion=False, **pdl.launch(qkv.is_cuda))
     return q
