@@ -5,8 +5,8 @@ experts' weights (and FP8 scales) the step touches at the copy bandwidth measure
 
     python benchmarks/bench_decode_moe.py [--tokens 1,4,8] [--shapes qwen3-30b-a3b,...] [--sweep]
 
-Without the CUDA extension built the CUDA column is left empty (the Triton path needs only Triton). The one-launch
-kernel (`STATICMOE_DECODE_MOE_ONE_LAUNCH`) is timed too (in 16 bits at the default and the half loop step), and in
+Without the CUDA extension built the CUDA column is left empty (the Triton path needs only Triton). In 16 bits the
+one-launch kernel (`STATICMOE_DECODE_MOE_ONE_LAUNCH`) is timed too, at the default and the half loop step, and in
 both precisions the two launches as programmatic dependent launches (`STATICMOE_PDL`, the same kernels' bits).
 `--sweep` times the two-launch path at every (BLOCK_I, BLOCK_H, warps) of SWEEP_* beside the default launch
 shapes and prints the fastest: the data the defaults were chosen from (benchmarks/NOTES.md "Session 20").
@@ -97,9 +97,9 @@ def main(argv=None):
                 wts, ids = make_routing("balanced", T, E, k, gen)
                 x = torch.randn(T, H, device=device, dtype=torch.bfloat16, generator=gen)
                 if fp8:
-                    def triton_fn(blocks=None, warps=8, tiles=None, one_launch=False):
+                    def triton_fn(blocks=None, warps=8, tiles=None):
                         return decode_moe_fp8(x, a, sa, b, sb, wts, ids, None, Activation.SILU, blocks=blocks,
-                                              num_warps=warps, one_launch=one_launch)
+                                              num_warps=warps)
                     cuda_fn = lambda: extension.fused_moe_fp8_cuda(x, a, sa, b, sb, wts, ids, None)  # noqa: E731
                 else:
                     def triton_fn(blocks=None, warps=8, tiles=None, one_launch=False):
@@ -116,10 +116,9 @@ def main(argv=None):
                     pdl_us = 1e3 * graph_ms(triton_fn)
                     same = torch.equal(triton_fn(), want)
                 line += f" | PDL {pdl_us:7.1f} us ({pdl_us / floor_us:.2f}x){'' if same else ' DIFFERENT RESULT'}"
-                # the one-launch kernel (STATICMOE_DECODE_MOE_ONE_LAUNCH), 16-bit at both loop steps
-                one_us = [1e3 * graph_ms(lambda: triton_fn(tiles=tiles, one_launch=True))
-                          for tiles in ((None,) if fp8 else SWEEP_TILES)]
-                line += " | one launch " + " / ".join(f"{us:7.1f} us ({us / floor_us:.2f}x)" for us in one_us)
+                if not fp8:  # the one-launch kernel (STATICMOE_DECODE_MOE_ONE_LAUNCH), at both loop steps
+                    one_us = [1e3 * graph_ms(lambda: triton_fn(tiles=tiles, one_launch=True)) for tiles in SWEEP_TILES]
+                    line += " | one launch " + " / ".join(f"{us:7.1f} us ({us / floor_us:.2f}x)" for us in one_us)
                 if cuda_ok:
                     cuda_us = 1e3 * graph_ms(cuda_fn)
                     diff = (triton_fn().float() - cuda_fn().float()).abs().max().item()

@@ -26,7 +26,7 @@ weight twice, the second time mostly from L2), so the plan goes, and the combine
   (the same bits on every call, as the CUDA combine), one cast to x's dtype. The (token, column-block 0) program
   adds each valid slot to expert_load (an int64 atomic add: the counts are exact).
 
-**One launch** (opt-in, `STATICMOE_DECODE_MOE_ONE_LAUNCH=1`, 16-bit and FP8; H100 session 20, 16-bit, before `blocks_16bit`: 34.6
+**One launch** (opt-in, `STATICMOE_DECODE_MOE_ONE_LAUNCH=1`, 16-bit; H100 session 20, before `blocks_16bit`: 34.6
 vs 38.0 µs at Qwen3 T = 1 in isolation, engine steps 4.16 vs 4.22 ms for Qwen3 and 1.53 vs 1.53 for OLMoE):
 `_one_launch` runs both as one grid, the `_up` programs first. A `_down` program loads its first weight step, then waits for its token's `_up` programs (a
 per-token counter each of them increments with release semantics after a CTA barrier, read with acquire), then reads
@@ -105,14 +105,13 @@ def decode_moe_forced() -> bool | None:
 
 @functools.cache
 def one_launch_enabled() -> bool:
-    """`STATICMOE_DECODE_MOE_ONE_LAUNCH=1` (read once per process): the 16-bit and FP8 layers as one launch (module
-    docstring), opt-in until a GPU run has shown it faster in the engine."""
+    """`STATICMOE_DECODE_MOE_ONE_LAUNCH=1` (read once per process): the 16-bit layer as one launch (module
+    docstring), opt-in until a GPU run has checked and timed it."""
     return env_switch("STATICMOE_DECODE_MOE_ONE_LAUNCH")
 
 
 def one_launch_counters(device: torch.device) -> torch.Tensor:
-    """The one-launch kernels' int32 counters, two per token (model/kernels/arrival_counters.py), zero between calls;
-    the 16-bit and FP8 kernels share them (a model's layers run one after another on one stream)."""
+    """The one-launch kernel's int32 counters, two per token (model/kernels/arrival_counters.py), zero between calls."""
     return arrival_counters("one-launch decode MoE", device, 2 * DECODE_MAX_SLOTS)
 
 

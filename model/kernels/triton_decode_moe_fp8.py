@@ -17,8 +17,6 @@ slots reduced by a fixed tree in float32, one cast to x's dtype.
   GROUPS = 128 / BLOCK_I K blocks of the gate and up rows ([BLOCK_I, GROUPS, 128] e4m3 each, 32 KB for both).
 - `_down`: programs (token, BLOCK_H ∈ {8, 16} output columns), all k slots in one [k_pad, BLOCK_H, 128] tile per
   K block (16 KB at k = 8, BLOCK_H = 16). expert_load counted by the column-block-0 programs (int64 atomic adds: exact).
-- One launch (`STATICMOE_DECODE_MOE_ONE_LAUNCH=1`, opt-in as the 16-bit one): `_one_launch` runs both as one grid
-  with the 16-bit kernel's protocol (`triton_decode_moe`'s docstring, "One launch") and its counters.
 H and I are multiples of 128 (the FP8 op's contract), so a program's rows share one weight-scale block.
 
 `_down` at Qwen3's T = 1 launch (BLOCK_H 8) is 256 programs, about two per SM, each streaming six dependent 8 KB
@@ -33,7 +31,7 @@ from model.kernels import pdl
 from model.kernels.activation import SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT, Activation
 from model.kernels.arrival_counters import triton_interpreted
 from model.kernels.fp8 import FP8_BLOCK
-from model.kernels.triton_decode_moe import MAX_SPINS, launch_blocks, one_launch_counters, one_launch_enabled
+from model.kernels.triton_decode_moe import launch_blocks
 from model.kernels.triton_fp8_gemv import num_sms
 
 try:
@@ -54,13 +52,13 @@ FP8_BLOCK_I = 32
 
 
 if tl is not None:
-    _MAX_SPINS = tl.constexpr(MAX_SPINS)
-
     @triton.jit
-    def _up_tile(slot, i0, x_ptr, w13_ptr, s13_ptr, b13_ptr, ids_ptr, h_ptr, E, H, I, K_SLOTS: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, SWIGLU_OAI: tl.constexpr, alpha: tl.constexpr, limit: tl.constexpr,
-                 SOFT_ROUND: tl.constexpr, BLOCK_I: tl.constexpr, GROUPS: tl.constexpr):
-        """h[slot, i0 : i0 + BLOCK_I] (nothing for a slot whose id is outside [0, E))."""
+    def _up(x_ptr, w13_ptr, s13_ptr, b13_ptr, ids_ptr, h_ptr, E, H, I, K_SLOTS: tl.constexpr,
+            HAS_BIAS: tl.constexpr, SWIGLU_OAI: tl.constexpr, alpha: tl.constexpr, limit: tl.constexpr,
+            SOFT_ROUND: tl.constexpr, BLOCK_I: tl.constexpr, GROUPS: tl.constexpr, PDL: tl.constexpr):
+        wait_for_predecessor(PDL)  # model/kernels/pdl.py: nothing an earlier kernel writes is read before it
+        slot = tl.program_id(0)
+        i0 = tl.program_id(1) * BLOCK_I
         e = tl.load(ids_ptr + slot).to(tl.int64)
         if (e >= 0) & (e < E):
             t = slot // K_SLOTS
@@ -93,22 +91,12 @@ if tl is not None:
             tl.store(h_ptr + slot * I + cols, _activate(acc_g, acc_u, SWIGLU_OAI, alpha, limit))
 
     @triton.jit
-    def _down_block(w, h_rows, scales, valid, kb, SOFT_ROUND: tl.constexpr):
-        """K block kb of every slot: h's 128 values quantised by `_quantize_groups`' rule, times the block's e4m3
-        weights w [K_PAD, BLOCK_H, 128], scaled: [K_PAD, BLOCK_H] float32."""
-        hv = tl.load(h_rows + kb * 128 + tl.arange(0, 128)[None, :], mask=valid[:, None], other=0.0,
-                     cache_modifier=".cg")  # [K_PAD, 128] float32, written by other SMs' programs
-        hq, hs = _quantize_groups(hv, SOFT_ROUND)
-        part = tl.sum(w.to(tl.float32) * hq.to(tl.float32)[:, None, :], axis=2)
-        return part * (hs * tl.load(scales + kb, mask=valid, other=0.0))[:, None]
-
-    @triton.jit
-    def _down_tile(t, c0, h_ptr, w2_ptr, s2_ptr, b2_ptr, ids_ptr, wts_ptr, out_ptr, load_ptr, ready_ptr, ready_target,
-                   E, H, I, K_SLOTS: tl.constexpr, K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, COUNT: tl.constexpr,
-                   WAIT: tl.constexpr, SOFT_ROUND: tl.constexpr, BLOCK_H: tl.constexpr):
-        """out[t, c0 : c0 + BLOCK_H]. The first K block's weights are loaded before h is read: under WAIT (one
-        launch) that load is in flight while the program waits for token t's `_up_tile`s (ready_ptr[t] =
-        ready_target)."""
+    def _down(h_ptr, w2_ptr, s2_ptr, b2_ptr, ids_ptr, wts_ptr, out_ptr, load_ptr, E, H, I, K_SLOTS: tl.constexpr,
+              K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, COUNT: tl.constexpr, SOFT_ROUND: tl.constexpr,
+              BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+        wait_for_predecessor(PDL)  # model/kernels/pdl.py: nothing an earlier kernel writes is read before it
+        t = tl.program_id(0)
+        c0 = tl.program_id(1) * BLOCK_H
         num_kb = I // 128
         slots = tl.arange(0, K_PAD)
         e = tl.load(ids_ptr + t * K_SLOTS + slots, mask=slots < K_SLOTS, other=-1).to(tl.int64)  # [K_PAD]
@@ -119,17 +107,13 @@ if tl is not None:
         rows = w2_ptr + e[:, None, None] * H * I + cols[None, :, None].to(tl.int64) * I  # [K_PAD, BLOCK_H, 1]
         h_rows = h_ptr + (t * K_SLOTS + slots[:, None]).to(tl.int64) * I  # [K_PAD, 1]
         scales = s2_ptr + (e * (H // 128) + c0 // 128) * num_kb  # [K_PAD]: this row block's K-block scales
-        w = tl.load(rows + ks[None, None, :], mask=valid[:, None, None], other=0.0)  # K block 0
-        if WAIT:  # ready_ptr[t] counts token t's finished `_up_tile`s (released by each after its h stores)
-            arrived = tl.atomic_add(ready_ptr + t, 0, sem="acquire", scope="gpu")
-            spins = 0
-            while (arrived < ready_target) & (spins < _MAX_SPINS):  # bounded: a broken invariant gives wrong
-                arrived = tl.atomic_add(ready_ptr + t, 0, sem="acquire", scope="gpu")  # numbers (which the
-                spins += 1  # tests catch), never a hung GPU
-        acc = _down_block(w, h_rows, scales, valid, 0, SOFT_ROUND)  # [K_PAD, BLOCK_H]
-        for kb in range(1, num_kb):
+        acc = tl.zeros([K_PAD, BLOCK_H], dtype=tl.float32)
+        for kb in range(0, num_kb):
             w = tl.load(rows + kb * 128 + ks[None, None, :], mask=valid[:, None, None], other=0.0)
-            acc += _down_block(w, h_rows, scales, valid, kb, SOFT_ROUND)
+            hv = tl.load(h_rows + kb * 128 + ks[None, :], mask=valid[:, None], other=0.0)  # [K_PAD, 128] float32
+            hq, hs = _quantize_groups(hv, SOFT_ROUND)
+            part = tl.sum(w.to(tl.float32) * hq.to(tl.float32)[:, None, :], axis=2)  # [K_PAD, BLOCK_H]
+            acc += part * (hs * tl.load(scales + kb, mask=valid, other=0.0))[:, None]
         if HAS_BIAS:
             acc += tl.load(b2_ptr + e[:, None] * H + cols[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
         wts = tl.load(wts_ptr + t * K_SLOTS + slots, mask=valid, other=0.0)
@@ -139,63 +123,15 @@ if tl is not None:
             if c0 == 0:
                 tl.atomic_add(load_ptr + e, tl.full([K_PAD], 1, tl.int64), mask=valid)
 
-    @triton.jit
-    def _up(x_ptr, w13_ptr, s13_ptr, b13_ptr, ids_ptr, h_ptr, E, H, I, K_SLOTS: tl.constexpr,
-            HAS_BIAS: tl.constexpr, SWIGLU_OAI: tl.constexpr, alpha: tl.constexpr, limit: tl.constexpr,
-            SOFT_ROUND: tl.constexpr, BLOCK_I: tl.constexpr, GROUPS: tl.constexpr, PDL: tl.constexpr):
-        wait_for_predecessor(PDL)  # model/kernels/pdl.py: nothing an earlier kernel writes is read before it
-        _up_tile(tl.program_id(0), tl.program_id(1) * BLOCK_I, x_ptr, w13_ptr, s13_ptr, b13_ptr, ids_ptr, h_ptr, E,
-                 H, I, K_SLOTS, HAS_BIAS, SWIGLU_OAI, alpha, limit, SOFT_ROUND, BLOCK_I, GROUPS)
-
-    @triton.jit
-    def _down(h_ptr, w2_ptr, s2_ptr, b2_ptr, ids_ptr, wts_ptr, out_ptr, load_ptr, E, H, I, K_SLOTS: tl.constexpr,
-              K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, COUNT: tl.constexpr, SOFT_ROUND: tl.constexpr,
-              BLOCK_H: tl.constexpr, PDL: tl.constexpr):
-        wait_for_predecessor(PDL)  # model/kernels/pdl.py: nothing an earlier kernel writes is read before it
-        _down_tile(tl.program_id(0), tl.program_id(1) * BLOCK_H, h_ptr, w2_ptr, s2_ptr, b2_ptr, ids_ptr, wts_ptr,
-                   out_ptr, load_ptr, load_ptr, 0, E, H, I, K_SLOTS, K_PAD, HAS_BIAS, COUNT, False, SOFT_ROUND,
-                   BLOCK_H)
-
-    @triton.jit
-    def _one_launch(x_ptr, w13_ptr, s13_ptr, b13_ptr, h_ptr, w2_ptr, s2_ptr, b2_ptr, ids_ptr, wts_ptr, out_ptr,
-                    load_ptr, count_ptr, T, E, H, I, K_SLOTS: tl.constexpr, K_PAD: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, COUNT: tl.constexpr, SWIGLU_OAI: tl.constexpr, alpha: tl.constexpr,
-                    limit: tl.constexpr, SOFT_ROUND: tl.constexpr, BLOCK_I: tl.constexpr, GROUPS: tl.constexpr,
-                    BLOCK_H: tl.constexpr, PDL: tl.constexpr):
-        """Programs [0, T·k·I/BLOCK_I) are `_up`'s, the rest `_down`'s, as the 16-bit `_one_launch` (its module's
-        docstring, "One launch"). count_ptr: [2T] int32, zero between calls: token t's finished up tiles, then its
-        finished down tiles."""
-        wait_for_predecessor(PDL)  # model/kernels/pdl.py: nothing an earlier kernel writes is read before it
-        pid = tl.program_id(0)
-        i_blocks = I // BLOCK_I
-        num_up = T * K_SLOTS * i_blocks
-        if pid < num_up:
-            slot = pid // i_blocks
-            _up_tile(slot, (pid % i_blocks) * BLOCK_I, x_ptr, w13_ptr, s13_ptr, b13_ptr, ids_ptr, h_ptr, E, H, I,
-                     K_SLOTS, HAS_BIAS, SWIGLU_OAI, alpha, limit, SOFT_ROUND, BLOCK_I, GROUPS)
-            tl.debug_barrier()  # every thread's h stores precede the release below
-            tl.atomic_add(count_ptr + slot // K_SLOTS, 1, sem="release", scope="gpu")
-        else:
-            h_blocks = H // BLOCK_H
-            t = (pid - num_up) // h_blocks
-            _down_tile(t, ((pid - num_up) % h_blocks) * BLOCK_H, h_ptr, w2_ptr, s2_ptr, b2_ptr, ids_ptr, wts_ptr,
-                       out_ptr, load_ptr, count_ptr, K_SLOTS * i_blocks, E, H, I, K_SLOTS, K_PAD, HAS_BIAS, COUNT,
-                       True, SOFT_ROUND, BLOCK_H)
-            tl.debug_barrier()  # every thread's reads of h precede the reset below
-            done = tl.atomic_add(count_ptr + T + t, 1, sem="acq_rel", scope="gpu")
-            if done == h_blocks - 1:  # token t's last down tile: its counters back to zero for the next call
-                tl.atomic_xchg(count_ptr + t, 0, sem="relaxed", scope="gpu")
-                tl.atomic_xchg(count_ptr + T + t, 0, sem="relaxed", scope="gpu")
-
 
 def decode_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
                    w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                    expert_load: torch.Tensor | None, activation: Activation, w13_bias: torch.Tensor | None = None,
                    w2_bias: torch.Tensor | None = None, blocks: tuple[int, int] | None = None,
-                   num_warps: int = 8, one_launch: bool | None = None) -> torch.Tensor:
+                   num_warps: int = 8) -> torch.Tensor:
     """`fused_moe_fp8` for x [T, H] with T·k <= DECODE_MAX_SLOTS (inputs already checked: H, I multiples of 128).
-    `blocks` (BLOCK_I, BLOCK_H) overrides `launch_blocks`, `num_warps` the launches' warps and `one_launch` the
-    `STATICMOE_DECODE_MOE_ONE_LAUNCH` switch (tests, the benchmarks)."""
+    `blocks` (BLOCK_I, BLOCK_H) overrides `launch_blocks` and `num_warps` the launches' warps (tests, the
+    benchmarks)."""
     T, H = x.shape
     E, two_i, _ = w13.shape
     inter, k = two_i // 2, topk_ids.shape[1]
@@ -210,21 +146,13 @@ def decode_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, 
     soft = triton_interpreted()
     block_i, block_h = blocks or launch_blocks(T, k, H, inter, num_sms(x.device), MIN_BLOCK_H,
                                                 min_block_i=FP8_BLOCK_I)
-    load = expert_load if expert_load is not None else ids  # a placeholder pointer when nothing is counted
-    k_pad, swiglu_oai = triton.next_power_of_2(k), activation == Activation.SWIGLU_OAI
-    if one_launch if one_launch is not None else one_launch_enabled():
-        _one_launch[(T * k * (inter // block_i) + T * (H // block_h),)](
-            x, w13, s13, b13, h, w2, s2, b2, ids, wts, out, load, one_launch_counters(x.device), T, E, H, inter,
-            K_SLOTS=k, K_PAD=k_pad, HAS_BIAS=w13_bias is not None, COUNT=expert_load is not None,
-            SWIGLU_OAI=swiglu_oai, alpha=SWIGLU_OAI_ALPHA, limit=SWIGLU_OAI_LIMIT, SOFT_ROUND=soft, BLOCK_I=block_i,
-            GROUPS=UP_STEP_ROWS // block_i, BLOCK_H=block_h, num_warps=num_warps, **pdl.launch(x.is_cuda))
-        return out
     _up[(T * k, inter // block_i)](
-        x, w13, s13, b13, ids, h, E, H, inter, K_SLOTS=k, HAS_BIAS=w13_bias is not None, SWIGLU_OAI=swiglu_oai,
-        alpha=SWIGLU_OAI_ALPHA, limit=SWIGLU_OAI_LIMIT, SOFT_ROUND=soft, BLOCK_I=block_i,
-        GROUPS=UP_STEP_ROWS // block_i, num_warps=num_warps, **pdl.launch(x.is_cuda))
-    _down[(T, H // block_h)](
-        h, w2, s2, b2, ids, wts, out, load, E, H, inter, K_SLOTS=k, K_PAD=k_pad, HAS_BIAS=w2_bias is not None,
-        COUNT=expert_load is not None, SOFT_ROUND=soft, BLOCK_H=block_h, num_warps=num_warps,
+        x, w13, s13, b13, ids, h, E, H, inter, K_SLOTS=k, HAS_BIAS=w13_bias is not None,
+        SWIGLU_OAI=activation == Activation.SWIGLU_OAI, alpha=SWIGLU_OAI_ALPHA, limit=SWIGLU_OAI_LIMIT,
+        SOFT_ROUND=soft, BLOCK_I=block_i, GROUPS=UP_STEP_ROWS // block_i, num_warps=num_warps,
         **pdl.launch(x.is_cuda))
+    _down[(T, H // block_h)](
+        h, w2, s2, b2, ids, wts, out, expert_load if expert_load is not None else ids, E, H, inter, K_SLOTS=k,
+        K_PAD=triton.next_power_of_2(k), HAS_BIAS=w2_bias is not None, COUNT=expert_load is not None,
+        SOFT_ROUND=soft, BLOCK_H=block_h, num_warps=num_warps, **pdl.launch(x.is_cuda))
     return out
