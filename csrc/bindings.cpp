@@ -5,12 +5,14 @@
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "moe/combine.h"
 #include "moe/dense_fp8.h"
 #include "moe/moe.h"
 #include "moe/plan_host.h"
 #include "moe/quantize.h"
+#include "moe/sm90_gemm.h"
 #include "static_batch/static_batch.h"
 #include "static_batch/task_map.h"
 
@@ -190,5 +192,15 @@ PYBIND11_MODULE(_C, m) {
           check(moe::quantize_rows_fp8(ptr<const __nv_bfloat16>(x), rows, cols, ptr<uint8_t>(q), ptr<float>(scale),
                                        stream_of(s)),
                 "quantize_rows_fp8");
+        });
+  m.def("tile_clocks",  // a probe build's per-tile clock64 stamps (common/tile_clocks.cuh): ([gemm][tile][event], taken)
+        [] {
+          std::vector<unsigned long long> clocks(2 * size_t(moe::tile_clock_slots()));
+          std::vector<int> taken(2);
+          const cudaError_t err = moe::read_tile_clocks(clocks.data(), taken.data());
+          if (err == cudaErrorNotSupported)
+            throw std::runtime_error("tile_clocks: not a probe build (build with -DSTATICMOE_TILE_CLOCKS)");
+          check(err, "tile_clocks");
+          return py::make_tuple(clocks, taken);
         });
 }

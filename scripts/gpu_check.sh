@@ -28,6 +28,7 @@
 #   shared-fusion-ab: shared experts inside fused_moe: GPU tests, then deepseek-v2-lite's engine without and with.
 #   gemm-ab: the grouped GEMMs of this tree against AB_BASE's csrc/ (per-kernel times at AB_POINTS, ABAB).
 #   layer-knob-ab: a switch of the extension (AB_KNOB): AB_TESTS with it on, then AB_POINTS' kernel times on/off twice.
+#   tile-clocks: a probe build's per-tile clock64 stamps of the grouped GEMMs (benchmarks/profile_tile_clocks.py).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-logs}
 mkdir -p "$OUT"
@@ -262,6 +263,19 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
         echo "gemm-ab $pass:"; grep -E "ms .* TFLOPS" "$OUT/gemm_ab_$pass.log" | sed 's/^\[[^]]*\] //' | cut -c1-150
       done
       cp /tmp/_C_new.so "$so" ;;
+    tile-clocks)  # issue 16: where a GEMM tile's cycles go (csrc/common/tile_clocks.cuh): a probe build beside the
+      # normal one, benchmarks/profile_tile_clocks.py at CLOCK_POINTS (FP8 points prefixed `fp8:`), the normal .so back
+      so=$(python3 -c 'from model.kernels import _C; print(_C.__file__)'); cp "$so" /tmp/_C_normal.so
+      python3 -m pip install --no-build-isolation --no-deps -e . -C build-dir=build/probe \
+        -C cmake.define.STATICMOE_EXTRA_NVCC_FLAGS=-DSTATICMOE_TILE_CLOCKS > "$OUT/build_probe.log" 2>&1 \
+        || { tail -20 "$OUT/build_probe.log"; status=1; continue; }
+      probe_so=$(python3 -c 'from model.kernels import _C; print(_C.__file__)')
+      read -ra pts <<< "${CLOCK_POINTS:-fp8:qwen3:8192:balanced fp8:mixtral:8192:balanced qwen3:8192:balanced}"
+      fp8=(); b16=(); for p in "${pts[@]}"; do [[ $p == fp8:* ]] && fp8+=("${p#fp8:}") || b16+=("$p"); done
+      { [ ${#fp8[@]} -gt 0 ] && python3 benchmarks/profile_tile_clocks.py --fp8 "${fp8[@]}"
+        [ ${#b16[@]} -gt 0 ] && python3 benchmarks/profile_tile_clocks.py "${b16[@]}"; } 2>&1 \
+        | grep -v "Warn\|_warn_once" | tee "$OUT/tile_clocks.log"
+      cp /tmp/_C_normal.so "$probe_so" ;;
     layer-knob-ab)  # a kernel switch AB_KNOB read by the extension (e.g. STATICMOE_FP8_BULK_STORE): the GPU test files
       # AB_TESTS with it on, then the layer's per-kernel times at AB_POINTS (as gemm-ab) with it on, off, on, off
       [ -n "${AB_KNOB:-}" ] || { echo "layer-knob-ab needs AB_KNOB"; exit 2; }

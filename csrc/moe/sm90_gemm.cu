@@ -233,6 +233,18 @@ cudaError_t grouped_gemms_fp8_sm90(const Problem& p, const LaunchConfig& cfg, co
   return cudaErrorInvalidValue;
 }
 
+int tile_clock_slots() { return probe::kProbedTiles * probe::kTileEvents; }
+
+cudaError_t read_tile_clocks(unsigned long long* clocks, int* taken) {
+#ifdef STATICMOE_TILE_CLOCKS
+  cudaError_t err = cudaMemcpyFromSymbol(clocks, probe::g_tile_clocks, sizeof(probe::g_tile_clocks));
+  return err != cudaSuccess ? err : cudaMemcpyFromSymbol(taken, probe::g_tiles_taken, sizeof(probe::g_tiles_taken));
+#else
+  (void)clocks, (void)taken;
+  return cudaErrorNotSupported;
+#endif
+}
+
 cudaError_t dense_gemm_fp8_sm90(const DenseFp8Gemm& g, TileKind tiles, int device, cudaStream_t stream) {
   switch (tiles) {
     case TileKind::kDecode: return run_dense_gemm_fp8<TileKind::kDecode>(g, device, stream);

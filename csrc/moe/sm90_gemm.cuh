@@ -28,6 +28,7 @@
 
 #include "common/pdl_launch.cuh"
 #include "common/sm90_ptx.cuh"
+#include "common/tile_clocks.cuh"
 #include "common/wgmma_ops.cuh"
 #include "moe/gemm_pipeline.cuh"
 #include "moe/moe.h"
@@ -158,10 +159,14 @@ __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, 
   const int tid = threadIdx.x - kProducerThreads, warpgroup = tid / 128, lane = tid & 31, warp = (tid / 32) & 3;
   T* const bias_slice = bias_slices + (tid / 32) * kBlockN;
   const int32_t k_iters = (args.k + kBlockK - 1) / kBlockK;
+  const bool recorder = blockIdx.x == 0 && tid == 0;  // probe builds only (common/tile_clocks.cuh)
+  int taken = 0;
   int32_t chunk_hint = 0;
   uint32_t g = 0;  // k-steps consumed so far, in step with the producer
-  for (int32_t v = blockIdx.x / kCluster; v < total; v += gridDim.x / kCluster) {
+  for (int32_t v = blockIdx.x / kCluster; v < total; v += gridDim.x / kCluster, ++taken) {
+    probe::tile_clock<kGateUp>(recorder, taken, probe::kTileStart);
     const TileWork w = decode_tile<kBlockM, kCluster>(args, v, num_slots, chunk_hint);
+    probe::tile_clock<kGateUp>(recorder, taken, probe::kTileDecoded);
     if (kCluster > 1 && w.m0 >= w.rows) {  // nothing to compute: pass the stages through for the peer's sake
       g = pass_stages_through<kStages, kCluster>(full, empty, k_iters, g, lane);
       continue;
@@ -171,6 +176,7 @@ __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, 
     for (int32_t kt = 0; kt < k_iters; ++kt, ++g) {
       const int s = g % kStages;
       sm90::mbarrier_wait(&full[s], (g / kStages) & 1);
+      if (kt == 0) probe::tile_clock<kGateUp>(recorder, taken, probe::kDataReady);
       sm90::fence_proxy_async_smem();  // the gathered A rows were written by cp.async (generic proxy)
       uint8_t* a_tile = smem + s * Smem::kStageBytes;
       const uint64_t da = sm90::smem_desc_k128_swizzle(a_tile + warpgroup * 64 * 128);
@@ -185,6 +191,7 @@ __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, 
     sm90::wgmma_wait<0>();
     sm90::fence_accumulators(acc);
     release_stage<kStages, kCluster>(empty, g - 1, lane);
+    probe::tile_clock<kGateUp>(recorder, taken, probe::kMainloopDone);
 
     // ---- epilogue: registers -> global, while the producer already loads the next tile ----------------------
     if (args.bias) Bias::add(acc, bias_slice, lane);  // in fp32, before the activation / routing weight
@@ -218,7 +225,9 @@ __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, 
         }
       }
     }
+    probe::tile_clock<kGateUp>(recorder, taken, probe::kEpilogueDone);
   }
+  probe::tiles_taken<kGateUp>(recorder, taken);
 }
 
 template <typename T, int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp,

@@ -31,4 +31,10 @@ struct DenseFp8Gemm {
 };
 cudaError_t dense_gemm_fp8_sm90(const DenseFp8Gemm& g, TileKind tiles, int device, cudaStream_t stream);
 
+// A probe build's per-tile clocks (common/tile_clocks.cuh) of the last GEMM1 and GEMM2 launches: `clocks` gets
+// 2 x tile_clock_slots() values ([gemm][tile][event]), `taken` the tiles each recorder took. Returns
+// cudaErrorNotSupported in a normal build.
+int tile_clock_slots();
+cudaError_t read_tile_clocks(unsigned long long* clocks, int* taken);
+
 }  // namespace staticmoe::moe

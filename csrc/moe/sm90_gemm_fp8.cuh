@@ -19,6 +19,7 @@
 //     as the 16-bit GEMM.
 #pragma once
 #include "common/fp8_convert.cuh"
+#include "common/tile_clocks.cuh"
 #include "moe/sm90_gemm.cuh"
 
 namespace staticmoe::moe {
@@ -228,10 +229,14 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
   const int r_lo = warpgroup * 64 + warp * 16 + lane / 4;  // this thread's rows: r_lo and r_lo + 8
   __nv_bfloat16* const bias_slice = bias_slices + (tid / 32) * kBlockN;
   const int32_t k_iters = args.k / kFp8BlockK;
+  const bool recorder = blockIdx.x == 0 && tid == 0;  // probe builds only (common/tile_clocks.cuh)
+  int taken = 0;
   int32_t chunk_hint = 0;
   uint32_t g = 0;  // k-steps consumed so far, in step with the producer
-  for (int32_t v = blockIdx.x / kCluster; v < total; v += gridDim.x / kCluster) {
+  for (int32_t v = blockIdx.x / kCluster; v < total; v += gridDim.x / kCluster, ++taken) {
+    probe::tile_clock<kGateUp>(recorder, taken, probe::kTileStart);
     const TileWork w = decode_tile<kBlockM, kCluster>(args, v, num_slots, chunk_hint);
+    probe::tile_clock<kGateUp>(recorder, taken, probe::kTileDecoded);
     if (kCluster > 1 && w.m0 >= w.rows) {  // nothing to compute: pass the stages through for the peer's sake
       g = pass_stages_through<kStages, kCluster>(full, empty, k_iters, g, lane);
       continue;
@@ -244,6 +249,7 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
     for (int32_t kt = 0; kt < k_iters; ++kt, ++g) {
       const int s = g % kStages;
       sm90::mbarrier_wait(&full[s], (g / kStages) & 1);
+      if (kt == 0) probe::tile_clock<kGateUp>(recorder, taken, probe::kDataReady);
       sm90::fence_proxy_async_smem();  // the gathered A rows were written by cp.async (generic proxy)
       const float* stage_scales = scales + s * Smem::kScaleStride;
       const float a_lo = stage_scales[r_lo], a_hi = stage_scales[r_lo + 8];
@@ -276,6 +282,8 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
       }
     }
 
+    probe::tile_clock<kGateUp>(recorder, taken, probe::kMainloopDone);
+
     // ---- epilogue: registers -> global, while the producer already loads the next tile ----------------------
     if (args.bias) Bias::add(acc, bias_slice, lane);  // in fp32, before the activation / routing weight
     uint8_t* const stage = out_stage + (tid / 32) * 16 * kOutStageRowBytes;
@@ -284,7 +292,9 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
     } else {
       store_rows_staged<kBlockN>(acc, args, w, warpgroup * 64 + warp * 16, stage, lane);
     }
+    probe::tile_clock<kGateUp>(recorder, taken, probe::kEpilogueDone);
   }
+  probe::tiles_taken<kGateUp>(recorder, taken);
 }
 
 template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU>
