@@ -193,7 +193,7 @@ PYBIND11_MODULE(_C, m) {
                                        stream_of(s)),
                 "quantize_rows_fp8");
         });
-  m.def("tile_clocks",  // a probe build's per-tile clock64 stamps (common/tile_clocks.cuh): ([gemm][tile][event], taken)
+  m.def("tile_clocks",  // a probe build's per-tile clock64 stamps (common/tile_clocks.cuh): (clocks, taken)
         [] {
           std::vector<unsigned long long> clocks(2 * size_t(moe::tile_clock_slots()));
           std::vector<int> taken(2);

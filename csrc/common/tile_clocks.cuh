@@ -32,13 +32,11 @@ template <bool kGateUp>
 __device__ __forceinline__ void tiles_taken(bool recorder, int tiles) {
   if (recorder) g_tiles_taken[kGateUp ? 0 : 1] = tiles;
 }
-constexpr bool kTileClocks = true;
 #else
 template <bool kGateUp>
 __device__ __forceinline__ void tile_clock(bool, int, TileEvent) {}
 template <bool kGateUp>
 __device__ __forceinline__ void tiles_taken(bool, int) {}
-constexpr bool kTileClocks = false;
 #endif
 
 }  // namespace staticmoe::probe
