@@ -100,7 +100,8 @@ def test_sm90_build_waits_before_touching_memory(on):
         assert "griddepcontrol" not in ptx
         return
     wait = ptx.index("griddepcontrol.wait")
-    assert "griddepcontrol.launch_dependents" in ptx
+    # the successor launches as programs exit, not early (an early trigger measured slower: model/kernels/pdl.py)
+    assert "griddepcontrol.launch_dependents" not in ptx
     memory = [m.start() for m in re.finditer(r"\b(ld|st|cp\.async|atom|red)\.(global|shared\.global)", ptx)]
     assert memory and min(memory) > wait, "a global access before the wait"
 

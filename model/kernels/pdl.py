@@ -9,10 +9,15 @@ visible. The two-launch decode MoE run as one launch (the second half's start hi
 
 The rule every kernel taking `PDL` follows (`wait_for_predecessor` at its very top): no global load of anything an
 earlier kernel writes, and no store at all, before the wait — the stream's earlier kernels may still be running,
-and the caching allocator may have handed this kernel memory they still read. Programs then signal
-`gdc_launch_dependents`, so the next kernel's launch overlaps this one. A kernel launched without the PDL attribute
-(cuBLAS, Inductor's) waits for its predecessor in full as usual, and `gdc_wait` returns at once when nothing is
-pending, so mixing is safe. In a CUDA graph the launch attribute becomes a programmatic edge (CUDA >= 12.3).
+and the caching allocator may have handed this kernel memory they still read. A kernel launched without the PDL
+attribute (cuBLAS, Inductor's) waits for its predecessor in full as usual, and `gdc_wait` returns at once when
+nothing is pending, so mixing is safe. In a CUDA graph the launch attribute becomes a programmatic edge (CUDA >= 12.3).
+
+When the next kernel may launch: as each program exits (the implicit trigger), not at its start. Session 20's version
+signalled `gdc_launch_dependents` right after the wait, and on the H100 the FP8 decode MoE at Qwen3 T = 1 then took
+24.8 µs against 20.5 without PDL (benchmarks/NOTES.md "Session 21"): the successor's programs become resident and sit
+in their wait while the predecessor still has programs to run, as the CUDA GEMMs' early trigger once slowed large
+layers (NOTES v3b). The overlap left is the successor's launch and prologue under the predecessor's last programs.
 """
 
 import functools
@@ -45,7 +50,6 @@ if tl is not None:
     @triton.jit
     def wait_for_predecessor(PDL: tl.constexpr):
         """A PDL kernel's first statement: wait until the stream's previous kernel has finished and its writes are
-        visible, then let the next kernel launch."""
+        visible. The next kernel may launch once every program of this one has exited (module docstring)."""
         if PDL:
             tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
