@@ -14,18 +14,14 @@
 #   ncu-fp8: Nsight Compute on the FP8 GEMMs of one layer call (NCU_POINT, default qwen3:8192:balanced).
 #   piecewise: piecewise graphs of steps that prefill: their GPU tests, then profile_engine prefill on and off.
 #   decode-attention: the Triton decode attention's split choice at batch 1-64 against its byte floor (issue 21).
-#   decode-moe-ab: the two-launch decode MoE (model/kernels/triton_decode_moe.py), tests then the layer at T = 1-8.
 #   decode-moe-sweep: the two-launch decode MoE's launch shapes (BLOCK_I, BLOCK_H, warps) timed for OLMoE and Qwen3.
 #   decode-moe: the decode MoE layer (two launches, one launch, CUDA) timed for OLMoE and Qwen3 at T = 1, 4, 8.
 #   knob-ab: an opt-in switch (AB_KNOB) checked by AB_TESTS with it on, then OLMoE/Qwen3 engine on/off/on/off.
 #   gemv: the 16-bit decode linear (model/kernels/triton_gemv.py): GPU tests, then against cuBLAS at decode shapes.
-#   pending-serving: serving measurements first taken in session 13 (qwen3 decode profile with the Triton router,
-#   gpt-oss engine, API costs with the short-output control).
 #   fp8-tile-fit: FP8 GEMM times as K varies (per-step and per-tile cost).
 #   ncu-ledger: the FP8 GEMMs' stall samples per SASS line (NCU_POINT).
 #   prefill-costs: profile_engine prefill for deepseek-v2-lite and qwen3-30b-a3b (bf16 and FP8) at a budget of 8192.
 #   qk-fusion: the fused q/k norm + rotary's GPU tests and the decode kernels per step after it.
-#   shared-fusion-ab: shared experts inside fused_moe: GPU tests, then deepseek-v2-lite's engine without and with.
 #   gemm-ab: the grouped GEMMs of this tree against AB_BASE's csrc/ (per-kernel times at AB_POINTS, ABAB).
 #   layer-knob-ab: a switch of the extension (AB_KNOB): AB_TESTS with it on, then AB_POINTS' kernel times on/off twice.
 #   tile-clocks: a probe build's per-tile clock64 stamps of the grouped GEMMs (benchmarks/profile_tile_clocks.py).
@@ -178,32 +174,6 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
     decode-moe)  # issue 21: the layer at its default launch shapes against the byte floor and the CUDA path
       PYTHONPATH=. python3 benchmarks/bench_decode_moe.py --shapes qwen3-30b-a3b,olmoe-1b-7b --tokens 1,4,8 \
         2>&1 | tee "$OUT/bench_decode_moe.log" | grep -E "two-launch" ;;
-    decode-moe-ab)  # issue 21: the two-launch decode MoE (STATICMOE_DECODE_MOE) checked, then timed 1,0,1,0: the FP8
-      # grid's shapes at T = 1-8 (our FP8 and bf16 layers, graph times in the JSON) and OLMoE in bf16
-      run_tests tests/test_triton_decode_moe_gpu.py
-      for pass in 1a 0a 1b 0b; do  # each pass its own log and folder (a later pass must not overwrite an earlier)
-        knob=${pass:0:1}
-        STATICMOE_DECODE_MOE=$knob python3 benchmarks/bench_moe_fp8.py --tokens 1,4,8 --budget-ms 60 \
-          --out-dir "$OUT/decode_moe_$pass" > "$OUT/decode_moe_ab_$pass.log" 2>&1
-        STATICMOE_DECODE_MOE=$knob python3 benchmarks/bench_moe.py --shapes olmoe-1b-7b --tokens 1,4,8 \
-          --routing balanced --no-loop --budget-ms 60 --out-dir "$OUT/decode_moe_$pass" >> "$OUT/decode_moe_ab_$pass.log" 2>&1
-        echo "STATICMOE_DECODE_MOE=$knob (pass $pass)"; grep -E "balanced" "$OUT/decode_moe_ab_$pass.log" | tail -16
-      done
-      PYTHONPATH=. python3 benchmarks/bench_decode_moe.py 2>&1 | tee "$OUT/bench_decode_moe.log" | tail -30
-      STATICMOE_DECODE_MOE=1 run_tests tests/test_engine_graphs.py
-      for knob in 1 0; do  # the engine's decode step (batch 1 takes the two launches, batch 64 the CUDA layer)
-        STATICMOE_DECODE_MOE=$knob python3 benchmarks/profile_engine.py step-phases olmoe-1b-7b qwen3-30b-a3b \
-          > "$OUT/profile_decode_moe_$knob.log" 2>&1
-        echo "engine, STATICMOE_DECODE_MOE=$knob: $(grep -E '^[a-z0-9.-]+ batch' "$OUT/profile_decode_moe_$knob.log" | tr '\n' ' ')"
-      done ;;
-    pending-serving)  # serving measurements first taken in session 13 (benchmarks/NOTES.md "Session 13")
-      STATICMOE_CACHE_WRITE=triton STATICMOE_ROUTER=triton python3 benchmarks/profile_engine.py step-phases \
-        qwen3-30b-a3b > "$OUT/profile_decode_triton_qwen3.log" 2>&1
-      grep -E '^[a-z0-9.-]+ batch|kernels per engine step' "$OUT/profile_decode_triton_qwen3.log"
-      python3 benchmarks/bench_engine.py --presets gpt-oss-20b --batches 1 64 --hf-batches 1 64 --input-len 2048 \
-        --gpu-memory-utilization 0.55 --out "$OUT" 2>&1 | tail -12
-      python3 benchmarks/bench_api_costs.py --preset qwen3-30b-a3b --client-processes 4 --level-time-limit-s 8 \
-        --features structured_json structured_regex short_outputs --out "$OUT" 2>&1 | tail -8 ;;
     prefill-costs)  # issues 23/19: where prefill time goes (deepseek-v2-lite's b64 prefill took ~3x its FLOPs' time;
       # Qwen3's FP8 TTFT above bf16's): 64 x 512-token prompts at a budget of 8192, kernel table and host profile
       # (and its one-prompt prefill: ~100 ms more than gpt-oss-20b's at batch 1)
@@ -223,16 +193,6 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
         > "$OUT/profile_decode_qk_fusion.log" 2>&1
       rc=$?; status=$((status | rc)); [ $rc -ne 0 ] && echo "step-phases: FAILED (rc $rc)"
       grep -E '^[a-z0-9.-]+ batch|kernels per engine step' "$OUT/profile_decode_qk_fusion.log" ;;
-    shared-fusion-ab)  # issues 21/23: shared experts inside fused_moe (STATICMOE_FUSE_SHARED_EXPERTS): its GPU tests,
-      # then deepseek-v2-lite's engine off, on (decode step and tok/s at batch 1 and 64)
-      run_tests tests/test_shared_expert_fusion.py
-      for knob in 0 1; do
-        mkdir -p "$OUT/shared_fusion_$knob"
-        STATICMOE_FUSE_SHARED_EXPERTS=$knob python3 benchmarks/bench_engine.py --presets deepseek-v2-lite \
-          --batches 1 64 --skip-hf --out "$OUT/shared_fusion_$knob" > "$OUT/shared_fusion_$knob.log" 2>&1
-        rc=$?; status=$((status | rc)); [ $rc -ne 0 ] && echo "fusion $knob: FAILED (rc $rc)"
-        echo "fusion $knob: $(grep -E '^SUMMARY' "$OUT/shared_fusion_$knob.log")"
-      done ;;
     knob-ab)  # an opt-in switch AB_KNOB (e.g. STATICMOE_PDL, STATICMOE_NORM_ROTARY_WRITE) checked and timed: the GPU
       # test files AB_TESTS with it on, then bench_engine for AB_PRESETS at batch 1 and 64 with it on, off, on, off
       [ -n "${AB_KNOB:-}" ] || { echo "knob-ab needs AB_KNOB"; exit 2; }
