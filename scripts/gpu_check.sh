@@ -50,12 +50,20 @@ run_tests() {  # one process per file: a failed test's traceback must not pin an
     [ $rc -ne 0 ] && [ $rc -ne 5 ] && grep -E "^(FAILED|ERROR)|^E  " "$OUT/pytest_$(basename "$f" .py).log" | head -8
   done
 }
+extension_so() { python3 -c 'from model.kernels import _C; print(_C.__file__)'; }  # the installed extension
+by_precision() {  # POINTS CMD...: CMD --fp8 on the points prefixed `fp8:` (prefix dropped), then CMD on the rest
+  local -a pts fp8=() b16=(); local p
+  read -ra pts <<< "$1"; shift
+  for p in "${pts[@]}"; do [[ $p == fp8:* ]] && fp8+=("${p#fp8:}") || b16+=("$p"); done
+  [ ${#fp8[@]} -eq 0 ] || "$@" --fp8 "${fp8[@]}"
+  [ ${#b16[@]} -eq 0 ] || "$@" "${b16[@]}"
+}
 for step in "${steps[@]}"; do
   echo "=== $step"
   case $step in
     build)
       python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-      so=$(python3 -c 'from model.kernels import _C; print(_C.__file__)')
+      so=$(extension_so)
       cuobjdump --dump-sass "$so" > "$OUT/sass.txt" 2>&1
       echo "HGMMA: $(grep -c HGMMA "$OUT/sass.txt")  QGMMA (fp8): $(grep -c QGMMA "$OUT/sass.txt")  LDL/STL: $(grep -cE '\b(LDL|STL)\b' "$OUT/sass.txt")" ;;
     tests) run_tests ${TESTS:-$(grep -l "pytest.mark.gpu\|pytestmark = pytest.mark.gpu" tests/test_*.py)} ;;
@@ -208,44 +216,35 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
       # made here with `git archive BASE csrc | tar -x -C .ab_base` and carried): both built once, then the per-kernel
       # times of AB_POINTS (profile_moe.py; FP8 points prefixed `fp8:`) in new, base, new, base order
       base=${AB_BASE:-.ab_base/csrc}; [ -d "$base" ] || { echo "gemm-ab: no $base"; status=1; continue; }
-      so=$(python3 -c 'from model.kernels import _C; print(_C.__file__)'); cp "$so" /tmp/_C_new.so
+      so=$(extension_so); cp "$so" /tmp/_C_new.so
       mv csrc /tmp/csrc_new && cp -r "$base" csrc
       python3 -m pip install --no-build-isolation --no-deps -e . -C build-dir=build/ab_base > "$OUT/build_ab_base.log" 2>&1
       rc=$?; rm -rf csrc && mv /tmp/csrc_new csrc
       [ $rc -ne 0 ] && { tail -20 "$OUT/build_ab_base.log"; status=1; continue; }
-      so=$(python3 -c 'from model.kernels import _C; print(_C.__file__)'); cp "$so" /tmp/_C_base.so
-      read -ra pts <<< "${AB_POINTS:-fp8:qwen3:8192:balanced fp8:qwen3:2048:balanced qwen3:8192:balanced}"
+      so=$(extension_so); cp "$so" /tmp/_C_base.so
       for pass in new base new base; do
         cp /tmp/_C_$pass.so "$so"
-        fp8=(); b16=(); for p in "${pts[@]}"; do [[ $p == fp8:* ]] && fp8+=("${p#fp8:}") || b16+=("$p"); done
-        { [ ${#fp8[@]} -gt 0 ] && python3 benchmarks/profile_moe.py points --fp8 "${fp8[@]}"
-          [ ${#b16[@]} -gt 0 ] && python3 benchmarks/profile_moe.py points "${b16[@]}"; } > "$OUT/gemm_ab_$pass.log" 2>&1
+        by_precision "${AB_POINTS:-fp8:qwen3:8192:balanced fp8:qwen3:2048:balanced qwen3:8192:balanced}" \
+          python3 benchmarks/profile_moe.py points > "$OUT/gemm_ab_$pass.log" 2>&1
         echo "gemm-ab $pass:"; grep -E "ms .* TFLOPS" "$OUT/gemm_ab_$pass.log" | sed 's/^\[[^]]*\] //' | cut -c1-150
       done
       cp /tmp/_C_new.so "$so" ;;
     tile-clocks)  # issue 16: where a GEMM tile's cycles go (csrc/common/tile_clocks.cuh): a probe build beside the
       # normal one, benchmarks/profile_tile_clocks.py at CLOCK_POINTS (FP8 points prefixed `fp8:`), the normal .so back
-      so=$(python3 -c 'from model.kernels import _C; print(_C.__file__)'); cp "$so" /tmp/_C_normal.so
+      cp "$(extension_so)" /tmp/_C_normal.so
       python3 -m pip install --no-build-isolation --no-deps -e . -C build-dir=build/probe \
         -C cmake.define.STATICMOE_EXTRA_NVCC_FLAGS=-DSTATICMOE_TILE_CLOCKS > "$OUT/build_probe.log" 2>&1 \
         || { tail -20 "$OUT/build_probe.log"; status=1; continue; }
-      probe_so=$(python3 -c 'from model.kernels import _C; print(_C.__file__)')
-      read -ra pts <<< "${CLOCK_POINTS:-fp8:qwen3:8192:balanced fp8:mixtral:8192:balanced qwen3:8192:balanced}"
-      fp8=(); b16=(); for p in "${pts[@]}"; do [[ $p == fp8:* ]] && fp8+=("${p#fp8:}") || b16+=("$p"); done
-      { [ ${#fp8[@]} -gt 0 ] && python3 benchmarks/profile_tile_clocks.py --fp8 "${fp8[@]}"
-        [ ${#b16[@]} -gt 0 ] && python3 benchmarks/profile_tile_clocks.py "${b16[@]}"; } 2>&1 \
-        | grep -v "Warn\|_warn_once" | tee "$OUT/tile_clocks.log"
-      cp /tmp/_C_normal.so "$probe_so" ;;
-    layer-knob-ab)  # a kernel switch AB_KNOB read by the extension (e.g. STATICMOE_FP8_BULK_STORE): the GPU test files
-      # AB_TESTS with it on, then the layer's per-kernel times at AB_POINTS (as gemm-ab) with it on, off, on, off
+      by_precision "${CLOCK_POINTS:-fp8:qwen3:8192:balanced fp8:mixtral:8192:balanced qwen3:8192:balanced}" \
+        python3 benchmarks/profile_tile_clocks.py 2>&1 | grep -v "Warn\|_warn_once" | tee "$OUT/tile_clocks.log"
+      cp /tmp/_C_normal.so "$(extension_so)" ;;  # the probe's install path: later steps run the normal kernels
+    layer-knob-ab)  # a 0/1 kernel switch AB_KNOB read by the extension: the GPU test files AB_TESTS with it on, then
+      # the layer's per-kernel times at AB_POINTS (as gemm-ab) with it on, off, on, off
       [ -n "${AB_KNOB:-}" ] || { echo "layer-knob-ab needs AB_KNOB"; exit 2; }
       if [ -n "${AB_TESTS:-}" ]; then export "$AB_KNOB=1"; run_tests $AB_TESTS; unset "$AB_KNOB"; fi
-      read -ra pts <<< "${AB_POINTS:-fp8:qwen3:8192:balanced fp8:qwen3:2048:balanced}"
-      fp8=(); b16=(); for p in "${pts[@]}"; do [[ $p == fp8:* ]] && fp8+=("${p#fp8:}") || b16+=("$p"); done
       for pass in 1a 0a 1b 0b; do
-        { [ ${#fp8[@]} -gt 0 ] && env "$AB_KNOB=${pass:0:1}" python3 benchmarks/profile_moe.py points --fp8 "${fp8[@]}"
-          [ ${#b16[@]} -gt 0 ] && env "$AB_KNOB=${pass:0:1}" python3 benchmarks/profile_moe.py points "${b16[@]}"
-        } > "$OUT/${AB_KNOB}_$pass.log" 2>&1
+        by_precision "${AB_POINTS:-fp8:qwen3:8192:balanced fp8:qwen3:2048:balanced}" \
+          env "$AB_KNOB=${pass:0:1}" python3 benchmarks/profile_moe.py points > "$OUT/${AB_KNOB}_$pass.log" 2>&1
         echo "$AB_KNOB=$pass:"; grep -E "ms .* TFLOPS" "$OUT/${AB_KNOB}_$pass.log" | sed 's/^\[[^]]*\] //' | cut -c1-150
       done ;;
     truth)
