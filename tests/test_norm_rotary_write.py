@@ -67,8 +67,10 @@ def switch(monkeypatch):
 def test_attention_takes_it_only_where_it_computes_what_the_modules_do(switch):
     cache = torch.zeros(2, 3, 4, 2, 32, dtype=torch.bfloat16)
     per_head, full, none = (make_attention(n) for n in ("per_head", "full", "none"))
+    switch(None)
+    assert per_head._one_launch_to_cache(_CudaLike(), cache)  # the default
     switch("0")
-    assert not per_head._one_launch_to_cache(_CudaLike(), cache)  # opt-in
+    assert not per_head._one_launch_to_cache(_CudaLike(), cache)  # turned off
     switch("1")
     assert all(a._one_launch_to_cache(_CudaLike(), cache) for a in (per_head, full, none))
     assert not per_head._one_launch_to_cache(torch.zeros(1, 8), cache)  # the CPU

@@ -34,7 +34,8 @@ except ImportError:  # CPU-only installs
 
 @functools.cache
 def enabled() -> bool:
-    """`STATICMOE_PDL=1` (read once per process): opt-in until a GPU run has checked and timed it."""
+    """`STATICMOE_PDL=1` (read once per process). Off by default: an H100 timed the engine step the same with and
+    without it (docs/kernel_switches.md)."""
     return env_switch("STATICMOE_PDL")
 
 
