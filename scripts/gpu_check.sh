@@ -24,6 +24,7 @@
 #   qk-fusion: the fused q/k norm + rotary's GPU tests and the decode kernels per step after it.
 #   gemm-ab: the grouped GEMMs of this tree against AB_BASE's csrc/ (per-kernel times at AB_POINTS, ABAB).
 #   layer-knob-ab: a switch of the extension (AB_KNOB): AB_TESTS with it on, then AB_POINTS' kernel times on/off twice.
+#   wgmma-rate: the FP8 mainloop's variants alone, cycles per K step (benchmarks/wgmma_rate.cu; no extension needed).
 #   tile-clocks: a probe build's per-tile clock64 stamps of the grouped GEMMs (benchmarks/profile_tile_clocks.py).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-logs}
@@ -238,6 +239,10 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
       by_precision "${CLOCK_POINTS:-fp8:qwen3:8192:balanced fp8:mixtral:8192:balanced qwen3:8192:balanced}" \
         python3 benchmarks/profile_tile_clocks.py 2>&1 | grep -v "Warn\|_warn_once" | tee "$OUT/tile_clocks.log"
       cp /tmp/_C_normal.so "$(extension_so)" ;;  # the probe's install path: later steps run the normal kernels
+    wgmma-rate)  # issue 16: what bounds the FP8 mainloop (promotion, shared-memory traffic, instruction shape)
+      { nvcc -gencode=arch=compute_90a,code=sm_90a -O3 -std=c++17 -I csrc benchmarks/wgmma_rate.cu -o /tmp/wgmma_rate \
+          && /tmp/wgmma_rate; } 2>&1 | tee "$OUT/wgmma_rate.log"
+      status=$((status | PIPESTATUS[0])) ;;
     layer-knob-ab)  # a 0/1 kernel switch AB_KNOB read by the extension: the GPU test files AB_TESTS with it on, then
       # the layer's per-kernel times at AB_POINTS (as gemm-ab) with it on, off, on, off
       [ -n "${AB_KNOB:-}" ] || { echo "layer-knob-ab needs AB_KNOB"; exit 2; }
