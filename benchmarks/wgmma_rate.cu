@@ -45,17 +45,6 @@ constexpr int kWriterLead = 2;  // K steps the writer may run ahead of the math 
     }                                                                                                \
   } while (0)
 
-// A's fragment for one k32 slice of this warp's 16 rows, from the 128-byte-swizzled tile (16-byte chunk c of row r
-// sits at chunk c ^ (r % 8)): ldmatrix x4 gives rows 0-7 / 8-15 of bytes 0-15, then of bytes 16-31.
-__device__ __forceinline__ void load_a_fragment(const uint8_t* a_tile, int warp_row0, int kk, int lane,
-                                                uint32_t (&a)[4]) {
-  const int row = warp_row0 + (lane / 8 % 2) * 8 + lane % 8, chunk = kk * 2 + lane / 16;
-  const uint32_t addr = sm90::smem_addr(a_tile + row * 128 + ((chunk ^ (row % 8)) * 16));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-               : "r"(addr));
-}
-
 template <int kMode>
 __device__ __forceinline__ void math_loop(uint8_t* smem, const float* scales, int iters, volatile int* steps_done,
                                           float* sink) {
@@ -96,7 +85,7 @@ __device__ __forceinline__ void math_loop(uint8_t* smem, const float* scales, in
     } else if constexpr (kMode == kRs128) {
       uint32_t a[4][4];
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) load_a_fragment(a_tile, warpgroup * 64 + warp * 16, kk, lane, a[kk]);
+      for (int kk = 0; kk < 4; ++kk) sm90::load_a_fragment_k32(a_tile, warpgroup * 64 + warp * 16, kk, lane, a[kk]);
       sm90::fence_accumulators(part);
       sm90::fence_accumulators(part2);
       sm90::wgmma_fence();
@@ -112,7 +101,7 @@ __device__ __forceinline__ void math_loop(uint8_t* smem, const float* scales, in
       uint32_t a[4][4];
       if constexpr (kMode == kRs128Promote) {
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) load_a_fragment(a_tile, warpgroup * 64 + warp * 16, kk, lane, a[kk]);
+        for (int kk = 0; kk < 4; ++kk) sm90::load_a_fragment_k32(a_tile, warpgroup * 64 + warp * 16, kk, lane, a[kk]);
       }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {

@@ -139,4 +139,17 @@ __device__ __forceinline__ uint32_t swizzle128_offset(int row, int chunk) {
   return row * 128 + ((chunk ^ (row & 7)) << 4);
 }
 
+// wgmma's A fragment from registers for one 32-byte K slice (k32 of e4m3) of 16 rows of a K-major tile with 128-byte
+// rows and the 128-byte swizzle: rows row0..row0+15 of the tile, bytes 32*kk..32*kk+31. ldmatrix x4 hands out rows
+// 0-7 / 8-15 of the first 16 bytes, then of the next 16: the order of wgmma's a0..a3 (each lane: row lane/4 (+8),
+// bytes 4*(lane%4).. (+16)). All 32 lanes call it.
+__device__ __forceinline__ void load_a_fragment_k32(const uint8_t* tile, int row0, int kk, int lane, uint32_t (&a)[4]) {
+  const int row = row0 + (lane / 8 % 2) * 8 + lane % 8;
+  const uint32_t addr = smem_addr(tile + swizzle128_offset(row, kk * 2 + lane / 16));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+               : "r"(addr)
+               : "memory");
+}
+
 }  // namespace staticmoe::sm90

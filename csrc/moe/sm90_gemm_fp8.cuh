@@ -257,7 +257,12 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
 #pragma unroll
       for (int h = 0; h < kHalves; ++h) b[h] = stage_scales[kBlockM + h];
       uint8_t* a_tile = smem + s * Smem::kStageBytes;
-      const uint64_t da = sm90::smem_desc_k128_swizzle(a_tile + warpgroup * 64 * 128);
+      // A from registers: the warp's 16 rows of the step, read from shared memory once for both halves (from a
+      // descriptor, every half's wgmmas read them again: 96 of the 144 KB of shared-memory traffic a step).
+      uint32_t a_frag[kFp8BlockK / 32][4];
+#pragma unroll
+      for (int kk = 0; kk < kFp8BlockK / 32; ++kk)
+        sm90::load_a_fragment_k32(a_tile, warpgroup * 64 + warp * 16, kk, lane, a_frag[kk]);
       const uint64_t db = sm90::smem_desc_k128_swizzle(a_tile + Smem::kABytes);
 #pragma unroll
       for (int h = 0; h < kHalves; ++h) {
@@ -265,7 +270,7 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
         sm90::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kFp8BlockK / 32; ++kk)  // 32 bytes of K per instruction: descriptor + 2
-          sm90::wgmma_m64n128k32_e4m3(part, da + 2 * kk, db + h * (128 * 128 >> 4) + 2 * kk, kk > 0);
+          sm90::wgmma_m64n128k32_e4m3_rs(part, a_frag[kk], db + h * (128 * 128 >> 4) + 2 * kk, kk > 0);
         sm90::wgmma_commit();
         sm90::wgmma_wait<0>();
         sm90::fence_accumulators(part);
