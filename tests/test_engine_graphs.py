@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.engine import EngineConfig, LLMEngine, SamplingParams
-from model.kernels import softmax_topk
+from model.kernels import jit_monitor, softmax_topk
 from model.layers import fusion
 from tests.engine_fixtures import (GREEDY, EagerGraph, engine_with_stand_in_graphs, one_cpu_thread,  # noqa: F401
                                   random_prompts, run, solo, tiny, tokens_of)
@@ -106,6 +106,18 @@ def test_cuda_graph_decode_equals_eager_decode():
     assert len({real for _, real, _, _ in checked}) > 3, "decode batches of several sizes should replay graphs"
     assert any(padded > real for padded, real, _, _ in checked), "no padded replay"
     assert all(err < 1e-3 and same for _, _, err, same in checked), checked
+
+
+@pytest.mark.gpu
+def test_no_triton_kernel_compiles_after_start_up():
+    """Start-up compiles every Triton kernel a step runs (decode graphs, the piecewise pieces and the eager attention
+    between them), so no user's first prefill or decode step waits for a compile (model/kernels/jit_monitor.py)."""
+    engine = LLMEngine(EngineConfig(model="olmoe-1b-7b", random_weights=True, max_num_seqs=8,
+                                    max_num_batched_tokens=1024, max_model_len=512, num_kv_blocks=256))
+    assert engine.runner.pieces is not None, "steps that prefill should run in piecewise graphs"
+    prompts = random_prompts(4, seed=3, lengths=(5, 40, 100, 17))
+    run(engine, {f"p{i}": (p, SamplingParams(max_tokens=6, **GREEDY)) for i, p in enumerate(prompts)})
+    assert jit_monitor.specializations_after_start() == 0
 
 
 @pytest.mark.gpu

@@ -400,6 +400,12 @@ class ModelRunner:
             pieces = PiecewiseGraphs(self.model, self.device, self.dtype, self._piecewise_max_rows(), self.moe_timer,
                                      self._piece_buffers)
             pieces.capture()
+            # The eager attention between the pieces (its KV-cache write) compiles here, not in a user's first
+            # prefill: with the decode path's fused norm/rotary/write, no start-up step ran that kernel (session 22's
+            # engine runs logged `_write_rows_kernel` compiled after start-up). It rewrites the padding slot; the
+            # engine resets the expert counters after this. The CPU compiles nothing.
+            if self.device.type == "cuda":
+                pieces.run(self._pad_batch(1, 1, write_slot=True), self.kv_cache)
         except Exception as err:  # noqa: BLE001 (Triton's build errors too) the decode graphs were captured: serve
             # with them and prefill eagerly, with the memory the pieces held given back
             logger.error("CUDA graph capture of the piecewise step pieces failed (%r); steps that prefill run "
