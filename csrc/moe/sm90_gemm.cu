@@ -104,9 +104,9 @@ cudaError_t launch(const CUtensorMap& map, const GemmArgs<T>& args, int device, 
   return launch_cluster_with_pdl(kernel, grid, gemm_threads<kBlockM>(), kSmem, kCluster, stream, map, args);
 }
 
-template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU>
-cudaError_t launch_fp8(const CUtensorMap& map, const Fp8GemmArgs& args, int device, cudaStream_t stream) {
-  auto kernel = moe_gemm_fp8_sm90_kernel<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>;
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct, bool kARegs>
+cudaError_t launch_fp8_variant(const CUtensorMap& map, const Fp8GemmArgs& args, int device, cudaStream_t stream) {
+  auto kernel = moe_gemm_fp8_sm90_kernel<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, kARegs>;
   constexpr int kSmem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp>::kBytes;
   static int grid_per_device[64] = {};
   int grid;
@@ -115,6 +115,14 @@ cudaError_t launch_fp8(const CUtensorMap& map, const Fp8GemmArgs& args, int devi
       err != cudaSuccess)
     return err;
   return launch_cluster_with_pdl(kernel, grid, gemm_threads<kBlockM>(), kSmem, kCluster, stream, map, args);
+}
+
+// A from registers unless STATICMOE_FP8_A_SMEM=1 (the shared-memory descriptor form, kept for the A/B of session 22).
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU>
+cudaError_t launch_fp8(const CUtensorMap& map, const Fp8GemmArgs& args, int device, cudaStream_t stream) {
+  static const bool a_smem = env_knob("STATICMOE_FP8_A_SMEM", 0, 0) != 0;
+  return a_smem ? launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, false>(map, args, device, stream)
+                : launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, true>(map, args, device, stream);
 }
 
 // Raster group size: kGroupM, or STATICMOE_RASTER_GROUP_M{1,2} (GEMM1 / GEMM2) for tuning probes.

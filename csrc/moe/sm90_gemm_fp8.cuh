@@ -217,7 +217,7 @@ __device__ __forceinline__ void store_rows_staged(const float (&acc)[kBlockN / 2
   }
 }
 
-template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct>
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct, bool kARegs>
 __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* smem, const float* scales,
                                             uint64_t* full, uint64_t* empty, __nv_bfloat16* bias_slices,
                                             uint8_t* out_stage, int32_t total, int32_t num_slots) {
@@ -257,20 +257,27 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
 #pragma unroll
       for (int h = 0; h < kHalves; ++h) b[h] = stage_scales[kBlockM + h];
       uint8_t* a_tile = smem + s * Smem::kStageBytes;
-      // A from registers: the warp's 16 rows of the step, read from shared memory once for both halves (from a
-      // descriptor, every half's wgmmas read them again: 96 of the 144 KB of shared-memory traffic a step).
+      // kARegs: A from registers, the warp's 16 rows of the step read from shared memory once for both halves;
+      // from a descriptor, every half's wgmmas read them again (96 of the 144 KB of shared-memory traffic a step).
       uint32_t a_frag[kFp8BlockK / 32][4];
+      if constexpr (kARegs) {
 #pragma unroll
-      for (int kk = 0; kk < kFp8BlockK / 32; ++kk)
-        sm90::load_a_fragment_k32(a_tile, warpgroup * 64 + warp * 16, kk, lane, a_frag[kk]);
+        for (int kk = 0; kk < kFp8BlockK / 32; ++kk)
+          sm90::load_a_fragment_k32(a_tile, warpgroup * 64 + warp * 16, kk, lane, a_frag[kk]);
+      }
+      const uint64_t da = sm90::smem_desc_k128_swizzle(a_tile + warpgroup * 64 * 128);
       const uint64_t db = sm90::smem_desc_k128_swizzle(a_tile + Smem::kABytes);
 #pragma unroll
       for (int h = 0; h < kHalves; ++h) {
         sm90::fence_accumulators(part);
         sm90::wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < kFp8BlockK / 32; ++kk)  // 32 bytes of K per instruction: descriptor + 2
-          sm90::wgmma_m64n128k32_e4m3_rs(part, a_frag[kk], db + h * (128 * 128 >> 4) + 2 * kk, kk > 0);
+        for (int kk = 0; kk < kFp8BlockK / 32; ++kk) {  // 32 bytes of K per instruction: descriptor + 2
+          if constexpr (kARegs)
+            sm90::wgmma_m64n128k32_e4m3_rs(part, a_frag[kk], db + h * (128 * 128 >> 4) + 2 * kk, kk > 0);
+          else
+            sm90::wgmma_m64n128k32_e4m3(part, da + 2 * kk, db + h * (128 * 128 >> 4) + 2 * kk, kk > 0);
+        }
         sm90::wgmma_commit();
         sm90::wgmma_wait<0>();
         sm90::fence_accumulators(part);
@@ -302,7 +309,8 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
   probe::tiles_taken<kGateUp>(recorder, taken);
 }
 
-template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU>
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU,
+          bool kARegs = true>
 __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
     moe_gemm_fp8_sm90_kernel(const __grid_constant__ CUtensorMap weights, const Fp8GemmArgs args) {
   static_assert(kCluster == 1 || kBlockN == 256, "each CTA of a pair multicasts one of the two 128-row boxes");
@@ -321,7 +329,7 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
                                                               start.num_slots, start.cta_rank);
   } else {
     become_consumer<kBlockM>();
-    consume_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(args, smem, scales, full, empty, bias_slices,
+    consume_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, kARegs>(args, smem, scales, full, empty, bias_slices,
                                                                      out_stage, start.total, start.num_slots);
   }
   finish_pipeline<kCluster>();
