@@ -117,12 +117,13 @@ cudaError_t launch_fp8_variant(const CUtensorMap& map, const Fp8GemmArgs& args, 
   return launch_cluster_with_pdl(kernel, grid, gemm_threads<kBlockM>(), kSmem, kCluster, stream, map, args);
 }
 
-// A from registers unless STATICMOE_FP8_A_SMEM=1 (the shared-memory descriptor form, kept for the A/B of session 22).
+// A from shared-memory descriptors; STATICMOE_FP8_A_REGS=1 (opt-in until a GPU run has checked and timed it,
+// benchmarks/NOTES.md "Session 22") reads A into registers once per K step for both halves' wgmmas.
 template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU>
 cudaError_t launch_fp8(const CUtensorMap& map, const Fp8GemmArgs& args, int device, cudaStream_t stream) {
-  static const bool a_smem = env_knob("STATICMOE_FP8_A_SMEM", 0, 0) != 0;
-  return a_smem ? launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, false>(map, args, device, stream)
-                : launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, true>(map, args, device, stream);
+  static const bool a_regs = env_knob("STATICMOE_FP8_A_REGS", 0, 0) != 0;
+  return a_regs ? launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, true>(map, args, device, stream)
+                : launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, false>(map, args, device, stream);
 }
 
 // Raster group size: kGroupM, or STATICMOE_RASTER_GROUP_M{1,2} (GEMM1 / GEMM2) for tuning probes.

@@ -6,6 +6,8 @@
 //   - A K step is 128 elements (one 128-byte swizzle row, exactly one scale block). Beside the A and B tiles each
 //     stage holds the scale of every A row and of each 128-row half of the B tile (4-byte cp.async, completing on
 //     the same `full` barrier).
+//   - A is read from shared memory by the wgmmas (descriptors), once per 128-column half; with kARegs
+//     (STATICMOE_FP8_A_REGS=1, opt-in until measured) each warp loads its 16 rows into registers once per K step.
 //   - Promotion (DeepGEMM's recipe): wgmma m64n128k32 e4m3 accumulates one K block of one 128-column half into
 //     `part`; after it retires, acc += part x a_scale[row] x b_scale[half] in fp32. WGMMA's own fp8 accumulation
 //     keeps fewer bits than fp32, so it never carries a sum across K blocks. The two halves of a 256-wide tile take
@@ -310,7 +312,7 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
 }
 
 template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU,
-          bool kARegs = true>
+          bool kARegs = false>
 __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
     moe_gemm_fp8_sm90_kernel(const __grid_constant__ CUtensorMap weights, const Fp8GemmArgs args) {
   static_assert(kCluster == 1 || kBlockN == 256, "each CTA of a pair multicasts one of the two 128-row boxes");
