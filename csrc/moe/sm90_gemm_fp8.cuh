@@ -331,8 +331,8 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
                                                               start.num_slots, start.cta_rank);
   } else {
     become_consumer<kBlockM>();
-    consume_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, kARegs>(args, smem, scales, full, empty, bias_slices,
-                                                                     out_stage, start.total, start.num_slots);
+    consume_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, kARegs>(
+        args, smem, scales, full, empty, bias_slices, out_stage, start.total, start.num_slots);
   }
   finish_pipeline<kCluster>();
 }
