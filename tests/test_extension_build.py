@@ -164,3 +164,25 @@ def test_cluster_threshold_knob(value, tile_rows, warns):
     assert run.returncode == 0, run.stderr
     assert int(run.stdout.strip().splitlines()[-1]) == tile_rows
     assert ("ignoring STATICMOE_CLUSTER_MIN_ROWS" in run.stderr) == warns, run.stderr
+
+
+def test_mainloop_microbenchmark_compiles_without_spills(tmp_path):
+    """benchmarks/wgmma_rate.cu (gpu_check.sh wgmma-rate) builds from the kernels' headers for sm_90a, and none of its
+    ten mainloop kernels (5 variants, with and without the writer warpgroup) spills: a spill would put local-memory
+    traffic into the cycles per K step it reports."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    nvcc = nvcc_path()
+    if nvcc is None:
+        pytest.skip("no CUDA compiler on this machine")
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([nvcc, "-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17", f"-I{root / 'csrc'}",
+                          "-Xptxas", "-v", "-c", str(root / "benchmarks" / "wgmma_rate.cu"), "-o",
+                          str(tmp_path / "wgmma_rate.o")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    kernels = re.findall(r"Compiling entry function '(_Z\d*mainloop_kernel\w*)'", run.stderr)
+    spills = [int(m) for m in re.findall(r"(\d+) bytes spill stores", run.stderr)]
+    assert len(set(kernels)) == 10, kernels
+    assert len(spills) >= 10 and not any(spills), run.stderr[-3000:]
