@@ -1,7 +1,8 @@
 // Per-tile timestamps of the grouped GEMMs in a probe build (-DSTATICMOE_TILE_CLOCKS, passed through CMake's
 // STATICMOE_EXTRA_NVCC_FLAGS; `gpu_check.sh tile-clocks`): the first math thread of CTA 0 records clock64() at five
 // points of every tile it takes, so benchmarks/profile_tile_clocks.py can split a tile's cycles into decoding it,
-// waiting for its first stage, the mainloop and the epilogue. Session 21 changed the FP8 GEMMs on guesses about where
+// waiting for its first stage, the mainloop and the epilogue, plus the sum of the mainloop's later waits for a
+// stage's data (a mainloop starved by its producer, or one slowed inside its own steps). Session 21 changed the FP8 GEMMs on guesses about where
 // their ~5 µs per tile goes and lost every time (benchmarks/NOTES.md); this measures it. In a normal build every call
 // compiles to nothing.
 #pragma once
@@ -9,7 +10,11 @@
 
 namespace staticmoe::probe {
 
-enum TileEvent : int { kTileStart, kTileDecoded, kDataReady, kMainloopDone, kEpilogueDone, kTileEvents };
+enum TileEvent : int {
+  kTileStart, kTileDecoded, kDataReady, kMainloopDone, kEpilogueDone,  // stamps
+  kStarved,  // a sum: cycles the mainloop waited on `full` barriers after its first K step
+  kTileEvents
+};
 constexpr int kProbedTiles = 512;  // per GEMM and launch; later tiles are not recorded
 constexpr int kProbedGemms = 2;    // GEMM1 (gate/up), GEMM2 (down): the last launch of each overwrites its row
 
@@ -29,12 +34,20 @@ __device__ __forceinline__ void tile_clock(bool recorder, int tile, TileEvent ev
   stamps[event] = clock64();
 }
 template <bool kGateUp>
+__device__ __forceinline__ void tile_add(bool recorder, int tile, TileEvent event, unsigned long long cycles) {
+  if (recorder && tile < kProbedTiles) g_tile_clocks[kGateUp ? 0 : 1][tile][event] += cycles;
+}
+__device__ __forceinline__ unsigned long long now() { return clock64(); }
+template <bool kGateUp>
 __device__ __forceinline__ void tiles_taken(bool recorder, int tiles) {
   if (recorder) g_tiles_taken[kGateUp ? 0 : 1] = tiles;
 }
 #else
 template <bool kGateUp>
 __device__ __forceinline__ void tile_clock(bool, int, TileEvent) {}
+template <bool kGateUp>
+__device__ __forceinline__ void tile_add(bool, int, TileEvent, unsigned long long) {}
+__device__ __forceinline__ constexpr unsigned long long now() { return 0; }
 template <bool kGateUp>
 __device__ __forceinline__ void tiles_taken(bool, int) {}
 #endif
