@@ -152,7 +152,8 @@ __device__ __forceinline__ void writer_loop(uint8_t* smem, const uint8_t* src, i
 }
 
 template <int kMode, bool kWriter>
-__global__ void __launch_bounds__(384, 1) mainloop_kernel(const uint8_t* src, int iters, long long* cycles, float* sink) {
+__global__ void __launch_bounds__(384, 1)
+    mainloop_kernel(const uint8_t* src, int iters, long long* cycles, float* sink) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   float* scales = reinterpret_cast<float*>(smem + kStages * kStageBytes);

@@ -2,9 +2,9 @@
 // STATICMOE_EXTRA_NVCC_FLAGS; `gpu_check.sh tile-clocks`): the first math thread of CTA 0 records clock64() at five
 // points of every tile it takes, so benchmarks/profile_tile_clocks.py can split a tile's cycles into decoding it,
 // waiting for its first stage, the mainloop and the epilogue, plus the sum of the mainloop's later waits for a
-// stage's data (a mainloop starved by its producer, or one slowed inside its own steps). Session 21 changed the FP8 GEMMs on guesses about where
-// their ~5 µs per tile goes and lost every time (benchmarks/NOTES.md); this measures it. In a normal build every call
-// compiles to nothing.
+// stage's data (a mainloop starved by its producer, or one slowed inside its own steps). Session 21 changed the FP8
+// GEMMs on guesses about where their ~5 µs per tile goes and lost every time (benchmarks/NOTES.md); this measures
+// it. In a normal build every call compiles to nothing.
 #pragma once
 #include <cstdint>
 

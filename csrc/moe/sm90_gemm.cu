@@ -122,8 +122,9 @@ cudaError_t launch_fp8_variant(const CUtensorMap& map, const Fp8GemmArgs& args, 
 template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU>
 cudaError_t launch_fp8(const CUtensorMap& map, const Fp8GemmArgs& args, int device, cudaStream_t stream) {
   static const bool a_regs = env_knob("STATICMOE_FP8_A_REGS", 0, 0) != 0;
-  return a_regs ? launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, true>(map, args, device, stream)
-                : launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, false>(map, args, device, stream);
+  if (a_regs)
+    return launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, true>(map, args, device, stream);
+  return launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, false>(map, args, device, stream);
 }
 
 // Raster group size: kGroupM, or STATICMOE_RASTER_GROUP_M{1,2} (GEMM1 / GEMM2) for tuning probes.
