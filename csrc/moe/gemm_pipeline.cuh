@@ -5,6 +5,7 @@
 #pragma once
 #include "common/pdl_launch.cuh"
 #include "common/sm90_ptx.cuh"
+#include "common/tile_clocks.cuh"
 #include "moe/tile_bias.cuh"
 #include "moe/tile_config.h"
 #include "static_batch/task_map.h"
@@ -121,6 +122,16 @@ __device__ __forceinline__ void release_stage(uint64_t* empty, uint32_t step, in
   if (lane != 0) return;
   sm90::mbarrier_arrive(&empty[step % kStages]);
   if constexpr (kCluster > 1) sm90::mbarrier_arrive_cluster(&empty[step % kStages], sm90::cluster_cta_rank() ^ 1);
+}
+
+// The math warps' wait for K step kt's stage (k-step count g). Probe builds (common/tile_clocks.cuh) stamp the first
+// step's arrival and add the later steps' waiting to the tile's data-wait sum; elsewhere it is the bare wait.
+template <int kStages, bool kGateUp>
+__device__ __forceinline__ void wait_stage(uint64_t* full, uint32_t g, int32_t kt, bool recorder, int tile) {
+  const unsigned long long waited_from = probe::now();  // 0 outside probe builds
+  sm90::mbarrier_wait(&full[g % kStages], (g / kStages) & 1);
+  if (kt == 0) probe::tile_clock<kGateUp>(recorder, tile, probe::kDataReady);
+  else probe::tile_add<kGateUp>(recorder, tile, probe::kStarved, probe::now() - waited_from);
 }
 
 // A CTA whose half of a cluster's unit has no rows computes nothing, but its math warps still take the tile's k-steps

@@ -175,10 +175,7 @@ __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, 
     float acc[kBlockN / 2];
     for (int32_t kt = 0; kt < k_iters; ++kt, ++g) {
       const int s = g % kStages;
-      const unsigned long long waited_from = probe::now();  // 0 outside probe builds
-      sm90::mbarrier_wait(&full[s], (g / kStages) & 1);
-      if (kt == 0) probe::tile_clock<kGateUp>(recorder, taken, probe::kDataReady);
-      else probe::tile_add<kGateUp>(recorder, taken, probe::kStarved, probe::now() - waited_from);
+      wait_stage<kStages, kGateUp>(full, g, kt, recorder, taken);
       sm90::fence_proxy_async_smem();  // the gathered A rows were written by cp.async (generic proxy)
       uint8_t* a_tile = smem + s * Smem::kStageBytes;
       const uint64_t da = sm90::smem_desc_k128_swizzle(a_tile + warpgroup * 64 * 128);

@@ -250,10 +250,7 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
     float part[64];
     for (int32_t kt = 0; kt < k_iters; ++kt, ++g) {
       const int s = g % kStages;
-      const unsigned long long waited_from = probe::now();  // 0 outside probe builds
-      sm90::mbarrier_wait(&full[s], (g / kStages) & 1);
-      if (kt == 0) probe::tile_clock<kGateUp>(recorder, taken, probe::kDataReady);
-      else probe::tile_add<kGateUp>(recorder, taken, probe::kStarved, probe::now() - waited_from);
+      wait_stage<kStages, kGateUp>(full, g, kt, recorder, taken);
       sm90::fence_proxy_async_smem();  // the gathered A rows were written by cp.async (generic proxy)
       const float* stage_scales = scales + s * Smem::kScaleStride;
       const float a_lo = stage_scales[r_lo], a_hi = stage_scales[r_lo + 8];
