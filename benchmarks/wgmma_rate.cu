@@ -14,6 +14,10 @@
 //   ss256          4 x m64n256k32 per step: A read once per step per warpgroup, no promotion
 //   rs128+promote  A loaded once per step by ldmatrix into registers, then the kernel's pattern with A from registers
 //   rs128          the same without promotion
+//   ss64pipe       64-column quarters into two alternating partial sets: quarter q's wgmmas are issued before
+//                  quarter q-1 is waited for and promoted (wait_group 1), so a warpgroup's own FMAs overlap its
+//                  tensor work instead of alternating with it (one drain per step, not two); registers 128 + 2 x 32
+//   rs64pipe       the same with A from registers (ldmatrix once per step: 80 KB of reads a step, not 128)
 //
 //   nvcc -gencode=arch=compute_90a,code=sm_90a -O3 -std=c++17 -I csrc benchmarks/wgmma_rate.cu -o wgmma_rate
 //   ./wgmma_rate            (gpu_check.sh step wgmma-rate)
@@ -29,8 +33,9 @@
 
 namespace sm90 = staticmoe::sm90;
 
-enum Mode : int { kSs128Promote, kSs128, kSs256, kRs128Promote, kRs128, kModes };
-const char* const kModeNames[kModes] = {"ss128+promote", "ss128", "ss256", "rs128+promote", "rs128"};
+enum Mode : int { kSs128Promote, kSs128, kSs256, kRs128Promote, kRs128, kSs64Pipe, kRs64Pipe, kModes };
+const char* const kModeNames[kModes] = {"ss128+promote", "ss128", "ss256", "rs128+promote", "rs128", "ss64pipe",
+                                        "rs64pipe"};
 
 constexpr int kStages = 4, kABytes = 128 * 128, kBBytes = 256 * 128, kStageBytes = kABytes + kBBytes;
 constexpr int kSmemBytes = kStages * kStageBytes + 1024 + 64;
@@ -55,6 +60,9 @@ __device__ __forceinline__ void math_loop(uint8_t* smem, const float* scales, in
   float part[64], part2[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) part[i] = part2[i] = 0.f;
+  float q0[32], q1[32];  // the pipelined modes' alternating partial sets (quarters 0, 2 and 1, 3)
+#pragma unroll
+  for (int i = 0; i < 32; ++i) q0[i] = q1[i] = 0.f;
   for (int it = 0; it < iters; ++it) {
     const int s = it % kStages;
     uint8_t* a_tile = smem + s * kStageBytes;
@@ -97,6 +105,38 @@ __device__ __forceinline__ void math_loop(uint8_t* smem, const float* scales, in
       sm90::wgmma_wait<0>();
       sm90::fence_accumulators(part);
       sm90::fence_accumulators(part2);
+    } else if constexpr (kMode == kSs64Pipe || kMode == kRs64Pipe) {
+      uint32_t a[4][4];
+      if constexpr (kMode == kRs64Pipe) {
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) sm90::load_a_fragment_k32(a_tile, warpgroup * 64 + warp * 16, kk, lane, a[kk]);
+      }
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        float(&cur)[32] = (q & 1) ? q1 : q0;
+        float(&prev)[32] = (q & 1) ? q0 : q1;  // quarter q - 1
+        sm90::fence_accumulators(cur);
+        sm90::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          if constexpr (kMode == kRs64Pipe)
+            sm90::wgmma_m64n64k32_e4m3_rs(cur, a[kk], db + q * (64 * 128 >> 4) + 2 * kk, kk > 0);
+          else
+            sm90::wgmma_m64n64k32_e4m3(cur, da + 2 * kk, db + q * (64 * 128 >> 4) + 2 * kk, kk > 0);
+        }
+        sm90::wgmma_commit();
+        if (q == 0) continue;
+        sm90::wgmma_wait<1>();  // quarter q - 1 has retired; quarter q keeps the tensor cores busy meanwhile
+        sm90::fence_accumulators(prev);
+#pragma unroll
+        for (int j = 0; j < 32; ++j) acc[(q - 1) * 32 + j] = fmaf(prev[j], sc, acc[(q - 1) * 32 + j]);
+      }
+      // The last quarter drains inside the step: a wgmma group still in flight across the loop's back edge makes
+      // ptxas serialize every wgmma of the kernel (C7514).
+      sm90::wgmma_wait<0>();
+      sm90::fence_accumulators(q1);
+#pragma unroll
+      for (int j = 0; j < 32; ++j) acc[96 + j] = fmaf(q1[j], sc, acc[96 + j]);
     } else {  // the two promoting modes: per half, wgmmas into `part`, wait, acc += part x scale
       uint32_t a[4][4];
       if constexpr (kMode == kRs128Promote) {
@@ -219,5 +259,7 @@ int main() {
   report<kSs256>(src, sms, iters, d_cycles, d_sink);
   report<kRs128Promote>(src, sms, iters, d_cycles, d_sink);
   report<kRs128>(src, sms, iters, d_cycles, d_sink);
+  report<kSs64Pipe>(src, sms, iters, d_cycles, d_sink);
+  report<kRs64Pipe>(src, sms, iters, d_cycles, d_sink);
   return 0;
 }

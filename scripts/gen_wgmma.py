@@ -14,8 +14,8 @@ namespace staticmoe::sm90 {
 """
 
 # (N, PTX type, K per instruction). fp8 takes no transpose operands: both operands are K-major by definition.
-WRAPPERS = [(128, "bf16", 16), (128, "f16", 16), (256, "bf16", 16), (256, "f16", 16), (128, "e4m3", 32),
-            (256, "e4m3", 32)]
+WRAPPERS = [(128, "bf16", 16), (128, "f16", 16), (256, "bf16", 16), (256, "f16", 16), (64, "e4m3", 32),
+            (128, "e4m3", 32), (256, "e4m3", 32)]
 
 
 def wrapper(n: int, dtype: str, k: int) -> str:
@@ -51,7 +51,8 @@ __device__ __forceinline__ void wgmma_m64n{n}k32_e4m3_rs(float (&d)[{regs}], con
 """
 
 
-body = (HEADER + "".join(wrapper(*w) for w in WRAPPERS) + wrapper_a_in_registers(128)
+body = (HEADER + "".join(wrapper(*w) for w in WRAPPERS) + wrapper_a_in_registers(64)
+        + wrapper_a_in_registers(128)
         + "\n}  // namespace staticmoe::sm90\n")
 out = Path(__file__).resolve().parent.parent / "csrc" / "common" / "wgmma_ops.cuh"
 out.parent.mkdir(exist_ok=True)

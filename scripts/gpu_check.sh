@@ -23,7 +23,8 @@
 #   prefill-costs: profile_engine prefill for deepseek-v2-lite and qwen3-30b-a3b (bf16 and FP8) at a budget of 8192.
 #   qk-fusion: the fused q/k norm + rotary's GPU tests and the decode kernels per step after it.
 #   gemm-ab: the grouped GEMMs of this tree against AB_BASE's csrc/ (per-kernel times at AB_POINTS, ABAB).
-#   layer-knob-ab: a switch of the extension (AB_KNOB): AB_TESTS with it on, then AB_POINTS' kernel times on/off twice.
+#   layer-knob-ab: switches of the extension (AB_KNOB, space-separated): AB_TESTS with each on, then AB_POINTS' kernel
+#   times with all off, each on, all on (twice).
 #   wgmma-rate: the FP8 mainloop's variants alone, cycles per K step (benchmarks/wgmma_rate.cu; no extension needed).
 #   tile-clocks: a probe build's per-tile clock64 stamps of the grouped GEMMs (benchmarks/profile_tile_clocks.py).
 set -uo pipefail
@@ -45,10 +46,10 @@ status=0
 run_tests() {  # one process per file: a failed test's traceback must not pin another file's GPU memory
   for f in "$@"; do
     timeout "${TEST_TIMEOUT:-900}" python3 -m pytest -m gpu -q --maxfail=8 -p no:cacheprovider ${PYTEST_ARGS:-} "$f" \
-      > "$OUT/pytest_$(basename "$f" .py).log" 2>&1
+      > "$OUT/pytest_$(basename "$f" .py)${PYTEST_LOG_TAG:-}.log" 2>&1
     rc=$?; status=$((status | (rc == 5 ? 0 : rc)))
-    echo "$f: $(tail -1 "$OUT/pytest_$(basename "$f" .py).log")"
-    [ $rc -ne 0 ] && [ $rc -ne 5 ] && grep -E "^(FAILED|ERROR)|^E  " "$OUT/pytest_$(basename "$f" .py).log" | head -8
+    echo "$f: $(tail -1 "$OUT/pytest_$(basename "$f" .py)${PYTEST_LOG_TAG:-}.log")"
+    [ $rc -ne 0 ] && [ $rc -ne 5 ] && grep -E "^(FAILED|ERROR)|^E  " "$OUT/pytest_$(basename "$f" .py)${PYTEST_LOG_TAG:-}.log" | head -8
   done
 }
 extension_so() { python3 -c 'from model.kernels import _C; print(_C.__file__)'; }  # the installed extension
@@ -243,14 +244,27 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
       { nvcc -gencode=arch=compute_90a,code=sm_90a -O3 -std=c++17 -I csrc benchmarks/wgmma_rate.cu -o /tmp/wgmma_rate \
           && /tmp/wgmma_rate; } 2>&1 | tee "$OUT/wgmma_rate.log"
       status=$((status | PIPESTATUS[0])) ;;
-    layer-knob-ab)  # a 0/1 kernel switch AB_KNOB read by the extension: the GPU test files AB_TESTS with it on, then
-      # the layer's per-kernel times at AB_POINTS (as gemm-ab) with it on, off, on, off
+    layer-knob-ab)  # 0/1 kernel switches AB_KNOB (one, or several separated by spaces) read by the extension: the GPU
+      # test files AB_TESTS with each switch on, then the layer's per-kernel times at AB_POINTS (as gemm-ab) with all
+      # off, each on alone and (several) all on, that sequence twice
       [ -n "${AB_KNOB:-}" ] || { echo "layer-knob-ab needs AB_KNOB"; exit 2; }
-      if [ -n "${AB_TESTS:-}" ]; then export "$AB_KNOB=1"; run_tests $AB_TESTS; unset "$AB_KNOB"; fi
-      for pass in 1a 0a 1b 0b; do
-        by_precision "${AB_POINTS:-fp8:qwen3:8192:balanced fp8:qwen3:2048:balanced}" \
-          env "$AB_KNOB=${pass:0:1}" python3 benchmarks/profile_moe.py points > "$OUT/${AB_KNOB}_$pass.log" 2>&1
-        echo "$AB_KNOB=$pass:"; grep -E "ms .* TFLOPS" "$OUT/${AB_KNOB}_$pass.log" | sed 's/^\[[^]]*\] //' | cut -c1-150
+      read -ra knobs <<< "$AB_KNOB"
+      if [ -n "${AB_TESTS:-}" ]; then
+        for knob in "${knobs[@]}"; do
+          echo "tests with $knob=1:"
+          export "$knob=1" PYTEST_LOG_TAG="_$knob"; run_tests $AB_TESTS; unset "$knob" PYTEST_LOG_TAG
+        done
+      fi
+      settings=("none" "${knobs[@]}"); [ ${#knobs[@]} -gt 1 ] && settings+=("all")
+      for pass in a b; do
+        for setting in "${settings[@]}"; do
+          env_on=(); for knob in "${knobs[@]}"; do
+            [[ $setting == all || $setting == "$knob" ]] && env_on+=("$knob=1") || env_on+=("$knob=0"); done
+          log="$OUT/layer_knob_${setting}_$pass.log"
+          by_precision "${AB_POINTS:-fp8:qwen3:8192:balanced fp8:qwen3:2048:balanced}" \
+            env "${env_on[@]}" python3 benchmarks/profile_moe.py points > "$log" 2>&1
+          echo "$setting ($pass):"; grep -E "ms .* TFLOPS" "$log" | sed 's/^\[[^]]*\] //' | cut -c1-150
+        done
       done ;;
     truth)
       python3 benchmarks/utilization_truth.py --preset "${TRUTH_PRESET:-olmoe-1b-7b}" --out "$OUT" 2>&1 \

@@ -104,9 +104,10 @@ cudaError_t launch(const CUtensorMap& map, const GemmArgs<T>& args, int device, 
   return launch_cluster_with_pdl(kernel, grid, gemm_threads<kBlockM>(), kSmem, kCluster, stream, map, args);
 }
 
-template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct, bool kARegs>
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct, bool kARegs,
+          bool kQuarters>
 cudaError_t launch_fp8_variant(const CUtensorMap& map, const Fp8GemmArgs& args, int device, cudaStream_t stream) {
-  auto kernel = moe_gemm_fp8_sm90_kernel<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, kARegs>;
+  auto kernel = moe_gemm_fp8_sm90_kernel<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, kARegs, kQuarters>;
   constexpr int kSmem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp>::kBytes;
   static int grid_per_device[64] = {};
   int grid;
@@ -117,14 +118,20 @@ cudaError_t launch_fp8_variant(const CUtensorMap& map, const Fp8GemmArgs& args, 
   return launch_cluster_with_pdl(kernel, grid, gemm_threads<kBlockM>(), kSmem, kCluster, stream, map, args);
 }
 
-// A from shared-memory descriptors; STATICMOE_FP8_A_REGS=1 (opt-in until a GPU run has checked and timed it,
-// benchmarks/NOTES.md "Session 22") reads A into registers once per K step for both halves' wgmmas.
+// A from shared-memory descriptors, each K step as two m64n128 halves. Opt-in until a GPU run has checked and timed
+// them (benchmarks/NOTES.md "Session 22", "Session 23"): STATICMOE_FP8_A_REGS=1 reads A into registers once per K
+// step for all of the step's wgmmas; STATICMOE_FP8_QUARTERS=1 runs the step as four pipelined m64n64 quarters.
 template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU>
 cudaError_t launch_fp8(const CUtensorMap& map, const Fp8GemmArgs& args, int device, cudaStream_t stream) {
   static const bool a_regs = env_knob("STATICMOE_FP8_A_REGS", 0, 0) != 0;
-  if (a_regs)
-    return launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, true>(map, args, device, stream);
-  return launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, false>(map, args, device, stream);
+  static const bool quarters = env_knob("STATICMOE_FP8_QUARTERS", 0, 0) != 0;
+  constexpr auto variant = [](bool regs, bool quarter) {  // the instantiation for the two switches
+    return regs ? (quarter ? launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, true, true>
+                           : launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, true, false>)
+                : (quarter ? launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, false, true>
+                           : launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, false, false>);
+  };
+  return variant(a_regs, quarters)(map, args, device, stream);
 }
 
 // Raster group size: kGroupM, or STATICMOE_RASTER_GROUP_M{1,2} (GEMM1 / GEMM2) for tuning probes.

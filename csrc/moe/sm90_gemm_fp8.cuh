@@ -8,6 +8,8 @@
 //     the same `full` barrier).
 //   - A is read from shared memory by the wgmmas (descriptors), once per 128-column half; with kARegs
 //     (STATICMOE_FP8_A_REGS=1, opt-in until measured) each warp loads its 16 rows into registers once per K step.
+//     With kQuarters (STATICMOE_FP8_QUARTERS=1, opt-in until measured) the step runs as four pipelined m64n64
+//     quarters so promotion overlaps the warpgroup's own wgmmas (consume_fp8).
 //   - Promotion (DeepGEMM's recipe): wgmma m64n128k32 e4m3 accumulates one K block of one 128-column half into
 //     `part`; after it retires, acc += part x a_scale[row] x b_scale[half] in fp32. WGMMA's own fp8 accumulation
 //     keeps fewer bits than fp32, so it never carries a sum across K blocks. The two halves of a 256-wide tile take
@@ -219,7 +221,22 @@ __device__ __forceinline__ void store_rows_staged(const float (&acc)[kBlockN / 2
   }
 }
 
-template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct, bool kARegs>
+// acc[offset ..] += part x (row scale): one K block's wgmma result promoted into the fp32 accumulators. In the
+// m64nN fragment, registers 4j and 4j + 1 belong to the thread's first row, 4j + 2 and 4j + 3 to its row + 8.
+template <int kN, int kAcc>
+__device__ __forceinline__ void promote(float (&acc)[kAcc], const float (&part)[kN], int offset, float s_lo,
+                                        float s_hi) {
+#pragma unroll
+  for (int j = 0; j < kN / 4; ++j) {
+    acc[offset + j * 4 + 0] = fmaf(part[j * 4 + 0], s_lo, acc[offset + j * 4 + 0]);
+    acc[offset + j * 4 + 1] = fmaf(part[j * 4 + 1], s_lo, acc[offset + j * 4 + 1]);
+    acc[offset + j * 4 + 2] = fmaf(part[j * 4 + 2], s_hi, acc[offset + j * 4 + 2]);
+    acc[offset + j * 4 + 3] = fmaf(part[j * 4 + 3], s_hi, acc[offset + j * 4 + 3]);
+  }
+}
+
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct, bool kARegs,
+          bool kQuarters>
 __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* smem, const float* scales,
                                             uint64_t* full, uint64_t* empty, __nv_bfloat16* bias_slices,
                                             uint8_t* out_stage, int32_t total, int32_t num_slots) {
@@ -247,7 +264,8 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
     float acc[kHalves * 64];
 #pragma unroll
     for (int i = 0; i < kHalves * 64; ++i) acc[i] = 0.f;
-    float part[64];
+    float part[64];                     // halves: one m64n128 partial set
+    float part_even[32], part_odd[32];  // kQuarters: two m64n64 partial sets, taking turns
     for (int32_t kt = 0; kt < k_iters; ++kt, ++g) {
       const int s = g % kStages;
       wait_stage<kStages, kGateUp>(full, g, kt, recorder, taken);
@@ -268,30 +286,56 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
       }
       const uint64_t da = sm90::smem_desc_k128_swizzle(a_tile + warpgroup * 64 * 128);
       const uint64_t db = sm90::smem_desc_k128_swizzle(a_tile + Smem::kABytes);
+      if constexpr (!kQuarters) {
 #pragma unroll
-      for (int h = 0; h < kHalves; ++h) {
-        sm90::fence_accumulators(part);
-        sm90::wgmma_fence();
+        for (int h = 0; h < kHalves; ++h) {
+          sm90::fence_accumulators(part);
+          sm90::wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < kFp8BlockK / 32; ++kk) {  // 32 bytes of K per instruction: descriptor + 2
-          if constexpr (kARegs)
-            sm90::wgmma_m64n128k32_e4m3_rs(part, a_frag[kk], db + h * (128 * 128 >> 4) + 2 * kk, kk > 0);
-          else
-            sm90::wgmma_m64n128k32_e4m3(part, da + 2 * kk, db + h * (128 * 128 >> 4) + 2 * kk, kk > 0);
+          for (int kk = 0; kk < kFp8BlockK / 32; ++kk) {  // 32 bytes of K per instruction: descriptor + 2
+            if constexpr (kARegs)
+              sm90::wgmma_m64n128k32_e4m3_rs(part, a_frag[kk], db + h * (128 * 128 >> 4) + 2 * kk, kk > 0);
+            else
+              sm90::wgmma_m64n128k32_e4m3(part, da + 2 * kk, db + h * (128 * 128 >> 4) + 2 * kk, kk > 0);
+          }
+          sm90::wgmma_commit();
+          sm90::wgmma_wait<0>();
+          sm90::fence_accumulators(part);
+          // After the last half, every read of this stage (scales included) is done.
+          if (h == kHalves - 1) release_stage<kStages, kCluster>(empty, g, lane);
+          promote(acc, part, h * 64, a_lo * b[h], a_hi * b[h]);
         }
-        sm90::wgmma_commit();
+      } else {
+        // kQuarters: 64-column quarters into two alternating partial sets. Quarter q's wgmmas are issued before
+        // quarter q - 1 is waited for and promoted, so the warpgroup's FMAs overlap its own tensor work (one drain
+        // per K step instead of one per half). The last quarter drains inside the step: a wgmma group in flight
+        // across the loop's back edge makes ptxas serialize every wgmma (C7514). Quarter q's fragment is
+        // acc[32q .. 32q + 31] in the m64n128 layout, so the epilogues are unchanged.
+        constexpr int kQuarterCount = kBlockN / 64;
+#pragma unroll
+        for (int q = 0; q < kQuarterCount; ++q) {
+          float(&cur)[32] = (q & 1) ? part_odd : part_even;
+          float(&prev)[32] = (q & 1) ? part_even : part_odd;
+          sm90::fence_accumulators(cur);
+          sm90::wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < kFp8BlockK / 32; ++kk) {
+            if constexpr (kARegs)
+              sm90::wgmma_m64n64k32_e4m3_rs(cur, a_frag[kk], db + q * (64 * 128 >> 4) + 2 * kk, kk > 0);
+            else
+              sm90::wgmma_m64n64k32_e4m3(cur, da + 2 * kk, db + q * (64 * 128 >> 4) + 2 * kk, kk > 0);
+          }
+          sm90::wgmma_commit();
+          if (q == 0) continue;
+          sm90::wgmma_wait<1>();
+          sm90::fence_accumulators(prev);
+          promote(acc, prev, (q - 1) * 32, a_lo * b[(q - 1) / 2], a_hi * b[(q - 1) / 2]);
+        }
+        float(&last)[32] = (kQuarterCount & 1) ? part_even : part_odd;
         sm90::wgmma_wait<0>();
-        sm90::fence_accumulators(part);
-        // After the last half, every read of this stage (scales included) is done.
-        if (h == kHalves - 1) release_stage<kStages, kCluster>(empty, g, lane);
-        const float s_lo = a_lo * b[h], s_hi = a_hi * b[h];
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          acc[h * 64 + j * 4 + 0] = fmaf(part[j * 4 + 0], s_lo, acc[h * 64 + j * 4 + 0]);
-          acc[h * 64 + j * 4 + 1] = fmaf(part[j * 4 + 1], s_lo, acc[h * 64 + j * 4 + 1]);
-          acc[h * 64 + j * 4 + 2] = fmaf(part[j * 4 + 2], s_hi, acc[h * 64 + j * 4 + 2]);
-          acc[h * 64 + j * 4 + 3] = fmaf(part[j * 4 + 3], s_hi, acc[h * 64 + j * 4 + 3]);
-        }
+        sm90::fence_accumulators(last);
+        release_stage<kStages, kCluster>(empty, g, lane);
+        promote(acc, last, (kQuarterCount - 1) * 32, a_lo * b[kHalves - 1], a_hi * b[kHalves - 1]);
       }
     }
 
@@ -311,7 +355,7 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
 }
 
 template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU,
-          bool kARegs = false>
+          bool kARegs = false, bool kQuarters = false>
 __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
     moe_gemm_fp8_sm90_kernel(const __grid_constant__ CUtensorMap weights, const Fp8GemmArgs args) {
   static_assert(kCluster == 1 || kBlockN == 256, "each CTA of a pair multicasts one of the two 128-row boxes");
@@ -330,7 +374,7 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
                                                               start.num_slots, start.cta_rank);
   } else {
     become_consumer<kBlockM>();
-    consume_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, kARegs>(
+    consume_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, kARegs, kQuarters>(
         args, smem, scales, full, empty, bias_slices, out_stage, start.total, start.num_slots);
   }
   finish_pipeline<kCluster>();
