@@ -24,7 +24,7 @@
 #   qk-fusion: the fused q/k norm + rotary's GPU tests and the decode kernels per step after it.
 #   gemm-ab: the grouped GEMMs of this tree against AB_BASE's csrc/ (per-kernel times at AB_POINTS, ABAB).
 #   layer-knob-ab: switches of the extension (AB_KNOB, space-separated): AB_TESTS with each on, then AB_POINTS' kernel
-#   times with all off, each on, all on (twice).
+#   times with all off, each on, all on (AB_SETTINGS: another list, `+` joining switches), per pass (AB_PASSES="a b").
 #   wgmma-rate: the FP8 mainloop's variants alone, cycles per K step (benchmarks/wgmma_rate.cu; no extension needed).
 #   tile-clocks: a probe build's per-tile clock64 stamps of the grouped GEMMs (benchmarks/profile_tile_clocks.py).
 set -uo pipefail
@@ -256,11 +256,13 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
         done
       fi
       settings=("none" "${knobs[@]}"); [ ${#knobs[@]} -gt 1 ] && settings+=("all")
-      for pass in a b; do
+      [ -n "${AB_SETTINGS:-}" ] && read -ra settings <<< "$AB_SETTINGS"  # e.g. "none A B A+B none"
+      for pass in ${AB_PASSES:-a b}; do
+        i=0
         for setting in "${settings[@]}"; do
           env_on=(); for knob in "${knobs[@]}"; do
-            [[ $setting == all || $setting == "$knob" ]] && env_on+=("$knob=1") || env_on+=("$knob=0"); done
-          log="$OUT/layer_knob_${setting}_$pass.log"
+            [[ $setting == all || +$setting+ == *"+$knob+"* ]] && env_on+=("$knob=1") || env_on+=("$knob=0"); done
+          tag=${setting//STATICMOE_/}; log="$OUT/layer_knob_$((i++))_${tag//+/-}_$pass.log"
           by_precision "${AB_POINTS:-fp8:qwen3:8192:balanced fp8:qwen3:2048:balanced}" \
             env "${env_on[@]}" python3 benchmarks/profile_moe.py points > "$log" 2>&1
           echo "$setting ($pass):"; grep -E "ms .* TFLOPS" "$log" | sed 's/^\[[^]]*\] //' | cut -c1-150

@@ -168,8 +168,9 @@ def test_cluster_threshold_knob(value, tile_rows, warns):
 
 def test_mainloop_microbenchmark_compiles_without_spills(tmp_path):
     """benchmarks/wgmma_rate.cu (gpu_check.sh wgmma-rate) builds from the kernels' headers for sm_90a, and none of its
-    ten mainloop kernels (5 variants, with and without the writer warpgroup) spills: a spill would put local-memory
-    traffic into the cycles per K step it reports."""
+    fourteen mainloop kernels (7 variants, with and without the writer warpgroup) spills: a spill would put
+    local-memory traffic into the cycles per K step it reports. Nor does ptxas serialise their wgmmas (C7514): the
+    pipelined variants exist to overlap promotion with wgmmas in flight."""
     import re
     import subprocess
     from pathlib import Path
@@ -184,5 +185,6 @@ def test_mainloop_microbenchmark_compiles_without_spills(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     kernels = re.findall(r"Compiling entry function '(_Z\d*mainloop_kernel\w*)'", run.stderr)
     spills = [int(m) for m in re.findall(r"(\d+) bytes spill stores", run.stderr)]
-    assert len(set(kernels)) == 10, kernels
-    assert len(spills) >= 10 and not any(spills), run.stderr[-3000:]
+    assert len(set(kernels)) == 14, kernels
+    assert len(spills) >= 14 and not any(spills), run.stderr[-3000:]
+    assert "C7514" not in run.stderr, run.stderr[-3000:]

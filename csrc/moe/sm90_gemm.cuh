@@ -238,15 +238,18 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
   auto* full = reinterpret_cast<uint64_t*>(smem + kStages * GemmSmem<kBlockM, kBlockN, kStages>::kStageBytes);
   uint64_t* empty = full + kStages;
   T* bias_slices = reinterpret_cast<T*>(empty + kStages);  // [math warps][kBlockN]
-  const PipelineStart start = start_pipeline<kBlockM, kStages, kCluster>(weights, args, full, empty);
+  start_pipeline<kBlockM, kStages, kCluster>(weights, full, empty);
   if (threadIdx.x < kProducerThreads) {
     become_producer<kBlockM>();
-    produce<T, kBlockM, kBlockN, kStages, kCluster, kGateUp>(weights, args, smem, full, empty, start.total,
-                                                              start.num_slots, start.cta_rank);
+    const TaskTiles tiles = task_tiles(args);
+    const uint32_t cta_rank = kCluster > 1 ? sm90::cluster_cta_rank() : 0;
+    produce<T, kBlockM, kBlockN, kStages, kCluster, kGateUp>(weights, args, smem, full, empty, tiles.total,
+                                                              tiles.num_slots, cta_rank);
   } else {
     become_consumer<kBlockM>();
-    consume<T, kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(args, smem, full, empty, bias_slices, start.total,
-                                                                   start.num_slots);
+    const TaskTiles tiles = task_tiles(args);
+    consume<T, kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(args, smem, full, empty, bias_slices, tiles.total,
+                                                                   tiles.num_slots);
   }
   finish_pipeline<kCluster>();
 }
