@@ -24,7 +24,8 @@
 #   qk-fusion: the fused q/k norm + rotary's GPU tests and the decode kernels per step after it.
 #   gemm-ab: the grouped GEMMs of this tree against AB_BASE's csrc/ (per-kernel times at AB_POINTS, ABAB).
 #   layer-knob-ab: switches of the extension (AB_KNOB, space-separated): AB_TESTS with each on, then AB_POINTS' kernel
-#   times with all off, each on, all on (AB_SETTINGS: another list, `+` joining switches), per pass (AB_PASSES="a b").
+#   times with all off, each on, all on (AB_SETTINGS: another list, `+` joining switches), per pass (AB_PASSES="a b");
+#   AB_TESTS_ALL=1 runs AB_TESTS once with every switch on instead of once per switch.
 #   wgmma-rate: the FP8 mainloop's variants alone, cycles per K step (benchmarks/wgmma_rate.cu; no extension needed).
 #   tile-clocks: a probe build's per-tile clock64 stamps of the grouped GEMMs (benchmarks/profile_tile_clocks.py).
 set -uo pipefail
@@ -249,7 +250,12 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
       # off, each on alone and (several) all on, that sequence twice
       [ -n "${AB_KNOB:-}" ] || { echo "layer-knob-ab needs AB_KNOB"; exit 2; }
       read -ra knobs <<< "$AB_KNOB"
-      if [ -n "${AB_TESTS:-}" ]; then
+      if [ -n "${AB_TESTS:-}" ] && [ "${AB_TESTS_ALL:-0}" = 1 ]; then  # once, every switch on together
+        echo "tests with ${knobs[*]} on:"
+        for knob in "${knobs[@]}"; do export "$knob=1"; done
+        PYTEST_LOG_TAG=_all run_tests $AB_TESTS
+        for knob in "${knobs[@]}"; do unset "$knob"; done
+      elif [ -n "${AB_TESTS:-}" ]; then
         for knob in "${knobs[@]}"; do
           echo "tests with $knob=1:"
           export "$knob=1" PYTEST_LOG_TAG="_$knob"; run_tests $AB_TESTS; unset "$knob" PYTEST_LOG_TAG
