@@ -238,18 +238,15 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
   auto* full = reinterpret_cast<uint64_t*>(smem + kStages * GemmSmem<kBlockM, kBlockN, kStages>::kStageBytes);
   uint64_t* empty = full + kStages;
   T* bias_slices = reinterpret_cast<T*>(empty + kStages);  // [math warps][kBlockN]
-  start_pipeline<kBlockM, kStages, kCluster>(weights, full, empty);
+  const PipelineStart start = start_pipeline<kBlockM, kStages, kCluster>(weights, args, full, empty);
   if (threadIdx.x < kProducerThreads) {
     become_producer<kBlockM>();
-    const TaskTiles tiles = task_tiles(args);
-    const uint32_t cta_rank = kCluster > 1 ? sm90::cluster_cta_rank() : 0;
-    produce<T, kBlockM, kBlockN, kStages, kCluster, kGateUp>(weights, args, smem, full, empty, tiles.total,
-                                                              tiles.num_slots, cta_rank);
+    produce<T, kBlockM, kBlockN, kStages, kCluster, kGateUp>(weights, args, smem, full, empty, start.total,
+                                                              start.num_slots, start.cta_rank);
   } else {
     become_consumer<kBlockM>();
-    const TaskTiles tiles = task_tiles(args);
-    consume<T, kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(args, smem, full, empty, bias_slices, tiles.total,
-                                                                   tiles.num_slots);
+    consume<T, kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(args, smem, full, empty, bias_slices, start.total,
+                                                                   start.num_slots);
   }
   finish_pipeline<kCluster>();
 }
