@@ -18,10 +18,37 @@ constexpr int kProducerRegs = 56;   // pointers of the gathered rows and loop st
 constexpr int kConsumerRegs = 224;  // 128 fp32 accumulators (FP8: 64 partial + 128 promoted) + epilogue;
                                     // 128*56 + 256*224 <= 64K
 
-// One tile of work, decoded the same way by the producer and every math warp.
-struct TileWork {
+// One tile of work, decoded by the producer and by every math warp, or posted by the producer (post_tile / take_tile).
+struct alignas(16) TileWork {
   int32_t expert, rows, m0, row_base, n_tile;
 };
+
+// Opt-in (the FP8 kernels' kFp8PostedTiles, STATICMOE_FP8_POSTED_TILES=1, until a GPU run has checked and timed it):
+// the math warps take each tile's TileWork from shared memory once the tile's first stage has landed, instead of
+// decoding the task map themselves: the decode is three dependent L2 loads (~1.3-2.2k cycles a tile on the H100,
+// with the tensor cores idle, benchmarks/NOTES.md "Session 22"), and the producer decodes every tile anyway, ahead
+// of time. A ring of kTileSlots: the producer's thread 0 writes tile t's slot at the tile's start, before its
+// arrival on the tile's first `full` barrier (an mbarrier arrive releases, the math warps' wait acquires). The slot
+// is free by then: the math warps read tile t - kTileSlots's slot before releasing that tile's first stage, and the
+// producer has waited for the release of a later stage (every tile has a K step, so kStages + 1 tiles span more
+// than kStages stages). The kernel places the ring at a fixed offset from its barriers (Fp8Smem::tile_ring), so
+// neither side keeps a pointer to it in registers (the FP8 producer has none to spare), and the tile's index in
+// this CTA's sequence comes from v.
+template <int kStages>
+constexpr int kTileSlots = kStages + 1;
+template <int kCluster>
+__device__ __forceinline__ int32_t tile_count(int32_t v) {  // this CTA's tiles before v (no counter kept live)
+  return (v - int32_t(blockIdx.x) / kCluster) / (int32_t(gridDim.x) / kCluster);
+}
+template <int kStages, int kCluster>
+__device__ __forceinline__ void post_tile(TileWork* ring, int32_t v, const TileWork& w) {
+  ring[tile_count<kCluster>(v) % kTileSlots<kStages>] = w;
+}
+template <int kStages, int kCluster>
+__device__ __forceinline__ TileWork take_tile(const TileWork* ring, uint64_t* full, int32_t v, uint32_t g) {
+  sm90::mbarrier_wait(&full[g % kStages], (g / kStages) & 1);
+  return ring[tile_count<kCluster>(v) % kTileSlots<kStages>];
+}
 
 // v / n_tiles is an M tile of the map, the remainder an N tile. Within an expert, tiles are rastered in groups of
 // args.group_m M tiles with M fastest: CTAs resident at the same time then share a few weight panels and a few
@@ -53,9 +80,8 @@ struct PipelineStart {
 // The kernel prologue before the warpgroups split. Thread 0 sets up the stage barriers; the CTA (or the cluster:
 // peers arrive on our barriers and multicast into our stages) syncs. All of this overlaps the previous kernel's
 // tail; the plan and the activations (x, quantised x or GEMM1's output) are read only after wait_for_predecessor.
-template <int kBlockM, int kStages, int kCluster, typename Args>
-__device__ __forceinline__ PipelineStart start_pipeline(const CUtensorMap& weights, const Args& args, uint64_t* full,
-                                                        uint64_t* empty) {
+template <int kBlockM, int kStages, int kCluster>
+__device__ __forceinline__ void init_pipeline(const CUtensorMap& weights, uint64_t* full, uint64_t* empty) {
   static_assert(kCluster == 1 || kCluster == 2, "a cluster is one CTA or a pair (peer = rank ^ 1)");
   if (threadIdx.x == 0) {
     sm90::prefetch_tensor_map(&weights);
@@ -67,11 +93,29 @@ __device__ __forceinline__ PipelineStart start_pipeline(const CUtensorMap& weigh
   }
   if constexpr (kCluster > 1) sm90::cluster_sync();
   else __syncthreads();
+}
+
+// The task map's non-empty slots and its tiles (times the N tiles of each).
+struct TaskTiles {
+  int32_t num_slots, total;
+};
+template <typename Args>
+__device__ __forceinline__ TaskTiles task_tiles(const Args& args) {
+  const int32_t num_slots = *args.map.num_slots;
+  return {num_slots, task_map_total_tiles(args.map.tile_prefix, num_slots) * args.n_tiles};
+}
+
+// init_pipeline, then the task map's totals read once before the warpgroups split. (The FP8 kernels' posted-tile
+// variant reads them in each warpgroup after setmaxnreg instead: ptxas spills a value live across setmaxnreg when
+// the producer is short of registers.)
+template <int kBlockM, int kStages, int kCluster, typename Args>
+__device__ __forceinline__ PipelineStart start_pipeline(const CUtensorMap& weights, const Args& args, uint64_t* full,
+                                                        uint64_t* empty) {
+  init_pipeline<kBlockM, kStages, kCluster>(weights, full, empty);
   const uint32_t cta_rank = kCluster > 1 ? sm90::cluster_cta_rank() : 0;
   wait_for_predecessor();
-  const int32_t num_slots = *args.map.num_slots;
-  const int32_t total = task_map_total_tiles(args.map.tile_prefix, num_slots) * args.n_tiles;
-  return {cta_rank, num_slots, total};
+  const TaskTiles tiles = task_tiles(args);
+  return {cta_rank, tiles.num_slots, tiles.total};
 }
 
 // setmaxnreg moves registers from the producer warpgroup to the math warpgroups. Only the 384-thread kernel is
@@ -124,8 +168,9 @@ __device__ __forceinline__ void release_stage(uint64_t* empty, uint32_t step, in
   if constexpr (kCluster > 1) sm90::mbarrier_arrive_cluster(&empty[step % kStages], sm90::cluster_cta_rank() ^ 1);
 }
 
-// The math warps' wait for K step kt's stage (k-step count g). Probe builds (common/tile_clocks.cuh) stamp the first
-// step's arrival and add the later steps' waiting to the tile's data-wait sum; elsewhere it is the bare wait.
+// The math warps' wait for K step kt's stage (k-step count g); after take_tile (kt = 0) it returns at once (the stage
+// cannot be refilled before these warps release it). Probe builds (common/tile_clocks.cuh) stamp the first step's
+// arrival and add the later steps' waiting to the tile's data-wait sum; elsewhere it is the bare wait.
 template <int kStages, bool kGateUp>
 __device__ __forceinline__ void wait_stage(uint64_t* full, uint32_t g, int32_t kt, bool recorder, int tile) {
   const unsigned long long waited_from = probe::now();  // 0 outside probe builds

@@ -3,7 +3,9 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <array>
 #include <mutex>
+#include <utility>
 
 #include "common/env_knob.h"
 #include "moe/sm90_gemm.cuh"
@@ -104,11 +106,11 @@ cudaError_t launch(const CUtensorMap& map, const GemmArgs<T>& args, int device, 
   return launch_cluster_with_pdl(kernel, grid, gemm_threads<kBlockM>(), kSmem, kCluster, stream, map, args);
 }
 
-template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct, bool kARegs,
-          bool kQuarters>
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct, int kOpts>
 cudaError_t launch_fp8_variant(const CUtensorMap& map, const Fp8GemmArgs& args, int device, cudaStream_t stream) {
-  auto kernel = moe_gemm_fp8_sm90_kernel<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, kARegs, kQuarters>;
-  constexpr int kSmem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp>::kBytes;
+  auto kernel = moe_gemm_fp8_sm90_kernel<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, kOpts>;
+  using Smem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp>;
+  constexpr int kSmem = Smem::template kBytes<(kOpts & kFp8PostedTiles) != 0>;
   static int grid_per_device[64] = {};
   int grid;
   if (cudaError_t err =
@@ -118,20 +120,36 @@ cudaError_t launch_fp8_variant(const CUtensorMap& map, const Fp8GemmArgs& args, 
   return launch_cluster_with_pdl(kernel, grid, gemm_threads<kBlockM>(), kSmem, kCluster, stream, map, args);
 }
 
-// A from shared-memory descriptors, each K step as two m64n128 halves. Opt-in until a GPU run has checked and timed
-// them (benchmarks/NOTES.md "Session 22", "Session 23"): STATICMOE_FP8_A_REGS=1 reads A into registers once per K
-// step for all of the step's wgmmas; STATICMOE_FP8_QUARTERS=1 runs the step as four pipelined m64n64 quarters.
+// The opt-in FP8 kernel variants (Fp8Opt, sm90_gemm_fp8.cuh) chosen by their STATICMOE_FP8_* switches, read once.
+int fp8_opts() {
+  static const int opts = (env_knob("STATICMOE_FP8_A_REGS", 0, 0) ? kFp8ARegs : 0) |
+                          (env_knob("STATICMOE_FP8_QUARTERS", 0, 0) ? kFp8Quarters : 0) |
+                          (env_knob("STATICMOE_FP8_POSTED_TILES", 0, 0) ? kFp8PostedTiles : 0) |
+                          (env_knob("STATICMOE_FP8_TANH_SILU", 0, 0) ? kFp8TanhSilu : 0);
+  return opts;
+}
+
+using Fp8Launch = cudaError_t (*)(const CUtensorMap&, const Fp8GemmArgs&, int, cudaStream_t);
+
+// One launcher per option set; GEMM2 has no activation, so its tanh bit maps to the variant without it.
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct, int... kOpts>
+constexpr std::array<Fp8Launch, sizeof...(kOpts)> fp8_variants(std::integer_sequence<int, kOpts...>) {
+  return {&launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct,
+                              kGateUp ? kOpts : (kOpts & ~kFp8TanhSilu)>...};
+}
+
+// The large tiles (128 rows) carry the opt-in variants; the decode tiles only the default.
 template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU>
 cudaError_t launch_fp8(const CUtensorMap& map, const Fp8GemmArgs& args, int device, cudaStream_t stream) {
-  static const bool a_regs = env_knob("STATICMOE_FP8_A_REGS", 0, 0) != 0;
-  static const bool quarters = env_knob("STATICMOE_FP8_QUARTERS", 0, 0) != 0;
-  constexpr auto variant = [](bool regs, bool quarter) {  // the instantiation for the two switches
-    return regs ? (quarter ? launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, true, true>
-                           : launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, true, false>)
-                : (quarter ? launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, false, true>
-                           : launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, false, false>);
-  };
-  return variant(a_regs, quarters)(map, args, device, stream);
+  if constexpr (kBlockM != 128) {
+    return launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, 0>(map, args, device, stream);
+  } else {
+    static constexpr auto variants = fp8_variants<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(
+        std::make_integer_sequence<int, kFp8OptCount>{});
+    // A posted tile is taken at its first K step's barrier: never with no K step (k < 128; the op refuses it anyway).
+    const int opts = args.k >= kFp8BlockK ? fp8_opts() : fp8_opts() & ~kFp8PostedTiles;
+    return variants[opts](map, args, device, stream);
+  }
 }
 
 // Raster group size: kGroupM, or STATICMOE_RASTER_GROUP_M{1,2} (GEMM1 / GEMM2) for tuning probes.

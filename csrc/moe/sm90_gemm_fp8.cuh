@@ -7,9 +7,9 @@
 //     stage holds the scale of every A row and of each 128-row half of the B tile (4-byte cp.async, completing on
 //     the same `full` barrier).
 //   - A is read from shared memory by the wgmmas (descriptors), once per 128-column half; with kARegs
-//     (STATICMOE_FP8_A_REGS=1, opt-in until measured) each warp loads its 16 rows into registers once per K step.
-//     With kQuarters (STATICMOE_FP8_QUARTERS=1, opt-in until measured) the step runs as four pipelined m64n64
-//     quarters so promotion overlaps the warpgroup's own wgmmas (consume_fp8).
+//     (kFp8ARegs) each warp loads its 16 rows into registers once per K step.
+//     With kFp8Quarters (STATICMOE_FP8_QUARTERS=1, opt-in until measured) the step runs as four pipelined m64n64
+//     quarters so promotion overlaps the warpgroup's own wgmmas (consume_fp8). Fp8Opt lists the opt-in variants.
 //   - Promotion (DeepGEMM's recipe): wgmma m64n128k32 e4m3 accumulates one K block of one 128-column half into
 //     `part`; after it retires, acc += part x a_scale[row] x b_scale[half] in fp32. WGMMA's own fp8 accumulation
 //     keeps fewer bits than fp32, so it never carries a sum across K blocks. The two halves of a 256-wide tile take
@@ -50,6 +50,16 @@ struct Fp8GemmArgs {
 
 constexpr int kFp8BlockK = 128;    // elements per K step = bytes per swizzled row = one scale block
 
+// Opt-in variants of the FP8 kernels, bits of their kOpts template parameter, each set by a STATICMOE_FP8_* switch
+// (sm90_gemm.cu) until a GPU run has checked and timed it (benchmarks/NOTES.md "Session 22", "Session 23").
+enum Fp8Opt : int {
+  kFp8ARegs = 1,        // STATICMOE_FP8_A_REGS: each warp's A rows read into registers once per K step
+  kFp8Quarters = 2,     // STATICMOE_FP8_QUARTERS: a K step as four pipelined m64n64 quarters (consume_fp8)
+  kFp8PostedTiles = 4,  // STATICMOE_FP8_POSTED_TILES: the math warps take the producer's TileWork (take_tile)
+  kFp8TanhSilu = 8,     // STATICMOE_FP8_TANH_SILU: GEMM1's activation with one MUFU (sigmoid_one_mufu)
+  kFp8OptCount = 16
+};
+
 // Each math warp writes its 16 output rows through a staging tile of 16 rows x 128 bytes (+ 16 bytes of padding, so
 // the fragment-layout writes hit distinct banks): GEMM2 64 bf16 columns at a time (store_rows_staged), GEMM1 its 128
 // e4m3 columns (store_quantised_rows_staged). Rows then leave as 16-byte stores of 8 lanes: whole 32-byte sectors,
@@ -65,12 +75,22 @@ struct Fp8Smem {
   static constexpr int kScaleStride = (kBlockM + 2 + 3) / 4 * 4;  // floats per stage: A rows, then B halves
   static constexpr int kBiasBytes = kBlockM / 16 * kBlockN * 2;   // one bf16 bias slice per math warp (tile_bias.cuh)
   static constexpr int kOutBytes = kBlockM * kOutStageRowBytes;  // (kBlockM / 16) warps x 16 rows
-  static constexpr int kBytes =
-      kStages * kStageBytes + kStages * kScaleStride * 4 + 2 * kStages * 8 + kBiasBytes + kOutBytes + 1024;
-  static_assert(kBytes <= 227 * 1024, "more shared memory than an sm_90 block may opt into");
+  // After the stages: their scales, the kStages `full` and kStages `empty` barriers, the bias slices, the output
+  // staging tiles and, for the posted-tile variant only, its ring of TileWork (last, so the default layout is the
+  // same with or without it).
+  static constexpr int kRingOffset = 2 * kStages * 8 + kBiasBytes + kOutBytes;  // bytes from `full`
+  static constexpr int kRingBytes = kTileSlots<kStages> * int(sizeof(TileWork));
+  static_assert((kStages * kScaleStride * 4 + kRingOffset) % alignof(TileWork) == 0, "the ring's TileWork alignment");
+  template <bool kPosted>
+  static constexpr int kBytes = kStages * kStageBytes + kStages * kScaleStride * 4 + 2 * kStages * 8 + kBiasBytes +
+                                kOutBytes + (kPosted ? kRingBytes : 0) + 1024;
+  static_assert(kBytes<true> <= 227 * 1024, "more shared memory than an sm_90 block may opt into");
+  static __device__ __forceinline__ TileWork* tile_ring(uint64_t* full) {
+    return reinterpret_cast<TileWork*>(reinterpret_cast<uint8_t*>(full) + kRingOffset);
+  }
 };
 
-template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp>
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, bool kPost>
 __device__ __forceinline__ void produce_fp8(const CUtensorMap& weights, const Fp8GemmArgs& args, uint8_t* smem,
                                             float* scales, uint64_t* full, uint64_t* empty, int32_t total,
                                             int32_t num_slots, uint32_t cta_rank) {
@@ -83,6 +103,7 @@ __device__ __forceinline__ void produce_fp8(const CUtensorMap& weights, const Fp
   uint32_t g = 0;  // k-steps loaded so far: stage g % kStages, pass g / kStages
   for (int32_t v = blockIdx.x / kCluster; v < total; v += gridDim.x / kCluster) {
     const TileWork w = decode_tile<kBlockM, kCluster>(args, v, num_slots, chunk_hint);
+    if (kPost && tid == 0) post_tile<kStages, kCluster>(Smem::tile_ring(full), v, w);  // for take_tile
     auto source_row = [&](int r) -> int64_t {  // row of `a` holding tile row r
       return kGateUp ? args.sorted_rows[w.row_base + r] / args.top_k : w.row_base + r;
     };
@@ -130,18 +151,44 @@ __device__ __forceinline__ void produce_fp8(const CUtensorMap& weights, const Fp
   sm90::cp_async_wait<0>();  // keep the CTA (and its shared memory) alive until every gather has landed
 }
 
+// sigmoid(z) = 0.5 + 0.5 tanh(z / 2) with one MUFU instruction (tanh.approx.f32, relative error ~2^-11, far below
+// the 2^-4 of the e4m3 rounding that follows) instead of two (EX2 and RCP): FP8 GEMM1's epilogue issued ~150 MUFU
+// per thread, ~2,400 of its ~3,760 cycles on an H100 at 4 MUFU lanes per SM sub-partition (benchmarks/NOTES.md
+// "Session 22"). The 16-bit kernel keeps the exact form.
+__device__ __forceinline__ float sigmoid_one_mufu(float z) {
+  float t;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(0.5f * z));
+  return fmaf(0.5f, t, 0.5f);
+}
+
+// act(gate, up) of FP8 GEMM1: activate() of sm90_gemm.cuh, or with kTanh the same functions through
+// sigmoid_one_mufu.
+template <Activation kAct, bool kTanh>
+__device__ __forceinline__ float activate_fp8(float gate, float up) {
+  if constexpr (!kTanh) {
+    return activate<kAct>(gate, up);
+  } else if constexpr (kAct == Activation::kSiLU) {
+    return gate * sigmoid_one_mufu(gate) * up;
+  } else {
+    static_assert(kAct == Activation::kSwigluOai);
+    gate = fminf(gate, kSwigluOaiLimit);
+    up = fminf(fmaxf(up, -kSwigluOaiLimit), kSwigluOaiLimit);
+    return (up + 1.f) * gate * sigmoid_one_mufu(kSwigluOaiAlpha * gate);
+  }
+}
+
 // GEMM1's epilogue for one row: h = act(gate, up) over the tile's 128 columns (32 per lane of the row's quad; the
 // biases are already in acc), quantised with the quad's amax into the row's 128 bytes of the staging tile; all lanes
 // call it (the shuffles need the whole warp). The scale goes to `scale_dst` unless it is null (a row past the end).
-template <Activation kAct>
+template <Activation kAct, bool kTanh>
 __device__ __forceinline__ void quantise_row_to_stage(const float (&acc)[128], int half, uint8_t* dst,
                                                       float* scale_dst, int lane) {
   float h[32];
   float amax = 0.f;
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
-    h[2 * j] = activate<kAct>(acc[j * 4 + half * 2], acc[(j + 16) * 4 + half * 2]);
-    h[2 * j + 1] = activate<kAct>(acc[j * 4 + half * 2 + 1], acc[(j + 16) * 4 + half * 2 + 1]);
+    h[2 * j] = activate_fp8<kAct, kTanh>(acc[j * 4 + half * 2], acc[(j + 16) * 4 + half * 2]);
+    h[2 * j + 1] = activate_fp8<kAct, kTanh>(acc[j * 4 + half * 2 + 1], acc[(j + 16) * 4 + half * 2 + 1]);
     amax = fmaxf(amax, fmaxf(fabsf(h[2 * j]), fabsf(h[2 * j + 1])));
   }
   amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
@@ -156,7 +203,7 @@ __device__ __forceinline__ void quantise_row_to_stage(const float (&acc)[128], i
 // GEMM1's epilogue for one math warp's 16 rows (warp_row0 .. warp_row0 + 15 of the tile) through the warp's staging
 // tile: each row's 128 e4m3 bytes leave as 8 lanes' 16-byte stores (rows are consecutive in the sorted order). From
 // the fragments a warp store covered 8 rows x 8 bytes; this took GEMM1 -5% (T=8192) to -8% (T=32768) on the H100.
-template <Activation kAct>
+template <Activation kAct, bool kTanh>
 __device__ __forceinline__ void store_quantised_rows_staged(const float (&acc)[128], const Fp8GemmArgs& args,
                                                             const TileWork& w, int warp_row0, uint8_t* stage,
                                                             int lane) {
@@ -166,7 +213,7 @@ __device__ __forceinline__ void store_quantised_rows_staged(const float (&acc)[1
     const int r = warp_row0 + lane / 4 + half * 8;
     const bool row_ok = w.m0 + r < w.rows;
     const int64_t row = w.row_base + r;
-    quantise_row_to_stage<kAct>(acc, half, stage + (lane / 4 + half * 8) * kOutStageRowBytes,
+    quantise_row_to_stage<kAct, kTanh>(acc, half, stage + (lane / 4 + half * 8) * kOutStageRowBytes,
                                 row_ok ? args.out_scale + row * (args.n_out / 128) + w.n_tile : nullptr, lane);
   }
   __syncwarp();
@@ -235,14 +282,14 @@ __device__ __forceinline__ void promote(float (&acc)[kAcc], const float (&part)[
   }
 }
 
-template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct, bool kARegs,
-          bool kQuarters>
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct, int kOpts>
 __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* smem, const float* scales,
                                             uint64_t* full, uint64_t* empty, __nv_bfloat16* bias_slices,
                                             uint8_t* out_stage, int32_t total, int32_t num_slots) {
   using Smem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp>;
   using Bias = TileBias<__nv_bfloat16, kBlockN>;
   constexpr int kHalves = kBlockN / 128;
+  constexpr bool kARegs = kOpts & kFp8ARegs, kQuarters = kOpts & kFp8Quarters, kPosted = kOpts & kFp8PostedTiles;
   static_assert(!kGateUp || kHalves == 2, "GEMM1 tiles hold 128 gate and 128 up rows: one output scale group");
   const int tid = threadIdx.x - kProducerThreads, warpgroup = tid / 128, lane = tid & 31, warp = (tid / 32) & 3;
   const int r_lo = warpgroup * 64 + warp * 16 + lane / 4;  // this thread's rows: r_lo and r_lo + 8
@@ -254,7 +301,9 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
   uint32_t g = 0;  // k-steps consumed so far, in step with the producer
   for (int32_t v = blockIdx.x / kCluster; v < total; v += gridDim.x / kCluster, ++taken) {
     probe::tile_clock<kGateUp>(recorder, taken, probe::kTileStart);
-    const TileWork w = decode_tile<kBlockM, kCluster>(args, v, num_slots, chunk_hint);
+    // kPosted: the producer's TileWork, after the first stage's wait (the probe's "decode" then includes that wait)
+    const TileWork w = kPosted ? take_tile<kStages, kCluster>(Smem::tile_ring(full), full, v, g)
+                               : decode_tile<kBlockM, kCluster>(args, v, num_slots, chunk_hint);
     probe::tile_clock<kGateUp>(recorder, taken, probe::kTileDecoded);
     if (kCluster > 1 && w.m0 >= w.rows) {  // nothing to compute: pass the stages through for the peer's sake
       g = pass_stages_through<kStages, kCluster>(full, empty, k_iters, g, lane);
@@ -345,7 +394,7 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
     if (args.bias) Bias::add(acc, bias_slice, lane);  // in fp32, before the activation / routing weight
     uint8_t* const stage = out_stage + (tid / 32) * 16 * kOutStageRowBytes;
     if constexpr (kGateUp) {
-      store_quantised_rows_staged<kAct>(acc, args, w, warpgroup * 64 + warp * 16, stage, lane);
+      store_quantised_rows_staged<kAct, (kOpts & kFp8TanhSilu) != 0>(acc, args, w, warpgroup * 64 + warp * 16, stage, lane);
     } else {
       store_rows_staged<kBlockN>(acc, args, w, warpgroup * 64 + warp * 16, stage, lane);
     }
@@ -355,7 +404,7 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
 }
 
 template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU,
-          bool kARegs = false, bool kQuarters = false>
+          int kOpts = 0>
 __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
     moe_gemm_fp8_sm90_kernel(const __grid_constant__ CUtensorMap weights, const Fp8GemmArgs args) {
   static_assert(kCluster == 1 || kBlockN == 256, "each CTA of a pair multicasts one of the two 128-row boxes");
@@ -367,15 +416,32 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
   uint64_t* empty = full + kStages;
   auto* bias_slices = reinterpret_cast<__nv_bfloat16*>(empty + kStages);  // [math warps][kBlockN]
   uint8_t* out_stage = reinterpret_cast<uint8_t*>(bias_slices) + Smem::kBiasBytes;  // [math warps][16 rows]
-  const PipelineStart start = start_pipeline<kBlockM, kStages, kCluster>(weights, args, full, empty);
+  // The task map's totals: read once before the warpgroups split, except in the posted-tile variant, whose producer
+  // is short of registers: there each warpgroup reads them after setmaxnreg (a value live across it is spilled).
+  constexpr bool kPosted = (kOpts & kFp8PostedTiles) != 0;
+  PipelineStart start{};
+  if constexpr (kPosted) {
+    init_pipeline<kBlockM, kStages, kCluster>(weights, full, empty);
+    wait_for_predecessor();
+  } else {
+    start = start_pipeline<kBlockM, kStages, kCluster>(weights, args, full, empty);
+  }
+  auto totals = [&]() -> PipelineStart {
+    if constexpr (!kPosted) return start;
+    const TaskTiles tiles = task_tiles(args);
+    return {kCluster > 1 ? sm90::cluster_cta_rank() : 0u, tiles.num_slots, tiles.total};
+  };
   if (threadIdx.x < kProducerThreads) {
     become_producer<kBlockM>();
-    produce_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp>(weights, args, smem, scales, full, empty, start.total,
-                                                              start.num_slots, start.cta_rank);
+    const PipelineStart s = totals();
+    produce_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp, kPosted>(weights, args, smem, scales, full, empty,
+                                                                      s.total, s.num_slots, s.cta_rank);
   } else {
     become_consumer<kBlockM>();
-    consume_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, kARegs, kQuarters>(
-        args, smem, scales, full, empty, bias_slices, out_stage, start.total, start.num_slots);
+    const PipelineStart s = totals();
+    consume_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, kOpts>(args, smem, scales, full, empty,
+                                                                          bias_slices, out_stage, s.total,
+                                                                          s.num_slots);
   }
   finish_pipeline<kCluster>();
 }
