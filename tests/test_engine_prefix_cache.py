@@ -188,3 +188,19 @@ def test_gpu_cached_prefixes_give_the_logits_of_full_prefills_within_bf16_spread
             continue  # a different first token: the second token's inputs differ
         err = relative_error(cached[(rid, n)], reference)
         assert err <= 2 * spread + 1e-3, (rid, n, err, spread, relative_error(batched[(rid, n)], reference))
+
+
+def test_a_cached_prompt_that_fills_the_cache_is_admitted_when_nothing_runs():
+    """100 blocks of 16 (watermark 1 block), context = capacity = 1600 tokens. A 1599-token prompt runs once; sent
+    again, 99 of its blocks are a cache hit and the rest of the cache is one block: admission must not hold that
+    block back as a watermark while nothing runs (it did: the request, and the one queued behind it, waited
+    forever)."""
+    engine = LLMEngine(EngineConfig(model="tiny", num_kv_blocks=100, max_num_batched_tokens=2048, max_num_seqs=4))
+    assert engine.max_model_len == 1600 and engine.scheduler.watermark_blocks == 1
+    prompt = [random.Random(0).randrange(32, 127) for _ in range(1599)]
+    first = run(engine, {"first": (prompt, SamplingParams(max_tokens=1, **GREEDY))}, max_steps=50)["first"]
+    outputs = run(engine, {"again": (prompt, SamplingParams(max_tokens=1, **GREEDY)),
+                           "short": ([65, 66, 67], SamplingParams(max_tokens=2, **GREEDY))}, max_steps=50)
+    assert tokens_of(outputs["again"]) == tokens_of(first)
+    assert engine.scheduler.prefix_cache_hits_total == 99 * 16
+    assert len(tokens_of(outputs["short"])) == 2

@@ -204,3 +204,15 @@ def test_processed_logprobs_are_the_distribution_sampled_from():
     assert out.sampled_ids[1].item() == 9  # greedy with the bias
     # the sample was recorded: row 0's count of its token went up by one
     assert state.counts[row, out.sampled_ids[0]].item() == outputs.count(out.sampled_ids[0].item()) + 1
+
+
+def test_penalties_with_every_slot_taken_and_synchronous_steps():
+    """max_num_seqs=1 with synchronous steps (--no-async-scheduling; every multi-rank model): a sequence's last
+    token is read back at the end of its step, and the next request is admitted and samples in the next step. The
+    finished sequence's penalty row must be free by then (it was handed back only when that token was emitted,
+    after the next step sampled: 'more than 1 sequences use penalties at once', a failed engine)."""
+    engine = LLMEngine(EngineConfig(model="tiny", max_num_seqs=1, async_scheduling=False))
+    params = SamplingParams(max_tokens=3, presence_penalty=0.5, temperature=0.0, ignore_eos=True)
+    outputs = run(engine, {"a": ([65, 66], params), "b": ([67, 68], params)}, max_steps=50)
+    assert [len(tokens_of(outputs[r])) for r in "ab"] == [3, 3]
+    assert sorted(engine.sampling.penalties.free) == [0]  # both rows handed back once, none twice

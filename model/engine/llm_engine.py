@@ -343,6 +343,7 @@ class LLMEngine:
             if seq.finish_reason is not None:
                 del seq.token_ids[index + 1 :]  # a placeholder for a token sampled past the end
                 self.scheduler.finish(seq, seq.finish_reason)  # frees its blocks before the next schedule
+                self.sampling.release(seq)  # and its penalty row: the next step may admit a sequence that needs one
             token_logprobs = None if row_logprobs is None else row_logprobs[rows[id(seq)]]
             self._pending.append((seq, token, index + 1 - seq.num_prompt_tokens, token_logprobs))
         # going idle: copy the expert counters now, so metrics are complete while no steps run

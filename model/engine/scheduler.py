@@ -162,7 +162,10 @@ class Scheduler:
                 break  # preempted while its last token was in flight: its prompt is not known in full yet
             cached = bm.cached_prefix(seq)  # empty without prefix caching
             num_cached = len(cached) * bm.block_size
-            free = bm.num_free_blocks - bm.num_reclaimed_by(cached) - self.watermark_blocks
+            # the watermark keeps room for the running sequences' growth; with none running it would only keep a
+            # prompt that fits from ever being admitted (its cached prefix takes the rest), and the queue behind it
+            watermark = self.watermark_blocks if self.running else 0
+            free = bm.num_free_blocks - bm.num_reclaimed_by(cached) - watermark
             chunk = min(seq.num_tokens - num_cached, budget, bm.tokens_for_free_blocks(free))
             if chunk <= 0:
                 break
