@@ -25,7 +25,8 @@
 #   gemm-ab: the grouped GEMMs of this tree against AB_BASE's csrc/ (per-kernel times at AB_POINTS, ABAB).
 #   layer-knob-ab: switches of the extension (AB_KNOB, space-separated): AB_TESTS with each on, then AB_POINTS' kernel
 #   times with all off, each on, all on (AB_SETTINGS: another list, `+` joining switches), per pass (AB_PASSES="a b");
-#   AB_TESTS_ALL=1 runs AB_TESTS once with every switch on instead of once per switch.
+#   AB_TESTS_ALL=1 runs AB_TESTS once with every switch on instead of once per switch. A switch written NAME=VALUE is
+#   on at VALUE (off: NAME=0), e.g. STATICMOE_WG_SKEW_CYCLES=1500; settings name it the same way.
 #   wgmma-rate: the FP8 mainloop's variants alone, cycles per K step (benchmarks/wgmma_rate.cu; no extension needed).
 #   tile-clocks: a probe build's per-tile clock64 stamps of the grouped GEMMs (benchmarks/profile_tile_clocks.py).
 set -uo pipefail
@@ -53,6 +54,7 @@ run_tests() {  # one process per file: a failed test's traceback must not pin an
     [ $rc -ne 0 ] && [ $rc -ne 5 ] && grep -E "^(FAILED|ERROR)|^E  " "$OUT/pytest_$(basename "$f" .py)${PYTEST_LOG_TAG:-}.log" | head -8
   done
 }
+knob_on() { [[ $1 == *=* ]] && echo "$1" || echo "$1=1"; }  # a layer-knob-ab switch as NAME=VALUE when on
 extension_so() { python3 -c 'from model.kernels import _C; print(_C.__file__)'; }  # the installed extension
 by_precision() {  # POINTS CMD...: CMD --fp8 on the points prefixed `fp8:` (prefix dropped), then CMD on the rest
   local -a pts fp8=() b16=(); local p
@@ -252,13 +254,13 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
       read -ra knobs <<< "$AB_KNOB"
       if [ -n "${AB_TESTS:-}" ] && [ "${AB_TESTS_ALL:-0}" = 1 ]; then  # once, every switch on together
         echo "tests with ${knobs[*]} on:"
-        for knob in "${knobs[@]}"; do export "$knob=1"; done
+        for knob in "${knobs[@]}"; do export "$(knob_on "$knob")"; done
         PYTEST_LOG_TAG=_all run_tests $AB_TESTS
-        for knob in "${knobs[@]}"; do unset "$knob"; done
+        for knob in "${knobs[@]}"; do unset "${knob%%=*}"; done
       elif [ -n "${AB_TESTS:-}" ]; then
         for knob in "${knobs[@]}"; do
-          echo "tests with $knob=1:"
-          export "$knob=1" PYTEST_LOG_TAG="_$knob"; run_tests $AB_TESTS; unset "$knob" PYTEST_LOG_TAG
+          echo "tests with $(knob_on "$knob"):"
+          export "$(knob_on "$knob")" PYTEST_LOG_TAG="_${knob//=/_}"; run_tests $AB_TESTS; unset "${knob%%=*}" PYTEST_LOG_TAG
         done
       fi
       settings=("none" "${knobs[@]}"); [ ${#knobs[@]} -gt 1 ] && settings+=("all")
@@ -266,11 +268,11 @@ model_source; model_source(argparse.Namespace(preset='${API_PRESET:-qwen3-30b-a3
       for pass in ${AB_PASSES:-a b}; do
         i=0
         for setting in "${settings[@]}"; do
-          env_on=(); for knob in "${knobs[@]}"; do
-            [[ $setting == all || +$setting+ == *"+$knob+"* ]] && env_on+=("$knob=1") || env_on+=("$knob=0"); done
-          tag=${setting//STATICMOE_/}; log="$OUT/layer_knob_$((i++))_${tag//+/-}_$pass.log"
+          env_on=(); env_off=(); for knob in "${knobs[@]}"; do  # offs first: a variable listed twice ends on
+            [[ $setting == all || +$setting+ == *"+$knob+"* ]] && env_on+=("$(knob_on "$knob")") || env_off+=("${knob%%=*}=0"); done
+          tag=${setting//STATICMOE_/}; tag=${tag//=/_}; log="$OUT/layer_knob_$((i++))_${tag//+/-}_$pass.log"
           by_precision "${AB_POINTS:-fp8:qwen3:8192:balanced fp8:qwen3:2048:balanced}" \
-            env "${env_on[@]}" python3 benchmarks/profile_moe.py points > "$log" 2>&1
+            env "${env_off[@]}" "${env_on[@]}" python3 benchmarks/profile_moe.py points > "$log" 2>&1
           echo "$setting ($pass):"; grep -E "ms .* TFLOPS" "$log" | sed 's/^\[[^]]*\] //' | cut -c1-150
         done
       done ;;
