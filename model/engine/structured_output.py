@@ -12,6 +12,13 @@ Flow: the service compiles a request's grammar once (`compile_grammar`, on its t
 one bitmask row per constrained sequence just before sampling — after launching the step's forward pass, so the
 host computes masks while the device runs the model — and the sampler applies the bitmask on the device
 (model/engine/logit_masks.py). Once a grammar is complete (only EOS could follow), the sequence stops.
+
+Cost bounds (`LIMITS`): llguidance builds a grammar's lexer lazily, at the first mask, and its defaults let one
+crafted regex spend over a second there (`(a{1000}){1001}`: 1.1-1.4 s on one CPU core, then a failure at the
+first token). So `Grammar` computes the first mask and takes one probe step when it is compiled, on the tokenizer
+threads, under limits about ten times tighter than llguidance's: a grammar that is unsatisfiable or exceeds them is
+a `GrammarError` (a 400) before it reaches the engine thread, and every later mask runs under the same per-step
+limits (a grammar that exceeds them mid-output fails that sequence only; llm_engine.py).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import threading
 
 import llguidance
 import torch
-from llguidance import LLExecutor, LLMatcher, LLTokenizer, TokenizerWrapper
+from llguidance import LLExecutor, LLMatcher, LLParserLimits, LLTokenizer, TokenizerWrapper
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +39,12 @@ logger = logging.getLogger(__name__)
 KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
 _COMPACT_JSON = {"whitespace_flexible": False}  # no free whitespace: random weights would fill it forever
 _lock = threading.Lock()
+# llguidance's defaults / 10 (lexer build, per-mask lexer work, lexer states) and / 2.5 (Earley items per mask).
+# Measured on one core of the CPU machine: the lexer build of `(a{1000}){1001}` is bounded to ~0.1 s (1.1-1.4 s
+# with the defaults), a recursive schema's first mask to ~30 ms (50-90 ms); a 60-property JSON schema, regexes and
+# JSON objects with a 50k-token BPE compile and run unchanged (tests/test_structured_limits.py).
+LIMITS = LLParserLimits(initial_lexer_fuel=100_000, step_lexer_fuel=100_000, step_max_items=20_000,
+                        max_lexer_states=50_000, verbose_errors=False)
 
 
 class GrammarError(ValueError):
@@ -133,8 +146,20 @@ def _lark_literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def matcher_error(matcher: LLMatcher) -> str:
+    """The matcher's error, for a client: llguidance's text without its state dump marker."""
+    text = matcher.get_error().replace("<non-verbose/>", "").strip()
+    if text.startswith("NoExtensionBias"):
+        return "no output can satisfy this constraint"
+    return text
+
+
 class Grammar:
     """A compiled constraint: a matcher in its start state, copied for every sequence that uses it.
+
+    Made on the tokenizer threads: the first mask is computed here (which builds the lexer, the costly part), and
+    a copy takes one step with the first token it allows, so a grammar that cannot produce anything or exceeds
+    `LIMITS` on its first step is a GrammarError here, not a stall or a failure on the engine thread.
 
     Copies share the compiled lexer behind one lock: the masks of 64 copies of one Grammar fill one at a time
     whatever llguidance's pool size (CPU time / wall time 1.00 with 2 threads, against 1.5-1.8 for 64 separately
@@ -144,20 +169,52 @@ class Grammar:
     def __init__(self, text: str, tokenizer: LLTokenizer, description: str):
         self.text = text
         self.description = description
-        self._start = LLMatcher(tokenizer, text, log_level=0)
+        self._start = LLMatcher(tokenizer, text, log_level=0, limits=LIMITS)
+        self._probe(tokenizer)
         if self._start.is_error():
-            raise GrammarError(self._start.get_error())
+            raise GrammarError(matcher_error(self._start))
+
+    def _probe(self, tokenizer: LLTokenizer) -> None:
+        """First mask, then one step on a copy (copies share the lexer, so this warms it too): an error in either
+        (unsatisfiable, or over LIMITS: e.g. a lexer that ran out of fuel building itself) is a GrammarError."""
+        if self._start.is_error():
+            return
+        mask = self._start.compute_bitmask()
+        if self._start.is_error():
+            return
+        eos = set(tokenizer.eos_tokens if hasattr(tokenizer, "eos_tokens") else [tokenizer.eos_token])
+        token = _first_allowed(mask, eos)
+        if token is None:
+            return  # only EOS: the empty output is complete
+        probe = self._start.deep_copy()
+        if probe.consume_token(token) and not probe.is_stopped():
+            probe.compute_bitmask()
+        if probe.is_error():
+            raise GrammarError(f"exceeds the structured-output engine's limits after its first token "
+                               f"({matcher_error(probe)})")
 
     def new_matcher(self) -> LLMatcher:
         return self._start.deep_copy()
 
 
+def _first_allowed(mask: bytes, exclude: set[int]) -> int | None:
+    """The lowest token id whose bit is set in an llguidance bitmask (bit t % 8 of byte t // 8), outside `exclude`."""
+    for i, byte in enumerate(mask):
+        while byte:
+            low = byte & -byte
+            token = i * 8 + low.bit_length() - 1
+            if token not in exclude:
+                return token
+            byte ^= low
+    return None
+
+
 def compile_grammar(kind: str, spec, tokenizer, vocab_size: int, eos_token_ids: list[int]) -> Grammar:
     ll = grammar_tokenizer(tokenizer, vocab_size, eos_token_ids)
     text = grammar_text(kind, spec)
-    error = LLMatcher.validate_grammar(text, ll)
+    error = LLMatcher.validate_grammar(text, ll, limits=LIMITS)
     if error:
-        raise GrammarError(error.strip())
+        raise GrammarError(error.replace("<non-verbose/>", "").strip())
     return Grammar(text, ll, kind)
 
 
