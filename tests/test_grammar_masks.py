@@ -98,11 +98,33 @@ def test_advance_grammars_completes_and_rejects():
     assert sampling.advance_grammars([(seqs[0], ord("b")), (seqs[1], ord("a"))]) == {seqs[0], seqs[1]}
     assert seqs[0].matcher.is_stopped() and not seqs[0].matcher.is_error()
     assert seqs[1].matcher.is_error()
+    # a rejected token marks its sequence as failed (the engine ends it with an error, not "stop")
+    assert seqs[0].error is None and free.error is None
+    assert seqs[1].error[0] == seqs[2].error[0] == "structured_output_failed"
 
 
 @pytest.fixture(scope="module")
 def engine():
     return LLMEngine(EngineConfig(model="tiny", max_num_seqs=8, max_num_batched_tokens=64, async_scheduling=True))
+
+
+def test_a_grammar_that_breaks_mid_output_ends_with_an_error_not_stop(engine, monkeypatch):
+    """What the engine does when a grammar fails on a sampled token (the grammar engine hit its limits on that
+    path, or a mask was wrong; simulated by dropping the masks): the sequence ends with finish_reason "error", and
+    the rejected token is not part of its output, which a "stop" would report as a complete structured output."""
+    real = engine.sampling.extras
+
+    def unmasked(seqs):
+        extras = real(seqs)
+        extras.grammar_rows, extras.grammar_bitmask = [], None
+        return extras
+
+    monkeypatch.setattr(engine.sampling, "extras", unmasked)
+    g = compile_grammar("regex", "ab", engine.tokenizer, engine.model_config.vocab_size, engine.eos_token_ids)
+    outs = run(engine, {"r": ([120], SamplingParams(max_tokens=5, temperature=0.0, allowed_token_ids=[97], grammar=g))})
+    assert [t for o in outs["r"] for t in o.new_token_ids] == [97]  # "a", then "a" again: rejected, not output
+    assert outs["r"][-1].finish_reason == "error" and outs["r"][-1].error[0] == "structured_output_failed"
+    assert not engine.has_unfinished_requests()
 
 
 def test_grammars_with_stop_strings_under_asynchronous_scheduling(engine):

@@ -47,12 +47,14 @@ class RequestOutput:
     new_token_ids: list[int]
     new_text: str
     finished: bool
-    finish_reason: str | None  # None | "stop" | "length" | "abort"
+    finish_reason: str | None  # None | "stop" | "length" | "abort" | "error"
     num_prompt_tokens: int
     num_output_tokens: int
     stop_reason: str | int | None = None  # the stop string or stop token id; None for EOS and length
     logprobs: list[TokenLogprobs] | None = None  # one per new token, when params.logprobs is set
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # with a request's first output (None: 1st token)
+    error: tuple[str, str] | None = None  # (code, message) with finish_reason "error": no valid next token (its
+    # constraints allowed none, or its grammar failed); the output so far does not satisfy them
 
 
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
@@ -78,6 +80,7 @@ class _LaunchedStep:
     copied: "torch.cuda.Event | None"
     logprobs: LogprobsTensors | None = None  # host copies (behind `copied` too) of the sampled rows' logprobs
     prompt: _PromptRows | None = None
+    no_token: torch.Tensor | None = None  # [S] bool host copy (behind `copied`): the row had no allowed token
 
 
 @dataclass
@@ -157,7 +160,8 @@ class LLMEngine:
 
         self._active_ids: set[str] = set()  # added and not yet finished
         self._abort_outputs: list[RequestOutput] = []
-        self._pending: list[tuple[Sequence, int, int]] = []  # (sequence, token, its output count) to emit
+        # (sequence, token, its output count, its logprobs) to emit; token None: the sequence ended with seq.error
+        self._pending: list[tuple[Sequence, int | None, int, object]] = []
         self._in_flight: _LaunchedStep | None = None  # launched, its sampled ids not read yet
         self.async_scheduling = config.async_scheduling and self.workers is None
         self._arrivals = 0
@@ -280,10 +284,13 @@ class LLMEngine:
                                      extras)
         sampled_ids = result.sampled_ids  # [S] on the device
         prompt = self._prompt_logprobs(fwd) if fwd.prompt_owners else None
-        host_ids, copied, host_logprobs = sampled_ids, None, result.logprobs
+        host_ids, copied, host_logprobs, no_token = sampled_ids, None, result.logprobs, result.no_token
         if sampled_ids.is_cuda:
             host_ids = torch.empty(sampled_ids.shape, dtype=sampled_ids.dtype, pin_memory=True)
             host_ids.copy_(sampled_ids, non_blocking=True)
+            if no_token is not None:
+                no_token = torch.empty(no_token.shape, dtype=no_token.dtype, pin_memory=True).copy_(
+                    result.no_token, non_blocking=True)
             host_logprobs = None if result.logprobs is None else result.logprobs.to_host()
             if prompt is not None:
                 prompt.host = prompt.host.to_host()
@@ -298,7 +305,7 @@ class LLMEngine:
             if index + 1 - seq.num_prompt_tokens >= seq.params.max_tokens or index + 1 >= self.max_model_len:
                 seq.final_in_flight = True  # not scheduled again: this token ends it whatever it is
         self.moe.end_step(sched.num_tokens)
-        return _LaunchedStep(pending, sampled_ids, host_ids, copied, host_logprobs, prompt)
+        return _LaunchedStep(pending, sampled_ids, host_ids, copied, host_logprobs, prompt, no_token)
 
     def _prompt_logprobs(self, fwd: _Forward) -> _PromptRows:
         """Raw logprobs of the prompt tokens predicted by the step's prompt rows, on the device."""
@@ -329,13 +336,26 @@ class LLMEngine:
         if step.logprobs is not None:
             row_logprobs = step.logprobs.rows(sampled, [seq.params.logprobs for seq, _ in step.pending])
         got = self.scheduler.resolve(step.pending, sampled)
+        if step.no_token is not None:  # rows whose constraints allowed no token: their sample is not one
+            dead = {id(step.pending[row][0]) for row in step.no_token.nonzero().flatten().tolist()}
+            for seq, index in got:
+                if id(seq) in dead:
+                    seq.error = ("no_allowed_token", f"No token satisfies the request's constraints at output token "
+                                 f"{index + 1 - seq.num_prompt_tokens} (allowed_token_ids, bad_words, min_tokens "
+                                 f"and the structured output exclude every token)")
         complete = self.sampling.advance_grammars([(seq, seq.token_ids[index]) for seq, index in got
-                                                   if seq.matcher is not None])
+                                                   if seq.matcher is not None and seq.error is None])
         if len(got) < len(step.pending):
             self.moe.drop_tokens(len(step.pending) - len(got))
         rows = {id(seq): row for row, (seq, _) in enumerate(step.pending)} if row_logprobs is not None else None
         for seq, index in got:
             token = seq.token_ids[index]
+            if seq.error is not None:  # the token is not output: the sequence ends here, with its error
+                del seq.token_ids[index:]
+                self.scheduler.finish(seq, "error")
+                self.sampling.release(seq)
+                self._pending.append((seq, None, index - seq.num_prompt_tokens, None))
+                continue
             grammar_done = seq in complete
             check_stop_token(seq, token, self.eos_token_ids, self.max_model_len, num_tokens=index + 1)
             if grammar_done and seq.finish_reason is None:  # complete: this token is text, then it stops
@@ -355,6 +375,11 @@ class LLMEngine:
         for seq, token, num_output_tokens, token_logprobs in pending:
             if seq.finish_reason == "abort":
                 continue  # its final output is already out
+            if token is None:  # ended by seq.error: no token, and no more text (what was held back is dropped)
+                outputs.append(RequestOutput(seq.request_id, [], "", True, "error", seq.num_prompt_tokens,
+                                             num_output_tokens, None, error=seq.error))
+                self._release(seq)
+                continue
             detokenize_and_check_stop_strings(seq, token, num_output_tokens)
             finished = seq.finish_reason is not None
             if finished and not seq.is_finished:  # a stop string: leave the scheduler now

@@ -9,6 +9,10 @@ with (and across preemption: exactly one row of noise is drawn per generated tok
 What the host decides per step (which tokens a row bans, the grammar masks, the penalty-state rows) comes in
 `SamplingExtras`; everything is applied by batched device ops. Logprobs (model/engine/logprobs.py) are computed
 here from the same logits, before the edits (raw) or after them (processed).
+
+A row whose edits leave no token allowed (every logit -inf: contradictory constraints, or a grammar that allows
+nothing) has no valid sample; `SamplerOutput.no_token` flags it on the device (no host sync: the engine copies it
+back with the sampled ids) and the engine ends that sequence with an error instead of emitting the token.
 """
 
 from dataclasses import dataclass, field
@@ -41,6 +45,8 @@ class SamplingExtras:
 class SamplerOutput:
     sampled_ids: torch.Tensor  # [B] int64 on the device
     logprobs: LogprobsTensors | None = None  # rows of the batch; None when no row asked
+    no_token: torch.Tensor | None = None  # [B] bool on the device: the row's edits allowed no token (its id is
+    # meaningless); None when no row was masked
 
 
 class Sampler:
@@ -69,7 +75,9 @@ class Sampler:
         raw = None
         if k_logprobs is not None and self.logprobs_mode is LogprobsMode.RAW:
             raw = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
+        masked = bool(extras.grammar_rows or extras.banned or any(p.allowed_token_ids is not None for p in params))
         logits = self._edit(logits, params, extras)  # [B, V] float32 (a new tensor when edited)
+        no_token = torch.isneginf(logits).all(dim=-1) if masked else None  # [B]
         greedy_ids = logits.argmax(dim=-1)  # [B]
         processed = logits
         if all(p.greedy for p in params):
@@ -77,7 +85,7 @@ class Sampler:
         else:
             sampled, processed = self._draw(logits, params, generators, greedy_ids)
         self._record_penalties(extras, sampled)
-        out = SamplerOutput(sampled)
+        out = SamplerOutput(sampled, no_token=no_token)
         if k_logprobs is not None:
             source = raw if raw is not None else torch.log_softmax(processed, dim=-1)
             out.logprobs = LogprobsTensors.compute(source, sampled, k_logprobs)

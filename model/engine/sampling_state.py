@@ -16,7 +16,7 @@ import torch
 from model.engine.penalties import PenaltyState
 from model.engine.sampler import SamplingExtras
 from model.engine.sequence import Sequence
-from model.engine.structured_output import GrammarMasks
+from model.engine.structured_output import GrammarMasks, matcher_error
 
 logger = logging.getLogger(__name__)
 
@@ -67,20 +67,23 @@ class SequenceSampling:
         return extras
 
     def advance_grammars(self, sampled: list[tuple[Sequence, int]]) -> set[Sequence]:
-        """Advance each constrained sequence's grammar by its sampled token; the sequences whose output is now
-        complete: nothing but EOS may follow, or the grammar broke (which the masks prevent; logged). A plain
-        loop: consume_token takes 3-5 us a token, and llguidance's batched LLExecutor.consume_token_par was slower
-        for 64 sequences (0.5-0.7 ms against 0.2-0.3 ms on the 2-core CPU machine)."""
-        complete = set()
+        """Advance each constrained sequence's grammar by its sampled token; the sequences whose grammar is done:
+        complete (nothing but EOS may follow), or broken (the token was rejected or the grammar engine hit its
+        limits: `seq.error` says so, and the token is not part of the output). A plain loop: consume_token takes
+        3-5 us a token, and llguidance's batched LLExecutor.consume_token_par was slower for 64 sequences
+        (0.5-0.7 ms against 0.2-0.3 ms on the 2-core CPU machine)."""
+        done = set()
         for seq, token in sampled:
             matcher = seq.matcher
             if matcher is not None and (not matcher.consume_token(token) or matcher.is_stopped()):
                 if matcher.is_error():
                     self._rejected(seq, token)
-                complete.add(seq)
-        return complete
+                done.add(seq)
+        return done
 
     @staticmethod
     def _rejected(seq: Sequence, token: int) -> None:
-        logger.warning("request %s: token %d rejected by its grammar (%s); stopping it", seq.request_id, token,
-                       seq.matcher.get_error())
+        reason = matcher_error(seq.matcher)
+        logger.warning("request %s: token %d rejected by its grammar (%s); ending it with an error", seq.request_id,
+                       token, reason)
+        seq.error = ("structured_output_failed", f"The structured output could not continue: {reason}")

@@ -38,7 +38,8 @@ class Sequence:
         self.block_hashes: list[bytes] = []  # chained hash of each full block of known tokens, in order
         self.num_committed_blocks = 0  # leading blocks of block_table already offered to the prefix cache
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at its first admission
-        self.finish_reason: str | None = None  # "stop" | "length" | "abort"
+        self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+        self.error: tuple[str, str] | None = None  # (code, message) of an "error" end: no valid next token
         self.stop_reason: str | int | None = None  # the stop string or stop token id that ended it
         self.stopped_after_text = False  # its last token is text that completed its grammar (not a stop token)
         self.detokenizer = None  # IncrementalDetokenizer, set by the engine
