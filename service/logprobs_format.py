@@ -28,9 +28,19 @@ class TokenTexts:
         self.tokenizer = tokenizer
         self.as_ids = as_ids
         self._bytes = functools.lru_cache(maxsize=65536)(tokenizer.token_bytes)
+        self._skipped: dict[int, bool] = {}
 
     def bytes(self, token_id: int) -> bytes:
         return self._bytes(token_id)
+
+    def skipped(self, token_id: int) -> bool:
+        """Whether skip_special_tokens leaves the token out of the text (a special token: it has bytes, its text
+        when skipped is empty)."""
+        skipped = self._skipped.get(token_id)
+        if skipped is None:
+            skipped = self._skipped[token_id] = (bool(self._bytes(token_id)) and
+                                                 self.tokenizer.decode([token_id], skip_special_tokens=True) == "")
+        return skipped
 
     def text(self, token_id: int) -> str:
         if self.as_ids:
@@ -43,10 +53,12 @@ class TokenTexts:
 
 
 class CompletionLogprobs:
-    """Accumulates the completions shape for one choice; `chunk` gives the part for new tokens (streaming)."""
+    """Accumulates the completions shape for one choice; `add` returns the part for new tokens (streaming).
+    `text_offset` indexes the choice's text: a special token that skip_special_tokens leaves out adds nothing."""
 
-    def __init__(self, texts: TokenTexts):
+    def __init__(self, texts: TokenTexts, skip_special_tokens: bool = True):
         self.texts = texts
+        self.skip_special_tokens = skip_special_tokens
         self.offset = 0  # characters of the choice's text before the next token
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")  # bytes -> characters, across tokens
         self.value = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
@@ -59,7 +71,8 @@ class CompletionLogprobs:
             text = self.texts.text(token_id)
             part["tokens"].append(text)
             part["text_offset"].append(self.offset)
-            self.offset += len(self.decoder.decode(self.texts.bytes(token_id)))
+            if not (self.skip_special_tokens and self.texts.skipped(token_id)):
+                self.offset += len(self.decoder.decode(self.texts.bytes(token_id)))
             if entry is None:
                 part["token_logprobs"].append(None)
                 part["top_logprobs"].append(None)

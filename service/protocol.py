@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model.engine.sampling_params import LOGIT_BIAS_LIMIT, MAX_LOGPROBS
 from service.errors import bad_request
@@ -36,9 +36,27 @@ TokenIds = Annotated[list[TokenId], Field(min_length=1, fail_fast=True)]
 
 
 class StrictModel(BaseModel):
-    """Strict types; unknown fields are kept aside (model_extra) for service/request_fields.py to refuse."""
+    """Strict types; unknown fields are kept aside (model_extra) for service/request_fields.py to refuse.
+
+    An explicit JSON null for a field that has a default means that default: OpenAI types its optional fields
+    "<type> or null" (`"temperature": null`, `"stream": null`), vLLM declares them Optional, and typed SDKs send
+    unset optionals as null. Only null is let through this way; any other value is validated strictly."""
 
     model_config = ConfigDict(strict=True, extra="allow", json_schema_extra={"additionalProperties": False})
+    _null_means_default: ClassVar[frozenset[str]] = frozenset()  # JSON keys of the fields with a non-null default
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls._null_means_default = frozenset(field.alias or name for name, field in cls.model_fields.items()
+                                            if not field.is_required() and field.default is not None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls_of_defaulted_fields(cls, data):
+        if isinstance(data, dict) and None in data.values():
+            return {k: v for k, v in data.items() if v is not None or k not in cls._null_means_default}
+        return data
 
 
 class StreamOptions(StrictModel):

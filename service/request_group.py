@@ -1,8 +1,10 @@
 """RequestGroup: the engine requests of one HTTP request (n choices of each prompt), seen from the event loop.
 
 Iterate it for (choice index, RequestOutput). The iteration raises the ApiError that ended the group early: the
-engine failed or stalled, the server drained past its deadline, or the request outlived --request-timeout (a timer,
-not a wait per token, so the deadline costs nothing while tokens flow).
+engine failed or stalled, the server drained past its deadline, the request outlived --request-timeout (a timer,
+not a wait per token, so the deadline costs nothing while tokens flow), or a choice ended with an error (its
+constraints left no valid token: finish_reason "error"; a 400 naming why, since its output so far does not satisfy
+them, and the other choices are aborted).
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ class RequestGroup:
             self.abort()
             raise item
         index, output = item
+        if output.finished and output.finish_reason == "error":
+            self.abort()
+            code, message = output.error or ("structured_output_failed", "The output could not continue")
+            raise ApiError(400, message, code=code)
         if output.finished:
             self.unfinished.discard(self.request_ids[index])
             if not self.unfinished:

@@ -34,6 +34,24 @@ def check_token_ids(body: SamplingRequest, vocab_size: int) -> None:
                               "invalid_token_id")
 
 
+def check_allowed_tokens(body: SamplingRequest, bad_words: list[list[int]], eos_token_ids: list[int]) -> None:
+    """400 when allowed_token_ids leaves nothing to sample: every id is a one-token bad word, or (while min_tokens
+    holds) a stop token or EOS. Contradictions found only while generating (a grammar's) end the choice with an
+    error (finish_reason "error" in the engine)."""
+    if body.allowed_token_ids is None:
+        return
+    banned = {word[0] for word in bad_words if len(word) == 1}
+    names = ["bad_words"]
+    if body.min_tokens > 0:
+        banned |= set(body.stop_token_ids or []) | (set() if body.ignore_eos else set(eos_token_ids))
+        names += ["stop_token_ids" if body.stop_token_ids else None, None if body.ignore_eos else "EOS",
+                  "min_tokens"]
+    if set(body.allowed_token_ids) <= banned:
+        because = ", ".join(n for n in names if n)
+        raise bad_request(f"Every token in allowed_token_ids is banned (by {because}): nothing could be generated",
+                          "allowed_token_ids", "conflicting_constraints")
+
+
 def sampling_params(body: SamplingRequest, max_tokens: int, *, logprobs: int | None, prompt_logprobs: int | None,
                     bad_words: list[list[int]], grammar=None, ignore_eos: bool | None = None) -> list[SamplingParams]:
     stops = body.stop_strings()

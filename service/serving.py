@@ -24,7 +24,7 @@ from fastapi.responses import StreamingResponse
 from model.engine import SamplingParams
 from service.engine_client import EngineClient
 from service.engine_interface import ServingEngine
-from service.errors import ApiError, bad_request
+from service.errors import ApiError, bad_request, error_body
 from service.protocol import SamplingRequest
 from service.request_fields import check_unknown_fields
 from service.request_group import RequestGroup
@@ -205,8 +205,9 @@ class OpenAIServing:
                     yield sse(c)
             for c in final_chunks():
                 yield sse(c)
-        except ApiError as err:  # engine failure mid-stream: the status line is gone, so report in-band
-            yield sse({"error": {"message": err.message, "type": "server_error", "param": None, "code": err.code}})
+        except ApiError as err:  # failure mid-stream: the status line is gone, so report in-band (the body and
+            # type the same failure gets without streaming)
+            yield sse(error_body(err.status, err.message, err.param, err.code))
         finally:
             group.abort()  # no-op when every choice finished; frees KV blocks when the client left early
         yield sse("[DONE]")

@@ -20,7 +20,8 @@ from service.prompts import chat_prompt_ids
 from service.protocol import new_id, now
 from service.protocol_chat import ChatCompletionRequest, NamedToolChoice
 from service.reasoning import get_reasoning_parser, prompt_opens_thinking
-from service.sampling import bad_words_token_ids, check_token_ids, sampling_params, truncate_prompt
+from service.sampling import (bad_words_token_ids, check_allowed_tokens, check_token_ids, sampling_params,
+                              truncate_prompt)
 from service.serving import EventStreamResponse, OpenAIServing, Usage, has_content, stream_chunk
 from service.structured_request import compile_constraint, requested_constraint
 from service.tool_parsers import get_tool_parser
@@ -128,6 +129,7 @@ async def chat(serving: OpenAIServing, body: ChatCompletionRequest, request: Req
     max_tokens = serving.resolve_max_tokens(body.requested_max_tokens(), None, [len(prompt)], context, "max_tokens")
     if body.min_tokens > max_tokens:
         raise bad_request(f"min_tokens ({body.min_tokens}) exceeds max_tokens ({max_tokens})", "min_tokens")
+    check_allowed_tokens(body, bad_words, engine.eos_token_ids)
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens, logprobs=top, prompt_logprobs=body.prompt_logprobs,
                              bad_words=bad_words, grammar=grammar)

@@ -13,7 +13,8 @@ from service.errors import bad_request
 from service.logprobs_format import CompletionLogprobs, TokenTexts, prompt_logprobs
 from service.prompts import completion_prompt_ids
 from service.protocol import CompletionRequest, new_id, now
-from service.sampling import bad_words_token_ids, check_token_ids, sampling_params, truncate_prompt
+from service.sampling import (bad_words_token_ids, check_allowed_tokens, check_token_ids, sampling_params,
+                              truncate_prompt)
 from service.serving import EventStreamResponse, OpenAIServing, Usage, has_content, stream_chunk
 from service.structured_request import compile_constraint, requested_constraint
 
@@ -30,7 +31,7 @@ class _Choice:
         self.token_ids: list[int] = []
         self.finish_reason = self.stop_reason = None
         self.started = False
-        self.logprobs = CompletionLogprobs(texts) if body.logprobs is not None else None
+        self.logprobs = CompletionLogprobs(texts, body.skip_special_tokens) if body.logprobs is not None else None
         self.echo_logprobs = body.echo and body.logprobs is not None
         self.prompt_logprobs = None
         self.want_prompt_logprobs = body.prompt_logprobs is not None
@@ -59,6 +60,14 @@ class _Choice:
             self.stop_reason = None if self.echo_only else output.stop_reason
         return text, part
 
+    def logprobs_value(self) -> dict | None:
+        """The whole choice's logprobs; offsets past the text (tokens of a stop string cut from it) are its end."""
+        if self.logprobs is None:
+            return None
+        value = dict(self.logprobs.value)
+        value["text_offset"] = [min(o, len(self.text)) for o in value["text_offset"]]
+        return value
+
 
 async def completions(serving: OpenAIServing, body: CompletionRequest, request: Request) -> Response:
     serving.check_request(body)
@@ -84,8 +93,10 @@ async def completions(serving: OpenAIServing, body: CompletionRequest, request: 
     echo_only = body.echo and body.max_tokens == 0
     requested = 1 if echo_only else body.max_tokens
     max_tokens = serving.resolve_max_tokens(requested, DEFAULT_MAX_TOKENS, prompt_lens, context, "max_tokens")
-    if body.min_tokens > max_tokens:
-        raise bad_request(f"min_tokens ({body.min_tokens}) exceeds max_tokens ({max_tokens})", "min_tokens")
+    if body.min_tokens > (0 if echo_only else max_tokens):
+        raise bad_request(f"min_tokens ({body.min_tokens}) exceeds max_tokens ({0 if echo_only else max_tokens})",
+                          "min_tokens")
+    check_allowed_tokens(body, bad_words, engine.eos_token_ids)
     scored = body.logprobs if body.echo and body.logprobs is not None else None
     prompt_k = max((k for k in (body.prompt_logprobs, scored) if k is not None), default=None)
     params = sampling_params(body, max_tokens, logprobs=body.logprobs, prompt_logprobs=prompt_k,
@@ -143,7 +154,7 @@ async def completions(serving: OpenAIServing, body: CompletionRequest, request: 
     return JSONResponse({
         "id": request_id, "object": "text_completion", "created": created, "model": serving.served_model_name,
         "choices": [{"index": c.index, "text": c.text,
-                     "logprobs": c.logprobs.value if c.logprobs is not None else None,
+                     "logprobs": c.logprobs_value(),
                      "finish_reason": c.finish_reason, "stop_reason": c.stop_reason, **extras(c)}
                     for c in choices],
         "usage": usage.as_dict()})

@@ -98,6 +98,39 @@ def test_invalid_chat_bodies_get_400_naming_the_field(served, body, param):
     assert_error(post(served, "/v1/chat/completions", body), 400, param, "invalid_request_error")
 
 
+CONFLICTING_CONSTRAINTS = [  # allowed_token_ids that leave nothing to sample (the API hunt's D4: token 0 came out)
+    ({"allowed_token_ids": [98], "bad_words": ["b"]}, "bad_words"),
+    ({"allowed_token_ids": [98, 99], "bad_words": ["b", "c"]}, "bad_words"),
+    ({"allowed_token_ids": [256], "min_tokens": 3}, "EOS"),
+    ({"allowed_token_ids": [97, 256], "min_tokens": 1, "stop_token_ids": [97]}, "stop_token_ids"),
+]
+
+
+@pytest.mark.parametrize("extra,named", CONFLICTING_CONSTRAINTS, ids=lambda v: json.dumps(v)[:60])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_allowed_token_ids_that_every_ban_excludes_get_400_naming_both(served, extra, named, path):
+    body = {"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
+    error = assert_error(post(served, path, {**body, "max_tokens": 5, **extra}), 400, "allowed_token_ids",
+                         "invalid_request_error")
+    assert error["code"] == "conflicting_constraints" and named in error["message"], error
+
+
+@pytest.mark.parametrize("extra", [{"allowed_token_ids": [98, 99], "bad_words": ["b"]},
+                                   {"allowed_token_ids": [256], "min_tokens": 3, "ignore_eos": True},
+                                   {"allowed_token_ids": [256], "stop_token_ids": [256]}])
+def test_allowed_token_ids_with_a_token_left_are_served(served, extra):
+    r = post(served, "/v1/completions", {"prompt": "x", "max_tokens": 3, "return_token_ids": True, **extra})
+    assert r.status_code == 200, r.text
+    assert set(r.json()["choices"][0]["token_ids"]) <= set(extra["allowed_token_ids"])
+
+
+def test_min_tokens_with_echo_and_max_tokens_0_is_a_400(served):
+    """max_tokens 0 with echo scores the prompt (one token is generated internally and dropped): min_tokens 1
+    asks for more output than max_tokens allows."""
+    assert_error(post(served, "/v1/completions", {"prompt": "x", "max_tokens": 0, "echo": True, "min_tokens": 1}),
+                 400, "min_tokens")
+
+
 @pytest.mark.parametrize("raw", [b'{"prompt": "a",', b"", b"not json", b"[1, 2]", b"null", b'"a string"',
                                  b'{"prompt": "a", "temperature": NaN}', b"\xff\xfe{}"])
 def test_malformed_json_gets_400(served, raw):

@@ -85,7 +85,9 @@ def test_a_hung_step_turns_health_and_ready_to_503_and_ends_requests_in_flight()
         for t in threads:
             t.join(30)
         assert answers[0].status_code == 503 and answers[0].json()["error"]["code"] == "engine_stalled"
-        assert in_band_error(lines)["code"] == "engine_stalled"
+        in_band = in_band_error(lines)
+        assert in_band["code"] == "engine_stalled"
+        assert in_band["type"] == answers[0].json()["error"]["type"] == "service_unavailable_error"  # same failure
         refused = httpx.post(server.base_url + "/v1/completions", json=body, timeout=30)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_stalled"
 
@@ -110,7 +112,10 @@ def test_requests_end_at_their_deadline():
         answer = httpx.post(server.base_url + "/v1/completions", json=body, timeout=30)
         assert answer.status_code == 504 and answer.json()["error"]["code"] == "request_timeout", answer.text
         stream.join(30)
-        assert in_band_error(lines)["code"] == "request_timeout"
+        in_band = in_band_error(lines)
+        assert in_band["code"] == "request_timeout"
+        # the same error as without streaming (it used to say "server_error" whatever the failure)
+        assert in_band["type"] == answer.json()["error"]["type"] == "timeout_error"
         assert time.monotonic() - started < 15
         client.engine.release.set()
 

@@ -147,3 +147,28 @@ def test_logprobs_off_by_default_and_token_ids_spelling(client):
     r = client.completions.create(model="tiny", prompt="a", max_tokens=2, logprobs=1,
                                   extra_body={"return_tokens_as_token_ids": True, "return_token_ids": True})
     assert r.choices[0].logprobs.tokens == [f"token_id:{t}" for t in r.choices[0].model_extra["token_ids"]]
+
+
+@pytest.mark.parametrize("body,text", [
+    ({"prompt": [256, 257, 97], "max_tokens": 0, "echo": True}, "a"),  # special prompt tokens, echoed
+    ({"prompt": "x", "max_tokens": 4, "allowed_token_ids": [257, 97], "temperature": 1.0, "seed": 0,
+      "ignore_eos": True}, None),  # special tokens generated among text
+])
+def test_text_offset_indexes_the_returned_text_when_special_tokens_are_skipped(served, body, text):
+    """OpenAI's text_offset[i] is where token i starts in `text`. Special tokens that skip_special_tokens (the
+    default) leaves out of the text add nothing: [256, 257, 97] echoed is "a" with offsets [0, 0, 0], not
+    [0, 13, 25] (the special tokens' own lengths)."""
+    import httpx
+
+    r = httpx.post(served.base_url + "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60,
+                   json={**body, "logprobs": 0, "return_token_ids": True})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    offsets, tokens = choice["logprobs"]["text_offset"], choice["logprobs"]["tokens"]
+    if text is not None:
+        assert choice["text"] == text and offsets == [0, 0, 0]
+    ids = body["prompt"] if body.get("echo") else choice["token_ids"]
+    assert any(i >= 256 for i in ids) and any(i < 256 for i in ids), ids
+    shown = [t if i < 256 else "" for i, t in zip(ids, tokens)]  # the byte tokenizer's special ids are >= 256
+    assert offsets == [len("".join(shown[:i])) for i in range(len(shown))], (choice["text"], tokens, offsets)
+    assert "".join(shown) == choice["text"]

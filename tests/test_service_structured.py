@@ -173,3 +173,90 @@ def test_a_tokenizer_the_grammar_engine_cannot_index_gets_a_400_not_a_500(tmp_pa
         assert plain.status_code == 200 and plain.json()["usage"]["completion_tokens"] == 4
     finally:
         server.stop()
+
+
+# ---- grammars the engine cannot follow: never a successful "stop" ------------------------------------------------
+@pytest.mark.parametrize("constraint", [
+    {"regex": "(a{1000}){1000}"},  # beyond the grammar engine's limits (its lexer runs out of fuel)
+    {"json": {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}},  # recursive: no instance
+    {"grammar": "start: start"},  # unsatisfiable
+    {"json": {"$ref": "#"}},
+    {"regex": "[^\\x00-\\U0010FFFF]"},
+], ids=lambda c: str(c)[:30])
+def test_a_grammar_that_cannot_be_followed_is_a_400_before_generation(served, constraint):
+    """Found by the API hunt: these came back as finish_reason "stop" with text like "{" or "a" (the grammar
+    engine failed mid-output and the failure read as completion). Now compiled with a first step: a 400."""
+    r = httpx.post(served.base_url + "/v1/completions", headers=served.headers, timeout=120, json={
+        "prompt": "x", "max_tokens": 50, "temperature": 0, "structured_outputs": constraint})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "invalid_grammar" and error["param"].startswith("structured_outputs."), error
+
+
+def test_a_grammar_left_with_no_allowed_token_ends_with_an_error_whole_or_streamed(served):
+    """regex "ab" with allowed_token_ids [98] ("b"): the grammar needs "a" first, so no token satisfies both. The
+    choice used to come back as "\\u0000" (token 0), finish_reason "stop". Now a 400 no_allowed_token, and a stream
+    carries the same error in-band (the status line went out before generation)."""
+    body = {"prompt": "x", "max_tokens": 5, "temperature": 0, "structured_outputs": {"regex": "ab"},
+            "allowed_token_ids": [98], "return_token_ids": True}
+    r = httpx.post(served.base_url + "/v1/completions", json=body, headers=served.headers, timeout=120)
+    assert r.status_code == 400, r.text
+    whole = r.json()["error"]
+    assert whole["code"] == "no_allowed_token" and whole["type"] == "invalid_request_error", whole
+    lines = []
+    with httpx.stream("POST", served.base_url + "/v1/completions", json={**body, "stream": True},
+                      headers=served.headers, timeout=120) as stream:
+        assert stream.status_code == 200
+        lines = [line for line in stream.iter_lines() if line]
+    errors = [json.loads(line[6:])["error"] for line in lines if line.startswith('data: {"error"')]
+    assert len(errors) == 1 and lines[-1] == "data: [DONE]", lines
+    assert (errors[0]["type"], errors[0]["code"]) == (whole["type"], whole["code"])
+    assert not any('"finish_reason": "stop"' in line for line in lines), lines
+
+
+def test_pathological_regexes_neither_stall_the_engine_nor_fail_other_requests():
+    """The API hunt's D1: 16 requests of ~100 bytes, each a regex whose lexer took over a second to build on the
+    engine thread, stalled it: with --engine-stall-timeout 5 every request in flight (an unrelated stream too) got
+    503 engine_stalled and /health said stalled. Now each is a 400 from the tokenizer threads, and the unrelated
+    stream's tokens keep flowing."""
+    import asyncio
+    import threading
+    import time
+
+    from tests.service_fixtures import ServerProcess
+
+    server = ServerProcess(["--max-model-len", "512", "--engine-stall-timeout", "5"])
+    try:
+        server.wait_healthy()
+        victim: dict = {}
+
+        def run_victim():
+            gaps, last = [], None
+            with httpx.stream("POST", server.base_url + "/v1/completions", timeout=300, json={
+                    "prompt": "hi", "max_tokens": 300, "ignore_eos": True, "stream": True}) as r:
+                for line in filter(None, r.iter_lines()):
+                    now = time.monotonic()
+                    gaps.append(now - last if last is not None else 0.0)
+                    last = now
+                    victim.setdefault("lines", []).append(line)
+            victim["status"], victim["worst_gap"] = r.status_code, max(gaps)
+
+        thread = threading.Thread(target=run_victim)
+        thread.start()
+        time.sleep(0.2)
+
+        async def attack():
+            async with httpx.AsyncClient(timeout=300) as client:
+                return await asyncio.gather(*[client.post(server.base_url + "/v1/completions", json={
+                    "prompt": "x", "max_tokens": 3, "structured_outputs": {"regex": "(a{1000}){%d}" % (1000 + i)}})
+                    for i in range(16)])
+
+        answers = asyncio.run(attack())
+        thread.join(300)
+        assert {(a.status_code, a.json()["error"]["code"]) for a in answers} == {(400, "invalid_grammar")}
+        assert victim["status"] == 200 and not any('"error"' in line for line in victim["lines"]), victim["lines"][-3:]
+        assert victim["lines"][-1] == "data: [DONE]"
+        assert victim["worst_gap"] < 2.0, victim["worst_gap"]  # was 5.7 s, then the stall failed it
+        assert httpx.get(server.base_url + "/health", timeout=10).status_code == 200
+    finally:
+        server.stop()
