@@ -9,6 +9,11 @@ from dataclasses import dataclass, field
 
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
+# Over any published context (Llama 4 Scout: 10M); RotaryEmbedding allocates its tables for every position up front.
+MAX_POSITIONS = 2**24
+# ModelConfig fields that config.json spells otherwise in every family, for error messages
+JSON_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+              "num_kv_heads": "num_key_value_heads", "top_k": "num_experts_per_tok"}
 ROUTERS = ("softmax_topk", "topk_softmax")
 
 
@@ -110,8 +115,25 @@ class ModelConfig:
                     "max_position_embeddings", "num_experts", "top_k", "moe_intermediate_size")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            if not _is_int(value) or value <= 0:
+                raise ConfigError(f"{JSON_NAMES.get(name, name)} must be a positive integer, got {value!r}")
+        if self.max_position_embeddings > MAX_POSITIONS:  # the rotary tables are sized for every position up front
+            raise ConfigError(f"max_position_embeddings={self.max_position_embeddings} exceeds {MAX_POSITIONS}")
+        for name in ("intermediate_size", "shared_expert_intermediate_size"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):
+            if f.type is bool and not isinstance(getattr(self, f.name), bool):
+                raise ConfigError(f"{f.name} must be true or false, got {getattr(self, f.name)!r}")
+        for name, value, at_least_zero in (("rms_norm_eps", self.rms_norm_eps, False),
+                                           ("rope_theta", self.rope_theta, False),
+                                           ("clip_qkv", self.clip_qkv, False),
+                                           ("initializer_range", self.initializer_range, True)):
+            if value is not None:
+                check_number(value, name, positive=not at_least_zero, nonnegative=at_least_zero)
+        outside = [i for i in self.eos_token_ids if i >= self.vocab_size]
+        if outside:
+            raise ConfigError(f"eos_token_id {outside[0]} is outside the vocabulary (vocab_size {self.vocab_size})")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_attention_heads={self.num_heads} is not a multiple of "
                               f"num_key_value_heads={self.num_kv_heads}")
@@ -122,7 +144,7 @@ class ModelConfig:
         if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2 or self.rotary_dim == 0:
             raise ConfigError(f"partial_rotary_factor={self.partial_rotary_factor} must give an even, non-zero number "
                               f"of rotary channels of head_dim={self.head_dim}")
-        if not isinstance(self.mtp_layers, int) or self.mtp_layers < 0:
+        if not _is_int(self.mtp_layers) or self.mtp_layers < 0:
             raise ConfigError(f"num_nextn_predict_layers must be a non-negative integer, got {self.mtp_layers!r}")
         if self.qk_norm not in ("none", "per_head", "full"):
             raise ConfigError(f"qk_norm must be none/per_head/full, got {self.qk_norm!r}")
@@ -137,7 +159,7 @@ class ModelConfig:
                 raise ConfigError(f"layer_types holds {sorted(unknown)}; supported: {', '.join(LAYER_TYPES)}")
             if "sliding_attention" in self.layer_types and not self.sliding_window:
                 raise ConfigError("layer_types has sliding_attention layers but sliding_window is not set")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+        if self.sliding_window is not None and (not _is_int(self.sliding_window) or self.sliding_window < 1):
             raise ConfigError(f"sliding_window must be a positive integer or null, got {self.sliding_window!r}")
         if self.mla is not None and (self.sliding_window is not None or self.attention_sinks):
             raise ConfigError("MLA attention has no sliding window or attention sinks")
@@ -166,7 +188,7 @@ class ModelConfig:
         if not isinstance(self.routed_scaling_factor, (int, float)) or self.routed_scaling_factor <= 0:
             raise ConfigError(f"routed_scaling_factor must be a positive number, got {self.routed_scaling_factor!r}")
         for name in ("n_group", "topk_group"):
-            if not isinstance(getattr(self, name), int):
+            if not _is_int(getattr(self, name)):
                 raise ConfigError(f"{name} must be an integer, got {getattr(self, name)!r}")
         try:
             check_grouped_routing(self.num_experts, self.top_k, self.scoring_func, self.n_group, self.topk_group,
@@ -203,9 +225,50 @@ def token_ids(value) -> tuple[int, ...]:
     if value is None:
         return ()
     values = value if isinstance(value, list) else [value]
-    if not all(isinstance(v, int) and v >= 0 for v in values):
+    if not all(_is_int(v) and v >= 0 for v in values):
         raise ConfigError(f"eos_token_id must be an int or a list of ints, got {value!r}")
     return tuple(values)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no 1
+
+
+def flag(d: dict, key: str, default: bool) -> bool:
+    """A config.json boolean: true or false (absent or null: `default`). A string is refused: bool("false") is
+    True."""
+    value = d.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def check_number(value, key: str, positive: bool = False, nonnegative: bool = False) -> float:
+    """`value` as a float: a finite JSON number (not a string, not a boolean), > 0 or >= 0 when asked."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+            or (positive and value <= 0) or (nonnegative and value < 0):
+        kind = "a positive" if positive else "a non-negative" if nonnegative else "a finite"
+        raise ConfigError(f"{key} must be {kind} number, got {value!r}")
+    return float(value)
+
+
+def number(d: dict, key: str, default=None, positive: bool = False, nonnegative: bool = False):
+    """A numeric config.json field as a float (absent or null: `default`), or a ConfigError naming it."""
+    value = d.get(key)
+    return default if value is None else check_number(value, key, positive, nonnegative)
+
+
+def integer(d: dict, key: str, default=None, minimum: int | None = None):
+    """An integer config.json field (absent or null: `default`), at least `minimum`, or a ConfigError naming it."""
+    value = d.get(key)
+    if value is None:
+        return default
+    if not _is_int(value) or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else " >= 0" if minimum == 0 else f" >= {minimum}"
+        raise ConfigError(f"{key} must be an integer{bound}, got {value!r}")
+    return value
 
 
 def _number(spec: dict, key: str, default=None, positive: bool = True):
@@ -252,7 +315,9 @@ def rope(d: dict, default_theta: float) -> dict:
     """The rope fields of ModelConfig from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`
     (older; `type` for `rope_type` in the oldest)."""
     spec = {**(d.get("rope_scaling") or {}), **(d.get("rope_parameters") or {})}
-    theta = float(spec.get("rope_theta", d.get("rope_theta", default_theta)))
+    theta = spec.get("rope_theta")
+    theta = number(d, "rope_theta", default_theta, positive=True) if theta is None else \
+        check_number(theta, "rope_theta", positive=True)
     rope_type = spec.get("rope_type") or spec.get("type") or "default"
     if rope_type == "default":
         return dict(rope_theta=theta)
@@ -274,6 +339,9 @@ def common_fields(d: dict, name: str, default_rms_norm_eps: float, default_rope_
     the defaults are transformers' for fields a config.json may leave out."""
     hidden = require(d, "hidden_size")
     heads = require(d, "num_attention_heads")
+    for key, value in (("hidden_size", hidden), ("num_attention_heads", heads)):  # divided before __post_init__
+        if not _is_int(value) or value <= 0:
+            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
     if d.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act={d['hidden_act']!r} is not supported (only silu)")
     rope_fields = rope(d, default_rope_theta)
@@ -289,15 +357,15 @@ def common_fields(d: dict, name: str, default_rms_norm_eps: float, default_rope_
         hidden_size=hidden,
         num_layers=require(d, "num_hidden_layers"),
         num_heads=heads,
-        num_kv_heads=d.get("num_key_value_heads") or heads,
+        num_kv_heads=integer(d, "num_key_value_heads", heads, minimum=1),
         head_dim=d.get("head_dim") or hidden // heads,
         max_position_embeddings=max_positions,
-        rms_norm_eps=float(d.get("rms_norm_eps", default_rms_norm_eps)),
+        rms_norm_eps=number(d, "rms_norm_eps", default_rms_norm_eps, positive=True),
         **rope_fields,
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        tie_word_embeddings=flag(d, "tie_word_embeddings", False),
         eos_token_ids=token_ids(d.get("eos_token_id")),
         bos_token_id=d.get("bos_token_id"),
-        initializer_range=float(d.get("initializer_range", 0.02)),
+        initializer_range=number(d, "initializer_range", 0.02, nonnegative=True),
         checkpoint_dtype=d.get("dtype") or d.get("torch_dtype"),
         quantization=parse_quantization_config(d.get("quantization_config")),
     )

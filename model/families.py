@@ -7,7 +7,7 @@ family is adding a row here (and, to run it without a download, a preset in mode
 from dataclasses import dataclass
 from typing import Callable
 
-from model.config import ConfigError, ModelConfig, common_fields, require, token_ids
+from model.config import ConfigError, ModelConfig, common_fields, flag, integer, number, require
 from model.mla_config import mla_from_hf
 
 
@@ -26,33 +26,33 @@ class Family:
 
 def _dense_layers(d: dict, num_layers: int) -> tuple[int, ...]:
     """Qwen-MoE layers that keep a dense MLP: listed in mlp_only_layers or off the decoder_sparse_step grid."""
-    step = d.get("decoder_sparse_step") or 1
+    step = integer(d, "decoder_sparse_step", 1, minimum=0) or 1
     only = set(d.get("mlp_only_layers") or [])
     return tuple(i for i in range(num_layers) if i in only or (i + 1) % step != 0)
 
 
 def _qwen_moe(d: dict, common: dict) -> dict:
     """The MoE fields qwen2_moe and qwen3_moe configs spell the same way."""
-    if d.get("use_sliding_window"):
+    if flag(d, "use_sliding_window", False):
         raise ConfigError(f"use_sliding_window=true is not supported for {d['model_type']}")
     return dict(
         num_experts=require(d, "num_experts", "num_local_experts"),
         top_k=require(d, "num_experts_per_tok"),
         moe_intermediate_size=require(d, "moe_intermediate_size"),
         intermediate_size=d.get("intermediate_size") or 0,
-        norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+        norm_topk_prob=flag(d, "norm_topk_prob", False),
         dense_layers=_dense_layers(d, common["num_layers"]),
     )
 
 
 def _qwen3_moe(d: dict, common: dict) -> dict:
-    bias = bool(d.get("attention_bias", False))
+    bias = flag(d, "attention_bias", False)
     return dict(**_qwen_moe(d, common), qkv_bias=bias, o_bias=bias, qk_norm="per_head")
 
 
 def _qwen2_moe(d: dict, common: dict) -> dict:
-    return dict(**_qwen_moe(d, common), qkv_bias=bool(d.get("qkv_bias", True)),
-                shared_expert_intermediate_size=d.get("shared_expert_intermediate_size") or 0)
+    return dict(**_qwen_moe(d, common), qkv_bias=flag(d, "qkv_bias", True),
+                shared_expert_intermediate_size=integer(d, "shared_expert_intermediate_size", 0, minimum=0))
 
 
 def _mixtral(d: dict, common: dict) -> dict:
@@ -69,17 +69,17 @@ def _mixtral(d: dict, common: dict) -> dict:
 def _olmoe(d: dict, common: dict) -> dict:
     if common["head_dim"] * common["num_heads"] != common["hidden_size"]:
         raise ConfigError("OLMoE's full-width q/k norm needs head_dim * num_attention_heads == hidden_size")
-    bias = bool(d.get("attention_bias", False))
+    bias = flag(d, "attention_bias", False)
     return dict(
         num_experts=require(d, "num_experts", "num_local_experts"),
         top_k=require(d, "num_experts_per_tok"),
         moe_intermediate_size=require(d, "intermediate_size"),
         intermediate_size=0,
-        norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+        norm_topk_prob=flag(d, "norm_topk_prob", False),
         qkv_bias=bias,
         o_bias=bias,
         qk_norm="full",
-        clip_qkv=d.get("clip_qkv"),
+        clip_qkv=number(d, "clip_qkv", None, positive=True),  # null: no clipping
     )
 
 
@@ -94,7 +94,7 @@ def _deepseek_moe(d: dict, common: dict) -> dict:
     mla = mla_from_hf(d)
     moe_inter = require(d, "moe_intermediate_size")
     first_dense = d.get("first_k_dense_replace", 3 if d["model_type"] == "deepseek_v3" else 0) or 0
-    n_shared = d.get("n_shared_experts", 1 if d["model_type"] == "deepseek_v3" else 2) or 0
+    n_shared = integer(d, "n_shared_experts", 1 if d["model_type"] == "deepseek_v3" else 2, minimum=0)
     return dict(
         head_dim=mla.qk_rope_head_dim,
         num_kv_heads=common["num_heads"],  # MLA has no K/V head grouping; num_key_value_heads is not used
@@ -114,13 +114,14 @@ def _deepseek_v2(d: dict, common: dict) -> dict:
     method = d.get("topk_method") or "greedy"
     if method not in ("greedy", "group_limited_greedy"):
         raise ConfigError(f"topk_method={method!r} is not supported for deepseek_v2 (greedy, group_limited_greedy)")
-    if d.get("norm_topk_prob"):  # transformers' DeepseekV2TopkRouter never renormalises; no published V2 sets it
+    # transformers' DeepseekV2TopkRouter never renormalises; no published V2 sets it
+    if flag(d, "norm_topk_prob", False):
         raise ConfigError("norm_topk_prob=true is not supported for deepseek_v2 (transformers ignores it)")
     grouped = method == "group_limited_greedy"  # greedy ignores n_group / topk_group
     return dict(**_deepseek_moe(d, common), norm_topk_prob=False, scoring_func="softmax", group_score="max",
                 n_group=(d.get("n_group") or 1) if grouped else 1,
                 topk_group=(d.get("topk_group") or 1) if grouped else 1,
-                routed_scaling_factor=float(d.get("routed_scaling_factor") or 1.0))
+                routed_scaling_factor=number(d, "routed_scaling_factor", 1.0, positive=True))
 
 
 def _deepseek_v3(d: dict, common: dict) -> dict:
@@ -128,10 +129,10 @@ def _deepseek_v3(d: dict, common: dict) -> dict:
     if method != "noaux_tc" or scoring != "sigmoid":
         raise ConfigError(f"deepseek_v3 with topk_method={method!r}, scoring_func={scoring!r} is not supported "
                           f"(noaux_tc, sigmoid)")
-    return dict(**_deepseek_moe(d, common), norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+    return dict(**_deepseek_moe(d, common), norm_topk_prob=flag(d, "norm_topk_prob", True),
                 scoring_func="sigmoid", router_correction_bias=True, group_score="top2_sum",
                 n_group=d.get("n_group", 8) or 1, topk_group=d.get("topk_group", 4) or 1,
-                routed_scaling_factor=float(d.get("routed_scaling_factor", 2.5)))
+                routed_scaling_factor=number(d, "routed_scaling_factor", 2.5, positive=True))
 
 
 _DEEPSEEK_RENAMES = ((r"\.mlp\.shared_experts\.", ".mlp.shared_expert."),)
@@ -152,19 +153,20 @@ def _glm4_moe(d: dict, common: dict) -> dict:
         top_k=require(d, "num_experts_per_tok"),
         moe_intermediate_size=moe_intermediate,
         intermediate_size=d.get("intermediate_size") or 0,
-        norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+        norm_topk_prob=flag(d, "norm_topk_prob", True),
         dense_layers=tuple(range(min(first_dense, common["num_layers"]))),
-        qkv_bias=bool(d.get("attention_bias", False)),  # o_proj never has one
-        qk_norm="per_head" if d.get("use_qk_norm", False) else "none",
-        partial_rotary_factor=float(rope_spec.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.5))),
-        shared_expert_intermediate_size=(d.get("n_shared_experts", 1) or 0) * moe_intermediate,
+        qkv_bias=flag(d, "attention_bias", False),  # o_proj never has one
+        qk_norm="per_head" if flag(d, "use_qk_norm", False) else "none",
+        partial_rotary_factor=number(rope_spec, "partial_rotary_factor", None)
+        or number(d, "partial_rotary_factor", 0.5),
+        shared_expert_intermediate_size=integer(d, "n_shared_experts", 1, minimum=0) * moe_intermediate,
         shared_expert_gated=False,
         scoring_func="sigmoid",
         router_correction_bias=True,
         n_group=d.get("n_group") or 1,
         topk_group=d.get("topk_group") or 1,
         group_score="top2_sum",
-        routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
+        routed_scaling_factor=number(d, "routed_scaling_factor", 1.0, positive=True),
         mtp_layers=d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0)) or 0,
     )
 
@@ -182,8 +184,8 @@ def _gpt_oss(d: dict, common: dict) -> dict:
         moe_intermediate_size=require(d, "intermediate_size"),
         intermediate_size=0,
         norm_topk_prob=False,  # the router's softmax over the selected k already sums to 1
-        qkv_bias=bool(d.get("attention_bias", True)),
-        o_bias=bool(d.get("attention_bias", True)),
+        qkv_bias=flag(d, "attention_bias", True),
+        o_bias=flag(d, "attention_bias", True),
         sliding_window=window if "sliding_attention" in layer_types else None,
         layer_types=tuple(layer_types),
         attention_sinks=True,
@@ -225,8 +227,8 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def config_from_hf(d: dict, name: str, extra_eos_token_ids=()) -> ModelConfig:
-    """Parse a config.json dict. `extra_eos_token_ids` (e.g. from generation_config.json) are added to EOS."""
+def config_from_hf(d: dict, name: str) -> ModelConfig:
+    """Parse a config.json dict (model/loader.py adds generation_config.json's EOS ids)."""
     if not isinstance(d, dict):
         raise ConfigError(f"config.json must hold a JSON object, got {type(d).__name__}")
     family = FAMILIES.get(d.get("model_type"))
@@ -237,5 +239,4 @@ def config_from_hf(d: dict, name: str, extra_eos_token_ids=()) -> ModelConfig:
         config = ModelConfig(**{**common, **family.fields(d, common)})  # a family may override a common field
     except (TypeError, KeyError) as err:  # e.g. a string where a number belongs
         raise ConfigError(f"malformed {d['model_type']} config.json: {err!r}") from err
-    eos = tuple(dict.fromkeys(config.eos_token_ids + token_ids(list(extra_eos_token_ids))))
-    return config.replace(eos_token_ids=eos)
+    return config

@@ -22,7 +22,7 @@ import torch
 
 from model.byte_tokenizer import ByteTokenizer
 from model.checkpoint import CheckpointError, SafetensorsCheckpoint
-from model.config import ConfigError, ModelConfig
+from model.config import ConfigError, ModelConfig, token_ids
 from model.decoder import MoeCausalLM
 from model.dtypes import resolve_dtype
 from model.families import FAMILIES, config_from_hf
@@ -49,17 +49,24 @@ def _read_json(path: Path) -> dict:
 
 
 def read_config(directory: Path) -> ModelConfig:
+    """config.json, with generation_config.json's EOS ids added; an error names the file at fault."""
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise ConfigError(f"no config.json in {directory}")
-    extra_eos = ()
-    if (gen_path := directory / "generation_config.json").is_file():
-        eos = _read_json(gen_path).get("eos_token_id")
-        extra_eos = eos if isinstance(eos, list) else ([eos] if isinstance(eos, int) else [])
     try:
-        return config_from_hf(_read_json(config_path), name=directory.name, extra_eos_token_ids=extra_eos)
+        config = config_from_hf(_read_json(config_path), name=directory.name)
     except ConfigError as err:
         raise ConfigError(f"{config_path}: {err}") from err
+    if (gen_path := directory / "generation_config.json").is_file():
+        generation = _read_json(gen_path)
+        try:
+            if not isinstance(generation, dict):
+                raise ConfigError(f"must hold a JSON object, got {type(generation).__name__}")
+            eos = dict.fromkeys(config.eos_token_ids + token_ids(generation.get("eos_token_id")))
+            config = config.replace(eos_token_ids=tuple(eos))  # checked against vocab_size again
+        except ConfigError as err:
+            raise ConfigError(f"{gen_path}: {err}") from err
+    return config
 
 
 @contextlib.contextmanager

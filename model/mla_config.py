@@ -8,7 +8,7 @@ the paged KV cache holds (model/layers/mla_attention.py).
 
 from dataclasses import dataclass
 
-from model.config import ConfigError
+from model.config import ConfigError, flag
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,8 @@ class MlaConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+        rank = self.q_lora_rank
+        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
             raise ConfigError(f"q_lora_rank must be a positive integer or null, got {self.q_lora_rank!r}")
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even for rotary embeddings")
@@ -64,6 +65,6 @@ def mla_from_hf(d: dict) -> MlaConfig:
         qk_rope_head_dim=_size(d, "qk_rope_head_dim", 64),
         v_head_dim=_size(d, "v_head_dim", 128),
         # deepseek_v2 rotates complex pairs in transformers; deepseek_v3 has the rope_interleave switch
-        rope_pairs=True if model_type == "deepseek_v2" else bool(d.get("rope_interleave", True)),
-        attention_bias=bool(d.get("attention_bias", False)),
+        rope_pairs=True if model_type == "deepseek_v2" else flag(d, "rope_interleave", True),
+        attention_bias=flag(d, "attention_bias", False),
     )

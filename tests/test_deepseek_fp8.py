@@ -237,10 +237,11 @@ def test_presets_in_fp8_keep_only_kv_b_proj_and_ragged_linears_in_bf16(preset, b
 
 # Each preset's attention shapes (kv_lora_rank 512, rope 64, nope 128, v 128, V3's q_lora_rank 1536; V2-Lite's
 # hidden size 2048) with two layers, fewer heads, fewer and narrower experts and a small vocabulary, so the CPU's
-# FP8 reference (which dequantises every weight at every call) runs it in seconds
+# FP8 reference (which dequantises every weight at every call) runs it in seconds; EOS ids must stay in the vocabulary
 SMALL_PRESETS = {
     "deepseek-v2-lite": dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
-                             intermediate_size=1024, moe_intermediate_size=256, vocab_size=1024),
+                             intermediate_size=1024, moe_intermediate_size=256, vocab_size=1024, bos_token_id=0,
+                             eos_token_id=1),
     "deepseek-v3": dict(num_hidden_layers=2, first_k_dense_replace=1, hidden_size=512, intermediate_size=1024,
                         moe_intermediate_size=256, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16,
                         n_group=4, topk_group=2, num_nextn_predict_layers=0, vocab_size=1024),
