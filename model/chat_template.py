@@ -45,6 +45,14 @@ def _compile(template: str) -> jinja2.Template:
     return env.from_string(template)
 
 
+def check_chat_template(template: str) -> None:
+    """Compile `template` (cached for rendering); a Jinja syntax error is a ChatTemplateError."""
+    try:
+        _compile(template)
+    except jinja2.exceptions.TemplateSyntaxError as err:
+        raise ChatTemplateError(f"chat template does not parse (line {err.lineno}): {err.message}") from err
+
+
 def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True, **variables) -> str:
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise ChatTemplateError("messages must be a list of objects with a 'role'")

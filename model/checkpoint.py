@@ -52,6 +52,9 @@ def _files_from_index(directory: Path) -> tuple[list[Path], dict[str, str]]:
         weight_map = json.loads(index_path.read_text())["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
+        bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise TypeError(f"weight_map places {bad[0]!r} in {bad[1]!r}, not a file name")
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"unreadable checkpoint index {index_path}: {err!r}") from err
     files = []

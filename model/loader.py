@@ -36,7 +36,7 @@ from model.mxfp4 import Mxfp4Checkpoint
 from model.quant_config import Fp8CheckpointConfig, Mxfp4CheckpointConfig, check_quantization
 from model.quantization import apply_fp8, online_targets, quantize_parameter, weight_of_scale
 from model.tokenizer import Tokenizer, load_tokenizer
-from model.weight_map import QuantizeAtLoad, load_weights, logical_shape, unused_keys
+from model.weight_map import QuantizeAtLoad, load_weights, logical_shape, untie_distinct_head, unused_keys
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ def load_model(
         checkpoint = Mxfp4Checkpoint(checkpoint, torch.float32 if dtype == torch.float32 else torch.bfloat16,
                                      "cpu" if str(device) == "meta" else device)
     renames = FAMILIES[config.model_type].checkpoint_renames
+    config = untie_distinct_head(config, checkpoint, renames)
     ignorable = unused_keys(config, checkpoint, renames)
     if config.mtp_layers and checkpoint is not None:
         logger.info("%s: skipping the %d multi-token-prediction layer(s) after layer %d (%d tensors): not used for "
@@ -209,11 +210,12 @@ def resolve_source(source: str, random_weights: bool) -> tuple[ModelConfig, Toke
         config = read_config(directory)
         if random_weights and not (directory / "tokenizer.json").is_file():
             tokenizer = ByteTokenizer(name=config.name, extra_eos_token_ids=config.eos_token_ids)
+            if tokenizer.vocab_size > config.vocab_size:
+                raise CheckpointError(f"the byte tokenizer's {tokenizer.vocab_size} tokens exceed the vocab_size "
+                                      f"{config.vocab_size} of {directory / 'config.json'}")
         else:
             tokenizer = load_tokenizer(directory, config.name, extra_eos_token_ids=config.eos_token_ids)
-        if tokenizer.vocab_size > config.vocab_size:
-            raise CheckpointError(f"tokenizer in {directory} has {tokenizer.vocab_size} tokens, more than the "
-                                  f"model's vocab_size {config.vocab_size}")
+            tokenizer.check_fits(config.vocab_size)
     else:
         raise FileNotFoundError(f"{source!r} is neither a checkpoint directory nor a preset "
                                 f"({', '.join(PRESETS)})")

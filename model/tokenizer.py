@@ -14,7 +14,7 @@ from tokenizers import Tokenizer as _FastTokenizer
 
 from model.byte_tokenizer import ByteTokenizer
 from model.chat_encoding import encode_chat
-from model.chat_template import ChatTemplateError, render_chat_template
+from model.chat_template import ChatTemplateError, check_chat_template, render_chat_template
 
 
 class TokenizerError(ValueError):
@@ -59,16 +59,28 @@ def _read_json(path: Path) -> dict:
 
 
 def _chat_template(directory: Path, config: dict) -> str | None:
+    """The checkpoint's chat template, compiled once here so that one that does not parse stops the start-up
+    (naming its file) instead of failing every chat request."""
     if (path := directory / "chat_template.jinja").is_file():
-        return path.read_text(encoding="utf-8")
-    if (path := directory / "chat_template.json").is_file():
-        template = _read_json(path).get("chat_template")
+        try:
+            template = path.read_text(encoding="utf-8")
+        except (OSError, ValueError) as err:  # ValueError: not UTF-8
+            raise TokenizerError(f"unreadable {path}: {err}") from err
     else:
-        template = config.get("chat_template")
-    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    return template if isinstance(template, str) else None
+        if (path := directory / "chat_template.json").is_file():
+            template = _read_json(path).get("chat_template")
+        else:
+            path, template = directory / "tokenizer_config.json", config.get("chat_template")
+        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if not isinstance(template, str):
+            return None
+    try:
+        check_chat_template(template)
+    except ChatTemplateError as err:
+        raise TokenizerError(f"{path}: {err}") from err
+    return template
 
 
 class HFTokenizer:
@@ -84,7 +96,10 @@ class HFTokenizer:
         config_path = directory / "tokenizer_config.json"
         self.config = _read_json(config_path) if config_path.is_file() else {}
         self.name = name or directory.name
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.path = path
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)  # a count: ids may leave gaps
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.max_token_id = max(vocab.values(), default=-1)
         self.chat_template = _chat_template(directory, self.config)
         self.special_tokens = {
             k: _token_text(self.config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -94,6 +109,13 @@ class HFTokenizer:
         self.bos_token_id = self._id_of(self.special_tokens["bos_token"])
         self._plain: _FastTokenizer | None = None  # a copy that reads special-token text as text (made on first use)
         self._byte_table = None  # token id -> bytes (token_bytes; made on first use)
+
+    def check_fits(self, vocab_size: int) -> None:
+        """Refuse ids past the model's embedding rows (`vocab_size`), which would index out of range at request
+        time (a device-side assert on CUDA)."""
+        if self.max_token_id >= vocab_size:
+            raise TokenizerError(f"{self.path}: token {self._tok.id_to_token(self.max_token_id)!r} has id "
+                                 f"{self.max_token_id}, outside the model's vocab_size {vocab_size} (config.json)")
 
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)

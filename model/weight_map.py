@@ -12,6 +12,7 @@ checkpoint's scales of the same pieces (`scale_sources`: a fused piece must star
 when a high-precision checkpoint is quantised at load (`QuantizeAtLoad`), made from the assembled weight.
 """
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -20,6 +21,8 @@ import torch
 from torch import nn
 
 from model.checkpoint import CheckpointError, SafetensorsCheckpoint
+
+logger = logging.getLogger(__name__)
 
 # Checkpoint tensors that carry no weights we need.
 IGNORED_KEYS = (re.compile(r".*\.rotary_emb\.inv_freq$"),)
@@ -174,6 +177,24 @@ def rename_keys(keys, renames: tuple[tuple[str, str], ...]) -> dict[str, str]:
             raise CheckpointError(f"checkpoint keys {mapping[key]!r} and {original!r} both map to {key!r}")
         mapping[key] = original
     return mapping
+
+
+def untie_distinct_head(config, checkpoint: SafetensorsCheckpoint | None, renames):
+    """`config`, untied when it sets tie_word_embeddings but the checkpoint also stores an `lm_head.weight` that
+    differs from the embeddings: transformers then keeps both (with a warning), so the stored head is served.
+    Reads the two tensors, only in that case."""
+    if checkpoint is None or not config.tie_word_embeddings:
+        return config
+    original = rename_keys(checkpoint.tensors, renames)  # our key -> checkpoint key
+    head, embed = original.get("lm_head.weight"), original.get("model.embed_tokens.weight")
+    if head is None or embed is None:
+        return config
+    stored = dict(checkpoint.read([head, embed]))
+    if stored[head].shape == stored[embed].shape and torch.equal(stored[head].float(), stored[embed].float()):
+        return config  # a copy of the embeddings (as .bin-converted checkpoints store it): tied
+    logger.warning("config.json sets tie_word_embeddings, but %r in %s differs from %r: not tied, the stored head "
+                   "is used (as transformers does)", head, checkpoint.tensors[head].file, embed)
+    return config.replace(tie_word_embeddings=False)
 
 
 def unused_keys(config, checkpoint: SafetensorsCheckpoint | None, renames) -> set[str]:

@@ -1,5 +1,6 @@
 """Checkpoint loading: the on-disk layouts we accept (sharded + index, per-expert or fused 3-D experts, Mixtral's
-original names, tied embeddings) and the broken checkpoints we refuse at start-up with the file and key named."""
+original names, tied embeddings, a tied config with its own head as transformers reads it) and the broken checkpoints
+we refuse at start-up with the file and key named (config values in detail: tests/test_config_validation.py)."""
 
 import copy
 import json
@@ -14,12 +15,18 @@ from safetensors.torch import load_file, save_file
 from model.checkpoint import CheckpointError
 from model.config import ConfigError
 from model.loader import load_model
+from model.tokenizer import TokenizerError
 from tests.model_fixtures import (
     PagedRunner, hf_logits, make_hf_model, make_tokenizer_files, max_relative_error, rewrite_safetensors,
     save_checkpoint,
 )
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79, 32]
+
+
+def edit_config(directory, **fields):
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
 
 
 def assert_matches_hf(hf, directory):
@@ -80,6 +87,34 @@ def test_tied_embeddings(tmp_path):
     directory = save_checkpoint(hf, tmp_path)
     assert "lm_head.weight" not in load_file(directory / "model.safetensors")
     assert_matches_hf(hf, directory)
+
+
+def test_tied_config_with_a_distinct_stored_head_keeps_it_as_transformers_does(qwen3, tmp_path, caplog):
+    """config.json says tie_word_embeddings but the checkpoint stores its own, different lm_head.weight:
+    transformers 5 then does not tie (it warns and keeps the stored head). We used to drop the stored head silently
+    and serve the embeddings as the head (logits 1.5 relative error off HF's)."""
+    import transformers
+
+    directory = save_checkpoint(qwen3, tmp_path)
+    edit_config(directory, tie_word_embeddings=True)
+    assert not torch.equal(qwen3.lm_head.weight, qwen3.model.embed_tokens.weight)
+    with caplog.at_level("WARNING", logger="model.weight_map"):
+        ours, _ = load_model(str(directory), dtype=torch.float32)
+    assert "'lm_head.weight'" in caplog.text and "tie_word_embeddings" in caplog.text
+    assert ours.lm_head is not None and torch.equal(ours.lm_head.weight, qwen3.lm_head.weight)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    actual = PagedRunner(ours).step({"s": PROMPT}, all_logits=True)["s"]
+    assert max_relative_error(actual, hf_logits(hf, PROMPT)) < 1e-4
+
+
+def test_tied_config_with_a_stored_copy_of_the_embeddings_stays_tied(tmp_path, caplog):
+    hf = make_hf_model("qwen3_moe", seed=13, tie_word_embeddings=True)
+    directory = save_checkpoint(hf, tmp_path)
+    rewrite_safetensors(directory / "model.safetensors",
+                        lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"].clone()))
+    with caplog.at_level("WARNING", logger="model.weight_map"):
+        ours, _ = load_model(str(directory), dtype=torch.float32)
+    assert ours.lm_head is None and "lm_head" not in caplog.text
 
 
 def test_bf16_checkpoint_into_float32_model(tmp_path):
@@ -157,6 +192,19 @@ def test_index_placing_a_key_in_the_wrong_shard(qwen3, tmp_path):
         load_model(str(directory), dtype=torch.float32)
 
 
+@pytest.mark.parametrize("value", [5, ["model-00001.safetensors"]], ids=["int", "list"])
+def test_index_with_a_non_string_shard_name(qwen3, tmp_path, value):
+    """Raised a TypeError (PosixPath / int, or an unhashable list) naming neither the index nor the key."""
+    directory = save_checkpoint(qwen3, tmp_path, max_shard_size="40KB")
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    key = next(iter(index["weight_map"]))
+    index["weight_map"][key] = value
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"unreadable checkpoint index .*index\.json.*{re.escape(key)}"):
+        load_model(str(directory), dtype=torch.float32)
+
+
 class _Exploit:
     """Unpickling this writes a marker file: proof that a loader executed pickle."""
 
@@ -227,5 +275,22 @@ def test_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
     hf = make_hf_model("olmoe", seed=15, vocab_size=200)  # the test tokenizer has 300 tokens
     hf.save_pretrained(tmp_path)
     make_tokenizer_files(tmp_path)
-    with pytest.raises(CheckpointError, match="300 tokens, more than the model's vocab_size 200"):
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json: token .* has id 299, outside the model's vocab_size "
+                                             r"200"):
         load_model(str(tmp_path), dtype=torch.float32)
+
+
+def test_tokenizer_ids_beyond_the_model_vocabulary_are_refused(checkpoint):
+    """A tokenizer with a sparse id: its token COUNT (300) fits the model's 320 rows but an id (5000) does not. The
+    count was checked, so it loaded and the first prompt holding that token crashed the forward (IndexError on the
+    CPU, a device-side assert on CUDA)."""
+    directory, _ = checkpoint
+    path = directory / "tokenizer.json"
+    tokenizer = json.loads(path.read_text())
+    vocab = tokenizer["model"]["vocab"]
+    token = max(vocab, key=vocab.get)
+    vocab[token] = 5000
+    path.write_text(json.dumps(tokenizer))
+    with pytest.raises(TokenizerError, match=rf"tokenizer\.json: token {re.escape(repr(token))} has id 5000, outside "
+                                             rf"the model's vocab_size 320"):
+        load_model(str(directory), dtype=torch.float32)

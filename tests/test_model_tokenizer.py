@@ -107,6 +107,38 @@ def test_missing_or_bad_tokenizer_files(tokenizer_dir, tmp_path):
         HFTokenizer(tokenizer_dir).apply_chat_template([{"content": "no role"}])
 
 
+def copy_tokenizer(tokenizer_dir, tmp_path):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((tokenizer_dir / name).read_bytes())
+    return tmp_path
+
+
+def test_chat_template_that_is_not_utf8_names_the_file(tokenizer_dir, tmp_path):
+    """A UnicodeDecodeError naming no file, before."""
+    directory = copy_tokenizer(tokenizer_dir, tmp_path)
+    (directory / "chat_template.jinja").write_bytes(b"\xff\xfe{{ messages }}")
+    with pytest.raises(TokenizerError, match=r"unreadable .*chat_template\.jinja"):
+        HFTokenizer(directory)
+
+
+BROKEN_TEMPLATE = "{% for m in messages %}{{ m.content }"
+
+
+@pytest.mark.parametrize("where", ["chat_template.jinja", "chat_template.json", "tokenizer_config.json"])
+def test_chat_template_that_does_not_parse_is_refused_at_start_up(tokenizer_dir, tmp_path, where):
+    """A Jinja syntax error loaded, and every chat request then failed (ChatTemplateError at render time)."""
+    directory = copy_tokenizer(tokenizer_dir, tmp_path)
+    if where == "chat_template.jinja":
+        (directory / where).write_text(BROKEN_TEMPLATE)
+    elif where == "chat_template.json":
+        (directory / where).write_text(json.dumps({"chat_template": BROKEN_TEMPLATE}))
+    else:
+        config = json.loads((directory / where).read_text())
+        (directory / where).write_text(json.dumps({**config, "chat_template": BROKEN_TEMPLATE}))
+    with pytest.raises(TokenizerError, match=rf"{where.replace('.', '[.]')}: chat template does not parse \(line 1\)"):
+        HFTokenizer(directory)
+
+
 def test_byte_tokenizer_ids():
     tok = ByteTokenizer()
     assert tok.vocab_size == 259

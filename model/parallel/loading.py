@@ -18,7 +18,7 @@ from model.parallel.config import ParallelConfig, RankLayout
 from model.parallel.model import ParallelCausalLM, build_parallel_model, meta_model
 from model.parallel.sharding import regions
 from model.quant_config import Fp8CheckpointConfig
-from model.weight_map import plan_loading, unused_keys
+from model.weight_map import plan_loading, untie_distinct_head, unused_keys
 
 logger = logging.getLogger(__name__)
 
@@ -86,13 +86,15 @@ def load_parallel_model(source: str, parallel: ParallelConfig, rank: int, comm: 
     if isinstance(config.quantization, Fp8CheckpointConfig):
         raise ValueError(f"{source} is a block-FP8 checkpoint: FP8 runs on one GPU only (no tensor or expert "
                          f"parallelism yet)")
+    checkpoint = None if random_weights else SafetensorsCheckpoint(directory)
+    config = untie_distinct_head(config, checkpoint, FAMILIES[config.model_type].checkpoint_renames)
     layout = RankLayout.build(config, parallel, rank)
     model = build_parallel_model(config, layout, comm, dtype, device, agree_min)
     stats = None
-    if random_weights:
+    if checkpoint is None:
         init_random_shard(model, seed)
     else:
-        stats = load_shard(model, SafetensorsCheckpoint(directory))
+        stats = load_shard(model, checkpoint)
         logger.info("rank %d read %.1f MiB of its shard from %d of %d checkpoint tensors", rank,
                     stats.bytes_read / 2**20, stats.tensors_touched, stats.tensors_total)
     return model, tokenizer, stats
