@@ -8,6 +8,7 @@ A module of ALWAYS_HIGH_PRECISION (MLA's kv_b_proj) stored in FP8 is checked ali
 is dequantised at load (model/fp8_dequantized.py).
 """
 
+import torch
 from torch import nn
 
 from model.checkpoint import CheckpointError, SafetensorsCheckpoint
@@ -55,6 +56,18 @@ def _check_scales(checkpoint: SafetensorsCheckpoint, quant: Fp8CheckpointConfig 
         if key.endswith((".input_scale", ".activation_scale")):
             raise CheckpointError(f"{_where(checkpoint, key)} is a static activation scale: only activation_scheme "
                                   f"\"dynamic\" is served")
+    _check_scale_values(checkpoint, [key + SCALE_SUFFIX for key in fp8])
+
+
+def _check_scale_values(checkpoint: SafetensorsCheckpoint, keys: list[str]) -> None:
+    """Every block scale finite and > 0: an inf, NaN, zero or negative one loads as a silently wrong block. The
+    scales are ~1/16384 of the FP8 bytes, so reading them all at start-up is cheap."""
+    for key, scale in checkpoint.read(keys):
+        bad = ~torch.isfinite(scale) | (scale <= 0)
+        if bad.any():
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            raise CheckpointError(f"{_where(checkpoint, key)} holds {int(bad.sum())} block scale(s) that are not "
+                                  f"finite and positive (e.g. {scale[first].item()} at {list(first)})")
 
 
 def fp8_targets(plain: nn.Module, checkpoint: SafetensorsCheckpoint, renames, ignorable=()) -> list[str]:

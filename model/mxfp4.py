@@ -60,6 +60,9 @@ class Mxfp4Checkpoint:
                 self.tensors[key] = info
                 continue
             base = key[: -len(BLOCKS_SUFFIX)]
+            if base in checkpoint.tensors:  # two values for one weight, as a tensor stored in two shards
+                raise CheckpointError(f"tensor {base!r} is stored both plain (in {checkpoint.tensors[base].file}) "
+                                      f"and as MXFP4 {key!r} (in {info.file})")
             scales = checkpoint.tensors.get(base + SCALES_SUFFIX)
             if scales is None:
                 raise CheckpointError(f"tensor {key!r} in {info.file} has no {base + SCALES_SUFFIX!r} (its e8m0 "

@@ -2,6 +2,7 @@
 checkpoint or preset made FP8 by `quantization="fp8"` without a full-precision copy."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -56,6 +57,24 @@ def test_scale_of_wrong_shape_or_dtype(fp8, bad):
         t[Q + "_scale_inv"] = torch.cat([s, s]) if bad == "shape" else s.to(torch.bfloat16)
     rewrite_safetensors(path, change)
     with pytest.raises(CheckpointError, match=rf"'{Q}_scale_inv' in .*model.safetensors is .* must be F32 \[2, 2\]"):
+        load_model(str(directory), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 0.0, -1.0], ids=["inf", "nan", "zero", "negative"])
+@pytest.mark.parametrize("key", [Q, "model.layers.1.mlp.experts.gate_up_proj"], ids=["linear", "experts"])
+def test_scale_values_must_be_finite_and_positive(fp8, key, value):
+    """Scale shapes and dtypes were checked, their values not: one inf/NaN/0/negative block scale loaded and the
+    model computed garbage silently (finite logits 0.1-0.9 relative error off the good checkpoint on the CPU)."""
+    directory, path = fp8
+    scale_key = key + "_scale_inv"
+    if scale_key not in load_file(path):  # experts stored per expert
+        scale_key = "model.layers.1.mlp.experts.2.up_proj.weight_scale_inv"
+
+    def change(t):
+        t[scale_key].view(-1)[-1] = value
+    rewrite_safetensors(path, change)
+    with pytest.raises(CheckpointError, match=rf"'{re.escape(scale_key)}' in .*model.safetensors holds 1 block "
+                                              rf"scale\(s\) that are not finite and positive"):
         load_model(str(directory), dtype=torch.float32)
 
 

@@ -116,11 +116,20 @@ def _rewrite(mx, tmp_path, change):
 KEY = "model.layers.1.mlp.experts.down_proj"
 
 
+def _plain_shape(blocks: torch.Tensor) -> tuple[int, int, int]:
+    """The plain tensor that MXFP4 `blocks` [E, R, G, 16] stand for: [E, G * 32, R] (transformers' layout)."""
+    experts, rows, groups, _ = blocks.shape
+    return experts, groups * 32, rows
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda t: t.pop(KEY + "_scales"), f"{KEY}_blocks'.* has no '{KEY}_scales'"),
     (lambda t: t[KEY + "_scales"].view(-1).__setitem__(3, 255), f"'{KEY}_scales'.* e8m0 NaN"),
     (lambda t: t.__setitem__(KEY + "_scales", t[KEY + "_scales"][:, :-1].contiguous()), f"MXFP4 tensor '{KEY}_blocks'"),
     (lambda t: t.__setitem__(KEY + "_scales", t[KEY + "_scales"].float()), f"{KEY}_scales' \\(F32\\)"),
+    # the plain weight kept beside its MXFP4 pair: two values for one weight (one was dropped silently)
+    (lambda t: t.__setitem__(KEY, torch.zeros(*_plain_shape(t[KEY + "_blocks"]))),
+     f"'{KEY}' is stored both plain .* and as MXFP4 '{KEY}_blocks'"),
 ])
 def test_broken_mxfp4_tensors_are_named(checkpoints, tmp_path, change, message):
     _, _, mx = checkpoints
