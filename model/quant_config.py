@@ -79,7 +79,7 @@ def parse_quantization_config(d) -> Fp8CheckpointConfig | Mxfp4CheckpointConfig 
         raise QuantConfigError(f"quantization_config.activation_scheme={scheme!r} is not supported (only \"dynamic\": "
                                f"activations are quantised per token and 128 columns at run time)")
     block = d.get("weight_block_size")
-    if block is None or list(block) != list(FP8_BLOCK):
+    if not isinstance(block, list) or block != list(FP8_BLOCK):  # 128 alone names no field through list(128)
         raise QuantConfigError(f"quantization_config.weight_block_size={block!r} is not supported (only "
                                f"{list(FP8_BLOCK)}: per-tensor or per-channel FP8 checkpoints are not served)")
     return Fp8CheckpointConfig(modules_to_not_convert=_module_list(d))

@@ -157,3 +157,9 @@ def test_bad_generation_config_eos_names_generation_config(tmp_path, eos):
     directory = config_dir(tmp_path, "qwen3_moe")
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
     refused(directory, "eos_token_id", file="generation_config.json")
+
+
+def test_weight_block_size_that_is_not_a_list_names_the_field(tmp_path):
+    """`weight_block_size: 128` was refused as "malformed ... TypeError('int' object is not iterable)"."""
+    quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": 128}
+    refused(config_dir(tmp_path, "qwen3_moe", quantization_config=quant), "weight_block_size=128")
