@@ -60,6 +60,8 @@ class EnvDefaults:
                 default = type_(raw)
             except (TypeError, ValueError) as err:
                 raise SystemExit(f"staticmoe: error: {name}={raw!r}: {err}") from None
+            if "choices" in kwargs and default not in kwargs["choices"]:  # argparse checks only given values
+                raise SystemExit(f"staticmoe: error: {name}={raw!r}: choose from {', '.join(kwargs['choices'])}")
         self.parser.add_argument(flag, type=type_, default=default, help=f"{help_} [env {name}]", **kwargs)
 
     def switch(self, flag: str, help_: str) -> None:
@@ -162,12 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "into; divides --tensor-parallel, whose ranks share each "
                                                           "range by splitting the experts' columns (default 1)",
             metavar="M")
-    f.value("--collective-timeout", type_=float, default=300.0,
+    f.value("--collective-timeout", type_=positive_float, default=300.0,
             help_="seconds a collective between ranks may wait before the engine fails (a rank died or hangs)")
     f.switch("--expert-metrics", "export staticmoe_expert_tokens_total{layer,expert} even when layers x experts "
                                  "> 8192 (default: only up to 8192 series)")
     f.switch("--no-expert-metrics", "no per-expert load accounting at all (no expert_* metrics)")
-    f.value("--moe-peak-flops", type_=float, help_="dense peak FLOP/s of the device in the experts' precision "
+    f.value("--moe-peak-flops", type_=positive_float, help_="dense peak FLOP/s of the device in the experts' precision "
                                                    "(bf16, or FP8) for staticmoe_moe_tensor_core_utilization "
                                                    "(default: from the device name)")
     f.value("--drain-timeout", type_=non_negative_float, default=DEFAULT_DRAIN_TIMEOUT_S,
@@ -245,7 +247,8 @@ def service_settings(args: argparse.Namespace, served_name: str) -> ServiceSetti
         raise SystemExit(f"staticmoe: error: --host {args.host} is reachable from other machines but no API key is "
                          f"set: set --api-key KEY ({env_name('--api-key')}), or pass --allow-unauthenticated to "
                          f"serve anyone who can connect")
-    allowed = args.allowed_hosts or (LOOPBACK_HOSTS if is_loopback(args.host) else ("*",))
+    default_hosts = LOOPBACK_HOSTS if is_loopback(args.host) else ("*",)
+    allowed = default_hosts if args.allowed_hosts is None else args.allowed_hosts  # empty: ServiceSettings refuses
     try:
         return ServiceSettings(served_model_name=served_name, api_key=api_key, max_body_bytes=args.max_body_bytes,
                                drain_timeout_s=args.drain_timeout, read_timeout_s=args.read_timeout,
@@ -260,14 +263,42 @@ def service_settings(args: argparse.Namespace, served_name: str) -> ServiceSetti
 
 
 def read_chat_template(path: str | None) -> str | None:
-    """--chat-template: read at start-up, so a bad path stops the server at once."""
+    """--chat-template: read and compiled at start-up, so a bad path or template stops the server at once (not
+    every chat request with a 400 that blames the client)."""
+    from model.chat_template import ChatTemplateError, check_chat_template
+
     if path is None:
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            return f.read()
-    except OSError as err:
+            template = f.read()
+        check_chat_template(template)
+    except (OSError, UnicodeDecodeError, ChatTemplateError) as err:
         raise SystemExit(f"staticmoe: error: --chat-template {path!r}: {err}") from None
+    return template
+
+
+def preflight(args: argparse.Namespace, engine_config, source: str, random_weights: bool) -> None:
+    """What can be checked before the port opens and the weights load in the background (minutes for a large
+    checkpoint): the device, the checkpoint's config and tokenizer, --max-model-len and --cpu-threads."""
+    from model.loader import resolve_source
+
+    try:
+        engine_config.resolve_device()
+    except ValueError as err:
+        raise SystemExit(f"staticmoe: error: --device: {err}") from None
+    try:
+        config = resolve_source(source, random_weights)[0]
+    except (ValueError, OSError) as err:  # ConfigError and CheckpointError are ValueErrors
+        flag = f"--model {source!r}" if args.model else f"--preset {source}"
+        raise SystemExit(f"staticmoe: error: {flag}: {err}") from None
+    if args.max_model_len is not None and args.max_model_len > config.max_position_embeddings:
+        raise SystemExit(f"staticmoe: error: --max-model-len {args.max_model_len} exceeds the model's "
+                         f"max_position_embeddings ({config.max_position_embeddings})")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if args.cpu_threads and args.cpu_threads > cpus:  # thousands of threads crash libgomp, or the process
+        raise SystemExit(f"staticmoe: error: --cpu-threads {args.cpu_threads} exceeds the {cpus} CPUs this process "
+                         f"may use")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -292,6 +323,7 @@ def serve(args: argparse.Namespace) -> int:
                                 stall_timeout_s=args.engine_stall_timeout, freeze_heap=True)
     except ValueError as err:
         raise SystemExit(f"staticmoe: error: {err}") from None
+    preflight(args, engine_config, source, random_weights)
     make_engine = lambda: LLMEngine(engine_config)  # noqa: E731
     if parallel is not None:
         from model.parallel.launcher import launched_by_torchrun, parallel_engine

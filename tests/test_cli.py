@@ -221,12 +221,25 @@ def test_server_configured_only_through_the_environment():
         server.stop()
 
 
-def test_a_model_that_fails_to_load_ends_the_process_with_an_error(tmp_path):
+def test_a_bad_config_is_refused_before_serving_and_a_failed_load_ends_the_process(tmp_path):
+    """config.json is read before the port opens (one line naming the flag, no traceback); a checkpoint whose
+    config and tokenizer pass but whose weights are missing fails in the background load, and the process ends."""
+    from tests.model_fixtures import hf_config, make_tokenizer_files
+
     (tmp_path / "config.json").write_text('{"model_type": "not-a-moe"}')
     server = ServerProcess(["--model", str(tmp_path)])
     try:
         assert server.proc.wait(120) == 1
         log = server.log_text()
-        assert "failed to load" in log and "not-a-moe" in log
+        assert "staticmoe: error: --model" in log and "not-a-moe" in log and "Traceback" not in log
+    finally:
+        server.stop()
+    hf_config("qwen3_moe").save_pretrained(tmp_path)
+    make_tokenizer_files(tmp_path)
+    server = ServerProcess(["--model", str(tmp_path)])
+    try:
+        assert server.proc.wait(120) == 1
+        log = server.log_text()
+        assert "failed to load" in log and "safetensors" in log
     finally:
         server.stop()
