@@ -245,19 +245,21 @@ def flag(d: dict, key: str, default: bool) -> bool:
     return value
 
 
-def check_number(value, key: str, positive: bool = False, nonnegative: bool = False) -> float:
-    """`value` as a float: a finite JSON number (not a string, not a boolean), > 0 or >= 0 when asked."""
+def check_number(value, key: str, positive: bool = False, nonnegative: bool = False, label: str | None = None) -> float:
+    """`value` as a float: a finite JSON number (not a string, not a boolean), > 0 or >= 0 when asked; errors name
+    `label` (default: the key)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
             or (positive and value <= 0) or (nonnegative and value < 0):
         kind = "a positive" if positive else "a non-negative" if nonnegative else "a finite"
-        raise ConfigError(f"{key} must be {kind} number, got {value!r}")
+        raise ConfigError(f"{label or key} must be {kind} number, got {value!r}")
     return float(value)
 
 
-def number(d: dict, key: str, default=None, positive: bool = False, nonnegative: bool = False):
-    """A numeric config.json field as a float (absent or null: `default`), or a ConfigError naming it."""
+def number(d: dict, key: str, default=None, positive: bool = False, nonnegative: bool = False,
+           label: str | None = None):
+    """A numeric config.json field as a float (absent or null: `default`), or a ConfigError naming it (or `label`)."""
     value = d.get(key)
-    return default if value is None else check_number(value, key, positive, nonnegative)
+    return default if value is None else check_number(value, key, positive, nonnegative, label)
 
 
 def integer(d: dict, key: str, default=None, minimum: int | None = None):
@@ -271,14 +273,9 @@ def integer(d: dict, key: str, default=None, minimum: int | None = None):
     return value
 
 
-def _number(spec: dict, key: str, default=None, positive: bool = True):
-    value = spec.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and value <= 0):
-        raise ConfigError(f"rope scaling field {key!r} must be a {'positive ' if positive else ''}number, "
-                          f"got {value!r}")
-    return value
+def _rope_number(spec: dict, key: str, default=None, positive: bool = True):
+    """A numeric field of the rope scaling dict, named as one in errors."""
+    return number(spec, key, default, positive=positive, label=f"rope scaling field {key!r}")
 
 
 def _yarn(spec: dict, d: dict) -> YarnScaling:
@@ -290,7 +287,7 @@ def _yarn(spec: dict, d: dict) -> YarnScaling:
     if not isinstance(original, int) or original <= 0:
         raise ConfigError(f"rope scaling 'original_max_position_embeddings' must be a positive integer, "
                           f"got {original!r}")
-    factor = _number(spec, "factor")
+    factor = _rope_number(spec, "factor")
     if factor is None:
         factor = require(d, "max_position_embeddings") / original
     truncate = True if spec.get("truncate") is None else spec["truncate"]
@@ -299,11 +296,11 @@ def _yarn(spec: dict, d: dict) -> YarnScaling:
     yarn = YarnScaling(
         factor=float(factor),
         original_max_position_embeddings=original,
-        beta_fast=float(_number(spec, "beta_fast", positive=False) or 32),
-        beta_slow=float(_number(spec, "beta_slow", positive=False) or 1),
-        mscale=_number(spec, "mscale", positive=False),
-        mscale_all_dim=_number(spec, "mscale_all_dim", positive=False),
-        attention_factor=_number(spec, "attention_factor"),
+        beta_fast=float(_rope_number(spec, "beta_fast", positive=False) or 32),
+        beta_slow=float(_rope_number(spec, "beta_slow", positive=False) or 1),
+        mscale=_rope_number(spec, "mscale", positive=False),
+        mscale_all_dim=_rope_number(spec, "mscale_all_dim", positive=False),
+        attention_factor=_rope_number(spec, "attention_factor"),
         truncate=truncate,
     )
     if yarn.beta_fast < yarn.beta_slow:
@@ -322,7 +319,7 @@ def rope(d: dict, default_theta: float) -> dict:
     if rope_type == "default":
         return dict(rope_theta=theta)
     if rope_type == "linear":
-        return dict(rope_theta=theta, rope_linear_factor=float(_number(spec, "factor", 1.0)))
+        return dict(rope_theta=theta, rope_linear_factor=float(_rope_number(spec, "factor", 1.0)))
     if rope_type == "yarn":
         return dict(rope_theta=theta, rope_yarn=_yarn(spec, d))
     raise ConfigError(f"rope type {rope_type!r} is not supported (supported: default, linear, yarn)")

@@ -124,6 +124,7 @@ def test_yarn_context_is_the_original_times_the_factor():
 @pytest.mark.parametrize("edit, pattern", [
     ({"factor": "4"}, r"'factor' must be a positive number"),
     ({"factor": -2.0}, r"'factor' must be a positive number"),
+    ({"mscale": float("nan")}, r"rope scaling field 'mscale' must be a finite number"),
     ({"truncate": "no"}, r"'truncate' must be true or false"),
     ({"beta_fast": 1, "beta_slow": 4}, r"beta_fast=1.0 must be >= beta_slow=4.0"),
     ({"original_max_position_embeddings": 0.5}, r"original_max_position_embeddings' must be a positive integer"),
