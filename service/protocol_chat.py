@@ -40,6 +40,12 @@ class ChatMessage(StrictModel):
     reasoning_content: str | None = None  # an assistant turn's thinking, for templates that show it
     refusal: str | None = None
 
+    def check_content(self, i: int) -> None:
+        """Only an assistant turn may leave content out (it may carry tool_calls instead), as in OpenAI's API."""
+        if self.content is None and self.role != "assistant":
+            raise bad_request(f"Missing required field 'messages.{i}.content' ({self.role} messages need content)",
+                              f"messages.{i}.content", "missing_field")
+
     def text(self) -> str:
         if self.content is None:
             return ""
@@ -137,6 +143,7 @@ class ChatCompletionRequest(SamplingRequest):
                 and self.max_tokens != self.max_completion_tokens:
             raise bad_request("max_tokens and max_completion_tokens disagree", "max_completion_tokens")
         for i, message in enumerate(self.messages):
+            message.check_content(i)
             for j, part in enumerate(message.content if isinstance(message.content, list) else []):
                 if part.type != "text" or part.text is None:
                     raise bad_request(f"content parts of type {part.type!r} are not supported (text only)",

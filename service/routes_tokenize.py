@@ -53,6 +53,8 @@ def tokenize_router(serving: OpenAIServing) -> APIRouter:
     @router.post("/tokenize", response_model=TokenizeResponse, summary="Token ids of a prompt or of chat messages")
     async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest):
         check(body)
+        for i, message in enumerate(getattr(body, "messages", ())):
+            message.check_content(i)
         engine = serving.engine_for(1, 1)
         vocab = int(engine.model_config.vocab_size)
 

@@ -85,6 +85,8 @@ WRONG_CHAT_BODIES = [
     ({"messages": [{"content": "x"}]}, "messages.0.role"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ({"messages": [{"role": "user"}]}, "messages.0.content"),
+    ({"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": None}]}, "messages.1.content"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "url": "x"}]}]}, "messages.0.content.0.type"),
     ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -3}, "max_completion_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": MAX_MODEL_LEN}, "max_tokens"),
@@ -294,3 +296,12 @@ def test_schema_fuzzing_finds_no_server_error(small_servers):
         check()
     assert not failures, failures[:5]
     assert httpx.get(server.base_url + "/health").status_code == 200
+
+
+def test_tokenize_refuses_a_user_message_without_content(served):
+    """/tokenize reads chat messages as chat completions do: a user turn with no content is a 400 naming it."""
+    body = {"messages": [{"role": "user", "content": "hi"}, {"role": "user"}]}
+    error = assert_error(post(served, "/tokenize", body), 400, "messages.1.content", "invalid_request_error")
+    assert error["code"] == "missing_field", error
+    ok = post(served, "/tokenize", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]})
+    assert ok.status_code == 200 and ok.json()["count"] > 0, ok.text
