@@ -278,9 +278,10 @@ def read_chat_template(path: str | None) -> str | None:
     return template
 
 
-def preflight(args: argparse.Namespace, engine_config, source: str, random_weights: bool) -> None:
+def preflight(args: argparse.Namespace, engine_config, source: str, random_weights: bool, parallel=None) -> None:
     """What can be checked before the port opens and the weights load in the background (minutes for a large
-    checkpoint): the device, the checkpoint's config and tokenizer, --max-model-len and --cpu-threads."""
+    checkpoint): the device, the checkpoint's config and tokenizer, --max-model-len, --cpu-threads and how
+    --tensor-parallel/--expert-parallel split the model's heads and experts."""
     from model.loader import resolve_source
 
     try:
@@ -299,6 +300,14 @@ def preflight(args: argparse.Namespace, engine_config, source: str, random_weigh
     if args.cpu_threads and args.cpu_threads > cpus:  # thousands of threads crash libgomp, or the process
         raise SystemExit(f"staticmoe: error: --cpu-threads {args.cpu_threads} exceeds the {cpus} CPUs this process "
                          f"may use")
+    if parallel is not None:
+        from model.parallel.config import RankLayout
+
+        try:
+            RankLayout.build(config, parallel, 0)  # every rank's layout follows the same divisions
+        except ValueError as err:
+            raise SystemExit(f"staticmoe: error: --tensor-parallel {parallel.tensor_parallel} --expert-parallel "
+                             f"{parallel.expert_parallel}: {err}") from None
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -323,7 +332,7 @@ def serve(args: argparse.Namespace) -> int:
                                 stall_timeout_s=args.engine_stall_timeout, freeze_heap=True)
     except ValueError as err:
         raise SystemExit(f"staticmoe: error: {err}") from None
-    preflight(args, engine_config, source, random_weights)
+    preflight(args, engine_config, source, random_weights, parallel)
     make_engine = lambda: LLMEngine(engine_config)  # noqa: E731
     if parallel is not None:
         from model.parallel.launcher import launched_by_torchrun, parallel_engine

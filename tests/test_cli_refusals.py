@@ -121,3 +121,11 @@ def test_allowed_hosts_with_no_names_is_refused():
     """Was: `--allowed-hosts ,` silently becomes the default list (ServiceSettings' own 'allowed_hosts is empty'
     check is bypassed by `args.allowed_hosts or default`)."""
     assert_clean_refusal(*run_serve(["--allowed-hosts", ","]), "allowed")
+
+
+def test_tensor_parallel_that_does_not_divide_the_heads_is_refused_before_serving():
+    """Was: the port opens and /health answers while the ranks start, then each rank fails building its layout
+    (the tiny model has 4 attention heads: 3 ranks cannot share them)."""
+    code, output, healthy = run_serve(["--tensor-parallel", "3"])
+    assert_clean_refusal(code, output, healthy, "--tensor-parallel")
+    assert "num_attention_heads" in output, output
