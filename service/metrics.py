@@ -31,7 +31,9 @@ REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
                            240.0, 480.0, 960.0, 1920.0, 7680.0]
 MOE_KERNEL_BUCKETS = [1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25,
                       0.5, 1.0, 2.5]
-FINISH_REASONS = ("stop", "length", "abort")
+# "error": a choice its constraints left with no valid token (RequestOutput.finish_reason "error"); without its own
+# series such requests were in the e2e histogram but in no request_success series. vLLM has the label too.
+FINISH_REASONS = ("stop", "length", "abort", "error")
 EXPERT_SERIES_AUTO_LIMIT = 8192
 
 # Dense bf16 tensor-core peak (FLOP/s, no sparsity) by device name; the first matching entry wins, so the more

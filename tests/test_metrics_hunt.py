@@ -1,0 +1,51 @@
+"""Defects found in /metrics by a hunt against a real server (tiny model on the CPU), one test each."""
+
+import httpx
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+pytest.register_assert_rewrite("tests.service_fixtures")
+from tests.api_fixtures import api, api_server  # noqa: E402, F401
+from tests.service_fixtures import metric, parse_metrics, served, wait_for  # noqa: E402, F401
+
+# regex "ab" with allowed_token_ids [98] ("b"): no token satisfies both, so the engine ends the choice with
+# finish_reason "error" (a 400 no_allowed_token; in-band when streamed), see tests/test_service_structured.py
+NO_ALLOWED_TOKEN = {"prompt": "x", "max_tokens": 5, "temperature": 0, "structured_outputs": {"regex": "ab"},
+                    "allowed_token_ids": [98]}
+
+
+def idle_samples(server):
+    samples = parse_metrics(server.metrics_text())
+    return samples if (metric(samples, "staticmoe_num_requests_running") == 0
+                       and metric(samples, "staticmoe_num_requests_waiting") == 0) else None
+
+
+def test_a_request_ending_with_an_error_is_counted_in_request_success(served):
+    """A choice that ends with finish_reason "error" was in the e2e histogram (and the prompt/generation token
+    histograms) but in no staticmoe_request_success_total series: errors were invisible to an operator, and
+    Σ request_success fell short of the e2e count. vLLM exports finished_reason="error" too."""
+    before = wait_for(lambda: idle_samples(served))
+    with httpx.Client(base_url=served.base_url, headers=served.headers, timeout=120) as http:
+        assert http.post("/v1/completions", json=NO_ALLOWED_TOKEN).status_code == 400
+        with http.stream("POST", "/v1/completions", json={**NO_ALLOWED_TOKEN, "stream": True}) as stream:
+            assert stream.status_code == 200
+            assert any('"no_allowed_token"' in line for line in stream.iter_lines())
+    after = wait_for(lambda: idle_samples(served))
+
+    def delta(name, **labels):
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert delta("staticmoe_request_success_total", finished_reason="error") == 2
+    assert delta("staticmoe_request_success_total") == delta("staticmoe_e2e_request_latency_seconds_count") == 2
+
+
+def test_the_error_series_exists_before_any_error():
+    """Like stop/length/abort, the series is there at 0 from the start, so rate() sees the first error."""
+    from service.metrics import ServiceMetrics
+
+    families = {f.name: f for f in text_string_to_metric_families(
+        generate_latest(ServiceMetrics("m").registry).decode())}
+    reasons = {s.labels["finished_reason"]: s.value for s in families["staticmoe_request_success"].samples
+               if s.name == "staticmoe_request_success_total"}
+    assert reasons == {"stop": 0.0, "length": 0.0, "abort": 0.0, "error": 0.0}
