@@ -8,10 +8,16 @@ it started inside, else all content (a model asked not to think writes no tags).
 
 from __future__ import annotations
 
+import re
+
 from service.harmony import HarmonySplitter, tool_call_text
 from service.text_holdback import partial_marker_len
 
 THINK, END_THINK = "<think>", "</think>"
+
+# The most thinking (in tokens) a forced tool call may start with when the prompt opened the thinking, as harmony's
+# analysis bound (service/tool_parsers/harmony.py, which says why a token bound).
+FORCED_THINKING_MAX_TOKENS = 512
 
 
 class _Streamer:
@@ -60,6 +66,16 @@ class Qwen3ReasoningParser:
 
     def streamer(self, starts_in_think: bool) -> _Streamer:
         return _Streamer(starts_in_think)
+
+    def close_thinking(self, lark: str) -> str:
+        """`lark` (a forcing grammar, whose rule `start` is the output) preceded by the end of a thinking block the
+        prompt opened. Without it the forced call is written inside the thinking and comes back as reasoning_content,
+        not tool_calls. The thinking is bounded and holds no "<": llguidance's lexer does not backtrack, so text
+        that could run on through "</think>" would never let the model close it; the first "<" starts the close."""
+        return "\n".join([
+            f'start: thinking_text "{END_THINK}\\n\\n" forced',
+            f"thinking_text[max_tokens={FORCED_THINKING_MAX_TOKENS}]: /[^<]*/",
+            re.sub(r"^start:", "forced:", lark, count=1, flags=re.MULTILINE)])
 
 
 class _HarmonyStreamer:

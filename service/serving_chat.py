@@ -119,10 +119,15 @@ async def chat(serving: OpenAIServing, body: ChatCompletionRequest, request: Req
         prompt = chat_prompt_ids(engine.tokenizer, body.message_dicts(), options.parse_special_tokens_in_content,
                                  body.tool_dicts(), body.add_generation_prompt, body.template_kwargs())
         prompt = truncate_prompt(prompt, body.truncate_prompt_tokens, context)
-        grammar = compile_constraint(constraint, engine) if constraint else None
-        bad = bad_words_token_ids(engine.tokenizer, body.bad_words or [])
         opens = reasoner is not None and prompt_opens_thinking(
             engine.tokenizer.decode(prompt[-16:], skip_special_tokens=False))
+        forced = constraint
+        if opens and forced is not None and forced[2] == "tool_choice" and hasattr(reasoner, "close_thinking"):
+            # the template opened <think>: the forced call must come after the thinking closes (else it is parsed
+            # as reasoning_content, with no tool_calls)
+            forced = (forced[0], reasoner.close_thinking(forced[1]), forced[2])
+        grammar = compile_constraint(forced, engine) if forced else None
+        bad = bad_words_token_ids(engine.tokenizer, body.bad_words or [])
         return prompt, grammar, bad, opens
 
     prompt, grammar, bad_words, starts_in_think = await serving.off_loop(prepare)
