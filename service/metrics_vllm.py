@@ -14,6 +14,9 @@ PREFIX = "staticmoe_"
 MIRRORED = {  # staticmoe_X -> vllm:X, and any older vLLM names of X
     "num_requests_running": (), "num_requests_waiting": (), "kv_cache_usage_perc": ("gpu_cache_usage_perc",),
     "num_preemptions": (), "prompt_tokens": (), "generation_tokens": (), "request_success": (),
+    # vLLM's hit-rate counters (vllm:prefix_cache_queries/hits); the staticmoe_ pair was added after this list and
+    # was missing under vLLM's names
+    "prefix_cache_queries": (), "prefix_cache_hits": (),
     "request_prompt_tokens": (), "request_generation_tokens": (), "time_to_first_token_seconds": (),
     "inter_token_latency_seconds": ("time_per_output_token_seconds",), "e2e_request_latency_seconds": (),
     "request_queue_time_seconds": (),

@@ -49,3 +49,19 @@ def test_the_error_series_exists_before_any_error():
     reasons = {s.labels["finished_reason"]: s.value for s in families["staticmoe_request_success"].samples
                if s.name == "staticmoe_request_success_total"}
     assert reasons == {"stop": 0.0, "length": 0.0, "abort": 0.0, "error": 0.0}
+
+
+def test_vllm_names_include_the_prefix_cache_counters(api, api_server):
+    """--vllm-metric-names promises every staticmoe_ series that mirrors vLLM's under its vllm: name. The prefix
+    cache counters (vLLM's vllm:prefix_cache_queries/hits, the hit-rate panel of vLLM dashboards) were missing:
+    added after the mirror's list, and never put on it."""
+    prompt = "a prompt long enough to fill several KV blocks of sixteen tokens, sent twice " * 2
+    for _ in range(2):  # the second one finds the first one's full blocks cached
+        api.completions.create(model="tiny", prompt=prompt, max_tokens=1)
+    samples = wait_for(lambda: idle_samples(api_server))
+    hits = metric(samples, "staticmoe_prefix_cache_hits_total", model_name="tiny")
+    queries = metric(samples, "staticmoe_prefix_cache_queries_total", model_name="tiny")
+    assert hits >= 16 and queries >= 2 * len(prompt)  # the byte tokenizer: one token per character
+    for name in ("prefix_cache_queries_total", "prefix_cache_hits_total"):
+        assert ("vllm:" + name, frozenset({("model_name", "tiny")})) in samples, name
+        assert metric(samples, "vllm:" + name, model_name="tiny") == metric(samples, "staticmoe_" + name), name
