@@ -142,6 +142,9 @@ class ServiceMetrics:
                                     buckets=REQUEST_LATENCY_BUCKETS)
         self.rejected = Counter("staticmoe_requests_rejected", "Requests refused before reaching the engine.",
                                 ["reason"], registry=r)
+        # the series exists at 0 from the start (as request_success's): rate()/increase() need a sample before the
+        # first 429, else an alert misses the first burst of refusals
+        self.rejected.labels("queue_full")
 
         self.tensor_core_utilization = Gauge(
             "staticmoe_moe_tensor_core_utilization",

@@ -65,3 +65,16 @@ def test_vllm_names_include_the_prefix_cache_counters(api, api_server):
     for name in ("prefix_cache_queries_total", "prefix_cache_hits_total"):
         assert ("vllm:" + name, frozenset({("model_name", "tiny")})) in samples, name
         assert metric(samples, "vllm:" + name, model_name="tiny") == metric(samples, "staticmoe_" + name), name
+
+
+def test_the_queue_full_series_exists_before_the_first_429(served):
+    """staticmoe_requests_rejected_total{reason="queue_full"} only appeared with the first 429, at 1: rate() and
+    increase() need two samples of a series, so an alert on them missed the first burst of refusals (and a server
+    that refused once, in one burst, never showed any)."""
+    from service.metrics import ServiceMetrics
+
+    fresh = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(
+        generate_latest(ServiceMetrics("m").registry).decode()) for s in f.samples}
+    assert fresh[("staticmoe_requests_rejected_total", (("reason", "queue_full"),))] == 0.0
+    samples = parse_metrics(served.metrics_text())
+    assert ("staticmoe_requests_rejected_total", frozenset({("reason", "queue_full")})) in samples
