@@ -10,6 +10,8 @@ comes out whatever the weights.
 
 from __future__ import annotations
 
+import json
+
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
@@ -88,6 +90,27 @@ class _Choice:
         return delta
 
 
+def _answer_lark(constraint) -> str | None:
+    """A constraint as a Lark grammar whose rule `start` is the answer, for the kinds that cannot write a thinking
+    block themselves: forced tool calls, JSON and choices. None for a client's regex or grammar (it may write its own
+    `</think>`) and for no constraint."""
+    if constraint is None:
+        return None
+    kind, spec, field = constraint
+    if field == "tool_choice":
+        return spec
+    if kind == "json_object":
+        kind, spec = "json_schema", {"type": "object"}
+    if kind == "json_schema" and isinstance(spec, dict):
+        guidance = spec.get("x-guidance", {})
+        if isinstance(guidance, dict):  # compact unless the schema says otherwise, as compile_grammar's default
+            return "start: %json " + json.dumps({**spec, "x-guidance": {"whitespace_flexible": False, **guidance}},
+                                                ensure_ascii=False)
+    if kind == "choice":
+        return "start: " + " | ".join(json.dumps(s, ensure_ascii=False) for s in spec)
+    return None
+
+
 def _finish_reason(reason: str | None, has_calls: bool, named: bool) -> str | None:
     return "tool_calls" if reason == "stop" and has_calls and not named else reason
 
@@ -121,12 +144,12 @@ async def chat(serving: OpenAIServing, body: ChatCompletionRequest, request: Req
         prompt = truncate_prompt(prompt, body.truncate_prompt_tokens, context)
         opens = reasoner is not None and prompt_opens_thinking(
             engine.tokenizer.decode(prompt[-16:], skip_special_tokens=False))
-        forced = constraint
-        if opens and forced is not None and forced[2] == "tool_choice" and hasattr(reasoner, "close_thinking"):
-            # the template opened <think>: the forced call must come after the thinking closes (else it is parsed
-            # as reasoning_content, with no tool_calls)
-            forced = (forced[0], reasoner.close_thinking(forced[1]), forced[2])
-        grammar = compile_constraint(forced, engine) if forced else None
+        grammar = compile_constraint(constraint, engine) if constraint else None  # also the 400 of a bad one
+        answer = _answer_lark(constraint) if opens and hasattr(reasoner, "close_thinking") else None
+        if answer is not None:
+            # the template opened <think>: the constrained answer must come after the thinking closes, else the
+            # call, JSON or choice is parsed as reasoning_content (no tool_calls, content null)
+            grammar = compile_constraint(("grammar", reasoner.close_thinking(answer), constraint[2]), engine)
         bad = bad_words_token_ids(engine.tokenizer, body.bad_words or [])
         return prompt, grammar, bad, opens
 

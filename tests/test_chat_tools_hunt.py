@@ -87,3 +87,34 @@ def test_forced_call_grammar_lets_the_model_close_its_thinking_and_bounds_it(tin
         assert matcher.consume_tokens(x)
     forced = tokenizer.decode(matcher.compute_ff_tokens())
     assert forced.startswith("</think>\n\n<tool_call>\n{"), forced
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["a"],
+          "additionalProperties": False}
+
+
+@pytest.mark.parametrize("constraint", [
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}},
+    {"response_format": {"type": "json_object"}},
+    {"extra_body": {"structured_outputs": {"choice": ["yes", "no"]}}}], ids=["json_schema", "json_object", "choice"])
+def test_structured_output_after_a_prompt_that_opens_thinking_is_the_content(thinking_api, constraint):
+    """The JSON (or the choice) is the answer: it came back as reasoning_content with content null, as the output
+    started inside the thinking the template opened and the constraint never closed it."""
+    import jsonschema
+
+    kwargs = dict(model="tiny", messages=USER, seed=5, max_tokens=800, **constraint)
+    r = thinking_api.chat.completions.create(**kwargs)
+    message = r.choices[0].message
+    assert message.content is not None, message
+    content = message.content.strip()
+    if "choice" in json.dumps(constraint):
+        assert content in ("yes", "no")
+    else:
+        jsonschema.validate(json.loads(content), SCHEMA if "json_schema" in json.dumps(constraint) else
+                            {"type": "object"})
+    assert "</think>" not in content and isinstance(message.model_extra.get("reasoning_content"), str)
+    assert r.choices[0].finish_reason == "stop"
+    chunks = [c for c in thinking_api.chat.completions.create(stream=True, **kwargs) if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == message.content
+    assert "".join(c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in chunks) == \
+        message.model_extra["reasoning_content"]
