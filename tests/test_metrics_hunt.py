@@ -78,3 +78,69 @@ def test_the_queue_full_series_exists_before_the_first_429(served):
     assert fresh[("staticmoe_requests_rejected_total", (("reason", "queue_full"),))] == 0.0
     samples = parse_metrics(served.metrics_text())
     assert ("staticmoe_requests_rejected_total", frozenset({("reason", "queue_full")})) in samples
+
+
+# Runs the dashboard's own script under node against /metrics text, with just enough of a DOM for it to draw into;
+# prints each element's text as JSON once every given scrape was rendered.
+DASHBOARD_HARNESS = r"""
+const fs = require("fs");
+const [page, ...scrapes] = process.argv.slice(2).map((f) => fs.readFileSync(f, "utf8"));
+const script = page.split("<script>")[1].split("</script>")[0];
+const els = {};
+const ctx = new Proxy({}, { get: (t, k) => (k in t ? t[k] : () => {}), set: (t, k, v) => { t[k] = v; return true; } });
+const element = () => ({ textContent: "", dataset: {}, style: {}, className: "", clientWidth: 800,
+  getAttribute: () => "160", setAttribute: () => {}, getContext: () => ctx, addEventListener: () => {},
+  getBoundingClientRect: () => ({ left: 0, top: 0 }) });
+global.document = { getElementById: (id) => (els[id] = els[id] || element()) };
+global.location = { search: "" };
+global.window = { devicePixelRatio: 1 };
+let polls = 0, now = 0;
+global.performance = { now: () => (now += 2000) };
+global.fetch = async () => ({ ok: true, text: async () => scrapes[Math.min(polls, scrapes.length - 1)] });
+global.setTimeout = (next) => {
+  if (++polls < scrapes.length) next();
+  else setImmediate(() => console.log(JSON.stringify(Object.fromEntries(
+    Object.entries(els).map(([id, el]) => [id, el.textContent])))));
+};
+eval(script);
+"""
+
+
+def render_dashboard(tmp_path, *scrapes: str) -> dict[str, str]:
+    import json
+    import shutil
+    import subprocess
+
+    from service.dashboard import DASHBOARD_HTML
+
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.skip("node is not installed")
+    files = [tmp_path / "harness.js", DASHBOARD_HTML]
+    files[0].write_text(DASHBOARD_HARNESS)
+    for i, text in enumerate(scrapes):
+        files.append(tmp_path / f"scrape{i}.txt")
+        files[-1].write_text(text)
+    out = subprocess.run([node, *map(str, files)], capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(out.stdout)
+
+
+def test_the_dashboard_names_the_peak_the_utilization_is_over(tmp_path):
+    """With FP8 experts the utilization is over the FP8 peak (twice the bf16 one), but the dashboard titled it
+    "÷ dense bf16 peak" whatever the precision: an operator read a number half of what it meant against bf16."""
+    from model.engine import MoeStatsSnapshot
+    from service.metrics import MoeLayout, ServiceMetrics, dense_peak_flops
+
+    metrics = ServiceMetrics("m")
+    peak = dense_peak_flops("NVIDIA H100 80GB HBM3", "fp8")
+    metrics.configure_moe(MoeLayout(layer_labels=["0"], experts_per_layer=[2], device_name="NVIDIA H100 80GB HBM3",
+                                    peak_flops=peak, expert_counters=True, precision="fp8"))
+    first = generate_latest(metrics.registry).decode()
+    metrics.update_moe(MoeStatsSnapshot("NVIDIA H100 80GB HBM3", 4e12, [(0.01, 0.25 * peak * 0.01)],
+                                        [[3, 1]], [[3, 1]]))
+    shown = render_dashboard(tmp_path, first, generate_latest(metrics.registry).decode())
+    assert shown["tensor-util"] == "25.0 %"
+    assert "fp8 peak" in shown["moe-tflops"], shown["moe-tflops"]
+    from service.dashboard import dashboard_page
+
+    assert "bf16" not in dashboard_page()  # no title or note that names one precision's peak
