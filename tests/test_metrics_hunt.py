@@ -144,3 +144,25 @@ def test_the_dashboard_names_the_peak_the_utilization_is_over(tmp_path):
     from service.dashboard import dashboard_page
 
     assert "bf16" not in dashboard_page()  # no title or note that names one precision's peak
+
+
+def test_the_dashboard_does_not_show_an_untimed_server_as_zero_utilization(tmp_path):
+    """With --no-expert-metrics (or a parallel model) no MoE step is timed, so the utilization gauge stays 0 while
+    tokens are served and the device's peak is known: the dashboard showed "0.0 %", a measurement that was never
+    made. FLOPs served with no timed step is what tells it."""
+    from model.engine import MoeStatsSnapshot
+    from service.metrics import MoeLayout, ServiceMetrics
+
+    def scrapes(timed):
+        metrics = ServiceMetrics("m")
+        metrics.configure_moe(MoeLayout(layer_labels=["0"], experts_per_layer=[2], device_name="NVIDIA H100",
+                                        peak_flops=1e12, expert_counters=False, expert_window_metrics=False))
+        first = generate_latest(metrics.registry).decode()
+        metrics.update_moe(MoeStatsSnapshot("NVIDIA H100", 5e9, [(0.01, 5e9)] if timed else [], [], []))
+        return first, generate_latest(metrics.registry).decode()
+
+    untimed = render_dashboard(tmp_path, *scrapes(timed=False))
+    assert "%" not in untimed["tensor-util"], untimed["tensor-util"]
+    assert "not timed" in untimed["moe-tflops"], untimed["moe-tflops"]
+    timed = render_dashboard(tmp_path, *scrapes(timed=True))  # the same traffic, timed: 5e9 / 0.01 s of 1e12
+    assert timed["tensor-util"] == "50.0 %" and "not timed" not in timed["moe-tflops"]
