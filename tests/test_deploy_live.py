@@ -20,6 +20,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.browser_fixtures import chromium_driver
 from tests.deploy_fixtures import (
     ALERT_RULES, ARTIFACTS, DASHBOARD_HTML, HEALTHCHECK_SCRIPT, PROMETHEUS_CONFIG, all_panels, dashboard_exprs,
     grafana_to_promql, is_label_values_query, load_dashboard, load_yaml, metric_names, rule_exprs, run, tool,
@@ -184,20 +185,6 @@ def test_prometheus_scrapes_the_service_and_evaluates_dashboard_and_rules(with_t
 
 
 # ---- built-in dashboard in headless Chromium ------------------------------------------------------------------------
-
-
-def chromium_driver(tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium missing: run .ci/system-deps.sh")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = tool("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1400,1000", f"--user-data-dir={tmp_path / 'chromium'}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(executable_path=tool("chromedriver")), options=options)
 
 
 def test_dashboard_route_serves_a_self_contained_page(served):

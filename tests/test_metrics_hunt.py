@@ -7,6 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 pytest.register_assert_rewrite("tests.service_fixtures")
 from tests.api_fixtures import api, api_server  # noqa: E402, F401
+from tests.browser_fixtures import render_in_chromium  # noqa: E402
 from tests.service_fixtures import metric, parse_metrics, served, wait_for  # noqa: E402, F401
 
 # regex "ab" with allowed_token_ids [98] ("b"): no token satisfies both, so the engine ends the choice with
@@ -80,49 +81,8 @@ def test_the_queue_full_series_exists_before_the_first_429(served):
     assert ("staticmoe_requests_rejected_total", frozenset({("reason", "queue_full")})) in samples
 
 
-# Runs the dashboard's own script under node against /metrics text, with just enough of a DOM for it to draw into;
-# prints each element's text as JSON once every given scrape was rendered.
-DASHBOARD_HARNESS = r"""
-const fs = require("fs");
-const [page, ...scrapes] = process.argv.slice(2).map((f) => fs.readFileSync(f, "utf8"));
-const script = page.split("<script>")[1].split("</script>")[0];
-const els = {};
-const ctx = new Proxy({}, { get: (t, k) => (k in t ? t[k] : () => {}), set: (t, k, v) => { t[k] = v; return true; } });
-const element = () => ({ textContent: "", dataset: {}, style: {}, className: "", clientWidth: 800,
-  getAttribute: () => "160", setAttribute: () => {}, getContext: () => ctx, addEventListener: () => {},
-  getBoundingClientRect: () => ({ left: 0, top: 0 }) });
-global.document = { getElementById: (id) => (els[id] = els[id] || element()) };
-global.location = { search: "" };
-global.window = { devicePixelRatio: 1 };
-let polls = 0, now = 0;
-global.performance = { now: () => (now += 2000) };
-global.fetch = async () => ({ ok: true, text: async () => scrapes[Math.min(polls, scrapes.length - 1)] });
-global.setTimeout = (next) => {
-  if (++polls < scrapes.length) next();
-  else setImmediate(() => console.log(JSON.stringify(Object.fromEntries(
-    Object.entries(els).map(([id, el]) => [id, el.textContent])))));
-};
-eval(script);
-"""
-
-
-def render_dashboard(tmp_path, *scrapes: str) -> dict[str, str]:
-    import json
-    import shutil
-    import subprocess
-
-    from service.dashboard import DASHBOARD_HTML
-
-    node = shutil.which("node") or shutil.which("nodejs")
-    if node is None:
-        pytest.skip("node is not installed")
-    files = [tmp_path / "harness.js", DASHBOARD_HTML]
-    files[0].write_text(DASHBOARD_HARNESS)
-    for i, text in enumerate(scrapes):
-        files.append(tmp_path / f"scrape{i}.txt")
-        files[-1].write_text(text)
-    out = subprocess.run([node, *map(str, files)], capture_output=True, text=True, timeout=60, check=True)
-    return json.loads(out.stdout)
+# The dashboard's elements these tests read: the real page in headless Chromium, fed the given /metrics texts.
+SHOWN = ("tensor-util", "moe-tflops")
 
 
 def test_the_dashboard_names_the_peak_the_utilization_is_over(tmp_path):
@@ -138,7 +98,7 @@ def test_the_dashboard_names_the_peak_the_utilization_is_over(tmp_path):
     first = generate_latest(metrics.registry).decode()
     metrics.update_moe(MoeStatsSnapshot("NVIDIA H100 80GB HBM3", 4e12, [(0.01, 0.25 * peak * 0.01)],
                                         [[3, 1]], [[3, 1]]))
-    shown = render_dashboard(tmp_path, first, generate_latest(metrics.registry).decode())
+    shown = render_in_chromium(tmp_path, first, generate_latest(metrics.registry).decode(), element_ids=SHOWN)
     assert shown["tensor-util"] == "25.0 %"
     assert "fp8 peak" in shown["moe-tflops"], shown["moe-tflops"]
     from service.dashboard import dashboard_page
@@ -161,8 +121,9 @@ def test_the_dashboard_does_not_show_an_untimed_server_as_zero_utilization(tmp_p
         metrics.update_moe(MoeStatsSnapshot("NVIDIA H100", 5e9, [(0.01, 5e9)] if timed else [], [], []))
         return first, generate_latest(metrics.registry).decode()
 
-    untimed = render_dashboard(tmp_path, *scrapes(timed=False))
+    untimed = render_in_chromium(tmp_path / "untimed", *scrapes(timed=False), element_ids=SHOWN)
     assert "%" not in untimed["tensor-util"], untimed["tensor-util"]
     assert "not timed" in untimed["moe-tflops"], untimed["moe-tflops"]
-    timed = render_dashboard(tmp_path, *scrapes(timed=True))  # the same traffic, timed: 5e9 / 0.01 s of 1e12
+    # the same traffic, timed: 5e9 / 0.01 s of 1e12
+    timed = render_in_chromium(tmp_path / "timed", *scrapes(timed=True), element_ids=SHOWN)
     assert timed["tensor-util"] == "50.0 %" and "not timed" not in timed["moe-tflops"]
