@@ -125,9 +125,17 @@ cudaError_t launch_fp8_variant(const CUtensorMap& map, const Fp8GemmArgs& args, 
 int fp8_opts() {
   static const int opts = (env_knob("STATICMOE_FP8_A_REGS", 0, 0) ? kFp8ARegs : 0) |
                           (env_knob("STATICMOE_FP8_QUARTERS", 0, 0) ? kFp8Quarters : 0) |
-                          (env_knob("STATICMOE_FP8_POSTED_TILES", 0, 0) ? kFp8PostedTiles : 0) |
                           (env_knob("STATICMOE_FP8_TANH_SILU", 0, 0) ? kFp8TanhSilu : 0);
   return opts;
+}
+
+// Posted tiles: by default GEMM2 with K <= kFp8PostedMaxK; STATICMOE_FP8_POSTED_TILES=1 every 128-row FP8 GEMM,
+// =0 none. Never with no K step (k < 128, which the op refuses anyway): a posted tile is taken at its first K
+// step's barrier.
+bool posted_tiles(bool gate_up, int32_t k) {
+  static const int64_t mode = env_knob("STATICMOE_FP8_POSTED_TILES", -1, 0);  // -1: unset
+  if (k < kFp8BlockK) return false;
+  return mode < 0 ? !gate_up && k <= kFp8PostedMaxK : mode != 0;
 }
 
 using Fp8Launch = cudaError_t (*)(const CUtensorMap&, const Fp8GemmArgs&, int, cudaStream_t);
@@ -147,8 +155,7 @@ cudaError_t launch_fp8(const CUtensorMap& map, const Fp8GemmArgs& args, int devi
   } else {
     static constexpr auto variants = fp8_variants<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(
         std::make_integer_sequence<int, kFp8OptCount>{});
-    // A posted tile is taken at its first K step's barrier: never with no K step (k < 128; the op refuses it anyway).
-    const int opts = args.k >= kFp8BlockK ? fp8_opts() : fp8_opts() & ~kFp8PostedTiles;
+    const int opts = fp8_opts() | (posted_tiles(kGateUp, args.k) ? kFp8PostedTiles : 0);
     return variants[opts](map, args, device, stream);
   }
 }

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _count = 0
+_kernels: list[str] = []  # the descriptions of the first few, for test and log messages
 _installed = False
 _armed = False
 
@@ -28,6 +29,12 @@ _armed = False
 def specializations_after_start() -> int:
     """Triton specialisations first needed while armed (0 without Triton)."""
     return _count
+
+
+def kernels_specialized_after_start() -> list[str]:
+    """What those specialisations were (the first 16 descriptions), so a failed check names the kernel."""
+    with _lock:
+        return list(_kernels)
 
 
 def describe(kwargs: dict) -> str:
@@ -52,6 +59,8 @@ def record(kernel: str) -> None:
     with _lock:
         _count += 1
         n = _count
+        if len(_kernels) < 16:
+            _kernels.append(kernel[:600])
     logger.warning("Triton specialised a kernel after start-up (#%d; the step waited for its compile or its load "
                    "from the disk cache): %s", n, kernel[:600])
 
