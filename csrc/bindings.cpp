@@ -122,7 +122,7 @@ PYBIND11_MODULE(_C, m) {
            uintptr_t out, int dtype, uintptr_t s) {
           const moe::Problem p = problem(T, k, E, H, I, dtype);
           const moe::Workspace ws = moe::carve_workspace(p, ptr<void>(workspace));
-          check(moe::combine(p, ws.slot_out, ptr<const int32_t>(topk_ids), nullptr, ptr<void>(out), stream_of(s)),
+          check(moe::combine(p, ws.slot_out, ptr<const int32_t>(topk_ids), ptr<void>(out), stream_of(s)),
                 "moe combine");
         });
   m.def("moe_plan_host", [](const std::vector<int32_t>& topk_ids, int32_t E, int32_t block_m) {

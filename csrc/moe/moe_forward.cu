@@ -57,14 +57,6 @@ int64_t cluster_min_rows() {
   return rows;
 }
 
-// Where the routing weights are applied: GEMM2's epilogue (the default) or, with STATICMOE_WEIGHTS_IN_COMBINE=1,
-// the combine, which reads them beside the expert ids it reads anyway. The latter takes a load that depends on the
-// row lookup (sorted_rows, then topk_weights[flat]) out of every GEMM2 tile's epilogue; opt-in until timed.
-bool weights_in_combine() {
-  static const bool on = env_knob("STATICMOE_WEIGHTS_IN_COMBINE", 0, 0) != 0;
-  return on;
-}
-
 }  // namespace
 
 LaunchConfig choose_config(const Problem& p) {
@@ -102,11 +94,9 @@ cudaError_t forward(const Problem& p, const void* x, const void* w13, const void
   const Workspace ws = carve_workspace(p, workspace);
   cudaError_t err = build_plan(p, cfg, topk_ids, ws.plan, expert_load, stream);
   if (err != cudaSuccess) return err;
-  const bool late = weights_in_combine();
-  if ((err = grouped_gemms_sm90(p, cfg, x, w13, w2, late ? nullptr : topk_weights, biases, ws, device, stream)) !=
-      cudaSuccess)
+  if ((err = grouped_gemms_sm90(p, cfg, x, w13, w2, topk_weights, biases, ws, device, stream)) != cudaSuccess)
     return err;
-  return combine(p, ws.slot_out, topk_ids, late ? topk_weights : nullptr, out, stream);
+  return combine(p, ws.slot_out, topk_ids, out, stream);
 }
 
 cudaError_t forward_fp8(const Problem& p, const void* x, const void* w13, const void* w2, WeightScales scales,
@@ -123,11 +113,10 @@ cudaError_t forward_fp8(const Problem& p, const void* x, const void* w13, const 
   err = quantize_rows_fp8(static_cast<const __nv_bfloat16*>(x), p.tokens, p.hidden, static_cast<uint8_t*>(ws.x_fp8),
                           ws.x_scale, stream);
   if (err != cudaSuccess) return err;
-  const bool late = weights_in_combine();
-  if ((err = grouped_gemms_fp8_sm90(p, cfg, w13, w2, scales, late ? nullptr : topk_weights, biases, ws, device,
-                                    stream)) != cudaSuccess)
+  if ((err = grouped_gemms_fp8_sm90(p, cfg, w13, w2, scales, topk_weights, biases, ws, device, stream)) !=
+      cudaSuccess)
     return err;
-  return combine(p, ws.slot_out, topk_ids, late ? topk_weights : nullptr, out, stream);
+  return combine(p, ws.slot_out, topk_ids, out, stream);
 }
 
 }  // namespace staticmoe::moe

@@ -43,7 +43,7 @@ template <typename T>
 struct GemmArgs {
   const T* a;             // GEMM1: x [T, H]; GEMM2: intermediate [N, I]
   T* out;                 // GEMM1: intermediate [N, I]; GEMM2: slot_out [N, H]
-  const float* topk_weights;  // GEMM2 scales its rows by these; null: unweighted (the combine weights them)
+  const float* topk_weights;
   const int32_t* expert_counts;
   const int32_t* expert_offsets;
   const int32_t* sorted_rows;
@@ -214,7 +214,7 @@ __device__ __forceinline__ void consume(const GemmArgs<T>& args, uint8_t* smem, 
         }
       } else {
         const int32_t flat = args.sorted_rows[w.row_base + r];
-        const float wt = args.topk_weights ? args.topk_weights[flat] : 1.f;  // null: the combine weights the rows
+        const float wt = args.topk_weights[flat];
         T* dst = args.out + int64_t(flat) * args.n_out;
 #pragma unroll
         for (int j = 0; j < kBlockN / 8; ++j) {

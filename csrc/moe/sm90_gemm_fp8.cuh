@@ -34,7 +34,7 @@ struct Fp8GemmArgs {
   const float* b_scale;      // [E, b_blocks, k / 128]
   void* out;                 // GEMM1: intermediate [N, I] e4m3; GEMM2: slot_out [N, H] bf16
   float* out_scale;          // GEMM1: intermediate scales [N, I / 128]; GEMM2: unused
-  const float* topk_weights;  // GEMM2 scales its rows by these; null: unweighted (the combine weights them)
+  const float* topk_weights;
   const int32_t* expert_counts;
   const int32_t* expert_offsets;
   const int32_t* sorted_rows;
@@ -239,7 +239,7 @@ __device__ __forceinline__ void store_rows_staged(const float (&acc)[kBlockN / 2
   const int row = warp_row0 + (lane & 15);  // lanes i and i + 16 look up row i: both loads in flight at once
   const bool ok = w.m0 + row < w.rows;
   const int32_t flat = ok ? args.sorted_rows[w.row_base + row] : -1;
-  const float wt = !ok ? 0.f : args.topk_weights ? args.topk_weights[flat] : 1.f;  // null: the combine weights
+  const float wt = ok ? args.topk_weights[flat] : 0.f;
   const float wt_lo = __shfl_sync(0xffffffffu, wt, lane / 4), wt_hi = __shfl_sync(0xffffffffu, wt, lane / 4 + 8);
   const int seg = lane & 7, pass_row = lane >> 3;  // reads: 8 lanes x 16 bytes = 128 bytes of one row
   int32_t dst_row[4];
