@@ -26,7 +26,7 @@
 #   layer-knob-ab: switches of the extension (AB_KNOB, space-separated): AB_TESTS with each on, then AB_POINTS' kernel
 #   times with all off, each on, all on (AB_SETTINGS: another list, `+` joining switches), per pass (AB_PASSES="a b");
 #   AB_TESTS_ALL=1 runs AB_TESTS once with every switch on instead of once per switch. A switch written NAME=VALUE is
-#   on at VALUE (off: NAME=0), e.g. STATICMOE_WG_SKEW_CYCLES=1500; settings name it the same way.
+#   on at VALUE (off: NAME=0), e.g. STATICMOE_CLUSTER_MIN_ROWS=256; settings name it the same way.
 #   wgmma-rate: the FP8 mainloop's variants alone, cycles per K step (benchmarks/wgmma_rate.cu; no extension needed).
 #   tile-clocks: a probe build's per-tile clock64 stamps of the grouped GEMMs (benchmarks/profile_tile_clocks.py).
 set -uo pipefail

@@ -105,27 +105,6 @@ __device__ __forceinline__ TaskTiles task_tiles(const Args& args) {
   return {num_slots, task_map_total_tiles(args.map.tile_prefix, num_slots) * args.n_tiles};
 }
 
-// Opt-in (STATICMOE_WG_SKEW_CYCLES, until a GPU run has timed it): math warpgroup 1 starts `delay` cycles after
-// warpgroup 0. The two warpgroups of a 128-row tile share every stage but nothing else, so they need not run in
-// step; in step (the default) both run their epilogues, the next tile's decode and first wait at once, and the
-// tensor cores idle for all of it (~6k cycles a tile, 23-39% of an FP8 Qwen3 tile on the H100: benchmarks/NOTES.md
-// "Session 22"). With warpgroup 0 ahead by L K steps, its epilogue runs while warpgroup 1 does its last L steps
-// alone and vice versa, and the lead carries over from tile to tile (both do the same work); the ring bounds it
-// (the leader cannot run more than kStages steps ahead), so a delay too long costs a few stalls, never a hang.
-// The delay counts from the first stage's arrival (before it, both would only wait for data), and only in a CTA
-// with a tile (else that stage never comes) and a K step (k > 0). Called by every thread once the barriers are set
-// up, before the task map's totals are read: nothing of it stays live into the warpgroups' roles (which keeps the
-// default kernels free of spills around setmaxnreg).
-template <int kCluster, typename Args>
-__device__ __forceinline__ void skew_warpgroups(uint64_t* full, const Args& args) {
-  const int warpgroup = (int(threadIdx.x) - kProducerThreads) / 128;
-  if (args.wg1_delay <= 0 || warpgroup != 1 || args.k <= 0) return;
-  if (int32_t(blockIdx.x) / kCluster >= task_tiles(args).total) return;
-  sm90::mbarrier_wait(&full[0], 0);  // the CTA's first stage; it cannot be refilled before this warpgroup releases it
-  const long long start = clock64();
-  while (clock64() - start < args.wg1_delay) __nanosleep(64);  // sleep, not spin: warpgroup 0 shares issue slots
-}
-
 // init_pipeline, then the task map's totals read once before the warpgroups split. (The FP8 kernels' posted-tile
 // variant reads them in each warpgroup after setmaxnreg instead: ptxas spills a value live across setmaxnreg when
 // the producer is short of registers.)
@@ -135,7 +114,6 @@ __device__ __forceinline__ PipelineStart start_pipeline(const CUtensorMap& weigh
   init_pipeline<kBlockM, kStages, kCluster>(weights, full, empty);
   const uint32_t cta_rank = kCluster > 1 ? sm90::cluster_cta_rank() : 0;
   wait_for_predecessor();
-  skew_warpgroups<kCluster>(full, args);
   const TaskTiles tiles = task_tiles(args);
   return {cta_rank, tiles.num_slots, tiles.total};
 }

@@ -3,7 +3,6 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <array>
 #include <mutex>
 #include <utility>
@@ -164,13 +163,6 @@ cudaError_t launch_fp8(const CUtensorMap& map, const Fp8GemmArgs& args, int devi
 // Raster group size: kGroupM, or STATICMOE_RASTER_GROUP_M{1,2} (GEMM1 / GEMM2) for tuning probes.
 int32_t raster_group(const char* env_name) { return int32_t(env_knob(env_name, kGroupM, 1)); }
 
-// Cycles math warpgroup 1 of a 128-row tile starts after warpgroup 0 (skew_warpgroups, gemm_pipeline.cuh): 0 (in
-// step) unless STATICMOE_WG_SKEW_CYCLES says otherwise (opt-in until a GPU run has timed it; at most 100k cycles).
-int32_t warpgroup_skew() {
-  static const int32_t cycles = int32_t(std::min<int64_t>(env_knob("STATICMOE_WG_SKEW_CYCLES", 0, 0), 100000));
-  return cycles;
-}
-
 // Both GEMMs of one tile kind and precision, with the Tiles<> of tile_config.h.
 template <TileKind kKind, typename T>
 cudaError_t run_gemms(const Problem& p, const T* x, const void* w13, const void* w2, const float* topk_weights,
@@ -187,7 +179,7 @@ cudaError_t run_gemms(const Problem& p, const T* x, const void* w13, const void*
   const int n_tiles2 = (p.hidden + Cfg::kBlockN2 - 1) / Cfg::kBlockN2;
   GemmArgs<T> g1{x, static_cast<T*>(ws.intermediate), topk_weights, plan.expert_counts, plan.expert_offsets,
                  plan.sorted_rows, map, p.hidden, p.intermediate, n_tiles1, p.top_k, group1,
-                 static_cast<const T*>(biases.w13), warpgroup_skew()};
+                 static_cast<const T*>(biases.w13)};
   if (p.activation == Activation::kSwigluOai)
     err = launch<T, Cfg::kBlockM, Cfg::kBlockN1, Cfg::kStages, Cfg::kCluster, true, Activation::kSwigluOai>(
         w13_map, g1, device, stream);
@@ -196,7 +188,7 @@ cudaError_t run_gemms(const Problem& p, const T* x, const void* w13, const void*
   if (err != cudaSuccess) return err;
   GemmArgs<T> g2{static_cast<const T*>(ws.intermediate), static_cast<T*>(ws.slot_out), topk_weights,
                  plan.expert_counts, plan.expert_offsets, plan.sorted_rows, map, p.intermediate, p.hidden, n_tiles2,
-                 p.top_k, group2, static_cast<const T*>(biases.w2), warpgroup_skew()};
+                 p.top_k, group2, static_cast<const T*>(biases.w2)};
   return launch<T, Cfg::kBlockM, Cfg::kBlockN2, Cfg::kStages, Cfg::kCluster, false>(w2_map, g2, device, stream);
 }
 
@@ -217,7 +209,7 @@ cudaError_t run_gemms_fp8(const Problem& p, const void* w13, const void* w2, Wei
   Fp8GemmArgs g1{static_cast<const uint8_t*>(ws.x_fp8), ws.x_scale, scales.w13, ws.intermediate,
                  ws.intermediate_scale, topk_weights, plan.expert_counts, plan.expert_offsets, plan.sorted_rows, map,
                  p.hidden, p.intermediate, n_tiles1, p.top_k, group1, 2 * p.intermediate / kFP8Block,
-                 static_cast<const __nv_bfloat16*>(biases.w13), warpgroup_skew()};
+                 static_cast<const __nv_bfloat16*>(biases.w13)};
   if (p.activation == Activation::kSwigluOai)
     err = launch_fp8<Cfg::kBlockM, Cfg::kBlockN1, Cfg::kStages, Cfg::kCluster, true, Activation::kSwigluOai>(
         w13_map, g1, device, stream);
@@ -227,7 +219,7 @@ cudaError_t run_gemms_fp8(const Problem& p, const void* w13, const void* w2, Wei
   Fp8GemmArgs g2{static_cast<const uint8_t*>(ws.intermediate), ws.intermediate_scale, scales.w2, ws.slot_out,
                  nullptr, topk_weights, plan.expert_counts, plan.expert_offsets, plan.sorted_rows, map,
                  p.intermediate, p.hidden, n_tiles2, p.top_k, group2, p.hidden / kFP8Block,
-                 static_cast<const __nv_bfloat16*>(biases.w2), warpgroup_skew()};
+                 static_cast<const __nv_bfloat16*>(biases.w2)};
   return launch_fp8<Cfg::kBlockM, Cfg::kBlockN2, Cfg::kStages, Cfg::kCluster, false>(w2_map, g2, device, stream);
 }
 

@@ -54,7 +54,6 @@ struct GemmArgs {
   int32_t top_k;
   int32_t group_m;        // M tiles per raster group (see kGroupM)
   const T* bias;          // GEMM1: w13_bias [E, 2I] (gate, then up); GEMM2: w2_bias [E, H]; null = none
-  int32_t wg1_delay;      // cycles math warpgroup 1 starts after warpgroup 0 (skew_warpgroups); 0 = in step
 };
 
 template <int kBlockM, int kBlockN, int kStages>

@@ -46,7 +46,6 @@ struct Fp8GemmArgs {
   int32_t group_m;           // M tiles per raster group
   int32_t b_blocks;          // 128-row scale blocks per expert matrix: 2I/128 (GEMM1) or H/128 (GEMM2)
   const __nv_bfloat16* bias;  // GEMM1: w13_bias [E, 2I] (gate, then up); GEMM2: w2_bias [E, H]; null = none
-  int32_t wg1_delay;          // cycles math warpgroup 1 starts after warpgroup 0 (skew_warpgroups); 0 = in step
 };
 
 constexpr int kFp8BlockK = 128;    // elements per K step = bytes per swizzled row = one scale block
@@ -424,7 +423,6 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
   if constexpr (kPosted) {
     init_pipeline<kBlockM, kStages, kCluster>(weights, full, empty);
     wait_for_predecessor();
-    skew_warpgroups<kCluster>(full, args);
   } else {
     start = start_pipeline<kBlockM, kStages, kCluster>(weights, args, full, empty);
   }
