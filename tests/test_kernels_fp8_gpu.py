@@ -124,8 +124,8 @@ def test_fp8_moe_matches_fp32_reference(shape, T, routing, fp8_weights):
     (5, 3, 640, 384, 1100, "zipf"),       # cluster tiles (>= 512 rows per expert) with empty and partial halves
     (1024, 6, 256, 128, 300, "balanced"),  # the most experts
     (40, 11, 256, 128, 33, "sparse90"),   # k = 11: the combine reads slots in groups of 8
-    # Tiles of one K step, ~15 a CTA: with STATICMOE_FP8_POSTED_TILES=1 the producer's ring of kStages + 1 tile
-    # slots wraps with no slack (gpu_check.sh layer-knob-ab runs this file with each switch on)
+    # Tiles of one K step, ~15 a CTA: with STATICMOE_FP8_POSTED_TILES=1 GEMM2's ring of kStages + 1 tile slots
+    # wraps with no slack (gpu_check.sh layer-knob-ab runs this file with each switch on)
     (8, 2, 128, 2048, 8192, "balanced"),  # GEMM1 (K = H = 128), cluster tiles
     (8, 2, 4096, 128, 8192, "balanced"),  # GEMM2 (K = I = 128), cluster tiles
     (64, 2, 128, 2048, 8192, "balanced"),  # GEMM1, 128-row tiles without a cluster

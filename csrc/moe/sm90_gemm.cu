@@ -3,7 +3,6 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
-#include <array>
 #include <mutex>
 #include <utility>
 
@@ -106,11 +105,11 @@ cudaError_t launch(const CUtensorMap& map, const GemmArgs<T>& args, int device, 
   return launch_cluster_with_pdl(kernel, grid, gemm_threads<kBlockM>(), kSmem, kCluster, stream, map, args);
 }
 
-template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct, int kOpts>
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct, bool kPosted>
 cudaError_t launch_fp8_variant(const CUtensorMap& map, const Fp8GemmArgs& args, int device, cudaStream_t stream) {
-  auto kernel = moe_gemm_fp8_sm90_kernel<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, kOpts>;
+  auto kernel = moe_gemm_fp8_sm90_kernel<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, kPosted>;
   using Smem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp>;
-  constexpr int kSmem = Smem::template kBytes<(kOpts & kFp8PostedTiles) != 0>;
+  constexpr int kSmem = Smem::template kBytes<kPosted>;
   static int grid_per_device[64] = {};
   int grid;
   if (cudaError_t err =
@@ -120,44 +119,23 @@ cudaError_t launch_fp8_variant(const CUtensorMap& map, const Fp8GemmArgs& args, 
   return launch_cluster_with_pdl(kernel, grid, gemm_threads<kBlockM>(), kSmem, kCluster, stream, map, args);
 }
 
-// The opt-in FP8 kernel variants (Fp8Opt, sm90_gemm_fp8.cuh) chosen by their STATICMOE_FP8_* switches, read once.
-int fp8_opts() {
-  static const int opts = (env_knob("STATICMOE_FP8_A_REGS", 0, 0) ? kFp8ARegs : 0) |
-                          (env_knob("STATICMOE_FP8_QUARTERS", 0, 0) ? kFp8Quarters : 0) |
-                          (env_knob("STATICMOE_FP8_TANH_SILU", 0, 0) ? kFp8TanhSilu : 0);
-  return opts;
-}
-
-// Posted tiles, STATICMOE_FP8_POSTED_TILES: 0 (default) none, 1 every 128-row FP8 GEMM, 2 GEMM2 with
-// K <= kFp8PostedMaxK (the measured winner; the default once a GPU test run has covered this variant alone: the
-// tests so far ran it only combined with the other opt-in bits). Never with no K step (k < 128, which the op
+// Posted tiles (moe_gemm_fp8_sm90_kernel's kPosted) for a 128-row GEMM2 with K <= kFp8PostedMaxK, where a tile has
+// few K steps, when STATICMOE_FP8_POSTED_TILES=1: opt-in until a GPU test run has covered this variant alone (its
+// tests so far ran it only combined with variants since removed). Never with no K step (k < 128, which the op
 // refuses anyway): a posted tile is taken at its first K step's barrier.
-bool posted_tiles(bool gate_up, int32_t k) {
-  static const int64_t mode = env_knob("STATICMOE_FP8_POSTED_TILES", 0, 0);
-  if (k < kFp8BlockK) return false;
-  return mode == 2 ? !gate_up && k <= kFp8PostedMaxK : mode != 0;
+bool posted_tiles(int32_t k) {
+  static const bool on = env_knob("STATICMOE_FP8_POSTED_TILES", 0, 0) != 0;
+  return on && k >= kFp8BlockK && k <= kFp8PostedMaxK;
 }
 
-using Fp8Launch = cudaError_t (*)(const CUtensorMap&, const Fp8GemmArgs&, int, cudaStream_t);
-
-// One launcher per option set; GEMM2 has no activation, so its tanh bit maps to the variant without it.
-template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct, int... kOpts>
-constexpr std::array<Fp8Launch, sizeof...(kOpts)> fp8_variants(std::integer_sequence<int, kOpts...>) {
-  return {&launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct,
-                              kGateUp ? kOpts : (kOpts & ~kFp8TanhSilu)>...};
-}
-
-// The large tiles (128 rows) carry the opt-in variants; the decode tiles only the default.
+// Only GEMM2's large tiles (128 rows) have the posted variant: GEMM1's was slower at every shape measured.
 template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU>
 cudaError_t launch_fp8(const CUtensorMap& map, const Fp8GemmArgs& args, int device, cudaStream_t stream) {
-  if constexpr (kBlockM != 128) {
-    return launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, 0>(map, args, device, stream);
-  } else {
-    static constexpr auto variants = fp8_variants<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct>(
-        std::make_integer_sequence<int, kFp8OptCount>{});
-    const int opts = fp8_opts() | (posted_tiles(kGateUp, args.k) ? kFp8PostedTiles : 0);
-    return variants[opts](map, args, device, stream);
+  if constexpr (kBlockM == 128 && !kGateUp) {
+    if (posted_tiles(args.k))
+      return launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, true>(map, args, device, stream);
   }
+  return launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, false>(map, args, device, stream);
 }
 
 // Raster group size: kGroupM, or STATICMOE_RASTER_GROUP_M{1,2} (GEMM1 / GEMM2) for tuning probes.

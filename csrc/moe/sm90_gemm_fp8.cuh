@@ -6,10 +6,9 @@
 //   - A K step is 128 elements (one 128-byte swizzle row, exactly one scale block). Beside the A and B tiles each
 //     stage holds the scale of every A row and of each 128-row half of the B tile (4-byte cp.async, completing on
 //     the same `full` barrier).
-//   - A is read from shared memory by the wgmmas (descriptors), once per 128-column half; with kARegs
-//     (kFp8ARegs) each warp loads its 16 rows into registers once per K step.
-//     With kFp8Quarters (STATICMOE_FP8_QUARTERS=1, opt-in until measured) the step runs as four pipelined m64n64
-//     quarters so promotion overlaps the warpgroup's own wgmmas (consume_fp8). Fp8Opt lists the opt-in variants.
+//   - A is read from shared memory by the wgmmas (descriptors), once per 128-column half. (A from registers, a
+//     K step as four pipelined m64n64 quarters and a one-MUFU SiLU were each measured slower or no faster on the
+//     H100: benchmarks/NOTES.md "Session 25".)
 //   - Promotion (DeepGEMM's recipe): wgmma m64n128k32 e4m3 accumulates one K block of one 128-column half into
 //     `part`; after it retires, acc += part x a_scale[row] x b_scale[half] in fp32. WGMMA's own fp8 accumulation
 //     keeps fewer bits than fp32, so it never carries a sum across K blocks. The two halves of a 256-wide tile take
@@ -49,16 +48,6 @@ struct Fp8GemmArgs {
 };
 
 constexpr int kFp8BlockK = 128;    // elements per K step = bytes per swizzled row = one scale block
-
-// Opt-in variants of the FP8 kernels, bits of their kOpts template parameter, each set by a STATICMOE_FP8_* switch
-// (sm90_gemm.cu) until a GPU run has checked and timed it (benchmarks/NOTES.md "Session 22", "Session 23").
-enum Fp8Opt : int {
-  kFp8ARegs = 1,        // STATICMOE_FP8_A_REGS: each warp's A rows read into registers once per K step
-  kFp8Quarters = 2,     // STATICMOE_FP8_QUARTERS: a K step as four pipelined m64n64 quarters (consume_fp8)
-  kFp8PostedTiles = 4,  // STATICMOE_FP8_POSTED_TILES: the math warps take the producer's TileWork (take_tile)
-  kFp8TanhSilu = 8,     // STATICMOE_FP8_TANH_SILU: GEMM1's activation with one MUFU (sigmoid_one_mufu)
-  kFp8OptCount = 16
-};
 
 // Each math warp writes its 16 output rows through a staging tile of 16 rows x 128 bytes (+ 16 bytes of padding, so
 // the fragment-layout writes hit distinct banks): GEMM2 64 bf16 columns at a time (store_rows_staged), GEMM1 its 128
@@ -151,44 +140,18 @@ __device__ __forceinline__ void produce_fp8(const CUtensorMap& weights, const Fp
   sm90::cp_async_wait<0>();  // keep the CTA (and its shared memory) alive until every gather has landed
 }
 
-// sigmoid(z) = 0.5 + 0.5 tanh(z / 2) with one MUFU instruction (tanh.approx.f32, relative error ~2^-11, far below
-// the 2^-4 of the e4m3 rounding that follows) instead of two (EX2 and RCP): FP8 GEMM1's epilogue issued ~150 MUFU
-// per thread, ~2,400 of its ~3,760 cycles on an H100 at 4 MUFU lanes per SM sub-partition (benchmarks/NOTES.md
-// "Session 22"). The 16-bit kernel keeps the exact form.
-__device__ __forceinline__ float sigmoid_one_mufu(float z) {
-  float t;
-  asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(0.5f * z));
-  return fmaf(0.5f, t, 0.5f);
-}
-
-// act(gate, up) of FP8 GEMM1: activate() of sm90_gemm.cuh, or with kTanh the same functions through
-// sigmoid_one_mufu.
-template <Activation kAct, bool kTanh>
-__device__ __forceinline__ float activate_fp8(float gate, float up) {
-  if constexpr (!kTanh) {
-    return activate<kAct>(gate, up);
-  } else if constexpr (kAct == Activation::kSiLU) {
-    return gate * sigmoid_one_mufu(gate) * up;
-  } else {
-    static_assert(kAct == Activation::kSwigluOai);
-    gate = fminf(gate, kSwigluOaiLimit);
-    up = fminf(fmaxf(up, -kSwigluOaiLimit), kSwigluOaiLimit);
-    return (up + 1.f) * gate * sigmoid_one_mufu(kSwigluOaiAlpha * gate);
-  }
-}
-
 // GEMM1's epilogue for one row: h = act(gate, up) over the tile's 128 columns (32 per lane of the row's quad; the
 // biases are already in acc), quantised with the quad's amax into the row's 128 bytes of the staging tile; all lanes
 // call it (the shuffles need the whole warp). The scale goes to `scale_dst` unless it is null (a row past the end).
-template <Activation kAct, bool kTanh>
+template <Activation kAct>
 __device__ __forceinline__ void quantise_row_to_stage(const float (&acc)[128], int half, uint8_t* dst,
                                                       float* scale_dst, int lane) {
   float h[32];
   float amax = 0.f;
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
-    h[2 * j] = activate_fp8<kAct, kTanh>(acc[j * 4 + half * 2], acc[(j + 16) * 4 + half * 2]);
-    h[2 * j + 1] = activate_fp8<kAct, kTanh>(acc[j * 4 + half * 2 + 1], acc[(j + 16) * 4 + half * 2 + 1]);
+    h[2 * j] = activate<kAct>(acc[j * 4 + half * 2], acc[(j + 16) * 4 + half * 2]);
+    h[2 * j + 1] = activate<kAct>(acc[j * 4 + half * 2 + 1], acc[(j + 16) * 4 + half * 2 + 1]);
     amax = fmaxf(amax, fmaxf(fabsf(h[2 * j]), fabsf(h[2 * j + 1])));
   }
   amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
@@ -203,7 +166,7 @@ __device__ __forceinline__ void quantise_row_to_stage(const float (&acc)[128], i
 // GEMM1's epilogue for one math warp's 16 rows (warp_row0 .. warp_row0 + 15 of the tile) through the warp's staging
 // tile: each row's 128 e4m3 bytes leave as 8 lanes' 16-byte stores (rows are consecutive in the sorted order). From
 // the fragments a warp store covered 8 rows x 8 bytes; this took GEMM1 -5% (T=8192) to -8% (T=32768) on the H100.
-template <Activation kAct, bool kTanh>
+template <Activation kAct>
 __device__ __forceinline__ void store_quantised_rows_staged(const float (&acc)[128], const Fp8GemmArgs& args,
                                                             const TileWork& w, int warp_row0, uint8_t* stage,
                                                             int lane) {
@@ -213,7 +176,7 @@ __device__ __forceinline__ void store_quantised_rows_staged(const float (&acc)[1
     const int r = warp_row0 + lane / 4 + half * 8;
     const bool row_ok = w.m0 + r < w.rows;
     const int64_t row = w.row_base + r;
-    quantise_row_to_stage<kAct, kTanh>(acc, half, stage + (lane / 4 + half * 8) * kOutStageRowBytes,
+    quantise_row_to_stage<kAct>(acc, half, stage + (lane / 4 + half * 8) * kOutStageRowBytes,
                                 row_ok ? args.out_scale + row * (args.n_out / 128) + w.n_tile : nullptr, lane);
   }
   __syncwarp();
@@ -282,14 +245,13 @@ __device__ __forceinline__ void promote(float (&acc)[kAcc], const float (&part)[
   }
 }
 
-template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct, int kOpts>
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct, bool kPosted>
 __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* smem, const float* scales,
                                             uint64_t* full, uint64_t* empty, __nv_bfloat16* bias_slices,
                                             uint8_t* out_stage, int32_t total, int32_t num_slots) {
   using Smem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp>;
   using Bias = TileBias<__nv_bfloat16, kBlockN>;
   constexpr int kHalves = kBlockN / 128;
-  constexpr bool kARegs = kOpts & kFp8ARegs, kQuarters = kOpts & kFp8Quarters, kPosted = kOpts & kFp8PostedTiles;
   static_assert(!kGateUp || kHalves == 2, "GEMM1 tiles hold 128 gate and 128 up rows: one output scale group");
   const int tid = threadIdx.x - kProducerThreads, warpgroup = tid / 128, lane = tid & 31, warp = (tid / 32) & 3;
   const int r_lo = warpgroup * 64 + warp * 16 + lane / 4;  // this thread's rows: r_lo and r_lo + 8
@@ -313,8 +275,7 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
     float acc[kHalves * 64];
 #pragma unroll
     for (int i = 0; i < kHalves * 64; ++i) acc[i] = 0.f;
-    float part[64];                     // halves: one m64n128 partial set
-    float part_even[32], part_odd[32];  // kQuarters: two m64n64 partial sets, taking turns
+    float part[64];  // one m64n128 partial set, for each half in turn
     for (int32_t kt = 0; kt < k_iters; ++kt, ++g) {
       const int s = g % kStages;
       wait_stage<kStages, kGateUp>(full, g, kt, recorder, taken);
@@ -325,66 +286,21 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
 #pragma unroll
       for (int h = 0; h < kHalves; ++h) b[h] = stage_scales[kBlockM + h];
       uint8_t* a_tile = smem + s * Smem::kStageBytes;
-      // kARegs: A from registers, the warp's 16 rows of the step read from shared memory once for both halves;
-      // from a descriptor, every half's wgmmas read them again (96 of the 144 KB of shared-memory traffic a step).
-      uint32_t a_frag[kFp8BlockK / 32][4];
-      if constexpr (kARegs) {
-#pragma unroll
-        for (int kk = 0; kk < kFp8BlockK / 32; ++kk)
-          sm90::load_a_fragment_k32(a_tile, warpgroup * 64 + warp * 16, kk, lane, a_frag[kk]);
-      }
       const uint64_t da = sm90::smem_desc_k128_swizzle(a_tile + warpgroup * 64 * 128);
       const uint64_t db = sm90::smem_desc_k128_swizzle(a_tile + Smem::kABytes);
-      if constexpr (!kQuarters) {
 #pragma unroll
-        for (int h = 0; h < kHalves; ++h) {
-          sm90::fence_accumulators(part);
-          sm90::wgmma_fence();
+      for (int h = 0; h < kHalves; ++h) {
+        sm90::fence_accumulators(part);
+        sm90::wgmma_fence();
 #pragma unroll
-          for (int kk = 0; kk < kFp8BlockK / 32; ++kk) {  // 32 bytes of K per instruction: descriptor + 2
-            if constexpr (kARegs)
-              sm90::wgmma_m64n128k32_e4m3_rs(part, a_frag[kk], db + h * (128 * 128 >> 4) + 2 * kk, kk > 0);
-            else
-              sm90::wgmma_m64n128k32_e4m3(part, da + 2 * kk, db + h * (128 * 128 >> 4) + 2 * kk, kk > 0);
-          }
-          sm90::wgmma_commit();
-          sm90::wgmma_wait<0>();
-          sm90::fence_accumulators(part);
-          // After the last half, every read of this stage (scales included) is done.
-          if (h == kHalves - 1) release_stage<kStages, kCluster>(empty, g, lane);
-          promote(acc, part, h * 64, a_lo * b[h], a_hi * b[h]);
-        }
-      } else {
-        // kQuarters: 64-column quarters into two alternating partial sets. Quarter q's wgmmas are issued before
-        // quarter q - 1 is waited for and promoted, so the warpgroup's FMAs overlap its own tensor work (one drain
-        // per K step instead of one per half). The last quarter drains inside the step: a wgmma group in flight
-        // across the loop's back edge makes ptxas serialize every wgmma (C7514). Quarter q's fragment is
-        // acc[32q .. 32q + 31] in the m64n128 layout, so the epilogues are unchanged.
-        constexpr int kQuarterCount = kBlockN / 64;
-#pragma unroll
-        for (int q = 0; q < kQuarterCount; ++q) {
-          float(&cur)[32] = (q & 1) ? part_odd : part_even;
-          float(&prev)[32] = (q & 1) ? part_even : part_odd;
-          sm90::fence_accumulators(cur);
-          sm90::wgmma_fence();
-#pragma unroll
-          for (int kk = 0; kk < kFp8BlockK / 32; ++kk) {
-            if constexpr (kARegs)
-              sm90::wgmma_m64n64k32_e4m3_rs(cur, a_frag[kk], db + q * (64 * 128 >> 4) + 2 * kk, kk > 0);
-            else
-              sm90::wgmma_m64n64k32_e4m3(cur, da + 2 * kk, db + q * (64 * 128 >> 4) + 2 * kk, kk > 0);
-          }
-          sm90::wgmma_commit();
-          if (q == 0) continue;
-          sm90::wgmma_wait<1>();
-          sm90::fence_accumulators(prev);
-          promote(acc, prev, (q - 1) * 32, a_lo * b[(q - 1) / 2], a_hi * b[(q - 1) / 2]);
-        }
-        float(&last)[32] = (kQuarterCount & 1) ? part_even : part_odd;
+        for (int kk = 0; kk < kFp8BlockK / 32; ++kk)  // 32 bytes of K per instruction: descriptor + 2
+          sm90::wgmma_m64n128k32_e4m3(part, da + 2 * kk, db + h * (128 * 128 >> 4) + 2 * kk, kk > 0);
+        sm90::wgmma_commit();
         sm90::wgmma_wait<0>();
-        sm90::fence_accumulators(last);
-        release_stage<kStages, kCluster>(empty, g, lane);
-        promote(acc, last, (kQuarterCount - 1) * 32, a_lo * b[kHalves - 1], a_hi * b[kHalves - 1]);
+        sm90::fence_accumulators(part);
+        // After the last half, every read of this stage (scales included) is done.
+        if (h == kHalves - 1) release_stage<kStages, kCluster>(empty, g, lane);
+        promote(acc, part, h * 64, a_lo * b[h], a_hi * b[h]);
       }
     }
 
@@ -394,7 +310,7 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
     if (args.bias) Bias::add(acc, bias_slice, lane);  // in fp32, before the activation / routing weight
     uint8_t* const stage = out_stage + (tid / 32) * 16 * kOutStageRowBytes;
     if constexpr (kGateUp) {
-      store_quantised_rows_staged<kAct, (kOpts & kFp8TanhSilu) != 0>(acc, args, w, warpgroup * 64 + warp * 16, stage, lane);
+      store_quantised_rows_staged<kAct>(acc, args, w, warpgroup * 64 + warp * 16, stage, lane);
     } else {
       store_rows_staged<kBlockN>(acc, args, w, warpgroup * 64 + warp * 16, stage, lane);
     }
@@ -403,8 +319,10 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
   probe::tiles_taken<kGateUp>(recorder, taken);
 }
 
+// kPosted: the producer posts each tile's TileWork to a ring in shared memory and the math warps take it
+// (take_tile) instead of decoding the task map themselves (STATICMOE_FP8_POSTED_TILES, sm90_gemm.cu).
 template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU,
-          int kOpts = 0>
+          bool kPosted = false>
 __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
     moe_gemm_fp8_sm90_kernel(const __grid_constant__ CUtensorMap weights, const Fp8GemmArgs args) {
   static_assert(kCluster == 1 || kBlockN == 256, "each CTA of a pair multicasts one of the two 128-row boxes");
@@ -418,7 +336,6 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
   uint8_t* out_stage = reinterpret_cast<uint8_t*>(bias_slices) + Smem::kBiasBytes;  // [math warps][16 rows]
   // The task map's totals: read once before the warpgroups split, except in the posted-tile variant, whose producer
   // is short of registers: there each warpgroup reads them after setmaxnreg (a value live across it is spilled).
-  constexpr bool kPosted = (kOpts & kFp8PostedTiles) != 0;
   PipelineStart start{};
   if constexpr (kPosted) {
     init_pipeline<kBlockM, kStages, kCluster>(weights, full, empty);
@@ -439,9 +356,9 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
   } else {
     become_consumer<kBlockM>();
     const PipelineStart s = totals();
-    consume_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, kOpts>(args, smem, scales, full, empty,
-                                                                          bias_slices, out_stage, s.total,
-                                                                          s.num_slots);
+    consume_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, kPosted>(args, smem, scales, full, empty,
+                                                                             bias_slices, out_stage, s.total,
+                                                                             s.num_slots);
   }
   finish_pipeline<kCluster>();
 }
