@@ -16,7 +16,7 @@ def run_ab(tmp_path, knobs: str, settings: str) -> list[str]:
     log = tmp_path / "calls.txt"
     script = fake / "python3"
     script.write_text("#!/bin/sh\n"
-                      f'echo "$* | A=$STATICMOE_FP8_A_REGS S=$STATICMOE_WG_SKEW_CYCLES" >> {log}\n')
+                      f'echo "$* | A=$STATICMOE_AB_ONOFF S=$STATICMOE_AB_CYCLES" >> {log}\n')
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", OUT=str(tmp_path / "out"), AB_KNOB=knobs,
                AB_SETTINGS=settings, AB_PASSES="a", AB_TESTS="tests/x.py", AB_POINTS="fp8:qwen3:64:balanced")
@@ -27,9 +27,9 @@ def run_ab(tmp_path, knobs: str, settings: str) -> list[str]:
 
 
 def test_value_switches_and_their_settings(tmp_path):
-    skew1, skew2 = "STATICMOE_WG_SKEW_CYCLES=800", "STATICMOE_WG_SKEW_CYCLES=1600"
-    calls = run_ab(tmp_path, f"STATICMOE_FP8_A_REGS {skew1} {skew2}",
-                   f"none {skew1} {skew2} STATICMOE_FP8_A_REGS+{skew2}")
+    value1, value2 = "STATICMOE_AB_CYCLES=800", "STATICMOE_AB_CYCLES=1600"
+    calls = run_ab(tmp_path, f"STATICMOE_AB_ONOFF {value1} {value2}",
+                   f"none {value1} {value2} STATICMOE_AB_ONOFF+{value2}")
     tests = [c.split(" | ")[1] for c in calls if "pytest" in c]
     assert tests == ["A=1 S=", "A= S=800", "A= S=1600"]  # each switch alone, then unset again
     bench = [c.split(" | ")[1] for c in calls if "profile_moe.py" in c]
