@@ -49,6 +49,8 @@ class RequestTiming:
         if output.finished:
             del self._timelines[output.request_id]
             reason = output.finish_reason or "stop"
+            if not timeline.prompt_tokens_counted and reason != "abort":  # prefilled, then ended with no token
+                m.prompt_tokens.inc(output.num_prompt_tokens)  # (an "error" choice): its prefill was processed
             if reason in m.request_success:
                 m.request_success[reason].inc()
             m.e2e.observe(step_end - timeline.arrival)

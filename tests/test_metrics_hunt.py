@@ -39,6 +39,8 @@ def test_a_request_ending_with_an_error_is_counted_in_request_success(served):
 
     assert delta("staticmoe_request_success_total", finished_reason="error") == 2
     assert delta("staticmoe_request_success_total") == delta("staticmoe_e2e_request_latency_seconds_count") == 2
+    # the prompts were prefilled: the prefill-token counter agrees with the per-request histogram's sum
+    assert delta("staticmoe_prompt_tokens_total") == delta("staticmoe_request_prompt_tokens_sum") > 0
 
 
 def test_the_error_series_exists_before_any_error():
