@@ -128,6 +128,7 @@ class ModelConfig:
         for name, value, at_least_zero in (("rms_norm_eps", self.rms_norm_eps, False),
                                            ("rope_theta", self.rope_theta, False),
                                            ("clip_qkv", self.clip_qkv, False),
+                                           ("routed_scaling_factor", self.routed_scaling_factor, False),
                                            ("initializer_range", self.initializer_range, True)):
             if value is not None:
                 check_number(value, name, positive=not at_least_zero, nonnegative=at_least_zero)
@@ -185,8 +186,6 @@ class ModelConfig:
 
         if self.router not in ROUTERS:
             raise ConfigError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
-        if not isinstance(self.routed_scaling_factor, (int, float)) or self.routed_scaling_factor <= 0:
-            raise ConfigError(f"routed_scaling_factor must be a positive number, got {self.routed_scaling_factor!r}")
         for name in ("n_group", "topk_group"):
             if not _is_int(getattr(self, name)):
                 raise ConfigError(f"{name} must be an integer, got {getattr(self, name)!r}")

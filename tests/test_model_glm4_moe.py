@@ -84,6 +84,7 @@ def test_mtp_layer_is_skipped_at_load(tmp_path, caplog):
      r"partial_rotary_factor=0.1 must give an even"),
     (dict(first_k_dense_replace=-1), r"first_k_dense_replace must be a non-negative integer"),
     (dict(routed_scaling_factor=0), r"routed_scaling_factor must be a positive number"),
+    (dict(routed_scaling_factor=float("nan")), r"routed_scaling_factor must be a positive number"),
 ])
 def test_bad_glm_config_names_the_field(tmp_path, edit, pattern):
     directory = save_checkpoint(make_hf_model("glm4_moe", seed=44), tmp_path)
