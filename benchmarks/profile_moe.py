@@ -39,8 +39,9 @@ def shape_of(name: str) -> tuple[str, tuple[int, int, int, int]]:
 
 
 def kernel_label(name: str) -> str:
-    if "moe_gemm" in name:  # kGateUp is the template argument after kCluster: true for GEMM1
-        return "gemm1" if "true" in name or "Lb1E" in name else "gemm2"
+    if "moe_gemm" in name:  # kGateUp, the first bool template argument (after kCluster), is true for GEMM1
+        flag = re.search(r"\b(true|false)\b|Lb([01])E", name)  # demangled or mangled; a later bool is kPosted
+        return "gemm1" if flag and flag.group(0) in ("true", "Lb1E") else "gemm2"
     if "quantiz" in name:
         return "quantise"
     return "combine" if "combine" in name else "plan" if "plan" in name else name[:40]

@@ -120,11 +120,10 @@ cudaError_t launch_fp8_variant(const CUtensorMap& map, const Fp8GemmArgs& args, 
 }
 
 // Posted tiles (moe_gemm_fp8_sm90_kernel's kPosted) for a 128-row GEMM2 with K <= kFp8PostedMaxK, where a tile has
-// few K steps, when STATICMOE_FP8_POSTED_TILES=1: opt-in until a GPU test run has covered this variant alone (its
-// tests so far ran it only combined with variants since removed). Never with no K step (k < 128, which the op
-// refuses anyway): a posted tile is taken at its first K step's barrier.
+// few K steps: the default (STATICMOE_FP8_POSTED_TILES=0 turns it off for A/B runs). Never with no K step (k < 128,
+// which the op refuses anyway): a posted tile is taken at its first K step's barrier.
 bool posted_tiles(int32_t k) {
-  static const bool on = env_knob("STATICMOE_FP8_POSTED_TILES", 0, 0) != 0;
+  static const bool on = env_knob("STATICMOE_FP8_POSTED_TILES", 1, 0) != 0;
   return on && k >= kFp8BlockK && k <= kFp8PostedMaxK;
 }
 

@@ -10,7 +10,7 @@ constexpr int32_t kMaxExperts = 1024;               // the plan's one-block step
 constexpr int64_t kDecodeMaxRowsPerExpert = 64;     // expected rows per expert up to which decode tiles are used
 constexpr int64_t kClusterMinRows = 512;            // from here two CTAs share each weight tile (TMA multicast)
 constexpr int kGroupM = 4;                          // M tiles per raster group (benchmarks/NOTES.md v3, v4)
-// FP8 GEMM2 posts each tile's task to the math warps (kPosted, STATICMOE_FP8_POSTED_TILES=1) up to this K: with
+// FP8 GEMM2 posts each tile's task to the math warps (kPosted; STATICMOE_FP8_POSTED_TILES=0 stops it) up to this K: with
 // few K steps a tile's decode is a large share of it (H100, T=8192: -11% at K=768, -8% at 1024, -5% at 1536, even
 // at 2048, +9% at 14336; GEMM1 loses at every shape: benchmarks/NOTES.md "Session 25").
 constexpr int kFp8PostedMaxK = 1536;

@@ -43,11 +43,11 @@ def describe(kwargs: dict) -> str:
     fn = kwargs.get("fn")
     name = getattr(fn, "name", None) or getattr(getattr(fn, "fn", None), "__name__", None) or "a Triton kernel"
     compiled = kwargs.get("compile") if isinstance(kwargs.get("compile"), dict) else {}
-    parts = []
-    if compiled.get("constants"):
-        parts.append("constants " + ", ".join(f"{k}={v}" for k, v in dict(compiled["constants"]).items()))
+    parts = []  # the specialisation first: it is what usually differs from a variant start-up compiled
     if compiled.get("configs"):
         parts.append(f"specialisation {compiled['configs'][0]}")
+    if compiled.get("constants"):
+        parts.append("constants " + ", ".join(f"{k}={v}" for k, v in dict(compiled["constants"]).items()))
     if compiled.get("signature"):
         parts.append(f"signature {compiled['signature']}")
     return f"{name} ({'; '.join(parts)})" if parts else name
@@ -60,9 +60,9 @@ def record(kernel: str) -> None:
         _count += 1
         n = _count
         if len(_kernels) < 16:
-            _kernels.append(kernel[:600])
+            _kernels.append(kernel[:2000])
     logger.warning("Triton specialised a kernel after start-up (#%d; the step waited for its compile or its load "
-                   "from the disk cache): %s", n, kernel[:600])
+                   "from the disk cache): %s", n, kernel[:2000])
 
 
 def pause() -> None:
