@@ -117,6 +117,39 @@ def test_each_family_through_pieces_matches_generate(family, tmp_path):
     assert any(real > 1 for _, real in ran) and any(bucket > real for bucket, real in ran), ran
 
 
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek-v3-yarn", "qwen3_moe"])
+def test_start_up_mixed_padding_step_reads_and_writes_only_the_padding_blocks(family, tmp_path):
+    """The start-up step that compiles the prefill and gathered-row decode attention on the GPU (a padding decode
+    row and a 2-token padding prompt): through the pieces it gives the eager forward's logits, and it leaves every
+    KV block but the groups' padding blocks as it found them (gpt-oss: two groups; DeepSeek-V3: MLA's cache)."""
+    if family.startswith("deepseek"):
+        hf = make_deepseek_model(family.removeprefix("deepseek-"), seed=5)
+    else:
+        hf = make_hf_model(family, seed=5, **({"sliding_window": 8} if family == "gpt_oss" else {}))
+    directory = save_checkpoint(hf, tmp_path / family)
+    engine = LLMEngine(EngineConfig(model=str(directory), dtype="float32", block_size=4, num_kv_blocks=37,
+                                    max_num_batched_tokens=16, max_num_seqs=4))
+    engine.runner.capture_piecewise_graphs()
+    runner = engine.runner
+    cache = runner.kv_cache
+    total_blocks = engine.block_manager.first_block + runner.num_usable_blocks
+    assert list(cache.shape).count(total_blocks) == 1, cache.shape
+    block_dim = list(cache.shape).index(total_blocks)
+    torch.manual_seed(0)
+    cache.copy_(torch.randn_like(cache))  # a cache full of other sequences' K/V, none of it zero
+    before = cache.clone()
+    batch = runner._pad_mixed_batch()
+    assert batch.query_lens_host == [1, 2] and not batch.is_decode
+    with torch.inference_mode():  # as the engine runs its steps
+        pieces_logits = runner.pieces.run(batch, cache)
+        eager_logits = runner.model(runner._pad_mixed_batch(), before.clone())
+    assert pieces_logits.shape == (2, engine.model_config.vocab_size)
+    torch.testing.assert_close(pieces_logits, eager_logits, rtol=1e-4, atol=1e-4)
+    first = engine.block_manager.first_block  # below it: the groups' padding blocks
+    assert torch.equal(cache.narrow(block_dim, first, total_blocks - first),
+                       before.narrow(block_dim, first, total_blocks - first))
+
+
 @pytest.mark.gpu
 def test_piecewise_graphs_equal_the_eager_forward_of_the_same_steps():
     """Every piecewise step is recomputed eagerly with the graphs' kernels on the same batch: same logits (bf16

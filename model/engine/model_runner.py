@@ -336,6 +336,16 @@ class ModelRunner:
         return self._to_device([PAD_TOKEN] * b, [0] * b, slots, [[[block] * w] * b for block in pad_blocks],
                                [1] * b, list(range(b + 1)), list(range(b)), True, [1] * b)
 
+    def _pad_mixed_batch(self) -> ForwardBatch:
+        """A start-up step that both decodes and prefills padding: one decode row, then a 2-token prompt at positions
+        0 and 1, all reading their groups' padding blocks and writing no K/V of their own (slots -1: the plan then
+        rewrites the padding token's K/V into slot 0, as every padding row does)."""
+        pad_blocks = [null_block(g) for g in range(self.num_groups)]
+        width = blocks_for(2, self.block_size)
+        return self._to_device([PAD_TOKEN] * 3, [0, 0, 1], [[-1] * 3 for _ in pad_blocks],
+                               [[[block] * width] * 2 for block in pad_blocks], [1, 2], [0, 1, 3], [0, 2], False,
+                               [1, 2])
+
     @torch.inference_mode()
     def write_pad_kv(self) -> None:
         """Fill slot 0 with the K/V of the padding token (one eager step of one padding row)."""
@@ -404,8 +414,12 @@ class ModelRunner:
             # prefill: with the decode path's fused norm/rotary/write, no start-up step ran that kernel (session 22's
             # engine runs logged `_write_rows_kernel` compiled after start-up). It rewrites the padding slot; the
             # engine resets the expert counters after this. The CPU compiles nothing.
+            # A mixed step (a padding decode row and a 2-token padding prompt) compiles the prefill attention and
+            # the decode attention over gathered rows: with --num-kv-blocks no memory-profiling step ran them, and
+            # the H100 logged `_paged_prefill_kernel` compiled in a user's first prefill (2026-12-08).
             if self.device.type == "cuda":
                 pieces.run(self._pad_batch(1, 1, write_slot=True), self.kv_cache)
+                pieces.run(self._pad_mixed_batch(), self.kv_cache)
         except Exception as err:  # noqa: BLE001 (Triton's build errors too) the decode graphs were captured: serve
             # with them and prefill eagerly, with the memory the pieces held given back
             logger.error("CUDA graph capture of the piecewise step pieces failed (%r); steps that prefill run "
