@@ -233,14 +233,14 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no 1
 
 
-def flag(d: dict, key: str, default: bool) -> bool:
+def flag(d: dict, key: str, default: bool, label: str | None = None) -> bool:
     """A config.json boolean: true or false (absent or null: `default`). A string is refused: bool("false") is
-    True."""
+    True. Errors name `label` if given, else the key."""
     value = d.get(key)
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
+        raise ConfigError(f"{label or key} must be true or false, got {value!r}")
     return value
 
 
@@ -261,15 +261,18 @@ def number(d: dict, key: str, default=None, positive: bool = False, nonnegative:
     return default if value is None else check_number(value, key, positive, nonnegative, label)
 
 
+def check_integer(value, key: str, minimum: int | None = None, label: str | None = None) -> int:
+    """`value` as a JSON integer (not a float, not a boolean), at least `minimum`; errors name `label` or the key."""
+    if not _is_int(value) or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else " >= 0" if minimum == 0 else f" >= {minimum}"
+        raise ConfigError(f"{label or key} must be an integer{bound}, got {value!r}")
+    return value
+
+
 def integer(d: dict, key: str, default=None, minimum: int | None = None):
     """An integer config.json field (absent or null: `default`), at least `minimum`, or a ConfigError naming it."""
     value = d.get(key)
-    if value is None:
-        return default
-    if not _is_int(value) or (minimum is not None and value < minimum):
-        bound = "" if minimum is None else " >= 0" if minimum == 0 else f" >= {minimum}"
-        raise ConfigError(f"{key} must be an integer{bound}, got {value!r}")
-    return value
+    return default if value is None else check_integer(value, key, minimum)
 
 
 def _rope_number(spec: dict, key: str, default=None, positive: bool = True):
@@ -281,17 +284,13 @@ def _yarn(spec: dict, d: dict) -> YarnScaling:
     """transformers' reading: a top-level original_max_position_embeddings wins over the rope dict's (Phi-3 style),
     max_position_embeddings when neither sets it; factor defaults to their ratio; beta_fast/beta_slow 0 or null mean
     the defaults 32/1."""
-    original = d.get("original_max_position_embeddings") or spec.get("original_max_position_embeddings") \
-        or d.get("max_position_embeddings")
-    if not isinstance(original, int) or original <= 0:
-        raise ConfigError(f"rope scaling 'original_max_position_embeddings' must be a positive integer, "
-                          f"got {original!r}")
+    original = check_integer(d.get("original_max_position_embeddings") or spec.get("original_max_position_embeddings")
+                             or d.get("max_position_embeddings"), "original_max_position_embeddings", minimum=1,
+                             label="rope scaling field 'original_max_position_embeddings'")
     factor = _rope_number(spec, "factor")
     if factor is None:
         factor = require(d, "max_position_embeddings") / original
-    truncate = True if spec.get("truncate") is None else spec["truncate"]
-    if not isinstance(truncate, bool):
-        raise ConfigError(f"rope scaling field 'truncate' must be true or false, got {truncate!r}")
+    truncate = flag(spec, "truncate", True, label="rope scaling field 'truncate'")
     yarn = YarnScaling(
         factor=float(factor),
         original_max_position_embeddings=original,

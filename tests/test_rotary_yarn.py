@@ -127,7 +127,9 @@ def test_yarn_context_is_the_original_times_the_factor():
     ({"mscale": float("nan")}, r"rope scaling field 'mscale' must be a finite number"),
     ({"truncate": "no"}, r"'truncate' must be true or false"),
     ({"beta_fast": 1, "beta_slow": 4}, r"beta_fast=1.0 must be >= beta_slow=4.0"),
-    ({"original_max_position_embeddings": 0.5}, r"original_max_position_embeddings' must be a positive integer"),
+    ({"original_max_position_embeddings": 0.5}, r"field 'original_max_position_embeddings' must be an integer >= 1"),
+    ({"original_max_position_embeddings": True}, r"field 'original_max_position_embeddings' must be an integer >= 1"),
+    ({"truncate": 1}, r"rope scaling field 'truncate' must be true or false"),
 ])
 def test_bad_yarn_fields_raise_config_error(edit, pattern):
     d = transformers.AutoConfig.for_model(**CASES["qwen3"][0], **CASES["qwen3"][1]).to_dict()
