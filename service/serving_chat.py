@@ -15,7 +15,7 @@ import json
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from service.errors import bad_request
+from service.errors import ApiError, bad_request
 from service.harmony import BODY_ENDS
 from service.logprobs_format import TokenTexts, chat_logprobs, prompt_logprobs
 from service.prompts import chat_prompt_ids
@@ -144,12 +144,17 @@ async def chat(serving: OpenAIServing, body: ChatCompletionRequest, request: Req
         prompt = truncate_prompt(prompt, body.truncate_prompt_tokens, context)
         opens = reasoner is not None and prompt_opens_thinking(
             engine.tokenizer.decode(prompt[-16:], skip_special_tokens=False))
-        grammar = compile_constraint(constraint, engine) if constraint else None  # also the 400 of a bad one
-        answer = _answer_lark(constraint) if opens and hasattr(reasoner, "close_thinking") else None
-        if answer is not None:
+        answer = _answer_lark(constraint) if constraint and opens and hasattr(reasoner, "close_thinking") else None
+        if answer is None:
+            grammar = compile_constraint(constraint, engine) if constraint else None  # also the 400 of a bad one
+        else:
             # the template opened <think>: the constrained answer must come after the thinking closes, else the
             # call, JSON or choice is parsed as reasoning_content (no tool_calls, content null)
-            grammar = compile_constraint(("grammar", reasoner.close_thinking(answer), constraint[2]), engine)
+            try:
+                grammar = compile_constraint(("grammar", reasoner.close_thinking(answer), constraint[2]), engine)
+            except ApiError:
+                compile_constraint(constraint, engine)  # a bad schema's own 400 names the schema, not the wrapper
+                raise
         bad = bad_words_token_ids(engine.tokenizer, body.bad_words or [])
         return prompt, grammar, bad, opens
 

@@ -118,3 +118,17 @@ def test_structured_output_after_a_prompt_that_opens_thinking_is_the_content(thi
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == message.content
     assert "".join(c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in chunks) == \
         message.model_extra["reasoning_content"]
+
+
+def test_bad_schema_after_a_prompt_that_opens_thinking_names_the_schema(thinking_api):
+    """With the thinking template the schema is compiled inside the thinking-closing grammar; a schema that cannot
+    compile still gets the schema's own 400 (kind and field), not one about the wrapper grammar."""
+    bad = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 5, "maximum": 1}}, "required": ["a"]}
+    with pytest.raises(openai.BadRequestError) as caught:
+        thinking_api.chat.completions.create(
+            model="tiny", messages=USER, max_tokens=20,
+            response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": bad}})
+    error = caught.value.body
+    assert caught.value.status_code == 400 and error["code"] == "invalid_grammar", error
+    assert error["message"].startswith("Invalid json schema"), error
+    assert error["param"] == "response_format.json_schema.schema", error
