@@ -15,6 +15,7 @@ import json
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from model.engine.structured_output import regex_lark
 from service.errors import ApiError, bad_request
 from service.harmony import BODY_ENDS
 from service.logprobs_format import TokenTexts, chat_logprobs, prompt_logprobs
@@ -91,9 +92,9 @@ class _Choice:
 
 
 def _answer_lark(constraint) -> str | None:
-    """A constraint as a Lark grammar whose rule `start` is the answer, for the kinds that cannot write a thinking
-    block themselves: forced tool calls, JSON and choices. None for a client's regex or grammar (it may write its own
-    `</think>`) and for no constraint."""
+    """A constraint as a Lark grammar whose rule `start` is the answer: forced tool calls, JSON, choices and regexes
+    (as vLLM applies structured output after the reasoning ends). None for a client's grammar, whose rule names
+    could clash with the wrapper's (it may write its own `</think>`), and for no constraint."""
     if constraint is None:
         return None
     kind, spec, field = constraint
@@ -108,6 +109,8 @@ def _answer_lark(constraint) -> str | None:
                                                 ensure_ascii=False)
     if kind == "choice":
         return "start: " + " | ".join(json.dumps(s, ensure_ascii=False) for s in spec)
+    if kind == "regex" and isinstance(spec, str):
+        return regex_lark(spec)
     return None
 
 

@@ -2,6 +2,7 @@
 service/tool_parsers/), each pinned by a test that failed before its fix."""
 
 import json
+import re
 
 import openai
 import pytest
@@ -89,6 +90,7 @@ def test_forced_call_grammar_lets_the_model_close_its_thinking_and_bounds_it(tin
     assert forced.startswith("</think>\n\n<tool_call>\n{"), forced
 
 
+REGEX = r"[a-z]{3,8}/[0-9]{2}"  # with a "/", which Lark's /.../ needs escaped
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["a"],
           "additionalProperties": False}
 
@@ -96,7 +98,8 @@ SCHEMA = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0
 @pytest.mark.parametrize("constraint", [
     {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}},
     {"response_format": {"type": "json_object"}},
-    {"extra_body": {"structured_outputs": {"choice": ["yes", "no"]}}}], ids=["json_schema", "json_object", "choice"])
+    {"extra_body": {"structured_outputs": {"choice": ["yes", "no"]}}},
+    {"extra_body": {"structured_outputs": {"regex": REGEX}}}], ids=["json_schema", "json_object", "choice", "regex"])
 def test_structured_output_after_a_prompt_that_opens_thinking_is_the_content(thinking_api, constraint):
     """The JSON (or the choice) is the answer: it came back as reasoning_content with content null, as the output
     started inside the thinking the template opened and the constraint never closed it."""
@@ -109,6 +112,8 @@ def test_structured_output_after_a_prompt_that_opens_thinking_is_the_content(thi
     content = message.content.strip()
     if "choice" in json.dumps(constraint):
         assert content in ("yes", "no")
+    elif "regex" in json.dumps(constraint):
+        assert re.fullmatch(REGEX, content), message.content  # after the "\\n\\n" that follows </think>
     else:
         jsonschema.validate(json.loads(content), SCHEMA if "json_schema" in json.dumps(constraint) else
                             {"type": "object"})

@@ -140,6 +140,11 @@ def grammar_text(kind: str, spec) -> str:
     raise GrammarError(f"unknown constraint kind {kind!r}")
 
 
+def regex_lark(regex: str) -> str:
+    """A regex constraint as a Lark grammar whose rule `start` is it (llguidance's escaping for /.../)."""
+    return f"start: /{llguidance.regex_to_lark(regex, '')}/"
+
+
 def _lark_literal(text: str) -> str:
     import json
 
