@@ -23,7 +23,7 @@ struct alignas(16) TileWork {
   int32_t expert, rows, m0, row_base, n_tile;
 };
 
-// Opt-in (FP8 GEMM2's kPosted, STATICMOE_FP8_POSTED_TILES=1; faster where K is short, sm90_gemm.cu):
+// FP8 GEMM2's kPosted (the default where K is short; STATICMOE_FP8_POSTED_TILES=0 turns it off, sm90_gemm.cu):
 // the math warps take each tile's TileWork from shared memory once the tile's first stage has landed, instead of
 // decoding the task map themselves: the decode is three dependent L2 loads (~1.3-2.2k cycles a tile on the H100,
 // with the tensor cores idle, benchmarks/NOTES.md "Session 22"), and the producer decodes every tile anyway, ahead

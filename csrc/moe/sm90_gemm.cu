@@ -105,9 +105,11 @@ cudaError_t launch(const CUtensorMap& map, const GemmArgs<T>& args, int device, 
   return launch_cluster_with_pdl(kernel, grid, gemm_threads<kBlockM>(), kSmem, kCluster, stream, map, args);
 }
 
-template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct, bool kPosted>
-cudaError_t launch_fp8_variant(const CUtensorMap& map, const Fp8GemmArgs& args, int device, cudaStream_t stream) {
-  auto kernel = moe_gemm_fp8_sm90_kernel<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, kPosted>;
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct, bool kPosted,
+          bool kTmaA>
+cudaError_t launch_fp8_variant(const CUtensorMap& map, const CUtensorMap& acts, const Fp8GemmArgs& args, int device,
+                               cudaStream_t stream) {
+  auto kernel = moe_gemm_fp8_sm90_kernel<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, kPosted, kTmaA>;
   using Smem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp>;
   constexpr int kSmem = Smem::template kBytes<kPosted>;
   static int grid_per_device[64] = {};
@@ -116,7 +118,7 @@ cudaError_t launch_fp8_variant(const CUtensorMap& map, const Fp8GemmArgs& args, 
           persistent_grid(kernel, gemm_threads<kBlockM>(), kSmem, kCluster, device, stream, grid_per_device, &grid);
       err != cudaSuccess)
     return err;
-  return launch_cluster_with_pdl(kernel, grid, gemm_threads<kBlockM>(), kSmem, kCluster, stream, map, args);
+  return launch_cluster_with_pdl(kernel, grid, gemm_threads<kBlockM>(), kSmem, kCluster, stream, map, acts, args);
 }
 
 // Posted tiles (moe_gemm_fp8_sm90_kernel's kPosted) for a 128-row GEMM2 with K <= kFp8PostedMaxK, where a tile has
@@ -127,14 +129,38 @@ bool posted_tiles(int32_t k) {
   return on && k >= kFp8BlockK && k <= kFp8PostedMaxK;
 }
 
-// Only GEMM2's large tiles (128 rows) have the posted variant: GEMM1's was slower at every shape measured.
+// GEMM2's A tile by TMA (moe_gemm_fp8_sm90_kernel's kTmaA) when STATICMOE_FP8_TMA_A=1: opt-in until a GPU run has
+// checked and timed it.
+bool tma_a() {
+  static const bool on = env_knob("STATICMOE_FP8_TMA_A", 0, 0) != 0;
+  return on;
+}
+
+// Only GEMM2's large tiles (128 rows) have the posted variant: GEMM1's was slower at every shape measured. `acts`:
+// GEMM2's A as a TMA map (a3_map); GEMM1 passes any map (unused).
 template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU>
-cudaError_t launch_fp8(const CUtensorMap& map, const Fp8GemmArgs& args, int device, cudaStream_t stream) {
-  if constexpr (kBlockM == 128 && !kGateUp) {
-    if (posted_tiles(args.k))
-      return launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, true>(map, args, device, stream);
+cudaError_t launch_fp8(const CUtensorMap& map, const CUtensorMap& acts, const Fp8GemmArgs& args, int device,
+                       cudaStream_t stream) {
+  if constexpr (!kGateUp) {
+    const bool posted = kBlockM == 128 && posted_tiles(args.k);
+    if (tma_a()) {
+      if (posted)
+        return launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, false, kAct, kBlockM == 128, true>(
+            map, acts, args, device, stream);
+      return launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, false, kAct, false, true>(map, acts, args,
+                                                                                              device, stream);
+    }
+    if (posted)
+      return launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, false, kAct, kBlockM == 128, false>(
+          map, acts, args, device, stream);
   }
-  return launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, false>(map, args, device, stream);
+  return launch_fp8_variant<kBlockM, kBlockN, kStages, kCluster, kGateUp, kAct, false, false>(map, acts, args, device,
+                                                                                             stream);
+}
+
+// GEMM2's activations [rows, k] e4m3 as a 3-D TMA map with kBlockM-row boxes (kTmaA).
+cudaError_t a3_map(CUtensorMap* map, const void* a, int64_t rows, int64_t k, int block_m) {
+  return make_weight_map(map, a, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, k, rows, 1, uint32_t(block_m));
 }
 
 // Raster group size: kGroupM, or STATICMOE_RASTER_GROUP_M{1,2} (GEMM1 / GEMM2) for tuning probes.
@@ -189,15 +215,19 @@ cudaError_t run_gemms_fp8(const Problem& p, const void* w13, const void* w2, Wei
                  static_cast<const __nv_bfloat16*>(biases.w13)};
   if (p.activation == Activation::kSwigluOai)
     err = launch_fp8<Cfg::kBlockM, Cfg::kBlockN1, Cfg::kStages, Cfg::kCluster, true, Activation::kSwigluOai>(
-        w13_map, g1, device, stream);
+        w13_map, w13_map, g1, device, stream);
   else
-    err = launch_fp8<Cfg::kBlockM, Cfg::kBlockN1, Cfg::kStages, Cfg::kCluster, true>(w13_map, g1, device, stream);
+    err = launch_fp8<Cfg::kBlockM, Cfg::kBlockN1, Cfg::kStages, Cfg::kCluster, true>(w13_map, w13_map, g1, device,
+                                                                                      stream);
   if (err != cudaSuccess) return err;
+  CUtensorMap acts2;
+  if ((err = a3_map(&acts2, ws.intermediate, p.rows(), p.intermediate, Cfg::kBlockM)) != cudaSuccess) return err;
   Fp8GemmArgs g2{static_cast<const uint8_t*>(ws.intermediate), ws.intermediate_scale, scales.w2, ws.slot_out,
                  nullptr, topk_weights, plan.expert_counts, plan.expert_offsets, plan.sorted_rows, map,
                  p.intermediate, p.hidden, n_tiles2, p.top_k, group2, p.hidden / kFP8Block,
                  static_cast<const __nv_bfloat16*>(biases.w2)};
-  return launch_fp8<Cfg::kBlockM, Cfg::kBlockN2, Cfg::kStages, Cfg::kCluster, false>(w2_map, g2, device, stream);
+  return launch_fp8<Cfg::kBlockM, Cfg::kBlockN2, Cfg::kStages, Cfg::kCluster, false>(w2_map, acts2, g2, device,
+                                                                                    stream);
 }
 
 // GEMM2's instantiation of each tile kind with one expert matrix [n, k] (rows past n read as zeros by TMA; the
@@ -205,16 +235,18 @@ cudaError_t run_gemms_fp8(const Problem& p, const void* w13, const void* w2, Wei
 template <TileKind kKind>
 cudaError_t run_dense_gemm_fp8(const DenseFp8Gemm& d, int device, cudaStream_t stream) {
   using Cfg = Tiles<true, kKind>;
-  CUtensorMap w_map;
+  CUtensorMap w_map, a_map;
   cudaError_t err = make_weight_map(&w_map, d.w, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, d.k, d.n, 1, kFP8Block);
   if (err != cudaSuccess) return err;
+  if ((err = a3_map(&a_map, d.a, d.rows, d.k, Cfg::kBlockM)) != cudaSuccess) return err;
   static const int32_t group2 = raster_group("STATICMOE_RASTER_GROUP_M2");
   const TaskMap map{d.plan.mtile_prefix, d.plan.slot_expert, d.plan.num_slots};
   const int n_tiles = (d.n + Cfg::kBlockN2 - 1) / Cfg::kBlockN2;
   const Fp8GemmArgs g{d.a, d.a_scale, d.w_scale, d.out, nullptr, d.ones, d.plan.expert_counts,
                       d.plan.expert_offsets, d.plan.sorted_rows, map, d.k, d.n, n_tiles, 1, group2,
                       (d.n + kFP8Block - 1) / kFP8Block, static_cast<const __nv_bfloat16*>(d.bias)};
-  return launch_fp8<Cfg::kBlockM, Cfg::kBlockN2, Cfg::kStages, Cfg::kCluster, false>(w_map, g, device, stream);
+  return launch_fp8<Cfg::kBlockM, Cfg::kBlockN2, Cfg::kStages, Cfg::kCluster, false>(w_map, a_map, g, device,
+                                                                                    stream);
 }
 
 template <typename T>

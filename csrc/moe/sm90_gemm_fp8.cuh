@@ -79,10 +79,14 @@ struct Fp8Smem {
   }
 };
 
-template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, bool kPost>
-__device__ __forceinline__ void produce_fp8(const CUtensorMap& weights, const Fp8GemmArgs& args, uint8_t* smem,
-                                            float* scales, uint64_t* full, uint64_t* empty, int32_t total,
-                                            int32_t num_slots, uint32_t cta_rank) {
+// kTmaA (GEMM2 only, whose A rows are contiguous: GEMM1 wrote them in expert order): A's tile comes as one TMA box
+// from `acts` instead of 8 cp.async per producer thread, so the producer issues ~130 instructions a K step, not
+// ~1,150 (benchmarks/wgmma_rate.cu: a producer's cp.async compete with the promotion FMAs for issue slots).
+template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, bool kPost, bool kTmaA>
+__device__ __forceinline__ void produce_fp8(const CUtensorMap& weights, const CUtensorMap& acts,
+                                            const Fp8GemmArgs& args, uint8_t* smem, float* scales, uint64_t* full,
+                                            uint64_t* empty, int32_t total, int32_t num_slots, uint32_t cta_rank) {
+  static_assert(!(kTmaA && kGateUp), "GEMM1 gathers its A rows; only GEMM2's are contiguous");
   using Smem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp>;
   constexpr int kRowsPerThread = kBlockM * 8 / kProducerThreads;  // 16-byte pieces: 8 per 128-byte row
   constexpr int kHalves = kBlockN / 128;
@@ -90,6 +94,7 @@ __device__ __forceinline__ void produce_fp8(const CUtensorMap& weights, const Fp
   const int32_t k_iters = args.k / kFp8BlockK;
   int32_t chunk_hint = 0;
   uint32_t g = 0;  // k-steps loaded so far: stage g % kStages, pass g / kStages
+  if (kTmaA && tid == 0) sm90::prefetch_tensor_map(&acts);
   for (int32_t v = blockIdx.x / kCluster; v < total; v += gridDim.x / kCluster) {
     const TileWork w = decode_tile<kBlockM, kCluster>(args, v, num_slots, chunk_hint);
     if (kPost && tid == 0) post_tile<kStages, kCluster>(Smem::tile_ring(full), v, w);  // for take_tile
@@ -99,7 +104,7 @@ __device__ __forceinline__ void produce_fp8(const CUtensorMap& weights, const Fp
     int32_t src_row[kRowsPerThread];  // 32-bit row indices, not pointers: the producer has kProducerRegs
     uint32_t row_ok = 0;
 #pragma unroll
-    for (int i = 0; i < kRowsPerThread; ++i) {
+    for (int i = 0; i < (kTmaA ? 0 : kRowsPerThread); ++i) {
       const int r = tid / 8 + i * (kProducerThreads / 8);
       const bool ok = w.m0 + r < w.rows;
       row_ok |= uint32_t(ok) << i;
@@ -121,12 +126,21 @@ __device__ __forceinline__ void produce_fp8(const CUtensorMap& weights, const Fp
       float* stage_scales = scales + s * Smem::kScaleStride;
       const int32_t k0 = kt * kFp8BlockK;
       if (w.m0 < w.rows) {  // an empty cluster half needs no A (its consumers skip the MMAs)
+        if constexpr (kTmaA) {
+          // Rows past the tile's end are the next expert's (or zeros past the tensor): computed, never stored; their
+          // scales are zero-filled below. Thread 0's arrival comes later, in load_weight_tile.
+          if (tid == 0) {
+            sm90::mbarrier_expect_tx(&full[s], kBlockM * 128);
+            sm90::tma_load_3d(a_tile, &acts, &full[s], k0, w.row_base, 0);
+          }
+        } else {
 #pragma unroll
-        for (int i = 0; i < kRowsPerThread; ++i) {
-          const int r = tid / 8 + i * (kProducerThreads / 8);
-          const bool ok = row_ok >> i & 1;
-          const uint8_t* src = args.a + int64_t(src_row[i]) * args.k + k0 + piece * 16;
-          sm90::cp_async_16(a_tile + sm90::swizzle128_offset(r, piece), ok ? src : args.a, ok);
+          for (int i = 0; i < kRowsPerThread; ++i) {
+            const int r = tid / 8 + i * (kProducerThreads / 8);
+            const bool ok = row_ok >> i & 1;
+            const uint8_t* src = args.a + int64_t(src_row[i]) * args.k + k0 + piece * 16;
+            sm90::cp_async_16(a_tile + sm90::swizzle128_offset(r, piece), ok ? src : args.a, ok);
+          }
         }
         if (tid < kBlockM) sm90::cp_async_4(stage_scales + tid, scale_row_ok ? a_scale + kt : args.a_scale, scale_row_ok);
         if (tid < kHalves) sm90::cp_async_4(stage_scales + kBlockM + tid, b_scale + kt, true);
@@ -320,11 +334,13 @@ __device__ __forceinline__ void consume_fp8(const Fp8GemmArgs& args, uint8_t* sm
 }
 
 // kPosted: the producer posts each tile's TileWork to a ring in shared memory and the math warps take it
-// (take_tile) instead of decoding the task map themselves (STATICMOE_FP8_POSTED_TILES, sm90_gemm.cu).
+// (take_tile) instead of decoding the task map themselves (STATICMOE_FP8_POSTED_TILES, sm90_gemm.cu). kTmaA: GEMM2's
+// A tile by TMA from `acts` (a 3-D map {k, rows, 1} of args.a; unused otherwise).
 template <int kBlockM, int kBlockN, int kStages, int kCluster, bool kGateUp, Activation kAct = Activation::kSiLU,
-          bool kPosted = false>
+          bool kPosted = false, bool kTmaA = false>
 __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
-    moe_gemm_fp8_sm90_kernel(const __grid_constant__ CUtensorMap weights, const Fp8GemmArgs args) {
+    moe_gemm_fp8_sm90_kernel(const __grid_constant__ CUtensorMap weights, const __grid_constant__ CUtensorMap acts,
+                             const Fp8GemmArgs args) {
   static_assert(kCluster == 1 || kBlockN == 256, "each CTA of a pair multicasts one of the two 128-row boxes");
   using Smem = Fp8Smem<kBlockM, kBlockN, kStages, kGateUp>;
   extern __shared__ uint8_t smem_raw[];
@@ -351,8 +367,9 @@ __global__ void __launch_bounds__(gemm_threads<kBlockM>(), 1)
   if (threadIdx.x < kProducerThreads) {
     become_producer<kBlockM>();
     const PipelineStart s = totals();
-    produce_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp, kPosted>(weights, args, smem, scales, full, empty,
-                                                                      s.total, s.num_slots, s.cta_rank);
+    produce_fp8<kBlockM, kBlockN, kStages, kCluster, kGateUp, kPosted, kTmaA>(weights, acts, args, smem, scales,
+                                                                             full, empty, s.total, s.num_slots,
+                                                                             s.cta_rank);
   } else {
     become_consumer<kBlockM>();
     const PipelineStart s = totals();
