@@ -43,7 +43,7 @@ def describe(kwargs: dict) -> str:
     fn = kwargs.get("fn")
     name = getattr(fn, "name", None) or getattr(getattr(fn, "fn", None), "__name__", None) or "a Triton kernel"
     compiled = kwargs.get("compile") if isinstance(kwargs.get("compile"), dict) else {}
-    parts = []  # the specialisation first: it is what usually differs from a variant start-up compiled
+    parts = []  # the short specialisation (pointer alignment) first, so a cut message still shows the constants
     if compiled.get("configs"):
         parts.append(f"specialisation {compiled['configs'][0]}")
     if compiled.get("constants"):
