@@ -56,29 +56,37 @@ class CompletionLogprobs:
     """Accumulates the completions shape for one choice; `add` returns the part for new tokens (streaming).
     `text_offset` indexes the choice's text: a special token that skip_special_tokens leaves out adds nothing."""
 
-    def __init__(self, texts: TokenTexts, skip_special_tokens: bool = True):
+    def __init__(self, texts: TokenTexts, skip_special_tokens: bool = True, k: int | None = None):
         self.texts = texts
         self.skip_special_tokens = skip_special_tokens
+        self.k = k  # alternatives per token: the engine computes the request's largest (prompt_logprobs may ask more)
         self.offset = 0  # characters of the choice's text before the next token
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")  # bytes -> characters, across tokens
         self.value = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
-    def add(self, entries: list[TokenLogprobs | None], prompt_ids: list[int] | None = None) -> dict:
-        """Append tokens (prompt tokens with `prompt_ids`: the first has no logprob); returns just this part."""
+    def add(self, entries: list[TokenLogprobs | None], prompt_ids: list[int] | None = None,
+            verbatim: str | None = None) -> dict:
+        """Append tokens (prompt tokens with `prompt_ids`: the first has no logprob); returns just this part.
+        `verbatim`: the echoed prompt when it is the client's own string, which keeps special-token text the client
+        typed (a skipped special token then counts where that text stands at its offset; one the tokenizer added,
+        such as BOS, does not)."""
         part = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for i, entry in enumerate(entries):
             token_id = entry.token_id if entry is not None else prompt_ids[i]
             text = self.texts.text(token_id)
             part["tokens"].append(text)
             part["text_offset"].append(self.offset)
-            if not (self.skip_special_tokens and self.texts.skipped(token_id)):
-                self.offset += len(self.decoder.decode(self.texts.bytes(token_id)))
+            raw = self.texts.bytes(token_id)
+            shown = not (self.skip_special_tokens and self.texts.skipped(token_id)) or (
+                verbatim is not None and verbatim.startswith(raw.decode("utf-8", "replace"), self.offset))
+            if shown:
+                self.offset += len(self.decoder.decode(raw))
             if entry is None:
                 part["token_logprobs"].append(None)
                 part["top_logprobs"].append(None)
                 continue
             part["token_logprobs"].append(_finite(entry.logprob))
-            top = {self.texts.text(t): _finite(v) for t, v in entry.top}
+            top = {self.texts.text(t): _finite(v) for t, v in entry.top[:self.k]}
             top.setdefault(text, _finite(entry.logprob))
             part["top_logprobs"].append(top)
         for key, values in part.items():
@@ -94,16 +102,17 @@ def chat_logprobs(entries: list[TokenLogprobs], texts: TokenTexts) -> list[dict]
     return [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, v) for t, v in e.top]} for e in entries]
 
 
-def prompt_logprobs(entries: list[TokenLogprobs | None], texts: TokenTexts) -> list[dict | None]:
+def prompt_logprobs(entries: list[TokenLogprobs | None], texts: TokenTexts,
+                    k: int | None = None) -> list[dict | None]:
     """vLLM's prompt_logprobs: per prompt token None (the first) or {id: {logprob, rank, decoded_token}} holding the
-    prompt token and its top alternatives."""
+    prompt token and its k best alternatives (entries may carry more: echo with a larger `logprobs`)."""
     out: list[dict | None] = []
     for entry in entries:
         if entry is None:
             out.append(None)
             continue
         d = {str(t): {"logprob": _finite(v), "rank": r + 1, "decoded_token": texts.text(t)}
-             for r, (t, v) in enumerate(entry.top)}
+             for r, (t, v) in enumerate(entry.top[:k])}
         d.setdefault(str(entry.token_id), {"logprob": _finite(entry.logprob), "rank": entry.rank,
                                            "decoded_token": texts.text(entry.token_id)})
         out.append(d)

@@ -189,7 +189,8 @@ class SamplingRequest(StrictModel):
     def logit_bias_ids(self) -> dict[int, float]:
         out = {}
         for key, value in (self.logit_bias or {}).items():
-            if not key.isdigit() or len(key) > 12:
+            # ASCII digits only: str.isdigit() also takes "²", which int() refuses (a 500)
+            if not (key.isascii() and key.isdigit()) or len(key) > 12:
                 raise bad_request(f"logit_bias keys are token ids, got {key!r}", f"logit_bias.{key}")
             out[int(key)] = value
         return out

@@ -22,19 +22,22 @@ DEFAULT_MAX_TOKENS = 16
 
 
 class _Choice:
-    def __init__(self, index: int, prompt: list[int], prompt_text: str, body: CompletionRequest, texts: TokenTexts):
+    def __init__(self, index: int, prompt: list[int], prompt_text: str, verbatim: bool, body: CompletionRequest,
+                 texts: TokenTexts):
         self.index = index
         self.prompt = prompt
         self.echo_text = prompt_text if body.echo else ""
+        self.verbatim = verbatim  # echo_text is the client's own string, not decoded from the prompt's ids
         self.echo_only = body.echo and body.max_tokens == 0
         self.text = ""
         self.token_ids: list[int] = []
         self.finish_reason = self.stop_reason = None
         self.started = False
-        self.logprobs = CompletionLogprobs(texts, body.skip_special_tokens) if body.logprobs is not None else None
+        self.logprobs = CompletionLogprobs(texts, body.skip_special_tokens, body.logprobs) \
+            if body.logprobs is not None else None
         self.echo_logprobs = body.echo and body.logprobs is not None
         self.prompt_logprobs = None
-        self.want_prompt_logprobs = body.prompt_logprobs is not None
+        self.prompt_k = body.prompt_logprobs
         self.texts = texts
 
     def add(self, output) -> tuple[str, dict | None]:
@@ -44,10 +47,11 @@ class _Choice:
             self.started = True
             text = self.echo_text
             if output.prompt_logprobs is not None:
-                if self.want_prompt_logprobs:
-                    self.prompt_logprobs = prompt_logprobs(output.prompt_logprobs, self.texts)
+                if self.prompt_k is not None:
+                    self.prompt_logprobs = prompt_logprobs(output.prompt_logprobs, self.texts, self.prompt_k)
                 if self.echo_logprobs:
-                    part = self.logprobs.add(output.prompt_logprobs, prompt_ids=self.prompt)
+                    part = self.logprobs.add(output.prompt_logprobs, prompt_ids=self.prompt,
+                                             verbatim=self.echo_text if self.verbatim else None)
         if not self.echo_only:
             text += output.new_text
             self.token_ids += output.new_token_ids
@@ -83,12 +87,13 @@ async def completions(serving: OpenAIServing, body: CompletionRequest, request: 
         prompts = [truncate_prompt(p, body.truncate_prompt_tokens, context) for p in untruncated]
         grammar = compile_constraint(constraint, engine) if constraint else None
         bad = bad_words_token_ids(engine.tokenizer, body.bad_words or [])
-        echo = [text if isinstance(text, str) and len(ids) == len(full) else
-                engine.tokenizer.decode(ids, skip_special_tokens=body.skip_special_tokens)
-                for text, ids, full in zip(texts_in, prompts, untruncated)] if body.echo else [""] * len(prompts)
-        return prompts, grammar, bad, echo
+        verbatim = [isinstance(text, str) and len(ids) == len(full)
+                    for text, ids, full in zip(texts_in, prompts, untruncated)]
+        echo = [text if same else engine.tokenizer.decode(ids, skip_special_tokens=body.skip_special_tokens)
+                for text, ids, same in zip(texts_in, prompts, verbatim)] if body.echo else [""] * len(prompts)
+        return prompts, grammar, bad, echo, verbatim
 
-    prompts, grammar, bad_words, echo_texts = await serving.off_loop(prepare)
+    prompts, grammar, bad_words, echo_texts, verbatim = await serving.off_loop(prepare)
     prompt_lens = [len(p) for p in prompts]
     echo_only = body.echo and body.max_tokens == 0
     requested = 1 if echo_only else body.max_tokens
@@ -104,7 +109,7 @@ async def completions(serving: OpenAIServing, body: CompletionRequest, request: 
     group = await serving.submit(prompts, params)
 
     texts = TokenTexts(engine.tokenizer, body.return_tokens_as_token_ids)
-    choices = [_Choice(i, prompts[i // body.n], echo_texts[i // body.n], body, texts)
+    choices = [_Choice(i, prompts[i // body.n], echo_texts[i // body.n], verbatim[i // body.n], body, texts)
                for i in range(len(prompts) * body.n)]
     usage = Usage(len(choices), prompt_lens, body.n)
     request_id, created = new_id("cmpl", body.request_id), now()
