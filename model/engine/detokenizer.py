@@ -22,6 +22,15 @@ class IncrementalDetokenizer:
         self.token_ids = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])  # context + outputs (text tokens only)
         self.prefix_offset = 0  # window start: decoded text of [prefix_offset:read_offset] is already in `text`
         self.read_offset = len(self.token_ids)
+        # A prompt that ends inside a character (token ids cut mid-character): its trailing tokens count as not
+        # yet read, so the output token that completes the character brings it (else the decoded length does not
+        # grow and the character is lost). Bounded: a UTF-8 character spans at most 4 tokens.
+        for _ in range(3):
+            if not self.read_offset or not tokenizer.decode(self.token_ids[: self.read_offset],
+                                                            skip_special_tokens=skip_special_tokens
+                                                            ).endswith(INCOMPLETE_CHAR):
+                break
+            self.read_offset -= 1
         self.stop = list(stop)
         self.matcher = StopStringMatcher(self.stop)
         self.text = ""  # output text so far (cut before a stop string once one is found)

@@ -79,11 +79,16 @@ class Sampler:
         logits = self._edit(logits, params, extras)  # [B, V] float32 (a new tensor when edited)
         no_token = torch.isneginf(logits).all(dim=-1) if masked else None  # [B]
         greedy_ids = logits.argmax(dim=-1)  # [B]
+        all_greedy = all(p.greedy for p in params)
         processed = logits
-        if all(p.greedy for p in params):
+        # Greedy rows' processed logprobs include their min_p / top-k / top-p cuts as in a mixed batch, so they
+        # do not depend on what the row is batched with
+        if not all_greedy or (k_logprobs is not None and raw is None):
+            processed = self._process(logits, params)
+        if all_greedy:
             sampled = greedy_ids
         else:
-            sampled, processed = self._draw(logits, params, generators, greedy_ids)
+            sampled = self._draw(processed, params, generators, greedy_ids)
         self._record_penalties(extras, sampled)
         out = SamplerOutput(sampled, no_token=no_token)
         if k_logprobs is not None:
@@ -117,16 +122,20 @@ class Sampler:
             self.penalties.record(batch_rows, state_rows, sampled)
 
     # ---- drawing ------------------------------------------------------------------------------------------------
-    def _draw(self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-              greedy_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sampled ids [B], the final logits [B, V] the random rows were drawn from)."""
-        B = logits.shape[0]
+    def _process(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """The final logits [B, V] rows are drawn from: temperature (greedy rows: none), min_p, top-k, top-p."""
         temps = _to_device([p.temperature if not p.greedy else 1.0 for p in params], torch.float32, logits.device)
         logits = logits / temps[:, None]  # [B, V]
         if any(p.min_p > 0.0 for p in params):
             logits = self._apply_min_p(logits, params)
         if any(p.uses_top_k or p.uses_top_p for p in params):
             logits = self._apply_top_k_top_p(logits, params)
+        return logits
+
+    def _draw(self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+              greedy_ids: torch.Tensor) -> torch.Tensor:
+        """Sampled ids [B] from the processed `logits` (greedy rows: `greedy_ids`)."""
+        B = logits.shape[0]
         probs = torch.softmax(logits, dim=-1)  # [B, V]
 
         noise = torch.empty_like(probs)  # [B, V]
@@ -138,7 +147,7 @@ class Sampler:
         sampled_ids = (probs / noise).argmax(dim=-1)  # [B]
 
         greedy_mask = _to_device([p.greedy for p in params], torch.bool, logits.device)
-        return torch.where(greedy_mask, greedy_ids, sampled_ids), logits
+        return torch.where(greedy_mask, greedy_ids, sampled_ids)
 
     @staticmethod
     def _apply_min_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

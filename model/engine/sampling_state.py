@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 class SequenceSampling:
     def __init__(self, vocab_size: int, device: torch.device, max_num_seqs: int, eos_token_ids: list[int]):
+        self.vocab_size = vocab_size
         self.penalties = PenaltyState(vocab_size, device, max_num_seqs)
         self.masks = GrammarMasks(vocab_size, pin=device.type == "cuda")
         self.eos_token_ids = list(eos_token_ids)
@@ -47,7 +48,9 @@ class SequenceSampling:
             num_outputs = seq.num_tokens - seq.num_prompt_tokens
             if num_outputs < p.min_tokens:
                 ids = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
-                extras.banned += [(row, t) for t in ids]
+                # stop_token_ids past the vocabulary are accepted (never sampled, so nothing to ban): banning one
+                # would index past the logits (an IndexError here, a device-side assert on the GPU)
+                extras.banned += [(row, t) for t in ids if t < self.vocab_size]
             for word in p.bad_words_token_ids:
                 if len(word) == 1 or (num_outputs >= len(word) - 1 and
                                       seq.token_ids[seq.num_tokens - len(word) + 1:] == word[:-1]):
