@@ -154,3 +154,18 @@ def test_stop_strings_over_multibyte_tokens_with_min_tokens_match_a_rescan():
         if reason is None:
             pieces.append(seq.detokenizer.take_new_text(finished=True))
         assert ("".join(pieces), seq.stop_reason) == (expected, reason), (stop, text, include, min_tokens)
+
+
+def test_top_k_keeps_the_tokens_tied_with_the_kth_largest():
+    """vLLM and transformers drop the tokens strictly below the k-th largest logit, so ties at the boundary stay (bf16
+    logits tie often). Exactly k were kept, the sort's order choosing among equals: top_k=2 over [2, 1, 1, 0] never
+    drew token 2, top_k=1 over a tie always drew the same token."""
+    sampler, n = Sampler(torch.device("cpu"), seed=1), 40_000
+    for logits, k in (([2.0, 1.0, 1.0, 0.0], 2), ([0.0, 3.0, 3.0, 0.0], 1)):
+        x = np.array(logits)
+        kept = np.where(x >= np.sort(x)[::-1][k - 1], np.exp(x), 0.0)
+        expected = kept / kept.sum()
+        rows = torch.tensor(logits).expand(n, -1).contiguous()
+        ids = sampler.sample(rows, [SamplingParams(top_k=k)] * n, [None] * n).sampled_ids
+        freq = torch.bincount(ids, minlength=4).double().numpy() / n
+        assert np.allclose(freq, expected, atol=0.015), (logits, k, freq, expected)

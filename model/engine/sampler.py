@@ -158,13 +158,14 @@ class Sampler:
 
     @staticmethod
     def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        """Mask (to -inf) everything outside each row's top-k, then outside the smallest prefix of mass >= top_p."""
+        """Mask (to -inf) everything below each row's k-th largest logit, then outside the smallest prefix of mass
+        >= top_p. Tokens tied with the k-th largest stay (as vLLM and transformers): cutting some of equal logits
+        would pick by the sort's arbitrary order, e.g. top_k=1 would always draw the same one of two tied tokens."""
         B, V = logits.shape
         sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
-        ranks = torch.arange(V, device=logits.device)[None, :]  # [1, V]
         ks = _to_device([min(p.top_k, V) if p.uses_top_k else V for p in params], torch.long, logits.device)
-        mask = ranks >= ks[:, None]  # [B, V]
-        sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
+        kth = sorted_logits.gather(1, ks[:, None] - 1)  # [B, 1]
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
         if any(p.uses_top_p for p in params):
             ps = _to_device([p.top_p for p in params], torch.float32, logits.device)
             sorted_probs = torch.softmax(sorted_logits, dim=-1)  # [B, V]
