@@ -27,9 +27,9 @@ def _check_scales(checkpoint: SafetensorsCheckpoint, quant: Fp8CheckpointConfig 
     tensors = checkpoint.tensors
     fp8 = [k for k, info in tensors.items() if info.dtype == FP8_DTYPE_NAME]
     if fp8 and not isinstance(quant, Fp8CheckpointConfig):
-        raise CheckpointError(f"{_where(checkpoint, fp8[0])} is float8_e4m3fn, but config.json has no "
-                              f"quantization_config (block FP8 needs quant_method \"fp8\", weight_block_size "
-                              f"[128, 128])")
+        declared = "has no quantization_config" if quant is None else "declares another quantization_config"
+        raise CheckpointError(f"{_where(checkpoint, fp8[0])} is float8_e4m3fn, but config.json {declared} (block "
+                              f"FP8 needs quant_method \"fp8\", weight_block_size [128, 128])")
     for key in fp8:
         info, scale_key = tensors[key], key + SCALE_SUFFIX
         if len(info.shape) < 2:
@@ -78,14 +78,22 @@ def fp8_targets(plain: nn.Module, checkpoint: SafetensorsCheckpoint, renames, ig
     plan = plan_loading(plain, checkpoint, renames, {*ignorable, *scales}, check_dtypes=False)
     owner = {id(p): (name.rpartition(".")[0], name) for name, p in plain.named_parameters()}
     fp8_pieces: dict[str, list[tuple[str, bool]]] = {}  # module -> [(checkpoint key, stored fp8)] of its weights
-    for param, _, key in plan:
+    for param, piece, key in plan:
         module_name, param_name = owner[id(param)]
         is_fp8 = checkpoint.tensors[key].dtype == FP8_DTYPE_NAME
         module = plain.get_submodule(module_name)
-        if is_fp8 and isinstance(module, Router) and module.e_score_correction_bias is not None:
-            raise CheckpointError(f"{_where(checkpoint, key)} is float8_e4m3fn, but a router with "
-                                  f"e_score_correction_bias is served in high precision only (its scores choose "
-                                  f"the experts; DeepSeek-V3 and GLM-4.5 FP8 checkpoints keep it in bf16)")
+        # grouped routing reads the router's weight itself (x·Wᵀ in float32, model/layers/moe.py), not through the
+        # module, so an FP8 twin (weight + scales) cannot stand in for it
+        if is_fp8 and isinstance(module, Router) and plain.config.grouped_routing:
+            what = ("e_score_correction_bias" if module.e_score_correction_bias is not None else
+                    "grouped routing (scoring_func, n_group or routed_scaling_factor)")
+            raise CheckpointError(f"{_where(checkpoint, key)} is float8_e4m3fn, but a router with {what} is served "
+                                  f"in high precision only (its float32 scores choose the experts; DeepSeek and "
+                                  f"GLM-4.5 FP8 checkpoints keep it in bf16)")
+        if is_fp8 and piece.convert is not None:  # e.g. gpt-oss's transposed, gate/up-interleaved experts
+            raise CheckpointError(f"{_where(checkpoint, key)} is float8_e4m3fn in a layout converted at load "
+                                  f"(transposed or interleaved), which its 128x128 block scales cannot follow: "
+                                  f"store it in high precision")
         # biases: a Linear's `.bias`, the experts' `*_proj_bias` (gpt-oss), the router's `e_score_correction_bias`
         if param_name.endswith((".bias", "_bias")) or not isinstance(module, (Linear, Experts)):
             if is_fp8:
