@@ -77,9 +77,9 @@ def sse(payload: dict | str) -> str:
 class Usage:
     """Token counts of the n·prompts engine requests of one HTTP request."""
 
-    def __init__(self, count: int, prompt_lens: list[int], n: int):
+    def __init__(self, count: int, prompt_lens: list[int]):
         self.output_tokens = [0] * count
-        self.prompt_tokens = sum(prompt_lens) * n  # every choice re-reads its prompt (as vLLM and OpenAI count)
+        self.prompt_tokens = sum(prompt_lens)  # each prompt once, whatever n (as OpenAI and vLLM count)
 
     def add(self, index: int, output, hidden: int = 0) -> None:
         self.output_tokens[index] = max(0, output.num_output_tokens - hidden)

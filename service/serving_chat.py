@@ -179,7 +179,7 @@ async def chat(serving: OpenAIServing, body: ChatCompletionRequest, request: Req
     texts = TokenTexts(engine.tokenizer, body.return_tokens_as_token_ids)
     choices = [_Choice(i, reasoner, starts_in_think, tool_parser if body.stream else None, texts, stop_ids)
                for i in range(body.n)]
-    usage = Usage(body.n, [len(prompt)], body.n)
+    usage = Usage(body.n, [len(prompt)])
     request_id, created = new_id("chatcmpl", body.request_id), now()
 
     def chunk(choice_list: list[dict], with_usage: bool = False) -> dict:

@@ -111,7 +111,7 @@ async def completions(serving: OpenAIServing, body: CompletionRequest, request: 
     texts = TokenTexts(engine.tokenizer, body.return_tokens_as_token_ids)
     choices = [_Choice(i, prompts[i // body.n], echo_texts[i // body.n], verbatim[i // body.n], body, texts)
                for i in range(len(prompts) * body.n)]
-    usage = Usage(len(choices), prompt_lens, body.n)
+    usage = Usage(len(choices), prompt_lens)
     request_id, created = new_id("cmpl", body.request_id), now()
 
     def chunk(choice_list: list[dict], with_usage: bool = False) -> dict:
