@@ -124,7 +124,10 @@ def test_server_greedy_matches_hf_generate(checkpoint):
     hf, directory = checkpoint
     _, tokenizer = load_model(str(directory), dtype=torch.float32)
     prompts = [PROMPT, [11, 12, 13, 14, 15, 16, 17, 18, 19]]
-    expected = [tokenizer.decode(hf_greedy(hf, p, 32)) for p in prompts]
+    # The completion text is the output's part of the whole decode: a prompt ending inside a character (random ids)
+    # has that character finished by the output's bytes or shown as a replacement character there, as vLLM does.
+    expected = [tokenizer.decode(p + hf_greedy(hf, p, 32))[len(tokenizer.decode(p).rstrip("\ufffd")):]
+                for p in prompts]
     assert any(expected)
     server = ServerProcess(["--model", str(directory), "--device", "cpu", "--dtype", "float32",
                             "--max-model-len", "128", "--served-model-name", "oss"])
