@@ -205,6 +205,13 @@ def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+def completion_text(tokenizer, prompt: list[int], output: list[int]) -> str:
+    """The completion text a client gets for `output` after a token-id `prompt`: the output's part of the whole
+    decode. A prompt ending inside a character (random ids) has it finished by the output's bytes or shown as a
+    replacement character there, as vLLM's detokenizer does; a decode of the output ids alone would drop it."""
+    return tokenizer.decode(prompt + output)[len(tokenizer.decode(prompt).rstrip("\ufffd")):]
+
+
 @torch.no_grad()
 def hf_logits(hf_model, prompt: list[int]) -> torch.Tensor:
     return hf_model(torch.tensor([prompt], device=hf_model.device)).logits[0].float()  # [n, V]

@@ -18,7 +18,8 @@ from model.loader import load_model
 from tests.deepseek_fixtures import TINY_DEEPSEEK, make_deepseek_model
 from tests.engine_fixtures import GREEDY, run, tokens_of
 from tests.model_fixtures import (
-    PagedRunner, assert_bf16_close, assert_decode_graph_matches_eager, hf_greedy, hf_logits, make_hf_model,
+    PagedRunner, assert_bf16_close, assert_decode_graph_matches_eager, completion_text, hf_greedy, hf_logits,
+    make_hf_model,
     rewrite_safetensors, save_checkpoint,
 )
 from tests.service_fixtures import ServerProcess
@@ -76,7 +77,7 @@ def test_greedy_over_http_matches_generate(variant, tmp_path):
     directory = save_checkpoint(hf, tmp_path / "ckpt")
     _, tokenizer = load_model(str(directory), dtype=torch.float32)
     prompts = [PROMPT, [42, 42, 7, 260, 99, 31, 4]]
-    expected = [tokenizer.decode(hf_greedy(hf, p, 32)) for p in prompts]
+    expected = [completion_text(tokenizer, p, hf_greedy(hf, p, 32)) for p in prompts]
     assert any(expected)
     server = ServerProcess(["--model", str(directory), "--device", "cpu", "--dtype", "float32",
                             "--max-model-len", "128", "--served-model-name", "ds"])

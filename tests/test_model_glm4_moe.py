@@ -15,7 +15,7 @@ from model.engine import EngineConfig, LLMEngine, SamplingParams
 from model.loader import load_model
 from tests.engine_fixtures import GREEDY, run, tokens_of
 from tests.model_fixtures import (
-    PagedRunner, hf_greedy, hf_logits, make_hf_model, max_relative_error, save_checkpoint,
+    PagedRunner, completion_text, hf_greedy, hf_logits, make_hf_model, max_relative_error, save_checkpoint,
 )
 from tests.service_fixtures import ServerProcess
 
@@ -120,7 +120,7 @@ def test_http_greedy_equals_generate(checkpoint):
     from model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(directory, "glm")
-    expected = [tokenizer.decode(hf_greedy(hf, p, 32)) for p in (PROMPT, PROMPT[6:])]
+    expected = [completion_text(tokenizer, p, hf_greedy(hf, p, 32)) for p in (PROMPT, PROMPT[6:])]
     assert all(expected)
     server = ServerProcess(["--model", str(directory), "--device", "cpu", "--dtype", "float32",
                             "--max-model-len", "128", "--served-model-name", "glm"])
