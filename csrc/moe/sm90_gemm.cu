@@ -220,8 +220,9 @@ cudaError_t run_gemms_fp8(const Problem& p, const void* w13, const void* w2, Wei
     err = launch_fp8<Cfg::kBlockM, Cfg::kBlockN1, Cfg::kStages, Cfg::kCluster, true>(w13_map, w13_map, g1, device,
                                                                                       stream);
   if (err != cudaSuccess) return err;
-  CUtensorMap acts2;
-  if ((err = a3_map(&acts2, ws.intermediate, p.rows(), p.intermediate, Cfg::kBlockM)) != cudaSuccess) return err;
+  CUtensorMap acts2 = w2_map;  // unused unless TMA-A is on: encoding a map costs host time on every launch
+  if (tma_a() && (err = a3_map(&acts2, ws.intermediate, p.rows(), p.intermediate, Cfg::kBlockM)) != cudaSuccess)
+    return err;
   Fp8GemmArgs g2{static_cast<const uint8_t*>(ws.intermediate), ws.intermediate_scale, scales.w2, ws.slot_out,
                  nullptr, topk_weights, plan.expert_counts, plan.expert_offsets, plan.sorted_rows, map,
                  p.intermediate, p.hidden, n_tiles2, p.top_k, group2, p.hidden / kFP8Block,
@@ -235,10 +236,11 @@ cudaError_t run_gemms_fp8(const Problem& p, const void* w13, const void* w2, Wei
 template <TileKind kKind>
 cudaError_t run_dense_gemm_fp8(const DenseFp8Gemm& d, int device, cudaStream_t stream) {
   using Cfg = Tiles<true, kKind>;
-  CUtensorMap w_map, a_map;
+  CUtensorMap w_map;
   cudaError_t err = make_weight_map(&w_map, d.w, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, d.k, d.n, 1, kFP8Block);
   if (err != cudaSuccess) return err;
-  if ((err = a3_map(&a_map, d.a, d.rows, d.k, Cfg::kBlockM)) != cudaSuccess) return err;
+  CUtensorMap a_map = w_map;  // unused unless TMA-A is on
+  if (tma_a() && (err = a3_map(&a_map, d.a, d.rows, d.k, Cfg::kBlockM)) != cudaSuccess) return err;
   static const int32_t group2 = raster_group("STATICMOE_RASTER_GROUP_M2");
   const TaskMap map{d.plan.mtile_prefix, d.plan.slot_expert, d.plan.num_slots};
   const int n_tiles = (d.n + Cfg::kBlockN2 - 1) / Cfg::kBlockN2;
