@@ -169,3 +169,19 @@ def test_top_k_keeps_the_tokens_tied_with_the_kth_largest():
         ids = sampler.sample(rows, [SamplingParams(top_k=k)] * n, [None] * n).sampled_ids
         freq = torch.bincount(ids, minlength=4).double().numpy() / n
         assert np.allclose(freq, expected, atol=0.015), (logits, k, freq, expected)
+
+
+def test_a_tiny_repetition_penalty_keeps_the_logits_finite_and_draws_the_boosted_token():
+    """repetition_penalty 1e-40 (accepted: only > 0 is required) divides a seen token's positive logit past float32's
+    range. The row must stay a distribution whose most likely token is that one, not NaN (which drew token 0)."""
+    from model.engine.penalties import PenaltyState
+
+    vocab = 16
+    state = PenaltyState(vocab, torch.device("cpu"), max_rows=2)
+    row = state.acquire(prompt_ids=[7], output_ids=[])
+    logits = torch.linspace(-3.0, 4.0, vocab).unsqueeze(0)  # token 7's logit is positive; token 0 is the smallest
+    params = [SamplingParams(temperature=1.0, repetition_penalty=1e-40)]
+    state.apply(logits, torch.tensor([0]), torch.tensor([row]), params)
+    assert torch.isfinite(logits).all()
+    probs = torch.softmax(logits, dim=-1)
+    assert torch.isfinite(probs).all() and int(probs.argmax()) == 7 and float(probs[0, 7]) > 0.99

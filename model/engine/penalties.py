@@ -84,4 +84,7 @@ class PenaltyState:
         pres = _put([p.presence_penalty for p in params], torch.float32, dev)[:, None]
         rows = torch.where(seen, torch.where(rows > 0, rows / rep, rows * rep), rows)
         rows = rows - freq * counts.to(rows.dtype) - pres * seen_out.to(rows.dtype)
+        # A tiny repetition_penalty (1e-40 is accepted, as > 0) divides a logit past float32's range: +inf would make
+        # the row's softmax NaN and every draw token 0; the largest float keeps it the most likely token instead.
+        rows = rows.clamp(max=torch.finfo(rows.dtype).max)
         logits.index_copy_(0, batch_rows, rows)
