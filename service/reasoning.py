@@ -8,7 +8,6 @@ it started inside, else all content (a model asked not to think writes no tags).
 
 from __future__ import annotations
 
-import re
 
 from service.harmony import HarmonySplitter, tool_call_text
 from service.text_holdback import partial_marker_len
@@ -67,15 +66,14 @@ class Qwen3ReasoningParser:
     def streamer(self, starts_in_think: bool) -> _Streamer:
         return _Streamer(starts_in_think)
 
-    def close_thinking(self, lark: str) -> str:
-        """`lark` (a forcing grammar, whose rule `start` is the output) preceded by the end of a thinking block the
-        prompt opened. Without it the forced call is written inside the thinking and comes back as reasoning_content,
-        not tool_calls. The thinking is bounded and holds no "<": llguidance's lexer does not backtrack, so text
-        that could run on through "</think>" would never let the model close it; the first "<" starts the close."""
-        return "\n".join([
-            f'start: thinking_text "{END_THINK}\\n\\n" forced',
-            f"thinking_text[max_tokens={FORCED_THINKING_MAX_TOKENS}]: /[^<]*/",
-            re.sub(r"^start:", "forced:", lark, count=1, flags=re.MULTILINE)])
+    def close_thinking(self) -> str:
+        """Lark rules for the end of a thinking block the prompt opened, then the constrained answer (`@answer`,
+        structured_output.grammar_after). Without it a forced call or JSON is written inside the thinking and comes
+        back as reasoning_content. The thinking is bounded and holds no "<": llguidance's lexer does not backtrack,
+        so text that could run on through "</think>" would never let the model close it; the first "<" starts the
+        close."""
+        return "\n".join([f'start: thinking_text "{END_THINK}\\n\\n" @answer',
+                          f"thinking_text[max_tokens={FORCED_THINKING_MAX_TOKENS}]: /[^<]*/"])
 
 
 class _HarmonyStreamer:

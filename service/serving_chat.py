@@ -10,13 +10,11 @@ comes out whatever the weights.
 
 from __future__ import annotations
 
-import json
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from model.engine.structured_output import regex_lark
-from service.errors import ApiError, bad_request
+from service.errors import bad_request
 from service.harmony import BODY_ENDS
 from service.logprobs_format import TokenTexts, chat_logprobs, prompt_logprobs
 from service.prompts import chat_prompt_ids
@@ -91,29 +89,6 @@ class _Choice:
         return delta
 
 
-def _answer_lark(constraint) -> str | None:
-    """A constraint as a Lark grammar whose rule `start` is the answer: forced tool calls, JSON, choices and regexes
-    (as vLLM applies structured output after the reasoning ends). None for a client's grammar, whose rule names
-    could clash with the wrapper's (it may write its own `</think>`), and for no constraint."""
-    if constraint is None:
-        return None
-    kind, spec, field = constraint
-    if field == "tool_choice":
-        return spec
-    if kind == "json_object":
-        kind, spec = "json_schema", {"type": "object"}
-    if kind == "json_schema" and isinstance(spec, dict):
-        guidance = spec.get("x-guidance", {})
-        if isinstance(guidance, dict):  # compact unless the schema says otherwise, as compile_grammar's default
-            return "start: %json " + json.dumps({**spec, "x-guidance": {"whitespace_flexible": False, **guidance}},
-                                                ensure_ascii=False)
-    if kind == "choice":
-        return "start: " + " | ".join(json.dumps(s, ensure_ascii=False) for s in spec)
-    if kind == "regex" and isinstance(spec, str):
-        return regex_lark(spec)
-    return None
-
-
 def _finish_reason(reason: str | None, has_calls: bool, named: bool) -> str | None:
     return "tool_calls" if reason == "stop" and has_calls and not named else reason
 
@@ -147,17 +122,10 @@ async def chat(serving: OpenAIServing, body: ChatCompletionRequest, request: Req
         prompt = truncate_prompt(prompt, body.truncate_prompt_tokens, context)
         opens = reasoner is not None and prompt_opens_thinking(
             engine.tokenizer.decode(prompt[-16:], skip_special_tokens=False))
-        answer = _answer_lark(constraint) if constraint and opens and hasattr(reasoner, "close_thinking") else None
-        if answer is None:
-            grammar = compile_constraint(constraint, engine) if constraint else None  # also the 400 of a bad one
-        else:
-            # the template opened <think>: the constrained answer must come after the thinking closes, else the
-            # call, JSON or choice is parsed as reasoning_content (no tool_calls, content null)
-            try:
-                grammar = compile_constraint(("grammar", reasoner.close_thinking(answer), constraint[2]), engine)
-            except ApiError:
-                compile_constraint(constraint, engine)  # a bad schema's own 400 names the schema, not the wrapper
-                raise
+        # the template opened <think>: the constrained answer comes after the thinking closes (as vLLM applies
+        # structured output after the reasoning ends), else the call, JSON or text is parsed as reasoning_content
+        prefix = reasoner.close_thinking() if opens and hasattr(reasoner, "close_thinking") else None
+        grammar = compile_constraint(constraint, engine, prefix) if constraint else None  # also a bad one's 400
         bad = bad_words_token_ids(engine.tokenizer, body.bad_words or [])
         return prompt, grammar, bad, opens
 

@@ -74,12 +74,13 @@ def index_vocabulary_ahead(engine) -> threading.Thread:
     return thread
 
 
-def compile_constraint(constraint: Constraint, engine) -> Grammar:
-    """Runs on the tokenizer threads (compiling a schema takes milliseconds, building the vocabulary once ~1 s)."""
+def compile_constraint(constraint: Constraint, engine, prefix_lark: str | None = None) -> Grammar:
+    """Runs on the tokenizer threads (compiling a schema takes milliseconds, building the vocabulary once ~1 s).
+    `prefix_lark`: text the output starts with before the constraint applies (closing a thinking block)."""
     kind, spec, field = constraint
     try:
         return compile_grammar(kind, spec, engine.tokenizer, int(engine.model_config.vocab_size),
-                               list(engine.eos_token_ids))
+                               list(engine.eos_token_ids), prefix_lark)
     except GrammarUnavailable as err:
         raise bad_request(str(err), field, "structured_output_unavailable") from None
     except GrammarError as err:

@@ -69,9 +69,8 @@ def test_forced_call_grammar_lets_the_model_close_its_thinking_and_bounds_it(tin
     from service.tool_parsers import get_tool_parser
 
     reasoner, hermes = Qwen3ReasoningParser(), get_tool_parser("hermes")
-    lark = reasoner.close_thinking(hermes.forcing_grammar(TOOLS, None, False))
-    grammar = compile_grammar("grammar", lark, tiny_engine.tokenizer, tiny_engine.model_config.vocab_size,
-                              tiny_engine.eos_token_ids)
+    grammar = compile_grammar("grammar", hermes.forcing_grammar(TOOLS, None, False), tiny_engine.tokenizer,
+                              tiny_engine.model_config.vocab_size, tiny_engine.eos_token_ids, reasoner.close_thinking())
     tokenizer = tiny_engine.tokenizer
     # the model ends its thinking itself
     written = 'The sum, so add.</think>\n\n<tool_call>\n{"name":"add","arguments":{"a":1,"b":2}}\n</tool_call>'
@@ -91,6 +90,8 @@ def test_forced_call_grammar_lets_the_model_close_its_thinking_and_bounds_it(tin
 
 
 REGEX = r"[a-z]{3,8}/[0-9]{2}"  # with a "/", which Lark's /.../ needs escaped
+# a client's Lark grammar whose rule names are those of the thinking-closing prefix (service/reasoning.py)
+LARK = 'start: thinking_text\nthinking_text: answer "!"\nanswer: "ok" | "no"'
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["a"],
           "additionalProperties": False}
 
@@ -99,7 +100,9 @@ SCHEMA = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0
     {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}},
     {"response_format": {"type": "json_object"}},
     {"extra_body": {"structured_outputs": {"choice": ["yes", "no"]}}},
-    {"extra_body": {"structured_outputs": {"regex": REGEX}}}], ids=["json_schema", "json_object", "choice", "regex"])
+    {"extra_body": {"structured_outputs": {"regex": REGEX}}},
+    {"extra_body": {"structured_outputs": {"grammar": LARK}}}], ids=["json_schema", "json_object", "choice", "regex",
+                                                                     "grammar"])
 def test_structured_output_after_a_prompt_that_opens_thinking_is_the_content(thinking_api, constraint):
     """The JSON (or the choice) is the answer: it came back as reasoning_content with content null, as the output
     started inside the thinking the template opened and the constraint never closed it."""
@@ -114,6 +117,8 @@ def test_structured_output_after_a_prompt_that_opens_thinking_is_the_content(thi
         assert content in ("yes", "no")
     elif "regex" in json.dumps(constraint):
         assert re.fullmatch(REGEX, content), message.content  # after the "\\n\\n" that follows </think>
+    elif "grammar" in json.dumps(constraint):
+        assert content in ("ok!", "no!"), message.content
     else:
         jsonschema.validate(json.loads(content), SCHEMA if "json_schema" in json.dumps(constraint) else
                             {"type": "object"})

@@ -24,6 +24,7 @@ limits (a grammar that exceeds them mid-output fails that sequence only; llm_eng
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
 import threading
@@ -140,14 +141,19 @@ def grammar_text(kind: str, spec) -> str:
     raise GrammarError(f"unknown constraint kind {kind!r}")
 
 
-def regex_lark(regex: str) -> str:
-    """A regex constraint as a Lark grammar whose rule `start` is it (llguidance's escaping for /.../)."""
-    return f"start: /{llguidance.regex_to_lark(regex, '')}/"
+def grammar_after(prefix_lark: str, answer: str) -> str:
+    """One grammar: the Lark rules `prefix_lark`, whose rule `start` refers to the answer as `@answer`, and the
+    grammar `answer` (a `grammar_text`). The answer is a separate llguidance grammar with its own rule names and
+    lexer, so any answer composes (a client's Lark grammar may name its rules as the prefix does)."""
+    if answer.lstrip().startswith("{"):  # a top-level grammar (JSON schema, regex): its first grammar is the answer
+        grammars = json.loads(answer)["grammars"]
+        grammars[0] = {**grammars[0], "name": "answer"}
+    else:  # Lark text
+        grammars = [{"name": "answer", "lark_grammar": answer}]
+    return json.dumps({"grammars": [{"name": "prefix", "lark_grammar": prefix_lark}, *grammars]}, ensure_ascii=False)
 
 
 def _lark_literal(text: str) -> str:
-    import json
-
     return json.dumps(text, ensure_ascii=False)
 
 
@@ -214,9 +220,13 @@ def _first_allowed(mask: bytes, exclude: set[int]) -> int | None:
     return None
 
 
-def compile_grammar(kind: str, spec, tokenizer, vocab_size: int, eos_token_ids: list[int]) -> Grammar:
+def compile_grammar(kind: str, spec, tokenizer, vocab_size: int, eos_token_ids: list[int],
+                    prefix_lark: str | None = None) -> Grammar:
+    """The constraint (kind, spec), after the text `prefix_lark` matches when given (see grammar_after)."""
     ll = grammar_tokenizer(tokenizer, vocab_size, eos_token_ids)
-    text = grammar_text(kind, spec)
+    text = grammar_text(kind, spec)  # a bad schema fails here, in its own terms
+    if prefix_lark is not None:
+        text = grammar_after(prefix_lark, text)
     error = LLMatcher.validate_grammar(text, ll, limits=LIMITS)
     if error:
         raise GrammarError(error.replace("<non-verbose/>", "").strip())
