@@ -2,8 +2,12 @@
 
 A module is FP8 exactly when the checkpoint stores its weight(s) as float8_e4m3fn (every piece, for fused modules
 such as qkv_proj or the experts); `modules_to_not_convert` must agree. Every FP8 tensor `X` needs `X_scale_inv`
-(float32, one scale per 128x128 block: [ceil(rows/128), ceil(cols/128)], with leading dimensions for 3-D experts
-tensors), and every scale needs its FP8 tensor. Each problem is a CheckpointError naming the file and tensor.
+(one scale per 128x128 block: [ceil(rows/128), ceil(cols/128)], with leading dimensions for 3-D experts tensors),
+and every scale needs its FP8 tensor. Scales are read as float32 whatever their stored float dtype (vLLM copies them
+into float32 parameters, so bf16 scales load there; bf16 and f16 upcast exactly). A scale is finite and >= 0: zero
+is an all-zero block (fp8 x 0 = 0, e4m3fn having no infinity), as quantisers write for a block whose amax is 0.
+Each problem is a CheckpointError naming the file and tensor. The FP8 bytes themselves are checked as they are
+copied (model/weight_map.py `check_fp8_codes`: e4m3fn's NaN codes), not here: that is one read of every weight.
 A module of ALWAYS_HIGH_PRECISION (MLA's kv_b_proj) stored in FP8 is checked alike but is no FP8 target: its weight
 is dequantised at load (model/fp8_dequantized.py).
 """
@@ -18,6 +22,8 @@ from model.quant_config import Fp8CheckpointConfig
 from model.quantization import ALWAYS_HIGH_PRECISION
 from model.weight_map import BLOCK, FP8_DTYPE_NAME, SCALE_SUFFIX, plan_loading, rename_keys
 
+SCALE_DTYPES = ("F32", "BF16", "F16", "F64")  # read as float32 (an FP8 "scale" is some other format: refused)
+
 
 def _where(checkpoint: SafetensorsCheckpoint, key: str) -> str:
     return f"tensor {key!r} in {checkpoint.tensors[key].file}"
@@ -25,7 +31,7 @@ def _where(checkpoint: SafetensorsCheckpoint, key: str) -> str:
 
 def _check_scales(checkpoint: SafetensorsCheckpoint, quant: Fp8CheckpointConfig | None) -> None:
     tensors = checkpoint.tensors
-    fp8 = [k for k, info in tensors.items() if info.dtype == FP8_DTYPE_NAME]
+    fp8 = [k for k, info in tensors.items() if info.dtype == FP8_DTYPE_NAME and not k.endswith(SCALE_SUFFIX)]
     if fp8 and not isinstance(quant, Fp8CheckpointConfig):
         declared = "has no quantization_config" if quant is None else "declares another quantization_config"
         raise CheckpointError(f"{_where(checkpoint, fp8[0])} is float8_e4m3fn, but config.json {declared} (block "
@@ -40,9 +46,10 @@ def _check_scales(checkpoint: SafetensorsCheckpoint, quant: Fp8CheckpointConfig 
                                   f"{scale_key!r} (its float32 128x128 block scales)")
         want = (*info.shape[:-2], -(-info.shape[-2] // BLOCK), -(-info.shape[-1] // BLOCK))
         scale = tensors[scale_key]
-        if scale.dtype != "F32" or scale.shape != want:
+        if scale.dtype not in SCALE_DTYPES or scale.shape != want:
             raise CheckpointError(f"{_where(checkpoint, scale_key)} is {scale.dtype} {list(scale.shape)}; the scales "
-                                  f"of {key!r} {list(info.shape)} must be F32 {list(want)} (one per 128x128 block)")
+                                  f"of {key!r} {list(info.shape)} must be {list(want)} (one per 128x128 block), F32 "
+                                  f"or another float dtype read as float32 ({', '.join(SCALE_DTYPES[1:])})")
         module = key.rsplit(".", 1)[0] if key.endswith(".weight") else key
         if quant.keeps_high_precision(module):
             raise CheckpointError(f"{_where(checkpoint, key)} is float8_e4m3fn, but quantization_config."
@@ -60,14 +67,17 @@ def _check_scales(checkpoint: SafetensorsCheckpoint, quant: Fp8CheckpointConfig 
 
 
 def _check_scale_values(checkpoint: SafetensorsCheckpoint, keys: list[str]) -> None:
-    """Every block scale finite and > 0: an inf, NaN, zero or negative one loads as a silently wrong block. The
-    scales are ~1/16384 of the FP8 bytes, so reading them all at start-up is cheap."""
-    for key, scale in checkpoint.read(keys):
-        bad = ~torch.isfinite(scale) | (scale <= 0)
+    """Every block scale, as the float32 it is served as, finite and >= 0: an inf, NaN or negative one loads as a
+    silently wrong block, and so does a float64 one that leaves float32's range (inf, or 0 from a non-zero value).
+    The scales are ~1/16384 of the FP8 bytes, so reading them all at start-up is cheap."""
+    for key, stored in checkpoint.read(keys):
+        scale = stored.float()
+        bad = ~torch.isfinite(scale) | (scale < 0) | ((scale == 0) & (stored != 0))
         if bad.any():
             first = tuple(int(i) for i in bad.nonzero()[0])
             raise CheckpointError(f"{_where(checkpoint, key)} holds {int(bad.sum())} block scale(s) that are not "
-                                  f"finite and positive (e.g. {scale[first].item()} at {list(first)})")
+                                  f"finite and >= 0 as float32 (e.g. {stored[first].item()} at {list(first)}); a "
+                                  f"scale multiplies its 128x128 block (0: an all-zero block)")
 
 
 def fp8_targets(plain: nn.Module, checkpoint: SafetensorsCheckpoint, renames, ignorable=()) -> list[str]:

@@ -10,8 +10,8 @@ about 1 GB more over V3's 61 layers (0.15% of its 674 GB of weights in FP8); V2-
 vLLM and SGLang likewise dequantise kv_b_proj at load to build their absorbed weights.
 
 Numerics: value = fp8 × its 128x128 block's scale in float32 (`model.kernels.fp8.dequantize_fp8_blocks`, one IEEE
-product per element, so exactly the float32 rounding of the exact value); the loader's copy into the parameter then
-rounds once more, to the model dtype.
+product per element, so exactly the float32 rounding of the exact value; a bf16 or f16 scale upcasts exactly); the
+loader's copy into the parameter then rounds once more, to the model dtype.
 
 `Fp8DequantizedCheckpoint` wraps a SafetensorsCheckpoint (as model/mxfp4.py does for MXFP4): each such FP8 tensor
 reads as a float32 tensor of its shape and its `_scale_inv` disappears, so weight loading (model/weight_map.py)
@@ -27,7 +27,7 @@ from model.checkpoint import CheckpointError, SafetensorsCheckpoint, TensorInfo
 from model.kernels.fp8 import dequantize_fp8_blocks
 from model.layers.linear import Linear
 from model.quantization import ALWAYS_HIGH_PRECISION
-from model.weight_map import FP8_DTYPE_NAME, SCALE_SUFFIX, rename_keys
+from model.weight_map import FP8_DTYPE_NAME, SCALE_SUFFIX, check_fp8_codes, rename_keys
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class Fp8DequantizedCheckpoint:
         for key in keys:
             if key in self.dequantized:
                 stored = dict(self.inner.read([key, key + SCALE_SUFFIX]))
+                check_fp8_codes(stored[key], key, self.inner.tensors[key].file)  # a NaN would dequantise silently
                 try:
                     value = dequantize_fp8_blocks(stored[key], stored[key + SCALE_SUFFIX], torch.float32)
                 except ValueError as err:  # the scales were checked at start-up; a file changed since

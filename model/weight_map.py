@@ -9,7 +9,11 @@ into our layout as it is copied.
 
 FP8 parameters (model/layers/fp8.py) come with a block-scale parameter `<weight>_scale_inv`, filled from the
 checkpoint's scales of the same pieces (`scale_sources`: a fused piece must start and end on a 128-row block), or,
-when a high-precision checkpoint is quantised at load (`QuantizeAtLoad`), made from the assembled weight.
+when a high-precision checkpoint is quantised at load (`QuantizeAtLoad`), made from the assembled weight. Each FP8
+tensor is checked for NaN codes as it is copied (`check_fp8_codes`).
+
+Tied embeddings (`tie_word_embeddings`): the one parameter loads from `model.embed_tokens.weight`, or from
+`lm_head.weight` when the checkpoint stores only that name (tied the other way, as transformers' tie_weights does).
 """
 
 import logging
@@ -102,6 +106,19 @@ def parameter_sources(name: str, shape: tuple[int, ...], q_size: int, kv_size: i
 SCALE_SUFFIX = "_scale_inv"
 BLOCK = 128
 FP8_DTYPE_NAME = "F8_E4M3"  # safetensors' name of float8_e4m3fn
+EMBEDDINGS, HEAD = "model.embed_tokens.weight", "lm_head.weight"  # our names (after the family's renames)
+
+
+def check_fp8_codes(tensor: torch.Tensor, key: str, file) -> None:
+    """Raise CheckpointError naming `key` when float8_e4m3fn `tensor` holds a NaN code. e4m3fn has no infinity; its
+    only non-finite bit patterns are S.1111.111 (0x7F, 0xFF). Casts saturate at ±448, so a quantiser writes them only
+    from a NaN (0 / 0 for an all-zero block under a zero scale, say), and one makes every output row whose input
+    meets it NaN, whatever the block's scale. One pass over the bytes, on their device."""
+    nan = torch.bitwise_and(tensor.view(torch.uint8), 0x7F).eq_(0x7F)
+    if nan.any():
+        first = [int(i) for i in nan.nonzero()[0]]
+        raise CheckpointError(f"tensor {key!r} in {file} holds {int(nan.count_nonzero())} NaN float8_e4m3fn "
+                              f"value(s) (byte 0x7F or 0xFF), the first at {first}")
 
 
 def _scale_key(key: str) -> str:
@@ -158,6 +175,8 @@ def _alternatives(model: nn.Module, name: str, shape: tuple[int, ...], q_size: i
 
     family = FAMILIES.get(model.config.model_type)
     layout = family.expert_layout if family is not None else "concatenated"
+    if name == EMBEDDINGS and model.config.tie_word_embeddings:
+        return [[Piece(EMBEDDINGS, (), shape)], [Piece(HEAD, (), shape)]]
     if name.endswith(SCALE_SUFFIX):
         weight = name[: -len(SCALE_SUFFIX)]
         weight_shape = tuple(model.get_parameter(weight).shape)
@@ -186,7 +205,7 @@ def untie_distinct_head(config, checkpoint: SafetensorsCheckpoint | None, rename
     if checkpoint is None or not config.tie_word_embeddings:
         return config
     original = rename_keys(checkpoint.tensors, renames)  # our key -> checkpoint key
-    head, embed = original.get("lm_head.weight"), original.get("model.embed_tokens.weight")
+    head, embed = original.get(HEAD), original.get(EMBEDDINGS)
     if head is None or embed is None:
         return config
     stored = dict(checkpoint.read([head, embed]))
@@ -198,10 +217,10 @@ def untie_distinct_head(config, checkpoint: SafetensorsCheckpoint | None, rename
 
 
 def unused_keys(config, checkpoint: SafetensorsCheckpoint | None, renames) -> set[str]:
-    """Checkpoint keys (after renames) left unloaded on purpose: a tied LM head's copy, and the multi-token-prediction
-    layers of DeepSeek-V3 and GLM-4.5 (`num_nextn_predict_layers`, stored as layers num_hidden_layers, ... after the
-    decoder's; a decode step does not use them, speculative decoding could later)."""
-    keys = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    """Checkpoint keys (after renames) left unloaded on purpose: a tied LM head's copy (unless it is the only copy),
+    and the multi-token-prediction layers of DeepSeek-V3 and GLM-4.5 (`num_nextn_predict_layers`, stored as layers
+    num_hidden_layers, ... after the decoder's; a decode step does not use them, speculative decoding could later)."""
+    keys = {HEAD} if config.tie_word_embeddings else set()
     if checkpoint is not None and config.mtp_layers:
         prefixes = tuple(f"model.layers.{config.num_layers + i}." for i in range(config.mtp_layers))
         keys |= {k for k in rename_keys(checkpoint.tensors, renames) if k.startswith(prefixes)}
@@ -228,7 +247,8 @@ def plan_loading(
         if chosen is None:
             closest = max(alternatives, key=lambda alt: sum(p.key in keys for p in alt))
             missing = next(p.key for p in closest if p.key not in keys)
-            raise CheckpointError(f"checkpoint {checkpoint.directory} has no tensor {missing!r} "
+            tied = f" nor {HEAD!r} (tie_word_embeddings)" if name == EMBEDDINGS and config.tie_word_embeddings else ""
+            raise CheckpointError(f"checkpoint {checkpoint.directory} has no tensor {missing!r}{tied} "
                                   f"(needed for parameter {name} {tuple(param.shape)})")
         for piece in chosen:
             info = checkpoint.tensors[keys[piece.key]]
@@ -269,7 +289,10 @@ def load_weights(model: nn.Module, checkpoint: SafetensorsCheckpoint, renames=()
         if piece.convert is not None:
             tensor = piece.convert(tensor)
         if name not in left:
-            param.data[piece.index].copy_(tensor)
+            target = param.data[piece.index]
+            target.copy_(tensor)
+            if tensor.dtype == torch.float8_e4m3fn:  # checked on the device, where the bytes now are
+                check_fp8_codes(target, original, checkpoint.tensors[original].file)
             continue
         if name not in staged:
             staged[name] = torch.empty(logical_shape(model, name, param), dtype=quantize_at_load.dtype,

@@ -231,10 +231,10 @@ def test_modules_to_not_convert_matching(module, entry, listed):
 @pytest.mark.parametrize("change, message", [
     (lambda t, k: t.update({k: t[k].float().to(torch.float8_e5m2)}), r"'{k}' in .* has dtype F8_E5M2"),
     (lambda t, k: t.update({k + "_scale_inv": t[k + "_scale_inv"][None]}),
-     r"'{k}_scale_inv' in .* is F32 \[1, 2, 2\]; the scales of '{k}' \[256, 256\] must be F32 \[2, 2\]"),
-    (lambda t, k: t.update({k + "_scale_inv": t[k + "_scale_inv"].to(torch.bfloat16)}),
-     r"'{k}_scale_inv' in .* is BF16 \[2, 2\]"),
-], ids=["e5m2", "extra-dim", "bf16-scale"])
+     r"'{k}_scale_inv' in .* is F32 \[1, 2, 2\]; the scales of '{k}' \[256, 256\] must be \[2, 2\]"),
+    (lambda t, k: t.update({k + "_scale_inv": t[k + "_scale_inv"].to(torch.float8_e4m3fn)}),
+     r"'{k}_scale_inv' in .* is F8_E4M3 \[2, 2\]"),  # bf16 scales load (tests/test_loading_as_vllm_does.py)
+], ids=["e5m2", "extra-dim", "e4m3-scale"])
 def test_unservable_fp8_tensors_are_named(qwen2, tmp_path, change, message):
     directory = copy_of(qwen2, tmp_path)
     key = "model.layers.0.self_attn.o_proj.weight"
