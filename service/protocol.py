@@ -28,7 +28,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
 MAX_TOKEN_ID_LISTS = 1024  # logit_bias entries, allowed_token_ids, bad_words
-SEED_MAX = 2**63 - 1
+SEED_MIN, SEED_MAX = -2**63, 2**63 - 1  # any int64, as vLLM (torch.iinfo(torch.long))
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 TokenId = Annotated[int, Field(ge=0)]
@@ -60,8 +60,19 @@ class StrictModel(BaseModel):
 
 
 class StreamOptions(StrictModel):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM: usage so far in every chunk
+    """As vLLM: `stream_options` present means a final usage chunk unless include_usage is false (or null: vLLM
+    types it `bool | None = True`); continuous_usage_stats, with it, puts each choice's usage so far on its chunks."""
+
+    include_usage: bool = True
+    continuous_usage_stats: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_include_usage_is_false(cls, data):
+        # runs before StrictModel's null -> default, which would make it true
+        if isinstance(data, dict) and "include_usage" in data and data["include_usage"] is None:
+            return {**data, "include_usage": False}
+        return data
 
 
 class JsonSchemaFormat(StrictModel):
@@ -127,7 +138,7 @@ class SamplingRequest(StrictModel):
         None, description=f"Up to {MAX_STOP_STRINGS} strings of up to {MAX_STOP_STRING_CHARS} characters")
     stop_token_ids: Annotated[list[TokenId], Field(fail_fast=True)] | None = Field(
         None, description=f"Up to {MAX_STOP_TOKEN_IDS} token ids that end generation")
-    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Choice i is sampled with seed + i")
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="Any int64; choice i is sampled with seed + i")
     n: int = Field(1, ge=1, le=MAX_N)
     best_of: int | None = Field(None, ge=1, description="Only equal to n")
     stream: bool = False
@@ -183,8 +194,11 @@ class SamplingRequest(StrictModel):
         return stops
 
     def include_usage_in_stream(self) -> bool:
-        return bool(self.stream and self.stream_options and
-                    (self.stream_options.include_usage or self.stream_options.continuous_usage_stats))
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def continuous_usage_in_stream(self) -> bool:
+        """vLLM's continuous_usage_stats: only together with include_usage (alone it adds nothing)."""
+        return self.include_usage_in_stream() and self.stream_options.continuous_usage_stats
 
     def logit_bias_ids(self) -> dict[int, float]:
         out = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from model.engine import SamplingParams
 from service.errors import bad_request
-from service.protocol import SEED_MAX, SamplingRequest
+from service.protocol import SamplingRequest
 
 
 def bad_words_token_ids(tokenizer, words: list[str]) -> list[list[int]]:
@@ -58,7 +58,10 @@ def sampling_params(body: SamplingRequest, max_tokens: int, *, logprobs: int | N
     bias = body.logit_bias_ids()
     params = []
     for i in range(body.n):
-        seed = None if body.seed is None else (body.seed + i) % (SEED_MAX + 1)
+        # seed + i as vLLM passes it: past 2**63 - 1 near the int64 limit, where the sampler's 64-bit seed wraps
+        # it to the int64 minimum, so the n choices stay distinct (taking it mod 2**63 made choice 1 of seed
+        # 2**63 - 1 repeat seed 0)
+        seed = None if body.seed is None else body.seed + i
         params.append(SamplingParams(
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
             min_p=body.min_p, seed=seed, stop=stops, stop_token_ids=list(body.stop_token_ids or []),

@@ -75,29 +75,43 @@ def sse(payload: dict | str) -> str:
 
 
 class Usage:
-    """Token counts of the n·prompts engine requests of one HTTP request."""
+    """Token counts of the n·prompts engine requests of one HTTP request (choice index = prompt_index * n + i)."""
 
     def __init__(self, count: int, prompt_lens: list[int]):
         self.output_tokens = [0] * count
+        self.prompt_lens = list(prompt_lens)
+        self.n = count // max(1, len(prompt_lens))
         self.prompt_tokens = sum(prompt_lens)  # each prompt once, whatever n (as OpenAI and vLLM count)
 
     def add(self, index: int, output, hidden: int = 0) -> None:
         self.output_tokens[index] = max(0, output.num_output_tokens - hidden)
 
     def as_dict(self) -> dict:
-        completion = sum(self.output_tokens)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}
+        return _usage(self.prompt_tokens, sum(self.output_tokens))
+
+    def choice_dict(self, index: int) -> dict:
+        """One choice's usage so far: its own prompt and its own tokens (vLLM's continuous_usage_stats)."""
+        return _usage(self.prompt_lens[index // self.n], self.output_tokens[index])
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def stream_chunk(body, usage: Usage, request_id: str, object_name: str, created: int, model: str,
                  choice_list: list[dict], with_usage: bool = False) -> dict:
-    """One streamed chunk of either endpoint; `usage` rides on the last chunk, or on every chunk that carries
-    choices when the client asked for continuous usage stats."""
+    """One streamed chunk of either endpoint. With include_usage, `usage` is null but on the last chunk
+    (`with_usage`: the request's totals); with continuous_usage_stats too, a chunk of one choice carries that
+    choice's usage so far, as vLLM: its prompt's tokens and its own completion tokens (0 on chat's opening role
+    chunks), not the request's."""
     out = {"id": request_id, "object": object_name, "created": created, "model": model, "choices": choice_list}
     if body.include_usage_in_stream():
-        continuous = body.stream_options.continuous_usage_stats
-        out["usage"] = usage.as_dict() if with_usage or (continuous and choice_list) else None
+        if with_usage:
+            out["usage"] = usage.as_dict()
+        elif body.continuous_usage_in_stream() and len(choice_list) == 1:
+            out["usage"] = usage.choice_dict(choice_list[0]["index"])
+        else:
+            out["usage"] = None
     return out
 
 

@@ -89,8 +89,15 @@ class _Choice:
         return delta
 
 
-def _finish_reason(reason: str | None, has_calls: bool, named: bool) -> str | None:
-    return "tool_calls" if reason == "stop" and has_calls and not named else reason
+def _finish_reason(reason: str | None, has_calls: bool, tool_mode: str | None, stream: bool) -> str | None:
+    """vLLM's rule (its chat serving): with calls in the output, "stop" becomes "tool_calls" under tool_choice
+    auto or required, a named function keeps "stop" (as OpenAI). Non-streamed under auto, vLLM relabels "length"
+    too (a complete call parsed before max_tokens cut the text after it); its streams and `required` keep it."""
+    if not has_calls or tool_mode not in ("auto", "required"):
+        return reason
+    if reason == "stop" or (reason == "length" and tool_mode == "auto" and not stream):
+        return "tool_calls"
+    return reason
 
 
 async def chat(serving: OpenAIServing, body: ChatCompletionRequest, request: Request) -> Response:
@@ -104,6 +111,7 @@ async def chat(serving: OpenAIServing, body: ChatCompletionRequest, request: Req
                               "unsupported")
         tool_parser = get_tool_parser(options.tool_call_parser)
     named = isinstance(body.tool_choice, NamedToolChoice)
+    tool_mode = None if tool_parser is None else "named" if named else body.tool_choice or "auto"
     if tool_parser is not None and (named or body.tool_choice == "required"):
         if constraint is not None:
             raise bad_request(f"tool_choice {'naming a function' if named else 'required'} and {constraint[2]} "
@@ -168,7 +176,7 @@ async def chat(serving: OpenAIServing, body: ChatCompletionRequest, request: Req
                 return []
             item = {"index": index, "delta": choice.delta(output, body.include_reasoning),
                     "logprobs": {"content": chat_logprobs(output.logprobs, texts)} if output.logprobs else None,
-                    "finish_reason": _finish_reason(output.finish_reason, choice.num_calls > 0, named)
+                    "finish_reason": _finish_reason(output.finish_reason, choice.num_calls > 0, tool_mode, True)
                     if output.finished else None,
                     "stop_reason": output.stop_reason if output.finished else None}
             if first and body.prompt_logprobs is not None:
@@ -199,7 +207,7 @@ async def chat(serving: OpenAIServing, body: ChatCompletionRequest, request: Req
             out["reasoning_content"] = reasoning
         if calls:
             out["tool_calls"] = [c.openai() for c in calls]
-        return out, _finish_reason(choice.finish_reason, bool(calls), named)
+        return out, _finish_reason(choice.finish_reason, bool(calls), tool_mode, False)
 
     results = []
     for c in choices:

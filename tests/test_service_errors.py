@@ -54,7 +54,8 @@ WRONG_COMPLETION_BODIES = [
     ({"prompt": "a", "stream": "yes"}, "stream"),
     ({"prompt": "a", "stop": 5}, "stop"),
     ({"prompt": "a", "stop": [""]}, "stop"),
-    ({"prompt": "a", "seed": -1}, "seed"),
+    ({"prompt": "a", "seed": 2**63}, "seed"),  # any int64 is a seed (as vLLM), negative ones too
+    ({"prompt": "a", "seed": -2**63 - 1}, "seed"),
     ({"prompt": "a", "seed": "7"}, "seed"),
     ({"prompt": 5}, "prompt"),
     ({"prompt": {"text": "a"}}, "prompt"),

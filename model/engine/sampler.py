@@ -49,6 +49,17 @@ class SamplerOutput:
     # meaningless); None when no row was masked
 
 
+def _generator_seed(seed: int) -> int:
+    """The uint64 a generator is seeded with: the seed mod 2**64 (a negative int64 by two's complement), then mixed
+    by a bijection (the splitmix64 finaliser). Every int64 seed keeps its own stream on CUDA (Philox reads all 64
+    bits), and the CPU generator, which reads only the low 32, no longer folds seeds that share them (-1 and
+    2**63 - 1, -2**63 and 0) onto one stream."""
+    z = seed % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return z ^ (z >> 31)
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0, logprobs_mode: LogprobsMode = LogprobsMode.RAW,
                  penalties: PenaltyState | None = None):
@@ -59,8 +70,9 @@ class Sampler:
         self.penalties = penalties
 
     def new_request_generator(self, seed: int) -> torch.Generator:
+        """A seeded request's own RNG, from any int64 or uint64 seed (SamplingParams.seed)."""
         g = torch.Generator(device=self.device)
-        g.manual_seed(seed)
+        g.manual_seed(_generator_seed(seed))
         return g
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],

@@ -13,6 +13,9 @@ from typing import Any
 GREEDY_BELOW_TEMPERATURE = 1e-5
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's limit for chat's top_logprobs)
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI clamps biases to [-100, 100]
+# A seed is any int64 (the API's range, as vLLM) or uint64 (so the API's seed + i for choice i fits past 2**63 - 1):
+# what a torch.Generator takes. The sampler seeds with it mod 2**64: a negative int64 by two's complement.
+SEED_MIN, SEED_MAX = -2**63, 2**64 - 1
 
 
 def _is_int(value) -> bool:
@@ -67,8 +70,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be an int >= -1 (-1 or 0 = off), got {self.top_k!r}")
         if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX):
+            raise ValueError(f"seed must be None or an int in [-2**63, 2**64 - 1], got {self.seed!r}")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be an int in [0, max_tokens], got {self.min_tokens!r}")
         for name in ("presence_penalty", "frequency_penalty"):
