@@ -47,6 +47,25 @@ def test_top_k_restricts_to_k_most_likely():
     assert len(set((top3 == ids[:, None]).float().argmax(-1).tolist())) == 3, "all three should be drawn"
 
 
+def test_top_k_alone_cuts_like_a_sort_per_row():
+    """Top-k without top-p takes a topk, not a sort: the kept set must still be every token >= the row's k-th
+    largest logit (ties kept), rows without top-k untouched, k past the vocabulary keeping all, -inf rows intact."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randint(-4, 4, (64, 50), generator=g).float()  # many ties
+    logits[3, :45] = float("-inf")  # fewer finite tokens than k
+    ks = torch.randint(0, 60, (64,), generator=g).tolist()  # 0: no top-k; > 50: past the vocabulary
+    params = [SamplingParams(temperature=1.0, top_k=k if k else -1) for k in ks]
+    cut = Sampler._apply_top_k_top_p(logits, params)
+    for row, k in enumerate(ks):
+        kept = torch.isfinite(cut[row])
+        if k == 0 or k >= 50:
+            assert torch.equal(kept, torch.isfinite(logits[row])), row
+            continue
+        kth = sorted(logits[row].tolist(), reverse=True)[k - 1]
+        assert kept.tolist() == [v >= kth and v > float("-inf") for v in logits[row].tolist()], (row, k)
+        assert torch.equal(cut[row][kept], logits[row][kept])
+
+
 @pytest.mark.parametrize("top_p,allowed", [(0.5, {0}), (0.7, {0, 1}), (0.85, {0, 1, 2}), (1.0, {0, 1, 2, 3})])
 def test_top_p_keeps_smallest_prefix_with_enough_mass(top_p, allowed):
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])

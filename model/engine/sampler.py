@@ -173,6 +173,8 @@ class Sampler:
         """Mask (to -inf) everything below each row's k-th largest logit, then outside the smallest prefix of mass
         >= top_p. Tokens tied with the k-th largest stay (as vLLM and transformers): cutting some of equal logits
         would pick by the sort's arbitrary order, e.g. top_k=1 would always draw the same one of two tied tokens."""
+        if not any(p.uses_top_p for p in params):
+            return Sampler._apply_top_k(logits, params)
         B, V = logits.shape
         sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
         ks = _to_device([min(p.top_k, V) if p.uses_top_k else V for p in params], torch.long, logits.device)
@@ -186,3 +188,16 @@ class Sampler:
             top_p_mask[:, 0] = False  # always keep the most likely token
             sorted_logits = sorted_logits.masked_fill(top_p_mask, float("-inf"))
         return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+    @staticmethod
+    def _apply_top_k(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Top-k without top-p: each row's k-th largest logit from one topk of the batch's largest k, not a sort of
+        the whole vocabulary (Qwen3's recommended top_k=20 over 152k tokens). The same cut as _apply_top_k_top_p:
+        ties with the k-th largest stay; rows without top-k keep every token."""
+        V = logits.shape[1]
+        ks = [min(p.top_k, V) if p.uses_top_k else 0 for p in params]
+        top = logits.topk(max(ks), dim=-1).values  # [B, max k], largest first
+        ks_dev = _to_device(ks, torch.long, logits.device)[:, None]  # [B, 1]
+        kth = top.gather(1, (ks_dev - 1).clamp_(min=0))  # [B, 1]
+        kth = kth.masked_fill(ks_dev == 0, float("-inf"))
+        return logits.masked_fill(logits < kth, float("-inf"))
