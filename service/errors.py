@@ -118,7 +118,21 @@ async def _api_error_handler(request: Request, exc: ApiError) -> JSONResponse:
     return error_response(exc.status, exc.message, exc.param, exc.code, headers)
 
 
+def _undecodable_body(exc: StarletteHTTPException) -> str | None:
+    """Why FastAPI could not decode a body that json.loads itself refused with something other than a
+    JSONDecodeError (FastAPI then says only "There was an error parsing the body"), or None."""
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return (f"Malformed JSON body: it is not valid {cause.encoding.upper().replace('-SIG', '')} text "
+                f"(byte 0x{cause.object[cause.start]:02x} at position {cause.start}); JSON must be UTF-8")
+    if isinstance(cause, RecursionError):
+        return "Malformed JSON body: arrays or objects nested too deeply to decode"
+    return None
+
+
 async def _http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400 and (undecodable := _undecodable_body(exc)) is not None:
+        return error_response(400, undecodable, code="invalid_json")
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     if exc.status_code == 404:
         message = f"No route {request.method} {request.url.path}"
