@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.engine_client import EngineClient
-from service.errors import ApiError, error_response, install_error_handlers
+from service.errors import ApiError, bad_request, error_response, install_error_handlers
 from service.metrics_text import scrape_text
 from service.metrics_vllm import vllm_registry
 from service.protocol import CompletionRequest, ErrorResponse, ModelCard, ModelList, now
@@ -34,6 +34,7 @@ from service.version import package_version
 
 logger = logging.getLogger("staticmoe.service")
 
+MAX_REQUEST_ID = 256  # the body field's limit (service/protocol.py `request_id`)
 ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 429, 503, 504)}
 
 
@@ -69,11 +70,13 @@ def create_app(engine_client: EngineClient, settings: ServiceSettings) -> FastAP
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES,
               summary="Text completion (OpenAI-compatible; stream=true answers with SSE)")
     async def completions(body: CompletionRequest, request: Request):
+        _take_request_id_header(body, request)
         return await complete(serving, body, request)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES,
               summary="Chat completion with the tokenizer's chat template (stream=true answers with SSE)")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        _take_request_id_header(body, request)
         return await chat(serving, body, request)
 
     @app.get("/v1/models", response_model=ModelList, responses={401: {"model": ErrorResponse}})
@@ -138,6 +141,18 @@ def create_app(engine_client: EngineClient, settings: ServiceSettings) -> FastAP
     app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
                        read_timeout_s=settings.read_timeout_s, allowed_hosts=settings.allowed_hosts)
     return app
+
+
+def _take_request_id_header(body, request: Request) -> None:
+    """X-Request-Id names the request (its response id), over the body's `request_id`, as vLLM reads them: a
+    gateway's trace id then finds the answer. The request guard echoes the header on the response."""
+    header = request.headers.get("x-request-id")
+    if not header:
+        return
+    if len(header) > MAX_REQUEST_ID:
+        raise bad_request(f"X-Request-Id is {len(header)} characters long; at most {MAX_REQUEST_ID} are allowed",
+                          "X-Request-Id")
+    body.request_id = header
 
 
 def _include_dashboard(app: FastAPI) -> None:

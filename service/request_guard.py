@@ -8,6 +8,8 @@
 4. Body size (413: Content-Length first, then counted while it streams in, never buffered past the limit) and
    body deadline (408): a client that sends headers and then trickles or stops cannot hold the handler.
 5. Lone UTF-16 surrogates anywhere in the JSON (400, service/unicode_check.py).
+Every response, the guard's own refusals included, carries back the client's X-Request-Id (as OpenAI's API sends
+x-request-id), so a trace through a gateway finds its answer.
 The body is then replayed to the app; after the replay `receive` passes through, so the app still sees
 `http.disconnect`.
 """
@@ -44,6 +46,9 @@ class RequestGuard:
         started = time.monotonic()
         headers = dict(scope.get("headers") or [])
         path = scope["path"]
+        request_id = headers.get(b"x-request-id")
+        if request_id:
+            send = _echo_request_id(send, request_id)
         if not self.any_host and path not in PROBE_PATHS and not self._host_allowed(headers.get(b"host", b"")):
             return await _respond(send, 400, "The Host header names a host this server does not serve (see "
                                              "--allowed-hosts)", "invalid_host", {b"connection": b"close"})
@@ -122,6 +127,15 @@ class RequestGuard:
     def _too_large(self, size: int, at_least: bool = False) -> str:
         qualifier = "at least " if at_least else ""
         return f"Request body of {qualifier}{size} bytes exceeds the limit of {self.max_body_bytes} bytes"
+
+
+def _echo_request_id(send, request_id: bytes):
+    """`send` with the request's X-Request-Id added to the response headers (h11 already checked its bytes)."""
+    async def echoing_send(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", request_id)]}
+        await send(message)
+    return echoing_send
 
 
 def _is_json(content_type: bytes) -> bool:
