@@ -255,13 +255,19 @@ class EngineClient:
         self._submit(("abort", request_ids))
 
     async def reset_prefix_cache(self) -> int:
-        """Forget the engine's cached prefixes, on the engine thread between steps. Returns the blocks dropped."""
-        with self._lock:
-            if self.state not in (EngineState.READY, EngineState.DRAINING):
-                raise ApiError(503, f"The engine is {self.state.value}", code=self.state.value)
+        """Forget the engine's cached prefixes, on the engine thread between steps. Returns the blocks dropped.
+        503 as other requests get it (loading, failed, stalled), but also while draining: it adds no work."""
+        if (reason := self.unavailable()) is not None and reason[0] != "draining":
+            self.check_accepting()
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._submit(("reset_prefix_cache", future))
-        return await asyncio.wrap_future(future)
+        done = asyncio.wrap_future(future)
+        # the command waits for the step under way; a step that hangs must not hold the caller with it
+        while not (await asyncio.wait({done}, timeout=min(1.0, self.options.stall_timeout_s / 4)))[0]:
+            if self.stalled_for():
+                done.cancel()  # not yet applied: skipped; applied meanwhile: harmless
+                self.check_accepting()
+        return done.result()
 
     def _submit(self, command: tuple) -> None:
         self._commands.append(command)
