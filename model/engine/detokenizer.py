@@ -1,9 +1,12 @@
 """Incremental detokenization and the stop conditions (EOS, stop token ids, stop strings, max tokens).
 
 Text is decoded over a short window of recent tokens, so each step costs O(window), and a token that ends inside a
-multi-byte character is held back until the character is complete. Text that could be the start of a stop string
-is held back too, so a stream never shows (part of) a stop string that later ends the request. Stop strings are
-matched by StopStringMatcher, whose cost per new character does not grow with the text or the stop strings.
+multi-byte character is held back until the character is complete. That hold is bounded: a character spans at most 4
+bytes, so text still ending in U+FFFD after more tokens than an unfinished character can span (stray UTF-8
+continuation bytes, say) is released but for the last few tokens; the window stays short and the text is still the
+full decode's. Text that could be the start of a stop string is held back too, so a stream never shows (part of) a
+stop string that later ends the request. Stop strings are matched by StopStringMatcher, whose cost per new character
+does not grow with the text or the stop strings.
 """
 
 from model.engine.sequence import Sequence
@@ -11,6 +14,7 @@ from model.engine.stop_strings import StopStringMatcher
 
 PROMPT_CONTEXT_TOKENS = 5  # prompt tokens decoded along with the first outputs (spacing of word-piece tokenizers)
 INCOMPLETE_CHAR = "\ufffd"
+HELD_TOKENS = 3  # the most tokens an unfinished character can span (4 bytes at most, one still to come)
 
 
 class IncrementalDetokenizer:
@@ -47,8 +51,20 @@ class IncrementalDetokenizer:
         done = self.tokenizer.decode(self.token_ids[self.prefix_offset : self.read_offset], skip_special_tokens=skip)
         full = self.tokenizer.decode(self.token_ids[self.prefix_offset :], skip_special_tokens=skip)
         if len(full) > len(done) and (flush or not full.endswith(INCOMPLETE_CHAR)):
-            self.text += full[len(done) :]
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+            self._read(full[len(done) :], len(self.token_ids))
+        elif len(self.token_ids) - self.read_offset > HELD_TOKENS:
+            # Held for longer than an unfinished character lasts: read all but the last HELD_TOKENS tokens, whose
+            # bytes may still begin a character, if no character spans the cut: then the two sides decode to the
+            # whole (a character cut in two decodes as replacement characters on each side). Else wait a token.
+            cut = len(self.token_ids) - HELD_TOKENS
+            head = self.tokenizer.decode(self.token_ids[self.prefix_offset : cut], skip_special_tokens=skip)
+            if head + self.tokenizer.decode(self.token_ids[cut:], skip_special_tokens=skip) == full:
+                self._read(head[len(done) :], cut)
+
+    def _read(self, text: str, end: int) -> None:
+        """Take `text` as the text of the tokens up to `end`; the window then starts at the old read offset."""
+        self.text += text
+        self.prefix_offset, self.read_offset = self.read_offset, end
 
     def find_stop_string(self, armed: bool = True) -> str | None:
         """Look for a stop string in the text added since the last call; cut the text before it (after it with
@@ -58,6 +74,7 @@ class IncrementalDetokenizer:
             return None
         start, stop = found
         self.text = self.text[: start + len(stop) if self.include_stop_str_in_output else start]
+        self.read_offset = len(self.token_ids)  # held tokens lie past the cut: the finish must not add their text
         return stop
 
     def take_new_text(self, finished: bool) -> str:
