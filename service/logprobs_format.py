@@ -21,6 +21,20 @@ def _finite(value: float) -> float:
     return value if value > FLOOR else FLOOR
 
 
+def _breaks_off(pending: bytes, raw: bytes) -> bool:
+    """Whether `raw` cannot continue the unfinished character `pending` (bytes of earlier tokens): the decoder then
+    writes that character's U+FFFD, the earlier tokens' text, before this token's own."""
+    if not pending or not raw:
+        return False
+    strict = codecs.getincrementaldecoder("utf-8")("strict")
+    strict.setstate((pending, 0))
+    try:
+        strict.decode(raw[:1])
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
 class TokenTexts:
     """Token id -> (text, bytes), cached: the same ids recur in every alternatives list."""
 
@@ -75,12 +89,14 @@ class CompletionLogprobs:
             token_id = entry.token_id if entry is not None else prompt_ids[i]
             text = self.texts.text(token_id)
             part["tokens"].append(text)
-            part["text_offset"].append(self.offset)
             raw = self.texts.bytes(token_id)
             shown = not (self.skip_special_tokens and self.texts.skipped(token_id)) or (
                 verbatim is not None and verbatim.startswith(raw.decode("utf-8", "replace"), self.offset))
+            start = self.offset
             if shown:
+                start += _breaks_off(self.decoder.getstate()[0], raw)
                 self.offset += len(self.decoder.decode(raw))
+            part["text_offset"].append(start)
             if entry is None:
                 part["token_logprobs"].append(None)
                 part["top_logprobs"].append(None)

@@ -6,6 +6,8 @@ echo with max_tokens 0 scores the prompt only (one token is generated and droppe
 
 from __future__ import annotations
 
+import bisect
+
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
@@ -39,6 +41,7 @@ class _Choice:
         self.prompt_logprobs = None
         self.prompt_k = body.prompt_logprobs
         self.texts = texts
+        self.unsent = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}  # rows held back
 
     def add(self, output) -> tuple[str, dict | None]:
         """Take one engine output; returns (its text, its logprobs part) as a stream chunk shows them."""
@@ -62,7 +65,26 @@ class _Choice:
         if output.finished:
             self.finish_reason = "length" if self.echo_only else output.finish_reason
             self.stop_reason = None if self.echo_only else output.stop_reason
-        return text, part
+        return text, self._settled(part, output.finished)
+
+    def _settled(self, part: dict | None, finished: bool) -> dict | None:
+        """The logprobs rows a stream sends now, so that its offsets are the ones logprobs_value gives. A row whose
+        text_offset lies within the text sent so far is final (that text is never taken back); one past it (its
+        token's text held back while it may begin a stop string, or end in a partial character) waits: a stop
+        string may still cut the text before it. At the finish every row goes, clamped to the text's end."""
+        if self.logprobs is None:
+            return None
+        if part is not None:
+            for key, rows in part.items():
+                self.unsent[key] += rows
+        offsets = self.unsent["text_offset"]
+        ready = len(offsets) if finished else bisect.bisect_right(offsets, len(self.text))
+        if part is None and not ready:
+            return None
+        out = {key: rows[:ready] for key, rows in self.unsent.items()}
+        self.unsent = {key: rows[ready:] for key, rows in self.unsent.items()}
+        out["text_offset"] = [min(o, len(self.text)) for o in out["text_offset"]]
+        return out
 
     def logprobs_value(self) -> dict | None:
         """The whole choice's logprobs; offsets past the text (tokens of a stop string cut from it) are its end."""
