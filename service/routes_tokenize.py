@@ -4,7 +4,7 @@ GET /version. Same checks as the API routes (unknown fields, model id, tokenizer
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter
 from pydantic import Field
@@ -13,7 +13,7 @@ from service.errors import bad_request
 from service.logprobs_format import TokenTexts
 from service.prompts import chat_prompt_ids, completion_prompt_ids
 from service.protocol import StrictModel, TokenId
-from service.protocol_chat import ChatMessage, Tool, message_dicts
+from service.protocol_chat import CHAT_REFUSED, ChatMessage, Tool, message_dicts
 from service.protocol_responses import DetokenizeResponse, TokenizeResponse, VersionResponse
 from service.request_fields import check_unknown_fields
 from service.serving import OpenAIServing
@@ -36,6 +36,18 @@ class TokenizeChatRequest(StrictModel):
     tools: Annotated[list[Tool], Field(fail_fast=True)] | None = None
     chat_template_kwargs: dict | None = None
     return_token_strs: bool = False
+    # vLLM's TokenizeChatRequest has these too: accepted at the values /v1/chat/completions accepts (CHAT_REFUSED)
+    add_special_tokens: bool = False
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    mm_processor_kwargs: Any = None
+
+    def check_supported(self) -> None:
+        for name in ("add_special_tokens", "continue_final_message", "chat_template", "mm_processor_kwargs"):
+            allowed, why = CHAT_REFUSED[name]
+            value = getattr(self, name)
+            if not any(value == ok and type(value) is type(ok) for ok in allowed):
+                raise bad_request(f"{name} is not supported by this server ({why})", name, "unsupported")
 
 
 class DetokenizeRequest(StrictModel):
@@ -47,6 +59,8 @@ def tokenize_router(serving: OpenAIServing) -> APIRouter:
     router = APIRouter()
 
     def check(body) -> None:
+        if isinstance(body, TokenizeChatRequest):
+            body.check_supported()
         check_unknown_fields(body, serving.options.ignore_unknown_fields)
         serving._check_model(body)
 
