@@ -55,8 +55,11 @@ class RequestGuard:
         if self.api_key is not None and (path.startswith(PROTECTED_PREFIX) or path in PROTECTED_PATHS
                                          or path in ADMIN_PATHS):
             if not self._authorized(headers.get(b"authorization", b"")):
+                # a body left unread would be read and dropped by uvicorn to keep the connection alive, however
+                # large: the size limit comes after the key, so close instead (as 413 and 415 do)
+                closing = {b"connection": b"close"} if scope["method"] in BODY_METHODS else {}
                 return await _respond(send, 401, "Invalid or missing API key (send 'Authorization: Bearer <key>')",
-                                      "invalid_api_key", {b"www-authenticate": b"Bearer"})
+                                      "invalid_api_key", {b"www-authenticate": b"Bearer", **closing})
         if scope["method"] not in BODY_METHODS:
             return await self.app(scope, receive, send)
         if not _is_json(headers.get(b"content-type", b"")):

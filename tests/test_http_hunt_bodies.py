@@ -49,3 +49,26 @@ def test_a_body_nested_beyond_the_decoders_limit_is_invalid_json(served, path, f
     assert "nest" in error["message"], error
     # the server keeps serving
     assert post_raw(served, "/v1/completions", b'{"prompt": "a", "max_tokens": 1}').status_code == 200
+
+
+def test_a_401_does_not_read_the_unauthenticated_body_it_refused(served):
+    """Before: the 401 kept the connection open, so uvicorn read and discarded the refused body, however large:
+    a client with no key could upload without limit (the 413 check comes after the key check). The 413 and 415
+    answers already close the connection."""
+    import socket
+
+    declared = 64 * 1024 * 1024
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {declared}\r\nAuthorization: Bearer wrong\r\n\r\n".encode())
+        head = sock.recv(65536)
+        assert head.startswith(b"HTTP/1.1 401"), head
+        assert b"connection: close" in head.lower(), head
+        sent, chunk = 0, b"x" * 65536
+        try:
+            while sent < declared:
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except OSError:  # the server closed the connection: the rest is never read
+            pass
+    assert sent < declared // 4, f"the server took {sent >> 20} MiB of a body it refused"
