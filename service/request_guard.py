@@ -2,7 +2,7 @@
 
 1. Host allowlist (400): a browser page that points a DNS name it controls at a loopback server (DNS rebinding)
    still sends its own name as Host. /health and /ready are exempt (probes send a pod IP).
-2. API key (401) on /v1/*, /tokenize and /detokenize.
+2. API key (401) on /v1/*, /tokenize, /detokenize and /reset_prefix_cache; on a POST it closes the connection.
 3. A JSON content type on every POST/PUT/PATCH (415): a web page can send text/plain or a form cross-site without
    a CORS preflight (a "simple request"), but not application/json, so refusing the rest closes that door.
 4. Body size (413: Content-Length first, then counted while it streams in, never buffered past the limit) and
@@ -10,7 +10,8 @@
 5. Lone UTF-16 surrogates anywhere in the JSON (400, service/unicode_check.py).
 Every response, the guard's own refusals included, carries back the client's X-Request-Id (as OpenAI's API sends
 x-request-id), so a trace through a gateway finds its answer.
-The body is then replayed to the app; after the replay `receive` passes through, so the app still sees
+A GET (or other bodiless method) that declares a body anyway is answered with `Connection: close`, so that body is
+never read. The body is then replayed to the app; after the replay `receive` passes through, so the app still sees
 `http.disconnect`.
 """
 
@@ -48,7 +49,7 @@ class RequestGuard:
         path = scope["path"]
         request_id = headers.get(b"x-request-id")
         if request_id:
-            send = _echo_request_id(send, request_id)
+            send = _adding_headers(send, [(b"x-request-id", request_id)])
         if not self.any_host and path not in PROBE_PATHS and not self._host_allowed(headers.get(b"host", b"")):
             return await _respond(send, 400, "The Host header names a host this server does not serve (see "
                                              "--allowed-hosts)", "invalid_host", {b"connection": b"close"})
@@ -61,6 +62,10 @@ class RequestGuard:
                 return await _respond(send, 401, "Invalid or missing API key (send 'Authorization: Bearer <key>')",
                                       "invalid_api_key", {b"www-authenticate": b"Bearer", **closing})
         if scope["method"] not in BODY_METHODS:
+            if headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers:
+                # no route reads a body here, and uvicorn would read and drop it, however large, to keep the
+                # connection alive: close it after the answer instead
+                send = _adding_headers(send, [(b"connection", b"close")])
             return await self.app(scope, receive, send)
         if not _is_json(headers.get(b"content-type", b"")):
             return await _respond(send, 415, "Request bodies must be JSON: send 'Content-Type: application/json'",
@@ -132,13 +137,14 @@ class RequestGuard:
         return f"Request body of {qualifier}{size} bytes exceeds the limit of {self.max_body_bytes} bytes"
 
 
-def _echo_request_id(send, request_id: bytes):
-    """`send` with the request's X-Request-Id added to the response headers (h11 already checked its bytes)."""
-    async def echoing_send(message):
+def _adding_headers(send, extra: list[tuple[bytes, bytes]]):
+    """`send` with `extra` added to the response headers (e.g. the request's X-Request-Id, whose bytes h11 already
+    checked)."""
+    async def sending(message):
         if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", request_id)]}
+            message = {**message, "headers": [*message.get("headers", ()), *extra]}
         await send(message)
-    return echoing_send
+    return sending
 
 
 def _is_json(content_type: bytes) -> bool:

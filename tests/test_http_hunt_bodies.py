@@ -72,3 +72,29 @@ def test_a_401_does_not_read_the_unauthenticated_body_it_refused(served):
         except OSError:  # the server closed the connection: the rest is never read
             pass
     assert sent < declared // 4, f"the server took {sent >> 20} MiB of a body it refused"
+
+
+@pytest.mark.parametrize("path", ["/health", "/metrics", "/v1/models", "/no-such-route"])
+def test_a_get_with_a_body_is_answered_and_its_body_never_read(served, path):
+    """Before: GET routes never read a body, and uvicorn read and dropped whatever one was declared to keep the
+    connection alive: 64 MiB (or any size) on /health, which needs no key."""
+    import socket
+
+    declared = 64 * 1024 * 1024
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {served.api_key}\r\n"
+                     f"Content-Length: {declared}\r\n\r\n".encode())
+        head = sock.recv(65536)
+        assert head.startswith(b"HTTP/1.1 "), head
+        sent, chunk = 0, b"x" * 65536
+        try:
+            while sent < declared:
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass
+    assert sent < declared // 4, f"the server took {sent >> 20} MiB of a body no route reads"
+    # a plain GET keeps its keep-alive connection
+    with httpx.Client(base_url=served.base_url, headers=served.headers) as client:
+        first = client.get("/health")
+        assert first.status_code == 200 and "close" not in first.headers.get("connection", "")
