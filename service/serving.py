@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import logging
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
@@ -29,6 +30,7 @@ from service.protocol import SamplingRequest
 from service.request_fields import check_unknown_fields
 from service.request_group import RequestGroup
 
+logger = logging.getLogger("staticmoe.service")
 TOKENIZER_THREADS = 2
 
 
@@ -199,7 +201,7 @@ class OpenAIServing:
             watcher.cancel()
             if not consumer.done():
                 consumer.cancel()
-                group.abort()
+            group.abort()  # also after a consumer that raised (a formatter bug: the 500 must free the sequences)
             # let both finish cancelling: asking a task for its result before that raises InvalidStateError
             await asyncio.wait({consumer, watcher})
         if consumer.cancelled():
@@ -222,6 +224,9 @@ class OpenAIServing:
         except ApiError as err:  # failure mid-stream: the status line is gone, so report in-band (the body and
             # type the same failure gets without streaming)
             yield sse(error_body(err.status, err.message, err.param, err.code))
+        except Exception as err:  # noqa: BLE001 — a bug while formatting: in-band too, as the 500 it would be
+            logger.exception("stream failed")
+            yield sse(error_body(500, f"Internal server error: {type(err).__name__}", code="internal_error"))
         finally:
             group.abort()  # no-op when every choice finished; frees KV blocks when the client left early
         yield sse("[DONE]")

@@ -1,7 +1,6 @@
 """A request whose response formatting raises (a bug in a parser or formatter, injected here into the completions
-choice) must not outlive its HTTP answer, and a stream must say in-band that it failed. Both are defects of
-service/serving.py (OpenAIServing.collect / OpenAIServing.stream), which this hunt does not own: marked
-xfail(strict) until fixed there, so the fix flips them.
+choice) must not outlive its HTTP answer, and a stream must say in-band that it failed. Both were defects of
+service/serving.py (OpenAIServing.collect / OpenAIServing.stream).
 
 Seen before any fix: the non-streaming request answers 500 yet its engine request keeps generating to max_tokens
 (a sequence slot and its KV blocks held for nobody: `collect` aborts the group only when the consumer is still
@@ -45,8 +44,6 @@ def failing_server(monkeypatch):
         yield client, server
 
 
-@pytest.mark.xfail(strict=True, reason="service/serving.py collect(): a consumer that raised leaves its group "
-                                       "running")
 def test_a_request_that_failed_with_500_is_aborted_in_the_engine(failing_server):
     client, server = failing_server
     answer = httpx.post(server.base_url + "/v1/completions", json=BODY, timeout=60)
@@ -55,7 +52,6 @@ def test_a_request_that_failed_with_500_is_aborted_in_the_engine(failing_server)
              interval=0.05)  # (2000 tokens take the tiny model several seconds: only an abort ends it this soon)
 
 
-@pytest.mark.xfail(strict=True, reason="service/serving.py stream(): only ApiError is reported in-band")
 def test_a_stream_whose_formatting_fails_ends_with_an_error_event_and_done(failing_server):
     client, server = failing_server
     lines = []
