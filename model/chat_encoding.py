@@ -21,8 +21,8 @@ def encode_chat(messages: list[dict], special_tokens: list[str], render: Callabl
                 encode: Callable[[str], list[int]], encode_plain: Callable[[str], list[int]],
                 parse_special_tokens_in_content: bool = False, tools: list[dict] | None = None) -> list[int]:
     """`render(messages, tools)` renders the template; `encode` parses special tokens, `encode_plain` does not;
-    neither adds the tokenizer's BOS/EOS. Every string the client wrote (content, tool calls, tool definitions)
-    keeps special-token text as text."""
+    neither adds the tokenizer's BOS/EOS. Every string the client wrote (content, tool calls, tool definitions,
+    dictionary keys among them) keeps special-token text as text."""
     if parse_special_tokens_in_content or not special_tokens:
         return encode(render(messages, tools))
     # the delimiters themselves are escaped too, so content cannot forge a placeholder
@@ -34,16 +34,18 @@ def encode_chat(messages: list[dict], special_tokens: list[str], render: Callabl
         literals.append(match.group(0))
         return f"{_OPEN}{len(literals) - 1}{_CLOSE}"
 
-    def marked(value, key=None):
+    def marked(value):
         if isinstance(value, str):
-            return value if key == "role" else pattern.sub(mark, value)
-        if isinstance(value, dict):
-            return {k: marked(v, k) for k, v in value.items()}
+            return pattern.sub(mark, value)
+        if isinstance(value, dict):  # keys too: templates print them (tojson of arguments, parameter names)
+            return {marked(k): marked(v) for k, v in value.items()}
         if isinstance(value, list):
             return [marked(v) for v in value]
         return value
 
-    marked_messages, marked_tools = marked(messages), marked(tools)
+    # a message's own role is the template's to compare ("user", ...); a "role" inside arguments is client text
+    marked_messages = [{k: v if k == "role" else marked(v) for k, v in m.items()} for m in messages]
+    marked_tools = marked(tools)
     if not literals:
         return encode(render(messages, tools))
     ids: list[int] = []
