@@ -21,6 +21,25 @@ class ParsedToolCall:
         return out if index is None else {"index": index, **out}
 
 
+class BlankHold:
+    """A streamer's content as `parse` gives it: `parse` answers None for content that is all whitespace (Qwen3's
+    "\\n\\n" after </think>, before its call), so a stream holds whitespace until text that is not comes, and drops
+    it if none ever does."""
+
+    def __init__(self):
+        self.held = ""
+        self.shown = False
+
+    def __call__(self, text: str) -> str:
+        if self.shown:
+            return text
+        self.held += text
+        if not self.held.strip():
+            return ""
+        text, self.held, self.shown = self.held, "", True
+        return text
+
+
 class ToolCallStreamer(Protocol):
     def feed(self, text: str) -> tuple[str, list[ParsedToolCall]]:
         """New content text that is certainly not part of a call, and the calls completed by `text`."""

@@ -23,7 +23,7 @@ import re
 from service.errors import bad_request
 from service.harmony import CALL, CHANNEL, CONSTRAIN, END, MESSAGE, START
 from service.text_holdback import partial_marker_len
-from service.tool_parsers.base import ParsedToolCall
+from service.tool_parsers.base import BlankHold, ParsedToolCall
 
 # The most analysis (in tokens) a forced call may start with. The client has decided that a call comes, so the
 # analysis is a plan of it: 512 tokens hold a few paragraphs of planning, and the bound keeps what the call costs
@@ -50,6 +50,7 @@ def _call(match: re.Match) -> ParsedToolCall | None:
 class _Streamer:
     def __init__(self):
         self.buffer = ""
+        self.shown = BlankHold()
 
     def feed(self, text: str) -> tuple[str, list[ParsedToolCall]]:
         self.buffer += text
@@ -58,10 +59,10 @@ class _Streamer:
             at = self.buffer.find(CHANNEL)
             if at < 0:
                 keep = partial_marker_len(self.buffer, CHANNEL)
-                content += self.buffer[: len(self.buffer) - keep]
+                content += self.shown(self.buffer[: len(self.buffer) - keep])
                 self.buffer = self.buffer[len(self.buffer) - keep:]
                 return content, calls
-            content, self.buffer = content + self.buffer[:at], self.buffer[at:]
+            content, self.buffer = content + self.shown(self.buffer[:at]), self.buffer[at:]
             end = self.buffer.find(CALL)
             if end < 0:
                 return content, calls
@@ -69,13 +70,13 @@ class _Streamer:
             match = _SEGMENT.fullmatch(segment)
             call = _call(match) if match else None
             if call is None:
-                content += segment
+                content += self.shown(segment)
             else:
                 calls.append(call)
 
     def finish(self) -> tuple[str, list[ParsedToolCall]]:
         rest, self.buffer = self.buffer, ""
-        return rest, []
+        return self.shown(rest), []
 
 
 class HarmonyToolParser:

@@ -14,7 +14,7 @@ import json
 import re
 
 from service.text_holdback import partial_marker_len
-from service.tool_parsers.base import ParsedToolCall
+from service.tool_parsers.base import BlankHold, ParsedToolCall
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(OPEN) + "(.*?)" + re.escape(CLOSE), re.DOTALL)
@@ -43,6 +43,7 @@ class _Streamer:
         self.buffer = ""
         self.in_call = False
         self.after_call = False  # whitespace right after a call separates calls: not content (as in `parse`)
+        self.shown = BlankHold()
 
     def feed(self, text: str) -> tuple[str, list[ParsedToolCall]]:
         self.buffer += text
@@ -73,7 +74,7 @@ class _Streamer:
         if self.after_call:
             text = text.lstrip()
             self.after_call = not text
-        return text
+        return self.shown(text)
 
     def finish(self) -> tuple[str, list[ParsedToolCall]]:
         rest, self.buffer, self.in_call = self.buffer, "", False
