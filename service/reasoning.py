@@ -78,8 +78,9 @@ class Qwen3ReasoningParser:
 
 class _HarmonyStreamer:
     """gpt-oss's channels: analysis -> reasoning; final, commentary preambles and text outside harmony -> content; a
-    call (a message with a recipient) -> its canonical form in the content, for the harmony tool parser, whole once
-    its body ends."""
+    call (a message to `functions.NAME`) -> its canonical form in the content, for the harmony tool parser, whole once
+    its body ends; a message to another recipient (a built-in tool) is reasoning on the analysis channel, else left
+    out."""
 
     def __init__(self):
         self.splitter = HarmonySplitter()
@@ -89,8 +90,9 @@ class _HarmonyStreamer:
     def _route(self, pieces) -> tuple[str, str]:
         reasoning = content = ""
         for header, body, ended in pieces:
-            if header is not None and header.recipient:
-                name = header.recipient.removeprefix("functions.")
+            recipient = header.recipient if header is not None else None
+            if recipient and recipient.startswith("functions."):
+                name = recipient.removeprefix("functions.")
                 self.call = (name, (self.call[1] if self.call else "") + body)
                 if ended:
                     content += tool_call_text(*self.call, complete=True)
@@ -98,8 +100,10 @@ class _HarmonyStreamer:
             elif header is not None and header.channel == "analysis":
                 reasoning += body
                 self.saw_analysis = True
-            else:
+            elif not recipient:
                 content += body
+            # else: a message to a built-in tool (python, browser.*), no client function: not for the client, as
+            # vLLM leaves it out (on the analysis channel, above, it is reasoning)
         return reasoning, content
 
     def feed(self, text: str) -> tuple[str, str]:
