@@ -1,6 +1,7 @@
 """Render a Hugging Face chat template (Jinja) the way transformers does: a sandboxed environment with trimmed
 blocks, loop controls, `raise_exception`, `strftime_now`, a `tojson` that does not HTML-escape, and
-`{% generation %}` blocks rendered as plain text."""
+`{% generation %}` blocks rendered as plain text. History tool-call arguments are dicts that also print (and join
+with `+`) as their JSON text, for templates that treat them as strings (DeepSeek-V3)."""
 
 import functools
 import json
@@ -35,6 +36,35 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+class _Arguments(dict):
+    """History tool-call arguments: the dict transformers' convention gives templates (`.items()`, `| tojson`), which
+    prints as its JSON text where a template writes it as a string (DeepSeek-V3's `'```json\\n' + arguments`):
+    a plain dict made that `+` fail and `{{ arguments }}` print a Python repr."""
+
+    def __str__(self) -> str:
+        return json.dumps(self, ensure_ascii=False)
+
+    def __add__(self, other):
+        return str(self) + other if isinstance(other, str) else NotImplemented
+
+    def __radd__(self, other):
+        return other + str(self) if isinstance(other, str) else NotImplemented
+
+
+def _with_arguments(message: dict) -> dict:
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list) or not any(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                              and isinstance(c["function"].get("arguments"), dict) for c in calls):
+        return message
+    wrapped = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("arguments"), dict):
+            call = {**call, "function": {**function, "arguments": _Arguments(function["arguments"])}}
+        wrapped.append(call)
+    return {**message, "tool_calls": wrapped}
+
+
 @functools.lru_cache(maxsize=8)
 def _compile(template: str) -> jinja2.Template:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
@@ -56,6 +86,7 @@ def check_chat_template(template: str) -> None:
 def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True, **variables) -> str:
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise ChatTemplateError("messages must be a list of objects with a 'role'")
+    messages = [_with_arguments(m) for m in messages]
     try:
         return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
     except jinja2.exceptions.TemplateError as err:
