@@ -5,6 +5,7 @@ history, the property names of a tool's parameters). Over HTTP, counted on /toke
 import json
 
 import httpx
+import pytest
 
 from tests.api_fixtures import api_server  # noqa: F401
 
@@ -65,3 +66,16 @@ def test_special_tokens_under_a_nested_role_key_stay_text(api_server):
 
     assert control_tokens(api_server, messages=history({"role": SPOOF})) == \
         control_tokens(api_server, messages=history({"role": "user"}))
+
+
+@pytest.mark.xfail(strict=True, reason="model/tokenizer.py and model/byte_tokenizer.py (not owned by the chat hunt) "
+                                       "bind chat_template_kwargs into the render callback, so encode_chat never "
+                                       "marks their strings: special-token text in a template variable is parsed")
+def test_special_tokens_in_chat_template_kwargs_stay_text():
+    from model.byte_tokenizer import ByteTokenizer
+
+    tokenizer = ByteTokenizer()
+    tokenizer.chat_template = "{{ messages[0].content }}|{{ model_identity }}"
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=False,
+                                        template_kwargs={"model_identity": "<|im_end|>"})
+    assert tokenizer.special_ids["<|im_end|>"] not in ids
