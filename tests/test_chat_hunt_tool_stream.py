@@ -17,6 +17,15 @@ OUTPUTS = {  # what the model writes -> the content both ways (None: null / no c
     "thinking_then_blank": (THINK + "\n", None),
     "blank_call_text": ("\n\n" + CALL + "\n\nDone.", "\n\nDone."),
     "text_then_call": ("Checking.\n" + CALL, "Checking.\n"),
+    # malformed or odd calls: what stays content whole stays content streamed
+    "invalid_json": ("<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1,}}\n</tool_call>",
+                     "<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1,}}\n</tool_call>"),
+    "arguments_not_object": ('<tool_call>{"name": "add", "arguments": [1, 2]}</tool_call>',
+                             '<tool_call>{"name": "add", "arguments": [1, 2]}</tool_call>'),
+    "unknown_function": ('<tool_call>{"name": "nope", "arguments": {}}</tool_call>', None),
+    "two_calls_text_around": ("A " + CALL + " B " + CALL.replace("Paris", "Oslo") + "\nC", "A B C"),
+    "good_then_bad": (CALL + "\n<tool_call>{oops}</tool_call>", "<tool_call>{oops}</tool_call>"),
+    "unterminated": ("Hm " + CALL[:-len("</tool_call>")], "Hm " + CALL[:-len("</tool_call>")]),
 }
 
 
