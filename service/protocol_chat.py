@@ -18,6 +18,15 @@ MAX_TOOLS = 128
 class ContentPart(StrictModel):
     type: str
     text: str | None = None
+    refusal: str | None = None  # a "refusal" part's text
+
+    def plain_text(self) -> str | None:
+        """The part's text when it is a text part (vLLM reads input_text / output_text / refusal parts as text)."""
+        field = TEXT_PART_FIELDS.get(self.type)
+        return getattr(self, field) if field else None
+
+
+TEXT_PART_FIELDS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}
 
 
 class FunctionCall(StrictModel):
@@ -38,6 +47,7 @@ class ChatMessage(StrictModel):
     tool_calls: Annotated[list[ToolCall], Field(fail_fast=True)] | None = None  # assistant turns
     tool_call_id: str | None = None  # tool results
     reasoning_content: str | None = None  # an assistant turn's thinking, for templates that show it
+    reasoning: str | None = None  # the same under vLLM's newer name (its responses carry `reasoning`)
     refusal: str | None = None
 
     def check_content(self, i: int) -> None:
@@ -51,7 +61,10 @@ class ChatMessage(StrictModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text or "" for part in self.content)
+        return "\n".join(part.plain_text() or "" for part in self.content)  # vLLM joins text parts with "\n"
+
+    def thinking(self) -> str | None:
+        return self.reasoning_content if self.reasoning_content is not None else self.reasoning
 
 
 class FunctionDefinition(StrictModel):
@@ -145,9 +158,13 @@ class ChatCompletionRequest(SamplingRequest):
         for i, message in enumerate(self.messages):
             message.check_content(i)
             for j, part in enumerate(message.content if isinstance(message.content, list) else []):
-                if part.type != "text" or part.text is None:
-                    raise bad_request(f"content parts of type {part.type!r} are not supported (text only)",
+                if part.plain_text() is None:
+                    raise bad_request(f"content parts of type {part.type!r} are not supported (text only: "
+                                      f"{', '.join(TEXT_PART_FIELDS)}, with their text)",
                                       f"messages.{i}.content.{j}.type", "unsupported")
+            if None not in (message.reasoning, message.reasoning_content) \
+                    and message.reasoning != message.reasoning_content:
+                raise bad_request("reasoning and reasoning_content disagree; give one", f"messages.{i}.reasoning")
             if message.tool_calls and message.role != "assistant":
                 raise bad_request("only assistant messages carry tool_calls", f"messages.{i}.tool_calls")
             for j, call in enumerate(message.tool_calls or []):
@@ -205,7 +222,7 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
                                for c in m.tool_calls]
         if m.tool_call_id is not None:
             d["tool_call_id"] = m.tool_call_id
-        if m.reasoning_content is not None:
-            d["reasoning_content"] = m.reasoning_content
+        if m.thinking() is not None:
+            d["reasoning_content"] = m.thinking()
         out.append(d)
     return out
