@@ -55,11 +55,12 @@ class ByteTokenizer:
     def apply_chat_template(self, messages: list[dict], parse_special_tokens_in_content: bool = False,
                             tools: list[dict] | None = None, add_generation_prompt: bool = True,
                             template_kwargs: dict | None = None) -> list[int]:
-        def render(msgs, tls):
-            return self.render_chat(msgs, tls, add_generation_prompt, template_kwargs)
+        def render(msgs, tls, kwargs):
+            return self.render_chat(msgs, tls, add_generation_prompt, kwargs)
 
         return encode_chat(messages, list(SPECIAL_TOKENS), render, self.encode,
-                           lambda text: list(text.encode("utf-8")), parse_special_tokens_in_content, tools)
+                           lambda text: list(text.encode("utf-8")), parse_special_tokens_in_content, tools,
+                           template_kwargs)
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
                     template_kwargs: dict | None = None) -> str:

@@ -155,11 +155,11 @@ class HFTokenizer:
                             template_kwargs: dict | None = None) -> list[int]:
         special = [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
 
-        def render(msgs, tls):
-            return self.render_chat(msgs, tls, add_generation_prompt, template_kwargs)
+        def render(msgs, tls, kwargs):
+            return self.render_chat(msgs, tls, add_generation_prompt, kwargs)
 
         return encode_chat(messages, special, render, lambda text: self.encode(text, False), self._encode_plain,
-                           parse_special_tokens_in_content, tools)
+                           parse_special_tokens_in_content, tools, template_kwargs)
 
     def _encode_plain(self, text: str) -> list[int]:
         if self._plain is None:

@@ -68,9 +68,6 @@ def test_special_tokens_under_a_nested_role_key_stay_text(api_server):
         control_tokens(api_server, messages=history({"role": "user"}))
 
 
-@pytest.mark.xfail(strict=True, reason="model/tokenizer.py and model/byte_tokenizer.py (not owned by the chat hunt) "
-                                       "bind chat_template_kwargs into the render callback, so encode_chat never "
-                                       "marks their strings: special-token text in a template variable is parsed")
 def test_special_tokens_in_chat_template_kwargs_stay_text():
     from model.byte_tokenizer import ByteTokenizer
 
