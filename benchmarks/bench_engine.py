@@ -170,10 +170,11 @@ def run_engine(engine, prompts, output_len, tag, deadline: float | None = None) 
 
 
 def expected_experts_touched(load: list[int], top_k: int, batch: int) -> float:
-    """E[distinct experts hit by `batch` tokens] if each token picks expert e with probability k·p_e."""
+    """E[distinct experts hit by `batch` tokens] if each token picks expert e with probability k·p_e. No load
+    counted (expert metrics off): uniform routing, p_e = 1/E, so one token still reads k experts, not all E."""
     total = sum(load)
     if total == 0:
-        return float(len(load))
+        load, total = [1] * len(load), len(load)
     return sum(1.0 - max(0.0, 1.0 - top_k * c / total) ** batch for c in load)
 
 
