@@ -1,7 +1,10 @@
 #!/usr/bin/env python
 """The two-launch decode MoE (model/kernels/triton_decode_moe*.py) against our CUDA layer at decode sizes, both
-replayed from a CUDA graph (one layer per graph, as bench_moe_fp8's decode column), beside the byte floor of the
-experts' weights (and FP8 scales) the step touches at the copy bandwidth measured in the same run.
+replayed from CUDA graphs (one layer per graph, as bench_moe_fp8's decode column), beside the byte floor of the
+experts' weights (and FP8 scales) the step touches at the copy bandwidth measured in the same run. The graphs of one
+point route to different experts in turn (moe_cases.expert_rotations: at least 4x the L2 of distinct weights per
+cycle, as a model's layers each read their own), so a small step's weights (Qwen3 FP8 at T=1: 37.7 MB) are not
+found in L2 by the next replay.
 
     python benchmarks/bench_decode_moe.py [--tokens 1,4,8] [--shapes qwen3-30b-a3b,...] [--sweep]
 
@@ -18,8 +21,8 @@ import contextlib
 import torch
 
 from benchmarks.bench_moe_fp8 import fp8_weight_bytes
-from benchmarks.bench_timing import Timer, copy_bandwidth_gbps, graph_ms
-from benchmarks.moe_cases import EXPERT_SHAPES, FP8_EXPERT_SHAPES, experts_hit, make_routing
+from benchmarks.bench_timing import Timer, copy_bandwidth_gbps, graph_cycle_ms
+from benchmarks.moe_cases import EXPERT_SHAPES, FP8_EXPERT_SHAPES, expert_rotations, experts_hit, make_routing
 from model.kernels import extension, pdl
 from model.kernels.activation import Activation
 from model.kernels.fp8 import quantize_fp8_blocks
@@ -33,6 +36,7 @@ SWEEP_WARPS = (4, 8)
 # 16-bit only (the FP8 kernels step by 128-wide scale blocks): elements per loop step of (`_up`, `_down`). Offline
 # sm_90a compiles of Qwen3's `_down` at BLOCK_H 4, 8 warps: 137 registers at 16384 (one program per SM), 64 at 8192.
 SWEEP_TILES = ((8192, 16384), (4096, 8192))
+L2_BYTES = 50 << 20  # the H100's; the H200's is the same size
 
 
 def sweep(run, default_us: float, tiles=(None,)) -> str:
@@ -96,17 +100,22 @@ def main(argv=None):
                     continue
                 wts, ids = make_routing("balanced", T, E, k, gen)
                 x = torch.randn(T, H, device=device, dtype=torch.bfloat16, generator=gen)
+                rotations = expert_rotations(ids, E, weight_bytes(1, H, I, fp8), 4 * L2_BYTES)
                 if fp8:
-                    def triton_fn(blocks=None, warps=8, tiles=None):
+                    def triton_fn(blocks=None, warps=8, tiles=None, ids=ids):
                         return decode_moe_fp8(x, a, sa, b, sb, wts, ids, None, Activation.SILU, blocks=blocks,
                                               num_warps=warps)
-                    cuda_fn = lambda: extension.fused_moe_fp8_cuda(x, a, sa, b, sb, wts, ids, None)  # noqa: E731
+                    def cuda_fn(ids=ids):
+                        return extension.fused_moe_fp8_cuda(x, a, sa, b, sb, wts, ids, None)
                 else:
-                    def triton_fn(blocks=None, warps=8, tiles=None, one_launch=False):
+                    def triton_fn(blocks=None, warps=8, tiles=None, one_launch=False, ids=ids):
                         return decode_moe(x, w13, w2, wts, ids, None, Activation.SILU, blocks=blocks,
                                           num_warps=warps, tiles=tiles or (UP_TILE, DOWN_TILE),
                                           one_launch=one_launch)
-                    cuda_fn = lambda: extension.fused_moe_cuda(x, w13, w2, wts, ids, None)  # noqa: E731
+                    cuda_fn = lambda ids=ids: extension.fused_moe_cuda(x, w13, w2, wts, ids, None)  # noqa: E731
+
+                def graph_ms(fn):  # fn(ids=...) over the rotations: each replay reads other experts than the last
+                    return graph_cycle_ms([lambda r=r: fn(ids=r) for r in rotations])
                 floor_us = weight_bytes(experts_hit(ids, E), H, I, fp8) / (gbps * 1e3)
                 ours_us = 1e3 * graph_ms(triton_fn)
                 line = (f"{name:>16} {precision} T={T:<3} floor {floor_us:7.1f} us | two-launch {ours_us:7.1f} us "
@@ -117,7 +126,8 @@ def main(argv=None):
                     same = torch.equal(triton_fn(), want)
                 line += f" | PDL {pdl_us:7.1f} us ({pdl_us / floor_us:.2f}x){'' if same else ' DIFFERENT RESULT'}"
                 if not fp8:  # the one-launch kernel (STATICMOE_DECODE_MOE_ONE_LAUNCH), at both loop steps
-                    one_us = [1e3 * graph_ms(lambda: triton_fn(tiles=tiles, one_launch=True)) for tiles in SWEEP_TILES]
+                    one_us = [1e3 * graph_ms(lambda ids, tiles=tiles: triton_fn(tiles=tiles, one_launch=True, ids=ids))
+                              for tiles in SWEEP_TILES]
                     line += " | one launch " + " / ".join(f"{us:7.1f} us ({us / floor_us:.2f}x)" for us in one_us)
                 if cuda_ok:
                     cuda_us = 1e3 * graph_ms(cuda_fn)
@@ -131,7 +141,7 @@ def main(argv=None):
                         got = triton_fn(blocks, warps, tiles).float()  # a launch shape must not change the sums'
                         if (got - want).abs().max() > 1e-2 * want.abs().max():  # result beyond their rounding
                             raise ValueError("a different result")
-                        return 1e3 * graph_ms(lambda: triton_fn(blocks, warps, tiles))
+                        return 1e3 * graph_ms(lambda ids: triton_fn(blocks, warps, tiles, ids=ids))
                     print(sweep(run, ours_us, (None,) if fp8 else SWEEP_TILES), flush=True)
         torch.cuda.empty_cache()  # the next shape's weights replace these at the loop's top
 

@@ -86,6 +86,37 @@ def graph_ms(fn, replays: int = 100, calls: int = 1) -> float:
     return replay_ms(graph, replays) / calls
 
 
+def graph_cycle_ms(fns: list, replays: int = 100) -> float:
+    """Mean time of one replay when each of `fns` is captured in its own graph (one call each) and the graphs are
+    replayed in turn. With fns over different weights (moe_cases.expert_rotations) no replay finds its weights in
+    L2 from the one before, as in a model, where each layer reads its own; graph_ms(fn) re-reads the same bytes."""
+    if len(fns) == 1:
+        return graph_ms(fns[0], replays)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in fns:
+            for _ in range(3):  # warm up allocator and lazy initialisation outside the capture
+                fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graphs = []
+    for fn in fns:
+        graphs.append(torch.cuda.CUDAGraph())
+        with torch.cuda.graph(graphs[-1]):
+            fn()
+    rounds = max(1, -(-replays // len(graphs)))
+    for g in graphs:
+        g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(rounds):
+        for g in graphs:
+            g.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / (rounds * len(graphs))
+
+
 def replay_ms(graph: "torch.cuda.CUDAGraph", replays: int) -> float:
     """Mean time of one of `replays` back-to-back replays of a captured graph, from CUDA events."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

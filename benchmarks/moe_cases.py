@@ -130,3 +130,22 @@ def swiglu_oai_case(E: int, H: int, I: int, gen: torch.Generator, dtype=torch.bf
     b13 = torch.randn(E, 2 * I, generator=gen, device=device)
     b2 = 0.1 * torch.randn(E, H, generator=gen, device=device)
     return dict(w13=w13.to(dtype), w2=w2.to(dtype), w13_bias=b13.to(dtype), w2_bias=b2.to(dtype))
+
+
+def expert_rotations(topk_ids: torch.Tensor, E: int, bytes_per_expert: int, min_bytes: int) -> list[torch.Tensor]:
+    """Copies of `topk_ids` [T, k] whose expert sets are disjoint from one call to the next (the same rows per
+    expert, relabelled onto the next experts in turn), as many as it takes for one cycle to read `min_bytes` of
+    expert weights, at most E // hit of them. Timing one cycle of them (as a model's layers each read their own
+    weights) keeps a small step's weights from being found in L2 by the next call; the first copy is `topk_ids`."""
+    used = torch.unique(topk_ids.reshape(-1).long())
+    hit = used.numel()
+    calls = max(1, min(E // max(hit, 1), -(-min_bytes // max(hit * bytes_per_expert, 1))))
+    mask = torch.ones(E, dtype=torch.bool, device=topk_ids.device)
+    mask[used] = False
+    order = torch.cat([used, torch.arange(E, device=topk_ids.device)[mask]])  # the hit experts first
+    out = []
+    for j in range(calls):
+        relabel = torch.empty(E, dtype=torch.long, device=topk_ids.device)
+        relabel[order] = order.roll(-j * hit)  # hit expert i -> order[i + j·hit]
+        out.append(relabel[topk_ids.long()].to(topk_ids.dtype))
+    return out
