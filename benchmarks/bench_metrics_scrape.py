@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 import service
 from model.engine import EngineStats, MoeStatsSnapshot
 from model.presets import PRESETS
+from service.loadgen.report import percentile
 from service.metrics import MoeLayout, ServiceMetrics
 from service.metrics_vllm import vllm_registry
 
@@ -64,8 +65,8 @@ class SnapshotStream:
 
 
 def quantiles_ms(seconds: list[float]) -> str:
-    ms = sorted(s * 1e3 for s in seconds)
-    p90 = ms[min(len(ms) - 1, int(0.9 * len(ms)))]
+    ms = [s * 1e3 for s in seconds]
+    p90 = percentile(ms, 90)  # linear interpolation, as the load generator's
     return f"median {statistics.median(ms):8.3f} ms   p90 {p90:8.3f} ms   (n={len(ms)})"
 
 
