@@ -183,11 +183,12 @@ def decode_floor(engine, batch, context_len, bandwidth) -> dict:
     model = engine.model
     loads = engine.moe_stats().window_expert_tokens
     experts = dense = 0
+    head = model.head_weight() if hasattr(model, "head_weight") else None  # the embedding itself when tied
     for name, p in model.named_parameters():
         if ".experts." in name:
             continue
-        if name == "model.embed_tokens.weight":
-            dense += batch * p.shape[1] * p.element_size()  # only the batch's rows are read
+        if name == "model.embed_tokens.weight" and p is not head:
+            dense += batch * p.shape[1] * p.element_size()  # only the batch's rows are read (tied: the lm_head too)
         else:
             dense += p.numel() * p.element_size()
     for block, load in zip(model.moe_blocks(), loads):  # bytes of the stored weights: FP8 + block scales, or bf16

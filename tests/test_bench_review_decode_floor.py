@@ -38,3 +38,20 @@ def test_decode_floor_counts_k_experts_per_layer_at_batch_1(metrics):
     want = sum(b.top_k * e for b, e in zip(blocks, per_expert))  # tiny: k = 2 of E = 8 per layer
     # at batch 1, sum over e of k·p_e = k whatever the measured shares p_e are
     assert floor["bytes_experts"] == pytest.approx(want)
+
+
+def test_tied_embeddings_count_the_whole_lm_head(monkeypatch):
+    """With tie_word_embeddings the lm_head is the embedding matrix: a decode step reads all V×H of it for the
+    logits, not only the batch's rows (named_parameters lists the shared tensor once, under the embedding's name)."""
+    from model.presets import PRESETS
+
+    monkeypatch.setitem(PRESETS, "tiny-tied", dict(PRESETS["tiny"], tie_word_embeddings=True))
+    tied = LLMEngine(EngineConfig(model="tiny-tied", random_weights=True, max_num_seqs=2, max_num_batched_tokens=64))
+    untied = LLMEngine(EngineConfig(model="tiny", random_weights=True, max_num_seqs=2, max_num_batched_tokens=64))
+    V, H = PRESETS["tiny"]["vocab_size"], PRESETS["tiny"]["hidden_size"]
+    elem = tied.model.head_weight().element_size()
+    dense_tied = decode_floor(tied, batch=1, context_len=8, bandwidth=1e9)["bytes_dense"]
+    dense_untied = decode_floor(untied, batch=1, context_len=8, bandwidth=1e9)["bytes_dense"]
+    # untied: lm_head V·H plus one embedding row H; tied: the one matrix, read whole for the logits
+    assert dense_untied - dense_tied == pytest.approx(H * elem)
+    assert dense_tied >= V * H * elem
