@@ -8,13 +8,16 @@ With no flags, `staticmoe serve` serves the built-in `tiny` model on 127.0.0.1:8
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
+import math
 import os
+import re
 import sys
 
 from model.dtypes import AUTO, DTYPE_NAMES
 from model.presets import PRESETS, TINY
-from service.arg_types import non_negative_float, non_negative_int, positive_float, positive_int
+from service.arg_types import ArgumentValueError, non_negative_float, non_negative_int, positive_float, positive_int
 from service.reasoning import REASONING_PARSERS
 from service.settings import DEFAULT_DRAIN_TIMEOUT_S, LOOPBACK_HOSTS, ServiceSettings, is_loopback
 from service.tool_parsers import PARSERS
@@ -81,6 +84,13 @@ def port_number(text: str) -> int:
     return value
 
 
+def device_name(text: str) -> str:
+    """--device: only what the engine runs on (torch parses meta, xpu, mps too, and the load then fails)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", text):
+        raise ArgumentValueError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="staticmoe", description="Serve Mixture-of-Experts LLMs over HTTP.")
     parser.add_argument("--version", action="version", version=f"staticmoe {package_version()}")
@@ -143,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.value("--block-size", type_=positive_int, help_="tokens per KV-cache block (default: the engine's)")
     f.value("--dtype", choices=[AUTO, *DTYPE_NAMES],
             help_="weights and activations (default auto: bfloat16 on CUDA, float32 on CPU)")
-    f.value("--device", help_="auto, cpu, cuda or cuda:N (default auto)")
+    f.value("--device", type_=device_name, help_="auto, cpu, cuda or cuda:N (default auto)")
     f.value("--cpu-threads", type_=non_negative_int, help_="torch CPU threads (default: half the CPUs this process "
                                                            "may use when the engine runs on the CPU and "
                                                            "OMP_NUM_THREADS is unset; 0 = torch's default)",
@@ -233,6 +243,13 @@ def parallel_config(args: argparse.Namespace):
                          "--expert-parallel yet)")
     from model.parallel import ParallelConfig
 
+    try:  # the process groups take it as a timedelta: inf or 1e300 s failed the background load with OverflowError
+        if not math.isfinite(args.collective_timeout):
+            raise OverflowError
+        datetime.timedelta(seconds=args.collective_timeout)
+    except OverflowError:
+        raise SystemExit(f"staticmoe: error: --collective-timeout {args.collective_timeout}: too large for a "
+                         f"timeout (at most {datetime.timedelta.max.total_seconds():.0f} s)") from None
     try:
         return ParallelConfig(tensor_parallel=tp or ep, expert_parallel=ep or 1,
                               collective_timeout_s=args.collective_timeout)
@@ -285,9 +302,18 @@ def preflight(args: argparse.Namespace, engine_config, source: str, random_weigh
     from model.loader import resolve_source
 
     try:
-        engine_config.resolve_device()
+        device = engine_config.resolve_device()
     except ValueError as err:
         raise SystemExit(f"staticmoe: error: --device: {err}") from None
+    if parallel is not None and device.type == "cuda":
+        import torch
+
+        from model.parallel.launcher import launched_by_torchrun
+
+        gpus = torch.cuda.device_count()  # the launcher puts rank r on cuda:r of this host (torchrun: its own)
+        if not launched_by_torchrun() and gpus < parallel.world_size:
+            raise SystemExit(f"staticmoe: error: --tensor-parallel {parallel.world_size} needs {parallel.world_size} "
+                             f"GPUs; {gpus} GPU(s) visible (CUDA_VISIBLE_DEVICES)")
     try:
         config = resolve_source(source, random_weights)[0]
     except (ValueError, OSError) as err:  # ConfigError and CheckpointError are ValueErrors

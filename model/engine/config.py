@@ -47,9 +47,11 @@ class EngineConfig:
     def __post_init__(self):
         if self.device != "auto":
             try:
-                torch.device(self.device)
+                kind = torch.device(self.device).type
             except RuntimeError as err:
                 raise ValueError(f"bad device {self.device!r}: {err}") from None
+            if kind not in ("cpu", "cuda"):  # torch parses meta, xpu, mps too; the load would fail on them
+                raise ValueError(f"device {self.device!r}: the engine runs on auto, cpu, cuda or cuda:N")
         if self.max_num_batched_tokens is None:
             on_cuda = torch.cuda.is_available() if self.device == "auto" else torch.device(self.device).type == "cuda"
             self.max_num_batched_tokens = CUDA_BATCHED_TOKENS if on_cuda else CPU_BATCHED_TOKENS
