@@ -47,8 +47,6 @@ def test_ttft_itl_and_usage_count():
     assert len(r.itl_s) == 3 and all(g == pytest.approx(GAP_S, abs=0.03) for g in r.itl_s)
 
 
-@pytest.mark.xfail(strict=True, reason="service/loadgen/client.py (not owned by the benchmark review) ends E2E at "
-                                       "[DONE], vLLM at the last chunk with choices")
 def test_e2e_latency_ends_at_the_last_token_chunk():
     r = run()
     assert r.latency_s == pytest.approx(4 * GAP_S, abs=0.03)  # not 4 · GAP + TAIL

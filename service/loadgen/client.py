@@ -30,7 +30,7 @@ class RequestResult:
     expected_output_len: int
     output_tokens: int = 0
     ttft_s: float = 0.0
-    latency_s: float = 0.0      # end to end: request sent -> [DONE]
+    latency_s: float = 0.0      # end to end: request sent -> its last chunk with choices (vLLM's definition)
     itl_s: list[float] = field(default_factory=list)
     error: str = ""
     sent_at: float = 0.0        # time.perf_counter() when sent: one clock for every client process of the machine
@@ -101,7 +101,7 @@ async def send_completion(client: httpx.AsyncClient, url: str, headers: dict, mo
     except (httpx.HTTPError, ValueError) as err:  # ValueError: a chunk that is not JSON
         result.error = f"{type(err).__name__}: {err}"
         return result
-    result.latency_s = time.perf_counter() - start
+    result.latency_s = last - start  # the last token's chunk, not [DONE] (as vLLM's benchmark; TPOT follows)
     if not done:
         result.error = "the stream ended without data: [DONE]"
     elif chunks == 0:
