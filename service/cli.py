@@ -204,6 +204,9 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, bool, str]:
         source, name = args.model, args.model
     else:
         source = name = args.preset or TINY
+        if source not in PRESETS:  # was blamed on a missing --random-weights; a directory here was read as a model
+            raise SystemExit(f"staticmoe: error: --preset {source!r} is unknown; presets: {', '.join(PRESETS)} "
+                             f"(a checkpoint directory goes to --model)")
         if source != TINY and not args.random_weights:
             raise SystemExit(f"staticmoe: error: --preset {source} has no weights here; add --random-weights")
     return source, bool(args.random_weights), args.served_model_name or name
@@ -322,6 +325,19 @@ def preflight(args: argparse.Namespace, engine_config, source: str, random_weigh
     if args.max_model_len is not None and args.max_model_len > config.max_position_embeddings:
         raise SystemExit(f"staticmoe: error: --max-model-len {args.max_model_len} exceeds the model's "
                          f"max_position_embeddings ({config.max_position_embeddings})")
+    if args.num_kv_blocks is not None and args.max_model_len is not None:
+        from model.kv_groups import KvCacheGroups, max_sequence_tokens
+
+        # the engine's own test (model/engine/model_runner.py), made before the port opens and the weights load
+        try:
+            fits = max_sequence_tokens(KvCacheGroups.of(config), args.num_kv_blocks, engine_config.block_size, 1,
+                                       args.max_model_len)
+        except ValueError as err:  # STATICMOE_SLIDING_KV
+            raise SystemExit(f"staticmoe: error: {err}") from None
+        if fits < args.max_model_len:
+            raise SystemExit(f"staticmoe: error: --num-kv-blocks {args.num_kv_blocks} of {engine_config.block_size} "
+                             f"tokens hold a sequence of {fits} tokens, fewer than --max-model-len "
+                             f"{args.max_model_len}; raise --num-kv-blocks or lower --max-model-len")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if args.cpu_threads and args.cpu_threads > cpus:  # thousands of threads crash libgomp, or the process
         raise SystemExit(f"staticmoe: error: --cpu-threads {args.cpu_threads} exceeds the {cpus} CPUs this process "
