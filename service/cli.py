@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import socket
 import sys
 
 from model.dtypes import AUTO, DTYPE_NAMES
@@ -352,6 +353,27 @@ def preflight(args: argparse.Namespace, engine_config, source: str, random_weigh
                              f"{parallel.expert_parallel}: {err}") from None
 
 
+def check_listen_address(host: str, port: int) -> None:
+    """Bind what uvicorn will bind (asyncio's create_server: every address the host resolves to), then let go: a
+    busy port or a foreign address stops the server here, naming the flag, before the model loads (uvicorn binds
+    after its start-up, and its error names neither flag). A port taken in the moment between is still uvicorn's."""
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as err:
+        hint = " (an IPv6 address goes without brackets: ::1)" if host.startswith("[") else ""
+        raise SystemExit(f"staticmoe: error: --host {host!r}: cannot resolve it ({err}){hint}") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio: TIME_WAIT does not block
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as err:
+                raise SystemExit(f"staticmoe: error: --host {host} --port {port}: cannot listen on {address[0]} port "
+                                 f"{port}: {err.strerror}") from None
+
+
 def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parallel = parallel_config(args)
@@ -384,6 +406,7 @@ def serve(args: argparse.Namespace) -> int:
             torchrun_worker_main(engine_config, parallel)
             return 0
         make_engine = lambda: parallel_engine(engine_config, parallel)  # noqa: E731
+    check_listen_address(args.host, args.port)
     prometheus_client.disable_created_metrics()  # no *_created series (as vLLM's /metrics)
 
     chat_template = read_chat_template(args.chat_template)
