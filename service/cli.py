@@ -20,7 +20,8 @@ from model.dtypes import AUTO, DTYPE_NAMES
 from model.presets import PRESETS, TINY
 from service.arg_types import ArgumentValueError, non_negative_float, non_negative_int, positive_float, positive_int
 from service.reasoning import REASONING_PARSERS
-from service.settings import DEFAULT_DRAIN_TIMEOUT_S, LOOPBACK_HOSTS, ServiceSettings, is_loopback
+from service.settings import (DEFAULT_DRAIN_TIMEOUT_S, LOOPBACK_HOSTS, ServiceSettings, is_loopback,
+                              unsendable_key)
 from service.tool_parsers import PARSERS
 from service.version import package_version
 from model.quant_config import QUANTIZATIONS
@@ -264,6 +265,9 @@ def parallel_config(args: argparse.Namespace):
 def service_settings(args: argparse.Namespace, served_name: str) -> ServiceSettings:
     """The HTTP settings; refuses (fails closed) an open --host without an API key unless explicitly allowed."""
     api_key = args.api_key or None
+    if api_key is not None and unsendable_key(api_key):
+        given = "--api-key" if os.environ.get(env_name("--api-key")) != api_key else env_name("--api-key")
+        raise SystemExit(f"staticmoe: error: {given}: the key {unsendable_key(api_key)}; no request can carry it")
     if api_key is None and not is_loopback(args.host) and not args.allow_unauthenticated:
         raise SystemExit(f"staticmoe: error: --host {args.host} is reachable from other machines but no API key is "
                          f"set: set --api-key KEY ({env_name('--api-key')}), or pass --allow-unauthenticated to "

@@ -26,6 +26,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def unsendable_key(key: str) -> str | None:
+    """Why no Authorization header can carry `key` (HTTP trims a value's surrounding whitespace and forbids control
+    characters in it; a key read from a file often ends in a newline), or None."""
+    if key != key.strip(" \t\r\n\f\v"):
+        return "starts or ends with whitespace (a trailing newline from a file?)"
+    if any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in key):
+        return "holds a control character"
+    return None
+
+
 @dataclass
 class ServiceSettings:
     served_model_name: str = "tiny"
@@ -48,6 +58,9 @@ class ServiceSettings:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
         if self.api_key is not None and not self.api_key:
             self.api_key = None  # an empty key means "no key"
+        if self.api_key is not None and unsendable_key(self.api_key):
+            raise ValueError(f"the API key (--api-key) {unsendable_key(self.api_key)}: no request can carry it, "
+                             f"so every one would get 401")
         if not self.read_timeout_s > 0:
             raise ValueError(f"the read timeout must be > 0 s, got {self.read_timeout_s}")
         if self.drain_timeout_s < 0:
