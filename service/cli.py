@@ -29,7 +29,7 @@ from model.quant_config import QUANTIZATIONS
 ENV_PREFIX = "STATICMOE_"
 # Engine settings the CLI passes on only when given, so their defaults live in EngineConfig alone.
 ENGINE_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "prefill_hold_steps", "max_model_len", "num_kv_blocks",
-                "block_size", "dtype", "device", "quantization", "logprobs_mode")
+                "block_size", "dtype", "device", "quantization", "logprobs_mode", "seed")
 TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 logger = logging.getLogger("staticmoe.service")
@@ -91,6 +91,13 @@ def device_name(text: str) -> str:
     if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", text):
         raise ArgumentValueError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
     return text
+
+
+def seed_value(text: str) -> int:
+    value = non_negative_int(text)
+    if value >= 2**64:  # what torch.Generator.manual_seed takes
+        raise ArgumentValueError(f"must be < 2**64, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.value("--dtype", choices=[AUTO, *DTYPE_NAMES],
             help_="weights and activations (default auto: bfloat16 on CUDA, float32 on CPU)")
     f.value("--device", type_=device_name, help_="auto, cpu, cuda or cuda:N (default auto)")
+    f.value("--seed", type_=seed_value, help_="seeds the random stream of sampled requests that send no seed (default "
+                                            "0, as vLLM's); a request's own seed is unaffected", metavar="N")
     f.value("--cpu-threads", type_=non_negative_int, help_="torch CPU threads (default: half the CPUs this process "
                                                            "may use when the engine runs on the CPU and "
                                                            "OMP_NUM_THREADS is unset; 0 = torch's default)",

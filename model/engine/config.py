@@ -71,6 +71,8 @@ class EngineConfig:
                      "expert_metrics"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EngineConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if type(self.seed) is not int or not 0 <= self.seed < 2**64:  # torch.Generator.manual_seed's range
+            raise ValueError(f"EngineConfig.seed must be an int in [0, 2**64), got {self.seed!r}")
         if not 0.05 <= self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in [0.05, 1], got {self.gpu_memory_utilization}")
         check_dtype_name(self.dtype)
