@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.value("--reasoning-parser", default="none", choices=[*REASONING_PARSERS, "none"],
             help_="split the model's <think> text into reasoning_content (qwen3; default none: all is content)")
     f.value("--chat-template", help_="Jinja chat template file replacing the tokenizer's (e.g. one that renders "
-                                     "tools)", metavar="FILE")
+                                     "tools), or the template itself (a value holding { or })", metavar="FILE")
     f.value("--logprobs-mode", choices=["raw_logprobs", "processed_logprobs"],
             help_="logprobs of the model's distribution (raw, default) or of the one sampled from (after "
                   "penalties, temperature, top-k/p and masks)")
@@ -298,14 +298,21 @@ def service_settings(args: argparse.Namespace, served_name: str) -> ServiceSetti
 
 def read_chat_template(path: str | None) -> str | None:
     """--chat-template: read and compiled at start-up, so a bad path or template stops the server at once (not
-    every chat request with a 400 that blames the client)."""
+    every chat request with a 400 that blames the client). As in vLLM, a value that is no file but holds `{`, `}`
+    or a newline is the template itself, its backslash escapes (\\n) decoded."""
     from model.chat_template import ChatTemplateError, check_chat_template
 
     if path is None:
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            template = f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                template = f.read()
+        except OSError:
+            if not any(c in path for c in "{}\n"):
+                raise
+            # unicode_escape reads bytes as latin-1: other characters pass through it as \\u escapes
+            template = path.encode("latin-1", "backslashreplace").decode("unicode_escape")
         check_chat_template(template)
     except (OSError, UnicodeDecodeError, ChatTemplateError) as err:
         raise SystemExit(f"staticmoe: error: --chat-template {path!r}: {err}") from None
