@@ -1,7 +1,8 @@
 """`staticmoe` console script: `staticmoe serve [flags]`, `staticmoe bench serve [flags]`, `staticmoe --version`.
 
 Every serve flag can also come from the environment as STATICMOE_<FLAG> (dashes → underscores, upper case; e.g.
-STATICMOE_API_KEY, STATICMOE_MAX_QUEUE, STATICMOE_RANDOM_WEIGHTS=1). A flag on the command line wins over the env.
+STATICMOE_API_KEY, STATICMOE_MAX_QUEUE, STATICMOE_RANDOM_WEIGHTS=1). A flag on the command line wins over the env; an
+empty variable counts as unset.
 With no flags, `staticmoe serve` serves the built-in `tiny` model on 127.0.0.1:8000.
 """
 
@@ -39,8 +40,14 @@ def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
 
 
-def _env_bool(name: str) -> bool | None:
+def _env_value(name: str) -> str | None:
+    """The variable's value; an empty one (compose's `${X:-}`, a Kubernetes `value: ""`) counts as unset."""
     raw = os.environ.get(name)
+    return raw if raw is not None and raw.strip() else None
+
+
+def _env_bool(name: str) -> bool | None:
+    raw = _env_value(name)
     if raw is None:
         return None
     word = raw.strip().lower()
@@ -59,7 +66,7 @@ class EnvDefaults:
 
     def value(self, flag: str, type_=str, default=None, help_: str = "", **kwargs) -> None:
         name = env_name(flag)
-        raw = os.environ.get(name)
+        raw = _env_value(name)
         if raw is not None:
             try:
                 default = type_(raw)
