@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="NAME")
     f.switch("--random-weights", "initialise the preset with seeded random weights instead of a checkpoint")
     f.value("--served-model-name", help_="model id clients send and /v1/models lists (default: the preset name "
-                                         "or the --model path)", metavar="NAME")
+                                         "or the --model path)", metavar="NAME", nargs="+")
     f.value("--host", default="127.0.0.1", help_="address to bind")
     f.value("--port", type_=port_number, default=8000, help_="port to bind (0 = any free port)")
     f.value("--api-key", help_="require 'Authorization: Bearer KEY' on /v1/* (compared in constant time)",
@@ -227,7 +227,13 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, bool, str]:
                              f"(a checkpoint directory goes to --model)")
         if source != TINY and not args.random_weights:
             raise SystemExit(f"staticmoe: error: --preset {source} has no weights here; add --random-weights")
-    return source, bool(args.random_weights), args.served_model_name or name
+    served = args.served_model_name
+    if isinstance(served, list):  # given on the command line (nargs="+", so vLLM's list gets a clear answer)
+        if len(served) > 1:
+            raise SystemExit(f"staticmoe: error: --served-model-name takes one name here (vLLM's aliases are not "
+                             f"supported), got {len(served)}: {', '.join(served)}")
+        served = served[0]
+    return source, bool(args.random_weights), served or name
 
 
 def expert_metrics_mode(args: argparse.Namespace) -> str:
