@@ -77,7 +77,8 @@ class Scheduler:
         self.running: list[Sequence] = []  # ordered by arrival_index
         self.num_preemptions_total = 0
         # vLLM's prefix-cache counters, in tokens, over first admissions (a preempted sequence re-admitted is not
-        # a new query): tokens looked up, and tokens found cached
+        # a new query): tokens looked up, and tokens found cached. A prompt_logprobs request is not looked up (its
+        # cached positions would give no logits), so it is not counted, as in vLLM
         self.prefix_cache_queries_total = 0
         self.prefix_cache_hits_total = 0
 
@@ -173,7 +174,7 @@ class Scheduler:
             if cached:
                 bm.take_prefix(seq, cached)
                 seq.num_computed_tokens = num_cached
-            if bm.prefix_caching and seq.num_preemptions == 0:
+            if bm.prefix_caching and seq.num_preemptions == 0 and seq.params.prompt_logprobs is None:
                 seq.num_cached_tokens = num_cached
                 self.prefix_cache_queries_total += seq.num_tokens
                 self.prefix_cache_hits_total += num_cached
