@@ -31,7 +31,7 @@ def settings_of(*argv):
 def test_a_key_no_header_can_carry_is_refused_naming_the_flag(key, monkeypatch):
     with pytest.raises(SystemExit, match="--api-key"):
         settings_of("--api-key", key)
-    if "\x00" not in key:  # the environment cannot hold a NUL
+    if "\x00" not in key and key.strip():  # the environment cannot hold a NUL; a blank variable is unset
         monkeypatch.setenv("STATICMOE_API_KEY", key)
         with pytest.raises(SystemExit, match="STATICMOE_API_KEY"):
             settings_of()
@@ -53,3 +53,10 @@ def test_a_key_with_a_space_inside_works_over_http():
         assert httpx.get(server.base_url + "/v1/models", headers={"Authorization": "Bearer two"}).status_code == 401
     finally:
         server.stop()
+
+
+def test_a_blank_key_variable_is_no_key_and_an_open_host_still_fails_closed(monkeypatch):
+    monkeypatch.setenv("STATICMOE_API_KEY", "\n")
+    assert settings_of().api_key is None
+    with pytest.raises(SystemExit, match="no API key"):
+        settings_of("--host", "0.0.0.0")
