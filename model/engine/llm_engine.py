@@ -129,6 +129,12 @@ class LLMEngine:
 
         self.runner = ModelRunner(model, config, self.device, self.dtype)
         self.max_model_len = self.runner.max_model_len
+        if self.max_model_len < 2:  # a request is at least one prompt token and one output token
+            raise ValueError(
+                f"max_model_len={self.max_model_len}: no request fits (one needs at least 2 tokens); the KV cache has "
+                f"{self.runner.num_usable_blocks} blocks of {config.block_size} tokens over "
+                f"{self.runner.num_groups} KV-cache group(s), each token needing a block in every group: raise "
+                f"num_kv_blocks (or the memory for the KV cache) or max_model_len")
         # ids below first_block: the KV-cache groups' padding blocks (group 0's is PAD_BLOCK), model/kv_groups.py
         self.block_manager = BlockManager(self.runner.num_usable_blocks, config.block_size,
                                           first_block=PAD_BLOCK + self.runner.num_groups,
