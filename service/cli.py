@@ -30,7 +30,7 @@ from model.quant_config import QUANTIZATIONS
 ENV_PREFIX = "STATICMOE_"
 # Engine settings the CLI passes on only when given, so their defaults live in EngineConfig alone.
 ENGINE_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "prefill_hold_steps", "max_model_len", "num_kv_blocks",
-                "block_size", "dtype", "device", "quantization", "logprobs_mode", "seed")
+                "block_size", "dtype", "device", "quantization", "logprobs_mode", "seed", "gpu_memory_utilization")
 TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 logger = logging.getLogger("staticmoe.service")
@@ -64,7 +64,8 @@ class EnvDefaults:
     def __init__(self, parser: argparse.ArgumentParser):
         self.parser = parser
 
-    def value(self, flag: str, type_=str, default=None, help_: str = "", **kwargs) -> None:
+    def value(self, flag: str, type_=str, default=None, help_: str = "", aliases: tuple[str, ...] = (),
+              **kwargs) -> None:
         name = env_name(flag)
         raw = _env_value(name)
         if raw is not None:
@@ -74,7 +75,7 @@ class EnvDefaults:
                 raise SystemExit(f"staticmoe: error: {name}={raw!r}: {err}") from None
             if "choices" in kwargs and default not in kwargs["choices"]:  # argparse checks only given values
                 raise SystemExit(f"staticmoe: error: {name}={raw!r}: choose from {', '.join(kwargs['choices'])}")
-        self.parser.add_argument(flag, type=type_, default=default, help=f"{help_} [env {name}]", **kwargs)
+        self.parser.add_argument(flag, *aliases, type=type_, default=default, help=f"{help_} [env {name}]", **kwargs)
 
     def switch(self, flag: str, help_: str) -> None:
         name = env_name(flag)
@@ -98,6 +99,13 @@ def device_name(text: str) -> str:
     if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", text):
         raise ArgumentValueError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
     return text
+
+
+def memory_fraction(text: str) -> float:
+    value = float(text)
+    if not 0.05 <= value <= 1.0:  # EngineConfig's range
+        raise ArgumentValueError(f"must be in [0.05, 1], got {text}")
+    return value
 
 
 def seed_value(text: str) -> int:
@@ -166,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
             help_="while sequences decode, a new prompt waits up to N steps for others to prefill with it (fewer "
                   "eager mixed steps, higher TTFT; default 0: admitted at once)", metavar="N")
     f.value("--num-kv-blocks", type_=positive_int, help_="KV-cache blocks (default: sized from free memory)")
+    f.value("--gpu-memory-utilization", type_=memory_fraction,
+            help_="fraction of the GPU's memory the engine may fill (weights, activations, CUDA graphs, KV cache) "
+                  "when it sizes the KV cache (default 0.9, as vLLM's)", metavar="F")
     f.value("--block-size", type_=positive_int, help_="tokens per KV-cache block (default: the engine's)")
     f.value("--dtype", choices=[AUTO, *DTYPE_NAMES],
             help_="weights and activations (default auto: bfloat16 on CUDA, float32 on CPU)")
@@ -187,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "seen before (automatic prefix caching is on by default)")
     f.value("--tensor-parallel", type_=positive_int, help_="ranks (one process and GPU each) the model is split "
                                                           "over: attention heads, vocabulary, dense and shared-expert "
-                                                          "MLPs (default 1, or --expert-parallel)", metavar="N")
+                                                          "MLPs (default 1, or --expert-parallel)", metavar="N",
+            aliases=("--tensor-parallel-size",))  # vLLM's name
     f.value("--expert-parallel", type_=positive_int, help_="contiguous expert ranges the routed experts are split "
                                                           "into; divides --tensor-parallel, whose ranks share each "
                                                           "range by splitting the experts' columns (default 1)",

@@ -84,7 +84,7 @@ def test_every_serve_flag_names_its_environment_variable():
     flags = [a for a in serve._actions if a.option_strings and a.dest != "help"]
     assert len(flags) >= 20
     for action in flags:
-        long_flag = max(action.option_strings, key=len)
+        long_flag = next(o for o in action.option_strings if o.startswith("--"))  # the first: aliases follow it
         expected = "STATICMOE_" + long_flag[2:].replace("-", "_").upper()
         assert f"[env {expected}]" in action.help, long_flag
 
