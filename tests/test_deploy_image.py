@@ -113,6 +113,14 @@ def test_every_copy_source_exists_and_is_sent_in_the_build_context():
     assert not ignored("service/static/dashboard.html", patterns), "the built-in dashboard page must ship"
 
 
+def test_healthcheck_reads_empty_variables_as_unset():
+    """STATICMOE_PORT= (compose's ${X:-}) is unset for the server, which then listens on 8000; the probe went to
+    http://127.0.0.1:/health and failed on a healthy container."""
+    env = {"STATICMOE_PORT": "", "STATICMOE_HEALTH_HOST": "", "STATICMOE_HEALTH_TIMEOUT": ""}
+    result = run([sys.executable, str(HEALTHCHECK_SCRIPT)], env=env, timeout=30)
+    assert "http://127.0.0.1:8000/health" in result.stderr + result.stdout or result.returncode == 0, result.stderr
+
+
 def test_healthcheck_script_fails_when_nothing_listens():
     port = free_port()
     result = run([sys.executable, str(HEALTHCHECK_SCRIPT)], env={"STATICMOE_PORT": str(port)}, timeout=30)

@@ -11,11 +11,12 @@ import urllib.request
 
 
 def main() -> int:
-    host = os.environ.get("STATICMOE_HEALTH_HOST", "127.0.0.1")
-    port = os.environ.get("STATICMOE_PORT", "8000")
+    # an empty variable counts as unset, as the server reads it (compose's ${X:-}, a Kubernetes value "")
+    host = os.environ.get("STATICMOE_HEALTH_HOST") or "127.0.0.1"
+    port = os.environ.get("STATICMOE_PORT") or "8000"
     url = f"http://{host}:{port}/health"
     try:
-        with urllib.request.urlopen(url, timeout=float(os.environ.get("STATICMOE_HEALTH_TIMEOUT", "4"))) as response:
+        with urllib.request.urlopen(url, timeout=float(os.environ.get("STATICMOE_HEALTH_TIMEOUT") or "4")) as response:
             healthy = response.status == 200
     except (urllib.error.URLError, OSError, ValueError) as err:  # 503 raises HTTPError (a URLError), refused too
         print(f"unhealthy: {url}: {err}", file=sys.stderr)
