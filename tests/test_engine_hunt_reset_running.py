@@ -6,12 +6,9 @@ post-reset blocks, whose K/V were computed over the old prefix (stale after a we
 still hands out warm blocks). A request admitted after the reset caches as usual, and so does a running one once
 it is preempted and recomputed.
 
-Not fixed here: tests/test_prefix_cache.py (test_reset_forgets_cached_blocks_but_not_blocks_in_use, and the
-reference allocator of its stateful test) asserts the opposite on purpose ("blocks completed after the reset are
-cached again"). A fix (a reset count in the block manager; a sequence commits only in the count it took its first
-block in) passes everything else; vLLM avoids the question by refusing the reset while any block is in use."""
+Fixed by a reset count in the block manager: a sequence commits only in the count it took its first block in
+(vLLM avoids the question by refusing the reset while any block is in use)."""
 
-import pytest
 
 from model.engine.block_manager import BlockManager
 from model.engine.sampling_params import SamplingParams
@@ -35,8 +32,6 @@ def admit(bm: BlockManager, seq: Sequence) -> list[int]:
     return list(hit)
 
 
-@pytest.mark.xfail(strict=True, reason="post-reset blocks of a request running across the reset are cached; "
-                   "tests/test_prefix_cache.py asserts that they are (design decision pending)")
 def test_blocks_filled_after_a_reset_by_a_request_running_across_it_are_never_shared():
     bm = BlockManager(num_blocks=64, block_size=BS)
     tokens = list(range(1, 22))  # 5 full blocks + 1 token

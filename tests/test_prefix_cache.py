@@ -166,9 +166,11 @@ def test_reset_forgets_cached_blocks_but_not_blocks_in_use():
     bm.allocate(a, 13)
     a.num_computed_tokens = 13
     bm.commit(a)
-    assert bm.num_cached_blocks == 1, "blocks completed after the reset are cached again"
+    assert bm.num_cached_blocks == 0, "a's new blocks attend to its pre-reset K/V: never cached"
     bm.free(a)
     assert bm.num_free_blocks == 8
+    c = computed(bm, seq_of(range(9), 3))  # admitted after the reset: caches as usual
+    assert bm.num_cached_blocks == 2 and bm.cached_prefix(seq_of(range(9), 4)) == c.block_table[:2]
 
 
 def test_caching_off_shares_nothing_and_misuse_is_caught():
@@ -196,6 +198,7 @@ class ReferenceAllocator:
         self.content: dict[int, tuple] = {}  # committed block -> its key
         self.tables: dict[str, list[int]] = {}
         self.committed: dict[str, int] = {}
+        self.stale: set[str] = set()  # holding blocks at a reset: they commit nothing until freed
 
     def key(self, tokens, i):
         return tuple(tokens[: (i + 1) * BS])
@@ -233,6 +236,8 @@ class ReferenceAllocator:
             self.tables[rid].append(self.take_free())
 
     def commit(self, rid, tokens, num_computed):
+        if rid in self.stale:
+            return
         full = min(num_computed // BS, len(self.tables[rid]))
         keys = set(self.content.values())
         for i in range(self.committed[rid], full):
@@ -245,6 +250,7 @@ class ReferenceAllocator:
     def free(self, rid):
         table = self.tables.pop(rid)
         del self.committed[rid]
+        self.stale.discard(rid)
         for block in reversed(table):
             if self.holders(block) == 0:
                 (self.evictable if block in self.content else self.plain).append(block)
@@ -253,6 +259,7 @@ class ReferenceAllocator:
         self.plain += self.evictable
         self.evictable = []
         self.content = {}
+        self.stale = set(self.tables)
 
 
 NUM_BLOCKS = 12

@@ -89,6 +89,7 @@ class BlockManager:
         self._cached: dict[bytes, int] = {}  # key -> committed block
         self._plain: deque[int] = deque(range(first_block, end))  # free, nothing to reuse
         self._evictable: OrderedDict[int, None] = OrderedDict()  # free and committed, least recently freed first
+        self._generation = 0  # reset_prefix_cache calls so far (Sequence.cache_generation)
         rows, cols = max(1, max_seqs), max(1, max_blocks_per_seq)
         self.group_tables = np.zeros((self.num_groups, rows, cols), dtype=np.int32)  # [groups, rows, blocks]
         self._free_rows = list(range(rows - 1, -1, -1))  # pop() takes the lowest row
@@ -266,8 +267,8 @@ class BlockManager:
         """Offer seq's full, computed blocks of known tokens to the cache, in every group (released entries are
         skipped). A block whose key is cached already (another sequence computed the same tokens meanwhile) stays
         private and is freed as plain."""
-        if not self.prefix_caching:
-            return
+        if not self.prefix_caching or seq.cache_generation != self._generation:
+            return  # a sequence holding blocks from before a reset attends to pre-reset K/V: its blocks stay private
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
         if num_full <= seq.num_committed_blocks:
             return
@@ -282,7 +283,10 @@ class BlockManager:
         seq.num_committed_blocks = max(seq.num_committed_blocks, num_full)
 
     def reset_prefix_cache(self) -> int:
-        """Forget every cached block (blocks in use stay with their sequences). Returns how many were cached."""
+        """Forget every cached block. Blocks in use stay with their sequences, but what those sequences compute
+        from now on is never cached: it attends to K/V from before the reset (stale after a weight change); once
+        freed or preempted, a sequence starts afresh and caches again. Returns how many blocks were cached."""
+        self._generation += 1
         dropped = len(self._cached)
         for block in self._cached.values():
             self._hash[block] = None
@@ -318,6 +322,7 @@ class BlockManager:
         if not seq.block_tables:
             seq.block_tables = [[] for _ in range(self.num_groups)]
             seq.window_starts = [0] * self.num_groups
+            seq.cache_generation = self._generation
         start = len(seq.block_table)
         end = start + len(blocks[0])
         if seq.block_row < 0:

@@ -37,6 +37,7 @@ class Sequence:
         self.cache_salt = (params.cache_salt or "").encode("utf-8")
         self.block_hashes: list[bytes] = []  # chained hash of each full block of known tokens, in order
         self.num_committed_blocks = 0  # leading blocks of block_table already offered to the prefix cache
+        self.cache_generation = 0  # the block manager's reset count when it took its first blocks (commit checks)
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at its first admission
         self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
         self.error: tuple[str, str] | None = None  # (code, message) of an "error" end: no valid next token
