@@ -12,20 +12,10 @@ import pytest
 
 pytest.register_assert_rewrite("tests.service_fixtures")
 from service import cli  # noqa: E402
+from tests.cli_fixtures import clean_env, parse  # noqa: E402, F401 (clean_env: autouse here)
 from tests.service_fixtures import REPO_ROOT, ServerProcess  # noqa: E402
 
 pytest_plugins = ["tests.service_fixtures"]
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for name in list(os.environ):
-        if name.startswith("STATICMOE_"):
-            monkeypatch.delenv(name)
-
-
-def parse(*argv):
-    return cli.build_parser().parse_args(["serve", *argv])
 
 
 def test_defaults_serve_tiny_on_loopback():

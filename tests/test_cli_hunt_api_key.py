@@ -5,21 +5,13 @@ with its trailing newline) or holds a control character never matches any reques
 
 from __future__ import annotations
 
-import os
-
 import httpx
 import pytest
 
 from service import cli
 from service.settings import ServiceSettings
+from tests.cli_fixtures import clean_env  # noqa: F401 (clean_env: autouse here)
 from tests.service_fixtures import ServerProcess
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for name in list(os.environ):
-        if name.startswith("STATICMOE_"):
-            monkeypatch.delenv(name)
 
 
 def settings_of(*argv):

@@ -6,22 +6,10 @@ STATICMOE_CHAT_TEMPLATE= was opened as a file named '', and STATICMOE_HOST= boun
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from service import cli
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for name in list(os.environ):
-        if name.startswith("STATICMOE_"):
-            monkeypatch.delenv(name)
-
-
-def parse(*argv):
-    return cli.build_parser().parse_args(["serve", *argv])
+from tests.cli_fixtures import clean_env, parse  # noqa: F401 (clean_env: autouse here)
 
 
 @pytest.mark.parametrize("flag", ["--port", "--max-model-len", "--dtype", "--tool-call-parser", "--chat-template",

@@ -3,24 +3,12 @@ line naming the flag (each case below was accepted or blamed on another flag).""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from model.presets import PRESETS
 from service import cli
+from tests.cli_fixtures import clean_env, parse  # noqa: F401 (clean_env: autouse here)
 from tests.test_cli_refusals import assert_clean_refusal, run_serve
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for name in list(os.environ):
-        if name.startswith("STATICMOE_"):
-            monkeypatch.delenv(name)
-
-
-def parse(*argv):
-    return cli.build_parser().parse_args(["serve", *argv])
 
 
 @pytest.mark.parametrize("argv", [["--preset", "qwen3-30b"], ["--preset", "TINY"],

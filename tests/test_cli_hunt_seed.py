@@ -4,23 +4,11 @@ exists; every server sampled the same stream."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from model.engine import LLMEngine, SamplingParams
 from service import cli
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for name in list(os.environ):
-        if name.startswith("STATICMOE_"):
-            monkeypatch.delenv(name)
-
-
-def parse(*argv):
-    return cli.build_parser().parse_args(["serve", *argv])
+from tests.cli_fixtures import clean_env, parse  # noqa: F401 (clean_env: autouse here)
 
 
 def test_seed_flag_and_variable_reach_the_engine_config(monkeypatch):

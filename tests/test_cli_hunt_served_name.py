@@ -3,22 +3,10 @@ one name. Was: `unrecognized arguments: b`, which names neither the flag nor the
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from service import cli
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for name in list(os.environ):
-        if name.startswith("STATICMOE_"):
-            monkeypatch.delenv(name)
-
-
-def parse(*argv):
-    return cli.build_parser().parse_args(["serve", *argv])
+from tests.cli_fixtures import clean_env, parse  # noqa: F401 (clean_env: autouse here)
 
 
 def test_several_served_model_names_are_refused_naming_the_flag():
