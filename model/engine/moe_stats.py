@@ -91,7 +91,10 @@ class MoeStatsCollector:
         self._ready_timed: list[tuple[float, float]] = []
         self._counts_shape = (len(blocks), max(self.num_experts, default=1))  # [L, E] (E: the widest block's)
         self._copy_in_flight = None  # (pinned host [L, E], event, final)
-        self._history: deque[torch.Tensor] = deque(maxlen=window_harvests + 1)  # cumulative counts per harvest
+        # cumulative counts per harvest, after the counters at their reset (zero): the window is latest - oldest,
+        # so until it is full it spans every interval since the reset (without that first entry the tokens of the
+        # first harvest were outside it as soon as a second came)
+        self._history: deque[torch.Tensor] = deque([self._zero_counts()], maxlen=window_harvests + 1)
         self.timer = MoeTimer(device, self.enabled)  # the model runner reports graph captures and replays to it
         self.timer.attach(blocks)
 
@@ -171,21 +174,21 @@ class MoeStatsCollector:
         with self._lock:
             self._copy_in_flight = None
             self._history.clear()
+            self._history.append(self._zero_counts())
 
     # ---- snapshot (any thread) --------------------------------------------------------------------------------
     def snapshot(self) -> MoeStatsSnapshot:
         with self._lock:
             self._poll()
             timed, self._ready_timed = self._ready_timed, []
-            if self._history:
-                latest, oldest = self._history[-1], self._history[0]
-                total = self._per_layer(latest)
-                window = self._per_layer(latest - oldest) if len(self._history) > 1 else total
-            else:
-                total = window = [[0] * e for e in self.num_experts]
+            latest, oldest = self._history[-1], self._history[0]
+            total, window = self._per_layer(latest), self._per_layer(latest - oldest)
             return MoeStatsSnapshot(self.device_name, self._flops_total, timed, total, window,
                                     list(self.layer_indices), self._shared_flops_total, self.timer.skipped,
                                     self.timer.read_host_seconds, self.precision)
+
+    def _zero_counts(self) -> torch.Tensor:
+        return torch.zeros(self._counts_shape, dtype=torch.int64)
 
     def _per_layer(self, counts: torch.Tensor) -> list[list[int]]:
         return [counts[i, :e].tolist() for i, e in enumerate(self.num_experts)]
