@@ -88,6 +88,12 @@ def _deepseek_moe(d: dict, common: dict) -> dict:
     rotary tables are built for), routed experts beside one ungated shared MLP of n_shared_experts x
     moe_intermediate_size columns, the first first_k_dense_replace layers dense. transformers' defaults fill fields a
     config leaves out (`defaults`)."""
+    rope_spec = {**(d.get("rope_scaling") or {}), **(d.get("rope_parameters") or {})}
+    # DeepSeek multiplies its softmax scale by mscale(factor, mscale_all_dim)² under any non-default rope scaling
+    # (transformers' yarn_apply_mscale, DeepSeek's own code alike); our MLA applies it with YaRN only
+    if common.get("rope_linear_factor", 1.0) > 1 and rope_spec.get("mscale_all_dim"):
+        raise ConfigError("rope scaling field 'mscale_all_dim' is supported for deepseek only with rope type 'yarn', "
+                          "not 'linear'")
     if (d.get("moe_layer_freq") or 1) != 1:
         raise ConfigError(f"moe_layer_freq={d['moe_layer_freq']} is not supported (only 1: every layer after the "
                           f"first_k_dense_replace dense ones is MoE)")
