@@ -1,7 +1,8 @@
 """The engine's per-sequence sampling state across steps, and the per-step `SamplingExtras` it derives from it.
 
 - min_tokens: until a sequence has that many output tokens, its EOS (unless ignore_eos) and stop token ids are
-  banned. The count is known on the host at launch (placeholders of tokens in flight count).
+  banned. The count is known on the host at launch (placeholders of tokens in flight count). EOS is not banned
+  where the grammar's mask allows nothing else: a complete grammar ends the output whatever min_tokens says.
 - bad_words: a one-token word is always banned; a longer one bans its last token after the output ends with the
   rest of it (vLLM's definition; the output tokens must be on the host: `needs_previous_tokens`).
 - penalties: a row of model/engine/penalties.PenaltyState from the sequence's first sample to its end.
@@ -16,7 +17,7 @@ import torch
 from model.engine.penalties import PenaltyState
 from model.engine.sampler import SamplingExtras
 from model.engine.sequence import Sequence
-from model.engine.structured_output import GrammarMasks, matcher_error
+from model.engine.structured_output import GrammarMasks, allows_only, matcher_error
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +42,21 @@ class SequenceSampling:
         """What the host decides for one sample of each of `seqs` (in batch-row order)."""
         extras = SamplingExtras()
         matchers = []
+        eos_after_mask = []  # (row, index of its grammar mask): min_tokens bans EOS unless the grammar is complete
         for row, seq in enumerate(seqs):
             p = seq.params
             if not p.has_row_state or seq.is_finished:  # finished: by a token read back after this step's launch
                 continue
             num_outputs = seq.num_tokens - seq.num_prompt_tokens
             if num_outputs < p.min_tokens:
-                ids = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
                 # stop_token_ids past the vocabulary are accepted (never sampled, so nothing to ban): banning one
                 # would index past the logits (an IndexError here, a device-side assert on the GPU)
-                extras.banned += [(row, t) for t in ids if t < self.vocab_size]
+                extras.banned += [(row, t) for t in p.stop_token_ids if t < self.vocab_size]
+                if not p.ignore_eos:
+                    if seq.matcher is not None:  # decided once its mask is known
+                        eos_after_mask.append((row, len(matchers)))
+                    else:
+                        extras.banned += [(row, t) for t in self.eos_token_ids if t < self.vocab_size]
             for word in p.bad_words_token_ids:
                 if len(word) == 1 or (num_outputs >= len(word) - 1 and
                                       seq.token_ids[seq.num_tokens - len(word) + 1:] == word[:-1]):
@@ -67,6 +73,13 @@ class SequenceSampling:
                 matchers.append(seq.matcher)
         if matchers:
             extras.grammar_bitmask = self.masks.fill(matchers)
+        eos = [t for t in self.eos_token_ids if t < self.vocab_size]
+        for row, index in eos_after_mask:
+            # A complete grammar admits EOS alone (docs: it ends the output even before min_tokens): a grammar done
+            # after a text token is stopped by advance_grammars, but one whose only output is empty (regex "") is
+            # complete before any token, and banning its EOS left the row nothing to sample (no_allowed_token)
+            if not allows_only(extras.grammar_bitmask[index], eos):
+                extras.banned += [(row, t) for t in eos]
         return extras
 
     def advance_grammars(self, sampled: list[tuple[Sequence, int]]) -> set[Sequence]:

@@ -220,6 +220,15 @@ def _first_allowed(mask: bytes, exclude: set[int]) -> int | None:
     return None
 
 
+def allows_only(mask: torch.Tensor, token_ids: list[int]) -> bool:
+    """Whether a bitmask row ([ceil(V / 32)] int32, GrammarMasks.fill's layout) allows no token outside
+    `token_ids`. Read as bytes: token t is bit t % 8 of byte t // 8 (little-endian words)."""
+    others = mask.view(torch.uint8).clone()
+    for t in token_ids:
+        others[t // 8] &= ~(1 << (t % 8)) & 0xFF
+    return not bool(others.any())
+
+
 def compile_grammar(kind: str, spec, tokenizer, vocab_size: int, eos_token_ids: list[int],
                     prefix_lark: str | None = None) -> Grammar:
     """The constraint (kind, spec), after the text `prefix_lark` matches when given (see grammar_after)."""
