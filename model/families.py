@@ -120,6 +120,8 @@ def _deepseek_v2(d: dict, common: dict) -> dict:
     method = d.get("topk_method") or "greedy"
     if method not in ("greedy", "group_limited_greedy"):
         raise ConfigError(f"topk_method={method!r} is not supported for deepseek_v2 (greedy, group_limited_greedy)")
+    if flag(d, "mlp_bias", False):  # transformers' V2 MLPs (dense and shared) then carry biases; no V2 sets it
+        raise ConfigError("mlp_bias=true is not supported for deepseek_v2 (dense and shared MLPs have no biases here)")
     # transformers' DeepseekV2TopkRouter never renormalises; no published V2 sets it
     if flag(d, "norm_topk_prob", False):
         raise ConfigError("norm_topk_prob=true is not supported for deepseek_v2 (transformers ignores it)")
@@ -184,6 +186,10 @@ def _gpt_oss(d: dict, common: dict) -> dict:
     if not isinstance(layer_types, list):
         raise ConfigError(f"layer_types must be a list, got {layer_types!r}")
     window = d.get("sliding_window")
+    # OpenAI's reference clamps the SwiGLU at config.swiglu_limit; transformers and our kernels at 7.0 (what every
+    # gpt-oss checkpoint sets), so another value would run as if it were 7
+    if number(d, "swiglu_limit", 7.0) != 7.0:
+        raise ConfigError(f"swiglu_limit={d['swiglu_limit']} is not supported for gpt_oss (only 7.0)")
     return dict(
         num_experts=require(d, "num_local_experts", "num_experts"),
         top_k=require(d, "num_experts_per_tok"),

@@ -104,3 +104,25 @@ def test_deepseek_linear_rope_with_mscale_all_dim_is_refused(variant, tmp_path):
                                                                 mscale_all_dim=0.707)))
     with pytest.raises(ConfigError, match="mscale_all_dim"):
         load_ours(hf, tmp_path)
+
+
+def test_deepseek_v2_mlp_bias_is_refused_by_name(tmp_path):
+    """transformers gives V2's dense and shared MLPs biases with mlp_bias; ours have none: the refusal names the
+    field (it named the checkpoint's bias tensors the model did not use)."""
+    hf = build("deepseek:v2-lite", dict(mlp_bias=True))
+    with pytest.raises(ConfigError, match="mlp_bias"):
+        load_ours(hf, tmp_path)
+
+
+@pytest.mark.parametrize("limit", [1.0, 10.0])
+def test_gpt_oss_swiglu_limit_other_than_7_is_refused(limit, tmp_path):
+    """OpenAI's gpt-oss clamps at config.swiglu_limit; transformers (and our experts) always at 7.0, so a model
+    trained with another limit would be run wrong, silently."""
+    hf = build("gpt_oss", dict(swiglu_limit=limit))
+    with pytest.raises(ConfigError, match="swiglu_limit"):
+        load_ours(hf, tmp_path)
+
+
+def test_gpt_oss_swiglu_limit_7_loads(tmp_path):
+    hf = build("gpt_oss", dict(swiglu_limit=7.0))
+    assert_paged_matches_hf(load_ours(hf, tmp_path), hf, PROMPT)
