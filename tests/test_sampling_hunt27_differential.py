@@ -29,7 +29,12 @@ def drive(engine, requests: dict, arrivals: dict, aborts: dict | None = None) ->
 
 
 def logprobs_of(outs) -> list:
-    return [(lp.token_id, round(lp.logprob, 4), lp.rank) for o in outs for lp in (o.logprobs or [])]
+    return [(lp.token_id, lp.logprob, lp.rank) for o in outs for lp in (o.logprobs or [])]
+
+
+def same_logprobs(a: list, b: list) -> bool:
+    """Batched and solo logits differ by float rounding (other matmul shapes): ids and ranks exact, values close."""
+    return len(a) == len(b) and all(x[0] == y[0] and x[2] == y[2] and abs(x[1] - y[1]) < 1e-3 for x, y in zip(a, b))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +94,7 @@ def test_batched_preempted_and_aborted_runs_match_solo_runs(solo_engine, async_s
             continue
         assert tokens_of(out) == tokens_of(ref), rid
         assert (text_of(out), out[-1].finish_reason) == (text_of(ref), ref[-1].finish_reason), rid
-        assert logprobs_of(out) == logprobs_of(ref), rid
+        assert same_logprobs(logprobs_of(out), logprobs_of(ref)), (rid, logprobs_of(out), logprobs_of(ref))
     penalties = engine.sampling.penalties
     assert sorted(penalties.free) == list(range(penalties.capacity))  # every row handed back, none twice
 
