@@ -1,22 +1,19 @@
-"""Sampling hunt (session 27), strict xfail for model/engine/llm_engine.py (not this hunt's file).
+"""Sampling hunt (session 27): fixed in model/engine/llm_engine.py (`_read_back`).
 
 With ignore_eos a grammar that allows EOS (regex "a{1,8}" after "a") can sample it; the grammar is then complete
 and the engine stops the sequence as a complete output whose last token is text (`stopped_after_text`). But that
 last token is EOS: with skip_special_tokens=False (the harmony chat path, or a client's choice) its "<|endoftext|>"
 lands in the text, which no longer matches the grammar ("a<|endoftext|>" for a{1,8}). Without ignore_eos the same
-EOS ends the sequence as a stop token and stays out of the text. Fix idea: in _read_back, a grammar completed by an
-EOS id stops like a stop token (stopped_after_text False)."""
+EOS ends the sequence as a stop token and stays out of the text. Now a grammar completed by an EOS id stops like a
+stop token."""
 
 import re
-
-import pytest
 
 from model.engine import EngineConfig, LLMEngine, SamplingParams
 from model.engine.structured_output import compile_grammar
 from tests.engine_fixtures import one_cpu_thread, run, text_of  # noqa: F401
 
 
-@pytest.mark.xfail(strict=True, reason="an EOS that completes a grammar under ignore_eos is emitted as text")
 def test_an_eos_completing_a_grammar_under_ignore_eos_is_not_text():
     engine = LLMEngine(EngineConfig(model="tiny", max_num_seqs=2))
     g = compile_grammar("regex", "a{1,8}", engine.tokenizer, engine.model_config.vocab_size, engine.eos_token_ids)

@@ -364,8 +364,10 @@ class LLMEngine:
                 continue
             grammar_done = seq in complete
             check_stop_token(seq, token, self.eos_token_ids, self.max_model_len, num_tokens=index + 1)
-            if grammar_done and seq.finish_reason is None:  # complete: this token is text, then it stops
-                seq.finish_reason, seq.stop_reason, seq.stopped_after_text = "stop", None, True
+            if grammar_done and seq.finish_reason is None:  # complete: this token is text, then it stops; but an
+                # EOS the grammar ended with (not a stop above only because of ignore_eos) ends it as a stop token
+                seq.finish_reason, seq.stop_reason = "stop", None
+                seq.stopped_after_text = token not in self.eos_token_ids
             if seq.finish_reason is not None:
                 del seq.token_ids[index + 1 :]  # a placeholder for a token sampled past the end
                 self.scheduler.finish(seq, seq.finish_reason)  # frees its blocks before the next schedule
